@@ -1,0 +1,88 @@
+"""Configuration for every function and tool, read from the environment (prefix ``ZSYNC_``).
+
+On AWS Lambda, secrets are not put in plain environment variables: ``serverless.yml`` gives each
+function ``ZSYNC_SSM_PREFIX`` and :mod:`shared.aws_secrets` fills the secret fields from SSM Parameter
+Store / Secrets Manager once per cold start (see ``SECRET_FIELDS``).
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from functools import lru_cache
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SECRET_HEADER = "X-Zsync-Secret"
+
+
+class TablesWriter(StrEnum):
+    API = "api"  # Zapier Tables records API (find by id, create, update)
+    CATCH_HOOK = "catch_hook"  # the seed's 3B path: POST to a Zap whose step is "Find or Create Record"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ZSYNC_", extra="ignore")
+
+    # --- Supabase (Postgres) ---------------------------------------------------------------------
+    database_url: SecretStr | None = Field(
+        default=None,
+        description="Postgres URL. In production the Supabase pooler URL (transaction mode, port 6543).",
+    )
+    db_pool_max: int = Field(default=4, ge=1, le=50)
+    db_connect_timeout_s: float = Field(default=5.0, gt=0)
+
+    # --- Shared secret guarding every function URL -----------------------------------------------
+    secret_header: str = DEFAULT_SECRET_HEADER
+    webhook_secret: SecretStr | None = None
+    webhook_secret_previous: SecretStr | None = Field(
+        default=None, description="Second accepted secret while rotating; remove once all senders use the new one."
+    )
+
+    # --- Zapier Tables ---------------------------------------------------------------------------
+    tables_api_url: str = "https://tables.zapier.com"
+    tables_token: SecretStr | None = None
+    table_ids: dict[str, str] = Field(
+        default_factory=dict, description='JSON object: {"agent_jobs": "<Zapier table id>", ...}'
+    )
+    tables_writer: TablesWriter = TablesWriter.API
+    catch_hook_urls: dict[str, str] = Field(
+        default_factory=dict, description='JSON object for tables_writer=catch_hook: {"agent_jobs": "https://hooks.zapier.com/..."}'
+    )
+    http_timeout_s: float = Field(default=10.0, gt=0)
+    retry_budget_s: float = Field(default=20.0, ge=0, description="Total time outbound retries may take per call.")
+
+    # --- Requests --------------------------------------------------------------------------------
+    max_body_bytes: int = Field(default=256 * 1024, ge=1024)
+
+    # --- Delivery guarantees / alerts ------------------------------------------------------------
+    dlq_url: str | None = Field(default=None, description="SQS queue URL for deliveries that still fail.")
+    aws_endpoint_url: str | None = Field(default=None, description="moto server locally; unset on AWS.")
+    slack_webhook_url: SecretStr | None = None
+
+    # --- Lambda secret loading -------------------------------------------------------------------
+    ssm_prefix: str | None = Field(default=None, description="e.g. /zsync/prod/ : read secrets from SSM on cold start.")
+
+    @field_validator("table_ids", "catch_hook_urls", mode="before")
+    @classmethod
+    def _json_object(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = json.loads(v) if v.strip() else {}
+        return v
+
+    def accepted_secrets(self) -> list[str]:
+        return [s.get_secret_value() for s in (self.webhook_secret, self.webhook_secret_previous) if s is not None]
+
+
+SECRET_FIELDS = ("database_url", "webhook_secret", "webhook_secret_previous", "tables_token", "slack_webhook_url")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (tests, and after secrets were loaded into the environment)."""
+    get_settings.cache_clear()
