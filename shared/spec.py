@@ -57,7 +57,6 @@ class TableSpec:
     name: str
     fields: tuple[Field, ...]
     resource_type: str  # audit_log.resource_type for entries about this table
-    synced_action: str  # audit_log.action written when a change is applied
     seed_zaps: dict[Direction, str] = field(default_factory=dict)  # which seed Zap each direction replaces
     append_only: bool = False  # audit_log: insert once per source record, never update
     key: str = "id"
@@ -80,6 +79,11 @@ class TableSpec:
     def fields_of(self, kind: Kind) -> tuple[str, ...]:
         return tuple(f.name for f in self.fields if f.kind is kind)
 
+    @property
+    def synced_action(self) -> str:
+        """audit_log.action written when a change to this table is applied ("agent_jobs_synced")."""
+        return f"{self.name}_synced"
+
     def function_name(self, direction: Direction) -> str:
         return f"{self.name}_{direction.value}"
 
@@ -95,7 +99,6 @@ def _ts(name: str) -> Field:
 AGENT_JOBS = TableSpec(
     name="agent_jobs",
     resource_type="job",
-    synced_action="agent_job_synced",
     seed_zaps={Direction.TO_SUPABASE: "3A", Direction.TO_TABLES: "3B"},
     fields=(
         _id(),
@@ -117,7 +120,6 @@ AGENT_JOBS = TableSpec(
 AGENT_DECISIONS = TableSpec(
     name="agent_decisions",
     resource_type="decision",
-    synced_action="agent_decision_synced",
     seed_zaps={Direction.TO_SUPABASE: "3C", Direction.TO_TABLES: "3D"},
     fields=(
         _id(),
@@ -140,7 +142,6 @@ AGENT_DECISIONS = TableSpec(
 AUDIT_LOG = TableSpec(
     name="audit_log",
     resource_type="audit_entry",
-    synced_action="audit_entry_synced",
     seed_zaps={Direction.TO_SUPABASE: "3E"},
     append_only=True,
     version=None,
@@ -166,7 +167,6 @@ AUDIT_LOG = TableSpec(
 RATE_LIMITS = TableSpec(
     name="rate_limits",
     resource_type="rate_limit",
-    synced_action="rate_limit_synced",
     seed_zaps={Direction.TO_SUPABASE: "3F", Direction.TO_TABLES: "3G"},
     fields=(
         _id(),

@@ -1,0 +1,113 @@
+"""Apply ``infra/supabase/migrations/*.sql`` (Supabase CLI naming: ``<timestamp>_<name>.sql``) in order.
+
+Idempotent and safe to run concurrently: a session advisory lock serialises migrators, each file runs
+in its own transaction and is recorded in ``zsync.schema_migrations`` with its checksum; a file changed
+after it was applied is reported, never silently re-run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "infra" / "supabase" / "migrations"
+_NAME = re.compile(r"^(\d{14})_[a-z0-9_]+\.sql$")
+_LOCK_KEY = 0x7A73796E63  # "zsync"
+
+_BOOTSTRAP = """
+CREATE SCHEMA IF NOT EXISTS zsync;
+CREATE TABLE IF NOT EXISTS zsync.schema_migrations (
+    version    text PRIMARY KEY,
+    name       text NOT NULL,
+    checksum   text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+
+class MigrationError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: str
+    name: str
+    path: Path
+
+    @property
+    def sql(self) -> str:
+        return self.path.read_text(encoding="utf-8")
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+
+def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    found = []
+    for path in sorted(directory.glob("*.sql")):
+        m = _NAME.match(path.name)
+        if not m:
+            raise MigrationError(f"{path.name}: migration files are named <14-digit timestamp>_<name>.sql")
+        found.append(Migration(m.group(1), path.stem, path))
+    return found
+
+
+def _connect(database_url: str) -> psycopg.Connection:
+    return psycopg.connect(database_url, autocommit=True, prepare_threshold=None)
+
+
+def _applied(conn: psycopg.Connection) -> dict[str, str]:
+    conn.execute(_BOOTSTRAP)
+    return dict(conn.execute("SELECT version, checksum FROM zsync.schema_migrations").fetchall())
+
+
+def _check_edited(migrations: list[Migration], applied: dict[str, str]) -> None:
+    edited = [m.path.name for m in migrations if m.version in applied and applied[m.version] != m.checksum]
+    if edited:
+        raise MigrationError(
+            "already-applied migration(s) changed since they ran: "
+            + ", ".join(edited)
+            + " — add a new migration instead of editing an applied one"
+        )
+
+
+def pending_migrations(database_url: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
+    """Names of the migrations not yet applied (raises MigrationError if an applied one was edited)."""
+    migrations = discover(directory)
+    with _connect(database_url) as conn:
+        applied = _applied(conn)
+    _check_edited(migrations, applied)
+    return [m.name for m in migrations if m.version not in applied]
+
+
+def apply_migrations(database_url: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
+    """Apply every pending migration; returns the names applied (empty when already current)."""
+    migrations = discover(directory)
+    done: list[str] = []
+    with _connect(database_url) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
+        try:
+            applied = _applied(conn)
+            _check_edited(migrations, applied)
+            for m in migrations:
+                if m.version in applied:
+                    continue
+                try:
+                    with conn.transaction():
+                        conn.execute(m.sql)
+                        conn.execute(
+                            "INSERT INTO zsync.schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                            (m.version, m.name, m.checksum),
+                        )
+                except psycopg.Error as exc:
+                    raise MigrationError(f"{m.path.name} failed: {exc}") from exc
+                done.append(m.name)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
+    return done
