@@ -73,7 +73,7 @@ def _check_edited(migrations: list[Migration], applied: dict[str, str]) -> None:
         raise MigrationError(
             "already-applied migration(s) changed since they ran: "
             + ", ".join(edited)
-            + " — add a new migration instead of editing an applied one"
+            + " - add a new migration instead of editing an applied one"
         )
 
 

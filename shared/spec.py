@@ -52,7 +52,7 @@ ID_MAX_LENGTH = 128
 TEXT_MAX_LENGTH = 100_000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity equality: specs are singletons, usable as cache keys
 class TableSpec:
     name: str
     fields: tuple[Field, ...]

@@ -1,0 +1,47 @@
+"""The local Supabase database: embedded Postgres from the ``pgserver`` wheel (no system service),
+prepared like a Supabase project (TimeZone UTC, the pg_net / Database Webhook stand-in) and migrated
+with our own migration tool.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from infra.local.pgnet_sender import apply_pg_net_sql, ensure_utc_database
+from shared.migrate import apply_migrations
+
+
+def start_postgres(data_dir: Path) -> Any:
+    """Start (or reuse, if already running on this data dir) an embedded Postgres server."""
+    import pgserver  # dev-only dependency
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return pgserver.get_server(data_dir, cleanup_mode="stop")
+
+
+def with_database(url: str, name: str) -> str:
+    """The same server URL pointing at database ``name``."""
+    return re.sub(r"^(postgresql://[^/]*/)[^?]*", lambda m: m.group(1) + name, url, count=1)
+
+
+def create_database(admin_url: str, name: str | None = None) -> str:
+    name = name or f"zsync_{uuid.uuid4().hex[:12]}"
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", name):
+        raise ValueError(f"bad database name {name!r}")
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if not exists:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    return with_database(admin_url, name)
+
+
+def prepare_database(url: str) -> list[str]:
+    """Make ``url`` look like a Supabase database with our schema. Idempotent. -> migrations applied."""
+    ensure_utc_database(url)
+    apply_pg_net_sql(url)
+    return apply_migrations(url)

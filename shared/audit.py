@@ -1,0 +1,77 @@
+"""Audit entries the sync writes to Supabase's ``audit_log`` (append-only).
+
+Entries have stable ids derived from what they record, so a redelivered or replayed event never adds a
+second entry. They are written in the same transaction as the change they describe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from shared.conflict import Outcome
+from shared.mapping import row_to_json
+from shared.spec import Direction, FunctionSpec
+
+ACTOR_TYPE = "zapier_sync"
+SKIPPED_ACTION = "sync_skipped_stale_data"
+FAILED_ACTION = "sync_failed"
+SYNC_DIRECTION = {Direction.TO_SUPABASE: "tables_to_supabase", Direction.TO_TABLES: "supabase_to_tables"}
+
+
+def _stable_id(*parts: str) -> str:
+    return "zsync-" + hashlib.sha256("\x1f".join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:40]
+
+
+def sync_entry(fn: FunctionSpec, row: Mapping[str, Any], outcome: Outcome, now: datetime,
+               stored: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``<table>_synced`` (applied) or ``sync_skipped_stale_data`` (stored version was newer)."""
+    spec = fn.table
+    source_ts: datetime | None = row.get(spec.version) if spec.version else row.get("timestamp")
+    metadata: dict[str, Any] = {
+        "sync_direction": SYNC_DIRECTION[fn.direction],
+        "function": fn.name,
+        "outcome": outcome.value,
+        "source_timestamp": source_ts.isoformat() if source_ts else None,
+        "lag_seconds": round((now - source_ts).total_seconds(), 3) if source_ts else None,
+    }
+    if stored is not None and spec.version:
+        metadata["stored_updated_at"] = stored.get(spec.version)
+    action = spec.synced_action if outcome is Outcome.APPLIED else SKIPPED_ACTION
+    version = source_ts.isoformat() if source_ts else ""
+    return {
+        "id": _stable_id(fn.name, action, str(row["id"]), version, row_to_json(row)),
+        "timestamp": now.astimezone(UTC).isoformat(),
+        "actor": f"zsync/{fn.name}",
+        "actor_type": ACTOR_TYPE,
+        "action": action,
+        "resource_type": spec.resource_type,
+        "resource_id": row["id"],
+        "metadata": metadata,
+        "severity": "debug" if outcome is Outcome.APPLIED else "info",
+    }
+
+
+def failed_entry(fn: FunctionSpec, body: bytes, problems: list[dict[str, str]], now: datetime,
+                 record_id: str | None = None, status: int = 400) -> dict[str, Any]:
+    """``sync_failed``: a delivery that was rejected (bad input) or could not be applied."""
+    return {
+        "id": _stable_id(fn.name, FAILED_ACTION, hashlib.sha256(body).hexdigest()),
+        "timestamp": now.astimezone(UTC).isoformat(),
+        "actor": f"zsync/{fn.name}",
+        "actor_type": ACTOR_TYPE,
+        "action": FAILED_ACTION,
+        "resource_type": fn.table.resource_type,
+        "resource_id": record_id,
+        "metadata": {
+            "sync_direction": SYNC_DIRECTION[fn.direction],
+            "function": fn.name,
+            "status": status,
+            "problems": problems[:20],
+            "body_sha256": hashlib.sha256(body).hexdigest(),
+            "body_bytes": len(body),
+        },
+        "severity": "error",
+    }

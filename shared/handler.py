@@ -1,0 +1,191 @@
+"""The HTTP edge shared by the seven functions: authenticate, read and parse the body, call
+:mod:`shared.sync`, answer JSON. Every answer names the outcome; every error names what was wrong and
+where, and never echoes a secret or a stack trace.
+
+Status codes: 200 applied / unchanged / skipped_stale / ignored / ping; 400 invalid record or payload;
+401 missing or wrong secret; 405 not POST; 413 body too large; 415 not JSON; 500 misconfigured or
+internal error; 503 a dependency was unreachable (the delivery was dead-lettered for replay).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import flask
+from pydantic import ValidationError
+
+from shared import audit, supabase_db
+from shared.conflict import Outcome
+from shared.logs import get_logger, log_event
+from shared.mapping import InvalidRecord
+from shared.settings import Settings, get_settings
+from shared.spec import FUNCTIONS, Direction, FunctionSpec
+from shared.sync import (
+    ConfigurationError,
+    SupabaseWebhook,
+    SyncContext,
+    SyncResult,
+    apply_from_supabase,
+    apply_from_tables,
+    unwrap_tables_payload,
+)
+from shared.zapier_tables import TablesError
+
+PING = "zsync_ping"
+_contexts: dict[str, SyncContext] = {}
+
+
+class Rejected(Exception):
+    def __init__(self, status: int, problems: list[dict[str, str]], record_id: str | None = None):
+        self.status = status
+        self.problems = problems
+        self.record_id = record_id
+        super().__init__(problems)
+
+
+def context_for(fn: FunctionSpec, settings: Settings) -> SyncContext:
+    ctx = _contexts.get(fn.name)
+    if ctx is None or ctx.settings is not settings:
+        ctx = _contexts[fn.name] = SyncContext(settings=settings, logger=get_logger(fn.name))
+    return ctx
+
+
+def is_authorized(request: flask.Request, settings: Settings) -> bool:
+    """Constant-time comparison against every accepted secret (two during a rotation)."""
+    given = request.headers.get(settings.secret_header, "").encode("utf-8", "surrogateescape")
+    ok = False
+    for secret in settings.accepted_secrets():
+        ok |= hmac.compare_digest(given, secret.encode("utf-8"))
+    return ok
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def read_json_body(request: flask.Request, max_bytes: int) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise Rejected(413, [{"field": "body", "problem": f"larger than the {max_bytes}-byte limit"}])
+    body = request.stream.read(max_bytes + 1)
+    if len(body) > max_bytes:
+        raise Rejected(413, [{"field": "body", "problem": f"larger than the {max_bytes}-byte limit"}])
+    request.environ["zsync.body"] = body
+    mimetype = request.mimetype or ""
+    if mimetype != "application/json" and not mimetype.endswith("+json"):
+        got = mimetype or "none"
+        raise Rejected(415, [{"field": "Content-Type", "problem": f"expected application/json, got {got!r}"}])
+    if not body.strip():
+        raise Rejected(400, [{"field": "body", "problem": "empty body; expected a JSON object"}])
+    try:
+        payload = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError as exc:
+        raise Rejected(400, [{"field": "body", "problem": f"not UTF-8 at byte {exc.start}"}]) from None
+    except json.JSONDecodeError as exc:
+        problem = f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        raise Rejected(400, [{"field": "body", "problem": problem}]) from None
+    except (ValueError, RecursionError) as exc:
+        raise Rejected(400, [{"field": "body", "problem": str(exc)[:200]}]) from None
+    if not isinstance(payload, dict):
+        raise Rejected(400, [{"field": "body", "problem": f"expected a JSON object, got {type(payload).__name__}"}])
+    return payload
+
+
+def _webhook(payload: dict[str, Any]) -> SupabaseWebhook:
+    try:
+        return SupabaseWebhook.model_validate(payload)
+    except ValidationError as exc:
+        problems = [
+            {"field": ".".join(map(str, e["loc"])) or "body", "problem": e["msg"]}
+            for e in exc.errors(include_url=False, include_input=False)
+        ]
+        raise Rejected(400, problems) from None
+
+
+def _record_id(payload: Any) -> str | None:
+    if not isinstance(payload, dict):
+        return None
+    record = payload.get("record")
+    candidate = record.get("id") if isinstance(record, dict) else payload.get("id")
+    return candidate if isinstance(candidate, str) and len(candidate) <= 200 else None
+
+
+def process(fn: FunctionSpec, ctx: SyncContext, payload: dict[str, Any]) -> SyncResult:
+    """Run one parsed delivery through the sync (also used by replay)."""
+    try:
+        if fn.direction is Direction.TO_SUPABASE:
+            return apply_from_tables(ctx, fn, unwrap_tables_payload(payload))
+        return apply_from_supabase(ctx, fn, _webhook(payload))
+    except InvalidRecord as exc:
+        raise Rejected(400, exc.problems, _record_id(payload)) from None
+
+
+def _record_failure(fn: FunctionSpec, ctx: SyncContext, body: bytes, rejected: Rejected) -> bool:
+    """Best effort ``sync_failed`` audit entry; the log line is written either way."""
+    try:
+        entry = audit.failed_entry(fn, body, rejected.problems, datetime.now(UTC), rejected.record_id, rejected.status)
+        ctx.db.run(lambda conn: supabase_db.append_audit(conn, entry))
+        return True
+    except (supabase_db.DatabaseUnavailable, ConfigurationError):
+        return False
+
+
+def handle(function_name: str, request: flask.Request) -> tuple[dict[str, Any], int]:
+    fn = FUNCTIONS[function_name]
+    settings = get_settings()
+    ctx = context_for(fn, settings)
+    log = ctx.logger
+    started = time.perf_counter()
+    base = {"function": fn.name, "table": fn.table.name}
+
+    def answer(status: int, outcome: Outcome | str, **extra: Any) -> tuple[dict[str, Any], int]:
+        body = {**base, "outcome": str(outcome), **{k: v for k, v in extra.items() if v is not None}}
+        log_event(log, logging.INFO if status < 400 else logging.WARNING, "delivery", status=status,
+                  duration_ms=round((time.perf_counter() - started) * 1000, 1), **body)
+        return body, status
+
+    if request.method != "POST":
+        return answer(405, Outcome.REJECTED, error="use POST")
+    if not settings.accepted_secrets():
+        log_event(log, logging.ERROR, "misconfigured", problem="ZSYNC_WEBHOOK_SECRET is not set; refusing all")
+        return answer(401, Outcome.REJECTED, error=f"missing or invalid {settings.secret_header} header")
+    if not is_authorized(request, settings):
+        return answer(401, Outcome.REJECTED, error=f"missing or invalid {settings.secret_header} header")
+
+    try:
+        payload = read_json_body(request, settings.max_body_bytes)
+        if payload.get(PING) is True:
+            return answer(200, "ping")
+        result = process(fn, ctx, payload)
+        return answer(200, result.outcome, id=result.id, detail=result.detail)
+    except Rejected as exc:
+        audited = _record_failure(fn, ctx, request.environ.get("zsync.body", b""), exc)
+        return answer(exc.status, Outcome.REJECTED, id=exc.record_id, problems=exc.problems, audited=audited)
+    except ConfigurationError as exc:
+        log_event(log, logging.ERROR, "misconfigured", problem=str(exc))
+        return answer(500, Outcome.FAILED, error="function is misconfigured; see its logs")
+    except (supabase_db.DatabaseUnavailable, TablesError) as exc:
+        log_event(log, logging.ERROR, "dependency_unavailable", error_type=type(exc).__name__,
+                  error=str(exc)[:300])
+        return answer(503, Outcome.FAILED, error="a dependency is unavailable; the delivery was not applied")
+    except Exception:
+        log.exception("unexpected error", extra={"json_fields": {"event": "internal_error", **base}})
+        return answer(500, Outcome.FAILED, error="internal error; see the function's logs")
+
+
+def make_target(function_name: str) -> Callable[[flask.Request], tuple[dict[str, Any], int]]:
+    """A functions-framework HTTP target for one of :data:`shared.spec.FUNCTIONS`."""
+    if function_name not in FUNCTIONS:
+        raise KeyError(f"unknown function {function_name!r}")
+
+    def target(request: flask.Request) -> tuple[dict[str, Any], int]:
+        return handle(function_name, request)
+
+    target.__name__ = target.__qualname__ = function_name
+    target.__doc__ = f"Zap {FUNCTIONS[function_name].seed_zap}: {function_name.replace('_', ' ')}"
+    return target

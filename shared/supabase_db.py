@@ -1,0 +1,152 @@
+"""Supabase (Postgres) access for the functions: one small connection pool per process and thin
+wrappers around the SQL functions in ``infra/supabase/migrations`` (where the sync logic lives).
+
+Connections are made for the Supabase pooler in transaction mode: no prepared statements
+(``prepare_threshold=None``), every unit of work in one explicit transaction. A unit of work that fails
+because the database cannot be reached is retried with exponential backoff and jitter inside the
+configured budget (it is idempotent: the upsert compares versions, audit entries have stable ids).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool, PoolTimeout
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
+
+from shared.mapping import row_to_json
+from shared.spec import TableSpec
+
+T = TypeVar("T")
+TRANSIENT = (psycopg.OperationalError, PoolTimeout)
+
+_pools: dict[str, ConnectionPool] = {}
+_lock = threading.Lock()
+
+
+class DatabaseUnavailable(RuntimeError):
+    """The database could not be reached within the retry budget."""
+
+
+def _pool(database_url: str, max_size: int, connect_timeout_s: float) -> ConnectionPool:
+    with _lock:
+        pool = _pools.get(database_url)
+        if pool is None:
+            pool = ConnectionPool(
+                database_url,
+                min_size=0,
+                max_size=max_size,
+                kwargs={"prepare_threshold": None, "connect_timeout": max(1, round(connect_timeout_s))},
+                check=ConnectionPool.check_connection,
+                timeout=connect_timeout_s,
+                max_idle=300,
+                open=True,
+                name="zsync",
+            )
+            _pools[database_url] = pool
+        return pool
+
+
+def close_pools() -> None:
+    with _lock:
+        for pool in _pools.values():
+            pool.close()
+        _pools.clear()
+
+
+class Database:
+    """Runs units of work against one database URL, retrying transient connection failures."""
+
+    def __init__(self, database_url: str, *, max_size: int = 4, connect_timeout_s: float = 5.0,
+                 retry_budget_s: float = 20.0):
+        self._url = database_url
+        self._max_size = max_size
+        self._connect_timeout_s = connect_timeout_s
+        self._retry_budget_s = retry_budget_s
+
+    @contextmanager
+    def transaction(self) -> Iterator[psycopg.Connection]:
+        """One transaction (no retry: use :meth:`run` for retried units of work)."""
+        pool = _pool(self._url, self._max_size, self._connect_timeout_s)
+        with pool.connection() as conn, conn.transaction():
+            yield conn
+
+    def run(self, work: Callable[[psycopg.Connection], T]) -> T:
+        """Run ``work(conn)`` in one transaction; retry it whole on connection failures."""
+        retrying = Retrying(
+            retry=retry_if_exception_type(TRANSIENT),
+            stop=stop_after_delay(self._retry_budget_s),
+            wait=wait_random_exponential(multiplier=0.2, max=5),
+            reraise=True,
+        )
+        try:
+            for attempt in retrying:
+                with attempt, self.transaction() as conn:
+                    return work(conn)
+        except TRANSIENT as exc:
+            raise DatabaseUnavailable(f"database unreachable: {type(exc).__name__}") from exc
+        raise AssertionError("unreachable")
+
+
+def _regclass(spec: TableSpec) -> str:
+    return f"public.{spec.name}"
+
+
+def sync_upsert(conn: psycopg.Connection, spec: TableSpec, row: Mapping[str, Any]) -> tuple[str, dict | None]:
+    """Apply ``row`` if newer than the stored version (see zsync.sync_upsert). -> (outcome, stored before)."""
+    outcome, stored = conn.execute(
+        "SELECT outcome, stored FROM zsync.sync_upsert(%s::regclass, %s::jsonb)", (_regclass(spec), row_to_json(row))
+    ).fetchone()
+    return outcome, stored
+
+
+def version_cmp(conn: psycopg.Connection, spec: TableSpec, a: Mapping[str, Any], b: Mapping[str, Any]) -> int:
+    """1 if version a is newer than b, 0 if the same version, -1 if older (zsync.version_cmp)."""
+    return conn.execute(
+        "SELECT zsync.version_cmp(%s::regclass, %s::jsonb, %s::jsonb)",
+        (_regclass(spec), row_to_json(a), row_to_json(b)),
+    ).fetchone()[0]
+
+
+def append_audit(conn: psycopg.Connection, entry: Mapping[str, Any]) -> bool:
+    """Insert an audit_log entry once (same id again is a no-op). -> True if inserted."""
+    return conn.execute("SELECT zsync.append_audit(%s::jsonb)", (row_to_json(entry),)).fetchone()[0]
+
+
+def lock_record(conn: psycopg.Connection, spec: TableSpec, record_id: str) -> None:
+    """Serialise work on one record across function instances until the transaction ends."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"{spec.name}:{record_id}",))
+
+
+def ack_outbox(conn: psycopg.Connection, spec: TableSpec, record_id: str, updated_at: datetime | None,
+               outcome: str) -> int:
+    """Mark every outbox entry of this record up to ``updated_at`` as delivered."""
+    return conn.execute(
+        "SELECT zsync.ack_outbox(%s, %s, %s, %s)", (spec.name, record_id, updated_at, outcome)
+    ).fetchone()[0]
+
+
+def fetch_row(conn: psycopg.Connection, spec: TableSpec, record_id: str) -> dict | None:
+    """The stored row as Postgres serialises it (the Database Webhook's record shape)."""
+    found = conn.execute(
+        f'SELECT to_jsonb(t) FROM public."{spec.name}" t WHERE t.id = %s', (record_id,)
+    ).fetchone()
+    return found[0] if found else None
+
+
+def fetch_rows(conn: psycopg.Connection, spec: TableSpec, since: datetime | None = None) -> list[dict]:
+    """Every row (optionally changed since ``since``), in the Database Webhook's record shape."""
+    column = spec.version or "timestamp"
+    query = f'SELECT to_jsonb(t) AS row FROM public."{spec.name}" t'
+    params: tuple = ()
+    if since is not None:
+        query += f' WHERE t."{column}" >= %s'
+        params = (since,)
+    with conn.cursor(row_factory=dict_row) as cur:
+        return [r["row"] for r in cur.execute(query + " ORDER BY t.id", params)]

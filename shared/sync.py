@@ -1,0 +1,170 @@
+"""The two sync operations every function performs, independent of HTTP (replay and reconcile call them
+too):
+
+* :func:`apply_from_tables` - a record a Zap sent from Zapier Tables -> Supabase (Zaps 3A, 3C, 3E, 3F);
+* :func:`apply_from_supabase` - a Supabase Database Webhook payload -> Zapier Tables (Zaps 3B, 3D, 3G).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cached_property
+from typing import Any, Literal
+
+import psycopg
+from pydantic import BaseModel, ConfigDict
+from pydantic import Field as PydanticField
+
+from shared import audit, conflict, supabase_db
+from shared.conflict import Outcome
+from shared.logs import log_event
+from shared.mapping import InvalidRecord, parse_supabase_record, parse_tables_record, to_tables_fields
+from shared.settings import Settings, TablesWriter
+from shared.spec import FunctionSpec, TableSpec
+from shared.zapier_tables import CatchHookWriter, TablesClient, client_from_settings
+
+
+class ConfigurationError(RuntimeError):
+    """The deployment is missing a setting this function needs (never caused by the request)."""
+
+
+class SupabaseWebhook(BaseModel):
+    """What a Supabase Database Webhook POSTs (see ../shared/reference/supabase-webhooks.md)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    type: Literal["INSERT", "UPDATE", "DELETE"]
+    table: str
+    schema_: str = PydanticField(alias="schema")
+    record: dict[str, Any] | None = None
+    old_record: dict[str, Any] | None = None
+
+
+class SyncResult(BaseModel):
+    outcome: Outcome
+    function: str
+    table: str
+    id: str | None = None
+    detail: str | None = None
+
+
+@dataclass
+class SyncContext:
+    """What the functions of one process share: settings and lazily built clients."""
+
+    settings: Settings
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("zsync"))
+
+    @cached_property
+    def db(self) -> supabase_db.Database:
+        if self.settings.database_url is None:
+            raise ConfigurationError("ZSYNC_DATABASE_URL is not set")
+        return supabase_db.Database(
+            self.settings.database_url.get_secret_value(),
+            max_size=self.settings.db_pool_max,
+            connect_timeout_s=self.settings.db_connect_timeout_s,
+            retry_budget_s=self.settings.retry_budget_s,
+        )
+
+    @cached_property
+    def tables(self) -> TablesClient:
+        if self.settings.tables_token is None:
+            raise ConfigurationError("ZSYNC_TABLES_TOKEN is not set")
+        return client_from_settings(self.settings)
+
+    @cached_property
+    def hooks(self) -> CatchHookWriter:
+        return CatchHookWriter(
+            self.settings.catch_hook_urls,
+            timeout_s=self.settings.http_timeout_s,
+            retry_budget_s=self.settings.retry_budget_s,
+        )
+
+    def table_id(self, spec: TableSpec) -> str:
+        try:
+            return self.settings.table_ids[spec.name]
+        except KeyError:
+            raise ConfigurationError(f"ZSYNC_TABLE_IDS has no Zapier table id for {spec.name!r}") from None
+
+
+def unwrap_tables_payload(payload: Mapping[str, Any]) -> Any:
+    """A Zap sends the record's fields flat; ``{"record": {...}}`` is accepted too."""
+    if set(payload) == {"record"}:
+        return payload["record"]
+    return payload
+
+
+def apply_from_tables(ctx: SyncContext, fn: FunctionSpec, record: Mapping[str, Any],
+                      received_at: datetime | None = None) -> SyncResult:
+    """Parse a Tables record and apply it to Supabase under the conflict rule. Raises InvalidRecord."""
+    spec = fn.table
+    now = received_at or datetime.now(UTC)
+    row = parse_tables_record(spec, record, received_at=now)
+
+    def work(conn: psycopg.Connection) -> Outcome:
+        if spec.append_only:
+            return Outcome.APPLIED if supabase_db.append_audit(conn, row) else Outcome.UNCHANGED
+        outcome, stored = supabase_db.sync_upsert(conn, spec, row)
+        result = Outcome(outcome)
+        if result in (Outcome.APPLIED, Outcome.SKIPPED_STALE):
+            supabase_db.append_audit(conn, audit.sync_entry(fn, row, result, datetime.now(UTC), stored))
+        return result
+
+    outcome = ctx.db.run(work)
+    return SyncResult(outcome=outcome, function=fn.name, table=spec.name, id=row["id"])
+
+
+def apply_from_supabase(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhook) -> SyncResult:
+    """Apply a Database Webhook's record to Zapier Tables if newer. Raises InvalidRecord."""
+    spec = fn.table
+    if hook.table != spec.name or hook.schema_ != "public":
+        raise InvalidRecord([{
+            "field": "table",
+            "problem": f"payload is for {hook.schema_}.{hook.table}; this function syncs public.{spec.name}",
+        }])
+    if hook.type == "DELETE":
+        old_id = (hook.old_record or {}).get("id")
+        return SyncResult(outcome=Outcome.IGNORED, function=fn.name, table=spec.name,
+                          id=old_id if isinstance(old_id, str) else None, detail="DELETE events are not synced")
+    if hook.record is None:
+        raise InvalidRecord([{"field": "record", "problem": f"{hook.type} payload has no record"}])
+    row = parse_supabase_record(spec, hook.record)
+    fields = to_tables_fields(spec, row)
+
+    def work(conn: psycopg.Connection) -> Outcome:
+        supabase_db.lock_record(conn, spec, row["id"])
+        if ctx.settings.tables_writer is TablesWriter.CATCH_HOOK:
+            ctx.hooks.send(spec.name, fields)
+            outcome = Outcome.APPLIED
+        else:
+            outcome = _write_if_newer(ctx, conn, fn, row, fields)
+        if outcome in (Outcome.APPLIED, Outcome.SKIPPED_STALE):
+            supabase_db.append_audit(conn, audit.sync_entry(fn, row, outcome, datetime.now(UTC)))
+        supabase_db.ack_outbox(conn, spec, row["id"], row.get(spec.version or ""), outcome.value)
+        return outcome
+
+    outcome = ctx.db.run(work)
+    return SyncResult(outcome=outcome, function=fn.name, table=spec.name, id=row["id"])
+
+
+def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, row: Mapping[str, Any],
+                    fields: dict[str, Any]) -> Outcome:
+    spec = fn.table
+    table_id = ctx.table_id(spec)
+    existing = ctx.tables.find_by_field(table_id, "id", row["id"])
+    if existing is None:
+        ctx.tables.create(table_id, fields)
+        return Outcome.APPLIED
+    try:
+        current = parse_tables_record(spec, existing.data)
+    except InvalidRecord as exc:
+        log_event(ctx.logger, logging.WARNING, "tables_record_unreadable", record_id=row["id"],
+                  problems=exc.problems, resolution="overwritten with the Supabase version")
+        current = None
+    outcome = conflict.outcome_of(conflict.compare(conn, spec, row, current))
+    if outcome is Outcome.APPLIED:
+        ctx.tables.update(table_id, existing.id, fields)
+    return outcome

@@ -1,0 +1,50 @@
+"""Shared fixtures: a real embedded Postgres per pytest worker, a fresh migrated database per test
+module. Everything listens on 127.0.0.1 or a unix socket in a temp dir, so xdist workers never collide.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from infra.local.postgres import create_database, prepare_database, start_postgres
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", default=False, help="also run larger (slow) sizes")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="larger size: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    # A short path: Postgres' unix socket path must stay under ~100 bytes.
+    data_dir = Path(f"/tmp/zsync-pg-{os.getpid()}")
+    server = start_postgres(data_dir)
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def database_url(pg_server: object) -> str:
+    """A fresh database with pg_net stand-in and all migrations applied."""
+    url = create_database(pg_server.get_uri())  # type: ignore[attr-defined]
+    prepare_database(url)
+    return url
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        yield conn
