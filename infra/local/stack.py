@@ -1,0 +1,279 @@
+"""The whole local stack in one process tree, started by ``make up`` (``zsync up``) and by the tests:
+
+* embedded Postgres (pgserver) prepared like a Supabase project and migrated;
+* the local Zapier Tables service (records API + "Zap trigger" deliveries to the *_to_supabase URLs);
+* the seven functions, each its own functions-framework process (as deployed: one function per URL),
+  logging to ``.local/logs/<function>.log``;
+* Supabase Database Webhook triggers pointing at the *_to_tables URLs, delivered by the pg_net
+  stand-in, plus the outbox sweeper (pg_cron's job in production);
+* a moto server for the AWS parts (the SQS dead-letter queue).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import requests
+
+from infra.local.pgnet_sender import PgNetSender
+from infra.local.pgnet_sender import wait_idle as pgnet_wait_idle
+from infra.local.postgres import create_database, prepare_database, start_postgres
+from infra.local.tables_service import TableConfig, TablesService, start_tables_service
+from shared.settings import DEFAULT_SECRET_HEADER
+from shared.spec import FUNCTIONS, TABLES, Direction
+from shared.webhook_sql import render_webhook_sql
+
+REPO = Path(__file__).resolve().parents[2]
+MAIN = REPO / "functions" / "main.py"
+DLQ_NAME = "zsync-local-dlq"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.ConnectionError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not come up within {timeout_s} s") from None
+            time.sleep(0.05)
+
+
+@dataclass
+class FunctionProcess:
+    name: str
+    port: int
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "functions_framework", "--source", str(MAIN), "--target", self.name,
+             "--host", "127.0.0.1", "--port", str(self.port)],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+        )
+        log.close()
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        wait_http(self.url, timeout_s)
+
+    def kill(self) -> None:
+        """Hard stop (SIGKILL): what a crashed or scaled-in function looks like."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+@dataclass
+class StackConfig:
+    state_dir: Path = REPO / ".local"
+    port_base: int = 0  # 0: free ports; else tables=base, functions=base+1.., moto=base+9
+    sweep_interval_s: float = 5.0
+    sweep_min_age_s: float = 30.0
+    pgnet_poll_interval_s: float = 0.25
+    tables_autoreplay: tuple[float, ...] = ()
+    retry_budget_s: float = 8.0
+    with_moto: bool = True
+
+
+@dataclass
+class LocalStack:
+    config: StackConfig = field(default_factory=StackConfig)
+    functions: dict[str, FunctionProcess] = field(default_factory=dict)
+    database_url: str = ""
+    secret: str = ""
+    token: str = ""
+    dlq_url: str | None = None
+    aws_endpoint_url: str | None = None
+    tables: TablesService | None = None
+    sender: PgNetSender | None = None
+    _pg: Any = None
+    _moto: Any = None
+    _sweeper: threading.Thread | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    def _port(self, offset: int) -> int:
+        return self.config.port_base + offset if self.config.port_base else free_port()
+
+    def _credentials(self) -> None:
+        path = self.config.state_dir / "credentials.json"
+        if path.exists():
+            saved = json.loads(path.read_text())
+        else:
+            saved = {"secret": secrets.token_urlsafe(24), "token": "local-" + secrets.token_urlsafe(18)}
+            path.write_text(json.dumps(saved))
+            path.chmod(0o600)
+        self.secret, self.token = saved["secret"], saved["token"]
+
+    def start(self) -> LocalStack:
+        state = self.config.state_dir
+        state.mkdir(parents=True, exist_ok=True)
+        self._credentials()
+        self._pg = start_postgres(state / "pg")
+        self.database_url = create_database(self._pg.get_uri(), "zsync")
+        prepare_database(self.database_url)
+        if self.config.with_moto:
+            self._start_moto()
+        ports = {name: self._port(i + 1) for i, name in enumerate(sorted(FUNCTIONS))}
+        url = {name: f"http://127.0.0.1:{port}/" for name, port in ports.items()}
+        self.tables = start_tables_service(
+            state / "tables.sqlite3",
+            [TableConfig(name=t.name, table_id=self.table_ids[t.name],
+                         trigger_url=url[t.function_name(Direction.TO_SUPABASE)],
+                         stamp_updated_at=t.version is not None)
+             for t in TABLES.values()],
+            token=self.token, secret_header=DEFAULT_SECRET_HEADER, secret=self.secret,
+            port=self._port(0) if self.config.port_base else 0, autoreplay=self.config.tables_autoreplay,
+        )
+        env = self.function_env()
+        for name, port in ports.items():
+            fp = FunctionProcess(name, port, env, state / "logs" / f"{name}.log")
+            fp.start()
+            self.functions[name] = fp
+        for fp in self.functions.values():
+            fp.wait_ready()
+        self.wire_webhooks()
+        self.sender = PgNetSender(self.database_url, poll_interval_s=self.config.pgnet_poll_interval_s)
+        self.sender.start()
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="outbox-sweeper", daemon=True)
+        self._sweeper.start()
+        return self
+
+    def _start_moto(self) -> None:
+        import boto3
+        from moto.server import ThreadedMotoServer
+
+        port = self._port(9)
+        self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        self._moto.start()
+        self.aws_endpoint_url = f"http://127.0.0.1:{port}"
+        sqs = boto3.client("sqs", endpoint_url=self.aws_endpoint_url, region_name="us-east-1",
+                           aws_access_key_id="local", aws_secret_access_key="local")
+        self.dlq_url = sqs.create_queue(QueueName=DLQ_NAME)["QueueUrl"]
+
+    @property
+    def table_ids(self) -> dict[str, str]:
+        return {name: f"tbl_local_{name}" for name in TABLES}
+
+    def function_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ZSYNC_")}
+        env.update({
+            "PYTHONPATH": str(REPO),
+            "PYTHONUNBUFFERED": "1",
+            "ZSYNC_DATABASE_URL": self.database_url,
+            "ZSYNC_WEBHOOK_SECRET": self.secret,
+            "ZSYNC_TABLES_API_URL": self.tables.url if self.tables else "",
+            "ZSYNC_TABLES_TOKEN": self.token,
+            "ZSYNC_TABLE_IDS": json.dumps(self.table_ids),
+            "ZSYNC_RETRY_BUDGET_S": str(self.config.retry_budget_s),
+            "AWS_ACCESS_KEY_ID": "local",
+            "AWS_SECRET_ACCESS_KEY": "local",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        })
+        if self.dlq_url:
+            env["ZSYNC_DLQ_URL"] = self.dlq_url
+        if self.aws_endpoint_url:
+            env["ZSYNC_AWS_ENDPOINT_URL"] = self.aws_endpoint_url
+        return env
+
+    def wire_webhooks(self) -> None:
+        urls = {t: self.functions[TABLES[t].function_name(Direction.TO_TABLES)].url for t in TABLES
+                if Direction.TO_TABLES in TABLES[t].directions}
+        sql = render_webhook_sql(urls, DEFAULT_SECRET_HEADER, self.secret)
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            conn.execute(sql)
+
+    def _sweep_loop(self) -> None:
+        while not self._stop.wait(self.config.sweep_interval_s):
+            with contextlib.suppress(psycopg.Error):
+                self.sweep_outbox(self.config.sweep_min_age_s)
+
+    def sweep_outbox(self, min_age_s: float = 0.0) -> int:
+        """What the pg_cron job does in production: re-send unacknowledged changes."""
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            return conn.execute("SELECT zsync.sweep_outbox(make_interval(secs => %s))", (min_age_s,)).fetchone()[0]
+
+    def stop(self) -> None:
+        self._stop.set()
+        for fp in self.functions.values():
+            fp.stop()
+        if self.sender:
+            self.sender.stop()
+        if self.tables:
+            self.tables.stop()
+        if self._moto:
+            self._moto.stop()
+        if self._pg:
+            self._pg.cleanup()
+
+    # --- for tests and operators ----------------------------------------------------------------
+    def wait_quiet(self, timeout_s: float = 30.0, settle_s: float = 0.3) -> None:
+        """Until no webhook or Zap delivery is queued or in flight, stably for ``settle_s``."""
+        deadline = time.monotonic() + timeout_s
+        quiet_since: float | None = None
+        while time.monotonic() < deadline:
+            pgnet_wait_idle(self.database_url, timeout_s=max(0.1, deadline - time.monotonic()))
+            busy = self.tables.pending_deliveries() if self.tables else 0
+            if busy == 0:
+                quiet_since = quiet_since or time.monotonic()
+                if time.monotonic() - quiet_since >= settle_s:
+                    return
+            else:
+                quiet_since = None
+            time.sleep(0.05)
+        raise TimeoutError("stack did not become quiet")
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "functions": {name: fp.url for name, fp in sorted(self.functions.items())},
+            "tables_api": self.tables.url if self.tables else None,
+            "tables_token": self.token,
+            "table_ids": self.table_ids,
+            "database_url": self.database_url,
+            "secret_header": DEFAULT_SECRET_HEADER,
+            "secret": self.secret,
+            "dlq_url": self.dlq_url,
+            "aws_endpoint_url": self.aws_endpoint_url,
+            "logs": {name: str(fp.log_path) for name, fp in sorted(self.functions.items())},
+        }
+
+    def write_info(self) -> Path:
+        path = self.config.state_dir / "stack.json"
+        path.write_text(json.dumps(self.info(), indent=2) + "\n")
+        path.chmod(0o600)
+        return path

@@ -1,0 +1,171 @@
+"""``zsync``: the command line for running, deploying and repairing the sync.
+
+Run ``zsync --help`` or ``zsync COMMAND --help``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="Keep Zapier Tables and Supabase in sync: local stack, migrations, deploy, wiring, repair.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+err = Console(stderr=True)
+REPO = Path(__file__).resolve().parent.parent
+STATE = REPO / ".local"
+
+
+def _database_url(database_url: str | None) -> str:
+    url = database_url or os.environ.get("ZSYNC_DATABASE_URL")
+    if not url:
+        stack = STATE / "stack.json"
+        if stack.exists():
+            url = json.loads(stack.read_text())["database_url"]
+    if not url:
+        err.print("[red]No database: pass --database-url or set ZSYNC_DATABASE_URL (or run `make up`).[/]")
+        raise typer.Exit(2)
+    return url
+
+
+@app.command()
+def up(
+    port_base: int = typer.Option(8700, help="Tables API on this port, the seven functions on the next ones, "
+                                  "moto on +9. 0 picks free ports."),
+    state_dir: Path = typer.Option(STATE, help="Where the database, Tables data, logs and stack.json live."),
+) -> None:
+    """Start the whole local stack and run the sync until Ctrl-C.
+
+    Embedded Postgres (migrated), the local Zapier Tables service, the seven functions on
+    functions-framework, the Supabase webhook sender (pg_net stand-in) with the outbox sweeper, and a
+    moto server. URLs, token and secret are printed and written to STATE_DIR/stack.json.
+    """
+    from infra.local.stack import LocalStack, StackConfig
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    lock_file = (state_dir / "stack.lock").open("a+")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.seek(0)
+        pid = lock_file.read().strip() or "?"
+        err.print(f"[yellow]The zsync local stack is already running (pid {pid}); its URLs are in "
+                  f"{state_dir / 'stack.json'}. Stop it with Ctrl-C in its terminal (or kill {pid}).[/]")
+        raise typer.Exit(1) from None
+    lock_file.seek(0)
+    lock_file.truncate()
+    lock_file.write(str(os.getpid()))
+    lock_file.flush()
+
+    stack = LocalStack(StackConfig(state_dir=state_dir, port_base=port_base))
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    try:
+        with console.status("Starting Postgres, Tables service, functions, webhook sender, moto..."):
+            stack.start()
+        path = stack.write_info()
+        info = stack.info()
+        table = Table(title="zsync local stack", show_lines=False)
+        table.add_column("part")
+        table.add_column("URL")
+        for name, url in info["functions"].items():
+            table.add_row(name, url)
+        table.add_row("Zapier Tables API", info["tables_api"])
+        table.add_row("moto (AWS)", info["aws_endpoint_url"] or "-")
+        table.add_row("database", info["database_url"])
+        console.print(table)
+        console.print(f"Secret header [bold]{info['secret_header']}[/] and token are in {path}.")
+        console.print(f"Per-function logs: {state_dir / 'logs'}/<function>.log  (zsync logs <function>)")
+        console.print("[green]Sync running.[/] Ctrl-C to stop.")
+        stopped.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        console.print("Stopping...")
+        stack.stop()
+        (state_dir / "stack.json").unlink(missing_ok=True)
+
+
+@app.command()
+def migrate(
+    database_url: str = typer.Option(None, help="Postgres URL (default: ZSYNC_DATABASE_URL, then the local stack)."),
+    check: bool = typer.Option(False, "--check", help="Only list pending migrations; exit 1 if any."),
+) -> None:
+    """Apply infra/supabase/migrations to the database (idempotent; safe to run concurrently)."""
+    from shared.migrate import MigrationError, apply_migrations, pending_migrations
+
+    url = _database_url(database_url)
+    try:
+        if check:
+            pending = pending_migrations(url)
+            for name in pending:
+                console.print(f"pending: {name}")
+            console.print("migrations current" if not pending else f"{len(pending)} pending")
+            raise typer.Exit(1 if pending else 0)
+        applied = apply_migrations(url)
+    except MigrationError as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+    for name in applied:
+        console.print(f"applied: {name}")
+    console.print("migrations current" if not applied else f"{len(applied)} applied")
+
+
+@app.command()
+def logs(
+    function: str = typer.Argument(..., help="Function name, e.g. agent_jobs_to_supabase."),
+    lines: int = typer.Option(50, "-n", help="How many recent lines."),
+    state_dir: Path = typer.Option(STATE, help="The local stack's state dir."),
+) -> None:
+    """Show a local function's recent structured log lines (one JSON object each).
+
+    Deployed: `npx osls logs -f FUNCTION --stage S` (AWS) or Cloud Logging with label function=FUNCTION.
+    """
+    from shared.spec import FUNCTIONS
+
+    if function not in FUNCTIONS:
+        err.print(f"[red]Unknown function {function!r}. One of: {', '.join(sorted(FUNCTIONS))}[/]")
+        raise typer.Exit(2)
+    path = state_dir / "logs" / f"{function}.log"
+    if not path.exists():
+        err.print(f"[yellow]No log at {path}: is the local stack running (`make up`)?[/]")
+        raise typer.Exit(1)
+    for line in path.read_text(errors="replace").splitlines()[-lines:]:
+        sys.stdout.write(line + "\n")
+
+
+def _register_optional() -> None:
+    """Commands that live with their subsystem (deploy/wire/doctor, replay/reconcile)."""
+    import importlib
+
+    for module in ("infra.deploy.cli", "shared.repair_cli"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name and module.startswith(exc.name):
+                continue
+            raise
+        mod.register(app)
+
+
+_register_optional()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
