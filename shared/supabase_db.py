@@ -132,6 +132,11 @@ def ack_outbox(conn: psycopg.Connection, spec: TableSpec, record_id: str, update
     ).fetchone()[0]
 
 
+def announce(conn: psycopg.Connection, spec: TableSpec, record_id: str) -> bool:
+    """Queue the current row for the table's *_to_tables function (zsync.announce); False if not wired."""
+    return conn.execute("SELECT zsync.announce(%s, %s)", (spec.name, record_id)).fetchone()[0]
+
+
 def fetch_row(conn: psycopg.Connection, spec: TableSpec, record_id: str) -> dict | None:
     """The stored row as Postgres serialises it (the Database Webhook's record shape)."""
     found = conn.execute(

@@ -23,7 +23,7 @@ from shared.conflict import Outcome
 from shared.logs import log_event
 from shared.mapping import InvalidRecord, parse_supabase_record, parse_tables_record, to_tables_fields
 from shared.settings import Settings, TablesWriter
-from shared.spec import FunctionSpec, TableSpec
+from shared.spec import FUNCTIONS, Direction, FunctionSpec, TableSpec
 from shared.zapier_tables import CatchHookWriter, TablesClient, client_from_settings
 
 
@@ -111,6 +111,10 @@ def apply_from_tables(ctx: SyncContext, fn: FunctionSpec, record: Mapping[str, A
         result = Outcome(outcome)
         if result in (Outcome.APPLIED, Outcome.SKIPPED_STALE):
             supabase_db.append_audit(conn, audit.sync_entry(fn, row, result, datetime.now(UTC), stored))
+        if result is Outcome.SKIPPED_STALE and Direction.TO_TABLES in spec.directions:
+            # Tables sent an older version than Supabase holds: push Supabase's back so Tables converges
+            # even if the webhook for the newer version was lost.
+            supabase_db.announce(conn, spec, row["id"])
         return result
 
     outcome = ctx.db.run(work)
@@ -167,4 +171,11 @@ def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec
     outcome = conflict.outcome_of(conflict.compare(conn, spec, row, current))
     if outcome is Outcome.APPLIED:
         ctx.tables.update(table_id, existing.id, fields)
+    elif outcome is Outcome.SKIPPED_STALE and current is not None:
+        # Tables holds a newer version than this webhook carried: make sure Supabase has it too (its own
+        # Zap delivery may have been lost). Conditional, so a no-op when Supabase is already current.
+        pushed, _ = supabase_db.sync_upsert(conn, spec, current)
+        if pushed == Outcome.APPLIED:
+            back = FUNCTIONS[spec.function_name(Direction.TO_SUPABASE)]
+            supabase_db.append_audit(conn, audit.sync_entry(back, current, Outcome.APPLIED, datetime.now(UTC)))
     return outcome

@@ -48,3 +48,21 @@ def database_url(pg_server: object) -> str:
 def db(database_url: str) -> Iterator[psycopg.Connection]:
     with psycopg.connect(database_url, autocommit=True) as conn:
         yield conn
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory):
+    """The whole local stack (as `make up` runs it) on free ports, one per pytest worker."""
+    from infra.local.stack import LocalStack, StackConfig
+
+    state = Path(f"/tmp/zsync-stack-{os.getpid()}")
+    local = LocalStack(StackConfig(state_dir=state, port_base=0, sweep_interval_s=3600, pgnet_poll_interval_s=0.05,
+                                   retry_budget_s=3.0))
+    try:
+        local.start()
+        yield local
+    finally:
+        local.stop()
+        import shutil
+
+        shutil.rmtree(state, ignore_errors=True)

@@ -62,6 +62,33 @@ AS $$
     SELECT count(*)::integer FROM done
 $$;
 
+-- Send the current row of one record to its *_to_tables function through pg_net, in the Database
+-- Webhook's payload shape. Used by the sweeper, and by the sync when it finds the other side holding an
+-- older version than Supabase (so that side is repaired without waiting for the next change).
+-- Returns false if the row does not exist or no endpoint is wired for the table.
+CREATE OR REPLACE FUNCTION zsync.announce(p_table text, p_record_id text, p_op text DEFAULT 'UPDATE')
+RETURNS boolean LANGUAGE plpgsql
+AS $$
+DECLARE
+    e     zsync.webhook_endpoints;
+    v_row jsonb;
+BEGIN
+    SELECT * INTO e FROM zsync.webhook_endpoints WHERE table_name = p_table;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    EXECUTE format('SELECT to_jsonb(t) FROM public.%I t WHERE t.id = $1', p_table) INTO v_row USING p_record_id;
+    IF v_row IS NULL THEN
+        RETURN false;
+    END IF;
+    PERFORM net.http_post(
+        e.url,
+        jsonb_build_object('old_record', NULL, 'record', v_row, 'type', p_op, 'table', p_table, 'schema', 'public'),
+        '{}'::jsonb, e.headers, e.timeout_ms);
+    RETURN true;
+END
+$$;
+
 -- Re-send, through pg_net, the current row of every record whose latest change is still unacknowledged
 -- p_min_age after it was made (or last re-sent; doubling per attempt, capped at 64x). The payload is
 -- the Database Webhook's own shape. Acknowledged entries older than 7 days are purged.
@@ -70,12 +97,11 @@ RETURNS integer LANGUAGE plpgsql
 AS $$
 DECLARE
     r      record;
-    v_row  jsonb;
     v_sent integer := 0;
 BEGIN
     DELETE FROM zsync.outbox WHERE acked_at < now() - interval '7 days';
     FOR r IN
-        SELECT o.id, o.table_name, o.record_id, o.op, e.url, e.headers, e.timeout_ms
+        SELECT o.id, o.table_name, o.record_id, o.op
         FROM zsync.outbox o
         JOIN zsync.webhook_endpoints e USING (table_name)
         WHERE o.acked_at IS NULL
@@ -87,17 +113,12 @@ BEGIN
         LIMIT p_limit
         FOR UPDATE OF o SKIP LOCKED
     LOOP
-        EXECUTE format('SELECT to_jsonb(t) FROM public.%I t WHERE t.id = $1', r.table_name) INTO v_row USING r.record_id;
-        IF v_row IS NULL THEN  -- deleted since: nothing to send
+        IF zsync.announce(r.table_name, r.record_id, r.op) THEN
+            UPDATE zsync.outbox SET attempts = attempts + 1, last_sent_at = now() WHERE id = r.id;
+            v_sent := v_sent + 1;
+        ELSE  -- deleted since: nothing to send
             UPDATE zsync.outbox SET acked_at = now(), ack_outcome = 'row_deleted' WHERE id = r.id;
-            CONTINUE;
         END IF;
-        PERFORM net.http_post(
-            r.url,
-            jsonb_build_object('old_record', NULL, 'record', v_row, 'type', r.op, 'table', r.table_name, 'schema', 'public'),
-            '{}'::jsonb, r.headers, r.timeout_ms);
-        UPDATE zsync.outbox SET attempts = attempts + 1, last_sent_at = now() WHERE id = r.id;
-        v_sent := v_sent + 1;
     END LOOP;
     RETURN v_sent;
 END

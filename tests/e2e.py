@@ -1,0 +1,96 @@
+"""Helpers for end-to-end tests that drive the local stack the way users do: Zapier agents through
+the Tables records API, Claude agents through SQL on Supabase."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import psycopg
+import requests
+
+T = TypeVar("T")
+
+
+def eventually(probe: Callable[[], T | None], timeout_s: float = 15.0, interval_s: float = 0.05) -> T:
+    """Poll ``probe`` until it returns something truthy."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s (last: {value!r})")
+        time.sleep(interval_s)
+
+
+class Tables:
+    """The Zapier side, through the records API."""
+
+    def __init__(self, stack: Any):
+        self.base = stack.tables.url.rstrip("/")
+        self.ids = stack.table_ids
+        self.s = requests.Session()
+        self.s.headers["Authorization"] = f"Bearer {stack.token}"
+
+    def url(self, table: str, suffix: str = "") -> str:
+        return f"{self.base}/api/v1/tables/{self.ids[table]}/records{suffix}"
+
+    def create(self, table: str, fields: dict[str, Any]) -> dict:
+        r = self.s.post(self.url(table), json=fields, timeout=10)
+        assert r.status_code == 201, r.text
+        return r.json()
+
+    def find(self, table: str, record_id: str) -> dict | None:
+        r = self.s.get(self.url(table), params={"filter[id]": record_id}, timeout=10)
+        assert r.status_code == 200, r.text
+        data = r.json()["data"]
+        assert len(data) <= 1, data
+        return data[0] if data else None
+
+    def update(self, table: str, record_id: str, fields: dict[str, Any]) -> dict:
+        rec = self.find(table, record_id)
+        assert rec, record_id
+        r = self.s.patch(self.url(table, f"/{rec['id']}"), json={"data": fields}, timeout=10)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def stats(self) -> dict:
+        return self.s.get(f"{self.base}/_admin/stats", timeout=10).json()
+
+    def writes(self, table: str) -> int:
+        return self.stats()["writes"].get(self.ids[table], 0)
+
+
+class Supabase:
+    """The Claude side, through SQL."""
+
+    def __init__(self, stack: Any):
+        self.url = stack.database_url
+
+    def query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            cur = conn.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+
+    def row(self, table: str, record_id: str) -> dict | None:
+        rows = self.query(f"SELECT to_jsonb(t) FROM public.{table} t WHERE id = %s", (record_id,))
+        return rows[0][0] if rows else None
+
+    def writes(self, table: str, record_id: str | None = None) -> int:
+        """INSERTs + UPDATEs on a webhook table, as counted by the outbox trigger (one row per write)."""
+        sql = "SELECT count(*) FROM zsync.outbox WHERE table_name = %s"
+        params: tuple = (table,)
+        if record_id is not None:
+            sql += " AND record_id = %s"
+            params += (record_id,)
+        return self.query(sql, params)[0][0]
+
+    def audit(self, resource_id: str, action: str | None = None) -> list[dict]:
+        sql = "SELECT to_jsonb(a) FROM audit_log a WHERE resource_id = %s"
+        params: tuple = (resource_id,)
+        if action:
+            sql += " AND action = %s"
+            params += (action,)
+        return [r[0] for r in self.query(sql + " ORDER BY timestamp", params)]

@@ -1,0 +1,242 @@
+"""The seed's tests 1-5, end to end over real HTTP through the local stack, plus the echo test.
+
+Zapier agents are played by writes to the local Tables records API (whose "Zap trigger" POSTs to the
+*_to_supabase functions); Claude agents by SQL writes to Postgres (whose Database Webhook triggers,
+delivered by the pg_net stand-in, POST to the *_to_tables functions).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+import requests
+
+from tests.e2e import Supabase, Tables, eventually
+
+
+def uid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def tables(stack) -> Tables:
+    return Tables(stack)
+
+
+@pytest.fixture
+def supabase(stack) -> Supabase:
+    return Supabase(stack)
+
+
+# --- Test 1: Tables -> Supabase (all four tables) ------------------------------------------------
+
+
+def test_1_tables_to_supabase_agent_jobs(stack, tables, supabase):
+    job_id = uid("test-job")
+    tables.create("agent_jobs", {"id": job_id, "job_type": "discovery", "status": "queued",
+                                 "parameters": "{\"metro\": \"Austin\", \"radius\": 15}"})
+    row = eventually(lambda: supabase.row("agent_jobs", job_id))
+    assert row["job_type"] == "discovery" and row["status"] == "queued"
+    assert row["parameters"] == {"metro": "Austin", "radius": 15}  # JSON string in Tables -> jsonb
+    synced = supabase.audit(job_id, "agent_jobs_synced")
+    assert len(synced) == 1
+    meta = synced[0]["metadata"]
+    assert meta["sync_direction"] == "tables_to_supabase" and meta["source_timestamp"] and meta["lag_seconds"] >= 0
+    assert synced[0]["actor_type"] == "zapier_sync"
+
+
+def test_1_tables_to_supabase_decisions_rate_limits_audit(stack, tables, supabase):
+    decision, limit, entry = uid("dec"), uid("rl"), uid("act")
+    tables.create("agent_decisions", {"id": decision, "decision": "qualified", "confidence": "0.87",
+                                      "metadata": "{\"source\": \"zap\"}"})
+    tables.create("rate_limits", {"id": limit, "service_name": "openai", "request_count": "3", "quota_limit": 100,
+                                  "window_start": "2025-12-22T10:00:00+02:00"})
+    rec = tables.create("audit_log", {"action": entry, "actor": "zapier_agent_1", "compliance_tags": "gdpr, soc2",
+                                      "metadata": "{\"k\": 1}", "timestamp": "2025-12-22T10:00:00Z"})
+    d = eventually(lambda: supabase.row("agent_decisions", decision))
+    assert d["confidence"] == 0.87 and d["metadata"] == {"source": "zap"}
+    r = eventually(lambda: supabase.row("rate_limits", limit))
+    assert r["request_count"] == 3 and r["quota_limit"] == 100 and r["window_start"] == "2025-12-22T08:00:00+00:00"
+    a = eventually(lambda: supabase.row("audit_log", rec["id"]))
+    assert a["compliance_tags"] == ["gdpr", "soc2"] and a["retention_days"] == 2555 and a["severity"] == "info"
+
+
+# --- Test 2: Supabase -> Tables ------------------------------------------------------------------
+
+
+def test_2_supabase_to_tables_agent_decisions(stack, tables, supabase):
+    decision = uid("test-decision")
+    supabase.query(
+        "INSERT INTO agent_decisions (id, lead_id, decision_type, agent_name, decision, confidence, metadata) "
+        "VALUES (%s, 'lead-abc-123', 'qualification', 'claude_qualifier', 'qualified', 0.87, %s)",
+        (decision, json.dumps({"signals": ["x", "y"]})),
+    )
+    rec = eventually(lambda: tables.find("agent_decisions", decision))
+    assert rec["data"]["confidence"] == 0.87
+    assert json.loads(rec["data"]["metadata"]) == {"signals": ["x", "y"]}  # jsonb -> JSON string
+    assert rec["data"]["updated_at"].endswith("Z")
+    assert len(supabase.audit(decision, "agent_decisions_synced")) == 1
+
+
+def test_2_supabase_to_tables_jobs_and_rate_limits_updates(stack, tables, supabase):
+    job, limit = uid("job"), uid("rl")
+    supabase.query("INSERT INTO agent_jobs (id, job_type, status, parameters) VALUES (%s, 'qualification', "
+                   "'queued', '{\"lead_id\": \"lead-xyz-789\"}')", (job,))
+    supabase.query("INSERT INTO rate_limits (id, service_name, quota_limit) VALUES (%s, 'serp', 10)", (limit,))
+    eventually(lambda: tables.find("agent_jobs", job))
+    eventually(lambda: tables.find("rate_limits", limit))
+    supabase.query("UPDATE agent_jobs SET status = 'running' WHERE id = %s", (job,))  # no explicit updated_at
+    supabase.query("UPDATE rate_limits SET request_count = request_count + 1 WHERE id = %s", (limit,))
+    eventually(lambda: tables.find("agent_jobs", job)["data"]["status"] == "running")
+    eventually(lambda: tables.find("rate_limits", limit)["data"]["request_count"] == 1)
+
+
+def test_2_delete_is_ignored(stack, tables, supabase):
+    job = uid("job-del")
+    supabase.query("INSERT INTO agent_jobs (id, status) VALUES (%s, 'queued')", (job,))
+    eventually(lambda: tables.find("agent_jobs", job))
+    url = stack.functions["agent_jobs_to_tables"].url
+    r = requests.post(url, json={"type": "DELETE", "table": "agent_jobs", "schema": "public", "record": None,
+                                 "old_record": {"id": job}}, headers={"X-Zsync-Secret": stack.secret}, timeout=10)
+    assert r.status_code == 200 and r.json()["outcome"] == "ignored"
+    assert tables.find("agent_jobs", job) is not None
+
+
+# --- Test 3: conflict resolution -----------------------------------------------------------------
+
+
+def test_3_simultaneous_writes_converge_to_the_newer(stack, tables, supabase):
+    rid = uid("conflict-test")
+    # Both systems written at (nearly) the same moment; Supabase's timestamp is 1 s newer.
+    tables.create("agent_jobs", {"id": rid, "status": "queued", "updated_at": "2025-12-22T10:00:00Z"})
+    supabase.query(
+        "INSERT INTO agent_jobs (id, status, updated_at) VALUES (%s, 'running', '2025-12-22T10:00:01Z') "
+        "ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, updated_at = EXCLUDED.updated_at", (rid,))
+    stack.wait_quiet()
+    eventually(lambda: (tables.find("agent_jobs", rid) or {}).get("data", {}).get("status") == "running")
+    assert supabase.row("agent_jobs", rid)["status"] == "running"
+    assert tables.find("agent_jobs", rid)["data"]["updated_at"] == "2025-12-22T10:00:01Z"
+
+
+def test_3_older_tables_write_is_skipped_and_audited(stack, tables, supabase):
+    rid = uid("stale")
+    supabase.query("INSERT INTO agent_jobs (id, status, updated_at) VALUES (%s, 'done', '2025-12-22T12:00:00Z')",
+                   (rid,))
+    eventually(lambda: tables.find("agent_jobs", rid))
+    stack.wait_quiet()
+    # A Zapier agent writes an older version of the record (e.g. from a stale read).
+    tables.update("agent_jobs", rid, {"status": "queued", "updated_at": "2025-12-22T11:00:00Z"})
+    stack.wait_quiet()
+    eventually(lambda: supabase.audit(rid, "sync_skipped_stale_data"))
+    assert supabase.row("agent_jobs", rid)["status"] == "done"
+    # Supabase keeps the newer value and pushes it back, so Tables converges too.
+    eventually(lambda: tables.find("agent_jobs", rid)["data"]["status"] == "done")
+    assert tables.find("agent_jobs", rid)["data"]["updated_at"] == "2025-12-22T12:00:00Z"
+
+
+def test_3_same_timestamp_tie_converges_on_both_sides(stack, tables, supabase):
+    rid = uid("tie")
+    tables.create("agent_jobs", {"id": rid, "status": "from-tables", "updated_at": "2025-12-22T10:00:00Z"})
+    supabase.query(
+        "INSERT INTO agent_jobs (id, status, updated_at) VALUES (%s, 'from-supabase', '2025-12-22T10:00:00Z') "
+        "ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, updated_at = EXCLUDED.updated_at", (rid,))
+    stack.wait_quiet()
+    time.sleep(0.3)
+    stack.wait_quiet()
+    s = supabase.row("agent_jobs", rid)["status"]
+    t = tables.find("agent_jobs", rid)["data"]["status"]
+    assert s == t, (s, t)
+
+
+# --- Test 4: no sync loop ------------------------------------------------------------------------
+
+
+def test_4_one_tables_write_makes_one_supabase_write_then_quiet(stack, tables, supabase):
+    rid = uid("echo-t")
+    before = tables.writes("agent_jobs")
+    tables.create("agent_jobs", {"id": rid, "status": "queued", "parameters": "{\"a\": [1, 2.5, null]}"})
+    eventually(lambda: supabase.row("agent_jobs", rid))
+    stack.wait_quiet()
+    time.sleep(0.5)
+    stack.wait_quiet()
+    assert supabase.writes("agent_jobs", rid) == 1  # the sync's insert, nothing after
+    assert tables.writes("agent_jobs") - before == 1  # the user's own create only: the echo was dropped
+
+
+def test_4_one_supabase_write_makes_one_tables_write_then_quiet(stack, tables, supabase):
+    rid = uid("echo-s")
+    supabase.query("INSERT INTO agent_decisions (id, decision, confidence, metadata) VALUES (%s, 'hold', 0.5, "
+                   "'{\"nested\": {\"k\": [true, 1.0]}}')", (rid,))
+    eventually(lambda: tables.find("agent_decisions", rid))
+    stack.wait_quiet()
+    before_t = tables.writes("agent_decisions")
+    time.sleep(0.5)
+    stack.wait_quiet()
+    assert supabase.writes("agent_decisions", rid) == 1  # the user's insert only
+    assert tables.writes("agent_decisions") == before_t  # nothing more after the one sync write
+    assert tables.find("agent_decisions", rid)["data"]["decision"] == "hold"
+
+
+def test_4_sync_source_marker_does_not_block_genuine_edits(stack, tables, supabase):
+    rid = uid("marker")
+    meta = {"sync_source": "zapier_tables", "sync_id": "unique-sync-operation-id"}
+    tables.create("agent_decisions", {"id": rid, "decision": "v1", "metadata": json.dumps(meta)})
+    eventually(lambda: supabase.row("agent_decisions", rid))
+    stack.wait_quiet()
+    tables.update("agent_decisions", rid, {"decision": "v2"})
+    eventually(lambda: supabase.row("agent_decisions", rid)["decision"] == "v2")
+    stack.wait_quiet()
+    assert supabase.writes("agent_decisions", rid) == 2
+
+
+def test_4_redelivered_echo_is_unchanged(stack, tables, supabase):
+    rid = uid("redeliver")
+    rec = tables.create("rate_limits", {"id": rid, "service_name": "x", "quota_limit": 5})
+    eventually(lambda: supabase.row("rate_limits", rid))
+    stack.wait_quiet()
+    url = stack.functions["rate_limits_to_supabase"].url
+    for _ in range(3):
+        r = requests.post(url, json=rec["data"], headers={"X-Zsync-Secret": stack.secret}, timeout=10)
+        assert r.status_code == 200 and r.json()["outcome"] == "unchanged", r.text
+    assert supabase.writes("rate_limits", rid) == 1
+
+
+# --- Test 5: error handling ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fields,field", [
+    ({"parameters": "{\"metro\": "}, "parameters"),
+    ({"created_at": "2025-02-31T10:00:00Z"}, "created_at"),
+    ({"started_at": "yesterday-ish"}, "started_at"),
+])
+def test_5_invalid_json_and_bad_timestamps_are_rejected_clearly(stack, supabase, fields, field):
+    rid = uid("bad")
+    url = stack.functions["agent_jobs_to_supabase"].url
+    r = requests.post(url, json={"id": rid, "status": "queued", **fields},
+                      headers={"X-Zsync-Secret": stack.secret}, timeout=10)
+    assert r.status_code == 400
+    body = r.json()
+    assert body["outcome"] == "rejected" and body["id"] == rid
+    assert [p["field"] for p in body["problems"]] == [field]
+    assert supabase.row("agent_jobs", rid) is None  # nothing written
+    failed = supabase.audit(rid, "sync_failed")
+    assert len(failed) == 1 and failed[0]["metadata"]["problems"][0]["field"] == field
+
+
+def test_5_bad_record_in_tables_never_reaches_supabase(stack, tables, supabase):
+    rid = uid("bad-tables")
+    tables.create("agent_jobs", {"id": rid, "parameters": "not json at all"})
+    eventually(lambda: supabase.audit(rid, "sync_failed"))
+    assert supabase.row("agent_jobs", rid) is None
+
+
+def test_secret_required_everywhere(stack):
+    for name, fp in stack.functions.items():
+        assert requests.post(fp.url, json={"zsync_ping": True}, timeout=10).status_code == 401, name
+        r = requests.post(fp.url, json={"zsync_ping": True}, headers={"X-Zsync-Secret": "wrong"}, timeout=10)
+        assert r.status_code == 401 and stack.secret not in r.text
+        ok = requests.post(fp.url, json={"zsync_ping": True}, headers={"X-Zsync-Secret": stack.secret}, timeout=10)
+        assert ok.status_code == 200 and ok.json()["outcome"] == "ping"
