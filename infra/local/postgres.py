@@ -24,6 +24,22 @@ def start_postgres(data_dir: Path) -> Any:
     return pgserver.get_server(data_dir, cleanup_mode="stop")
 
 
+def stop_postgres(server: Any) -> None:
+    """Fast shutdown of an embedded server (fault injection); ``start_again`` brings it back."""
+    import subprocess
+
+    import pgserver
+
+    pg_ctl = Path(pgserver.__file__).parent / "pginstall" / "bin" / "pg_ctl"
+    subprocess.run([str(pg_ctl), "-D", str(server.pgdata), "-m", "fast", "-w", "stop"], check=True,
+                   user=server.system_user, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+
+
+def start_again(server: Any) -> None:
+    """Restart a server stopped by :func:`stop_postgres` on the same data dir and socket."""
+    server.ensure_postgres_running()
+
+
 def with_database(url: str, name: str) -> str:
     """The same server URL pointing at database ``name``."""
     return re.sub(r"^(postgresql://[^/]*/)[^?]*", lambda m: m.group(1) + name, url, count=1)

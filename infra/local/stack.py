@@ -29,7 +29,7 @@ import requests
 
 from infra.local.pgnet_sender import PgNetSender
 from infra.local.pgnet_sender import wait_idle as pgnet_wait_idle
-from infra.local.postgres import create_database, prepare_database, start_postgres
+from infra.local.postgres import create_database, prepare_database, start_again, start_postgres, stop_postgres
 from infra.local.tables_service import TableConfig, TablesService, start_tables_service
 from shared.settings import DEFAULT_SECRET_HEADER
 from shared.spec import FUNCTIONS, TABLES, Direction
@@ -240,6 +240,23 @@ class LocalStack:
             self._moto.stop()
         if self._pg:
             self._pg.cleanup()
+
+    # --- fault injection (tests) --------------------------------------------------------------
+    def stop_postgres(self) -> None:
+        stop_postgres(self._pg)
+
+    def start_postgres(self) -> None:
+        start_again(self._pg)
+
+    def kill_function(self, name: str) -> None:
+        """SIGKILL one function process (a crash); its URL refuses connections until restarted."""
+        self.functions[name].kill()
+
+    def restart_function(self, name: str) -> None:
+        fp = self.functions[name]
+        fp.stop()
+        fp.start()
+        fp.wait_ready()
 
     # --- for tests and operators ----------------------------------------------------------------
     def wait_quiet(self, timeout_s: float = 30.0, settle_s: float = 0.3) -> None:
