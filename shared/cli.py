@@ -146,6 +146,41 @@ def logs(
         sys.stdout.write(line + "\n")
 
 
+@app.command()
+def monitor(
+    database_url: str = typer.Option(None, help="Postgres URL (default: ZSYNC_DATABASE_URL, then the local stack)."),
+    window_minutes: int = typer.Option(60, help="How far back to look."),
+    slack: bool = typer.Option(True, help="Post alerts to ZSYNC_SLACK_WEBHOOK_URL when it is set."),
+) -> None:
+    """Check the seed's thresholds from audit_log: failure rate > 5%, average lag > 30 s, conflicts > 10/h.
+
+    Exits 1 when an alert fires (run it every few minutes from cron or a scheduler).
+    """
+    from datetime import timedelta
+
+    from shared import monitor as mon
+    from shared.settings import get_settings
+
+    health = mon.check(_database_url(database_url), timedelta(minutes=window_minutes))
+    table = Table(title=f"zsync health, last {window_minutes} min")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for action, (avg, count) in health.lag_by_action.items():
+        table.add_row(f"avg lag {action}", f"{avg:.2f} s ({count})")
+    table.add_row("synced", str(health.synced))
+    table.add_row("failed", f"{health.failed} ({health.failure_rate:.1%})")
+    table.add_row("conflicts (stale skipped)", f"{health.conflicts} ({health.conflicts_per_hour:.1f}/h)")
+    console.print(table)
+    alerts = health.alerts()
+    for alert in alerts:
+        err.print(f"[red]ALERT[/] {alert}")
+    webhook = get_settings().slack_webhook_url
+    if alerts and slack and webhook is not None:
+        mon.post_to_slack(webhook.get_secret_value(), alerts)
+        console.print("alerts posted to Slack")
+    raise typer.Exit(1 if alerts else 0)
+
+
 def _register_optional() -> None:
     """Commands that live with their subsystem (deploy/wire/doctor, replay/reconcile)."""
     import importlib
