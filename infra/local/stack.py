@@ -265,7 +265,7 @@ class LocalStack:
         quiet_since: float | None = None
         while time.monotonic() < deadline:
             pgnet_wait_idle(self.database_url, timeout_s=max(0.1, deadline - time.monotonic()))
-            busy = self.tables.pending_deliveries() if self.tables else 0
+            busy = self.tables.stats()["deliveries"]["pending"] if self.tables else 0
             if busy == 0:
                 quiet_since = quiet_since or time.monotonic()
                 if time.monotonic() - quiet_since >= settle_s:
