@@ -1,0 +1,37 @@
+"""AWS Lambda entry point for all seven functions (``handler: functions/lambda_adapter.handler``).
+
+The same functions-framework target that runs on Google Cloud / locally (``functions/main.py``),
+chosen by ``ZSYNC_FUNCTION``, served through apig-wsgi, which understands Lambda function URL events
+(payload format 2.0, base64 bodies included). Secrets are loaded from SSM / Secrets Manager first.
+Everything is built once per cold start.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+MAIN = Path(__file__).resolve().with_name("main.py")
+LambdaHandler = Callable[[dict[str, Any], Any], dict[str, Any]]
+_handlers: dict[str, LambdaHandler] = {}
+
+
+def build(target: str) -> LambdaHandler:
+    import functions_framework
+    from apig_wsgi import make_lambda_handler
+
+    from shared.aws_secrets import load_into_environment
+
+    load_into_environment()
+    app = functions_framework.create_app(target=target, source=str(MAIN))
+    return make_lambda_handler(app, binary_support=True)
+
+
+def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    target = os.environ["ZSYNC_FUNCTION"]
+    fn = _handlers.get(target)
+    if fn is None:
+        fn = _handlers[target] = build(target)
+    return fn(event, context)

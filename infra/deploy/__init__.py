@@ -1,0 +1,54 @@
+"""Deploying zsync and wiring the deployed function URLs into Supabase and Zapier.
+
+Modules: :mod:`.aws` (osls package/deploy, stack outputs), :mod:`.wire` (Supabase webhook triggers),
+:mod:`.zapier_setup` (the Zaps to create), :mod:`.gcloud` (Google Cloud deploy script),
+:mod:`.doctor` (checks a deployment end to end), :mod:`.cli` (the ``zsync`` commands).
+
+The deployed URLs live in ``.zsync/urls.<stage>.json`` as ``{"functions": {name: url}}`` (the local
+stack's ``.local/stack.json`` has the same ``functions`` key, so every command also works locally).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+from shared.spec import FUNCTIONS
+
+REPO = Path(__file__).resolve().parents[2]
+URLS_DIR = REPO / ".zsync"
+
+
+class DeployError(RuntimeError):
+    """Something the operator must fix; the message says what and how."""
+
+
+def urls_path(stage: str, directory: Path = URLS_DIR) -> Path:
+    return directory / f"urls.{stage}.json"
+
+
+def write_urls(path: Path, urls: Mapping[str, str], **extra: object) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"functions": dict(sorted(urls.items())), **extra}, indent=2) + "\n")
+    return path
+
+
+def load_urls(path: Path, *, require_all: bool = True) -> dict[str, str]:
+    """``{function name: URL}`` from a urls file; every name must be one of the seven functions."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DeployError(f"{path} does not exist: run `zsync deploy --stage STAGE` first") from None
+    except json.JSONDecodeError as exc:
+        raise DeployError(f"{path} is not valid JSON: {exc}") from None
+    urls = data.get("functions") if isinstance(data, dict) else None
+    if not isinstance(urls, dict) or not all(isinstance(v, str) for v in urls.values()):
+        raise DeployError(f'{path} must hold {{"functions": {{"<function name>": "<url>", ...}}}}')
+    unknown = sorted(set(urls) - set(FUNCTIONS))
+    if unknown:
+        raise DeployError(f"{path}: unknown function(s) {', '.join(unknown)}")
+    missing = sorted(set(FUNCTIONS) - set(urls))
+    if require_all and missing:
+        raise DeployError(f"{path}: no URL for {', '.join(missing)}")
+    return dict(urls)

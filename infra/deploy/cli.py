@@ -1,0 +1,198 @@
+"""The deployment commands of ``zsync``: deploy, wire supabase|zapier, doctor, gcloud.
+
+``shared/cli.py`` calls :func:`register` on the root app.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from infra.deploy import DeployError, load_urls, urls_path, write_urls
+
+console = Console()
+err = Console(stderr=True)
+
+URLS_HELP = "The urls file written by `zsync deploy` (.zsync/urls.STAGE.json); .local/stack.json works too."
+SSM_HELP = "Read the secrets from SSM / Secrets Manager under this prefix (e.g. /zsync/prod/), like the functions do."
+
+
+def _fail(exc: Exception, code: int = 1) -> typer.Exit:
+    err.print(f"[red]{escape(str(exc))}[/]")
+    return typer.Exit(code)
+
+
+def _settings(ssm_prefix: str | None = None):  # -> shared.settings.Settings
+    from shared.settings import get_settings, reset_settings
+
+    if ssm_prefix:
+        from shared.aws_secrets import SecretsUnavailable, load_into_environment
+
+        try:
+            load_into_environment(ssm_prefix)
+        except SecretsUnavailable as exc:
+            raise _fail(exc) from None
+    reset_settings()
+    return get_settings()
+
+
+def _urls(path: Path) -> dict[str, str]:
+    try:
+        return load_urls(path)
+    except DeployError as exc:
+        raise _fail(exc, 2) from None
+
+
+def deploy(
+    stage: str = typer.Option(..., "--stage", "-s", help="Deployment stage, e.g. dev or prod."),
+    region: str = typer.Option(None, "--region", "-r", help="AWS region (default: AWS_REGION, else us-east-1)."),
+    package_only: bool = typer.Option(False, "--package-only", help="Only build the artifact (offline, no AWS)."),
+    urls_dir: Path = typer.Option(Path(".zsync"), help="Where urls.STAGE.json is written."),
+) -> None:
+    """Deploy the seven functions to AWS Lambda (`npx osls deploy`) and save their URLs.
+
+    Needs Node.js (`npm ci` once) and AWS credentials; the secrets must already be in SSM under
+    /zsync/STAGE/ (see docs/DEPLOY.md). Writes .zsync/urls.STAGE.json for `zsync wire` and `zsync doctor`.
+    """
+    from infra.deploy import aws
+
+    region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    try:
+        aws.run_osls("package" if package_only else "deploy", stage, region)
+        if package_only:
+            console.print("[green]Packaged[/] into .serverless/ (nothing deployed).")
+            return
+        urls = aws.function_urls_from_stack(stage, region)
+    except DeployError as exc:
+        raise _fail(exc) from None
+    path = write_urls(urls_path(stage, urls_dir), urls, stage=stage, region=region, stack=aws.stack_name(stage))
+    table = Table(title=f"zsync {stage} ({region})")
+    table.add_column("function")
+    table.add_column("URL")
+    table.add_column("logs")
+    for name, url in urls.items():
+        table.add_row(name, url, aws.log_group_name(name, stage))
+    console.print(table)
+    console.print(f"URLs written to [bold]{path}[/]. Next: `zsync wire supabase --urls {path}`.")
+
+
+wire_app = typer.Typer(help="Point Supabase and Zapier at the deployed function URLs.", no_args_is_help=True)
+
+
+@wire_app.command("supabase")
+def wire_supabase(
+    urls: Path = typer.Option(..., "--urls", help=URLS_HELP),
+    database_url: str = typer.Option(None, "--database-url", help="Postgres URL (default: ZSYNC_DATABASE_URL)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the SQL (secret redacted) and change nothing."),
+    ssm_prefix: str = typer.Option(None, "--ssm-prefix", help=SSM_HELP),
+) -> None:
+    """Create or replace the Database Webhook triggers for the *_to_tables functions (one transaction).
+
+    Uses ZSYNC_WEBHOOK_SECRET and ZSYNC_SECRET_HEADER; idempotent (a re-run reports `unchanged`).
+    """
+    from infra.deploy import wire
+
+    function_urls = _urls(urls)
+    settings = _settings(ssm_prefix)
+    try:
+        if dry_run:
+            typer.echo(wire.render_redacted(function_urls, settings), nl=False)
+            return
+        url = database_url or (settings.database_url.get_secret_value() if settings.database_url else None)
+        if not url:
+            raise DeployError("no database: pass --database-url or set ZSYNC_DATABASE_URL (the Supabase pooler URL)")
+        changes = wire.apply(url, function_urls, settings)
+    except DeployError as exc:
+        raise _fail(exc) from None
+    table = Table(title="Supabase Database Webhooks")
+    for col in ("table", "trigger", "URL", "change"):
+        table.add_column(col)
+    for c in changes:
+        table.add_row(c.table, c.trigger, c.url, c.change)
+    console.print(table)
+
+
+@wire_app.command("zapier")
+def wire_zapier(
+    urls: Path = typer.Option(..., "--urls", help=URLS_HELP),
+    fmt: str = typer.Option("markdown", "--format", "-f", help="json (machine-readable) or markdown (checklist)."),
+    show_secret: bool = typer.Option(False, "--show-secret", help="Put ZSYNC_WEBHOOK_SECRET itself in the headers."),
+    ssm_prefix: str = typer.Option(None, "--ssm-prefix", help=SSM_HELP),
+) -> None:
+    """Print the Zaps to create for the deployed URLs (Zapier has no API to create them).
+
+    One Zap per *_to_supabase function, plus the optional catch-hook Zaps for
+    ZSYNC_TABLES_WRITER=catch_hook. Derived from the table spec, field by field.
+    """
+    from infra.deploy import zapier_setup
+
+    if fmt not in ("json", "markdown"):
+        raise _fail(ValueError("--format must be json or markdown"), 2)
+    plan = zapier_setup.plan(_urls(urls), _settings(ssm_prefix), show_secret=show_secret)
+    typer.echo(json.dumps(plan, indent=2) if fmt == "json" else zapier_setup.to_markdown(plan))
+
+
+def doctor(
+    urls: Path = typer.Option(..., "--urls", help=URLS_HELP),
+    timeout: float = typer.Option(20.0, help="Seconds per request (a cold start can take a few)."),
+    skip_db: bool = typer.Option(False, "--skip-db", help="Do not check the database."),
+    skip_tables: bool = typer.Option(False, "--skip-tables", help="Do not check the Zapier Tables token."),
+    ssm_prefix: str = typer.Option(None, "--ssm-prefix", help=SSM_HELP),
+) -> None:
+    """Check a deployment end to end; exit 1 listing exactly what is wrong.
+
+    Every URL refuses unsigned requests and answers a signed ping, migrations are current, the webhook
+    triggers point at the deployed URLs, the Zapier Tables token reads every configured table.
+    """
+    from infra.deploy import doctor as doc
+
+    checks = doc.run(_urls(urls), _settings(ssm_prefix), timeout_s=timeout, check_db=not skip_db,
+                     check_tables_api=not skip_tables)
+    table = Table(title="zsync doctor")
+    for col in ("area", "target", "", "detail"):
+        table.add_column(col)
+    for c in checks:
+        table.add_row(c.area, c.target, "[green]ok[/]" if c.ok else "[red]FAIL[/]", escape(c.detail))
+    console.print(table)
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        err.print(f"[red]{len(failed)} problem(s):[/]")
+        for c in failed:
+            err.print(f"  - {c.area} {c.target}: {escape(c.detail)}")
+        raise typer.Exit(1)
+    console.print("[green]All checks passed.[/]")
+
+
+def gcloud(
+    project: str = typer.Option(..., "--project", help="Google Cloud project id."),
+    region: str = typer.Option(..., "--region", help="e.g. us-central1"),
+    out: Path = typer.Option(None, "--out", help="Write the script here (default: print it)."),
+    secret_prefix: str = typer.Option("zsync-", help="Secret Manager ids are PREFIX + setting name with dashes."),
+) -> None:
+    """Generate the `gcloud functions deploy` commands (gen2) for the same seven functions, as a script."""
+    from infra.deploy.gcloud import render_script
+
+    try:
+        script = render_script(project, region, _settings(), secret_prefix)
+    except DeployError as exc:
+        raise _fail(exc) from None
+    if out is None:
+        typer.echo(script, nl=False)
+        return
+    out.write_text(script)
+    out.chmod(0o755)
+    console.print(f"Wrote {out}: run it from the repository root (`bash {out}`).")
+
+
+def register(app: typer.Typer) -> None:
+    """Add deploy, wire (supabase, zapier), doctor and gcloud to the root ``zsync`` app."""
+    app.command("deploy")(deploy)
+    app.add_typer(wire_app, name="wire")
+    app.command("doctor")(doctor)
+    app.command("gcloud")(gcloud)

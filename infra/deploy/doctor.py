@@ -1,0 +1,148 @@
+"""``zsync doctor``: check a deployment end to end and say exactly what is wrong.
+
+Per function URL: a POST without the secret must be refused (401) and a signed ping must answer 200
+(and report ``migrations_current``). Then: the database is reachable and its migrations are current,
+the Supabase webhook triggers point at the deployed ``*_to_tables`` URLs, and the Zapier Tables token
+can list one record of every configured table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+
+from shared.settings import Settings
+from shared.spec import TABLES, WEBHOOK_TABLES
+from shared.webhook_sql import trigger_name
+
+PING = {"zsync_ping": True}
+
+
+@dataclass(frozen=True)
+class Check:
+    area: str
+    target: str
+    ok: bool
+    detail: str
+
+
+def _post(url: str, headers: Mapping[str, str], timeout_s: float) -> tuple[int | None, Any, str]:
+    try:
+        response = requests.post(url, json=PING, headers=dict(headers), timeout=timeout_s, allow_redirects=False)
+    except requests.RequestException as exc:
+        return None, None, f"{type(exc).__name__}: {str(exc)[:160]}"
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    return response.status_code, body, response.text[:160]
+
+
+def check_function(name: str, url: str, settings: Settings, timeout_s: float = 20.0) -> list[Check]:
+    out: list[Check] = []
+    status, _, text = _post(url, {}, timeout_s)
+    if status == 401:
+        out.append(Check("auth", name, True, "unsigned POST refused with 401"))
+    elif status is None:
+        out.append(Check("auth", name, False, f"unreachable: {text}"))
+    else:
+        out.append(Check("auth", name, False, f"unsigned POST answered {status} (expected 401): the URL is open"))
+    secrets = settings.accepted_secrets()
+    if not secrets:
+        out.append(Check("ping", name, False, "ZSYNC_WEBHOOK_SECRET is not set here: cannot sign the ping"))
+        return out
+    status, body, text = _post(url, {settings.secret_header: secrets[0]}, timeout_s)
+    if status is None:
+        out.append(Check("ping", name, False, f"unreachable: {text}"))
+    elif status == 401:
+        out.append(Check("ping", name, False, "signed ping refused with 401: the deployed secret differs from "
+                                              "ZSYNC_WEBHOOK_SECRET here (check SSM /zsync/<stage>/webhook_secret)"))
+    elif status != 200 or not isinstance(body, dict) or body.get("outcome") != "ping":
+        out.append(Check("ping", name, False, f"signed ping answered {status}: {text}"))
+    elif body.get("function") not in (None, name):
+        out.append(Check("ping", name, False, f"URL serves {body.get('function')!r}, not {name!r}"))
+    elif body.get("migrations_current") is False:
+        out.append(Check("ping", name, False, "function reports migrations_current=false: run `zsync migrate`"))
+    else:
+        current = body.get("migrations_current")
+        extra = "migrations current" if current is True else "migrations_current not reported"
+        out.append(Check("ping", name, True, f"signed ping 200 ({extra})"))
+    return out
+
+
+def check_database(settings: Settings, function_urls: Mapping[str, str]) -> list[Check]:
+    import psycopg
+
+    from shared.migrate import MigrationError, pending_migrations
+
+    if settings.database_url is None:
+        return [Check("database", "migrations", False, "ZSYNC_DATABASE_URL is not set here")]
+    url = settings.database_url.get_secret_value()
+    try:
+        pending = pending_migrations(url)
+    except (MigrationError, psycopg.Error) as exc:
+        return [Check("database", "migrations", False, f"{type(exc).__name__}: {str(exc)[:200]}")]
+    out = [Check("database", "migrations", not pending,
+                 "current" if not pending else f"pending: {', '.join(pending)} (run `zsync migrate`)")]
+    try:
+        with psycopg.connect(url, autocommit=True, prepare_threshold=None, connect_timeout=10) as conn:
+            rows = dict(conn.execute(
+                "SELECT e.table_name, e.url FROM zsync.webhook_endpoints e WHERE EXISTS ("
+                " SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
+                " WHERE c.relname = e.table_name AND t.tgname = 'zsync_' || e.table_name || '_webhook')"
+            ).fetchall())
+    except psycopg.Error as exc:
+        return [*out, Check("database", "webhooks", False, f"{type(exc).__name__}: {str(exc)[:200]}")]
+    for table in WEBHOOK_TABLES:
+        fn = f"{table}_to_tables"
+        expected = function_urls.get(fn)
+        got = rows.get(table)
+        if got is None:
+            out.append(Check("webhook", trigger_name(table), False, "no trigger: run `zsync wire supabase`"))
+        elif expected is not None and got != expected:
+            out.append(Check("webhook", trigger_name(table), False,
+                             f"points at {got}, not {fn} at {expected}: run `zsync wire supabase`"))
+        else:
+            out.append(Check("webhook", trigger_name(table), True, f"-> {got}"))
+    return out
+
+
+def check_tables(settings: Settings) -> list[Check]:
+    from shared.zapier_tables import TablesError, client_from_settings
+
+    try:
+        client = client_from_settings(settings)
+    except ValueError as exc:
+        return [Check("tables", "token", False, str(exc))]
+    out = []
+    with client:
+        for table in TABLES:
+            table_id = settings.table_ids.get(table)
+            if not table_id:
+                out.append(Check("tables", table, False, f"no table id: add \"{table}\" to ZSYNC_TABLE_IDS"))
+                continue
+            try:
+                first = next(iter(client.iter_records(table_id, page_size=1)), None)
+            except TablesError as exc:
+                out.append(Check("tables", table, False, f"{table_id}: {type(exc).__name__}: {str(exc)[:200]}"))
+                continue
+            out.append(Check("tables", table, True, f"{table_id}: readable ({'has records' if first else 'empty'})"))
+    return out
+
+
+def run(function_urls: Mapping[str, str], settings: Settings, *, timeout_s: float = 20.0,
+        check_db: bool = True, check_tables_api: bool = True) -> list[Check]:
+    jobs: list[Callable[[], list[Check]]] = [
+        (lambda n=name, u=url: check_function(n, u, settings, timeout_s)) for name, url in function_urls.items()
+    ]
+    if check_db:
+        jobs.append(lambda: check_database(settings, function_urls))
+    if check_tables_api:
+        jobs.append(lambda: check_tables(settings))
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda job: job(), jobs))
+    return [c for group in results for c in group]

@@ -1,0 +1,112 @@
+"""``zsync wire supabase``: point Supabase Database Webhooks at the deployed ``*_to_tables`` functions.
+
+Renders :func:`shared.webhook_sql.render_webhook_sql` for the three webhook tables and applies it in
+one transaction. Idempotent: an identical re-run reports every trigger ``unchanged``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import psycopg
+
+from infra.deploy import DeployError
+from shared.settings import Settings
+from shared.spec import TABLES, WEBHOOK_TABLES, Direction
+from shared.webhook_sql import redact, render_webhook_sql, trigger_name
+
+
+@dataclass(frozen=True)
+class TriggerChange:
+    table: str
+    trigger: str
+    url: str
+    change: str  # created | replaced | unchanged
+
+
+def webhook_urls(function_urls: Mapping[str, str]) -> dict[str, str]:
+    """``{table: URL of <table>_to_tables}`` for every table Supabase pushes to Zapier Tables."""
+    urls: dict[str, str] = {}
+    for table in WEBHOOK_TABLES:
+        fn = TABLES[table].function_name(Direction.TO_TABLES)
+        if fn not in function_urls:
+            raise DeployError(f"no URL for {fn} in the urls file")
+        urls[table] = function_urls[fn]
+    return urls
+
+
+def webhook_secret(settings: Settings) -> str:
+    if settings.webhook_secret is None or not settings.webhook_secret.get_secret_value():
+        raise DeployError("ZSYNC_WEBHOOK_SECRET is not set: export the same value you put in SSM "
+                          "(/zsync/<stage>/webhook_secret).")
+    return settings.webhook_secret.get_secret_value()
+
+
+def render(function_urls: Mapping[str, str], settings: Settings) -> str:
+    try:
+        return render_webhook_sql(webhook_urls(function_urls), settings.secret_header, webhook_secret(settings))
+    except ValueError as exc:
+        raise DeployError(str(exc)) from None
+
+
+def render_redacted(function_urls: Mapping[str, str], settings: Settings) -> str:
+    return redact(render(function_urls, settings), webhook_secret(settings))
+
+
+_STATE = """
+SELECT c.relname, pg_get_triggerdef(t.oid), e.url, e.headers::text, e.timeout_ms
+FROM pg_trigger t
+JOIN pg_class c ON c.oid = t.tgrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = 'public'
+LEFT JOIN zsync.webhook_endpoints e ON e.table_name = c.relname
+WHERE NOT t.tgisinternal AND t.tgname = %s AND c.relname = %s
+"""
+
+
+def _state(conn: psycopg.Connection) -> dict[str, tuple[object, ...]]:
+    found: dict[str, tuple[object, ...]] = {}
+    for table in WEBHOOK_TABLES:
+        row = conn.execute(_STATE, (trigger_name(table), table)).fetchone()
+        if row is not None:
+            found[table] = tuple(row[1:])
+    return found
+
+
+def _preflight(conn: psycopg.Connection) -> None:
+    has_fn = conn.execute(
+        "SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+        "WHERE n.nspname = 'supabase_functions' AND p.proname = 'http_request'"
+    ).fetchone()
+    if not has_fn:
+        raise DeployError("supabase_functions.http_request does not exist: enable Database Webhooks in the Supabase "
+                          "dashboard (Database -> Webhooks -> Enable) first.")
+    has_endpoints = conn.execute("SELECT to_regclass('zsync.webhook_endpoints')").fetchone()
+    if not has_endpoints or has_endpoints[0] is None:
+        raise DeployError("zsync.webhook_endpoints does not exist: run `zsync migrate --database-url URL` first.")
+
+
+def apply(database_url: str, function_urls: Mapping[str, str], settings: Settings) -> list[TriggerChange]:
+    """Create or replace the three webhook triggers in one transaction; report what changed."""
+    sql = render(function_urls, settings)
+    urls = webhook_urls(function_urls)
+    try:
+        # prepare_threshold=None: the Supabase pooler (transaction mode) cannot keep prepared statements.
+        with psycopg.connect(database_url, autocommit=True, prepare_threshold=None, connect_timeout=10) as conn:
+            _preflight(conn)
+            before = _state(conn)
+            conn.execute(sql)  # the script is BEGIN; ... COMMIT;
+            after = _state(conn)
+    except psycopg.Error as exc:
+        message = redact(str(exc), webhook_secret(settings))
+        raise DeployError(f"applying the webhook SQL failed (nothing was changed): {message}") from None
+    changes = []
+    for table in WEBHOOK_TABLES:
+        if table not in before:
+            change = "created"
+        elif before[table] == after.get(table):
+            change = "unchanged"
+        else:
+            change = "replaced"
+        changes.append(TriggerChange(table, trigger_name(table), urls[table], change))
+    return changes
