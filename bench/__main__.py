@@ -1,0 +1,3 @@
+from bench.lag import main
+
+main()
