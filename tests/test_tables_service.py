@@ -105,11 +105,14 @@ def _handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
             )
             time.sleep(receiver.delay_s)
             body = json.dumps({"status": "success" if status < 300 else "error"}).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except OSError:  # the client gave up (read timeout tests)
+                self.close_connection = True
 
         do_GET = do_POST
         do_PATCH = do_POST
