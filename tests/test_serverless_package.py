@@ -1,0 +1,203 @@
+"""`npx osls package` builds the AWS artifact offline, and the CloudFormation it generates is what the
+seven functions need. One packaging run per module (it takes about a minute): the template is checked
+against shared.spec, and the zip is imported by a bare Python to prove it is self-contained."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from infra.deploy.aws import QUIET_ENV, log_group_name, normalized_function_name, url_output_key
+from shared.settings import SECRET_FIELDS
+from shared.spec import FUNCTIONS, Direction
+
+REPO = Path(__file__).resolve().parent.parent
+STAGE = "ci"
+TABLE_IDS = '{"agent_jobs":"tbl_ci_jobs"}'
+
+
+@pytest.fixture(scope="module")
+def package_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("npx") is None:
+        pytest.skip("npx is not on PATH: install Node.js 20+ to build the AWS artifact")
+    if not (REPO / "node_modules" / "osls").is_dir():
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=REPO, check=True)
+    out = tmp_path_factory.mktemp("osls") / "package"
+    # No AWS credentials or config at all: packaging must not need (or reach) AWS.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "ZSYNC_"))}
+    env.update(QUIET_ENV)
+    env.update({"AWS_CONFIG_FILE": str(out.parent / "no-aws-config"),
+                "AWS_SHARED_CREDENTIALS_FILE": str(out.parent / "no-aws-credentials"),
+                "ZSYNC_TABLE_IDS": TABLE_IDS})
+    result = subprocess.run(
+        ["npx", "--no-install", "osls", "package", "--stage", STAGE, "--package", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False,
+    )
+    assert result.returncode == 0, f"osls package failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def template(package_dir: Path) -> dict[str, Any]:
+    return json.loads((package_dir / "cloudformation-template-update-stack.json").read_text())
+
+
+def _of_type(template: dict[str, Any], kind: str) -> dict[str, dict[str, Any]]:
+    return {k: v for k, v in template["Resources"].items() if v["Type"] == kind}
+
+
+def _logical(name: str, suffix: str) -> str:
+    return f"{normalized_function_name(name)}{suffix}"
+
+
+def test_seven_lambda_functions_with_handler_runtime_and_env(template: dict[str, Any]) -> None:
+    functions = _of_type(template, "AWS::Lambda::Function")
+    assert len(functions) == len(FUNCTIONS) == 7
+    for name, fn in FUNCTIONS.items():
+        props = functions[_logical(name, "LambdaFunction")]["Properties"]
+        assert props["FunctionName"] == f"zsync-{STAGE}-{name}"
+        assert props["Handler"] == "functions/lambda_adapter.handler"
+        assert props["Runtime"] == "python3.11"
+        assert props["Architectures"] in (["x86_64"], ["arm64"])
+        assert props["Timeout"] <= 30
+        if fn.direction is Direction.TO_TABLES:
+            assert props["Timeout"] >= 25, "Tables API calls retry for up to 20 s"
+        env = props["Environment"]["Variables"]
+        assert env["ZSYNC_FUNCTION"] == name
+        assert env["ZSYNC_SSM_PREFIX"] == f"/zsync/{STAGE}/"
+        assert env["ZSYNC_DLQ_URL"] == {"Ref": "DeadLetterQueue"}
+        assert env["ZSYNC_TABLE_IDS"] == TABLE_IDS
+        assert env["ZSYNC_TABLES_API_URL"].startswith("https://")
+        for secret in SECRET_FIELDS:
+            assert f"ZSYNC_{secret.upper()}" not in env, f"{secret} must come from SSM, not the Lambda env"
+        for key, value in env.items():
+            assert not (isinstance(value, str) and value.startswith("postgres")), key
+
+
+def test_function_urls_are_public_and_guarded_by_our_secret(template: dict[str, Any]) -> None:
+    urls = _of_type(template, "AWS::Lambda::Url")
+    assert len(urls) == 7
+    permissions = _of_type(template, "AWS::Lambda::Permission")
+    for name in FUNCTIONS:
+        props = urls[_logical(name, "LambdaFunctionUrl")]["Properties"]
+        assert props["AuthType"] == "NONE"
+        assert props["TargetFunctionArn"] == {"Fn::GetAtt": [_logical(name, "LambdaFunction"), "Arn"]}
+        perm = permissions[_logical(name, "LambdaPermissionFnUrl")]["Properties"]
+        assert perm["Action"] == "lambda:InvokeFunctionUrl"
+        assert perm["FunctionUrlAuthType"] == "NONE"
+
+
+def test_dead_letter_queue(template: dict[str, Any]) -> None:
+    queues = _of_type(template, "AWS::SQS::Queue")
+    assert list(queues) == ["DeadLetterQueue"]
+    props = queues["DeadLetterQueue"]["Properties"]
+    assert props["QueueName"] == f"zsync-{STAGE}-dlq"
+    assert props["MessageRetentionPeriod"] == 14 * 24 * 3600
+    assert "RedrivePolicy" not in props
+
+
+def _statements(template: dict[str, Any]) -> list[dict[str, Any]]:
+    role = template["Resources"]["IamRoleLambdaExecution"]["Properties"]
+    return [s for policy in role["Policies"] for s in policy["PolicyDocument"]["Statement"]]
+
+
+def _grants(template: dict[str, Any], action: str) -> list[str]:
+    """Every resource an action is allowed on, as JSON text (CloudFormation functions included)."""
+    found = []
+    for s in _statements(template):
+        actions = s["Action"] if isinstance(s["Action"], list) else [s["Action"]]
+        if s["Effect"] == "Allow" and action in actions:
+            resources = s["Resource"] if isinstance(s["Resource"], list) else [s["Resource"]]
+            found += [json.dumps(r) for r in resources]
+    return found
+
+
+def test_iam_allows_exactly_our_secrets_and_queue(template: dict[str, Any]) -> None:
+    for action in ("ssm:GetParameter", "ssm:GetParameters", "ssm:GetParametersByPath"):
+        grants = _grants(template, action)
+        assert grants and all(f":parameter/zsync/{STAGE}" in g for g in grants), action
+    assert any(g.endswith(f':parameter/zsync/{STAGE}"]]}}') for g in _grants(template, "ssm:GetParametersByPath"))
+    sm = _grants(template, "secretsmanager:GetSecretValue")
+    assert sm and all(f":secret:zsync/{STAGE}/*" in g for g in sm)
+    assert _grants(template, "kms:Decrypt")
+    for action in ("sqs:SendMessage", "sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"):
+        assert _grants(template, action) == [json.dumps({"Fn::GetAtt": ["DeadLetterQueue", "Arn"]})], action
+    for s in _statements(template):
+        actions = s["Action"] if isinstance(s["Action"], list) else [s["Action"]]
+        assert "*" not in actions and not any(a.endswith(":*") for a in actions)
+
+
+def test_one_log_group_per_function_with_retention(template: dict[str, Any]) -> None:
+    groups = _of_type(template, "AWS::Logs::LogGroup")
+    assert len(groups) == 7
+    for name in FUNCTIONS:
+        props = groups[_logical(name, "LogGroup")]["Properties"]
+        assert props["LogGroupName"] == log_group_name(name, STAGE)
+        assert 1 <= props["RetentionInDays"] <= 400
+
+
+def test_outputs_name_every_function_url(template: dict[str, Any]) -> None:
+    outputs = template["Outputs"]
+    for name in FUNCTIONS:
+        # infra.deploy.aws reads the deployed URLs back by exactly these keys
+        assert outputs[url_output_key(name)]["Value"] == {
+            "Fn::GetAtt": [_logical(name, "LambdaFunctionUrl"), "FunctionUrl"]}
+    assert outputs["DeadLetterQueueUrl"]["Value"] == {"Ref": "DeadLetterQueue"}
+
+
+def test_artifact_holds_the_code_and_requirements_but_nothing_else(package_dir: Path) -> None:
+    with zipfile.ZipFile(package_dir / "zsync.zip") as zf:
+        names = zf.namelist()
+    top = {n.split("/", 1)[0] for n in names}
+    for needed in ("functions/main.py", "functions/lambda_adapter.py", "shared/aws_secrets.py",
+                   "shared/handler.py", "shared/spec.py"):
+        assert needed in names, needed
+    assert any(n.startswith("infra/supabase/migrations/") and n.endswith(".sql") for n in names)
+    for package in ("functions_framework", "flask", "apig_wsgi", "pydantic", "pydantic_core", "psycopg",
+                    "psycopg_binary", "psycopg_pool", "requests", "tenacity"):
+        assert package in top, package
+    assert any(n.startswith("pydantic_core/") and "x86_64-linux-gnu" in n for n in names) or any(
+        n.startswith("pydantic_core/") and "aarch64-linux-gnu" in n for n in names), "Linux wheels for Lambda"
+    for excluded in (".venv", "node_modules", "tests", "bench", ".local", ".zsync", ".git", "boto3", "botocore"):
+        assert excluded not in top, excluded
+    assert not any(n.startswith(("infra/local/", "infra/deploy/")) for n in names)
+    assert "shared/cli.py" not in names
+    assert not any(n.endswith(("serverless.yml", "package.json")) for n in names)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the artifact holds Linux wheels")
+def test_artifact_runs_on_a_bare_python(package_dir: Path, tmp_path: Path, database_url: str) -> None:
+    """Unzip the artifact and call its Lambda handler from a Python with no site-packages at all."""
+    root = tmp_path / "task"
+    with zipfile.ZipFile(package_dir / "zsync.zip") as zf:
+        zf.extractall(root)
+    code = f"""
+import json, sys
+sys.path.insert(0, {str(root)!r})
+from functions.lambda_adapter import handler
+def event(headers):
+    return {{"version": "2.0", "rawPath": "/", "rawQueryString": "", "isBase64Encoded": False,
+             "headers": {{"content-type": "application/json", "host": "x.lambda-url.us-east-1.on.aws", **headers}},
+             "requestContext": {{"http": {{"method": "POST", "path": "/", "protocol": "HTTP/1.1",
+                                          "sourceIp": "203.0.113.1", "userAgent": "t"}}}},
+             "body": json.dumps({{"zsync_ping": True}})}}
+out = [handler(event({{}}), None), handler(event({{"x-zsync-secret": "bare-secret"}}), None)]
+print(json.dumps([[r["statusCode"], json.loads(r["body"])] for r in out]))
+"""
+    env = {"PATH": os.environ.get("PATH", ""), "ZSYNC_FUNCTION": "agent_jobs_to_tables",
+           "ZSYNC_WEBHOOK_SECRET": "bare-secret", "ZSYNC_DATABASE_URL": database_url}
+    result = subprocess.run([sys.executable, "-I", "-S", "-c", code], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (unsigned, unsigned_body), (signed, signed_body) = json.loads(result.stdout.strip().splitlines()[-1])
+    assert unsigned == 401, unsigned_body
+    assert signed == 200, signed_body
+    assert signed_body["outcome"] == "ping" and signed_body["function"] == "agent_jobs_to_tables"
