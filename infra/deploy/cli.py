@@ -24,7 +24,7 @@ SSM_HELP = "Read the secrets from SSM / Secrets Manager under this prefix (e.g. 
 
 
 def _fail(exc: Exception, code: int = 1) -> typer.Exit:
-    err.print(f"[red]{escape(str(exc))}[/]")
+    err.print(f"[red]{escape(str(exc))}[/]", soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -164,7 +164,7 @@ def doctor(
     if failed:
         err.print(f"[red]{len(failed)} problem(s):[/]")
         for c in failed:
-            err.print(f"  - {c.area} {c.target}: {escape(c.detail)}")
+            err.print(f"  - {c.area} {c.target}: {escape(c.detail)}", soft_wrap=True)
         raise typer.Exit(1)
     console.print("[green]All checks passed.[/]")
 

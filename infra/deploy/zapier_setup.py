@@ -1,9 +1,9 @@
 """``zsync wire zapier``: the exact Zaps to create for the deployed functions (Zapier has no API for it).
 
 Derived from :mod:`shared.spec` only: one Zap per ``*_to_supabase`` function (Zapier Tables
-"New or Updated Record" -> Webhooks by Zapier POST to the function URL with the shared secret header),
-plus, for ``ZSYNC_TABLES_WRITER=catch_hook`` only, one Zap per ``*_to_tables`` function
-(Catch Hook -> Find or Create Record by ``id`` -> Update Record).
+"New or Updated Record", or "New Record" for the append-only audit_log -> Webhooks by Zapier POST to
+the function URL with the shared secret header), plus, for ``ZSYNC_TABLES_WRITER=catch_hook`` only,
+one Zap per ``*_to_tables`` function (Catch Hook -> Find or Create Record by ``id`` -> Update Record).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ RECORD_ID = "Record ID"  # the Zapier Tables trigger's own id of the record
 
 _HOW = {
     Kind.TEXT: "text as stored",
-    Kind.INT: "number as stored (numeric text is fine)",
-    Kind.FLOAT: "number as stored (numeric text is fine)",
-    Kind.JSON: "the raw JSON text as stored (do not parse it; the function does)",
+    Kind.INT: "number as stored; numeric text is fine",
+    Kind.FLOAT: "number as stored; numeric text is fine",
+    Kind.JSON: "the raw JSON text as stored; do not parse it, the function does",
     Kind.TIMESTAMP: "ISO-8601 text as stored",
     Kind.TEXT_ARRAY: "comma-separated text as stored",
 }
@@ -55,14 +55,13 @@ def _table_ref(settings: Settings, table: str) -> dict[str, str | None]:
 def to_supabase_zap(fn: FunctionSpec, url: str, settings: Settings, secret: str) -> dict[str, Any]:
     spec = fn.table
     notes = [
-        "Leave every other Webhooks option at its default; set Unflatten to No.",
         ("Map every row even when the field is often empty: empty numbers, JSON, timestamps and lists "
          "are read as no value."),
-        "Turn the Zap on; in Zap settings enable Autoreplay (paid plans) so failed runs are retried.",
+        "In the Zap settings enable Autoreplay (paid plans) so failed runs are retried.",
     ]
     if spec.append_only:
-        notes.insert(0, "Append-only: the function inserts each Record ID once and never updates it; "
-                        "trigger on New Record if your plan offers no New or Updated Record for this table.")
+        notes.insert(0, "Append-only: the function inserts each Record ID once and never updates it, "
+                        "so the trigger is New Record.")
     else:
         notes.insert(0, "The function ignores echoes of its own writes (same updated_at), so this trigger firing "
                         "on records the *_to_tables function wrote does not loop.")
@@ -75,7 +74,7 @@ def to_supabase_zap(fn: FunctionSpec, url: str, settings: Settings, secret: str)
         "trigger": {
             "step": 1,
             "app": "Zapier Tables",
-            "event": "New or Updated Record",
+            "event": "New Record" if spec.append_only else "New or Updated Record",
             "table": _table_ref(settings, spec.name),
         },
         "actions": [{
@@ -148,16 +147,21 @@ def plan(function_urls: Mapping[str, str], settings: Settings, *, show_secret: b
     }
 
 
+def _md_table(table: dict[str, Any] | None) -> str:
+    if not table:
+        return ""
+    return f" in table **{table['name']}**" + (f" (`{table['table_id']}`)" if table["table_id"] else "")
+
+
 def _md_zap(zap: dict[str, Any]) -> list[str]:
     out = [f"## {zap['title']}", ""]
     if not zap["required"]:
         out += [f"_Only if {zap['only_if']}._", ""]
     trig = zap["trigger"]
-    table = trig.get("table")
-    where = f" in table **{table['name']}**" + (f" (`{table['table_id']}`)" if table and table["table_id"] else "")
-    out.append(f"- [ ] Step 1 trigger: **{trig['app']}** — {trig['event']}" + (where if table else ""))
+    out.append(f"- [ ] Step 1 trigger: **{trig['app']}** — {trig['event']}{_md_table(trig.get('table'))}")
     for action in zap["actions"]:
-        out.append(f"- [ ] Step {action['step']} action: **{action['app']}** — {action['event']}")
+        out.append(f"- [ ] Step {action['step']} action: **{action['app']}** — {action['event']}"
+                   f"{_md_table(action.get('table'))}")
         if action["app"] == "Webhooks by Zapier":
             out += [
                 f"  - URL: `{action['url']}`",
@@ -186,6 +190,7 @@ def to_markdown(p: dict[str, Any]) -> str:
         "# Zaps to create for zsync",
         "",
         f"Every request carries the shared secret in header `{p['secret_header']}`.",
+        "`{{1. field}}` means: map that field of step 1 (the trigger) in the Zap editor.",
         "Turn off the seed's Zaps 3A-3G once these are on.",
         "",
     ]
