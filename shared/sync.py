@@ -24,7 +24,7 @@ from shared.logs import log_event
 from shared.mapping import InvalidRecord, parse_supabase_record, parse_tables_record, to_tables_fields
 from shared.settings import Settings, TablesWriter
 from shared.spec import FUNCTIONS, Direction, FunctionSpec, TableSpec
-from shared.zapier_tables import CatchHookWriter, TablesClient, client_from_settings
+from shared.zapier_tables import CatchHookWriter, Record, TablesClient, TablesDuplicate, client_from_settings
 
 
 class ConfigurationError(RuntimeError):
@@ -154,11 +154,39 @@ def apply_from_supabase(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhoo
     return SyncResult(outcome=outcome, function=fn.name, table=spec.name, id=row["id"])
 
 
+def _remove_duplicates(ctx: SyncContext, conn: psycopg.Connection, spec: TableSpec, table_id: str,
+                       record_id: str) -> Record:
+    """Several Tables records carry one id (a create retried after a lost response, or a hand-made copy):
+    keep the one with the newest version, delete the others."""
+    records = list(ctx.tables.iter_records(table_id, filters={"id": record_id}))
+
+    def row_of(record: Record) -> dict[str, Any] | None:
+        try:
+            return parse_tables_record(spec, record.data)
+        except InvalidRecord:
+            return None
+
+    keep = records[0]
+    for candidate in records[1:]:
+        a, b = row_of(candidate), row_of(keep)
+        if a is not None and (b is None or conflict.compare(conn, spec, a, b) > 0):
+            keep = candidate
+    removed = [r.id for r in records if r.id != keep.id]
+    for rid in removed:
+        ctx.tables.delete(table_id, rid, missing_ok=True)
+    log_event(ctx.logger, logging.WARNING, "tables_duplicates_removed", record_id=record_id, kept=keep.id,
+              removed=removed)
+    return keep
+
+
 def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, row: Mapping[str, Any],
                     fields: dict[str, Any]) -> Outcome:
     spec = fn.table
     table_id = ctx.table_id(spec)
-    existing = ctx.tables.find_by_field(table_id, "id", row["id"])
+    try:
+        existing = ctx.tables.find_by_field(table_id, "id", row["id"])
+    except TablesDuplicate:
+        existing = _remove_duplicates(ctx, conn, spec, table_id, row["id"])
     if existing is None:
         ctx.tables.create(table_id, fields)
         return Outcome.APPLIED

@@ -240,3 +240,35 @@ def test_secret_required_everywhere(stack):
         assert r.status_code == 401 and stack.secret not in r.text
         ok = requests.post(fp.url, json={"zsync_ping": True}, headers={"X-Zsync-Secret": stack.secret}, timeout=10)
         assert ok.status_code == 200 and ok.json()["outcome"] == "ping"
+
+
+def test_4_direct_delivery_without_timestamps_is_one_write_each_side(stack, tables, supabase):
+    """A Zap payload with no created_at/updated_at: versioned at arrival, written once on each side."""
+    rid = uid("no-ts")
+    url = stack.functions["agent_jobs_to_supabase"].url
+    before_t = tables.writes("agent_jobs")
+    r = requests.post(url, json={"id": rid, "status": "queued"}, headers={"X-Zsync-Secret": stack.secret}, timeout=10)
+    assert r.json()["outcome"] == "applied"
+    eventually(lambda: tables.find("agent_jobs", rid))
+    stack.wait_quiet()
+    time.sleep(0.5)
+    stack.wait_quiet()
+    assert supabase.writes("agent_jobs", rid) == 1
+    assert tables.writes("agent_jobs") - before_t == 1
+    assert tables.find("agent_jobs", rid)["data"]["created_at"] is None
+
+
+def test_duplicate_tables_records_for_one_id_are_merged(stack, tables, supabase):
+    rid = uid("dup")
+    tables.create("agent_jobs", {"id": rid, "status": "a", "updated_at": "2025-12-22T10:00:00Z"})
+    eventually(lambda: supabase.row("agent_jobs", rid))
+    stack.wait_quiet()
+    # A second Tables record with the same id (e.g. a create retried after its response was lost).
+    r = tables.s.post(tables.url("agent_jobs"), json={"id": rid, "status": "b", "updated_at": "2025-12-22T10:00:05Z"},
+                      timeout=10)
+    assert r.status_code == 201
+    eventually(lambda: supabase.row("agent_jobs", rid)["status"] == "b")
+    supabase.query("UPDATE agent_jobs SET status = 'c', updated_at = '2025-12-22T10:00:09Z' WHERE id = %s", (rid,))
+    stack.wait_quiet()
+    found = tables.s.get(tables.url("agent_jobs"), params={"filter[id]": rid}, timeout=10).json()["data"]
+    assert [f["data"]["status"] for f in found] == ["c"]

@@ -7,7 +7,7 @@ connection guarded by one lock; restarting on the same file keeps every record).
 Emulated Zapier behaviour:
 
 * Field stamping (Zapier's record timestamps that our Zaps map into fields), for tables with
-  ``stamp_updated_at``: a create without a ``created_at`` value gets ``created_at = now``; a create or
+  ``stamp_updated_at``: a create without a ``created_at`` key gets ``created_at = now`` (an explicit null is kept); a create or
   update that does not include ``updated_at`` gets ``updated_at = now`` (UTC ISO, microseconds, "Z").
   A write that includes ``updated_at`` keeps the given value exactly.
 * Triggers: after a create, or an update that changes the data (an update equal to the stored data is
@@ -240,7 +240,7 @@ class RecordStore:
 
 def _stamp_create(data: Data, stamp: bool, now: str) -> Data:
     data = dict(data)
-    if stamp and data.get("created_at") in (None, ""):
+    if stamp and "created_at" not in data:  # an explicit null is a value the writer chose: keep it
         data["created_at"] = now
     if stamp and "updated_at" not in data:
         data["updated_at"] = now
