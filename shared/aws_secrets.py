@@ -21,9 +21,8 @@ import os
 import threading
 from typing import Any
 
+from shared.logs import get_logger, log_event
 from shared.settings import SECRET_FIELDS, reset_settings
-
-log = logging.getLogger("zsync.aws_secrets")
 
 _lock = threading.Lock()
 _loaded: dict[str, dict[str, str]] = {}  # prefix -> {name: source}
@@ -128,8 +127,8 @@ def load_into_environment(settings_prefix: str | None = None) -> dict[str, str]:
                 sources[name] = "environment"
         reset_settings()
         _loaded[prefix] = sources
-        log.info("secrets loaded", extra={"json_fields": {"event": "secrets_loaded", "prefix": prefix,
-                                                           "sources": sources}})
+        log_event(get_logger(os.environ.get("ZSYNC_FUNCTION", "zsync")), logging.INFO, "secrets_loaded",
+                  prefix=prefix, sources=sources)  # names and where they came from, never values
         return dict(sources)
 
 

@@ -320,3 +320,20 @@ def test_doctor_passes_on_the_local_stack_and_names_each_problem(stack: Any, env
     assert 'add "rate_limits" to ZSYNC_TABLE_IDS' in out
     assert "zsync_agent_jobs_webhook" in out and "run `zsync wire supabase`" in out
     assert "wrong-token" not in bad.output and "not-the-deployed-secret" not in bad.output
+
+
+def test_deploy_preflight_finds_missing_secrets(env: pytest.MonkeyPatch) -> None:
+    import boto3
+    from moto import mock_aws
+
+    from infra.deploy.aws import missing_secrets
+
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        env.setenv(key, value)
+    with mock_aws():
+        assert missing_secrets("pre") == ["database_url", "webhook_secret", "tables_token"]
+        boto3.client("ssm").put_parameter(Name="/zsync/pre/webhook_secret", Value="x", Type="SecureString")
+        boto3.client("ssm").put_parameter(Name="/zsync/other/database_url", Value="x", Type="SecureString")
+        boto3.client("secretsmanager").create_secret(Name="zsync/pre/tables_token", SecretString="x")
+        assert missing_secrets("pre") == ["database_url"]

@@ -68,25 +68,59 @@ def check_credentials(region: str | None) -> None:
 
 
 def run_osls(action: str, stage: str, region: str | None = None, package_dir: Path | None = None,
-             repo: Path = REPO) -> None:
+             repo: Path = REPO, extra_env: dict[str, str] | None = None) -> None:
     """``npx osls <action>`` in the repository; raises :class:`DeployError` when it fails."""
     check_tooling(repo)
     if action == "deploy":
         check_credentials(region)
     cmd = osls_command(action, stage, region, package_dir)
-    result = subprocess.run(cmd, cwd=repo, env=osls_env(), check=False)
+    result = subprocess.run(cmd, cwd=repo, env={**osls_env(), **(extra_env or {})}, check=False)
     if result.returncode != 0:
         raise DeployError(f"`{' '.join(cmd)}` failed with exit code {result.returncode} (its output is above).")
 
 
-def _cloudformation(region: str | None) -> Any:
+REQUIRED_SECRETS = ("database_url", "webhook_secret", "tables_token")
+
+
+def _client(service: str, region: str | None) -> Any:
     import boto3
 
     return boto3.client(
-        "cloudformation",
+        service,
         region_name=region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
         endpoint_url=os.environ.get("ZSYNC_AWS_ENDPOINT_URL") or None,
     )
+
+
+def missing_secrets(stage: str, region: str | None = None) -> list[str]:
+    """Required secret names found neither in SSM ``/zsync/<stage>/`` nor in Secrets Manager
+    ``zsync/<stage>/<name>`` (names only: nothing is decrypted). Raises DeployError if AWS can't be read."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    prefix = f"/zsync/{stage}"
+    try:
+        pages = _client("ssm", region).get_paginator("get_parameters_by_path").paginate(Path=prefix)
+        found = {p["Name"].rsplit("/", 1)[-1] for page in pages for p in page.get("Parameters", [])}
+        missing = []
+        sm = _client("secretsmanager", region)
+        for name in REQUIRED_SECRETS:
+            if name in found:
+                continue
+            try:
+                sm.describe_secret(SecretId=f"zsync/{stage}/{name}")
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") != "ResourceNotFoundException":
+                    raise
+                missing.append(name)
+    except (BotoCoreError, ClientError) as exc:
+        raise DeployError(
+            f"cannot list the secrets under {prefix}/ ({exc}); use --skip-secret-check to deploy anyway"
+        ) from None
+    return missing
+
+
+def _cloudformation(region: str | None) -> Any:
+    return _client("cloudformation", region)
 
 
 def stack_outputs(stage: str, region: str | None = None) -> dict[str, str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import typer
@@ -54,6 +55,10 @@ def deploy(
     region: str = typer.Option(None, "--region", "-r", help="AWS region (default: AWS_REGION, else us-east-1)."),
     package_only: bool = typer.Option(False, "--package-only", help="Only build the artifact (offline, no AWS)."),
     urls_dir: Path = typer.Option(Path(".zsync"), help="Where urls.STAGE.json is written."),
+    refresh_secrets: bool = typer.Option(False, "--refresh-secrets",
+                                         help="Make every function re-read its secrets (after changing them in SSM)."),
+    skip_secret_check: bool = typer.Option(False, "--skip-secret-check",
+                                           help="Deploy even if required secrets are missing from SSM."),
 ) -> None:
     """Deploy the seven functions to AWS Lambda (`npx osls deploy`) and save their URLs.
 
@@ -63,8 +68,21 @@ def deploy(
     from infra.deploy import aws
 
     region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    # Functions cache their secrets per instance; a new value here changes every function's
+    # configuration, so Lambda starts fresh instances that read SSM again.
+    extra_env = {"ZSYNC_SECRETS_EPOCH": str(int(time.time()))} if refresh_secrets else {}
     try:
-        aws.run_osls("package" if package_only else "deploy", stage, region)
+        if not package_only and not skip_secret_check:
+            aws.check_tooling()
+            aws.check_credentials(region)
+            missing = aws.missing_secrets(stage, region)
+            if missing:
+                raise DeployError(
+                    f"missing in SSM /zsync/{stage}/: {', '.join(missing)}. Put each one first, e.g.\n"
+                    + "\n".join(f"  aws ssm put-parameter --region {region} --type SecureString "
+                                 f"--name /zsync/{stage}/{n} --value \"$ZSYNC_{n.upper()}\"" for n in missing)
+                )
+        aws.run_osls("package" if package_only else "deploy", stage, region, extra_env=extra_env)
         if package_only:
             console.print("[green]Packaged[/] into .serverless/ (nothing deployed).")
             return
