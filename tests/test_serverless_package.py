@@ -4,11 +4,13 @@ against shared.spec, and the zip is imported by a bare Python to prove it is sel
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -28,19 +30,24 @@ TABLE_IDS = '{"agent_jobs":"tbl_ci_jobs"}'
 def package_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if shutil.which("npx") is None:
         pytest.skip("npx is not on PATH: install Node.js 20+ to build the AWS artifact")
-    if not (REPO / "node_modules" / "osls").is_dir():
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=REPO, check=True)
     out = tmp_path_factory.mktemp("osls") / "package"
     # No AWS credentials or config at all: packaging must not need (or reach) AWS.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "ZSYNC_"))}
     env.update(QUIET_ENV)
     env.update({"AWS_CONFIG_FILE": str(out.parent / "no-aws-config"),
                 "AWS_SHARED_CREDENTIALS_FILE": str(out.parent / "no-aws-credentials"),
-                "ZSYNC_TABLE_IDS": TABLE_IDS})
-    result = subprocess.run(
-        ["npx", "--no-install", "osls", "package", "--stage", STAGE, "--package", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False,
-    )
+                "AWS_EC2_METADATA_DISABLED": "true", "ZSYNC_TABLE_IDS": TABLE_IDS})
+    # One packaging run at a time (xdist workers): `npm ci` and the requirements plugin's
+    # .serverless/requirements.txt and pip cache are shared between runs.
+    lock_path = Path(tempfile.gettempdir()) / f"zsync-osls-package-{os.getuid()}.lock"
+    with lock_path.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (REPO / "node_modules" / "osls").is_dir():  # `make` installs them; a bare checkout may not have
+            subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=REPO, check=True)
+        result = subprocess.run(
+            ["npx", "--no-install", "osls", "package", "--stage", STAGE, "--package", str(out)],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False,
+        )
     assert result.returncode == 0, f"osls package failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return out
 
