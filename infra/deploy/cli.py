@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from infra.deploy import DeployError, load_urls, urls_path, write_urls
+from infra.deploy import URLS_DIR, DeployError, load_urls, urls_path, write_urls
 
 console = Console()
 err = Console(stderr=True)
@@ -54,7 +54,7 @@ def deploy(
     stage: str = typer.Option(..., "--stage", "-s", help="Deployment stage, e.g. dev or prod."),
     region: str = typer.Option(None, "--region", "-r", help="AWS region (default: AWS_REGION, else us-east-1)."),
     package_only: bool = typer.Option(False, "--package-only", help="Only build the artifact (offline, no AWS)."),
-    urls_dir: Path = typer.Option(Path(".zsync"), help="Where urls.STAGE.json is written."),
+    urls_dir: Path = typer.Option(URLS_DIR, help="Where urls.STAGE.json is written."),
     refresh_secrets: bool = typer.Option(False, "--refresh-secrets",
                                          help="Make every function re-read its secrets (after changing them in SSM)."),
     skip_secret_check: bool = typer.Option(False, "--skip-secret-check",
