@@ -43,7 +43,7 @@ bench: $(PIP_STAMP)
 	$(PY) -m bench
 
 package: install
-	SLS_TELEMETRY_DISABLED=1 npx osls package --stage dev
+	SLS_TELEMETRY_DISABLED=1 SLS_NOTIFICATIONS_MODE=off npx osls package --stage dev
 
 clean:
 	rm -rf $(VENV) node_modules .serverless .pytest_cache .ruff_cache

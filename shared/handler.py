@@ -18,9 +18,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import flask
+import psycopg
+from psycopg_pool import PoolTimeout
 from pydantic import ValidationError
 
-from shared import audit, supabase_db
+from shared import audit, migrate, supabase_db
 from shared.conflict import Outcome
 from shared.logs import get_logger, log_event
 from shared.mapping import InvalidRecord
@@ -135,6 +137,15 @@ def _record_failure(fn: FunctionSpec, ctx: SyncContext, body: bytes, rejected: R
         return False
 
 
+def _migrations_current(ctx: SyncContext) -> bool | None:
+    """For the signed ping (``zsync doctor``): True/False, or None when the database can't be asked."""
+    try:
+        with ctx.db.transaction() as conn:
+            return not migrate.pending_on(conn)
+    except (psycopg.Error, PoolTimeout, ConfigurationError, migrate.MigrationError):
+        return None
+
+
 def handle(function_name: str, request: flask.Request) -> tuple[dict[str, Any], int]:
     fn = FUNCTIONS[function_name]
     settings = get_settings()
@@ -160,7 +171,7 @@ def handle(function_name: str, request: flask.Request) -> tuple[dict[str, Any], 
     try:
         payload = read_json_body(request, settings.max_body_bytes)
         if payload.get(PING) is True:
-            return answer(200, "ping")
+            return answer(200, "ping", migrations_current=_migrations_current(ctx))
         result = process(fn, ctx, payload)
         return answer(200, result.outcome, id=result.id, detail=result.detail)
     except Rejected as exc:

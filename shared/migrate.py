@@ -77,13 +77,21 @@ def _check_edited(migrations: list[Migration], applied: dict[str, str]) -> None:
         )
 
 
-def pending_migrations(database_url: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
-    """Names of the migrations not yet applied (raises MigrationError if an applied one was edited)."""
+def pending_on(conn: psycopg.Connection, directory: Path = MIGRATIONS_DIR) -> list[str]:
+    """Names of the migrations not yet applied, read-only (works for the functions' restricted role).
+    Raises MigrationError if an applied one was edited."""
     migrations = discover(directory)
-    with _connect(database_url) as conn:
-        applied = _applied(conn)
+    applied: dict[str, str] = {}
+    if conn.execute("SELECT to_regclass('zsync.schema_migrations')").fetchone()[0] is not None:
+        applied = dict(conn.execute("SELECT version, checksum FROM zsync.schema_migrations").fetchall())
     _check_edited(migrations, applied)
     return [m.name for m in migrations if m.version not in applied]
+
+
+def pending_migrations(database_url: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
+    """Names of the migrations not yet applied (raises MigrationError if an applied one was edited)."""
+    with _connect(database_url) as conn:
+        return pending_on(conn, directory)
 
 
 def apply_migrations(database_url: str, directory: Path = MIGRATIONS_DIR) -> list[str]:

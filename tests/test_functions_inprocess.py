@@ -138,3 +138,11 @@ def test_no_secret_configured_refuses_everything(env):
     reset_settings()
     r = client("agent_jobs_to_supabase").post("/", json={"id": "x"}, headers={"X-Zsync-Secret": ""})
     assert r.status_code == 401
+
+
+def test_ping_reports_whether_migrations_are_current(env, database_url):
+    assert post("agent_jobs_to_supabase", {"zsync_ping": True}).json["migrations_current"] is True
+    env.setenv("ZSYNC_DATABASE_URL", "postgresql://zsync@127.0.0.1:9/nowhere")
+    reset_settings()
+    r = post("agent_jobs_to_supabase", {"zsync_ping": True})
+    assert r.status_code == 200 and "migrations_current" not in r.json  # unknown: the database is unreachable

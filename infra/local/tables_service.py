@@ -7,7 +7,8 @@ connection guarded by one lock; restarting on the same file keeps every record).
 Emulated Zapier behaviour:
 
 * Field stamping (Zapier's record timestamps that our Zaps map into fields), for tables with
-  ``stamp_updated_at``: a create without a ``created_at`` key gets ``created_at = now`` (an explicit null is kept); a create or
+  ``stamp_updated_at``: a create without a ``created_at`` key gets ``created_at = now`` (an explicit
+  null is kept); a create or
   update that does not include ``updated_at`` gets ``updated_at = now`` (UTC ISO, microseconds, "Z").
   A write that includes ``updated_at`` keeps the given value exactly.
 * Triggers: after a create, or an update that changes the data (an update equal to the stored data is
