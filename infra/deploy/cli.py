@@ -63,7 +63,7 @@ def deploy(
     """Deploy the seven functions to AWS Lambda (`npx osls deploy`) and save their URLs.
 
     Needs Node.js (`npm ci` once) and AWS credentials; the secrets must already be in SSM under
-    /zsync/STAGE/ (see docs/DEPLOY.md). Writes .zsync/urls.STAGE.json for `zsync wire` and `zsync doctor`.
+    /zsync/STAGE/ (see the README, section Deploy). Writes .zsync/urls.STAGE.json for `zsync wire` and `zsync doctor`.
     """
     from infra.deploy import aws
 
