@@ -7,8 +7,9 @@ Supabase and Zapier Tables always agree on the winner:
 * the later ``updated_at`` wins (the seed's ``should_update``: ``source_time > dest_time``);
 * on an exact tie the larger content hash wins, so simultaneous writes converge to the same value on
   both sides instead of swapping;
-* the same version means the same content: that is an echo of the sync's own write (or a redelivery)
-  and is dropped, which is what stops sync loops without relying on a ``sync_source`` marker;
+* the same version means the same content (an empty text and no value count as equal, since a Zap
+  sends "" for an empty field): that is an echo of the sync's own write (or a redelivery) and is
+  dropped, which is what stops sync loops without relying on a ``sync_source`` marker;
 * a record without ``updated_at`` is older than any record with one.
 
 Supabase applies the rule inside ``zsync.sync_upsert`` (row lock, no read-then-write race); the Tables

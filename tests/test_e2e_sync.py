@@ -272,3 +272,16 @@ def test_duplicate_tables_records_for_one_id_are_merged(stack, tables, supabase)
     stack.wait_quiet()
     found = tables.s.get(tables.url("agent_jobs"), params={"filter[id]": rid}, timeout=10).json()["data"]
     assert [f["data"]["status"] for f in found] == ["c"]
+
+
+def test_4_empty_text_from_a_zap_equals_null_no_extra_write(stack, tables, supabase):
+    """Zapier sends "" for an empty field; Supabase holds NULL: same version, nothing written."""
+    rid = uid("empty")
+    supabase.query("INSERT INTO agent_jobs (id, status, error_message) VALUES (%s, 'queued', NULL)", (rid,))
+    rec = eventually(lambda: tables.find("agent_jobs", rid))
+    stack.wait_quiet()
+    zap_payload = {k: ("" if v is None else v) for k, v in rec["data"].items()}  # how a Zap renders empties
+    url = stack.functions["agent_jobs_to_supabase"].url
+    r = requests.post(url, json=zap_payload, headers={"X-Zsync-Secret": stack.secret}, timeout=10)
+    assert r.json()["outcome"] == "unchanged", r.text
+    assert supabase.writes("agent_jobs", rid) == 1

@@ -1,15 +1,23 @@
 -- zsync sync logic: versions, the atomic last-writer-wins upsert, append-only audit.
 --
 -- A row's version is (updated_at, content_hash). content_hash is md5 of the row's canonical jsonb
--- (serialised in UTC) without updated_at. Versions are totally ordered: the later updated_at wins; on an
--- exact tie the larger hash wins, so every replica picks the same winner; equal versions mean equal
--- content, which is how an echo of the sync's own write is recognised (and dropped) on either side.
+-- (serialised in UTC) without updated_at, with empty and null values left out. Versions are totally
+-- ordered: the later updated_at wins; on an exact tie the larger hash wins, so every replica picks the
+-- same winner; equal versions mean equal content (an empty text counting as no value), which is how an
+-- echo of the sync's own write is recognised (and dropped) on either side.
 
 -- Writes made by the sync run with zsync.origin = 'sync' (transaction-local) so the updated_at
 -- maintenance below leaves the version they carry untouched.
+-- Empty text and null hash alike: a Zap sends "" for an empty field that the other side stores as
+-- NULL, and the two must count as the same version (else every such record costs an extra write).
 CREATE OR REPLACE FUNCTION zsync.content_hash(p_row jsonb)
 RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$ SELECT md5((p_row - 'updated_at')::text) $$;
+AS $$
+    SELECT md5(coalesce(
+        (SELECT jsonb_object_agg(key, value) FROM jsonb_each(p_row - 'updated_at')
+         WHERE value NOT IN ('null'::jsonb, '""'::jsonb))::text,
+        '{}'))
+$$;
 
 -- Compare two versions of one row of p_table given as jsonb (any JSON shape Postgres can cast to the
 -- column types). Returns 1 if a is newer, 0 if the same version, -1 if older. A missing updated_at is
