@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psycopg
@@ -14,6 +12,7 @@ import pytest
 from functions_framework import create_app
 
 from shared.settings import reset_settings
+from tests.receiver import json_receiver
 
 MAIN = str(Path(__file__).resolve().parent.parent / "functions" / "main.py")
 SECRET = "in-process-secret"
@@ -41,25 +40,9 @@ def post(target: str, body: object, **headers: str):
 
 
 @pytest.fixture
-def catch_hook() -> Iterator[tuple[str, list[dict]]]:
-    """A stand-in for a Zapier catch hook: records what it receives and answers 200 like Zapier."""
-    got: list[dict] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(b'{"status": "success"}')
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hooks/catch/1/abc/", got
-    server.shutdown()
+def catch_hook():
+    with json_receiver("/hooks/catch/1/abc/") as hook:
+        yield hook
 
 
 def test_every_target_exists_and_is_thin():

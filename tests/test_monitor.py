@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import threading
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from typer.testing import CliRunner
@@ -13,6 +10,7 @@ from typer.testing import CliRunner
 from shared import monitor
 from shared.cli import app
 from shared.supabase_db import append_audit
+from tests.receiver import json_receiver
 
 
 def _entry(i: int, action: str, lag: float | None = None) -> dict:
@@ -25,21 +23,8 @@ def _entry(i: int, action: str, lag: float | None = None) -> dict:
 
 @pytest.fixture
 def receiver():
-    got: list[dict] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hook", got
-    server.shutdown()
+    with json_receiver("/hook") as hook:
+        yield hook
 
 
 def test_healthy_then_each_threshold_fires(database_url, db, receiver):

@@ -122,18 +122,6 @@ BEGIN
 END
 $$;
 
-DO $$
-DECLARE
-    t text;
-BEGIN
-    FOREACH t IN ARRAY ARRAY['agent_jobs', 'agent_decisions', 'rate_limits'] LOOP
-        EXECUTE format('DROP TRIGGER IF EXISTS zsync_maintain_updated_at ON public.%I', t);
-        EXECUTE format('CREATE TRIGGER zsync_maintain_updated_at BEFORE INSERT OR UPDATE ON public.%I '
-                       'FOR EACH ROW EXECUTE FUNCTION zsync.maintain_updated_at()', t);
-    END LOOP;
-END
-$$;
-
 -- audit_log is append-only: the database itself rejects UPDATE, DELETE and TRUNCATE.
 CREATE OR REPLACE FUNCTION zsync.reject_audit_change()
 RETURNS trigger LANGUAGE plpgsql

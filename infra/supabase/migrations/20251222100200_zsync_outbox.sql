@@ -37,17 +37,24 @@ BEGIN
 END
 $$;
 
-DO $$
-DECLARE
-    t text;
+-- Make a table two-way syncable: keep its updated_at current for writes that are not the sync's, and
+-- capture every change in the outbox. A new table's migration calls this once.
+CREATE OR REPLACE FUNCTION zsync.enable_sync(p_table regclass)
+RETURNS void LANGUAGE plpgsql
+AS $$
 BEGIN
-    FOREACH t IN ARRAY ARRAY['agent_jobs', 'agent_decisions', 'rate_limits'] LOOP
-        EXECUTE format('DROP TRIGGER IF EXISTS zsync_outbox ON public.%I', t);
-        EXECUTE format('CREATE TRIGGER zsync_outbox AFTER INSERT OR UPDATE ON public.%I '
-                       'FOR EACH ROW EXECUTE FUNCTION zsync.capture_change()', t);
-    END LOOP;
+    EXECUTE format('DROP TRIGGER IF EXISTS zsync_maintain_updated_at ON %s', p_table);
+    EXECUTE format('CREATE TRIGGER zsync_maintain_updated_at BEFORE INSERT OR UPDATE ON %s '
+                   'FOR EACH ROW EXECUTE FUNCTION zsync.maintain_updated_at()', p_table);
+    EXECUTE format('DROP TRIGGER IF EXISTS zsync_outbox ON %s', p_table);
+    EXECUTE format('CREATE TRIGGER zsync_outbox AFTER INSERT OR UPDATE ON %s '
+                   'FOR EACH ROW EXECUTE FUNCTION zsync.capture_change()', p_table);
 END
 $$;
+
+SELECT zsync.enable_sync('public.agent_jobs');
+SELECT zsync.enable_sync('public.agent_decisions');
+SELECT zsync.enable_sync('public.rate_limits');
 
 -- Called by *_to_tables once it has processed (applied, found unchanged, or skipped as stale) the
 -- version p_updated_at of a record: every pending entry of that record up to that version is done.
