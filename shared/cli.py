@@ -52,8 +52,11 @@ def up(
     functions-framework, the Supabase webhook sender (pg_net stand-in) with the outbox sweeper, and a
     moto server. URLs, token and secret are printed and written to STATE_DIR/stack.json.
     """
+    import warnings
+
     from infra.local.stack import LocalStack, StackConfig
 
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")  # pgserver's platformdirs
     state_dir.mkdir(parents=True, exist_ok=True)
     lock_file = (state_dir / "stack.lock").open("a+")
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import secrets
 import socket
@@ -25,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-import requests
 
 from infra.local.pgnet_sender import PgNetSender
 from infra.local.pgnet_sender import wait_idle as pgnet_wait_idle
@@ -46,15 +46,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout_s: float = 30.0) -> None:
+def wait_listening(port: int, timeout_s: float = 30.0) -> None:
+    """Until something accepts TCP connections on 127.0.0.1:port (no request, so nothing is logged)."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            requests.get(url, timeout=1)
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
-        except requests.ConnectionError:
+        except OSError:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} did not come up within {timeout_s} s") from None
+                raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout_s} s") from None
             time.sleep(0.05)
 
 
@@ -81,7 +82,7 @@ class FunctionProcess:
         log.close()
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
-        wait_http(self.url, timeout_s)
+        wait_listening(self.port, timeout_s)
 
     def kill(self) -> None:
         """Hard stop (SIGKILL): what a crashed or scaled-in function looks like."""
@@ -179,6 +180,7 @@ class LocalStack:
         from moto.server import ThreadedMotoServer
 
         port = self._port(9)
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
         self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         self._moto.start()
         self.aws_endpoint_url = f"http://127.0.0.1:{port}"
