@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import flask
@@ -22,7 +22,7 @@ import psycopg
 from psycopg_pool import PoolTimeout
 from pydantic import ValidationError
 
-from shared import audit, migrate, supabase_db
+from shared import audit, dead_letter, migrate, supabase_db
 from shared.conflict import Outcome
 from shared.logs import get_logger, log_event
 from shared.mapping import InvalidRecord
@@ -37,7 +37,7 @@ from shared.sync import (
     apply_from_tables,
     unwrap_tables_payload,
 )
-from shared.zapier_tables import TablesError
+from shared.zapier_tables import TablesError, TablesRejected
 
 PING = "zsync_ping"
 _contexts: dict[str, SyncContext] = {}
@@ -137,6 +137,40 @@ def _record_failure(fn: FunctionSpec, ctx: SyncContext, body: bytes, rejected: R
         return False
 
 
+def _dead_letter(fn: FunctionSpec, ctx: SyncContext, request: flask.Request, exc: Exception, started: float) -> bool:
+    """A delivery that could not be applied after the in-function retries: write a best-effort
+    ``sync_failed`` audit entry (skipped when the database itself is down: it was just given its whole retry
+    budget) and store the delivery whole in the dead-letter queue for ``zsync replay``. A 4xx the Tables API
+    answered to our own write is not dead-lettered (replaying it would fail the same way). -> stored?"""
+    received_at = datetime.now(UTC) - timedelta(seconds=time.perf_counter() - started)
+    try:
+        payload = json.loads(request.environ.get("zsync.body", b""))  # parsed before: only dicts get here
+    except ValueError:
+        payload = {}
+    record_id = _record_id(payload)
+    audited = False
+    if not isinstance(exc, supabase_db.DatabaseUnavailable):
+        problems = [{"field": "dependency", "problem": f"{type(exc).__name__}: {str(exc)[:200]}"}]
+        body = dead_letter.canonical_json(payload).encode("utf-8", "surrogatepass")
+        entry = audit.failed_entry(fn, body, problems, datetime.now(UTC), record_id, 503)
+        try:
+            ctx.db.run(lambda conn: supabase_db.append_audit(conn, entry))
+            audited = True
+        except (supabase_db.DatabaseUnavailable, ConfigurationError, psycopg.Error):
+            pass
+    if isinstance(exc, TablesRejected):
+        return False
+    letter = dead_letter.DeadLetter.new(fn.name, payload, exc, received_at=received_at, table=fn.table.name,
+                                        record_id=record_id, audited=audited)
+    problem = dead_letter.dead_letter(ctx.settings, letter)
+    if problem is None:
+        log_event(ctx.logger, logging.WARNING, "dead_lettered", key=letter.key, id=record_id, audited=audited)
+    else:
+        log_event(ctx.logger, logging.ERROR, "dead_letter_failed", key=letter.key, id=record_id, problem=problem,
+                  safety_net="outbox sweeper / Zapier autoreplay")
+    return problem is None
+
+
 def _migrations_current(ctx: SyncContext) -> bool | None:
     """For the signed ping (``zsync doctor``): True/False, or None when the database can't be asked."""
     try:
@@ -183,7 +217,10 @@ def handle(function_name: str, request: flask.Request) -> tuple[dict[str, Any], 
     except (supabase_db.DatabaseUnavailable, TablesError) as exc:
         log_event(log, logging.ERROR, "dependency_unavailable", error_type=type(exc).__name__,
                   error=str(exc)[:300])
-        return answer(503, Outcome.FAILED, error="a dependency is unavailable; the delivery was not applied")
+        stored = _dead_letter(fn, ctx, request, exc, started)
+        error = ("Zapier Tables rejected the record; not dead-lettered (a replay would fail the same way)"
+                 if isinstance(exc, TablesRejected) else "a dependency is unavailable; the delivery was not applied")
+        return answer(503, Outcome.FAILED, error=error, dead_lettered=stored)
     except Exception:
         log.exception("unexpected error", extra={"json_fields": {"event": "internal_error", **base}})
         return answer(500, Outcome.FAILED, error="internal error; see the function's logs")

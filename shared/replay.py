@@ -1,0 +1,283 @@
+"""``zsync replay``: drain the dead-letter queue through the functions' own code path.
+
+Every message is run through :func:`shared.handler.process` (the same parsing, conflict rule, audit and
+outbox acknowledgement as a live delivery), so replay is idempotent: replaying a delivery that was since
+applied, or an older version than the one stored, changes nothing.
+
+What happens to a message:
+
+* applied / unchanged / skipped_stale / ignored -> deleted. A delivery that failed while the database was
+  down (so no ``sync_failed`` entry could be written then) gets that entry now, dated when it failed.
+* another copy of a key already done in this run -> deleted (``duplicates``).
+* rejected (invalid record, or a 4xx from the Tables API to our own write) -> ``sync_failed`` audit entry,
+  appended whole to the rejected file (JSON lines) and deleted: replaying cannot succeed, an operator
+  fixes the record at its source or re-sends the line once fixed.
+* dependency still down -> left in the queue, compacted into one message per key with ``attempts`` + 1.
+  Once the database is found down nothing more is attempted (every function needs it); once Zapier
+  Tables is, only Supabase-bound deliveries still are.
+* unreadable (not a dead letter, unknown function) -> left, reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from shared import audit, supabase_db
+from shared.dead_letter import (
+    DeadLetter,
+    DeadLetterError,
+    DeadLetterQueue,
+    Received,
+    canonical_json,
+    iso,
+)
+from shared.handler import Rejected, process
+from shared.logs import get_logger
+from shared.settings import Settings
+from shared.spec import FUNCTIONS, Direction
+from shared.sync import ConfigurationError, SyncContext, unwrap_tables_payload
+from shared.zapier_tables import TablesError, TablesRejected
+
+COLUMNS = ("applied", "unchanged", "skipped_stale", "ignored", "duplicates", "rejected", "left")
+
+
+@dataclass
+class ReplayReport:
+    """What a replay did, per function (``counts[function][column]``, columns :data:`COLUMNS`)."""
+
+    dry_run: bool = False
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    left: list[dict[str, Any]] = field(default_factory=list)
+    inventory: list[dict[str, Any]] = field(default_factory=list)  # dry run: one entry per key
+    stopped: str | None = None
+    remaining: int | None = None  # approximate queue depth after the run
+
+    def add(self, function: str, column: str, n: int = 1) -> None:
+        row = self.counts.setdefault(function, dict.fromkeys(COLUMNS, 0))
+        row[column] += n
+
+    def total(self, column: str) -> int:
+        return sum(row[column] for row in self.counts.values())
+
+    @property
+    def ok(self) -> bool:
+        return self.total("left") == 0 and not self.stopped
+
+
+@dataclass
+class _Group:
+    """The copies of one delivery (one key) held back during a run."""
+
+    messages: dict[str, Received] = field(default_factory=dict)  # by SQS message id
+    attempted: bool = False
+    error: BaseException | None = None
+    reason: str = ""
+
+    def letter(self) -> DeadLetter:
+        letters = [m.letter for m in self.messages.values() if m.letter is not None]
+        merged = letters[0]
+        for other in letters[1:]:
+            merged = merged.merged(other)
+        return merged
+
+
+def replay_payload(letter: DeadLetter) -> dict[str, Any]:
+    """The payload to run again. A Tables record without a version is versioned by its arrival
+    (``apply_from_tables(received_at=...)``): keep the original arrival, not the replay time, or the replay
+    could overwrite a newer write made in between."""
+    fn = FUNCTIONS[letter.function]
+    version = fn.table.version
+    payload = letter.payload
+    if fn.direction is not Direction.TO_SUPABASE or not version:
+        return payload
+    record = unwrap_tables_payload(payload)
+    if not isinstance(record, dict) or record.get(version) not in (None, ""):
+        return payload
+    stamped = {**record, version: iso(letter.received_at)}
+    return {"record": stamped} if record is not payload else stamped
+
+
+class _Run:
+    """One replay run: the queue, the sync context, and what was decided per key."""
+
+    def __init__(self, settings: Settings, ctx: SyncContext | None, dry_run: bool, rejected_file: Path | None):
+        self.queue = DeadLetterQueue(settings)
+        self.ctx = ctx or SyncContext(settings=settings, logger=get_logger("replay"))
+        self.report = ReplayReport(dry_run=dry_run)
+        self.rejected_file = rejected_file
+        self.done: dict[str, str] = {}
+        self.held: dict[str, _Group] = {}
+        self.unreadable: list[Received] = []
+        self.down: set[str] = set()
+
+    @property
+    def halted(self) -> bool:
+        return "database" in self.down or self.report.stopped is not None
+
+    def hold(self, message: Received, reason: str, error: BaseException | None = None,
+             attempted: bool = False) -> None:
+        assert message.letter is not None
+        group = self.held.setdefault(message.letter.key, _Group())
+        group.messages[message.message_id] = message
+        group.attempted |= attempted
+        group.error = error or group.error
+        group.reason = group.reason or reason
+
+    def audit_failure(self, letter: DeadLetter, problems: list[dict[str, str]], status: int,
+                      when: datetime) -> bool:
+        """Best-effort ``sync_failed`` entry, with the handler's id for the same delivery (never twice)."""
+        body = canonical_json(letter.payload).encode("utf-8", "surrogatepass")
+        entry = audit.failed_entry(FUNCTIONS[letter.function], body, problems, when, letter.record_id, status)
+        try:
+            self.ctx.db.run(lambda conn: supabase_db.append_audit(conn, entry))
+            return True
+        except (supabase_db.DatabaseUnavailable, psycopg.Error):
+            return False
+
+    def reject(self, message: Received, problems: list[dict[str, str]], status: int) -> None:
+        letter = message.letter
+        assert letter is not None
+        self.audit_failure(letter, problems, status, datetime.now(UTC))
+        self.report.rejected.append({"function": letter.function, "key": letter.key, "record_id": letter.record_id,
+                                     "problems": problems[:20]})
+        if self.rejected_file is not None:
+            self.rejected_file.parent.mkdir(parents=True, exist_ok=True)
+            line = {**json.loads(letter.to_body()), "problems": problems[:20], "rejected_at": iso(datetime.now(UTC))}
+            with self.rejected_file.open("a", encoding="utf-8") as out:
+                out.write(json.dumps(line, ensure_ascii=False) + "\n")
+        self.queue.delete([message])
+        self.done[letter.key] = "rejected"
+        self.report.add(letter.function, "rejected")
+
+    def handle(self, message: Received) -> None:
+        letter = message.letter
+        fn = FUNCTIONS.get(letter.function) if letter is not None else None
+        if letter is None or fn is None:
+            message.problem = message.problem or f"unknown function {letter.function if letter else None!r}"
+            self.unreadable.append(message)
+            return
+        if self.report.dry_run:
+            self.hold(message, "dry run")
+        elif letter.key in self.done:
+            self.queue.delete([message])
+            self.report.add(fn.name, "duplicates")
+        elif letter.key in self.held:
+            self.hold(message, self.held[letter.key].reason)
+        elif self.halted:
+            self.hold(message, "not attempted: " + (self.report.stopped or "the database is unreachable"))
+        elif fn.direction is Direction.TO_TABLES and "tables" in self.down:
+            self.hold(message, "not attempted: Zapier Tables is unreachable")
+        else:
+            self.attempt(message, letter)
+
+    def attempt(self, message: Received, letter: DeadLetter) -> None:
+        fn = FUNCTIONS[letter.function]
+        try:
+            result = process(fn, self.ctx, replay_payload(letter))
+        except Rejected as exc:
+            self.reject(message, exc.problems, exc.status)
+            return
+        except TablesRejected as exc:
+            self.reject(message, [{"field": "tables", "problem": str(exc)[:300]}], 422)
+            return
+        except supabase_db.DatabaseUnavailable as exc:
+            self.down.add("database")
+            self.hold(message, "the database is unreachable", exc, attempted=True)
+            return
+        except TablesError as exc:
+            self.down.add("tables")
+            self.hold(message, f"Zapier Tables: {type(exc).__name__}", exc, attempted=True)
+            return
+        except ConfigurationError as exc:
+            self.report.stopped = f"misconfigured: {exc}"
+            self.hold(message, self.report.stopped)
+            return
+        self.queue.delete([message])
+        self.done[letter.key] = str(result.outcome)
+        self.report.add(fn.name, str(result.outcome))
+        if not letter.audited:  # it failed while the database was down: record that failure now
+            problem = f"{letter.error_type}: {letter.error_message}"[:300]
+            self.audit_failure(letter, [{"field": "dependency", "problem": problem}], 503, letter.first_seen)
+
+    def finish(self) -> ReplayReport:
+        report = self.report
+        for message in self.unreadable:
+            function = message.letter.function if message.letter else "?"
+            report.left.append({"function": function, "message_id": message.message_id, "reason": message.problem})
+            report.add(function, "left")
+        if self.unreadable:
+            self.queue.release(self.unreadable)
+        for key, group in self.held.items():
+            letter = group.letter()
+            if report.dry_run:
+                report.inventory.append({
+                    "function": letter.function, "key": key, "record_id": letter.record_id,
+                    "copies": len(group.messages), "attempts": letter.attempts, "first_seen": iso(letter.first_seen),
+                    "last_seen": iso(letter.last_seen), "error": f"{letter.error_type}: {letter.error_message}"})
+                self.queue.release(list(group.messages.values()))
+                continue
+            report.add(letter.function, "left", len(group.messages))
+            report.left.append({"function": letter.function, "key": key, "record_id": letter.record_id,
+                                "copies": len(group.messages), "reason": group.reason})
+            _keep(self.queue, group, letter)
+        if "database" in self.down:
+            report.stopped = report.stopped or "the database is unreachable"
+        try:
+            report.remaining = self.queue.approximate_depth()
+        except DeadLetterError:
+            report.remaining = None
+        return report
+
+
+def replay(settings: Settings, *, max_messages: int | None = None, dry_run: bool = False,
+           rejected_file: Path | None = None, visibility_timeout_s: int = 300,
+           ctx: SyncContext | None = None) -> ReplayReport:
+    """Drain (up to ``max_messages`` of) the dead-letter queue; see the module docstring.
+
+    ``dry_run`` applies and deletes nothing: it lists what is queued (one entry per key) and makes every
+    message visible again. Raises :class:`DeadLetterError` if the queue is not configured or unreachable.
+    """
+    run = _Run(settings, ctx, dry_run, rejected_file)
+    taken = 0
+    while max_messages is None or taken < max_messages:
+        want = 10 if max_messages is None else min(10, max_messages - taken)
+        batch = run.queue.receive(want, visibility_timeout_s)
+        if not batch:
+            break
+        taken += len(batch)
+        for message in batch:
+            run.handle(message)
+        if run.halted:
+            break
+    return run.finish()
+
+
+def _keep(queue: DeadLetterQueue, group: _Group, letter: DeadLetter) -> None:
+    """Leave a delivery in the queue as one message (``attempts`` + 1 if it was tried again)."""
+    messages = list(group.messages.values())
+    if not group.attempted and len(messages) == 1:
+        queue.release(messages)
+        return
+    if group.attempted:
+        letter = DeadLetter(
+            function=letter.function, payload=letter.payload,
+            error_type=type(group.error).__name__ if group.error else letter.error_type,
+            error_message=str(group.error) if group.error else letter.error_message,
+            received_at=letter.received_at, first_seen=letter.first_seen, last_seen=datetime.now(UTC),
+            attempts=letter.attempts + 1, table=letter.table, record_id=letter.record_id, audited=letter.audited,
+            key=letter.key)
+    try:
+        queue.send(letter)
+    except DeadLetterError:
+        queue.release(messages)  # could not compact: keep the copies as they are
+        return
+    with contextlib.suppress(DeadLetterError):  # a stale receipt handle: a duplicate the next run deletes
+        queue.delete(messages)
