@@ -1,0 +1,394 @@
+"""``zsync reconcile``: compare Zapier Tables and Supabase record by record and repair the drift.
+
+For each table both sides are read in bulk (Tables through the records API, page by page; Supabase in one
+query), every record is parsed into the canonical row (:mod:`shared.mapping`), and the two versions of
+each id are compared with ``zsync.version_cmp`` - the same last-writer-wins rule the functions apply - in
+batched SQL. Then:
+
+* missing in Supabase, or Tables newer  -> ``zsync.sync_upsert_many`` (one call per batch, one
+  transaction; still conditional, so a newer write that landed meanwhile is never overwritten);
+* missing in Tables, or Supabase newer  -> ``TablesClient.create_many`` / ``update_many`` (batches of 100),
+  under the per-record advisory locks the ``*_to_tables`` functions take, acknowledging the outbox;
+* ``audit_log`` is one-way (append-only): only Tables entries missing in Supabase are inserted.
+
+Every repair writes the ``<table>_synced`` audit entry the live sync would have written (same stable id,
+``metadata.via = "reconcile"``), so a later delivery of the same version adds nothing. A Tables write that
+races with a repair is not lost: its own trigger delivery carries it to Supabase, whose newer version is
+then pushed back. Run on an empty side, reconcile is the initial backfill.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from psycopg_pool import PoolTimeout
+from rich.progress import Progress, TaskID
+
+from shared import audit, supabase_db
+from shared.conflict import Outcome
+from shared.mapping import (
+    InvalidRecord,
+    normalize_timestamp,
+    parse_supabase_record,
+    parse_tables_record,
+    row_to_json,
+    to_tables_fields,
+)
+from shared.spec import FUNCTIONS, TABLES, Direction, TableSpec
+from shared.sync import SyncContext
+from shared.zapier_tables import BATCH_MAX, Record, TablesError
+
+PAGE_SIZE = 500
+COMPARE_BATCH = 500
+VIA = "reconcile"
+DB_ERRORS = (supabase_db.DatabaseUnavailable, psycopg.Error, PoolTimeout)
+
+
+@dataclass
+class TableReport:
+    """What reconcile found and did for one table."""
+
+    table: str
+    compared: int = 0
+    in_sync: int = 0
+    missing_in_supabase: int = 0
+    missing_in_tables: int = 0
+    stale_in_supabase: int = 0
+    stale_in_tables: int = 0
+    repaired: int = 0
+    unresolved: int = 0  # drift left (a batch failed, or a newer write raced the repair: the sync has it)
+    invalid_in_tables: int = 0  # Tables records that cannot be parsed (and have no Supabase row to restore)
+    duplicates_in_tables: int = 0  # extra Tables records sharing an id (older ones; removed unless dry run)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def drift(self) -> int:
+        return self.missing_in_supabase + self.missing_in_tables + self.stale_in_supabase + self.stale_in_tables
+
+
+@dataclass
+class ReconcileResult:
+    dry_run: bool
+    since: datetime | None
+    tables: dict[str, TableReport] = field(default_factory=dict)
+
+    def total(self, name: str) -> int:
+        return sum(getattr(t, name) for t in self.tables.values())
+
+    @property
+    def in_sync(self) -> bool:
+        """After a repair run: nothing left unrepaired. After a dry run: nothing to repair."""
+        if self.dry_run:
+            return self.total("drift") == 0 and self.total("duplicates_in_tables") == 0
+        return self.total("unresolved") == 0 and not any(t.errors for t in self.tables.values())
+
+
+@dataclass
+class _TablesSide:
+    rows: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> parsed row
+    record_ids: dict[str, str] = field(default_factory=dict)  # id -> Tables record id
+    unreadable: dict[str, str] = field(default_factory=dict)  # id -> record id of an unparseable record
+    duplicates: list[str] = field(default_factory=list)  # record ids to remove
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _jsonb_array(items: Iterable[str]) -> str:
+    return "[" + ",".join(items) + "]"
+
+
+def compare_many(conn: psycopg.Connection, spec: TableSpec, pairs: Sequence[tuple[dict, dict]]) -> list[int]:
+    """``zsync.version_cmp(a, b)`` for many pairs, one query per batch: 1 a newer, 0 same, -1 older."""
+    out: list[int] = []
+    for chunk in _chunks(pairs, COMPARE_BATCH):
+        doc = _jsonb_array(f"[{row_to_json(a)},{row_to_json(b)}]" for a, b in chunk)
+        rows = conn.execute(
+            "SELECT zsync.version_cmp(%s::regclass, p->0, p->1) FROM jsonb_array_elements(%s::jsonb) "
+            "WITH ORDINALITY AS t(p, n) ORDER BY n", (f"public.{spec.name}", doc)).fetchall()
+        out += [r[0] for r in rows]
+    return out
+
+
+def upsert_many(conn: psycopg.Connection, spec: TableSpec, rows: Sequence[dict]) -> list[tuple[str, str, dict | None]]:
+    """``zsync.sync_upsert_many``: -> (id, outcome, stored before) per row, in id order."""
+    doc = _jsonb_array(row_to_json(r) for r in rows)
+    return conn.execute("SELECT record_id, outcome, stored FROM zsync.sync_upsert_many(%s::regclass, %s::jsonb)",
+                        (f"public.{spec.name}", doc)).fetchall()
+
+
+def append_audit_many(conn: psycopg.Connection, entries: Sequence[dict]) -> int:
+    if not entries:
+        return 0
+    return conn.execute("SELECT count(*) FILTER (WHERE zsync.append_audit(e)) FROM jsonb_array_elements(%s::jsonb) e",
+                        (_jsonb_array(row_to_json(e) for e in entries),)).fetchone()[0]
+
+
+def _synced_entry(spec: TableSpec, direction: Direction, row: dict, now: datetime,
+                  stored: dict | None = None) -> dict:
+    entry = audit.sync_entry(FUNCTIONS[spec.function_name(direction)], row, Outcome.APPLIED, now, stored)
+    entry["metadata"]["via"] = VIA
+    return entry
+
+
+def _in_scope(spec: TableSpec, row: dict, since: datetime | None) -> bool:
+    if since is None:
+        return True
+    ts = row.get(spec.version or "timestamp")
+    return ts is not None and ts >= since
+
+
+class _Reconciler:
+    def __init__(self, ctx: SyncContext, since: datetime | None, dry_run: bool, progress: Progress | None):
+        self.ctx = ctx
+        self.since = since
+        self.dry_run = dry_run
+        self.progress = progress
+
+    # -- progress --
+
+    def _task(self, description: str, total: float | None = None) -> TaskID | None:
+        return self.progress.add_task(description, total=total) if self.progress else None
+
+    def _advance(self, task: TaskID | None, n: float = 1, **kw: Any) -> None:
+        if self.progress is not None and task is not None:
+            self.progress.update(task, advance=n, **kw)
+
+    # -- reading --
+
+    def read_tables(self, spec: TableSpec, report: TableReport) -> _TablesSide:
+        side = _TablesSide()
+        task = self._task(f"{spec.name}: reading Zapier Tables")
+        by_id: dict[str, list[tuple[Record, dict]]] = {}
+        for record in self.ctx.tables.iter_records(self.ctx.table_id(spec), page_size=PAGE_SIZE):
+            data = dict(record.data)
+            data.setdefault("id", record.id)  # what the Zap trigger sends (see tables_service.trigger_payload)
+            try:
+                received = normalize_timestamp(record.updated_at) if record.updated_at else None
+                row = parse_tables_record(spec, data, received_at=received)
+            except (InvalidRecord, ValueError):
+                rid = data.get("id")
+                if isinstance(rid, str) and rid:
+                    side.unreadable.setdefault(rid, record.id)
+                report.invalid_in_tables += 1
+                continue
+            by_id.setdefault(row["id"], []).append((record, row))
+            self._advance(task)
+        dupes = {k: v for k, v in by_id.items() if len(v) > 1}
+        if dupes and not spec.append_only:
+            self._resolve_duplicates(spec, dupes, side)
+        for key, found in by_id.items():
+            if key not in dupes or spec.append_only:
+                record, row = found[0]
+                side.rows[key], side.record_ids[key] = row, record.id
+            if key in dupes:
+                report.duplicates_in_tables += len(found) - 1
+        for key in side.rows:
+            side.unreadable.pop(key, None)
+        self._advance(task, 0, description=f"{spec.name}: {len(side.rows)} Tables records")
+        return side
+
+    def _resolve_duplicates(self, spec: TableSpec, dupes: dict[str, list[tuple[Record, dict]]],
+                            side: _TablesSide) -> None:
+        """Several records with one id: keep the newest version (the sync's own rule), remove the others."""
+        with self.ctx.db.transaction() as conn:
+            for key, found in dupes.items():
+                keep = found[0]
+                for candidate in found[1:]:
+                    if compare_many(conn, spec, [(candidate[1], keep[1])])[0] > 0:
+                        keep = candidate
+                side.rows[key], side.record_ids[key] = keep[1], keep[0].id
+                side.duplicates += [r.id for r, _ in found if r.id != keep[0].id]
+
+    def read_supabase(self, spec: TableSpec, extra_ids: Sequence[str]) -> dict[str, dict]:
+        """Rows changed since ``since`` (all without it) plus the rows of ``extra_ids``, parsed."""
+        def work(conn: psycopg.Connection) -> list[dict]:
+            rows = supabase_db.fetch_rows(conn, spec, self.since)
+            have = {r["id"] for r in rows}
+            wanted = [i for i in extra_ids if i not in have]
+            if wanted:
+                rows += [r[0] for r in conn.execute(
+                    f'SELECT to_jsonb(t) FROM public."{spec.name}" t WHERE t.id = ANY(%s)', (wanted,))]
+            return rows
+
+        return {r["id"]: parse_supabase_record(spec, r) for r in self.ctx.db.run(work)}
+
+    # -- one table --
+
+    def table(self, spec: TableSpec) -> TableReport:
+        report = TableReport(spec.name)
+        try:
+            tables_side = self.read_tables(spec, report)
+        except TablesError as exc:
+            report.errors.append(f"reading Zapier Tables: {exc}")
+            return report
+        if spec.append_only:
+            self._append_only(spec, tables_side, report)
+        else:
+            self._versioned(spec, tables_side, report)
+        if tables_side.duplicates and not self.dry_run:
+            self._remove(spec, tables_side.duplicates, report)
+        return report
+
+    def _append_only(self, spec: TableSpec, side: _TablesSide, report: TableReport) -> None:
+        rows = [r for r in side.rows.values() if _in_scope(spec, r, self.since) or r.get("timestamp") is None]
+        ids = [r["id"] for r in rows]
+
+        def present(conn: psycopg.Connection) -> set[str]:
+            found = conn.execute(f'SELECT id FROM public."{spec.name}" WHERE id = ANY(%s)', (ids,)).fetchall()
+            return {r[0] for r in found}
+
+        have = self.ctx.db.run(present) if ids else set()
+        missing = [r for r in rows if r["id"] not in have]
+        report.compared, report.in_sync, report.missing_in_supabase = len(rows), len(rows) - len(missing), len(missing)
+        if missing and not self.dry_run:
+            self._to_supabase(spec, missing, report)
+
+    def _versioned(self, spec: TableSpec, side: _TablesSide, report: TableReport) -> None:
+        t_scope = [i for i, r in side.rows.items() if _in_scope(spec, r, self.since)]
+        try:
+            supa = self.read_supabase(spec, t_scope + list(side.unreadable))
+        except DB_ERRORS as exc:
+            report.errors.append(f"reading Supabase: {type(exc).__name__}")
+            return
+        scope = sorted(set(t_scope) | {i for i, r in supa.items() if _in_scope(spec, r, self.since)})
+        to_supabase: list[dict] = []
+        creates: list[dict] = []
+        updates: list[tuple[str, dict]] = []
+        pairs: list[tuple[str, dict, dict]] = []
+        for rid in scope:
+            t_row, s_row = side.rows.get(rid), supa.get(rid)
+            if s_row is None and t_row is not None:
+                to_supabase.append(t_row)
+                report.missing_in_supabase += 1
+            elif t_row is None and s_row is not None:
+                if rid in side.unreadable:  # unparseable in Tables: overwrite it with Supabase's version
+                    updates.append((side.unreadable[rid], s_row))
+                    report.stale_in_tables += 1
+                else:
+                    creates.append(s_row)
+                    report.missing_in_tables += 1
+            elif t_row is not None and s_row is not None:
+                pairs.append((rid, t_row, s_row))
+        report.compared = len(scope)
+        cmps = self.ctx.db.run(lambda conn: compare_many(conn, spec, [(t, s) for _, t, s in pairs]))
+        for (rid, t_row, s_row), cmp in zip(pairs, cmps, strict=True):
+            if cmp > 0:
+                to_supabase.append(t_row)
+                report.stale_in_supabase += 1
+            elif cmp < 0:
+                updates.append((side.record_ids[rid], s_row))
+                report.stale_in_tables += 1
+            else:
+                report.in_sync += 1
+        if self.dry_run:
+            return
+        if to_supabase:
+            self._to_supabase(spec, to_supabase, report)
+        if creates or updates:
+            self._to_tables(spec, creates, updates, report)
+
+    # -- repairs --
+
+    def _to_supabase(self, spec: TableSpec, rows: list[dict], report: TableReport) -> None:
+        task = self._task(f"{spec.name}: -> Supabase", total=len(rows))
+
+        def work(conn: psycopg.Connection, chunk: Sequence[dict]) -> tuple[int, int]:
+            now = datetime.now(UTC)
+            if spec.append_only:
+                inserted = append_audit_many(conn, chunk)
+                return inserted, 0
+            by_id = {r["id"]: r for r in chunk}
+            entries, applied, raced = [], 0, 0
+            for rid, outcome, stored in upsert_many(conn, spec, chunk):
+                if outcome == Outcome.APPLIED:
+                    applied += 1
+                    entries.append(_synced_entry(spec, Direction.TO_SUPABASE, by_id[rid], now, stored))
+                elif outcome == Outcome.SKIPPED_STALE:
+                    raced += 1  # a newer write arrived since we read: the live sync carries it
+            append_audit_many(conn, entries)
+            return applied, raced
+
+        for chunk in _chunks(rows, BATCH_MAX):
+            try:
+                applied, raced = self.ctx.db.run(lambda conn, chunk=chunk: work(conn, chunk))
+            except DB_ERRORS as exc:
+                report.errors.append(f"Supabase batch of {len(chunk)}: {type(exc).__name__}")
+                report.unresolved += len(chunk)
+                self._advance(task, len(chunk))
+                continue
+            report.repaired += applied
+            report.unresolved += raced
+            self._advance(task, len(chunk))
+
+    def _to_tables(self, spec: TableSpec, creates: list[dict], updates: list[tuple[str, dict]],
+                   report: TableReport) -> None:
+        table_id = self.ctx.table_id(spec)
+        task = self._task(f"{spec.name}: -> Zapier Tables", total=len(creates) + len(updates))
+        batches: list[tuple[str, Sequence[Any]]] = [("create", c) for c in _chunks(creates, BATCH_MAX)]
+        batches += [("update", c) for c in _chunks(updates, BATCH_MAX)]
+        for index, (kind, chunk) in enumerate(batches):
+            rows = list(chunk) if kind == "create" else [row for _, row in chunk]
+            try:
+                # Not retried as a whole (a create must not run twice); the HTTP calls retry themselves.
+                with self.ctx.db.transaction() as conn:
+                    ids = sorted(r["id"] for r in rows)
+                    conn.execute("SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0))) "
+                                 "FROM (SELECT unnest(%s::text[]) AS k ORDER BY 1) s",
+                                 ([f"{spec.name}:{i}" for i in ids],))
+                    if kind == "create":
+                        self.ctx.tables.create_many(table_id, [to_tables_fields(spec, r) for r in rows])
+                    else:
+                        self.ctx.tables.update_many(table_id, [(rid, to_tables_fields(spec, r)) for rid, r in chunk])
+                    now = datetime.now(UTC)
+                    append_audit_many(conn, [_synced_entry(spec, Direction.TO_TABLES, r, now) for r in rows])
+                    self._ack(conn, spec, rows)
+            except (TablesError, *DB_ERRORS) as exc:
+                left = sum(len(c) for _, c in batches[index:])
+                report.errors.append(f"Tables {kind} batch of {len(chunk)}: {type(exc).__name__}: {str(exc)[:200]}")
+                report.unresolved += left
+                self._advance(task, left)
+                return  # a dependency is failing: stop this table's repairs, a rerun resumes
+            report.repaired += len(rows)
+            self._advance(task, len(rows))
+
+    @staticmethod
+    def _ack(conn: psycopg.Connection, spec: TableSpec, rows: Sequence[dict]) -> None:
+        doc = json.dumps([{"id": r["id"], "v": r[spec.version].isoformat() if r.get(spec.version or "") else None}
+                          for r in rows])
+        conn.execute("SELECT count(zsync.ack_outbox(%s, x->>'id', (x->>'v')::timestamptz, 'applied')) "
+                     "FROM jsonb_array_elements(%s::jsonb) x", (spec.name, doc))
+
+    def _remove(self, spec: TableSpec, record_ids: list[str], report: TableReport) -> None:
+        table_id = self.ctx.table_id(spec)
+        try:
+            for rid in record_ids:
+                self.ctx.tables.delete(table_id, rid, missing_ok=True)
+        except TablesError as exc:
+            report.errors.append(f"removing duplicates: {exc}")
+
+
+def reconcile(ctx: SyncContext, tables: Sequence[str] | None = None, *, since: datetime | None = None,
+              dry_run: bool = False, progress: Progress | None = None) -> ReconcileResult:
+    """Compare and (unless ``dry_run``) repair ``tables`` (default: all four). See the module docstring."""
+    names = list(tables or TABLES)
+    unknown = [n for n in names if n not in TABLES]
+    if unknown:
+        raise ValueError(f"unknown table(s) {unknown}; one of {sorted(TABLES)}")
+    since = since.astimezone(UTC) if since else None
+    result = ReconcileResult(dry_run=dry_run, since=since)
+    worker = _Reconciler(ctx, since, dry_run, progress)
+    for name in names:
+        try:
+            result.tables[name] = worker.table(TABLES[name])
+        except DB_ERRORS as exc:
+            report = result.tables.setdefault(name, TableReport(name))
+            report.errors.append(f"Supabase: {type(exc).__name__}")
+    return result
