@@ -37,10 +37,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import boto3
-from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
-
 from shared.settings import Settings
 
 FORMAT_VERSION = 1
@@ -175,8 +171,13 @@ def _region(settings: Settings, queue_url: str) -> str:
 def sqs_client(settings: Settings, queue_url: str) -> Any:
     """A cached boto3 SQS client: short timeouts and few retries (a function must still answer in time).
 
-    With ``ZSYNC_AWS_ENDPOINT_URL`` (moto locally) missing AWS credentials default to dummy ones.
+    With ``ZSYNC_AWS_ENDPOINT_URL`` (moto locally) missing AWS credentials default to dummy ones. boto3 is
+    imported here, not at module level: the Lambda runtime provides it (the artifact leaves it out) and a
+    deployment without a DLQ (Google Cloud) never needs it.
     """
+    import boto3
+    from botocore.config import Config
+
     endpoint = settings.aws_endpoint_url
     region = _region(settings, queue_url)
     with _clients_lock:
@@ -211,6 +212,8 @@ class DeadLetterQueue:
         self._sqs = sqs_client(settings, url)
 
     def _call(self, op: str, **kwargs: Any) -> dict[str, Any]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
         try:
             return getattr(self._sqs, op)(QueueUrl=self.url, **kwargs)
         except (BotoCoreError, ClientError) as exc:
