@@ -278,8 +278,11 @@ class _Reconciler:
             elif t_row is not None and s_row is not None:
                 pairs.append((rid, t_row, s_row))
         report.compared = len(scope)
-        cmps = self.ctx.db.run(lambda conn: compare_many(conn, spec, [(t, s) for _, t, s in pairs]))
-        for (rid, t_row, s_row), cmp in zip(pairs, cmps, strict=True):
+        # Identical rows are the same version (version_cmp of equal inputs is 0): only the others go to SQL.
+        differing = [p for p in pairs if row_to_json(p[1]) != row_to_json(p[2])]
+        report.in_sync += len(pairs) - len(differing)
+        cmps = self.ctx.db.run(lambda conn: compare_many(conn, spec, [(t, s) for _, t, s in differing]))
+        for (rid, t_row, s_row), cmp in zip(differing, cmps, strict=True):
             if cmp > 0:
                 to_supabase.append(t_row)
                 report.stale_in_supabase += 1
