@@ -114,7 +114,7 @@ class DeadLetter:
             "last_seen": iso(self.last_seen),
             "received_at": iso(self.received_at),
             "audited": self.audited,
-        }, ensure_ascii=False, allow_nan=False)
+        }, ensure_ascii=True, allow_nan=False)  # ASCII: SQS refuses some code points (U+FFFE, lone surrogates)
 
     @classmethod
     def from_body(cls, body: str) -> DeadLetter:

@@ -127,6 +127,8 @@ def test_body_round_trip_and_merge():
     one = letter("agent_jobs_to_supabase", {"id": "j1"}, received_at=t0)
     two = letter("agent_jobs_to_supabase", {"id": "j1"}, received_at=t0 + timedelta(minutes=5))
     assert DeadLetter.from_body(one.to_body()) == one
+    odd = letter("agent_jobs_to_supabase", {"id": "j\ud800", "status": "\ufffe 😀 ünïcode"}, received_at=t0)
+    assert odd.to_body().isascii() and DeadLetter.from_body(odd.to_body()) == odd
     merged = one.merged(two)
     assert (merged.attempts, merged.first_seen, merged.last_seen) == (2, t0, t0 + timedelta(minutes=5))
     with pytest.raises(ValueError):
@@ -149,7 +151,7 @@ def test_sqs_unreachable_is_reported_quickly(env):
 def test_database_down_is_dead_lettered_whole(env, queue_url):
     env.setenv("ZSYNC_DATABASE_URL", DOWN_DB)
     reset_settings()
-    body = {"id": "dl-1", "status": "queued", "parameters": '{"metro": "Austin"}'}
+    body = {"id": "dl-1", "status": "queued \ufffe 😀", "parameters": '{"metro": "Austin"}'}
     r = post("agent_jobs_to_supabase", body)
     assert r.status_code == 503
     assert r.json["outcome"] == "failed" and r.json["dead_lettered"] is True

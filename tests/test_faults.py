@@ -238,9 +238,8 @@ def test_b_tables_api_429_then_503(fstack, settings, client, tables, supabase):
             supabase.query("UPDATE agent_decisions SET decision = 'rejected' WHERE id = %s", (rid,))
         converge(fstack)
         served_503 = 40 - faults_left(fstack)
-        requests.delete(f"{fstack.tables.url}/_admin/faults", timeout=5)  # the API recovers
     finally:
-        requests.delete(f"{fstack.tables.url}/_admin/faults", timeout=5)
+        requests.delete(f"{fstack.tables.url}/_admin/faults", timeout=5)  # the API recovers
         fstack.set_function_env(TO_TABLES)
     with psycopg.connect(fstack.database_url, autocommit=True) as conn:
         responses = conn.execute("SELECT status_code, content FROM net._http_response WHERE id > %s",
