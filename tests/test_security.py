@@ -467,8 +467,8 @@ def test_functions_sync_as_a_member_of_zsync_sync(database_url, fn_url, tmp_path
                 outbox = admin.execute("SELECT count(*), count(acked_at) FROM zsync.outbox "
                                        "WHERE table_name = 'agent_jobs' AND record_id = %s", (rid,)).fetchone()
                 assert outbox == (1, 1)  # captured by the trigger, acknowledged by the function
-                queued = admin.execute("SELECT count(*) FROM net.http_request_queue WHERE convert_from(body, 'UTF8') LIKE %s",
-                                       (f"%{rid}%",)).fetchone()[0]
+                queued = admin.execute("SELECT count(*) FROM net.http_request_queue "
+                                       "WHERE convert_from(body, 'UTF8') LIKE %s", (f"%{rid}%",)).fetchone()[0]
                 assert queued >= 4  # three webhook triggers fired as the role + the announce
                 actions = {r[0] for r in admin.execute("SELECT action FROM audit_log WHERE resource_id = %s "
                                                        "OR id = %s", (rid, rid))}
