@@ -55,10 +55,13 @@ def sync_entry(fn: FunctionSpec, row: Mapping[str, Any], outcome: Outcome, now: 
 
 
 def failed_entry(fn: FunctionSpec, body: bytes, problems: list[dict[str, str]], now: datetime,
-                 record_id: str | None = None, status: int = 400) -> dict[str, Any]:
-    """``sync_failed``: a delivery that was rejected (bad input) or could not be applied."""
+                 record_id: str | None = None, status: int = 400, declared_bytes: int | None = None) -> dict[str, Any]:
+    """``sync_failed``: a delivery that was rejected (bad input) or could not be applied. The id is stable
+    per (function, status, body, declared size), so a redelivery is audited once but distinct bodies whose
+    bytes were not read (413) are not merged."""
     return {
-        "id": _stable_id(fn.name, FAILED_ACTION, hashlib.sha256(body).hexdigest()),
+        "id": _stable_id(fn.name, FAILED_ACTION, str(status), hashlib.sha256(body).hexdigest(),
+                         "" if declared_bytes is None else str(declared_bytes)),
         "timestamp": now.astimezone(UTC).isoformat(),
         "actor": f"zsync/{fn.name}",
         "actor_type": ACTOR_TYPE,

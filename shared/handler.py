@@ -112,28 +112,39 @@ def _webhook(payload: dict[str, Any]) -> SupabaseWebhook:
 def _record_id(payload: Any) -> str | None:
     if not isinstance(payload, dict):
         return None
+    """The id a rejected delivery is attributed to: only one that can be stored (audit_log.resource_id)."""
     record = payload.get("record")
     candidate = record.get("id") if isinstance(record, dict) else payload.get("id")
-    return candidate if isinstance(candidate, str) and len(candidate) <= 200 else None
+    if not isinstance(candidate, str) or len(candidate) > 200 or "\x00" in candidate:
+        return None
+    try:
+        candidate.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
+        return None
+    return candidate
 
 
-def process(fn: FunctionSpec, ctx: SyncContext, payload: dict[str, Any]) -> SyncResult:
-    """Run one parsed delivery through the sync (also used by replay)."""
+def process(fn: FunctionSpec, ctx: SyncContext, payload: dict[str, Any],
+            received_at: datetime | None = None) -> SyncResult:
+    """Run one parsed delivery through the sync (also used by replay, with the original arrival time)."""
     try:
         if fn.direction is Direction.TO_SUPABASE:
-            return apply_from_tables(ctx, fn, unwrap_tables_payload(payload))
+            return apply_from_tables(ctx, fn, unwrap_tables_payload(payload), received_at)
         return apply_from_supabase(ctx, fn, _webhook(payload))
     except InvalidRecord as exc:
         raise Rejected(400, exc.problems, _record_id(payload)) from None
 
 
-def _record_failure(fn: FunctionSpec, ctx: SyncContext, body: bytes, rejected: Rejected) -> bool:
-    """Best effort ``sync_failed`` audit entry; the log line is written either way."""
+def _record_failure(fn: FunctionSpec, ctx: SyncContext, body: bytes, rejected: Rejected,
+                    declared_bytes: int | None = None) -> bool:
+    """Best effort ``sync_failed`` audit entry; the log line is written either way, and a failure to audit
+    never turns the 4xx into a 500."""
     try:
-        entry = audit.failed_entry(fn, body, rejected.problems, datetime.now(UTC), rejected.record_id, rejected.status)
+        entry = audit.failed_entry(fn, body, rejected.problems, datetime.now(UTC), rejected.record_id,
+                                   rejected.status, declared_bytes)
         ctx.db.run(lambda conn: supabase_db.append_audit(conn, entry))
         return True
-    except (supabase_db.DatabaseUnavailable, ConfigurationError):
+    except (supabase_db.DatabaseUnavailable, ConfigurationError, psycopg.Error, ValueError):
         return False
 
 
@@ -209,7 +220,7 @@ def handle(function_name: str, request: flask.Request) -> tuple[dict[str, Any], 
         result = process(fn, ctx, payload)
         return answer(200, result.outcome, id=result.id, detail=result.detail)
     except Rejected as exc:
-        audited = _record_failure(fn, ctx, request.environ.get("zsync.body", b""), exc)
+        audited = _record_failure(fn, ctx, request.environ.get("zsync.body", b""), exc, request.content_length)
         return answer(exc.status, Outcome.REJECTED, id=exc.record_id, problems=exc.problems, audited=audited)
     except ConfigurationError as exc:
         log_event(log, logging.ERROR, "misconfigured", problem=str(exc))

@@ -55,7 +55,7 @@ def _check_text(value: str, what: str = "text") -> str:
 
 
 def _check_json_value(value: Any, depth: int = 0) -> None:
-    if depth > 64:
+    if depth >= 64:
         raise ValueError("JSON nested deeper than 64 levels")
     if isinstance(value, str):
         _check_text(value, "a JSON string")
@@ -158,6 +158,8 @@ def coerce_json(value: Any, source: Source) -> Any:
                 value = json.loads(value, parse_constant=_reject_constant)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+            except RecursionError:
+                raise ValueError("invalid JSON: nested too deeply to parse") from None
     _check_json_value(value)
     return value
 

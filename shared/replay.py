@@ -42,7 +42,7 @@ from shared.handler import Rejected, process
 from shared.logs import get_logger
 from shared.settings import Settings
 from shared.spec import FUNCTIONS, Direction
-from shared.sync import ConfigurationError, SyncContext, unwrap_tables_payload
+from shared.sync import ConfigurationError, SyncContext
 from shared.zapier_tables import TablesError, TablesRejected
 
 COLUMNS = ("applied", "unchanged", "skipped_stale", "ignored", "duplicates", "rejected", "left")
@@ -87,22 +87,6 @@ class _Group:
         for other in letters[1:]:
             merged = merged.merged(other)
         return merged
-
-
-def replay_payload(letter: DeadLetter) -> dict[str, Any]:
-    """The payload to run again. A Tables record without a version is versioned by its arrival
-    (``apply_from_tables(received_at=...)``): keep the original arrival, not the replay time, or the replay
-    could overwrite a newer write made in between."""
-    fn = FUNCTIONS[letter.function]
-    version = fn.table.version
-    payload = letter.payload
-    if fn.direction is not Direction.TO_SUPABASE or not version:
-        return payload
-    record = unwrap_tables_payload(payload)
-    if not isinstance(record, dict) or record.get(version) not in (None, ""):
-        return payload
-    stamped = {**record, version: iso(letter.received_at)}
-    return {"record": stamped} if record is not payload else stamped
 
 
 class _Run:
@@ -181,7 +165,7 @@ class _Run:
     def attempt(self, message: Received, letter: DeadLetter) -> None:
         fn = FUNCTIONS[letter.function]
         try:
-            result = process(fn, self.ctx, replay_payload(letter))
+            result = process(fn, self.ctx, letter.payload, received_at=letter.received_at)
         except Rejected as exc:
             self.reject(message, exc.problems, exc.status)
             return

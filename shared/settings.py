@@ -30,7 +30,7 @@ class Settings(BaseSettings):
         default=None,
         description="Postgres URL. In production the Supabase pooler URL (transaction mode, port 6543).",
     )
-    db_pool_max: int = Field(default=4, ge=1, le=50)
+    db_pool_max: int = Field(default=8, ge=1, le=50, description="At least the server's thread count.")
     db_connect_timeout_s: float = Field(default=5.0, gt=0)
 
     # --- Shared secret guarding every function URL -----------------------------------------------

@@ -359,10 +359,6 @@ def inprocess(monkeypatch: pytest.MonkeyPatch, database_url: str) -> Iterator[No
     reset_settings()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "audit.failed_entry derives the sync_failed id from (function, sha256(body read)); a 413 never keeps "
-    "its body, so every oversized delivery - and an empty-body 400 - to one function share a single audit "
-    "id: only the first is ever recorded and the failure rate from audit_log under-counts"))
 def test_distinct_rejected_deliveries_are_each_audited(inprocess, database_url):
     from functions_framework import create_app
 

@@ -118,8 +118,7 @@ def dlq_depth(settings: Settings) -> int:
 def faults_left(fstack: FaultStack) -> int:
     """How many armed faults the Tables service has not served yet (read in-process)."""
     assert fstack.tables is not None
-    fault = fstack.tables.ctx.faults._fault
-    return fault.count if fault is not None else 0
+    return fstack.tables.stats()["faults"]["left"]
 
 
 def arm(fstack: FaultStack, status: int, count: int, retry_after: int | None = None) -> None:

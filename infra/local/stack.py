@@ -109,6 +109,7 @@ class StackConfig:
     tables_autoreplay: tuple[float, ...] = ()
     retry_budget_s: float = 8.0
     with_moto: bool = True
+    function_env: dict[str, str] = field(default_factory=dict)  # extra ZSYNC_* settings for the functions
 
 
 @dataclass
@@ -211,6 +212,7 @@ class LocalStack:
             env["ZSYNC_DLQ_URL"] = self.dlq_url
         if self.aws_endpoint_url:
             env["ZSYNC_AWS_ENDPOINT_URL"] = self.aws_endpoint_url
+        env.update(self.config.function_env)
         return env
 
     def wire_webhooks(self) -> None:
@@ -254,8 +256,11 @@ class LocalStack:
         """SIGKILL one function process (a crash); its URL refuses connections until restarted."""
         self.functions[name].kill()
 
-    def restart_function(self, name: str) -> None:
+    def restart_function(self, name: str, env: dict[str, str] | None = None) -> None:
+        """Restart one function, optionally with extra settings (a redeploy with new configuration)."""
         fp = self.functions[name]
+        if env is not None:
+            fp.env = {**self.function_env(), **env}
         fp.stop()
         fp.start()
         fp.wait_ready()

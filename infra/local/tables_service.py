@@ -513,6 +513,11 @@ class FaultInjector:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._fault: _Fault | None = None
+        self._served = 0
+
+    def stats(self) -> Data:
+        with self._lock:
+            return {"served": self._served, "left": self._fault.count if self._fault else 0}
 
     def arm(self, status: int, count: int, retry_after: int | None) -> None:
         with self._lock:
@@ -528,6 +533,7 @@ class FaultInjector:
             if fault is None or fault.count <= 0:
                 return None
             fault.count -= 1
+            self._served += 1
             return fault
 
 
@@ -779,7 +785,7 @@ def _register_admin(app: Flask, ctx: ServiceContext) -> None:
 
     @app.get("/_admin/stats")
     def stats() -> Response:
-        return jsonify(ctx.stats.snapshot() | {"deliveries": ctx.dispatcher.stats()})
+        return jsonify(ctx.stats.snapshot() | {"deliveries": ctx.dispatcher.stats(), "faults": ctx.faults.stats()})
 
     @app.post("/_admin/stats/reset")
     def reset_stats() -> tuple[str, int]:
@@ -850,7 +856,8 @@ class TablesService:
         self.stop()
 
     def stats(self) -> Data:
-        return self.ctx.stats.snapshot() | {"deliveries": self.ctx.dispatcher.stats()}
+        ctx = self.ctx
+        return ctx.stats.snapshot() | {"deliveries": ctx.dispatcher.stats(), "faults": ctx.faults.stats()}
 
     def deliveries(self) -> list[Data]:
         return self.ctx.dispatcher.outcomes()
