@@ -54,24 +54,17 @@ FAST_ENV = {"ZSYNC_DB_CONNECT_TIMEOUT_S": "1", "ZSYNC_HTTP_TIMEOUT_S": "2", "ZSY
 TO_TABLES = [name for name, fn in FUNCTIONS.items() if fn.direction is Direction.TO_TABLES]
 
 
-class FaultStack(LocalStack):
-    """The local stack with fail-fast function settings (same code, different ZSYNC_* values)."""
-
-    def function_env(self) -> dict[str, str]:
-        return {**super().function_env(), **FAST_ENV}
-
-    def set_function_env(self, names: list[str], **env: str) -> None:
-        """Restart ``names`` with extra ZSYNC_* settings (a redeploy with new configuration)."""
-        for name in names:
-            fp = self.functions[name]
-            fp.env = {**self.function_env(), **env}
-            self.restart_function(name)
+def set_function_env(stack: LocalStack, names: list[str], **env: str) -> None:
+    """Restart ``names`` with extra ZSYNC_* settings (a redeploy with new configuration)."""
+    for name in names:
+        stack.restart_function(name, env)
 
 
 @pytest.fixture(scope="module")
-def fstack() -> Iterator[FaultStack]:
+def fstack() -> Iterator[LocalStack]:
     state = Path(f"/tmp/zsync-faults-{os.getpid()}")
-    local = FaultStack(StackConfig(state_dir=state, port_base=0, sweep_interval_s=3600, pgnet_poll_interval_s=0.05,
+    local = LocalStack(StackConfig(state_dir=state, port_base=0, function_env=FAST_ENV, sweep_interval_s=3600,
+                                   pgnet_poll_interval_s=0.05,
                                    retry_budget_s=1.5))
     try:
         local.start()
@@ -82,7 +75,7 @@ def fstack() -> Iterator[FaultStack]:
 
 
 @pytest.fixture(scope="module")
-def settings(fstack: FaultStack) -> Settings:
+def settings(fstack: LocalStack) -> Settings:
     """What an operator's `zsync replay` / `zsync reconcile` would use against this stack."""
     assert fstack.tables is not None
     return Settings(database_url=fstack.database_url, tables_api_url=fstack.tables.url, tables_token=fstack.token,
@@ -91,19 +84,19 @@ def settings(fstack: FaultStack) -> Settings:
 
 
 @pytest.fixture(scope="module")
-def client(fstack: FaultStack) -> Iterator[TablesClient]:
+def client(fstack: LocalStack) -> Iterator[TablesClient]:
     assert fstack.tables is not None
     with TablesClient(fstack.tables.url, fstack.token, timeout_s=5, retry_budget_s=10) as c:
         yield c
 
 
 @pytest.fixture
-def tables(fstack: FaultStack) -> Tables:
+def tables(fstack: LocalStack) -> Tables:
     return Tables(fstack)
 
 
 @pytest.fixture
-def supabase(fstack: FaultStack) -> Supabase:
+def supabase(fstack: LocalStack) -> Supabase:
     return Supabase(fstack)
 
 
@@ -115,13 +108,13 @@ def dlq_depth(settings: Settings) -> int:
     return DeadLetterQueue(settings).approximate_depth()
 
 
-def faults_left(fstack: FaultStack) -> int:
+def faults_left(fstack: LocalStack) -> int:
     """How many armed faults the Tables service has not served yet (read in-process)."""
     assert fstack.tables is not None
     return fstack.tables.stats()["faults"]["left"]
 
 
-def arm(fstack: FaultStack, status: int, count: int, retry_after: int | None = None) -> None:
+def arm(fstack: LocalStack, status: int, count: int, retry_after: int | None = None) -> None:
     assert fstack.tables is not None
     body: dict[str, Any] = {"status": status, "count": count}
     if retry_after is not None:
@@ -129,11 +122,11 @@ def arm(fstack: FaultStack, status: int, count: int, retry_after: int | None = N
     requests.post(f"{fstack.tables.url}/_admin/faults", json=body, timeout=5).raise_for_status()
 
 
-def converge(fstack: FaultStack) -> None:
+def converge(fstack: LocalStack) -> None:
     fstack.wait_quiet(timeout_s=60)
 
 
-def check_identical(client: TablesClient, fstack: FaultStack, ids: dict[str, list[str]]) -> tuple[int, int]:
+def check_identical(client: TablesClient, fstack: LocalStack, ids: dict[str, list[str]]) -> tuple[int, int]:
     """Both sides hold the same parsed rows; -> (records lost, duplicates) for this scenario's ids."""
     diff = differences(client, fstack.database_url, fstack.table_ids)
     mine = {i for v in ids.values() for i in v}
@@ -216,12 +209,12 @@ def test_a_postgres_down_during_tables_burst(fstack, settings, client, tables, s
 # --- b. Tables API 429 / 503 during Supabase -> Tables syncs ------------------------------------------------
 
 
-def _last_response(fstack: FaultStack) -> int:
+def _last_response(fstack: LocalStack) -> int:
     with psycopg.connect(fstack.database_url, autocommit=True) as conn:
         return conn.execute("SELECT coalesce(max(id), 0) FROM net._http_response").fetchone()[0]
 
 
-def _responses(fstack: FaultStack, after: int, upto: int | None = None) -> list[tuple[int | None, str | None]]:
+def _responses(fstack: LocalStack, after: int, upto: int | None = None) -> list[tuple[int | None, str | None]]:
     """pg_net's record of the webhook deliveries: (status or None for a transport error/timeout, body)."""
     with psycopg.connect(fstack.database_url, autocommit=True) as conn:
         return conn.execute("SELECT status_code, content FROM net._http_response WHERE id > %s AND id <= %s",
@@ -231,7 +224,7 @@ def _responses(fstack: FaultStack, after: int, upto: int | None = None) -> list[
 def test_b_tables_api_429_then_503(fstack, settings, client, tables, supabase):
     started = time.monotonic()
     # The deployed default budget is 20 s; 8 s leaves room for Retry-After: 1 and a few backoffs.
-    fstack.set_function_env(TO_TABLES, ZSYNC_RETRY_BUDGET_S="8")
+    set_function_env(fstack, TO_TABLES, ZSYNC_RETRY_BUDGET_S="8")
     ids: dict[str, list[str]] = {"agent_decisions": [uid("fb-dec") for _ in range(8)],
                                  "rate_limits": [uid("fb-rl") for _ in range(8)]}
     depth_before = dlq_depth(settings)
@@ -253,7 +246,7 @@ def test_b_tables_api_429_then_503(fstack, settings, client, tables, supabase):
         served_503 = 40 - faults_left(fstack)
     finally:
         requests.delete(f"{fstack.tables.url}/_admin/faults", timeout=5)  # the API recovers
-        fstack.set_function_env(TO_TABLES)
+        set_function_env(fstack, TO_TABLES)
     phase1, phase2 = Counter(s for s, _ in _responses(fstack, mark0, mark1)), _responses(fstack, mark1)
     answers2 = Counter(s for s, _ in phase2)
     dead_lettered = dlq_depth(settings) - depth_before
