@@ -56,6 +56,20 @@ def create_database(admin_url: str, name: str | None = None) -> str:
     return with_database(admin_url, name)
 
 
+FUNCTION_ROLE = "zsync_fn"
+
+
+def function_role_url(url: str) -> str:
+    """``url`` as the functions' least-privileged LOGIN role (a member of zsync_sync, see the roles
+    migration), created if missing. The local server trusts local connections, so no password."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'zsync_fn') THEN "
+            "CREATE ROLE zsync_fn LOGIN IN ROLE zsync_sync; END IF; END $$"
+        )
+    return re.sub(r"^postgresql://[^@/]*@", f"postgresql://{FUNCTION_ROLE}@", url, count=1)
+
+
 def prepare_database(url: str) -> list[str]:
     """Make ``url`` look like a Supabase database with our schema. Idempotent. -> migrations applied."""
     ensure_utc_database(url)

@@ -29,7 +29,14 @@ import psycopg
 
 from infra.local.pgnet_sender import PgNetSender
 from infra.local.pgnet_sender import wait_idle as pgnet_wait_idle
-from infra.local.postgres import create_database, prepare_database, start_again, start_postgres, stop_postgres
+from infra.local.postgres import (
+    create_database,
+    function_role_url,
+    prepare_database,
+    start_again,
+    start_postgres,
+    stop_postgres,
+)
 from infra.local.tables_service import TableConfig, TablesService, start_tables_service
 from shared.settings import DEFAULT_SECRET_HEADER
 from shared.spec import FUNCTIONS, TABLES, Direction
@@ -116,7 +123,8 @@ class StackConfig:
 class LocalStack:
     config: StackConfig = field(default_factory=StackConfig)
     functions: dict[str, FunctionProcess] = field(default_factory=dict)
-    database_url: str = ""
+    database_url: str = ""  # the owner (migrations, pg_net sender, sweeper, tests)
+    function_database_url: str = ""  # what the functions use: a LOGIN member of zsync_sync
     secret: str = ""
     token: str = ""
     dlq_url: str | None = None
@@ -149,6 +157,7 @@ class LocalStack:
         self._pg = start_postgres(state / "pg")
         self.database_url = create_database(self._pg.get_uri(), "zsync")
         prepare_database(self.database_url)
+        self.function_database_url = function_role_url(self.database_url)
         if self.config.with_moto:
             self._start_moto()
         ports = {name: self._port(i + 1) for i, name in enumerate(sorted(FUNCTIONS))}
@@ -198,7 +207,7 @@ class LocalStack:
         env.update({
             "PYTHONPATH": str(REPO),
             "PYTHONUNBUFFERED": "1",
-            "ZSYNC_DATABASE_URL": self.database_url,
+            "ZSYNC_DATABASE_URL": self.function_database_url,
             "ZSYNC_WEBHOOK_SECRET": self.secret,
             "ZSYNC_TABLES_API_URL": self.tables.url if self.tables else "",
             "ZSYNC_TABLES_TOKEN": self.token,
@@ -289,6 +298,7 @@ class LocalStack:
             "tables_token": self.token,
             "table_ids": self.table_ids,
             "database_url": self.database_url,
+            "function_database_url": self.function_database_url,
             "secret_header": DEFAULT_SECRET_HEADER,
             "secret": self.secret,
             "dlq_url": self.dlq_url,
