@@ -21,6 +21,7 @@ app = typer.Typer(
     help="Keep Zapier Tables and Supabase in sync: local stack, migrations, deploy, wiring, repair.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode="markdown",  # reflow docstring paragraphs to the terminal width
 )
 console = Console()
 err = Console(stderr=True)
@@ -184,21 +185,16 @@ def monitor(
     raise typer.Exit(1 if alerts else 0)
 
 
-def _register_optional() -> None:
-    """Commands that live with their subsystem (deploy/wire/doctor, replay/reconcile)."""
-    import importlib
+def _register_subsystems() -> None:
+    """Commands that live with their subsystem: deploy/wire/doctor/gcloud, replay/reconcile."""
+    from infra.deploy.cli import register as register_deploy
+    from shared.repair_cli import register as register_repair
 
-    for module in ("infra.deploy.cli", "shared.repair_cli"):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name and module.startswith(exc.name):
-                continue
-            raise
-        mod.register(app)
+    register_deploy(app)
+    register_repair(app)
 
 
-_register_optional()
+_register_subsystems()
 
 
 def main() -> None:
