@@ -8,7 +8,6 @@ echo) and the memory of each function process. All figures come from one run on 
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import tempfile
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import psycopg
 
-from infra.local.stack import LocalStack, StackConfig
+from infra.local.stack import LocalStack, running_stack
 from tests.e2e import Supabase, Tables
 
 TARGET_AVG_S = 5.0
@@ -105,11 +104,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=40, help="sequential writes per direction")
     parser.add_argument("--burst", type=int, default=200, help="concurrent writes in the burst")
     args = parser.parse_args()
-    state = Path(tempfile.mkdtemp(prefix="zsync-bench-"))
-    stack = LocalStack(StackConfig(state_dir=state, port_base=0, sweep_interval_s=3600))
-    try:
-        t0 = time.perf_counter()
-        stack.start()
+    t0 = time.perf_counter()
+    with running_stack(Path(tempfile.mkdtemp(prefix="zsync-bench-")), sweep_interval_s=3600) as stack:
         print(f"local stack started in {time.perf_counter() - t0:.1f} s "
               f"(pg_net stand-in poll interval {stack.config.pgnet_poll_interval_s} s, plus NOTIFY wake-up)")
         tables, supabase = Tables(stack), Supabase(stack)
@@ -120,9 +116,6 @@ def main() -> None:
         burst(stack, tables, supabase, args.burst)
         for name, fp in sorted(stack.functions.items()):
             print(f"{'rss ' + name:<36} {rss_mb(fp.process.pid):6.1f} MB")
-    finally:
-        stack.stop()
-        shutil.rmtree(state, ignore_errors=True)
 
 
 if __name__ == "__main__":

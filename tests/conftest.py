@@ -53,16 +53,8 @@ def db(database_url: str) -> Iterator[psycopg.Connection]:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory):
     """The whole local stack (as `make up` runs it) on free ports, one per pytest worker."""
-    from infra.local.stack import LocalStack, StackConfig
+    from infra.local.stack import running_stack
 
-    state = Path(f"/tmp/zsync-stack-{os.getpid()}")
-    local = LocalStack(StackConfig(state_dir=state, port_base=0, sweep_interval_s=3600, pgnet_poll_interval_s=0.05,
-                                   retry_budget_s=3.0))
-    try:
-        local.start()
+    with running_stack(Path(f"/tmp/zsync-stack-{os.getpid()}"), sweep_interval_s=3600, pgnet_poll_interval_s=0.05,
+                       retry_budget_s=3.0) as local:
         yield local
-    finally:
-        local.stop()
-        import shutil
-
-        shutil.rmtree(state, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""A real HTTP receiver on 127.0.0.1 (a Zapier catch hook, a Slack webhook...) that records JSON bodies."""
+"""Real HTTP receivers on 127.0.0.1 (a Zapier catch hook, a Slack webhook, a webhook target) that record
+what they are sent."""
 
 from __future__ import annotations
 
@@ -7,28 +8,41 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import NamedTuple
+
+
+class Received(NamedTuple):
+    path: str
+    headers: dict[str, str]
+    body: dict
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 256  # pg_net sends many requests at once; the default backlog is 5
+    daemon_threads = True
 
 
 @contextmanager
-def json_receiver(path: str = "/hook") -> Iterator[tuple[str, list[dict]]]:
-    """Yields (url, bodies received); answers every POST 200 with {"status": "success"} like Zapier."""
-    got: list[dict] = []
+def recording_server(reply: bytes = b'{"status": "success"}') -> Iterator[tuple[str, list[Received]]]:
+    """Yields (base URL, requests received); answers every JSON POST 200 with ``reply`` (Zapier's answer)."""
+    got: list[Received] = []
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
-            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            got.append(Received(self.path, dict(self.headers.items()), body))
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.end_headers()
-            self.wfile.write(b'{"status": "success"}')
+            self.wfile.write(reply)
 
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = _Server(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}{path}", got
+        yield f"http://127.0.0.1:{server.server_address[1]}", got
     finally:
         server.shutdown()
         server.server_close()

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import threading
 import time
 import uuid
@@ -37,7 +36,7 @@ import psycopg
 import pytest
 import requests
 
-from infra.local.stack import LocalStack, StackConfig
+from infra.local.stack import LocalStack, running_stack
 from shared.dead_letter import DeadLetterQueue
 from shared.reconcile import reconcile
 from shared.replay import replay
@@ -62,16 +61,9 @@ def set_function_env(stack: LocalStack, names: list[str], **env: str) -> None:
 
 @pytest.fixture(scope="module")
 def fstack() -> Iterator[LocalStack]:
-    state = Path(f"/tmp/zsync-faults-{os.getpid()}")
-    local = LocalStack(StackConfig(state_dir=state, port_base=0, function_env=FAST_ENV, sweep_interval_s=3600,
-                                   pgnet_poll_interval_s=0.05,
-                                   retry_budget_s=1.5))
-    try:
-        local.start()
+    with running_stack(Path(f"/tmp/zsync-faults-{os.getpid()}"), function_env=FAST_ENV, sweep_interval_s=3600,
+                       pgnet_poll_interval_s=0.05, retry_budget_s=1.5) as local:
         yield local
-    finally:
-        local.stop()
-        shutil.rmtree(state, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 from functions_framework import create_app
 
 from shared.settings import reset_settings
-from tests.receiver import json_receiver
+from tests.receiver import recording_server
 
 MAIN = str(Path(__file__).resolve().parent.parent / "functions" / "main.py")
 SECRET = "in-process-secret"
@@ -41,8 +41,8 @@ def post(target: str, body: object, **headers: str):
 
 @pytest.fixture
 def catch_hook():
-    with json_receiver("/hooks/catch/1/abc/") as hook:
-        yield hook
+    with recording_server() as (base, got):
+        yield f"{base}/hooks/catch/1/abc/", got
 
 
 def test_every_target_exists_and_is_thin():
@@ -94,7 +94,7 @@ def test_catch_hook_writer_posts_the_formatted_record(env, catch_hook, database_
                        "updated_at": "2025-12-22T10:05:00+00:00", "retry_count": 0}}
     r = post("agent_jobs_to_tables", hook)
     assert r.status_code == 200 and r.json["outcome"] == "applied"
-    assert got == [{
+    assert [r.body for r in got] == [{
         "id": "abc-123-def-456", "job_type": "qualification", "status": "queued", "initiated_by": None,
         "initiated_by_type": None, "parameters": '{"lead_id":"lead-xyz-789"}', "results": None,
         "error_message": None, "retry_count": 0, "created_at": "2025-12-22T10:05:00Z", "started_at": None,

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from shared import monitor
 from shared.cli import app
 from shared.supabase_db import append_audit
-from tests.receiver import json_receiver
+from tests.receiver import recording_server
 
 
 def _entry(i: int, action: str, lag: float | None = None) -> dict:
@@ -23,8 +23,8 @@ def _entry(i: int, action: str, lag: float | None = None) -> dict:
 
 @pytest.fixture
 def receiver():
-    with json_receiver("/hook") as hook:
-        yield hook
+    with recording_server() as (base, got):
+        yield f"{base}/hook", got
 
 
 def test_healthy_then_each_threshold_fires(database_url, db, receiver):
@@ -51,7 +51,7 @@ def test_healthy_then_each_threshold_fires(database_url, db, receiver):
 
     url, got = receiver
     monitor.post_to_slack(url, monitor.check(database_url).alerts())
-    assert "lag" in got[0]["text"] and "conflict" in got[0]["text"]  # failures diluted to 2 of 42 by now
+    assert "lag" in got[0].body["text"] and "conflict" in got[0].body["text"]  # failures diluted to 2 of 42 by now
 
 
 def test_cli_exits_nonzero_and_posts_when_alerting(database_url, db, receiver, monkeypatch):
@@ -68,4 +68,4 @@ def test_cli_exits_nonzero_and_posts_when_alerting(database_url, db, receiver, m
         monkeypatch.delenv("ZSYNC_SLACK_WEBHOOK_URL")
         reset_settings()
     assert result.exit_code == 1, result.output
-    assert got and "failure rate" in got[-1]["text"]
+    assert got and "failure rate" in got[-1].body["text"]

@@ -10,11 +10,8 @@ import json
 import logging
 import os
 import re
-import threading
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +29,7 @@ from shared.spec import FUNCTIONS, TABLES, WEBHOOK_TABLES, Direction
 from shared.sync import SupabaseWebhook, SyncContext, apply_from_supabase, apply_from_tables
 from shared.webhook_sql import render_webhook_sql, trigger_name
 from tests.e2e import Supabase, Tables
+from tests.receiver import recording_server
 from tests.test_bad_input import snapshot, unchanged_apart_from_audit
 
 MAIN = str(Path(__file__).resolve().parent.parent / "functions" / "main.py")
@@ -142,32 +140,6 @@ def test_stack_webhook_triggers_carry_the_secret_header(stack):
         assert refused == 0
 
 
-@contextmanager
-def header_receiver() -> Iterator[tuple[str, list[tuple[str, dict[str, str], dict]]]]:
-    """Records (path, headers, JSON body) of every POST; answers 200."""
-    got: list[tuple[str, dict[str, str], dict]] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            got.append((self.path, dict(self.headers.items()), body))
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(b"{}")
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", got
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def wire(database_url: str, base_url: str, secret: str) -> None:
     sql = render_webhook_sql({t: f"{base_url}/{t}" for t in WEBHOOK_TABLES}, H, secret)
     with psycopg.connect(database_url, autocommit=True) as conn:
@@ -176,7 +148,7 @@ def wire(database_url: str, base_url: str, secret: str) -> None:
 
 def test_delivered_webhook_requests_carry_the_secret_header(database_url):
     secret = "webhook-" + uuid.uuid4().hex
-    with header_receiver() as (base, got), PgNetSender(database_url, poll_interval_s=0.05) as sender:
+    with recording_server(reply=b"{}") as (base, got), PgNetSender(database_url, poll_interval_s=0.05) as sender:
         wire(database_url, base, secret)
         rid = uid("hdr")
         with psycopg.connect(database_url, autocommit=True) as conn:
@@ -435,7 +407,7 @@ def test_functions_sync_as_a_member_of_zsync_sync(database_url, fn_url, tmp_path
         [TableConfig(t.name, table_ids[t.name], None, t.version is not None) for t in TABLES.values()],
         token=TOKEN, secret_header=H, secret=None)
     try:
-        with header_receiver() as (base, _got):
+        with recording_server(reply=b"{}") as (base, _got):
             wire(database_url, base, CURRENT)  # as the owner, like `zsync wire`: triggers + endpoints
             settings = Settings(database_url=fn_url, webhook_secret=CURRENT, tables_api_url=service.url,
                                 tables_token=TOKEN, table_ids=table_ids, retry_budget_s=1.0)

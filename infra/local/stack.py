@@ -16,11 +16,13 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -311,3 +313,15 @@ class LocalStack:
         path.write_text(json.dumps(self.info(), indent=2) + "\n")
         path.chmod(0o600)
         return path
+
+
+@contextlib.contextmanager
+def running_stack(state_dir: Path, **config: Any) -> Iterator[LocalStack]:
+    """A started stack on free ports (tests, benchmarks); stopped and its state removed afterwards."""
+    stack = LocalStack(StackConfig(state_dir=state_dir, port_base=0, **config))
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+        shutil.rmtree(state_dir, ignore_errors=True)
