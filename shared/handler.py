@@ -4,7 +4,8 @@ where, and never echoes a secret or a stack trace.
 
 Status codes: 200 applied / unchanged / skipped_stale / ignored / ping; 400 invalid record or payload;
 401 missing or wrong secret; 405 not POST; 413 body too large; 415 not JSON; 500 misconfigured or
-internal error; 503 a dependency was unreachable (the delivery was dead-lettered for replay).
+internal error; 502 Zapier Tables refused our write; 503 a dependency was unreachable (the delivery was
+dead-lettered for replay).
 """
 
 from __future__ import annotations
@@ -229,9 +230,11 @@ def handle(function_name: str, request: flask.Request) -> tuple[dict[str, Any], 
         log_event(log, logging.ERROR, "dependency_unavailable", error_type=type(exc).__name__,
                   error=str(exc)[:300])
         stored = _dead_letter(fn, ctx, request, exc, started)
-        error = ("Zapier Tables rejected the record; not dead-lettered (a replay would fail the same way)"
-                 if isinstance(exc, TablesRejected) else "a dependency is unavailable; the delivery was not applied")
-        return answer(503, Outcome.FAILED, error=error, dead_lettered=stored)
+        if isinstance(exc, TablesRejected):  # upstream refused our write: retrying will not help
+            return answer(502, Outcome.FAILED, dead_lettered=stored, error="Zapier Tables rejected the record; not "
+                          "dead-lettered (a replay would fail the same way)")
+        return answer(503, Outcome.FAILED, error="a dependency is unavailable; the delivery was not applied",
+                      dead_lettered=stored)
     except Exception:
         log.exception("unexpected error", extra={"json_fields": {"event": "internal_error", **base}})
         return answer(500, Outcome.FAILED, error="internal error; see the function's logs")

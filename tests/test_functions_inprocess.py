@@ -129,3 +129,23 @@ def test_ping_reports_whether_migrations_are_current(env, database_url):
     reset_settings()
     r = post("agent_jobs_to_supabase", {"zsync_ping": True})
     assert r.status_code == 200 and "migrations_current" not in r.json  # unknown: the database is unreachable
+
+
+def test_tables_refusing_our_write_is_a_502_not_retried_or_dead_lettered(env, database_url, tmp_path):
+    from infra.local.tables_service import TableConfig, start_tables_service
+
+    with start_tables_service(tmp_path / "t.sqlite3", [TableConfig("agent_jobs", "tbl_small")], token="tok",
+                              secret_header="X-Zsync-Secret", secret=None, max_body_bytes=2048) as service:
+        env.setenv("ZSYNC_TABLES_API_URL", service.url)
+        env.setenv("ZSYNC_TABLES_TOKEN", "tok")
+        env.setenv("ZSYNC_TABLE_IDS", json.dumps({"agent_jobs": "tbl_small"}))
+        reset_settings()
+        hook = {"type": "INSERT", "table": "agent_jobs", "schema": "public", "old_record": None,
+                "record": {"id": "too-big", "error_message": "x" * 5000, "updated_at": "2025-12-22T10:00:00+00:00"}}
+        r = post("agent_jobs_to_tables", hook)
+        assert r.status_code == 502 and r.json["dead_lettered"] is False
+        assert "rejected" in r.json["error"]
+        assert service.stats()["api_requests"] == 2  # one lookup, one refused create: a 4xx is not retried
+    with psycopg.connect(database_url) as conn:
+        failed = conn.execute("SELECT count(*) FROM audit_log WHERE action = 'sync_failed' AND resource_id = 'too-big'")
+        assert failed.fetchone() == (1,)
