@@ -193,7 +193,7 @@ def test_tables_4xx_to_our_write_is_not_dead_lettered(env, queue_url, tables_ser
     hook = {"type": "INSERT", "table": "rate_limits", "schema": "public", "old_record": None,
             "record": {"id": rid, "updated_at": "2025-12-22T10:00:00+00:00"}}
     r = post("rate_limits_to_tables", hook)
-    assert r.status_code == 503 and r.json["dead_lettered"] is False and "rejected" in r.json["error"]
+    assert r.status_code == 502 and r.json["dead_lettered"] is False and "rejected" in r.json["error"]
     assert drain(queue_url) == []
     assert query(database_url, "SELECT count(*) FROM audit_log WHERE action = 'sync_failed' AND resource_id = %s",
                  (rid,)) == [(1,)]
