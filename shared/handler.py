@@ -149,16 +149,12 @@ def _record_failure(fn: FunctionSpec, ctx: SyncContext, body: bytes, rejected: R
         return False
 
 
-def _dead_letter(fn: FunctionSpec, ctx: SyncContext, request: flask.Request, exc: Exception, started: float) -> bool:
+def _dead_letter(fn: FunctionSpec, ctx: SyncContext, payload: dict[str, Any], exc: Exception, started: float) -> bool:
     """A delivery that could not be applied after the in-function retries: write a best-effort
     ``sync_failed`` audit entry (skipped when the database itself is down: it was just given its whole retry
     budget) and store the delivery whole in the dead-letter queue for ``zsync replay``. A 4xx the Tables API
     answered to our own write is not dead-lettered (replaying it would fail the same way). -> stored?"""
     received_at = datetime.now(UTC) - timedelta(seconds=time.perf_counter() - started)
-    try:
-        payload = json.loads(request.environ.get("zsync.body", b""))  # parsed before: only dicts get here
-    except ValueError:
-        payload = {}
     record_id = _record_id(payload)
     audited = False
     if not isinstance(exc, supabase_db.DatabaseUnavailable):
@@ -214,6 +210,7 @@ def handle(function_name: str, request: flask.Request) -> tuple[dict[str, Any], 
     if not is_authorized(request, settings):
         return answer(401, Outcome.REJECTED, error=f"missing or invalid {settings.secret_header} header")
 
+    payload: dict[str, Any] = {}
     try:
         payload = read_json_body(request, settings.max_body_bytes)
         if payload.get(PING) is True:
@@ -229,7 +226,7 @@ def handle(function_name: str, request: flask.Request) -> tuple[dict[str, Any], 
     except (supabase_db.DatabaseUnavailable, TablesError) as exc:
         log_event(log, logging.ERROR, "dependency_unavailable", error_type=type(exc).__name__,
                   error=str(exc)[:300])
-        stored = _dead_letter(fn, ctx, request, exc, started)
+        stored = _dead_letter(fn, ctx, payload, exc, started)
         if isinstance(exc, TablesRejected):  # upstream refused our write: retrying will not help
             return answer(502, Outcome.FAILED, dead_lettered=stored, error="Zapier Tables rejected the record; not "
                           "dead-lettered (a replay would fail the same way)")

@@ -30,7 +30,6 @@ from shared.spec import TEXT_MAX_LENGTH, Field, Kind, TableSpec
 Source = Literal["tables", "supabase"]
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 _INT_TEXT = re.compile(r"^\s*[+-]?\d+\s*$")
-_MISSING = object()
 
 
 class InvalidRecord(ValueError):

@@ -24,7 +24,14 @@ from shared.logs import log_event
 from shared.mapping import InvalidRecord, parse_supabase_record, parse_tables_record, to_tables_fields
 from shared.settings import Settings, TablesWriter
 from shared.spec import FUNCTIONS, Direction, FunctionSpec, TableSpec
-from shared.zapier_tables import CatchHookWriter, Record, TablesClient, TablesDuplicate, client_from_settings
+from shared.zapier_tables import (
+    CatchHookWriter,
+    Record,
+    TablesClient,
+    TablesDuplicate,
+    catch_hook_writer_from_settings,
+    client_from_settings,
+)
 
 
 class ConfigurationError(RuntimeError):
@@ -71,17 +78,17 @@ class SyncContext:
 
     @cached_property
     def tables(self) -> TablesClient:
-        if self.settings.tables_token is None:
-            raise ConfigurationError("ZSYNC_TABLES_TOKEN is not set")
-        return client_from_settings(self.settings)
+        try:
+            return client_from_settings(self.settings)
+        except ValueError as exc:  # a required setting is missing
+            raise ConfigurationError(str(exc)) from None
 
     @cached_property
     def hooks(self) -> CatchHookWriter:
-        return CatchHookWriter(
-            self.settings.catch_hook_urls,
-            timeout_s=self.settings.http_timeout_s,
-            retry_budget_s=self.settings.retry_budget_s,
-        )
+        try:
+            return catch_hook_writer_from_settings(self.settings)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
 
     def table_id(self, spec: TableSpec) -> str:
         try:

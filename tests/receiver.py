@@ -23,6 +23,18 @@ class _Server(ThreadingHTTPServer):
 
 
 @contextmanager
+def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """Serve ``handler`` on a free 127.0.0.1 port in a thread; yields the base URL."""
+    server = _Server(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextmanager
 def recording_server(reply: bytes = b'{"status": "success"}') -> Iterator[tuple[str, list[Received]]]:
     """Yields (base URL, requests received); answers every JSON POST 200 with ``reply`` (Zapier's answer)."""
     got: list[Received] = []
@@ -39,10 +51,5 @@ def recording_server(reply: bytes = b'{"status": "success"}') -> Iterator[tuple[
         def log_message(self, *args: object) -> None:
             pass
 
-    server = _Server(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", got
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(Handler) as base:
+        yield base, got

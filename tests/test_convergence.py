@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import psycopg
@@ -43,6 +43,7 @@ from shared.settings import DEFAULT_SECRET_HEADER
 from shared.spec import TABLES, WEBHOOK_TABLES, Direction, TableSpec
 from shared.webhook_sql import render_webhook_sql
 from tests.e2e import Supabase, Tables
+from tests.receiver import serving
 
 H = DEFAULT_SECRET_HEADER
 # The fields each writer sets on a table: (text, json, number) - every write sets all three + updated_at.
@@ -117,17 +118,8 @@ def proxy(targets: dict[str, str], rng: random.Random, max_delay_s: float) -> It
         def log_message(self, *args: object) -> None:
             pass
 
-    class Server(ThreadingHTTPServer):
-        request_queue_size = 256  # pg_net sends up to 32 requests at once; the default backlog is 5
-        daemon_threads = True
-
-    server = Server(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", got
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(Handler) as base:
+        yield base, got
 
 
 @contextmanager

@@ -21,6 +21,7 @@ import requests
 from functions_framework import create_app
 
 from infra.local.pgnet_sender import PgNetSender
+from infra.local.postgres import with_user
 from infra.local.tables_service import TableConfig, start_tables_service
 from shared import handler, supabase_db
 from shared.conflict import Outcome
@@ -332,13 +333,13 @@ def test_errors_never_echo_secrets_or_stack_traces(env, logs, database_url):
 # --- the database role the functions use -------------------------------------------------------------------
 
 TWO_WAY = ("agent_jobs", "agent_decisions", "rate_limits")
-CALLED = {"sync_upsert", "sync_upsert_many", "version_cmp", "content_hash", "canonical", "append_audit",
+CALLED = {"sync_upsert", "sync_upsert_many", "version_cmp", "content_hash", "append_audit",
           "ack_outbox", "announce"}
 DEFINER = {"capture_change", "ack_outbox", "announce"}
 
 
 def role_url(database_url: str, role: str = ROLE) -> str:
-    return re.sub(r"^postgresql://[^@/]*@", f"postgresql://{role}@", database_url)
+    return with_user(database_url, role)
 
 
 @pytest.fixture(scope="module")

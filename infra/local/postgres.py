@@ -40,6 +40,11 @@ def start_again(server: Any) -> None:
     server.ensure_postgres_running()
 
 
+def with_user(url: str, user: str) -> str:
+    """The same server URL connecting as ``user`` (no password: the local server trusts local sockets)."""
+    return re.sub(r"^postgresql://[^@/]*@", f"postgresql://{user}@", url, count=1)
+
+
 def with_database(url: str, name: str) -> str:
     """The same server URL pointing at database ``name``."""
     return re.sub(r"^(postgresql://[^/]*/)[^?]*", lambda m: m.group(1) + name, url, count=1)
@@ -67,7 +72,7 @@ def function_role_url(url: str) -> str:
             "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'zsync_fn') THEN "
             "CREATE ROLE zsync_fn LOGIN IN ROLE zsync_sync; END IF; END $$"
         )
-    return re.sub(r"^postgresql://[^@/]*@", f"postgresql://{FUNCTION_ROLE}@", url, count=1)
+    return with_user(url, FUNCTION_ROLE)
 
 
 def prepare_database(url: str) -> list[str]:

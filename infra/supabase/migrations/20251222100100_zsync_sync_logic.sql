@@ -42,20 +42,6 @@ BEGIN
 END
 $$;
 
--- Canonical form of a row as the sync sees it (typed, UTC timestamps): what version_cmp hashes.
-CREATE OR REPLACE FUNCTION zsync.canonical(p_table regclass, p_row jsonb)
-RETURNS jsonb LANGUAGE plpgsql STABLE
-SET timezone TO 'UTC'
-AS $$
-DECLARE
-    result jsonb;
-BEGIN
-    EXECUTE format('SELECT to_jsonb(x) FROM jsonb_populate_record(NULL::%s, $1) x', p_table)
-        INTO result USING p_row;
-    RETURN result;
-END
-$$;
-
 -- Apply an incoming row only if its version is newer than the stored one. Atomic: the stored row is
 -- locked (or the insert is conflict-safe) before the comparison, so concurrent deliveries serialise.
 -- p_row must carry every column (the sync stores exactly the version it applies).

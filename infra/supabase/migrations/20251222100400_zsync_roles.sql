@@ -6,7 +6,7 @@
 --   * INSERT, SELECT on audit_log (append-only: no UPDATE, and its triggers reject changes anyway);
 --   * SELECT on zsync.schema_migrations (the signed ping reports whether migrations are current);
 --   * EXECUTE on the zsync functions the functions (and replay/reconcile, which run with the same
---     settings) call: sync_upsert, sync_upsert_many, version_cmp (and content_hash, canonical, which
+--     settings) call: sync_upsert, sync_upsert_many, version_cmp (and content_hash, which
 --     it uses), append_audit, ack_outbox, announce.
 -- It gets no CREATE on any schema (no DDL), no DELETE or TRUNCATE anywhere, and no access to
 -- zsync.webhook_endpoints (which holds the shared secret) or to zsync.outbox: the outbox is written by
@@ -69,7 +69,6 @@ GRANT EXECUTE ON FUNCTION
     zsync.sync_upsert(regclass, jsonb),
     zsync.version_cmp(regclass, jsonb, jsonb),
     zsync.content_hash(jsonb),
-    zsync.canonical(regclass, jsonb),
     zsync.append_audit(jsonb),
     zsync.ack_outbox(text, text, timestamptz, text),
     zsync.announce(text, text, text)
