@@ -19,7 +19,7 @@ import requests
 
 from infra.local.postgres import create_database, prepare_database, start_postgres
 from infra.local.tables_service import TableConfig, start_tables_service
-from shared.reconcile import ReconcileResult, reconcile
+from infra.reconcile import ReconcileResult, reconcile
 from shared.settings import Settings
 from shared.spec import TABLES
 from shared.sync import SyncContext

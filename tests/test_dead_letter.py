@@ -19,10 +19,11 @@ from functions_framework import create_app
 from moto.server import ThreadedMotoServer
 from typer.testing import CliRunner
 
+from infra import replay
+from infra.cli import app
 from infra.local.stack import free_port
 from infra.local.tables_service import TableConfig, TablesService, start_tables_service
-from shared import dead_letter, replay
-from shared.cli import app
+from shared import dead_letter
 from shared.dead_letter import DeadLetter, DeadLetterQueue, delivery_key
 from shared.settings import get_settings, reset_settings
 from shared.spec import TABLES

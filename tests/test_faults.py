@@ -37,9 +37,9 @@ import pytest
 import requests
 
 from infra.local.stack import LocalStack, running_stack
+from infra.reconcile import reconcile
+from infra.replay import replay
 from shared.dead_letter import DeadLetterQueue
-from shared.reconcile import reconcile
-from shared.replay import replay
 from shared.settings import Settings
 from shared.spec import FUNCTIONS, TABLES, Direction
 from shared.sync import SyncContext

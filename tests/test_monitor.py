@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from typer.testing import CliRunner
 
-from shared import monitor
-from shared.cli import app
+from infra import monitor
+from infra.cli import app
 from shared.supabase_db import append_audit
 from tests.receiver import recording_server
 

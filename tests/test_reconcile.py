@@ -16,12 +16,12 @@ import pytest
 import requests
 from typer.testing import CliRunner
 
+from infra.cli import app
 from infra.local.postgres import create_database, prepare_database
 from infra.local.tables_service import TableConfig, TablesService, start_tables_service
+from infra.reconcile import reconcile
 from shared import supabase_db
-from shared.cli import app
 from shared.mapping import InvalidRecord, parse_supabase_record, parse_tables_record
-from shared.reconcile import reconcile
 from shared.settings import Settings, reset_settings
 from shared.spec import TABLES, TableSpec
 from shared.sync import SyncContext

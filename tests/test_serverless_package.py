@@ -176,7 +176,7 @@ def test_artifact_holds_the_code_and_requirements_but_nothing_else(package_dir: 
     for excluded in (".venv", "node_modules", "tests", "bench", ".local", ".zsync", ".git", "boto3", "botocore"):
         assert excluded not in top, excluded
     assert not any(n.startswith(("infra/local/", "infra/deploy/")) for n in names)
-    assert "shared/cli.py" not in names
+    assert not any(n.startswith("infra/") and n.endswith(".py") and n != "infra/__init__.py" for n in names)
     assert not any(n.endswith(("serverless.yml", "package.json")) for n in names)
 
 

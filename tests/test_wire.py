@@ -75,7 +75,7 @@ def test_help(command: list[str]) -> None:
 
 
 def test_registered_on_the_real_root_app() -> None:
-    from shared.cli import app
+    from infra.cli import app
 
     result = CliRunner().invoke(app, ["--help"])
     assert result.exit_code == 0

@@ -1,6 +1,6 @@
 """The deployment commands of ``zsync``: deploy, wire supabase|zapier, doctor, gcloud.
 
-``shared/cli.py`` calls :func:`register` on the root app.
+``infra/cli.py`` calls :func:`register` on the root app.
 """
 
 from __future__ import annotations

@@ -162,7 +162,7 @@ def monitor(
     """
     from datetime import timedelta
 
-    from shared import monitor as mon
+    from infra import monitor as mon
     from shared.settings import get_settings
 
     health = mon.check(_database_url(database_url), timedelta(minutes=window_minutes))
@@ -188,7 +188,7 @@ def monitor(
 def _register_subsystems() -> None:
     """Commands that live with their subsystem: deploy/wire/doctor/gcloud, replay/reconcile."""
     from infra.deploy.cli import register as register_deploy
-    from shared.repair_cli import register as register_repair
+    from infra.repair_cli import register as register_repair
 
     register_deploy(app)
     register_repair(app)

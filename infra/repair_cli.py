@@ -1,4 +1,4 @@
-"""``zsync replay`` and ``zsync reconcile``: the repair commands (registered by :mod:`shared.cli`).
+"""``zsync replay`` and ``zsync reconcile``: the repair commands (registered by :mod:`infra.cli`).
 
 Both read the usual ``ZSYNC_*`` settings; whatever is not set there is taken from the running local stack's
 ``.local/stack.json`` (``make up``), so locally they need no configuration at all.
@@ -55,7 +55,7 @@ _SHORT = {"skipped_stale": "stale", "duplicates": "dupes"}
 
 
 def replay_table(report: Any) -> Table:
-    from shared.replay import COLUMNS
+    from infra.replay import COLUMNS
 
     title = "zsync replay (dry run: nothing applied or deleted)" if report.dry_run else "zsync replay"
     table = Table(title=title)
@@ -88,8 +88,8 @@ def replay_command(
 
     Exits 1 if anything was left in the queue, 2 if the queue is not configured or unreachable.
     """
+    from infra.replay import replay
     from shared.dead_letter import DeadLetterError
-    from shared.replay import replay
 
     settings = load_settings(stack_file)
     try:
@@ -170,7 +170,7 @@ def reconcile_command(
 
     Exits 0 when both sides are in sync afterwards (dry run: when there is no drift), 1 otherwise.
     """
-    from shared.reconcile import reconcile
+    from infra.reconcile import reconcile
     from shared.sync import ConfigurationError, SyncContext
 
     settings = load_settings(stack_file)
