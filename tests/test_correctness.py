@@ -1,0 +1,261 @@
+"""Issue 13: a later write is never lost to a clock, a number or a retry loop; deletes stay deleted.
+
+Each test drives the real local stack (Tables records API, SQL on Postgres, the functions over HTTP) or
+the real SQL on a migrated database, and failed before the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+import requests
+
+from shared import supabase_db
+from shared.spec import TABLES
+from tests.e2e import Supabase, Tables, eventually
+
+JOBS = TABLES["agent_jobs"]
+
+
+def uid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def iso(ts: datetime) -> str:
+    return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+@pytest.fixture
+def tables(stack) -> Tables:
+    return Tables(stack)
+
+
+@pytest.fixture
+def supabase(stack) -> Supabase:
+    return Supabase(stack)
+
+
+def post(stack, function: str, payload: dict) -> requests.Response:
+    return requests.post(stack.functions[function].url, json=payload,
+                         headers={"X-Zsync-Secret": stack.secret}, timeout=20)
+
+
+# --- 1. a later write wins even when the earlier one's clock ran ahead --------------------------------
+
+
+def test_1_later_sql_write_wins_over_a_tables_clock_running_ahead(stack, tables, supabase):
+    rid = uid("skew")
+    ahead = datetime.now(UTC) + timedelta(seconds=3)
+    tables.create("agent_jobs", {"id": rid, "status": "queued", "updated_at": iso(ahead)})
+    eventually(lambda: supabase.row("agent_jobs", rid))
+    stack.wait_quiet()
+    supabase.query("UPDATE agent_jobs SET status = 'done', updated_at = now() WHERE id = %s", (rid,))
+    stack.wait_quiet()
+    eventually(lambda: tables.find("agent_jobs", rid)["data"]["status"] == "done")
+    assert supabase.row("agent_jobs", rid)["status"] == "done"
+    assert supabase.audit(rid, "sync_skipped_stale_data") == []
+
+
+def test_1_sql_write_forgetting_updated_at_after_a_skewed_one_still_wins(stack, tables, supabase):
+    rid = uid("skew2")
+    tables.create("agent_jobs", {"id": rid, "status": "queued",
+                                 "updated_at": iso(datetime.now(UTC) + timedelta(seconds=30))})
+    eventually(lambda: supabase.row("agent_jobs", rid))
+    stack.wait_quiet()
+    supabase.query("UPDATE agent_jobs SET status = 'running' WHERE id = %s", (rid,))
+    stack.wait_quiet()
+    eventually(lambda: tables.find("agent_jobs", rid)["data"]["status"] == "running")
+    assert supabase.row("agent_jobs", rid)["status"] == "running"
+
+
+def test_1_a_tables_edit_without_new_updated_at_is_versioned_by_edited_at_without_loops(stack, tables, supabase):
+    rid = uid("edited")
+    supabase.query("INSERT INTO agent_jobs (id, status) VALUES (%s, 'queued')", (rid,))
+    rec = eventually(lambda: tables.find("agent_jobs", rid))
+    stack.wait_quiet()
+    before_sql, before_tables = supabase.writes("agent_jobs", rid), tables.writes("agent_jobs")
+    # The echo of our own write: Tables' edited_at is later, content the same -> unchanged.
+    echo = dict(rec["data"], edited_at=iso(datetime.now(UTC)))
+    r = post(stack, "agent_jobs_to_supabase", echo)
+    assert r.status_code == 200 and r.json()["outcome"] == "unchanged", r.text
+    # A person edits a cell: same updated_at (the Zap maps the field as it is), new content, edited_at now.
+    edit = dict(rec["data"], status="cancelled", edited_at=iso(datetime.now(UTC) + timedelta(milliseconds=5)))
+    r = post(stack, "agent_jobs_to_supabase", edit)
+    assert r.status_code == 200 and r.json()["outcome"] == "applied", r.text
+    stack.wait_quiet()
+    row = supabase.row("agent_jobs", rid)
+    assert row["status"] == "cancelled"
+    assert datetime.fromisoformat(row["updated_at"]) > datetime.fromisoformat(rec["data"]["updated_at"].replace("Z", "+00:00"))
+    # The same edit delivered again (and the echo of the new version) changes nothing more.
+    assert post(stack, "agent_jobs_to_supabase", edit).json()["outcome"] in ("unchanged", "skipped_stale")
+    stack.wait_quiet()
+    new = tables.find("agent_jobs", rid)["data"]
+    assert post(stack, "agent_jobs_to_supabase", dict(new, edited_at=iso(datetime.now(UTC)))).json()["outcome"] == "unchanged"
+    stack.wait_quiet()
+    assert supabase.writes("agent_jobs", rid) == before_sql + 1  # the edit, once
+    assert tables.writes("agent_jobs") - before_tables <= 1  # at most the new version's updated_at, once
+
+
+# --- 2. numbers and timestamps compare by value -----------------------------------------------------------
+
+
+def test_2_json_number_formatting_is_not_a_conflict(stack, tables, supabase):
+    rid = uid("num")
+    supabase.query("INSERT INTO agent_jobs (id, status, parameters) VALUES (%s, 'queued', "
+                   "'{\"cost\": 12.50, \"n\": 1.0, \"big\": 1e2, \"b\": {\"z\": 1, \"a\": [0.10]}}')", (rid,))
+    eventually(lambda: tables.find("agent_jobs", rid))
+    stack.wait_quiet()
+    assert supabase.audit(rid, "sync_skipped_stale_data") == []
+    assert supabase.writes("agent_jobs", rid) == 1
+    assert supabase.row("agent_jobs", rid)["parameters"]["cost"] == 12.50
+
+
+def test_2_canonical_versions_in_sql(db):
+    def cmp(a: dict, b: dict) -> int:
+        return supabase_db.version_cmp(db, JOBS, a, b)
+
+    base = {"id": "x", "updated_at": "2030-01-01T10:00:00.123456Z", "status": "s"}
+    # A Tables field that keeps milliseconds only: the same version.
+    assert cmp(base, dict(base, updated_at="2030-01-01T10:00:00.123Z")) == 0
+    assert cmp(dict(base, started_at="2030-01-01T09:00:00.000999Z"), dict(base, started_at="2030-01-01T09:00:00Z")) == 0
+    # Numbers by value, key order irrelevant, from JSON text.
+    with db.cursor() as cur:
+        for left, right in [('{"cost": 12.50}', '{"cost": 12.5}'), ('{"a": 1, "b": 2}', '{"b": 2.0, "a": 1e0}'),
+                            ('[1.10, {"k": 100}]', '[1.1, {"k": 1E2}]')]:
+            got = cur.execute("SELECT zsync.version_cmp('public.agent_jobs', jsonb_build_object('id','x','parameters',%s::jsonb),"
+                              " jsonb_build_object('id','x','parameters',%s::jsonb))", (left, right)).fetchone()[0]
+            assert got == 0, (left, right)
+    # Missing, null, empty text: one version.
+    assert cmp(dict(base, error_message=None), {k: v for k, v in base.items()}) == 0
+    assert cmp(dict(base, error_message=""), base) == 0
+    # Different values still differ.
+    assert cmp(dict(base, parameters={"cost": 12.5}), dict(base, parameters={"cost": 12.51})) != 0
+
+
+# --- 3. rows the sync can never deliver -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sql, params", [
+    ("INSERT INTO agent_jobs (id, status, updated_at) VALUES (%s, 'q', 'infinity')", ()),
+    ("INSERT INTO agent_jobs (id, status, started_at) VALUES (%s, 'q', '-infinity')", ()),
+    ("INSERT INTO agent_jobs (id, status) VALUES (%s || E'\\t', 'q')", ()),
+    ("INSERT INTO agent_jobs (id, status) VALUES (%s, repeat('x', 100001))", ()),
+    ("INSERT INTO agent_decisions (id, confidence) VALUES (%s, 'NaN')", ()),
+    ("INSERT INTO rate_limits (id, reset_at) VALUES (%s, '10000-01-01')", ()),
+])
+def test_3_undeliverable_rows_are_refused_when_written(db, sql, params):
+    with pytest.raises(psycopg.errors.CheckViolation):
+        db.execute(sql, (uid("bad"), *params))
+
+
+def test_3_a_row_that_keeps_failing_is_parked_not_resent(stack, supabase):
+    rid = uid("deep")
+    deep = "[" * 70 + "]" * 70  # jsonb accepts it; the function refuses JSON nested deeper than 64
+    supabase.query("INSERT INTO agent_jobs (id, status, parameters) VALUES (%s, 'q', %s::jsonb)", (rid, deep))
+    stack.wait_quiet()
+    for _ in range(3):
+        stack.sweep_outbox(min_age_s=0)
+        stack.wait_quiet()
+    pending = supabase.query("SELECT count(*) FROM zsync.outbox WHERE record_id = %s AND acked_at IS NULL", (rid,))
+    assert pending[0][0] == 0
+    parked = supabase.query("SELECT ack_outcome, last_error FROM zsync.outbox WHERE record_id = %s", (rid,))
+    assert parked[0][0] == "dead_letter" and "64" in parked[0][1]
+    assert supabase.audit(rid, "sync_failed")
+    assert stack.sweep_outbox(min_age_s=0) == 0
+
+
+# --- 4. deletes win ---------------------------------------------------------------------------------------
+
+
+def test_4_supabase_delete_removes_the_tables_copy_and_is_not_resurrected(stack, tables, supabase):
+    rid = uid("del")
+    supabase.query("INSERT INTO agent_jobs (id, status) VALUES (%s, 'queued')", (rid,))
+    old = eventually(lambda: tables.find("agent_jobs", rid))
+    stack.wait_quiet()
+    supabase.query("DELETE FROM agent_jobs WHERE id = %s", (rid,))
+    stack.wait_quiet()
+    eventually(lambda: tables.find("agent_jobs", rid) is None)
+    tomb = supabase.query("SELECT version, origin FROM zsync.tombstones WHERE table_name = 'agent_jobs' "
+                          "AND record_id = %s", (rid,))
+    assert tomb and tomb[0][1] == "supabase"
+    # A stale redelivery of the Tables copy is not re-inserted.
+    r = post(stack, "agent_jobs_to_supabase", old["data"])
+    assert r.status_code == 200 and r.json()["outcome"] == "deleted", r.text
+    assert supabase.row("agent_jobs", rid) is None
+    # The DELETE webhook again: nothing to do.
+    r = post(stack, "agent_jobs_to_tables", {"type": "DELETE", "table": "agent_jobs", "schema": "public",
+                                             "record": None, "old_record": {"id": rid}})
+    assert r.status_code == 200 and r.json()["outcome"] == "unchanged", r.text
+    assert supabase.query("SELECT count(*) FROM zsync.outbox WHERE record_id = %s AND acked_at IS NULL", (rid,))[0][0] == 0
+    # audit_log keeps the history, append-only.
+    assert supabase.audit(rid, "agent_jobs_synced")
+
+
+def test_4_a_later_reinsert_wins_over_the_tombstone(stack, tables, supabase):
+    rid = uid("reins")
+    supabase.query("INSERT INTO agent_jobs (id, status) VALUES (%s, 'one')", (rid,))
+    eventually(lambda: tables.find("agent_jobs", rid))
+    stack.wait_quiet()
+    supabase.query("DELETE FROM agent_jobs WHERE id = %s", (rid,))
+    stack.wait_quiet()
+    eventually(lambda: tables.find("agent_jobs", rid) is None)
+    # A Claude agent re-creates the id with a clock behind the delete: still a newer version.
+    supabase.query("INSERT INTO agent_jobs (id, status, updated_at) VALUES (%s, 'two', now() - interval '1 hour')", (rid,))
+    stack.wait_quiet()
+    eventually(lambda: (tables.find("agent_jobs", rid) or {}).get("data", {}).get("status") == "two")
+    assert supabase.query("SELECT count(*) FROM zsync.tombstones WHERE record_id = %s", (rid,))[0][0] == 0
+
+
+def test_4_apply_tables_delete_entry_point(stack, tables, supabase):
+    from shared.sync import apply_tables_delete
+
+    rid, newer = uid("tdel"), uid("tdel-newer")
+    for i in (rid, newer):
+        supabase.query("INSERT INTO agent_jobs (id, status) VALUES (%s, 'queued')", (i,))
+    eventually(lambda: tables.find("agent_jobs", rid) and tables.find("agent_jobs", newer))
+    stack.wait_quiet()
+    ctx = stack_context(stack)
+    # Deleted in Tables after its last version: Supabase deletes it, and a tombstone stops stale redelivery.
+    res = apply_tables_delete(ctx, JOBS, rid, datetime.now(UTC))
+    assert res.outcome == "applied"
+    assert supabase.row("agent_jobs", rid) is None
+    assert supabase.query("SELECT origin FROM zsync.tombstones WHERE record_id = %s", (rid,))[0][0] == "tables"
+    assert apply_tables_delete(ctx, JOBS, rid, datetime.now(UTC)).outcome == "unchanged"
+    # Deleted with a time before Supabase's newer version: Supabase keeps it.
+    res = apply_tables_delete(ctx, JOBS, newer, datetime(2020, 1, 1, tzinfo=UTC))
+    assert res.outcome == "skipped_stale" and supabase.row("agent_jobs", newer) is not None
+    stack.wait_quiet()
+
+
+def test_4_reconcile_never_resurrects_and_deletes_the_other_copy(stack, tables, supabase):
+    from infra.reconcile import reconcile
+
+    rid = uid("recdel")
+    supabase.query("INSERT INTO agent_jobs (id, status) VALUES (%s, 'queued')", (rid,))
+    rec = eventually(lambda: tables.find("agent_jobs", rid))
+    stack.wait_quiet()
+    # Deleted in Supabase while the webhook was lost (the Tables copy stays): simulate by deleting with the
+    # webhook trigger's delivery acknowledged but the Tables copy re-created by hand.
+    supabase.query("DELETE FROM agent_jobs WHERE id = %s", (rid,))
+    stack.wait_quiet()
+    eventually(lambda: tables.find("agent_jobs", rid) is None)
+    tables.s.post(tables.url("agent_jobs"), json=rec["data"], timeout=10)  # a stale copy comes back in Tables
+    stack.wait_quiet()
+    assert supabase.row("agent_jobs", rid) is None  # its trigger delivery was refused by the tombstone
+    result = reconcile(stack_context(stack), ["agent_jobs"])
+    assert supabase.row("agent_jobs", rid) is None
+    assert tables.find("agent_jobs", rid) is None
+    assert not result.tables["agent_jobs"].errors
+
+
+def stack_context(stack):
+    """A SyncContext like the functions' (the function role, the local Tables service)."""
+    from shared.settings import Settings
+    from shared.sync import SyncContext
+
+    return SyncContext(settings=Settings(database_url=stack.function_database_url, tables_api_url=stack.tables.url,
+                                         tables_token=stack.token, table_ids=stack.table_ids))
