@@ -134,7 +134,8 @@ BEGIN
         IF stored IS NULL THEN
             SELECT t.version INTO v_tomb FROM zsync.tombstones t
             WHERE t.table_name = (SELECT relname FROM pg_class WHERE oid = p_table) AND t.record_id = v_id;
-            IF v_tomb IS NOT NULL AND (SELECT ts FROM zsync.version_of(p_table, p_row)) <= v_tomb THEN
+            IF v_tomb IS NOT NULL AND coalesce(current_setting('zsync.ignore_tombstones', true), '') <> 'on'
+               AND (SELECT ts FROM zsync.version_of(p_table, p_row)) <= v_tomb THEN
                 outcome := 'deleted';
                 RETURN;
             END IF;
