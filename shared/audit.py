@@ -80,7 +80,8 @@ def failed_entry(fn: FunctionSpec, body: bytes, problems: list[dict[str, str]], 
     }
 
 
-def delete_entry(fn: FunctionSpec, record_id: str, version: datetime, now: datetime, outcome: Outcome) -> dict[str, Any]:
+def delete_entry(fn: FunctionSpec, record_id: str, version: datetime, now: datetime,
+                 outcome: Outcome) -> dict[str, Any]:
     """``<table>_synced`` with ``metadata.operation = "delete"``: a delete carried to the other side (or,
     ``skipped_stale``, not carried because the other side held a newer version)."""
     spec = fn.table

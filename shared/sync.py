@@ -379,7 +379,8 @@ def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec
     return outcome, None
 
 
-def _unreadable_is_older(spec: TableSpec, record: Record, edited_at: datetime | None, incoming: Mapping[str, Any]) -> bool:
+def _unreadable_is_older(spec: TableSpec, record: Record, edited_at: datetime | None,
+                         incoming: Mapping[str, Any]) -> bool:
     """An unparseable Tables record may be overwritten only when it is provably older than ``incoming``:
     its own ``updated_at`` (and Zapier's ``edited_at``, when known) readable and before incoming's."""
     if not spec.version or incoming.get(spec.version) is None:

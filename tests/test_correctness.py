@@ -13,8 +13,11 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from shared import supabase_db
+from shared.mapping import parse_tables_record
 from shared.spec import TABLES
 from tests.e2e import Supabase, Tables, eventually
 
@@ -89,12 +92,14 @@ def test_1_a_tables_edit_without_new_updated_at_is_versioned_by_edited_at_withou
     stack.wait_quiet()
     row = supabase.row("agent_jobs", rid)
     assert row["status"] == "cancelled"
-    assert datetime.fromisoformat(row["updated_at"]) > datetime.fromisoformat(rec["data"]["updated_at"].replace("Z", "+00:00"))
+    before = datetime.fromisoformat(rec["data"]["updated_at"].replace("Z", "+00:00"))
+    assert datetime.fromisoformat(row["updated_at"]) > before
     # The same edit delivered again (and the echo of the new version) changes nothing more.
     assert post(stack, "agent_jobs_to_supabase", edit).json()["outcome"] in ("unchanged", "skipped_stale")
     stack.wait_quiet()
     new = tables.find("agent_jobs", rid)["data"]
-    assert post(stack, "agent_jobs_to_supabase", dict(new, edited_at=iso(datetime.now(UTC)))).json()["outcome"] == "unchanged"
+    echo = dict(new, edited_at=iso(datetime.now(UTC)))
+    assert post(stack, "agent_jobs_to_supabase", echo).json()["outcome"] == "unchanged"
     stack.wait_quiet()
     assert supabase.writes("agent_jobs", rid) == before_sql + 1  # the edit, once
     assert tables.writes("agent_jobs") - before_tables <= 1  # at most the new version's updated_at, once
@@ -126,7 +131,8 @@ def test_2_canonical_versions_in_sql(db):
     with db.cursor() as cur:
         for left, right in [('{"cost": 12.50}', '{"cost": 12.5}'), ('{"a": 1, "b": 2}', '{"b": 2.0, "a": 1e0}'),
                             ('[1.10, {"k": 100}]', '[1.1, {"k": 1E2}]')]:
-            got = cur.execute("SELECT zsync.version_cmp('public.agent_jobs', jsonb_build_object('id','x','parameters',%s::jsonb),"
+            got = cur.execute("SELECT zsync.version_cmp('public.agent_jobs', "
+                              "jsonb_build_object('id','x','parameters',%s::jsonb),"
                               " jsonb_build_object('id','x','parameters',%s::jsonb))", (left, right)).fetchone()[0]
             assert got == 0, (left, right)
     # Missing, null, empty text: one version.
@@ -190,7 +196,8 @@ def test_4_supabase_delete_removes_the_tables_copy_and_is_not_resurrected(stack,
     r = post(stack, "agent_jobs_to_tables", {"type": "DELETE", "table": "agent_jobs", "schema": "public",
                                              "record": None, "old_record": {"id": rid}})
     assert r.status_code == 200 and r.json()["outcome"] == "unchanged", r.text
-    assert supabase.query("SELECT count(*) FROM zsync.outbox WHERE record_id = %s AND acked_at IS NULL", (rid,))[0][0] == 0
+    pending = "SELECT count(*) FROM zsync.outbox WHERE record_id = %s AND acked_at IS NULL"
+    assert supabase.query(pending, (rid,))[0][0] == 0
     # audit_log keeps the history, append-only.
     assert supabase.audit(rid, "agent_jobs_synced")
 
@@ -204,7 +211,8 @@ def test_4_a_later_reinsert_wins_over_the_tombstone(stack, tables, supabase):
     stack.wait_quiet()
     eventually(lambda: tables.find("agent_jobs", rid) is None)
     # A Claude agent re-creates the id with a clock behind the delete: still a newer version.
-    supabase.query("INSERT INTO agent_jobs (id, status, updated_at) VALUES (%s, 'two', now() - interval '1 hour')", (rid,))
+    supabase.query("INSERT INTO agent_jobs (id, status, updated_at) VALUES (%s, 'two', now() - interval '1 hour')",
+                   (rid,))
     stack.wait_quiet()
     eventually(lambda: (tables.find("agent_jobs", rid) or {}).get("data", {}).get("status") == "two")
     assert supabase.query("SELECT count(*) FROM zsync.tombstones WHERE record_id = %s", (rid,))[0][0] == 0
@@ -259,3 +267,44 @@ def stack_context(stack):
 
     return SyncContext(settings=Settings(database_url=stack.function_database_url, tables_api_url=stack.tables.url,
                                          tables_token=stack.token, table_ids=stack.table_ids))
+
+
+def _reformat(value, rnd) -> str:
+    """The same JSON value written differently: trailing zeros, exponents, key order, spacing."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, int):
+        return rnd.choice([str(value), f"{value}.0", f"{value}.000", f"{value}e0"])
+    if isinstance(value, float):
+        text = repr(value)
+        return rnd.choice([text, text + "0" if "e" not in text and "." in text else text, f"{value!r}E0"
+                           if "e" not in text else text])
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=rnd.random() < 0.5)
+    if isinstance(value, list):
+        return "[ " + " , ".join(_reformat(v, rnd) for v in value) + " ]"
+    items = list(value.items())
+    rnd.shuffle(items)
+    return "{" + ",".join(f"{json.dumps(k)} : {_reformat(v, rnd)}" for k, v in items) + "}"
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**15), 10**15)
+    | st.floats(allow_nan=False, allow_infinity=False, width=64).filter(lambda f: f == 0 or 1e-300 < abs(f) < 1e300)
+    | st.text(max_size=8).filter(lambda t: "\x00" not in t),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=4).filter(lambda t: "\x00" not in t), c,
+                                                        max_size=3),
+    max_leaves=8)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(json_values, st.randoms(use_true_random=False))
+def test_2_json_text_written_differently_is_the_same_version(db, value, rnd):
+    a, b = json.dumps(value), _reformat(value, rnd)
+    got = db.execute("SELECT zsync.version_cmp('public.agent_jobs', jsonb_build_object('id', 'x', 'parameters', "
+                     "%s::jsonb), jsonb_build_object('id', 'x', 'parameters', %s::jsonb))", (a, b)).fetchone()[0]
+    assert got == 0, (a, b)
+    # And through the Tables side's parser (JSON text in a Tables field) against jsonb as Supabase keeps it.
+    row = parse_tables_record(JOBS, {"id": "x", "parameters": b, "updated_at": "2030-01-01T00:00:00Z"})
+    stored = {**row, "parameters": json.loads(a), "updated_at": "2030-01-01T00:00:00.000400Z"}
+    assert supabase_db.version_cmp(db, JOBS, row, stored) == 0

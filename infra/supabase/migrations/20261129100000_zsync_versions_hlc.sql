@@ -132,8 +132,7 @@ BEGIN
     LOOP
         EXECUTE format('SELECT to_jsonb(t) FROM %s t WHERE t.id = $1 FOR UPDATE', p_table) INTO stored USING v_id;
         IF stored IS NULL THEN
-            SELECT t.version INTO v_tomb FROM zsync.tombstones t
-            WHERE t.table_name = (SELECT relname FROM pg_class WHERE oid = p_table) AND t.record_id = v_id;
+            v_tomb := zsync.tombstone_version((SELECT relname::text FROM pg_class WHERE oid = p_table), v_id);
             IF v_tomb IS NOT NULL AND coalesce(current_setting('zsync.ignore_tombstones', true), '') <> 'on'
                AND (SELECT ts FROM zsync.version_of(p_table, p_row)) <= v_tomb THEN
                 outcome := 'deleted';
@@ -214,7 +213,6 @@ END
 $$;
 ALTER FUNCTION zsync.maintain_updated_at() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 
-GRANT SELECT ON zsync.tombstones TO zsync_sync;
 GRANT EXECUTE ON FUNCTION
     zsync.canonical_json(jsonb),
     zsync.canonical_row(regclass, jsonb),

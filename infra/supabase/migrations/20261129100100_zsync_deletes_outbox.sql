@@ -260,7 +260,6 @@ BEGIN
 END
 $$;
 
-GRANT SELECT ON zsync.sweeper_runs TO zsync_sync;
 GRANT EXECUTE ON FUNCTION
     zsync.apply_tables_delete(regclass, text, timestamptz),
     zsync.tombstone_version(text, text),
