@@ -308,3 +308,43 @@ def test_2_json_text_written_differently_is_the_same_version(db, value, rnd):
     row = parse_tables_record(JOBS, {"id": "x", "parameters": b, "updated_at": "2030-01-01T00:00:00Z"})
     stored = {**row, "parameters": json.loads(a), "updated_at": "2030-01-01T00:00:00.000400Z"}
     assert supabase_db.version_cmp(db, JOBS, row, stored) == 0
+
+
+# --- 5. the sweep is checked; 6. migrations through a pooler ------------------------------------------------
+
+
+def test_5_doctor_fails_without_a_recent_sweep_or_with_an_old_backlog(database_url):
+    from infra.deploy.doctor import check_outbox
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("DELETE FROM zsync.sweeper_runs")
+        checks = {c.target: c for c in check_outbox(conn)}
+        assert not checks["outbox sweeper"].ok and "never run" in checks["outbox sweeper"].detail
+        conn.execute("SELECT zsync.sweep_outbox()")
+        assert all(c.ok for c in check_outbox(conn))
+        conn.execute("UPDATE zsync.sweeper_runs SET last_at = now() - interval '10 minutes'")
+        conn.execute("INSERT INTO zsync.outbox (table_name, record_id, op, created_at) "
+                     "VALUES ('agent_jobs', 'stuck', 'UPDATE', now() - interval '2 hours')")
+        checks = {c.target: c for c in check_outbox(conn)}
+        assert not checks["outbox sweeper"].ok and not checks["outbox backlog"].ok
+        assert "1 change(s) unacknowledged" in checks["outbox backlog"].detail
+
+
+def test_6_migrations_hold_no_session_lock_and_run_once_concurrently(pg_server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from infra.local.postgres import create_database, prepare_database
+    from shared.migrate import _LOCK_KEY, apply_migrations, discover
+
+    url = create_database(pg_server.get_uri())
+    prepare_database(url)  # migrated once; then this change's two migrations again, by three migrators at once
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DELETE FROM zsync.schema_migrations WHERE version >= '20261129100000'")
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: apply_migrations(url), range(3)))
+    assert sorted(len(r) for r in results) == [0, 0, 2]
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM zsync.schema_migrations").fetchone()[0] == len(discover())
+        held = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = %s",
+                            (_LOCK_KEY & 0xFFFFFFFF,)).fetchone()[0]
+        assert held == 0
