@@ -348,3 +348,44 @@ def test_6_migrations_hold_no_session_lock_and_run_once_concurrently(pg_server):
         held = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = %s",
                             (_LOCK_KEY & 0xFFFFFFFF,)).fetchone()[0]
         assert held == 0
+
+
+# --- 7. the outcome of a Tables write is recorded once, whatever fails after it ------------------------------
+
+
+def test_7_commit_failing_after_the_tables_write_still_records_the_outcome_once(stack, tables, supabase):
+    from shared.spec import FUNCTIONS
+    from shared.sync import SupabaseWebhook, apply_from_supabase
+
+    rid = uid("commitfail")
+    # The first commit of a transaction that audits this record fails (serialization failure, retryable).
+    supabase.query(f"""
+        CREATE SEQUENCE IF NOT EXISTS public.zsync_test_commits;  -- nextval survives a rollback
+        SELECT setval('public.zsync_test_commits', 1, false);
+        CREATE OR REPLACE FUNCTION public.zsync_test_fail_commit_once() RETURNS trigger LANGUAGE plpgsql
+        SECURITY DEFINER AS $$
+        BEGIN
+            IF NEW.resource_id = '{rid}' AND nextval('public.zsync_test_commits') = 1 THEN
+                RAISE EXCEPTION 'injected commit failure' USING ERRCODE = '40001';
+            END IF;
+            RETURN NULL;
+        END $$;
+        DROP TRIGGER IF EXISTS zsync_test_fail_commit ON public.audit_log;
+        CREATE CONSTRAINT TRIGGER zsync_test_fail_commit AFTER INSERT ON public.audit_log
+            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION public.zsync_test_fail_commit_once();
+    """)
+    try:
+        row = {"id": rid, "status": "queued", "updated_at": "2031-01-01T00:00:00+00:00"}
+        hook = SupabaseWebhook.model_validate({"type": "INSERT", "table": "agent_jobs", "schema": "public",
+                                               "record": row, "old_record": None})
+        before = tables.writes("agent_jobs")
+        result = apply_from_supabase(stack_context(stack), FUNCTIONS["agent_jobs_to_tables"], hook)
+        assert result.outcome == "applied"
+        assert supabase.query("SELECT last_value FROM public.zsync_test_commits")[0][0] >= 2  # it did fail once
+    finally:
+        supabase.query("DROP TRIGGER IF EXISTS zsync_test_fail_commit ON public.audit_log")
+    assert tables.find("agent_jobs", rid) is not None
+    assert tables.writes("agent_jobs") - before == 1
+    to_tables = [a for a in supabase.audit(rid, "agent_jobs_synced")
+                 if a["metadata"]["function"] == "agent_jobs_to_tables"]
+    assert len(to_tables) == 1
