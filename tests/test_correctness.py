@@ -389,3 +389,31 @@ def test_7_commit_failing_after_the_tables_write_still_records_the_outcome_once(
     to_tables = [a for a in supabase.audit(rid, "agent_jobs_synced")
                  if a["metadata"]["function"] == "agent_jobs_to_tables"]
     assert len(to_tables) == 1
+
+
+# --- 8. an unreadable Tables record that may be newer is parked, not overwritten --------------------------
+
+
+def test_8_unreadable_newer_tables_record_is_parked_older_is_repaired(stack, tables, supabase):
+    newer, older = uid("unread-new"), uid("unread-old")
+    for rid in (newer, older):
+        supabase.query("INSERT INTO agent_jobs (id, status) VALUES (%s, 'queued')", (rid,))
+    eventually(lambda: tables.find("agent_jobs", newer) and tables.find("agent_jobs", older))
+    stack.wait_quiet()
+    future = iso(datetime.now(UTC) + timedelta(hours=1))
+    # A person breaks the JSON but also sets a later updated_at (their edit is newer): refused (400) toward
+    # Supabase; a later Supabase change must not overwrite their other fields.
+    tables.update("agent_jobs", newer, {"parameters": "{broken", "status": "person-edit", "updated_at": future})
+    tables.update("agent_jobs", older, {"parameters": "{broken", "updated_at": "2020-01-01T00:00:00Z"})
+    stack.wait_quiet()
+    supabase.query("UPDATE agent_jobs SET status = 'running' WHERE id IN (%s, %s)", (newer, older))
+    stack.wait_quiet()
+    kept = tables.find("agent_jobs", newer)["data"]
+    assert kept["status"] == "person-edit" and kept["parameters"] == "{broken"
+    parked = [a for a in supabase.audit(newer, "sync_failed") if a["metadata"].get("status") == 409]
+    assert parked and "person-edit" in parked[0]["metadata"]["tables_record"]
+    assert "parameters" in json.dumps(parked[0]["metadata"]["problems"])
+    pending = "SELECT count(*) FROM zsync.outbox WHERE record_id = %s AND acked_at IS NULL"
+    assert supabase.query(pending, (newer,))[0][0] == 0
+    # Provably older than Supabase's version: overwritten with it (as before).
+    eventually(lambda: tables.find("agent_jobs", older)["data"]["status"] == "running")
