@@ -213,6 +213,8 @@ END
 $$;
 ALTER FUNCTION zsync.maintain_updated_at() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 
+-- New functions are not callable by PUBLIC (per-schema default privileges cannot remove that).
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA zsync FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     zsync.canonical_json(jsonb),
     zsync.canonical_row(regclass, jsonb),

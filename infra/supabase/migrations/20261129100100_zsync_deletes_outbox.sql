@@ -260,6 +260,8 @@ BEGIN
 END
 $$;
 
+-- New functions are not callable by PUBLIC (per-schema default privileges cannot remove that).
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA zsync FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     zsync.apply_tables_delete(regclass, text, timestamptz),
     zsync.tombstone_version(text, text),
