@@ -64,6 +64,8 @@ class TableReport:
     unresolved: int = 0  # drift left (a batch failed, or a newer write raced the repair: the sync has it)
     invalid_in_tables: int = 0  # Tables records that cannot be parsed (and have no Supabase row to restore)
     duplicates_in_tables: int = 0  # extra Tables records sharing an id (older ones; removed unless dry run)
+    invalid_in_supabase: int = 0  # Supabase rows the sync cannot deliver (parked; left alone)
+    deleted_in_tables: int = 0  # Tables copies of records deleted in Supabase (tombstoned): deleted, not re-inserted
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -148,6 +150,7 @@ def _in_scope(spec: TableSpec, row: dict, since: datetime | None) -> bool:
 class _Reconciler:
     def __init__(self, ctx: SyncContext, since: datetime | None, dry_run: bool, progress: Progress | None):
         self.ctx = ctx
+        self.unreadable_in_supabase: dict[str, dict[str, str]] = {}
         self.since = since
         self.dry_run = dry_run
         self.progress = progress
@@ -218,7 +221,13 @@ class _Reconciler:
                     f'SELECT to_jsonb(t) FROM public."{spec.name}" t WHERE t.id = ANY(%s)', (wanted,))]
             return rows
 
-        return {r["id"]: parse_supabase_record(spec, r) for r in self.ctx.db.run(work)}
+        parsed: dict[str, dict] = {}
+        for r in self.ctx.db.run(work):
+            try:
+                parsed[r["id"]] = parse_supabase_record(spec, r)
+            except InvalidRecord as exc:  # refused by the functions too: parked, repaired by hand
+                self.unreadable_in_supabase.setdefault(spec.name, {})[r["id"]] = str(exc)[:200]
+        return parsed
 
     # -- one table --
 
@@ -258,7 +267,9 @@ class _Reconciler:
         except DB_ERRORS as exc:
             report.errors.append(f"reading Supabase: {type(exc).__name__}")
             return
-        scope = sorted(set(t_scope) | {i for i, r in supa.items() if _in_scope(spec, r, self.since)})
+        bad = self.unreadable_in_supabase.get(spec.name, {})
+        report.invalid_in_supabase = len(bad)
+        scope = sorted((set(t_scope) | {i for i, r in supa.items() if _in_scope(spec, r, self.since)}) - set(bad))
         to_supabase: list[dict] = []
         creates: list[dict] = []
         updates: list[tuple[str, dict]] = []
@@ -294,14 +305,18 @@ class _Reconciler:
         if self.dry_run:
             return
         if to_supabase:
-            self._to_supabase(spec, to_supabase, report)
+            deleted = self._to_supabase(spec, to_supabase, report)
+            if deleted:  # deleted in Supabase (tombstone as new or newer): delete the Tables copy instead
+                self._delete_copies(spec, [side.record_ids[i] for i in deleted if i in side.record_ids], report)
         if creates or updates:
             self._to_tables(spec, creates, updates, report)
 
     # -- repairs --
 
-    def _to_supabase(self, spec: TableSpec, rows: list[dict], report: TableReport) -> None:
+    def _to_supabase(self, spec: TableSpec, rows: list[dict], report: TableReport) -> list[str]:
+        """-> the ids refused because they were deleted in Supabase (never resurrected)."""
         task = self._task(f"{spec.name}: -> Supabase", total=len(rows))
+        deleted: list[str] = []
 
         def work(conn: psycopg.Connection, chunk: Sequence[dict]) -> tuple[int, int]:
             now = datetime.now(UTC)
@@ -316,6 +331,8 @@ class _Reconciler:
                     entries.append(_synced_entry(spec, Direction.TO_SUPABASE, by_id[rid], now, stored))
                 elif outcome == Outcome.SKIPPED_STALE:
                     raced += 1  # a newer write arrived since we read: the live sync carries it
+                elif outcome == Outcome.DELETED:
+                    deleted.append(rid)
             append_audit_many(conn, entries)
             return applied, raced
 
@@ -330,6 +347,16 @@ class _Reconciler:
             report.repaired += applied
             report.unresolved += raced
             self._advance(task, len(chunk))
+        return deleted
+
+    def _delete_copies(self, spec: TableSpec, record_ids: list[str], report: TableReport) -> None:
+        table_id = self.ctx.table_id(spec)
+        try:
+            for rid in record_ids:
+                self.ctx.tables.delete(table_id, rid, missing_ok=True)
+                report.deleted_in_tables += 1
+        except TablesError as exc:
+            report.errors.append(f"deleting copies of deleted records: {exc}")
 
     def _to_tables(self, spec: TableSpec, creates: list[dict], updates: list[tuple[str, dict]],
                    report: TableReport) -> None:

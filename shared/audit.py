@@ -78,3 +78,56 @@ def failed_entry(fn: FunctionSpec, body: bytes, problems: list[dict[str, str]], 
         },
         "severity": "error",
     }
+
+
+def delete_entry(fn: FunctionSpec, record_id: str, version: datetime, now: datetime,
+                 outcome: Outcome) -> dict[str, Any]:
+    """``<table>_synced`` with ``metadata.operation = "delete"``: a delete carried to the other side (or,
+    ``skipped_stale``, not carried because the other side held a newer version)."""
+    spec = fn.table
+    action = spec.synced_action if outcome is Outcome.APPLIED else SKIPPED_ACTION
+    return {
+        "id": _stable_id(fn.name, action, "delete", record_id, version.isoformat()),
+        "timestamp": now.astimezone(UTC).isoformat(),
+        "actor": f"zsync/{fn.name}",
+        "actor_type": ACTOR_TYPE,
+        "action": action,
+        "resource_type": spec.resource_type,
+        "resource_id": record_id,
+        "metadata": {
+            "sync_direction": SYNC_DIRECTION[fn.direction],
+            "function": fn.name,
+            "operation": "delete",
+            "outcome": outcome.value,
+            "source_timestamp": version.isoformat(),
+            "lag_seconds": round((now - version).total_seconds(), 3),
+        },
+        "severity": "info",
+    }
+
+
+def parked_entry(fn: FunctionSpec, record_id: str, problems: list[dict[str, str]], tables_record: Mapping[str, Any],
+                 incoming: Mapping[str, Any], now: datetime) -> dict[str, Any]:
+    """``sync_failed`` for a record parked for a person: everything needed to repair it by hand (the
+    unreadable Tables fields as they are, what was wrong, the version that was not written over them)."""
+    tables_json = row_to_json(tables_record)
+    return {
+        "id": _stable_id(fn.name, FAILED_ACTION, "parked", record_id, tables_json, row_to_json(incoming)),
+        "timestamp": now.astimezone(UTC).isoformat(),
+        "actor": f"zsync/{fn.name}",
+        "actor_type": ACTOR_TYPE,
+        "action": FAILED_ACTION,
+        "resource_type": fn.table.resource_type,
+        "resource_id": record_id,
+        "metadata": {
+            "sync_direction": SYNC_DIRECTION[fn.direction],
+            "function": fn.name,
+            "status": 409,
+            "resolution": "parked: the Zapier Tables record is unreadable and may be newer; it was not "
+                          "overwritten. Fix the fields named in problems in Tables (its next delivery syncs it).",
+            "problems": problems[:20],
+            "tables_record": tables_json[:50_000],
+            "not_written": row_to_json(incoming)[:50_000],
+        },
+        "severity": "error",
+    }

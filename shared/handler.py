@@ -143,10 +143,27 @@ def _record_failure(fn: FunctionSpec, ctx: SyncContext, body: bytes, rejected: R
     try:
         entry = audit.failed_entry(fn, body, rejected.problems, datetime.now(UTC), rejected.record_id,
                                    rejected.status, declared_bytes)
-        ctx.db.run(lambda conn: supabase_db.append_audit(conn, entry))
+
+        def work(conn: psycopg.Connection) -> None:
+            supabase_db.append_audit(conn, entry)
+            _count_failure(conn, fn, rejected.record_id, rejected.problems)
+
+        ctx.db.run(work)
         return True
     except (supabase_db.DatabaseUnavailable, ConfigurationError, psycopg.Error, ValueError):
         return False
+
+
+def _count_failure(conn: psycopg.Connection, fn: FunctionSpec, record_id: str | None,
+                   problems: list[dict[str, str]]) -> None:
+    """A Supabase change this function cannot deliver (its retry would fail the same way): count it on the
+    record's outbox entries, which are parked (``dead_letter``, with the reason) after a few attempts, so the
+    sweeper stops re-sending them. The ``sync_failed`` entry makes it visible to the monitor."""
+    if fn.direction is Direction.TO_TABLES and record_id is not None:
+        reason = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)[:2000]
+        if supabase_db.outbox_failed(conn, fn.table, record_id, reason):
+            log_event(logging.getLogger("zsync"), logging.ERROR, "outbox_parked", table=fn.table.name,
+                      id=record_id, reason=reason)
 
 
 def _dead_letter(fn: FunctionSpec, ctx: SyncContext, payload: dict[str, Any], exc: Exception, started: float) -> bool:
@@ -161,8 +178,15 @@ def _dead_letter(fn: FunctionSpec, ctx: SyncContext, payload: dict[str, Any], ex
         problems = [{"field": "dependency", "problem": f"{type(exc).__name__}: {str(exc)[:200]}"}]
         body = dead_letter.canonical_json(payload).encode("utf-8", "surrogatepass")
         entry = audit.failed_entry(fn, body, problems, datetime.now(UTC), record_id, 503)
+        rejected = isinstance(exc, TablesRejected)
+
+        def work(conn: psycopg.Connection) -> None:
+            supabase_db.append_audit(conn, entry)
+            if rejected:  # Zapier Tables refuses this version: a re-send fails the same way
+                _count_failure(conn, fn, record_id, problems)
+
         try:
-            ctx.db.run(lambda conn: supabase_db.append_audit(conn, entry))
+            ctx.db.run(work)
             audited = True
         except (supabase_db.DatabaseUnavailable, ConfigurationError, psycopg.Error):
             pass

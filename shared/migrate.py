@@ -1,8 +1,10 @@
 """Apply ``infra/supabase/migrations/*.sql`` (Supabase CLI naming: ``<timestamp>_<name>.sql``) in order.
 
-Idempotent and safe to run concurrently: a session advisory lock serialises migrators, each file runs
-in its own transaction and is recorded in ``zsync.schema_migrations`` with its checksum; a file changed
-after it was applied is reported, never silently re-run.
+Idempotent and safe to run concurrently, also through Supabase's transaction pooler (port 6543): each file
+runs in its own transaction, which first takes a *transaction-level* advisory lock (released with that
+transaction, on the backend that holds it - a session lock could be taken on one pooled backend and
+"released" on another) and re-reads what is applied; it is recorded in ``zsync.schema_migrations`` with
+its checksum; a file changed after it was applied is reported, never silently re-run.
 """
 
 from __future__ import annotations
@@ -99,23 +101,20 @@ def apply_migrations(database_url: str, directory: Path = MIGRATIONS_DIR) -> lis
     migrations = discover(directory)
     done: list[str] = []
     with _connect(database_url) as conn:
-        conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
-        try:
-            applied = _applied(conn)
-            _check_edited(migrations, applied)
-            for m in migrations:
-                if m.version in applied:
-                    continue
-                try:
-                    with conn.transaction():
-                        conn.execute(m.sql)
-                        conn.execute(
-                            "INSERT INTO zsync.schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
-                            (m.version, m.name, m.checksum),
-                        )
-                except psycopg.Error as exc:
-                    raise MigrationError(f"{m.path.name} failed: {exc}") from exc
-                done.append(m.name)
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
+        for m in migrations:
+            try:
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+                    applied = _applied(conn)
+                    _check_edited(migrations, applied)
+                    if m.version in applied:
+                        continue
+                    conn.execute(m.sql)
+                    conn.execute(
+                        "INSERT INTO zsync.schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                        (m.version, m.name, m.checksum),
+                    )
+            except psycopg.Error as exc:
+                raise MigrationError(f"{m.path.name} failed: {exc}") from exc
+            done.append(m.name)
     return done

@@ -61,6 +61,7 @@ class TableSpec:
     append_only: bool = False  # audit_log: insert once per source record, never update
     key: str = "id"
     version: str | None = "updated_at"  # None: no last-writer-wins (append-only tables)
+    sync_deletes: bool = True  # a delete on one side deletes the other copy (tombstones); False: ignored
 
     @property
     def directions(self) -> tuple[Direction, ...]:

@@ -98,12 +98,39 @@ def _regclass(spec: TableSpec) -> str:
     return f"public.{spec.name}"
 
 
-def sync_upsert(conn: psycopg.Connection, spec: TableSpec, row: Mapping[str, Any]) -> tuple[str, dict | None]:
-    """Apply ``row`` if newer than the stored version (see zsync.sync_upsert). -> (outcome, stored before)."""
-    outcome, stored = conn.execute(
-        "SELECT outcome, stored FROM zsync.sync_upsert(%s::regclass, %s::jsonb)", (_regclass(spec), row_to_json(row))
-    ).fetchone()
+def sync_upsert(conn: psycopg.Connection, spec: TableSpec, row: Mapping[str, Any],
+                edited_at: datetime | None = None) -> tuple[str, dict | None]:
+    """Apply ``row`` if newer than the stored version (see zsync.sync_apply). -> (outcome, stored before)."""
+    outcome, stored, _ = sync_apply(conn, spec, row, edited_at)
     return outcome, stored
+
+
+def sync_apply(conn: psycopg.Connection, spec: TableSpec, row: Mapping[str, Any],
+               edited_at: datetime | None = None) -> tuple[str, dict | None, dict | None]:
+    """zsync.sync_apply: ``row`` if newer than the stored version or tombstone; ``edited_at`` is Zapier
+    Tables' own time of the record's last change. -> (outcome, stored before, row as applied)."""
+    if not spec.sync_deletes:
+        conn.execute("SELECT set_config('zsync.ignore_tombstones', 'on', true)")
+    return conn.execute(
+        "SELECT outcome, stored, applied FROM zsync.sync_apply(%s::regclass, %s::jsonb, %s)",
+        (_regclass(spec), row_to_json(row), edited_at),
+    ).fetchone()
+
+
+def tombstone_version(conn: psycopg.Connection, spec: TableSpec, record_id: str) -> datetime | None:
+    """The version of the record's delete, if it is deleted in Supabase (zsync.tombstones)."""
+    return conn.execute("SELECT zsync.tombstone_version(%s, %s)", (spec.name, record_id)).fetchone()[0]
+
+
+def apply_tables_delete(conn: psycopg.Connection, spec: TableSpec, record_id: str, deleted_at: datetime) -> str:
+    """A delete made in Zapier Tables at ``deleted_at``: 'applied' | 'unchanged' | 'skipped_stale'."""
+    return conn.execute("SELECT zsync.apply_tables_delete(%s::regclass, %s, %s)",
+                        (_regclass(spec), record_id, deleted_at)).fetchone()[0]
+
+
+def outbox_failed(conn: psycopg.Connection, spec: TableSpec, record_id: str, reason: str) -> bool:
+    """A delivery of this record failed in a way a retry repeats; True when its outbox entries got parked."""
+    return conn.execute("SELECT zsync.outbox_failed(%s, %s, %s)", (spec.name, record_id, reason)).fetchone()[0]
 
 
 def version_cmp(conn: psycopg.Connection, spec: TableSpec, a: Mapping[str, Any], b: Mapping[str, Any]) -> int:
@@ -132,9 +159,10 @@ def ack_outbox(conn: psycopg.Connection, spec: TableSpec, record_id: str, update
     ).fetchone()[0]
 
 
-def announce(conn: psycopg.Connection, spec: TableSpec, record_id: str) -> bool:
-    """Queue the current row for the table's *_to_tables function (zsync.announce); False if not wired."""
-    return conn.execute("SELECT zsync.announce(%s, %s)", (spec.name, record_id)).fetchone()[0]
+def announce(conn: psycopg.Connection, spec: TableSpec, record_id: str, op: str = "UPDATE") -> bool:
+    """Queue the current row (or, deleted, its DELETE) for the table's *_to_tables function
+    (zsync.announce); False if not wired."""
+    return conn.execute("SELECT zsync.announce(%s, %s, %s)", (spec.name, record_id, op)).fetchone()[0]
 
 
 def fetch_row(conn: psycopg.Connection, spec: TableSpec, record_id: str) -> dict | None:

@@ -8,9 +8,9 @@ too):
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Any, Literal
 
@@ -21,7 +21,14 @@ from pydantic import Field as PydanticField
 from shared import audit, conflict, supabase_db
 from shared.conflict import Outcome
 from shared.logs import log_event
-from shared.mapping import InvalidRecord, parse_supabase_record, parse_tables_record, to_tables_fields
+from shared.mapping import (
+    InvalidRecord,
+    coerce_id,
+    normalize_timestamp,
+    parse_supabase_record,
+    parse_tables_record,
+    to_tables_fields,
+)
 from shared.settings import Settings, TablesWriter
 from shared.spec import FUNCTIONS, Direction, FunctionSpec, TableSpec
 from shared.zapier_tables import (
@@ -104,28 +111,150 @@ def unwrap_tables_payload(payload: Mapping[str, Any]) -> Any:
     return payload
 
 
+def _edited_at(value: Any) -> datetime | None:
+    """Zapier Tables' own time of a record's last change (``edited_at``), if given and readable."""
+    try:
+        return normalize_timestamp(value)
+    except ValueError:
+        return None
+
+
 def apply_from_tables(ctx: SyncContext, fn: FunctionSpec, record: Mapping[str, Any],
                       received_at: datetime | None = None) -> SyncResult:
-    """Parse a Tables record and apply it to Supabase under the conflict rule. Raises InvalidRecord."""
+    """Parse a Tables record and apply it to Supabase under the conflict rule. Raises InvalidRecord.
+
+    A delivery may carry Zapier's ``edited_at`` next to the fields: an edit that did not advance
+    ``updated_at`` (a person editing a cell) is then versioned at that time (see zsync.sync_apply)."""
     spec = fn.table
     now = received_at or datetime.now(UTC)
     row = parse_tables_record(spec, record, received_at=now)
+    edited_at = _edited_at(record.get("edited_at")) if spec.version else None
 
     def work(conn: psycopg.Connection) -> Outcome:
         if spec.append_only:
             return Outcome.APPLIED if supabase_db.append_audit(conn, row) else Outcome.UNCHANGED
-        outcome, stored = supabase_db.sync_upsert(conn, spec, row)
+        outcome, stored, applied = supabase_db.sync_apply(conn, spec, row, edited_at)
         result = Outcome(outcome)
+        version = parse_supabase_record(spec, applied) if applied else row
         if result in (Outcome.APPLIED, Outcome.SKIPPED_STALE):
-            supabase_db.append_audit(conn, audit.sync_entry(fn, row, result, datetime.now(UTC), stored))
+            supabase_db.append_audit(conn, audit.sync_entry(fn, version, result, datetime.now(UTC), stored))
         if result is Outcome.SKIPPED_STALE and Direction.TO_TABLES in spec.directions:
             # Tables sent an older version than Supabase holds: push Supabase's back so Tables converges
             # even if the webhook for the newer version was lost.
             supabase_db.announce(conn, spec, row["id"])
+        if result is Outcome.DELETED and Direction.TO_TABLES in spec.directions:
+            # A copy of a record deleted in Supabase is still in Tables: send the delete again.
+            supabase_db.announce(conn, spec, row["id"], "DELETE")
         return result
 
     outcome = ctx.db.run(work)
     return SyncResult(outcome=outcome, function=fn.name, table=spec.name, id=row["id"])
+
+
+def apply_tables_delete(ctx: SyncContext, spec: TableSpec, record_id: str, deleted_at: datetime) -> SyncResult:
+    """A record deleted in Zapier Tables (found in its trash, with Zapier's ``deleted_at``): delete the
+    Supabase row unless Supabase holds a newer version, and keep a tombstone so the Tables copy's stale
+    deliveries (and reconcile) never bring it back. When Supabase's version is newer it wins and is
+    pushed back to Tables. Audited as ``<table>_synced`` with ``metadata.operation = "delete"``."""
+    fn = FUNCTIONS[spec.function_name(Direction.TO_SUPABASE)]
+    if not spec.sync_deletes or spec.append_only:
+        return SyncResult(outcome=Outcome.IGNORED, function=fn.name, table=spec.name, id=record_id,
+                          detail=f"deletes are not synced for {spec.name}")
+    deleted_at = deleted_at.astimezone(UTC)
+
+    def work(conn: psycopg.Connection) -> Outcome:
+        supabase_db.lock_record(conn, spec, record_id)
+        result = Outcome(supabase_db.apply_tables_delete(conn, spec, record_id, deleted_at))
+        if result in (Outcome.APPLIED, Outcome.SKIPPED_STALE):
+            supabase_db.append_audit(conn, audit.delete_entry(fn, record_id, deleted_at, datetime.now(UTC), result))
+        if result is Outcome.SKIPPED_STALE and Direction.TO_TABLES in spec.directions:
+            supabase_db.announce(conn, spec, record_id)
+        return result
+
+    outcome = ctx.db.run(work)
+    return SyncResult(outcome=outcome, function=fn.name, table=spec.name, id=record_id)
+
+
+def _deleted_id(spec: TableSpec, hook: SupabaseWebhook) -> str:
+    old = hook.old_record or {}
+    try:
+        return coerce_id(old.get("id"), spec.field("id").max_length or 128)
+    except ValueError as exc:
+        raise InvalidRecord([{"field": "old_record.id", "problem": str(exc)}]) from None
+
+
+def _delete_from_supabase(ctx: SyncContext, fn: FunctionSpec, record_id: str) -> SyncResult:
+    """A DELETE webhook: delete the Tables copy, unless the row exists again in Supabase (a later insert
+    superseded the delete) or the Tables copy holds a version newer than the delete (it wins: pushed to
+    Supabase, where it is newer than the tombstone)."""
+    spec = fn.table
+    if not spec.sync_deletes:
+        return SyncResult(outcome=Outcome.IGNORED, function=fn.name, table=spec.name, id=record_id,
+                          detail=f"deletes are not synced for {spec.name}")
+    if ctx.settings.tables_writer is TablesWriter.CATCH_HOOK:
+        return SyncResult(outcome=Outcome.IGNORED, function=fn.name, table=spec.name, id=record_id,
+                          detail="the catch-hook writer cannot delete Tables records")
+    table_id = ctx.table_id(spec)
+
+    def work(conn: psycopg.Connection) -> tuple[Outcome, datetime | None]:
+        tomb = supabase_db.tombstone_version(conn, spec, record_id)
+        if tomb is None:  # not deleted (any more): a later write superseded this delete
+            return Outcome.UNCHANGED, None
+        records = list(ctx.tables.iter_records(table_id, filters={"id": record_id}))
+        outcome = Outcome.UNCHANGED
+        for rec in records:
+            current = _readable(spec, rec)
+            if current is not None and current.get(spec.version or "") and \
+                    supabase_db.version_cmp(conn, spec, current, {"id": record_id, spec.version: tomb}) > 0:
+                # Edited in Tables after the delete: that later write wins and goes back to Supabase.
+                pushed, _ = supabase_db.sync_upsert(conn, spec, current)
+                if pushed == Outcome.APPLIED:
+                    back = FUNCTIONS[spec.function_name(Direction.TO_SUPABASE)]
+                    supabase_db.append_audit(conn, audit.sync_entry(back, current, Outcome.APPLIED, datetime.now(UTC)))
+                return Outcome.SKIPPED_STALE, tomb
+        for rec in records:
+            ctx.tables.delete(table_id, rec.id, missing_ok=True)
+            outcome = Outcome.APPLIED
+        return outcome, tomb
+
+    def record(conn: psycopg.Connection, outcome: Outcome, tomb: datetime | None) -> None:
+        if tomb is None:
+            return
+        if outcome in (Outcome.APPLIED, Outcome.SKIPPED_STALE):
+            supabase_db.append_audit(conn, audit.delete_entry(fn, record_id, tomb, datetime.now(UTC), outcome))
+        supabase_db.ack_outbox(conn, spec, record_id, tomb, outcome.value)
+
+    outcome = _run_recorded(ctx, lambda conn: supabase_db.lock_record(conn, spec, record_id), work, record)
+    return SyncResult(outcome=outcome, function=fn.name, table=spec.name, id=record_id)
+
+
+def _run_recorded(ctx: SyncContext, lock: Callable[[psycopg.Connection], None],
+                  work: Callable[[psycopg.Connection], tuple[Outcome, Any]],
+                  record: Callable[[psycopg.Connection, Outcome, Any], None]) -> Outcome:
+    """Run ``work`` (which calls Zapier Tables under the per-record lock) and ``record`` its outcome (audit,
+    outbox ack) in the same transaction. The outcome is recorded exactly once whatever fails after the Tables
+    write: a retried attempt reuses the outcome instead of calling Tables again (where it would now look
+    "unchanged"), and if the transaction still fails, the outcome is recorded in a fresh one."""
+    done: list[tuple[Outcome, Any]] = []
+
+    def attempt(conn: psycopg.Connection) -> Outcome:
+        lock(conn)
+        if done:
+            outcome, extra = done[0]
+        else:
+            outcome, extra = work(conn)
+            done.append((outcome, extra))
+        record(conn, outcome, extra)
+        return outcome
+
+    try:
+        return ctx.db.run(attempt)
+    except (supabase_db.DatabaseUnavailable, psycopg.Error):
+        if not done:
+            raise
+        outcome, extra = done[0]
+        ctx.db.run(lambda conn: record(conn, outcome, extra))
+        return outcome
 
 
 def apply_from_supabase(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhook) -> SyncResult:
@@ -137,28 +266,34 @@ def apply_from_supabase(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhoo
             "problem": f"payload is for {hook.schema_}.{hook.table}; this function syncs public.{spec.name}",
         }])
     if hook.type == "DELETE":
-        old_id = (hook.old_record or {}).get("id")
-        return SyncResult(outcome=Outcome.IGNORED, function=fn.name, table=spec.name,
-                          id=old_id if isinstance(old_id, str) else None, detail="DELETE events are not synced")
+        return _delete_from_supabase(ctx, fn, _deleted_id(spec, hook))
     if hook.record is None:
         raise InvalidRecord([{"field": "record", "problem": f"{hook.type} payload has no record"}])
     row = parse_supabase_record(spec, hook.record)
     fields = to_tables_fields(spec, row)
 
-    def work(conn: psycopg.Connection) -> Outcome:
-        supabase_db.lock_record(conn, spec, row["id"])
+    def work(conn: psycopg.Connection) -> tuple[Outcome, Any]:
         if ctx.settings.tables_writer is TablesWriter.CATCH_HOOK:
             ctx.hooks.send(spec.name, fields)
-            outcome = Outcome.APPLIED
-        else:
-            outcome = _write_if_newer(ctx, conn, fn, row, fields)
+            return Outcome.APPLIED, None
+        return _write_if_newer(ctx, conn, fn, row, fields)
+
+    def record(conn: psycopg.Connection, outcome: Outcome, parked: Any) -> None:
         if outcome in (Outcome.APPLIED, Outcome.SKIPPED_STALE):
             supabase_db.append_audit(conn, audit.sync_entry(fn, row, outcome, datetime.now(UTC)))
+        if parked is not None:
+            supabase_db.append_audit(conn, parked)
         supabase_db.ack_outbox(conn, spec, row["id"], row.get(spec.version or ""), outcome.value)
-        return outcome
 
-    outcome = ctx.db.run(work)
+    outcome = _run_recorded(ctx, lambda conn: supabase_db.lock_record(conn, spec, row["id"]), work, record)
     return SyncResult(outcome=outcome, function=fn.name, table=spec.name, id=row["id"])
+
+
+def _readable(spec: TableSpec, record: Record) -> dict[str, Any] | None:
+    try:
+        return parse_tables_record(spec, record.data)
+    except InvalidRecord:
+        return None
 
 
 def _remove_duplicates(ctx: SyncContext, conn: psycopg.Connection, spec: TableSpec, table_id: str,
@@ -186,8 +321,29 @@ def _remove_duplicates(ctx: SyncContext, conn: psycopg.Connection, spec: TableSp
     return keep
 
 
+def _tables_edited_at(record: Record) -> datetime | None:
+    return _edited_at(getattr(record, "edited_at", None) or record.data.get("edited_at"))
+
+
+def _tables_version(ctx: SyncContext, conn: psycopg.Connection, spec: TableSpec, current: dict[str, Any],
+                    edited_at: datetime | None, incoming: Mapping[str, Any]) -> dict[str, Any]:
+    """The Tables record's version: its ``updated_at``, or Zapier's ``edited_at`` when it was edited after
+    the version it shares with ``incoming`` without advancing ``updated_at`` (same rule as zsync.sync_apply)."""
+    version = spec.version or ""
+    ours, theirs = current.get(version), incoming.get(version)
+    if edited_at is None or ours is None or theirs is None:
+        return current
+    ms = timedelta(milliseconds=1)
+    same_base = ours.replace(microsecond=ours.microsecond // 1000 * 1000) == \
+        theirs.replace(microsecond=theirs.microsecond // 1000 * 1000)
+    if same_base and edited_at - ours >= ms and supabase_db.version_cmp(conn, spec, current, incoming) != 0:
+        return dict(current, **{version: max(edited_at, theirs + ms)})
+    return current
+
+
 def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, row: Mapping[str, Any],
-                    fields: dict[str, Any]) -> Outcome:
+                    fields: dict[str, Any]) -> tuple[Outcome, dict[str, Any] | None]:
+    """-> (outcome, a ``sync_failed`` entry to record when the Tables record was parked)."""
     spec = fn.table
     table_id = ctx.table_id(spec)
     try:
@@ -196,13 +352,20 @@ def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec
         existing = _remove_duplicates(ctx, conn, spec, table_id, row["id"])
     if existing is None:
         ctx.tables.create(table_id, fields)
-        return Outcome.APPLIED
+        return Outcome.APPLIED, None
+    edited_at = _tables_edited_at(existing)
     try:
-        current = parse_tables_record(spec, existing.data)
+        current: dict[str, Any] | None = parse_tables_record(spec, existing.data)
     except InvalidRecord as exc:
-        log_event(ctx.logger, logging.WARNING, "tables_record_unreadable", record_id=row["id"],
-                  problems=exc.problems, resolution="overwritten with the Supabase version")
-        current = None
+        if _unreadable_is_older(spec, existing, edited_at, row):
+            log_event(ctx.logger, logging.WARNING, "tables_record_unreadable", record_id=row["id"],
+                      problems=exc.problems, resolution="overwritten with the newer Supabase version")
+            ctx.tables.update(table_id, existing.id, fields)
+            return Outcome.APPLIED, None
+        log_event(ctx.logger, logging.ERROR, "tables_record_unreadable", record_id=row["id"],
+                  problems=exc.problems, resolution="parked: not overwritten (it may be newer); sync_failed written")
+        return Outcome.PARKED, audit.parked_entry(fn, row["id"], exc.problems, existing.data, row, datetime.now(UTC))
+    current = _tables_version(ctx, conn, spec, current, edited_at, row)
     outcome = conflict.outcome_of(conflict.compare(conn, spec, row, current))
     if outcome is Outcome.APPLIED:
         ctx.tables.update(table_id, existing.id, fields)
@@ -213,4 +376,20 @@ def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec
         if pushed == Outcome.APPLIED:
             back = FUNCTIONS[spec.function_name(Direction.TO_SUPABASE)]
             supabase_db.append_audit(conn, audit.sync_entry(back, current, Outcome.APPLIED, datetime.now(UTC)))
-    return outcome
+    return outcome, None
+
+
+def _unreadable_is_older(spec: TableSpec, record: Record, edited_at: datetime | None,
+                         incoming: Mapping[str, Any]) -> bool:
+    """An unparseable Tables record may be overwritten only when it is provably older than ``incoming``:
+    its own ``updated_at`` (and Zapier's ``edited_at``, when known) readable and before incoming's."""
+    if not spec.version or incoming.get(spec.version) is None:
+        return False
+    try:
+        ts = normalize_timestamp(record.data.get(spec.version))
+    except ValueError:
+        return False
+    if ts is None:
+        return False
+    latest = max(ts, edited_at) if edited_at else ts
+    return latest < incoming[spec.version]

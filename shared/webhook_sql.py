@@ -57,7 +57,7 @@ def render_webhook_sql(
         name = trigger_name(spec.name)
         lines += [
             f'DROP TRIGGER IF EXISTS "{name}" ON public."{spec.name}";',
-            f'CREATE TRIGGER "{name}" AFTER INSERT OR UPDATE ON public."{spec.name}"',
+            f'CREATE TRIGGER "{name}" AFTER INSERT OR UPDATE OR DELETE ON public."{spec.name}"',
             "  FOR EACH ROW EXECUTE FUNCTION supabase_functions.http_request(",
             f"    {_literal(url)}, 'POST', {_literal(headers)}, '{{}}', '{timeout_ms}');",
             "INSERT INTO zsync.webhook_endpoints (table_name, url, headers, timeout_ms)",

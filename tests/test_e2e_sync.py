@@ -94,15 +94,18 @@ def test_2_supabase_to_tables_jobs_and_rate_limits_updates(stack, tables, supaba
     eventually(lambda: tables.find("rate_limits", limit)["data"]["request_count"] == 1)
 
 
-def test_2_delete_is_ignored(stack, tables, supabase):
+def test_2_delete_reaches_tables(stack, tables, supabase):
     job = uid("job-del")
     supabase.query("INSERT INTO agent_jobs (id, status) VALUES (%s, 'queued')", (job,))
     eventually(lambda: tables.find("agent_jobs", job))
     url = stack.functions["agent_jobs_to_tables"].url
     r = requests.post(url, json={"type": "DELETE", "table": "agent_jobs", "schema": "public", "record": None,
                                  "old_record": {"id": job}}, headers={"X-Zsync-Secret": stack.secret}, timeout=10)
-    assert r.status_code == 200 and r.json()["outcome"] == "ignored"
+    # Not deleted in Supabase (no tombstone): a DELETE webhook for a row that exists changes nothing.
+    assert r.status_code == 200 and r.json()["outcome"] == "unchanged"
     assert tables.find("agent_jobs", job) is not None
+    supabase.query("DELETE FROM agent_jobs WHERE id = %s", (job,))  # deletes win (issue 13)
+    eventually(lambda: tables.find("agent_jobs", job) is None)
 
 
 # --- Test 3: conflict resolution -----------------------------------------------------------------

@@ -8,8 +8,8 @@ SQL (``zsync.version_cmp`` / ``zsync.sync_upsert`` via :mod:`shared.supabase_db`
   ``updated_at`` and the same canonical content (an empty text counting as no value), and applying a set
   of versions with ``sync_upsert`` in any order ends with the maximum.
 
-Equality of JSON numbers is by decimal value as Postgres' jsonb keeps it (``1e16`` comes back as
-``10000000000000000``; ``1.0`` stays ``1.0``), see :func:`canon_json`.
+Versions compare JSON numbers by value (``12.50`` = ``12.5``, ``1.0`` = ``1``, at double precision) and
+timestamps at millisecond precision, see :func:`canon_json` and :func:`ms`.
 """
 
 from __future__ import annotations
@@ -140,32 +140,45 @@ def fixed(number: Decimal) -> str:
     return text.lstrip("-") if number == 0 else text
 
 
-def canon_json(value: Any) -> Any:
-    """A JSON value with numbers as jsonb keeps them (exact decimal, scale kept), bools kept apart."""
+def canon_json(value: Any, by_value: bool = False) -> Any:
+    """A JSON value with numbers as jsonb keeps them (exact decimal, scale kept), bools kept apart; with
+    ``by_value``, as the version hash sees it: numbers by value at double precision (12.50 = 12.5)."""
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return value
+    if by_value and isinstance(value, int | float):
+        return ("n", float(value) if abs(value) <= 1e300 else fixed(Decimal(repr(value))))
     if isinstance(value, int):
         return ("n", str(value))
     if isinstance(value, float):
         return ("n", fixed(Decimal(repr(value))))
     if isinstance(value, list):
-        return ("l", tuple(canon_json(v) for v in value))
+        return ("l", tuple(canon_json(v, by_value) for v in value))
     if isinstance(value, dict):
-        return ("o", tuple(sorted((k, canon_json(v)) for k, v in value.items())))
+        return ("o", tuple(sorted((k, canon_json(v, by_value)) for k, v in value.items())))
     raise TypeError(type(value))
 
 
-def canon(spec: TableSpec, row: dict[str, Any]) -> dict[str, Any]:
+def ms(value: datetime | None) -> datetime | None:
+    """Timestamps compare at millisecond precision (a Tables field may keep no more)."""
+    return value.replace(microsecond=value.microsecond // 1000 * 1000) if value is not None else None
+
+
+def canon(spec: TableSpec, row: dict[str, Any], version: bool = False) -> dict[str, Any]:
+    """Exact (round trips), or with ``version`` as the version hash compares (by value, milliseconds)."""
     out = {}
     for f in spec.fields:
         value = row.get(f.name)
-        out[f.name] = canon_json(value) if f.kind is Kind.JSON else value
+        if f.kind is Kind.JSON:
+            out[f.name] = canon_json(value, by_value=version)
+        else:
+            out[f.name] = ms(value) if version and f.kind is Kind.TIMESTAMP else value
     return out
 
 
 def content(spec: TableSpec, row: dict[str, Any]) -> dict[str, Any]:
     """What the version hash covers: everything but updated_at, empty text and null left out."""
-    return {k: v for k, v in canon(spec, row).items() if k != spec.version and v is not None and v != ""}
+    return {k: v for k, v in canon(spec, row, version=True).items()
+            if k != spec.version and v is not None and v != "" and v != []}
 
 
 # --- database -----------------------------------------------------------------------------------------
@@ -309,10 +322,10 @@ def test_version_cmp_is_antisymmetric_and_zero_exactly_for_equal_versions(conn, 
         for b in versions:
             ab, ba = cmp(conn, spec, a, b), cmp(conn, spec, b, a)
             assert ab in (-1, 0, 1) and ab == -ba, (a, b, ab, ba)  # never both "newer"
-            same = a[spec.version] == b[spec.version] and content(spec, a) == content(spec, b)
+            same = ms(a[spec.version]) == ms(b[spec.version]) and content(spec, a) == content(spec, b)
             assert (ab == 0) == same, (a, b, ab)
-            if a[spec.version] != b[spec.version]:  # the later updated_at wins; a missing one is oldest
-                later = max((a, b), key=lambda v: v[spec.version] or datetime.min.replace(tzinfo=UTC))
+            if ms(a[spec.version]) != ms(b[spec.version]):  # the later updated_at wins; a missing one is oldest
+                later = max((a, b), key=lambda v: ms(v[spec.version]) or datetime.min.replace(tzinfo=UTC))
                 assert ab == (1 if later is a else -1)
 
 

@@ -334,8 +334,13 @@ def test_errors_never_echo_secrets_or_stack_traces(env, logs, database_url):
 
 TWO_WAY = ("agent_jobs", "agent_decisions", "rate_limits")
 CALLED = {"sync_upsert", "sync_upsert_many", "version_cmp", "content_hash", "append_audit",
-          "ack_outbox", "announce"}
-DEFINER = {"capture_change", "ack_outbox", "announce"}
+          "ack_outbox", "announce",
+          # issue 13: canonical versions, tombstones, Tables deletes, parking undeliverable changes
+          "sync_apply", "version_of", "canonical_row", "canonical_json", "tombstone_version",
+          "apply_tables_delete", "outbox_failed"}
+DEFINER = {"capture_change", "ack_outbox", "announce",
+           # issue 13: they read/write zsync.tombstones and zsync.outbox, which zsync_sync cannot touch
+           "maintain_updated_at", "track_tombstone", "tombstone_version", "apply_tables_delete", "outbox_failed"}
 
 
 def role_url(database_url: str, role: str = ROLE) -> str:

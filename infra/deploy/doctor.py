@@ -74,6 +74,31 @@ def check_function(name: str, url: str, settings: Settings, timeout_s: float = 2
     return out
 
 
+SWEEP_MAX_AGE_S = 300  # pg_cron sweeps every 30 s; 5 minutes without one means it is not scheduled
+OUTBOX_MAX_AGE_S = 3600  # an unacknowledged change older than this: deliveries are failing
+
+
+def check_outbox(conn: Any) -> list[Check]:
+    """The outbox sweeper ran recently and nothing waits unacknowledged for long (parked changes are
+    ``sync_failed`` entries, which the monitor reports)."""
+    last = conn.execute("SELECT extract(epoch FROM now() - last_at) FROM zsync.sweeper_runs").fetchone()
+    cron = conn.execute("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_cron')").fetchone()[0]
+    hint = "" if cron else " (pg_cron is not enabled: enable it under Database > Extensions, then `zsync migrate`)"
+    if last is None:
+        out = [Check("database", "outbox sweeper", False, "the sweep has never run" + hint)]
+    else:
+        age = float(last[0])
+        out = [Check("database", "outbox sweeper", age <= SWEEP_MAX_AGE_S,
+                     f"last sweep {age:.0f} s ago" + ("" if age <= SWEEP_MAX_AGE_S else hint))]
+    old, oldest = conn.execute(
+        "SELECT count(*), coalesce(max(extract(epoch FROM now() - created_at)), 0) FROM zsync.outbox "
+        "WHERE acked_at IS NULL AND created_at < now() - make_interval(secs => %s)", (OUTBOX_MAX_AGE_S,)).fetchone()
+    out.append(Check("database", "outbox backlog", old == 0,
+                     "no old unacknowledged changes" if old == 0 else
+                     f"{old} change(s) unacknowledged for over {OUTBOX_MAX_AGE_S} s (oldest {float(oldest):.0f} s)"))
+    return out
+
+
 def check_database(settings: Settings, function_urls: Mapping[str, str]) -> list[Check]:
     import psycopg
 
@@ -95,6 +120,7 @@ def check_database(settings: Settings, function_urls: Mapping[str, str]) -> list
                 " SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
                 " WHERE c.relname = e.table_name AND t.tgname = 'zsync_' || e.table_name || '_webhook')"
             ).fetchall())
+            out += check_outbox(conn)
     except psycopg.Error as exc:
         return [*out, Check("database", "webhooks", False, f"{type(exc).__name__}: {str(exc)[:200]}")]
     for table in WEBHOOK_TABLES:

@@ -234,6 +234,8 @@ class LocalStack:
             conn.execute(sql)
 
     def _sweep_loop(self) -> None:
+        with contextlib.suppress(psycopg.Error):  # once at start too (`zsync doctor` checks it ran recently)
+            self.sweep_outbox(self.config.sweep_min_age_s)
         while not self._stop.wait(self.config.sweep_interval_s):
             with contextlib.suppress(psycopg.Error):
                 self.sweep_outbox(self.config.sweep_min_age_s)
