@@ -42,8 +42,8 @@ from infra.local.postgres import (
 from infra.local.tables_service import TableConfig, TablesService, start_tables_service
 from shared.settings import DEFAULT_SECRET_HEADER
 from shared.spec import FUNCTIONS, TABLES, Direction
-from shared.zapier_tables import TablesClient
 from shared.webhook_sql import render_webhook_sql
+from shared.zapier_tables import TablesClient
 
 REPO = Path(__file__).resolve().parents[2]
 MAIN = REPO / "functions" / "main.py"
