@@ -264,13 +264,11 @@ def test_duplicate_tables_records_for_one_id_are_merged(stack, tables, supabase)
     eventually(lambda: supabase.row("agent_jobs", rid))
     stack.wait_quiet()
     # A second Tables record with the same id (e.g. a create retried after its response was lost).
-    r = tables.s.post(tables.url("agent_jobs"), json={"id": rid, "status": "b", "updated_at": "2025-12-22T10:00:05Z"},
-                      timeout=10)
-    assert r.status_code == 201
+    tables.create("agent_jobs", {"id": rid, "status": "b", "updated_at": "2025-12-22T10:00:05Z"})
     eventually(lambda: supabase.row("agent_jobs", rid)["status"] == "b")
     supabase.query("UPDATE agent_jobs SET status = 'c', updated_at = '2025-12-22T10:00:09Z' WHERE id = %s", (rid,))
     stack.wait_quiet()
-    found = tables.s.get(tables.url("agent_jobs"), params={"filter[id]": rid}, timeout=10).json()["data"]
+    found = tables.find_all("agent_jobs", rid)
     assert [f["data"]["status"] for f in found] == ["c"]
 
 

@@ -70,7 +70,7 @@ def fstack() -> Iterator[LocalStack]:
 def settings(fstack: LocalStack) -> Settings:
     """What an operator's `zsync replay` / `zsync reconcile` would use against this stack."""
     assert fstack.tables is not None
-    return Settings(database_url=fstack.database_url, tables_api_url=fstack.tables.url, tables_token=fstack.token,
+    return Settings(database_url=fstack.database_url, zapier_base_url=fstack.tables.url, tables_token=fstack.token,
                     table_ids=fstack.table_ids, dlq_url=fstack.dlq_url, aws_endpoint_url=fstack.aws_endpoint_url,
                     webhook_secret=fstack.secret, retry_budget_s=5)
 

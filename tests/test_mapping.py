@@ -128,7 +128,8 @@ def test_round_trip_supabase_to_tables_to_supabase_is_exact():
 def test_json_and_lists_arrive_in_either_form_with_the_same_version():
     from shared.mapping import parse_supabase_record as sup
     audit = TABLES["audit_log"]
-    base = {"id": "a", "timestamp": "2025-12-22T10:00:00Z", "metadata": {"k": [1, 2]}, "compliance_tags": ["gdpr", "sox"]}
+    base = {"id": "a", "timestamp": "2025-12-22T10:00:00Z", "metadata": {"k": [1, 2]},
+            "compliance_tags": ["gdpr", "sox"]}
     as_values = parse_tables_record(audit, to_tables_fields(audit, sup(audit, base)))
     as_text = parse_tables_record(audit, base | {"metadata": '{"k": [1, 2]}', "compliance_tags": "gdpr, sox"})
     assert as_values == as_text
