@@ -54,7 +54,7 @@ def test_1_tables_to_supabase_decisions_rate_limits_audit(stack, tables, supabas
                                       "metadata": "{\"source\": \"zap\"}"})
     tables.create("rate_limits", {"id": limit, "service_name": "openai", "request_count": "3", "quota_limit": 100,
                                   "window_start": "2025-12-22T10:00:00+02:00"})
-    rec = tables.create("audit_log", {"action": entry, "actor": "zapier_agent_1", "compliance_tags": "gdpr, soc2",
+    rec = tables.create("audit_log", {"action": entry, "actor": "zapier_agent_1", "compliance_tags": ["gdpr", "soc2"],
                                       "metadata": "{\"k\": 1}", "timestamp": "2025-12-22T10:00:00Z"})
     d = eventually(lambda: supabase.row("agent_decisions", decision))
     assert d["confidence"] == 0.87 and d["metadata"] == {"source": "zap"}
@@ -76,7 +76,7 @@ def test_2_supabase_to_tables_agent_decisions(stack, tables, supabase):
     )
     rec = eventually(lambda: tables.find("agent_decisions", decision))
     assert rec["data"]["confidence"] == 0.87
-    assert json.loads(rec["data"]["metadata"]) == {"signals": ["x", "y"]}  # jsonb -> JSON string
+    assert rec["data"]["metadata"] == {"signals": ["x", "y"]}  # jsonb -> a json field holding the value
     assert rec["data"]["updated_at"].endswith("Z")
     assert len(supabase.audit(decision, "agent_decisions_synced")) == 1
 

@@ -160,7 +160,7 @@ def test_backfill_of_an_empty_supabase_side(ctx, fresh_db, client):
          "updated_at": "2025-12-22T10:00:00Z"} for i in range(120)])
     client.create_many(TABLE_IDS["rate_limits"], [{"id": "rl-1", "service_name": "openai", "request_count": "3"}])
     entries = client.create_many(TABLE_IDS["audit_log"], [
-        {"action": "lead_scored", "actor": "zapier_agent", "compliance_tags": "gdpr, soc2", "metadata": '{"a": 1}',
+        {"action": "lead_scored", "actor": "zapier_agent", "compliance_tags": ["gdpr", "soc2"], "metadata": '{"a": 1}',
          "timestamp": "2025-12-22T10:00:00Z"} for _ in range(3)])
     result = reconcile(ctx)
     assert result.tables["agent_decisions"].missing_in_supabase == 120
