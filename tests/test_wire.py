@@ -332,8 +332,9 @@ def test_deploy_preflight_finds_missing_secrets(env: pytest.MonkeyPatch) -> None
                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
         env.setenv(key, value)
     with mock_aws():
-        assert missing_secrets("pre") == ["database_url", "webhook_secret", "tables_token"]
+        assert missing_secrets("pre") == ["database_url", "webhook_secret", "zapier_client_id", "zapier_client_secret"]
         boto3.client("ssm").put_parameter(Name="/zsync/pre/webhook_secret", Value="x", Type="SecureString")
         boto3.client("ssm").put_parameter(Name="/zsync/other/database_url", Value="x", Type="SecureString")
-        boto3.client("secretsmanager").create_secret(Name="zsync/pre/tables_token", SecretString="x")
+        boto3.client("secretsmanager").create_secret(Name="zsync/pre/zapier_client_secret", SecretString="x")
+        boto3.client("ssm").put_parameter(Name="/zsync/pre/zapier_client_id", Value="x", Type="SecureString")
         assert missing_secrets("pre") == ["database_url"]
