@@ -286,8 +286,9 @@ def _row_record(row: sqlite3.Row) -> Rec:
         "schema_revision_id": row["schema_revision_id"],
         "deleted_at": row["deleted_at"],
     }
-    if row["errors"]:
-        record["errors"] = json.loads(row["errors"])
+    errors = json.loads(row["errors"]) if row["errors"] else None  # stored as "null" when there are none
+    if errors:
+        record["errors"] = errors
     return record
 
 
@@ -366,6 +367,7 @@ class RecordEngine:
     def __init__(self, store: RecordStore, configs: Sequence[TableConfig]) -> None:
         self.store = store
         self.configs = {c.name: c for c in configs}
+        self.rows_read = 0  # records a query read from the store (a find by an indexed value reads only its hits)
 
     # -- tables and fields --
 
@@ -520,6 +522,7 @@ class RecordEngine:
                 page_rows = iter(rows)
             else:
                 page_rows = self._scan(conn, table_id, start.get("seq", 0) if not orders else 0, trash_sql)
+            page_rows = self._counted(page_rows)
             matching = (r for r in page_rows if all(
                 _matches(op, json.loads(r["data"]).get(f"f{fid}"), v) for fid, op, v in filters))
             if orders:
@@ -541,6 +544,11 @@ class RecordEngine:
         return [_row_record(r) for r in page], pagination
 
     # -- internals --
+
+    def _counted(self, rows: Iterator[sqlite3.Row]) -> Iterator[sqlite3.Row]:
+        for row in rows:
+            self.rows_read += 1  # under the store lock (the query's transaction)
+            yield row
 
     def _scan(self, conn: sqlite3.Connection, table_id: str, after: int, trash_sql: str) -> Iterator[sqlite3.Row]:
         while True:
@@ -1215,12 +1223,14 @@ def _register_admin(app: Flask, ctx: ServiceContext) -> None:
 
     @app.get("/_admin/stats")
     def stats() -> Response:
-        return jsonify(ctx.stats.snapshot() | {"deliveries": ctx.dispatcher.stats(), "faults": ctx.faults.stats()})
+        return jsonify(ctx.stats.snapshot() | {"deliveries": ctx.dispatcher.stats(), "faults": ctx.faults.stats(),
+                                               "query_rows_read": ctx.engine.rows_read})
 
     @app.post("/_admin/stats/reset")
     def reset_stats() -> tuple[str, int]:
         ctx.stats.reset()
         ctx.dispatcher.reset()
+        ctx.engine.rows_read = 0
         return "", 204
 
     @app.get("/_admin/deliveries")
@@ -1301,7 +1311,8 @@ class TablesService:
 
     def stats(self) -> Data:
         ctx = self.ctx
-        return ctx.stats.snapshot() | {"deliveries": ctx.dispatcher.stats(), "faults": ctx.faults.stats()}
+        return ctx.stats.snapshot() | {"deliveries": ctx.dispatcher.stats(), "faults": ctx.faults.stats(),
+                                       "query_rows_read": ctx.engine.rows_read}
 
     def deliveries(self) -> list[Data]:
         return self.ctx.dispatcher.outcomes()
