@@ -320,8 +320,7 @@ class LocalStack:
     def info(self) -> dict[str, Any]:
         return {
             "functions": {name: fp.url for name, fp in sorted(self.functions.items())},
-            "tables_api": self.tables.url if self.tables else None,
-            "tables_token": self.token,
+            "tables_token": self.token,  # a static token the local service also accepts (OAuth is the default)
             "zapier_base_url": self.tables.url if self.tables else None,
             "zapier_token_url": (self.tables.url + "/oauth/token/") if self.tables else None,
             "zapier_client_id": self.client_id,
