@@ -129,7 +129,8 @@ def check_tables(settings: Settings) -> list[Check]:
     for r in results:
         problems = ([r.error] if r.error else []) + [f"missing field {m}" for m in r.missing_fields] + r.type_mismatches
         detail = "; ".join(problems) + (" (run `zsync setup zapier`)" if r.missing_fields else "")
-        out.append(Check("tables", r.name, r.ok, f"{r.table_id}: {detail}" if problems else
+        where = f"{r.table_id}: " if r.table_id else ""
+        out.append(Check("tables", r.name, r.ok, f"{where}{detail}" if problems else
                          f"{r.table_id}: fields match the spec"))
     return out
 

@@ -72,7 +72,8 @@ def check_tables(client: TablesClient, table_ids: Mapping[str, str],
     for spec in specs:
         result = TableSetup(spec.name, table_ids.get(spec.name))
         if result.table_id is None:
-            result.error = "no table id: run `zsync setup zapier`"
+            result.error = (f"no table id: add \"{spec.name}\" to ZSYNC_TABLE_IDS "
+                            "(`zsync setup zapier` finds or makes the table and writes its id)")
         else:
             try:
                 _layout(client, spec, result, fix=False)
