@@ -17,21 +17,21 @@ from pathlib import Path
 import psycopg
 import requests
 
+from infra.deploy.tables_setup import ensure_tables, table_ids
 from infra.local.postgres import create_database, prepare_database, start_postgres
-from infra.local.tables_service import TableConfig, start_tables_service
+from infra.local.tables_service import RATE_LIMIT, RATE_WINDOW_S, TableConfig, start_tables_service
 from infra.reconcile import ReconcileResult, reconcile
 from shared.settings import Settings
 from shared.spec import TABLES
 from shared.sync import SyncContext
 from shared.zapier_tables import TablesClient
 
-TOKEN = "bench-token"
-TABLE_IDS = {name: f"tbl_bench_{name}" for name in TABLES}
+CLIENT_ID, CLIENT_SECRET = "zsync-bench", "bench-secret"
 TS = "2025-12-22T10:00:00Z"
 LATER = "2025-12-22T11:00:00Z"
 
 
-def _seed(url: str, client: TablesClient, n: int) -> None:
+def _seed(url: str, client: TablesClient, table: str, n: int) -> None:
     stale = n // 10
     supa_only = [f"s-{i:06d}" for i in range(n)]
     tables_only = [f"t-{i:06d}" for i in range(n)]
@@ -44,7 +44,6 @@ def _seed(url: str, client: TablesClient, n: int) -> None:
                      "FROM unnest(%s::text[]) x", (TS, TS, newer_in_tables))
         conn.execute("INSERT INTO agent_jobs (id, status, created_at, updated_at) SELECT x, 'new', %s, %s "
                      "FROM unnest(%s::text[]) x", (TS, LATER, newer_in_supabase))
-    table = TABLE_IDS["agent_jobs"]
     client.create_many(table, [{"id": i, "status": "queued", "created_at": TS, "updated_at": TS} for i in tables_only])
     client.create_many(table, [{"id": i, "status": "new", "created_at": TS, "updated_at": LATER}
                                for i in newer_in_tables])
@@ -62,6 +61,8 @@ def _line(name: str, seconds: float, result: ReconcileResult, requests_made: int
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_reconcile", description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2000, help="records missing on each side (default 2000)")
+    parser.add_argument("--no-rate-limit", action="store_true",
+                        help=f"turn off the service's per-table limit ({RATE_LIMIT} requests / {RATE_WINDOW_S:g} s)")
     args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="zsync-bench-rc-"))
     pg = start_postgres(tmp / "pg")
@@ -69,14 +70,16 @@ def main(argv: list[str] | None = None) -> None:
     try:
         url = create_database(pg.get_uri(), "bench")
         prepare_database(url)
-        configs = [TableConfig(name=n, table_id=TABLE_IDS[n], stamp_updated_at=TABLES[n].version is not None)
-                   for n in TABLES]
-        service = start_tables_service(tmp / "t.sqlite3", configs, token=TOKEN, secret_header="X-Zsync-Secret",
-                                       secret=None, port=0)
-        with TablesClient(service.url, TOKEN) as client:
-            _seed(url, client, args.n)
-        ctx = SyncContext(settings=Settings(database_url=url, tables_api_url=service.url, tables_token=TOKEN,
-                                            table_ids=TABLE_IDS))
+        configs = [TableConfig(name=n, stamp_updated_at=TABLES[n].version is not None) for n in TABLES]
+        service = start_tables_service(tmp / "t.sqlite3", configs, client_id=CLIENT_ID, client_secret=CLIENT_SECRET,
+                                       rate_limit=None if args.no_rate_limit else RATE_LIMIT)
+        token_url = service.url + "/oauth/token/"
+        with TablesClient(service.url, client_id=CLIENT_ID, client_secret=CLIENT_SECRET, token_url=token_url) as client:
+            ids = table_ids(ensure_tables(client))
+            _seed(url, client, ids["agent_jobs"], args.n)
+        ctx = SyncContext(settings=Settings(database_url=url, zapier_base_url=service.url, zapier_token_url=token_url,
+                                            zapier_client_id=CLIENT_ID, zapier_client_secret=CLIENT_SECRET,
+                                            table_ids=ids))
 
         def run(name: str, dry_run: bool) -> None:
             requests.post(f"{service.url}/_admin/stats/reset", timeout=5)

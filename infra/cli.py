@@ -86,7 +86,7 @@ def up(
         table.add_column("URL")
         for name, url in info["functions"].items():
             table.add_row(name, url)
-        table.add_row("Zapier Tables API", info["tables_api"])
+        table.add_row("Zapier Tables API", info["zapier_base_url"])
         table.add_row("moto (AWS)", info["aws_endpoint_url"] or "-")
         table.add_row("database", info["database_url"])
         console.print(table)

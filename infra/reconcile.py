@@ -43,7 +43,7 @@ from shared.spec import FUNCTIONS, TABLES, Direction, TableSpec
 from shared.sync import SyncContext
 from shared.zapier_tables import BATCH_MAX, Record, TablesError
 
-PAGE_SIZE = 500
+PAGE_SIZE = 1000  # the query endpoint's maximum page
 COMPARE_BATCH = 500
 VIA = "reconcile"
 DB_ERRORS = (supabase_db.DatabaseUnavailable, psycopg.Error, PoolTimeout)
@@ -174,7 +174,7 @@ class _Reconciler:
             data = dict(record.data)
             data.setdefault("id", record.id)  # what the Zap trigger sends (see tables_service.trigger_payload)
             try:
-                received = normalize_timestamp(record.updated_at) if record.updated_at else None
+                received = normalize_timestamp(record.edited_at) if record.edited_at else None
                 row = parse_tables_record(spec, data, received_at=received)
             except (InvalidRecord, ValueError):
                 rid = data.get("id")

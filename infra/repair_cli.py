@@ -28,8 +28,10 @@ err = Console(stderr=True)
 # stack.json key -> Settings field
 _FROM_STACK = {
     "database_url": "database_url",
-    "tables_api": "tables_api_url",
-    "tables_token": "tables_token",
+    "zapier_base_url": "zapier_base_url",
+    "zapier_client_id": "zapier_client_id",
+    "zapier_client_secret": "zapier_client_secret",
+    "zapier_token_url": "zapier_token_url",
     "table_ids": "table_ids",
     "dlq_url": "dlq_url",
     "aws_endpoint_url": "aws_endpoint_url",

@@ -2,8 +2,9 @@
 
 Three shapes of one record:
 
-* **Tables fields** - what a Zap sends / the Tables API stores: flat, JSON fields as strings,
-  timestamps as ISO strings, arrays as comma strings, numbers possibly as strings.
+* **Tables fields** - what a Zap sends / the Tables API stores, by field name, typed as
+  :data:`shared.spec.ZAPIER_FIELD_TYPES` says: JSON fields as JSON values (JSON text accepted),
+  timestamps as ISO strings, arrays as arrays (comma text accepted), numbers (numeric text accepted).
 * **Supabase record** - what a Database Webhook sends: Postgres JSON (jsonb nested, text[] arrays,
   timestamptz as ISO strings with an offset).
 * **Row** - the canonical Python form both are parsed into (``datetime`` in UTC, ``dict``/``list`` for
@@ -148,7 +149,10 @@ def coerce_float(value: Any) -> float | None:
 
 
 def coerce_json(value: Any, source: Source) -> Any:
-    """Tables: a JSON document as text ("" = empty). Supabase: the jsonb value itself."""
+    """Tables: a JSON value, or a JSON document as text ("" = empty). Supabase: the jsonb value itself.
+
+    Text from Tables is always read as JSON text, which is why :func:`to_tables_fields` sends a JSON
+    *string* value as JSON text: whichever form Zapier hands back, it parses to the same value."""
     if source == "tables":
         if value is None or value == "":
             return None
@@ -292,17 +296,17 @@ def format_timestamp(value: datetime | None) -> str | None:
 
 
 def to_tables_fields(spec: TableSpec, row: Mapping[str, Any]) -> dict[str, Any]:
-    """Row -> the fields written to Zapier Tables (JSON stringified, timestamps as text, arrays joined)."""
+    """Row -> the fields written to Zapier Tables, by name (JSON values, ISO timestamps, arrays)."""
     out: dict[str, Any] = {}
     for f in spec.fields:
         value = row.get(f.name)
         match f.kind:
             case Kind.JSON:
-                out[f.name] = None if value is None else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+                out[f.name] = json.dumps(value, ensure_ascii=False) if isinstance(value, str) else value
             case Kind.TIMESTAMP:
                 out[f.name] = format_timestamp(value)
             case Kind.TEXT_ARRAY:
-                out[f.name] = ",".join(value or [])
+                out[f.name] = list(value or [])
             case _:
                 out[f.name] = value
     return out

@@ -41,8 +41,11 @@ class Settings(BaseSettings):
     )
 
     # --- Zapier Tables ---------------------------------------------------------------------------
-    tables_api_url: str = "https://tables.zapier.com"
-    tables_token: SecretStr | None = None
+    zapier_base_url: str = Field(default="https://sdkapi.zapier.com", description="What the SDK takes as base URL.")
+    zapier_token_url: str = "https://zapier.com/oauth/token/"
+    zapier_client_id: str | None = Field(default=None, description="OAuth client id (create-client-credentials).")
+    zapier_client_secret: SecretStr | None = None
+    tables_token: SecretStr | None = Field(default=None, description="A token made by the user, instead of OAuth.")
     table_ids: dict[str, str] = Field(
         default_factory=dict, description='JSON object: {"agent_jobs": "<Zapier table id>", ...}'
     )
@@ -75,7 +78,8 @@ class Settings(BaseSettings):
         return [s.get_secret_value() for s in (self.webhook_secret, self.webhook_secret_previous) if s is not None]
 
 
-SECRET_FIELDS = ("database_url", "webhook_secret", "webhook_secret_previous", "tables_token", "slack_webhook_url")
+SECRET_FIELDS = ("database_url", "webhook_secret", "webhook_secret_previous", "tables_token", "zapier_client_id",
+                 "zapier_client_secret", "slack_webhook_url")
 
 
 @lru_cache(maxsize=1)

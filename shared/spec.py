@@ -9,13 +9,16 @@ Field kinds and how each side stores them:
 ========== ============================== =====================================
 kind       Supabase (Postgres)            Zapier Tables
 ========== ============================== =====================================
-text       text                           text
-int        integer                        number (or numeric string)
-float      double precision               number (or numeric string)
-json       jsonb (nested JSON)            JSON as a string
-timestamp  timestamptz                    ISO-8601 string (UTC, "Z")
-text_array text[]                         comma-separated string
+text       text                           ``text`` field (a string)
+int        integer                        ``number`` field
+float      double precision               ``decimal`` field
+json       jsonb (nested JSON)            ``json`` field (a JSON value; JSON text accepted)
+timestamp  timestamptz                    ``datetime`` field (ISO-8601 string, UTC "Z")
+text_array text[]                         ``multiple_string`` field (an array; comma text accepted)
 ========== ============================== =====================================
+
+``ZAPIER_FIELD_TYPES`` is the one place that decides the Zapier Tables field type of each kind: setup,
+doctor, the local Tables service and value formatting (:mod:`shared.mapping`) all derive from it.
 """
 
 from __future__ import annotations
@@ -39,6 +42,17 @@ class Direction(StrEnum):
     TO_TABLES = "to_tables"  # Supabase -> Zapier Tables (Zaps 3B, 3D, 3G)
 
 
+# Zapier Tables field type of each kind (see the table above).
+ZAPIER_FIELD_TYPES: dict[Kind, str] = {
+    Kind.TEXT: "text",
+    Kind.INT: "number",
+    Kind.FLOAT: "decimal",
+    Kind.JSON: "json",
+    Kind.TIMESTAMP: "datetime",
+    Kind.TEXT_ARRAY: "multiple_string",
+}
+
+
 @dataclass(frozen=True)
 class Field:
     name: str
@@ -46,6 +60,11 @@ class Field:
     default: Any = None
     required: bool = False
     max_length: int | None = None
+
+    @property
+    def zapier_type(self) -> str:
+        """The Zapier Tables field type this field is created with."""
+        return ZAPIER_FIELD_TYPES[self.kind]
 
 
 ID_MAX_LENGTH = 128
@@ -76,6 +95,10 @@ class TableSpec:
             if f.name == name:
                 return f
         raise KeyError(name)
+
+    def zapier_fields(self) -> list[dict[str, Any]]:
+        """The ``new_fields`` body that creates this table's fields in Zapier Tables."""
+        return [{"type": f.zapier_type, "name": f.name, "options": {}, "config": {}} for f in self.fields]
 
     def fields_of(self, kind: Kind) -> tuple[str, ...]:
         return tuple(f.name for f in self.fields if f.kind is kind)

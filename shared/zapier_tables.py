@@ -1,28 +1,35 @@
-"""The one module that knows the shape of the Zapier Tables records API (and of the seed's catch hooks).
+"""The one module that knows the shape of the Zapier Tables API (and of the seed's catch hooks).
 
-**The public Zapier Tables REST API could not be confirmed** (see ``/work/shared/reference/zapier.md``):
-public code that calls Tables guesses between several endpoint shapes. We follow the seed's path
-(``POST https://tables.zapier.com/api/v1/tables/{table_id}/records``), address fields by name, and keep
-every detail of the shape here, so that switching to the real shape is a change to this file only.
-``infra/local/tables_service.py`` implements the same contract for local runs and tests.
+The API is what Zapier's official SDK (npm ``@zapier/zapier-sdk``) sends; see
+``/work/shared/reference/zapier-tables-api.md``. ``infra/local/tables_service.py`` serves the same API
+for local runs and tests, and ``tests/test_sdk_conformance.py`` runs the SDK itself against it.
 
-Contract::
+Contract (base URL default ``https://sdkapi.zapier.com``; paths under ``/api/v0/sdk/tables/api/v1``)::
 
-    Authorization: Bearer <token>                      -> 401 {"error": ...} when missing or wrong
-    record = {"id": "rec_...", "data": {field: value}, "created_at": iso, "updated_at": iso}
-    GET    /api/v1/tables/{tid}/records?limit=N&cursor=C&filter[<field>]=<value>
-                                                       -> 200 {"data": [record], "next_cursor": str|null}
-    GET    /api/v1/tables/{tid}/records/{rid}          -> 200 record | 404
-    POST   /api/v1/tables/{tid}/records {"data": {...}} (or flat fields)           -> 201 record
-    POST   /api/v1/tables/{tid}/records {"records": [{"data": {...}}]} (<= 100)    -> 201 {"data": [record]}
-    PATCH  /api/v1/tables/{tid}/records/{rid} {"data": {...}} (partial)           -> 200 record
-    PATCH  /api/v1/tables/{tid}/records {"records": [{"id": rid, "data": {...}}]}  -> 200 {"data": [record]}
-    DELETE /api/v1/tables/{tid}/records/{rid}          -> 204
-    errors: {"error": "<message>"}; 400, 404, 413, 429 (Retry-After seconds), 5xx
+    POST https://zapier.com/oauth/token/ (form: grant_type=client_credentials, client_id, client_secret,
+         scope=external, audience=zapier.com)           -> {"access_token", "expires_in"}
+    Authorization: Bearer <token>                       -> 401 when missing, wrong or expired
+    GET    /tables?limit&offset&q                       -> {"data": [table], "links": {"next"}}
+    POST   /tables {"name", "description"}              -> {"data": table}
+    GET    /tables/{t}/fields                           -> {"data": [{"id": 3, "name", "type", ...}]}
+    POST   /tables/{t}/fields {"new_fields": [{"name", "type", "options", "config"}]}
+    POST   /tables/{t}/records/query?allow_nested_queries=true[&trash=...]
+           {"limit" <= 1000, "filters": [{"key": "f3", "operator": "exact"|"in"|..., "value"}],
+            "cursor_query": {"query_type": "window", "start_cursor"}}
+                                                        -> {"data": [record], "meta": {"pagination": {...}}}
+    GET    /tables/{t}/records/{r}                      -> {"data": record}
+    POST   /tables/{t}/records {"new_records": [{"data": {"f3": v}}]} (<= 100)        -> {"data": [changeset]}
+    PATCH  /tables/{t}/records {"updated_records": [{"id": r, "data": {...}}]} (<= 100) -> {"data": [changeset]}
+    DELETE /tables/{t}/records {"record_ids": [r]}      (to the trash)
+    record = {"id": ULID, "data": {"f3": v}, "created_at", "edited_at", "schema_revision_id", "errors"?,
+              "deleted_at"?};  changeset = {"change_id", "old", "new": record, "changed_field_ids", "record_id"}
 
-Field values are flat scalars (text, number, boolean, null): JSON kinds travel as strings (see
-:mod:`shared.spec`). The top-level ``created_at``/``updated_at`` are Zapier's system metadata, distinct
-from the fields of the same name inside ``data``.
+A 200 can still refuse a write: ``meta.errors`` on the answer or an ``errors`` object on a record
+(``{"f3": {"s": "error", "h": ...}}``); both raise :class:`TablesRejected` naming the field.
+
+The public methods of :class:`TablesClient` take and return OUR field names: the client lists each
+table's fields once (cached, listed again when Zapier refuses a field id or a record shows a newer schema
+revision) and maps names <-> ``f<n>``. A name the table lacks raises :class:`TablesFieldMissing`.
 
 Retries and the time budget
 ---------------------------
@@ -52,8 +59,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
@@ -78,7 +86,11 @@ log = logging.getLogger(__name__)
 
 Scalar = str | int | float | bool | None
 
-API_PREFIX = "/api/v1/tables"
+API_PREFIX = "/api/v0/sdk/tables/api/v1"
+DEFAULT_BASE_URL = "https://sdkapi.zapier.com"
+DEFAULT_TOKEN_URL = "https://zapier.com/oauth/token/"
+DEFAULT_TOKEN_TTL_S = 3600.0
+TOKEN_REFRESH_MARGIN_S = 300.0  # fetch a new token this long before the old one expires
 BATCH_MAX = 100  # records per batch create/update request
 PAGE_DEFAULT = 100
 PAGE_MAX = 1000
@@ -107,7 +119,22 @@ class TablesNotFound(TablesError):
 
 
 class TablesRejected(TablesError):
-    """Any other 4xx (bad body, too large, ...): retrying the same request will not help."""
+    """Any other 4xx (bad body, too large, ...), or a write refused inside a 200 (``meta.errors``, a
+    record's ``errors``): retrying the same request will not help. ``fields``: our names of refused fields."""
+
+    def __init__(self, status: int | None, message: str, fields: list[str] | None = None) -> None:
+        super().__init__(status, message)
+        self.fields = fields or []
+
+
+class TablesFieldMissing(TablesError):
+    """The Zapier table has no field of this name: a configuration error (run ``zsync setup zapier``)."""
+
+    def __init__(self, table_id: str, field: str) -> None:
+        super().__init__(None, f"Zapier table {table_id} has no field named {field!r}: "
+                               "run `zsync setup zapier` (or add the field in Zapier Tables)")
+        self.table_id = table_id
+        self.field = field
 
 
 class TablesUnavailable(TablesError):
@@ -137,14 +164,17 @@ class TablesProtocolError(TablesError):
 
 
 class Record(BaseModel):
-    """One Zapier Tables record. ``created_at``/``updated_at`` are system metadata (ISO strings)."""
+    """One Zapier Tables record, ``data`` keyed by OUR field names. ``created_at``/``edited_at``/
+    ``deleted_at`` are Zapier's system metadata (ISO strings), distinct from fields of the same name."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     id: str
     data: dict[str, Any]
     created_at: str | None = None
-    updated_at: str | None = None
+    edited_at: str | None = None
+    deleted_at: str | None = None
+    schema_revision_id: int | None = None
 
 
 # --- retry policy with a per-call time budget ----------------------------------------------------------
@@ -260,18 +290,6 @@ class _CallBudget:
         return time.monotonic() - self.started
 
 
-class _BearerAuth(AuthBase):
-    def __init__(self, token: str) -> None:
-        self._token = token
-
-    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        request.headers["Authorization"] = f"Bearer {self._token}"
-        return request
-
-    def __repr__(self) -> str:
-        return "<BearerAuth ***>"
-
-
 # --- response handling shared by both writers ----------------------------------------------------------
 
 
@@ -317,23 +335,11 @@ def _root_cause(exc: requests.RequestException) -> str:
     return type(cause).__name__
 
 
-def _check_flat(fields: Mapping[str, Any]) -> None:
-    for name, value in fields.items():
+def _check_json(fields: Mapping[str, Any]) -> None:
+    for name in fields:
         if not isinstance(name, str) or not name:
             raise ValueError(f"field names must be non-empty strings, got {name!r}")
-        if value is not None and not isinstance(value, str | int | float | bool):
-            raise ValueError(f"field {name!r} must be a string, number, boolean or null (JSON goes as a string)")
-
-
-def filter_text(value: Scalar) -> str:
-    """How a value is written in a ``filter[field]=`` query parameter (the service compares text)."""
-    if value is None:
-        raise ValueError("cannot filter on null")
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return value
-    return json.dumps(value)
+    json.dumps(dict(fields), allow_nan=False)  # raises ValueError/TypeError for what JSON cannot carry
 
 
 def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
@@ -341,38 +347,163 @@ def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
         yield items[start : start + size]
 
 
-# --- the records API client ----------------------------------------------------------------------------
+# --- authentication: OAuth client credentials, or a token made by the user -----------------------------
+
+
+@dataclass
+class _CachedToken:
+    value: str
+    expires_at: float  # time.monotonic()
+
+
+_TOKENS: dict[tuple[str, str], _CachedToken] = {}  # per process: (token URL, client id) -> token
+_TOKENS_LOCK = threading.Lock()
+
+
+class TokenSource:
+    """Where the bearer token comes from: a fixed token, or OAuth client credentials (cached per process,
+    refreshed :data:`TOKEN_REFRESH_MARGIN_S` before expiry, dropped by :meth:`invalidate` after a 401)."""
+
+    def __init__(
+        self,
+        *,
+        token: str | None = None,
+        client_id: str | None = None,
+        client_secret: str | None = None,
+        token_url: str = DEFAULT_TOKEN_URL,
+        timeout_s: float = 10.0,
+    ) -> None:
+        if not token and not (client_id and client_secret):
+            raise ValueError("Zapier Tables needs ZSYNC_ZAPIER_CLIENT_ID + ZSYNC_ZAPIER_CLIENT_SECRET "
+                             "(or a token in ZSYNC_TABLES_TOKEN)")
+        self._static = token
+        self._client_id, self._client_secret = client_id, client_secret
+        self.token_url = token_url
+        self._timeout_s = timeout_s
+        self.fetches = 0
+
+    @property
+    def refreshable(self) -> bool:
+        return self._static is None
+
+    def __repr__(self) -> str:
+        return f"TokenSource(client_id={self._client_id!r}, secret=***)"
+
+    def get(self) -> str:
+        if self._static is not None:
+            return self._static
+        key = (self.token_url, self._client_id or "")
+        with _TOKENS_LOCK:
+            cached = _TOKENS.get(key)
+            if cached is not None and cached.expires_at - TOKEN_REFRESH_MARGIN_S > time.monotonic():
+                return cached.value
+            cached = self._fetch()
+            _TOKENS[key] = cached
+            return cached.value
+
+    def invalidate(self) -> None:
+        if self._static is None:
+            with _TOKENS_LOCK:
+                _TOKENS.pop((self.token_url, self._client_id or ""), None)
+
+    def _fetch(self) -> _CachedToken:
+        self.fetches += 1
+        form = {"grant_type": "client_credentials", "client_id": self._client_id,
+                "client_secret": self._client_secret, "scope": "external", "audience": "zapier.com"}
+        try:
+            response = requests.post(self.token_url, data=form, timeout=self._timeout_s, allow_redirects=False)
+        except requests.RequestException as exc:
+            raise TablesUnavailable(None, f"token endpoint: {_root_cause(exc)}") from None
+        if response.status_code in (400, 401, 403):
+            raise TablesAuthError(response.status_code, "token endpoint refused the client credentials "
+                                  "(check ZSYNC_ZAPIER_CLIENT_ID / ZSYNC_ZAPIER_CLIENT_SECRET)")
+        _raise_for_status(response, "token endpoint", 0.0)
+        try:
+            payload = response.json()
+            token = payload["access_token"]
+            expires_in = float(payload.get("expires_in") or DEFAULT_TOKEN_TTL_S)
+        except (ValueError, KeyError, TypeError):
+            raise TablesProtocolError(response.status_code, "token endpoint: no access_token in the answer") from None
+        if not isinstance(token, str) or not token:
+            raise TablesProtocolError(response.status_code, "token endpoint: access_token is not a string")
+        return _CachedToken(token, time.monotonic() + expires_in)
+
+
+class _TokenAuth(AuthBase):
+    def __init__(self, source: TokenSource) -> None:
+        self._source = source
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = f"Bearer {self._source.get()}"
+        return request
+
+    def __repr__(self) -> str:
+        return "<TokenAuth ***>"
+
+
+# --- field ids -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TableField:
+    key: str  # "f3"
+    name: str
+    type: str
+
+
+@dataclass
+class FieldMap:
+    """One table's fields: our names <-> Zapier's ``f<n>`` keys."""
+
+    table_id: str
+    fields: tuple[TableField, ...]
+    revision: int | None = None  # the schema_revision_id records had when this map was loaded
+
+    def __post_init__(self) -> None:
+        self.by_name = {}
+        for f in self.fields:
+            self.by_name.setdefault(f.name, f)  # first match wins, as in the SDK
+        self.by_key = {f.key: f for f in self.fields}
+
+
+# --- the Tables API client -------------------------------------------------------------------------------
 
 
 class TablesClient:
-    """Client for the Zapier Tables records API (contract in the module docstring).
+    """Client for the Zapier Tables API (contract in the module docstring), by OUR field names.
 
     ``timeout_s`` bounds each attempt; ``retry_budget_s`` bounds a whole call including retries, so a
-    call ends within ``max(timeout_s, retry_budget_s)``. The deadline is kept per thread (a context
-    variable), so concurrent calls from several threads each get their own budget; one client per
-    Lambda container is the intended use.
+    call ends within ``max(timeout_s, retry_budget_s)`` (plus one token fetch and one re-try after a
+    401). The deadline is kept per thread, so concurrent calls from several threads each get their own
+    budget; one client per Lambda container is the intended use.
     """
 
     def __init__(
         self,
         base_url: str,
-        token: str | SecretStr,
+        token: str | SecretStr | None = None,
         timeout_s: float = 10.0,
         retry_budget_s: float = 20.0,
         *,
         retry: RetryPolicy | None = None,
+        client_id: str | None = None,
+        client_secret: str | SecretStr | None = None,
+        token_url: str | None = None,
     ) -> None:
-        secret = token.get_secret_value() if isinstance(token, SecretStr) else token
-        if not secret:
-            raise ValueError("a Zapier Tables token is required")
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self.retry_budget_s = retry_budget_s
+        self.tokens = TokenSource(
+            token=_secret(token), client_id=client_id, client_secret=_secret(client_secret),
+            token_url=token_url or DEFAULT_TOKEN_URL, timeout_s=timeout_s,
+        )
         self._session = _session(retry or RetryPolicy())
-        self._session.auth = _BearerAuth(secret)
+        self._session.auth = _TokenAuth(self.tokens)
+        self._maps: dict[str, FieldMap] = {}
+        self._maps_lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"TablesClient(base_url={self.base_url!r}, token=***)"
+        return f"TablesClient(base_url={self.base_url!r}, credentials=***)"
 
     def __enter__(self) -> Self:
         return self
@@ -383,33 +514,89 @@ class TablesClient:
     def close(self) -> None:
         self._session.close()
 
+    # -- tables and fields (setup, doctor) --
+
+    def list_tables(self, query: str | None = None) -> list[dict[str, Any]]:
+        """Every table (``{"id", "name", ...}``) visible to these credentials, following ``offset`` paging."""
+        out: list[dict[str, Any]] = []
+        while True:
+            params = {"limit": "100", "offset": str(len(out))} | ({"q": query} if query else {})
+            page = self._call("GET", f"{API_PREFIX}/tables", params=params)
+            items = page.get("data")
+            if not isinstance(items, list):
+                raise TablesProtocolError(None, "GET tables: expected {'data': [...]}")
+            out += items
+            if not items or not (page.get("links") or {}).get("next"):
+                return out
+
+    def create_table(self, name: str, description: str | None = None) -> dict[str, Any]:
+        answer = self._call("POST", f"{API_PREFIX}/tables", body={"name": name, "description": description})
+        return _data_object(answer, "POST tables")
+
+    def list_fields(self, table_id: str) -> list[TableField]:
+        answer = self._call("GET", self._table_path(table_id) + "/fields")
+        items = answer.get("data")
+        if not isinstance(items, list):
+            raise TablesProtocolError(None, f"table {table_id}: expected {{'data': [fields]}}")
+        try:
+            return [TableField(f"f{int(f['id'])}", str(f["name"]), str(f["type"])) for f in items]
+        except (KeyError, TypeError, ValueError):
+            raise TablesProtocolError(None, f"table {table_id}: unexpected field shape") from None
+
+    def create_fields(self, table_id: str, new_fields: list[Mapping[str, Any]]) -> list[TableField]:
+        self._call("POST", self._table_path(table_id) + "/fields", body={"new_fields": [dict(f) for f in new_fields]})
+        self.forget_fields(table_id)
+        return self.field_map(table_id).fields
+
+    def field_map(self, table_id: str, *, refresh: bool = False) -> FieldMap:
+        """The table's fields, listed once per process (client) and cached; ``refresh`` lists them again."""
+        with self._maps_lock:
+            cached = self._maps.get(table_id)
+        if cached is not None and not refresh:
+            return cached
+        fresh = FieldMap(table_id, tuple(self.list_fields(table_id)))
+        with self._maps_lock:
+            self._maps[table_id] = fresh
+        return fresh
+
+    def forget_fields(self, table_id: str) -> None:
+        with self._maps_lock:
+            self._maps.pop(table_id, None)
+
     # -- single records --
 
     def get(self, table_id: str, rid: str) -> Record:
         """The record ``rid``; :class:`TablesNotFound` when the table or record does not exist."""
-        return self._record(self._call("GET", self._record_path(table_id, rid)))
+        answer = self._call("GET", f"{self._records_path(table_id)}/{quote(rid, safe='')}")
+        return self._record(table_id, _data_object(answer, f"table {table_id}: GET record"))
 
     def find_by_field(self, table_id: str, field: str, value: Scalar) -> Record | None:
         """The one record whose ``field`` equals ``value``, None if none; :class:`TablesDuplicate` if several."""
-        params = {"limit": "2", f"filter[{field}]": filter_text(value)}
-        found = self._records(self._call("GET", self._records_path(table_id), params=params))
+        found = self._query(table_id, [(field, "exact", value)], limit=2)[0]
         if len(found) > 1:
             ids = [r.id for r in found]
             raise TablesDuplicate(f"table {table_id}: more than one record has {field} = {value!r}: {ids}", ids)
         return found[0] if found else None
 
-    def create(self, table_id: str, data: Mapping[str, Scalar]) -> Record:
-        _check_flat(data)
-        return self._record(self._call("POST", self._records_path(table_id), body={"data": dict(data)}))
+    def find_many(self, table_id: str, field: str, values: Iterable[Scalar]) -> list[Record]:
+        """Every record whose ``field`` is one of ``values`` (``in`` queries of <= 1000 values, paged)."""
+        wanted = list(dict.fromkeys(v for v in values if v is not None))
+        out: list[Record] = []
+        for chunk in _chunks(wanted, PAGE_MAX):
+            out += self.iter_records(table_id, PAGE_MAX, _conditions=[(field, "in", chunk)])
+        return out
 
-    def update(self, table_id: str, rid: str, data: Mapping[str, Scalar]) -> Record:
+    def create(self, table_id: str, data: Mapping[str, Any]) -> Record:
+        return self.create_many(table_id, [data])[0]
+
+    def update(self, table_id: str, rid: str, data: Mapping[str, Any]) -> Record:
         """Change only the given fields of record ``rid``."""
-        _check_flat(data)
-        return self._record(self._call("PATCH", self._record_path(table_id, rid), body={"data": dict(data)}))
+        return self.update_many(table_id, [(rid, data)])[0]
 
     def delete(self, table_id: str, rid: str, *, missing_ok: bool = False) -> None:
+        """Move record ``rid`` to the trash."""
         try:
-            self._call("DELETE", self._record_path(table_id, rid))
+            self._call("DELETE", self._records_path(table_id), body={"record_ids": [rid]})
         except TablesNotFound:
             if not missing_ok:
                 raise
@@ -417,77 +604,175 @@ class TablesClient:
     # -- many records --
 
     def iter_records(
-        self, table_id: str, page_size: int = PAGE_DEFAULT, filters: Mapping[str, Scalar] | None = None
+        self,
+        table_id: str,
+        page_size: int = PAGE_DEFAULT,
+        filters: Mapping[str, Scalar] | None = None,
+        trash: str = "exclude",
+        *,
+        _conditions: list[tuple[str, str, Any]] | None = None,
     ) -> Iterator[Record]:
-        """Every record (matching all ``filters``, by equality) in creation order, following cursors."""
+        """Every record (matching all ``filters``, by equality) in creation order, following cursors.
+
+        ``trash``: ``exclude`` (default), ``include`` or ``only`` deleted records."""
         if not 1 <= page_size <= PAGE_MAX:
             raise ValueError(f"page_size must be 1..{PAGE_MAX}")
-        params = {"limit": str(page_size)} | {f"filter[{k}]": filter_text(v) for k, v in (filters or {}).items()}
+        if trash not in ("exclude", "include", "only"):
+            raise ValueError("trash must be exclude, include or only")
+        conditions = [(k, "exact", v) for k, v in (filters or {}).items()] + list(_conditions or [])
         cursor: str | None = None
         while True:
-            page_params = params | ({"cursor": cursor} if cursor else {})
-            page = self._call("GET", self._records_path(table_id), params=page_params)
-            yield from self._records(page)
-            cursor = page.get("next_cursor")
+            records, cursor = self._query(table_id, conditions, page_size, cursor, trash)
+            yield from records
             if not cursor:
                 return
-            if not isinstance(cursor, str):
-                raise TablesProtocolError(None, f"table {table_id}: next_cursor is not a string")
 
-    def create_many(self, table_id: str, rows: Iterable[Mapping[str, Scalar]]) -> list[Record]:
+    def create_many(self, table_id: str, rows: Iterable[Mapping[str, Any]]) -> list[Record]:
         """Create records in batches of :data:`BATCH_MAX` (each batch is atomic, the whole call is not)."""
         rows = [dict(r) for r in rows]
-        for row in rows:
-            _check_flat(row)
         created: list[Record] = []
         for chunk in _chunks(rows, BATCH_MAX):
-            body = {"records": [{"data": row} for row in chunk]}
-            created += self._records(self._call("POST", self._records_path(table_id), body=body))
+            created += self._write(table_id, "POST", "new_records", [(None, row) for row in chunk])
         return created
 
-    def update_many(self, table_id: str, updates: Iterable[tuple[str, Mapping[str, Scalar]]]) -> list[Record]:
+    def update_many(self, table_id: str, updates: Iterable[tuple[str, Mapping[str, Any]]]) -> list[Record]:
         """Apply ``(record id, fields)`` partial updates in batches of :data:`BATCH_MAX`."""
         items = [(rid, dict(data)) for rid, data in updates]
-        for _, data in items:
-            _check_flat(data)
         updated: list[Record] = []
         for chunk in _chunks(items, BATCH_MAX):
-            body = {"records": [{"id": rid, "data": data} for rid, data in chunk]}
-            updated += self._records(self._call("PATCH", self._records_path(table_id), body=body))
+            updated += self._write(table_id, "PATCH", "updated_records", chunk)
         return updated
 
     # -- plumbing --
 
-    def _records_path(self, table_id: str) -> str:
-        return f"{API_PREFIX}/{quote(table_id, safe='')}/records"
+    def _table_path(self, table_id: str) -> str:
+        return f"{API_PREFIX}/tables/{quote(table_id, safe='')}"
 
-    def _record_path(self, table_id: str, rid: str) -> str:
-        return f"{self._records_path(table_id)}/{quote(rid, safe='')}"
+    def _records_path(self, table_id: str) -> str:
+        return self._table_path(table_id) + "/records"
+
+    def _keys(self, table_id: str, data: Mapping[str, Any]) -> dict[str, Any]:
+        """Our field names -> ``f<n>`` (a name the table lacks is a configuration error)."""
+        fmap = self.field_map(table_id)
+        if any(name not in fmap.by_name for name in data):
+            fmap = self.field_map(table_id, refresh=True)
+        out = {}
+        for name, value in data.items():
+            f = fmap.by_name.get(name)
+            if f is None:
+                raise TablesFieldMissing(table_id, name)
+            out[f.key] = value
+        return out
+
+    def _key(self, table_id: str, name: str) -> str:
+        return next(iter(self._keys(table_id, {name: None})))
+
+    def _query(self, table_id: str, conditions: list[tuple[str, str, Any]], limit: int,
+               cursor: str | None = None, trash: str = "exclude") -> tuple[list[Record], str | None]:
+        body: dict[str, Any] = {"limit": limit}
+        if conditions:
+            body["filters"] = [{"key": self._key(table_id, name), "operator": op, "value": value}
+                               for name, op, value in conditions]
+        if cursor:
+            body["cursor_query"] = {"query_type": "window", "start_cursor": cursor}
+        params = {"allow_nested_queries": "true"} | ({"trash": trash} if trash != "exclude" else {})
+        answer = self._refusable(table_id, lambda: self._call(
+            "POST", self._records_path(table_id) + "/query", params=params, body=body))
+        items = answer.get("data")
+        if not isinstance(items, list):
+            raise TablesProtocolError(None, f"table {table_id}: query: expected {{'data': [records]}}")
+        pagination = (answer.get("meta") or {}).get("pagination") or {}
+        end = pagination.get("end_cursor") if pagination.get("has_more") else None
+        if end is not None and not isinstance(end, str):
+            raise TablesProtocolError(None, f"table {table_id}: end_cursor is not a string")
+        return [self._record(table_id, item) for item in items], end
+
+    def _write(self, table_id: str, method: str, key: str, items: list[tuple[str | None, dict]]) -> list[Record]:
+        def send() -> dict[str, Any]:
+            body = {key: [({"id": rid} if rid is not None else {}) | {"data": self._keys(table_id, data)}
+                          for rid, data in items]}
+            return self._call(method, self._records_path(table_id), body=body)
+
+        answer = self._refusable(table_id, send)
+        changes = answer.get("data")
+        if not isinstance(changes, list) or len(changes) != len(items):
+            raise TablesProtocolError(None, f"table {table_id}: expected one changeset per record")
+        records = []
+        for change in changes:
+            new = change.get("new") if isinstance(change, dict) else None
+            if not isinstance(new, dict):
+                raise TablesProtocolError(None, f"table {table_id}: changeset without 'new'")
+            records.append(self._record(table_id, new, refuse_errors=True))
+        return records
+
+    def _refusable(self, table_id: str, send: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Send; ``meta.errors`` in a 200 is a refusal. An unknown field id re-lists the fields and re-sends once."""
+        for attempt in (1, 2):
+            answer = send()
+            errors = (answer.get("meta") or {}).get("errors") or []
+            if not errors:
+                return answer
+            text = "; ".join(str(e.get("human_title") or e.get("title") or e)[:200] if isinstance(e, dict) else str(e)
+                             for e in errors)
+            if attempt == 1 and "field" in text.lower():
+                self.field_map(table_id, refresh=True)
+                continue
+            raise TablesRejected(200, f"table {table_id}: Zapier refused the request: {text}")
+        raise AssertionError("unreachable")
+
+    def _record(self, table_id: str, item: Any, *, refuse_errors: bool = False) -> Record:
+        if not isinstance(item, dict) or not isinstance(item.get("data"), dict):
+            raise TablesProtocolError(None, f"table {table_id}: unexpected record shape")
+        fmap = self.field_map(table_id)
+        revision = item.get("schema_revision_id")
+        stale = isinstance(revision, int) and fmap.revision is not None and revision > fmap.revision
+        if stale or any(k not in fmap.by_key for k in item["data"]):
+            fmap = self.field_map(table_id, refresh=True)
+        if isinstance(revision, int) and (fmap.revision is None or revision > fmap.revision):
+            fmap.revision = revision
+        data = {(fmap.by_key[k].name if k in fmap.by_key else k): v for k, v in item["data"].items()}
+        if refuse_errors and item.get("errors"):
+            refused = {(fmap.by_key[k].name if k in fmap.by_key else k): e for k, e in item["errors"].items()
+                       if not isinstance(e, dict) or e.get("s", "error") == "error"}
+            if refused:
+                detail = "; ".join(f"{name}: {(e.get('h') or e.get('e')) if isinstance(e, dict) else e}"[:200]
+                                   for name, e in refused.items())
+                raise TablesRejected(200, f"table {table_id}: Zapier refused field value(s): {detail}",
+                                     fields=sorted(refused))
+        try:
+            return Record.model_validate(item | {"data": data})
+        except ValidationError as exc:
+            raise TablesProtocolError(None, f"unexpected record shape: {exc.error_count()} error(s)") from None
 
     def _call(
         self, method: str, path: str, *, params: Mapping[str, str] | None = None, body: object = None
     ) -> dict[str, Any]:
         what = f"{method} {path}"
-        with _CallBudget(self.retry_budget_s, self.timeout_s) as budget:
-            try:
-                response = self._session.request(
-                    method,
-                    self.base_url + path,
-                    params=params,
-                    json=body,
-                    timeout=self.timeout_s,
-                    allow_redirects=False,
-                )
-            except requests.RequestException as exc:
-                raise TablesUnavailable(
-                    None, f"{what}: {_root_cause(exc)} (gave up after {budget.elapsed():.1f}s)"
-                ) from None
-            _raise_for_status(response, what, budget.elapsed())
-        return self._json(response, what)
+        for attempt in (1, 2):
+            with _CallBudget(self.retry_budget_s, self.timeout_s) as budget:
+                try:
+                    response = self._session.request(
+                        method,
+                        self.base_url + path,
+                        params=params,
+                        json=body,
+                        timeout=self.timeout_s,
+                        allow_redirects=False,
+                    )
+                except requests.RequestException as exc:
+                    raise TablesUnavailable(
+                        None, f"{what}: {_root_cause(exc)} (gave up after {budget.elapsed():.1f}s)"
+                    ) from None
+                if response.status_code == 401 and attempt == 1 and self.tokens.refreshable:
+                    self.tokens.invalidate()  # expired or revoked: fetch a new token once
+                    continue
+                _raise_for_status(response, what, budget.elapsed())
+            return self._json(response, what)
+        raise AssertionError("unreachable")
 
     @staticmethod
     def _json(response: requests.Response, what: str) -> dict[str, Any]:
-        if response.status_code == 204:
+        if response.status_code == 204 or not response.content:
             return {}
         try:
             payload = response.json()
@@ -497,19 +782,16 @@ class TablesClient:
             raise TablesProtocolError(response.status_code, f"{what}: response is not a JSON object")
         return payload
 
-    @staticmethod
-    def _record(payload: Mapping[str, Any]) -> Record:
-        try:
-            return Record.model_validate(payload)
-        except ValidationError as exc:
-            raise TablesProtocolError(None, f"unexpected record shape: {exc.error_count()} error(s)") from None
 
-    @classmethod
-    def _records(cls, payload: Mapping[str, Any]) -> list[Record]:
-        items = payload.get("data")
-        if not isinstance(items, list):
-            raise TablesProtocolError(None, "expected {'data': [records]}")
-        return [cls._record(item) for item in items]
+def _secret(value: str | SecretStr | None) -> str | None:
+    return value.get_secret_value() if isinstance(value, SecretStr) else value or None
+
+
+def _data_object(answer: Mapping[str, Any], what: str) -> dict[str, Any]:
+    data = answer.get("data")
+    if not isinstance(data, dict):
+        raise TablesProtocolError(None, f"{what}: expected {{'data': {{...}}}}")
+    return data
 
 
 # --- the seed's 3B path: POST to a per-table catch hook -------------------------------------------------
@@ -557,11 +839,11 @@ class CatchHookWriter:
         self._session.close()
 
     def send(self, table_name: str, fields: Mapping[str, Scalar]) -> None:
-        """POST ``fields`` (already formatted for Tables: flat, JSON as strings) to the table's hook."""
+        """POST ``fields`` (formatted for Tables by :func:`shared.mapping.to_tables_fields`) to the table's hook."""
         url = self._hook_urls.get(table_name)
         if url is None:
             raise ValueError(f"no catch hook URL configured for table {table_name!r}")
-        _check_flat(fields)
+        _check_json(fields)
         what = f"catch hook for {table_name}"
         with _CallBudget(self.retry_budget_s, self.timeout_s) as budget:
             try:
@@ -577,11 +859,16 @@ class CatchHookWriter:
 
 
 def client_from_settings(settings: Settings) -> TablesClient:
-    """A :class:`TablesClient` for ``ZSYNC_TABLES_API_URL`` / ``ZSYNC_TABLES_TOKEN``."""
-    if settings.tables_token is None:
-        raise ValueError("ZSYNC_TABLES_TOKEN is not set")
+    """A :class:`TablesClient` for ``ZSYNC_ZAPIER_BASE_URL`` with the OAuth client credentials
+    (``ZSYNC_ZAPIER_CLIENT_ID`` / ``ZSYNC_ZAPIER_CLIENT_SECRET``) or a user-made ``ZSYNC_TABLES_TOKEN``."""
     return TablesClient(
-        settings.tables_api_url, settings.tables_token, settings.http_timeout_s, settings.retry_budget_s
+        settings.zapier_base_url,
+        settings.tables_token,
+        settings.http_timeout_s,
+        settings.retry_budget_s,
+        client_id=settings.zapier_client_id,
+        client_secret=settings.zapier_client_secret,
+        token_url=settings.zapier_token_url,
     )
 
 

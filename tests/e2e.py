@@ -26,35 +26,35 @@ def eventually(probe: Callable[[], T | None], timeout_s: float = 15.0, interval_
 
 
 class Tables:
-    """The Zapier side, through the records API."""
+    """The Zapier side, through the Tables API (our client, OAuth client credentials, fields by name)."""
 
     def __init__(self, stack: Any):
         self.base = stack.tables.url.rstrip("/")
         self.ids = stack.table_ids
-        self.s = requests.Session()
-        self.s.headers["Authorization"] = f"Bearer {stack.token}"
+        self.client = stack.tables_client(timeout_s=10, retry_budget_s=20)
+        self.s = requests.Session()  # for /_admin
 
-    def url(self, table: str, suffix: str = "") -> str:
-        return f"{self.base}/api/v1/tables/{self.ids[table]}/records{suffix}"
+    @staticmethod
+    def _dict(record: Any) -> dict:
+        return record.model_dump()
 
     def create(self, table: str, fields: dict[str, Any]) -> dict:
-        r = self.s.post(self.url(table), json=fields, timeout=10)
-        assert r.status_code == 201, r.text
-        return r.json()
+        return self._dict(self.client.create(self.ids[table], fields))
 
     def find(self, table: str, record_id: str) -> dict | None:
-        r = self.s.get(self.url(table), params={"filter[id]": record_id}, timeout=10)
-        assert r.status_code == 200, r.text
-        data = r.json()["data"]
-        assert len(data) <= 1, data
-        return data[0] if data else None
+        found = self.client.find_by_field(self.ids[table], "id", record_id)
+        return self._dict(found) if found else None
+
+    def find_all(self, table: str, record_id: str) -> list[dict]:
+        return [self._dict(r) for r in self.client.iter_records(self.ids[table], filters={"id": record_id})]
+
+    def patch(self, table: str, rec_id: str, fields: dict[str, Any]) -> dict:
+        return self._dict(self.client.update(self.ids[table], rec_id, fields))
 
     def update(self, table: str, record_id: str, fields: dict[str, Any]) -> dict:
         rec = self.find(table, record_id)
         assert rec, record_id
-        r = self.s.patch(self.url(table, f"/{rec['id']}"), json={"data": fields}, timeout=10)
-        assert r.status_code == 200, r.text
-        return r.json()
+        return self.patch(table, rec["id"], fields)
 
     def stats(self) -> dict:
         return self.s.get(f"{self.base}/_admin/stats", timeout=10).json()

@@ -222,12 +222,10 @@ class Harness:
                   "updated_at": ts.isoformat() if rng.random() < 0.5 else ts.isoformat().replace("+00:00", "Z")}
         with conn.transaction():
             supabase_db.lock_record(conn, spec, rid)
-            r = self.tables.s.patch(self.tables.url(table, f"/{self.rec_ids[rid]}"), json={"data": fields},
-                                    timeout=10)
-            assert r.status_code == 200, r.text
+            patched = self.tables.patch(table, self.rec_ids[rid], fields)
         with self._lock:
             self.writes.append(Write("tables", table, rid, ts, {**values, "updated_at": ts}))
-            self.captured.append((spec.function_name(Direction.TO_SUPABASE), r.json()["data"]))
+            self.captured.append((spec.function_name(Direction.TO_SUPABASE), patched["data"]))
 
     def write_sql(self, conn: psycopg.Connection, table: str, rid: str, values: dict[str, Any]) -> None:
         """A Claude agent's write: a plain UPDATE with an explicit updated_at."""

@@ -22,16 +22,13 @@ from typer.testing import CliRunner
 from infra import replay
 from infra.cli import app
 from infra.local.stack import free_port
-from infra.local.tables_service import TableConfig, TablesService, start_tables_service
 from shared import dead_letter
 from shared.dead_letter import DeadLetter, DeadLetterQueue, delivery_key
 from shared.settings import get_settings, reset_settings
-from shared.spec import TABLES
+from tests.tables_local import LocalTables, start_local_tables
 
 MAIN = str(Path(__file__).resolve().parent.parent / "functions" / "main.py")
 SECRET = "dlq-test-secret"
-TOKEN = "dlq-test-token"
-TABLE_IDS = {name: f"tbl_dlq_{name}" for name in TABLES}
 DOWN_DB = "postgresql://zsync:hunter2@127.0.0.1:9/nowhere"
 
 
@@ -52,28 +49,25 @@ def queue_url(moto_endpoint: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def tables_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TablesService]:
-    configs = [TableConfig(name=n, table_id=TABLE_IDS[n], stamp_updated_at=TABLES[n].version is not None)
-               for n in TABLES]
-    service = start_tables_service(tmp_path_factory.mktemp("tables") / "t.sqlite3", configs, token=TOKEN,
-                                   secret_header="X-Zsync-Secret", secret=None, port=0)
-    yield service
-    service.stop()
+def tables_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTables]:
+    with start_local_tables(tmp_path_factory.mktemp("tables") / "t.sqlite3") as local:
+        yield local
 
 
 @pytest.fixture
 def env(monkeypatch: pytest.MonkeyPatch, database_url: str, queue_url: str, moto_endpoint: str,
-        tables_service: TablesService) -> Iterator[pytest.MonkeyPatch]:
+        tables_service: LocalTables) -> Iterator[pytest.MonkeyPatch]:
     for key in list(os.environ):
         if key.startswith("ZSYNC_"):
             monkeypatch.delenv(key)
     settings = {
         "DATABASE_URL": database_url, "WEBHOOK_SECRET": SECRET, "RETRY_BUDGET_S": "1", "DB_CONNECT_TIMEOUT_S": "1",
         "HTTP_TIMEOUT_S": "1", "DLQ_URL": queue_url, "AWS_ENDPOINT_URL": moto_endpoint,
-        "TABLES_API_URL": tables_service.url, "TABLES_TOKEN": TOKEN, "TABLE_IDS": json.dumps(TABLE_IDS),
     }
     for key, value in settings.items():
         monkeypatch.setenv(f"ZSYNC_{key}", value)
+    for key, value in tables_service.env().items():  # Zapier base URL, token URL, client credentials, table ids
+        monkeypatch.setenv(key, value)
     reset_settings()
     yield monkeypatch
     reset_settings()
@@ -174,7 +168,7 @@ def test_sqs_down_still_answers_503(env, queue_url):
 
 
 def test_tables_down_is_dead_lettered_and_audited(env, queue_url, database_url):
-    env.setenv("ZSYNC_TABLES_API_URL", f"http://127.0.0.1:{free_port()}")
+    env.setenv("ZSYNC_ZAPIER_BASE_URL", f"http://127.0.0.1:{free_port()}")
     reset_settings()
     hook = {"type": "INSERT", "table": "agent_jobs", "schema": "public", "old_record": None,
             "record": {"id": uid("tdown"), "status": "queued", "updated_at": "2025-12-22T10:00:00+00:00"}}
@@ -271,9 +265,9 @@ def test_replay_to_tables_writes_tables_and_acks_the_outbox(env, queue_url, data
     report = replay.replay(get_settings())
     assert report.counts["agent_decisions_to_tables"]["applied"] == 1
     assert report.counts["agent_decisions_to_tables"]["duplicates"] == 1
-    found = requests.get(f"{tables_service.url}/api/v1/tables/{TABLE_IDS['agent_decisions']}/records",
-                         params={"filter[id]": rid}, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5).json()
-    assert [r["data"]["decision"] for r in found["data"]] == ["qualified"]
+    with tables_service.client() as client:
+        found = list(client.iter_records(tables_service.ids["agent_decisions"], filters={"id": rid}))
+    assert [r.data["decision"] for r in found] == ["qualified"]
     assert query(database_url, "SELECT count(*) FROM zsync.outbox WHERE record_id = %s AND acked_at IS NULL",
                  (rid,)) == [(0,)]
 

@@ -54,7 +54,7 @@ def test_1_tables_to_supabase_decisions_rate_limits_audit(stack, tables, supabas
                                       "metadata": "{\"source\": \"zap\"}"})
     tables.create("rate_limits", {"id": limit, "service_name": "openai", "request_count": "3", "quota_limit": 100,
                                   "window_start": "2025-12-22T10:00:00+02:00"})
-    rec = tables.create("audit_log", {"action": entry, "actor": "zapier_agent_1", "compliance_tags": "gdpr, soc2",
+    rec = tables.create("audit_log", {"action": entry, "actor": "zapier_agent_1", "compliance_tags": ["gdpr", "soc2"],
                                       "metadata": "{\"k\": 1}", "timestamp": "2025-12-22T10:00:00Z"})
     d = eventually(lambda: supabase.row("agent_decisions", decision))
     assert d["confidence"] == 0.87 and d["metadata"] == {"source": "zap"}
@@ -76,7 +76,7 @@ def test_2_supabase_to_tables_agent_decisions(stack, tables, supabase):
     )
     rec = eventually(lambda: tables.find("agent_decisions", decision))
     assert rec["data"]["confidence"] == 0.87
-    assert json.loads(rec["data"]["metadata"]) == {"signals": ["x", "y"]}  # jsonb -> JSON string
+    assert rec["data"]["metadata"] == {"signals": ["x", "y"]}  # jsonb -> a json field holding the value
     assert rec["data"]["updated_at"].endswith("Z")
     assert len(supabase.audit(decision, "agent_decisions_synced")) == 1
 
@@ -267,13 +267,11 @@ def test_duplicate_tables_records_for_one_id_are_merged(stack, tables, supabase)
     eventually(lambda: supabase.row("agent_jobs", rid))
     stack.wait_quiet()
     # A second Tables record with the same id (e.g. a create retried after its response was lost).
-    r = tables.s.post(tables.url("agent_jobs"), json={"id": rid, "status": "b", "updated_at": "2025-12-22T10:00:05Z"},
-                      timeout=10)
-    assert r.status_code == 201
+    tables.create("agent_jobs", {"id": rid, "status": "b", "updated_at": "2025-12-22T10:00:05Z"})
     eventually(lambda: supabase.row("agent_jobs", rid)["status"] == "b")
     supabase.query("UPDATE agent_jobs SET status = 'c', updated_at = '2025-12-22T10:00:09Z' WHERE id = %s", (rid,))
     stack.wait_quiet()
-    found = tables.s.get(tables.url("agent_jobs"), params={"filter[id]": rid}, timeout=10).json()["data"]
+    found = tables.find_all("agent_jobs", rid)
     assert [f["data"]["status"] for f in found] == ["c"]
 
 

@@ -70,7 +70,7 @@ def fstack() -> Iterator[LocalStack]:
 def settings(fstack: LocalStack) -> Settings:
     """What an operator's `zsync replay` / `zsync reconcile` would use against this stack."""
     assert fstack.tables is not None
-    return Settings(database_url=fstack.database_url, tables_api_url=fstack.tables.url, tables_token=fstack.token,
+    return Settings(database_url=fstack.database_url, zapier_base_url=fstack.tables.url, tables_token=fstack.token,
                     table_ids=fstack.table_ids, dlq_url=fstack.dlq_url, aws_endpoint_url=fstack.aws_endpoint_url,
                     webhook_secret=fstack.secret, retry_budget_s=5)
 
@@ -158,7 +158,7 @@ def test_a_postgres_down_during_tables_burst(fstack, settings, client, tables, s
     fstack.stop_postgres()
     try:
         for rid in ids["agent_jobs"][:3]:
-            tables.update("agent_jobs", rid, {"status": "running", "results": '{"ok": true}'})
+            tables.update("agent_jobs", rid, {"status": "running", "results": {"ok": True}})
         for rid in ids["agent_jobs"][3:]:
             tables.create("agent_jobs", {"id": rid, "status": "queued"})
         for rid in ids["agent_decisions"]:
@@ -167,7 +167,7 @@ def test_a_postgres_down_during_tables_burst(fstack, settings, client, tables, s
             tables.create("rate_limits", {"id": rid, "service_name": "openai", "request_count": 7})
         for _ in range(3):
             rec = tables.create("audit_log", {"action": "lead_scored", "actor": "zapier_agent",
-                                              "timestamp": "2025-12-22T10:00:00Z", "compliance_tags": "gdpr"})
+                                              "timestamp": "2025-12-22T10:00:00Z", "compliance_tags": ["gdpr"]})
             ids["audit_log"].append(rec["id"])
         assert fstack.tables.flush(60)
         burst = fstack.tables.deliveries()[before:]

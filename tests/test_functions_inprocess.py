@@ -84,6 +84,8 @@ def test_method_size_and_ping(env):
 
 
 def test_catch_hook_writer_posts_the_formatted_record(env, catch_hook, database_url):
+    """The seed's 3B path (ZSYNC_TABLES_WRITER=catch_hook): the record goes to the table's catch hook with
+    typed values (JSON as a value for the json field), no Tables API credentials needed."""
     url, got = catch_hook
     env.setenv("ZSYNC_TABLES_WRITER", "catch_hook")
     env.setenv("ZSYNC_CATCH_HOOK_URLS", json.dumps({"agent_jobs": url}))
@@ -96,7 +98,7 @@ def test_catch_hook_writer_posts_the_formatted_record(env, catch_hook, database_
     assert r.status_code == 200 and r.json["outcome"] == "applied"
     assert [r.body for r in got] == [{
         "id": "abc-123-def-456", "job_type": "qualification", "status": "queued", "initiated_by": None,
-        "initiated_by_type": None, "parameters": '{"lead_id":"lead-xyz-789"}', "results": None,
+        "initiated_by_type": None, "parameters": {"lead_id": "lead-xyz-789"}, "results": None,
         "error_message": None, "retry_count": 0, "created_at": "2025-12-22T10:05:00Z", "started_at": None,
         "completed_at": None, "updated_at": "2025-12-22T10:05:00Z",
     }]
@@ -132,20 +134,20 @@ def test_ping_reports_whether_migrations_are_current(env, database_url):
 
 
 def test_tables_refusing_our_write_is_a_502_not_retried_or_dead_lettered(env, database_url, tmp_path):
-    from infra.local.tables_service import TableConfig, start_tables_service
+    from tests.tables_local import start_local_tables
 
-    with start_tables_service(tmp_path / "t.sqlite3", [TableConfig("agent_jobs", "tbl_small")], token="tok",
-                              secret_header="X-Zsync-Secret", secret=None, max_body_bytes=2048) as service:
-        env.setenv("ZSYNC_TABLES_API_URL", service.url)
-        env.setenv("ZSYNC_TABLES_TOKEN", "tok")
-        env.setenv("ZSYNC_TABLE_IDS", json.dumps({"agent_jobs": "tbl_small"}))
+    with start_local_tables(tmp_path / "t.sqlite3", names=["agent_jobs"], max_body_bytes=2048) as tables:
+        for key, value in tables.env().items():
+            env.setenv(key, value)
         reset_settings()
         hook = {"type": "INSERT", "table": "agent_jobs", "schema": "public", "old_record": None,
                 "record": {"id": "too-big", "error_message": "x" * 5000, "updated_at": "2025-12-22T10:00:00+00:00"}}
+        tables.service.ctx.stats.reset()
         r = post("agent_jobs_to_tables", hook)
         assert r.status_code == 502 and r.json["dead_lettered"] is False
         assert "rejected" in r.json["error"]
-        assert service.stats()["api_requests"] == 2  # one lookup, one refused create: a 4xx is not retried
+        # one token, one field listing, one lookup, one refused create: a 4xx is not retried
+        assert tables.service.stats()["api_requests"] == 3
     with psycopg.connect(database_url) as conn:
         failed = conn.execute("SELECT count(*) FROM audit_log WHERE action = 'sync_failed' AND resource_id = 'too-big'")
         assert failed.fetchone() == (1,)

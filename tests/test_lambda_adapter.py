@@ -126,7 +126,7 @@ def deployed(aws: Any, database_url: str, monkeypatch: pytest.MonkeyPatch) -> di
     _put_secrets_manager("tables_token", "tok-" + secrets.token_hex(8))
     monkeypatch.setenv("ZSYNC_SSM_PREFIX", PREFIX)
     monkeypatch.setenv("ZSYNC_SECRET_HEADER", HEADER)
-    monkeypatch.setenv("ZSYNC_TABLES_API_URL", "http://127.0.0.1:9")  # never called by these requests
+    monkeypatch.setenv("ZSYNC_ZAPIER_BASE_URL", "http://127.0.0.1:9")  # never called by these requests
     return {"secret": secret, "database_url": database_url}
 
 

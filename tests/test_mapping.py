@@ -108,11 +108,11 @@ def test_nan_confidence_rejected():
     assert "finite" in problems(DECISIONS, {"id": "d", "confidence": "inf"})["confidence"]
 
 
-def test_supabase_record_to_tables_fields_stringifies():
+def test_supabase_record_to_tables_fields_is_typed():
     record = {"id": "j", "parameters": {"lead_id": "lead-xyz-789"}, "results": None, "retry_count": 2,
               "created_at": "2025-12-22T10:05:00+00:00", "updated_at": "2025-12-22T10:05:00.5+00:00"}
     fields = to_tables_fields(JOBS, parse_supabase_record(JOBS, record))
-    assert fields["parameters"] == '{"lead_id":"lead-xyz-789"}'
+    assert fields["parameters"] == {"lead_id": "lead-xyz-789"}  # a json field takes the JSON value
     assert fields["results"] is None
     assert fields["created_at"] == "2025-12-22T10:05:00Z"
     assert fields["updated_at"] == "2025-12-22T10:05:00.500000Z"
@@ -123,6 +123,21 @@ def test_round_trip_supabase_to_tables_to_supabase_is_exact():
               "created_at": "2025-12-22T10:05:00.000001+00:00", "updated_at": "2025-12-22T10:05:01+00:00"}
     row = parse_supabase_record(JOBS, record)
     assert parse_tables_record(JOBS, to_tables_fields(JOBS, row)) == row
+
+
+def test_json_and_lists_arrive_in_either_form_with_the_same_version():
+    from shared.mapping import parse_supabase_record as sup
+    audit = TABLES["audit_log"]
+    base = {"id": "a", "timestamp": "2025-12-22T10:00:00Z", "metadata": {"k": [1, 2]},
+            "compliance_tags": ["gdpr", "sox"]}
+    as_values = parse_tables_record(audit, to_tables_fields(audit, sup(audit, base)))
+    as_text = parse_tables_record(audit, base | {"metadata": '{"k": [1, 2]}', "compliance_tags": "gdpr, sox"})
+    assert as_values == as_text
+    assert to_tables_fields(audit, as_values)["compliance_tags"] == ["gdpr", "sox"]
+    # A JSON *string* value goes as JSON text, so it reads back as the same string whatever the form.
+    row = parse_supabase_record(JOBS, {"id": "j", "results": "ok"})
+    assert to_tables_fields(JOBS, row)["results"] == '"ok"'
+    assert parse_tables_record(JOBS, to_tables_fields(JOBS, row))["results"] == "ok"
 
 
 def test_json_kinds_are_described():

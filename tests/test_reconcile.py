@@ -18,7 +18,6 @@ from typer.testing import CliRunner
 
 from infra.cli import app
 from infra.local.postgres import create_database, prepare_database
-from infra.local.tables_service import TableConfig, TablesService, start_tables_service
 from infra.reconcile import reconcile
 from shared import supabase_db
 from shared.mapping import InvalidRecord, parse_supabase_record, parse_tables_record
@@ -26,10 +25,7 @@ from shared.settings import Settings, reset_settings
 from shared.spec import TABLES, TableSpec
 from shared.sync import SyncContext
 from shared.zapier_tables import TablesClient
-
-TOKEN = "reconcile-token"
-TABLE_IDS = {name: f"tbl_rc_{name}" for name in TABLES}
-
+from tests.tables_local import LocalTables, start_local_tables
 
 # --- both sides, parsed independently of reconcile (also used by test_faults) -------------------------------
 
@@ -86,19 +82,20 @@ def fresh_db(pg_server: Any) -> str:
 
 
 @pytest.fixture
-def service(tmp_path: Path) -> Iterator[TablesService]:
-    configs = [TableConfig(name=n, table_id=TABLE_IDS[n], stamp_updated_at=TABLES[n].version is not None)
-               for n in TABLES]
-    svc = start_tables_service(tmp_path / "t.sqlite3", configs, token=TOKEN, secret_header="X-Zsync-Secret",
-                               secret=None, port=0)
-    yield svc
-    svc.stop()
+def service(tmp_path: Path) -> Iterator[LocalTables]:
+    """The local Tables service with the four tables (no triggers: only reconcile writes)."""
+    with start_local_tables(tmp_path / "t.sqlite3") as local:
+        yield local
 
 
 @pytest.fixture
-def settings(fresh_db: str, service: TablesService) -> Settings:
-    return Settings(database_url=fresh_db, tables_api_url=service.url, tables_token=TOKEN, table_ids=TABLE_IDS,
-                    retry_budget_s=2, http_timeout_s=2, webhook_secret="x")
+def tids(service: LocalTables) -> dict[str, str]:
+    return service.ids
+
+
+@pytest.fixture
+def settings(fresh_db: str, service: LocalTables) -> Settings:
+    return service.settings(database_url=fresh_db, retry_budget_s=2, http_timeout_s=2, webhook_secret="x")
 
 
 @pytest.fixture
@@ -109,8 +106,8 @@ def ctx(settings: Settings) -> Iterator[SyncContext]:
 
 
 @pytest.fixture
-def client(service: TablesService) -> Iterator[TablesClient]:
-    with TablesClient(service.url, TOKEN, timeout_s=5, retry_budget_s=5) as c:
+def client(service: LocalTables) -> Iterator[TablesClient]:
+    with service.client() as c:
         yield c
 
 
@@ -124,27 +121,27 @@ def uid(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def stats(service: TablesService) -> dict:
+def stats(service: LocalTables) -> dict:
     return requests.get(f"{service.url}/_admin/stats", timeout=5).json()
 
 
 # --- tests ---------------------------------------------------------------------------------------------------
 
 
-def test_backfill_of_an_empty_tables_side_is_batched(ctx, fresh_db, client, service):
+def test_backfill_of_an_empty_tables_side_is_batched(tids, ctx, fresh_db, client, service):
     ids = [f"job-{i:04d}" for i in range(250)]
     sql(fresh_db, "INSERT INTO agent_jobs (id, status, parameters, retry_count, updated_at) SELECT x, 'queued', "
         "jsonb_build_object('n', x), 1, '2025-12-22T10:00:00Z' FROM unnest(%s::text[]) x", (ids,))
     dry = reconcile(ctx, ["agent_jobs"], dry_run=True)
     report = dry.tables["agent_jobs"]
     assert (report.compared, report.missing_in_tables, report.repaired) == (250, 250, 0) and not dry.in_sync
-    assert stats(service)["writes"][TABLE_IDS["agent_jobs"]] == 0
+    assert stats(service)["writes"].get(tids["agent_jobs"], 0) == 0
 
     requests.post(f"{service.url}/_admin/stats/reset", timeout=5)
     done = reconcile(ctx, ["agent_jobs"])
     assert done.tables["agent_jobs"].repaired == 250 and done.in_sync
     assert stats(service)["api_requests"] <= 5  # 1 page read + 3 batch creates, not one call per record
-    assert differences(client, fresh_db, TABLE_IDS) == {}
+    assert differences(client, fresh_db, tids) == {}
     synced = sql(fresh_db, "SELECT metadata FROM audit_log WHERE action = 'agent_jobs_synced'")
     assert len(synced) == 250
     assert all(m["via"] == "reconcile" and m["sync_direction"] == "supabase_to_tables" for (m,) in synced)
@@ -154,20 +151,20 @@ def test_backfill_of_an_empty_tables_side_is_batched(ctx, fresh_db, client, serv
     assert again.in_sync and again.total("drift") == 0 and again.tables["agent_jobs"].in_sync == 250
 
 
-def test_backfill_of_an_empty_supabase_side(ctx, fresh_db, client):
-    client.create_many(TABLE_IDS["agent_decisions"], [
-        {"id": f"dec-{i}", "decision": "qualified", "confidence": 0.5 + i / 1000, "metadata": '{"k": 1}',
+def test_backfill_of_an_empty_supabase_side(tids, ctx, fresh_db, client):
+    client.create_many(tids["agent_decisions"], [
+        {"id": f"dec-{i}", "decision": "qualified", "confidence": 0.5 + i / 1000, "metadata": {"k": 1},
          "updated_at": "2025-12-22T10:00:00Z"} for i in range(120)])
-    client.create_many(TABLE_IDS["rate_limits"], [{"id": "rl-1", "service_name": "openai", "request_count": "3"}])
-    entries = client.create_many(TABLE_IDS["audit_log"], [
-        {"action": "lead_scored", "actor": "zapier_agent", "compliance_tags": "gdpr, soc2", "metadata": '{"a": 1}',
+    client.create_many(tids["rate_limits"], [{"id": "rl-1", "service_name": "openai", "request_count": 3}])
+    entries = client.create_many(tids["audit_log"], [
+        {"action": "lead_scored", "actor": "zapier_agent", "compliance_tags": ["gdpr", "soc2"], "metadata": {"a": 1},
          "timestamp": "2025-12-22T10:00:00Z"} for _ in range(3)])
     result = reconcile(ctx)
     assert result.tables["agent_decisions"].missing_in_supabase == 120
     assert result.tables["rate_limits"].missing_in_supabase == 1
     assert result.tables["audit_log"].missing_in_supabase == 3 and result.in_sync
     assert result.total("repaired") == 124
-    assert differences(client, fresh_db, TABLE_IDS) == {}
+    assert differences(client, fresh_db, tids) == {}
     assert sorted(r[0] for r in sql(fresh_db, "SELECT id FROM audit_log WHERE action = 'lead_scored'")) == sorted(
         e.id for e in entries)  # one Supabase row per Tables audit record, keyed by its record id
     synced = sql(fresh_db, "SELECT metadata->>'via', metadata->>'sync_direction' FROM audit_log "
@@ -175,11 +172,11 @@ def test_backfill_of_an_empty_supabase_side(ctx, fresh_db, client):
     assert len(synced) == 120 and set(synced) == {("reconcile", "tables_to_supabase")}
     # audit_log is one-way: the sync's own Supabase entries are never pushed to Tables.
     assert reconcile(ctx).tables["audit_log"].missing_in_tables == 0
-    assert len(list(client.iter_records(TABLE_IDS["audit_log"]))) == 3
+    assert len(list(client.iter_records(tids["audit_log"]))) == 3
 
 
-def test_drift_in_both_directions_follows_last_writer_wins(ctx, fresh_db, client):
-    t = TABLE_IDS["agent_jobs"]
+def test_drift_in_both_directions_follows_last_writer_wins(tids, ctx, fresh_db, client):
+    t = tids["agent_jobs"]
     ts = "2025-12-22T10:00:00Z"
     later = "2025-12-22T11:00:00Z"
     # Both sides, same version.
@@ -201,7 +198,7 @@ def test_drift_in_both_directions_follows_last_writer_wins(ctx, fresh_db, client
     assert (r.missing_in_supabase, r.missing_in_tables) == (1, 1)
     assert r.stale_in_supabase + r.stale_in_tables == 3 and r.stale_in_supabase >= 1 and r.stale_in_tables >= 1
     assert r.repaired == 5 and result.in_sync
-    assert differences(client, fresh_db, TABLE_IDS) == {}
+    assert differences(client, fresh_db, tids) == {}
     final = supabase_rows(fresh_db, TABLES["agent_jobs"])
     assert final["t-newer"]["status"] == "done" and final["s-newer"]["status"] == "done"
     with psycopg.connect(fresh_db) as conn:  # the tie went to whichever version_cmp prefers, on both sides
@@ -212,8 +209,8 @@ def test_drift_in_both_directions_follows_last_writer_wins(ctx, fresh_db, client
     assert reconcile(ctx, ["agent_jobs"], dry_run=True).in_sync
 
 
-def test_since_limits_the_comparison(ctx, fresh_db, client):
-    t = TABLE_IDS["rate_limits"]
+def test_since_limits_the_comparison(tids, ctx, fresh_db, client):
+    t = tids["rate_limits"]
     client.create(t, {"id": "old-t", "service_name": "a", "updated_at": "2025-01-01T00:00:00Z"})
     client.create(t, {"id": "new-t", "service_name": "b", "updated_at": "2025-12-22T12:00:00Z"})
     sql(fresh_db, "INSERT INTO rate_limits (id, service_name, updated_at) VALUES ('old-s', 'c', '2025-01-01'), "
@@ -228,12 +225,13 @@ def test_since_limits_the_comparison(ctx, fresh_db, client):
     assert (full.missing_in_supabase, full.missing_in_tables) == (1, 1)  # old-t and old-s were left alone
 
 
-def test_duplicates_and_unreadable_tables_records(ctx, fresh_db, client):
-    t = TABLE_IDS["agent_jobs"]
+def test_duplicates_and_unreadable_tables_records(tids, ctx, fresh_db, client):
+    t = tids["agent_jobs"]
     older = client.create(t, {"id": "dup", "status": "queued", "updated_at": "2025-12-22T10:00:00Z"})
     client.create(t, {"id": "dup", "status": "running", "updated_at": "2025-12-22T10:05:00Z"})
-    client.create(t, {"id": "broken", "status": "x", "retry_count": "lots", "updated_at": "2025-12-22T10:00:00Z"})
-    client.create(t, {"id": "hopeless", "retry_count": "lots"})
+    # A whole number is what Supabase holds; Zapier's number field takes 1.5, the sync cannot read it.
+    client.create(t, {"id": "broken", "status": "x", "retry_count": 1.5, "updated_at": "2025-12-22T10:00:00Z"})
+    client.create(t, {"id": "hopeless", "retry_count": 1.5})
     sql(fresh_db, "INSERT INTO agent_jobs (id, status, updated_at) VALUES ('broken', 'fixed', '2025-12-22T09:00:00Z')")
     result = reconcile(ctx, ["agent_jobs"])
     r = result.tables["agent_jobs"]
@@ -257,13 +255,16 @@ def test_tables_unavailable_is_reported_not_hidden(ctx, fresh_db, service):
     assert not result.in_sync and "503" in result.tables["agent_jobs"].errors[0]
 
 
-def test_cli(settings, fresh_db, client, monkeypatch, tmp_path):
+def test_cli(tids, settings, fresh_db, client, monkeypatch, tmp_path):
     for key in list(os.environ):
         if key.startswith("ZSYNC_"):
             monkeypatch.delenv(key)
     stack = tmp_path / "stack.json"  # the local stack's info file supplies every setting
-    stack.write_text(json.dumps({"database_url": fresh_db, "tables_api": settings.tables_api_url,
-                                 "tables_token": TOKEN, "table_ids": TABLE_IDS}))
+    stack.write_text(json.dumps({"database_url": fresh_db, "zapier_base_url": settings.zapier_base_url,
+                                 "zapier_token_url": settings.zapier_token_url,
+                                 "zapier_client_id": settings.zapier_client_id,
+                                 "zapier_client_secret": settings.zapier_client_secret.get_secret_value(),
+                                 "table_ids": tids}))
     reset_settings()
     sql(fresh_db, "INSERT INTO rate_limits (id, service_name, updated_at) VALUES ('cli', 'x', %s)",
         (datetime.now(UTC) - timedelta(hours=1),))

@@ -22,7 +22,6 @@ from functions_framework import create_app
 
 from infra.local.pgnet_sender import PgNetSender
 from infra.local.postgres import with_user
-from infra.local.tables_service import TableConfig, start_tables_service
 from shared import handler, supabase_db
 from shared.conflict import Outcome
 from shared.settings import DEFAULT_SECRET_HEADER, Settings, reset_settings
@@ -407,27 +406,26 @@ def test_migration_gives_zsync_sync_exactly_what_the_sync_needs(database_url):
 def test_functions_sync_as_a_member_of_zsync_sync(database_url, fn_url, tmp_path):
     """The real code path (shared.sync) connected as the restricted role: both directions, audit, the
     outbox (capture trigger, ack), the repair announce, the webhook triggers, the signed ping's check."""
-    table_ids = {name: f"tbl_{name}" for name in TABLES}
-    service = start_tables_service(
-        tmp_path / "tables.sqlite3",
-        [TableConfig(t.name, table_ids[t.name], None, t.version is not None) for t in TABLES.values()],
-        token=TOKEN, secret_header=H, secret=None)
+    from tests.tables_local import start_local_tables
+
+    tables = start_local_tables(tmp_path / "tables.sqlite3", token=TOKEN)  # a token made by the user
+    service, table_ids = tables.service, tables.ids
     try:
         with recording_server(reply=b"{}") as (base, _got):
             wire(database_url, base, CURRENT)  # as the owner, like `zsync wire`: triggers + endpoints
-            settings = Settings(database_url=fn_url, webhook_secret=CURRENT, tables_api_url=service.url,
+            settings = Settings(database_url=fn_url, webhook_secret=CURRENT, zapier_base_url=service.url,
                                 tables_token=TOKEN, table_ids=table_ids, retry_budget_s=1.0)
             ctx = SyncContext(settings=settings)
             rid = uid("role")
             jobs_in = FUNCTIONS["agent_jobs_to_supabase"]
-            newer = {"id": rid, "status": "running", "updated_at": "2025-12-22T10:00:02Z", "parameters": '{"a": 1}'}
+            newer = {"id": rid, "status": "running", "updated_at": "2025-12-22T10:00:02Z", "parameters": {"a": 1}}
             assert apply_from_tables(ctx, jobs_in, newer).outcome is Outcome.APPLIED
             assert apply_from_tables(ctx, jobs_in, newer).outcome is Outcome.UNCHANGED
             older = newer | {"status": "queued", "updated_at": "2025-12-22T10:00:01Z"}
             assert apply_from_tables(ctx, jobs_in, older).outcome is Outcome.SKIPPED_STALE  # + announce
             for name, record in [("agent_decisions_to_supabase", {"id": rid, "confidence": "0.5"}),
                                  ("rate_limits_to_supabase", {"id": rid, "quota_limit": 3}),
-                                 ("audit_log_to_supabase", {"id": rid, "action": "x", "compliance_tags": "a,b"})]:
+                                 ("audit_log_to_supabase", {"id": rid, "action": "x", "compliance_tags": ["a", "b"]})]:
                 assert apply_from_tables(ctx, FUNCTIONS[name], record).outcome is Outcome.APPLIED, name
 
             with psycopg.connect(database_url, autocommit=True) as admin:

@@ -82,7 +82,8 @@ def test_seven_lambda_functions_with_handler_runtime_and_env(template: dict[str,
         assert env["ZSYNC_SSM_PREFIX"] == f"/zsync/{STAGE}/"
         assert env["ZSYNC_DLQ_URL"] == {"Ref": "DeadLetterQueue"}
         assert env["ZSYNC_TABLE_IDS"] == TABLE_IDS
-        assert env["ZSYNC_TABLES_API_URL"].startswith("https://")
+        assert env["ZSYNC_ZAPIER_BASE_URL"] == "https://sdkapi.zapier.com"
+        assert env["ZSYNC_ZAPIER_TOKEN_URL"] == "https://zapier.com/oauth/token/"
         for secret in SECRET_FIELDS:
             assert f"ZSYNC_{secret.upper()}" not in env, f"{secret} must come from SSM, not the Lambda env"
         for key, value in env.items():

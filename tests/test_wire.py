@@ -181,7 +181,11 @@ def test_wire_zapier_json_covers_every_to_supabase_function_and_field(urls_file:
         assert [row["key"] for row in post["data"]] == list(fn.table.field_names)
         by_key = {row["key"]: row for row in post["data"]}
         for name in fn.table.fields_of(Kind.JSON):
-            assert "raw JSON text" in by_key[name]["how"]
+            assert by_key[name]["zapier_type"] == "json" and "JSON field" in by_key[name]["how"]
+            assert "text as stored" not in by_key[name]["how"]
+        for name in fn.table.fields_of(Kind.TEXT_ARRAY):
+            assert by_key[name]["zapier_type"].startswith("multiple_") and "list" in by_key[name]["how"]
+            assert "comma-separated" not in by_key[name]["how"]
         expected_id = "{{1. Record ID}}" if fn.table.append_only else "{{1. id}}"
         assert by_key["id"]["value"] == expected_id
     jobs = next(z for z in plan["zaps"] if z["table"] == "agent_jobs")
@@ -287,8 +291,10 @@ def _stack_env(env: pytest.MonkeyPatch, info: dict[str, Any]) -> None:
     env.setenv("ZSYNC_WEBHOOK_SECRET", info["secret"])
     env.setenv("ZSYNC_SECRET_HEADER", info["secret_header"])
     env.setenv("ZSYNC_DATABASE_URL", info["database_url"])
-    env.setenv("ZSYNC_TABLES_API_URL", info["tables_api"])
-    env.setenv("ZSYNC_TABLES_TOKEN", info["tables_token"])
+    env.setenv("ZSYNC_ZAPIER_BASE_URL", info["zapier_base_url"])
+    env.setenv("ZSYNC_ZAPIER_TOKEN_URL", info["zapier_token_url"])
+    env.setenv("ZSYNC_ZAPIER_CLIENT_ID", info["zapier_client_id"])
+    env.setenv("ZSYNC_ZAPIER_CLIENT_SECRET", info["zapier_client_secret"])
     env.setenv("ZSYNC_TABLE_IDS", json.dumps(info["table_ids"]))
     env.setenv("ZSYNC_RETRY_BUDGET_S", "2")
     reset_settings()
@@ -333,8 +339,9 @@ def test_deploy_preflight_finds_missing_secrets(env: pytest.MonkeyPatch) -> None
                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
         env.setenv(key, value)
     with mock_aws():
-        assert missing_secrets("pre") == ["database_url", "webhook_secret", "tables_token"]
+        assert missing_secrets("pre") == ["database_url", "webhook_secret", "zapier_client_id", "zapier_client_secret"]
         boto3.client("ssm").put_parameter(Name="/zsync/pre/webhook_secret", Value="x", Type="SecureString")
         boto3.client("ssm").put_parameter(Name="/zsync/other/database_url", Value="x", Type="SecureString")
-        boto3.client("secretsmanager").create_secret(Name="zsync/pre/tables_token", SecretString="x")
+        boto3.client("secretsmanager").create_secret(Name="zsync/pre/zapier_client_secret", SecretString="x")
+        boto3.client("ssm").put_parameter(Name="/zsync/pre/zapier_client_id", Value="x", Type="SecureString")
         assert missing_secrets("pre") == ["database_url"]

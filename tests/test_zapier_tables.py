@@ -1,7 +1,9 @@
-"""TablesClient and CatchHookWriter against the real local service and a real HTTP receiver."""
+"""TablesClient and CatchHookWriter against the real local service (the real Zapier Tables API shape)
+and a real HTTP receiver."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,114 +14,249 @@ import requests
 from infra.local.tables_service import TablesService
 from shared.settings import Settings
 from shared.zapier_tables import (
+    TOKEN_REFRESH_MARGIN_S,
     CatchHookWriter,
     Record,
     RetryPolicy,
     TablesAuthError,
     TablesClient,
     TablesDuplicate,
+    TablesFieldMissing,
     TablesNotFound,
     TablesRejected,
     TablesUnavailable,
     catch_hook_writer_from_settings,
     client_from_settings,
 )
-from tests.test_tables_service import AUDIT, JOBS, TOKEN, Api, Receiver, receiver, service  # noqa: F401
+from tests.test_tables_service import (  # noqa: F401
+    AUDIT,
+    CLIENT_ID,
+    CLIENT_SECRET,
+    JOBS,
+    TOKEN,
+    Api,
+    Receiver,
+    receiver,
+    service,
+    start_service,
+)
 
 FAST = RetryPolicy(max_attempts=4, backoff_factor=0.05, backoff_max=0.2, backoff_jitter=0.05)
 
 
-@pytest.fixture
-def client(service: TablesService) -> Iterator[TablesClient]:  # noqa: F811
-    with TablesClient(service.url, TOKEN, timeout_s=2.0, retry_budget_s=5.0, retry=FAST) as c:
-        yield c
+def oauth_client(url: str, **kw: object) -> TablesClient:
+    kw = {"timeout_s": 2.0, "retry_budget_s": 5.0, "retry": FAST} | kw
+    return TablesClient(url, None, client_id=CLIENT_ID, client_secret=CLIENT_SECRET,
+                        token_url=url + "/oauth/token/", **kw)  # type: ignore[arg-type]
 
 
 @pytest.fixture
 def api(service: TablesService) -> Api:  # noqa: F811
-    Api(service.url).admin("POST", "stats/reset")
-    return Api(service.url)
+    made = Api(service.url).setup()
+    made.admin("POST", "stats/reset")
+    return made
+
+
+@pytest.fixture
+def client(service: TablesService, api: Api) -> Iterator[TablesClient]:  # noqa: F811
+    with oauth_client(service.url) as c:
+        c.field_map(api.ids[JOBS])  # list the fields now, so request counts below are the calls' own
+        c.field_map(api.ids[AUDIT])
+        api.admin("POST", "stats/reset")
+        yield c
 
 
 # --- CRUD -------------------------------------------------------------------------------------------------
 
 
-def test_create_get_update_find_delete(client: TablesClient) -> None:
-    rec = client.create(JOBS, {"id": "job-1", "status": "queued", "retry_count": 0})
-    assert isinstance(rec, Record) and rec.id.startswith("rec_")
-    assert rec.data["id"] == "job-1" and rec.created_at and rec.updated_at
+def test_create_get_update_find_delete(client: TablesClient, api: Api) -> None:
+    jobs = api.ids[JOBS]
+    rec = client.create(jobs, {"id": "job-1", "status": "queued", "retry_count": 0, "parameters": {"a": [1, 2]},
+                               "tags": ["x", "y"]})
+    assert isinstance(rec, Record) and len(rec.id) == 26 and rec.created_at and rec.edited_at
+    assert rec.data["id"] == "job-1" and rec.data["parameters"] == {"a": [1, 2]} and rec.data["tags"] == ["x", "y"]
     assert "created_at" in rec.data and rec.created_at.endswith("Z")  # a stamped field and system metadata
+    assert not any(re.match(r"^f\d+$", k) for k in rec.data)  # our names, not Zapier's f<n>
 
-    assert client.get(JOBS, rec.id) == rec
-    assert client.find_by_field(JOBS, "id", "job-1") == rec
-    assert client.find_by_field(JOBS, "id", "job-404") is None
-    assert client.find_by_field(JOBS, "retry_count", 0) == rec
+    assert client.get(jobs, rec.id) == rec
+    assert client.find_by_field(jobs, "id", "job-1") == rec
+    assert client.find_by_field(jobs, "id", "job-404") is None
+    assert client.find_by_field(jobs, "retry_count", 0) == rec
 
-    updated = client.update(JOBS, rec.id, {"status": "running"})
+    updated = client.update(jobs, rec.id, {"status": "running"})
     assert updated.data["status"] == "running" and updated.data["retry_count"] == 0
+    assert updated.edited_at and updated.edited_at >= rec.edited_at
 
-    client.delete(JOBS, rec.id)
+    client.delete(jobs, rec.id)
+    assert client.find_by_field(jobs, "id", "job-1") is None
+    trashed = list(client.iter_records(jobs, filters={"id": "job-1"}, trash="only"))
+    assert [r.id for r in trashed] == [rec.id] and trashed[0].deleted_at
+    assert client.get(jobs, rec.id).deleted_at  # a GET by id still shows it, from the trash
+    client.delete(jobs, rec.id, missing_ok=True)
     with pytest.raises(TablesNotFound) as err:
-        client.get(JOBS, rec.id)
+        client.delete(jobs, rec.id)
     assert err.value.status == 404
-    client.delete(JOBS, rec.id, missing_ok=True)
-    with pytest.raises(TablesNotFound):
-        client.delete(JOBS, rec.id)
 
 
-def test_find_by_field_refuses_duplicates(client: TablesClient) -> None:
-    first = client.create(JOBS, {"id": "dup"})
-    second = client.create(JOBS, {"id": "dup"})
+def test_find_by_field_refuses_duplicates(client: TablesClient, api: Api) -> None:
+    first = client.create(api.ids[JOBS], {"id": "dup"})
+    second = client.create(api.ids[JOBS], {"id": "dup"})
     with pytest.raises(TablesDuplicate) as err:
-        client.find_by_field(JOBS, "id", "dup")
+        client.find_by_field(api.ids[JOBS], "id", "dup")
     assert err.value.record_ids == [first.id, second.id] and "more than one" in str(err.value)
 
 
-def test_unknown_table_and_flat_values_only(client: TablesClient) -> None:
+def test_find_many_uses_in_queries(client: TablesClient, api: Api) -> None:
+    made = client.create_many(api.ids[AUDIT], [{"n": i} for i in range(30)])
+    api.admin("POST", "stats/reset")
+    found = client.find_many(api.ids[AUDIT], "n", [3, 7, 29, 99, None, 3])
+    assert sorted(r.data["n"] for r in found) == [3, 7, 29] and {r.id for r in found} <= {r.id for r in made}
+    assert api.stats()["api_requests"] == 1  # one "in" query
+    assert client.find_many(api.ids[AUDIT], "n", []) == []
+
+
+def test_unknown_table_and_values_json_cannot_carry(client: TablesClient) -> None:
     with pytest.raises(TablesNotFound):
-        client.create("tbl_nope", {"a": "1"})
-    with pytest.raises(ValueError, match="JSON goes as a string"):
-        client.create(JOBS, {"parameters": {"metro": "Austin"}})
+        client.create("01HZZZZZZZZZZZZZZZZZZZZZZZ", {"a": "1"})
+    with pytest.raises(TablesNotFound):
+        client.get("01HZZZZZZZZZZZZZZZZZZZZZZZ", "01HZZZZZZZZZZZZZZZZZZZZZZZ")
 
 
 def test_many_records_batches_and_paging(client: TablesClient, api: Api) -> None:
+    audit = api.ids[AUDIT]
     rows = [{"n": i, "parity": "even" if i % 2 == 0 else "odd"} for i in range(255)]
-    created = client.create_many(AUDIT, rows)
+    created = client.create_many(audit, rows)
     assert [r.data for r in created] == rows
-    assert api.stats()["api_requests"] == 3  # chunks of 100
+    assert api.stats()["api_requests"] == 3  # batches of 100
 
-    assert [r.data["n"] for r in client.iter_records(AUDIT, page_size=100)] == list(range(255))
-    evens = list(client.iter_records(AUDIT, page_size=50, filters={"parity": "even"}))
+    assert [r.data["n"] for r in client.iter_records(audit, page_size=100)] == list(range(255))
+    evens = list(client.iter_records(audit, page_size=50, filters={"parity": "even"}))
     assert [r.data["n"] for r in evens] == list(range(0, 255, 2))
-    assert [r.data["n"] for r in client.iter_records(AUDIT, filters={"parity": "odd", "n": 7})] == [7]
+    assert [r.data["n"] for r in client.iter_records(audit, filters={"parity": "odd", "n": 7})] == [7]
 
-    updated = client.update_many(AUDIT, [(r.id, {"parity": "seen"}) for r in created[:150]])
+    api.admin("POST", "stats/reset")
+    updated = client.update_many(audit, [(r.id, {"parity": "seen"}) for r in created[:150]])
     assert len(updated) == 150 and all(r.data["parity"] == "seen" for r in updated)
-    assert len(list(client.iter_records(AUDIT, page_size=1000, filters={"parity": "seen"}))) == 150
+    assert api.stats()["api_requests"] == 2
+    assert len(list(client.iter_records(audit, page_size=1000, filters={"parity": "seen"}))) == 150
     with pytest.raises(ValueError):
-        list(client.iter_records(AUDIT, page_size=0))
+        list(client.iter_records(audit, page_size=0))
+    with pytest.raises(ValueError):
+        list(client.iter_records(audit, trash="all"))
 
 
-# --- errors and secrecy -----------------------------------------------------------------------------------
+# --- refusals and configuration errors --------------------------------------------------------------------
 
 
-def test_wrong_token_is_an_auth_error_without_the_token(service: TablesService) -> None:  # noqa: F811
-    bad_token = "bad-" + TOKEN
-    with TablesClient(service.url, bad_token, 2.0, 5.0, retry=FAST) as bad:
-        assert bad_token not in repr(bad)
+def test_a_refused_field_value_names_our_field(client: TablesClient, api: Api) -> None:
+    with pytest.raises(TablesRejected) as err:
+        client.create(api.ids[JOBS], {"id": "typed", "retry_count": "lots", "status": "ok"})
+    assert err.value.fields == ["retry_count"] and err.value.status == 200
+    assert "retry_count" in str(err.value) and "not a number" in str(err.value)
+    rec = client.find_by_field(api.ids[JOBS], "id", "typed")  # Zapier kept the record, without the value
+    assert rec is not None and "retry_count" not in rec.data
+    with pytest.raises(TablesRejected) as err:
+        client.update(api.ids[JOBS], rec.id, {"ok": "yes", "retry_count": "many"})
+    assert err.value.fields == ["ok", "retry_count"]
+
+
+def test_a_missing_field_is_a_configuration_error_naming_table_and_field(client: TablesClient, api: Api) -> None:
+    jobs = api.ids[JOBS]
+    with pytest.raises(TablesFieldMissing) as err:
+        client.create(jobs, {"id": "x", "no_such_field": 1})
+    assert err.value.table_id == jobs and err.value.field == "no_such_field"
+    assert jobs in str(err.value) and "'no_such_field'" in str(err.value) and "zsync setup zapier" in str(err.value)
+    with pytest.raises(TablesFieldMissing):
+        client.find_by_field(jobs, "no_such_field", 1)
+    assert client.find_by_field(jobs, "id", "x") is None  # nothing written
+
+
+def test_a_field_deleted_in_zapier_is_noticed_through_meta_errors(client: TablesClient, api: Api) -> None:
+    """The client's cached field id is refused (``meta.errors`` in a 200): it lists the fields again, and
+    the field is now missing: a configuration error, not a silent drop."""
+    jobs = api.ids[JOBS]
+    status_id = int(api.keys[JOBS]["status"][1:])
+    assert api.call("DELETE", f"/tables/{jobs}/fields", {"field_ids": [status_id]}).status_code == 204
+    api.admin("POST", "stats/reset")
+    with pytest.raises(TablesFieldMissing) as err:
+        client.create(jobs, {"id": "x", "status": "queued"})
+    assert err.value.field == "status"
+    # the refused create, the fields listed again (after the refusal, and for the missing name); no resend
+    assert api.stats()["api_requests"] == 3
+    assert client.find_by_field(jobs, "id", "x") is None  # nothing written
+    assert client.create(jobs, {"id": "x"}).data["id"] == "x"
+
+
+def test_a_field_added_in_zapier_is_picked_up(client: TablesClient, api: Api) -> None:
+    jobs = api.ids[JOBS]
+    assert api.call("POST", f"/tables/{jobs}/fields",
+                    {"new_fields": [{"name": "priority", "type": "number"}]}).status_code == 201
+    rec = client.create(jobs, {"id": "p", "priority": 2})  # unknown name: the fields are listed again
+    assert rec.data["priority"] == 2
+
+
+# --- authentication ---------------------------------------------------------------------------------------
+
+
+def test_wrong_client_secret_is_an_auth_error_without_the_secret(service: TablesService, api: Api) -> None:  # noqa: F811
+    bad = TablesClient(service.url, None, 2.0, 5.0, retry=FAST, client_id=CLIENT_ID, client_secret="wrong-secret",
+                       token_url=service.url + "/oauth/token/")
+    with bad:
+        assert "wrong-secret" not in repr(bad)
         with pytest.raises(TablesAuthError) as err:
-            bad.get(JOBS, "rec_x")
-    assert err.value.status == 401
-    assert bad_token not in str(err.value) and TOKEN not in str(err.value)
+            bad.find_by_field(api.ids[JOBS], "id", "x")
+    assert err.value.status == 401 and "wrong-secret" not in str(err.value) and "CLIENT_SECRET" in str(err.value)
     with pytest.raises(ValueError):
         TablesClient(service.url, "")
 
 
-def test_bad_request_is_rejected_and_not_retried(client: TablesClient, api: Api) -> None:
-    with pytest.raises(TablesRejected) as err:
-        client.create(JOBS, {"bad-name": "x"})
-    assert err.value.status == 400 and "invalid field name" in err.value.message
-    assert api.stats()["api_requests"] == 1
+def test_a_wrong_static_token_is_an_auth_error_without_the_token(service: TablesService, api: Api) -> None:  # noqa: F811
+    with TablesClient(service.url, "bad-" + TOKEN, 2.0, 5.0, retry=FAST) as bad, \
+            pytest.raises(TablesAuthError) as err:
+        bad.get(api.ids[JOBS], "01HZZZZZZZZZZZZZZZZZZZZZZZ")
+    assert err.value.status == 401 and TOKEN not in str(err.value)
+    with TablesClient(service.url, TOKEN, 2.0, 5.0, retry=FAST) as good:  # a token made by the user works
+        assert good.find_by_field(api.ids[JOBS], "id", "x") is None
+
+
+def test_a_401_fetches_a_new_token_once(client: TablesClient, service: TablesService, api: Api) -> None:  # noqa: F811
+    jobs = api.ids[JOBS]
+    client.find_by_field(jobs, "id", "warm")
+    fetched = client.tokens.fetches
+    service.ctx.tokens.clear()  # Zapier revoked every token
+    assert client.create(jobs, {"id": "after-401"}).data["id"] == "after-401"
+    assert client.tokens.fetches == fetched + 1
+    client.find_by_field(jobs, "id", "after-401")
+    assert client.tokens.fetches == fetched + 1  # the new token is cached
+
+
+def test_a_401_with_a_fresh_token_too_is_not_retried_again(tmp_path: Path) -> None:
+    with start_service(tmp_path / "t.db", None, token_ttl_s=0) as svc:  # every token is expired at once
+        api = Api(svc.url).setup()
+        api.admin("POST", "stats/reset")
+        with oauth_client(svc.url) as c:
+            with pytest.raises(TablesAuthError) as err:
+                c.find_by_field(api.ids[JOBS], "id", "x")
+            assert err.value.status == 401
+            assert c.tokens.fetches == 2  # the first token, and one more after the 401
+        assert api.stats()["api_requests"] == 2
+
+
+def test_the_token_is_refreshed_before_it_expires(tmp_path: Path) -> None:
+    ttl = int(TOKEN_REFRESH_MARGIN_S) + 1  # valid at Zapier for the whole test, due for refresh after 1 s
+    with start_service(tmp_path / "t.db", None, token_ttl_s=ttl) as svc:
+        api = Api(svc.url).setup()
+        with oauth_client(svc.url) as c:
+            c.find_by_field(api.ids[JOBS], "id", "x")
+            c.find_by_field(api.ids[JOBS], "id", "x")
+            assert c.tokens.fetches == 1
+            time.sleep(1.2)
+            issued = set(svc.ctx.tokens)
+            api.admin("POST", "stats/reset")
+            c.find_by_field(api.ids[JOBS], "id", "x")
+            assert c.tokens.fetches == 2  # fetched before use, not after a 401
+            assert api.stats()["api_requests"] == 1  # no refused attempt
+            assert set(svc.ctx.tokens) - issued  # a new token was issued while the old one was still valid
 
 
 # --- retries ----------------------------------------------------------------------------------------------
@@ -128,16 +265,28 @@ def test_bad_request_is_rejected_and_not_retried(client: TablesClient, api: Api)
 def test_429_waits_for_retry_after_then_succeeds(client: TablesClient, api: Api) -> None:
     api.admin("POST", "faults", {"status": 429, "count": 1, "retry_after": 1})
     started = time.monotonic()
-    rec = client.create(JOBS, {"id": "after-429"})
+    rec = client.create(api.ids[JOBS], {"id": "after-429"})
     assert time.monotonic() - started >= 1.0
     assert rec.data["id"] == "after-429"
-    assert api.stats()["api_requests"] == 2 and api.stats()["writes"][JOBS] == 1
+    assert api.stats()["api_requests"] == 2 and api.writes(JOBS) == 1
+
+
+def test_the_per_table_rate_limit_is_absorbed(tmp_path: Path) -> None:
+    """Zapier's 429 + Retry-After at the per-table rate: the client waits and every call succeeds."""
+    with start_service(tmp_path / "rl.db", None, rate_limit=5, rate_window_s=1.0) as svc:
+        api = Api(svc.url).setup()
+        with oauth_client(svc.url, retry_budget_s=10.0, retry=RetryPolicy(max_attempts=6)) as c:
+            c.field_map(api.ids[AUDIT])
+            api.admin("POST", "stats/reset")
+            made = [c.create(api.ids[AUDIT], {"n": i}).id for i in range(12)]
+        assert len(set(made)) == 12 and len(api.found(AUDIT, limit=100)) == 12
+        assert api.stats()["api_requests"] > 12  # some attempts were answered 429 and retried
 
 
 def test_503_twice_then_success(client: TablesClient, api: Api) -> None:
     api.admin("POST", "faults", {"status": 503, "count": 2})
-    assert client.update_many(JOBS, []) == []  # no request at all
-    rec = client.create(JOBS, {"id": "after-503"})
+    assert client.update_many(api.ids[JOBS], []) == []  # no request at all
+    rec = client.create(api.ids[JOBS], {"id": "after-503"})
     assert rec.data["id"] == "after-503"
     assert api.stats()["api_requests"] == 3
 
@@ -145,7 +294,7 @@ def test_503_twice_then_success(client: TablesClient, api: Api) -> None:
 def test_persistent_5xx_ends_unavailable_after_max_attempts(client: TablesClient, api: Api) -> None:
     api.admin("POST", "faults", {"status": 500, "count": 100})
     with pytest.raises(TablesUnavailable) as err:
-        client.find_by_field(JOBS, "id", "x")
+        client.find_by_field(api.ids[JOBS], "id", "x")
     assert err.value.status == 500 and "injected fault" in err.value.message
     assert api.stats()["api_requests"] == FAST.max_attempts
 
@@ -154,7 +303,7 @@ def test_retry_after_beyond_the_budget_gives_up_at_once(client: TablesClient, ap
     api.admin("POST", "faults", {"status": 429, "count": 5, "retry_after": 60})
     started = time.monotonic()
     with pytest.raises(TablesUnavailable) as err:
-        client.create(JOBS, {"id": "never"})
+        client.create(api.ids[JOBS], {"id": "never"})
     assert time.monotonic() - started < 1.0
     assert err.value.status == 429 and err.value.retry_after == 60
     assert api.stats()["api_requests"] == 1
@@ -167,7 +316,7 @@ def test_connection_refused_ends_unavailable_within_budget() -> None:
         with TablesClient(closed.url, TOKEN, timeout_s=0.5, retry_budget_s=1.5, retry=policy) as c:
             started = time.monotonic()
             with pytest.raises(TablesUnavailable) as err:
-                c.create(JOBS, {"id": "x"})
+                c.get("01HZZZZZZZZZZZZZZZZZZZZZZZ", "01HZZZZZZZZZZZZZZZZZZZZZZZ")
             elapsed = time.monotonic() - started
     finally:
         closed.stop()
@@ -182,23 +331,23 @@ def test_slow_server_read_timeouts_stay_within_budget() -> None:
         with TablesClient(slow.url, TOKEN, timeout_s=0.3, retry_budget_s=1.0, retry=FAST) as c:
             started = time.monotonic()
             with pytest.raises(TablesUnavailable) as err:
-                c.update(JOBS, "rec_1", {"a": "b"})
+                c.list_fields("01HZZZZZZZZZZZZZZZZZZZZZZZ")
             elapsed = time.monotonic() - started
     finally:
         slow.stop()
     assert elapsed <= 1.0 + 0.5  # slack for a loaded machine
     assert "ReadTimeout" in err.value.message
-    assert 1 < len(slow.requests) <= FAST.max_attempts  # PATCH was retried after read timeouts
+    assert 1 < len(slow.requests) <= FAST.max_attempts  # retried after read timeouts
 
 
 # --- catch hook writer ------------------------------------------------------------------------------------
 
 
-def test_catch_hook_writer_posts_flat_fields_and_retries_5xx(receiver: Receiver) -> None:  # noqa: F811
+def test_catch_hook_writer_posts_fields_and_retries_5xx(receiver: Receiver) -> None:  # noqa: F811
     hooks = {"agent_jobs": receiver.url + "/hooks/catch/123/abc/"}
     writer = CatchHookWriter(hooks, timeout_s=2.0, retry_budget_s=5.0, retry=FAST)
     receiver.statuses.append(503)
-    fields = {"id": "job-1", "status": "queued", "parameters": '{"metro": "Austin"}', "retry_count": 0}
+    fields = {"id": "job-1", "status": "queued", "parameters": {"metro": "Austin"}, "retry_count": 0}
     writer.send("agent_jobs", fields)
     got = receiver.wait_for(2)
     assert [r.body for r in got] == [fields, fields]
@@ -227,13 +376,18 @@ def test_catch_hook_writer_unreachable_hook_hides_url() -> None:
 # --- settings ---------------------------------------------------------------------------------------------
 
 
-def test_built_from_settings(service: TablesService, tmp_path: Path) -> None:  # noqa: F811
-    settings = Settings(tables_api_url=service.url, tables_token=TOKEN, http_timeout_s=2, retry_budget_s=3)
+def test_built_from_settings(service: TablesService, api: Api) -> None:  # noqa: F811
+    settings = Settings(zapier_base_url=service.url, zapier_token_url=service.url + "/oauth/token/",
+                        zapier_client_id=CLIENT_ID, zapier_client_secret=CLIENT_SECRET, http_timeout_s=2,
+                        retry_budget_s=3)
     with client_from_settings(settings) as c:
-        assert c.timeout_s == 2 and c.retry_budget_s == 3
-        assert c.create(JOBS, {"id": "from-settings"}).data["id"] == "from-settings"
-    with pytest.raises(ValueError, match="ZSYNC_TABLES_TOKEN"):
-        client_from_settings(Settings(tables_token=None))
+        assert c.timeout_s == 2 and c.retry_budget_s == 3 and c.tokens.refreshable
+        assert c.create(api.ids[JOBS], {"id": "from-settings"}).data["id"] == "from-settings"
+        assert CLIENT_SECRET not in repr(c)
+    with client_from_settings(Settings(zapier_base_url=service.url, tables_token=TOKEN)) as c:
+        assert not c.tokens.refreshable and c.find_by_field(api.ids[JOBS], "id", "from-settings")
+    with pytest.raises(ValueError, match="ZSYNC_ZAPIER_CLIENT_ID"):
+        client_from_settings(Settings(tables_token=None, zapier_client_id=None, zapier_client_secret=None))
     writer = catch_hook_writer_from_settings(Settings(catch_hook_urls={"agent_jobs": "https://hooks.example/1"}))
     assert "hooks.example" not in repr(writer)
     with pytest.raises(ValueError, match="ZSYNC_CATCH_HOOK_URLS"):

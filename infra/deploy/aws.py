@@ -79,7 +79,7 @@ def run_osls(action: str, stage: str, region: str | None = None, package_dir: Pa
         raise DeployError(f"`{' '.join(cmd)}` failed with exit code {result.returncode} (its output is above).")
 
 
-REQUIRED_SECRETS = ("database_url", "webhook_secret", "tables_token")
+REQUIRED_SECRETS = ("database_url", "webhook_secret", "zapier_client_id", "zapier_client_secret")
 
 
 def _client(service: str, region: str | None) -> Any:

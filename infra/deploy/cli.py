@@ -40,7 +40,12 @@ def _settings(ssm_prefix: str | None = None):  # -> shared.settings.Settings
         except SecretsUnavailable as exc:
             raise _fail(exc) from None
     reset_settings()
-    return get_settings()
+    settings = get_settings()
+    if not settings.table_ids:  # written by `zsync setup zapier`
+        from infra.deploy.tables_setup import read_table_ids
+
+        settings.table_ids = read_table_ids()
+    return settings
 
 
 def _urls(path: Path) -> dict[str, str]:
@@ -208,8 +213,38 @@ def gcloud(
     console.print(f"Wrote {out}: run it from the repository root (`bash {out}`).")
 
 
+setup_app = typer.Typer(help="Create what zsync needs on the other systems.", no_args_is_help=True)
+
+
+@setup_app.command("zapier")
+def setup_zapier(
+    ssm_prefix: str | None = typer.Option(None, help="Read secrets from SSM first (e.g. /zsync/prod/)."),
+    out: Path = typer.Option(Path(".zsync/zapier_tables.json"), help="Where to write the table ids."),
+) -> None:
+    """Create the four Zapier tables and their typed fields (idempotent); write the table ids."""
+    from infra.deploy.tables_setup import ensure_tables, report, table_ids, write_table_ids
+    from shared.zapier_tables import TablesError, client_from_settings
+
+    try:
+        with client_from_settings(_settings(ssm_prefix)) as client:
+            results = ensure_tables(client)
+    except (TablesError, ValueError) as exc:
+        raise _fail(exc) from None
+    path = write_table_ids(table_ids(results), out)
+    for r in report(results):
+        state = "created" if r["created"] else "found"
+        added = f", added {', '.join(r['added_fields'])}" if r["added_fields"] else ""
+        console.print(f"{r['name']}: {state} {r['table_id']}{added}")
+        for problem in r["type_mismatches"]:
+            err.print(f"[yellow]{r['name']}.{problem} (not changed: fix it in Zapier Tables)[/]")
+    console.print(f"Wrote {path}")
+    if any(r["type_mismatches"] for r in report(results)):
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
-    """Add deploy, wire (supabase, zapier), doctor and gcloud to the root ``zsync`` app."""
+    """Add deploy, wire (supabase, zapier), doctor, gcloud and setup to the root ``zsync`` app."""
+    app.add_typer(setup_app, name="setup")
     app.command("deploy")(deploy)
     app.add_typer(wire_app, name="wire")
     app.command("doctor")(doctor)

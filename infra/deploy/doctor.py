@@ -16,7 +16,7 @@ from typing import Any
 import requests
 
 from shared.settings import Settings
-from shared.spec import TABLES, WEBHOOK_TABLES
+from shared.spec import WEBHOOK_TABLES
 from shared.webhook_sql import trigger_name
 
 PING = {"zsync_ping": True}
@@ -138,25 +138,26 @@ def check_database(settings: Settings, function_urls: Mapping[str, str]) -> list
 
 
 def check_tables(settings: Settings) -> list[Check]:
+    """Each table readable, with the spec's fields and field types (``zsync setup zapier`` fixes)."""
+    from infra.deploy import tables_setup
     from shared.zapier_tables import TablesError, client_from_settings
 
     try:
         client = client_from_settings(settings)
     except ValueError as exc:
-        return [Check("tables", "token", False, str(exc))]
-    out = []
+        return [Check("tables", "credentials", False, str(exc))]
     with client:
-        for table in TABLES:
-            table_id = settings.table_ids.get(table)
-            if not table_id:
-                out.append(Check("tables", table, False, f"no table id: add \"{table}\" to ZSYNC_TABLE_IDS"))
-                continue
-            try:
-                first = next(iter(client.iter_records(table_id, page_size=1)), None)
-            except TablesError as exc:
-                out.append(Check("tables", table, False, f"{table_id}: {type(exc).__name__}: {str(exc)[:200]}"))
-                continue
-            out.append(Check("tables", table, True, f"{table_id}: readable ({'has records' if first else 'empty'})"))
+        try:
+            results = tables_setup.check_tables(client, settings.table_ids)
+        except TablesError as exc:
+            return [Check("tables", "api", False, f"{type(exc).__name__}: {str(exc)[:200]}")]
+    out = []
+    for r in results:
+        problems = ([r.error] if r.error else []) + [f"missing field {m}" for m in r.missing_fields] + r.type_mismatches
+        detail = "; ".join(problems) + (" (run `zsync setup zapier`)" if r.missing_fields else "")
+        where = f"{r.table_id}: " if r.table_id else ""
+        out.append(Check("tables", r.name, r.ok, f"{where}{detail}" if problems else
+                         f"{r.table_id}: fields match the spec"))
     return out
 
 

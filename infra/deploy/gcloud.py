@@ -14,7 +14,7 @@ from infra.deploy import REPO, DeployError
 from shared.settings import SECRET_FIELDS, Settings
 from shared.spec import FUNCTIONS
 
-REQUIRED_SECRETS = ("database_url", "webhook_secret", "tables_token")
+REQUIRED_SECRETS = ("database_url", "webhook_secret", "zapier_client_id", "zapier_client_secret")
 DEFAULT_SIZE = (256, 15)
 
 
@@ -46,7 +46,8 @@ def env_vars(name: str, settings: Settings) -> dict[str, str]:
     env = {
         "ZSYNC_FUNCTION": name,
         "ZSYNC_SECRET_HEADER": settings.secret_header,
-        "ZSYNC_TABLES_API_URL": settings.tables_api_url,
+        "ZSYNC_ZAPIER_BASE_URL": settings.zapier_base_url,
+        "ZSYNC_ZAPIER_TOKEN_URL": settings.zapier_token_url,
         "ZSYNC_TABLES_WRITER": settings.tables_writer.value,
         "ZSYNC_TABLE_IDS": json.dumps(settings.table_ids, separators=(",", ":")),
     }
@@ -78,7 +79,7 @@ def render_script(project: str, region: str, settings: Settings, secret_prefix: 
         "# Run from the repository root. Create the secrets first, e.g.:",
         *[f"#   printf %s \"$ZSYNC_{n.upper()}\" | gcloud secrets create {secret_id(secret_prefix, n)} "
           f"--project {shlex.quote(project)} --data-file=-" for n in SECRET_FIELDS],
-        "# (webhook_secret_previous and slack_webhook_url are optional: used only if the secret exists).",
+        "# (webhook_secret_previous, tables_token and slack_webhook_url are optional: used only if the secret exists).",
         "# The runtime service account needs roles/secretmanager.secretAccessor on them.",
         "set -euo pipefail",
         f"PROJECT={shlex.quote(project)}",

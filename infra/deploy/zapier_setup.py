@@ -17,13 +17,16 @@ from shared.spec import FUNCTIONS, Direction, Field, FunctionSpec, Kind
 SECRET_PLACEHOLDER = "<value of ZSYNC_WEBHOOK_SECRET>"
 RECORD_ID = "Record ID"  # the Zapier Tables trigger's own id of the record
 
+# How each typed Zapier Tables field (``zsync setup zapier`` makes them, types from shared.spec) is mapped.
 _HOW = {
-    Kind.TEXT: "text as stored",
-    Kind.INT: "number as stored; numeric text is fine",
-    Kind.FLOAT: "number as stored; numeric text is fine",
-    Kind.JSON: "the raw JSON text as stored; do not parse it, the function does",
-    Kind.TIMESTAMP: "ISO-8601 text as stored",
-    Kind.TEXT_ARRAY: "comma-separated text as stored",
+    Kind.TEXT: "text field: map it as is",
+    Kind.INT: "number field: map it as is (a whole number)",
+    Kind.FLOAT: "number field: map it as is",
+    Kind.JSON: "JSON field: map it as is, no Code step; the function takes the JSON value (or its text) and "
+               "parses it",
+    Kind.TIMESTAMP: "date/time field: map it as is (ISO-8601)",
+    Kind.TEXT_ARRAY: "multiple-text (list) field: map the whole list as is; the function takes a list "
+                     "(or Zapier's comma-joined text of it)",
 }
 
 
@@ -43,6 +46,7 @@ def _data_mapping(fn: FunctionSpec) -> list[dict[str, str]]:
             "value": f"{{{{1. {source}}}}}",
             "from": f"Step 1 (Zapier Tables record): {source}",
             "kind": f.kind.value,
+            "zapier_type": f.zapier_type,
             "how": "the record's own Zapier Tables Record ID" if source == RECORD_ID else _HOW[f.kind],
         })
     return rows
@@ -95,7 +99,8 @@ def to_supabase_zap(fn: FunctionSpec, url: str, settings: Settings, secret: str)
 
 def catch_hook_zap(fn: FunctionSpec, settings: Settings) -> dict[str, Any]:
     spec = fn.table
-    fields = [{"field": f.name, "value": f"{{{{1. {f.name}}}}}", "kind": f.kind.value} for f in spec.fields]
+    fields = [{"field": f.name, "value": f"{{{{1. {f.name}}}}}", "kind": f.kind.value, "zapier_type": f.zapier_type}
+              for f in spec.fields]
     return {
         "zap": fn.seed_zap,
         "title": f"zsync {fn.seed_zap}: {spec.name} (catch hook -> Zapier Tables)",
@@ -126,7 +131,8 @@ def catch_hook_zap(fn: FunctionSpec, settings: Settings) -> dict[str, Any]:
         ],
         "after": (f"copy the hook URL into ZSYNC_CATCH_HOOK_URLS as {{\"{spec.name}\": \"<hook URL>\"}} "
                   f"(one JSON object for all tables), then redeploy"),
-        "notes": ["The function sends the fields flat, already formatted for Tables (JSON as text).",
+        "notes": ["The function sends the fields flat with typed values (JSON fields as JSON values, lists as "
+                  "arrays, numbers as numbers), named as the Tables fields `zsync setup zapier` made.",
                   "Catch hooks answer 200 before the Zap runs: failures show only in Zap history."],
     }
 

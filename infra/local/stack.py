@@ -43,6 +43,7 @@ from infra.local.tables_service import TableConfig, TablesService, start_tables_
 from shared.settings import DEFAULT_SECRET_HEADER
 from shared.spec import FUNCTIONS, TABLES, Direction
 from shared.webhook_sql import render_webhook_sql
+from shared.zapier_tables import TablesClient
 
 REPO = Path(__file__).resolve().parents[2]
 MAIN = REPO / "functions" / "main.py"
@@ -129,6 +130,9 @@ class LocalStack:
     function_database_url: str = ""  # what the functions use: a LOGIN member of zsync_sync
     secret: str = ""
     token: str = ""
+    client_id: str = "zsync-local"
+    client_secret: str = ""
+    _table_ids: dict[str, str] = field(default_factory=dict)
     dlq_url: str | None = None
     aws_endpoint_url: str | None = None
     tables: TablesService | None = None
@@ -150,7 +154,11 @@ class LocalStack:
             saved = {"secret": secrets.token_urlsafe(24), "token": "local-" + secrets.token_urlsafe(18)}
             path.write_text(json.dumps(saved))
             path.chmod(0o600)
+        if "client_secret" not in saved:
+            saved["client_secret"] = secrets.token_urlsafe(24)
+            path.write_text(json.dumps(saved))
         self.secret, self.token = saved["secret"], saved["token"]
+        self.client_id, self.client_secret = "zsync-local", saved["client_secret"]
 
     def start(self) -> LocalStack:
         state = self.config.state_dir
@@ -166,13 +174,14 @@ class LocalStack:
         url = {name: f"http://127.0.0.1:{port}/" for name, port in ports.items()}
         self.tables = start_tables_service(
             state / "tables.sqlite3",
-            [TableConfig(name=t.name, table_id=self.table_ids[t.name],
-                         trigger_url=url[t.function_name(Direction.TO_SUPABASE)],
+            [TableConfig(name=t.name, trigger_url=url[t.function_name(Direction.TO_SUPABASE)],
                          stamp_updated_at=t.version is not None)
              for t in TABLES.values()],
             token=self.token, secret_header=DEFAULT_SECRET_HEADER, secret=self.secret,
+            client_id=self.client_id, client_secret=self.client_secret,
             port=self._port(0) if self.config.port_base else 0, autoreplay=self.config.tables_autoreplay,
         )
+        self._setup_tables()
         env = self.function_env()
         for name, port in ports.items():
             fp = FunctionProcess(name, port, env, state / "logs" / f"{name}.log")
@@ -200,9 +209,22 @@ class LocalStack:
                            aws_access_key_id="local", aws_secret_access_key="local")
         self.dlq_url = sqs.create_queue(QueueName=DLQ_NAME)["QueueUrl"]
 
+    def _setup_tables(self) -> None:
+        """Create the tables and fields through the API, as `zsync setup zapier` does in production."""
+        from infra.deploy.tables_setup import ensure_tables, table_ids
+
+        with self.tables_client() as client:
+            self._table_ids = table_ids(ensure_tables(client))
+
+    def tables_client(self, **kwargs: Any) -> TablesClient:
+        """Our client for the local service, with the stack's OAuth client credentials."""
+        assert self.tables is not None
+        return TablesClient(self.tables.url, None, client_id=self.client_id, client_secret=self.client_secret,
+                            token_url=self.tables.url + "/oauth/token/", **kwargs)
+
     @property
     def table_ids(self) -> dict[str, str]:
-        return {name: f"tbl_local_{name}" for name in TABLES}
+        return dict(self._table_ids)
 
     def function_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ZSYNC_")}
@@ -211,8 +233,10 @@ class LocalStack:
             "PYTHONUNBUFFERED": "1",
             "ZSYNC_DATABASE_URL": self.function_database_url,
             "ZSYNC_WEBHOOK_SECRET": self.secret,
-            "ZSYNC_TABLES_API_URL": self.tables.url if self.tables else "",
-            "ZSYNC_TABLES_TOKEN": self.token,
+            "ZSYNC_ZAPIER_BASE_URL": self.tables.url if self.tables else "",
+            "ZSYNC_ZAPIER_TOKEN_URL": (self.tables.url if self.tables else "") + "/oauth/token/",
+            "ZSYNC_ZAPIER_CLIENT_ID": self.client_id,
+            "ZSYNC_ZAPIER_CLIENT_SECRET": self.client_secret,
             "ZSYNC_TABLE_IDS": json.dumps(self.table_ids),
             "ZSYNC_RETRY_BUDGET_S": str(self.config.retry_budget_s),
             "AWS_ACCESS_KEY_ID": "local",
@@ -298,8 +322,11 @@ class LocalStack:
     def info(self) -> dict[str, Any]:
         return {
             "functions": {name: fp.url for name, fp in sorted(self.functions.items())},
-            "tables_api": self.tables.url if self.tables else None,
-            "tables_token": self.token,
+            "tables_token": self.token,  # a static token the local service also accepts (OAuth is the default)
+            "zapier_base_url": self.tables.url if self.tables else None,
+            "zapier_token_url": (self.tables.url + "/oauth/token/") if self.tables else None,
+            "zapier_client_id": self.client_id,
+            "zapier_client_secret": self.client_secret,
             "table_ids": self.table_ids,
             "database_url": self.database_url,
             "function_database_url": self.function_database_url,

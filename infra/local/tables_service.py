@@ -1,23 +1,30 @@
-"""Local stand-in for Zapier Tables (records API) and for the Zaps' "new or updated record" triggers.
+"""Local stand-in for Zapier Tables (the API the official SDK speaks) and for the Zaps' record triggers.
 
-It implements the contract documented in :mod:`shared.zapier_tables` (the only module of the project
-that knows the API shape) over real HTTP, with records stored durably in a SQLite file (WAL mode, one
-connection guarded by one lock; restarting on the same file keeps every record).
+It serves the same paths as ``https://sdkapi.zapier.com`` (``/api/v0/sdk/tables/api/v1/...``, see
+``/work/shared/reference/zapier-tables-api.md`` and :mod:`shared.zapier_tables`) over real HTTP, plus
+Zapier's OAuth token endpoint (``POST /oauth/token/``, client credentials), so both our client and
+Zapier's official SDK (``@zapier/zapier-sdk``, pointed at this base URL) can use it. Anything else
+(the SDK's telemetry, ``/api/v4/tracking/event/``) gets a quiet 204. State is a SQLite file (WAL, one
+connection, one lock): restarting on the same file keeps tables, fields and records.
 
 Emulated Zapier behaviour:
 
-* Field stamping (Zapier's record timestamps that our Zaps map into fields), for tables with
-  ``stamp_updated_at``: a create without a ``created_at`` key gets ``created_at = now`` (an explicit
-  null is kept); a create or
-  update that does not include ``updated_at`` gets ``updated_at = now`` (UTC ISO, microseconds, "Z").
-  A write that includes ``updated_at`` keeps the given value exactly.
-* Triggers: after a create, or an update that changes the data (an update equal to the stored data is
-  a no-op: no write, no trigger), the record is POSTed to the table's ``trigger_url`` as its flat data
-  fields plus ``"id": <record id>`` when the data has no ``id`` field, with the shared secret header.
-  Delivery runs in background workers, once per change; ``autoreplay`` (delays in seconds; Zapier's is
-  5 min, 30 min, 1 h, 3 h, 6 h) re-sends deliveries that met a connection error, timeout, 429 or 5xx.
-* Field values must be flat scalars (string, number, boolean, null): JSON kinds travel as strings, so
-  a nested object means a mapping bug on our side and gets a 400.
+* Tables and records have 26-character ULID ids; fields have integer ids (``f<n>`` in record data) and
+  a type. Values that do not fit a field's type are refused per record (``errors`` on the record, the
+  field left unset); an unknown field id refuses the whole request (``meta.errors``), both in a 200.
+* Query (``POST .../records/query``): filters exact/different/contains/icontains/gt/gte/lt/lte/in/
+  isnull/startswith, orders, cursor paging (``meta.pagination``), ``trash=exclude|include|only``.
+  ``exact`` and ``in`` use an index of field values, so a find by id costs the same at any table size.
+* Writes answer changesets; ``edited_at`` is set on every change; delete moves records to the trash.
+* Field stamping for tables configured with ``stamp_updated_at`` (what our Zaps map from Zapier's
+  record timestamps): a create without ``created_at`` gets ``now``; a create or update without
+  ``updated_at`` gets ``now``.
+* Rate limit: ``rate_limit`` requests per ``rate_window_s`` per table (default Zapier's 100 per 5 s),
+  429 with ``Retry-After`` beyond it.
+* Triggers: after a create, or an update that changes the data, the record is POSTed to the table's
+  ``trigger_url`` (configured by table *name*) as its fields by name, plus ``"id": <record id>`` when it
+  has no ``id`` field, plus ``"edited_at"``, with the shared secret header; once per change, in
+  background workers, with ``autoreplay`` (Zapier's is 5 min, 30 min, 1 h, 3 h, 6 h).
 
 Admin endpoints (no token; the service binds to loopback): ``POST/DELETE /_admin/faults``,
 ``GET /_admin/stats``, ``POST /_admin/stats/reset``, ``GET /_admin/deliveries``,
@@ -37,6 +44,7 @@ import hmac
 import itertools
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -61,7 +69,8 @@ from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 log = logging.getLogger(__name__)
 
-API_PREFIX = "/api/v1/tables"
+API_PREFIX = "/api/v0/sdk/tables/api/v1"
+TOKEN_PATH = "/oauth/token/"
 PAGE_DEFAULT = 100
 PAGE_MAX = 1000
 BATCH_MAX = 100
@@ -70,10 +79,21 @@ MAX_FIELDS = 200
 DELIVERY_LOG_MAX = 10_000
 FLUSH_DEFAULT_S = 10.0
 FLUSH_MAX_S = 120.0
-_FIELD_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
-_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+TOKEN_TTL_S = 3600
+RATE_LIMIT = 100  # requests per table per window (Zapier's documented limit for Zap steps)
+RATE_WINDOW_S = 5.0
+FIELD_TYPES = frozenset({
+    "string", "text", "number", "decimal", "boolean", "datetime", "json", "uuid", "email", "link",
+    "currency", "phone_number", "multiple_string", "multiple_email", "multiple_link", "multiple_number",
+})
+OPERATORS = frozenset({"exact", "different", "contains", "icontains", "gte", "gt", "lt", "lte", "in", "isnull",
+                       "startswith"})
+_ULID_RE = re.compile(r"^[0-9A-Z]{26}$")
+_FIELD_KEY_RE = re.compile(r"^f(\d{1,9})$")
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+ACCOUNT_ID = 1
+USER_ID = 1
 
 Data = dict[str, Any]
 Rec = dict[str, Any]
@@ -81,20 +101,29 @@ Rec = dict[str, Any]
 
 @dataclass(frozen=True)
 class TableConfig:
+    """How the service behaves for the table of this *name* (tables themselves are made through the API)."""
+
     name: str
-    table_id: str
     trigger_url: str | None = None
     stamp_updated_at: bool = True
 
 
 class ApiError(Exception):
-    """An error answered as ``{"error": message}`` with ``status``."""
+    """An error answered as ``{"errors": [{"title": message}], "error": message}`` with ``status``."""
 
     def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.headers = dict(headers or {})
+
+
+class RefusedRequest(Exception):
+    """A request Zapier answers 200 with ``meta.errors`` and no change."""
+
+    def __init__(self, title: str, meta: Mapping[str, Any]) -> None:
+        super().__init__(title)
+        self.error = {"title": title, "human_title": title, "meta": dict(meta)}
 
 
 # --- small helpers -------------------------------------------------------------------------------------
@@ -104,67 +133,178 @@ def utc_now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def new_record_id() -> str:
-    """``rec_`` + a ULID-like id (48-bit millisecond time + 80 random bits, Crockford base32)."""
+def new_ulid() -> str:
+    """A ULID: 48-bit millisecond time + 80 random bits, Crockford base32, 26 characters."""
     value = (time.time_ns() // 1_000_000) << 80 | secrets.randbits(80)
     chars = []
     for _ in range(26):
         chars.append(_CROCKFORD[value & 31])
         value >>= 5
-    return "rec_" + "".join(reversed(chars))
+    return "".join(reversed(chars))
 
 
-def field_text(value: Any) -> str | None:
-    """The text a ``filter[field]=`` value is compared with (see ``shared.zapier_tables.filter_text``)."""
+def index_text(value: Any) -> str | None:
+    """The text an ``exact``/``in`` filter compares (numbers canonical, so 3 and 3.0 match)."""
     if value is None:
         return None
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
         return value
-    return json.dumps(value, separators=(",", ":"))
+    if isinstance(value, int | float):
+        number = float(value)
+        return str(int(number)) if number.is_integer() and abs(number) < 2**53 else repr(number)
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
-def _sql_field_text(data_json: str, name: str) -> str | None:
-    return field_text(json.loads(data_json).get(name))
+def encode_cursor(position: dict[str, int]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(position).encode()).decode().rstrip("=")
 
 
-def encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(f"v1:{seq}".encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> int:
+def decode_cursor(cursor: Any) -> dict[str, int]:
     try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        prefix, _, seq = text.partition(":")
-        if prefix != "v1" or not seq.isdigit():
-            raise ValueError(text)
-        return int(seq)
+        if not isinstance(cursor, str):
+            raise ValueError(cursor)
+        value = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if not isinstance(value, dict) or not all(isinstance(v, int) for v in value.values()):
+            raise ValueError(cursor)
+        return value
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise ApiError(400, "invalid cursor") from None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+        return number if math.isfinite(number) else None
+    return None
+
+
+def _datetime_ok(value: str) -> bool:
+    try:
+        datetime.fromisoformat(value.strip())
+    except ValueError:
+        return False
+    return True
+
+
+def check_value(ftype: str, value: Any) -> tuple[Any, str | None]:
+    """``(stored value, None)`` or ``(None, problem)`` for a value written to a field of ``ftype``."""
+    if value is None:
+        return None, None
+    match ftype:
+        case "number" | "decimal" | "currency":
+            number = _number(value)
+            if number is None:
+                return None, f"{value!r:.60} is not a number"
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return value, None
+            return (int(number) if number.is_integer() else number), None
+        case "boolean":
+            return (value, None) if isinstance(value, bool) else (None, f"{value!r:.60} is not a boolean")
+        case "datetime":
+            if isinstance(value, str) and _datetime_ok(value):
+                return value, None
+            return None, f"{value!r:.60} is not an ISO-8601 datetime"
+        case "json":
+            return value, None  # any JSON value (JSON text stays text)
+        case _ if ftype.startswith("multiple_"):
+            if isinstance(value, list) and all(isinstance(v, str | int | float) and not isinstance(v, bool)
+                                               for v in value):
+                return value, None
+            return None, f"{value!r:.60} is not a list"
+        case _:
+            if isinstance(value, str):
+                return value, None
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return str(value), None
+            return None, f"{value!r:.60} is not text"
+
+
+def _matches(op: str, stored: Any, wanted: Any) -> bool:
+    if op == "isnull":
+        is_null = stored is None or stored == "" or stored == []
+        return is_null == bool(wanted)
+    if op == "in":
+        return isinstance(wanted, list) and index_text(stored) in {index_text(w) for w in wanted}
+    if op == "exact":
+        return stored is not None and index_text(stored) == index_text(wanted)
+    if op == "different":
+        return index_text(stored) != index_text(wanted)
+    if stored is None:
+        return False
+    if op in ("contains", "icontains", "startswith"):
+        text, part = str(index_text(stored)), str(index_text(wanted))
+        if op == "icontains":
+            return part.lower() in text.lower()
+        return text.startswith(part) if op == "startswith" else part in text
+    a, b = _number(stored), _number(wanted)
+    if a is None or b is None:
+        a, b = index_text(stored), index_text(wanted)  # ISO datetimes and text compare as text
+    return {"gt": a > b, "gte": a >= b, "lt": a < b, "lte": a <= b}[op]  # type: ignore[operator]
 
 
 # --- durable storage -----------------------------------------------------------------------------------
 
 _SCHEMA = """
+CREATE TABLE IF NOT EXISTS tables (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, description TEXT, created_at TEXT NOT NULL,
+    edited_at TEXT NOT NULL, schema_revision INTEGER NOT NULL DEFAULT 1, deleted_at TEXT
+);
+CREATE TABLE IF NOT EXISTS fields (
+    table_id TEXT NOT NULL, id INTEGER NOT NULL, name TEXT NOT NULL, type TEXT NOT NULL,
+    options TEXT NOT NULL, config TEXT NOT NULL, created_at TEXT NOT NULL, edited_at TEXT NOT NULL,
+    deleted_at TEXT, PRIMARY KEY (table_id, id)
+);
 CREATE TABLE IF NOT EXISTS records (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    table_id TEXT NOT NULL,
-    id TEXT NOT NULL UNIQUE,
-    data TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, table_id TEXT NOT NULL, id TEXT NOT NULL UNIQUE, data TEXT NOT NULL,
+    errors TEXT, created_at TEXT NOT NULL, edited_at TEXT NOT NULL, schema_revision_id INTEGER NOT NULL,
+    deleted_at TEXT
 );
 CREATE INDEX IF NOT EXISTS records_by_table ON records (table_id, seq);
+CREATE TABLE IF NOT EXISTS record_values (
+    table_id TEXT NOT NULL, field_id INTEGER NOT NULL, value TEXT NOT NULL, seq INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS record_values_lookup ON record_values (table_id, field_id, value, seq);
+CREATE INDEX IF NOT EXISTS record_values_by_seq ON record_values (seq);
 """
 
 
 def _row_record(row: sqlite3.Row) -> Rec:
-    return {
+    record = {
         "id": row["id"],
         "data": json.loads(row["data"]),
         "created_at": row["created_at"],
-        "updated_at": row["updated_at"],
+        "edited_at": row["edited_at"],
+        "schema_revision_id": row["schema_revision_id"],
+        "deleted_at": row["deleted_at"],
+    }
+    errors = json.loads(row["errors"]) if row["errors"] else None  # stored as "null" when there are none
+    if errors:
+        record["errors"] = errors
+    return record
+
+
+def _row_field(row: sqlite3.Row) -> Data:
+    return {
+        "id": row["id"], "type": row["type"], "name": row["name"], "options": json.loads(row["options"]),
+        "config": json.loads(row["config"]), "created_at": row["created_at"], "edited_at": row["edited_at"],
+        "deleted_at": row["deleted_at"],
+    }
+
+
+def _row_table(row: sqlite3.Row) -> Data:
+    return {
+        "id": row["id"], "name": row["name"], "description": row["description"], "created_at": row["created_at"],
+        "edited_at": row["edited_at"], "kind": "table", "owner_account_id": ACCOUNT_ID,
+        "owner_zapier_customuser_id": USER_ID, "parent_table_id": None,
     }
 
 
@@ -179,7 +319,6 @@ class RecordStore:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA busy_timeout=5000")
-        self._conn.create_function("field_text", 2, _sql_field_text, deterministic=True)
         self._conn.executescript(_SCHEMA)
 
     def close(self) -> None:
@@ -197,138 +336,337 @@ class RecordStore:
                 raise
             self._conn.execute("COMMIT")
 
-    @staticmethod
-    def fetch(conn: sqlite3.Connection, table_id: str, rid: str) -> Rec | None:
-        row = conn.execute("SELECT * FROM records WHERE table_id = ? AND id = ?", (table_id, rid)).fetchone()
-        return _row_record(row) if row else None
 
-    @staticmethod
-    def insert(conn: sqlite3.Connection, table_id: str, record: Rec) -> None:
-        conn.execute(
-            "INSERT INTO records (table_id, id, data, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
-            (table_id, record["id"], json.dumps(record["data"]), record["created_at"], record["updated_at"]),
-        )
-
-    @staticmethod
-    def replace_data(conn: sqlite3.Connection, record: Rec) -> None:
-        conn.execute(
-            "UPDATE records SET data = ?, updated_at = ? WHERE id = ?",
-            (json.dumps(record["data"]), record["updated_at"], record["id"]),
-        )
-
-    @staticmethod
-    def delete(conn: sqlite3.Connection, table_id: str, rid: str) -> bool:
-        return conn.execute("DELETE FROM records WHERE table_id = ? AND id = ?", (table_id, rid)).rowcount > 0
-
-    @staticmethod
-    def page(
-        conn: sqlite3.Connection, table_id: str, after: int, limit: int, filters: Mapping[str, str]
-    ) -> tuple[list[Rec], int | None]:
-        """Up to ``limit`` records after ``seq`` ``after``, and the last seq when more follow."""
-        sql = "SELECT * FROM records WHERE table_id = ? AND seq > ?"
-        args: list[Any] = [table_id, after]
-        for name, value in filters.items():
-            sql += " AND field_text(data, ?) = ?"
-            args += [name, value]
-        rows = conn.execute(sql + " ORDER BY seq LIMIT ?", [*args, limit + 1]).fetchall()
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return [_row_record(r) for r in rows], (rows[-1]["seq"] if more else None)
+# --- the engine: tables, fields, records ---------------------------------------------------------------
 
 
-# --- record semantics (stamping, no-op updates) ---------------------------------------------------------
+@dataclass(frozen=True)
+class Schema:
+    table: Data
+    revision: int
+    fields: dict[int, Data]  # live fields by id
+
+    def by_name(self, name: str) -> Data | None:
+        return next((f for f in self.fields.values() if f["name"] == name), None)
+
+    def key_of(self, name: str) -> str | None:
+        found = self.by_name(name)
+        return f"f{found['id']}" if found else None
 
 
-def _stamp_create(data: Data, stamp: bool, now: str) -> Data:
-    data = dict(data)
-    if stamp and "created_at" not in data:  # an explicit null is a value the writer chose: keep it
-        data["created_at"] = now
-    if stamp and "updated_at" not in data:
-        data["updated_at"] = now
-    return data
-
-
-def _merge_update(old: Data, given: Data, stamp: bool, now: str) -> Data | None:
-    """The new data, or None when the update changes nothing (no write, no trigger)."""
-    merged = old | given
-    if merged == old:
-        return None
-    if stamp and "updated_at" not in given:
-        merged["updated_at"] = now
-    return merged
+def _field_id(key: Any, schema: Schema) -> int:
+    match = _FIELD_KEY_RE.match(key) if isinstance(key, str) else None
+    if match is None or int(match.group(1)) not in schema.fields:
+        raise RefusedRequest(f"Unknown field id {str(key)[:40]!r}", {"field_id": str(key)[:40]})
+    return int(match.group(1))
 
 
 class RecordEngine:
-    """The records API's behaviour over :class:`RecordStore`, per registered table."""
+    """The Tables API's behaviour over :class:`RecordStore`."""
 
-    def __init__(self, store: RecordStore, tables: Sequence[TableConfig]) -> None:
+    def __init__(self, store: RecordStore, configs: Sequence[TableConfig]) -> None:
         self.store = store
-        self.tables = {t.table_id: t for t in tables}
+        self.configs = {c.name: c for c in configs}
+        self.rows_read = 0  # records a query read from the store (a find by an indexed value reads only its hits)
 
-    def table(self, table_id: str) -> TableConfig:
-        if not _ID_RE.match(table_id):
-            raise ApiError(400, "malformed table id")
-        try:
-            return self.tables[table_id]
-        except KeyError:
-            raise ApiError(404, f"unknown table {table_id}") from None
+    # -- tables and fields --
 
-    def create_many(self, table_id: str, items: list[Data]) -> list[Rec]:
-        stamp = self.table(table_id).stamp_updated_at
-        now = utc_now_iso()
-        records = [
-            {"id": new_record_id(), "data": _stamp_create(d, stamp, now), "created_at": now, "updated_at": now}
-            for d in items
-        ]
+    def list_tables(self, limit: int, offset: int, q: str | None) -> tuple[list[Data], bool]:
         with self.store.transaction() as conn:
-            for record in records:
-                self.store.insert(conn, table_id, record)
-        return records
+            rows = conn.execute("SELECT * FROM tables WHERE deleted_at IS NULL ORDER BY created_at, id").fetchall()
+        tables = [_row_table(r) for r in rows if not q or q.lower() in r["name"].lower()]
+        return tables[offset : offset + limit], len(tables) > offset + limit
 
-    def update_many(self, table_id: str, updates: list[tuple[str, Data]]) -> list[tuple[Rec, bool]]:
-        """Apply all updates atomically; each result says whether the record changed."""
-        stamp = self.table(table_id).stamp_updated_at
+    def create_table(self, name: str, description: str | None) -> Data:
         now = utc_now_iso()
-        results: list[tuple[Rec, bool]] = []
+        tid = new_ulid()
         with self.store.transaction() as conn:
+            conn.execute("INSERT INTO tables (id, name, description, created_at, edited_at) VALUES (?, ?, ?, ?, ?)",
+                         (tid, name, description, now, now))
+            return _row_table(conn.execute("SELECT * FROM tables WHERE id = ?", (tid,)).fetchone())
+
+    def delete_table(self, table_id: str) -> None:
+        with self.store.transaction() as conn:
+            self._schema(conn, table_id)
+            conn.execute("UPDATE tables SET deleted_at = ? WHERE id = ?", (utc_now_iso(), table_id))
+
+    def schema(self, table_id: str) -> Schema:
+        with self.store.transaction() as conn:
+            return self._schema(conn, table_id)
+
+    def table_name(self, table_id: str) -> str:
+        return self.schema(table_id).table["name"]
+
+    def table_ids_by_name(self) -> dict[str, str]:
+        with self.store.transaction() as conn:
+            rows = conn.execute("SELECT id, name FROM tables WHERE deleted_at IS NULL ORDER BY created_at").fetchall()
+        return {r["name"]: r["id"] for r in rows}
+
+    def create_fields(self, table_id: str, new_fields: list[Data]) -> list[Data]:
+        now = utc_now_iso()
+        with self.store.transaction() as conn:
+            schema = self._schema(conn, table_id)
+            last = conn.execute("SELECT max(id) FROM fields WHERE table_id = ?", (table_id,)).fetchone()[0]
+            next_id = (last or 0) + 1
+            created = []
+            for n, f in enumerate(new_fields):
+                name, ftype = f.get("name"), f.get("type")
+                if not isinstance(name, str) or not name.strip() or len(name) > 255:
+                    raise ApiError(400, f"new_fields[{n}].name must be a non-empty string")
+                if ftype not in FIELD_TYPES:
+                    raise ApiError(400, f"new_fields[{n}].type {str(ftype)[:40]!r} is not a supported field type")
+                if schema.by_name(name) or any(c["name"] == name for c in created):
+                    raise ApiError(400, f"new_fields[{n}]: a field named {name!r} already exists")
+                conn.execute(
+                    "INSERT INTO fields (table_id, id, name, type, options, config, created_at, edited_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (table_id, next_id, name, ftype, json.dumps(f.get("options") or {}),
+                     json.dumps(f.get("config") or {}), now, now))
+                created.append(_row_field(conn.execute(
+                    "SELECT * FROM fields WHERE table_id = ? AND id = ?", (table_id, next_id)).fetchone()))
+                next_id += 1
+            if created:
+                conn.execute("UPDATE tables SET schema_revision = schema_revision + 1, edited_at = ? WHERE id = ?",
+                             (now, table_id))
+        return created
+
+    def delete_fields(self, table_id: str, field_ids: list[int]) -> None:
+        now = utc_now_iso()
+        with self.store.transaction() as conn:
+            schema = self._schema(conn, table_id)
+            for fid in field_ids:
+                if fid not in schema.fields:
+                    raise ApiError(404, f"unknown field {fid}")
+            conn.executemany("UPDATE fields SET deleted_at = ? WHERE table_id = ? AND id = ?",
+                             [(now, table_id, fid) for fid in field_ids])
+            conn.execute("UPDATE tables SET schema_revision = schema_revision + 1 WHERE id = ?", (table_id,))
+
+    # -- records --
+
+    def create_many(self, table_id: str, items: list[Data]) -> list[Data]:
+        """Create records; answer changesets. An unknown field id refuses the whole request."""
+        now = utc_now_iso()
+        with self.store.transaction() as conn:
+            schema = self._schema(conn, table_id)
+            stamp = self._stamp(schema)
+            changes = []
+            for given in items:
+                data, errors = self._validate(schema, given)
+                data = self._stamped(schema, data, given, stamp, now, create=True)
+                record = {"id": new_ulid(), "data": data, "created_at": now, "edited_at": now,
+                          "schema_revision_id": schema.revision, "deleted_at": None}
+                if errors:
+                    record["errors"] = errors
+                self._insert(conn, table_id, record)
+                changes.append(self._changeset(None, record))
+        return changes
+
+    def update_many(self, table_id: str, updates: list[tuple[str, Data]]) -> list[Data]:
+        """Apply partial updates atomically; answer changesets (``changed_field_ids`` empty: no change)."""
+        now = utc_now_iso()
+        with self.store.transaction() as conn:
+            schema = self._schema(conn, table_id)
+            stamp = self._stamp(schema)
+            changes = []
             for rid, given in updates:
-                record = self._existing(conn, table_id, rid)
-                merged = _merge_update(record["data"], given, stamp, now)
-                if merged is not None:
-                    record = record | {"data": merged, "updated_at": now}
-                    self.store.replace_data(conn, record)
-                results.append((record, merged is not None))
-        return results
+                old = self._existing(conn, table_id, rid)
+                valid, errors = self._validate(schema, given)
+                merged = old["data"] | valid
+                changed = sorted(int(k[1:]) for k in merged if merged.get(k) != old["data"].get(k))
+                new = {k: v for k, v in old.items() if k != "errors"} | ({"errors": errors} if errors else {})
+                if changed:
+                    merged = self._stamped(schema, merged, given, stamp, now, create=False)
+                    changed = sorted(int(k[1:]) for k in merged if merged.get(k) != old["data"].get(k))
+                    new |= {"data": merged, "edited_at": now, "schema_revision_id": schema.revision}
+                    self._replace(conn, table_id, new)
+                changes.append(self._changeset(old, new, changed))
+        return changes
 
     def get(self, table_id: str, rid: str) -> Rec:
-        self.table(table_id)
         with self.store.transaction() as conn:
-            return self._existing(conn, table_id, rid)
+            self._schema(conn, table_id)
+            return self._existing(conn, table_id, rid, trash=True)
 
-    def delete(self, table_id: str, rid: str) -> None:
-        self.table(table_id)
-        _check_record_id(rid)
+    def delete_many(self, table_id: str, rids: list[str]) -> None:
+        now = utc_now_iso()
         with self.store.transaction() as conn:
-            if not self.store.delete(conn, table_id, rid):
-                raise ApiError(404, f"unknown record {rid}")
+            self._schema(conn, table_id)
+            for rid in rids:
+                self._existing(conn, table_id, rid)
+            conn.executemany("UPDATE records SET deleted_at = ?, edited_at = ? WHERE table_id = ? AND id = ?",
+                             [(now, now, table_id, rid) for rid in rids])
 
-    def page(self, table_id: str, after: int, limit: int, filters: Mapping[str, str]) -> tuple[list[Rec], int | None]:
-        self.table(table_id)
+    def query(self, table_id: str, body: Data, trash: str) -> tuple[list[Rec], Data]:
+        limit = body.get("limit", PAGE_DEFAULT)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= PAGE_MAX:
+            raise ApiError(400, f"limit must be an integer from 1 to {PAGE_MAX}")
+        cursor_query = body.get("cursor_query") or {}
+        if not isinstance(cursor_query, dict):
+            raise ApiError(400, "cursor_query must be an object")
+        start = decode_cursor(cursor_query["start_cursor"]) if cursor_query.get("start_cursor") else {}
         with self.store.transaction() as conn:
-            return self.store.page(conn, table_id, after, limit, filters)
+            schema = self._schema(conn, table_id)
+            filters = self._filters(schema, body.get("filters") or [])
+            orders = self._orders(schema, body.get("orders") or [])
+            trash_sql = {"exclude": " AND deleted_at IS NULL", "only": " AND deleted_at IS NOT NULL",
+                         "include": ""}[trash]
+            indexed = [(fid, op, v) for fid, op, v in filters if op in ("exact", "in")]
+            if indexed:
+                fid, op, wanted = indexed[0]
+                values = [index_text(w) for w in (wanted if op == "in" else [wanted])]
+                marks = ",".join("?" * len(values))
+                rows = conn.execute(
+                    f"SELECT r.* FROM records r WHERE r.seq IN (SELECT seq FROM record_values WHERE table_id = ?"
+                    f" AND field_id = ? AND value IN ({marks})) AND r.seq > ?{trash_sql} ORDER BY r.seq",
+                    [table_id, fid, *values, start.get("seq", 0)]).fetchall()
+                page_rows = iter(rows)
+            else:
+                page_rows = self._scan(conn, table_id, start.get("seq", 0) if not orders else 0, trash_sql)
+            page_rows = self._counted(page_rows)
+            matching = (r for r in page_rows if all(
+                _matches(op, json.loads(r["data"]).get(f"f{fid}"), v) for fid, op, v in filters))
+            if orders:
+                rows = list(matching)
+                for fid, direction in reversed(orders):
+                    rows.sort(key=lambda r, k=f"f{fid}": _sort_key(json.loads(r["data"]).get(k)),
+                              reverse=direction == "desc")
+                offset = start.get("offset", 0)
+                page = rows[offset : offset + limit]
+                more = len(rows) > offset + limit
+                end = {"offset": offset + limit}
+            else:
+                page = list(itertools.islice(matching, limit + 1))
+                more = len(page) > limit
+                page = page[:limit]
+                end = {"seq": page[-1]["seq"]} if page else start
+        pagination = {"start_cursor": encode_cursor(start) if start else None,
+                      "end_cursor": encode_cursor(end) if page else None, "has_more": more, "has_less": bool(start)}
+        return [_row_record(r) for r in page], pagination
 
-    def _existing(self, conn: sqlite3.Connection, table_id: str, rid: str) -> Rec:
-        _check_record_id(rid)
-        record = self.store.fetch(conn, table_id, rid)
-        if record is None:
+    # -- internals --
+
+    def _counted(self, rows: Iterator[sqlite3.Row]) -> Iterator[sqlite3.Row]:
+        for row in rows:
+            self.rows_read += 1  # under the store lock (the query's transaction)
+            yield row
+
+    def _scan(self, conn: sqlite3.Connection, table_id: str, after: int, trash_sql: str) -> Iterator[sqlite3.Row]:
+        while True:
+            rows = conn.execute(f"SELECT * FROM records WHERE table_id = ? AND seq > ?{trash_sql} ORDER BY seq"
+                                " LIMIT 500", (table_id, after)).fetchall()
+            yield from rows
+            if len(rows) < 500:
+                return
+            after = rows[-1]["seq"]
+
+    def _schema(self, conn: sqlite3.Connection, table_id: str) -> Schema:
+        if not _ULID_RE.match(table_id):
+            raise ApiError(404, f"unknown table {table_id[:40]!r}")
+        row = conn.execute("SELECT * FROM tables WHERE id = ? AND deleted_at IS NULL", (table_id,)).fetchone()
+        if row is None:
+            raise ApiError(404, f"unknown table {table_id}")
+        fields = conn.execute("SELECT * FROM fields WHERE table_id = ? AND deleted_at IS NULL ORDER BY id",
+                              (table_id,)).fetchall()
+        return Schema(_row_table(row), row["schema_revision"], {f["id"]: _row_field(f) for f in fields})
+
+    def _stamp(self, schema: Schema) -> bool:
+        config = self.configs.get(schema.table["name"])
+        return config.stamp_updated_at if config else False
+
+    @staticmethod
+    def _stamped(schema: Schema, data: Data, given: Data, stamp: bool, now: str, *, create: bool) -> Data:
+        if not stamp:
+            return data
+        data = dict(data)
+        created_key, updated_key = schema.key_of("created_at"), schema.key_of("updated_at")
+        if create and created_key and created_key not in given:  # an explicit null is the writer's choice
+            data[created_key] = now
+        if updated_key and updated_key not in given:
+            data[updated_key] = now
+        return data
+
+    @staticmethod
+    def _validate(schema: Schema, given: Data) -> tuple[Data, Data]:
+        """The values that fit their fields, and per-field errors for those that do not."""
+        if not isinstance(given, dict):
+            raise ApiError(400, "record data must be an object keyed by field id")
+        data, errors = {}, {}
+        for key, value in given.items():
+            fid = _field_id(key, schema)
+            stored, problem = check_value(schema.fields[fid]["type"], value)
+            if problem is None:
+                data[key] = stored
+            else:
+                errors[key] = {"s": "error", "e": problem, "h": f"{schema.fields[fid]['name']}: {problem}", "v": value}
+        return data, errors
+
+    @staticmethod
+    def _filters(schema: Schema, filters: Any) -> list[tuple[int, str, Any]]:
+        if not isinstance(filters, list):
+            raise ApiError(400, "filters must be a list")
+        out = []
+        for n, f in enumerate(filters):
+            if not isinstance(f, dict) or f.get("operator") not in OPERATORS:
+                raise ApiError(400, f"filters[{n}]: expected {{key, operator, value}} with a known operator")
+            if f["operator"] == "in" and (not isinstance(f.get("value"), list) or len(f["value"]) > PAGE_MAX):
+                raise ApiError(400, f"filters[{n}]: 'in' needs a list of at most {PAGE_MAX} values")
+            out.append((_field_id(f.get("key"), schema), f["operator"], f.get("value")))
+        return out
+
+    @staticmethod
+    def _orders(schema: Schema, orders: Any) -> list[tuple[int, str]]:
+        if not isinstance(orders, list):
+            raise ApiError(400, "orders must be a list")
+        out = []
+        for n, o in enumerate(orders):
+            if not isinstance(o, dict) or o.get("direction", "asc") not in ("asc", "desc"):
+                raise ApiError(400, f"orders[{n}]: expected {{key, direction: asc|desc}}")
+            out.append((_field_id(o.get("key"), schema), o.get("direction", "asc")))
+        return out
+
+    def _insert(self, conn: sqlite3.Connection, table_id: str, record: Rec) -> None:
+        seq = conn.execute(
+            "INSERT INTO records (table_id, id, data, errors, created_at, edited_at, schema_revision_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (table_id, record["id"], json.dumps(record["data"]), json.dumps(record.get("errors") or None),
+             record["created_at"], record["edited_at"], record["schema_revision_id"])).lastrowid
+        self._index(conn, table_id, seq, record["data"])
+
+    def _replace(self, conn: sqlite3.Connection, table_id: str, record: Rec) -> None:
+        seq = conn.execute("SELECT seq FROM records WHERE id = ?", (record["id"],)).fetchone()[0]
+        conn.execute("UPDATE records SET data = ?, errors = ?, edited_at = ?, schema_revision_id = ? WHERE seq = ?",
+                     (json.dumps(record["data"]), json.dumps(record.get("errors") or None), record["edited_at"],
+                      record["schema_revision_id"], seq))
+        conn.execute("DELETE FROM record_values WHERE seq = ?", (seq,))
+        self._index(conn, table_id, seq, record["data"])
+
+    @staticmethod
+    def _index(conn: sqlite3.Connection, table_id: str, seq: int, data: Data) -> None:
+        conn.executemany(
+            "INSERT INTO record_values (table_id, field_id, value, seq) VALUES (?, ?, ?, ?)",
+            [(table_id, int(k[1:]), index_text(v), seq) for k, v in data.items()
+             if v is not None and not isinstance(v, dict | list)])
+
+    @staticmethod
+    def _existing(conn: sqlite3.Connection, table_id: str, rid: Any, *, trash: bool = False) -> Rec:
+        if not isinstance(rid, str) or not _ULID_RE.match(rid):
+            raise ApiError(404, f"unknown record {str(rid)[:40]!r}")
+        row = conn.execute("SELECT * FROM records WHERE table_id = ? AND id = ?", (table_id, rid)).fetchone()
+        if row is None or (row["deleted_at"] and not trash):
             raise ApiError(404, f"unknown record {rid}")
-        return record
+        return _row_record(row)
+
+    @staticmethod
+    def _changeset(old: Rec | None, new: Rec, changed: list[int] | None = None) -> Data:
+        return {"change_id": new_ulid(), "old": old, "new": new,
+                "changed_field_ids": changed if old is not None else None, "record_id": new["id"]}
 
 
-def _check_record_id(rid: Any) -> str:
-    if not isinstance(rid, str) or not _ID_RE.match(rid):
-        raise ApiError(400, "malformed record id")
-    return rid
+def _sort_key(value: Any) -> tuple[int, Any]:
+    number = _number(value) if not isinstance(value, str) else None
+    if value is None:
+        return (2, "")
+    return (0, number) if number is not None else (1, str(index_text(value)))
 
 
 # --- trigger delivery ----------------------------------------------------------------------------------
@@ -343,10 +681,12 @@ class Delivery:
     attempt: int = 1
 
 
-def trigger_payload(record: Rec) -> Data:
-    """What a Zap's "new or updated record" trigger hands to its webhook step: the flat fields + id."""
-    payload = dict(record["data"])
+def trigger_payload(record: Rec, names: Mapping[str, str]) -> Data:
+    """What a Zap's "new or updated record" trigger hands to its webhook step: the fields by name, the
+    record id as ``id`` when the table has no ``id`` field, and Zapier's ``edited_at``."""
+    payload = {names.get(k, k): v for k, v in record["data"].items()}
     payload.setdefault("id", record["id"])
+    payload["edited_at"] = record["edited_at"]
     return payload
 
 
@@ -475,6 +815,29 @@ class TriggerDispatcher:
 # --- counters and fault injection ----------------------------------------------------------------------
 
 
+class RateLimiter:
+    """At most ``limit`` requests per ``window_s`` per key (a sliding window); None: unlimited."""
+
+    def __init__(self, limit: int | None, window_s: float) -> None:
+        self.limit, self.window_s = limit, window_s
+        self._lock = threading.Lock()
+        self._seen: dict[str, deque[float]] = {}
+
+    def take(self, key: str) -> float | None:
+        """None when allowed, else the seconds until a request would be."""
+        if self.limit is None:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            seen = self._seen.setdefault(key, deque())
+            while seen and seen[0] <= now - self.window_s:
+                seen.popleft()
+            if len(seen) >= self.limit:
+                return seen[0] + self.window_s - now
+            seen.append(now)
+            return None
+
+
 class ServiceStats:
     def __init__(self, table_ids: Sequence[str]) -> None:
         self._lock = threading.Lock()
@@ -561,70 +924,36 @@ def _object_body() -> Data:
     return body
 
 
-def _fields(value: Any, where: str) -> Data:
-    if not isinstance(value, dict):
-        raise ApiError(400, f"{where} must be a JSON object of fields")
-    if len(value) > MAX_FIELDS:
-        raise ApiError(400, f"{where} has more than {MAX_FIELDS} fields")
-    for name, item in value.items():
-        if not _FIELD_RE.match(name):
-            raise ApiError(400, f"{where}: invalid field name {name[:70]!r}")
-        if item is not None and not isinstance(item, str | int | float | bool):
-            raise ApiError(400, f"{where}: field {name!r} must be a string, number, boolean or null")
-    return value
-
-
-def _only_key(body: Any, key: str) -> bool:
-    return isinstance(body, dict) and set(body) == {key}
-
-
-def _batch(body: Any) -> list[Any]:
-    items = body["records"]
-    if not isinstance(items, list) or not 1 <= len(items) <= BATCH_MAX:
-        raise ApiError(400, f"records must be a list of 1 to {BATCH_MAX} items")
+def _list_of(body: Data, key: str, limit: int = BATCH_MAX) -> list[Any]:
+    items = body.get(key)
+    if not isinstance(items, list) or not 1 <= len(items) <= limit:
+        raise ApiError(400, f"{key} must be a list of 1 to {limit} items")
     return items
 
 
-def _create_items(body: Any) -> tuple[list[Data], bool]:
-    """The field sets to create and whether the request was a batch."""
-    if _only_key(body, "records"):
-        items = _batch(body)
-        return [
-            _fields(i.get("data") if _only_key(i, "data") else None, f"records[{n}].data") for n, i in enumerate(items)
-        ], True
-    if _only_key(body, "data") and isinstance(body["data"], dict):
-        return [_fields(body["data"], "data")], False
-    return [_fields(body, "body")], False
+def _record_data(item: Any, where: str) -> Data:
+    data = item.get("data") if isinstance(item, dict) else None
+    if not isinstance(data, dict):
+        raise ApiError(400, f'{where} must be {{"data": {{"f<id>": value}}}}')
+    if len(data) > MAX_FIELDS:
+        raise ApiError(400, f"{where}.data has more than {MAX_FIELDS} fields")
+    return data
 
 
-def _update_items(body: Any) -> list[tuple[str, Data]]:
-    if not _only_key(body, "records"):
-        raise ApiError(400, 'expected {"records": [{"id": ..., "data": {...}}]}')
-    updates = []
-    for n, item in enumerate(_batch(body)):
-        if not isinstance(item, dict) or set(item) != {"id", "data"}:
-            raise ApiError(400, f'records[{n}] must be {{"id": ..., "data": {{...}}}}')
-        updates.append((_check_record_id(item["id"]), _fields(item["data"], f"records[{n}].data")))
-    return updates
+def _trash() -> str:
+    trash = request.args.get("trash", "exclude")
+    if trash not in ("exclude", "include", "only"):
+        raise ApiError(400, "trash must be exclude, include or only")
+    return trash
 
 
-def _list_params() -> tuple[int, int, dict[str, str]]:
-    limit, after, filters = PAGE_DEFAULT, 0, {}
-    for key, values in request.args.lists():
-        if len(values) != 1:
-            raise ApiError(400, f"query parameter {key[:70]!r} given more than once")
-        value = values[0]
-        if key == "limit":
-            if not value.isdigit() or not 1 <= int(value) <= PAGE_MAX:
-                raise ApiError(400, f"limit must be an integer from 1 to {PAGE_MAX}")
-            limit = int(value)
-        elif key == "cursor":
-            after = decode_cursor(value)
-        elif key.startswith("filter[") and key.endswith("]") and _FIELD_RE.match(key[7:-1]):
-            filters[key[7:-1]] = value
-        else:
-            raise ApiError(400, f"unknown or malformed query parameter {key[:70]!r}")
-    return limit, after, filters
+def _int_arg(name: str, default: int, high: int) -> int:
+    value = request.args.get(name)
+    if value is None:
+        return default
+    if not value.isdigit() or int(value) > high:
+        raise ApiError(400, f"{name} must be an integer from 0 to {high}")
+    return int(value)
 
 
 def _drain_input(limit: int = 16 * MAX_BODY_BYTES) -> None:
@@ -645,6 +974,12 @@ def _error(status: int, message: str, headers: Mapping[str, str] | None = None) 
     return response
 
 
+
+
+def _refused(exc: RefusedRequest) -> Response:
+    return jsonify(data=[], meta={"errors": [exc.error]})
+
+
 # --- the Flask app -------------------------------------------------------------------------------------
 
 
@@ -652,28 +987,51 @@ def _error(status: int, message: str, headers: Mapping[str, str] | None = None) 
 class ServiceContext:
     engine: RecordEngine
     dispatcher: TriggerDispatcher
-    token: str
+    client_id: str
+    client_secret: str
+    static_token: str | None
     stats: ServiceStats
+    limiter: RateLimiter
+    token_ttl_s: int = TOKEN_TTL_S
     faults: FaultInjector = field(default_factory=FaultInjector)
-    triggers: dict[str, str | None] = field(default_factory=dict)
+    triggers: dict[str, str | None] = field(default_factory=dict)  # by table name
+    tokens: dict[str, float] = field(default_factory=dict)  # issued token -> expiry (time.time())
     stopped: bool = False
 
-    def after_change(self, table_id: str, records: Sequence[Rec]) -> None:
+    def after_change(self, table_id: str, changes: Sequence[Data]) -> None:
         """Count the writes and queue one trigger delivery per changed record."""
+        records = [c["new"] for c in changes if c["old"] is None or c["changed_field_ids"]]
         self.stats.count_writes(table_id, len(records))
-        url = self.triggers.get(table_id)
+        schema = self.engine.schema(table_id)
+        url = self.triggers.get(schema.table["name"])
+        names = {f"f{fid}": f["name"] for fid, f in schema.fields.items()}
         for record in records if url else ():
-            self.dispatcher.enqueue(Delivery(url, table_id, record["id"], trigger_payload(record)))
+            self.dispatcher.enqueue(Delivery(url, table_id, record["id"], trigger_payload(record, names)))
+
+    def issue_token(self) -> str:
+        token = "zlt-" + secrets.token_urlsafe(32)
+        now = time.time()
+        self.tokens = {t: exp for t, exp in self.tokens.items() if exp > now} | {token: now + self.token_ttl_s}
+        return token
+
+    def token_ok(self, given: str) -> bool:
+        if self.static_token and hmac.compare_digest(given.encode(), self.static_token.encode()):
+            return True
+        expiry = self.tokens.get(given)
+        return expiry is not None and expiry > time.time()
 
 
-def _check_auth(token: str) -> None:
+def _check_auth(ctx: ServiceContext) -> None:
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-        raise ApiError(401, "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
+    if scheme.lower() not in ("bearer", "jwt") or not ctx.token_ok(given.strip()):
+        raise ApiError(401, "missing, invalid or expired token", {"WWW-Authenticate": "Bearer"})
+
+
+_TABLE_IN_PATH = re.compile(re.escape(API_PREFIX) + r"/tables/([0-9A-Z]{26})(?:/|$)")
 
 
 def _gate(ctx: ServiceContext) -> None:
-    """Runs before every records-API request: count, read the body, faults, auth."""
+    """Runs before every Tables API request: count, read the body, faults, auth, rate limit."""
     ctx.stats.count_request()
     request.get_data(cache=True)  # read the body first: an early error must not leave it unread
     if ctx.stopped:
@@ -682,13 +1040,30 @@ def _gate(ctx: ServiceContext) -> None:
     if fault is not None:
         headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
         raise ApiError(fault.status, f"injected fault {fault.status}", headers)
-    _check_auth(ctx.token)
+    _check_auth(ctx)
+    table = _TABLE_IN_PATH.match(request.path)
+    wait = ctx.limiter.take(table.group(1)) if table else None
+    if wait is not None:
+        raise ApiError(429, f"rate limit: {ctx.limiter.limit} requests per {ctx.limiter.window_s:g}s per table",
+                       {"Retry-After": str(max(1, math.ceil(wait))), "X-RateLimit-Limit": str(ctx.limiter.limit),
+                        "X-RateLimit-Remaining": "0"})
+
+
+def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
+    response = jsonify(errors=[{"status": status, "title": message}], error=message)
+    response.status_code = status
+    response.headers.update(dict(headers or {}))
+    return response
 
 
 def _register_errors(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> Response:
         return _error(exc.status, exc.message, exc.headers)
+
+    @app.errorhandler(RefusedRequest)
+    def _refused_request(exc: RefusedRequest) -> Response:
+        return _refused(exc)
 
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(exc: RequestEntityTooLarge) -> Response:
@@ -705,53 +1080,116 @@ def _register_errors(app: Flask) -> None:
         return _error(500, "internal error")
 
 
-def _register_records_api(app: Flask, ctx: ServiceContext) -> None:
+def _register_token_endpoint(app: Flask, ctx: ServiceContext) -> None:
+    @app.post(TOKEN_PATH)
+    def token() -> Response | tuple[Response, int]:
+        form = request.form
+        if form.get("grant_type") != "client_credentials":
+            return jsonify(error="unsupported_grant_type"), 400
+        ok_id = hmac.compare_digest(form.get("client_id", "").encode(), ctx.client_id.encode())
+        ok_secret = hmac.compare_digest(form.get("client_secret", "").encode(), ctx.client_secret.encode())
+        if not (ok_id and ok_secret):
+            return jsonify(error="invalid_client"), 401
+        return jsonify(access_token=ctx.issue_token(), token_type="Bearer", expires_in=ctx.token_ttl_s,
+                       scope=form.get("scope", "external"))
+
+
+def _register_tables_api(app: Flask, ctx: ServiceContext) -> None:
     engine = ctx.engine
-    records_path = API_PREFIX + "/<table_id>/records"
+    tables = API_PREFIX + "/tables"
+    records = tables + "/<table_id>/records"
 
     @app.before_request
     def _before() -> None:
-        if request.path.startswith("/api/"):
+        if request.path.startswith(API_PREFIX + "/"):
             _gate(ctx)
 
-    @app.get(records_path)
-    def list_records(table_id: str) -> Response:
-        limit, after, filters = _list_params()
-        records, last = engine.page(table_id, after, limit, filters)
-        return jsonify(data=records, next_cursor=encode_cursor(last) if last is not None else None)
+    @app.get(tables)
+    def list_tables() -> Response:
+        found, more = engine.list_tables(_int_arg("limit", 100, 1000) or 100, _int_arg("offset", 0, 10**9),
+                                         request.args.get("q"))
+        offset = _int_arg("offset", 0, 10**9) + len(found)
+        return jsonify(data=found, links={"next": f"{request.base_url}?offset={offset}" if more else None})
 
-    @app.post(records_path)
-    def create_records(table_id: str) -> tuple[Response, int]:
-        engine.table(table_id)
-        items, is_batch = _create_items(_json_body())
-        created = engine.create_many(table_id, items)
-        ctx.after_change(table_id, created)
-        return (jsonify(data=created) if is_batch else jsonify(created[0])), 201
+    @app.post(tables)
+    def create_table() -> tuple[Response, int]:
+        body = _object_body()
+        name = body.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise ApiError(400, "name must be a non-empty string")
+        return jsonify(data=engine.create_table(name, body.get("description"))), 201
 
-    @app.patch(records_path)
-    def update_records(table_id: str) -> Response:
-        engine.table(table_id)
-        results = engine.update_many(table_id, _update_items(_json_body()))
-        ctx.after_change(table_id, [r for r, changed in results if changed])
-        return jsonify(data=[r for r, _ in results])
+    @app.get(tables + "/<table_id>")
+    def get_table(table_id: str) -> Response:
+        return jsonify(data=engine.schema(table_id).table)
 
-    @app.get(records_path + "/<rid>")
+    @app.delete(tables + "/<table_id>")
+    def delete_table(table_id: str) -> tuple[str, int]:
+        engine.delete_table(table_id)
+        return "", 204
+
+    @app.get(tables + "/<table_id>/fields")
+    def list_fields(table_id: str) -> Response:
+        return jsonify(data=list(engine.schema(table_id).fields.values()))
+
+    @app.post(tables + "/<table_id>/fields")
+    def create_fields(table_id: str) -> tuple[Response, int]:
+        created = engine.create_fields(table_id, _list_of(_object_body(), "new_fields", MAX_FIELDS))
+        return jsonify(data=[{"new": f, "old": None, "kind": "created"} for f in created],
+                       meta={"did_change": bool(created)}), 201
+
+    @app.delete(tables + "/<table_id>/fields")
+    def delete_fields(table_id: str) -> tuple[str, int]:
+        ids = _list_of(_object_body(), "field_ids", MAX_FIELDS)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ApiError(400, "field_ids must be integers")
+        engine.delete_fields(table_id, ids)
+        return "", 204
+
+    @app.post(records + "/query")
+    def query(table_id: str) -> Response:
+        body = _object_body() if request.get_data(cache=True) else {}
+        found, pagination = engine.query(table_id, body, _trash())
+        return jsonify(data=found, meta={"pagination": pagination})
+
+    @app.get(records + "/<rid>")
     def get_record(table_id: str, rid: str) -> Response:
-        return jsonify(engine.get(table_id, rid))
+        return jsonify(data=engine.get(table_id, rid))
 
-    @app.patch(records_path + "/<rid>")
-    def update_record(table_id: str, rid: str) -> Response:
-        engine.table(table_id)
-        body = _json_body()
-        if not _only_key(body, "data"):
-            raise ApiError(400, 'expected {"data": {...}}')
-        [(record, changed)] = engine.update_many(table_id, [(rid, _fields(body["data"], "data"))])
-        ctx.after_change(table_id, [record] if changed else [])
-        return jsonify(record)
+    @app.post(records)
+    def create_records(table_id: str) -> tuple[Response, int]:
+        items = _list_of(_object_body(), "new_records")
+        changes = engine.create_many(table_id, [_record_data(i, f"new_records[{n}]") for n, i in enumerate(items)])
+        ctx.after_change(table_id, changes)
+        return jsonify(data=changes), 201
 
-    @app.delete(records_path + "/<rid>")
-    def delete_record(table_id: str, rid: str) -> tuple[str, int]:
-        engine.delete(table_id, rid)
+    @app.patch(records)
+    def update_records(table_id: str) -> Response:
+        updates = []
+        for n, item in enumerate(_list_of(_object_body(), "updated_records")):
+            rid = item.get("id") if isinstance(item, dict) else None
+            updates.append((rid, _record_data(item, f"updated_records[{n}]")))
+        changes = engine.update_many(table_id, updates)
+        ctx.after_change(table_id, changes)
+        return jsonify(data=changes)
+
+    @app.delete(records)
+    def delete_records(table_id: str) -> tuple[str, int]:
+        rids = _list_of(_object_body(), "record_ids")
+        engine.delete_many(table_id, rids)
+        ctx.stats.count_writes(table_id, len(rids))
+        return "", 204
+
+    @app.get("/api/v0/sdk/zapier/api/v4/profile/")
+    def profile() -> Response:
+        return jsonify(id=USER_ID, public_id=str(USER_ID), email="local@example.invalid")
+
+    @app.route("/", defaults={"path": ""}, methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    @app.route("/<path:path>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    def anything_else(path: str) -> tuple[str, int]:
+        """The SDK's telemetry and anything else Zapier would answer: quietly accepted, not acted on."""
+        if path.startswith(API_PREFIX.lstrip("/") + "/") or path.startswith("_admin/"):
+            raise ApiError(404, f"no such endpoint: {request.method} /{path[:80]}")
         return "", 204
 
 
@@ -785,12 +1223,14 @@ def _register_admin(app: Flask, ctx: ServiceContext) -> None:
 
     @app.get("/_admin/stats")
     def stats() -> Response:
-        return jsonify(ctx.stats.snapshot() | {"deliveries": ctx.dispatcher.stats(), "faults": ctx.faults.stats()})
+        return jsonify(ctx.stats.snapshot() | {"deliveries": ctx.dispatcher.stats(), "faults": ctx.faults.stats(),
+                                               "query_rows_read": ctx.engine.rows_read})
 
     @app.post("/_admin/stats/reset")
     def reset_stats() -> tuple[str, int]:
         ctx.stats.reset()
         ctx.dispatcher.reset()
+        ctx.engine.rows_read = 0
         return "", 204
 
     @app.get("/_admin/deliveries")
@@ -799,14 +1239,14 @@ def _register_admin(app: Flask, ctx: ServiceContext) -> None:
 
     @app.put("/_admin/tables/<table_id>/trigger")
     def set_trigger(table_id: str) -> Response:
-        ctx.engine.table(table_id)
+        name = ctx.engine.table_name(table_id)
         body = _object_body()
         url = body.get("url")
         valid = url is None or (isinstance(url, str) and url.startswith(("http://", "https://")))
         if set(body) != {"url"} or not valid:
             raise ApiError(400, 'expected {"url": "http(s)://..." | null}')
-        ctx.triggers[table_id] = url
-        return jsonify(table_id=table_id, url=url)
+        ctx.triggers[name] = url
+        return jsonify(table_id=table_id, table=name, url=url)
 
     @app.post("/_admin/triggers/flush")
     def flush() -> Response:
@@ -823,9 +1263,11 @@ def create_app(ctx: ServiceContext, max_body_bytes: int = MAX_BODY_BYTES) -> Fla
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     _register_errors(app)
-    _register_records_api(app, ctx)
+    _register_token_endpoint(app, ctx)
     _register_admin(app, ctx)
+    _register_tables_api(app, ctx)  # last: it holds the catch-all route
     return app
+
 
 
 # --- running it ----------------------------------------------------------------------------------------
@@ -855,9 +1297,22 @@ class TablesService:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    @property
+    def client_id(self) -> str:
+        return self.ctx.client_id
+
+    @property
+    def client_secret(self) -> str:
+        return self.ctx.client_secret
+
+    def table_ids(self) -> dict[str, str]:
+        """The live tables' ids by name."""
+        return self.ctx.engine.table_ids_by_name()
+
     def stats(self) -> Data:
         ctx = self.ctx
-        return ctx.stats.snapshot() | {"deliveries": ctx.dispatcher.stats(), "faults": ctx.faults.stats()}
+        return ctx.stats.snapshot() | {"deliveries": ctx.dispatcher.stats(), "faults": ctx.faults.stats(),
+                                       "query_rows_read": ctx.engine.rows_read}
 
     def deliveries(self) -> list[Data]:
         return self.ctx.dispatcher.outcomes()
@@ -881,20 +1336,29 @@ class TablesService:
 def start_tables_service(
     db_path: str | Path,
     tables: Sequence[TableConfig],
-    token: str,
-    secret_header: str,
-    secret: str | None,
+    token: str | None = None,
+    secret_header: str = "X-Zsync-Secret",
+    secret: str | None = None,
     host: str = "127.0.0.1",
     port: int = 0,
     autoreplay: Sequence[float] = (),
     *,
+    client_id: str = "zsync-local",
+    client_secret: str | None = None,
+    rate_limit: int | None = RATE_LIMIT,
+    rate_window_s: float = RATE_WINDOW_S,
+    token_ttl_s: int = TOKEN_TTL_S,
     max_body_bytes: int = MAX_BODY_BYTES,
     delivery_timeout_s: float = 10.0,
     delivery_workers: int = 4,
 ) -> TablesService:
-    """Start the service in background threads and return once it accepts connections."""
-    if not token:
-        raise ValueError("a bearer token is required")
+    """Start the service in background threads and return once it accepts connections.
+
+    ``tables`` configure behaviour per table *name* (trigger URL, stamping); the tables themselves are
+    created through the API (``zsync setup zapier``, :func:`infra.deploy.tables_setup.ensure_tables`).
+    Callers authenticate with ``client_id``/``client_secret`` at ``/oauth/token/`` or with the static
+    ``token`` (a token "made by the user"); ``rate_limit=None`` turns the per-table rate limit off.
+    """
     if host not in _LOOPBACK:
         log.warning("tables service bound to %s: its /_admin endpoints have no authentication", host)
     engine = RecordEngine(RecordStore(Path(db_path)), tables)
@@ -902,9 +1366,13 @@ def start_tables_service(
     ctx = ServiceContext(
         engine,
         dispatcher,
+        client_id,
+        client_secret or secrets.token_urlsafe(24),
         token,
-        ServiceStats([t.table_id for t in tables]),
-        triggers={t.table_id: t.trigger_url for t in tables},
+        ServiceStats([]),
+        RateLimiter(rate_limit, rate_window_s),
+        token_ttl_s=token_ttl_s,
+        triggers={t.name: t.trigger_url for t in tables},
     )
     try:
         server = make_server(host, port, create_app(ctx, max_body_bytes), threaded=True, request_handler=_QuietHandler)
@@ -920,12 +1388,15 @@ def start_tables_service(
 _CONFIG_HELP = """\
 config file (JSON):
   {
-    "token": "<bearer token; default: $ZSYNC_TABLES_TOKEN>",
+    "client_id": "zsync-local",
+    "client_secret": "<default: $ZSYNC_ZAPIER_CLIENT_SECRET>",
+    "token": "<optional static token; default: $ZSYNC_TABLES_TOKEN>",
+    "rate_limit": 100, "rate_window_s": 5,
     "secret_header": "X-Zsync-Secret",
     "secret": "<sent with each trigger delivery; default: $ZSYNC_WEBHOOK_SECRET>",
     "autoreplay": [300, 1800, 3600, 10800, 21600],
     "tables": [
-      {"name": "agent_jobs", "table_id": "tbl_agent_jobs",
+      {"name": "agent_jobs",
        "trigger_url": "http://127.0.0.1:9000/agent_jobs_to_supabase", "stamp_updated_at": true}
     ]
   }
@@ -934,7 +1405,11 @@ config file (JSON):
 
 @dataclass(frozen=True)
 class CliConfig:
-    token: str
+    token: str | None
+    client_id: str
+    client_secret: str
+    rate_limit: int | None
+    rate_window_s: float
     secret_header: str
     secret: str | None
     autoreplay: tuple[float, ...]
@@ -948,11 +1423,15 @@ def load_config(path: Path) -> CliConfig:
     if not isinstance(raw, dict) or not isinstance(raw.get("tables"), list):
         raise ValueError('config must be a JSON object with a "tables" list')
     tables = tuple(TableConfig(**t) for t in raw["tables"])
-    token = raw.get("token") or os.environ.get("ZSYNC_TABLES_TOKEN")
-    if not token:
-        raise ValueError('no token: set "token" in the config or ZSYNC_TABLES_TOKEN')
+    client_secret = raw.get("client_secret") or os.environ.get("ZSYNC_ZAPIER_CLIENT_SECRET")
+    if not client_secret:
+        raise ValueError('no client secret: set "client_secret" in the config or ZSYNC_ZAPIER_CLIENT_SECRET')
     return CliConfig(
-        token=token,
+        token=raw.get("token") or os.environ.get("ZSYNC_TABLES_TOKEN"),
+        client_id=raw.get("client_id") or "zsync-local",
+        client_secret=client_secret,
+        rate_limit=raw.get("rate_limit", RATE_LIMIT),
+        rate_window_s=float(raw.get("rate_window_s", RATE_WINDOW_S)),
         secret_header=raw.get("secret_header") or DEFAULT_SECRET_HEADER,
         secret=raw.get("secret") or os.environ.get("ZSYNC_WEBHOOK_SECRET"),
         autoreplay=tuple(float(d) for d in raw.get("autoreplay", ())),
@@ -991,6 +1470,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         host=args.host,
         port=args.port,
         autoreplay=config.autoreplay,
+        client_id=config.client_id,
+        client_secret=config.client_secret,
+        rate_limit=config.rate_limit,
+        rate_window_s=config.rate_window_s,
     )
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
