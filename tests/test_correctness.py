@@ -251,7 +251,7 @@ def test_4_reconcile_never_resurrects_and_deletes_the_other_copy(stack, tables, 
     supabase.query("DELETE FROM agent_jobs WHERE id = %s", (rid,))
     stack.wait_quiet()
     eventually(lambda: tables.find("agent_jobs", rid) is None)
-    tables.s.post(tables.url("agent_jobs"), json=rec["data"], timeout=10)  # a stale copy comes back in Tables
+    tables.create("agent_jobs", rec["data"])  # a stale copy comes back in Tables
     stack.wait_quiet()
     assert supabase.row("agent_jobs", rid) is None  # its trigger delivery was refused by the tombstone
     result = reconcile(stack_context(stack), ["agent_jobs"])
@@ -265,7 +265,7 @@ def stack_context(stack):
     from shared.settings import Settings
     from shared.sync import SyncContext
 
-    return SyncContext(settings=Settings(database_url=stack.function_database_url, tables_api_url=stack.tables.url,
+    return SyncContext(settings=Settings(database_url=stack.function_database_url, zapier_base_url=stack.tables.url,
                                          tables_token=stack.token, table_ids=stack.table_ids))
 
 
