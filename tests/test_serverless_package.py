@@ -230,13 +230,17 @@ def test_artifact_is_small(package_dir: Path) -> None:
 
 
 def _lambda_python() -> str | None:
-    """An interpreter of the Lambda runtime's version: ZSYNC_LAMBDA_PYTHON, python3.12 on PATH, or pyenv's."""
+    """An interpreter of the Lambda runtime's version: ZSYNC_LAMBDA_PYTHON, pyenv's, or python3.X on PATH."""
     version = LAMBDA_RUNTIME.removeprefix("python")
-    found = os.environ.get("ZSYNC_LAMBDA_PYTHON") or shutil.which(f"python{version}")
-    if found:
-        return found
-    pyenv = sorted(Path.home().glob(f".pyenv/versions/{version}.*/bin/python{version}"))
-    return str(pyenv[-1]) if pyenv else None
+    candidates = [os.environ.get("ZSYNC_LAMBDA_PYTHON"),
+                  *map(str, sorted(Path.home().glob(f".pyenv/versions/{version}.*/bin/python{version}"))),
+                  shutil.which(f"python{version}")]
+    for candidate in filter(None, candidates):
+        check = subprocess.run([candidate, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True,
+                               text=True, check=False)
+        if check.returncode == 0 and check.stdout.strip() == str(tuple(map(int, version.split(".")))):
+            return candidate
+    return None
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the artifact holds Linux wheels")
