@@ -61,6 +61,17 @@ def prepare() -> None:
     _set_ready(_structured_cls or _import_structured_log_handler())
 
 
+def _after_fork_in_child() -> None:
+    """A forked worker (gunicorn) starts its own import if needed; held lines belong to the parent."""
+    global _lock, _loader
+    _lock = threading.RLock()
+    _loader = None
+    _pending.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 @atexit.register
 def flush() -> None:
     """Wait for the background import and write held lines (at exit, or before a process is frozen)."""
