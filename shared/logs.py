@@ -92,15 +92,22 @@ class StructuredStdoutHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         global _loader
-        with _lock:
-            if _structured_cls is None:
-                _pending.append((self, record))
-                if _loader is None:
-                    _loader = threading.Thread(target=_load_in_background, name="zsync-logs-import",
-                                               daemon=True)
-                    _loader.start()
-                return
+        try:
+            with _lock:
+                if _structured_cls is None and (_loader is None or _loader.is_alive()):
+                    _pending.append((self, record))
+                    if _loader is None:
+                        _loader = threading.Thread(target=_load_in_background, name="zsync-logs-import",
+                                                   daemon=True)
+                        _loader.start()
+                    return
+                if _structured_cls is not None:
+                    self.write(record)
+                    return
+            prepare()  # the background import failed: import here, so the failure is reported, not hidden
             self.write(record)
+        except Exception:
+            self.handleError(record)
 
     def write(self, record: logging.LogRecord) -> None:
         if self._structured is None:
