@@ -90,3 +90,18 @@ def test_a_fresh_function_process_logs_each_delivery_with_its_real_source(databa
         assert int(location["line"]) > 0
     assert events[1]["severity"] == "WARNING" and events[1]["problems"]
     assert "shared/logs.py" not in text
+
+
+def test_on_lambda_the_init_phase_imports_everything_and_holds_no_line() -> None:
+    """What SnapStart snapshots: the app is built and google-cloud-logging imported before any request, without
+    its generated gRPC API clients (GOOGLE_CLOUD_DISABLE_GRPC: nothing here calls the API)."""
+    code = ("import sys; import functions.lambda_adapter as a; from shared import logs; "
+            "print(sorted(a._handlers), 'google.cloud.logging_v2' in sys.modules, 'flask' in sys.modules, "
+            "logs._structured_cls is not None, 'google.cloud.logging_v2._gapic' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ZSYNC_", "AWS_", "GOOGLE_CLOUD_"))}
+    env.update({"PYTHONPATH": str(REPO), "AWS_LAMBDA_FUNCTION_NAME": "zsync-ci-agent_jobs_to_supabase",
+                "ZSYNC_FUNCTION": "agent_jobs_to_supabase"})
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "['agent_jobs_to_supabase'] True True True False"
