@@ -1,31 +1,55 @@
-"""End-to-end sync lag in each direction through the real local stack, as ratios to the seed's targets
-(average < 5 s expected, 30 s acceptable), plus sync writes per user write (must be exactly 1.0: no
-echo) and the memory of each function process. All figures come from one run on this machine.
+"""Sync lag in each direction through the real local stack, against its floor measured in the same run.
 
-    python -m bench [--n 40] [--burst 200]
+* delivery lag vs floor (``--n`` deliveries per direction, 1,000 by default): the same body POSTed to the
+  function's URL and to a no-op functions-framework target served the same way (``bench/floor_target.py``:
+  one INSERT + COMMIT for Tables -> Supabase; one Tables create + one INSERT + COMMIT for Supabase ->
+  Tables), alternately, one at a time. The function answers after its commit / Tables write, so the time to
+  the answer is the delivery's lag. p50/p99 and ratios to the floor. Goal: p50 <= 2x floor, p99 <= 150 ms.
+* end to end (``--e2e``): a Zapier-side create until the row is in Supabase, and an INSERT in Supabase until
+  the record is in Tables (through the Tables service's Zap trigger and the pg_net stand-in), as ratios to
+  the seed's targets (average < 5 s, 30 s acceptable); then a burst of concurrent writes (writes per user
+  write must be 1.0: no echo) and each function process's memory.
+* cold start, per-delivery CPU and where a delivery's time goes: ``bench/coldstart.py``.
+
+    python -m bench [--n 1000] [--e2e 40] [--burst 200] [--runs 5] [--warm 400]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psycopg
+import requests
 
-from infra.local.stack import LocalStack, running_stack
+from bench import coldstart
+from bench.floor_target import TABLE_SQL
+from infra.local.stack import REPO, LocalStack, free_port, running_stack, wait_listening
+from shared.settings import DEFAULT_SECRET_HEADER
 from tests.e2e import Supabase, Tables
 
 TARGET_AVG_S = 5.0
 ACCEPTABLE_S = 30.0
+GOAL_P50_RATIO = 2.0
+GOAL_P99_MS = 150.0
+FLOOR = Path(__file__).with_name("floor_target.py")
+DIRECTIONS = {  # direction -> (function, floor target, bodies)
+    "tables->supabase": (coldstart.TO_SUPABASE, "floor_to_supabase", coldstart.tables_record),
+    "supabase->tables": (coldstart.TO_TABLES, "floor_to_tables", coldstart.supabase_webhook),
+}
 
 
-def _wait(probe: Callable[[], bool], timeout_s: float = 60.0) -> float:
+def _wait(probe: Callable[[], Any], timeout_s: float = 60.0) -> float:
     start = time.perf_counter()
     while not probe():
         if time.perf_counter() - start > timeout_s:
@@ -34,16 +58,82 @@ def _wait(probe: Callable[[], bool], timeout_s: float = 60.0) -> float:
     return time.perf_counter() - start
 
 
-def _pct(values: list[float], q: float) -> float:
+def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def _report(name: str, lags: list[float]) -> None:
-    avg = statistics.mean(lags)
-    print(f"{name:<28} n={len(lags):<4} avg={avg * 1000:7.1f} ms  p50={_pct(lags, .5) * 1000:7.1f} ms  "
-          f"p95={_pct(lags, .95) * 1000:7.1f} ms  max={max(lags) * 1000:7.1f} ms  "
-          f"avg/target(5 s)={avg / TARGET_AVG_S:.4f}  max/acceptable(30 s)={max(lags) / ACCEPTABLE_S:.4f}")
+# --- delivery lag against its floor -------------------------------------------------------------------------
+
+
+@contextmanager
+def floor_processes(stack: LocalStack) -> Any:
+    with psycopg.connect(stack.database_url, autocommit=True) as conn:
+        conn.execute(TABLE_SQL)
+    env = {**stack.function_env(), "ZSYNC_BENCH_DATABASE_URL": stack.database_url,
+           "ZSYNC_BENCH_TABLE": "agent_decisions"}
+    procs, urls = [], {}
+    log = (stack.config.state_dir / "floor.log").open("ab")
+    try:
+        for _direction, (_fn, target, _bodies) in DIRECTIONS.items():
+            port = free_port()
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "functions_framework", "--source", str(FLOOR), "--target", target,
+                 "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
+            urls[target] = f"http://127.0.0.1:{port}/"
+        for url in urls.values():
+            wait_listening(int(url.rsplit(":", 1)[1].strip("/")))
+        yield urls
+    finally:
+        log.close()
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+
+
+def delivery_lags(stack: LocalStack, n: int) -> dict[str, tuple[list[float], list[float]]]:
+    """direction -> (our lags, floor lags) in seconds, measured alternately."""
+    session = requests.Session()
+    headers = {DEFAULT_SECRET_HEADER: stack.secret, "Content-Type": "application/json"}
+
+    def post(url: str, body: str) -> float:
+        start = time.perf_counter()
+        r = session.post(url, data=body, headers=headers, timeout=30)
+        elapsed = time.perf_counter() - start
+        assert r.status_code == 200, (url, r.status_code, r.text[:300])
+        return elapsed
+
+    out = {}
+    with floor_processes(stack) as floor_urls:
+        for direction, (fn, target, bodies) in DIRECTIONS.items():
+            ours_url, floor_url = stack.functions[fn].url, floor_urls[target]
+            for body in bodies(20):  # warm-up: connections, pools, the logging library
+                post(ours_url, body)
+                post(floor_url, body)
+            ours, floor = [], []
+            for a, b in zip(bodies(n), bodies(n), strict=True):
+                ours.append(post(ours_url, a))
+                floor.append(post(floor_url, b))
+            out[direction] = (ours, floor)
+    return out
+
+
+def report_delivery_lags(lags: dict[str, tuple[list[float], list[float]]]) -> list[tuple[str, str, str]]:
+    rows = []
+    print(f"{'delivery lag (POST -> answer)':<30} {'n':>5} {'p50':>8} {'p99':>8} {'floor p50':>10} {'floor p99':>10} "
+          f"{'p50/floor':>10} {'p99/floor':>10}")
+    for direction, (ours, floor) in lags.items():
+        o50, o99, f50, f99 = (pct(v, q) * 1000 for v, q in ((ours, .5), (ours, .99), (floor, .5), (floor, .99)))
+        print(f"  {direction:<28} {len(ours):>5} {o50:6.1f}ms {o99:6.1f}ms {f50:8.1f}ms {f99:8.1f}ms "
+              f"{o50 / f50:9.2f}x {o99 / f99:9.2f}x")
+        rows.append((f"lag {direction} p50 / floor", f"{o50 / f50:.2f}x ({o50:.1f} / {f50:.1f} ms)",
+                     f"<= {GOAL_P50_RATIO:.0f}x"))
+        rows.append((f"lag {direction} p99", f"{o99:.1f} ms ({o99 / GOAL_P99_MS:.2f}x of goal; floor {f99:.1f})",
+                     f"<= {GOAL_P99_MS:.0f} ms"))
+    return rows
+
+
+# --- end to end through the Zap trigger and the pg_net stand-in ---------------------------------------------------
 
 
 def tables_to_supabase(stack: LocalStack, tables: Tables, n: int) -> list[float]:
@@ -71,7 +161,15 @@ def supabase_to_tables(stack: LocalStack, tables: Tables, n: int) -> list[float]
     return lags
 
 
-def burst(stack: LocalStack, tables: Tables, supabase: Supabase, size: int) -> None:
+def report_e2e(name: str, lags: list[float]) -> tuple[str, str, str]:
+    avg = statistics.mean(lags)
+    print(f"  {name:<28} n={len(lags):<4} avg={avg * 1000:7.1f} ms  p50={pct(lags, .5) * 1000:7.1f} ms  "
+          f"p95={pct(lags, .95) * 1000:7.1f} ms  max={max(lags) * 1000:7.1f} ms  "
+          f"avg/target(5 s)={avg / TARGET_AVG_S:.4f}  max/acceptable(30 s)={max(lags) / ACCEPTABLE_S:.4f}")
+    return (f"end to end {name} avg", f"{avg * 1000:.0f} ms ({avg / TARGET_AVG_S:.3f}x of 5 s)", "< 5 s")
+
+
+def burst(stack: LocalStack, tables: Tables, supabase: Supabase, size: int) -> tuple[str, str, str]:
     """``size`` concurrent Zapier-side writes: drain time and writes per user write on the other side."""
     before_t = tables.writes("rate_limits")
     before_s = supabase.writes("rate_limits")
@@ -87,9 +185,10 @@ def burst(stack: LocalStack, tables: Tables, supabase: Supabase, size: int) -> N
     stack.wait_quiet(60)
     supabase_writes = supabase.writes("rate_limits") - before_s
     tables_writes = tables.writes("rate_limits") - before_t
-    print(f"{'burst tables->supabase':<28} n={size:<4} drained in {drained:.2f} s ({size / drained:.0f} records/s); "
+    print(f"  {'burst tables->supabase':<28} n={size:<4} drained in {drained:.2f} s ({size / drained:.0f} records/s); "
           f"supabase writes per user write = {supabase_writes / size:.3f}; "
           f"extra tables writes per user write = {(tables_writes - size) / size:.3f}")
+    return ("burst: supabase writes per user write", f"{supabase_writes / size:.3f}", "1.000")
 
 
 def rss_mb(pid: int) -> float:
@@ -101,21 +200,32 @@ def rss_mb(pid: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=40, help="sequential writes per direction")
+    parser.add_argument("--n", type=int, default=1000, help="deliveries per direction against the floor")
+    parser.add_argument("--e2e", type=int, default=40, help="sequential end-to-end writes per direction")
     parser.add_argument("--burst", type=int, default=200, help="concurrent writes in the burst")
+    parser.add_argument("--runs", type=int, default=5, help="fresh processes per cold-start figure")
+    parser.add_argument("--warm", type=int, default=400, help="warm in-process deliveries for CPU / breakdown")
     args = parser.parse_args()
     t0 = time.perf_counter()
-    with running_stack(Path(tempfile.mkdtemp(prefix="zsync-bench-")), sweep_interval_s=3600) as stack:
+    tmp = Path(tempfile.mkdtemp(prefix="zsync-bench-"))
+    with running_stack(tmp / "stack", sweep_interval_s=3600) as stack:
         print(f"local stack started in {time.perf_counter() - t0:.1f} s "
               f"(pg_net stand-in poll interval {stack.config.pgnet_poll_interval_s} s, plus NOTIFY wake-up)")
+        summary = report_delivery_lags(delivery_lags(stack, args.n))
+        summary += coldstart.run(stack, tmp, args.runs, args.warm)
+        print("end to end (Zap trigger / pg_net stand-in included)")
         tables, supabase = Tables(stack), Supabase(stack)
-        tables_to_supabase(stack, tables, 3)  # warm-up: imports, pools
+        tables_to_supabase(stack, tables, 3)  # warm-up
         supabase_to_tables(stack, tables, 3)
-        _report("lag tables->supabase", tables_to_supabase(stack, tables, args.n))
-        _report("lag supabase->tables", supabase_to_tables(stack, tables, args.n))
-        burst(stack, tables, supabase, args.burst)
-        for name, fp in sorted(stack.functions.items()):
-            print(f"{'rss ' + name:<36} {rss_mb(fp.process.pid):6.1f} MB")
+        summary.append(report_e2e("tables->supabase", tables_to_supabase(stack, tables, args.e2e)))
+        summary.append(report_e2e("supabase->tables", supabase_to_tables(stack, tables, args.e2e)))
+        summary.append(burst(stack, tables, supabase, args.burst))
+        print("  rss: " + ", ".join(f"{name} {rss_mb(fp.process.pid):.0f} MB"
+                                    for name, fp in sorted(stack.functions.items()) if fp.process))
+    width = max(len(name) for name, _, _ in summary)
+    print(f"\nSUMMARY (one run on this machine; `make bench`)\n{'figure':<{width}}  {'measured':<44} goal")
+    for name, value, goal in summary:
+        print(f"{name:<{width}}  {value:<44} {goal}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,11 @@
 The same functions-framework target that runs on Google Cloud / locally (``functions/main.py``),
 chosen by ``ZSYNC_FUNCTION``, served through apig-wsgi, which understands Lambda function URL events
 (payload format 2.0, base64 bodies included). Secrets are loaded from SSM / Secrets Manager first.
-Everything is built once per cold start.
+
+Everything is built once per cold start, during Lambda's init phase when running on Lambda: that is the
+phase SnapStart snapshots (serverless.yml), so a restored instance answers its first request without
+importing anything. The logging library is imported synchronously there (``shared.logs.prepare``): a
+Lambda instance is frozen after each answer, so no log line may be left for later.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ def build(target: str) -> LambdaHandler:
     import functions_framework
     from apig_wsgi import make_lambda_handler
 
+    from shared import logs
     from shared.aws_secrets import load_into_environment
 
+    logs.prepare()
     load_into_environment()
     app = functions_framework.create_app(target=target, source=str(MAIN))
     return make_lambda_handler(app, binary_support=True)
@@ -35,3 +41,19 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     if fn is None:
         fn = _handlers[target] = build(target)
     return fn(event, context)
+
+
+def _reseed_after_restore() -> None:
+    """A SnapStart snapshot clones the ``random`` state into every restored instance: reseed it (retry jitter)."""
+    try:
+        from snapshot_restore_py import register_after_restore  # provided by the Lambda Python runtime
+    except ImportError:
+        return
+    import random
+
+    register_after_restore(random.seed)
+
+
+if os.environ.get("AWS_LAMBDA_FUNCTION_NAME") and os.environ.get("ZSYNC_FUNCTION"):
+    _handlers[os.environ["ZSYNC_FUNCTION"]] = build(os.environ["ZSYNC_FUNCTION"])
+    _reseed_after_restore()

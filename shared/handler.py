@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -23,7 +24,7 @@ import psycopg
 from psycopg_pool import PoolTimeout
 from pydantic import ValidationError
 
-from shared import audit, dead_letter, migrate, supabase_db
+from shared import audit, supabase_db
 from shared.conflict import Outcome
 from shared.logs import get_logger, log_event
 from shared.mapping import InvalidRecord
@@ -38,8 +39,10 @@ from shared.sync import (
     apply_from_tables,
     unwrap_tables_payload,
 )
-from shared.zapier_tables import TablesError, TablesRejected
 
+# Cold start: only what a delivery needs is imported with this module. The dead-letter queue (errors), the
+# migration check (the signed ping) and the Zapier Tables client (only *_to_tables functions use it) are
+# imported where they are used.
 PING = "zsync_ping"
 _contexts: dict[str, SyncContext] = {}
 
@@ -136,6 +139,17 @@ def process(fn: FunctionSpec, ctx: SyncContext, payload: dict[str, Any],
         raise Rejected(400, exc.problems, _record_id(payload)) from None
 
 
+def _tables_errors() -> tuple[type[Exception], ...]:
+    """The Tables client's errors, once it is loaded: a function that never loaded it cannot have raised one."""
+    tables = sys.modules.get("shared.zapier_tables")
+    return (tables.TablesError,) if tables is not None else ()
+
+
+def _tables_rejected(exc: Exception) -> bool:
+    tables = sys.modules.get("shared.zapier_tables")
+    return tables is not None and isinstance(exc, tables.TablesRejected)
+
+
 def _record_failure(fn: FunctionSpec, ctx: SyncContext, body: bytes, rejected: Rejected,
                     declared_bytes: int | None = None) -> bool:
     """Best effort ``sync_failed`` audit entry; the log line is written either way, and a failure to audit
@@ -171,6 +185,8 @@ def _dead_letter(fn: FunctionSpec, ctx: SyncContext, payload: dict[str, Any], ex
     ``sync_failed`` audit entry (skipped when the database itself is down: it was just given its whole retry
     budget) and store the delivery whole in the dead-letter queue for ``zsync replay``. A 4xx the Tables API
     answered to our own write is not dead-lettered (replaying it would fail the same way). -> stored?"""
+    from shared import dead_letter
+
     received_at = datetime.now(UTC) - timedelta(seconds=time.perf_counter() - started)
     record_id = _record_id(payload)
     audited = False
@@ -178,7 +194,7 @@ def _dead_letter(fn: FunctionSpec, ctx: SyncContext, payload: dict[str, Any], ex
         problems = [{"field": "dependency", "problem": f"{type(exc).__name__}: {str(exc)[:200]}"}]
         body = dead_letter.canonical_json(payload).encode("utf-8", "surrogatepass")
         entry = audit.failed_entry(fn, body, problems, datetime.now(UTC), record_id, 503)
-        rejected = isinstance(exc, TablesRejected)
+        rejected = _tables_rejected(exc)
 
         def work(conn: psycopg.Connection) -> None:
             supabase_db.append_audit(conn, entry)
@@ -190,7 +206,7 @@ def _dead_letter(fn: FunctionSpec, ctx: SyncContext, payload: dict[str, Any], ex
             audited = True
         except (supabase_db.DatabaseUnavailable, ConfigurationError, psycopg.Error):
             pass
-    if isinstance(exc, TablesRejected):
+    if _tables_rejected(exc):
         return False
     letter = dead_letter.DeadLetter.new(fn.name, payload, exc, received_at=received_at, table=fn.table.name,
                                         record_id=record_id, audited=audited)
@@ -205,6 +221,8 @@ def _dead_letter(fn: FunctionSpec, ctx: SyncContext, payload: dict[str, Any], ex
 
 def _migrations_current(ctx: SyncContext) -> bool | None:
     """For the signed ping (``zsync doctor``): True/False, or None when the database can't be asked."""
+    from shared import migrate
+
     try:
         with ctx.db.transaction() as conn:
             return not migrate.pending_on(conn)
@@ -247,11 +265,11 @@ def handle(function_name: str, request: flask.Request) -> tuple[dict[str, Any], 
     except ConfigurationError as exc:
         log_event(log, logging.ERROR, "misconfigured", problem=str(exc))
         return answer(500, Outcome.FAILED, error="function is misconfigured; see its logs")
-    except (supabase_db.DatabaseUnavailable, TablesError) as exc:
+    except (supabase_db.DatabaseUnavailable, *_tables_errors()) as exc:
         log_event(log, logging.ERROR, "dependency_unavailable", error_type=type(exc).__name__,
                   error=str(exc)[:300])
         stored = _dead_letter(fn, ctx, payload, exc, started)
-        if isinstance(exc, TablesRejected):  # upstream refused our write: retrying will not help
+        if _tables_rejected(exc):  # upstream refused our write: retrying will not help
             return answer(502, Outcome.FAILED, dead_lettered=stored, error="Zapier Tables rejected the record; not "
                           "dead-lettered (a replay would fail the same way)")
         return answer(503, Outcome.FAILED, error="a dependency is unavailable; the delivery was not applied",

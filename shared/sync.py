@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import psycopg
 from pydantic import BaseModel, ConfigDict
@@ -31,14 +31,9 @@ from shared.mapping import (
 )
 from shared.settings import Settings, TablesWriter
 from shared.spec import FUNCTIONS, Direction, FunctionSpec, TableSpec
-from shared.zapier_tables import (
-    CatchHookWriter,
-    Record,
-    TablesClient,
-    TablesDuplicate,
-    catch_hook_writer_from_settings,
-    client_from_settings,
-)
+
+if TYPE_CHECKING:  # imported where used: a *_to_supabase function never loads the Tables client (cold start)
+    from shared.zapier_tables import CatchHookWriter, Record, TablesClient
 
 
 class ConfigurationError(RuntimeError):
@@ -85,6 +80,8 @@ class SyncContext:
 
     @cached_property
     def tables(self) -> TablesClient:
+        from shared.zapier_tables import client_from_settings
+
         try:
             return client_from_settings(self.settings)
         except ValueError as exc:  # a required setting is missing
@@ -92,6 +89,8 @@ class SyncContext:
 
     @cached_property
     def hooks(self) -> CatchHookWriter:
+        from shared.zapier_tables import catch_hook_writer_from_settings
+
         try:
             return catch_hook_writer_from_settings(self.settings)
         except ValueError as exc:
@@ -344,6 +343,8 @@ def _tables_version(ctx: SyncContext, conn: psycopg.Connection, spec: TableSpec,
 def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, row: Mapping[str, Any],
                     fields: dict[str, Any]) -> tuple[Outcome, dict[str, Any] | None]:
     """-> (outcome, a ``sync_failed`` entry to record when the Tables record was parked)."""
+    from shared.zapier_tables import TablesDuplicate
+
     spec = fn.table
     table_id = ctx.table_id(spec)
     try:

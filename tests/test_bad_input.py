@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,6 +191,14 @@ class LogTail:
             data = f.read()
         return data.decode("utf-8", "replace").splitlines()
 
+    def wait_lines(self, function: str, events: int, timeout_s: float = 10.0) -> list[str]:
+        """New lines once ``events`` structured events are there: a fresh function process writes the lines
+        of its first answers shortly after them, when google-cloud-logging has been imported (shared/logs.py)."""
+        deadline = time.monotonic() + timeout_s
+        while len(structured(lines := self.new_lines(), function)) < events and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return lines
+
 
 def structured(lines: list[str], function: str) -> list[dict]:
     """The function's own structured events (JSON lines with an "event" and its function label)."""
@@ -258,7 +267,7 @@ def test_bad_delivery_is_rejected_clearly_and_changes_nothing(stack, case: Case)
         assert meta["body_sha256"] == hashlib.sha256(case.audited_body()).hexdigest()
         assert stack.secret not in json.dumps(entry)
 
-    lines = log.new_lines()
+    lines = log.wait_lines(case.function, 1)
     events = structured(lines, case.function)
     assert [e["event"] for e in events] == ["delivery"], lines
     assert events[0]["status"] == case.status and events[0]["problems"] == problems
@@ -321,7 +330,7 @@ def test_redelivered_bad_delivery_is_logged_each_time_and_audited_once(stack):
     assert len(new_failed) == 1
     [entry] = audit_entries(stack, new_failed)
     assert entry["resource_id"] == "bi-redelivered-1"
-    events = structured(log.new_lines(), case.function)
+    events = structured(log.wait_lines(case.function, 3), case.function)
     assert [(e["event"], e["status"]) for e in events] == [("delivery", 400)] * 3
 
 
@@ -335,7 +344,7 @@ def test_unauthenticated_bad_delivery_is_neither_audited_nor_read(stack):
     assert r.status_code == 401 and "problems" not in r.json()
     after = snapshot(stack)
     assert unchanged_apart_from_audit(before, after) == [] and after["sync_failed"] == before["sync_failed"]
-    events = structured(log.new_lines(), case.function)
+    events = structured(log.wait_lines(case.function, 1), case.function)
     assert [(e["event"], e["status"]) for e in events] == [("delivery", 401)]
 
 

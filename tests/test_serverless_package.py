@@ -24,6 +24,9 @@ from shared.spec import FUNCTIONS, Direction
 REPO = Path(__file__).resolve().parent.parent
 STAGE = "ci"
 TABLE_IDS = '{"agent_jobs":"tbl_ci_jobs"}'
+LAMBDA_RUNTIME = "python3.12"  # SnapStart for Python needs 3.12+
+MAX_ZIPPED_BYTES = 15 * 1024 * 1024
+TABLES_CONCURRENCY = 3  # custom.tablesConcurrency: Zapier Tables allows ~100 requests / 5 s per table
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +75,7 @@ def test_seven_lambda_functions_with_handler_runtime_and_env(template: dict[str,
         props = functions[_logical(name, "LambdaFunction")]["Properties"]
         assert props["FunctionName"] == f"zsync-{STAGE}-{name}"
         assert props["Handler"] == "functions/lambda_adapter.handler"
-        assert props["Runtime"] == "python3.11"
+        assert props["Runtime"] == LAMBDA_RUNTIME
         assert props["Architectures"] in (["x86_64"], ["arm64"])
         assert props["Timeout"] <= 30
         if fn.direction is Direction.TO_TABLES:
@@ -97,10 +100,40 @@ def test_function_urls_are_public_and_guarded_by_our_secret(template: dict[str, 
     for name in FUNCTIONS:
         props = urls[_logical(name, "LambdaFunctionUrl")]["Properties"]
         assert props["AuthType"] == "NONE"
-        assert props["TargetFunctionArn"] == {"Fn::GetAtt": [_logical(name, "LambdaFunction"), "Arn"]}
+        # the URL invokes the SnapStart alias (a published version), not $LATEST
+        assert props["TargetFunctionArn"] == _alias_arn(name)
         perm = permissions[_logical(name, "LambdaPermissionFnUrl")]["Properties"]
+        assert perm["FunctionName"] == _alias_arn(name)
         assert perm["Action"] == "lambda:InvokeFunctionUrl"
         assert perm["FunctionUrlAuthType"] == "NONE"
+
+
+def _alias_arn(name: str) -> dict[str, Any]:
+    return {"Fn::Join": [":", [{"Fn::GetAtt": [_logical(name, "LambdaFunction"), "Arn"]}, "snapstart"]]}
+
+
+def test_snapstart_on_every_function_through_a_published_version_alias(template: dict[str, Any]) -> None:
+    functions = _of_type(template, "AWS::Lambda::Function")
+    versions = _of_type(template, "AWS::Lambda::Version")
+    aliases = _of_type(template, "AWS::Lambda::Alias")
+    for name in FUNCTIONS:
+        props = functions[_logical(name, "LambdaFunction")]["Properties"]
+        assert props["SnapStart"] == {"ApplyOn": "PublishedVersions"}, name
+        alias = aliases[_logical(name, "SnapStartLambdaAlias")]["Properties"]
+        assert alias["Name"] == "snapstart"
+        assert alias["FunctionName"] == {"Ref": _logical(name, "LambdaFunction")}
+        version_id = alias["FunctionVersion"]["Fn::GetAtt"][0]
+        assert versions[version_id]["Properties"]["FunctionName"] == {"Ref": _logical(name, "LambdaFunction")}
+
+
+def test_reserved_concurrency_keeps_tables_writers_under_the_rate_limit(template: dict[str, Any]) -> None:
+    functions = _of_type(template, "AWS::Lambda::Function")
+    for name, fn in FUNCTIONS.items():
+        props = functions[_logical(name, "LambdaFunction")]["Properties"]
+        if fn.direction is Direction.TO_TABLES:
+            assert props["ReservedConcurrentExecutions"] == TABLES_CONCURRENCY, name
+        else:
+            assert "ReservedConcurrentExecutions" not in props, name
 
 
 def test_dead_letter_queue(template: dict[str, Any]) -> None:
@@ -174,16 +207,50 @@ def test_artifact_holds_the_code_and_requirements_but_nothing_else(package_dir: 
         assert package in top, package
     assert any(n.startswith("pydantic_core/") and "x86_64-linux-gnu" in n for n in names) or any(
         n.startswith("pydantic_core/") and "aarch64-linux-gnu" in n for n in names), "Linux wheels for Lambda"
-    for excluded in (".venv", "node_modules", "tests", "bench", ".local", ".zsync", ".git", "boto3", "botocore"):
+    for excluded in (".venv", "node_modules", "tests", "bench", ".local", ".zsync", ".git", "boto3", "botocore",
+                     # google-cloud-logging's API client stack, never used (shared/logs.py only formats lines)
+                     "grpc", "cryptography", "cffi",
+                     # functions-framework's own servers: Lambda serves through apig-wsgi
+                     "gunicorn", "uvicorn", "starlette", "watchdog"):
         assert excluded not in top, excluded
+    assert "google" in top and any(n.startswith("google/cloud/logging_v2/handlers/structured_log") for n in names)
+    assert any(n.startswith("psycopg_binary/") and f"cpython-{LAMBDA_RUNTIME[6:].replace('.', '')}" in n
+               for n in names), f"wheels built for {LAMBDA_RUNTIME}"
     assert not any(n.startswith(("infra/local/", "infra/deploy/")) for n in names)
     assert not any(n.startswith("infra/") and n.endswith(".py") and n != "infra/__init__.py" for n in names)
     assert not any(n.endswith(("serverless.yml", "package.json")) for n in names)
 
 
+def test_artifact_is_small(package_dir: Path) -> None:
+    size = (package_dir / "zsync.zip").stat().st_size
+    print(f"artifact: {size / 1e6:.1f} MB zipped")
+    assert size <= MAX_ZIPPED_BYTES, f"{size / 1e6:.1f} MB zipped, more than {MAX_ZIPPED_BYTES / 1e6:.1f} MB"
+    with zipfile.ZipFile(package_dir / "zsync.zip") as zf:
+        unzipped = sum(i.file_size for i in zf.infolist())
+    assert unzipped <= 250 * 1024 * 1024, "Lambda's unzipped limit"
+
+
+def _lambda_python() -> str | None:
+    """An interpreter of the Lambda runtime's version: ZSYNC_LAMBDA_PYTHON, pyenv's, or python3.X on PATH."""
+    version = LAMBDA_RUNTIME.removeprefix("python")
+    candidates = [os.environ.get("ZSYNC_LAMBDA_PYTHON"),
+                  *map(str, sorted(Path.home().glob(f".pyenv/versions/{version}.*/bin/python{version}"))),
+                  shutil.which(f"python{version}")]
+    for candidate in filter(None, candidates):
+        check = subprocess.run([candidate, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True,
+                               text=True, check=False)
+        if check.returncode == 0 and check.stdout.strip() == str(tuple(map(int, version.split(".")))):
+            return candidate
+    return None
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="the artifact holds Linux wheels")
 def test_artifact_runs_on_a_bare_python(package_dir: Path, tmp_path: Path, database_url: str) -> None:
-    """Unzip the artifact and call its Lambda handler from a Python with no site-packages at all."""
+    """Unzip the artifact and call its Lambda handler from a Python of the runtime's version with no
+    site-packages at all."""
+    python = _lambda_python()
+    if python is None:
+        pytest.skip(f"no {LAMBDA_RUNTIME} interpreter here (set ZSYNC_LAMBDA_PYTHON)")
     root = tmp_path / "task"
     with zipfile.ZipFile(package_dir / "zsync.zip") as zf:
         zf.extractall(root)
@@ -198,14 +265,20 @@ def event(headers):
                                           "sourceIp": "203.0.113.1", "userAgent": "t"}}}},
              "body": json.dumps({{"zsync_ping": True}})}}
 out = [handler(event({{}}), None), handler(event({{"x-zsync-secret": "bare-secret"}}), None)]
-print(json.dumps([[r["statusCode"], json.loads(r["body"])] for r in out]))
+print("RESULT " + json.dumps([[r["statusCode"], json.loads(r["body"])] for r in out]))
 """
     env = {"PATH": os.environ.get("PATH", ""), "ZSYNC_FUNCTION": "agent_jobs_to_tables",
            "ZSYNC_WEBHOOK_SECRET": "bare-secret", "ZSYNC_DATABASE_URL": database_url}
-    result = subprocess.run([sys.executable, "-I", "-S", "-c", code], cwd=tmp_path, env=env,
+    result = subprocess.run([python, "-I", "-S", "-c", code], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    (unsigned, unsigned_body), (signed, signed_body) = json.loads(result.stdout.strip().splitlines()[-1])
+    lines = result.stdout.strip().splitlines()
+    [answers] = [line.removeprefix("RESULT ") for line in lines if line.startswith("RESULT ")]
+    (unsigned, unsigned_body), (signed, signed_body) = json.loads(answers)
+    # google-cloud-logging's StructuredLogHandler works from the slim artifact (no grpc, no cryptography)
+    events = [json.loads(line) for line in lines if line.startswith("{") and '"event"' in line]
+    assert [e["status"] for e in events if e["event"] == "delivery"] == [401, 200], lines
+    assert all(e["logging.googleapis.com/sourceLocation"]["file"].endswith("shared/handler.py") for e in events)
     assert unsigned == 401, unsigned_body
     assert signed == 200, signed_body
     assert signed_body["outcome"] == "ping" and signed_body["function"] == "agent_jobs_to_tables"

@@ -1,0 +1,175 @@
+"""Cold start and per-delivery cost of the functions, against the real local stack.
+
+* cold start: a fresh process (``bench/probe.py``) loads one function as functions-framework does and
+  answers its first real delivery; wall time from spawning the process to that answer, median of
+  ``--runs``, for a Tables -> Supabase and a Supabase -> Tables function, plus the same through the Lambda
+  adapter (no SnapStart: everything imported in the first call). Goal: <= 300 ms.
+* the heaviest imports of one more fresh process (``python -X importtime``), by top-level package.
+* per-delivery CPU of the request thread (warm, in-process, no I/O wait counted; goal <= 2 ms median) and
+  where a warm delivery's wall time goes: parse, DB, Tables, log, the rest.
+
+    python -m bench.coldstart [--runs 5] [--warm 400]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from infra.local.stack import LocalStack
+
+PROBE = Path(__file__).with_name("probe.py")
+GOAL_COLD_MS = 300.0
+GOAL_CPU_MS = 2.0
+TO_SUPABASE = "agent_jobs_to_supabase"
+TO_TABLES = "agent_decisions_to_tables"
+
+
+def tables_record(n: int = 1) -> list[str]:
+    """What a Zap posts to a *_to_supabase function: the record's fields, flat."""
+    return [json.dumps({"id": f"cold-t-{uuid.uuid4().hex[:12]}", "status": "queued",
+                        "parameters": "{\"metro\": \"Austin\"}"}) for _ in range(n)]
+
+
+def supabase_webhook(n: int = 1) -> list[str]:
+    """What a Supabase Database Webhook posts to a *_to_tables function."""
+    now = datetime.now(UTC).isoformat()
+    return [json.dumps({"type": "INSERT", "table": "agent_decisions", "schema": "public", "old_record": None,
+                        "record": {"id": f"cold-s-{uuid.uuid4().hex[:12]}", "decision": "qualified",
+                                   "confidence": 0.87, "created_at": now, "updated_at": now}})
+            for _ in range(n)]
+
+
+BODIES = {TO_SUPABASE: tables_record, TO_TABLES: supabase_webhook}
+
+
+def run_probe(stack: LocalStack, target: str, bodies: list[str], tmp: Path, python_flags: tuple[str, ...] = (),
+              probe_flags: tuple[str, ...] = ()) -> dict[str, Any]:
+    path = tmp / f"{uuid.uuid4().hex}.jsonl"
+    path.write_text("\n".join(bodies) + "\n")
+    warm = ["--warm", str(len(bodies) - 1)] if len(bodies) > 1 else []
+    t0 = time.time()
+    done = subprocess.run([sys.executable, *python_flags, str(PROBE), target, str(path), *warm, *probe_flags],
+                          env=stack.function_env(), capture_output=True, text=True, timeout=300, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("PROBE ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"probe failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    result = json.loads(lines[-1].removeprefix("PROBE "))
+    result.update(spawned=t0, stderr=done.stderr)
+    return result
+
+
+def cold_starts(stack: LocalStack, tmp: Path, runs: int) -> list[tuple[str, list[float], list[float], list[float]]]:
+    rows = []
+    for target in (TO_SUPABASE, TO_TABLES):
+        for how, flags in (("functions-framework", ()), ("Lambda adapter, no SnapStart", ("--lambda",))):
+            totals, imports, cpus = [], [], []
+            for _ in range(runs):
+                r = run_probe(stack, target, BODIES[target](), tmp, probe_flags=flags)
+                assert r["status"] == 200, r
+                totals.append((r["first"] - r["spawned"]) * 1000)
+                imports.append((r["imported"] - r["spawned"]) * 1000)
+                cpus.append(r["cpu_first"] * 1000)
+            rows.append((f"{target} ({how})", totals, imports, cpus))
+    return rows
+
+
+def import_top(stack: LocalStack, tmp: Path, top: int = 12) -> tuple[float, list[tuple[str, float]]]:
+    """Self import time summed by top-level package (google.cloud.* by its third part) in a fresh probe."""
+    r = run_probe(stack, TO_SUPABASE, BODIES[TO_SUPABASE](), tmp, python_flags=("-X", "importtime"))
+    by_package: Counter[str] = Counter()
+    for line in r["stderr"].split("PROBE first answer")[0].splitlines():
+        parts = line.split("|")
+        if not line.startswith("import time:") or len(parts) < 3 or not parts[0].split(":")[1].strip().isdigit():
+            continue
+        name = parts[2].strip()
+        package = ".".join(name.split(".")[:3]) if name.startswith("google.") else name.split(".")[0]
+        by_package[package] += int(parts[0].split(":")[1]) / 1000
+    return (r["first"] - r["spawned"]) * 1000, by_package.most_common(top)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+Row = tuple[str, str, str]  # summary: figure, measured, goal
+
+
+def report_cold(rows: list[tuple[str, list[float], list[float], list[float]]]) -> list[Row]:
+    """Wall time from spawn to the first answer (median, min, max), of which loading the function (import),
+    and the process's CPU time to its first answer (less sensitive to a busy machine than wall time)."""
+    summary = []
+    print(f"{'cold start: spawn -> first answer':<56} {'median':>9} {'min':>6} {'max':>6} {'import':>7} "
+          f"{'CPU':>7}  goal")
+    for label, totals, imports, cpus in rows:
+        med = statistics.median(totals)
+        print(f"  {label:<54} {med:6.0f} ms {min(totals):6.0f} {max(totals):6.0f} {statistics.median(imports):7.0f} "
+              f"{statistics.median(cpus):7.0f}  {med / GOAL_COLD_MS:.2f}x of {GOAL_COLD_MS:.0f} ms")
+        summary.append((f"cold start {label}", f"{med:.0f} ms median of {len(totals)} ({med / GOAL_COLD_MS:.2f}x "
+                        f"of goal; CPU {statistics.median(cpus):.0f} ms)",
+                        f"<= {GOAL_COLD_MS:.0f} ms" if "functions-framework" in label else "(info)"))
+    return summary
+
+
+def warm_profile(stack: LocalStack, tmp: Path, warm: int) -> list[dict[str, Any]]:
+    out = []
+    for target in (TO_SUPABASE, TO_TABLES):
+        r = run_probe(stack, target, BODIES[target](warm + 1), tmp)
+        assert r["statuses"] == [200], r["statuses"]
+        out.append({"target": target, **r})
+    return out
+
+
+def report_warm(profiles: list[dict[str, Any]]) -> list[Row]:
+    summary = []
+    print(f"{'per delivery (warm, in-process)':<34} {'CPU p50':>8} {'CPU p99':>8} {'wall p50':>9}   "
+          f"wall split: parse / DB / Tables / log / rest")
+    for p in profiles:
+        cpu = [c * 1000 for c in p["cpu"]]
+        wall = [w * 1000 for w in p["wall"]]
+        total = sum(wall)
+        parts = {k: v * 1000 for k, v in p["breakdown"].items()}
+        rest = total - sum(parts.values())
+        split = " / ".join(f"{100 * parts.get(k, 0.0) / total:4.1f}%" for k in ("parse", "db", "tables", "log"))
+        print(f"  {p['target']:<32} {statistics.median(cpu):6.2f}ms {pct(cpu, .99):6.2f}ms "
+              f"{statistics.median(wall):7.2f}ms   {split} / {100 * rest / total:4.1f}%   "
+              f"CPU p50 {statistics.median(cpu) / GOAL_CPU_MS:.2f}x of {GOAL_CPU_MS:.0f} ms")
+        summary.append((f"CPU per delivery {p['target']} p50", f"{statistics.median(cpu):.2f} ms "
+                        f"({statistics.median(cpu) / GOAL_CPU_MS:.2f}x of goal)", f"<= {GOAL_CPU_MS:.0f} ms"))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.coldstart", description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--warm", type=int, default=400, help="warm deliveries for CPU and the breakdown")
+    args = parser.parse_args(argv)
+    from infra.local.stack import running_stack
+
+    tmp = Path(tempfile.mkdtemp(prefix="zsync-bench-cold-"))
+    with running_stack(tmp / "stack", sweep_interval_s=3600) as stack:
+        run(stack, tmp, args.runs, args.warm)
+
+
+def run(stack: LocalStack, tmp: Path, runs: int = 5, warm: int = 400) -> list[Row]:
+    summary = report_cold(cold_starts(stack, tmp, runs))
+    total, top = import_top(stack, tmp)
+    print(f"  -X importtime, one more fresh {TO_SUPABASE} ({total:.0f} ms with importtime's own overhead), "
+          "self time by package:")
+    print("    " + ", ".join(f"{name} {ms:.0f} ms" for name, ms in top))
+    return summary + report_warm(warm_profile(stack, tmp, warm))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Child process of ``bench.coldstart``: a fresh interpreter that loads one function the way
+functions-framework does (``create_app`` on functions/main.py), answers its first delivery, and prints
+JSON timings on its last line. With ``--warm N`` it then answers N more deliveries in-process and reports
+the request thread's CPU per delivery (no I/O wait counted) and where the time went (parse, DB, Tables,
+log, the rest).
+
+    python bench/probe.py TARGET BODIES.jsonl [--warm N] [--lambda]
+
+BODIES.jsonl: one JSON body per line (the first is the cold delivery). Settings come from ZSYNC_* as for a
+function process. Imports nothing of zsync before the function itself.
+"""
+
+from __future__ import annotations
+
+import time
+
+STARTED = time.time()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+MAIN = REPO / "functions" / "main.py"
+
+
+def _headers() -> dict[str, str]:
+    return {os.environ.get("ZSYNC_SECRET_HEADER", "X-Zsync-Secret"): os.environ["ZSYNC_WEBHOOK_SECRET"],
+            "Content-Type": "application/json"}
+
+
+def _lambda_event(body: str) -> dict:
+    return {"version": "2.0", "rawPath": "/", "rawQueryString": "", "isBase64Encoded": False,
+            "headers": {k.lower(): v for k, v in _headers().items()} | {"host": "x.lambda-url.on.aws"},
+            "requestContext": {"http": {"method": "POST", "path": "/", "protocol": "HTTP/1.1",
+                                        "sourceIp": "127.0.0.1", "userAgent": "bench"}},
+            "body": body}
+
+
+class Breakdown:
+    """Exclusive wall time per category (a DB transaction that calls Tables counts the Tables call once)."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+        self._stack: list[list[float]] = []
+
+    def wrap(self, owner: object, name: str, category: str) -> None:
+        original = getattr(owner, name, None)
+        if original is None or not callable(original):
+            return
+        breakdown = self
+
+        def timed(*args, **kwargs):
+            breakdown._stack.append([0.0])
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - start
+                inner = breakdown._stack.pop()[0]
+                breakdown.totals[category] = breakdown.totals.get(category, 0.0) + elapsed - inner
+                if breakdown._stack:
+                    breakdown._stack[-1][0] += elapsed
+
+        setattr(owner, name, timed)
+
+    def wrap_context_manager(self, owner: object, name: str, category: str) -> None:
+        """For ``with db.transaction() as conn:``: time from entering to leaving the block."""
+        import contextlib
+
+        original = getattr(owner, name, None)
+        if original is None:
+            return
+        breakdown = self
+
+        @contextlib.contextmanager
+        def timed(*args, **kwargs):
+            breakdown._stack.append([0.0])
+            start = time.perf_counter()
+            try:
+                with original(*args, **kwargs) as value:
+                    yield value
+            finally:
+                elapsed = time.perf_counter() - start
+                inner = breakdown._stack.pop()[0]
+                breakdown.totals[category] = breakdown.totals.get(category, 0.0) + elapsed - inner
+                if breakdown._stack:
+                    breakdown._stack[-1][0] += elapsed
+
+        setattr(owner, name, timed)
+
+
+def instrument() -> Breakdown:
+    """Wrap the public entry points of each part (looked up by name; a renamed one is simply not split out)."""
+    import logging
+
+    import shared.handler
+    import shared.logs
+    import shared.supabase_db
+    import shared.sync
+
+    b = Breakdown()
+    b.wrap(shared.handler, "read_json_body", "parse")
+    for name in ("parse_tables_record", "parse_supabase_record", "to_tables_fields", "unwrap_tables_payload"):
+        b.wrap(shared.sync, name, "parse")
+    b.wrap(shared.supabase_db.Database, "run", "db")
+    b.wrap_context_manager(shared.supabase_db.Database, "transaction", "db")
+    tables = sys.modules.get("shared.zapier_tables")
+    if tables is not None:
+        for cls_name in ("TablesClient", "CatchHookWriter"):
+            cls = getattr(tables, cls_name, None)
+            for attr in [a for a in dir(cls) if cls is not None and not a.startswith("_")]:
+                if callable(getattr(cls, attr, None)) and not isinstance(getattr(cls, attr), type):
+                    b.wrap(cls, attr, "tables")
+    b.wrap(getattr(shared.logs, "StructuredStdoutHandler", logging.Handler), "handle", "log")
+    return b
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("target")
+    parser.add_argument("bodies", type=Path)
+    parser.add_argument("--warm", type=int, default=0)
+    parser.add_argument("--lambda", dest="via_lambda", action="store_true", help="through functions/lambda_adapter")
+    args = parser.parse_args()
+    bodies = args.bodies.read_text().splitlines()
+    sys.path.insert(0, str(REPO))
+
+    if args.via_lambda:
+        os.environ["ZSYNC_FUNCTION"] = args.target
+        from functions.lambda_adapter import handler
+
+        imported = time.time()
+
+        def deliver(body: str) -> int:
+            return handler(_lambda_event(body), None)["statusCode"]
+    else:
+        import functions_framework
+
+        app = functions_framework.create_app(target=args.target, source=str(MAIN))
+        client = app.test_client()
+        imported = time.time()
+
+        def deliver(body: str) -> int:
+            return client.post("/", data=body, headers=_headers()).status_code
+
+    status = deliver(bodies[0])
+    first = time.time()
+    cpu_first = time.process_time()
+    print("PROBE first answer", file=sys.stderr, flush=True)  # -X importtime lines after this are not counted
+    result = {"started": STARTED, "imported": imported, "first": first, "status": status,
+              "cpu_first": cpu_first}  # the whole process's CPU so far (interpreter start included)
+
+    if args.warm:
+        warm = bodies[1:1 + args.warm]
+        half = len(warm) // 2
+        cpu, statuses = [], []
+        for body in warm[:half]:  # CPU of the request thread, uninstrumented
+            c0 = time.thread_time()
+            statuses.append(deliver(body))
+            cpu.append(time.thread_time() - c0)
+        breakdown = instrument()
+        wall = []
+        for body in warm[half:]:  # where the wall time goes
+            w0 = time.perf_counter()
+            statuses.append(deliver(body))
+            wall.append(time.perf_counter() - w0)
+        result.update(cpu=cpu, wall=wall, breakdown=breakdown.totals, statuses=sorted(set(statuses)))
+
+    from shared import logs
+
+    getattr(logs, "flush", lambda: None)()  # lines held while google-cloud-logging imports
+    print("PROBE " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
