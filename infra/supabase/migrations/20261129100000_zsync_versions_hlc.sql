@@ -3,7 +3,7 @@
 -- * Canonical content: a row's content hash is taken over a canonical form - JSON numbers by value
 --   (12.50 = 12.5 = 1.25e1, at double precision, what every JSON reader uses), JSON key order as jsonb
 --   keeps it, timestamps at millisecond precision (Zapier Tables may keep only milliseconds), and a
---   missing field, null and an empty text/array are the same. updated_at is compared at millisecond
+--   missing field, null and an empty text/array are the same (an empty JSON array is a value). updated_at is compared at millisecond
 --   precision too, so an echo through a millisecond-precision store is still the same version.
 -- * Hybrid-logical versions: a write that is not the sync's gets an updated_at strictly later than the
 --   version it replaces (at least the old one plus 1 ms), even when the writer's clock is behind the
@@ -49,7 +49,8 @@ BEGIN
     FOR c IN SELECT a.attname::text AS name, a.atttypid AS typ FROM pg_attribute a
              WHERE a.attrelid = p_table AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum LOOP
         v := p_row -> c.name;
-        CONTINUE WHEN v IS NULL OR v IN ('null'::jsonb, '""'::jsonb, '[]'::jsonb);
+        -- An empty text/array is no value; an empty JSON array in a jsonb column is a value.
+        CONTINUE WHEN v IS NULL OR v IN ('null'::jsonb, '""'::jsonb) OR (v = '[]'::jsonb AND c.typ <> 'jsonb'::regtype);
         IF c.typ = 'timestamptz'::regtype AND jsonb_typeof(v) = 'string' THEN
             v := to_jsonb(date_trunc('milliseconds', (v #>> '{}')::timestamptz));
         ELSIF c.typ = 'jsonb'::regtype THEN
