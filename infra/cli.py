@@ -154,35 +154,48 @@ def logs(
 def monitor(
     database_url: str = typer.Option(None, help="Postgres URL (default: ZSYNC_DATABASE_URL, then the local stack)."),
     window_minutes: int = typer.Option(60, help="How far back to look."),
-    slack: bool = typer.Option(True, help="Post alerts to ZSYNC_SLACK_WEBHOOK_URL when it is set."),
+    slack: bool = typer.Option(True, help="Post alert transitions to ZSYNC_SLACK_WEBHOOK_URL when it is set."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures and alerts as JSON."),
 ) -> None:
-    """Check the seed's thresholds from audit_log: failure rate > 5%, average lag > 30 s, conflicts > 10/h.
+    """Run the scheduled alert check once: the seed's thresholds (failure rate > 5%, average live lag > 30 s,
+    conflicts > 10/h) and the backlog ones (outbox rows older than 5 min, any dead letter).
 
-    Exits 1 when an alert fires (run it every few minutes from cron or a scheduler).
+    Posts to Slack once when an alert opens and once when it resolves (state in zsync.alert_state), exactly
+    like the deployed `monitor` function. Exits 1 while any alert is open.
     """
     from datetime import timedelta
 
     from infra import monitor as mon
+    from shared.alerts import SlackError
     from shared.settings import get_settings
 
-    health = mon.check(_database_url(database_url), timedelta(minutes=window_minutes))
+    try:
+        result = mon.run_check(_database_url(database_url), get_settings(), timedelta(minutes=window_minutes), slack)
+    except SlackError as exc:
+        err.print(f"[red]Posting to Slack failed:[/] {exc} (the next check posts again)")
+        raise typer.Exit(2) from None
+    health = result.health
+    if as_json:
+        sys.stdout.write(json.dumps({"firing": sorted(result.firing), "alerts": result.firing,
+                                     "posted": result.posted, "health": health.as_dict()}, default=str) + "\n")
+        raise typer.Exit(1 if result.firing else 0)
     table = Table(title=f"zsync health, last {window_minutes} min")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for action, (avg, count) in health.lag_by_action.items():
-        table.add_row(f"avg lag {action}", f"{avg:.2f} s ({count})")
-    table.add_row("synced", str(health.synced))
+    lag = "-" if health.live_lag_avg_s is None else f"{health.live_lag_avg_s:.2f} s ({health.live_lag_n})"
+    table.add_row("avg live lag", lag)
+    table.add_row("applied", str(health.applied))
     table.add_row("failed", f"{health.failed} ({health.failure_rate:.1%})")
     table.add_row("conflicts (stale skipped)", f"{health.conflicts} ({health.conflicts_per_hour:.1f}/h)")
+    table.add_row("repairs (replay/reconcile)", str(health.repairs))
+    table.add_row("outbox pending / > 5 min", f"{health.outbox_pending} / {health.outbox_older_than_5m}")
+    table.add_row("dead letters", "-" if health.dead_letters is None else str(health.dead_letters))
     console.print(table)
-    alerts = health.alerts()
-    for alert in alerts:
+    for alert in result.firing.values():
         err.print(f"[red]ALERT[/] {alert}")
-    webhook = get_settings().slack_webhook_url
-    if alerts and slack and webhook is not None:
-        mon.post_to_slack(webhook.get_secret_value(), alerts)
-        console.print("alerts posted to Slack")
-    raise typer.Exit(1 if alerts else 0)
+    for alert, transition in result.posted:
+        console.print(f"posted to Slack: {alert} {transition}")
+    raise typer.Exit(1 if result.firing else 0)
 
 
 def _register_subsystems() -> None:

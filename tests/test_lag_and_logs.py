@@ -134,9 +134,10 @@ def test_each_delivery_log_line_carries_what_the_queries_need(database_url, tmp_
         rid = uid("log")
         trace = uuid.uuid4().hex
         edited = datetime.now(UTC).isoformat()
+        record = {"id": rid, "status": "queued", "updated_at": OLD, "edited_at": edited}
         sent = [
-            ({"id": rid, "status": "queued", "updated_at": OLD, "edited_at": edited}, {"traceparent": f"00-{trace}-{'1' * 16}-01"}),
-            ({"id": rid, "status": "queued", "updated_at": OLD, "edited_at": edited}, {}),  # unchanged
+            (record, {"traceparent": f"00-{trace}-{'1' * 16}-01"}),
+            (record, {}),  # unchanged
             ({"id": rid, "retry_count": "many"}, {"X-Amzn-Trace-Id": "Root=1-5759e988-bd862e3fe1be46a994272793"}),
         ]
         statuses = [requests.post(fn.url, json=body, headers={H: SECRET, **extra}, timeout=10).status_code
