@@ -198,6 +198,86 @@ def monitor(
     raise typer.Exit(1 if result.firing else 0)
 
 
+def _status_settings(urls_file: Path | None) -> tuple[object, dict[str, str] | None]:
+    """Settings for status/report plus the function URLs to ping: --urls, else the local stack's
+    stack.json (whose secret, DLQ and moto endpoint fill in what the environment does not set)."""
+    from shared.settings import Settings, get_settings
+
+    settings = get_settings()
+    path = urls_file or (STATE / "stack.json" if (STATE / "stack.json").exists() else None)
+    if path is None:
+        return settings, None
+    from infra.deploy import DeployError, load_urls
+
+    try:
+        urls = load_urls(path)
+    except DeployError as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+    data = json.loads(path.read_text())
+    overrides = {k: data[k] for k in ("dlq_url", "aws_endpoint_url") if data.get(k) and not getattr(settings, k)}
+    if data.get("secret") and not settings.accepted_secrets():
+        overrides["webhook_secret"] = data["secret"]
+    if overrides:
+        settings = Settings(**{**settings.model_dump(), **overrides})
+    return settings, urls
+
+
+@app.command()
+def status(
+    since: str = typer.Option("1h", help="Window: 90s, 30m, 1h, 2d."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts) instead of tables."),
+    database_url: str = typer.Option(None, help="Postgres URL as the owner (default: ZSYNC_DATABASE_URL, then "
+                                     "the local stack)."),
+    urls: Path = typer.Option(None, "--urls", help="Function URLs to ping (.zsync/urls.STAGE.json; default: the "
+                              "local stack's stack.json when it runs)."),
+) -> None:
+    """Health per table and direction: outcomes, conflicts, live lag p50/p95/max, repairs; the outbox
+    backlog, the dead-letter queue depth and each function's reachability (signed ping). Red where a
+    threshold is crossed; exits 1 then."""
+    from infra import status as st
+
+    try:
+        window = st.parse_duration(since)
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+    settings, function_urls = _status_settings(urls)
+    data = st.collect(_database_url(database_url), window, settings, function_urls)  # type: ignore[arg-type]
+    bad = (any(r["breaches"] for r in data["functions"]) or data["outbox_alert"] or bool(data["dead_letters"])
+           or any(not r["reachable"] for r in data["reachability"]))
+    if as_json:
+        sys.stdout.write(json.dumps(data, default=str) + "\n")
+    else:
+        st.render(console, data, since)
+    raise typer.Exit(1 if bad else 0)
+
+
+@app.command()
+def report(
+    since: str = typer.Option("24h", help="Window: 30m, 24h, 7d."),
+    out: Path = typer.Option(Path("report.html"), "--out", help="The HTML file to write."),
+    database_url: str = typer.Option(None, help="Postgres URL as the owner (default: ZSYNC_DATABASE_URL, then "
+                                     "the local stack)."),
+) -> None:
+    """Write one self-contained HTML report: lag over time per table and direction (plot), outcome counts
+    and conflicts, the latest failures with their problems, backlog figures. Opens without network."""
+    from infra import report as rp
+    from infra import status as st
+
+    try:
+        window = st.parse_duration(since)
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+    settings, _ = _status_settings(None)
+    data = rp.collect(_database_url(database_url), window, settings)  # type: ignore[arg-type]
+    out.write_text(rp.render_html(data), encoding="utf-8")
+    points = sum(len(s["t"]) for s in data["series"].values())
+    console.print(f"wrote {out} ({len(data['series'])} lag series, {points} points, "
+                  f"{len(data['failures'])} failures)")
+
+
 def _register_subsystems() -> None:
     """Commands that live with their subsystem: deploy/wire/doctor/gcloud, replay/reconcile."""
     from infra.deploy.cli import register as register_deploy
