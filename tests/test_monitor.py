@@ -187,3 +187,25 @@ def test_cli_monitor_exits_nonzero_posts_once_and_prints_json(fresh, slack, monk
     assert report["firing"] == ["failure_rate"] and report["posted"] == [] and report["health"]["failed"] == 3
     assert len(got) == 1 and "failure rate" in got[0].body["text"].lower()
     assert url not in first.output + second.output
+
+
+def test_local_timer_runs_the_check_as_the_functions_role(fresh, slack):
+    """The local stack's scheduler, connected as the least-privileged role the monitor Lambda uses."""
+    import time
+
+    from infra.local.postgres import function_role_url
+    from infra.monitor import MonitorTimer
+    from shared.settings import Settings
+
+    url, got = slack
+    role_url = function_role_url(fresh)
+    add(fresh, *[_entry("sync_failed") for _ in range(2)])
+    timer = MonitorTimer(role_url, Settings(database_url=role_url, slack_webhook_url=url), interval_s=0.2)
+    timer.start()
+    try:
+        deadline = time.monotonic() + 30
+        while timer.runs < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        timer.stop()
+    assert timer.runs >= 4 and len(got) == 1 and "failure_rate" in got[0].body["text"]
