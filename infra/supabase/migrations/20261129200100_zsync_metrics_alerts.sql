@@ -18,6 +18,10 @@ AS $$
       AND (o.record_updated_at IS NULL OR p_updated_at IS NULL OR o.record_updated_at <= p_updated_at)
 $$;
 
+-- The views below read the sync's own entries by time (audit_log grows for years: no full scans).
+CREATE INDEX IF NOT EXISTS audit_log_sync_timestamp_idx ON public.audit_log ("timestamp")
+    WHERE actor_type = 'zapier_sync';
+
 -- One row per sync event: audit entries of the sync, and *_to_tables deliveries that found Tables
 -- already current (acknowledged 'unchanged' in the outbox; the Tables -> Supabase side does not persist
 -- its unchanged echoes - they are in the function logs).
