@@ -10,21 +10,8 @@ import logging
 import threading
 from datetime import timedelta
 
-from shared.alerts import (
-    AVG_LAG_MAX_S,
-    CONFLICTS_PER_HOUR_MAX,
-    FAILURE_RATE_MAX,
-    CheckResult,
-    Health,
-    check_and_notify,
-    dead_letter_depth,
-    post_to_slack,
-    read_health,
-)
+from shared.alerts import CheckResult, check_and_notify, dead_letter_depth
 from shared.settings import Settings
-
-__all__ = ["AVG_LAG_MAX_S", "CONFLICTS_PER_HOUR_MAX", "FAILURE_RATE_MAX", "CheckResult", "Health", "MonitorTimer",
-           "post_to_slack", "read_health", "run_check"]
 
 logger = logging.getLogger("zsync.monitor")
 
