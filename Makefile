@@ -8,7 +8,7 @@ PIP_STAMP := $(VENV)/.installed
 NPM_STAMP := node_modules/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install up test lint bench package clean help
+.PHONY: install chromium up test lint bench package clean help
 
 help:
 	@echo "make up       start the local stack (Postgres, Tables service, 7 functions, webhook sender, moto)"
@@ -28,7 +28,17 @@ $(NPM_STAMP): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-install: $(PIP_STAMP) $(NPM_STAMP)
+# Headless Chromium for the HTML report test (tests/test_status_report.py). Idempotent; where apt cannot
+# install it (no root, no Debian) the build goes on and that one test is skipped.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo -n ); \
+	    ( $$SUDO apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+	      { $$SUDO apt-get update -q >/dev/null 2>&1 && \
+	        $$SUDO apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; } ) || \
+	    echo "chromium could not be installed: the report's browser test will be skipped"; }
+
+install: $(PIP_STAMP) $(NPM_STAMP) chromium
 
 up: install
 	$(VENV)/bin/zsync up

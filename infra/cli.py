@@ -154,35 +154,128 @@ def logs(
 def monitor(
     database_url: str = typer.Option(None, help="Postgres URL (default: ZSYNC_DATABASE_URL, then the local stack)."),
     window_minutes: int = typer.Option(60, help="How far back to look."),
-    slack: bool = typer.Option(True, help="Post alerts to ZSYNC_SLACK_WEBHOOK_URL when it is set."),
+    slack: bool = typer.Option(True, help="Post alert transitions to ZSYNC_SLACK_WEBHOOK_URL when it is set."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures and alerts as JSON."),
 ) -> None:
-    """Check the seed's thresholds from audit_log: failure rate > 5%, average lag > 30 s, conflicts > 10/h.
+    """Run the scheduled alert check once: the seed's thresholds (failure rate > 5%, average live lag > 30 s,
+    conflicts > 10/h) and the backlog ones (outbox rows older than 5 min, any dead letter).
 
-    Exits 1 when an alert fires (run it every few minutes from cron or a scheduler).
+    Posts to Slack once when an alert opens and once when it resolves (state in zsync.alert_state), exactly
+    like the deployed `monitor` function. Exits 1 while any alert is open.
     """
     from datetime import timedelta
 
     from infra import monitor as mon
+    from shared.alerts import SlackError
     from shared.settings import get_settings
 
-    health = mon.check(_database_url(database_url), timedelta(minutes=window_minutes))
+    try:
+        result = mon.run_check(_database_url(database_url), get_settings(), timedelta(minutes=window_minutes), slack)
+    except SlackError as exc:
+        err.print(f"[red]Posting to Slack failed:[/] {exc} (the next check posts again)")
+        raise typer.Exit(2) from None
+    health = result.health
+    if as_json:
+        sys.stdout.write(json.dumps({"firing": sorted(result.firing), "alerts": result.firing,
+                                     "posted": result.posted, "health": health.as_dict()}, default=str) + "\n")
+        raise typer.Exit(1 if result.firing else 0)
     table = Table(title=f"zsync health, last {window_minutes} min")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for action, (avg, count) in health.lag_by_action.items():
-        table.add_row(f"avg lag {action}", f"{avg:.2f} s ({count})")
-    table.add_row("synced", str(health.synced))
+    lag = "-" if health.live_lag_avg_s is None else f"{health.live_lag_avg_s:.2f} s ({health.live_lag_n})"
+    table.add_row("avg live lag", lag)
+    table.add_row("applied", str(health.applied))
     table.add_row("failed", f"{health.failed} ({health.failure_rate:.1%})")
     table.add_row("conflicts (stale skipped)", f"{health.conflicts} ({health.conflicts_per_hour:.1f}/h)")
+    table.add_row("repairs (replay/reconcile)", str(health.repairs))
+    table.add_row("outbox pending / > 5 min", f"{health.outbox_pending} / {health.outbox_older_than_5m}")
+    table.add_row("dead letters", "-" if health.dead_letters is None else str(health.dead_letters))
     console.print(table)
-    alerts = health.alerts()
-    for alert in alerts:
+    for alert in result.firing.values():
         err.print(f"[red]ALERT[/] {alert}")
-    webhook = get_settings().slack_webhook_url
-    if alerts and slack and webhook is not None:
-        mon.post_to_slack(webhook.get_secret_value(), alerts)
-        console.print("alerts posted to Slack")
-    raise typer.Exit(1 if alerts else 0)
+    for alert, transition in result.posted:
+        console.print(f"posted to Slack: {alert} {transition}")
+    raise typer.Exit(1 if result.firing else 0)
+
+
+def _status_settings(urls_file: Path | None) -> tuple[object, dict[str, str] | None]:
+    """Settings for status/report plus the function URLs to ping: --urls, else the local stack's
+    stack.json (whose secret, DLQ and moto endpoint fill in what the environment does not set)."""
+    from shared.settings import Settings, get_settings
+
+    settings = get_settings()
+    path = urls_file or (STATE / "stack.json" if (STATE / "stack.json").exists() else None)
+    if path is None:
+        return settings, None
+    from infra.deploy import DeployError, load_urls
+
+    try:
+        urls = load_urls(path)
+    except DeployError as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+    data = json.loads(path.read_text())
+    overrides = {k: data[k] for k in ("dlq_url", "aws_endpoint_url") if data.get(k) and not getattr(settings, k)}
+    if data.get("secret") and not settings.accepted_secrets():
+        overrides["webhook_secret"] = data["secret"]
+    if overrides:
+        settings = Settings(**{**settings.model_dump(), **overrides})
+    return settings, urls
+
+
+@app.command()
+def status(
+    since: str = typer.Option("1h", help="Window: 90s, 30m, 1h, 2d."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts) instead of tables."),
+    database_url: str = typer.Option(None, help="Postgres URL as the owner (default: ZSYNC_DATABASE_URL, then "
+                                     "the local stack)."),
+    urls: Path = typer.Option(None, "--urls", help="Function URLs to ping (.zsync/urls.STAGE.json; default: the "
+                              "local stack's stack.json when it runs)."),
+) -> None:
+    """Health per table and direction: outcomes, conflicts, live lag p50/p95/max, repairs; the outbox
+    backlog, the dead-letter queue depth and each function's reachability (signed ping). Red where a
+    threshold is crossed; exits 1 then."""
+    from infra import status as st
+
+    try:
+        window = st.parse_duration(since)
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+    settings, function_urls = _status_settings(urls)
+    data = st.collect(_database_url(database_url), window, settings, function_urls)  # type: ignore[arg-type]
+    bad = (any(r["breaches"] for r in data["functions"]) or data["outbox_alert"] or bool(data["dead_letters"])
+           or any(not r["reachable"] for r in data["reachability"]))
+    if as_json:
+        sys.stdout.write(json.dumps(data, default=str) + "\n")
+    else:
+        st.render(console, data, since)
+    raise typer.Exit(1 if bad else 0)
+
+
+@app.command()
+def report(
+    since: str = typer.Option("24h", help="Window: 30m, 24h, 7d."),
+    out: Path = typer.Option(Path("report.html"), "--out", help="The HTML file to write."),
+    database_url: str = typer.Option(None, help="Postgres URL as the owner (default: ZSYNC_DATABASE_URL, then "
+                                     "the local stack)."),
+) -> None:
+    """Write one self-contained HTML report: lag over time per table and direction (plot), outcome counts
+    and conflicts, the latest failures with their problems, backlog figures. Opens without network."""
+    from infra import report as rp
+    from infra import status as st
+
+    try:
+        window = st.parse_duration(since)
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+    settings, _ = _status_settings(None)
+    data = rp.collect(_database_url(database_url), window, settings)  # type: ignore[arg-type]
+    out.write_text(rp.render_html(data), encoding="utf-8")
+    points = sum(len(s["t"]) for s in data["series"].values())
+    console.print(f"wrote {out} ({len(data['series'])} lag series, {points} points, "
+                  f"{len(data['failures'])} failures)")
 
 
 def _register_subsystems() -> None:

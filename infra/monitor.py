@@ -1,99 +1,54 @@
-"""The seed's monitoring: sync lag, failure rate and conflict frequency from ``audit_log``, with its
-alert thresholds, posted to Slack.
+"""``zsync monitor``: the scheduled alert check run by hand, from cron, or by the local stack on a timer.
 
-* Alert 1: sync failure rate > 5% over the window;
-* Alert 2: average sync lag > 30 s (the seed expects < 5 s);
-* Alert 3: conflict resolutions (stale data skipped) > 10 per hour: investigate.
+The evaluation, the alert state and the Slack post are :mod:`shared.alerts` (the same code the scheduled
+``monitor`` Lambda runs); this module adds the dead-letter depth from SQS and the terminal output.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+import threading
 from datetime import timedelta
 
-import psycopg
-import requests
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
+from shared.alerts import CheckResult, check_and_notify, dead_letter_depth
+from shared.settings import Settings
 
-from shared.audit import FAILED_ACTION, SKIPPED_ACTION
-
-FAILURE_RATE_MAX = 0.05
-AVG_LAG_MAX_S = 30.0
-CONFLICTS_PER_HOUR_MAX = 10
-EXPECTED_AVG_LAG_S = 5.0
-
-_LAG_SQL = """
-SELECT action, avg((metadata->>'lag_seconds')::double precision), count(*)
-FROM audit_log
-WHERE action LIKE '%%\\_synced' AND "timestamp" > now() - %(window)s AND metadata ? 'lag_seconds'
-GROUP BY action ORDER BY action
-"""
-_COUNTS_SQL = """
-SELECT count(*) FILTER (WHERE action LIKE '%%\\_synced'),
-       count(*) FILTER (WHERE action = %(failed)s),
-       count(*) FILTER (WHERE action = %(skipped)s)
-FROM audit_log
-WHERE actor_type = 'zapier_sync' AND "timestamp" > now() - %(window)s
-"""
+logger = logging.getLogger("zsync.monitor")
 
 
-@dataclass
-class Health:
-    window: timedelta
-    lag_by_action: dict[str, tuple[float, int]] = field(default_factory=dict)  # action -> (avg s, count)
-    synced: int = 0
-    failed: int = 0
-    conflicts: int = 0
-
-    @property
-    def failure_rate(self) -> float:
-        total = self.synced + self.failed
-        return self.failed / total if total else 0.0
-
-    @property
-    def avg_lag_s(self) -> float | None:
-        n = sum(c for _, c in self.lag_by_action.values())
-        return sum(a * c for a, c in self.lag_by_action.values()) / n if n else None
-
-    @property
-    def conflicts_per_hour(self) -> float:
-        return self.conflicts / (self.window.total_seconds() / 3600)
-
-    def alerts(self) -> list[str]:
-        out = []
-        if self.failure_rate > FAILURE_RATE_MAX:
-            out.append(f"Sync failure rate {self.failure_rate:.1%} > {FAILURE_RATE_MAX:.0%} "
-                       f"({self.failed} failed of {self.synced + self.failed})")
-        lag = self.avg_lag_s
-        if lag is not None and lag > AVG_LAG_MAX_S:
-            out.append(f"Average sync lag {lag:.1f} s > {AVG_LAG_MAX_S:.0f} s")
-        if self.conflicts_per_hour > CONFLICTS_PER_HOUR_MAX:
-            out.append(f"{self.conflicts_per_hour:.0f} conflict resolutions per hour > {CONFLICTS_PER_HOUR_MAX}: "
-                       "investigate concurrent writers")
-        return out
+def run_check(database_url: str, settings: Settings, window: timedelta = timedelta(hours=1),
+              slack: bool = True) -> CheckResult:
+    """One check: DLQ depth (when a queue is configured), thresholds, transitions posted to Slack."""
+    try:
+        depth = dead_letter_depth(settings)
+    except Exception as exc:
+        logger.warning("dead-letter queue unreadable: %s", type(exc).__name__)
+        depth = None
+    url = settings.slack_webhook_url.get_secret_value() if slack and settings.slack_webhook_url else None
+    return check_and_notify(database_url, url, dead_letters=depth, window=window)
 
 
-def check(database_url: str, window: timedelta = timedelta(hours=1)) -> Health:
-    health = Health(window=window)
-    with psycopg.connect(database_url, autocommit=True, prepare_threshold=None) as conn:
-        for action, avg, count in conn.execute(_LAG_SQL, {"window": window}):
-            health.lag_by_action[action] = (float(avg), int(count))
-        synced, failed, skipped = conn.execute(
-            _COUNTS_SQL, {"window": window, "failed": FAILED_ACTION, "skipped": SKIPPED_ACTION}
-        ).fetchone()
-    health.synced, health.failed, health.conflicts = synced, failed, skipped
-    return health
+class MonitorTimer:
+    """The local stack's scheduler: :func:`run_check` every ``interval_s`` in a daemon thread."""
 
+    def __init__(self, database_url: str, settings: Settings, interval_s: float = 300.0):
+        self.database_url, self.settings, self.interval_s = database_url, settings, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="zsync-monitor", daemon=True)
+        self.runs = 0
 
-def post_to_slack(webhook_url: str, alerts: list[str], channel_hint: str = "#rise-pipeline",
-                  timeout_s: float = 10.0) -> None:
-    """Post the alerts to a Slack incoming webhook (retried on 429/5xx/connection errors)."""
-    session = requests.Session()
-    retry = Retry(total=4, backoff_factor=0.5, backoff_jitter=0.3, status_forcelist=(429, 500, 502, 503, 504),
-                  allowed_methods=None, respect_retry_after_header=True)
-    session.mount("https://", HTTPAdapter(max_retries=retry))
-    session.mount("http://", HTTPAdapter(max_retries=retry))
-    text = f"zsync alerts ({channel_hint}):\n" + "\n".join(f"• {a}" for a in alerts)
-    response = session.post(webhook_url, json={"text": text}, timeout=timeout_s)
-    response.raise_for_status()
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                run_check(self.database_url, self.settings)
+            except Exception as exc:  # keep the timer alive; the next run tries again
+                logger.warning("monitor check failed: %s", str(exc)[:200])
+            self.runs += 1

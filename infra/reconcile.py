@@ -135,7 +135,8 @@ def append_audit_many(conn: psycopg.Connection, entries: Sequence[dict]) -> int:
 
 def _synced_entry(spec: TableSpec, direction: Direction, row: dict, now: datetime,
                   stored: dict | None = None) -> dict:
-    entry = audit.sync_entry(FUNCTIONS[spec.function_name(direction)], row, Outcome.APPLIED, now, stored)
+    entry = audit.sync_entry(FUNCTIONS[spec.function_name(direction)], row, Outcome.APPLIED, now, stored,
+                             origin="reconcile")
     entry["metadata"]["via"] = VIA
     return entry
 

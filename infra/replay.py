@@ -165,7 +165,7 @@ class _Run:
     def attempt(self, message: Received, letter: DeadLetter) -> None:
         fn = FUNCTIONS[letter.function]
         try:
-            result = process(fn, self.ctx, letter.payload, received_at=letter.received_at)
+            result = process(fn, self.ctx, letter.payload, received_at=letter.received_at, origin="replay")
         except Rejected as exc:
             self.reject(message, exc.problems, exc.status)
             return

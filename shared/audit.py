@@ -25,17 +25,33 @@ def _stable_id(*parts: str) -> str:
     return "zsync-" + hashlib.sha256("\x1f".join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:40]
 
 
+ORIGINS = ("live", "replay", "reconcile", "repair")
+
+
 def sync_entry(fn: FunctionSpec, row: Mapping[str, Any], outcome: Outcome, now: datetime,
-               stored: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """``<table>_synced`` (applied) or ``sync_skipped_stale_data`` (stored version was newer)."""
+               stored: Mapping[str, Any] | None = None, *, changed_at: datetime | None = None,
+               origin: str = "live", changed_at_source: str | None = None) -> dict[str, Any]:
+    """``<table>_synced`` (applied) or ``sync_skipped_stale_data`` (stored version was newer).
+
+    ``lag_seconds`` is delivery lag: ``now`` minus ``changed_at``, when the change happened on the source
+    side as the system saw it (Zapier's ``edited_at`` or the arrival time; the outbox capture time for
+    Supabase -> Tables); None when unknown. It is never derived from the record's own version timestamp,
+    which is kept apart as ``record_age_seconds``. ``origin``: live delivery, replay (dead-letter queue),
+    reconcile, or repair (the sync pushing a newer version it found on the other side)."""
+    if origin not in ORIGINS:
+        raise ValueError(f"origin must be one of {ORIGINS}")
     spec = fn.table
     source_ts: datetime | None = row.get(spec.version) if spec.version else row.get("timestamp")
     metadata: dict[str, Any] = {
         "sync_direction": SYNC_DIRECTION[fn.direction],
         "function": fn.name,
         "outcome": outcome.value,
+        "origin": origin,
         "source_timestamp": source_ts.isoformat() if source_ts else None,
-        "lag_seconds": round((now - source_ts).total_seconds(), 3) if source_ts else None,
+        "changed_at": changed_at.astimezone(UTC).isoformat() if changed_at else None,
+        "changed_at_source": changed_at_source if changed_at else None,
+        "lag_seconds": round((now - changed_at).total_seconds(), 3) if changed_at else None,
+        "record_age_seconds": round((now - source_ts).total_seconds(), 3) if source_ts else None,
     }
     if stored is not None and spec.version:
         metadata["stored_updated_at"] = stored.get(spec.version)

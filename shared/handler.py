@@ -13,8 +13,10 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -37,6 +39,7 @@ from shared.sync import (
     SyncResult,
     apply_from_supabase,
     apply_from_tables,
+    change_time,
     unwrap_tables_payload,
 )
 
@@ -129,12 +132,15 @@ def _record_id(payload: Any) -> str | None:
 
 
 def process(fn: FunctionSpec, ctx: SyncContext, payload: dict[str, Any],
-            received_at: datetime | None = None) -> SyncResult:
-    """Run one parsed delivery through the sync (also used by replay, with the original arrival time)."""
+            received_at: datetime | None = None, origin: str = "live") -> SyncResult:
+    """Run one parsed delivery through the sync (also used by replay, with the original arrival time and
+    ``origin="replay"``)."""
     try:
         if fn.direction is Direction.TO_SUPABASE:
-            return apply_from_tables(ctx, fn, unwrap_tables_payload(payload), received_at)
-        return apply_from_supabase(ctx, fn, _webhook(payload))
+            changed_at, source = change_time(payload, received_at or datetime.now(UTC))
+            return apply_from_tables(ctx, fn, unwrap_tables_payload(payload), received_at, changed_at=changed_at,
+                                     changed_at_source=source, origin=origin)
+        return apply_from_supabase(ctx, fn, _webhook(payload), origin=origin)
     except InvalidRecord as exc:
         raise Rejected(400, exc.problems, _record_id(payload)) from None
 
@@ -148,6 +154,23 @@ def _tables_errors() -> tuple[type[Exception], ...]:
 def _tables_rejected(exc: Exception) -> bool:
     tables = sys.modules.get("shared.zapier_tables")
     return tables is not None and isinstance(exc, tables.TablesRejected)
+
+
+_TRACE_ID = re.compile(r"[0-9a-fA-F]{16,32}|1-[0-9a-f]{8}-[0-9a-f]{24}")
+
+
+def trace_id(request: flask.Request) -> str:
+    """The delivery's correlation id: the caller's trace (W3C ``traceparent``, Google's
+    ``X-Cloud-Trace-Context``, AWS's ``X-Amzn-Trace-Id`` Root) when it sends one, else a fresh one."""
+    candidates = [
+        (request.headers.get("traceparent") or "").split("-")[1:2],
+        (request.headers.get("X-Cloud-Trace-Context") or "").split("/")[:1],
+        [part[5:] for part in (request.headers.get("X-Amzn-Trace-Id") or "").split(";") if part.startswith("Root=")],
+    ]
+    for found in candidates:
+        if found and _TRACE_ID.fullmatch(found[0]):
+            return found[0]
+    return uuid.uuid4().hex
 
 
 def _record_failure(fn: FunctionSpec, ctx: SyncContext, body: bytes, rejected: Rejected,
@@ -237,11 +260,16 @@ def handle(function_name: str, request: flask.Request) -> tuple[dict[str, Any], 
     log = ctx.logger
     started = time.perf_counter()
     base = {"function": fn.name, "table": fn.table.name}
+    trace = trace_id(request)
 
-    def answer(status: int, outcome: Outcome | str, **extra: Any) -> tuple[dict[str, Any], int]:
+    def answer(status: int, outcome: Outcome | str, lag_ms: float | None = None,
+               **extra: Any) -> tuple[dict[str, Any], int]:
         body = {**base, "outcome": str(outcome), **{k: v for k, v in extra.items() if v is not None}}
+        # One delivery line: function, table, record_id, outcome, lag_ms, duration_ms, trace_id (queryable
+        # as jsonPayload.* in Cloud Logging and as fields in CloudWatch Logs Insights).
         log_event(log, logging.INFO if status < 400 else logging.WARNING, "delivery", status=status,
-                  duration_ms=round((time.perf_counter() - started) * 1000, 1), **body)
+                  duration_ms=round((time.perf_counter() - started) * 1000, 1), record_id=body.get("id"),
+                  lag_ms=lag_ms, trace_id=trace, **body)
         return body, status
 
     if request.method != "POST":
@@ -258,7 +286,7 @@ def handle(function_name: str, request: flask.Request) -> tuple[dict[str, Any], 
         if payload.get(PING) is True:
             return answer(200, "ping", migrations_current=_migrations_current(ctx))
         result = process(fn, ctx, payload)
-        return answer(200, result.outcome, id=result.id, detail=result.detail)
+        return answer(200, result.outcome, lag_ms=result.lag_ms, id=result.id, detail=result.detail)
     except Rejected as exc:
         audited = _record_failure(fn, ctx, request.environ.get("zsync.body", b""), exc, request.content_length)
         return answer(exc.status, Outcome.REJECTED, id=exc.record_id, problems=exc.problems, audited=audited)

@@ -159,6 +159,14 @@ def ack_outbox(conn: psycopg.Connection, spec: TableSpec, record_id: str, update
     ).fetchone()[0]
 
 
+def outbox_capture_time(conn: psycopg.Connection, spec: TableSpec, record_id: str,
+                        updated_at: datetime | None) -> datetime | None:
+    """When the change being delivered was captured in the outbox (its Supabase transaction); None if no
+    entry up to that version is pending (a re-send of a change already acknowledged)."""
+    return conn.execute("SELECT zsync.outbox_capture_time(%s, %s, %s)",
+                        (spec.name, record_id, updated_at)).fetchone()[0]
+
+
 def announce(conn: psycopg.Connection, spec: TableSpec, record_id: str, op: str = "UPDATE") -> bool:
     """Queue the current row (or, deleted, its DELETE) for the table's *_to_tables function
     (zsync.announce); False if not wired."""

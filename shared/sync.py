@@ -58,6 +58,28 @@ class SyncResult(BaseModel):
     table: str
     id: str | None = None
     detail: str | None = None
+    lag_ms: float | None = None  # delivery lag (see shared.audit.sync_entry); None when the change time is unknown
+
+
+EDITED_AT = "edited_at"  # top-level key of a Zap delivery: when Zapier saw the record change
+
+
+def _lag_ms(changed_at: datetime | None, now: datetime) -> float | None:
+    return round((now - changed_at).total_seconds() * 1000, 1) if changed_at else None
+
+
+def change_time(payload: Mapping[str, Any], received_at: datetime) -> tuple[datetime, str]:
+    """When a Tables -> Supabase change happened as the system saw it: Zapier's ``edited_at`` when the
+    delivery carries one (ISO 8601 with a zone), else its arrival. -> (time, "edited_at" | "received")."""
+    raw = payload.get(EDITED_AT)
+    if isinstance(raw, str):
+        try:
+            parsed = datetime.fromisoformat(raw.strip())
+        except ValueError:
+            parsed = None
+        if parsed is not None and parsed.tzinfo is not None:
+            return parsed.astimezone(UTC), EDITED_AT
+    return received_at, "received"
 
 
 @dataclass
@@ -104,8 +126,8 @@ class SyncContext:
 
 
 def unwrap_tables_payload(payload: Mapping[str, Any]) -> Any:
-    """A Zap sends the record's fields flat; ``{"record": {...}}`` is accepted too."""
-    if set(payload) == {"record"}:
+    """A Zap sends the record's fields flat; ``{"record": {...}}`` (optionally with ``edited_at``) too."""
+    if "record" in payload and set(payload) <= {"record", EDITED_AT}:
         return payload["record"]
     return payload
 
@@ -119,13 +141,16 @@ def _edited_at(value: Any) -> datetime | None:
 
 
 def apply_from_tables(ctx: SyncContext, fn: FunctionSpec, record: Mapping[str, Any],
-                      received_at: datetime | None = None) -> SyncResult:
+                      received_at: datetime | None = None, *, changed_at: datetime | None = None,
+                      changed_at_source: str = "received", origin: str = "live") -> SyncResult:
     """Parse a Tables record and apply it to Supabase under the conflict rule. Raises InvalidRecord.
 
     A delivery may carry Zapier's ``edited_at`` next to the fields: an edit that did not advance
-    ``updated_at`` (a person editing a cell) is then versioned at that time (see zsync.sync_apply)."""
+    ``updated_at`` (a person editing a cell) is then versioned at that time (see zsync.sync_apply).
+    ``changed_at``: when the change happened (:func:`change_time`); defaults to the arrival time."""
     spec = fn.table
     now = received_at or datetime.now(UTC)
+    changed = changed_at or now
     row = parse_tables_record(spec, record, received_at=now)
     edited_at = _edited_at(record.get("edited_at")) if spec.version else None
 
@@ -136,7 +161,9 @@ def apply_from_tables(ctx: SyncContext, fn: FunctionSpec, record: Mapping[str, A
         result = Outcome(outcome)
         version = parse_supabase_record(spec, applied) if applied else row
         if result in (Outcome.APPLIED, Outcome.SKIPPED_STALE):
-            supabase_db.append_audit(conn, audit.sync_entry(fn, version, result, datetime.now(UTC), stored))
+            supabase_db.append_audit(conn, audit.sync_entry(fn, version, result, datetime.now(UTC), stored,
+                                                            changed_at=changed, changed_at_source=changed_at_source,
+                                                            origin=origin))
         if result is Outcome.SKIPPED_STALE and Direction.TO_TABLES in spec.directions:
             # Tables sent an older version than Supabase holds: push Supabase's back so Tables converges
             # even if the webhook for the newer version was lost.
@@ -147,7 +174,8 @@ def apply_from_tables(ctx: SyncContext, fn: FunctionSpec, record: Mapping[str, A
         return result
 
     outcome = ctx.db.run(work)
-    return SyncResult(outcome=outcome, function=fn.name, table=spec.name, id=row["id"])
+    return SyncResult(outcome=outcome, function=fn.name, table=spec.name, id=row["id"],
+                      lag_ms=_lag_ms(changed, datetime.now(UTC)))
 
 
 def apply_tables_delete(ctx: SyncContext, spec: TableSpec, record_id: str, deleted_at: datetime) -> SyncResult:
@@ -209,7 +237,8 @@ def _delete_from_supabase(ctx: SyncContext, fn: FunctionSpec, record_id: str) ->
                 pushed, _ = supabase_db.sync_upsert(conn, spec, current)
                 if pushed == Outcome.APPLIED:
                     back = FUNCTIONS[spec.function_name(Direction.TO_SUPABASE)]
-                    supabase_db.append_audit(conn, audit.sync_entry(back, current, Outcome.APPLIED, datetime.now(UTC)))
+                    supabase_db.append_audit(conn, audit.sync_entry(back, current, Outcome.APPLIED, datetime.now(UTC),
+                                                                    origin="repair"))
                 return Outcome.SKIPPED_STALE, tomb
         for rec in records:
             ctx.tables.delete(table_id, rec.id, missing_ok=True)
@@ -256,8 +285,11 @@ def _run_recorded(ctx: SyncContext, lock: Callable[[psycopg.Connection], None],
         return outcome
 
 
-def apply_from_supabase(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhook) -> SyncResult:
-    """Apply a Database Webhook's record to Zapier Tables if newer. Raises InvalidRecord."""
+def apply_from_supabase(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhook, *,
+                        origin: str = "live") -> SyncResult:
+    """Apply a Database Webhook's record to Zapier Tables if newer. Raises InvalidRecord.
+
+    Lag is measured from the change's capture in the outbox (the Supabase transaction)."""
     spec = fn.table
     if hook.table != spec.name or hook.schema_ != "public":
         raise InvalidRecord([{
@@ -270,8 +302,10 @@ def apply_from_supabase(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhoo
         raise InvalidRecord([{"field": "record", "problem": f"{hook.type} payload has no record"}])
     row = parse_supabase_record(spec, hook.record)
     fields = to_tables_fields(spec, row)
+    captured: list[datetime | None] = [None]
 
     def work(conn: psycopg.Connection) -> tuple[Outcome, Any]:
+        captured[0] = supabase_db.outbox_capture_time(conn, spec, row["id"], row.get(spec.version or ""))
         if ctx.settings.tables_writer is TablesWriter.CATCH_HOOK:
             ctx.hooks.send(spec.name, fields)
             return Outcome.APPLIED, None
@@ -279,13 +313,16 @@ def apply_from_supabase(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhoo
 
     def record(conn: psycopg.Connection, outcome: Outcome, parked: Any) -> None:
         if outcome in (Outcome.APPLIED, Outcome.SKIPPED_STALE):
-            supabase_db.append_audit(conn, audit.sync_entry(fn, row, outcome, datetime.now(UTC)))
+            supabase_db.append_audit(conn, audit.sync_entry(fn, row, outcome, datetime.now(UTC),
+                                                            changed_at=captured[0], changed_at_source="outbox",
+                                                            origin=origin))
         if parked is not None:
             supabase_db.append_audit(conn, parked)
         supabase_db.ack_outbox(conn, spec, row["id"], row.get(spec.version or ""), outcome.value)
 
     outcome = _run_recorded(ctx, lambda conn: supabase_db.lock_record(conn, spec, row["id"]), work, record)
-    return SyncResult(outcome=outcome, function=fn.name, table=spec.name, id=row["id"])
+    return SyncResult(outcome=outcome, function=fn.name, table=spec.name, id=row["id"],
+                      lag_ms=_lag_ms(captured[0], datetime.now(UTC)))
 
 
 def _readable(spec: TableSpec, record: Record) -> dict[str, Any] | None:
@@ -376,7 +413,8 @@ def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec
         pushed, _ = supabase_db.sync_upsert(conn, spec, current)
         if pushed == Outcome.APPLIED:
             back = FUNCTIONS[spec.function_name(Direction.TO_SUPABASE)]
-            supabase_db.append_audit(conn, audit.sync_entry(back, current, Outcome.APPLIED, datetime.now(UTC)))
+            supabase_db.append_audit(conn, audit.sync_entry(back, current, Outcome.APPLIED, datetime.now(UTC),
+                                                            origin="repair"))
     return outcome, None
 
 

@@ -120,20 +120,23 @@ def trigger_args(conn: psycopg.Connection, table: str) -> tuple[str, list[str]]:
     return func, [a.decode("utf-8") for a in bytes(raw).split(b"\x00")[:-1]]
 
 
-def test_stack_webhook_triggers_carry_the_secret_header(stack):
+def test_stack_webhook_triggers_send_the_secret_from_vault(stack):
     with psycopg.connect(stack.database_url, autocommit=True) as conn:
         for table in WEBHOOK_TABLES:
             func, args = trigger_args(conn, table)
-            url, method, headers, params, timeout_ms = args
-            assert func == "supabase_functions.http_request" and method == "POST" and params == "{}"
+            assert func == "zsync.webhook_request" and args == []  # nothing in pg_trigger but the function
+            url, headers, secret_header, secret_name = conn.execute(
+                "SELECT url, headers, secret_header, secret_name FROM zsync.webhook_endpoints WHERE table_name = %s",
+                (table,)).fetchone()
             assert url == stack.functions[TABLES[table].function_name(Direction.TO_TABLES)].url
-            assert json.loads(headers) == {"Content-Type": "application/json", H: stack.secret}
-            assert 100 <= int(timeout_ms) <= 60_000
-            endpoint = conn.execute("SELECT url, headers FROM zsync.webhook_endpoints WHERE table_name = %s",
-                                    (table,)).fetchone()
-            assert endpoint == (url, json.loads(headers))  # the outbox sweeper re-sends with the same secret
+            assert headers == {"Content-Type": "application/json"} and secret_header == H
+            vault = conn.execute("SELECT decrypted_secret FROM vault.decrypted_secrets WHERE name = %s",
+                                 (secret_name,)).fetchone()
+            assert vault == (stack.secret,)
+            sent = conn.execute("SELECT zsync.endpoint_headers(%s)", (table,)).fetchone()[0]
+            assert sent == {"Content-Type": "application/json", H: stack.secret}
             # ... and that is exactly what the function accepts.
-            r = requests.post(url, json={"zsync_ping": True}, headers=json.loads(headers), timeout=10)
+            r = requests.post(url, json={"zsync_ping": True}, headers=sent, timeout=10)
             assert r.status_code == 200
         # Every webhook the stack has delivered so far was authenticated.
         refused = conn.execute("SELECT count(*) FROM net._http_response WHERE status_code = 401").fetchone()[0]
@@ -336,10 +339,14 @@ CALLED = {"sync_upsert", "sync_upsert_many", "version_cmp", "content_hash", "app
           "ack_outbox", "announce",
           # issue 13: canonical versions, tombstones, Tables deletes, parking undeliverable changes
           "sync_apply", "version_of", "canonical_row", "canonical_json", "tombstone_version",
-          "apply_tables_delete", "outbox_failed"}
+          "apply_tables_delete", "outbox_failed",
+          # issue 11: lag from the outbox capture, health and alert state
+          "outbox_capture_time", "sync_health", "transition_alerts"}
 DEFINER = {"capture_change", "ack_outbox", "announce",
            # issue 13: they read/write zsync.tombstones and zsync.outbox, which zsync_sync cannot touch
-           "maintain_updated_at", "track_tombstone", "tombstone_version", "apply_tables_delete", "outbox_failed"}
+           "maintain_updated_at", "track_tombstone", "tombstone_version", "apply_tables_delete", "outbox_failed",
+           # issue 11: the Vault-reading webhook trigger, lag, health and alert state
+           "webhook_request", "endpoint_headers", "outbox_capture_time", "sync_health", "transition_alerts"}
 
 
 def role_url(database_url: str, role: str = ROLE) -> str:
@@ -474,6 +481,10 @@ FORBIDDEN = [
     "TRUNCATE public.agent_jobs",
     "TRUNCATE public.audit_log",
     "SELECT * FROM zsync.webhook_endpoints",
+    "SELECT * FROM vault.decrypted_secrets",
+    "SELECT * FROM vault.secrets",
+    "SELECT zsync.endpoint_headers('agent_jobs')",
+    "SELECT vault.create_secret('x', 'evil')",
     "INSERT INTO zsync.outbox (table_name, record_id, op) VALUES ('agent_jobs', 'x', 'UPDATE')",
     "UPDATE zsync.outbox SET acked_at = now()",
     "DELETE FROM zsync.outbox",
@@ -498,11 +509,6 @@ def test_zsync_sync_cannot_do_anything_else(fn_url, sql):
             conn.execute(sql)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Supabase-style webhook triggers keep the shared secret in their arguments (headers) and pg_trigger is "
-    "readable by every role, so zsync_sync - denied zsync.webhook_endpoints for exactly that secret - and any "
-    "other database login can read it. Fix: triggers that call a SECURITY DEFINER zsync function taking the "
-    "headers from zsync.webhook_endpoints (see the report)"))
 def test_the_webhook_secret_is_not_readable_by_the_sync_role(database_url, fn_url):
     secret = "catalog-" + uuid.uuid4().hex
     wire(database_url, "http://127.0.0.1:9", secret)
@@ -510,4 +516,22 @@ def test_the_webhook_secret_is_not_readable_by_the_sync_role(database_url, fn_ur
         visible = conn.execute(
             "SELECT string_agg(encode(tgargs, 'escape') || pg_get_triggerdef(oid), ' ') FROM pg_trigger "
             "WHERE tgname LIKE 'zsync_%%_webhook'").fetchone()[0] or ""
-    assert secret not in visible
+    assert "zsync.webhook_request()" in visible  # the triggers are there ...
+    assert secret not in visible  # ... and carry no secret
+
+
+def test_wire_rotation_updates_the_vault_secret_in_place(database_url):
+    first, second = "rot-a-" + uuid.uuid4().hex, "rot-b-" + uuid.uuid4().hex
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        wire(database_url, "http://127.0.0.1:9", first)
+        query = "SELECT id, updated_at FROM vault.secrets WHERE name = 'zsync_webhook_secret'"
+        created = conn.execute(query).fetchone()
+        wire(database_url, "http://127.0.0.1:9", first)  # same secret: Vault untouched
+        assert conn.execute(query).fetchone() == created
+        wire(database_url, "http://127.0.0.1:9", second)
+        rows = conn.execute("SELECT id, decrypted_secret FROM vault.decrypted_secrets "
+                            "WHERE name = 'zsync_webhook_secret'").fetchall()
+        assert rows == [(created[0], second)]  # updated in place (vault.update_secret), one secret
+        stored = conn.execute("SELECT secret FROM vault.secrets WHERE name = 'zsync_webhook_secret'").fetchone()[0]
+        assert second not in stored  # not kept in clear in the table (Supabase encrypts; the stand-in encodes)
+        assert conn.execute("SELECT zsync.endpoint_headers('rate_limits')").fetchone()[0][H] == second

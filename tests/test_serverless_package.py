@@ -68,8 +68,15 @@ def _logical(name: str, suffix: str) -> str:
     return f"{normalized_function_name(name)}{suffix}"
 
 
+MONITOR = "monitor"  # the scheduled alert check: an operator job next to the seven sync functions
+
+
+def _sync_only(resources: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {k: v for k, v in resources.items() if not k.startswith(normalized_function_name(MONITOR))}
+
+
 def test_seven_lambda_functions_with_handler_runtime_and_env(template: dict[str, Any]) -> None:
-    functions = _of_type(template, "AWS::Lambda::Function")
+    functions = _sync_only(_of_type(template, "AWS::Lambda::Function"))
     assert len(functions) == len(FUNCTIONS) == 7
     for name, fn in FUNCTIONS.items():
         props = functions[_logical(name, "LambdaFunction")]["Properties"]
@@ -176,8 +183,25 @@ def test_iam_allows_exactly_our_secrets_and_queue(template: dict[str, Any]) -> N
         assert "*" not in actions and not any(a.endswith(":*") for a in actions)
 
 
+def test_monitor_runs_every_five_minutes_without_a_url(template: dict[str, Any]) -> None:
+    logical = _logical(MONITOR, "LambdaFunction")
+    props = _of_type(template, "AWS::Lambda::Function")[logical]["Properties"]
+    assert props["Handler"] == "shared/alerts.lambda_handler" and props["Runtime"] == "python3.11"
+    assert props["FunctionName"] == f"zsync-{STAGE}-{MONITOR}" and props["Timeout"] <= 120
+    env = props["Environment"]["Variables"]
+    assert env["ZSYNC_SSM_PREFIX"] == f"/zsync/{STAGE}/" and env["ZSYNC_DLQ_URL"] == {"Ref": "DeadLetterQueue"}
+    for secret in SECRET_FIELDS:  # the Slack URL and the database URL come from SSM at cold start
+        assert f"ZSYNC_{secret.upper()}" not in env, secret
+    rules = [r["Properties"] for r in _of_type(template, "AWS::Events::Rule").values()]
+    assert len(rules) == 1 and rules[0]["ScheduleExpression"] == "rate(5 minutes)" and rules[0]["State"] == "ENABLED"
+    assert rules[0]["Targets"][0]["Arn"] == {"Fn::GetAtt": [logical, "Arn"]}
+    assert not any(k.startswith(normalized_function_name(MONITOR)) for k in _of_type(template, "AWS::Lambda::Url"))
+    assert _grants(template, "sqs:GetQueueAttributes")  # the dead-letter depth
+    assert _of_type(template, "AWS::Logs::LogGroup")[_logical(MONITOR, "LogGroup")]["Properties"]["RetentionInDays"]
+
+
 def test_one_log_group_per_function_with_retention(template: dict[str, Any]) -> None:
-    groups = _of_type(template, "AWS::Logs::LogGroup")
+    groups = _sync_only(_of_type(template, "AWS::Logs::LogGroup"))
     assert len(groups) == 7
     for name in FUNCTIONS:
         props = groups[_logical(name, "LogGroup")]["Properties"]
@@ -265,6 +289,8 @@ def event(headers):
                                           "sourceIp": "203.0.113.1", "userAgent": "t"}}}},
              "body": json.dumps({{"zsync_ping": True}})}}
 out = [handler(event({{}}), None), handler(event({{"x-zsync-secret": "bare-secret"}}), None)]
+from shared.alerts import lambda_handler as monitor  # the scheduled check, from the same artifact
+print(json.dumps(monitor({{}}, None), default=str), file=sys.stderr)
 print("RESULT " + json.dumps([[r["statusCode"], json.loads(r["body"])] for r in out]))
 """
     env = {"PATH": os.environ.get("PATH", ""), "ZSYNC_FUNCTION": "agent_jobs_to_tables",
@@ -282,3 +308,4 @@ print("RESULT " + json.dumps([[r["statusCode"], json.loads(r["body"])] for r in 
     assert unsigned == 401, unsigned_body
     assert signed == 200, signed_body
     assert signed_body["outcome"] == "ping" and signed_body["function"] == "agent_jobs_to_tables"
+    assert '"firing": []' in result.stderr  # the monitor ran against the database from the bare artifact

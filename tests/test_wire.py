@@ -144,6 +144,21 @@ def test_wire_supabase_applies_idempotently(tmp_path: Path, env: Any, database_u
     assert moved.exit_code == 0 and moved.output.count("replaced") == len(WEBHOOK_TABLES)
     assert _triggers(database_url) == {t: fake_urls("v2")[f"{t}_to_tables"] for t in WEBHOOK_TABLES}
 
+    # The secret is in Vault, not in the triggers; a new secret (rotation) updates it there.
+    env.setenv("ZSYNC_WEBHOOK_SECRET", "rotated-" + SECRET)
+    from shared.settings import reset_settings
+
+    reset_settings()
+    rotated = run("wire", "supabase", "--urls", str(second), "--database-url", database_url)
+    assert rotated.exit_code == 0 and rotated.output.count("replaced") == len(WEBHOOK_TABLES), rotated.output
+    assert "rotated-" not in rotated.output
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        assert conn.execute("SELECT decrypted_secret FROM vault.decrypted_secrets WHERE name = 'zsync_webhook_secret'"
+                            ).fetchall() == [("rotated-" + SECRET,)]
+        args = conn.execute("SELECT string_agg(encode(tgargs, 'escape') || pg_get_triggerdef(oid), ' ') "
+                            "FROM pg_trigger WHERE tgname LIKE 'zsync_%%_webhook'").fetchone()[0]
+    assert SECRET not in args and args.count("zsync.webhook_request()") == len(WEBHOOK_TABLES)
+
 
 def test_wire_supabase_refuses_a_database_without_webhooks(tmp_path: Path, env: Any, pg_server: Any) -> None:
     from infra.local.postgres import create_database

@@ -55,7 +55,8 @@ def render_redacted(function_urls: Mapping[str, str], settings: Settings) -> str
 
 
 _STATE = """
-SELECT c.relname, pg_get_triggerdef(t.oid), e.url, e.headers::text, e.timeout_ms
+SELECT c.relname, pg_get_triggerdef(t.oid), e.url, e.headers::text, e.timeout_ms, e.secret_header, e.secret_name,
+       (SELECT s.updated_at FROM vault.secrets s WHERE s.name = e.secret_name)
 FROM pg_trigger t
 JOIN pg_class c ON c.oid = t.tgrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = 'public'
@@ -81,6 +82,10 @@ def _preflight(conn: psycopg.Connection) -> None:
     if not has_fn:
         raise DeployError("supabase_functions.http_request does not exist: enable Database Webhooks in the Supabase "
                           "dashboard (Database -> Webhooks -> Enable) first.")
+    has_vault = conn.execute("SELECT to_regprocedure('vault.create_secret(text, text, text, uuid)')").fetchone()
+    if not has_vault or has_vault[0] is None:
+        raise DeployError("vault.create_secret does not exist: enable the Vault extension (supabase_vault) in the "
+                          "Supabase dashboard (Database -> Extensions) first; the webhook secret is kept there.")
     has_endpoints = conn.execute("SELECT to_regclass('zsync.webhook_endpoints')").fetchone()
     if not has_endpoints or has_endpoints[0] is None:
         raise DeployError("zsync.webhook_endpoints does not exist: run `zsync migrate --database-url URL` first.")

@@ -75,8 +75,18 @@ def function_role_url(url: str) -> str:
     return with_user(url, FUNCTION_ROLE)
 
 
+VAULT_SQL_PATH = Path(__file__).with_name("vault.sql")
+
+
+def apply_vault_sql(url: str) -> None:
+    """Apply infra/local/vault.sql, the Supabase Vault stand-in (idempotent). LOCAL ONLY."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(VAULT_SQL_PATH.read_text(encoding="utf-8"))  # type: ignore[arg-type]  # a trusted file
+
+
 def prepare_database(url: str) -> list[str]:
     """Make ``url`` look like a Supabase database with our schema. Idempotent. -> migrations applied."""
     ensure_utc_database(url)
     apply_pg_net_sql(url)
+    apply_vault_sql(url)
     return apply_migrations(url)

@@ -119,6 +119,7 @@ class StackConfig:
     tables_autoreplay: tuple[float, ...] = ()
     retry_budget_s: float = 8.0
     with_moto: bool = True
+    monitor_interval_s: float = 300.0  # the scheduled alert check (the `monitor` Lambda's schedule); 0: off
     function_env: dict[str, str] = field(default_factory=dict)  # extra ZSYNC_* settings for the functions
 
 
@@ -140,6 +141,7 @@ class LocalStack:
     _pg: Any = None
     _moto: Any = None
     _sweeper: threading.Thread | None = None
+    _monitor: Any = None
     _stop: threading.Event = field(default_factory=threading.Event)
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -194,7 +196,21 @@ class LocalStack:
         self.sender.start()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="outbox-sweeper", daemon=True)
         self._sweeper.start()
+        if self.config.monitor_interval_s > 0:
+            self._start_monitor()
         return self
+
+    def _start_monitor(self) -> None:
+        """The alert check on a timer, as the functions' database role, posting to
+        ZSYNC_SLACK_WEBHOOK_URL when it is set in the environment of `zsync up`."""
+        from infra.monitor import MonitorTimer
+        from shared.settings import Settings
+
+        settings = Settings(database_url=self.function_database_url, dlq_url=self.dlq_url,
+                            aws_endpoint_url=self.aws_endpoint_url,
+                            slack_webhook_url=os.environ.get("ZSYNC_SLACK_WEBHOOK_URL") or None)
+        self._monitor = MonitorTimer(self.function_database_url, settings, self.config.monitor_interval_s)
+        self._monitor.start()
 
     def _start_moto(self) -> None:
         import boto3
@@ -271,6 +287,8 @@ class LocalStack:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._monitor:
+            self._monitor.stop()
         for fp in self.functions.values():
             fp.stop()
         if self.sender:
