@@ -13,7 +13,9 @@ from datetime import timedelta
 from shared.alerts import CheckResult, check_and_notify, dead_letter_depth
 from shared.settings import Settings
 
-logger = logging.getLogger("zsync.monitor")
+# Operator runs log as plain Python logging (stderr, warnings and up by default): stdout stays the
+# command's own output (e.g. `zsync monitor --json`). The deployed function logs JSON lines on stdout.
+logger = logging.getLogger("zsync_cli.monitor")  # not "zsync.monitor": that is the function's JSON logger
 
 
 def run_check(database_url: str, settings: Settings, window: timedelta = timedelta(hours=1),
@@ -25,7 +27,7 @@ def run_check(database_url: str, settings: Settings, window: timedelta = timedel
         logger.warning("dead-letter queue unreadable: %s", type(exc).__name__)
         depth = None
     url = settings.slack_webhook_url.get_secret_value() if slack and settings.slack_webhook_url else None
-    return check_and_notify(database_url, url, dead_letters=depth, window=window)
+    return check_and_notify(database_url, url, dead_letters=depth, window=window, logger=logger)
 
 
 class MonitorTimer:

@@ -17,12 +17,12 @@ import requests
 from functions_framework import create_app
 
 from infra.local.stack import FunctionProcess, free_port
-from infra.local.tables_service import TableConfig, start_tables_service
 from shared import handler, supabase_db
 from shared.conflict import Outcome
-from shared.settings import Settings, reset_settings
+from shared.settings import reset_settings
 from shared.spec import FUNCTIONS, TABLES
 from shared.sync import SupabaseWebhook, SyncContext, apply_from_supabase
+from tests.tables_local import start_local_tables
 
 MAIN = str(Path(__file__).resolve().parent.parent / "functions" / "main.py")
 SECRET = "lag-secret"
@@ -81,11 +81,9 @@ def test_an_old_record_synced_now_shows_milliseconds_of_lag_not_its_age(env, db)
 
 
 def test_supabase_to_tables_lag_runs_from_the_outbox_capture(database_url, db, tmp_path):
-    service = start_tables_service(tmp_path / "t.sqlite3", [TableConfig(t, f"tbl_{t}") for t in TABLES],
-                                   token="tok", secret_header=H, secret=None)
+    service = start_local_tables(tmp_path / "t.sqlite3")
     try:
-        ctx = SyncContext(settings=Settings(database_url=database_url, tables_api_url=service.url, tables_token="tok",
-                                            table_ids={t: f"tbl_{t}" for t in TABLES}, retry_budget_s=1.0))
+        ctx = SyncContext(settings=service.settings(database_url=database_url, retry_budget_s=1.0))
         rid = uid("out")
         db.execute("INSERT INTO agent_jobs (id, status, updated_at) VALUES (%s, 'queued', %s)", (rid, OLD))
         row = supabase_db.fetch_row(db, TABLES["agent_jobs"], rid)

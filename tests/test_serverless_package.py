@@ -186,7 +186,7 @@ def test_iam_allows_exactly_our_secrets_and_queue(template: dict[str, Any]) -> N
 def test_monitor_runs_every_five_minutes_without_a_url(template: dict[str, Any]) -> None:
     logical = _logical(MONITOR, "LambdaFunction")
     props = _of_type(template, "AWS::Lambda::Function")[logical]["Properties"]
-    assert props["Handler"] == "shared/alerts.lambda_handler" and props["Runtime"] == "python3.11"
+    assert props["Handler"] == "shared/alerts.lambda_handler" and props["Runtime"] == "python3.12"
     assert props["FunctionName"] == f"zsync-{STAGE}-{MONITOR}" and props["Timeout"] <= 120
     env = props["Environment"]["Variables"]
     assert env["ZSYNC_SSM_PREFIX"] == f"/zsync/{STAGE}/" and env["ZSYNC_DLQ_URL"] == {"Ref": "DeadLetterQueue"}
@@ -304,7 +304,8 @@ print("RESULT " + json.dumps([[r["statusCode"], json.loads(r["body"])] for r in 
     # google-cloud-logging's StructuredLogHandler works from the slim artifact (no grpc, no cryptography)
     events = [json.loads(line) for line in lines if line.startswith("{") and '"event"' in line]
     assert [e["status"] for e in events if e["event"] == "delivery"] == [401, 200], lines
-    assert all(e["logging.googleapis.com/sourceLocation"]["file"].endswith("shared/handler.py") for e in events)
+    assert all(e["logging.googleapis.com/sourceLocation"]["file"].endswith("shared/handler.py")
+               for e in events if e["event"] == "delivery")
     assert unsigned == 401, unsigned_body
     assert signed == 200, signed_body
     assert signed_body["outcome"] == "ping" and signed_body["function"] == "agent_jobs_to_tables"
