@@ -146,6 +146,7 @@ class LocalStack:
     _sweeper: threading.Thread | None = None
     _monitor: Any = None
     _trash: threading.Thread | None = None
+    _trash_lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -294,8 +295,14 @@ class LocalStack:
 
     def _trash_loop(self) -> None:
         while not self._stop.wait(self.config.trash_interval_s):
-            with contextlib.suppress(requests.RequestException, ValueError):
+            with self._trash_lock, contextlib.suppress(requests.RequestException, ValueError):
                 self.check_trash()
+
+    @contextlib.contextmanager
+    def trash_paused(self) -> Iterator[None]:
+        """No scheduled trash check runs inside this block (tests that need the trash left alone)."""
+        with self._trash_lock:
+            yield
 
     def check_trash(self) -> dict[str, dict[str, Any]]:
         """What the production schedule does (every minute): ask each two-way table's *_to_supabase
