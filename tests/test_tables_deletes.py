@@ -165,3 +165,67 @@ def test_reconcile_applies_a_tables_delete_the_check_has_not_seen(stack, tables,
 def test_the_schedule_route_of_a_to_tables_function_is_not_a_trash_check(stack):
     r = post(stack, "agent_jobs_to_tables", {"zsync": "check_trash"})
     assert r.status_code == 400, r.text  # not a webhook payload; the check runs in *_to_supabase only
+
+
+def test_doctor_fails_when_the_trash_check_has_not_run_recently(database_url):
+    import psycopg
+
+    from infra.deploy.doctor import check_trash_runs
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("DELETE FROM zsync.trash_watermarks")
+        checks = {c.target: c for c in check_trash_runs(conn)}
+        assert set(checks) == {"trash check agent_jobs", "trash check agent_decisions", "trash check rate_limits"}
+        assert not any(c.ok for c in checks.values()) and "never ran" in checks["trash check agent_jobs"].detail
+        for name in ("agent_jobs", "agent_decisions", "rate_limits"):
+            conn.execute("SELECT zsync.trash_checked(%s, now(), 0, 0)", (name,))
+        assert all(c.ok for c in check_trash_runs(conn))
+        conn.execute("UPDATE zsync.trash_watermarks SET checked_at = now() - interval '10 minutes' "
+                     "WHERE table_name = 'rate_limits'")
+        checks = {c.target: c for c in check_trash_runs(conn)}
+        assert not checks["trash check rate_limits"].ok and checks["trash check agent_jobs"].ok
+        # The watermark never moves back (two checks may overlap).
+        conn.execute("SELECT zsync.trash_checked('agent_jobs', now() - interval '1 day', 0, 0)")
+        assert conn.execute("SELECT watermark > now() - interval '1 hour' FROM zsync.trash_watermarks "
+                            "WHERE table_name = 'agent_jobs'").fetchone()[0]
+
+
+def test_the_lambda_schedule_event_runs_the_trash_check(stack, tables, supabase, monkeypatch):
+    """EventBridge invokes the *_to_supabase Lambda with {"zsync": "check_trash"} (serverless.yml)."""
+    from functions import lambda_adapter
+    from shared.settings import reset_settings
+
+    rec = synced_job(stack, tables, supabase, "tlambda")
+    for key, value in stack.function_env().items():
+        if key.startswith("ZSYNC_"):
+            monkeypatch.setenv(key, value)
+    monkeypatch.setenv("ZSYNC_FUNCTION", "agent_jobs_to_supabase")
+    reset_settings()
+    lambda_adapter._handlers.clear()
+    try:
+        with stack.trash_paused():
+            delete_in_tables(tables, "agent_jobs", rec)
+            answer = lambda_adapter.handler({"zsync": "check_trash"}, None)
+    finally:
+        lambda_adapter._handlers.clear()
+        reset_settings()
+    assert answer["ok"] is True and answer["table"] == "agent_jobs" and answer["applied"] == 1, answer
+    assert supabase.row("agent_jobs", rec["data"]["id"]) is None
+
+
+def test_serverless_schedules_the_trash_check_on_exactly_the_tables_whose_deletes_sync():
+    from pathlib import Path
+
+    import yaml
+
+    from shared.spec import Direction
+    from shared.tables_trash import deletes_checked
+
+    config = yaml.safe_load((Path(__file__).resolve().parent.parent / "serverless.yml").read_text())
+    scheduled = {name for name, fn in config["functions"].items()
+                 for event in fn.get("events") or []
+                 if (event.get("schedule") or {}).get("input") == {"zsync": "check_trash"}}
+    assert scheduled == {t.function_name(Direction.TO_SUPABASE) for t in TABLES.values() if deletes_checked(t)}
+    for name in scheduled:
+        assert config["functions"][name]["events"][0]["schedule"]["rate"] == "rate(1 minute)"
+        assert config["functions"][name]["snapStart"] is True
