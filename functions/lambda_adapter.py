@@ -40,7 +40,17 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     fn = _handlers.get(target)
     if fn is None:
         fn = _handlers[target] = build(target)
+    if event.get("zsync") == "check_trash":  # EventBridge schedule (serverless.yml): Tables deletes
+        return _check_trash(target)
     return fn(event, context)
+
+
+def _check_trash(target: str) -> dict[str, Any]:
+    """The scheduled trash check of this function's table (shared/tables_trash.py); secrets are loaded."""
+    from shared.tables_trash import run_check
+
+    answer, ok = run_check(target)
+    return {"ok": ok, **answer}
 
 
 def _reseed_after_restore() -> None:

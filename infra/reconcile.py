@@ -11,6 +11,11 @@ batched SQL. Then:
   under the per-record advisory locks the ``*_to_tables`` functions take, acknowledging the outbox;
 * ``audit_log`` is one-way (append-only): only Tables entries missing in Supabase are inserted.
 
+Deletes are never undone: an id missing in Supabase and tombstoned there (or present only in the Tables
+trash) is not re-created; a Supabase row whose Tables copy is only in the Tables trash is a delete made
+in Tables, applied with ``zsync.apply_tables_delete`` (the trash check's rule: unless Supabase holds a
+newer version, which then wins and is re-created in Tables). See :mod:`shared.tables_trash`.
+
 Every repair writes the ``<table>_synced`` audit entry the live sync would have written (same stable id,
 ``metadata.via = "reconcile"``), so a later delivery of the same version adds nothing. A Tables write that
 races with a repair is not lost: its own trigger delivery carries it to Supabase, whose newer version is
@@ -41,6 +46,7 @@ from shared.mapping import (
 )
 from shared.spec import FUNCTIONS, TABLES, Direction, TableSpec
 from shared.sync import SyncContext
+from shared.tables_trash import deletes_checked
 from shared.zapier_tables import BATCH_MAX, Record, TablesError
 
 PAGE_SIZE = 1000  # the query endpoint's maximum page
@@ -66,11 +72,14 @@ class TableReport:
     duplicates_in_tables: int = 0  # extra Tables records sharing an id (older ones; removed unless dry run)
     invalid_in_supabase: int = 0  # Supabase rows the sync cannot deliver (parked; left alone)
     deleted_in_tables: int = 0  # Tables copies of records deleted in Supabase (tombstoned): deleted, not re-inserted
+    trashed_in_tables: int = 0  # Supabase rows whose Tables copy is only in the Tables trash: deleted in Tables
+    deleted_in_supabase: int = 0  # of those, deleted in Supabase (the others were newer there: re-created)
     errors: list[str] = field(default_factory=list)
 
     @property
     def drift(self) -> int:
-        return self.missing_in_supabase + self.missing_in_tables + self.stale_in_supabase + self.stale_in_tables
+        return self.missing_in_supabase + self.missing_in_tables + self.stale_in_supabase + self.stale_in_tables \
+            + self.trashed_in_tables
 
 
 @dataclass
@@ -96,6 +105,7 @@ class _TablesSide:
     record_ids: dict[str, str] = field(default_factory=dict)  # id -> Tables record id
     unreadable: dict[str, str] = field(default_factory=dict)  # id -> record id of an unparseable record
     duplicates: list[str] = field(default_factory=list)  # record ids to remove
+    trashed: dict[str, datetime] = field(default_factory=dict)  # id only in the Tables trash -> latest deleted_at
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -196,8 +206,23 @@ class _Reconciler:
                 report.duplicates_in_tables += len(found) - 1
         for key in side.rows:
             side.unreadable.pop(key, None)
+        if deletes_checked(spec):
+            side.trashed = self._read_trash(spec, side)
         self._advance(task, 0, description=f"{spec.name}: {len(side.rows)} Tables records")
         return side
+
+    def _read_trash(self, spec: TableSpec, side: _TablesSide) -> dict[str, datetime]:
+        """Ids whose only Tables records are in the trash (deleted in Tables), with the latest deleted_at."""
+        out: dict[str, datetime] = {}
+        for record in self.ctx.tables.iter_records(self.ctx.table_id(spec), page_size=PAGE_SIZE, trash="only"):
+            rid = record.data.get("id")
+            try:
+                deleted_at = normalize_timestamp(record.deleted_at)
+            except ValueError:
+                continue
+            if isinstance(rid, str) and rid and deleted_at and rid not in side.rows and rid not in side.unreadable:
+                out[rid] = max(deleted_at, out.get(rid, deleted_at))
+        return out
 
     def _resolve_duplicates(self, spec: TableSpec, dupes: dict[str, list[tuple[Record, dict]]],
                             side: _TablesSide) -> None:
@@ -275,13 +300,17 @@ class _Reconciler:
         creates: list[dict] = []
         updates: list[tuple[str, dict]] = []
         pairs: list[tuple[str, dict, dict]] = []
+        trashed: list[dict] = []
         for rid in scope:
             t_row, s_row = side.rows.get(rid), supa.get(rid)
             if s_row is None and t_row is not None:
                 to_supabase.append(t_row)
                 report.missing_in_supabase += 1
             elif t_row is None and s_row is not None:
-                if rid in side.unreadable:  # unparseable in Tables: overwrite it with Supabase's version
+                if rid in side.trashed:  # deleted in Tables: a delete, not a missing copy (decided below)
+                    trashed.append(s_row)
+                    report.trashed_in_tables += 1
+                elif rid in side.unreadable:  # unparseable in Tables: overwrite it with Supabase's version
                     updates.append((side.unreadable[rid], s_row))
                     report.stale_in_tables += 1
                 else:
@@ -305,6 +334,8 @@ class _Reconciler:
                 report.in_sync += 1
         if self.dry_run:
             return
+        if trashed:  # before the creates: a Supabase row newer than the Tables delete is re-created there
+            creates += self._tables_deletes(spec, trashed, side.trashed, report)
         if to_supabase:
             deleted = self._to_supabase(spec, to_supabase, report)
             if deleted:  # deleted in Supabase (tombstone as new or newer): delete the Tables copy instead
@@ -349,6 +380,45 @@ class _Reconciler:
             report.unresolved += raced
             self._advance(task, len(chunk))
         return deleted
+
+    def _tables_deletes(self, spec: TableSpec, rows: list[dict], trashed: dict[str, datetime],
+                        report: TableReport) -> list[dict]:
+        """Apply deletes made in Tables (zsync.apply_tables_delete, audited like the trash check), in batches.
+        -> the rows Supabase keeps (newer than the delete, or inserted and not yet in Tables): to re-create."""
+        fn = FUNCTIONS[spec.function_name(Direction.TO_SUPABASE)]
+        keep: list[dict] = []
+
+        def work(conn: psycopg.Connection, chunk: Sequence[dict]) -> tuple[list[dict], int]:
+            ids = sorted(r["id"] for r in chunk)
+            pending = {r[0] for r in conn.execute("SELECT zsync.trash_insert_pending(%s, %s)", (spec.name, ids))}
+            kept, deleted = [], 0
+            for row in chunk:
+                if row["id"] in pending:
+                    kept.append(row)
+                    continue
+                supabase_db.lock_record(conn, spec, row["id"])
+                outcome = Outcome(supabase_db.apply_tables_delete(conn, spec, row["id"], trashed[row["id"]]))
+                if outcome in (Outcome.APPLIED, Outcome.SKIPPED_STALE):
+                    entry = audit.delete_entry(fn, row["id"], trashed[row["id"]], datetime.now(UTC), outcome)
+                    entry["metadata"]["via"] = VIA
+                    supabase_db.append_audit(conn, entry)
+                if outcome is Outcome.APPLIED:
+                    deleted += 1
+                elif outcome is Outcome.SKIPPED_STALE:
+                    kept.append(row)
+            return kept, deleted
+
+        for chunk in _chunks(rows, BATCH_MAX):
+            try:
+                kept, deleted = self.ctx.db.run(lambda conn, chunk=chunk: work(conn, chunk))
+            except DB_ERRORS as exc:
+                report.errors.append(f"Supabase delete batch of {len(chunk)}: {type(exc).__name__}")
+                report.unresolved += len(chunk)
+                continue
+            keep += kept
+            report.deleted_in_supabase += deleted
+            report.repaired += deleted
+        return keep
 
     def _delete_copies(self, spec: TableSpec, record_ids: list[str], report: TableReport) -> None:
         table_id = self.ctx.table_id(spec)

@@ -285,6 +285,12 @@ def handle(function_name: str, request: flask.Request) -> tuple[dict[str, Any], 
         payload = read_json_body(request, settings.max_body_bytes)
         if payload.get(PING) is True:
             return answer(200, "ping", migrations_current=_migrations_current(ctx))
+        if payload == {"zsync": "check_trash"} and fn.direction is Direction.TO_SUPABASE:  # scheduled trash check
+            from shared.tables_trash import run_check
+
+            checked, ok = run_check(fn.name, ctx)
+            return answer(200 if ok else 503, checked.pop("outcome"), **{k: v for k, v in checked.items()
+                                                                          if k not in base})
         result = process(fn, ctx, payload)
         return answer(200, result.outcome, lag_ms=result.lag_ms, id=result.id, detail=result.detail)
     except Rejected as exc:

@@ -55,6 +55,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     """The whole local stack (as `make up` runs it) on free ports, one per pytest worker."""
     from infra.local.stack import running_stack
 
-    with running_stack(Path(f"/tmp/zsync-stack-{os.getpid()}"), sweep_interval_s=3600, pgnet_poll_interval_s=0.05,
+    with running_stack(Path(f"/tmp/zsync-stack-{os.getpid()}"), sweep_interval_s=3600, trash_interval_s=3600,
+                       pgnet_poll_interval_s=0.05,
                        retry_budget_s=3.0) as local:
         yield local

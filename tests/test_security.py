@@ -341,12 +341,16 @@ CALLED = {"sync_upsert", "sync_upsert_many", "version_cmp", "content_hash", "app
           "sync_apply", "version_of", "canonical_row", "canonical_json", "tombstone_version",
           "apply_tables_delete", "outbox_failed",
           # issue 11: lag from the outbox capture, health and alert state
-          "outbox_capture_time", "sync_health", "transition_alerts"}
+          "outbox_capture_time", "sync_health", "transition_alerts",
+          # issue 13 item 4: the Tables trash check's watermark and its re-insert guard
+          "trash_watermark", "trash_checked", "trash_insert_pending"}
 DEFINER = {"capture_change", "ack_outbox", "announce",
            # issue 13: they read/write zsync.tombstones and zsync.outbox, which zsync_sync cannot touch
            "maintain_updated_at", "track_tombstone", "tombstone_version", "apply_tables_delete", "outbox_failed",
            # issue 11: the Vault-reading webhook trigger, lag, health and alert state
-           "webhook_request", "endpoint_headers", "outbox_capture_time", "sync_health", "transition_alerts"}
+           "webhook_request", "endpoint_headers", "outbox_capture_time", "sync_health", "transition_alerts",
+           # issue 13 item 4: zsync.trash_watermarks and the outbox, which zsync_sync cannot touch
+           "trash_watermark", "trash_checked", "trash_insert_pending"}
 
 
 def role_url(database_url: str, role: str = ROLE) -> str:

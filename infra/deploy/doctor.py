@@ -99,6 +99,33 @@ def check_outbox(conn: Any) -> list[Check]:
     return out
 
 
+TRASH_MAX_AGE_S = 300  # the trash check runs every minute; 5 minutes without one: the schedule is not running
+
+
+def check_trash_runs(conn: Any) -> list[Check]:
+    """Each table whose Tables deletes are synced had its trash checked recently (zsync.trash_watermarks)."""
+    from shared.spec import TABLES
+    from shared.tables_trash import deletes_checked
+
+    ages = dict(conn.execute("SELECT table_name, extract(epoch FROM now() - checked_at) "
+                             "FROM zsync.trash_watermarks").fetchall())
+    out = []
+    for name, spec in TABLES.items():
+        if not deletes_checked(spec):
+            continue
+        age = ages.get(name)
+        fn = f"{name}_to_supabase"
+        if age is None:
+            out.append(Check("database", f"trash check {name}", False,
+                             f"never ran: Tables deletes are not applied (schedule {fn} with "
+                             '{"zsync": "check_trash"}, see serverless.yml)'))
+        else:
+            ok = float(age) <= TRASH_MAX_AGE_S
+            out.append(Check("database", f"trash check {name}", ok, f"last check {float(age):.0f} s ago" + (
+                "" if ok else f": is the schedule of {fn} running?")))
+    return out
+
+
 def check_database(settings: Settings, function_urls: Mapping[str, str]) -> list[Check]:
     import psycopg
 
@@ -121,6 +148,7 @@ def check_database(settings: Settings, function_urls: Mapping[str, str]) -> list
                 " WHERE c.relname = e.table_name AND t.tgname = 'zsync_' || e.table_name || '_webhook')"
             ).fetchall())
             out += check_outbox(conn)
+            out += check_trash_runs(conn)
     except psycopg.Error as exc:
         return [*out, Check("database", "webhooks", False, f"{type(exc).__name__}: {str(exc)[:200]}")]
     for table in WEBHOOK_TABLES:

@@ -6,6 +6,7 @@
   logging to ``.local/logs/<function>.log``;
 * Supabase Database Webhook triggers pointing at the *_to_tables URLs, delivered by the pg_net
   stand-in, plus the outbox sweeper (pg_cron's job in production);
+* the Tables trash check every few seconds (``trash_interval_s``; a per-minute schedule in production);
 * a moto server for the AWS parts (the SQS dead-letter queue).
 """
 
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import requests
 
 from infra.local.pgnet_sender import PgNetSender
 from infra.local.pgnet_sender import wait_idle as pgnet_wait_idle
@@ -119,6 +121,7 @@ class StackConfig:
     tables_autoreplay: tuple[float, ...] = ()
     retry_budget_s: float = 8.0
     with_moto: bool = True
+    trash_interval_s: float = 5.0  # the Tables trash check (every minute in production); 0: off
     monitor_interval_s: float = 300.0  # the scheduled alert check (the `monitor` Lambda's schedule); 0: off
     function_env: dict[str, str] = field(default_factory=dict)  # extra ZSYNC_* settings for the functions
 
@@ -142,6 +145,8 @@ class LocalStack:
     _moto: Any = None
     _sweeper: threading.Thread | None = None
     _monitor: Any = None
+    _trash: threading.Thread | None = None
+    _trash_lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -198,6 +203,9 @@ class LocalStack:
         self._sweeper.start()
         if self.config.monitor_interval_s > 0:
             self._start_monitor()
+        if self.config.trash_interval_s > 0:
+            self._trash = threading.Thread(target=self._trash_loop, name="trash-check", daemon=True)
+            self._trash.start()
         return self
 
     def _start_monitor(self) -> None:
@@ -284,6 +292,32 @@ class LocalStack:
         """What the pg_cron job does in production: re-send unacknowledged changes."""
         with psycopg.connect(self.database_url, autocommit=True) as conn:
             return conn.execute("SELECT zsync.sweep_outbox(make_interval(secs => %s))", (min_age_s,)).fetchone()[0]
+
+    def _trash_loop(self) -> None:
+        while not self._stop.wait(self.config.trash_interval_s):
+            with self._trash_lock, contextlib.suppress(requests.RequestException, ValueError):
+                self.check_trash()
+
+    @contextlib.contextmanager
+    def trash_paused(self) -> Iterator[None]:
+        """No scheduled trash check runs inside this block (tests that need the trash left alone)."""
+        with self._trash_lock:
+            yield
+
+    def check_trash(self) -> dict[str, dict[str, Any]]:
+        """What the production schedule does (every minute): ask each two-way table's *_to_supabase
+        function to apply the deletes made in Zapier Tables (a signed POST of {"zsync": "check_trash"}).
+        -> function name -> its answer."""
+        from shared.tables_trash import deletes_checked
+
+        out = {}
+        for spec in TABLES.values():
+            if deletes_checked(spec):
+                fp = self.functions[spec.function_name(Direction.TO_SUPABASE)]
+                r = requests.post(fp.url, json={"zsync": "check_trash"},
+                                  headers={DEFAULT_SECRET_HEADER: self.secret}, timeout=60)
+                out[fp.name] = r.json() | {"status": r.status_code}
+        return out
 
     def stop(self) -> None:
         self._stop.set()
