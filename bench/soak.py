@@ -471,6 +471,9 @@ def judge(soak: Soak, outbox_mark: int) -> Verdict:
                               (outbox_mark,)).fetchall()
         swept = conn.execute("SELECT count(*) FROM zsync.outbox WHERE id > %s AND attempts > 0 "
                              "AND ack_outcome IS DISTINCT FROM 'dead_letter'", (outbox_mark,)).fetchone()[0]
+        repairs = conn.execute(
+            "SELECT count(*) FROM audit_log WHERE actor_type = 'zapier_sync' AND metadata->>'origin' = 'repair' "
+            "AND resource_id LIKE %s", (f"soak-{soak.cfg.seed}-%",)).fetchone()[0]
         parked = conn.execute("SELECT count(*) FROM zsync.outbox WHERE id > %s AND ack_outcome = 'dead_letter'",
                               (outbox_mark,)).fetchone()[0]
     tables: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -518,7 +521,7 @@ def judge(soak: Soak, outbox_mark: int) -> Verdict:
     v.figures.update(
         supabase_sync_writes=supa_writes - sql_user, tables_user_writes=tables_user,
         tables_sync_writes=tables_total - tables_user, sql_user_writes=sql_user, supabase_echoes=echoes,
-        swept=swept, parked=parked, records=len(winners), audit_entries=len(soak.audit_ids),
+        swept=swept, parked=parked, repairs=repairs, records=len(winners), audit_entries=len(soak.audit_ids),
     )
     if echoes:
         v.duplicates.append(f"supabase: {echoes} versions written twice (echo)")
@@ -588,6 +591,8 @@ def run_on(stack: LocalStack, cfg: SoakConfig) -> SoakResult:
         ("writes per change, supabase->tables", f"{f['tables_sync_writes'] / max(1, f['sql_user_writes']):.3f} "
                                                 f"({f['tables_sync_writes']} / {f['sql_user_writes']}; "
                                                 f"SQL writes retried across a restart {soak.uncertain_sql})"),
+        ("raced writes converged by a push-back", f"{f['repairs']} (a stale delivery answered with the newer "
+                                                  "version: the race a Tables write cannot exclude)"),
         ("reconcile --dry-run drift", str(drift.total("drift"))),
         ("convergence after the chaos stopped", f"{converge_s:.1f} s"),
         ("throughput", f"{total / write_s:.0f} changes/s ({write_s:.1f} s of writing)"),
