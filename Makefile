@@ -8,13 +8,14 @@ PIP_STAMP := $(VENV)/.installed
 NPM_STAMP := node_modules/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install chromium up test lint bench package clean help
+.PHONY: install chromium up test lint bench soak package clean help
 
 help:
 	@echo "make up       start the local stack (Postgres, Tables service, 7 functions, webhook sender, moto)"
 	@echo "make test     run the whole test suite (installs first)"
 	@echo "make lint     ruff"
 	@echo "make bench    benchmarks under bench/"
+	@echo "make soak     50,000 changes both ways under chaos (SOAK_CHANGES=N SOAK_SEED=S to reproduce)"
 	@echo "make package  npx osls package (the AWS deployment artifact, offline)"
 
 $(PIP_STAMP): requirements.txt requirements-dev.txt pyproject.toml
@@ -51,6 +52,11 @@ lint: $(PIP_STAMP)
 
 bench: $(PIP_STAMP)
 	$(PY) -m bench
+
+SOAK_CHANGES ?= 50000
+SOAK_SEED ?=
+soak: $(PIP_STAMP)
+	$(PY) -m bench.soak --changes $(SOAK_CHANGES) $(if $(SOAK_SEED),--seed $(SOAK_SEED))
 
 package: install
 	SLS_TELEMETRY_DISABLED=1 SLS_NOTIFICATIONS_MODE=off npx osls package --stage dev

@@ -739,6 +739,31 @@ def test_fault_injection_and_stats(api: Api) -> None:
     assert api.stats()["api_requests"] == 0
 
 
+def test_timed_and_hanging_faults(api: Api) -> None:
+    """``for_s``: every request fails for that long, then none; ``hang_s``: the answer comes that late."""
+    assert api.admin("POST", "faults", {"status": 503, "count": 0, "for_s": 1.0}).status_code == 200
+    assert [api.query().status_code for _ in range(3)] == [503, 503, 503]
+    time.sleep(1.1)
+    assert api.query().status_code == 200
+    api.admin("POST", "faults", {"status": 503, "count": 0, "for_s": 5, "hang_s": 0.5})
+    started = time.monotonic()
+    assert api.query().status_code == 503 and time.monotonic() - started >= 0.5
+    api.admin("DELETE", "faults")
+    assert api.query().status_code == 200
+    assert api.admin("POST", "faults", {"status": 503, "count": 0, "for_s": -1}).status_code == 400
+
+
+def test_dropped_trigger_deliveries_are_failed_attempts(service: TablesService, api: Api,
+                                                        receiver: Receiver) -> None:
+    """``drop_share = 1``: nothing reaches the Zap's URL, each attempt is recorded as dropped."""
+    service.ctx.dispatcher.drop_share = 1.0
+    assert api.create([{"status": "1"}]).status_code == 201
+    assert service.ctx.dispatcher.wait_idle(10)
+    deliveries = service.stats()["deliveries"]  # every attempt (Autoreplay's too) lost, then given up
+    assert deliveries["dropped"] == deliveries["attempts"] >= 1 and deliveries["failed"] == 1
+    assert receiver.requests == []
+
+
 def test_stop_is_clean_and_idempotent(tmp_path: Path) -> None:
     svc = start_service(tmp_path / "t.db", None)
     url = svc.url

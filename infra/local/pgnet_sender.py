@@ -40,6 +40,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import signal
 import sys
 import threading
@@ -74,6 +75,7 @@ ERR_BAD_URL = "URL using bad/illegal format or missing URL"
 ERR_UNSUPPORTED_PROTOCOL = "Unsupported protocol"
 ERR_RECV = "Failure when receiving data from the peer"
 ERR_BAD_ARGUMENT = "A libcurl function was given a bad argument"
+ERR_DROPPED = "Connection lost (dropped by fault injection)"
 
 # ----------------------------------------------------------------------------------------------
 # helpers for the local stack
@@ -334,6 +336,12 @@ class PgNetSender:
         self.batches = 0
         self.largest_batch = 0
         self.connects = 0
+        self.dropped = 0
+        # Fault knob (soak / chaos tests): the share of requests lost without being sent, recorded as a
+        # transport failure ("Connection lost (dropped by fault injection)"), as pg_net itself loses
+        # requests (timeouts, worker restarts). The outbox sweeper must recover them.
+        self.drop_share = 0.0
+        self._drop_rng = random.Random()
 
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -390,6 +398,7 @@ class PgNetSender:
                 "http_errors": self.http_errors,
                 "failed": self.failed,
                 "timed_out": self.timed_out,
+                "dropped": self.dropped,
                 "batches": self.batches,
                 "largest_batch": self.largest_batch,
                 "connects": self.connects,
@@ -481,7 +490,13 @@ class PgNetSender:
     def _send_all(self, reqs: list[QueuedRequest]) -> list[Outcome]:
         started = time.monotonic()
         pool = self._pool  # None if stop() raced with a batch: send inline rather than drop taken requests
-        outcomes = list(pool.map(send_request, reqs)) if pool is not None else [send_request(r) for r in reqs]
+        with self._lock:
+            dropped = {r.id for r in reqs if self.drop_share > 0 and self._drop_rng.random() < self.drop_share}
+            self.dropped += len(dropped)
+        send = [r for r in reqs if r.id not in dropped]
+        sent = list(pool.map(send_request, send)) if pool is not None else [send_request(r) for r in send]
+        by_id = {o.id: o for o in sent} | {i: Outcome(id=i, error_msg=ERR_DROPPED) for i in dropped}
+        outcomes = [by_id[r.id] for r in reqs]
         counts = {"ok": 0, "http_error": 0, "failed": 0, "timed_out": 0}
         for req, out in zip(reqs, outcomes, strict=True):
             if out.timed_out:

@@ -124,6 +124,7 @@ class StackConfig:
     trash_interval_s: float = 5.0  # the Tables trash check (every minute in production); 0: off
     monitor_interval_s: float = 300.0  # the scheduled alert check (the `monitor` Lambda's schedule); 0: off
     function_env: dict[str, str] = field(default_factory=dict)  # extra ZSYNC_* settings for the functions
+    tables_rate_limit: int | None = 100  # the Tables service's requests per 5 s per table (Zapier's); None: off
 
 
 @dataclass
@@ -187,6 +188,7 @@ class LocalStack:
             token=self.token, secret_header=DEFAULT_SECRET_HEADER, secret=self.secret,
             client_id=self.client_id, client_secret=self.client_secret,
             port=self._port(0) if self.config.port_base else 0, autoreplay=self.config.tables_autoreplay,
+            rate_limit=self.config.tables_rate_limit,
         )
         self._setup_tables()
         env = self.function_env()
@@ -353,6 +355,46 @@ class LocalStack:
         fp.stop()
         fp.start()
         fp.wait_ready()
+
+    def drop_deliveries(self, share: float, seed: int | str | None = None) -> None:
+        """Lose ``share`` (0..1) of the change notifications on both paths, in transit: the Tables side's
+        trigger deliveries (Zap pushes today: a dropped attempt counts as failed, so ``tables_autoreplay``
+        re-sends it, as Zapier's Autoreplay does) and the pg_net requests (sent never; the outbox sweeper
+        re-sends them). A Tables->Supabase path built on trigger inboxes implements this by dropping that
+        share of its wake-up notifications (the messages stay in the inbox until leased and acked)."""
+        assert self.tables is not None and self.sender is not None
+        dispatcher = self.tables.ctx.dispatcher
+        if seed is not None:
+            dispatcher._drop_rng.seed(f"{seed}-tables")
+            self.sender._drop_rng.seed(f"{seed}-pgnet")
+        dispatcher.drop_share = share
+        self.sender.drop_share = share
+
+    def dropped_deliveries(self) -> dict[str, int]:
+        """How many notifications ``drop_deliveries`` lost so far, per path."""
+        assert self.tables is not None and self.sender is not None
+        return {"tables": self.tables.ctx.dispatcher.stats()["dropped"], "pgnet": self.sender.stats()["dropped"]}
+
+    def tables_fault(self, status: int, for_s: float, *, hang_s: float = 0.0, retry_after: int | None = None) -> None:
+        """Make the Tables API answer ``status`` to every request for ``for_s`` seconds (after hanging
+        ``hang_s`` seconds first, when given: a hang past the client's timeout)."""
+        assert self.tables is not None
+        self.tables.ctx.faults.arm(status, 0, retry_after, for_s=for_s, hang_s=hang_s)
+
+    def clear_tables_faults(self) -> None:
+        assert self.tables is not None
+        self.tables.ctx.faults.clear()
+
+    def function_rss_kb(self) -> dict[str, int]:
+        """Resident memory of each running function process (Linux /proc), in KiB."""
+        out = {}
+        for name, fp in self.functions.items():
+            if fp.process and fp.process.poll() is None:
+                with contextlib.suppress(OSError):
+                    for line in Path(f"/proc/{fp.process.pid}/status").read_text().splitlines():
+                        if line.startswith("VmRSS:"):
+                            out[name] = int(line.split()[1])
+        return out
 
     # --- for tests and operators ----------------------------------------------------------------
     def wait_quiet(self, timeout_s: float = 30.0, settle_s: float = 0.3) -> None:

@@ -26,6 +26,11 @@ Emulated Zapier behaviour:
   has no ``id`` field, plus ``"edited_at"``, with the shared secret header; once per change, in
   background workers, with ``autoreplay`` (Zapier's is 5 min, 30 min, 1 h, 3 h, 6 h).
 
+Fault injection: ``POST /_admin/faults`` ``{"status": 503, "count": N}`` answers the next N records-API
+requests with that status (``"retry_after"`` adds the header); ``"for_s": S`` makes it every request for
+S seconds instead; ``"hang_s": H`` waits H seconds before answering (a hang past the client's timeout).
+``TriggerDispatcher.drop_share`` loses that share of trigger delivery attempts in transit.
+
 Admin endpoints (no token; the service binds to loopback): ``POST/DELETE /_admin/faults``,
 ``GET /_admin/stats``, ``POST /_admin/stats/reset``, ``GET /_admin/deliveries``,
 ``PUT /_admin/tables/{table_id}/trigger``, ``POST /_admin/triggers/flush``, ``GET /_admin/health``.
@@ -47,6 +52,7 @@ import logging
 import math
 import os
 import queue
+import random
 import re
 import secrets
 import signal
@@ -712,6 +718,11 @@ class TriggerDispatcher:
         self._counts: Counter[str] = Counter()
         self._log: deque[Data] = deque(maxlen=DELIVERY_LOG_MAX)
         self._stopping = threading.Event()
+        # Fault knob (soak / chaos tests): the share of delivery attempts lost in transit (never POSTed,
+        # logged with error "dropped"). A dropped attempt is a failed one: Autoreplay re-sends it when
+        # configured (``autoreplay``), as Zapier does on paid plans; without it, it is lost.
+        self.drop_share = 0.0
+        self._drop_rng = random.Random()
         self._threads = [threading.Thread(target=self._work, name=f"trigger-{i}", daemon=True) for i in range(workers)]
         self._threads.append(threading.Thread(target=self._schedule_replays, name="trigger-replay", daemon=True))
         for thread in self._threads:
@@ -733,6 +744,7 @@ class TriggerDispatcher:
                 "failed": self._counts["failed"],
                 "pending": self._pending,
                 "attempts": self._counts["attempts"],
+                "dropped": self._counts["dropped"],
             }
 
     def outcomes(self) -> list[Data]:
@@ -762,7 +774,11 @@ class TriggerDispatcher:
             self._attempt(delivery)
 
     def _attempt(self, delivery: Delivery) -> None:
-        status, error = self._post(delivery)
+        with self._cond:
+            drop = self.drop_share > 0 and self._drop_rng.random() < self.drop_share
+            if drop:
+                self._counts["dropped"] += 1
+        status, error = (None, "dropped") if drop else self._post(delivery)
         ok = status is not None and 200 <= status < 300
         retriable = status is None or status == 429 or status >= 500
         replay_in = self._autoreplay[delivery.attempt - 1] if delivery.attempt <= len(self._autoreplay) else None
@@ -868,10 +884,13 @@ class _Fault:
     status: int
     count: int
     retry_after: int | None
+    until: float | None = None  # time.monotonic() deadline: the fault lasts until then (count not used)
+    hang_s: float = 0.0  # wait this long before answering (past the client's timeout: a hang)
 
 
 class FaultInjector:
-    """Makes the next N records-API requests answer a given status."""
+    """Makes the next N records-API requests (or every request for ``for_s`` seconds) answer a given
+    status, optionally after hanging ``hang_s`` seconds first."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -880,11 +899,15 @@ class FaultInjector:
 
     def stats(self) -> Data:
         with self._lock:
+            if self._fault and self._fault.until is not None:
+                return {"served": self._served, "left": 1 if time.monotonic() < self._fault.until else 0}
             return {"served": self._served, "left": self._fault.count if self._fault else 0}
 
-    def arm(self, status: int, count: int, retry_after: int | None) -> None:
+    def arm(self, status: int, count: int, retry_after: int | None, *, for_s: float | None = None,
+            hang_s: float = 0.0) -> None:
         with self._lock:
-            self._fault = _Fault(status, count, retry_after)
+            until = time.monotonic() + for_s if for_s is not None else None
+            self._fault = _Fault(status, count, retry_after, until, hang_s)
 
     def clear(self) -> None:
         with self._lock:
@@ -893,9 +916,16 @@ class FaultInjector:
     def take(self) -> _Fault | None:
         with self._lock:
             fault = self._fault
-            if fault is None or fault.count <= 0:
+            if fault is None:
                 return None
-            fault.count -= 1
+            if fault.until is not None:
+                if time.monotonic() >= fault.until:
+                    self._fault = None
+                    return None
+            elif fault.count <= 0:
+                return None
+            else:
+                fault.count -= 1
             self._served += 1
             return fault
 
@@ -1038,6 +1068,8 @@ def _gate(ctx: ServiceContext) -> None:
         raise ApiError(503, "service is stopping")
     fault = ctx.faults.take()
     if fault is not None:
+        if fault.hang_s:
+            time.sleep(fault.hang_s)
         headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
         raise ApiError(fault.status, f"injected fault {fault.status}", headers)
     _check_auth(ctx)
@@ -1213,8 +1245,12 @@ def _register_admin(app: Flask, ctx: ServiceContext) -> None:
         retry_after = body.get("retry_after")
         if retry_after is not None:
             retry_after = _admin_number(body, "retry_after", lambda v: isinstance(v, int) and 0 <= v <= 86_400)
-        ctx.faults.arm(status, count, retry_after)
-        return jsonify(status=status, count=count, retry_after=retry_after)
+        for_s = body.get("for_s")
+        if for_s is not None:
+            for_s = _admin_number(body, "for_s", lambda v: 0 < v <= 3600)
+        hang_s = _admin_number(body, "hang_s", lambda v: 0 <= v <= 600) if "hang_s" in body else 0.0
+        ctx.faults.arm(status, count, retry_after, for_s=for_s, hang_s=hang_s)
+        return jsonify(status=status, count=count, retry_after=retry_after, for_s=for_s, hang_s=hang_s)
 
     @app.delete("/_admin/faults")
     def clear_faults() -> tuple[str, int]:
