@@ -7,14 +7,13 @@ never reaches other tests. Waits are generous (the stack settles when it settles
 from __future__ import annotations
 
 import os
-import random
 from pathlib import Path
 
 from bench.soak import SoakConfig, run
 
 
 def test_soak_under_chaos_loses_nothing_and_doubles_nothing() -> None:
-    seed = int(os.environ.get("ZSYNC_SOAK_SEED") or random.SystemRandom().randrange(1, 10**6))
+    seed = int(os.environ.get("ZSYNC_SOAK_SEED") or 2026)  # fixed in CI; any seed reproduces its run
     changes = int(os.environ.get("ZSYNC_SOAK_CHANGES") or 2000)
     print(f"\nsoak: {changes} changes, seed {seed} (rerun: ZSYNC_SOAK_SEED={seed})")
     result = run(SoakConfig(changes=changes, seed=seed, state_dir=Path(f"/tmp/zsync-soak-test-{os.getpid()}")))
