@@ -81,6 +81,7 @@ class _Plan:
 
 @dataclass
 class DrainResult:
+    # per record, its first delivery in this drain (a later round may find the version it pushed back)
     results: dict[str, SyncResult] = field(default_factory=dict)
     batches: int = 0
     pending_left: bool = False  # stopped early (Tables budget / locked records): entries stay pending
@@ -308,8 +309,8 @@ def drain_outbox(ctx: SyncContext, fn: FunctionSpec, *, origin: str = "live", li
         now = datetime.now(UTC)
         for rid, (outcome, _) in plan.outcomes.items():
             item = plan.items[rid]
-            result.results[rid] = SyncResult(outcome=outcome, function=fn.name, table=fn.table.name, id=rid,
-                                             lag_ms=_lag_ms(item.captured, now))
+            result.results.setdefault(rid, SyncResult(outcome=outcome, function=fn.name, table=fn.table.name,
+                                                      id=rid, lag_ms=_lag_ms(item.captured, now)))
         for rid, _, problems, status in plan.failed:
             result.results[rid] = SyncResult(outcome=Outcome.REJECTED if status < 500 else Outcome.FAILED,
                                              function=fn.name, table=fn.table.name, id=rid,
