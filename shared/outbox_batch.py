@@ -345,9 +345,11 @@ def drain_outbox(ctx: SyncContext, fn: FunctionSpec, *, origin: str = "live", li
 def deliver(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhook, *, origin: str = "live") -> SyncResult:
     """A Database Webhook to a *_to_tables function with batches on: drain the table's outbox, and answer
     for the webhook's own record. A record another invocation delivered meanwhile is answered without
-    calling Tables; one that is not in the outbox at all (a hand-sent payload) takes the single path."""
+    calling Tables; one that is not in the outbox at all (a hand-sent payload) takes the single path, as do
+    deletes and the catch-hook writer."""
     spec = fn.table
-    if hook.type == "DELETE" or hook.table != spec.name or hook.schema_ != "public" or hook.record is None:
+    if hook.type == "DELETE" or hook.table != spec.name or hook.schema_ != "public" or hook.record is None \
+            or ctx.settings.tables_writer is TablesWriter.CATCH_HOOK:  # a catch hook takes one record per POST
         return apply_from_supabase(ctx, fn, hook, origin=origin)
     row = parse_supabase_record(spec, hook.record)  # a bad payload is a 400, as on the single path
     drained = drain_outbox(ctx, fn, origin=origin)
