@@ -64,10 +64,8 @@ class Env:
 
     def tables_count(self) -> tuple[int, int]:
         """-> (records, distinct ids) in agent_jobs (directly from the store: not through the limit)."""
-        conn = self.service.ctx.engine.store
-        with conn.transaction() as c:
-            tid = self.ids["agent_jobs"]
-            key = _keys(self)["id"]
+        key, tid = _keys(self)["id"], self.ids["agent_jobs"]
+        with self.service.ctx.engine.store.transaction() as c:
             rows = c.execute("SELECT count(*), count(DISTINCT value) FROM record_values WHERE table_id = ? "
                              "AND field_id = ?", (tid, int(key[1:]))).fetchone()
         return rows[0], rows[1]
@@ -167,7 +165,7 @@ def burst(env: Env, n: int, tag: str) -> Row:
         drain_outbox(ctxs[0], FN)
     seconds = time.perf_counter() - start
     records, distinct = env.tables_count()
-    pending, dead = _outbox(env.url)
+    _, dead = _outbox(env.url)
     return Row(f"batched burst ({tag})", n, seconds, env.requests(), dead, records - distinct,
                n - (records - before_records))
 
@@ -197,7 +195,7 @@ def single(env: Env, n: int, tag: str) -> Row:
                                                    "record": rows[rid]})
             try:
                 apply_from_supabase(c, FN, hook)
-            except Exception:  # noqa: BLE001 - a 429 beyond the budget: the delivery would be dead-lettered
+            except Exception:  # a 429 beyond the budget: the delivery would be dead-lettered
                 with lock:
                     failed.append(rid)
 
@@ -270,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
             time.sleep(RATE_WINDOW_S)
         print(f"\nSupabase -> Tables under the enforced limit ({RATE_LIMIT} requests / {RATE_WINDOW_S:g} s per table), "
               f"{WORKERS} concurrent invocations")
-        print(f"{'':<40}{'records':>8}{'seconds':>9}{'rec/s':>9}{'Tables req':>11}{'dead':>6}{'extra':>7}{'missing':>8}")
+        print(f"{'':<40}{'records':>8}{'seconds':>9}{'rec/s':>9}{'Tables req':>11}{'dead':>6}{'extra':>7}"
+              f"{'missing':>8}")
         for r in rows:
             print(f"{r.name:<40}{r.records:>8}{r.seconds:>9.2f}{r.rate:>9.1f}{r.requests:>11}{r.dead:>6}{r.extra:>7}"
                   f"{r.missing:>8}")

@@ -199,8 +199,10 @@ def _scenario(url: str, service: LocalTables) -> list[str]:
             {"id": "older-in-tables", "status": "v1", "created_at": TS, "updated_at": "2030-01-01T00:00:00Z"},
             {"id": "newer-in-tables", "status": "v9", "created_at": TS, "updated_at": "2030-01-03T00:00:00Z"},
             {"id": "same", "status": "v1", "created_at": TS, "updated_at": "2030-01-01T00:00:00Z"},
-            {"id": "unreadable-newer", "status": "x", "created_at": TS, "parameters": "{broken", "updated_at": "2030-01-04T00:00:00Z"},
-            {"id": "unreadable-older", "status": "x", "created_at": TS, "parameters": "{broken", "updated_at": "2030-01-02T00:00:00Z"},
+            {"id": "unreadable-newer", "status": "x", "created_at": TS, "parameters": "{broken",
+             "updated_at": "2030-01-04T00:00:00Z"},
+            {"id": "unreadable-older", "status": "x", "created_at": TS, "parameters": "{broken",
+             "updated_at": "2030-01-02T00:00:00Z"},
         ])
     return [r[0] for r in rows]
 
