@@ -23,10 +23,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 
@@ -52,6 +52,7 @@ from shared.sync import (
 if TYPE_CHECKING:
     from shared.zapier_tables import Record
 
+T = TypeVar("T")
 LOCKED_RETRIES = 20  # rounds to wait (50 ms each) for records another invocation holds before leaving them
 LOCKED_WAIT_S = 0.05
 
@@ -122,7 +123,22 @@ def _plan_items(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec,
         plan.items[rid] = _Item(rid, row, fields, captured)
 
 
-def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _Plan) -> None:
+def _patient(call: Callable[[], T], deadline: float) -> T:
+    """Run a Tables call; a 429/5xx whose Retry-After still fits in the batch's shared budget is waited out
+    and the call made again (the client's own attempts per call are few)."""
+    from shared.zapier_tables import TablesUnavailable
+
+    while True:
+        try:
+            return call()
+        except TablesUnavailable as exc:
+            wait = exc.retry_after
+            if wait is None or time.monotonic() + wait + 0.05 >= deadline:
+                raise
+            time.sleep(wait)
+
+
+def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _Plan, deadline: float) -> None:
     """Decide and write every planned record (Tables calls inside the caller's shared budget)."""
     from shared.zapier_tables import BATCH_MAX, TablesRejected, TablesUnavailable
 
@@ -141,7 +157,7 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
         return
     table_id = ctx.table_id(spec)
     try:
-        found = ctx.tables.find_many(table_id, "id", [i.id for i in items])
+        found = _patient(lambda: ctx.tables.find_many(table_id, "id", [i.id for i in items]), deadline)
     except TablesUnavailable as exc:
         plan.stopped = str(exc)[:300]
         return
@@ -193,9 +209,9 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
 
     def send(chunk: list[Any], create: bool) -> None:
         if create:
-            ctx.tables.create_many(table_id, [i.fields for i in chunk])
+            _patient(lambda: ctx.tables.create_many(table_id, [i.fields for i in chunk]), deadline)
         else:
-            ctx.tables.update_many(table_id, [(rid, i.fields) for i, rid in chunk])
+            _patient(lambda: ctx.tables.update_many(table_id, [(rid, i.fields) for i, rid in chunk]), deadline)
 
     for create, work in ((True, creates), (False, updates)):
         for chunk in _chunks(work, BATCH_MAX):
@@ -273,7 +289,7 @@ def _drain_once(ctx: SyncContext, fn: FunctionSpec, limit: int, exclude: list[st
                 plan.locked += 1
         _plan_items(ctx, conn, fn, owned, plan)
         with shared_budget(budget_s):
-            _write(ctx, conn, fn, plan)
+            _write(ctx, conn, fn, plan, time.monotonic() + budget_s)
         done.append(plan)
         _record(conn, fn, plan, origin)
         return plan
@@ -344,9 +360,10 @@ def drain_outbox(ctx: SyncContext, fn: FunctionSpec, *, origin: str = "live", li
 
 def deliver(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhook, *, origin: str = "live") -> SyncResult:
     """A Database Webhook to a *_to_tables function with batches on: drain the table's outbox, and answer
-    for the webhook's own record. A record another invocation delivered meanwhile is answered without
-    calling Tables; one that is not in the outbox at all (a hand-sent payload) takes the single path, as do
-    deletes and the catch-hook writer."""
+    for the webhook's own record: its outcome when this drain delivered it; ``queued`` when another invocation
+    holds it; ``unchanged`` when it was delivered already (no Tables call); a 503 (TablesUnavailable) when
+    the drain's budget ran out before it. A record not in the outbox at all (a hand-sent payload) takes the
+    single path, as do deletes and the catch-hook writer."""
     spec = fn.table
     if hook.type == "DELETE" or hook.table != spec.name or hook.schema_ != "public" or hook.record is None \
             or ctx.settings.tables_writer is TablesWriter.CATCH_HOOK:  # a catch hook takes one record per POST
@@ -356,13 +373,15 @@ def deliver(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhook, *, origin
     mine = drained.results.get(row["id"])
     if mine is not None:
         return mine
-    version = row.get(spec.version or "")
+    state = ctx.db.run(lambda conn: supabase_db.outbox_state(conn, spec, row["id"], row.get(spec.version or "")))
+    if state == "pending" and drained.stopped:  # Tables refused more within the budget: as the single path would
+        from shared.zapier_tables import TablesUnavailable
 
-    def delivered(conn: psycopg.Connection) -> bool:
-        supabase_db.lock_record(conn, spec, row["id"])  # waits for an invocation still working on it
-        return supabase_db.outbox_delivered(conn, spec, row["id"], version)
-
-    if ctx.db.run(delivered):
+        raise TablesUnavailable(None, f"batch stopped before this record: {drained.stopped}")
+    if state == "pending":  # another invocation holds it: this wake-up's work is done
+        return SyncResult(outcome=Outcome.QUEUED, function=fn.name, table=spec.name, id=row["id"],
+                          detail="being delivered by another invocation")
+    if state == "delivered":
         return SyncResult(outcome=Outcome.UNCHANGED, function=fn.name, table=spec.name, id=row["id"],
                           detail="delivered in a batch")
     return apply_from_supabase(ctx, fn, hook, origin=origin)

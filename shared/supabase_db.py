@@ -169,9 +169,10 @@ def outbox_capture_time(conn: psycopg.Connection, spec: TableSpec, record_id: st
 
 
 def announce(conn: psycopg.Connection, spec: TableSpec, record_id: str, op: str = "UPDATE") -> bool:
-    """Queue the current row (or, deleted, its DELETE) for the table's *_to_tables function
-    (zsync.announce); False if not wired."""
-    return conn.execute("SELECT zsync.announce(%s, %s, %s)", (spec.name, record_id, op)).fetchone()[0]
+    """Queue the current row (or, deleted, its DELETE) for the table's *_to_tables function: an outbox entry
+    (so it is delivered like any change, and re-sent by the sweeper if the webhook is lost) and the webhook
+    (zsync.requeue); False if not wired."""
+    return conn.execute("SELECT zsync.requeue(%s, %s, %s)", (spec.name, record_id, op)).fetchone()[0]
 
 
 def fetch_row(conn: psycopg.Connection, spec: TableSpec, record_id: str) -> dict | None:
@@ -206,10 +207,9 @@ def claim_outbox(conn: psycopg.Connection, spec: TableSpec, limit: int,
                         (spec.name, limit, exclude or [])).fetchall()
 
 
-def outbox_delivered(conn: psycopg.Connection, spec: TableSpec, record_id: str, updated_at: datetime | None) -> bool:
-    """True when this version (or a later one) of the record was delivered and nothing up to it is pending."""
-    return conn.execute("SELECT zsync.outbox_delivered(%s, %s, %s)",
-                        (spec.name, record_id, updated_at)).fetchone()[0]
+def outbox_state(conn: psycopg.Connection, spec: TableSpec, record_id: str, updated_at: datetime | None) -> str:
+    """'pending' (held by another invocation), 'delivered' (this version or later) or 'none' (zsync.outbox_state)."""
+    return conn.execute("SELECT zsync.outbox_state(%s, %s, %s)", (spec.name, record_id, updated_at)).fetchone()[0]
 
 
 def try_lock_record(conn: psycopg.Connection, spec: TableSpec, record_id: str) -> bool:

@@ -343,14 +343,14 @@ CALLED = {"sync_upsert", "sync_upsert_many", "version_cmp", "content_hash", "app
           # issue 11: lag from the outbox capture, health and alert state
           "outbox_capture_time", "sync_health", "transition_alerts",
           # issue 12: the outbox as the *_to_tables work queue
-          "claim_outbox", "ack_outbox_many", "version_cmp_many", "append_audit_many", "outbox_delivered"}
+          "claim_outbox", "ack_outbox_many", "version_cmp_many", "append_audit_many", "outbox_state", "requeue"}
 DEFINER = {"capture_change", "ack_outbox", "announce",
            # issue 13: they read/write zsync.tombstones and zsync.outbox, which zsync_sync cannot touch
            "maintain_updated_at", "track_tombstone", "tombstone_version", "apply_tables_delete", "outbox_failed",
            # issue 11: the Vault-reading webhook trigger, lag, health and alert state
            "webhook_request", "endpoint_headers", "outbox_capture_time", "sync_health", "transition_alerts",
            # issue 12: claim and acknowledge outbox entries
-           "claim_outbox", "ack_outbox_many", "outbox_delivered"}
+           "claim_outbox", "ack_outbox_many", "outbox_state", "requeue"}
 
 
 def role_url(database_url: str, role: str = ROLE) -> str:

@@ -83,20 +83,59 @@ REVOKE EXECUTE ON FUNCTION zsync.claim_outbox(text, integer, text[]), zsync.ack_
 GRANT EXECUTE ON FUNCTION zsync.claim_outbox(text, integer, text[]), zsync.ack_outbox_many(text, jsonb),
     zsync.version_cmp_many(regclass, jsonb), zsync.append_audit_many(jsonb) TO zsync_sync;
 
--- A webhook whose record another invocation already delivered in a batch is answered without calling
--- Tables: true when an entry of this record at p_updated_at or later has been acknowledged as delivered.
+-- What a woken *_to_tables function that did not take a record's change itself answers for it:
+-- 'pending' (an entry up to p_updated_at is still unacknowledged: another invocation holds it),
+-- 'delivered' (this version or a later one was acknowledged as delivered), else 'none' (not in the outbox:
+-- a hand-sent payload, delivered the one-record way).
 CREATE INDEX IF NOT EXISTS outbox_record_version_idx ON zsync.outbox (table_name, record_id, record_updated_at);
 
-CREATE OR REPLACE FUNCTION zsync.outbox_delivered(p_table text, p_record_id text, p_updated_at timestamptz)
-RETURNS boolean LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+CREATE OR REPLACE FUNCTION zsync.outbox_state(p_table text, p_record_id text, p_updated_at timestamptz)
+RETURNS text LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT EXISTS (SELECT 1 FROM zsync.outbox o
-                   WHERE o.table_name = p_table AND o.record_id = p_record_id AND o.acked_at IS NOT NULL
-                     AND o.ack_outcome IN ('applied', 'unchanged', 'skipped_stale')
-                     AND p_updated_at IS NOT NULL AND o.record_updated_at >= p_updated_at)
-      AND NOT EXISTS (SELECT 1 FROM zsync.outbox o
-                      WHERE o.table_name = p_table AND o.record_id = p_record_id AND o.acked_at IS NULL
-                        AND (o.record_updated_at IS NULL OR o.record_updated_at <= p_updated_at))
+    SELECT CASE
+        WHEN EXISTS (SELECT 1 FROM zsync.outbox o
+                     WHERE o.table_name = p_table AND o.record_id = p_record_id AND o.acked_at IS NULL
+                       AND (o.record_updated_at IS NULL OR p_updated_at IS NULL OR o.record_updated_at <= p_updated_at))
+            THEN 'pending'
+        WHEN p_updated_at IS NOT NULL AND EXISTS (
+                SELECT 1 FROM zsync.outbox o
+                WHERE o.table_name = p_table AND o.record_id = p_record_id AND o.acked_at IS NOT NULL
+                  AND o.ack_outcome IN ('applied', 'unchanged', 'skipped_stale') AND o.record_updated_at >= p_updated_at)
+            THEN 'delivered'
+        ELSE 'none' END
 $$;
-REVOKE EXECUTE ON FUNCTION zsync.outbox_delivered(text, text, timestamptz) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION zsync.outbox_delivered(text, text, timestamptz) TO zsync_sync;
+REVOKE EXECUTE ON FUNCTION zsync.outbox_state(text, text, timestamptz) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION zsync.outbox_state(text, text, timestamptz) TO zsync_sync;
+
+-- A repair (the sync found the other side holding an older version, or a copy of a deleted record) goes
+-- through the work queue too: an outbox entry for the record's current version (or its tombstone), then
+-- the webhook. The *_to_tables function that wakes up claims it like any change, and if the webhook is
+-- lost the sweeper re-sends it. Returns false when the table is not wired or the record is unknown.
+CREATE OR REPLACE FUNCTION zsync.requeue(p_table text, p_record_id text, p_op text DEFAULT 'UPDATE')
+RETURNS boolean LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_version timestamptz;
+    v_found   boolean := false;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM zsync.webhook_endpoints WHERE table_name = p_table) THEN
+        RETURN false;
+    END IF;
+    EXECUTE format('SELECT t.updated_at, true FROM public.%I t WHERE t.id = $1', p_table)
+        INTO v_version, v_found USING p_record_id;
+    IF coalesce(v_found, false) THEN
+        INSERT INTO zsync.outbox (table_name, record_id, op, record_updated_at)
+        VALUES (p_table, p_record_id, 'UPDATE', v_version);
+    ELSE
+        SELECT version INTO v_version FROM zsync.tombstones WHERE table_name = p_table AND record_id = p_record_id;
+        IF v_version IS NULL THEN
+            RETURN false;
+        END IF;
+        INSERT INTO zsync.outbox (table_name, record_id, op, record_updated_at)
+        VALUES (p_table, p_record_id, 'DELETE', v_version);
+    END IF;
+    RETURN zsync.announce(p_table, p_record_id, p_op);
+END
+$$;
+REVOKE EXECUTE ON FUNCTION zsync.requeue(text, text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION zsync.requeue(text, text, text) TO zsync_sync;
