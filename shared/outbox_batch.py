@@ -306,11 +306,12 @@ def _drain_once(ctx: SyncContext, fn: FunctionSpec, limit: int, exclude: list[st
 def drain_outbox(ctx: SyncContext, fn: FunctionSpec, *, origin: str = "live", limit: int | None = None,
                  budget_s: float | None = None) -> DrainResult:
     """Deliver the pending outbox changes of ``fn``'s table to Tables in batches until none is left that
-    this invocation can take, or the time budget (``retry_budget_s`` by default) is spent."""
+    this invocation can take, or the time budget (``outbox_drain_budget_s``, at most ``retry_budget_s``, by
+    default) is spent."""
     if fn.direction is not Direction.TO_TABLES:
         raise ValueError(f"{fn.name} does not sync to Zapier Tables")
     limit = limit or ctx.settings.outbox_claim_limit
-    budget = ctx.settings.retry_budget_s if budget_s is None else budget_s
+    budget = min(ctx.settings.retry_budget_s, ctx.settings.outbox_drain_budget_s) if budget_s is None else budget_s
     deadline = time.monotonic() + budget
     result = DrainResult()
     handled: list[str] = []  # failed, parked or handed on: not claimed again in this invocation
@@ -361,9 +362,9 @@ def drain_outbox(ctx: SyncContext, fn: FunctionSpec, *, origin: str = "live", li
 def deliver(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhook, *, origin: str = "live") -> SyncResult:
     """A Database Webhook to a *_to_tables function with batches on: drain the table's outbox, and answer
     for the webhook's own record: its outcome when this drain delivered it; ``queued`` when another invocation
-    holds it; ``unchanged`` when it was delivered already (no Tables call); a 503 (TablesUnavailable) when
-    the drain's budget ran out before it. A record not in the outbox at all (a hand-sent payload) takes the
-    single path, as do deletes and the catch-hook writer."""
+    holds it or the drain's budget ran out before it (it stays pending in the outbox: no dead letter);
+    ``unchanged`` when it was delivered already (no Tables call). A record not in the outbox at all (a
+    hand-sent payload) takes the single path, as do deletes and the catch-hook writer."""
     spec = fn.table
     if hook.type == "DELETE" or hook.table != spec.name or hook.schema_ != "public" or hook.record is None \
             or ctx.settings.tables_writer is TablesWriter.CATCH_HOOK:  # a catch hook takes one record per POST
@@ -374,13 +375,10 @@ def deliver(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhook, *, origin
     if mine is not None:
         return mine
     state = ctx.db.run(lambda conn: supabase_db.outbox_state(conn, spec, row["id"], row.get(spec.version or "")))
-    if state == "pending" and drained.stopped:  # Tables refused more within the budget: as the single path would
-        from shared.zapier_tables import TablesUnavailable
-
-        raise TablesUnavailable(None, f"batch stopped before this record: {drained.stopped}")
-    if state == "pending":  # another invocation holds it: this wake-up's work is done
-        return SyncResult(outcome=Outcome.QUEUED, function=fn.name, table=spec.name, id=row["id"],
-                          detail="being delivered by another invocation")
+    if state == "pending":  # another invocation holds it, or the budget ran out: the outbox keeps it
+        detail = (f"left pending in the outbox (Tables: {drained.stopped[:200]}); the next wake-up or the sweeper "
+                  "delivers it" if drained.stopped else "being delivered by another invocation")
+        return SyncResult(outcome=Outcome.QUEUED, function=fn.name, table=spec.name, id=row["id"], detail=detail)
     if state == "delivered":
         return SyncResult(outcome=Outcome.UNCHANGED, function=fn.name, table=spec.name, id=row["id"],
                           detail="delivered in a batch")

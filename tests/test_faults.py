@@ -299,8 +299,9 @@ def test_c_function_killed_mid_burst_outbox_sweeper_recovers(fstack, settings, c
         refused = conn.execute("SELECT count(*) FROM net._http_response WHERE id > %s AND status_code IS NULL",
                                (first_response,)).fetchone()[0]
     missing = [rid for rid in ids["agent_jobs"] if tables.find("agent_jobs", rid) is None]
-    # pg_net sent each once and never retried; a request in flight at the kill may have reached Tables.
-    assert refused >= 1 and 1 <= len(missing) <= refused
+    # pg_net sent each once and never retried; a request in flight at the kill may have reached Tables. A
+    # webhook after the restart drains the whole outbox (batches), so the refused ones may be delivered already.
+    assert refused >= 1 and len(missing) <= refused
 
     swept = fstack.sweep_outbox(0)  # pg_cron's job: no human action
     converge(fstack)

@@ -453,7 +453,7 @@ def test_functions_sync_as_a_member_of_zsync_sync(database_url, fn_url, tmp_path
                 assert admin.execute("SELECT status FROM agent_jobs WHERE id = %s", (rid,)).fetchone() == ("running",)
                 outbox = admin.execute("SELECT count(*), count(acked_at) FROM zsync.outbox "
                                        "WHERE table_name = 'agent_jobs' AND record_id = %s", (rid,)).fetchone()
-                assert outbox == (1, 1)  # captured by the trigger, acknowledged by the function
+                assert outbox == (2, 2)  # the trigger's + the repair's (zsync.requeue), both acknowledged
                 queued = admin.execute("SELECT count(*) FROM net.http_request_queue "
                                        "WHERE convert_from(body, 'UTF8') LIKE %s", (f"%{rid}%",)).fetchone()[0]
                 assert queued >= 4  # three webhook triggers fired as the role + the announce
