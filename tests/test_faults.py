@@ -242,8 +242,11 @@ def test_b_tables_api_429_then_503(fstack, settings, client, tables, supabase):
     phase1, phase2 = Counter(s for s, _ in _responses(fstack, mark0, mark1)), _responses(fstack, mark1)
     answers2 = Counter(s for s, _ in phase2)
     dead_lettered = dlq_depth(settings) - depth_before
-    assert served_429 == 6 and served_503 > 0
-    assert phase1 == {200: 8}  # every 429 was absorbed by the client's retries (Retry-After honoured)
+    # Batches: one wake-up claims all 8 and waits out Retry-After within its drain budget (4 s, under pg_net's
+    # 5 s timeout); what does not fit stays pending in the outbox (answered "queued", never dead-lettered)
+    # for the next wake-up or the sweeper below. Every webhook is answered 200 either way.
+    assert served_429 >= 3 and served_503 > 0
+    assert phase1 == {200: 8}
     # Every 503 says it was dead-lettered (a delivery slower than pg_net's 5 s timeout may have been too).
     assert all(json.loads(body)["dead_lettered"] is True for status, body in phase2 if status == 503)
     assert dead_lettered >= answers2[503]
