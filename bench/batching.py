@@ -139,7 +139,7 @@ class Row:
         return self.records / self.seconds if self.seconds else 0.0
 
 
-def burst(env: Env, n: int, tag: str) -> Row:
+def burst(env: Env, n: int, tag: str, label: str) -> Row:
     ids = [f"{tag}-{i:05d}" for i in range(n)]
     before_records, _ = env.tables_count()
     ctxs = [env.ctx() for _ in range(WORKERS)]
@@ -166,11 +166,11 @@ def burst(env: Env, n: int, tag: str) -> Row:
     seconds = time.perf_counter() - start
     records, distinct = env.tables_count()
     _, dead = _outbox(env.url)
-    return Row(f"batched burst ({tag})", n, seconds, env.requests(), dead, records - distinct,
+    return Row(f"batched burst ({label})", n, seconds, env.requests(), dead, records - distinct,
                n - (records - before_records))
 
 
-def single(env: Env, n: int, tag: str) -> Row:
+def single(env: Env, n: int, tag: str, label: str) -> Row:
     ids = [f"{tag}-{i:05d}" for i in range(n)]
     ctxs = [env.ctx() for _ in range(WORKERS)]
     for c in ctxs:
@@ -207,7 +207,7 @@ def single(env: Env, n: int, tag: str) -> Row:
         t.join()
     seconds = time.perf_counter() - start
     records, distinct = env.tables_count()
-    return Row(f"one-record path ({tag})", n, seconds, env.requests(), len(failed), records - distinct,
+    return Row(f"one-record path ({label})", n, seconds, env.requests(), len(failed), records - distinct,
                n - (records - before_records))
 
 
@@ -241,6 +241,54 @@ def find_ms(env: Env, n: int = 80) -> float:
     return statistics.median(times)
 
 
+def run(burst_n: int = 1000, single_n: int = 200, big: int = 100_000, lag_n: int = 50) -> list[tuple[str, str, str]]:
+    """Run everything, print the details; -> summary rows (figure, measured, goal) for ``make bench``."""
+    tmp = Path(tempfile.mkdtemp(prefix="zsync-bench-batch-"))
+    pg = start_postgres(tmp / "pg")
+    envs: list[Env] = []
+    rows: list[Row] = []
+    lags: dict[str, tuple[float, float]] = {}
+    finds: dict[str, float] = {}
+    try:
+        for label, size in (("empty", 0), (f"{big:,} records", big)):
+            print(f"batching: preparing a table with {label} ...", flush=True)
+            env = _start(tmp, pg, f"b{size}", size)
+            envs.append(env)
+            finds[label] = find_ms(env)
+            lags[label] = lag(env, lag_n, f"l{size}")
+            time.sleep(RATE_WINDOW_S)
+            rows.append(burst(env, burst_n, f"burst{size}", label))
+            time.sleep(RATE_WINDOW_S)
+            rows.append(single(env, single_n, f"one{size}", label))
+            time.sleep(RATE_WINDOW_S)
+    finally:
+        for env in envs:
+            env.service.stop()
+        pg.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"\nSupabase -> Tables under the enforced limit ({RATE_LIMIT} requests / {RATE_WINDOW_S:g} s per table), "
+          f"{WORKERS} concurrent invocations")
+    print(f"{'':<40}{'records':>8}{'seconds':>9}{'rec/s':>9}{'Tables req':>11}{'dead':>6}{'extra':>7}"
+          f"{'missing':>8}")
+    for r in rows:
+        print(f"{r.name:<40}{r.records:>8}{r.seconds:>9.2f}{r.rate:>9.1f}{r.requests:>11}{r.dead:>6}{r.extra:>7}"
+              f"{r.missing:>8}")
+    summary = []
+    for i in range(0, len(rows), 2):
+        b, s = rows[i], rows[i + 1]
+        where = b.name.split("(")[1].rstrip(")")
+        summary.append((f"batch burst of {b.records} ({where}): time, requests",
+                        f"{b.seconds:.2f} s, {b.requests} req, {b.dead} dead, {b.extra + b.missing} extra/missing",
+                        "<= 10 s, <= 30, 0, 0"))
+        summary.append((f"batched vs one-record records/s ({where})",
+                        f"{b.rate / s.rate:.0f}x ({b.rate:.0f} vs {s.rate:.1f} rec/s)", ">= 20x"))
+    for label, (p50, p99) in lags.items():
+        summary.append((f"supabase->tables lag, one change ({label})", f"p50 {p50:.1f} ms, p99 {p99:.1f} ms",
+                        "same at any size"))
+        summary.append((f"local Tables find by id ({label})", f"p50 {finds[label]:.2f} ms", "same at any size"))
+    return summary
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.batching", description=__doc__.splitlines()[0])
     parser.add_argument("--burst", type=int, default=1000)
@@ -248,44 +296,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--big", type=int, default=100_000)
     parser.add_argument("--lag", type=int, default=50)
     args = parser.parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="zsync-bench-batch-"))
-    pg = start_postgres(tmp / "pg")
-    envs: list[Env] = []
-    try:
-        rows: list[Row] = []
-        lags: dict[str, tuple[float, float]] = {}
-        finds: dict[str, float] = {}
-        for label, big in (("empty", 0), (f"{args.big:,} records", args.big)):
-            print(f"preparing: table with {label} ...", flush=True)
-            env = _start(tmp, pg, f"b{big}", big)
-            envs.append(env)
-            finds[label] = find_ms(env)
-            lags[label] = lag(env, args.lag, f"l{big}")
-            time.sleep(RATE_WINDOW_S)
-            rows.append(burst(env, args.burst, f"burst{big}"))
-            time.sleep(RATE_WINDOW_S)
-            rows.append(single(env, args.single, f"one{big}"))
-            time.sleep(RATE_WINDOW_S)
-        print(f"\nSupabase -> Tables under the enforced limit ({RATE_LIMIT} requests / {RATE_WINDOW_S:g} s per table), "
-              f"{WORKERS} concurrent invocations")
-        print(f"{'':<40}{'records':>8}{'seconds':>9}{'rec/s':>9}{'Tables req':>11}{'dead':>6}{'extra':>7}"
-              f"{'missing':>8}")
-        for r in rows:
-            print(f"{r.name:<40}{r.records:>8}{r.seconds:>9.2f}{r.rate:>9.1f}{r.requests:>11}{r.dead:>6}{r.extra:>7}"
-                  f"{r.missing:>8}")
-        for i in range(0, len(rows), 2):
-            b, s = rows[i], rows[i + 1]
-            print(f"{b.name}: {b.rate / s.rate:.0f}x the one-record path's records/s "
-                  f"(goal >= 20x); burst {b.seconds:.2f} s (goal <= 10 s), {b.requests} requests (goal <= 30)")
-        for label in lags:
-            p50, p99 = lags[label]
-            print(f"table with {label}: one change at a time, capture -> acked in Tables p50 {p50:.1f} ms, "
-                  f"p99 {p99:.1f} ms; the service's find by id p50 {finds[label]:.2f} ms")
-    finally:
-        for env in envs:
-            env.service.stop()
-        pg.cleanup()
-        shutil.rmtree(tmp, ignore_errors=True)
+    summary = run(args.burst, args.single, args.big, args.lag)
+    width = max(len(name) for name, _, _ in summary)
+    print(f"\nSUMMARY\n{'figure':<{width}}  {'measured':<52} goal")
+    for name, value, goal in summary:
+        print(f"{name:<{width}}  {value:<52} {goal}")
 
 
 if __name__ == "__main__":
