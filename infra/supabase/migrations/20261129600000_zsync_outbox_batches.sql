@@ -111,6 +111,8 @@ GRANT EXECUTE ON FUNCTION zsync.outbox_state(text, text, timestamptz) TO zsync_s
 -- through the work queue too: an outbox entry for the record's current version (or its tombstone), then
 -- the webhook. The *_to_tables function that wakes up claims it like any change, and if the webhook is
 -- lost the sweeper re-sends it. Returns false when the table is not wired or the record is unknown.
+ALTER TABLE zsync.outbox ADD COLUMN IF NOT EXISTS repair boolean NOT NULL DEFAULT false;  -- not a write: a re-send
+
 CREATE OR REPLACE FUNCTION zsync.requeue(p_table text, p_record_id text, p_op text DEFAULT 'UPDATE')
 RETURNS boolean LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -124,15 +126,15 @@ BEGIN
     EXECUTE format('SELECT t.updated_at, true FROM public.%I t WHERE t.id = $1', p_table)
         INTO v_version, v_found USING p_record_id;
     IF coalesce(v_found, false) THEN
-        INSERT INTO zsync.outbox (table_name, record_id, op, record_updated_at)
-        VALUES (p_table, p_record_id, 'UPDATE', v_version);
+        INSERT INTO zsync.outbox (table_name, record_id, op, record_updated_at, repair)
+        VALUES (p_table, p_record_id, 'UPDATE', v_version, true);
     ELSE
         SELECT version INTO v_version FROM zsync.tombstones WHERE table_name = p_table AND record_id = p_record_id;
         IF v_version IS NULL THEN
             RETURN false;
         END IF;
-        INSERT INTO zsync.outbox (table_name, record_id, op, record_updated_at)
-        VALUES (p_table, p_record_id, 'DELETE', v_version);
+        INSERT INTO zsync.outbox (table_name, record_id, op, record_updated_at, repair)
+        VALUES (p_table, p_record_id, 'DELETE', v_version, true);
     END IF;
     RETURN zsync.announce(p_table, p_record_id, p_op);
 END
