@@ -321,7 +321,8 @@ def diagnose(stack: Any, rid: str) -> str:
 def outbox_versions(stack: Any, record_ids: list[str], after_id: int) -> dict[str, list[datetime]]:
     with psycopg.connect(stack.database_url, autocommit=True) as conn:
         rows = conn.execute("SELECT record_id, record_updated_at FROM zsync.outbox WHERE id > %s "
-                            "AND record_id = ANY(%s) ORDER BY id", (after_id, record_ids)).fetchall()
+                            "AND record_id = ANY(%s) AND NOT repair ORDER BY id",  # writes, not the sync's re-sends
+                            (after_id, record_ids)).fetchall()
     out: dict[str, list[datetime]] = defaultdict(list)
     for rid, ts in rows:
         out[rid].append(ts)
