@@ -32,7 +32,7 @@ from typing import Any
 import psycopg
 import requests
 
-from bench import coldstart
+from bench import batching, coldstart
 from bench.floor_target import TABLE_SQL
 from infra.local.stack import REPO, LocalStack, free_port, running_stack, wait_listening
 from shared.settings import DEFAULT_SECRET_HEADER
@@ -205,6 +205,8 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=200, help="concurrent writes in the burst")
     parser.add_argument("--runs", type=int, default=5, help="fresh processes per cold-start figure")
     parser.add_argument("--warm", type=int, default=400, help="warm in-process deliveries for CPU / breakdown")
+    parser.add_argument("--batch-big", type=int, default=100_000,
+                        help="records already in the table for the batching figures (bench/batching.py)")
     args = parser.parse_args()
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="zsync-bench-"))
@@ -222,6 +224,7 @@ def main() -> None:
         summary.append(burst(stack, tables, supabase, args.burst))
         print("  rss: " + ", ".join(f"{name} {rss_mb(fp.process.pid):.0f} MB"
                                     for name, fp in sorted(stack.functions.items()) if fp.process))
+    summary += batching.run(big=args.batch_big)
     width = max(len(name) for name, _, _ in summary)
     print(f"\nSUMMARY (one run on this machine; `make bench`)\n{'figure':<{width}}  {'measured':<44} goal")
     for name, value, goal in summary:

@@ -37,6 +37,7 @@ class Outcome(StrEnum):
     IGNORED = "ignored"  # not a change we sync (deletes on a table that ignores them, pings)
     REJECTED = "rejected"  # invalid input; nothing written
     FAILED = "failed"  # could not be applied now (dependency down); dead-lettered for replay
+    QUEUED = "queued"  # a woken *_to_tables function: another invocation is delivering this change (batches)
 
 
 def outcome_of(cmp: int) -> Outcome:

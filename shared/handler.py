@@ -140,7 +140,12 @@ def process(fn: FunctionSpec, ctx: SyncContext, payload: dict[str, Any],
             changed_at, source = change_time(payload, received_at or datetime.now(UTC))
             return apply_from_tables(ctx, fn, unwrap_tables_payload(payload), received_at, changed_at=changed_at,
                                      changed_at_source=source, origin=origin)
-        return apply_from_supabase(ctx, fn, _webhook(payload), origin=origin)
+        hook = _webhook(payload)
+        if ctx.settings.outbox_batches and origin == "live":
+            from shared.outbox_batch import deliver
+
+            return deliver(ctx, fn, hook, origin=origin)
+        return apply_from_supabase(ctx, fn, hook, origin=origin)
     except InvalidRecord as exc:
         raise Rejected(400, exc.problems, _record_id(payload)) from None
 

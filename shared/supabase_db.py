@@ -9,6 +9,7 @@ configured budget (it is idempotent: the upsert compares versions, audit entries
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -168,9 +169,10 @@ def outbox_capture_time(conn: psycopg.Connection, spec: TableSpec, record_id: st
 
 
 def announce(conn: psycopg.Connection, spec: TableSpec, record_id: str, op: str = "UPDATE") -> bool:
-    """Queue the current row (or, deleted, its DELETE) for the table's *_to_tables function
-    (zsync.announce); False if not wired."""
-    return conn.execute("SELECT zsync.announce(%s, %s, %s)", (spec.name, record_id, op)).fetchone()[0]
+    """Queue the current row (or, deleted, its DELETE) for the table's *_to_tables function: an outbox entry
+    (so it is delivered like any change, and re-sent by the sweeper if the webhook is lost) and the webhook
+    (zsync.requeue); False if not wired."""
+    return conn.execute("SELECT zsync.requeue(%s, %s, %s)", (spec.name, record_id, op)).fetchone()[0]
 
 
 def fetch_row(conn: psycopg.Connection, spec: TableSpec, record_id: str) -> dict | None:
@@ -191,3 +193,63 @@ def fetch_rows(conn: psycopg.Connection, spec: TableSpec, since: datetime | None
         params = (since,)
     with conn.cursor(row_factory=dict_row) as cur:
         return [r["row"] for r in cur.execute(query + " ORDER BY t.id", params)]
+
+
+# --- batches (the outbox as the *_to_tables work queue) ------------------------------------------------
+
+
+def claim_outbox(conn: psycopg.Connection, spec: TableSpec, limit: int,
+                 exclude: list[str] | None = None) -> list[tuple[str, int, datetime]]:
+    """Lock up to ``limit`` pending outbox entries of the table (not of ``exclude``) until the transaction
+    ends, skipping those another transaction holds (zsync.claim_outbox).
+    -> (record id, entries, earliest capture time), oldest first."""
+    return conn.execute("SELECT record_id, changes, captured_at FROM zsync.claim_outbox(%s, %s, %s)",
+                        (spec.name, limit, exclude or [])).fetchall()
+
+
+def outbox_state(conn: psycopg.Connection, spec: TableSpec, record_id: str, updated_at: datetime | None) -> str:
+    """'pending' (held by another invocation), 'delivered' (this version or later) or 'none' (zsync.outbox_state)."""
+    return conn.execute("SELECT zsync.outbox_state(%s, %s, %s)", (spec.name, record_id, updated_at)).fetchone()[0]
+
+
+def try_lock_record(conn: psycopg.Connection, spec: TableSpec, record_id: str) -> bool:
+    """:func:`lock_record` without waiting: False when another transaction works on the record."""
+    return conn.execute("SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))",
+                        (f"{spec.name}:{record_id}",)).fetchone()[0]
+
+
+def fetch_rows_by_id(conn: psycopg.Connection, spec: TableSpec, ids: list[str]) -> dict[str, dict]:
+    """The stored rows of ``ids`` (the Database Webhook's record shape), by id; absent ids are missing."""
+    found = conn.execute(f'SELECT t.id, to_jsonb(t) FROM public."{spec.name}" t WHERE t.id = ANY(%s)',
+                         (ids,)).fetchall()
+    return {rid: row for rid, row in found}
+
+
+def version_cmp_many(conn: psycopg.Connection, spec: TableSpec,
+                     pairs: list[tuple[Mapping[str, Any], Mapping[str, Any]]]) -> list[int]:
+    """:func:`version_cmp` of each ``(a, b)`` pair, in one call (zsync.version_cmp_many)."""
+    if not pairs:
+        return []
+    payload = "[" + ",".join(f'{{"a":{row_to_json(a)},"b":{row_to_json(b)}}}' for a, b in pairs) + "]"
+    found = conn.execute("SELECT ord, cmp FROM zsync.version_cmp_many(%s::regclass, %s::jsonb)",
+                         (_regclass(spec), payload)).fetchall()
+    return [cmp for _, cmp in sorted(found)]
+
+
+def append_audit_many(conn: psycopg.Connection, entries: list[Mapping[str, Any]]) -> int:
+    """:func:`append_audit` for many entries in one call. -> how many were inserted."""
+    if not entries:
+        return 0
+    payload = "[" + ",".join(row_to_json(e) for e in entries) + "]"
+    return conn.execute("SELECT zsync.append_audit_many(%s::jsonb)", (payload,)).fetchone()[0]
+
+
+def ack_outbox_many(conn: psycopg.Connection, spec: TableSpec,
+                    acks: list[tuple[str, datetime | None, str]]) -> int:
+    """:func:`ack_outbox` for many ``(record id, version, outcome)`` in one call; never waits for an entry
+    another transaction holds (it stays pending and is claimed again)."""
+    if not acks:
+        return 0
+    payload = json.dumps([{"record_id": rid, "updated_at": ts.isoformat() if ts else None, "outcome": outcome}
+                          for rid, ts, outcome in acks])
+    return conn.execute("SELECT zsync.ack_outbox_many(%s, %s::jsonb)", (spec.name, payload)).fetchone()[0]

@@ -62,6 +62,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
@@ -272,11 +273,28 @@ def _session(policy: RetryPolicy) -> requests.Session:
     return session
 
 
+_SHARED_DEADLINE: ContextVar[float | None] = ContextVar("zapier_tables_shared_deadline", default=None)
+
+
+@contextmanager
+def shared_budget(budget_s: float) -> Iterator[None]:
+    """Every call made inside (this thread) shares one deadline ``now + budget_s`` on top of its own
+    budget: a batch of requests honours 429 / Retry-After as one budget, not per request. A Retry-After
+    that does not fit ends the call at once with :class:`TablesUnavailable` (``retry_after`` set)."""
+    token = _SHARED_DEADLINE.set(time.monotonic() + budget_s)
+    try:
+        yield
+    finally:
+        _SHARED_DEADLINE.reset(token)
+
+
 class _CallBudget:
     """Context manager: arm the retry deadline for the HTTP call made inside it (this thread only)."""
 
     def __init__(self, budget_s: float, attempt_s: float) -> None:
-        self._budget = _Budget(time.monotonic() + budget_s, attempt_s)
+        deadline = time.monotonic() + budget_s
+        shared = _SHARED_DEADLINE.get()
+        self._budget = _Budget(deadline if shared is None else min(deadline, shared), attempt_s)
         self.started = time.monotonic()
 
     def __enter__(self) -> Self:

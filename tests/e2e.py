@@ -79,8 +79,9 @@ class Supabase:
         return rows[0][0] if rows else None
 
     def writes(self, table: str, record_id: str | None = None) -> int:
-        """INSERTs + UPDATEs on a webhook table, as counted by the outbox trigger (one row per write)."""
-        sql = "SELECT count(*) FROM zsync.outbox WHERE table_name = %s"
+        """INSERTs + UPDATEs on a webhook table, as counted by the outbox trigger (one row per write; the
+        sync's repairs queued by zsync.requeue are re-sends, not writes)."""
+        sql = "SELECT count(*) FROM zsync.outbox WHERE table_name = %s AND NOT repair"
         params: tuple = (table,)
         if record_id is not None:
             sql += " AND record_id = %s"

@@ -242,8 +242,11 @@ def test_b_tables_api_429_then_503(fstack, settings, client, tables, supabase):
     phase1, phase2 = Counter(s for s, _ in _responses(fstack, mark0, mark1)), _responses(fstack, mark1)
     answers2 = Counter(s for s, _ in phase2)
     dead_lettered = dlq_depth(settings) - depth_before
-    assert served_429 == 6 and served_503 > 0
-    assert phase1 == {200: 8}  # every 429 was absorbed by the client's retries (Retry-After honoured)
+    # Batches: one wake-up claims all 8 and waits out Retry-After within its drain budget (4 s, under pg_net's
+    # 5 s timeout); what does not fit stays pending in the outbox (answered "queued", never dead-lettered)
+    # for the next wake-up or the sweeper below. Every webhook is answered 200 either way.
+    assert served_429 >= 3 and served_503 > 0
+    assert phase1 == {200: 8}
     # Every 503 says it was dead-lettered (a delivery slower than pg_net's 5 s timeout may have been too).
     assert all(json.loads(body)["dead_lettered"] is True for status, body in phase2 if status == 503)
     assert dead_lettered >= answers2[503]
@@ -299,8 +302,9 @@ def test_c_function_killed_mid_burst_outbox_sweeper_recovers(fstack, settings, c
         refused = conn.execute("SELECT count(*) FROM net._http_response WHERE id > %s AND status_code IS NULL",
                                (first_response,)).fetchone()[0]
     missing = [rid for rid in ids["agent_jobs"] if tables.find("agent_jobs", rid) is None]
-    # pg_net sent each once and never retried; a request in flight at the kill may have reached Tables.
-    assert refused >= 1 and 1 <= len(missing) <= refused
+    # pg_net sent each once and never retried; a request in flight at the kill may have reached Tables. A
+    # webhook after the restart drains the whole outbox (batches), so the refused ones may be delivered already.
+    assert refused >= 1 and len(missing) <= refused
 
     swept = fstack.sweep_outbox(0)  # pg_cron's job: no human action
     converge(fstack)

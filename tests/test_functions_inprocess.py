@@ -142,6 +142,8 @@ def test_tables_refusing_our_write_is_a_502_not_retried_or_dead_lettered(env, da
         reset_settings()
         hook = {"type": "INSERT", "table": "agent_jobs", "schema": "public", "old_record": None,
                 "record": {"id": "too-big", "error_message": "x" * 5000, "updated_at": "2025-12-22T10:00:00+00:00"}}
+        with psycopg.connect(database_url, autocommit=True) as conn:  # earlier tests' changes: not this one's
+            conn.execute("UPDATE zsync.outbox SET acked_at = now() WHERE acked_at IS NULL")
         tables.service.ctx.stats.reset()
         r = post("agent_jobs_to_tables", hook)
         assert r.status_code == 502 and r.json["dead_lettered"] is False

@@ -343,14 +343,18 @@ CALLED = {"sync_upsert", "sync_upsert_many", "version_cmp", "content_hash", "app
           # issue 11: lag from the outbox capture, health and alert state
           "outbox_capture_time", "sync_health", "transition_alerts",
           # issue 13 item 4: the Tables trash check's watermark and its re-insert guard
-          "trash_watermark", "trash_checked", "trash_insert_pending"}
+          "trash_watermark", "trash_checked", "trash_insert_pending",
+          # issue 12: the outbox as the *_to_tables work queue
+          "claim_outbox", "ack_outbox_many", "version_cmp_many", "append_audit_many", "outbox_state", "requeue"}
 DEFINER = {"capture_change", "ack_outbox", "announce",
            # issue 13: they read/write zsync.tombstones and zsync.outbox, which zsync_sync cannot touch
            "maintain_updated_at", "track_tombstone", "tombstone_version", "apply_tables_delete", "outbox_failed",
            # issue 11: the Vault-reading webhook trigger, lag, health and alert state
            "webhook_request", "endpoint_headers", "outbox_capture_time", "sync_health", "transition_alerts",
            # issue 13 item 4: zsync.trash_watermarks and the outbox, which zsync_sync cannot touch
-           "trash_watermark", "trash_checked", "trash_insert_pending"}
+           "trash_watermark", "trash_checked", "trash_insert_pending",
+           # issue 12: claim and acknowledge outbox entries
+           "claim_outbox", "ack_outbox_many", "outbox_state", "requeue"}
 
 
 def role_url(database_url: str, role: str = ROLE) -> str:
@@ -453,7 +457,7 @@ def test_functions_sync_as_a_member_of_zsync_sync(database_url, fn_url, tmp_path
                 assert admin.execute("SELECT status FROM agent_jobs WHERE id = %s", (rid,)).fetchone() == ("running",)
                 outbox = admin.execute("SELECT count(*), count(acked_at) FROM zsync.outbox "
                                        "WHERE table_name = 'agent_jobs' AND record_id = %s", (rid,)).fetchone()
-                assert outbox == (1, 1)  # captured by the trigger, acknowledged by the function
+                assert outbox == (2, 2)  # the trigger's + the repair's (zsync.requeue), both acknowledged
                 queued = admin.execute("SELECT count(*) FROM net.http_request_queue "
                                        "WHERE convert_from(body, 'UTF8') LIKE %s", (f"%{rid}%",)).fetchone()[0]
                 assert queued >= 4  # three webhook triggers fired as the role + the announce

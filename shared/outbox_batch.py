@@ -1,0 +1,385 @@
+"""Supabase -> Zapier Tables in batches: the outbox is the *_to_tables functions' work queue.
+
+A Database Webhook only wakes the function up. :func:`drain_outbox` claims the pending outbox entries of
+its table (``zsync.claim_outbox``: ``FOR UPDATE SKIP LOCKED``, so parallel invocations never take the same
+entries; a record another transaction works on is skipped with ``pg_try_advisory_xact_lock``), reads each
+record's current row once (several changes of one record coalesce into its newest version), finds the
+existing Tables records with one ``in`` query per 1,000 ids, compares versions in one call
+(``zsync.version_cmp_many``), writes with batch create/update (<= 100 records per request) under one shared
+time budget for 429 / Retry-After (:func:`shared.zapier_tables.shared_budget`), then records every outcome
+(one audit insert, one ack per batch) in the same transaction. Records whose write did not fit in the
+budget are not acknowledged: they stay pending (claimed again, or re-sent by the sweeper), never lost and
+never written twice.
+
+Per record the outcome and audit entry are the single path's (:func:`shared.sync.apply_from_supabase`):
+the same conflict rule, ``edited_at`` versioning, duplicate removal, parking of unreadable Tables records,
+pushing a newer Tables version back, deletes (handed to the single path), exactly-once recording, and
+``changed_at`` from the outbox capture time. A single pending change costs what the single path costs
+(one find, one write): no added latency when idle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import psycopg
+
+from shared import audit, conflict, supabase_db
+from shared.conflict import Outcome
+from shared.logs import log_event
+from shared.mapping import InvalidRecord, parse_supabase_record, parse_tables_record, to_tables_fields
+from shared.settings import TablesWriter
+from shared.spec import FUNCTIONS, Direction, FunctionSpec
+from shared.sync import (
+    SupabaseWebhook,
+    SyncContext,
+    SyncResult,
+    _delete_from_supabase,
+    _lag_ms,
+    _remove_duplicates,
+    _tables_edited_at,
+    _tables_version,
+    _unreadable_is_older,
+    apply_from_supabase,
+)
+
+if TYPE_CHECKING:
+    from shared.zapier_tables import Record
+
+T = TypeVar("T")
+LOCKED_RETRIES = 20  # rounds to wait (50 ms each) for records another invocation holds before leaving them
+LOCKED_WAIT_S = 0.05
+
+
+@dataclass
+class _Item:
+    id: str
+    row: dict[str, Any]
+    fields: dict[str, Any]
+    captured: datetime | None
+
+
+@dataclass
+class _Plan:
+    """What one batch decided; recorded (audit, acks) exactly once."""
+
+    items: dict[str, _Item] = field(default_factory=dict)
+    outcomes: dict[str, tuple[Outcome, dict[str, Any] | None]] = field(default_factory=dict)  # id -> (outcome, parked)
+    failed: list[tuple[str, dict[str, Any], list[dict[str, str]], int]] = field(default_factory=list)
+    gone: list[str] = field(default_factory=list)  # row deleted without a tombstone: nothing to send
+    deletes: list[str] = field(default_factory=list)  # deleted (tombstone): the single delete path
+    locked: int = 0  # claimed records another transaction was working on
+    claimed: int = 0
+    stopped: str | None = None  # why writes stopped early (budget): the rest stays pending
+    requests: int = 0
+
+
+@dataclass
+class DrainResult:
+    # per record, its first delivery in this drain (a later round may find the version it pushed back)
+    results: dict[str, SyncResult] = field(default_factory=dict)
+    batches: int = 0
+    pending_left: bool = False  # stopped early (Tables budget / locked records): entries stay pending
+    stopped: str | None = None
+
+    def count(self, outcome: Outcome) -> int:
+        return sum(1 for r in self.results.values() if r.outcome is outcome)
+
+
+def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _webhook_body(spec_name: str, raw: dict[str, Any]) -> bytes:
+    return json.dumps({"type": "UPDATE", "table": spec_name, "schema": "public", "record": raw,
+                       "old_record": None}, sort_keys=True, default=str).encode()
+
+
+def _plan_items(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec,
+                owned: list[tuple[str, datetime | None]], plan: _Plan) -> None:
+    spec = fn.table
+    rows = supabase_db.fetch_rows_by_id(conn, spec, [rid for rid, _ in owned])
+    for rid, captured in owned:
+        raw = rows.get(rid)
+        if raw is None:
+            if spec.sync_deletes and supabase_db.tombstone_version(conn, spec, rid) is not None:
+                plan.deletes.append(rid)
+            else:
+                plan.gone.append(rid)
+            continue
+        try:
+            row = parse_supabase_record(spec, raw)
+            fields = to_tables_fields(spec, row)
+        except InvalidRecord as exc:
+            plan.failed.append((rid, raw, exc.problems, 400))
+            continue
+        plan.items[rid] = _Item(rid, row, fields, captured)
+
+
+def _patient(call: Callable[[], T], deadline: float) -> T:
+    """Run a Tables call; a 429/5xx whose Retry-After still fits in the batch's shared budget is waited out
+    and the call made again (the client's own attempts per call are few)."""
+    from shared.zapier_tables import TablesUnavailable
+
+    while True:
+        try:
+            return call()
+        except TablesUnavailable as exc:
+            wait = exc.retry_after
+            if wait is None or time.monotonic() + wait + 0.05 >= deadline:
+                raise
+            time.sleep(wait)
+
+
+def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _Plan, deadline: float) -> None:
+    """Decide and write every planned record (Tables calls inside the caller's shared budget)."""
+    from shared.zapier_tables import BATCH_MAX, TablesRejected, TablesUnavailable
+
+    spec = fn.table
+    items = list(plan.items.values())
+    if not items:
+        return
+    if ctx.settings.tables_writer is TablesWriter.CATCH_HOOK:
+        for item in items:
+            try:
+                ctx.hooks.send(spec.name, item.fields)
+            except TablesUnavailable as exc:
+                plan.stopped = str(exc)[:300]
+                return
+            plan.outcomes[item.id] = (Outcome.APPLIED, None)
+        return
+    table_id = ctx.table_id(spec)
+    try:
+        found = _patient(lambda: ctx.tables.find_many(table_id, "id", [i.id for i in items]), deadline)
+    except TablesUnavailable as exc:
+        plan.stopped = str(exc)[:300]
+        return
+    by_id: dict[str, list[Record]] = {}
+    for rec in found:
+        by_id.setdefault(str(rec.data.get("id")), []).append(rec)
+
+    creates: list[_Item] = []
+    updates: list[tuple[_Item, str]] = []
+    pairs: list[tuple[_Item, dict[str, Any]]] = []
+    for item in items:
+        recs = by_id.get(item.id, [])
+        if not recs:
+            creates.append(item)
+            continue
+        existing = recs[0] if len(recs) == 1 else _remove_duplicates(ctx, conn, spec, table_id, item.id)
+        edited_at = _tables_edited_at(existing)
+        try:
+            current = parse_tables_record(spec, existing.data)
+        except InvalidRecord as exc:
+            if _unreadable_is_older(spec, existing, edited_at, item.row):
+                log_event(ctx.logger, logging.WARNING, "tables_record_unreadable", record_id=item.id,
+                          problems=exc.problems, resolution="overwritten with the newer Supabase version")
+                updates.append((item, existing.id))
+            else:
+                log_event(ctx.logger, logging.ERROR, "tables_record_unreadable", record_id=item.id,
+                          problems=exc.problems,
+                          resolution="parked: not overwritten (it may be newer); sync_failed written")
+                plan.outcomes[item.id] = (Outcome.PARKED, audit.parked_entry(
+                    fn, item.id, exc.problems, existing.data, item.row, datetime.now(UTC)))
+            continue
+        current = _tables_version(ctx, conn, spec, current, edited_at, item.row)
+        pairs.append((item, current))
+        by_id[item.id] = [existing]  # the one kept (duplicates removed)
+    cmps = supabase_db.version_cmp_many(conn, spec, [(item.row, current) for item, current in pairs])
+    for (item, current), cmp in zip(pairs, cmps, strict=True):
+        outcome = conflict.outcome_of(cmp)
+        if outcome is Outcome.APPLIED:
+            updates.append((item, by_id[item.id][0].id))
+            continue
+        if outcome is Outcome.SKIPPED_STALE:
+            # Tables holds a newer version: make sure Supabase has it too (same as the single path).
+            pushed, _ = supabase_db.sync_upsert(conn, spec, current)
+            if pushed == Outcome.APPLIED:
+                back = FUNCTIONS[spec.function_name(Direction.TO_SUPABASE)]
+                supabase_db.append_audit(conn, audit.sync_entry(back, current, Outcome.APPLIED, datetime.now(UTC),
+                                                                origin="repair"))
+        plan.outcomes[item.id] = (outcome, None)
+
+    def send(chunk: list[Any], create: bool) -> None:
+        if create:
+            _patient(lambda: ctx.tables.create_many(table_id, [i.fields for i in chunk]), deadline)
+        else:
+            _patient(lambda: ctx.tables.update_many(table_id, [(rid, i.fields) for i, rid in chunk]), deadline)
+
+    for create, work in ((True, creates), (False, updates)):
+        for chunk in _chunks(work, BATCH_MAX):
+            if plan.stopped:
+                return
+            try:
+                send(chunk, create)
+            except TablesUnavailable as exc:  # the shared budget ran out: the rest stays pending
+                plan.stopped = str(exc)[:300]
+                return
+            except TablesRejected:
+                # Zapier refused a value in this batch (the whole batch is refused): find which, one by one.
+                for one in chunk:
+                    rid = one.id if create else one[0].id
+                    try:
+                        send([one], create)
+                    except TablesRejected as exc:
+                        item = one if create else one[0]
+                        problems = [{"field": "dependency", "problem": f"{type(exc).__name__}: {str(exc)[:200]}"}]
+                        plan.failed.append((rid, item.row, problems, 503))
+                        continue
+                    except TablesUnavailable as exc:
+                        plan.stopped = str(exc)[:300]
+                        return
+                    plan.outcomes[rid] = (Outcome.APPLIED, None)
+                continue
+            for one in chunk:
+                plan.outcomes[(one if create else one[0]).id] = (Outcome.APPLIED, None)
+
+
+def _record(conn: psycopg.Connection, fn: FunctionSpec, plan: _Plan, origin: str) -> None:
+    """Audit entries and acks of one batch: one insert and one ack call (plus failure counts)."""
+    spec = fn.table
+    now = datetime.now(UTC)
+    entries: list[dict[str, Any]] = []
+    acks: list[tuple[str, datetime | None, str]] = [(rid, None, "row_deleted") for rid in plan.gone]
+    for rid, (outcome, parked) in plan.outcomes.items():
+        item = plan.items[rid]
+        if outcome in (Outcome.APPLIED, Outcome.SKIPPED_STALE):
+            entries.append(audit.sync_entry(fn, item.row, outcome, now, changed_at=item.captured,
+                                            changed_at_source="outbox", origin=origin))
+        if parked is not None:
+            entries.append(parked)
+        acks.append((rid, item.row.get(spec.version or ""), outcome.value))
+    for rid, row, problems, status in plan.failed:
+        entries.append(audit.failed_entry(fn, _webhook_body(spec.name, row), problems, now, rid, status))
+    supabase_db.append_audit_many(conn, entries)
+    supabase_db.ack_outbox_many(conn, spec, acks)
+    for rid, _, problems, _ in plan.failed:  # counted on the record's entries, parked after a few
+        reason = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)[:2000]
+        if supabase_db.outbox_failed(conn, spec, rid, reason):
+            log_event(logging.getLogger("zsync"), logging.ERROR, "outbox_parked", table=spec.name, id=rid,
+                      reason=reason)
+
+
+def _drain_once(ctx: SyncContext, fn: FunctionSpec, limit: int, exclude: list[str], origin: str,
+                budget_s: float) -> _Plan:
+    from shared.zapier_tables import shared_budget
+
+    spec = fn.table
+    done: list[_Plan] = []
+
+    def attempt(conn: psycopg.Connection) -> _Plan:
+        if done:  # the Tables writes are made: record them, never write again
+            _record(conn, fn, done[0], origin)
+            return done[0]
+        plan = _Plan()
+        claimed = supabase_db.claim_outbox(conn, spec, limit, exclude)
+        plan.claimed = len(claimed)
+        owned = []
+        for rid, _, captured in claimed:
+            if supabase_db.try_lock_record(conn, spec, rid):
+                owned.append((rid, captured))
+            else:
+                plan.locked += 1
+        _plan_items(ctx, conn, fn, owned, plan)
+        with shared_budget(budget_s):
+            _write(ctx, conn, fn, plan, time.monotonic() + budget_s)
+        done.append(plan)
+        _record(conn, fn, plan, origin)
+        return plan
+
+    try:
+        return ctx.db.run(attempt)
+    except (supabase_db.DatabaseUnavailable, psycopg.Error):
+        if not done:
+            raise
+        ctx.db.run(lambda conn: _record(conn, fn, done[0], origin))
+        return done[0]
+
+
+def drain_outbox(ctx: SyncContext, fn: FunctionSpec, *, origin: str = "live", limit: int | None = None,
+                 budget_s: float | None = None) -> DrainResult:
+    """Deliver the pending outbox changes of ``fn``'s table to Tables in batches until none is left that
+    this invocation can take, or the time budget (``outbox_drain_budget_s``, at most ``retry_budget_s``, by
+    default) is spent."""
+    if fn.direction is not Direction.TO_TABLES:
+        raise ValueError(f"{fn.name} does not sync to Zapier Tables")
+    limit = limit or ctx.settings.outbox_claim_limit
+    budget = min(ctx.settings.retry_budget_s, ctx.settings.outbox_drain_budget_s) if budget_s is None else budget_s
+    deadline = time.monotonic() + budget
+    result = DrainResult()
+    handled: list[str] = []  # failed, parked or handed on: not claimed again in this invocation
+    idle_rounds = 0
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            result.pending_left = True
+            break
+        plan = _drain_once(ctx, fn, limit, handled, origin, remaining)
+        result.batches += 1
+        now = datetime.now(UTC)
+        for rid, (outcome, _) in plan.outcomes.items():
+            item = plan.items[rid]
+            result.results.setdefault(rid, SyncResult(outcome=outcome, function=fn.name, table=fn.table.name,
+                                                      id=rid, lag_ms=_lag_ms(item.captured, now)))
+        for rid, _, problems, status in plan.failed:
+            result.results[rid] = SyncResult(outcome=Outcome.REJECTED if status < 500 else Outcome.FAILED,
+                                             function=fn.name, table=fn.table.name, id=rid,
+                                             detail="; ".join(p["problem"] for p in problems)[:300])
+            handled.append(rid)
+        for rid in plan.gone:
+            result.results[rid] = SyncResult(outcome=Outcome.IGNORED, function=fn.name, table=fn.table.name, id=rid,
+                                             detail="row deleted without a tombstone: nothing to send")
+        for rid in plan.deletes:
+            result.results[rid] = _delete_from_supabase(ctx, fn, rid)
+            handled.append(rid)
+        handled += [rid for rid, (outcome, _) in plan.outcomes.items() if outcome is Outcome.PARKED]
+        if plan.stopped:
+            result.pending_left, result.stopped = True, plan.stopped
+            log_event(ctx.logger, logging.WARNING, "outbox_batch_stopped", table=fn.table.name, reason=plan.stopped,
+                      delivered=len(plan.outcomes))
+            break
+        if plan.claimed == 0:
+            break
+        progressed = plan.outcomes or plan.failed or plan.gone or plan.deletes
+        if not progressed:  # every claimed record was held by another invocation: wait for it a little
+            idle_rounds += 1
+            if idle_rounds > LOCKED_RETRIES:
+                result.pending_left = True
+                break
+            time.sleep(LOCKED_WAIT_S)
+        else:
+            idle_rounds = 0
+    return result
+
+
+def deliver(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhook, *, origin: str = "live") -> SyncResult:
+    """A Database Webhook to a *_to_tables function with batches on: drain the table's outbox, and answer
+    for the webhook's own record: its outcome when this drain delivered it; ``queued`` when another invocation
+    holds it or the drain's budget ran out before it (it stays pending in the outbox: no dead letter);
+    ``unchanged`` when it was delivered already (no Tables call). A record not in the outbox at all (a
+    hand-sent payload) takes the single path, as do deletes and the catch-hook writer."""
+    spec = fn.table
+    if hook.type == "DELETE" or hook.table != spec.name or hook.schema_ != "public" or hook.record is None \
+            or ctx.settings.tables_writer is TablesWriter.CATCH_HOOK:  # a catch hook takes one record per POST
+        return apply_from_supabase(ctx, fn, hook, origin=origin)
+    row = parse_supabase_record(spec, hook.record)  # a bad payload is a 400, as on the single path
+    drained = drain_outbox(ctx, fn, origin=origin)
+    mine = drained.results.get(row["id"])
+    if mine is not None:
+        return mine
+    state = ctx.db.run(lambda conn: supabase_db.outbox_state(conn, spec, row["id"], row.get(spec.version or "")))
+    if state == "pending":  # another invocation holds it, or the budget ran out: the outbox keeps it
+        detail = (f"left pending in the outbox (Tables: {drained.stopped[:200]}); the next wake-up or the sweeper "
+                  "delivers it" if drained.stopped else "being delivered by another invocation")
+        return SyncResult(outcome=Outcome.QUEUED, function=fn.name, table=spec.name, id=row["id"], detail=detail)
+    if state == "delivered":
+        return SyncResult(outcome=Outcome.UNCHANGED, function=fn.name, table=spec.name, id=row["id"],
+                          detail="delivered in a batch")
+    return apply_from_supabase(ctx, fn, hook, origin=origin)
