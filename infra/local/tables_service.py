@@ -59,6 +59,8 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
+from infra.local.trigger_inbox_service import InboxService, inbox_blueprint
+
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1/tables"
@@ -657,10 +659,13 @@ class ServiceContext:
     faults: FaultInjector = field(default_factory=FaultInjector)
     triggers: dict[str, str | None] = field(default_factory=dict)
     stopped: bool = False
+    inboxes: InboxService | None = None  # trigger inboxes (infra/local/trigger_inbox_service.py)
 
     def after_change(self, table_id: str, records: Sequence[Rec]) -> None:
         """Count the writes and queue one trigger delivery per changed record."""
         self.stats.count_writes(table_id, len(records))
+        for record in records if self.inboxes else ():
+            self.inboxes.publish(table_id, record)  # type: ignore[union-attr]
         url = self.triggers.get(table_id)
         for record in records if url else ():
             self.dispatcher.enqueue(Delivery(url, table_id, record["id"], trigger_payload(record)))
@@ -825,6 +830,8 @@ def create_app(ctx: ServiceContext, max_body_bytes: int = MAX_BODY_BYTES) -> Fla
     _register_errors(app)
     _register_records_api(app, ctx)
     _register_admin(app, ctx)
+    if ctx.inboxes is not None:
+        app.register_blueprint(inbox_blueprint(ctx.inboxes))
     return app
 
 
@@ -875,6 +882,8 @@ class TablesService:
         self._thread.join()
         self._server.server_close()
         self.ctx.dispatcher.stop()
+        if self.ctx.inboxes is not None:
+            self.ctx.inboxes.close()
         self.ctx.engine.store.close()
 
 
@@ -905,6 +914,7 @@ def start_tables_service(
         token,
         ServiceStats([t.table_id for t in tables]),
         triggers={t.table_id: t.trigger_url for t in tables},
+        inboxes=InboxService(Path(db_path).with_suffix(".inboxes.sqlite3"), [t.table_id for t in tables]),
     )
     try:
         server = make_server(host, port, create_app(ctx, max_body_bytes), threaded=True, request_handler=_QuietHandler)
