@@ -203,6 +203,7 @@ def doctor(
     timeout: float = typer.Option(20.0, help="Seconds per request (a cold start can take a few)."),
     skip_db: bool = typer.Option(False, "--skip-db", help="Do not check the database."),
     skip_tables: bool = typer.Option(False, "--skip-tables", help="Do not check the Zapier Tables token."),
+    zaps: bool = typer.Option(False, "--zaps", help="Wired with Zaps: do not check the trigger inboxes."),
     ssm_prefix: str = typer.Option(None, "--ssm-prefix", help=SSM_HELP),
 ) -> None:
     """Check a deployment end to end; exit 1 listing exactly what is wrong.
@@ -212,8 +213,10 @@ def doctor(
     """
     from infra.deploy import doctor as doc
 
-    checks = doc.run(_urls(urls), _settings(ssm_prefix), timeout_s=timeout, check_db=not skip_db,
-                     check_tables_api=not skip_tables)
+    settings = _settings(ssm_prefix)
+    checks = doc.run(_urls(urls), settings, timeout_s=timeout, check_db=not skip_db,
+                     check_tables_api=not skip_tables,
+                     inbox_stage=None if zaps else (_urls_stage(urls) or settings.stage))
     table = Table(title="zsync doctor")
     for col in ("area", "target", "", "detail"):
         table.add_column(col)

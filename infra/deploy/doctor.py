@@ -134,8 +134,43 @@ def check_tables(settings: Settings) -> list[Check]:
     return out
 
 
+def check_inboxes(settings: Settings, function_urls: Mapping[str, str], stage: str) -> list[Check]:
+    """Each *_to_supabase function's trigger inbox exists, is active (a paused one is reported with its
+    reason) and notifies the deployed URL."""
+    from infra.deploy.wire import notification_url
+    from shared.inbox_consumer import client_from_settings, inbox_key
+    from shared.spec import Direction
+
+    checks = []
+    try:
+        client = client_from_settings(settings)
+    except ValueError as exc:
+        return [Check("inbox", "*", False, str(exc))]
+    try:
+        for table in TABLES.values():
+            fn = table.function_name(Direction.TO_SUPABASE)
+            key = inbox_key(stage, fn)
+            try:
+                inbox = client.find(key)
+            except Exception as exc:
+                checks.append(Check("inbox", key, False, f"{type(exc).__name__}: {str(exc)[:160]}"))
+                continue
+            if inbox is None:
+                checks.append(Check("inbox", key, False, "missing: run `zsync wire zapier`"))
+            elif inbox.status != "active":
+                checks.append(Check("inbox", key, False, f"{inbox.status} (paused_reason: {inbox.paused_reason}); "
+                                    "fix the cause, then resume it"))
+            elif fn in function_urls and inbox.notification_url != notification_url(function_urls[fn]):
+                checks.append(Check("inbox", key, False, "notifies another URL: run `zsync wire zapier`"))
+            else:
+                checks.append(Check("inbox", key, True, "active"))
+    finally:
+        client.close()
+    return checks
+
+
 def run(function_urls: Mapping[str, str], settings: Settings, *, timeout_s: float = 20.0,
-        check_db: bool = True, check_tables_api: bool = True) -> list[Check]:
+        check_db: bool = True, check_tables_api: bool = True, inbox_stage: str | None = None) -> list[Check]:
     jobs: list[Callable[[], list[Check]]] = [
         (lambda n=name, u=url: check_function(n, u, settings, timeout_s)) for name, url in function_urls.items()
     ]
@@ -143,6 +178,8 @@ def run(function_urls: Mapping[str, str], settings: Settings, *, timeout_s: floa
         jobs.append(lambda: check_database(settings, function_urls))
     if check_tables_api:
         jobs.append(lambda: check_tables(settings))
+    if check_tables_api and inbox_stage:
+        jobs.append(lambda: check_inboxes(settings, function_urls, inbox_stage))
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(lambda job: job(), jobs))
     return [c for group in results for c in group]

@@ -357,6 +357,7 @@ class LocalStack:
             "secret": self.secret,
             "dlq_url": self.dlq_url,
             "aws_endpoint_url": self.aws_endpoint_url,
+            "stage": LOCAL_STAGE,
             "zapier_path": self.config.zapier_path,
             "inboxes": self.inboxes,
             "logs": {name: str(fp.log_path) for name, fp in sorted(self.functions.items())},
