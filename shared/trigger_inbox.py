@@ -370,7 +370,8 @@ def read_payload(payload: Mapping[str, Any], field_names: Mapping[str, str] | No
     if flat:
         data = {k: v for k, v in body.items() if k not in _META or k == "id"}
     if not isinstance(data, Mapping):
-        raise UnreadablePayload([{"field": "payload.data", "problem": f"expected an object, got {type(data).__name__}"}])
+        problem = f"expected an object, got {type(data).__name__}"
+        raise UnreadablePayload([{"field": "payload.data", "problem": problem}])
     fields: dict[str, Any] = {}
     problems: list[dict[str, str]] = []
     for key, value in data.items():
@@ -392,5 +393,6 @@ def read_payload(payload: Mapping[str, Any], field_names: Mapping[str, str] | No
     record_id = rid if isinstance(rid, str) and rid else None
     edited = body.get("edited_at", body.get("updated_at"))
     if not fields:
-        raise UnreadablePayload([{"field": "payload", "problem": "no record fields found (expected data or flat fields)"}])
+        problem = "no record fields found (expected data or flat fields)"
+        raise UnreadablePayload([{"field": "payload", "problem": problem}])
     return TriggerRecord(record_id=record_id, edited_at=edited if isinstance(edited, str) else None, fields=fields)

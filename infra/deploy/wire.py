@@ -149,7 +149,8 @@ def choose_trigger(client: InboxClient, override: str | None) -> TriggerChoice:
     keys = [a["key"] for a in actions]
     if override:
         if keys and override not in keys:
-            raise DeployError(f"--trigger-key {override!r} is not a trigger of {app_key}; its triggers: {', '.join(keys)}")
+            raise DeployError(f"--trigger-key {override!r} is not a trigger of {app_key}; "
+                              f"its triggers: {', '.join(keys)}")
         return TriggerChoice(app_key, override, "given with --trigger-key")
 
     def text(a: dict[str, Any]) -> str:

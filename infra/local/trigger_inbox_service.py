@@ -39,7 +39,8 @@ INBOX_PATH = "/api/v0/sdk/trigger-inbox/api/v1/inboxes"
 META_PATH = "/api/v0/sdk/zapier/api/v4"
 TABLES_VERSION = "TableCLIAPI@1.0.0"
 TABLES_ACTIONS = [
-    {"key": "new_record", "name": "New Record", "type": "read", "description": "Triggers when a new record is created."},
+    {"key": "new_record", "name": "New Record", "type": "read",
+     "description": "Triggers when a new record is created."},
     {"key": "new_or_updated_record", "name": "New or Updated Record", "type": "read",
      "description": "Triggers when a record is created or updated."},
     {"key": "create_record", "name": "Create Record", "type": "write", "description": "Creates a record."},
@@ -318,7 +319,8 @@ class InboxService:
             raise _problem(400, "message_ids: expected a list of message ids")
         with self._tx() as conn:
             self._row(conn, inbox_id)
-            rows = conn.execute("SELECT * FROM inbox_messages WHERE inbox_id = ? AND lease_id = ? AND status = 'leased'",
+            rows = conn.execute("SELECT * FROM inbox_messages WHERE inbox_id = ? AND lease_id = ? "
+                                "AND status = 'leased'",
                                 (inbox_id, lease_id)).fetchall()
             if ids is not None:
                 rows = [r for r in rows if r["id"] in set(ids)]
