@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     http_timeout_s: float = Field(default=10.0, gt=0)
     retry_budget_s: float = Field(default=20.0, ge=0, description="Total time outbound retries may take per call.")
 
+    # --- Trigger inboxes (Zapier -> the *_to_supabase functions) ------------------------------------
+    stage: str = Field(default="dev", description="Deployment stage: each function drains inbox zsync-<stage>-<fn>.")
+    inbox_drain_budget_s: float = Field(default=10.0, gt=0, description="How long one wake-up may drain.")
+
     # --- Requests --------------------------------------------------------------------------------
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
 

@@ -48,6 +48,7 @@ from shared.zapier_tables import TablesClient
 REPO = Path(__file__).resolve().parents[2]
 MAIN = REPO / "functions" / "main.py"
 DLQ_NAME = "zsync-local-dlq"
+LOCAL_STAGE = "local"
 
 
 def free_port() -> int:
@@ -121,6 +122,10 @@ class StackConfig:
     with_moto: bool = True
     monitor_interval_s: float = 300.0  # the scheduled alert check (the `monitor` Lambda's schedule); 0: off
     function_env: dict[str, str] = field(default_factory=dict)  # extra ZSYNC_* settings for the functions
+    # "inbox": Zapier trigger inboxes wired by `zsync wire zapier` (the default, as in production);
+    # "zaps": the Tables service POSTs each change to the function like a Zap (the seed's path).
+    zapier_path: str = "inbox"
+    safety_drain_interval_s: float = 60.0  # the scheduled drain (serverless.yml: every minute); 0: off
 
 
 @dataclass
@@ -142,6 +147,8 @@ class LocalStack:
     _moto: Any = None
     _sweeper: threading.Thread | None = None
     _monitor: Any = None
+    _drainer: threading.Thread | None = None
+    inboxes: dict[str, str] = field(default_factory=dict)  # function -> inbox id
     _stop: threading.Event = field(default_factory=threading.Event)
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -176,7 +183,9 @@ class LocalStack:
         url = {name: f"http://127.0.0.1:{port}/" for name, port in ports.items()}
         self.tables = start_tables_service(
             state / "tables.sqlite3",
-            [TableConfig(name=t.name, trigger_url=url[t.function_name(Direction.TO_SUPABASE)],
+            [TableConfig(name=t.name,
+                         trigger_url=(url[t.function_name(Direction.TO_SUPABASE)]
+                                      if self.config.zapier_path == "zaps" else None),
                          stamp_updated_at=t.version is not None)
              for t in TABLES.values()],
             token=self.token, secret_header=DEFAULT_SECRET_HEADER, secret=self.secret,
@@ -192,6 +201,10 @@ class LocalStack:
         for fp in self.functions.values():
             fp.wait_ready()
         self.wire_webhooks()
+        if self.config.zapier_path == "inbox":
+            self.inboxes = self.wire_inboxes()
+            self._drainer = threading.Thread(target=self._drain_loop, name="safety-drain", daemon=True)
+            self._drainer.start()
         self.sender = PgNetSender(self.database_url, poll_interval_s=self.config.pgnet_poll_interval_s)
         self.sender.start()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="outbox-sweeper", daemon=True)
@@ -254,6 +267,7 @@ class LocalStack:
             "ZSYNC_ZAPIER_CLIENT_ID": self.client_id,
             "ZSYNC_ZAPIER_CLIENT_SECRET": self.client_secret,
             "ZSYNC_TABLE_IDS": json.dumps(self.table_ids),
+            "ZSYNC_STAGE": LOCAL_STAGE,
             "ZSYNC_RETRY_BUDGET_S": str(self.config.retry_budget_s),
             "AWS_ACCESS_KEY_ID": "local",
             "AWS_SECRET_ACCESS_KEY": "local",
@@ -272,6 +286,42 @@ class LocalStack:
         sql = render_webhook_sql(urls, DEFAULT_SECRET_HEADER, self.secret)
         with psycopg.connect(self.database_url, autocommit=True) as conn:
             conn.execute(sql)
+
+    def wire_inboxes(self) -> dict[str, str]:
+        """`zsync wire zapier` against the local service: the same code as for a real account."""
+        from infra.deploy import wire
+        from shared.settings import Settings
+        from shared.trigger_inbox import InboxClient
+
+        assert self.tables is not None
+        settings = Settings(table_ids=self.table_ids)
+        client = InboxClient.for_tables(self.tables_client())
+        try:
+            choice = wire.choose_trigger(client, None)
+            urls = {name: fp.url for name, fp in self.functions.items()}
+            changes = wire.apply_inboxes(client, wire.inbox_plan(urls, settings, LOCAL_STAGE), choice)
+        finally:
+            client.close()
+        return {c.function: c.inbox_id or "" for c in changes}
+
+    def safety_drain(self) -> dict[str, Any]:
+        """What the every-minute schedule does in production: wake each *_to_supabase function (signed)."""
+        import requests
+
+        from shared.handler import WAKE_PARAM
+
+        out = {}
+        for name in self.inboxes:
+            with contextlib.suppress(requests.RequestException):
+                r = requests.post(self.functions[name].url, params={WAKE_PARAM: "schedule"}, json={},
+                                  headers={DEFAULT_SECRET_HEADER: self.secret}, timeout=60)
+                out[name] = r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text
+        return out
+
+    def _drain_loop(self) -> None:
+        interval = self.config.safety_drain_interval_s
+        while interval > 0 and not self._stop.wait(interval):
+            self.safety_drain()
 
     def _sweep_loop(self) -> None:
         with contextlib.suppress(psycopg.Error):  # once at start too (`zsync doctor` checks it ran recently)
@@ -328,6 +378,9 @@ class LocalStack:
         while time.monotonic() < deadline:
             pgnet_wait_idle(self.database_url, timeout_s=max(0.1, deadline - time.monotonic()))
             busy = self.tables.stats()["deliveries"]["pending"] if self.tables else 0
+            if self.tables and self.tables.ctx.inboxes is not None:
+                inbox = self.tables.ctx.inboxes.stats()
+                busy += inbox["waiting"] + inbox["notifications"]["pending"]
             if busy == 0:
                 quiet_since = quiet_since or time.monotonic()
                 if time.monotonic() - quiet_since >= settle_s:
@@ -352,6 +405,9 @@ class LocalStack:
             "secret": self.secret,
             "dlq_url": self.dlq_url,
             "aws_endpoint_url": self.aws_endpoint_url,
+            "stage": LOCAL_STAGE,
+            "zapier_path": self.config.zapier_path,
+            "inboxes": self.inboxes,
             "logs": {name: str(fp.log_path) for name, fp in sorted(self.functions.items())},
         }
 
