@@ -7,7 +7,8 @@ through the same code as a Zap delivery (:func:`shared.handler.process`). Per me
 * applied / unchanged / skipped as stale -> ack;
 * unreadable or invalid (a 400 for a Zap) -> a ``sync_failed`` audit entry, then ack (retrying would fail
   the same way);
-* a dependency is down (database, Tables) -> release: it comes back, and the drain stops;
+* a dependency is down (database, Tables) -> release: it comes back; the drain leases once more after a
+  second (a blip), then stops (the next notification or the scheduled drain picks it up);
 * leased more than ``poison_lease_count`` times already (it kept failing, or it kept killing the
   function) -> stored whole in the dead-letter queue, then ack, so it cannot block the inbox.
 
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
 
 POISON_LEASE_COUNT = 5  # a message leased this many times without an ack goes to the dead-letter queue
 LEASE_LIMIT = 10
+DEPENDENCY_PAUSE_S = 1.0  # after a dependency error, wait this long and lease again (once)
 DEFAULT_BUDGET_S = 10.0  # a 15 s Lambda: stop leasing with 5 s to spare
 
 
@@ -116,11 +118,13 @@ class InboxConsumer:
     poison_lease_count: int = POISON_LEASE_COUNT
     lease_limit: int = LEASE_LIMIT
     lease_seconds: int = 60
+    dependency_retries: int = 1
     _names: Mapping[str, str] | None = None
 
     def drain(self, budget_s: float = DEFAULT_BUDGET_S) -> DrainReport:
         deadline = time.monotonic() + budget_s
         report = DrainReport(self.inbox_id)
+        retries = 0
         while time.monotonic() < deadline:
             try:
                 lease = self.client.lease(self.inbox_id, self.lease_limit, self.lease_seconds)
@@ -141,8 +145,14 @@ class InboxConsumer:
                 if verdict == "release":
                     rest = [m.id for m in lease.messages[i:]]
                     self._settle("release", lease.lease_id, rest, report)
-                    report.stopped = "dependency"
-                    return report
+                    # A released message gets no new notification: try once more after a pause (a blip),
+                    # then leave it to the next wake-up or the scheduled drain (a real outage).
+                    retries += 1
+                    if retries > self.dependency_retries or time.monotonic() + DEPENDENCY_PAUSE_S >= deadline:
+                        report.stopped = "dependency"
+                        return report
+                    time.sleep(DEPENDENCY_PAUSE_S)
+                    break
                 self._settle("ack", lease.lease_id, [message.id], report)
         report.stopped = "budget"
         return report

@@ -39,7 +39,10 @@ def supabase(stack) -> Supabase:
 
 @pytest.fixture
 def settings(stack) -> Settings:
-    return Settings(tables_api_url=stack.tables.url, tables_token=stack.token, table_ids=stack.table_ids)
+    """What an operator's shell holds: the OAuth client credentials, no static token."""
+    return Settings(zapier_base_url=stack.tables.url, zapier_token_url=stack.tables.url + "/oauth/token/",
+                    zapier_client_id=stack.client_id, zapier_client_secret=stack.client_secret,
+                    table_ids=stack.table_ids, stage="local")
 
 
 @pytest.fixture
@@ -47,6 +50,13 @@ def client(settings):
     c = client_from_settings(settings)
     yield c
     c.close()
+
+
+@pytest.fixture(scope="module")
+def keys(stack) -> dict[str, str]:
+    """agent_jobs' field ids by name (``{"status": "f3"}``): what Zapier's records are keyed by."""
+    with stack.tables_client() as c:
+        return {f.name: f.key for f in c.field_map(stack.table_ids["agent_jobs"]).fields}
 
 
 def inbox_stats(stack) -> dict:
@@ -60,9 +70,15 @@ def inject(stack, function: str, payload: dict) -> str:
     return r.json()["id"]
 
 
-def job(job_id: str, status: str, updated_at: str) -> dict:
-    return {"id": f"REC{uuid.uuid4().hex[:23].upper()}", "edited_at": updated_at,
-            "data": {"id": job_id, "job_type": "discovery", "status": status, "updated_at": updated_at}}
+def ulid() -> str:
+    return uuid.uuid4().hex[:26].upper()
+
+
+def job(keys: dict[str, str], job_id: str, status: str, updated_at: str) -> dict:
+    """A Tables record as Zapier's API holds it: ULID, data keyed by field id, edited_at."""
+    data = {"id": job_id, "job_type": "discovery", "status": status, "updated_at": updated_at}
+    return {"id": ulid(), "edited_at": updated_at, "created_at": updated_at,
+            "data": {keys[name]: value for name, value in data.items()}}
 
 
 # --- payload reading -----------------------------------------------------------------------------------
@@ -71,7 +87,8 @@ def job(job_id: str, status: str, updated_at: str) -> dict:
 def test_payload_by_name_by_field_id_and_unreadable():
     by_name = read_payload({"id": "REC1", "edited_at": "2026-01-01T00:00:00Z", "data": {"status": "queued"}})
     assert by_name.record_id == "REC1" and by_name.fields == {"status": "queued"}
-    assert by_name.as_delivery() == {"status": "queued", "id": "REC1"}  # audit_log: keyed by the record id
+    # audit_log is keyed by the record id; edited_at rides along (the lag is measured from it)
+    assert by_name.as_delivery() == {"status": "queued", "id": "REC1", "edited_at": "2026-01-01T00:00:00Z"}
     by_id = read_payload({"record": {"id": "REC2", "data": {"f3": "done", "f1": "j-1"}}}, {"f3": "status", "1": "id"})
     assert by_id.fields == {"status": "done", "id": "j-1"} and by_id.as_delivery()["id"] == "j-1"
     flat = read_payload({"record_id": "REC3", "id": "j-2", "status": "x"})
@@ -139,14 +156,14 @@ def test_lost_notification_is_picked_up_by_the_safety_drain(stack, tables, supab
     assert supabase.row("agent_jobs", job_id)["status"] == "queued"
 
 
-def test_a_consumer_killed_mid_drain_loses_nothing(stack, client, supabase):
+def test_a_consumer_killed_mid_drain_loses_nothing(stack, client, supabase, keys):
     """A lease that is never acked (the function died after leasing) comes back when it expires; the
     message is then applied exactly once."""
     job_id = uid("killed")
     requests.post(f"{stack.tables.url}/_admin/inbox/faults", json={"drop_notifications": 1}, timeout=10)
-    inject(stack, FN, job(job_id, "running", "2026-01-01T00:00:00Z"))
+    inject(stack, FN, job(keys, job_id, "running", "2026-01-01T00:00:00Z"))
     lease = client.lease(stack.inboxes[FN], 10, lease_seconds=1)  # ...and then the consumer is killed
-    assert [m.payload["data"]["id"] for m in lease.messages] == [job_id]
+    assert [m.payload["data"][keys["id"]] for m in lease.messages] == [job_id]
     stack.safety_drain()  # still leased: nothing to do
     assert supabase.row("agent_jobs", job_id) is None
     time.sleep(1.2)
@@ -168,10 +185,11 @@ def test_a_killed_function_catches_up_after_restart(stack, tables, supabase):
     assert supabase.row("agent_jobs", job_id)["status"] == "queued"
 
 
-def test_duplicated_and_out_of_order_messages_give_one_effect_and_the_newest(stack, supabase):
+def test_duplicated_and_out_of_order_messages_give_one_effect_and_the_newest(stack, supabase, keys):
     job_id = uid("order")
     requests.post(f"{stack.tables.url}/_admin/inbox/faults", json={"drop_notifications": 4}, timeout=10)
-    newer, older = job(job_id, "done", "2026-02-01T00:00:00Z"), job(job_id, "queued", "2026-01-01T00:00:00Z")
+    newer = job(keys, job_id, "done", "2026-02-01T00:00:00Z")
+    older = job(keys, job_id, "queued", "2026-01-01T00:00:00Z")
     for payload in (newer, older, newer, older):
         inject(stack, FN, payload)
     stack.safety_drain()  # (a wake-up from the echo through Tables may drain some of them concurrently)
@@ -179,8 +197,8 @@ def test_duplicated_and_out_of_order_messages_give_one_effect_and_the_newest(sta
     assert supabase.writes("agent_jobs", job_id) == 1
 
 
-def audit_entry(action: str) -> dict:
-    return {"id": f"REC{uuid.uuid4().hex[:23].upper()}", "edited_at": "2026-01-01T00:00:00Z",
+def audit_entry(action: str) -> dict:  # by field name: the consumer reads names too
+    return {"id": ulid(), "edited_at": "2026-01-01T00:00:00Z",
             "data": {"action": action, "actor": "zapier_agent_1", "timestamp": "2026-01-01T00:00:00Z"}}
 
 

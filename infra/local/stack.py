@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -89,6 +90,7 @@ class FunctionProcess:
             [sys.executable, "-m", "functions_framework", "--source", str(MAIN), "--target", self.name,
              "--host", "127.0.0.1", "--port", str(self.port)],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+            start_new_session=True,  # its own process group: kill() takes gunicorn's worker down with it
         )
         log.close()
 
@@ -98,6 +100,10 @@ class FunctionProcess:
     def kill(self) -> None:
         """Hard stop (SIGKILL): what a crashed or scaled-in function looks like."""
         if self.process and self.process.poll() is None:
+            # The whole group: SIGKILL on gunicorn's master alone leaves its worker holding the port for a
+            # moment, so a restarted function would look ready while the orphan still answers (and resets).
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
             self.process.kill()
             self.process.wait(10)
 
@@ -310,12 +316,14 @@ class LocalStack:
 
         from shared.handler import WAKE_PARAM
 
-        out = {}
+        out: dict[str, Any] = {}
         for name in self.inboxes:
-            with contextlib.suppress(requests.RequestException):
+            try:
                 r = requests.post(self.functions[name].url, params={WAKE_PARAM: "schedule"}, json={},
                                   headers={DEFAULT_SECRET_HEADER: self.secret}, timeout=60)
                 out[name] = r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text
+            except requests.RequestException as exc:  # the function is down: its messages wait in the inbox
+                out[name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
         return out
 
     def _drain_loop(self) -> None:
