@@ -312,6 +312,7 @@ def _stack_env(env: pytest.MonkeyPatch, info: dict[str, Any]) -> None:
     env.setenv("ZSYNC_ZAPIER_CLIENT_SECRET", info["zapier_client_secret"])
     env.setenv("ZSYNC_TABLE_IDS", json.dumps(info["table_ids"]))
     env.setenv("ZSYNC_RETRY_BUDGET_S", "2")
+    env.setenv("ZSYNC_STAGE", info["stage"])  # whose trigger inboxes doctor checks
     reset_settings()
 
 
@@ -325,6 +326,7 @@ def test_doctor_passes_on_the_local_stack_and_names_each_problem(stack: Any, env
     assert ok.exit_code == 0, ok.output
     assert "All checks passed" in ok.output
     assert info["secret"] not in ok.output
+    assert ok.output.count("pending") >= 4  # each trigger inbox's backlog
 
     # wrong secret, wrong token, a table without id, and webhook triggers pointing elsewhere
     env.setenv("ZSYNC_WEBHOOK_SECRET", "not-the-deployed-secret")
