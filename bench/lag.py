@@ -36,6 +36,7 @@ import requests
 from bench import coldstart
 from bench.floor_target import TABLE_SQL
 from infra.local.stack import REPO, LocalStack, free_port, running_stack, wait_listening
+from infra.local.tables_service import RATE_WINDOW_S, RateLimiter
 from shared.settings import DEFAULT_SECRET_HEADER
 from tests.e2e import Supabase, Tables
 
@@ -230,6 +231,9 @@ def main() -> None:
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="zsync-bench-"))
     with running_stack(tmp / "stack", sweep_interval_s=3600) as stack:
+        # Lag, not Zapier's per-table rate limit (100 requests / 5 s, which back-to-back deliveries exceed):
+        # the local service's limiter off, as `bench_reconcile --no-rate-limit` does.
+        stack.tables.ctx.limiter = RateLimiter(None, RATE_WINDOW_S)
         print(f"local stack started in {time.perf_counter() - t0:.1f} s "
               f"(pg_net stand-in poll interval {stack.config.pgnet_poll_interval_s} s, plus NOTIFY wake-up)")
         summary = report_delivery_lags(delivery_lags(stack, args.n))
