@@ -251,3 +251,27 @@ def test_a_notification_without_credentials_writes_only_what_is_in_the_inbox(sta
     assert r.status_code == 401
     r = requests.post(stack.functions["agent_jobs_to_tables"].url, params={WAKE_PARAM: "inbox"}, json={}, timeout=30)
     assert r.status_code == 401  # only *_to_supabase functions have an inbox
+
+
+def test_inbox_backlog_in_status_and_doctor(stack, settings, supabase):
+    """`zsync status` / `zsync doctor` read each inbox's pending count and oldest age (infra.inbox_status)."""
+    from infra import inbox_status
+
+    fn = "audit_log_to_supabase"  # nothing else drains it meanwhile
+    requests.post(f"{stack.tables.url}/_admin/inbox/faults", json={"drop_notifications": 2}, timeout=10)
+    first, second = audit_entry(uid("backlog")), audit_entry(uid("backlog"))
+    inject(stack, fn, first)
+    time.sleep(0.3)
+    inject(stack, fn, second)
+    rows = {r["function"]: r for r in inbox_status.backlog(settings, "local")}
+    assert set(rows) == {"agent_jobs_to_supabase", "agent_decisions_to_supabase", fn, "rate_limits_to_supabase"}
+    row = rows[fn]
+    assert row["status"] == "active" and row["pending"] == 2 and row["oldest_age_s"] >= 0.3, row
+    assert not row["alert"] and inbox_status.describe(row).startswith("2 pending, oldest")
+    checks = {c.target: c for c in doctor.check_inboxes(settings, {}, "local")}
+    assert checks[row["key"]].ok and "2 pending" in checks[row["key"]].detail
+    stack.safety_drain()
+    assert {r["function"]: r for r in inbox_status.backlog(settings, "local")}[fn]["pending"] == 0
+    assert supabase.row("audit_log", second["id"]) is not None
+    missing = inbox_status.backlog(settings, "nosuchstage")
+    assert all(r["alert"] and "zsync wire zapier" in r["error"] for r in missing)
