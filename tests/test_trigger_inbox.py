@@ -6,6 +6,7 @@ The stack is wired by `zsync wire zapier` (infra.deploy.wire) against the local 
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 
@@ -197,6 +198,18 @@ def test_duplicated_and_out_of_order_messages_give_one_effect_and_the_newest(sta
     assert supabase.writes("agent_jobs", job_id) == 1
 
 
+@contextlib.contextmanager
+def unnotified(client, inbox_id: str):
+    """The inbox notifies nobody meanwhile (no wake-up can race the test; an echo elsewhere cannot use up
+    a dropped-notification fault meant for it); its URL is restored afterwards."""
+    url = client.get(inbox_id).notification_url
+    client.update(inbox_id, None)
+    try:
+        yield
+    finally:
+        client.update(inbox_id, url)
+
+
 def audit_entry(action: str) -> dict:  # by field name: the consumer reads names too
     return {"id": ulid(), "edited_at": "2026-01-01T00:00:00Z",
             "data": {"action": action, "actor": "zapier_agent_1", "timestamp": "2026-01-01T00:00:00Z"}}
@@ -205,16 +218,16 @@ def audit_entry(action: str) -> dict:  # by field name: the consumer reads names
 def test_poison_and_unreadable_messages_do_not_block_the_inbox(stack, client, supabase):
     fn = "audit_log_to_supabase"  # no echo back through Tables: nothing else drains this inbox meanwhile
     inbox_id = stack.inboxes[fn]
-    requests.post(f"{stack.tables.url}/_admin/inbox/faults", json={"drop_notifications": 3}, timeout=10)
     poison = audit_entry(uid("poison"))
-    inject(stack, fn, poison)
-    for _ in range(5):  # it kept failing: leased and released five times
-        lease = client.lease(inbox_id, 1, 30)
-        client.release(inbox_id, lease.lease_id)
-    unreadable = inject(stack, fn, {"id": "RECX", "data": {"f99": "who?"}})
     good = audit_entry(uid("good"))
-    inject(stack, fn, good)
-    report = stack.safety_drain()[fn]
+    with unnotified(client, inbox_id):
+        inject(stack, fn, poison)
+        for _ in range(5):  # it kept failing: leased and released five times
+            lease = client.lease(inbox_id, 1, 30)
+            client.release(inbox_id, lease.lease_id)
+        unreadable = inject(stack, fn, {"id": "RECX", "data": {"f99": "who?"}})
+        inject(stack, fn, good)
+        report = stack.safety_drain()[fn]
     assert report["dead_lettered"] == 1 and report["rejected"] == 1 and report["applied"] == 1, report
     assert supabase.row("audit_log", good["id"]) is not None
     assert supabase.row("audit_log", poison["id"]) is None  # whole in the DLQ, for `zsync replay`
@@ -253,24 +266,24 @@ def test_a_notification_without_credentials_writes_only_what_is_in_the_inbox(sta
     assert r.status_code == 401  # only *_to_supabase functions have an inbox
 
 
-def test_inbox_backlog_in_status_and_doctor(stack, settings, supabase):
+def test_inbox_backlog_in_status_and_doctor(stack, settings, client, supabase):
     """`zsync status` / `zsync doctor` read each inbox's pending count and oldest age (infra.inbox_status)."""
     from infra import inbox_status
 
-    fn = "audit_log_to_supabase"  # nothing else drains it meanwhile
-    requests.post(f"{stack.tables.url}/_admin/inbox/faults", json={"drop_notifications": 2}, timeout=10)
+    fn = "audit_log_to_supabase"
     first, second = audit_entry(uid("backlog")), audit_entry(uid("backlog"))
-    inject(stack, fn, first)
-    time.sleep(0.3)
-    inject(stack, fn, second)
-    rows = {r["function"]: r for r in inbox_status.backlog(settings, "local")}
+    with unnotified(client, stack.inboxes[fn]):
+        inject(stack, fn, first)
+        time.sleep(0.3)
+        inject(stack, fn, second)
+        rows = {r["function"]: r for r in inbox_status.backlog(settings, "local")}
+        checks = {c.target: c for c in doctor.check_inboxes(settings, {}, "local")}
+        stack.safety_drain()
     assert set(rows) == {"agent_jobs_to_supabase", "agent_decisions_to_supabase", fn, "rate_limits_to_supabase"}
     row = rows[fn]
     assert row["status"] == "active" and row["pending"] == 2 and row["oldest_age_s"] >= 0.3, row
     assert not row["alert"] and inbox_status.describe(row).startswith("2 pending, oldest")
-    checks = {c.target: c for c in doctor.check_inboxes(settings, {}, "local")}
     assert checks[row["key"]].ok and "2 pending" in checks[row["key"]].detail
-    stack.safety_drain()
     assert {r["function"]: r for r in inbox_status.backlog(settings, "local")}[fn]["pending"] == 0
     assert supabase.row("audit_log", second["id"]) is not None
     missing = inbox_status.backlog(settings, "nosuchstage")
