@@ -5,8 +5,9 @@
   one INSERT + COMMIT for Tables -> Supabase; one Tables create + one INSERT + COMMIT for Supabase ->
   Tables), alternately, one at a time. The function answers after its commit / Tables write, so the time to
   the answer is the delivery's lag. p50/p99 and ratios to the floor. Goal: p50 <= 2x floor, p99 <= 150 ms.
-* end to end (``--e2e``): a Zapier-side create until the row is in Supabase, and an INSERT in Supabase until
-  the record is in Tables (through the Tables service's Zap trigger and the pg_net stand-in), as ratios to
+* end to end (``--e2e``): a Zapier-side create until the row is in Supabase, through the trigger inbox (the
+  default path: notification, lease, apply, ack) and through a Zap (the Tables service POSTs the record),
+  and an INSERT in Supabase until the record is in Tables (through the pg_net stand-in), as ratios to
   the seed's targets (average < 5 s, 30 s acceptable); then a burst of concurrent writes (writes per user
   write must be 1.0: no echo) and each function process's memory.
 * cold start, per-delivery CPU and where a delivery's time goes: ``bench/coldstart.py``.
@@ -35,6 +36,7 @@ import requests
 from bench import batching, coldstart
 from bench.floor_target import TABLE_SQL
 from infra.local.stack import REPO, LocalStack, free_port, running_stack, wait_listening
+from infra.local.tables_service import RATE_WINDOW_S, RateLimiter
 from shared.settings import DEFAULT_SECRET_HEADER
 from tests.e2e import Supabase, Tables
 
@@ -133,7 +135,7 @@ def report_delivery_lags(lags: dict[str, tuple[list[float], list[float]]]) -> li
     return rows
 
 
-# --- end to end through the Zap trigger and the pg_net stand-in ---------------------------------------------------
+# --- end to end through the trigger inbox or the Zap trigger, and the pg_net stand-in ---------------------
 
 
 def tables_to_supabase(stack: LocalStack, tables: Tables, n: int) -> list[float]:
@@ -146,6 +148,26 @@ def tables_to_supabase(stack: LocalStack, tables: Tables, n: int) -> list[float]
             _wait(lambda rid=rid: conn.execute("SELECT 1 FROM agent_jobs WHERE id = %s", (rid,)).fetchone())
             lags.append(time.perf_counter() - start)
     return lags
+
+
+@contextmanager
+def zap_path(stack: LocalStack, table: str) -> Any:
+    """The seed's Zap path for one table on the running stack: the Tables service POSTs each change to the
+    function (a Zap's trigger + webhook step) and the table's trigger inbox is paused (it gets no messages)."""
+    fn = f"{table}_to_supabase"
+    inbox = stack.inboxes[fn]
+    base = stack.tables.url
+    requests.post(f"{base}/_admin/inboxes/{inbox}/pause", json={"reason": "user"}, timeout=10).raise_for_status()
+    requests.put(f"{base}/_admin/tables/{stack.table_ids[table]}/trigger", json={"url": stack.functions[fn].url},
+                 timeout=10).raise_for_status()
+    try:
+        yield
+    finally:
+        requests.put(f"{base}/_admin/tables/{stack.table_ids[table]}/trigger", json={"url": None}, timeout=10)
+        with stack.tables_client() as client:
+            from shared.trigger_inbox import InboxClient
+
+            InboxClient.for_tables(client).resume(inbox)
 
 
 def supabase_to_tables(stack: LocalStack, tables: Tables, n: int) -> list[float]:
@@ -211,15 +233,23 @@ def main() -> None:
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="zsync-bench-"))
     with running_stack(tmp / "stack", sweep_interval_s=3600) as stack:
+        # Lag, not Zapier's per-table rate limit (100 requests / 5 s, which back-to-back deliveries exceed):
+        # the local service's limiter off, as `bench_reconcile --no-rate-limit` does.
+        stack.tables.ctx.limiter = RateLimiter(None, RATE_WINDOW_S)
         print(f"local stack started in {time.perf_counter() - t0:.1f} s "
               f"(pg_net stand-in poll interval {stack.config.pgnet_poll_interval_s} s, plus NOTIFY wake-up)")
         summary = report_delivery_lags(delivery_lags(stack, args.n))
         summary += coldstart.run(stack, tmp, args.runs, args.warm)
-        print("end to end (Zap trigger / pg_net stand-in included)")
+        print("end to end (trigger inbox or Zap trigger / pg_net stand-in included)")
         tables, supabase = Tables(stack), Supabase(stack)
         tables_to_supabase(stack, tables, 3)  # warm-up
         supabase_to_tables(stack, tables, 3)
-        summary.append(report_e2e("tables->supabase", tables_to_supabase(stack, tables, args.e2e)))
+        # Tables -> Supabase both ways Zapier can deliver: trigger inbox (the default: notification, then the
+        # function leases, applies, acks) and the seed's Zap (the Tables service POSTs the record).
+        summary.append(report_e2e("tables->supabase (inbox)", tables_to_supabase(stack, tables, args.e2e)))
+        with zap_path(stack, "agent_jobs"):
+            tables_to_supabase(stack, tables, 3)  # warm-up
+            summary.append(report_e2e("tables->supabase (zap)", tables_to_supabase(stack, tables, args.e2e)))
         summary.append(report_e2e("supabase->tables", supabase_to_tables(stack, tables, args.e2e)))
         summary.append(burst(stack, tables, supabase, args.burst))
         print("  rss: " + ", ".join(f"{name} {rss_mb(fp.process.pid):.0f} MB"

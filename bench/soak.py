@@ -546,7 +546,8 @@ def run(cfg: SoakConfig) -> SoakResult:
     state_dir = cfg.state_dir or Path(f"/tmp/zsync-soak-{cfg.seed}-{time.time_ns()}")
     with running_stack(state_dir, function_env=FAST_ENV, sweep_interval_s=1.0, sweep_min_age_s=2.0,
                        pgnet_poll_interval_s=0.05, retry_budget_s=1.5, tables_autoreplay=AUTOREPLAY,
-                       tables_rate_limit=cfg.rate_limit, monitor_interval_s=0) as stack:
+                       tables_rate_limit=cfg.rate_limit, monitor_interval_s=0,
+                       safety_drain_interval_s=2.0) as stack:  # lost inbox wake-ups: the scheduled drain
         return run_on(stack, cfg)
 
 

@@ -35,8 +35,24 @@ def build(target: str) -> LambdaHandler:
     return make_lambda_handler(app, binary_support=True)
 
 
+def drain_inbox(target: str) -> dict[str, Any]:
+    """The scheduled safety drain (serverless.yml ``schedule`` event): drain this function's trigger inbox."""
+    from shared.aws_secrets import load_into_environment
+    from shared.handler import context_for
+    from shared.inbox_consumer import drain_function
+    from shared.settings import get_settings
+    from shared.spec import FUNCTIONS
+
+    load_into_environment()
+    settings = get_settings()
+    fn = FUNCTIONS[target]
+    return drain_function(fn, context_for(fn, settings), settings.inbox_drain_budget_s).as_json()
+
+
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     target = os.environ["ZSYNC_FUNCTION"]
+    if isinstance(event, dict) and event.get("zsync") == "drain_inbox":
+        return drain_inbox(target)
     fn = _handlers.get(target)
     if fn is None:
         fn = _handlers[target] = build(target)

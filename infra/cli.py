@@ -5,6 +5,7 @@ Run ``zsync --help`` or ``zsync COMMAND --help``.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -12,6 +13,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -198,6 +200,21 @@ def monitor(
     raise typer.Exit(1 if result.firing else 0)
 
 
+def _inbox_stage(settings: Any, urls_file: Path | None) -> str | None:
+    """The stage whose trigger inboxes status reports: the urls file's, else ZSYNC_STAGE (the local stack's
+    stack.json sets it); None when no Zapier credentials are configured (nothing to ask)."""
+    from infra.inbox_status import zapier_configured
+
+    if not zapier_configured(settings):
+        return None
+    if urls_file is not None:
+        with contextlib.suppress(OSError, ValueError):
+            stage = json.loads(urls_file.read_text()).get("stage")
+            if isinstance(stage, str):
+                return stage
+    return settings.stage
+
+
 def _status_settings(urls_file: Path | None) -> tuple[object, dict[str, str] | None]:
     """Settings for status/report plus the function URLs to ping: --urls, else the local stack's
     stack.json (whose secret, DLQ and moto endpoint fill in what the environment does not set)."""
@@ -216,6 +233,9 @@ def _status_settings(urls_file: Path | None) -> tuple[object, dict[str, str] | N
         raise typer.Exit(2) from None
     data = json.loads(path.read_text())
     overrides = {k: data[k] for k in ("dlq_url", "aws_endpoint_url") if data.get(k) and not getattr(settings, k)}
+    zapier = ("zapier_base_url", "zapier_token_url", "zapier_client_id", "zapier_client_secret", "stage")
+    if not (settings.zapier_client_id or settings.tables_token):  # the local stack's Zapier stand-in and stage
+        overrides |= {k: data[k] for k in zapier if data.get(k)}
     if data.get("secret") and not settings.accepted_secrets():
         overrides["webhook_secret"] = data["secret"]
     if overrides:
@@ -231,10 +251,11 @@ def status(
                                      "the local stack)."),
     urls: Path = typer.Option(None, "--urls", help="Function URLs to ping (.zsync/urls.STAGE.json; default: the "
                               "local stack's stack.json when it runs)."),
+    zaps: bool = typer.Option(False, "--zaps", help="Wired with Zaps: no trigger inboxes to report."),
 ) -> None:
     """Health per table and direction: outcomes, conflicts, live lag p50/p95/max, repairs; the outbox
-    backlog, the dead-letter queue depth and each function's reachability (signed ping). Red where a
-    threshold is crossed; exits 1 then."""
+    backlog, each trigger inbox's backlog (pending messages, oldest age), the dead-letter queue depth and
+    each function's reachability (signed ping). Red where a threshold is crossed; exits 1 then."""
     from infra import status as st
 
     try:
@@ -243,9 +264,10 @@ def status(
         err.print(f"[red]{exc}[/]")
         raise typer.Exit(2) from None
     settings, function_urls = _status_settings(urls)
-    data = st.collect(_database_url(database_url), window, settings, function_urls)  # type: ignore[arg-type]
+    data = st.collect(_database_url(database_url), window, settings, function_urls,  # type: ignore[arg-type]
+                      inbox_stage=None if zaps else _inbox_stage(settings, urls))
     bad = (any(r["breaches"] for r in data["functions"]) or data["outbox_alert"] or bool(data["dead_letters"])
-           or any(not r["reachable"] for r in data["reachability"]))
+           or any(not r["reachable"] for r in data["reachability"]) or data["inbox_alert"])
     if as_json:
         sys.stdout.write(json.dumps(data, default=str) + "\n")
     else:

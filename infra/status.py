@@ -94,7 +94,10 @@ def ping_all(urls: dict[str, str], settings: Settings, timeout_s: float = 10.0) 
         return list(pool.map(one, sorted(urls.items())))
 
 
-def collect(database_url: str, since: timedelta, settings: Settings, urls: dict[str, str] | None) -> dict[str, Any]:
+def collect(database_url: str, since: timedelta, settings: Settings, urls: dict[str, str] | None,
+            *, inbox_stage: str | None = None) -> dict[str, Any]:
+    """``inbox_stage``: also read the backlog of that stage's trigger inboxes (needs Zapier credentials)."""
+    from infra.inbox_status import backlog as inbox_backlog
     from shared.alerts import dead_letter_depth
 
     with psycopg.connect(database_url, autocommit=True, prepare_threshold=None, connect_timeout=10) as conn:
@@ -104,8 +107,11 @@ def collect(database_url: str, since: timedelta, settings: Settings, urls: dict[
         dead_problem = None if dead is not None else "no dead-letter queue configured (ZSYNC_DLQ_URL)"
     except Exception as exc:
         dead, dead_problem = None, f"unreadable: {type(exc).__name__}"
+    inboxes = inbox_backlog(settings, inbox_stage) if inbox_stage else []
     return {
         "generated_at": datetime.now(UTC).isoformat(),
+        "inboxes": inboxes,
+        "inbox_alert": any(r["alert"] for r in inboxes),
         "since_s": since.total_seconds(),
         "functions": functions,
         "outbox": backlog,
@@ -151,6 +157,10 @@ def render(console: Console, data: dict[str, Any], since_text: str) -> None:
     for b in data["outbox"]:
         text = f"{b['pending']} pending, oldest {_s(b['oldest_age_s'])}, {b['older_than_5m']} older than 5 min"
         side.add_row(f"outbox {b['table_name']}", f"[bold red]{text}[/]" if b["older_than_5m"] else text)
+    from infra.inbox_status import describe
+
+    for r in data.get("inboxes", []):
+        side.add_row(f"inbox {r['key']}", f"[bold red]{describe(r)}[/]" if r["alert"] else describe(r))
     dead = data["dead_letters"]
     side.add_row("dead-letter queue", data["dead_letters_problem"] if dead is None
                  else (f"[bold red]{dead}[/]" if dead else "0"))

@@ -47,6 +47,7 @@ from shared.sync import (
 # migration check (the signed ping) and the Zapier Tables client (only *_to_tables functions use it) are
 # imported where they are used.
 PING = "zsync_ping"
+WAKE_PARAM = "zsync_wake"  # notification_url = <function URL>?zsync_wake=inbox (see shared.inbox_consumer)
 _contexts: dict[str, SyncContext] = {}
 
 
@@ -279,6 +280,8 @@ def handle(function_name: str, request: flask.Request) -> tuple[dict[str, Any], 
 
     if request.method != "POST":
         return answer(405, Outcome.REJECTED, error="use POST")
+    if WAKE_PARAM in request.args and fn.direction is Direction.TO_SUPABASE:
+        return _wake(fn, ctx, answer)
     if not settings.accepted_secrets():
         log_event(log, logging.ERROR, "misconfigured", problem="ZSYNC_WEBHOOK_SECRET is not set; refusing all")
         return answer(401, Outcome.REJECTED, error=f"missing or invalid {settings.secret_header} header")
@@ -316,6 +319,26 @@ def handle(function_name: str, request: flask.Request) -> tuple[dict[str, Any], 
     except Exception:
         log.exception("unexpected error", extra={"json_fields": {"event": "internal_error", **base}})
         return answer(500, Outcome.FAILED, error="internal error; see the function's logs")
+
+
+def _wake(fn: FunctionSpec, ctx: SyncContext, answer: Callable[..., tuple[dict[str, Any], int]]
+          ) -> tuple[dict[str, Any], int]:
+    """A trigger-inbox notification: a wake-up only. It needs no secret because its body is never read:
+    the function leases from its own inbox with its own credentials, so a caller can only make it drain
+    what is already there."""
+    from shared import inbox_consumer
+    from shared.trigger_inbox import InboxError
+
+    try:
+        report = inbox_consumer.drain_function(fn, ctx, ctx.settings.inbox_drain_budget_s)
+    except (ConfigurationError, ValueError) as exc:
+        log_event(ctx.logger, logging.ERROR, "misconfigured", problem=str(exc))
+        return answer(500, Outcome.FAILED, error="function is misconfigured; see its logs")
+    except InboxError as exc:
+        log_event(ctx.logger, logging.ERROR, "dependency_unavailable", error_type=type(exc).__name__,
+                  error=str(exc)[:300])
+        return answer(503, Outcome.FAILED, error="the trigger inbox is unavailable; messages stay in it")
+    return answer(200, "drained", **report.as_json())
 
 
 def make_target(function_name: str) -> Callable[[flask.Request], tuple[dict[str, Any], int]]:

@@ -63,6 +63,10 @@ class Settings(BaseSettings):
         default=4.0, gt=0, description="Time one wake-up spends draining (incl. 429 waits); under pg_net's 5 s "
         "webhook timeout. What is left stays pending for the next wake-up or the sweeper.")
 
+    # --- Trigger inboxes (Zapier -> the *_to_supabase functions) ------------------------------------
+    stage: str = Field(default="dev", description="Deployment stage: each function drains inbox zsync-<stage>-<fn>.")
+    inbox_drain_budget_s: float = Field(default=10.0, gt=0, description="How long one wake-up may drain.")
+
     # --- Requests --------------------------------------------------------------------------------
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
 

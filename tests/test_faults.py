@@ -61,8 +61,10 @@ def set_function_env(stack: LocalStack, names: list[str], **env: str) -> None:
 
 @pytest.fixture(scope="module")
 def fstack() -> Iterator[LocalStack]:
+    # The Zap path: these scenarios count the Zap pushes the Tables service makes (and their 503s and
+    # dead letters); the trigger inbox path's faults are in tests/test_trigger_inbox.py.
     with running_stack(Path(f"/tmp/zsync-faults-{os.getpid()}"), function_env=FAST_ENV, sweep_interval_s=3600,
-                       pgnet_poll_interval_s=0.05, retry_budget_s=1.5) as local:
+                       pgnet_poll_interval_s=0.05, retry_budget_s=1.5, zapier_path="zaps") as local:
         yield local
 
 

@@ -76,3 +76,43 @@ def test_official_sdk_against_the_local_service_and_the_sync(stack: Any) -> None
 
     gone = sdk(stack, "delete", id=rid, recordId=created["id"])
     assert gone["found"] == []
+
+
+def test_official_sdk_trigger_inboxes_against_the_local_service(stack: Any) -> None:
+    """ensureTriggerInbox (0.67.0: PUT with ``name``), list by name, lease, release, ack and list messages,
+    delete: the inbox API as the SDK speaks it. The inbox is the SDK's own (no notification URL), so the
+    stack's functions never drain it."""
+    name = f"sdk-conformance-{uuid.uuid4().hex[:8]}"
+    spec = {"name": name, "app": "TableCLIAPI@1.0.0", "action": "new_or_updated_record", "notificationUrl": None}
+    out = sdk(stack, "inbox-ensure", **spec)
+    first, again = out["first"], out["again"]
+    assert first["id"] == again["id"] and first["name"] == name and first["status"] == "active"
+    assert first["subscription"]["inputs"] == {"table_id": stack.table_ids["agent_jobs"]}
+    assert [i["id"] for i in out["listed"]] == [first["id"]]
+    try:
+        rid = f"sdk-inbox-{uuid.uuid4().hex[:8]}"
+        record = {"id": rid, "job_type": "discovery", "status": "queued"}
+        out = sdk(stack, "inbox-messages", name=name, record=record)
+        created = out["created"][0]
+        mine = [m for m in out["lease1"]["results"] if m["payload"]["id"] == created["id"]]
+        assert len(mine) == 1, out["lease1"]
+        message = mine[0]
+        # What a Tables trigger event carries here: the record as the API holds it (ULID, data keyed by field
+        # id; the SDK hands records out by field name), and edited_at.
+        with stack.tables_client() as client:
+            names = {f.key: f.name for f in client.field_map(stack.table_ids["agent_jobs"]).fields}
+        payload = message["payload"]
+        assert all(key.startswith("f") for key in payload["data"])
+        assert {names[k]: v for k, v in payload["data"].items()} == created["data"]
+        assert payload["edited_at"] == created["edited_at"]
+        assert message["message_attributes"]["lease_count"] == 1
+        assert message["id"] in [m["id"] for m in out["released"]["results"]]
+        again_leased = {m["id"]: m for m in out["lease2"]["results"]}
+        assert again_leased[message["id"]]["message_attributes"]["lease_count"] == 2
+        assert again_leased[message["id"]]["message_attributes"]["possible_duplicate_data"] is True
+        assert {m["status"] for m in out["listedLeased"]} == {"leased"}
+        assert out["acked"]["acked_id"] == out["lease2"]["lease_id"]
+        assert out["listedAfter"] == []
+    finally:
+        gone = sdk(stack, "inbox-delete", name=name)
+        assert gone["listed"] == []

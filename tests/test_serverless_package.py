@@ -200,6 +200,21 @@ def test_monitor_runs_every_five_minutes_without_a_url(template: dict[str, Any])
     assert _of_type(template, "AWS::Logs::LogGroup")[_logical(MONITOR, "LogGroup")]["Properties"]["RetentionInDays"]
 
 
+def test_each_inbox_function_has_the_every_minute_safety_drain(template: dict[str, Any]) -> None:
+    """serverless.yml's schedule: each *_to_supabase function drains its trigger inbox every minute."""
+    drains = {}
+    for rule in _of_type(template, "AWS::Events::Rule").values():
+        props = rule["Properties"]
+        for target in props["Targets"]:
+            if json.loads(target.get("Input") or "{}") == {"zsync": "drain_inbox"}:
+                arn = json.dumps(target["Arn"])  # the function, or its SnapStart alias/version
+                names = [name for name in FUNCTIONS if normalized_function_name(name) in arn]
+                assert len(names) == 1, arn
+                drains[names[0]] = props["ScheduleExpression"]
+    to_supabase = [name for name, fn in FUNCTIONS.items() if fn.direction is Direction.TO_SUPABASE]
+    assert drains == dict.fromkeys(to_supabase, "rate(1 minute)")
+
+
 def test_one_log_group_per_function_with_retention(template: dict[str, Any]) -> None:
     groups = _sync_only(_of_type(template, "AWS::Logs::LogGroup"))
     assert len(groups) == 7

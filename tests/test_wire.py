@@ -175,7 +175,7 @@ def test_wire_supabase_refuses_a_database_without_webhooks(tmp_path: Path, env: 
 
 def test_wire_zapier_json_covers_every_to_supabase_function_and_field(urls_file: Path, env: Any) -> None:
     env.setenv("ZSYNC_TABLE_IDS", json.dumps({"agent_jobs": "tbl_jobs"}))
-    result = run("wire", "zapier", "--urls", str(urls_file), "--format", "json")
+    result = run("wire", "zapier", "--zaps", "--urls", str(urls_file), "--format", "json")
     assert result.exit_code == 0, result.output
     assert SECRET not in result.output
     plan = json.loads(result.output)
@@ -214,12 +214,12 @@ def test_wire_zapier_json_covers_every_to_supabase_function_and_field(urls_file:
         assert zap["actions"][0]["search_field"] == "id"
         assert [f["field"] for f in zap["actions"][0]["fields"]] == list(TABLES[zap["table"]].field_names)
 
-    shown = run("wire", "zapier", "--urls", str(urls_file), "--format", "json", "--show-secret")
+    shown = run("wire", "zapier", "--zaps", "--urls", str(urls_file), "--format", "json", "--show-secret")
     assert all(z["actions"][0]["headers"][HEADER] == SECRET for z in json.loads(shown.output)["zaps"])
 
 
 def test_wire_zapier_markdown_checklist(urls_file: Path, env: Any) -> None:
-    result = run("wire", "zapier", "--urls", str(urls_file))
+    result = run("wire", "zapier", "--zaps", "--urls", str(urls_file))
     assert result.exit_code == 0, result.output
     assert SECRET not in result.output
     for fn in FUNCTIONS.values():
@@ -312,6 +312,7 @@ def _stack_env(env: pytest.MonkeyPatch, info: dict[str, Any]) -> None:
     env.setenv("ZSYNC_ZAPIER_CLIENT_SECRET", info["zapier_client_secret"])
     env.setenv("ZSYNC_TABLE_IDS", json.dumps(info["table_ids"]))
     env.setenv("ZSYNC_RETRY_BUDGET_S", "2")
+    env.setenv("ZSYNC_STAGE", info["stage"])  # whose trigger inboxes doctor checks
     reset_settings()
 
 
@@ -326,6 +327,7 @@ def test_doctor_passes_on_the_local_stack_and_names_each_problem(stack: Any, env
     assert ok.exit_code == 0, ok.output
     assert "All checks passed" in ok.output
     assert info["secret"] not in ok.output
+    assert ok.output.count("pending") >= 4  # each trigger inbox's backlog
 
     # wrong secret, wrong token, a table without id, and webhook triggers pointing elsewhere
     env.setenv("ZSYNC_WEBHOOK_SECRET", "not-the-deployed-secret")

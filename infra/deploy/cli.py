@@ -144,21 +144,64 @@ def wire_supabase(
 @wire_app.command("zapier")
 def wire_zapier(
     urls: Path = typer.Option(..., "--urls", help=URLS_HELP),
-    fmt: str = typer.Option("markdown", "--format", "-f", help="json (machine-readable) or markdown (checklist)."),
-    show_secret: bool = typer.Option(False, "--show-secret", help="Put ZSYNC_WEBHOOK_SECRET itself in the headers."),
+    stage: str = typer.Option(None, "--stage", "-s", help="Inbox keys are zsync-STAGE-<function> (default: "
+                              "the urls file's stage, else ZSYNC_STAGE)."),
+    trigger_key: str = typer.Option(None, "--trigger-key", help="The Tables trigger's action key (default: "
+                                    "discovered from the app's read actions)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan; change nothing."),
+    zaps: bool = typer.Option(False, "--zaps", help="Instead: print the Zaps to click together (the seed's path)."),
+    fmt: str = typer.Option("markdown", "--format", "-f", help="--zaps: json or markdown (checklist)."),
+    show_secret: bool = typer.Option(False, "--show-secret", help="--zaps: put ZSYNC_WEBHOOK_SECRET in the headers."),
     ssm_prefix: str = typer.Option(None, "--ssm-prefix", help=SSM_HELP),
 ) -> None:
-    """Print the Zaps to create for the deployed URLs (Zapier has no API to create them).
+    """Ensure one Zapier trigger inbox per *_to_supabase function (idempotent), notifying its URL.
 
-    One Zap per *_to_supabase function, plus the optional catch-hook Zaps for
-    ZSYNC_TABLES_WRITER=catch_hook. Derived from the table spec, field by field.
+    Each inbox (key zsync-STAGE-FUNCTION) subscribes to Zapier Tables' new-or-updated-record trigger of
+    the function's table; Zapier queues the events until the function leases and acks them. Uses
+    ZSYNC_ZAPIER_CLIENT_ID / ZSYNC_ZAPIER_CLIENT_SECRET (OAuth, or ZSYNC_TABLES_TOKEN) and ZSYNC_TABLE_IDS.
+    With --zaps: the Zap checklist instead.
     """
-    from infra.deploy import zapier_setup
+    if zaps:
+        from infra.deploy import zapier_setup
 
-    if fmt not in ("json", "markdown"):
-        raise _fail(ValueError("--format must be json or markdown"), 2)
-    plan = zapier_setup.plan(_urls(urls), _settings(ssm_prefix), show_secret=show_secret)
-    typer.echo(json.dumps(plan, indent=2) if fmt == "json" else zapier_setup.to_markdown(plan))
+        if fmt not in ("json", "markdown"):
+            raise _fail(ValueError("--format must be json or markdown"), 2)
+        plan = zapier_setup.plan(_urls(urls), _settings(ssm_prefix), show_secret=show_secret)
+        typer.echo(json.dumps(plan, indent=2) if fmt == "json" else zapier_setup.to_markdown(plan))
+        return
+    from infra.deploy import wire
+    from shared.inbox_consumer import client_from_settings
+
+    function_urls = _urls(urls)
+    settings = _settings(ssm_prefix)
+    stage = stage or _urls_stage(urls) or settings.stage
+    try:
+        client = client_from_settings(settings)
+        choice = wire.choose_trigger(client, trigger_key)
+        console.print(f"trigger: [bold]{escape(choice.app_key)}[/] / [bold]{escape(choice.action_key)}[/] "
+                      f"({escape(choice.why)})", soft_wrap=True)
+        changes = wire.inbox_plan(function_urls, settings, stage)
+        if not dry_run:
+            changes = wire.apply_inboxes(client, changes, choice)
+    except (DeployError, ValueError) as exc:
+        raise _fail(exc) from None
+    except Exception as exc:  # InboxError and friends: say what failed, no trace
+        raise _fail(RuntimeError(f"{type(exc).__name__}: {exc}")) from None
+    table = Table(title=f"Zapier trigger inboxes ({stage})" + (" - dry run" if dry_run else ""))
+    for col in ("function", "inbox key", "table", "notification URL", "change"):
+        table.add_column(col)
+    for c in changes:
+        table.add_row(c.function, c.key, c.table_id, c.notification_url, c.change)
+    console.print(table)
+
+
+def _urls_stage(path: Path) -> str | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    stage = data.get("stage") if isinstance(data, dict) else None
+    return stage if isinstance(stage, str) else None
 
 
 def doctor(
@@ -166,6 +209,7 @@ def doctor(
     timeout: float = typer.Option(20.0, help="Seconds per request (a cold start can take a few)."),
     skip_db: bool = typer.Option(False, "--skip-db", help="Do not check the database."),
     skip_tables: bool = typer.Option(False, "--skip-tables", help="Do not check the Zapier Tables token."),
+    zaps: bool = typer.Option(False, "--zaps", help="Wired with Zaps: do not check the trigger inboxes."),
     ssm_prefix: str = typer.Option(None, "--ssm-prefix", help=SSM_HELP),
 ) -> None:
     """Check a deployment end to end; exit 1 listing exactly what is wrong.
@@ -175,8 +219,10 @@ def doctor(
     """
     from infra.deploy import doctor as doc
 
-    checks = doc.run(_urls(urls), _settings(ssm_prefix), timeout_s=timeout, check_db=not skip_db,
-                     check_tables_api=not skip_tables)
+    settings = _settings(ssm_prefix)
+    checks = doc.run(_urls(urls), settings, timeout_s=timeout, check_db=not skip_db,
+                     check_tables_api=not skip_tables,
+                     inbox_stage=None if zaps else (_urls_stage(urls) or settings.stage))
     table = Table(title="zsync doctor")
     for col in ("area", "target", "", "detail"):
         table.add_column(col)

@@ -189,8 +189,36 @@ def check_tables(settings: Settings) -> list[Check]:
     return out
 
 
+def check_inboxes(settings: Settings, function_urls: Mapping[str, str], stage: str) -> list[Check]:
+    """Each *_to_supabase function's trigger inbox exists, is active (a paused one is reported with its
+    reason), notifies the deployed URL, and is being drained: its pending message count and the oldest
+    message's age (older than the outbox's alert age: the function is not draining it)."""
+    from infra.deploy.wire import notification_url
+    from infra.inbox_status import backlog, describe
+
+    try:
+        rows = backlog(settings, stage)
+    except Exception as exc:  # no credentials, token endpoint refused them
+        return [Check("inbox", "*", False, f"{type(exc).__name__}: {str(exc)[:160]}")]
+    checks = []
+    for row in rows:
+        fn, key = row["function"], row["key"]
+        if row["error"]:
+            checks.append(Check("inbox", key, False, row["error"]))
+        elif row["status"] != "active":
+            checks.append(Check("inbox", key, False, describe(row) + "; fix the cause, then resume it"))
+        elif fn in function_urls and row["notification_url"] != notification_url(function_urls[fn]):
+            checks.append(Check("inbox", key, False, "notifies another URL: run `zsync wire zapier`"))
+        elif row["alert"]:
+            checks.append(Check("inbox", key, False, describe(row) + ": not being drained (see the function's "
+                                "logs and its scheduled drain)"))
+        else:
+            checks.append(Check("inbox", key, True, "active, " + describe(row)))
+    return checks
+
+
 def run(function_urls: Mapping[str, str], settings: Settings, *, timeout_s: float = 20.0,
-        check_db: bool = True, check_tables_api: bool = True) -> list[Check]:
+        check_db: bool = True, check_tables_api: bool = True, inbox_stage: str | None = None) -> list[Check]:
     jobs: list[Callable[[], list[Check]]] = [
         (lambda n=name, u=url: check_function(n, u, settings, timeout_s)) for name, url in function_urls.items()
     ]
@@ -198,6 +226,8 @@ def run(function_urls: Mapping[str, str], settings: Settings, *, timeout_s: floa
         jobs.append(lambda: check_database(settings, function_urls))
     if check_tables_api:
         jobs.append(lambda: check_tables(settings))
+    if check_tables_api and inbox_stage:
+        jobs.append(lambda: check_inboxes(settings, function_urls, inbox_stage))
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(lambda job: job(), jobs))
     return [c for group in results for c in group]

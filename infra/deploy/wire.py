@@ -1,4 +1,5 @@
-"""``zsync wire supabase``: point Supabase Database Webhooks at the deployed ``*_to_tables`` functions.
+"""``zsync wire supabase``: point Supabase Database Webhooks at the deployed ``*_to_tables`` functions;
+``zsync wire zapier``: one Zapier trigger inbox per ``*_to_supabase`` function (:func:`apply_inboxes`).
 
 Renders :func:`shared.webhook_sql.render_webhook_sql` for the three webhook tables and applies it in
 one transaction. Idempotent: an identical re-run reports every trigger ``unchanged``.
@@ -7,13 +8,15 @@ one transaction. Idempotent: an identical re-run reports every trigger ``unchang
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import psycopg
 
 from infra.deploy import DeployError
 from shared.settings import Settings
 from shared.spec import TABLES, WEBHOOK_TABLES, Direction
+from shared.trigger_inbox import InboxClient, InboxError, Subscription
 from shared.webhook_sql import redact, render_webhook_sql, trigger_name
 
 
@@ -115,3 +118,95 @@ def apply(database_url: str, function_urls: Mapping[str, str], settings: Setting
             change = "replaced"
         changes.append(TriggerChange(table, trigger_name(table), urls[table], change))
     return changes
+
+
+# --- zsync wire zapier: one trigger inbox per *_to_supabase function ------------------------------------
+
+
+@dataclass(frozen=True)
+class TriggerChoice:
+    app_key: str  # TableCLIAPI@<version>
+    action_key: str
+    why: str
+
+
+@dataclass(frozen=True)
+class InboxChange:
+    function: str
+    key: str
+    table_id: str
+    notification_url: str
+    change: str  # created | updated | replaced | unchanged | planned
+    inbox_id: str | None = None
+
+
+def notification_url(function_url: str) -> str:
+    """The function URL plus the wake-up marker (see shared.handler.WAKE_PARAM)."""
+    from shared.handler import WAKE_PARAM
+
+    return function_url + ("&" if "?" in function_url else "?") + f"{WAKE_PARAM}=inbox"
+
+
+def choose_trigger(client: InboxClient, override: str | None) -> TriggerChoice:
+    """The Tables new-or-updated-record trigger, found in the app's read actions (or ``--trigger-key``)."""
+    app_key = client.tables_implementation()
+    actions = client.read_actions(app_key)
+    keys = [a["key"] for a in actions]
+    if override:
+        if keys and override not in keys:
+            raise DeployError(f"--trigger-key {override!r} is not a trigger of {app_key}; "
+                              f"its triggers: {', '.join(keys)}")
+        return TriggerChoice(app_key, override, "given with --trigger-key")
+
+    def text(a: dict[str, Any]) -> str:
+        return f"{a.get('key', '')} {a.get('name', '')}".lower().replace("_", " ")
+
+    matches = [a for a in actions if "record" in text(a) and "updated" in text(a) and not a.get("is_hidden")]
+    if len(matches) != 1:
+        raise DeployError(f"cannot tell which trigger of {app_key} is 'new or updated record' ({len(matches)} "
+                          f"candidates among {', '.join(keys) or 'none'}): pass --trigger-key")
+    a = matches[0]
+    return TriggerChoice(app_key, a["key"], f"the only read action of {app_key} about updated records: "
+                                            f"{a['key']!r} ({a.get('name')})")
+
+
+def inbox_plan(function_urls: Mapping[str, str], settings: Settings, stage: str) -> list[InboxChange]:
+    from shared.inbox_consumer import inbox_key
+
+    plan = []
+    for table in TABLES.values():
+        fn = table.function_name(Direction.TO_SUPABASE)
+        if fn not in function_urls:
+            raise DeployError(f"no URL for {fn} in the urls file")
+        table_id = settings.table_ids.get(table.name)
+        if not table_id:
+            raise DeployError(f"ZSYNC_TABLE_IDS has no Zapier table id for {table.name!r}")
+        plan.append(InboxChange(fn, inbox_key(stage, fn), table_id, notification_url(function_urls[fn]), "planned"))
+    return plan
+
+
+def subscription(choice: TriggerChoice, table_id: str) -> Subscription:
+    return Subscription(app_key=choice.app_key, action_key=choice.action_key, inputs={"table_id": table_id})
+
+
+def apply_inboxes(client: InboxClient, plan: list[InboxChange], choice: TriggerChoice) -> list[InboxChange]:
+    """Ensure each planned inbox: idempotent; a changed URL is patched, a changed table or trigger replaces
+    the inbox (the API refuses to change a subscription in place)."""
+    done = []
+    for item in plan:
+        sub = subscription(choice, item.table_id)
+        try:
+            existing = client.find(item.key)
+            if existing is None:
+                inbox, change = client.create(item.key, sub, item.notification_url), "created"
+            elif existing.subscription != sub.to_json():
+                client.delete(existing.id)
+                inbox, change = client.create(item.key, sub, item.notification_url), "replaced"
+            elif existing.notification_url != item.notification_url:
+                inbox, change = client.update(existing.id, item.notification_url), "updated"
+            else:
+                inbox, change = existing, "unchanged"
+        except InboxError as exc:
+            raise DeployError(f"{item.key}: {exc}") from None
+        done.append(replace(item, change=change, inbox_id=inbox.id))
+    return done

@@ -18,6 +18,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -50,6 +51,7 @@ from shared.zapier_tables import TablesClient
 REPO = Path(__file__).resolve().parents[2]
 MAIN = REPO / "functions" / "main.py"
 DLQ_NAME = "zsync-local-dlq"
+LOCAL_STAGE = "local"
 
 
 def free_port() -> int:
@@ -90,6 +92,7 @@ class FunctionProcess:
             [sys.executable, "-m", "functions_framework", "--source", str(MAIN), "--target", self.name,
              "--host", "127.0.0.1", "--port", str(self.port)],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+            start_new_session=True,  # its own process group: kill() takes gunicorn's worker down with it
         )
         log.close()
 
@@ -99,6 +102,10 @@ class FunctionProcess:
     def kill(self) -> None:
         """Hard stop (SIGKILL): what a crashed or scaled-in function looks like."""
         if self.process and self.process.poll() is None:
+            # The whole group: SIGKILL on gunicorn's master alone leaves its worker holding the port for a
+            # moment, so a restarted function would look ready while the orphan still answers (and resets).
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
             self.process.kill()
             self.process.wait(10)
 
@@ -125,6 +132,10 @@ class StackConfig:
     monitor_interval_s: float = 300.0  # the scheduled alert check (the `monitor` Lambda's schedule); 0: off
     function_env: dict[str, str] = field(default_factory=dict)  # extra ZSYNC_* settings for the functions
     tables_rate_limit: int | None = 100  # the Tables service's requests per 5 s per table (Zapier's); None: off
+    # "inbox": Zapier trigger inboxes wired by `zsync wire zapier` (the default, as in production);
+    # "zaps": the Tables service POSTs each change to the function like a Zap (the seed's path).
+    zapier_path: str = "inbox"
+    safety_drain_interval_s: float = 60.0  # the scheduled drain (serverless.yml: every minute); 0: off
 
 
 @dataclass
@@ -148,6 +159,8 @@ class LocalStack:
     _monitor: Any = None
     _trash: threading.Thread | None = None
     _trash_lock: threading.Lock = field(default_factory=threading.Lock)
+    _drainer: threading.Thread | None = None
+    inboxes: dict[str, str] = field(default_factory=dict)  # function -> inbox id
     _stop: threading.Event = field(default_factory=threading.Event)
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -182,7 +195,9 @@ class LocalStack:
         url = {name: f"http://127.0.0.1:{port}/" for name, port in ports.items()}
         self.tables = start_tables_service(
             state / "tables.sqlite3",
-            [TableConfig(name=t.name, trigger_url=url[t.function_name(Direction.TO_SUPABASE)],
+            [TableConfig(name=t.name,
+                         trigger_url=(url[t.function_name(Direction.TO_SUPABASE)]
+                                      if self.config.zapier_path == "zaps" else None),
                          stamp_updated_at=t.version is not None)
              for t in TABLES.values()],
             token=self.token, secret_header=DEFAULT_SECRET_HEADER, secret=self.secret,
@@ -199,6 +214,10 @@ class LocalStack:
         for fp in self.functions.values():
             fp.wait_ready()
         self.wire_webhooks()
+        if self.config.zapier_path == "inbox":
+            self.inboxes = self.wire_inboxes()
+            self._drainer = threading.Thread(target=self._drain_loop, name="safety-drain", daemon=True)
+            self._drainer.start()
         self.sender = PgNetSender(self.database_url, poll_interval_s=self.config.pgnet_poll_interval_s)
         self.sender.start()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="outbox-sweeper", daemon=True)
@@ -264,6 +283,7 @@ class LocalStack:
             "ZSYNC_ZAPIER_CLIENT_ID": self.client_id,
             "ZSYNC_ZAPIER_CLIENT_SECRET": self.client_secret,
             "ZSYNC_TABLE_IDS": json.dumps(self.table_ids),
+            "ZSYNC_STAGE": LOCAL_STAGE,
             "ZSYNC_RETRY_BUDGET_S": str(self.config.retry_budget_s),
             "AWS_ACCESS_KEY_ID": "local",
             "AWS_SECRET_ACCESS_KEY": "local",
@@ -282,6 +302,44 @@ class LocalStack:
         sql = render_webhook_sql(urls, DEFAULT_SECRET_HEADER, self.secret)
         with psycopg.connect(self.database_url, autocommit=True) as conn:
             conn.execute(sql)
+
+    def wire_inboxes(self) -> dict[str, str]:
+        """`zsync wire zapier` against the local service: the same code as for a real account."""
+        from infra.deploy import wire
+        from shared.settings import Settings
+        from shared.trigger_inbox import InboxClient
+
+        assert self.tables is not None
+        settings = Settings(table_ids=self.table_ids)
+        client = InboxClient.for_tables(self.tables_client())
+        try:
+            choice = wire.choose_trigger(client, None)
+            urls = {name: fp.url for name, fp in self.functions.items()}
+            changes = wire.apply_inboxes(client, wire.inbox_plan(urls, settings, LOCAL_STAGE), choice)
+        finally:
+            client.close()
+        return {c.function: c.inbox_id or "" for c in changes}
+
+    def safety_drain(self) -> dict[str, Any]:
+        """What the every-minute schedule does in production: wake each *_to_supabase function (signed)."""
+        import requests
+
+        from shared.handler import WAKE_PARAM
+
+        out: dict[str, Any] = {}
+        for name in self.inboxes:
+            try:
+                r = requests.post(self.functions[name].url, params={WAKE_PARAM: "schedule"}, json={},
+                                  headers={DEFAULT_SECRET_HEADER: self.secret}, timeout=60)
+                out[name] = r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text
+            except requests.RequestException as exc:  # the function is down: its messages wait in the inbox
+                out[name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        return out
+
+    def _drain_loop(self) -> None:
+        interval = self.config.safety_drain_interval_s
+        while interval > 0 and not self._stop.wait(interval):
+            self.safety_drain()
 
     def _sweep_loop(self) -> None:
         with contextlib.suppress(psycopg.Error):  # once at start too (`zsync doctor` checks it ran recently)
@@ -357,23 +415,30 @@ class LocalStack:
         fp.wait_ready()
 
     def drop_deliveries(self, share: float, seed: int | str | None = None) -> None:
-        """Lose ``share`` (0..1) of the change notifications on both paths, in transit: the Tables side's
-        trigger deliveries (Zap pushes today: a dropped attempt counts as failed, so ``tables_autoreplay``
-        re-sends it, as Zapier's Autoreplay does) and the pg_net requests (sent never; the outbox sweeper
-        re-sends them). A Tables->Supabase path built on trigger inboxes implements this by dropping that
-        share of its wake-up notifications (the messages stay in the inbox until leased and acked)."""
+        """Lose ``share`` (0..1) of the change notifications on both paths, in transit: on the Tables side a
+        dropped Zap push counts as failed, so ``tables_autoreplay`` re-sends it (as Zapier's Autoreplay does),
+        and a dropped inbox wake-up leaves its messages in the inbox for the next drain; a dropped pg_net
+        request is never sent, and the outbox sweeper re-sends it."""
         assert self.tables is not None and self.sender is not None
         dispatcher = self.tables.ctx.dispatcher
+        notifier = self.tables.ctx.inboxes.notifier if self.tables.ctx.inboxes is not None else None
         if seed is not None:
             dispatcher._drop_rng.seed(f"{seed}-tables")
             self.sender._drop_rng.seed(f"{seed}-pgnet")
+            if notifier is not None:
+                notifier._drop_rng.seed(f"{seed}-inbox")
         dispatcher.drop_share = share
         self.sender.drop_share = share
+        if notifier is not None:
+            notifier.drop_share = share
 
     def dropped_deliveries(self) -> dict[str, int]:
         """How many notifications ``drop_deliveries`` lost so far, per path."""
         assert self.tables is not None and self.sender is not None
-        return {"tables": self.tables.ctx.dispatcher.stats()["dropped"], "pgnet": self.sender.stats()["dropped"]}
+        inboxes = self.tables.ctx.inboxes
+        inbox = inboxes.notifier.counts["dropped"] if inboxes is not None else 0
+        return {"tables": self.tables.ctx.dispatcher.stats()["dropped"] + inbox,
+                "pgnet": self.sender.stats()["dropped"]}
 
     def tables_fault(self, status: int, for_s: float, *, hang_s: float = 0.0, retry_after: int | None = None) -> None:
         """Make the Tables API answer ``status`` to every request for ``for_s`` seconds (after hanging
@@ -404,6 +469,9 @@ class LocalStack:
         while time.monotonic() < deadline:
             pgnet_wait_idle(self.database_url, timeout_s=max(0.1, deadline - time.monotonic()))
             busy = self.tables.stats()["deliveries"]["pending"] if self.tables else 0
+            if self.tables and self.tables.ctx.inboxes is not None:
+                inbox = self.tables.ctx.inboxes.stats()
+                busy += inbox["waiting"] + inbox["notifications"]["pending"]
             if busy == 0:
                 quiet_since = quiet_since or time.monotonic()
                 if time.monotonic() - quiet_since >= settle_s:
@@ -428,6 +496,9 @@ class LocalStack:
             "secret": self.secret,
             "dlq_url": self.dlq_url,
             "aws_endpoint_url": self.aws_endpoint_url,
+            "stage": LOCAL_STAGE,
+            "zapier_path": self.config.zapier_path,
+            "inboxes": self.inboxes,
             "logs": {name: str(fp.log_path) for name, fp in sorted(self.functions.items())},
         }
 

@@ -73,6 +73,8 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
+from infra.local.trigger_inbox_service import INBOX_PATH, META_PATH, InboxService, inbox_blueprint
+
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v0/sdk/tables/api/v1"
@@ -402,6 +404,11 @@ class RecordEngine:
 
     def table_name(self, table_id: str) -> str:
         return self.schema(table_id).table["name"]
+
+    def table_exists(self, table_id: str) -> bool:
+        with self.store.transaction() as conn:
+            row = conn.execute("SELECT 1 FROM tables WHERE id = ? AND deleted_at IS NULL", (table_id,)).fetchone()
+        return row is not None
 
     def table_ids_by_name(self) -> dict[str, str]:
         with self.store.transaction() as conn:
@@ -1027,11 +1034,14 @@ class ServiceContext:
     triggers: dict[str, str | None] = field(default_factory=dict)  # by table name
     tokens: dict[str, float] = field(default_factory=dict)  # issued token -> expiry (time.time())
     stopped: bool = False
+    inboxes: InboxService | None = None  # trigger inboxes (infra/local/trigger_inbox_service.py)
 
     def after_change(self, table_id: str, changes: Sequence[Data]) -> None:
         """Count the writes and queue one trigger delivery per changed record."""
         records = [c["new"] for c in changes if c["old"] is None or c["changed_field_ids"]]
         self.stats.count_writes(table_id, len(records))
+        for record in records if self.inboxes else ():
+            self.inboxes.publish(table_id, record)  # type: ignore[union-attr]
         schema = self.engine.schema(table_id)
         url = self.triggers.get(schema.table["name"])
         names = {f"f{fid}": f["name"] for fid, f in schema.fields.items()}
@@ -1057,6 +1067,8 @@ def _check_auth(ctx: ServiceContext) -> None:
         raise ApiError(401, "missing, invalid or expired token", {"WWW-Authenticate": "Bearer"})
 
 
+# Tables API, trigger inboxes and the app metadata the inbox setup reads: all need a token.
+_GATED = (API_PREFIX + "/", INBOX_PATH, META_PATH + "/implementations")
 _TABLE_IN_PATH = re.compile(re.escape(API_PREFIX) + r"/tables/([0-9A-Z]{26})(?:/|$)")
 
 
@@ -1133,7 +1145,7 @@ def _register_tables_api(app: Flask, ctx: ServiceContext) -> None:
 
     @app.before_request
     def _before() -> None:
-        if request.path.startswith(API_PREFIX + "/"):
+        if request.path.startswith(_GATED):
             _gate(ctx)
 
     @app.get(tables)
@@ -1301,6 +1313,8 @@ def create_app(ctx: ServiceContext, max_body_bytes: int = MAX_BODY_BYTES) -> Fla
     _register_errors(app)
     _register_token_endpoint(app, ctx)
     _register_admin(app, ctx)
+    if ctx.inboxes is not None:
+        app.register_blueprint(inbox_blueprint(ctx.inboxes))
     _register_tables_api(app, ctx)  # last: it holds the catch-all route
     return app
 
@@ -1366,6 +1380,8 @@ class TablesService:
         self._thread.join()
         self._server.server_close()
         self.ctx.dispatcher.stop()
+        if self.ctx.inboxes is not None:
+            self.ctx.inboxes.close()
         self.ctx.engine.store.close()
 
 
@@ -1409,6 +1425,7 @@ def start_tables_service(
         RateLimiter(rate_limit, rate_window_s),
         token_ttl_s=token_ttl_s,
         triggers={t.name: t.trigger_url for t in tables},
+        inboxes=InboxService(Path(db_path).with_suffix(".inboxes.sqlite3"), engine.table_exists),
     )
     try:
         server = make_server(host, port, create_app(ctx, max_body_bytes), threaded=True, request_handler=_QuietHandler)

@@ -1,0 +1,500 @@
+"""Local stand-in for Zapier's trigger inboxes, mounted on the local Zapier Tables service.
+
+Implements ``/api/v0/sdk/trigger-inbox/api/v1/inboxes`` as ``@zapier/zapier-sdk`` calls it (both
+generations: ``PUT`` ensure with ``name`` (0.67.0) and ``POST`` create with ``key``; list filters by
+``key`` or ``name``), the two app-metadata endpoints used to discover the Tables trigger's action key,
+and the delivery side: :meth:`InboxService.publish` (called by the Tables service after each create or
+changing update) puts one message in each active inbox subscribed to that table and POSTs a wake-up to
+the inbox's ``notification_url`` from a background thread. Notifications carry no credentials and no
+data; under fault injection they can be dropped (``POST /_admin/inbox/faults {"drop_notifications": n}``).
+
+Storage: SQLite (WAL, one connection, one lock), so inboxes and unacked messages survive a restart.
+Leases: ``lease_seconds`` (default 300); an unacked message comes back when its lease expires, with
+``lease_count`` + 1 and ``possible_duplicate_data``; ack/release after the lease expired answers 400
+``lease_expired``; a message leased ``QUARANTINE_AFTER`` times is quarantined (never leased again).
+Authentication is the host app's: every ``/api/`` request passes the Tables service's gate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import random
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import requests
+from flask import Blueprint, Response, jsonify, request
+
+log = logging.getLogger(__name__)
+
+INBOX_PATH = "/api/v0/sdk/trigger-inbox/api/v1/inboxes"
+META_PATH = "/api/v0/sdk/zapier/api/v4"
+TABLES_VERSION = "TableCLIAPI@1.0.0"
+TABLES_ACTIONS = [
+    {"key": "new_record", "name": "New Record", "type": "read",
+     "description": "Triggers when a new record is created."},
+    {"key": "new_or_updated_record", "name": "New or Updated Record", "type": "read",
+     "description": "Triggers when a record is created or updated."},
+    {"key": "create_record", "name": "Create Record", "type": "write", "description": "Creates a record."},
+]
+DEFAULT_LEASE_S = 300
+MAX_LEASE_S = 3600
+MAX_LEASE_LIMIT = 100
+QUARANTINE_AFTER = 20
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS inboxes (
+    id TEXT PRIMARY KEY, key TEXT UNIQUE, status TEXT NOT NULL, paused_reason TEXT,
+    notification_url TEXT, subscription TEXT NOT NULL, table_id TEXT, created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS inbox_messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, inbox_id TEXT NOT NULL,
+    created_at TEXT NOT NULL, payload TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'available',
+    lease_id TEXT, leased_until REAL, lease_count INTEGER NOT NULL DEFAULT 0, error_message TEXT);
+CREATE INDEX IF NOT EXISTS inbox_messages_inbox ON inbox_messages (inbox_id, seq);
+"""
+
+
+class InboxApiError(Exception):
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        super().__init__(body)
+        self.status = status
+        self.body = body
+
+
+def _problem(status: int, detail: str, code: str = "invalid") -> InboxApiError:
+    return InboxApiError(status, {"errors": [{"code": code, "detail": detail}]})
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Notifier:
+    """POSTs wake-ups to notification URLs from one thread; coalesces per URL; drops on fault."""
+
+    def __init__(self, timeout_s: float = 10.0) -> None:
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._queued: set[str] = set()
+        self._drop = 0
+        self.drop_share = 0.0  # chaos (bench/soak.py): lose this share of the wake-ups at random
+        self._drop_rng = random.Random()
+        self.counts = {"sent": 0, "failed": 0, "dropped": 0}
+        self._timeout_s = timeout_s
+        self._busy = 0
+        self._thread = threading.Thread(target=self._work, name="inbox-notifier", daemon=True)
+        self._thread.start()
+
+    def drop_next(self, n: int) -> None:
+        with self._lock:
+            self._drop = n
+
+    def notify(self, url: str) -> None:
+        with self._lock:
+            if self._drop > 0 or (self.drop_share and self._drop_rng.random() < self.drop_share):
+                self._drop = max(0, self._drop - 1)
+                self.counts["dropped"] += 1
+                return
+            if url in self._queued:
+                return
+            self._queued.add(url)
+            self._busy += 1
+        self._queue.put(url)
+
+    def pending(self) -> int:
+        with self._lock:
+            return self._busy
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=self._timeout_s + 2)
+
+    def _work(self) -> None:
+        while (url := self._queue.get()) is not None:
+            with self._lock:
+                self._queued.discard(url)
+            ok = False
+            try:  # no header of ours, no data: a wake-up
+                response = requests.post(url, json={"event": "messages_available"}, timeout=self._timeout_s,
+                                         allow_redirects=False)
+                ok = response.status_code < 300
+                response.close()
+            except requests.RequestException:
+                pass
+            with self._lock:
+                self.counts["sent" if ok else "failed"] += 1
+                self._busy -= 1
+
+
+class InboxService:
+    """Inboxes and their messages, durable in SQLite."""
+
+    def __init__(self, path: Path, table_exists: Callable[[str], bool], notifier_timeout_s: float = 10.0) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.table_exists = table_exists  # the Tables service's tables (made through its API, so looked up live)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.executescript(_SCHEMA)
+        self.notifier = Notifier(notifier_timeout_s)
+
+    def close(self) -> None:
+        self.notifier.stop()
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    # --- inboxes ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _inbox_json(row: sqlite3.Row) -> dict[str, Any]:
+        return {"id": row["id"], "key": row["key"], "name": row["key"], "created_at": row["created_at"],
+                "status": row["status"], "paused_reason": row["paused_reason"],
+                "notification_url": row["notification_url"], "subscription": json.loads(row["subscription"])}
+
+    def _subscription(self, body: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        sub = body.get("subscription")
+        if not isinstance(sub, dict):
+            raise _problem(400, "subscription: expected an object")
+        app_key, action = sub.get("app_key"), sub.get("action_key")
+        if not isinstance(app_key, str) or not app_key.startswith("TableCLIAPI@"):
+            raise _problem(400, f"subscription.app_key: unknown app {app_key!r}")
+        if action not in {a["key"] for a in TABLES_ACTIONS if a["type"] == "read"}:
+            raise _problem(400, f"subscription.action_key: {action!r} is not a trigger of {app_key}")
+        inputs = sub.get("inputs") or {}
+        table_id = inputs.get("table_id") if isinstance(inputs, dict) else None
+        if not isinstance(table_id, str) or not self.table_exists(table_id):
+            raise _problem(400, f"subscription.inputs.table_id: unknown table {table_id!r}")
+        clean = {"app_key": app_key, "action_key": action, "inputs": dict(inputs),
+                 "connection_id": sub.get("connection_id")}
+        return clean, table_id
+
+    @staticmethod
+    def _url(body: dict[str, Any]) -> str | None:
+        url = body.get("notification_url")
+        if url is not None and (not isinstance(url, str) or not url.startswith(("http://", "https://"))):
+            raise _problem(400, "notification_url: expected an http(s) URL or null")
+        return url
+
+    def ensure(self, body: dict[str, Any], *, update_url: bool) -> tuple[dict[str, Any], int]:
+        """Create, or return the inbox with this key/name (409 if its subscription differs)."""
+        key = body.get("key", body.get("name"))
+        if not isinstance(key, str) or not key or len(key) > 200:
+            raise _problem(400, "key: expected a non-empty name")
+        sub, table_id = self._subscription(body)
+        url = self._url(body)
+        with self._tx() as conn:
+            row = conn.execute("SELECT * FROM inboxes WHERE key = ?", (key,)).fetchone()
+            if row is not None:
+                if json.loads(row["subscription"]) != sub:
+                    raise _problem(409, f'An inbox named "{key}" already exists with a different subscription.',
+                                   "conflict")
+                if update_url and "notification_url" in body and row["notification_url"] != url:
+                    conn.execute("UPDATE inboxes SET notification_url = ? WHERE id = ?", (url, row["id"]))
+                    row = conn.execute("SELECT * FROM inboxes WHERE id = ?", (row["id"],)).fetchone()
+                return self._inbox_json(row), 200
+            inbox_id = str(uuid.uuid4())
+            conn.execute("INSERT INTO inboxes (id, key, status, notification_url, subscription, table_id, created_at)"
+                         " VALUES (?, ?, 'active', ?, ?, ?, ?)",
+                         (inbox_id, key, url, json.dumps(sub), table_id, _now_iso()))
+            row = conn.execute("SELECT * FROM inboxes WHERE id = ?", (inbox_id,)).fetchone()
+            return self._inbox_json(row), 201
+
+    def list(self, key: str | None, status: str | None, limit: int, offset: int) -> dict[str, Any]:
+        sql, args = "SELECT * FROM inboxes WHERE 1=1", []
+        if key is not None:
+            sql, args = sql + " AND key = ?", [*args, key]
+        if status is not None:
+            sql, args = sql + " AND status = ?", [*args, status]
+        with self._tx() as conn:
+            rows = conn.execute(sql + " ORDER BY created_at, id", args).fetchall()
+        page = rows[offset:offset + limit]
+        more = offset + limit < len(rows)
+        return {"count": len(rows), "next": str(offset + limit) if more else None,
+                "previous": str(max(offset - limit, 0)) if offset else None,
+                "results": [self._inbox_json(r) for r in page]}
+
+    def _row(self, conn: sqlite3.Connection, inbox_id: str) -> sqlite3.Row:
+        row = conn.execute("SELECT * FROM inboxes WHERE id = ?", (inbox_id,)).fetchone()
+        if row is None:
+            raise _problem(404, f"no inbox {inbox_id}", "not_found")
+        return row
+
+    def get(self, inbox_id: str) -> dict[str, Any]:
+        with self._tx() as conn:
+            return self._inbox_json(self._row(conn, inbox_id))
+
+    def update(self, inbox_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        url = self._url(body)
+        with self._tx() as conn:
+            self._row(conn, inbox_id)
+            if "notification_url" in body:
+                conn.execute("UPDATE inboxes SET notification_url = ? WHERE id = ?", (url, inbox_id))
+            return self._inbox_json(self._row(conn, inbox_id))
+
+    def delete(self, inbox_id: str) -> dict[str, Any]:
+        with self._tx() as conn:
+            inbox = self._inbox_json(self._row(conn, inbox_id))
+            conn.execute("DELETE FROM inbox_messages WHERE inbox_id = ?", (inbox_id,))
+            conn.execute("DELETE FROM inboxes WHERE id = ?", (inbox_id,))
+        return inbox | {"status": "deleting"}
+
+    def set_status(self, inbox_id: str, status: str, reason: str | None) -> dict[str, Any]:
+        with self._tx() as conn:
+            self._row(conn, inbox_id)
+            conn.execute("UPDATE inboxes SET status = ?, paused_reason = ? WHERE id = ?", (status, reason, inbox_id))
+            return self._inbox_json(self._row(conn, inbox_id))
+
+    # --- messages ---------------------------------------------------------------------------------------
+    @staticmethod
+    def _message_json(row: sqlite3.Row, payload: bool = False) -> dict[str, Any]:
+        out = {"id": row["id"], "created_at": row["created_at"], "status": row["status"],
+               "message_attributes": {"lease_count": row["lease_count"], "error_message": row["error_message"],
+                                      "possible_duplicate_data": row["lease_count"] > 1}}
+        if payload:
+            out["payload"] = json.loads(row["payload"])
+        return out
+
+    def _expire(self, conn: sqlite3.Connection, inbox_id: str) -> None:
+        conn.execute("UPDATE inbox_messages SET status = 'available', lease_id = NULL, leased_until = NULL "
+                     "WHERE inbox_id = ? AND status = 'leased' AND leased_until < ?", (inbox_id, time.time()))
+
+    def messages(self, inbox_id: str, limit: int) -> dict[str, Any]:
+        with self._tx() as conn:
+            self._row(conn, inbox_id)
+            self._expire(conn, inbox_id)
+            rows = conn.execute("SELECT * FROM inbox_messages WHERE inbox_id = ? ORDER BY seq LIMIT ?",
+                                (inbox_id, limit)).fetchall()
+        return {"next": None, "previous": None, "results": [self._message_json(r) for r in rows]}
+
+    def lease(self, inbox_id: str, limit: int, seconds: int) -> dict[str, Any]:
+        with self._tx() as conn:
+            inbox = self._row(conn, inbox_id)
+            self._expire(conn, inbox_id)
+            rows = conn.execute("SELECT * FROM inbox_messages WHERE inbox_id = ? AND status = 'available' "
+                                "ORDER BY seq LIMIT ?", (inbox_id, limit)).fetchall()
+            attrs = {"status": inbox["status"], "paused_reason": inbox["paused_reason"]}
+            if not rows and inbox["status"] == "paused":
+                raise InboxApiError(409, {"detail": "Inbox is paused and fully drained", "inbox_attributes": attrs})
+            if not rows:
+                return {"lease_id": None, "leased_until": None, "results": [], "inbox_attributes": attrs}
+            lease_id = str(uuid.uuid4())
+            until = time.time() + seconds
+            leased = []
+            for row in rows:
+                count = row["lease_count"] + 1
+                if count > QUARANTINE_AFTER:
+                    conn.execute("UPDATE inbox_messages SET status = 'quarantined', error_message = ? WHERE seq = ?",
+                                 (f"leased {QUARANTINE_AFTER} times without an ack", row["seq"]))
+                    continue
+                conn.execute("UPDATE inbox_messages SET status = 'leased', lease_id = ?, leased_until = ?, "
+                             "lease_count = ? WHERE seq = ?", (lease_id, until, count, row["seq"]))
+                leased.append(conn.execute("SELECT * FROM inbox_messages WHERE seq = ?", (row["seq"],)).fetchone())
+        return {"lease_id": lease_id if leased else None,
+                "leased_until": datetime.fromtimestamp(until, UTC).isoformat().replace("+00:00", "Z"),
+                "results": [self._message_json(r, payload=True) for r in leased], "inbox_attributes": attrs}
+
+    def settle(self, inbox_id: str, body: dict[str, Any], op: str) -> dict[str, Any]:
+        lease_id = body.get("lease_id")
+        ids = body.get("message_ids")
+        if not isinstance(lease_id, str):
+            raise _problem(400, "lease_id: required")
+        if ids is not None and (not isinstance(ids, list) or not all(isinstance(i, str) for i in ids)):
+            raise _problem(400, "message_ids: expected a list of message ids")
+        with self._tx() as conn:
+            self._row(conn, inbox_id)
+            rows = conn.execute("SELECT * FROM inbox_messages WHERE inbox_id = ? AND lease_id = ? "
+                                "AND status = 'leased'",
+                                (inbox_id, lease_id)).fetchall()
+            if ids is not None:
+                rows = [r for r in rows if r["id"] in set(ids)]
+            if any(r["leased_until"] < time.time() for r in rows) or (not rows and ids):
+                raise _problem(400, f"lease {lease_id} has expired", "lease_expired")
+            out = []
+            for row in rows:
+                if op == "ack":
+                    conn.execute("DELETE FROM inbox_messages WHERE seq = ?", (row["seq"],))
+                    out.append(self._message_json(row) | {"status": "acked"})
+                else:
+                    conn.execute("UPDATE inbox_messages SET status = 'available', lease_id = NULL, leased_until = NULL"
+                                 " WHERE seq = ?", (row["seq"],))
+                    out.append(self._message_json(row) | {"status": "available"})
+        return {f"{op}ed_id" if op == "ack" else "released_id": lease_id, "results": out}
+
+    # --- delivery ---------------------------------------------------------------------------------------
+    def put(self, inbox_id: str, payload: dict[str, Any]) -> str:
+        """Add one message (publish, and the admin endpoint tests use for poison/duplicate messages)."""
+        message_id = str(uuid.uuid4())
+        with self._tx() as conn:
+            inbox = self._row(conn, inbox_id)
+            conn.execute("INSERT INTO inbox_messages (id, inbox_id, created_at, payload) VALUES (?, ?, ?, ?)",
+                         (message_id, inbox_id, _now_iso(), json.dumps(payload)))
+        if inbox["notification_url"]:
+            self.notifier.notify(inbox["notification_url"])
+        return message_id
+
+    def publish(self, table_id: str, record: dict[str, Any]) -> None:
+        """A record was created or changed: one message in each active inbox subscribed to its table."""
+        with self._tx() as conn:
+            inboxes = conn.execute("SELECT id FROM inboxes WHERE table_id = ? AND status = 'active'",
+                                   (table_id,)).fetchall()
+        payload = {"id": record["id"], "data": record["data"], "created_at": record.get("created_at"),
+                   "edited_at": record.get("edited_at", record.get("updated_at"))}
+        for row in inboxes:
+            self.put(row["id"], payload)
+
+    def stats(self) -> dict[str, Any]:
+        with self._tx() as conn:
+            rows = conn.execute("SELECT status, count(*) AS n FROM inbox_messages GROUP BY status").fetchall()
+        by_status = {r["status"]: r["n"] for r in rows}
+        return {"messages": by_status, "waiting": by_status.get("available", 0) + by_status.get("leased", 0),
+                "notifications": dict(self.notifier.counts, pending=self.notifier.pending())}
+
+
+def _body() -> dict[str, Any]:
+    raw = request.get_data(cache=True)
+    if not raw:
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise _problem(400, "request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise _problem(400, "expected a JSON object")
+    return body
+
+
+def _int_arg(value: Any, name: str, low: int, high: int, default: int) -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).isdigit():
+        raise _problem(400, f"{name}: expected an integer from {low} to {high}")
+    number = int(value)
+    if not low <= number <= high:
+        raise _problem(400, f"{name}: expected an integer from {low} to {high}")
+    return number
+
+
+def inbox_blueprint(service: InboxService) -> Blueprint:
+    """The inbox API, the app-metadata endpoints and the ``/_admin/inbox`` endpoints (no auth of its own:
+    register it on the Tables service app, whose gate authenticates every ``/api/`` request)."""
+    bp = Blueprint("trigger_inbox", __name__)
+
+    @bp.errorhandler(InboxApiError)
+    def _error(exc: InboxApiError) -> tuple[Response, int]:
+        return jsonify(exc.body), exc.status
+
+    @bp.get(META_PATH + "/implementations-meta/lookup/")
+    def lookup() -> Response:
+        return jsonify(next=None, previous=None, results=[
+            {"id": TABLES_VERSION, "slug": "zapier_tables", "name": "Zapier Tables",
+             "current_implementation_id": TABLES_VERSION}])
+
+    @bp.get(META_PATH + "/implementations/")
+    def implementations() -> Response:
+        selected = request.args.get("selected_apis", "")
+        if selected.split("@")[0] != "TableCLIAPI":
+            return jsonify(results=[])
+        return jsonify(results=[{"selected_api": TABLES_VERSION,
+                                 "actions": [a | {"selected_api": TABLES_VERSION} for a in TABLES_ACTIONS]}])
+
+    @bp.get(INBOX_PATH)
+    def list_inboxes() -> Response:
+        key = request.args.get("key", request.args.get("name"))
+        limit = _int_arg(request.args.get("limit"), "limit", 1, 1000, 100)
+        offset = _int_arg(request.args.get("offset"), "offset", 0, 10**9, 0)
+        return jsonify(service.list(key, request.args.get("status"), limit, offset))
+
+    @bp.post(INBOX_PATH)
+    def create_inbox() -> tuple[Response, int]:
+        inbox, status = service.ensure(_body(), update_url=False)
+        return jsonify(inbox), status
+
+    @bp.put(INBOX_PATH)
+    def ensure_inbox() -> tuple[Response, int]:
+        inbox, status = service.ensure(_body(), update_url=True)
+        return jsonify(inbox), status
+
+    @bp.get(INBOX_PATH + "/<inbox_id>")
+    def get_inbox(inbox_id: str) -> Response:
+        return jsonify(service.get(inbox_id))
+
+    @bp.patch(INBOX_PATH + "/<inbox_id>")
+    def update_inbox(inbox_id: str) -> Response:
+        return jsonify(service.update(inbox_id, _body()))
+
+    @bp.delete(INBOX_PATH + "/<inbox_id>")
+    def delete_inbox(inbox_id: str) -> Response:
+        return jsonify(service.delete(inbox_id))
+
+    @bp.post(INBOX_PATH + "/<inbox_id>/pause")
+    def pause(inbox_id: str) -> Response:
+        return jsonify(service.set_status(inbox_id, "paused", "user"))
+
+    @bp.post(INBOX_PATH + "/<inbox_id>/resume")
+    def resume(inbox_id: str) -> Response:
+        return jsonify(service.set_status(inbox_id, "active", None))
+
+    @bp.get(INBOX_PATH + "/<inbox_id>/messages")
+    def list_messages(inbox_id: str) -> Response:
+        return jsonify(service.messages(inbox_id, _int_arg(request.args.get("limit"), "limit", 1, 1000, 100)))
+
+    @bp.post(INBOX_PATH + "/<inbox_id>/messages/lease")
+    def lease(inbox_id: str) -> Response:
+        body = _body()
+        limit = _int_arg(body.get("lease_limit"), "lease_limit", 1, MAX_LEASE_LIMIT, 1)
+        seconds = _int_arg(body.get("lease_seconds"), "lease_seconds", 1, MAX_LEASE_S, DEFAULT_LEASE_S)
+        return jsonify(service.lease(inbox_id, limit, seconds))
+
+    @bp.post(INBOX_PATH + "/<inbox_id>/messages/ack")
+    def ack(inbox_id: str) -> Response:
+        return jsonify(service.settle(inbox_id, _body(), "ack"))
+
+    @bp.post(INBOX_PATH + "/<inbox_id>/messages/release")
+    def release(inbox_id: str) -> Response:
+        return jsonify(service.settle(inbox_id, _body(), "release"))
+
+    # --- admin (tests): fault injection, injected messages, paused reasons, stats -----------------
+    @bp.post("/_admin/inbox/faults")
+    def faults() -> Response:
+        body = _body()
+        n = _int_arg(body.get("drop_notifications"), "drop_notifications", 0, 10**6, 0)
+        service.notifier.drop_next(n)
+        return jsonify(drop_notifications=n)
+
+    @bp.post("/_admin/inboxes/<inbox_id>/messages")
+    def inject(inbox_id: str) -> Response:
+        body = _body()
+        if not isinstance(body.get("payload"), dict):
+            raise _problem(400, 'expected {"payload": {...}}')
+        return jsonify(id=service.put(inbox_id, body["payload"]))
+
+    @bp.post("/_admin/inboxes/<inbox_id>/pause")
+    def admin_pause(inbox_id: str) -> Response:
+        reason = _body().get("reason", "unknown")
+        return jsonify(service.set_status(inbox_id, "paused", str(reason)))
+
+    @bp.get("/_admin/inbox/stats")
+    def stats() -> Response:
+        return jsonify(service.stats())
+
+    return bp

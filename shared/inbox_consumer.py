@@ -1,0 +1,273 @@
+"""Drain a ``*_to_supabase`` function's own trigger inbox (the inbox path from Zapier Tables to Supabase).
+
+Woken by a notification (a POST to the function URL carrying no data and no secret) or by the scheduled
+safety drain, the function leases from its own inbox with its own credentials and applies each message
+through the same code as a Zap delivery (:func:`shared.handler.process`). Per message:
+
+* applied / unchanged / skipped as stale -> ack;
+* unreadable or invalid (a 400 for a Zap) -> a ``sync_failed`` audit entry, then ack (retrying would fail
+  the same way);
+* a dependency is down (database, Tables) -> release: it comes back; the drain leases once more after a
+  second (a blip), then stops (the next notification or the scheduled drain picks it up);
+* leased more than ``poison_lease_count`` times already (it kept failing, or it kept killing the
+  function) -> stored whole in the dead-letter queue, then ack, so it cannot block the inbox.
+
+It keeps leasing until the inbox is empty or the time budget (the invocation's timeout minus a margin)
+would be exceeded. Leases make concurrent drains safe: a message leased by one is invisible to another;
+a drain killed mid-way leaves its messages leased until the lease expires, then they come back
+(``possible_duplicate_data``; applying is idempotent).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+from weakref import WeakKeyDictionary
+
+from shared import dead_letter, supabase_db
+from shared.logs import log_event
+from shared.spec import FunctionSpec
+from shared.trigger_inbox import (
+    BearerToken,
+    InboxClient,
+    InboxConflict,
+    InboxError,
+    InboxNotFound,
+    LeaseExpired,
+    Message,
+    TriggerRecord,
+    UnreadablePayload,
+    read_payload,
+)
+from shared.zapier_tables import TablesError, TablesRejected
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+    from shared.settings import Settings
+    from shared.sync import SyncContext
+
+POISON_LEASE_COUNT = 5  # a message leased this many times without an ack goes to the dead-letter queue
+LEASE_LIMIT = 10
+DEPENDENCY_PAUSE_S = 1.0  # after a dependency error, wait this long and lease again (once)
+DEFAULT_BUDGET_S = 10.0  # a 15 s Lambda: stop leasing with 5 s to spare
+
+
+def inbox_key(stage: str, function: str) -> str:
+    """The key (``name`` for older SDKs) of a function's inbox: ``zsync-<stage>-<function>``."""
+    return f"zsync-{stage}-{function}"
+
+
+def client_from_settings(settings: Settings) -> InboxClient:
+    """An inbox client for operator tools (wire, doctor, status): ``ZSYNC_ZAPIER_BASE_URL`` with the OAuth
+    client credentials (or ``ZSYNC_TABLES_TOKEN``), through the Tables client's token provider."""
+    from shared.zapier_tables import client_from_settings as tables_client
+
+    return InboxClient.for_tables(tables_client(settings))
+
+
+_clients: WeakKeyDictionary[Any, InboxClient] = WeakKeyDictionary()
+_clients_lock = threading.Lock()
+
+
+def inbox_client(ctx: SyncContext) -> InboxClient:
+    """The function's inbox client: one per process (per Tables client), sharing the Tables client's OAuth
+    token provider, so a warm function neither fetches a token nor opens a connection per wake-up."""
+    tables = ctx.tables
+    with _clients_lock:
+        client = _clients.get(tables)
+        if client is None:
+            client = _clients[tables] = InboxClient.for_tables(tables)
+        return client
+
+
+@dataclass
+class DrainReport:
+    inbox: str
+    counts: Counter[str] = field(default_factory=Counter)
+    stopped: str = "empty"  # empty | budget | dependency | paused | not_found
+
+    def as_json(self) -> dict[str, Any]:
+        return {"inbox": self.inbox, "stopped": self.stopped, **dict(sorted(self.counts.items()))}
+
+
+def _received_at(record_edited_at: str | None, message: Message) -> datetime | None:
+    """The version to give a record without ``updated_at``: Zapier's time of the change, not our arrival
+    (a message can wait in the inbox for a long time)."""
+    for text in (record_edited_at, message.created_at):
+        if text:
+            try:
+                return dead_letter.parse_iso(text)
+            except ValueError:
+                continue
+    return None
+
+
+@dataclass
+class InboxConsumer:
+    fn: FunctionSpec
+    ctx: SyncContext
+    client: InboxClient
+    inbox_id: str
+    field_names: Callable[[bool], Mapping[str, str]] | None = None  # field id -> name (refresh?), when needed
+    poison_lease_count: int = POISON_LEASE_COUNT
+    lease_limit: int = LEASE_LIMIT
+    lease_seconds: int = 60
+    dependency_retries: int = 1
+    _names: Mapping[str, str] | None = None
+
+    def drain(self, budget_s: float = DEFAULT_BUDGET_S) -> DrainReport:
+        deadline = time.monotonic() + budget_s
+        report = DrainReport(self.inbox_id)
+        retries = 0
+        while time.monotonic() < deadline:
+            try:
+                lease = self.client.lease(self.inbox_id, self.lease_limit, self.lease_seconds)
+            except InboxConflict as exc:  # paused and drained
+                report.stopped = "paused"
+                log_event(self.ctx.logger, logging.WARNING, "inbox_paused", inbox=self.inbox_id, error=str(exc))
+                return report
+            if not lease.messages or not lease.lease_id:
+                report.stopped = "empty"
+                return report
+            for i, message in enumerate(lease.messages):
+                if time.monotonic() >= deadline:
+                    rest = [m.id for m in lease.messages[i:]]
+                    self._settle("release", lease.lease_id, rest, report)
+                    report.stopped = "budget"
+                    return report
+                verdict = self._one(message, report)
+                if verdict == "release":
+                    rest = [m.id for m in lease.messages[i:]]
+                    self._settle("release", lease.lease_id, rest, report)
+                    # A released message gets no new notification: try once more after a pause (a blip),
+                    # then leave it to the next wake-up or the scheduled drain (a real outage).
+                    retries += 1
+                    if retries > self.dependency_retries or time.monotonic() + DEPENDENCY_PAUSE_S >= deadline:
+                        report.stopped = "dependency"
+                        return report
+                    time.sleep(DEPENDENCY_PAUSE_S)
+                    break
+                self._settle("ack", lease.lease_id, [message.id], report)
+        report.stopped = "budget"
+        return report
+
+    def _settle(self, op: str, lease_id: str, ids: list[str], report: DrainReport) -> None:
+        try:
+            (self.client.ack if op == "ack" else self.client.release)(self.inbox_id, lease_id, ids)
+            report.counts[f"{op}ed"] += len(ids)
+        except LeaseExpired:  # the messages come back; applying again is harmless
+            report.counts["lease_expired"] += len(ids)
+            log_event(self.ctx.logger, logging.WARNING, "inbox_lease_expired", inbox=self.inbox_id, op=op, n=len(ids))
+
+    def _one(self, message: Message, report: DrainReport) -> str:
+        """Apply one message -> "ack" or "release"."""
+        from shared.handler import Rejected, _record_failure, process
+
+        if message.lease_count > self.poison_lease_count:
+            return self._poison(message, report)
+        try:
+            record = self._read(message)
+            delivery = record.as_delivery()
+            result = process(self.fn, self.ctx, delivery, _received_at(record.edited_at, message))
+            report.counts[str(result.outcome)] += 1
+            log_event(self.ctx.logger, logging.INFO, "inbox_message", inbox=self.inbox_id, message=message.id,
+                      outcome=str(result.outcome), id=result.id, lease_count=message.lease_count,
+                      possible_duplicate=message.possible_duplicate_data)
+            return "ack"
+        except UnreadablePayload as exc:
+            rejected = Rejected(400, exc.problems)
+        except Rejected as exc:
+            rejected = exc
+        except TablesRejected as exc:
+            rejected = Rejected(502, [{"field": "tables", "problem": str(exc)[:200]}])
+        except (supabase_db.DatabaseUnavailable, TablesError, InboxError) as exc:
+            report.counts["dependency_errors"] += 1
+            log_event(self.ctx.logger, logging.ERROR, "dependency_unavailable", inbox=self.inbox_id,
+                      message=message.id, error_type=type(exc).__name__, error=str(exc)[:300])
+            return "release"
+        body = dead_letter.canonical_json(message.payload).encode("utf-8", "surrogatepass")
+        audited = _record_failure(self.fn, self.ctx, body, rejected)
+        report.counts["rejected"] += 1
+        log_event(self.ctx.logger, logging.WARNING, "inbox_message", inbox=self.inbox_id, message=message.id,
+                  outcome="rejected", status=rejected.status, problems=rejected.problems, audited=audited)
+        return "ack"
+
+    def _field_names(self, message: Message, refresh: bool = False) -> Mapping[str, str] | None:
+        data = message.payload.get("data", message.payload)
+        uses_ids = isinstance(data, dict) and any(str(k)[:1] == "f" and str(k)[1:].isdigit() for k in data)
+        if uses_ids and self.field_names is not None and (self._names is None or refresh):
+            self._names = self.field_names(refresh)
+        return self._names
+
+    def _read(self, message: Message) -> TriggerRecord:
+        """The payload as a record; a field id we do not know lists the table's fields again once."""
+        try:
+            return read_payload(message.payload, self._field_names(message))
+        except UnreadablePayload as exc:
+            if self.field_names is None or not any("unknown field" in p["problem"] for p in exc.problems):
+                raise
+        return read_payload(message.payload, self._field_names(message, refresh=True))
+
+    def _poison(self, message: Message, report: DrainReport) -> str:
+        error = RuntimeError(f"trigger inbox message {message.id} leased {message.lease_count} times without an ack"
+                             + (f": {message.error_message}" if message.error_message else ""))
+        letter = dead_letter.DeadLetter.new(self.fn.name, {"inbox_message": message.id, "payload": message.payload},
+                                            error, received_at=_received_at(None, message) or datetime.now(UTC),
+                                            table=self.fn.table.name)
+        problem = dead_letter.dead_letter(self.ctx.settings, letter)
+        if problem is not None:  # keep it in the inbox rather than lose it
+            log_event(self.ctx.logger, logging.ERROR, "dead_letter_failed", inbox=self.inbox_id, message=message.id,
+                      problem=problem)
+            report.counts["poison_kept"] += 1
+            return "release"
+        report.counts["dead_lettered"] += 1
+        log_event(self.ctx.logger, logging.WARNING, "dead_lettered", inbox=self.inbox_id, message=message.id,
+                  key=letter.key, lease_count=message.lease_count)
+        return "ack"
+
+
+def _field_names_of(ctx: SyncContext, fn: FunctionSpec) -> Callable[[bool], Mapping[str, str]]:
+    """Field id (``f<n>``) -> our field name, from the Tables client's field map (listed once per process;
+    ``refresh`` lists the fields again, e.g. after a message named a field added since)."""
+
+    def names(refresh: bool = False) -> dict[str, str]:
+        fmap = ctx.tables.field_map(ctx.table_id(fn.table), refresh=refresh)
+        return {f.key: f.name for f in fmap.fields}
+
+    return names
+
+
+_inbox_ids: dict[str, str] = {}
+
+
+def drain_function(fn: FunctionSpec, ctx: SyncContext, budget_s: float = DEFAULT_BUDGET_S) -> DrainReport:
+    """Find this function's inbox (by key ``zsync-<stage>-<function>``, cached) and drain it."""
+    key = inbox_key(ctx.settings.stage, fn.name)
+    client = inbox_client(ctx)
+    inbox_id = _inbox_ids.get(key)
+    if inbox_id is None:
+        inbox = client.find(key)
+        if inbox is None:
+            report = DrainReport(key)
+            report.stopped = "not_found"
+            log_event(ctx.logger, logging.ERROR, "inbox_not_found", inbox=key,
+                      hint="run `zsync wire zapier` for this stage")
+            return report
+        inbox_id = _inbox_ids[key] = inbox.id
+    consumer = InboxConsumer(fn, ctx, client, inbox_id, field_names=_field_names_of(ctx, fn))
+    try:
+        report = consumer.drain(budget_s)
+    except InboxNotFound:  # the inbox was deleted and made again: look it up next time
+        _inbox_ids.pop(key, None)
+        raise
+    log_event(ctx.logger, logging.INFO, "inbox_drained", **report.as_json())
+    return report
+
+
+__all__ = ["BearerToken", "DrainReport", "InboxConsumer", "drain_function", "inbox_key"]

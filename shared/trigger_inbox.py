@@ -1,0 +1,458 @@
+"""Client for Zapier's trigger inboxes (the SDK's ``/api/v0/sdk/trigger-inbox/api/v1/inboxes`` API).
+
+A trigger inbox subscribes to an app's trigger (here: Zapier Tables' new-or-updated-record trigger of
+one table) and keeps its events in a queue on Zapier's side; the consumer leases messages, applies
+them and acknowledges them (at-least-once). See ``/work/shared/reference/zapier-tables-api.md``,
+section "Trigger inboxes"; the wire format follows ``@zapier/zapier-sdk`` (0.67.0 sends ``PUT`` with
+``name`` to ensure an inbox and lists with ``?name=``; newer versions ``POST`` with ``key`` and list with
+``?key=``). This client sends the newer form and reads either.
+
+Authentication: :meth:`InboxClient.for_tables` shares the Zapier Tables client's OAuth client-credentials
+token provider (:class:`shared.zapier_tables.TokenSource`: one token per process, refreshed before expiry,
+fetched again once after a 401); any :class:`requests.auth.AuthBase` (e.g. :class:`BearerToken`) also works.
+
+Retries follow the SDK: 429/500/502/503/504 are retried for GET/PUT/DELETE, only 429 for POST/PATCH
+(a lease retried after a lost answer would lease other messages; the first lease's messages come back
+when it expires), honouring ``Retry-After``, a bounded number of attempts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from requests.auth import AuthBase
+from urllib3.util.retry import Retry
+
+from shared.zapier_tables import TablesError
+
+INBOX_PATH = "/api/v0/sdk/trigger-inbox/api/v1/inboxes"
+IMPLEMENTATIONS_PATH = "/api/v0/sdk/zapier/api/v4/implementations/"
+IMPLEMENTATIONS_LOOKUP_PATH = "/api/v0/sdk/zapier/api/v4/implementations-meta/lookup/"
+TABLES_IMPLEMENTATION = "TableCLIAPI"
+TABLES_APP_SLUG = "zapier_tables"
+DEFAULT_LEASE_SECONDS = 300
+_IDEMPOTENT = frozenset({"GET", "PUT", "DELETE", "HEAD", "OPTIONS"})
+_FIELD_ID = re.compile(r"^f(\d+)$")
+_MESSAGE_MAX = 300
+
+
+class InboxError(Exception):
+    """Base error. ``status`` is the HTTP status (None without a response); ``code`` an API error code."""
+
+    def __init__(self, status: int | None, message: str, code: str | None = None) -> None:
+        super().__init__(f"{message} (HTTP {status})" if status is not None else message)
+        self.status = status
+        self.message = message
+        self.code = code
+
+
+class InboxUnavailable(InboxError):
+    """429/5xx/connection error after the retries: try later."""
+
+
+class InboxConflict(InboxError):
+    """409: an inbox with this key has another subscription, or leasing from a paused, drained inbox."""
+
+
+class InboxNotFound(InboxError):
+    """404."""
+
+
+class LeaseExpired(InboxError):
+    """400 ``lease_expired``: the lease ran out before the ack/release (its messages come back)."""
+
+
+class InboxProtocolError(InboxError):
+    """A 2xx answer without the documented shape."""
+
+
+class BearerToken(AuthBase):
+    """``Authorization: Bearer <token>``; the token may be a string or a callable returning one."""
+
+    def __init__(self, token: str | Any) -> None:
+        self._token = token
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        token = self._token() if callable(self._token) else self._token
+        request.headers["Authorization"] = f"Bearer {token}"
+        return request
+
+    def __repr__(self) -> str:
+        return "<BearerToken ***>"
+
+
+class TokenSourceAuth(AuthBase):
+    """``Authorization: Bearer <token>`` from a token provider with ``get()``, ``invalidate()`` and
+    ``refreshable`` (:class:`shared.zapier_tables.TokenSource`)."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = f"Bearer {self.source.get()}"
+        return request
+
+    def __repr__(self) -> str:
+        return "<TokenSourceAuth ***>"
+
+
+class _SdkRetry(Retry):
+    """Like the SDK: statuses are retried for idempotent methods, only 429 for POST/PATCH."""
+
+    def is_retry(self, method: str, status_code: int, has_retry_after: bool = False) -> bool:
+        if method.upper() not in _IDEMPOTENT and status_code != 429:
+            return False
+        return super().is_retry(method, status_code, has_retry_after)
+
+
+def _session(max_attempts: int, backoff_factor: float) -> requests.Session:
+    retry = _SdkRetry(total=max(max_attempts - 1, 0), connect=None, read=None, status=None, other=0,
+                      redirect=False, allowed_methods=None, status_forcelist=(429, 500, 502, 503, 504),
+                      backoff_factor=backoff_factor, backoff_max=4.0, respect_retry_after_header=True,
+                      raise_on_status=False)
+    session = requests.Session()
+    adapter = HTTPAdapter(max_retries=retry)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def api_origin(url: str) -> str:
+    """``https://sdkapi.zapier.com`` from any URL on that host (the SDK sends its paths to the origin)."""
+    parts = urlsplit(url)
+    if not parts.scheme or not parts.netloc:
+        raise ValueError(f"not an absolute URL: {url!r}")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+# --- model ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Subscription:
+    app_key: str  # "<implementation>@<version>", e.g. "TableCLIAPI@1.4.0"
+    action_key: str
+    inputs: dict[str, Any]
+    connection_id: str | int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"app_key": self.app_key, "action_key": self.action_key, "inputs": dict(self.inputs),
+                "connection_id": self.connection_id}
+
+
+@dataclass(frozen=True)
+class Inbox:
+    id: str
+    key: str | None
+    status: str
+    paused_reason: str | None
+    notification_url: str | None
+    subscription: dict[str, Any]
+
+    @classmethod
+    def from_json(cls, data: Any) -> Inbox:
+        if not isinstance(data, dict) or not isinstance(data.get("id"), str):
+            raise InboxProtocolError(None, "inbox answer without an id")
+        key = data.get("key", data.get("name"))
+        return cls(id=data["id"], key=key if isinstance(key, str) else None, status=str(data.get("status")),
+                   paused_reason=data.get("paused_reason"), notification_url=data.get("notification_url"),
+                   subscription=data.get("subscription") or {})
+
+
+@dataclass(frozen=True)
+class Message:
+    id: str
+    created_at: str | None
+    lease_count: int
+    possible_duplicate_data: bool
+    error_message: str | None
+    payload: dict[str, Any]
+
+    @classmethod
+    def from_json(cls, data: Any) -> Message:
+        if not isinstance(data, dict) or not isinstance(data.get("id"), str):
+            raise InboxProtocolError(None, "leased message without an id")
+        attrs = data.get("message_attributes") or {}
+        payload = data.get("payload")
+        return cls(id=data["id"], created_at=data.get("created_at"), lease_count=int(attrs.get("lease_count") or 0),
+                   possible_duplicate_data=bool(attrs.get("possible_duplicate_data")),
+                   error_message=attrs.get("error_message"), payload=payload if isinstance(payload, dict) else {})
+
+
+@dataclass(frozen=True)
+class Backlog:
+    pending: int  # available + leased (at least this many when ``more``)
+    oldest_created_at: str | None
+    more: bool  # more messages than were counted
+    other: int = 0  # messages in another state (e.g. quarantined)
+
+
+@dataclass(frozen=True)
+class Lease:
+    lease_id: str | None
+    leased_until: str | None
+    messages: list[Message]
+    status: str | None
+    paused_reason: str | None
+
+
+# --- client --------------------------------------------------------------------------------------------
+
+
+class InboxClient:
+    def __init__(self, base_url: str, auth: AuthBase, *, timeout_s: float = 10.0, max_attempts: int = 4,
+                 backoff_factor: float = 0.5) -> None:
+        self.base_url = api_origin(base_url)
+        self._auth = auth
+        self._timeout_s = timeout_s
+        self._session = _session(max_attempts, backoff_factor)
+
+    @classmethod
+    def for_tables(cls, tables: Any, **kwargs: Any) -> InboxClient:
+        """An inbox client on the same host and OAuth token provider as a :class:`shared.zapier_tables.TablesClient`."""
+        kwargs.setdefault("timeout_s", tables.timeout_s)
+        return cls(tables.base_url, TokenSourceAuth(tables.tokens), **kwargs)
+
+    def __repr__(self) -> str:
+        return f"InboxClient({self.base_url!r})"
+
+    def close(self) -> None:
+        self._session.close()
+
+    # inboxes
+    def list(self, key: str | None = None, limit: int = 100) -> list[Inbox]:
+        params: dict[str, Any] = {"limit": limit}
+        if key is not None:
+            params["key"] = key
+        data = self._call("GET", INBOX_PATH, "list inboxes", params=params)
+        results = data.get("results")
+        if not isinstance(results, list):
+            raise InboxProtocolError(None, "list inboxes: no results list")
+        return [Inbox.from_json(r) for r in results]
+
+    def find(self, key: str) -> Inbox | None:
+        found = [i for i in self.list(key=key, limit=2) if i.key == key]
+        return found[0] if found else None
+
+    def create(self, key: str, subscription: Subscription, notification_url: str | None) -> Inbox:
+        body = {"key": key, "subscription": subscription.to_json(), "notification_url": notification_url}
+        return Inbox.from_json(self._call("POST", INBOX_PATH, "create inbox", json=body))
+
+    def get(self, inbox_id: str) -> Inbox:
+        return Inbox.from_json(self._call("GET", self._inbox(inbox_id), "get inbox"))
+
+    def update(self, inbox_id: str, notification_url: str | None) -> Inbox:
+        return Inbox.from_json(self._call("PATCH", self._inbox(inbox_id), "update inbox",
+                                          json={"notification_url": notification_url}))
+
+    def delete(self, inbox_id: str) -> None:
+        self._call("DELETE", self._inbox(inbox_id), "delete inbox")
+
+    def pause(self, inbox_id: str) -> Inbox:
+        return Inbox.from_json(self._call("POST", self._inbox(inbox_id) + "/pause", "pause inbox"))
+
+    def resume(self, inbox_id: str) -> Inbox:
+        return Inbox.from_json(self._call("POST", self._inbox(inbox_id) + "/resume", "resume inbox"))
+
+    # messages
+    def messages(self, inbox_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        data = self._call("GET", self._inbox(inbox_id) + "/messages", "list messages", params={"limit": limit})
+        return list(data.get("results") or [])
+
+    def backlog(self, inbox_id: str, limit: int = 1000) -> Backlog:
+        """How many messages wait in the inbox (available or leased; counted up to ``limit``) and when the
+        oldest arrived: the inbox path's backlog, for ``zsync status`` and ``zsync doctor``."""
+        data = self._call("GET", self._inbox(inbox_id) + "/messages", "list messages", params={"limit": limit})
+        results = [m for m in data.get("results") or [] if isinstance(m, dict)]
+        waiting = [m for m in results if m.get("status") in (None, "available", "leased")]
+        created = sorted(str(m["created_at"]) for m in waiting if m.get("created_at"))
+        return Backlog(len(waiting), created[0] if created else None, bool(data.get("next")),
+                       len(results) - len(waiting))
+
+    def lease(self, inbox_id: str, limit: int = 10, lease_seconds: int = DEFAULT_LEASE_SECONDS) -> Lease:
+        data = self._call("POST", self._inbox(inbox_id) + "/messages/lease", "lease messages",
+                          json={"lease_limit": limit, "lease_seconds": lease_seconds})
+        attrs = data.get("inbox_attributes") or {}
+        return Lease(lease_id=data.get("lease_id"), leased_until=data.get("leased_until"),
+                     messages=[Message.from_json(m) for m in data.get("results") or []],
+                     status=attrs.get("status"), paused_reason=attrs.get("paused_reason"))
+
+    def ack(self, inbox_id: str, lease_id: str, message_ids: list[str] | None = None) -> None:
+        self._settle("ack", inbox_id, lease_id, message_ids)
+
+    def release(self, inbox_id: str, lease_id: str, message_ids: list[str] | None = None) -> None:
+        self._settle("release", inbox_id, lease_id, message_ids)
+
+    def _settle(self, op: str, inbox_id: str, lease_id: str, message_ids: list[str] | None) -> None:
+        body: dict[str, Any] = {"lease_id": lease_id}
+        if message_ids is not None:
+            body["message_ids"] = message_ids
+        self._call("POST", self._inbox(inbox_id) + f"/messages/{op}", f"{op} messages", json=body)
+
+    # app actions (to find the Tables trigger's action key)
+    def tables_implementation(self) -> str:
+        """``TableCLIAPI@<version>``: the current version of the Zapier Tables app."""
+        data = self._call("GET", IMPLEMENTATIONS_LOOKUP_PATH, "look up the Zapier Tables app",
+                          params={"selected_apis": TABLES_IMPLEMENTATION})
+        for item in data.get("results") or []:
+            ident = item.get("id") or item.get("current_implementation_id")
+            if isinstance(ident, str) and ident.startswith(TABLES_IMPLEMENTATION + "@"):
+                return ident
+        raise InboxProtocolError(None, f"the app lookup did not return {TABLES_IMPLEMENTATION}@<version>")
+
+    def read_actions(self, selected_api: str) -> list[dict[str, Any]]:
+        """The app's actions of type ``read`` (its triggers): ``[{key, name, description, ...}]``."""
+        data = self._call("GET", IMPLEMENTATIONS_PATH, "list the app's actions",
+                          params={"global": "true", "public_only": "false", "selected_apis": selected_api})
+        actions = []
+        for impl in data.get("results") or []:
+            for action in impl.get("actions") or []:
+                if isinstance(action, dict) and action.get("type") == "read" and isinstance(action.get("key"), str):
+                    actions.append(action)
+        return actions
+
+    # plumbing
+    @staticmethod
+    def _inbox(inbox_id: str) -> str:
+        return f"{INBOX_PATH}/{quote(inbox_id, safe='')}"
+
+    def _call(self, method: str, path: str, what: str, **kwargs: Any) -> dict[str, Any]:
+        source = getattr(self._auth, "source", None)
+        for attempt in (1, 2):
+            try:
+                response = self._session.request(method, self.base_url + path, auth=self._auth,
+                                                 timeout=self._timeout_s, allow_redirects=False, **kwargs)
+            except requests.RequestException as exc:
+                raise InboxUnavailable(None, f"{what}: {type(exc).__name__}") from None
+            except TablesError as exc:  # from the token provider (token endpoint down, credentials refused)
+                status = getattr(exc, "status", None)
+                kind = InboxUnavailable if status is None or status == 429 or status >= 500 else InboxError
+                raise kind(status, f"{what}: token: {exc}") from None
+            if response.status_code == 401 and attempt == 1 and getattr(source, "refreshable", False):
+                response.close()
+                source.invalidate()  # expired or revoked: fetch a new token once
+                continue
+            return self._answer(response, what)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _answer(response: requests.Response, what: str) -> dict[str, Any]:
+        with response:
+            status = response.status_code
+            try:
+                data = response.json() if response.content else {}
+            except ValueError:
+                data = None
+            if 200 <= status < 300:
+                if status == 204:
+                    return {}
+                if not isinstance(data, dict):
+                    raise InboxProtocolError(status, f"{what}: answer is not a JSON object")
+                return data
+            text, code = _error_of(data, response)
+            message = f"{what}: {text}"
+            if status == 400 and code == "lease_expired":
+                raise LeaseExpired(status, message, code)
+            if status == 404:
+                raise InboxNotFound(status, message, code)
+            if status == 409:
+                paused = (data or {}).get("inbox_attributes", {}) if isinstance(data, dict) else {}
+                reason = paused.get("paused_reason") if isinstance(paused, dict) else None
+                raise InboxConflict(status, message + (f" (paused_reason: {reason})" if reason else ""), code)
+            if status == 429 or status >= 500:
+                raise InboxUnavailable(status, message, code)
+            raise InboxError(status, message, code)
+
+
+def _error_of(data: Any, response: requests.Response) -> tuple[str, str | None]:
+    """The message and code of an error answer: ``{"errors": [{"code", "detail"}]}``, ``{"detail"}`` or
+    ``{"error"}``."""
+    if isinstance(data, dict):
+        errors = data.get("errors")
+        if isinstance(errors, list) and errors and isinstance(errors[0], dict):
+            first = errors[0]
+            return str(first.get("detail") or first.get("title") or first.get("code"))[:_MESSAGE_MAX], first.get("code")
+        for key in ("detail", "error"):
+            if isinstance(data.get(key), str):
+                return data[key][:_MESSAGE_MAX], data.get("code")
+    return (response.text.strip() or response.reason or "no message")[:_MESSAGE_MAX], None
+
+
+# --- payload -> record ---------------------------------------------------------------------------------
+
+
+class UnreadablePayload(ValueError):
+    """A message payload that is not a Tables record we can read; ``problems`` name what and where."""
+
+    def __init__(self, problems: list[dict[str, str]]) -> None:
+        super().__init__(problems)
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class TriggerRecord:
+    record_id: str | None
+    edited_at: str | None
+    fields: dict[str, Any]  # by field name
+
+    def as_delivery(self) -> dict[str, Any]:
+        """What a Zap would POST: the record's fields flat, ``id`` = record id when it has none, and
+        ``edited_at`` (Zapier's time of the change: the sync measures lag from it)."""
+        out = dict(self.fields)
+        if self.record_id is not None:
+            out.setdefault("id", self.record_id)
+        if self.edited_at is not None:
+            out["edited_at"] = self.edited_at
+        return out
+
+
+_META = frozenset({"id", "record_id", "data", "fields", "created_at", "edited_at", "updated_at",
+                   "schema_revision_id", "errors", "deleted_at", "table_id"})
+
+
+def read_payload(payload: Mapping[str, Any], field_names: Mapping[str, str] | None = None) -> TriggerRecord:
+    """Read a Tables trigger event's payload (shape not documented): a record ``{"id", "data": {...}}``
+    (optionally under ``"record"``), or the fields flat. Fields by name, or by field id ``f<n>`` mapped
+    through ``field_names`` (``{"f3": "status"}`` or ``{"3": "status"}``)."""
+    if not isinstance(payload, Mapping):
+        raise UnreadablePayload([{"field": "payload", "problem": "not a JSON object"}])
+    body: Mapping[str, Any] = payload
+    if isinstance(payload.get("record"), Mapping):
+        body = payload["record"]
+    data = body.get("data", body.get("fields"))
+    flat = data is None
+    if flat:
+        data = {k: v for k, v in body.items() if k not in _META or k == "id"}
+    if not isinstance(data, Mapping):
+        problem = f"expected an object, got {type(data).__name__}"
+        raise UnreadablePayload([{"field": "payload.data", "problem": problem}])
+    fields: dict[str, Any] = {}
+    problems: list[dict[str, str]] = []
+    for key, value in data.items():
+        match = _FIELD_ID.match(str(key))
+        if match:
+            names = field_names or {}
+            name = names.get(key) or names.get(match.group(1))
+            if name is None:
+                problems.append({"field": f"payload.data.{key}",
+                                 "problem": "field id not in the table's fields (unknown field)"})
+                continue
+            fields[name] = value
+        else:
+            fields[str(key)] = value
+    if problems:
+        raise UnreadablePayload(problems)
+    # A record-shaped payload's "id" is Zapier's record id; in a flat payload "id" is a field (ours).
+    rid = body.get("record_id") if flat else body.get("id")
+    record_id = rid if isinstance(rid, str) and rid else None
+    edited = body.get("edited_at", body.get("updated_at"))
+    if not fields:
+        problem = "no record fields found (expected data or flat fields)"
+        raise UnreadablePayload([{"field": "payload", "problem": problem}])
+    return TriggerRecord(record_id=record_id, edited_at=edited if isinstance(edited, str) else None, fields=fields)

@@ -1,0 +1,290 @@
+"""Issue 9: Zapier Tables -> Supabase through trigger inboxes, end to end on the local stack.
+
+The stack is wired by `zsync wire zapier` (infra.deploy.wire) against the local inbox service; the
+*_to_supabase functions are woken by notifications (no secret, no data) and lease from their own inbox.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+
+import pytest
+import requests
+
+from infra.deploy import doctor, wire
+from shared import dead_letter
+from shared.handler import WAKE_PARAM
+from shared.inbox_consumer import client_from_settings, inbox_key
+from shared.settings import Settings
+from shared.trigger_inbox import UnreadablePayload, read_payload
+from tests.e2e import Supabase, Tables, eventually
+
+FN = "agent_jobs_to_supabase"
+
+
+def uid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def tables(stack) -> Tables:
+    return Tables(stack)
+
+
+@pytest.fixture
+def supabase(stack) -> Supabase:
+    return Supabase(stack)
+
+
+@pytest.fixture
+def settings(stack) -> Settings:
+    """What an operator's shell holds: the OAuth client credentials, no static token."""
+    return Settings(zapier_base_url=stack.tables.url, zapier_token_url=stack.tables.url + "/oauth/token/",
+                    zapier_client_id=stack.client_id, zapier_client_secret=stack.client_secret,
+                    table_ids=stack.table_ids, stage="local")
+
+
+@pytest.fixture
+def client(settings):
+    c = client_from_settings(settings)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def keys(stack) -> dict[str, str]:
+    """agent_jobs' field ids by name (``{"status": "f3"}``): what Zapier's records are keyed by."""
+    with stack.tables_client() as c:
+        return {f.name: f.key for f in c.field_map(stack.table_ids["agent_jobs"]).fields}
+
+
+def inbox_stats(stack) -> dict:
+    return stack.tables.ctx.inboxes.stats()
+
+
+def inject(stack, function: str, payload: dict) -> str:
+    r = requests.post(f"{stack.tables.url}/_admin/inboxes/{stack.inboxes[function]}/messages",
+                      json={"payload": payload}, timeout=10)
+    r.raise_for_status()
+    return r.json()["id"]
+
+
+def ulid() -> str:
+    return uuid.uuid4().hex[:26].upper()
+
+
+def job(keys: dict[str, str], job_id: str, status: str, updated_at: str) -> dict:
+    """A Tables record as Zapier's API holds it: ULID, data keyed by field id, edited_at."""
+    data = {"id": job_id, "job_type": "discovery", "status": status, "updated_at": updated_at}
+    return {"id": ulid(), "edited_at": updated_at, "created_at": updated_at,
+            "data": {keys[name]: value for name, value in data.items()}}
+
+
+# --- payload reading -----------------------------------------------------------------------------------
+
+
+def test_payload_by_name_by_field_id_and_unreadable():
+    by_name = read_payload({"id": "REC1", "edited_at": "2026-01-01T00:00:00Z", "data": {"status": "queued"}})
+    assert by_name.record_id == "REC1" and by_name.fields == {"status": "queued"}
+    # audit_log is keyed by the record id; edited_at rides along (the lag is measured from it)
+    assert by_name.as_delivery() == {"status": "queued", "id": "REC1", "edited_at": "2026-01-01T00:00:00Z"}
+    by_id = read_payload({"record": {"id": "REC2", "data": {"f3": "done", "f1": "j-1"}}}, {"f3": "status", "1": "id"})
+    assert by_id.fields == {"status": "done", "id": "j-1"} and by_id.as_delivery()["id"] == "j-1"
+    flat = read_payload({"record_id": "REC3", "id": "j-2", "status": "x"})
+    assert flat.record_id == "REC3" and flat.fields == {"id": "j-2", "status": "x"}
+    with pytest.raises(UnreadablePayload) as exc:
+        read_payload({"id": "REC4", "data": {"f9": "?"}}, {"f3": "status"})
+    assert exc.value.problems[0]["field"] == "payload.data.f9"
+    with pytest.raises(UnreadablePayload):
+        read_payload({"id": "REC5", "data": "nope"})
+
+
+# --- wiring -------------------------------------------------------------------------------------------
+
+
+def test_wire_is_idempotent_and_updates_a_changed_url(stack, client, settings):
+    urls = {name: fp.url for name, fp in stack.functions.items()}
+    choice = wire.choose_trigger(client, None)
+    assert choice.action_key == "new_or_updated_record" and "updated" in choice.why
+    again = wire.apply_inboxes(client, wire.inbox_plan(urls, settings, "local"), choice)
+    assert {c.change for c in again} == {"unchanged"} and len(again) == 4
+    moved = dict(urls, **{FN: urls[FN] + "moved"})
+    try:
+        changed = {c.function: c.change for c in wire.apply_inboxes(client, wire.inbox_plan(moved, settings, "local"),
+                                                                     choice)}
+        assert changed[FN] == "updated" and changed["audit_log_to_supabase"] == "unchanged"
+    finally:
+        wire.apply_inboxes(client, wire.inbox_plan(urls, settings, "local"), choice)
+    with pytest.raises(wire.DeployError, match="not a trigger"):
+        wire.choose_trigger(client, "create_record")
+    # the older SDK's generation: PUT ensure by name, list by name
+    inbox = client.find(inbox_key("local", FN))
+    r = requests.put(f"{stack.tables.url}/api/v0/sdk/trigger-inbox/api/v1/inboxes",
+                     headers={"Authorization": f"Bearer {stack.token}"},
+                     json={"name": inbox.key, "subscription": inbox.subscription,
+                           "notification_url": inbox.notification_url}, timeout=10)
+    assert r.status_code == 200 and r.json()["id"] == inbox.id
+    r = requests.get(f"{stack.tables.url}/api/v0/sdk/trigger-inbox/api/v1/inboxes",
+                     params={"name": inbox.key, "limit": 1}, headers={"Authorization": f"Bearer {stack.token}"},
+                     timeout=10)
+    assert [i["id"] for i in r.json()["results"]] == [inbox.id]
+
+
+# --- delivery -----------------------------------------------------------------------------------------
+
+
+def test_tables_write_reaches_supabase_through_the_inbox(stack, tables, supabase):
+    before = stack.tables.stats()["deliveries"]["attempts"]
+    job_id = uid("inbox-job")
+    tables.create("agent_jobs", {"id": job_id, "job_type": "discovery", "status": "queued"})
+    row = eventually(lambda: supabase.row("agent_jobs", job_id))
+    assert row["status"] == "queued"
+    assert stack.tables.stats()["deliveries"]["attempts"] == before  # no Zap-style push
+    stack.wait_quiet()
+    assert inbox_stats(stack)["waiting"] == 0
+
+
+def test_lost_notification_is_picked_up_by_the_safety_drain(stack, tables, supabase):
+    requests.post(f"{stack.tables.url}/_admin/inbox/faults", json={"drop_notifications": 1}, timeout=10)
+    job_id = uid("lost-note")
+    tables.create("agent_jobs", {"id": job_id, "job_type": "discovery", "status": "queued"})
+    time.sleep(1.0)
+    assert supabase.row("agent_jobs", job_id) is None
+    assert inbox_stats(stack)["waiting"] >= 1
+    stack.safety_drain()
+    assert supabase.row("agent_jobs", job_id)["status"] == "queued"
+
+
+def test_a_consumer_killed_mid_drain_loses_nothing(stack, client, supabase, keys):
+    """A lease that is never acked (the function died after leasing) comes back when it expires; the
+    message is then applied exactly once."""
+    job_id = uid("killed")
+    requests.post(f"{stack.tables.url}/_admin/inbox/faults", json={"drop_notifications": 1}, timeout=10)
+    inject(stack, FN, job(keys, job_id, "running", "2026-01-01T00:00:00Z"))
+    lease = client.lease(stack.inboxes[FN], 10, lease_seconds=1)  # ...and then the consumer is killed
+    assert [m.payload["data"][keys["id"]] for m in lease.messages] == [job_id]
+    stack.safety_drain()  # still leased: nothing to do
+    assert supabase.row("agent_jobs", job_id) is None
+    time.sleep(1.2)
+    report = stack.safety_drain()[FN]
+    assert report["applied"] == 1
+    assert supabase.row("agent_jobs", job_id)["status"] == "running"
+    assert supabase.writes("agent_jobs", job_id) == 1
+
+
+def test_a_killed_function_catches_up_after_restart(stack, tables, supabase):
+    stack.kill_function(FN)
+    job_id = uid("down")
+    try:
+        tables.create("agent_jobs", {"id": job_id, "job_type": "discovery", "status": "queued"})
+        time.sleep(0.5)  # the notification met a closed port: it is lost, the message is not
+    finally:
+        stack.restart_function(FN)
+    stack.safety_drain()
+    assert supabase.row("agent_jobs", job_id)["status"] == "queued"
+
+
+def test_duplicated_and_out_of_order_messages_give_one_effect_and_the_newest(stack, supabase, keys):
+    job_id = uid("order")
+    requests.post(f"{stack.tables.url}/_admin/inbox/faults", json={"drop_notifications": 4}, timeout=10)
+    newer = job(keys, job_id, "done", "2026-02-01T00:00:00Z")
+    older = job(keys, job_id, "queued", "2026-01-01T00:00:00Z")
+    for payload in (newer, older, newer, older):
+        inject(stack, FN, payload)
+    stack.safety_drain()  # (a wake-up from the echo through Tables may drain some of them concurrently)
+    eventually(lambda: (supabase.row("agent_jobs", job_id) or {}).get("status") == "done" or None)
+    assert supabase.writes("agent_jobs", job_id) == 1
+
+
+@contextlib.contextmanager
+def unnotified(client, inbox_id: str):
+    """The inbox notifies nobody meanwhile (no wake-up can race the test; an echo elsewhere cannot use up
+    a dropped-notification fault meant for it); its URL is restored afterwards."""
+    url = client.get(inbox_id).notification_url
+    client.update(inbox_id, None)
+    try:
+        yield
+    finally:
+        client.update(inbox_id, url)
+
+
+def audit_entry(action: str) -> dict:  # by field name: the consumer reads names too
+    return {"id": ulid(), "edited_at": "2026-01-01T00:00:00Z",
+            "data": {"action": action, "actor": "zapier_agent_1", "timestamp": "2026-01-01T00:00:00Z"}}
+
+
+def test_poison_and_unreadable_messages_do_not_block_the_inbox(stack, client, supabase):
+    fn = "audit_log_to_supabase"  # no echo back through Tables: nothing else drains this inbox meanwhile
+    inbox_id = stack.inboxes[fn]
+    poison = audit_entry(uid("poison"))
+    good = audit_entry(uid("good"))
+    with unnotified(client, inbox_id):
+        inject(stack, fn, poison)
+        for _ in range(5):  # it kept failing: leased and released five times
+            lease = client.lease(inbox_id, 1, 30)
+            client.release(inbox_id, lease.lease_id)
+        unreadable = inject(stack, fn, {"id": "RECX", "data": {"f99": "who?"}})
+        inject(stack, fn, good)
+        report = stack.safety_drain()[fn]
+    assert report["dead_lettered"] == 1 and report["rejected"] == 1 and report["applied"] == 1, report
+    assert supabase.row("audit_log", good["id"]) is not None
+    assert supabase.row("audit_log", poison["id"]) is None  # whole in the DLQ, for `zsync replay`
+    assert unreadable not in [m["id"] for m in client.messages(inbox_id)]
+    dlq = dead_letter.DeadLetterQueue(Settings(dlq_url=stack.dlq_url, aws_endpoint_url=stack.aws_endpoint_url))
+    letters = [m.letter for m in dlq.receive(10, visibility_timeout_s=1) if m.letter]
+    assert any(letter.payload["payload"]["id"] == poison["id"] for letter in letters)
+    failed = supabase.query("SELECT count(*) FROM audit_log WHERE action = 'sync_failed' "
+                            "AND metadata::text LIKE '%%f99%%'")
+    assert failed[0][0] >= 1
+
+
+def test_paused_inbox_is_reported_by_doctor(stack, settings, client):
+    inbox_id = stack.inboxes["rate_limits_to_supabase"]
+    requests.post(f"{stack.tables.url}/_admin/inboxes/{inbox_id}/pause", json={"reason": "authentication"}, timeout=10)
+    try:
+        urls = {name: fp.url for name, fp in stack.functions.items()}
+        checks = {c.target: c for c in doctor.check_inboxes(settings, urls, "local")}
+        bad = checks[inbox_key("local", "rate_limits_to_supabase")]
+        assert not bad.ok and "paused" in bad.detail and "authentication" in bad.detail
+        assert checks[inbox_key("local", FN)].ok
+    finally:
+        client.resume(inbox_id)
+
+
+def test_a_notification_without_credentials_writes_only_what_is_in_the_inbox(stack, supabase):
+    url = stack.functions[FN].url
+    forged = uid("forged")
+    body = {"id": forged, "job_type": "discovery", "status": "queued", "record": {"id": forged}}
+    r = requests.post(url, params={WAKE_PARAM: "inbox"}, json=body, timeout=30)
+    assert r.status_code == 200 and r.json()["outcome"] == "drained"
+    assert supabase.row("agent_jobs", forged) is None
+    r = requests.post(url, json=body, timeout=30)  # no wake marker, no secret: the Zap path refuses it
+    assert r.status_code == 401
+    r = requests.post(stack.functions["agent_jobs_to_tables"].url, params={WAKE_PARAM: "inbox"}, json={}, timeout=30)
+    assert r.status_code == 401  # only *_to_supabase functions have an inbox
+
+
+def test_inbox_backlog_in_status_and_doctor(stack, settings, client, supabase):
+    """`zsync status` / `zsync doctor` read each inbox's pending count and oldest age (infra.inbox_status)."""
+    from infra import inbox_status
+
+    fn = "audit_log_to_supabase"
+    first, second = audit_entry(uid("backlog")), audit_entry(uid("backlog"))
+    with unnotified(client, stack.inboxes[fn]):
+        inject(stack, fn, first)
+        time.sleep(0.3)
+        inject(stack, fn, second)
+        rows = {r["function"]: r for r in inbox_status.backlog(settings, "local")}
+        checks = {c.target: c for c in doctor.check_inboxes(settings, {}, "local")}
+        stack.safety_drain()
+    assert set(rows) == {"agent_jobs_to_supabase", "agent_decisions_to_supabase", fn, "rate_limits_to_supabase"}
+    row = rows[fn]
+    assert row["status"] == "active" and row["pending"] == 2 and row["oldest_age_s"] >= 0.3, row
+    assert not row["alert"] and inbox_status.describe(row).startswith("2 pending, oldest")
+    assert checks[row["key"]].ok and "2 pending" in checks[row["key"]].detail
+    assert {r["function"]: r for r in inbox_status.backlog(settings, "local")}[fn]["pending"] == 0
+    assert supabase.row("audit_log", second["id"]) is not None
+    missing = inbox_status.backlog(settings, "nosuchstage")
+    assert all(r["alert"] and "zsync wire zapier" in r["error"] for r in missing)
