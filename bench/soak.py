@@ -467,8 +467,9 @@ def judge(soak: Soak, outbox_mark: int) -> Verdict:
             "SELECT resource_id, action, metadata->>'sync_direction', metadata->>'source_timestamp', count(*) "
             "FROM audit_log WHERE action LIKE '%%\\_synced' AND actor_type = 'zapier_sync' "
             "GROUP BY 1, 2, 3, 4 HAVING count(*) > 1").fetchall()
-        outbox = conn.execute("SELECT record_id, record_updated_at FROM zsync.outbox WHERE id > %s ORDER BY id",
-                              (outbox_mark,)).fetchall()
+        # one outbox row per Supabase write (repair rows re-queue a version already written: not writes)
+        outbox = conn.execute("SELECT record_id, record_updated_at FROM zsync.outbox WHERE id > %s AND NOT repair "
+                              "ORDER BY id", (outbox_mark,)).fetchall()
         swept = conn.execute("SELECT count(*) FROM zsync.outbox WHERE id > %s AND attempts > 0 "
                              "AND ack_outcome IS DISTINCT FROM 'dead_letter'", (outbox_mark,)).fetchone()[0]
         repairs = conn.execute(
