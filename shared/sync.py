@@ -60,6 +60,7 @@ class SyncResult(BaseModel):
     id: str | None = None
     detail: str | None = None
     lag_ms: float | None = None  # delivery lag (see shared.audit.sync_entry); None when the change time is unknown
+    problems: list[dict[str, str]] | None = PydanticField(default=None, exclude=True)  # why rejected (batches)
 
 
 EDITED_AT = "edited_at"  # top-level key of a Zap delivery: when Zapier saw the record change
@@ -215,7 +216,7 @@ def apply_many_from_tables(ctx: SyncContext, fn: FunctionSpec, records: Sequence
                               default=str).encode("utf-8", "surrogatepass")
             failed.append(audit.failed_entry(fn, body, exc.problems, now, record_id, 400))
             results[i] = SyncResult(outcome=Outcome.REJECTED, function=fn.name, table=spec.name, id=record_id,
-                                    detail=str(exc)[:500])
+                                    detail=str(exc)[:500], problems=exc.problems)
             continue
         edited_at = _edited_at(record.get("edited_at")) if spec.version else None
         parsed.append((i, row, edited_at, changed, source))
