@@ -33,7 +33,7 @@ from typing import Any
 import psycopg
 import requests
 
-from bench import batching, coldstart
+from bench import batching, bench_reconcile, coldstart
 from bench.floor_target import TABLE_SQL
 from infra.local.stack import REPO, LocalStack, free_port, running_stack, wait_listening
 from infra.local.tables_service import RATE_WINDOW_S, RateLimiter
@@ -229,6 +229,9 @@ def main() -> None:
     parser.add_argument("--warm", type=int, default=400, help="warm in-process deliveries for CPU / breakdown")
     parser.add_argument("--batch-big", type=int, default=100_000,
                         help="records already in the table for the batching figures (bench/batching.py)")
+    parser.add_argument("--reconcile-n", type=int, default=20_000,
+                        help="records in the table for the reconcile figures (bench/bench_reconcile.py; 100,000 "
+                             "takes a few minutes, most of it seeding Tables under the rate limit)")
     args = parser.parse_args()
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="zsync-bench-"))
@@ -255,6 +258,7 @@ def main() -> None:
         print("  rss: " + ", ".join(f"{name} {rss_mb(fp.process.pid):.0f} MB"
                                     for name, fp in sorted(stack.functions.items()) if fp.process))
     summary += batching.run(big=args.batch_big)
+    summary += bench_reconcile.run(args.reconcile_n)
     width = max(len(name) for name, _, _ in summary)
     print(f"\nSUMMARY (one run on this machine; `make bench`)\n{'figure':<{width}}  {'measured':<44} goal")
     for name, value, goal in summary:

@@ -5,8 +5,9 @@ query), every record is parsed into the canonical row (:mod:`shared.mapping`), a
 each id are compared with ``zsync.version_cmp`` - the same last-writer-wins rule the functions apply - in
 batched SQL. Then:
 
-* missing in Supabase, or Tables newer  -> ``zsync.sync_upsert_many`` (one call per batch, one
-  transaction; still conditional, so a newer write that landed meanwhile is never overwritten);
+* missing in Supabase, or Tables newer  -> ``zsync.sync_apply_many`` (one multi-row conditional upsert
+  per batch of 1,000, one transaction; the functions' rule - versions, tombstones - so a newer write that
+  landed meanwhile is never overwritten and a deleted record is never re-inserted);
 * missing in Tables, or Supabase newer  -> ``TablesClient.create_many`` / ``update_many`` (batches of 100),
   under the per-record advisory locks the ``*_to_tables`` functions take, acknowledging the outbox;
 * ``audit_log`` is one-way (append-only): only Tables entries missing in Supabase are inserted.
@@ -50,7 +51,8 @@ from shared.tables_trash import deletes_checked
 from shared.zapier_tables import BATCH_MAX, Record, TablesError
 
 PAGE_SIZE = 1000  # the query endpoint's maximum page
-COMPARE_BATCH = 500
+COMPARE_BATCH = 1000
+SUPABASE_BATCH = 1000  # rows per zsync.sync_apply_many call (one transaction)
 VIA = "reconcile"
 DB_ERRORS = (supabase_db.DatabaseUnavailable, psycopg.Error, PoolTimeout)
 
@@ -118,22 +120,19 @@ def _jsonb_array(items: Iterable[str]) -> str:
 
 
 def compare_many(conn: psycopg.Connection, spec: TableSpec, pairs: Sequence[tuple[dict, dict]]) -> list[int]:
-    """``zsync.version_cmp(a, b)`` for many pairs, one query per batch: 1 a newer, 0 same, -1 older."""
+    """``zsync.version_cmp(a, b)`` for many pairs, one set-based query per batch (zsync.version_cmp_many):
+    1 a newer, 0 same, -1 older."""
     out: list[int] = []
     for chunk in _chunks(pairs, COMPARE_BATCH):
-        doc = _jsonb_array(f"[{row_to_json(a)},{row_to_json(b)}]" for a, b in chunk)
-        rows = conn.execute(
-            "SELECT zsync.version_cmp(%s::regclass, p->0, p->1) FROM jsonb_array_elements(%s::jsonb) "
-            "WITH ORDINALITY AS t(p, n) ORDER BY n", (f"public.{spec.name}", doc)).fetchall()
-        out += [r[0] for r in rows]
+        out += supabase_db.version_cmp_many(conn, spec, list(chunk))
     return out
 
 
-def upsert_many(conn: psycopg.Connection, spec: TableSpec, rows: Sequence[dict]) -> list[tuple[str, str, dict | None]]:
-    """``zsync.sync_upsert_many``: -> (id, outcome, stored before) per row, in id order."""
-    doc = _jsonb_array(row_to_json(r) for r in rows)
-    return conn.execute("SELECT record_id, outcome, stored FROM zsync.sync_upsert_many(%s::regclass, %s::jsonb)",
-                        (f"public.{spec.name}", doc)).fetchall()
+def apply_many(conn: psycopg.Connection, spec: TableSpec, rows: Sequence[dict]) -> list[tuple[str, str, dict | None]]:
+    """``zsync.sync_apply_many`` (the functions' rule: versions, tombstones): -> (id, outcome, stored before)
+    per row, in input order."""
+    found = supabase_db.sync_apply_many(conn, spec, [(r, None) for r in rows])
+    return [(r["id"], outcome, stored) for r, (outcome, stored, _) in zip(rows, found, strict=True)]
 
 
 def append_audit_many(conn: psycopg.Connection, entries: Sequence[dict]) -> int:
@@ -357,7 +356,7 @@ class _Reconciler:
                 return inserted, 0
             by_id = {r["id"]: r for r in chunk}
             entries, applied, raced = [], 0, 0
-            for rid, outcome, stored in upsert_many(conn, spec, chunk):
+            for rid, outcome, stored in apply_many(conn, spec, chunk):
                 if outcome == Outcome.APPLIED:
                     applied += 1
                     entries.append(_synced_entry(spec, Direction.TO_SUPABASE, by_id[rid], now, stored))
@@ -368,7 +367,7 @@ class _Reconciler:
             append_audit_many(conn, entries)
             return applied, raced
 
-        for chunk in _chunks(rows, BATCH_MAX):
+        for chunk in _chunks(rows, SUPABASE_BATCH):
             try:
                 applied, raced = self.ctx.db.run(lambda conn, chunk=chunk: work(conn, chunk))
             except DB_ERRORS as exc:

@@ -1,7 +1,10 @@
 """``zsync replay``: drain the dead-letter queue through the functions' own code path.
 
-Every message is run through :func:`shared.handler.process` (the same parsing, conflict rule, audit and
-outbox acknowledgement as a live delivery), so replay is idempotent: replaying a delivery that was since
+Every message is run through the functions' own code: :func:`shared.handler.process` for a Supabase ->
+Tables delivery, :func:`shared.sync.apply_many_from_tables` for the Tables -> Supabase deliveries of one
+receive round (one multi-row conditional upsert and one audit insert per function, the same outcome per
+delivery as one by one). Same parsing, conflict rule, audit and outbox acknowledgement as a live delivery,
+so replay is idempotent: replaying a delivery that was since
 applied, or an older version than the one stored, changes nothing.
 
 What happens to a message:
@@ -30,6 +33,7 @@ from typing import Any
 import psycopg
 
 from shared import audit, supabase_db
+from shared.conflict import Outcome
 from shared.dead_letter import (
     DeadLetter,
     DeadLetterError,
@@ -42,7 +46,7 @@ from shared.handler import Rejected, process
 from shared.logs import get_logger
 from shared.settings import Settings
 from shared.spec import FUNCTIONS, Direction
-from shared.sync import ConfigurationError, SyncContext
+from shared.sync import ConfigurationError, SyncContext, apply_many_from_tables
 from shared.zapier_tables import TablesError, TablesRejected
 
 COLUMNS = ("applied", "unchanged", "skipped_stale", "ignored", "duplicates", "rejected", "left")
@@ -101,6 +105,8 @@ class _Run:
         self.held: dict[str, _Group] = {}
         self.unreadable: list[Received] = []
         self.down: set[str] = set()
+        # Tables -> Supabase deliveries of one receive round, applied per function in one batch (flush)
+        self.pending: dict[str, dict[str, list[Received]]] = {}  # function -> key -> copies (first is applied)
 
     @property
     def halted(self) -> bool:
@@ -159,8 +165,54 @@ class _Run:
             self.hold(message, "not attempted: " + (self.report.stopped or "the database is unreachable"))
         elif fn.direction is Direction.TO_TABLES and "tables" in self.down:
             self.hold(message, "not attempted: Zapier Tables is unreachable")
+        elif fn.direction is Direction.TO_SUPABASE:
+            self.pending.setdefault(fn.name, {}).setdefault(letter.key, []).append(message)
         else:
             self.attempt(message, letter)
+
+    def flush(self) -> None:
+        """Apply the pending Tables -> Supabase deliveries: one apply_many_from_tables per function (one
+        multi-row upsert and one audit insert), with the outcome the one-by-one path would give each."""
+        pending, self.pending = self.pending, {}
+        for name, by_key in pending.items():
+            fn = FUNCTIONS[name]
+            firsts = [copies[0] for copies in by_key.values()]
+            letters = [m.letter for m in firsts]
+            if self.halted:
+                for copies in by_key.values():
+                    for message in copies:
+                        self.hold(message, "not attempted: " + (self.report.stopped or "the database is unreachable"))
+                continue
+            try:
+                results = apply_many_from_tables(self.ctx, fn, [lt.payload for lt in letters],
+                                                 received_at=[lt.received_at for lt in letters], origin="replay")
+            except supabase_db.DatabaseUnavailable as exc:
+                self.down.add("database")
+                for copies in by_key.values():
+                    for i, message in enumerate(copies):
+                        self.hold(message, "the database is unreachable", exc, attempted=i == 0)
+                continue
+            except ConfigurationError as exc:
+                self.report.stopped = f"misconfigured: {exc}"
+                for copies in by_key.values():
+                    for message in copies:
+                        self.hold(message, self.report.stopped)
+                continue
+            for copies, result in zip(by_key.values(), results, strict=True):
+                first, letter = copies[0], copies[0].letter
+                if result.outcome is Outcome.REJECTED:
+                    self.reject(first, result.problems or [{"field": "record", "problem": result.detail or ""}], 400)
+                else:
+                    self.queue.delete([first])
+                    self.done[letter.key] = str(result.outcome)
+                    self.report.add(fn.name, str(result.outcome))
+                    if not letter.audited:
+                        problem = f"{letter.error_type}: {letter.error_message}"[:300]
+                        self.audit_failure(letter, [{"field": "dependency", "problem": problem}], 503,
+                                           letter.first_seen)
+                if copies[1:]:
+                    self.queue.delete(copies[1:])
+                    self.report.add(fn.name, "duplicates", len(copies) - 1)
 
     def attempt(self, message: Received, letter: DeadLetter) -> None:
         fn = FUNCTIONS[letter.function]
@@ -239,6 +291,7 @@ def replay(settings: Settings, *, max_messages: int | None = None, dry_run: bool
         taken += len(batch)
         for message in batch:
             run.handle(message)
+        run.flush()
         if run.halted:
             break
     return run.finish()

@@ -253,3 +253,40 @@ def ack_outbox_many(conn: psycopg.Connection, spec: TableSpec,
     payload = json.dumps([{"record_id": rid, "updated_at": ts.isoformat() if ts else None, "outcome": outcome}
                           for rid, ts, outcome in acks])
     return conn.execute("SELECT zsync.ack_outbox_many(%s, %s::jsonb)", (spec.name, payload)).fetchone()[0]
+
+
+# --- batches Tables -> Supabase (replay, reconcile, an inbox lease) --------------------------------------
+
+
+def sync_apply_many(conn: psycopg.Connection, spec: TableSpec, items: list[tuple[Mapping[str, Any], datetime | None]]
+                    ) -> list[tuple[str, dict | None, dict | None]]:
+    """:func:`sync_apply` of each ``(row, edited_at)`` in one call (zsync.sync_apply_many: one multi-row
+    conditional upsert). -> (outcome, stored before, row as applied) per item, in input order."""
+    if not items:
+        return []
+    if not spec.sync_deletes:
+        conn.execute("SELECT set_config('zsync.ignore_tombstones', 'on', true)")
+    payload = "[" + ",".join(
+        f'{{"row":{row_to_json(row)},"edited_at":{json.dumps(ts.isoformat() if ts else None)}}}'
+        for row, ts in items) + "]"
+    found = conn.execute("SELECT ord, outcome, stored, applied FROM zsync.sync_apply_many(%s::regclass, %s::jsonb)",
+                         (_regclass(spec), payload)).fetchall()
+    return [(outcome, stored, applied) for _, outcome, stored, applied in sorted(found, key=lambda r: r[0])]
+
+
+def append_audit_each(conn: psycopg.Connection, entries: list[Mapping[str, Any]]) -> list[bool]:
+    """:func:`append_audit` of each entry in one call. -> inserted? per entry, in order."""
+    if not entries:
+        return []
+    payload = "[" + ",".join(row_to_json(e) for e in entries) + "]"
+    return [ok for _, ok in conn.execute("SELECT ord, inserted FROM zsync.append_audit_each(%s::jsonb)",
+                                         (payload,)).fetchall()]
+
+
+def announce_many(conn: psycopg.Connection, spec: TableSpec, items: list[tuple[str, str]]) -> int:
+    """:func:`announce` of each ``(record id, op)`` in one statement. -> how many were queued."""
+    if not items:
+        return 0
+    payload = json.dumps([{"id": rid, "op": op} for rid, op in items])
+    return conn.execute("SELECT count(*) FILTER (WHERE zsync.requeue(%s, x.id, x.op)) "
+                        "FROM jsonb_to_recordset(%s::jsonb) AS x(id text, op text)", (spec.name, payload)).fetchone()[0]

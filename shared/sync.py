@@ -7,8 +7,9 @@ too):
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
@@ -59,6 +60,7 @@ class SyncResult(BaseModel):
     id: str | None = None
     detail: str | None = None
     lag_ms: float | None = None  # delivery lag (see shared.audit.sync_entry); None when the change time is unknown
+    problems: list[dict[str, str]] | None = PydanticField(default=None, exclude=True)  # why rejected (batches)
 
 
 EDITED_AT = "edited_at"  # top-level key of a Zap delivery: when Zapier saw the record change
@@ -176,6 +178,85 @@ def apply_from_tables(ctx: SyncContext, fn: FunctionSpec, record: Mapping[str, A
     outcome = ctx.db.run(work)
     return SyncResult(outcome=outcome, function=fn.name, table=spec.name, id=row["id"],
                       lag_ms=_lag_ms(changed, datetime.now(UTC)))
+
+
+def apply_many_from_tables(ctx: SyncContext, fn: FunctionSpec, records: Sequence[Mapping[str, Any]], *,
+                           received_at: datetime | Sequence[datetime | None] | None = None, origin: str = "live",
+                           changed_at: Sequence[tuple[datetime, str] | None] | None = None) -> list[SyncResult]:
+    """:func:`apply_from_tables` for many deliveries of one table in one transaction: one multi-row
+    conditional upsert (zsync.sync_apply_many), one audit insert, one push-back statement per batch.
+
+    ``records``: the deliveries as a Zap sends them (flat, or ``{"record": ..., "edited_at": ...}``).
+    ``received_at``: one arrival time for all, or one per delivery. ``changed_at``: per delivery
+    ``(time, source)`` (default :func:`change_time` of the delivery). -> one result per delivery, in order,
+    with the outcome, audit entry and side effects the one-record path gives it (duplicates of one id: the
+    newest version is applied, the others are then compared as later deliveries). An invalid delivery gets a
+    ``rejected`` result (detail: the problems) and a ``sync_failed`` entry; the others are applied."""
+    spec = fn.table
+    now = datetime.now(UTC)
+    arrivals = list(received_at) if isinstance(received_at, Sequence) else [received_at] * len(records)
+    if len(arrivals) != len(records) or (changed_at is not None and len(changed_at) != len(records)):
+        raise ValueError("received_at / changed_at must give one value per record")
+    results: list[SyncResult | None] = [None] * len(records)
+    # (index, row, edited_at, changed at, its source)
+    parsed: list[tuple[int, dict[str, Any], datetime | None, datetime, str]] = []
+    failed: list[dict[str, Any]] = []
+    for i, payload in enumerate(records):
+        arrived = arrivals[i] or now
+        changed, source = (changed_at[i] if changed_at is not None and changed_at[i] is not None
+                           else change_time(payload, arrived))
+        record = unwrap_tables_payload(payload)
+        try:
+            if not isinstance(record, Mapping):
+                raise InvalidRecord([{"field": "record", "problem": "expected a JSON object"}])
+            row = parse_tables_record(spec, record, received_at=arrived)
+        except InvalidRecord as exc:
+            record_id = _payload_id(record)
+            body = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                              default=str).encode("utf-8", "surrogatepass")
+            failed.append(audit.failed_entry(fn, body, exc.problems, now, record_id, 400))
+            results[i] = SyncResult(outcome=Outcome.REJECTED, function=fn.name, table=spec.name, id=record_id,
+                                    detail=str(exc)[:500], problems=exc.problems)
+            continue
+        edited_at = _edited_at(record.get("edited_at")) if spec.version else None
+        parsed.append((i, row, edited_at, changed, source))
+
+    def work(conn: psycopg.Connection) -> list[Outcome]:
+        entries: list[dict[str, Any]] = list(failed)
+        if spec.append_only:
+            inserted = supabase_db.append_audit_each(conn, [row for _, row, _, _, _ in parsed])
+            supabase_db.append_audit_many(conn, entries)
+            return [Outcome.APPLIED if ok else Outcome.UNCHANGED for ok in inserted]
+        applied_rows = supabase_db.sync_apply_many(conn, spec, [(row, ed) for _, row, ed, _, _ in parsed])
+        outcomes: list[Outcome] = []
+        pushes: list[tuple[str, str]] = []
+        for (_, row, _, changed, source), (outcome, stored, applied) in zip(parsed, applied_rows, strict=True):
+            result = Outcome(outcome)
+            outcomes.append(result)
+            if result in (Outcome.APPLIED, Outcome.SKIPPED_STALE):
+                version = parse_supabase_record(spec, applied) if applied else row
+                entries.append(audit.sync_entry(fn, version, result, datetime.now(UTC), stored, changed_at=changed,
+                                                changed_at_source=source, origin=origin))
+            if Direction.TO_TABLES in spec.directions:
+                if result is Outcome.SKIPPED_STALE:
+                    pushes.append((row["id"], "UPDATE"))
+                elif result is Outcome.DELETED:
+                    pushes.append((row["id"], "DELETE"))
+        supabase_db.append_audit_many(conn, entries)
+        supabase_db.announce_many(conn, spec, pushes)
+        return outcomes
+
+    if parsed or failed:
+        outcomes = ctx.db.run(work)
+        for (i, row, _, changed, _), outcome in zip(parsed, outcomes, strict=True):
+            results[i] = SyncResult(outcome=outcome, function=fn.name, table=spec.name, id=row["id"],
+                                    lag_ms=_lag_ms(changed, datetime.now(UTC)))
+    return [r for r in results if r is not None]
+
+
+def _payload_id(record: Any) -> str | None:
+    rid = record.get("id") if isinstance(record, Mapping) else None
+    return rid if isinstance(rid, str) and 0 < len(rid) <= 200 else None
 
 
 def apply_tables_delete(ctx: SyncContext, spec: TableSpec, record_id: str, deleted_at: datetime) -> SyncResult:

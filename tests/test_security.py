@@ -345,7 +345,9 @@ CALLED = {"sync_upsert", "sync_upsert_many", "version_cmp", "content_hash", "app
           # issue 13 item 4: the Tables trash check's watermark and its re-insert guard
           "trash_watermark", "trash_checked", "trash_insert_pending",
           # issue 12: the outbox as the *_to_tables work queue
-          "claim_outbox", "ack_outbox_many", "version_cmp_many", "append_audit_many", "outbox_state", "requeue"}
+          "claim_outbox", "ack_outbox_many", "version_cmp_many", "append_audit_many", "outbox_state", "requeue",
+          # issue 12: Tables -> Supabase in batches
+          "sync_apply_many", "version_exprs", "append_audit_each"}
 DEFINER = {"capture_change", "ack_outbox", "announce",
            # issue 13: they read/write zsync.tombstones and zsync.outbox, which zsync_sync cannot touch
            "maintain_updated_at", "track_tombstone", "tombstone_version", "apply_tables_delete", "outbox_failed",

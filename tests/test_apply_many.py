@@ -1,0 +1,178 @@
+"""Tables -> Supabase in batches (shared.sync.apply_many_from_tables / zsync.sync_apply_many) against real
+Postgres: every delivery gets the outcome, audit entries and side effects (push-back / re-sent delete) that
+the one-record path gives it, on a mixed batch (new, older, newer, same, tombstoned, edited in Tables without
+a new updated_at, duplicate in the batch, invalid); the generated version expressions agree with
+zsync.version_of; concurrent batches and single applies do not deadlock."""
+
+from __future__ import annotations
+
+import random
+import threading
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import pytest
+
+from infra.local.postgres import create_database, prepare_database
+from shared.conflict import Outcome
+from shared.settings import Settings
+from shared.spec import FUNCTIONS
+from shared.sync import SyncContext, apply_from_tables, apply_many_from_tables, change_time, unwrap_tables_payload
+
+FN = FUNCTIONS["agent_jobs_to_supabase"]
+AUDIT_FN = FUNCTIONS["audit_log_to_supabase"]
+T0, T1, T2 = "2030-01-01T00:00:00Z", "2030-01-01T01:00:00Z", "2030-01-01T02:00:00Z"
+RECEIVED = datetime(2030, 1, 2, tzinfo=UTC)
+
+
+def _fresh(pg_server: Any) -> str:
+    url = create_database(pg_server.get_uri())
+    prepare_database(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        # Wired, so a push-back queues an outbox entry (the webhook goes nowhere reachable).
+        conn.execute("INSERT INTO zsync.webhook_endpoints (table_name, url, headers, timeout_ms) "
+                     "VALUES ('agent_jobs', 'http://127.0.0.1:9/', '{}', 100)")
+        conn.execute("INSERT INTO agent_jobs (id, status, parameters, updated_at, created_at) "
+                     "SELECT v.*, %(t0)s FROM (VALUES "
+                     "('same', 'a', '{\"n\": 12.50}'::jsonb, %(t1)s::timestamptz), ('older', 'stored', NULL, %(t1)s), "
+                     "('newer', 'stored', NULL, %(t1)s), ('edited', 'x', NULL, %(t1)s), "
+                     "('dup', 'stored', NULL, %(t0)s), ('gone', 'bye', NULL, %(t0)s)) "
+                     "AS v(id, status, parameters, updated_at)", {"t0": T0, "t1": T1})
+        conn.execute("DELETE FROM agent_jobs WHERE id = 'gone'")  # tombstoned later than T0
+        conn.execute("DELETE FROM zsync.outbox")
+    return url
+
+
+def _ctx(url: str) -> SyncContext:
+    return SyncContext(settings=Settings(database_url=url, retry_budget_s=2))
+
+
+DELIVERIES: list[dict[str, Any]] = [
+    {"id": "new-1", "status": "queued", "updated_at": T1, "parameters": {"a": [1, 2]}},
+    {"id": "same", "status": "a", "updated_at": T1, "created_at": T0, "parameters": {"n": 12.5}},  # 12.50 = 12.5
+    {"id": "older", "status": "old", "updated_at": T0},  # skipped_stale + push-back
+    {"id": "newer", "status": "new", "updated_at": T2},
+    {"id": "edited", "status": "y", "updated_at": T1, "created_at": T0, "edited_at": T2},  # a cell edit in Tables
+    {"record": {"id": "wrapped", "status": "w"}, "edited_at": T1},  # changed_at from the delivery's edited_at
+    {"id": "gone", "status": "zombie", "updated_at": T0},  # deleted in Supabase: deleted + re-sent delete
+    {"id": "dup", "status": "second", "updated_at": T2},  # the newest of two in the batch
+    {"id": "bad", "retry_count": "many"},  # invalid
+    {"id": "dup", "status": "first", "updated_at": T1},  # older duplicate: compared after the newest
+    {"id": "new-2", "status": ""},  # no updated_at: as new as its arrival
+]
+
+
+def _state(url: str) -> dict[str, Any]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT id, to_jsonb(t) - 'created_at' FROM agent_jobs t ORDER BY id").fetchall()
+        audit = conn.execute(
+            "SELECT id, action, resource_id, metadata->>'outcome', metadata->>'origin', metadata->>'changed_at', "
+            "metadata->>'changed_at_source', metadata->>'source_timestamp', metadata->>'stored_updated_at', "
+            "metadata->'problems' FROM audit_log ORDER BY id").fetchall()
+        outbox = conn.execute("SELECT record_id, op, record_updated_at, repair FROM zsync.outbox "
+                              "ORDER BY record_id, id").fetchall()
+        tombs = conn.execute("SELECT record_id, version FROM zsync.tombstones ORDER BY 1").fetchall()
+    return {"rows": rows, "audit": audit, "outbox": outbox, "tombstones": tombs}
+
+
+def test_batch_equals_one_by_one(pg_server: Any) -> None:
+    single_url, batch_url = _fresh(pg_server), _fresh(pg_server)
+    single = _ctx(single_url)
+    expected = []
+    for payload in DELIVERIES:
+        changed, source = change_time(payload, RECEIVED)
+        try:
+            result = apply_from_tables(single, FN, unwrap_tables_payload(payload), RECEIVED, changed_at=changed,
+                                       changed_at_source=source, origin="replay")
+            expected.append((result.outcome, result.id))
+        except Exception as exc:  # InvalidRecord: the handler rejects it and writes sync_failed
+            from shared import audit, supabase_db
+            from shared.dead_letter import canonical_json
+
+            entry = audit.failed_entry(FN, canonical_json(payload).encode(), exc.problems, RECEIVED, payload["id"])
+            single.db.run(lambda conn, entry=entry: supabase_db.append_audit(conn, entry))
+            expected.append((Outcome.REJECTED, payload["id"]))
+    results = apply_many_from_tables(_ctx(batch_url), FN, DELIVERIES, received_at=RECEIVED, origin="replay")
+    assert [(r.outcome, r.id) for r in results] == expected
+    assert [o for o, _ in expected] == [
+        Outcome.APPLIED, Outcome.UNCHANGED, Outcome.SKIPPED_STALE, Outcome.APPLIED, Outcome.APPLIED,
+        Outcome.APPLIED, Outcome.DELETED, Outcome.APPLIED, Outcome.REJECTED, Outcome.SKIPPED_STALE, Outcome.APPLIED]
+    assert results[8].detail and "retry_count" in results[8].detail
+    a, b = _state(single_url), _state(batch_url)
+    assert a["rows"] == b["rows"]
+    assert a["tombstones"] == b["tombstones"]
+    assert a["outbox"] == b["outbox"]
+    assert [r[:-1] for r in a["audit"]] == [r[:-1] for r in b["audit"]]  # same entries, same stable ids
+    assert {r[1] for r in b["audit"]} == {"agent_jobs_synced", "sync_skipped_stale_data", "sync_failed"}
+    pushed = {(r[0], r[1]) for r in b["outbox"]}
+    assert {("older", "UPDATE"), ("dup", "UPDATE"), ("gone", "DELETE")} <= pushed
+    edited = dict(b["rows"])["edited"]
+    assert edited["status"] == "y" and edited["updated_at"].startswith("2030-01-01T02:00:00")
+
+
+def test_append_only_batch(pg_server: Any) -> None:
+    url = _fresh(pg_server)
+    entry = {"id": "tbl-1", "timestamp": T0, "action": "login", "severity": "info"}
+    results = apply_many_from_tables(_ctx(url), AUDIT_FN, [entry, entry, {"id": "tbl-2", "timestamp": "soon"}])
+    assert [r.outcome for r in results] == [Outcome.APPLIED, Outcome.UNCHANGED, Outcome.REJECTED]
+
+
+def test_version_exprs_match_version_of(db: psycopg.Connection) -> None:
+    """The generated expressions are zsync.version_of, on random rows with every kind of value."""
+    rnd = random.Random(7)
+    values: dict[str, list[Any]] = {
+        "status": [None, "", "x", "[]", " "],
+        "parameters": [None, {}, [], "", {"n": 1.50}, {"n": 1.5, "a": [1e2, {"z": None}]}, [12.0], 0, "s"],
+        "retry_count": [None, 0, 3],
+        "started_at": [None, "2030-01-01T00:00:00.123456Z", "2030-01-01T00:00:00.123Z", "infinity"],
+        "updated_at": [None, "2030-01-01T00:00:00.1239Z", "2030-01-01T00:00:00.123Z"],
+    }
+    rows = [{"id": f"r{i}", **{k: rnd.choice(v) for k, v in values.items() if rnd.random() < 0.8}} for i in range(300)]
+    pairs = [(rows[i], rows[rnd.randrange(len(rows))]) for i in range(len(rows))] + [(r, dict(r)) for r in rows[:50]]
+    from shared import supabase_db
+    from shared.spec import TABLES
+
+    many = supabase_db.version_cmp_many(db, TABLES["agent_jobs"], pairs)
+    one = [supabase_db.version_cmp(db, TABLES["agent_jobs"], a, b) for a, b in pairs]
+    assert many == one
+    for row in rows[:100]:
+        got = db.execute("SELECT v.ts::text, v.hash FROM zsync.version_of('public.agent_jobs', %s::jsonb) v, "
+                         "LATERAL (SELECT 1) z", (psycopg.types.json.Jsonb(row),)).fetchone()
+        exprs = db.execute("SELECT ts_expr, hash_expr FROM zsync.version_exprs('public.agent_jobs', 'x')").fetchone()
+        mine = db.execute(f"SELECT ({exprs[0]})::text, {exprs[1]} FROM jsonb_populate_record(NULL::public.agent_jobs, "
+                          "%s::jsonb) x", (psycopg.types.json.Jsonb(row),)).fetchone()
+        assert tuple(got) == tuple(mine), row
+
+
+@pytest.mark.parametrize("workers", [3])
+def test_concurrent_batches_and_single_applies(pg_server: Any, workers: int) -> None:
+    """Overlapping batches (shuffled ids) and single applies at once: no deadlock, the newest version wins."""
+    url = _fresh(pg_server)
+    ids = [f"c-{i:03d}" for i in range(60)]
+    errors: list[BaseException] = []
+
+    def batch(seed: int) -> None:
+        rnd = random.Random(seed)
+        mine = ids[:]
+        rnd.shuffle(mine)
+        ctx = _ctx(url)
+        try:
+            for n in range(3):
+                stamp = f"2030-01-01T00:00:{seed * 3 + n:02d}Z"
+                apply_many_from_tables(ctx, FN, [{"id": i, "status": f"s{seed}", "updated_at": stamp} for i in mine])
+                for i in mine[:5]:
+                    apply_from_tables(ctx, FN, {"id": i, "status": f"one{seed}", "updated_at": stamp})
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=batch, args=(s,)) for s in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    with psycopg.connect(url) as conn:
+        latest = conn.execute("SELECT max(updated_at) FROM agent_jobs WHERE id LIKE 'c-%'").fetchone()[0]
+        lowest = conn.execute("SELECT min(updated_at) FROM agent_jobs WHERE id LIKE 'c-%'").fetchone()[0]
+    assert latest == lowest == datetime(2030, 1, 1, 0, 0, (workers - 1) * 3 + 2, tzinfo=UTC)
