@@ -228,7 +228,8 @@ def test_poison_and_unreadable_messages_do_not_block_the_inbox(stack, client, su
         unreadable = inject(stack, fn, {"id": "RECX", "data": {"f99": "who?"}})
         inject(stack, fn, good)
         report = stack.safety_drain()[fn]
-    assert report["dead_lettered"] == 1 and report["rejected"] == 1 and report["applied"] == 1, report
+    counts = tuple(report.get(k) for k in ("dead_lettered", "rejected", "applied")) if isinstance(report, dict) else ()
+    assert counts == (1, 1, 1), report
     assert supabase.row("audit_log", good["id"]) is not None
     assert supabase.row("audit_log", poison["id"]) is None  # whole in the DLQ, for `zsync replay`
     assert unreadable not in [m["id"] for m in client.messages(inbox_id)]
