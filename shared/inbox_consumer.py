@@ -44,7 +44,7 @@ from shared.trigger_inbox import (
     UnreadablePayload,
     read_payload,
 )
-from shared.zapier_tables import TablesError, TablesRejected
+from shared.zapier_tables import TablesError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from shared.sync import SyncContext
 
 POISON_LEASE_COUNT = 5  # a message leased this many times without an ack goes to the dead-letter queue
-LEASE_LIMIT = 10
+LEASE_LIMIT = 100  # messages per lease: applied to Supabase as one batch
 DEPENDENCY_PAUSE_S = 1.0  # after a dependency error, wait this long and lease again (once)
 DEFAULT_BUDGET_S = 10.0  # a 15 s Lambda: stop leasing with 5 s to spare
 
@@ -135,25 +135,18 @@ class InboxConsumer:
             if not lease.messages or not lease.lease_id:
                 report.stopped = "empty"
                 return report
-            for i, message in enumerate(lease.messages):
-                if time.monotonic() >= deadline:
-                    rest = [m.id for m in lease.messages[i:]]
-                    self._settle("release", lease.lease_id, rest, report)
-                    report.stopped = "budget"
+            ack, release = self._apply_lease(lease.messages, report)
+            if ack:
+                self._settle("ack", lease.lease_id, ack, report)
+            if release:
+                self._settle("release", lease.lease_id, release, report)
+                # A released message gets no new notification: try once more after a pause (a blip),
+                # then leave it to the next wake-up or the scheduled drain (a real outage).
+                retries += 1
+                if retries > self.dependency_retries or time.monotonic() + DEPENDENCY_PAUSE_S >= deadline:
+                    report.stopped = "dependency"
                     return report
-                verdict = self._one(message, report)
-                if verdict == "release":
-                    rest = [m.id for m in lease.messages[i:]]
-                    self._settle("release", lease.lease_id, rest, report)
-                    # A released message gets no new notification: try once more after a pause (a blip),
-                    # then leave it to the next wake-up or the scheduled drain (a real outage).
-                    retries += 1
-                    if retries > self.dependency_retries or time.monotonic() + DEPENDENCY_PAUSE_S >= deadline:
-                        report.stopped = "dependency"
-                        return report
-                    time.sleep(DEPENDENCY_PAUSE_S)
-                    break
-                self._settle("ack", lease.lease_id, [message.id], report)
+                time.sleep(DEPENDENCY_PAUSE_S)
         report.stopped = "budget"
         return report
 
@@ -165,38 +158,50 @@ class InboxConsumer:
             report.counts["lease_expired"] += len(ids)
             log_event(self.ctx.logger, logging.WARNING, "inbox_lease_expired", inbox=self.inbox_id, op=op, n=len(ids))
 
-    def _one(self, message: Message, report: DrainReport) -> str:
-        """Apply one message -> "ack" or "release"."""
-        from shared.handler import Rejected, _record_failure, process
+    def _apply_lease(self, messages: list[Message], report: DrainReport) -> tuple[list[str], list[str]]:
+        """Apply a lease's messages -> (ids to ack, ids to release). The readable ones go to Supabase in one
+        batch (:func:`shared.sync.apply_many_from_tables`: one multi-row conditional upsert, one audit insert),
+        with the outcome each would get alone; a poison message goes whole to the dead-letter queue, an
+        unreadable one is rejected and audited; a dependency failure releases the batch (it comes back)."""
+        from shared.handler import Rejected, _record_failure
+        from shared.sync import apply_many_from_tables
 
-        if message.lease_count > self.poison_lease_count:
-            return self._poison(message, report)
+        ack: list[str] = []
+        release: list[str] = []
+        batch: list[tuple[Message, dict[str, Any], datetime | None]] = []
+        for message in messages:
+            if message.lease_count > self.poison_lease_count:
+                (ack if self._poison(message, report) == "ack" else release).append(message.id)
+                continue
+            try:
+                record = self._read(message)
+            except UnreadablePayload as exc:
+                body = dead_letter.canonical_json(message.payload).encode("utf-8", "surrogatepass")
+                rejected = Rejected(400, exc.problems)
+                audited = _record_failure(self.fn, self.ctx, body, rejected)
+                report.counts["rejected"] += 1
+                log_event(self.ctx.logger, logging.WARNING, "inbox_message", inbox=self.inbox_id, message=message.id,
+                          outcome="rejected", status=400, problems=exc.problems, audited=audited)
+                ack.append(message.id)
+                continue
+            batch.append((message, record.as_delivery(), _received_at(record.edited_at, message)))
+        if not batch:
+            return ack, release
         try:
-            record = self._read(message)
-            delivery = record.as_delivery()
-            result = process(self.fn, self.ctx, delivery, _received_at(record.edited_at, message))
+            results = apply_many_from_tables(self.ctx, self.fn, [d for _, d, _ in batch],
+                                             received_at=[r for _, _, r in batch])
+        except (supabase_db.DatabaseUnavailable, TablesError, InboxError) as exc:
+            report.counts["dependency_errors"] += 1
+            log_event(self.ctx.logger, logging.ERROR, "dependency_unavailable", inbox=self.inbox_id,
+                      messages=len(batch), error_type=type(exc).__name__, error=str(exc)[:300])
+            return ack, release + [m.id for m, _, _ in batch]
+        for (message, _, _), result in zip(batch, results, strict=True):
             report.counts[str(result.outcome)] += 1
             log_event(self.ctx.logger, logging.INFO, "inbox_message", inbox=self.inbox_id, message=message.id,
                       outcome=str(result.outcome), id=result.id, lease_count=message.lease_count,
                       possible_duplicate=message.possible_duplicate_data)
-            return "ack"
-        except UnreadablePayload as exc:
-            rejected = Rejected(400, exc.problems)
-        except Rejected as exc:
-            rejected = exc
-        except TablesRejected as exc:
-            rejected = Rejected(502, [{"field": "tables", "problem": str(exc)[:200]}])
-        except (supabase_db.DatabaseUnavailable, TablesError, InboxError) as exc:
-            report.counts["dependency_errors"] += 1
-            log_event(self.ctx.logger, logging.ERROR, "dependency_unavailable", inbox=self.inbox_id,
-                      message=message.id, error_type=type(exc).__name__, error=str(exc)[:300])
-            return "release"
-        body = dead_letter.canonical_json(message.payload).encode("utf-8", "surrogatepass")
-        audited = _record_failure(self.fn, self.ctx, body, rejected)
-        report.counts["rejected"] += 1
-        log_event(self.ctx.logger, logging.WARNING, "inbox_message", inbox=self.inbox_id, message=message.id,
-                  outcome="rejected", status=rejected.status, problems=rejected.problems, audited=audited)
-        return "ack"
+            ack.append(message.id)
+        return ack, release
 
     def _field_names(self, message: Message, refresh: bool = False) -> Mapping[str, str] | None:
         data = message.payload.get("data", message.payload)
