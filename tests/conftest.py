@@ -55,7 +55,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     """The whole local stack (as `make up` runs it) on free ports, one per pytest worker."""
     from infra.local.stack import running_stack
 
+    # The scheduled jobs (outbox sweep, trash check, inbox safety drain) run only when a test calls them:
+    # a background run would race the tests that count what they do.
     with running_stack(Path(f"/tmp/zsync-stack-{os.getpid()}"), sweep_interval_s=3600, trash_interval_s=3600,
-                       pgnet_poll_interval_s=0.05,
+                       safety_drain_interval_s=3600, pgnet_poll_interval_s=0.05,
                        retry_budget_s=3.0) as local:
         yield local
