@@ -398,7 +398,8 @@ class _Reconciler:
                 supabase_db.lock_record(conn, spec, row["id"])
                 outcome = Outcome(supabase_db.apply_tables_delete(conn, spec, row["id"], trashed[row["id"]]))
                 if outcome in (Outcome.APPLIED, Outcome.SKIPPED_STALE):
-                    entry = audit.delete_entry(fn, row["id"], trashed[row["id"]], datetime.now(UTC), outcome)
+                    entry = audit.delete_entry(fn, row["id"], trashed[row["id"]], datetime.now(UTC), outcome,
+                                               origin="reconcile")
                     entry["metadata"]["via"] = VIA
                     supabase_db.append_audit(conn, entry)
                 if outcome is Outcome.APPLIED:

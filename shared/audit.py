@@ -28,6 +28,30 @@ def _stable_id(*parts: str) -> str:
 ORIGINS = ("live", "replay", "reconcile", "repair")
 
 
+def _entry(fn: FunctionSpec, action: str, record_id: str | None, now: datetime, metadata: dict[str, Any],
+           severity: str, *id_parts: str) -> dict[str, Any]:
+    """The audit_log row every entry shares: stable id from ``id_parts``, the function as actor."""
+    return {
+        "id": _stable_id(fn.name, action, *id_parts),
+        "timestamp": now.astimezone(UTC).isoformat(),
+        "actor": f"zsync/{fn.name}",
+        "actor_type": ACTOR_TYPE,
+        "action": action,
+        "resource_type": fn.table.resource_type,
+        "resource_id": record_id,
+        "metadata": {"sync_direction": SYNC_DIRECTION[fn.direction], "function": fn.name, **metadata},
+        "severity": severity,
+    }
+
+
+def _lag(now: datetime, changed_at: datetime | None, source_ts: datetime | None) -> dict[str, Any]:
+    return {
+        "changed_at": changed_at.astimezone(UTC).isoformat() if changed_at else None,
+        "lag_seconds": round((now - changed_at).total_seconds(), 3) if changed_at else None,
+        "record_age_seconds": round((now - source_ts).total_seconds(), 3) if source_ts else None,
+    }
+
+
 def sync_entry(fn: FunctionSpec, row: Mapping[str, Any], outcome: Outcome, now: datetime,
                stored: Mapping[str, Any] | None = None, *, changed_at: datetime | None = None,
                origin: str = "live", changed_at_source: str | None = None) -> dict[str, Any]:
@@ -43,31 +67,18 @@ def sync_entry(fn: FunctionSpec, row: Mapping[str, Any], outcome: Outcome, now: 
     spec = fn.table
     source_ts: datetime | None = row.get(spec.version) if spec.version else row.get("timestamp")
     metadata: dict[str, Any] = {
-        "sync_direction": SYNC_DIRECTION[fn.direction],
-        "function": fn.name,
         "outcome": outcome.value,
         "origin": origin,
         "source_timestamp": source_ts.isoformat() if source_ts else None,
-        "changed_at": changed_at.astimezone(UTC).isoformat() if changed_at else None,
         "changed_at_source": changed_at_source if changed_at else None,
-        "lag_seconds": round((now - changed_at).total_seconds(), 3) if changed_at else None,
-        "record_age_seconds": round((now - source_ts).total_seconds(), 3) if source_ts else None,
+        **_lag(now, changed_at, source_ts),
     }
     if stored is not None and spec.version:
         metadata["stored_updated_at"] = stored.get(spec.version)
     action = spec.synced_action if outcome is Outcome.APPLIED else SKIPPED_ACTION
     version = source_ts.isoformat() if source_ts else ""
-    return {
-        "id": _stable_id(fn.name, action, str(row["id"]), version, row_to_json(row)),
-        "timestamp": now.astimezone(UTC).isoformat(),
-        "actor": f"zsync/{fn.name}",
-        "actor_type": ACTOR_TYPE,
-        "action": action,
-        "resource_type": spec.resource_type,
-        "resource_id": row["id"],
-        "metadata": metadata,
-        "severity": "debug" if outcome is Outcome.APPLIED else "info",
-    }
+    return _entry(fn, action, row["id"], now, metadata, "debug" if outcome is Outcome.APPLIED else "info",
+                  str(row["id"]), version, row_to_json(row))
 
 
 def failed_entry(fn: FunctionSpec, body: bytes, problems: list[dict[str, str]], now: datetime,
@@ -75,51 +86,25 @@ def failed_entry(fn: FunctionSpec, body: bytes, problems: list[dict[str, str]], 
     """``sync_failed``: a delivery that was rejected (bad input) or could not be applied. The id is stable
     per (function, status, body, declared size), so a redelivery is audited once but distinct bodies whose
     bytes were not read (413) are not merged."""
-    return {
-        "id": _stable_id(fn.name, FAILED_ACTION, str(status), hashlib.sha256(body).hexdigest(),
-                         "" if declared_bytes is None else str(declared_bytes)),
-        "timestamp": now.astimezone(UTC).isoformat(),
-        "actor": f"zsync/{fn.name}",
-        "actor_type": ACTOR_TYPE,
-        "action": FAILED_ACTION,
-        "resource_type": fn.table.resource_type,
-        "resource_id": record_id,
-        "metadata": {
-            "sync_direction": SYNC_DIRECTION[fn.direction],
-            "function": fn.name,
-            "status": status,
-            "problems": problems[:20],
-            "body_sha256": hashlib.sha256(body).hexdigest(),
-            "body_bytes": len(body),
-        },
-        "severity": "error",
-    }
+    digest = hashlib.sha256(body).hexdigest()
+    metadata = {"status": status, "problems": problems[:20], "body_sha256": digest, "body_bytes": len(body)}
+    return _entry(fn, FAILED_ACTION, record_id, now, metadata, "error",
+                  str(status), digest, "" if declared_bytes is None else str(declared_bytes))
 
 
-def delete_entry(fn: FunctionSpec, record_id: str, version: datetime, now: datetime,
-                 outcome: Outcome) -> dict[str, Any]:
+def delete_entry(fn: FunctionSpec, record_id: str, version: datetime, now: datetime, outcome: Outcome, *,
+                 changed_at: datetime | None = None, origin: str = "live") -> dict[str, Any]:
     """``<table>_synced`` with ``metadata.operation = "delete"``: a delete carried to the other side (or,
-    ``skipped_stale``, not carried because the other side held a newer version)."""
-    spec = fn.table
-    action = spec.synced_action if outcome is Outcome.APPLIED else SKIPPED_ACTION
-    return {
-        "id": _stable_id(fn.name, action, "delete", record_id, version.isoformat()),
-        "timestamp": now.astimezone(UTC).isoformat(),
-        "actor": f"zsync/{fn.name}",
-        "actor_type": ACTOR_TYPE,
-        "action": action,
-        "resource_type": spec.resource_type,
-        "resource_id": record_id,
-        "metadata": {
-            "sync_direction": SYNC_DIRECTION[fn.direction],
-            "function": fn.name,
-            "operation": "delete",
-            "outcome": outcome.value,
-            "source_timestamp": version.isoformat(),
-            "lag_seconds": round((now - version).total_seconds(), 3),
-        },
-        "severity": "info",
-    }
+    ``skipped_stale``, not carried because the other side held a newer version). ``version``: the delete's
+    version (the tombstone's, or Zapier's ``deleted_at``); lag runs from ``changed_at``, when the delete
+    happened as the system saw it (Zapier's ``deleted_at``, the outbox capture time), never from a version
+    that may be the deleted record's old ``updated_at``."""
+    if origin not in ORIGINS:
+        raise ValueError(f"origin must be one of {ORIGINS}")
+    action = fn.table.synced_action if outcome is Outcome.APPLIED else SKIPPED_ACTION
+    metadata = {"operation": "delete", "outcome": outcome.value, "origin": origin,
+                "source_timestamp": version.isoformat(), **_lag(now, changed_at, None)}
+    return _entry(fn, action, record_id, now, metadata, "info", "delete", record_id, version.isoformat())
 
 
 def parked_entry(fn: FunctionSpec, record_id: str, problems: list[dict[str, str]], tables_record: Mapping[str, Any],
@@ -127,23 +112,13 @@ def parked_entry(fn: FunctionSpec, record_id: str, problems: list[dict[str, str]
     """``sync_failed`` for a record parked for a person: everything needed to repair it by hand (the
     unreadable Tables fields as they are, what was wrong, the version that was not written over them)."""
     tables_json = row_to_json(tables_record)
-    return {
-        "id": _stable_id(fn.name, FAILED_ACTION, "parked", record_id, tables_json, row_to_json(incoming)),
-        "timestamp": now.astimezone(UTC).isoformat(),
-        "actor": f"zsync/{fn.name}",
-        "actor_type": ACTOR_TYPE,
-        "action": FAILED_ACTION,
-        "resource_type": fn.table.resource_type,
-        "resource_id": record_id,
-        "metadata": {
-            "sync_direction": SYNC_DIRECTION[fn.direction],
-            "function": fn.name,
-            "status": 409,
-            "resolution": "parked: the Zapier Tables record is unreadable and may be newer; it was not "
-                          "overwritten. Fix the fields named in problems in Tables (its next delivery syncs it).",
-            "problems": problems[:20],
-            "tables_record": tables_json[:50_000],
-            "not_written": row_to_json(incoming)[:50_000],
-        },
-        "severity": "error",
+    not_written = row_to_json(incoming)
+    metadata = {
+        "status": 409,
+        "resolution": "parked: the Zapier Tables record is unreadable and may be newer; it was not "
+                      "overwritten. Fix the fields named in problems in Tables (its next delivery syncs it).",
+        "problems": problems[:20],
+        "tables_record": tables_json[:50_000],
+        "not_written": not_written[:50_000],
     }
+    return _entry(fn, FAILED_ACTION, record_id, now, metadata, "error", "parked", record_id, tables_json, not_written)

@@ -274,7 +274,8 @@ def apply_tables_delete(ctx: SyncContext, spec: TableSpec, record_id: str, delet
         supabase_db.lock_record(conn, spec, record_id)
         result = Outcome(supabase_db.apply_tables_delete(conn, spec, record_id, deleted_at))
         if result in (Outcome.APPLIED, Outcome.SKIPPED_STALE):
-            supabase_db.append_audit(conn, audit.delete_entry(fn, record_id, deleted_at, datetime.now(UTC), result))
+            supabase_db.append_audit(conn, audit.delete_entry(fn, record_id, deleted_at, datetime.now(UTC), result,
+                                                              changed_at=deleted_at))
         if result is Outcome.SKIPPED_STALE and Direction.TO_TABLES in spec.directions:
             supabase_db.announce(conn, spec, record_id)
         return result
@@ -330,7 +331,9 @@ def _delete_from_supabase(ctx: SyncContext, fn: FunctionSpec, record_id: str) ->
         if tomb is None:
             return
         if outcome in (Outcome.APPLIED, Outcome.SKIPPED_STALE):
-            supabase_db.append_audit(conn, audit.delete_entry(fn, record_id, tomb, datetime.now(UTC), outcome))
+            captured = supabase_db.outbox_capture_time(conn, spec, record_id, tomb)  # the delete's transaction
+            supabase_db.append_audit(conn, audit.delete_entry(fn, record_id, tomb, datetime.now(UTC), outcome,
+                                                              changed_at=captured))
         supabase_db.ack_outbox(conn, spec, record_id, tomb, outcome.value)
 
     outcome = _run_recorded(ctx, lambda conn: supabase_db.lock_record(conn, spec, record_id), work, record)

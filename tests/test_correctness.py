@@ -202,6 +202,22 @@ def test_4_supabase_delete_removes_the_tables_copy_and_is_not_resurrected(stack,
     assert supabase.audit(rid, "agent_jobs_synced")
 
 
+def test_4_delete_lag_runs_from_the_delete_not_from_the_old_record(stack, tables, supabase):
+    """Deleting a record last changed a year ago: its delete entry's lag is the delivery's, not the record's age
+    (an old record's delete must not trip the live lag alert)."""
+    rid = uid("oldel")
+    year_ago = datetime.now(UTC) - timedelta(days=365)
+    supabase.query("INSERT INTO agent_jobs (id, status, updated_at) VALUES (%s, 'queued', %s)", (rid, year_ago))
+    eventually(lambda: tables.find("agent_jobs", rid))
+    stack.wait_quiet()
+    supabase.query("DELETE FROM agent_jobs WHERE id = %s", (rid,))
+    eventually(lambda: tables.find("agent_jobs", rid) is None)
+    stack.wait_quiet()
+    [entry] = [a for a in supabase.audit(rid, "agent_jobs_synced") if a["metadata"].get("operation") == "delete"]
+    meta = entry["metadata"]
+    assert meta["origin"] == "live" and meta["lag_seconds"] is not None and 0 <= meta["lag_seconds"] < 30, meta
+
+
 def test_4_a_later_reinsert_wins_over_the_tombstone(stack, tables, supabase):
     rid = uid("reins")
     supabase.query("INSERT INTO agent_jobs (id, status) VALUES (%s, 'one')", (rid,))
