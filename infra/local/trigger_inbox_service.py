@@ -25,14 +25,15 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import requests
 from flask import Blueprint, Response, jsonify, request
+
+from infra.local.sqlite_store import SqliteStore
 
 log = logging.getLogger(__name__)
 
@@ -139,30 +140,16 @@ class InboxService:
     """Inboxes and their messages, durable in SQLite."""
 
     def __init__(self, path: Path, table_exists: Callable[[str], bool], notifier_timeout_s: float = 10.0) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.table_exists = table_exists  # the Tables service's tables (made through its API, so looked up live)
-        self._lock = threading.Lock()
-        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.executescript(_SCHEMA)
+        self._store = SqliteStore(path, _SCHEMA)
+        self._lock = self._store._lock
+        self._conn = self._store._conn
+        self._tx = self._store.transaction
         self.notifier = Notifier(notifier_timeout_s)
 
     def close(self) -> None:
         self.notifier.stop()
-        with self._lock:
-            self._conn.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+        self._store.close()
 
     # --- inboxes ----------------------------------------------------------------------------------------
     @staticmethod
