@@ -243,7 +243,7 @@ def test_gcloud_script_deploys_the_seven_targets(tmp_path: Path, env: Any) -> No
     assert sorted(line.split()[3] for line in deploys) == sorted(FUNCTIONS)
     for name in FUNCTIONS:
         assert f"--entry-point {name} --source ." in script
-    assert script.count("--gen2 --runtime python311 --trigger-http --allow-unauthenticated") == 7
+    assert script.count("--gen2 --runtime python312 --trigger-http --allow-unauthenticated") == 7
     assert script.count('--set-secrets "$SECRETS"') == 7
     assert "ZSYNC_DATABASE_URL=zsync-database-url:latest" in script
     assert "tbl,with,commas" in script  # JSON survives gcloud's comma-separated list syntax (custom delimiter)

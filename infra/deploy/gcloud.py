@@ -100,7 +100,7 @@ def render_script(project: str, region: str, settings: Settings, secret_prefix: 
         lines += [
             "",
             f"gcloud functions deploy {name} \\",
-            '  --gen2 --runtime python311 --trigger-http --allow-unauthenticated \\',
+            '  --gen2 --runtime python312 --trigger-http --allow-unauthenticated \\',
             '  --project "$PROJECT" --region "$REGION" \\',
             f"  --entry-point {name} --source . \\",
             "  --set-build-env-vars GOOGLE_FUNCTION_SOURCE=functions/main.py \\",
