@@ -61,3 +61,19 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
                        safety_drain_interval_s=3600, pgnet_poll_interval_s=0.05,
                        retry_budget_s=3.0) as local:
         yield local
+
+
+@pytest.fixture
+def tables(stack):
+    """The Zapier side of the shared stack, through the Tables API (tests/e2e.py)."""
+    from tests.e2e import Tables
+
+    return Tables(stack)
+
+
+@pytest.fixture
+def supabase(stack):
+    """The Supabase side of the shared stack, as SQL (tests/e2e.py)."""
+    from tests.e2e import Supabase
+
+    return Supabase(stack)

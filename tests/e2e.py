@@ -4,6 +4,7 @@ the Tables records API, Claude agents through SQL on Supabase."""
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -23,6 +24,12 @@ def eventually(probe: Callable[[], T | None], timeout_s: float = 15.0, interval_
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout_s} s (last: {value!r})")
         time.sleep(interval_s)
+
+
+
+def uid(prefix: str) -> str:
+    """A unique record id for one test (tests share one stack)."""
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
 class Tables:

@@ -7,7 +7,6 @@ the real SQL on a migrated database, and failed before the fix.
 from __future__ import annotations
 
 import json
-import uuid
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -19,27 +18,17 @@ from hypothesis import strategies as st
 from shared import supabase_db
 from shared.mapping import parse_tables_record
 from shared.spec import TABLES
-from tests.e2e import Supabase, Tables, eventually
+from tests.e2e import eventually, uid
 
 JOBS = TABLES["agent_jobs"]
 
 
-def uid(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
 def iso(ts: datetime) -> str:
     return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-@pytest.fixture
-def tables(stack) -> Tables:
-    return Tables(stack)
-
-
-@pytest.fixture
-def supabase(stack) -> Supabase:
-    return Supabase(stack)
 
 
 def post(stack, function: str, payload: dict) -> requests.Response:

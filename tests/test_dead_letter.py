@@ -25,6 +25,7 @@ from infra.local.stack import free_port
 from shared import dead_letter
 from shared.dead_letter import DeadLetter, DeadLetterQueue, delivery_key
 from shared.settings import get_settings, reset_settings
+from tests.e2e import uid
 from tests.tables_local import LocalTables, start_local_tables
 
 MAIN = str(Path(__file__).resolve().parent.parent / "functions" / "main.py")
@@ -103,8 +104,6 @@ def query(url: str, sql: str, params: tuple = ()) -> list[tuple]:
         return cur.fetchall() if cur.description else []
 
 
-def uid(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
 # --- the message --------------------------------------------------------------------------------------------

@@ -9,27 +9,11 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 
 import pytest
 import requests
 
-from tests.e2e import Supabase, Tables, eventually
-
-
-def uid(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def tables(stack) -> Tables:
-    return Tables(stack)
-
-
-@pytest.fixture
-def supabase(stack) -> Supabase:
-    return Supabase(stack)
-
+from tests.e2e import eventually, uid
 
 # --- Test 1: Tables -> Supabase (all four tables) ------------------------------------------------
 

@@ -25,7 +25,6 @@ import os
 import random
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +43,7 @@ from shared.settings import Settings
 from shared.spec import FUNCTIONS, TABLES, Direction
 from shared.sync import SyncContext
 from shared.zapier_tables import TablesClient
-from tests.e2e import Supabase, Tables
+from tests.e2e import Supabase, Tables, uid
 from tests.test_reconcile import differences
 
 # Fail fast when a dependency is down; a pool as large as functions-framework's thread count (2 CPUs x 4) so a
@@ -94,8 +93,6 @@ def supabase(fstack: LocalStack) -> Supabase:
     return Supabase(fstack)
 
 
-def uid(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 def dlq_depth(settings: Settings) -> int:

@@ -22,6 +22,7 @@ from shared.conflict import Outcome
 from shared.settings import reset_settings
 from shared.spec import FUNCTIONS, TABLES
 from shared.sync import SupabaseWebhook, SyncContext, apply_from_supabase
+from tests.e2e import uid
 from tests.tables_local import start_local_tables
 
 MAIN = str(Path(__file__).resolve().parent.parent / "functions" / "main.py")
@@ -30,8 +31,6 @@ H = "X-Zsync-Secret"
 OLD = "2025-01-01T00:00:00Z"  # a record last edited long ago (a backfill, a reconcile, a writer's clock)
 
 
-def uid(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -117,8 +116,6 @@ def sql(url: str, query: str, params: tuple | list = ()) -> list[tuple]:
         return cur.fetchall() if cur.description else []
 
 
-def uid(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 def stats(service: LocalTables) -> dict:

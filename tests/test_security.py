@@ -28,7 +28,7 @@ from shared.settings import DEFAULT_SECRET_HEADER, Settings, reset_settings
 from shared.spec import FUNCTIONS, TABLES, WEBHOOK_TABLES, Direction
 from shared.sync import SupabaseWebhook, SyncContext, apply_from_supabase, apply_from_tables
 from shared.webhook_sql import render_webhook_sql, trigger_name
-from tests.e2e import Supabase, Tables
+from tests.e2e import Supabase, Tables, uid
 from tests.receiver import recording_server
 from tests.test_bad_input import snapshot, unchanged_apart_from_audit
 
@@ -37,8 +37,6 @@ H = DEFAULT_SECRET_HEADER
 ROLE = "zsync_fn_security_test"  # a LOGIN member of zsync_sync, as production's connection user
 
 
-def uid(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
 def valid_payload(function: str, record_id: str) -> dict[str, Any]:

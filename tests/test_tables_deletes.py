@@ -5,32 +5,19 @@ the functions over HTTP (the scheduled trash check, stale deliveries), SQL on Po
 from __future__ import annotations
 
 import dataclasses
-import uuid
 from datetime import UTC, datetime
-
-import pytest
 
 from infra.reconcile import reconcile
 from shared.spec import TABLES
 from shared.tables_trash import check_trash
-from tests.e2e import Supabase, Tables, eventually
+from tests.e2e import Supabase, Tables, eventually, uid
 from tests.test_correctness import post, stack_context
 
 JOBS = TABLES["agent_jobs"]
 
 
-def uid(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
-@pytest.fixture
-def tables(stack) -> Tables:
-    return Tables(stack)
-
-
-@pytest.fixture
-def supabase(stack) -> Supabase:
-    return Supabase(stack)
 
 
 def synced_job(stack, tables: Tables, supabase: Supabase, prefix: str) -> dict:

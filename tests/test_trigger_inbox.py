@@ -19,23 +19,13 @@ from shared.handler import WAKE_PARAM
 from shared.inbox_consumer import client_from_settings, inbox_key
 from shared.settings import Settings
 from shared.trigger_inbox import UnreadablePayload, read_payload
-from tests.e2e import Supabase, Tables, eventually
+from tests.e2e import eventually, uid
 
 FN = "agent_jobs_to_supabase"
 
 
-def uid(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
-@pytest.fixture
-def tables(stack) -> Tables:
-    return Tables(stack)
-
-
-@pytest.fixture
-def supabase(stack) -> Supabase:
-    return Supabase(stack)
 
 
 @pytest.fixture
