@@ -189,7 +189,8 @@ class Soak:
             self.audit_ids.append(rec.id)
             self.audit_values[rec.id] = dict(rec.data)
             self.changes["tables->supabase"] += 1
-            self.captured.append(("audit_log_to_supabase", dict(rec.data)))
+            # as the trigger delivers it: the record's fields, its id being the Tables record id
+            self.captured.append(("audit_log_to_supabase", {"id": rec.id, **rec.data}))
 
     # -- the Supabase side -----------------------------------------------------------------------------
     def sql(self, state: dict[str, Any], query: str, params: tuple) -> Any:
