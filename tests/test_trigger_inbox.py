@@ -28,6 +28,20 @@ FN = "agent_jobs_to_supabase"
 
 
 
+@pytest.fixture(scope="module")
+def stack():
+    """Its own stack: these tests count what is in the inboxes, so messages left by other test files on the
+    shared stack (e.g. audit entries made in Tables) must not be there. Scheduled jobs run only when called."""
+    import os
+    from pathlib import Path
+
+    from infra.local.stack import running_stack
+
+    with running_stack(Path(f"/tmp/zsync-inbox-{os.getpid()}"), sweep_interval_s=3600, trash_interval_s=3600,
+                       safety_drain_interval_s=3600, pgnet_poll_interval_s=0.05, retry_budget_s=3.0) as local:
+        yield local
+
+
 @pytest.fixture
 def settings(stack) -> Settings:
     """What an operator's shell holds: the OAuth client credentials, no static token."""
