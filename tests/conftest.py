@@ -5,7 +5,7 @@ module. Everything listens on 127.0.0.1 or a unix socket in a temp dir, so xdist
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -25,6 +25,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def zsync_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., pytest.MonkeyPatch]]:
+    """A clean ``ZSYNC_*`` environment for in-process functions and commands: every ``ZSYNC_`` variable
+    removed, then ``zsync_env(database_url=..., webhook_secret=...)`` sets settings (names without the prefix,
+    or full ``ZSYNC_`` variable names); the cached settings are reset after each call and at the end."""
+    from shared.settings import reset_settings
+
+    for key in [k for k in os.environ if k.startswith("ZSYNC_")]:
+        monkeypatch.delenv(key)
+
+    def configure(**values: str) -> pytest.MonkeyPatch:
+        for key, value in values.items():
+            monkeypatch.setenv(key if key.startswith("ZSYNC_") else f"ZSYNC_{key.upper()}", value)
+        reset_settings()
+        return monkeypatch
+
+    yield configure
+    reset_settings()
 
 
 @pytest.fixture(scope="session")

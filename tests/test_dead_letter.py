@@ -4,7 +4,6 @@ Zapier Tables service; the functions run in-process through functions-framework'
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -56,22 +55,11 @@ def tables_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTa
 
 
 @pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch, database_url: str, queue_url: str, moto_endpoint: str,
-        tables_service: LocalTables) -> Iterator[pytest.MonkeyPatch]:
-    for key in list(os.environ):
-        if key.startswith("ZSYNC_"):
-            monkeypatch.delenv(key)
-    settings = {
-        "DATABASE_URL": database_url, "WEBHOOK_SECRET": SECRET, "RETRY_BUDGET_S": "1", "DB_CONNECT_TIMEOUT_S": "1",
-        "HTTP_TIMEOUT_S": "1", "DLQ_URL": queue_url, "AWS_ENDPOINT_URL": moto_endpoint,
-    }
-    for key, value in settings.items():
-        monkeypatch.setenv(f"ZSYNC_{key}", value)
-    for key, value in tables_service.env().items():  # Zapier base URL, token URL, client credentials, table ids
-        monkeypatch.setenv(key, value)
-    reset_settings()
-    yield monkeypatch
-    reset_settings()
+def env(zsync_env, database_url: str, queue_url: str, moto_endpoint: str,
+        tables_service: LocalTables) -> pytest.MonkeyPatch:
+    return zsync_env(database_url=database_url, webhook_secret=SECRET, retry_budget_s="1", db_connect_timeout_s="1",
+                     http_timeout_s="1", dlq_url=queue_url, aws_endpoint_url=moto_endpoint,
+                     **tables_service.env())  # Zapier base URL, token URL, client credentials, table ids
 
 
 def post(target: str, body: object):

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -19,16 +18,8 @@ SECRET = "in-process-secret"
 
 
 @pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch, database_url: str) -> Iterator[pytest.MonkeyPatch]:
-    for key in list(__import__("os").environ):
-        if key.startswith("ZSYNC_"):
-            monkeypatch.delenv(key)
-    monkeypatch.setenv("ZSYNC_DATABASE_URL", database_url)
-    monkeypatch.setenv("ZSYNC_WEBHOOK_SECRET", SECRET)
-    monkeypatch.setenv("ZSYNC_RETRY_BUDGET_S", "1")
-    reset_settings()
-    yield monkeypatch
-    reset_settings()
+def env(zsync_env, database_url: str) -> pytest.MonkeyPatch:
+    return zsync_env(database_url=database_url, webhook_secret=SECRET, retry_budget_s="1")
 
 
 def client(target: str):

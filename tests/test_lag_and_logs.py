@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,7 +18,6 @@ from functions_framework import create_app
 from infra.local.stack import FunctionProcess, free_port
 from shared import handler, supabase_db
 from shared.conflict import Outcome
-from shared.settings import reset_settings
 from shared.spec import FUNCTIONS, TABLES
 from shared.sync import SupabaseWebhook, SyncContext, apply_from_supabase
 from tests.e2e import uid
@@ -34,16 +32,8 @@ OLD = "2025-01-01T00:00:00Z"  # a record last edited long ago (a backfill, a rec
 
 
 @pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch, database_url: str) -> Iterator[pytest.MonkeyPatch]:
-    for key in list(os.environ):
-        if key.startswith("ZSYNC_"):
-            monkeypatch.delenv(key)
-    monkeypatch.setenv("ZSYNC_DATABASE_URL", database_url)
-    monkeypatch.setenv("ZSYNC_WEBHOOK_SECRET", SECRET)
-    monkeypatch.setenv("ZSYNC_RETRY_BUDGET_S", "1")
-    reset_settings()
-    yield monkeypatch
-    reset_settings()
+def env(zsync_env, database_url: str) -> pytest.MonkeyPatch:
+    return zsync_env(database_url=database_url, webhook_secret=SECRET, retry_budget_s="1")
 
 
 def post(target: str, body: object, **headers: str):

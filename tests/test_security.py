@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import re
 import uuid
 from collections.abc import Iterator
@@ -215,18 +214,9 @@ def with_password(database_url: str) -> str:
 
 
 @pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch, database_url: str) -> Iterator[pytest.MonkeyPatch]:
-    for key in list(os.environ):
-        if key.startswith("ZSYNC_"):
-            monkeypatch.delenv(key)
-    monkeypatch.setenv("ZSYNC_DATABASE_URL", with_password(database_url))
-    monkeypatch.setenv("ZSYNC_WEBHOOK_SECRET", CURRENT)
-    monkeypatch.setenv("ZSYNC_WEBHOOK_SECRET_PREVIOUS", PREVIOUS)
-    monkeypatch.setenv("ZSYNC_TABLES_TOKEN", TOKEN)
-    monkeypatch.setenv("ZSYNC_RETRY_BUDGET_S", "0.5")
-    reset_settings()
-    yield monkeypatch
-    reset_settings()
+def env(zsync_env, database_url: str) -> pytest.MonkeyPatch:
+    return zsync_env(database_url=with_password(database_url), webhook_secret=CURRENT,
+                     webhook_secret_previous=PREVIOUS, tables_token=TOKEN, retry_budget_s="0.5")
 
 
 def client(target: str) -> Any:

@@ -8,7 +8,6 @@ import json
 import os
 import secrets
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +43,8 @@ def run(*args: str) -> Any:
 
 
 @pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
-    for key in [k for k in os.environ if k.startswith("ZSYNC_")]:
-        monkeypatch.delenv(key)
-    monkeypatch.setenv("ZSYNC_WEBHOOK_SECRET", SECRET)
-    monkeypatch.setenv("ZSYNC_SECRET_HEADER", HEADER)
-    reset_settings()
-    yield monkeypatch
-    reset_settings()
+def env(zsync_env) -> pytest.MonkeyPatch:
+    return zsync_env(webhook_secret=SECRET, secret_header=HEADER)
 
 
 def fake_urls(tag: str = "v1") -> dict[str, str]:
