@@ -17,9 +17,11 @@ import time
 STARTED = time.time()
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,48 +48,41 @@ class Breakdown:
         self.totals: dict[str, float] = {}
         self._stack: list[list[float]] = []
 
+    @contextlib.contextmanager
+    def timing(self, category: str) -> Iterator[None]:
+        """Count the block's wall time to ``category``, less the time of timed blocks nested inside it."""
+        self._stack.append([0.0])
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            inner = self._stack.pop()[0]
+            self.totals[category] = self.totals.get(category, 0.0) + elapsed - inner
+            if self._stack:
+                self._stack[-1][0] += elapsed
+
     def wrap(self, owner: object, name: str, category: str) -> None:
         original = getattr(owner, name, None)
         if original is None or not callable(original):
             return
-        breakdown = self
 
         def timed(*args, **kwargs):
-            breakdown._stack.append([0.0])
-            start = time.perf_counter()
-            try:
+            with self.timing(category):
                 return original(*args, **kwargs)
-            finally:
-                elapsed = time.perf_counter() - start
-                inner = breakdown._stack.pop()[0]
-                breakdown.totals[category] = breakdown.totals.get(category, 0.0) + elapsed - inner
-                if breakdown._stack:
-                    breakdown._stack[-1][0] += elapsed
 
         setattr(owner, name, timed)
 
     def wrap_context_manager(self, owner: object, name: str, category: str) -> None:
         """For ``with db.transaction() as conn:``: time from entering to leaving the block."""
-        import contextlib
-
         original = getattr(owner, name, None)
         if original is None:
             return
-        breakdown = self
 
         @contextlib.contextmanager
         def timed(*args, **kwargs):
-            breakdown._stack.append([0.0])
-            start = time.perf_counter()
-            try:
-                with original(*args, **kwargs) as value:
-                    yield value
-            finally:
-                elapsed = time.perf_counter() - start
-                inner = breakdown._stack.pop()[0]
-                breakdown.totals[category] = breakdown.totals.get(category, 0.0) + elapsed - inner
-                if breakdown._stack:
-                    breakdown._stack[-1][0] += elapsed
+            with self.timing(category), original(*args, **kwargs) as value:
+                yield value
 
         setattr(owner, name, timed)
 
