@@ -25,11 +25,10 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import requests
-from requests.adapters import HTTPAdapter
 from requests.auth import AuthBase
 from urllib3.util.retry import Retry
 
-from shared.zapier_tables import TablesError
+from shared.zapier_tables import TablesError, http_session
 
 INBOX_PATH = "/api/v0/sdk/trigger-inbox/api/v1/inboxes"
 IMPLEMENTATIONS_PATH = "/api/v0/sdk/zapier/api/v4/implementations/"
@@ -111,16 +110,12 @@ class _SdkRetry(Retry):
         return super().is_retry(method, status_code, has_retry_after)
 
 
-def _session(max_attempts: int, backoff_factor: float) -> requests.Session:
+def _session(origin: str, max_attempts: int, backoff_factor: float) -> requests.Session:
     retry = _SdkRetry(total=max(max_attempts - 1, 0), connect=None, read=None, status=None, other=0,
                       redirect=False, allowed_methods=None, status_forcelist=(429, 500, 502, 503, 504),
                       backoff_factor=backoff_factor, backoff_max=4.0, respect_retry_after_header=True,
                       raise_on_status=False)
-    session = requests.Session()
-    adapter = HTTPAdapter(max_retries=retry)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
+    return http_session(retry, [origin])
 
 
 def api_origin(url: str) -> str:
@@ -211,7 +206,7 @@ class InboxClient:
         self.base_url = api_origin(base_url)
         self._auth = auth
         self._timeout_s = timeout_s
-        self._session = _session(max_attempts, backoff_factor)
+        self._session = _session(self.base_url, max_attempts, backoff_factor)
 
     @classmethod
     def for_tables(cls, tables: Any, **kwargs: Any) -> InboxClient:

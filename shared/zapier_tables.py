@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -66,12 +67,13 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import requests
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 from requests.adapters import HTTPAdapter
 from requests.auth import AuthBase
+from requests.utils import get_environ_proxies
 from urllib3.exceptions import InvalidHeader, MaxRetryError, ResponseError
 from urllib3.util.retry import Retry
 
@@ -265,9 +267,25 @@ class RetryPolicy:
         )
 
 
-def _session(policy: RetryPolicy) -> requests.Session:
+def http_session(retry: Retry, urls: Iterable[str]) -> requests.Session:
+    """A session retrying with ``retry`` that reads its environment once, for the ``urls`` it will call.
+
+    By default requests re-reads the proxy variables (``HTTPS_PROXY``, ``NO_PROXY``, ...), the CA-bundle
+    variables and ``~/.netrc`` on every request, which is most of its CPU per call. Here they are read when
+    the session is made: the proxy each URL's origin would get (``NO_PROXY`` honoured), keyed
+    ``scheme://host`` so other hosts go direct, and ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE``. Our own
+    auth replaces ``.netrc``. (A function's environment does not change while it runs.)
+    """
     session = requests.Session()
-    adapter = HTTPAdapter(max_retries=policy.build())
+    session.trust_env = False
+    for url in urls:
+        parts = urlsplit(url)
+        found = get_environ_proxies(url)
+        proxy = found.get(parts.scheme) or found.get("all")
+        if proxy and parts.hostname:
+            session.proxies[f"{parts.scheme}://{parts.hostname}"] = proxy
+    session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+    adapter = HTTPAdapter(max_retries=retry)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
@@ -515,7 +533,7 @@ class TablesClient:
             token=_secret(token), client_id=client_id, client_secret=_secret(client_secret),
             token_url=token_url or DEFAULT_TOKEN_URL, timeout_s=timeout_s,
         )
-        self._session = _session(retry or RetryPolicy())
+        self._session = http_session((retry or RetryPolicy()).build(), [self.base_url])
         self._session.auth = _TokenAuth(self.tokens)
         self._maps: dict[str, FieldMap] = {}
         self._maps_lock = threading.Lock()
@@ -848,7 +866,7 @@ class CatchHookWriter:
         self._hook_urls = dict(hook_urls)
         self.timeout_s = timeout_s
         self.retry_budget_s = retry_budget_s
-        self._session = _session(retry or RetryPolicy())
+        self._session = http_session((retry or RetryPolicy()).build(), self._hook_urls.values())
 
     def __repr__(self) -> str:
         return f"CatchHookWriter(tables={sorted(self._hook_urls)!r})"

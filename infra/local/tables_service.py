@@ -69,8 +69,9 @@ from typing import Any, NoReturn, Self
 
 import requests
 from flask import Flask, Response, jsonify, request
+from waitress import wasyncore
+from waitress.server import BaseWSGIServer, create_server
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from infra.local.sqlite_store import SqliteStore
 from infra.local.trigger_inbox_service import INBOX_PATH, META_PATH, InboxService, inbox_blueprint
@@ -1301,22 +1302,48 @@ def create_app(ctx: ServiceContext, max_body_bytes: int = MAX_BODY_BYTES) -> Fla
 # --- running it ----------------------------------------------------------------------------------------
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        log.debug("%s %s -> %s", self.command, self.path, code)
+SERVER_THREADS = 32  # requests served at once (a hung request, see the faults, holds one)
+
+
+class _KeepAliveServer:
+    """The service's HTTP server: waitress, HTTP/1.1 with keep-alive, as zapier.com answers. (Werkzeug's
+    development server closes every connection, which would add a TCP handshake to each of our requests
+    that the real API does not cost.) Its event loop runs in one thread; stopping closes every connection
+    in that same thread."""
+
+    def __init__(self, app: Flask, host: str, port: int) -> None:
+        self.server: BaseWSGIServer = create_server(
+            app, host=host, port=port, threads=SERVER_THREADS, ident="zapier-tables-local",
+            expose_tracebacks=False, channel_timeout=120)
+        self.port: int = self.server.effective_port  # type: ignore[attr-defined]
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="tables-service", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        sockets = self.server._map  # waitress keeps its channels in the server's socket map
+        while not self._stopping.is_set():
+            wasyncore.loop(timeout=0.05, map=sockets, count=1)
+        for channel in list(sockets.values()):
+            if channel is not self.server:
+                channel.handle_close()  # an open connection, or waitress's wake-up trigger
+        self.server.close()
+        self.server.task_dispatcher.shutdown(timeout=5)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join()
 
 
 class TablesService:
     """A running service: ``url``, ``stop()``; also a context manager."""
 
-    def __init__(self, server: BaseWSGIServer, ctx: ServiceContext, host: str) -> None:
+    def __init__(self, server: _KeepAliveServer, ctx: ServiceContext, host: str) -> None:
         self._server = server
         self.ctx = ctx
         display_host = f"[{host}]" if ":" in host else host
-        self.url = f"http://{display_host}:{server.server_port}"
-        self.port = server.server_port
-        self._thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="tables-service", daemon=True)
-        self._thread.start()
+        self.url = f"http://{display_host}:{server.port}"
+        self.port = server.port
         self._stopped = False
 
     def __enter__(self) -> Self:
@@ -1354,9 +1381,7 @@ class TablesService:
             return
         self._stopped = True
         self.ctx.stopped = True
-        self._server.shutdown()
-        self._thread.join()
-        self._server.server_close()
+        self._server.stop()
         self.ctx.dispatcher.stop()
         if self.ctx.inboxes is not None:
             self.ctx.inboxes.close()
@@ -1406,7 +1431,7 @@ def start_tables_service(
         inboxes=InboxService(Path(db_path).with_suffix(".inboxes.sqlite3"), engine.table_exists),
     )
     try:
-        server = make_server(host, port, create_app(ctx, max_body_bytes), threaded=True, request_handler=_QuietHandler)
+        server = _KeepAliveServer(create_app(ctx, max_body_bytes), host, port)
     except BaseException:
         dispatcher.stop()
         engine.store.close()
