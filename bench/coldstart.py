@@ -22,11 +22,18 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
+from bench.probe import insert_webhook
 from infra.local.stack import LocalStack
+from infra.local.tables_service import RATE_WINDOW_S, RateLimiter
+from shared.webhook_sql import trigger_name
 
 PROBE = Path(__file__).with_name("probe.py")
 GOAL_COLD_MS = 300.0
@@ -53,14 +60,36 @@ def supabase_webhook(n: int = 1) -> list[str]:
 BODIES = {TO_SUPABASE: tables_record, TO_TABLES: supabase_webhook}
 
 
+@contextmanager
+def webhook_trigger_off(stack: LocalStack, table: str = "agent_decisions") -> Iterator[None]:
+    """While the bench POSTs the webhooks of rows it inserts (:func:`bench.probe.insert_webhook`) itself: the
+    table's webhook trigger is off (its outbox trigger stays on), so the stack's own ``*_to_tables`` process
+    does not take the change first."""
+    trigger = f'TRIGGER "{trigger_name(table)}"'
+    with psycopg.connect(stack.database_url, autocommit=True) as conn:
+        conn.execute(f'ALTER TABLE public."{table}" DISABLE {trigger}')
+        try:
+            yield
+        finally:
+            conn.execute(f'ALTER TABLE public."{table}" ENABLE {trigger}')
+
+
 def run_probe(stack: LocalStack, target: str, bodies: list[str], tmp: Path, python_flags: tuple[str, ...] = (),
               probe_flags: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One fresh probe process. A ``*_to_tables`` target gets real webhooks: each record is inserted first (the
+    cold one here, the warm ones by the probe), so its change is in the outbox as a real webhook's is."""
+    env = stack.function_env()
+    if target == TO_TABLES:
+        env["ZSYNC_BENCH_OWNER_URL"] = stack.database_url
+        probe_flags = (*probe_flags, "--insert")
+        with psycopg.connect(stack.database_url, autocommit=True) as conn:
+            bodies = [insert_webhook(conn, bodies[0]), *bodies[1:]]
     path = tmp / f"{uuid.uuid4().hex}.jsonl"
     path.write_text("\n".join(bodies) + "\n")
     warm = ["--warm", str(len(bodies) - 1)] if len(bodies) > 1 else []
     t0 = time.time()
     done = subprocess.run([sys.executable, *python_flags, str(PROBE), target, str(path), *warm, *probe_flags],
-                          env=stack.function_env(), capture_output=True, text=True, timeout=300, check=False)
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("PROBE ")]
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"probe failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
@@ -159,10 +188,18 @@ def main(argv: list[str] | None = None) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="zsync-bench-cold-"))
     with running_stack(tmp / "stack", sweep_interval_s=3600) as stack:
+        # CPU, not Zapier's per-table rate limit (100 requests / 5 s), which back-to-back deliveries exceed:
+        # the local service's limiter off, as in bench/lag.py.
+        stack.tables.ctx.limiter = RateLimiter(None, RATE_WINDOW_S)
         run(stack, tmp, args.runs, args.warm)
 
 
 def run(stack: LocalStack, tmp: Path, runs: int = 5, warm: int = 400) -> list[Row]:
+    with webhook_trigger_off(stack):
+        return _run(stack, tmp, runs, warm)
+
+
+def _run(stack: LocalStack, tmp: Path, runs: int, warm: int) -> list[Row]:
     summary = report_cold(cold_starts(stack, tmp, runs))
     total, top = import_top(stack, tmp)
     print(f"  -X importtime, one more fresh {TO_SUPABASE} ({total:.0f} ms with importtime's own overhead), "

@@ -4,10 +4,13 @@ JSON timings on its last line. With ``--warm N`` it then answers N more deliveri
 the request thread's CPU per delivery (no I/O wait counted) and where the time went (parse, DB, Tables,
 log, the rest).
 
-    python bench/probe.py TARGET BODIES.jsonl [--warm N] [--lambda]
+    python bench/probe.py TARGET BODIES.jsonl [--warm N] [--lambda] [--insert]
 
 BODIES.jsonl: one JSON body per line (the first is the cold delivery). Settings come from ZSYNC_* as for a
-function process. Imports nothing of zsync before the function itself.
+function process. Imports nothing of zsync before the function itself. With ``--insert`` the warm bodies are
+Supabase webhooks whose record is first inserted for real (``insert_webhook``, as the owner
+``$ZSYNC_BENCH_OWNER_URL``), so a ``*_to_tables`` delivery takes the path a real webhook takes: the change
+is in the outbox and the function drains it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MAIN = REPO / "functions" / "main.py"
@@ -39,6 +43,22 @@ def _lambda_event(body: str) -> dict:
             "requestContext": {"http": {"method": "POST", "path": "/", "protocol": "HTTP/1.1",
                                         "sourceIp": "127.0.0.1", "userAgent": "bench"}},
             "body": body}
+
+
+def insert_webhook(conn: Any, template: str) -> str:
+    """Insert the template webhook's record as a Supabase client would (its triggers version it and capture it
+    in the outbox) and return the webhook Supabase sends for that insert: the stored row."""
+    hook = json.loads(template)
+    table, record = hook["table"], hook["record"]
+    cols = ", ".join(f'"{c}"' for c in record)
+    row = conn.execute(f'INSERT INTO public."{table}" AS t ({cols}) SELECT {cols} FROM '
+                       f'jsonb_populate_record(NULL::public."{table}", %s::jsonb) RETURNING to_jsonb(t)',
+                       (json.dumps(record),)).fetchone()[0]
+    return json.dumps(hook | {"record": row})
+
+
+def _no_insert(body: str) -> str:
+    return body
 
 
 class Breakdown:
@@ -119,6 +139,7 @@ def main() -> None:
     parser.add_argument("bodies", type=Path)
     parser.add_argument("--warm", type=int, default=0)
     parser.add_argument("--lambda", dest="via_lambda", action="store_true", help="through functions/lambda_adapter")
+    parser.add_argument("--insert", action="store_true", help="insert each warm webhook's record first")
     args = parser.parse_args()
     bodies = args.bodies.read_text().splitlines()
     sys.path.insert(0, str(REPO))
@@ -150,15 +171,26 @@ def main() -> None:
 
     if args.warm:
         warm = bodies[1:1 + args.warm]
+        prepare = _no_insert
+        if args.insert:  # after the cold answer: the function has imported psycopg already
+            import psycopg
+
+            owner = psycopg.connect(os.environ["ZSYNC_BENCH_OWNER_URL"], autocommit=True)
+
+            def prepare(body: str) -> str:
+                return insert_webhook(owner, body)
+
         half = len(warm) // 2
         cpu, statuses = [], []
-        for body in warm[:half]:  # CPU of the request thread, uninstrumented
+        for template in warm[:half]:  # CPU of the request thread, uninstrumented
+            body = prepare(template)  # before the clock starts
             c0 = time.thread_time()
             statuses.append(deliver(body))
             cpu.append(time.thread_time() - c0)
         breakdown = instrument()
         wall = []
-        for body in warm[half:]:  # where the wall time goes
+        for template in warm[half:]:  # where the wall time goes
+            body = prepare(template)
             w0 = time.perf_counter()
             statuses.append(deliver(body))
             wall.append(time.perf_counter() - w0)

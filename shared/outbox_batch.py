@@ -76,6 +76,7 @@ class _Plan:
     deletes: list[str] = field(default_factory=list)  # deleted (tombstone): the single delete path
     locked: int = 0  # claimed records another transaction was working on
     claimed: int = 0
+    entries: int = 0  # outbox entries behind the claimed records (claim_outbox's limit counts these)
     stopped: str | None = None  # why writes stopped early (budget): the rest stays pending
     requests: int = 0
 
@@ -281,6 +282,7 @@ def _drain_once(ctx: SyncContext, fn: FunctionSpec, limit: int, exclude: list[st
         plan = _Plan()
         claimed = supabase_db.claim_outbox(conn, spec, limit, exclude)
         plan.claimed = len(claimed)
+        plan.entries = sum(changes for _, changes, _ in claimed)
         owned = []
         for rid, _, captured in claimed:
             if supabase_db.try_lock_record(conn, spec, rid):
@@ -347,6 +349,10 @@ def drain_outbox(ctx: SyncContext, fn: FunctionSpec, *, origin: str = "live", li
             break
         if plan.claimed == 0:
             break
+        pushed_back = any(outcome is Outcome.SKIPPED_STALE for outcome, _ in plan.outcomes.values())
+        if plan.entries < limit and not plan.locked and not pushed_back:
+            break  # took every entry there was: no empty round (a change captured since has its own webhook,
+            # one held by another invocation is theirs; a push-back's own entry is taken by the next round)
         progressed = plan.outcomes or plan.failed or plan.gone or plan.deletes
         if not progressed:  # every claimed record was held by another invocation: wait for it a little
             idle_rounds += 1
