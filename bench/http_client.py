@@ -5,9 +5,9 @@
   delivery makes, against the local Tables service on 127.0.0.1 (keep-alive, rate limit off). The same
   client is measured with its :class:`shared.http_client.Pool` and with a ``requests.Session`` put in its
   place (``trust_env=False``, the urllib3 ``Retry`` mounted: what the client sent through before).
-* import: a fresh ``python -X importtime`` process loading ``functions/main.py`` as functions-framework
-  does (``create_app``), its total, and whether it imported ``requests``; and what ``import requests``
-  adds on top of urllib3 (what the functions no longer pay).
+* import: fresh ``python -X importtime`` processes loading ``functions/main.py`` as functions-framework
+  does (``create_app``) plus the Zapier clients a ``*_to_tables`` delivery imports; now, and with
+  ``requests`` imported too (what the clients imported before); whether ``requests`` got imported.
 
     python -m bench.http_client [--calls 500] [--rounds 3]
 """
@@ -87,23 +87,30 @@ print("requests" in sys.modules)
 """
 
 
-def import_times() -> dict[str, Any]:
-    """Cumulative import microseconds (of fresh processes) by top-level module."""
-    def run(code: str) -> tuple[dict[str, int], str]:
-        out = subprocess.run([sys.executable, "-X", "importtime", "-c", code], cwd=ROOT, capture_output=True,
-                             text=True, check=True)
-        top: dict[str, int] = {}
-        for line in out.stderr.splitlines():
-            if line.startswith("import time:") and "|" in line and "cumulative" not in line:
-                _, cumulative, name = (part.strip() for part in line.removeprefix("import time:").split("|"))
-                if not name.startswith(" ") and "." not in name:
-                    top[name] = top.get(name, 0) + int(cumulative)
-        return top, out.stdout.strip()
+def _import_run(code: str) -> tuple[float, str]:
+    """(sum of the top-level modules' cumulative import ms of a fresh process, its stdout)."""
+    out = subprocess.run([sys.executable, "-X", "importtime", "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True)
+    total = 0
+    for line in out.stderr.splitlines():
+        if line.startswith("import time:") and "cumulative" not in line:
+            _, cumulative, name = line.removeprefix("import time:").split("|")
+            if not name.startswith("  ") and "." not in name.strip():  # top level: no indent, no dot
+                total += int(cumulative)
+    return total / 1000, out.stdout.strip()
 
-    function, loaded = run(IMPORT_PROBE)
-    with_requests, _ = run("import urllib3, requests")
-    return {"function_ms": sum(function.values()) / 1000, "requests_loaded": loaded == "True",
-            "requests_ms": with_requests.get("requests", 0) / 1000}
+
+def import_times(runs: int) -> dict[str, Any]:
+    """The function's imports now, and with ``requests`` on top (what its first delivery imported before),
+    alternating fresh processes, medians."""
+    now, before, loaded = [], [], []
+    for _ in range(runs):
+        ms, out = _import_run(IMPORT_PROBE)
+        now.append(ms)
+        loaded.append(out == "True")
+        before.append(_import_run("import requests\n" + IMPORT_PROBE)[0])
+    return {"now_ms": statistics.median(now), "before_ms": statistics.median(before),
+            "requests_loaded": any(loaded)}
 
 
 def main() -> None:
@@ -140,11 +147,11 @@ def main() -> None:
     print(f"  requests.Session (before): {before:.3f} ms")
     print(f"  urllib3 Pool (now):        {after:.3f} ms   ratio now/before {after / before:.2f}, "
           f"saves {2 * (before - after):.3f} ms per delivery (2 calls)")
-    imports = import_times()
-    print("import (fresh process, python -X importtime, sum of top-level cumulative times):")
-    print(f"  functions/main.py via create_app + the Zapier clients: {imports['function_ms']:.1f} ms, "
-          f"requests imported: {imports['requests_loaded']}")
-    print(f"  import requests on top of urllib3 (what a function no longer pays): {imports['requests_ms']:.1f} ms")
+    imports = import_times(args.rounds)
+    print(f"imports of functions/main.py (create_app) + the Zapier clients, fresh process, -X importtime, "
+          f"median of {args.rounds}:")
+    print(f"  with requests (before): {imports['before_ms']:.1f} ms")
+    print(f"  now:                    {imports['now_ms']:.1f} ms   requests imported: {imports['requests_loaded']}")
 
 
 if __name__ == "__main__":
