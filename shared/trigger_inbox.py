@@ -9,7 +9,8 @@ section "Trigger inboxes"; the wire format follows ``@zapier/zapier-sdk`` (0.67.
 
 Authentication: :meth:`InboxClient.for_tables` shares the Zapier Tables client's OAuth client-credentials
 token provider (:class:`shared.zapier_tables.TokenSource`: one token per process, refreshed before expiry,
-fetched again once after a 401); any :class:`requests.auth.AuthBase` (e.g. :class:`BearerToken`) also works.
+fetched again once after a 401); any object with ``authorization()`` returning the header value (e.g.
+:class:`BearerToken`) also works. Requests go through :class:`shared.http_client.Pool` (urllib3 directly).
 
 Retries follow the SDK: 429/500/502/503/504 are retried for GET/PUT/DELETE, only 429 for POST/PATCH
 (a lease retried after a lost answer would lease other messages; the first lease's messages come back
@@ -21,14 +22,16 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
-import requests
-from requests.auth import AuthBase
 from urllib3.util.retry import Retry
 
+from shared.http_client import Auth, Pool, TransportError, json_of, text_of
 from shared.zapier_tables import TablesError, http_session
+
+if TYPE_CHECKING:
+    from urllib3.response import BaseHTTPResponse
 
 INBOX_PATH = "/api/v0/sdk/trigger-inbox/api/v1/inboxes"
 IMPLEMENTATIONS_PATH = "/api/v0/sdk/zapier/api/v4/implementations/"
@@ -71,30 +74,38 @@ class InboxProtocolError(InboxError):
     """A 2xx answer without the documented shape."""
 
 
-class BearerToken(AuthBase):
-    """``Authorization: Bearer <token>``; the token may be a string or a callable returning one."""
+class BearerToken:
+    """``Authorization: Bearer <token>``; the token may be a string or a callable returning one.
+
+    Also usable as a ``requests`` auth (``auth=BearerToken(...)``): calling it sets the header on a request."""
 
     def __init__(self, token: str | Any) -> None:
         self._token = token
 
-    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+    def authorization(self) -> str:
         token = self._token() if callable(self._token) else self._token
-        request.headers["Authorization"] = f"Bearer {token}"
+        return f"Bearer {token}"
+
+    def __call__(self, request: Any) -> Any:
+        request.headers["Authorization"] = self.authorization()
         return request
 
     def __repr__(self) -> str:
         return "<BearerToken ***>"
 
 
-class TokenSourceAuth(AuthBase):
+class TokenSourceAuth:
     """``Authorization: Bearer <token>`` from a token provider with ``get()``, ``invalidate()`` and
-    ``refreshable`` (:class:`shared.zapier_tables.TokenSource`)."""
+    ``refreshable`` (:class:`shared.zapier_tables.TokenSource`). Also usable as a ``requests`` auth."""
 
     def __init__(self, source: Any) -> None:
         self.source = source
 
-    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        request.headers["Authorization"] = f"Bearer {self.source.get()}"
+    def authorization(self) -> str:
+        return f"Bearer {self.source.get()}"
+
+    def __call__(self, request: Any) -> Any:
+        request.headers["Authorization"] = self.authorization()
         return request
 
     def __repr__(self) -> str:
@@ -110,7 +121,7 @@ class _SdkRetry(Retry):
         return super().is_retry(method, status_code, has_retry_after)
 
 
-def _session(origin: str, max_attempts: int, backoff_factor: float) -> requests.Session:
+def _session(origin: str, max_attempts: int, backoff_factor: float) -> Pool:
     retry = _SdkRetry(total=max(max_attempts - 1, 0), connect=None, read=None, status=None, other=0,
                       redirect=False, allowed_methods=None, status_forcelist=(429, 500, 502, 503, 504),
                       backoff_factor=backoff_factor, backoff_max=4.0, respect_retry_after_header=True,
@@ -201,7 +212,7 @@ class Lease:
 
 
 class InboxClient:
-    def __init__(self, base_url: str, auth: AuthBase, *, timeout_s: float = 10.0, max_attempts: int = 4,
+    def __init__(self, base_url: str, auth: Auth, *, timeout_s: float = 10.0, max_attempts: int = 4,
                  backoff_factor: float = 0.5) -> None:
         self.base_url = api_origin(base_url)
         self._auth = auth
@@ -321,51 +332,50 @@ class InboxClient:
         source = getattr(self._auth, "source", None)
         for attempt in (1, 2):
             try:
-                response = self._session.request(method, self.base_url + path, auth=self._auth,
-                                                 timeout=self._timeout_s, allow_redirects=False, **kwargs)
-            except requests.RequestException as exc:
-                raise InboxUnavailable(None, f"{what}: {type(exc).__name__}") from None
+                headers = {"Authorization": self._auth.authorization()}
+                response = self._session.request(method, self.base_url + path, headers=headers,
+                                                 timeout=self._timeout_s, **kwargs)
+            except TransportError as exc:
+                raise InboxUnavailable(None, f"{what}: {exc.cause}") from None
             except TablesError as exc:  # from the token provider (token endpoint down, credentials refused)
                 status = getattr(exc, "status", None)
                 kind = InboxUnavailable if status is None or status == 429 or status >= 500 else InboxError
                 raise kind(status, f"{what}: token: {exc}") from None
-            if response.status_code == 401 and attempt == 1 and getattr(source, "refreshable", False):
-                response.close()
+            if response.status == 401 and attempt == 1 and getattr(source, "refreshable", False):
                 source.invalidate()  # expired or revoked: fetch a new token once
                 continue
             return self._answer(response, what)
         raise AssertionError("unreachable")
 
     @staticmethod
-    def _answer(response: requests.Response, what: str) -> dict[str, Any]:
-        with response:
-            status = response.status_code
-            try:
-                data = response.json() if response.content else {}
-            except ValueError:
-                data = None
-            if 200 <= status < 300:
-                if status == 204:
-                    return {}
-                if not isinstance(data, dict):
-                    raise InboxProtocolError(status, f"{what}: answer is not a JSON object")
-                return data
-            text, code = _error_of(data, response)
-            message = f"{what}: {text}"
-            if status == 400 and code == "lease_expired":
-                raise LeaseExpired(status, message, code)
-            if status == 404:
-                raise InboxNotFound(status, message, code)
-            if status == 409:
-                paused = (data or {}).get("inbox_attributes", {}) if isinstance(data, dict) else {}
-                reason = paused.get("paused_reason") if isinstance(paused, dict) else None
-                raise InboxConflict(status, message + (f" (paused_reason: {reason})" if reason else ""), code)
-            if status == 429 or status >= 500:
-                raise InboxUnavailable(status, message, code)
-            raise InboxError(status, message, code)
+    def _answer(response: BaseHTTPResponse, what: str) -> dict[str, Any]:
+        status = response.status
+        try:
+            data = json_of(response) if response.data else {}
+        except ValueError:
+            data = None
+        if 200 <= status < 300:
+            if status == 204:
+                return {}
+            if not isinstance(data, dict):
+                raise InboxProtocolError(status, f"{what}: answer is not a JSON object")
+            return data
+        text, code = _error_of(data, response)
+        message = f"{what}: {text}"
+        if status == 400 and code == "lease_expired":
+            raise LeaseExpired(status, message, code)
+        if status == 404:
+            raise InboxNotFound(status, message, code)
+        if status == 409:
+            paused = (data or {}).get("inbox_attributes", {}) if isinstance(data, dict) else {}
+            reason = paused.get("paused_reason") if isinstance(paused, dict) else None
+            raise InboxConflict(status, message + (f" (paused_reason: {reason})" if reason else ""), code)
+        if status == 429 or status >= 500:
+            raise InboxUnavailable(status, message, code)
+        raise InboxError(status, message, code)
 
 
-def _error_of(data: Any, response: requests.Response) -> tuple[str, str | None]:
+def _error_of(data: Any, response: BaseHTTPResponse) -> tuple[str, str | None]:
     """The message and code of an error answer: ``{"errors": [{"code", "detail"}]}``, ``{"detail"}`` or
     ``{"error"}``."""
     if isinstance(data, dict):
@@ -376,7 +386,7 @@ def _error_of(data: Any, response: requests.Response) -> tuple[str, str | None]:
         for key in ("detail", "error"):
             if isinstance(data.get(key), str):
                 return data[key][:_MESSAGE_MAX], data.get("code")
-    return (response.text.strip() or response.reason or "no message")[:_MESSAGE_MAX], None
+    return (text_of(response).strip() or response.reason or "no message")[:_MESSAGE_MAX], None
 
 
 # --- payload -> record ---------------------------------------------------------------------------------

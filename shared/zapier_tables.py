@@ -33,7 +33,8 @@ revision) and maps names <-> ``f<n>``. A name the table lacks raises :class:`Tab
 
 Retries and the time budget
 ---------------------------
-Both writers use a ``requests.Session`` with a urllib3 :class:`Retry` mounted: a bounded number of
+Both writers send through :class:`shared.http_client.Pool` (urllib3 directly: keep-alive connections,
+proxy and CA settings read once) with a urllib3 :class:`Retry`: a bounded number of
 attempts (``max_attempts``), exponential backoff with jitter (``backoff_factor``, ``backoff_max``,
 ``backoff_jitter``), retries on connect errors, read timeouts and 429/500/502/503/504 for *all* methods
 (our writes are idempotent by design: callers find the record by its ``id`` field first), honouring
@@ -59,7 +60,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -67,15 +67,13 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
-import requests
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
-from requests.adapters import HTTPAdapter
-from requests.auth import AuthBase
-from requests.utils import get_environ_proxies
 from urllib3.exceptions import InvalidHeader, MaxRetryError, ResponseError
 from urllib3.util.retry import Retry
+
+from shared.http_client import Pool, TransportError, json_of, text_of
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -267,28 +265,11 @@ class RetryPolicy:
         )
 
 
-def http_session(retry: Retry, urls: Iterable[str]) -> requests.Session:
-    """A session retrying with ``retry`` that reads its environment once, for the ``urls`` it will call.
-
-    By default requests re-reads the proxy variables (``HTTPS_PROXY``, ``NO_PROXY``, ...), the CA-bundle
-    variables and ``~/.netrc`` on every request, which is most of its CPU per call. Here they are read when
-    the session is made: the proxy each URL's origin would get (``NO_PROXY`` honoured), keyed
-    ``scheme://host`` so other hosts go direct, and ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE``. Our own
-    auth replaces ``.netrc``. (A function's environment does not change while it runs.)
-    """
-    session = requests.Session()
-    session.trust_env = False
-    for url in urls:
-        parts = urlsplit(url)
-        found = get_environ_proxies(url)
-        proxy = found.get(parts.scheme) or found.get("all")
-        if proxy and parts.hostname:
-            session.proxies[f"{parts.scheme}://{parts.hostname}"] = proxy
-    session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
-    adapter = HTTPAdapter(max_retries=retry)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
+def http_session(retry: Retry, urls: Iterable[str]) -> Pool:
+    """A :class:`shared.http_client.Pool` retrying with ``retry`` for the ``urls`` it will call: the proxy
+    each URL's origin gets (``NO_PROXY`` honoured; other hosts go direct) and the CA bundle are read from
+    the environment once, when it is made. (A function's environment does not change while it runs.)"""
+    return Pool(retry, urls)
 
 
 _SHARED_DEADLINE: ContextVar[float | None] = ContextVar("zapier_tables_shared_deadline", default=None)
@@ -329,25 +310,25 @@ class _CallBudget:
 # --- response handling shared by both writers ----------------------------------------------------------
 
 
-def _error_text(response: requests.Response) -> str:
+def _error_text(response: BaseHTTPResponse) -> str:
     try:
-        payload = response.json()
+        payload = json_of(response)
     except ValueError:
         payload = None
     if isinstance(payload, dict) and isinstance(payload.get("error"), str):
         text = payload["error"]
     else:
-        text = response.text.strip() or response.reason or "no message"
+        text = text_of(response).strip() or response.reason or "no message"
     return text[:_MESSAGE_MAX]
 
 
-def _retry_after(response: requests.Response) -> float | None:
+def _retry_after(response: BaseHTTPResponse) -> float | None:
     value = response.headers.get("Retry-After", "").strip()
     return float(value) if value.isdigit() else None
 
 
-def _raise_for_status(response: requests.Response, what: str, elapsed_s: float) -> None:
-    status = response.status_code
+def _raise_for_status(response: BaseHTTPResponse, what: str, elapsed_s: float) -> None:
+    status = response.status
     if 200 <= status < 300:
         return
     text = f"{what}: {_error_text(response)}"
@@ -360,15 +341,9 @@ def _raise_for_status(response: requests.Response, what: str, elapsed_s: float) 
     raise TablesRejected(status, text)
 
 
-def _root_cause(exc: requests.RequestException) -> str:
+def _root_cause(exc: TransportError) -> str:
     """A short reason without URLs (a catch-hook URL is a credential)."""
-    cause: BaseException = exc
-    arg = exc.args[0] if exc.args else None
-    if isinstance(arg, MaxRetryError) and arg.reason is not None:
-        cause = arg.reason
-    elif isinstance(arg, BaseException):
-        cause = arg
-    return type(cause).__name__
+    return exc.cause
 
 
 def _check_json(fields: Mapping[str, Any]) -> None:
@@ -416,6 +391,7 @@ class TokenSource:
         self._client_id, self._client_secret = client_id, client_secret
         self.token_url = token_url
         self._timeout_s = timeout_s
+        self._pool: Pool | None = None  # made at the first fetch (a static token never needs it)
         self.fetches = 0
 
     @property
@@ -437,6 +413,11 @@ class TokenSource:
             _TOKENS[key] = cached
             return cached.value
 
+    def close(self) -> None:
+        """Drop the token endpoint's connections (the pool reconnects if a fetch follows)."""
+        if self._pool is not None:
+            self._pool.close()
+
     def invalidate(self) -> None:
         if self._static is None:
             with _TOKENS_LOCK:
@@ -446,32 +427,35 @@ class TokenSource:
         self.fetches += 1
         form = {"grant_type": "client_credentials", "client_id": self._client_id,
                 "client_secret": self._client_secret, "scope": "external", "audience": "zapier.com"}
+        if self._pool is None:
+            self._pool = Pool(Retry(0, read=False, redirect=False), [self.token_url])  # one attempt, as before
         try:
-            response = requests.post(self.token_url, data=form, timeout=self._timeout_s, allow_redirects=False)
-        except requests.RequestException as exc:
+            response = self._pool.request("POST", self.token_url, form=form, timeout=self._timeout_s)
+        except TransportError as exc:
             raise TablesUnavailable(None, f"token endpoint: {_root_cause(exc)}") from None
-        if response.status_code in (400, 401, 403):
-            raise TablesAuthError(response.status_code, "token endpoint refused the client credentials "
+        if response.status in (400, 401, 403):
+            raise TablesAuthError(response.status, "token endpoint refused the client credentials "
                                   "(check ZSYNC_ZAPIER_CLIENT_ID / ZSYNC_ZAPIER_CLIENT_SECRET)")
         _raise_for_status(response, "token endpoint", 0.0)
         try:
-            payload = response.json()
+            payload = json_of(response)
             token = payload["access_token"]
             expires_in = float(payload.get("expires_in") or DEFAULT_TOKEN_TTL_S)
         except (ValueError, KeyError, TypeError):
-            raise TablesProtocolError(response.status_code, "token endpoint: no access_token in the answer") from None
+            raise TablesProtocolError(response.status, "token endpoint: no access_token in the answer") from None
         if not isinstance(token, str) or not token:
-            raise TablesProtocolError(response.status_code, "token endpoint: access_token is not a string")
+            raise TablesProtocolError(response.status, "token endpoint: access_token is not a string")
         return _CachedToken(token, time.monotonic() + expires_in)
 
 
-class _TokenAuth(AuthBase):
+class _TokenAuth:
+    """The ``Authorization`` header of a :class:`TokenSource` (see :class:`shared.http_client.Auth`)."""
+
     def __init__(self, source: TokenSource) -> None:
         self._source = source
 
-    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        request.headers["Authorization"] = f"Bearer {self._source.get()}"
-        return request
+    def authorization(self) -> str:
+        return f"Bearer {self._source.get()}"
 
     def __repr__(self) -> str:
         return "<TokenAuth ***>"
@@ -534,7 +518,7 @@ class TablesClient:
             token_url=token_url or DEFAULT_TOKEN_URL, timeout_s=timeout_s,
         )
         self._session = http_session((retry or RetryPolicy()).build(), [self.base_url])
-        self._session.auth = _TokenAuth(self.tokens)
+        self._auth = _TokenAuth(self.tokens)
         self._maps: dict[str, FieldMap] = {}
         self._maps_lock = threading.Lock()
 
@@ -549,6 +533,7 @@ class TablesClient:
 
     def close(self) -> None:
         self._session.close()
+        self.tokens.close()
 
     # -- tables and fields (setup, doctor) --
 
@@ -792,14 +777,14 @@ class TablesClient:
                         self.base_url + path,
                         params=params,
                         json=body,
+                        headers={"Authorization": self._auth.authorization()},
                         timeout=self.timeout_s,
-                        allow_redirects=False,
                     )
-                except requests.RequestException as exc:
+                except TransportError as exc:
                     raise TablesUnavailable(
                         None, f"{what}: {_root_cause(exc)} (gave up after {budget.elapsed():.1f}s)"
                     ) from None
-                if response.status_code == 401 and attempt == 1 and self.tokens.refreshable:
+                if response.status == 401 and attempt == 1 and self.tokens.refreshable:
                     self.tokens.invalidate()  # expired or revoked: fetch a new token once
                     continue
                 _raise_for_status(response, what, budget.elapsed())
@@ -807,15 +792,15 @@ class TablesClient:
         raise AssertionError("unreachable")
 
     @staticmethod
-    def _json(response: requests.Response, what: str) -> dict[str, Any]:
-        if response.status_code == 204 or not response.content:
+    def _json(response: BaseHTTPResponse, what: str) -> dict[str, Any]:
+        if response.status == 204 or not response.data:
             return {}
         try:
-            payload = response.json()
+            payload = json_of(response)
         except ValueError:
-            raise TablesProtocolError(response.status_code, f"{what}: response is not JSON") from None
+            raise TablesProtocolError(response.status, f"{what}: response is not JSON") from None
         if not isinstance(payload, dict):
-            raise TablesProtocolError(response.status_code, f"{what}: response is not a JSON object")
+            raise TablesProtocolError(response.status, f"{what}: response is not a JSON object")
         return payload
 
 
@@ -883,8 +868,8 @@ class CatchHookWriter:
         what = f"catch hook for {table_name}"
         with _CallBudget(self.retry_budget_s, self.timeout_s) as budget:
             try:
-                response = self._session.post(url, json=dict(fields), timeout=self.timeout_s, allow_redirects=False)
-            except requests.RequestException as exc:
+                response = self._session.request("POST", url, json=dict(fields), timeout=self.timeout_s)
+            except TransportError as exc:
                 raise TablesUnavailable(
                     None, f"{what}: {_root_cause(exc)} (gave up after {budget.elapsed():.1f}s)"
                 ) from None
