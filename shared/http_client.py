@@ -9,7 +9,7 @@ while it runs):
 
 * proxies: ``<scheme>_proxy`` / ``ALL_PROXY`` (lower case first, as curl and requests do) for the origins
   the pool will call, unless ``NO_PROXY`` names the host (``*``, a domain and its subdomains, an optional
-  ``:port``, or an IP network such as ``10.0.0.0/8``). An origin with a proxy goes through a
+  ``:port``; read by :mod:`urllib.request`). An origin with a proxy goes through a
   ``ProxyManager`` (``CONNECT`` tunnel for https), every other URL directly;
 * the CA bundle: ``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE`` or ``SSL_CERT_FILE`` (a file or a directory),
   else certifi's bundle when installed (what requests used), else the system store.
@@ -23,12 +23,12 @@ name of the underlying error without any URL (hook URLs are credentials).
 
 from __future__ import annotations
 
-import ipaddress
 import json as jsonlib
 import os
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote, urlencode, urlsplit
+from urllib.request import getproxies_environment, proxy_bypass_environment
 
 import urllib3
 from urllib3.exceptions import HTTPError, MaxRetryError
@@ -60,48 +60,16 @@ class Auth(Protocol):
 # --- environment -----------------------------------------------------------------------------------------
 
 
-def _env(name: str) -> str | None:
-    return os.environ.get(name.lower()) or os.environ.get(name.upper()) or None
-
-
-def _no_proxy_match(host: str, port: int | None, entries: Iterable[str]) -> bool:
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        address = None
-    for raw in entries:
-        entry = raw.strip().lower()
-        if not entry:
-            continue
-        if entry == "*":
-            return True
-        if address is not None:
-            try:
-                if address in ipaddress.ip_network(entry, strict=False):
-                    return True
-                continue
-            except ValueError:
-                pass
-        name, _, entry_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
-        if entry_port and (not entry_port.isdigit() or port != int(entry_port)):
-            continue
-        name = name.lstrip("*").lstrip(".")
-        if host == name or host.endswith("." + name):
-            return True
-    return False
-
-
 def environ_proxy(url: str) -> str | None:
-    """The proxy the environment names for ``url`` (``None``: go direct, e.g. because of ``NO_PROXY``)."""
+    """The proxy the environment names for ``url`` (``None``: go direct, e.g. because of ``NO_PROXY``),
+    read by the standard library as curl reads it: ``<scheme>_proxy`` (lower case first), ``ALL_PROXY``,
+    and ``NO_PROXY`` (``*``, a host and its subdomains, an optional ``:port``)."""
     parts = urlsplit(url)
-    host = (parts.hostname or "").lower()
-    if not host:
+    if not parts.hostname:
         return None
-    proxy = _env(f"{parts.scheme}_proxy") or _env("all_proxy")
-    if not proxy:
-        return None
-    no_proxy = _env("no_proxy")
-    if no_proxy and _no_proxy_match(host, parts.port, no_proxy.replace(" ", ",").split(",")):
+    proxies = getproxies_environment()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy or proxy_bypass_environment(parts.netloc.rpartition("@")[2], proxies):
         return None
     return proxy if "://" in proxy else f"http://{proxy}"
 
