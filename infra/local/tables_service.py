@@ -1324,11 +1324,12 @@ class _KeepAliveServer:
         sockets = self.server._map  # waitress keeps its channels in the server's socket map
         while not self._stopping.is_set():
             wasyncore.loop(timeout=0.05, map=sockets, count=1)
+        # Workers first: a finishing request wakes the loop through the trigger, which must still be open.
+        self.server.task_dispatcher.shutdown(timeout=2)
         for channel in list(sockets.values()):
             if channel is not self.server:
                 channel.handle_close()  # an open connection, or waitress's wake-up trigger
         self.server.close()
-        self.server.task_dispatcher.shutdown(timeout=5)
 
     def stop(self) -> None:
         self._stopping.set()
