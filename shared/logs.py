@@ -19,6 +19,7 @@ logs through the API.
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import sys
@@ -126,10 +127,16 @@ def get_logger(function_name: str) -> logging.Logger:
     return logger
 
 
+@functools.cache
+def _loggable(name: str) -> bool:
+    """A field name that does not look like a secret's (checked once per name)."""
+    return not any(word in name.lower() for word in _SECRET_WORDS)
+
+
 def log_event(logger: logging.Logger, level: int, event: str, **fields: Any) -> None:
     """Log ``event`` with ``fields`` as JSON fields of the same line, attributed to the caller."""
     for name in fields:
-        if any(word in name.lower() for word in _SECRET_WORDS):
+        if not _loggable(name):
             raise ValueError(f"refusing to log a field named {name!r}")
     logger.log(level, event, extra={"json_fields": {"event": event, **fields}}, stacklevel=2)
 
