@@ -26,7 +26,8 @@ then pushed back. Run on an empty side, reconcile is the initial backfill.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -42,10 +43,9 @@ from shared.mapping import (
     normalize_timestamp,
     parse_supabase_record,
     parse_tables_record,
-    row_to_json,
     to_tables_fields,
 )
-from shared.spec import FUNCTIONS, TABLES, Direction, TableSpec
+from shared.spec import FUNCTIONS, TABLES, Direction, Kind, TableSpec
 from shared.sync import SyncContext
 from shared.tables_trash import deletes_checked
 from shared.zapier_tables import BATCH_MAX, Record, TablesError
@@ -115,10 +115,6 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start:start + size]
 
 
-def _jsonb_array(items: Iterable[str]) -> str:
-    return "[" + ",".join(items) + "]"
-
-
 def compare_many(conn: psycopg.Connection, spec: TableSpec, pairs: Sequence[tuple[dict, dict]]) -> list[int]:
     """``zsync.version_cmp(a, b)`` for many pairs, one set-based query per batch (zsync.version_cmp_many):
     1 a newer, 0 same, -1 older."""
@@ -136,10 +132,17 @@ def apply_many(conn: psycopg.Connection, spec: TableSpec, rows: Sequence[dict]) 
 
 
 def append_audit_many(conn: psycopg.Connection, entries: Sequence[dict]) -> int:
-    if not entries:
-        return 0
-    return conn.execute("SELECT count(*) FILTER (WHERE zsync.append_audit(e)) FROM jsonb_array_elements(%s::jsonb) e",
-                        (_jsonb_array(row_to_json(e) for e in entries),)).fetchone()[0]
+    """zsync.append_audit of each entry, set-based (zsync.append_audit_many). -> how many were inserted."""
+    return supabase_db.append_audit_many(conn, list(entries))
+
+
+def _identical(json_fields: tuple[str, ...], a: dict, b: dict) -> bool:
+    """``row_to_json(a) == row_to_json(b)``, cheaper: parsed rows of one table hold the same field types
+    (text, int, UTC datetime, list of text) except floats (``0.0 == -0.0``) and JSON values, where ``1``,
+    ``1.0`` and ``true`` are equal in Python but not the same JSON: those are compared as JSON text."""
+    if a != b:
+        return False
+    return all(a[f] is None or json.dumps(a[f]) == json.dumps(b[f]) for f in json_fields)
 
 
 def _synced_entry(spec: TableSpec, direction: Direction, row: dict, now: datetime,
@@ -185,7 +188,7 @@ class _Reconciler:
             data.setdefault("id", record.id)  # what the Zap trigger sends (see tables_service.trigger_payload)
             try:
                 received = normalize_timestamp(record.edited_at) if record.edited_at else None
-                row = parse_tables_record(spec, data, received_at=received)
+                row = parse_tables_record(spec, data, received_at=received, fast=True)
             except (InvalidRecord, ValueError):
                 rid = data.get("id")
                 if isinstance(rid, str) and rid:
@@ -249,7 +252,7 @@ class _Reconciler:
         parsed: dict[str, dict] = {}
         for r in self.ctx.db.run(work):
             try:
-                parsed[r["id"]] = parse_supabase_record(spec, r)
+                parsed[r["id"]] = parse_supabase_record(spec, r, fast=True)
             except InvalidRecord as exc:  # refused by the functions too: parked, repaired by hand
                 self.unreadable_in_supabase.setdefault(spec.name, {})[r["id"]] = str(exc)[:200]
         return parsed
@@ -319,7 +322,8 @@ class _Reconciler:
                 pairs.append((rid, t_row, s_row))
         report.compared = len(scope)
         # Identical rows are the same version (version_cmp of equal inputs is 0): only the others go to SQL.
-        differing = [p for p in pairs if row_to_json(p[1]) != row_to_json(p[2])]
+        json_fields = spec.fields_of(Kind.JSON) + spec.fields_of(Kind.FLOAT)
+        differing = [p for p in pairs if not _identical(json_fields, p[1], p[2])]
         report.in_sync += len(pairs) - len(differing)
         cmps = self.ctx.db.run(lambda conn: compare_many(conn, spec, [(t, s) for _, t, s in differing]))
         for (rid, t_row, s_row), cmp in zip(differing, cmps, strict=True):
@@ -335,12 +339,34 @@ class _Reconciler:
             return
         if trashed:  # before the creates: a Supabase row newer than the Tables delete is re-created there
             creates += self._tables_deletes(spec, trashed, side.trashed, report)
+        # The two directions touch disjoint ids: Supabase's batches run in a second thread (its time is
+        # spent in Postgres) while this one writes to Tables; each keeps its own counts, merged after.
+        deleted: list[str] = []
+        failed: list[BaseException] = []
+        sub = TableReport(spec.name)
+        worker = None
         if to_supabase:
-            deleted = self._to_supabase(spec, to_supabase, report)
-            if deleted:  # deleted in Supabase (tombstone as new or newer): delete the Tables copy instead
-                self._delete_copies(spec, [side.record_ids[i] for i in deleted if i in side.record_ids], report)
-        if creates or updates:
-            self._to_tables(spec, creates, updates, report)
+            def to_supabase_side() -> None:
+                try:
+                    deleted.extend(self._to_supabase(spec, to_supabase, sub))
+                except BaseException as exc:  # raised again in this thread below
+                    failed.append(exc)
+
+            worker = threading.Thread(target=to_supabase_side, name=f"reconcile-{spec.name}-supabase", daemon=True)
+            worker.start()
+        try:
+            if creates or updates:
+                self._to_tables(spec, creates, updates, report)
+        finally:
+            if worker is not None:
+                worker.join()
+            report.repaired += sub.repaired
+            report.unresolved += sub.unresolved
+            report.errors += sub.errors
+        if failed:
+            raise failed[0]
+        if deleted:  # deleted in Supabase (tombstone as new or newer): delete the Tables copy instead
+            self._delete_copies(spec, [side.record_ids[i] for i in deleted if i in side.record_ids], report)
 
     # -- repairs --
 
@@ -462,10 +488,8 @@ class _Reconciler:
 
     @staticmethod
     def _ack(conn: psycopg.Connection, spec: TableSpec, rows: Sequence[dict]) -> None:
-        doc = json.dumps([{"id": r["id"], "v": r[spec.version].isoformat() if r.get(spec.version or "") else None}
-                          for r in rows])
-        conn.execute("SELECT count(zsync.ack_outbox(%s, x->>'id', (x->>'v')::timestamptz, 'applied')) "
-                     "FROM jsonb_array_elements(%s::jsonb) x", (spec.name, doc))
+        supabase_db.ack_outbox_set(conn, spec, [(r["id"], r.get(spec.version) if spec.version else None, "applied")
+                                                for r in rows])
 
     def _remove(self, spec: TableSpec, record_ids: list[str], report: TableReport) -> None:
         table_id = self.ctx.table_id(spec)

@@ -290,3 +290,14 @@ def announce_many(conn: psycopg.Connection, spec: TableSpec, items: list[tuple[s
     payload = json.dumps([{"id": rid, "op": op} for rid, op in items])
     return conn.execute("SELECT count(*) FILTER (WHERE zsync.requeue(%s, x.id, x.op)) "
                         "FROM jsonb_to_recordset(%s::jsonb) AS x(id text, op text)", (spec.name, payload)).fetchone()[0]
+
+
+def ack_outbox_set(conn: psycopg.Connection, spec: TableSpec,
+                   acks: list[tuple[str, datetime | None, str]]) -> int:
+    """:func:`ack_outbox` for many ``(record id, version, outcome)`` in one set-based statement, with exactly
+    its rule (waits for an entry another transaction holds, like it; zsync.ack_outbox_set)."""
+    if not acks:
+        return 0
+    payload = json.dumps([{"record_id": rid, "updated_at": ts.isoformat() if ts else None, "outcome": outcome}
+                          for rid, ts, outcome in acks])
+    return conn.execute("SELECT zsync.ack_outbox_set(%s, %s::jsonb)", (spec.name, payload)).fetchone()[0]
