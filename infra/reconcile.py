@@ -25,12 +25,15 @@ then pushed back. Run on an empty side, reconcile is the initial backfill.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import queue
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import psycopg
 from psycopg_pool import PoolTimeout
@@ -55,6 +58,7 @@ COMPARE_BATCH = 1000
 SUPABASE_BATCH = 1000  # rows per zsync.sync_apply_many call (one transaction)
 VIA = "reconcile"
 DB_ERRORS = (supabase_db.DatabaseUnavailable, psycopg.Error, PoolTimeout)
+T = TypeVar("T")
 
 
 @dataclass
@@ -77,6 +81,7 @@ class TableReport:
     trashed_in_tables: int = 0  # Supabase rows whose Tables copy is only in the Tables trash: deleted in Tables
     deleted_in_supabase: int = 0  # of those, deleted in Supabase (the others were newer there: re-created)
     errors: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # wall seconds per phase (see _Reconciler.table)
 
     @property
     def drift(self) -> int:
@@ -108,6 +113,64 @@ class _TablesSide:
     unreadable: dict[str, str] = field(default_factory=dict)  # id -> record id of an unparseable record
     duplicates: list[str] = field(default_factory=list)  # record ids to remove
     trashed: dict[str, datetime] = field(default_factory=dict)  # id only in the Tables trash -> latest deleted_at
+
+
+class _Background(Generic[T]):
+    """``fn()`` in a daemon thread; :meth:`result` waits and returns its value or raises its exception."""
+
+    def __init__(self, fn: Callable[[], T], name: str) -> None:
+        self._value: list[T] = []
+        self._error: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                self._value.append(fn())
+            except BaseException as exc:  # handed to the caller by result()
+                self._error.append(exc)
+
+        self._thread = threading.Thread(target=target, name=name, daemon=True)
+        self._thread.start()
+
+    def result(self) -> T:
+        self._thread.join()
+        if self._error:
+            raise self._error[0]
+        return self._value[0]
+
+
+def _prefetched(records: Iterator[Record], page: int, name: str) -> Iterator[Record]:
+    """``records``, read ahead a page at a time in a second thread (the next page is on its way over HTTP
+    while this one is parsed). Errors are raised where the records stop."""
+    pages: queue.Queue[list[Record] | BaseException | None] = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            batch: list[Record] = []
+            for record in records:
+                batch.append(record)
+                if len(batch) >= page:
+                    pages.put(batch)
+                    batch = []
+                    if stop.is_set():
+                        return
+            pages.put(batch)
+            pages.put(None)
+        except BaseException as exc:  # raised in the consumer
+            pages.put(exc)
+
+    thread = threading.Thread(target=produce, name=name, daemon=True)
+    thread.start()
+    try:
+        while (item := pages.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield from item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue, then let it finish
+            with contextlib.suppress(queue.Empty):
+                pages.get(timeout=0.05)
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -183,7 +246,8 @@ class _Reconciler:
         side = _TablesSide()
         task = self._task(f"{spec.name}: reading Zapier Tables")
         by_id: dict[str, list[tuple[Record, dict]]] = {}
-        for record in self.ctx.tables.iter_records(self.ctx.table_id(spec), page_size=PAGE_SIZE):
+        records = self.ctx.tables.iter_records(self.ctx.table_id(spec), page_size=PAGE_SIZE)
+        for record in _prefetched(records, PAGE_SIZE, f"reconcile-{spec.name}-tables-read"):
             data = dict(record.data)
             data.setdefault("id", record.id)  # what the Zap trigger sends (see tables_service.trigger_payload)
             try:
@@ -238,10 +302,16 @@ class _Reconciler:
                 side.rows[key], side.record_ids[key] = keep[1], keep[0].id
                 side.duplicates += [r.id for r, _ in found if r.id != keep[0].id]
 
-    def read_supabase(self, spec: TableSpec, extra_ids: Sequence[str]) -> dict[str, dict]:
-        """Rows changed since ``since`` (all without it) plus the rows of ``extra_ids``, parsed."""
+    def fetch_supabase(self, spec: TableSpec) -> _Background[list[dict]]:
+        """Rows changed since ``since`` (all without it), read in a second thread while Tables is read."""
+        return _Background(lambda: self.ctx.db.run(lambda conn: supabase_db.fetch_rows(conn, spec, self.since)),
+                           f"reconcile-{spec.name}-supabase-read")
+
+    def read_supabase(self, spec: TableSpec, extra_ids: Sequence[str], fetched: _Background[list[dict]]
+                      ) -> dict[str, dict]:
+        """The rows of :meth:`fetch_supabase` plus the rows of ``extra_ids``, parsed."""
         def work(conn: psycopg.Connection) -> list[dict]:
-            rows = supabase_db.fetch_rows(conn, spec, self.since)
+            rows = fetched.result()
             have = {r["id"] for r in rows}
             wanted = [i for i in extra_ids if i not in have]
             if wanted:
@@ -261,15 +331,21 @@ class _Reconciler:
 
     def table(self, spec: TableSpec) -> TableReport:
         report = TableReport(spec.name)
+        fetched = None if spec.append_only else self.fetch_supabase(spec)
         try:
+            started = time.perf_counter()
             tables_side = self.read_tables(spec, report)
+            report.timings["read_tables"] = time.perf_counter() - started
         except TablesError as exc:
             report.errors.append(f"reading Zapier Tables: {exc}")
+            if fetched is not None:
+                with contextlib.suppress(DB_ERRORS):
+                    fetched.result()
             return report
-        if spec.append_only:
+        if fetched is None:
             self._append_only(spec, tables_side, report)
         else:
-            self._versioned(spec, tables_side, report)
+            self._versioned(spec, tables_side, report, fetched)
         if tables_side.duplicates and not self.dry_run:
             self._remove(spec, tables_side.duplicates, report)
         return report
@@ -288,10 +364,13 @@ class _Reconciler:
         if missing and not self.dry_run:
             self._to_supabase(spec, missing, report)
 
-    def _versioned(self, spec: TableSpec, side: _TablesSide, report: TableReport) -> None:
+    def _versioned(self, spec: TableSpec, side: _TablesSide, report: TableReport,
+                   fetched: _Background[list[dict]]) -> None:
         t_scope = [i for i, r in side.rows.items() if _in_scope(spec, r, self.since)]
         try:
-            supa = self.read_supabase(spec, t_scope + list(side.unreadable))
+            started = time.perf_counter()
+            supa = self.read_supabase(spec, t_scope + list(side.unreadable), fetched)
+            report.timings["read_supabase"] = time.perf_counter() - started  # what was left after Tables
         except DB_ERRORS as exc:
             report.errors.append(f"reading Supabase: {type(exc).__name__}")
             return
@@ -326,6 +405,7 @@ class _Reconciler:
         differing = [p for p in pairs if not _identical(json_fields, p[1], p[2])]
         report.in_sync += len(pairs) - len(differing)
         cmps = self.ctx.db.run(lambda conn: compare_many(conn, spec, [(t, s) for _, t, s in differing]))
+        report.timings["compare"] = time.perf_counter() - started - report.timings["read_supabase"]
         for (rid, t_row, s_row), cmp in zip(differing, cmps, strict=True):
             if cmp > 0:
                 to_supabase.append(t_row)
@@ -337,6 +417,7 @@ class _Reconciler:
                 report.in_sync += 1
         if self.dry_run:
             return
+        started = time.perf_counter()
         if trashed:  # before the creates: a Supabase row newer than the Tables delete is re-created there
             creates += self._tables_deletes(spec, trashed, side.trashed, report)
         # The two directions touch disjoint ids: Supabase's batches run in a second thread (its time is
@@ -348,7 +429,9 @@ class _Reconciler:
         if to_supabase:
             def to_supabase_side() -> None:
                 try:
+                    began = time.perf_counter()
                     deleted.extend(self._to_supabase(spec, to_supabase, sub))
+                    sub.timings["to_supabase"] = time.perf_counter() - began
                 except BaseException as exc:  # raised again in this thread below
                     failed.append(exc)
 
@@ -365,6 +448,8 @@ class _Reconciler:
             report.errors += sub.errors
         if failed:
             raise failed[0]
+        report.timings["repair"] = time.perf_counter() - started
+        report.timings["to_supabase"] = sub.timings.get("to_supabase", 0.0)
         if deleted:  # deleted in Supabase (tombstone as new or newer): delete the Tables copy instead
             self._delete_copies(spec, [side.record_ids[i] for i in deleted if i in side.record_ids], report)
 
