@@ -249,6 +249,7 @@ def run(n: int = 20_000, apply_n: int = 2000, rate_limit: bool = True) -> Summar
         print(f"  {label}: {r.elapsed:.1f} s, compared {r.report.compared:,}, repaired {r.report.repaired:,}, "
               f"unresolved {r.report.unresolved}, errors {r.report.errors}, in sync after: {r.in_sync_after}, "
               f"Tables requests {r.requests:,}")
+        print("      phases (wall s): " + ", ".join(f"{k} {v:.1f}" for k, v in r.report.timings.items()))
     print(f"  (a) reconcile {rate:,.0f} records/s vs raw batched upsert {raw:,.0f} rows/s = {rate / raw:.0%} "
           f"(goal >= 50 %)")
     summary.append((f"reconcile {n:,} rec/s vs raw upsert", f"{rate:,.0f} vs {raw:,.0f} = {rate / raw:.0%}",

@@ -51,11 +51,12 @@ from shared.mapping import (
 from shared.spec import FUNCTIONS, TABLES, Direction, Kind, TableSpec
 from shared.sync import SyncContext
 from shared.tables_trash import deletes_checked
-from shared.zapier_tables import BATCH_MAX, Record, TablesError
+from shared.zapier_tables import BATCH_MAX, Record, TablesClient, TablesError, client_from_settings
 
 PAGE_SIZE = 1000  # the query endpoint's maximum page
 COMPARE_BATCH = 1000
 SUPABASE_BATCH = 1000  # rows per zsync.sync_apply_many call (one transaction)
+PIPELINE_MIN_BATCHES = 8  # Tables write batches from which a second writer (one more client) pays off
 VIA = "reconcile"
 DB_ERRORS = (supabase_db.DatabaseUnavailable, psycopg.Error, PoolTimeout)
 T = TypeVar("T")
@@ -184,6 +185,33 @@ def compare_many(conn: psycopg.Connection, spec: TableSpec, pairs: Sequence[tupl
     out: list[int] = []
     for chunk in _chunks(pairs, COMPARE_BATCH):
         out += supabase_db.version_cmp_many(conn, spec, list(chunk))
+    return out
+
+
+def _version_ms(spec: TableSpec, row: dict) -> datetime | None:
+    """The time part of zsync.version_of: the version column at millisecond precision (None: -infinity)."""
+    ts = row.get(spec.version) if spec.version else None
+    return ts.replace(microsecond=ts.microsecond - ts.microsecond % 1000) if ts is not None else None
+
+
+def compare_versions(conn: psycopg.Connection, spec: TableSpec, pairs: Sequence[tuple[dict, dict]]) -> list[int]:
+    """:func:`compare_many` for pairs that differ: a version is (``updated_at`` at millisecond precision,
+    content hash), compared in that order, so when the times differ the later one wins whatever the
+    hashes; only pairs with equal times (the hash decides) go to ``zsync.version_cmp_many``."""
+    out: list[int] = []
+    tied: list[int] = []
+    for i, (a, b) in enumerate(pairs):
+        ta, tb = _version_ms(spec, a), _version_ms(spec, b)
+        if ta == tb:
+            tied.append(i)
+            out.append(0)
+        elif tb is None or (ta is not None and ta > tb):
+            out.append(1)
+        else:
+            out.append(-1)
+    if tied:
+        for i, cmp in zip(tied, compare_many(conn, spec, [pairs[i] for i in tied]), strict=True):
+            out[i] = cmp
     return out
 
 
@@ -404,7 +432,7 @@ class _Reconciler:
         json_fields = spec.fields_of(Kind.JSON) + spec.fields_of(Kind.FLOAT)
         differing = [p for p in pairs if not _identical(json_fields, p[1], p[2])]
         report.in_sync += len(pairs) - len(differing)
-        cmps = self.ctx.db.run(lambda conn: compare_many(conn, spec, [(t, s) for _, t, s in differing]))
+        cmps = self.ctx.db.run(lambda conn: compare_versions(conn, spec, [(t, s) for _, t, s in differing]))
         report.timings["compare"] = time.perf_counter() - started - report.timings["read_supabase"]
         for (rid, t_row, s_row), cmp in zip(differing, cmps, strict=True):
             if cmp > 0:
@@ -542,34 +570,71 @@ class _Reconciler:
 
     def _to_tables(self, spec: TableSpec, creates: list[dict], updates: list[tuple[str, dict]],
                    report: TableReport) -> None:
+        """Batches of :data:`BATCH_MAX`, each in its own transaction: per-record advisory locks (as the
+        ``*_to_tables`` functions take), the Tables write, the audit entries, the outbox ack. With many
+        batches a second writer (its own client) sends one while the other records its previous one, so
+        our database work overlaps Zapier's answer time; the first failure stops both (a rerun resumes)."""
         table_id = self.ctx.table_id(spec)
         task = self._task(f"{spec.name}: -> Zapier Tables", total=len(creates) + len(updates))
         batches: list[tuple[str, Sequence[Any]]] = [("create", c) for c in _chunks(creates, BATCH_MAX)]
         batches += [("update", c) for c in _chunks(updates, BATCH_MAX)]
-        for index, (kind, chunk) in enumerate(batches):
+        pending = iter(range(len(batches)))
+        lock = threading.Lock()
+        stopped = threading.Event()
+
+        def write(client: TablesClient, kind: str, chunk: Sequence[Any]) -> None:
             rows = list(chunk) if kind == "create" else [row for _, row in chunk]
-            try:
-                # Not retried as a whole (a create must not run twice); the HTTP calls retry themselves.
-                with self.ctx.db.transaction() as conn:
-                    ids = sorted(r["id"] for r in rows)
-                    conn.execute("SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0))) "
-                                 "FROM (SELECT unnest(%s::text[]) AS k ORDER BY 1) s",
-                                 ([f"{spec.name}:{i}" for i in ids],))
-                    if kind == "create":
-                        self.ctx.tables.create_many(table_id, [to_tables_fields(spec, r) for r in rows])
-                    else:
-                        self.ctx.tables.update_many(table_id, [(rid, to_tables_fields(spec, r)) for rid, r in chunk])
-                    now = datetime.now(UTC)
-                    append_audit_many(conn, [_synced_entry(spec, Direction.TO_TABLES, r, now) for r in rows])
-                    self._ack(conn, spec, rows)
-            except (TablesError, *DB_ERRORS) as exc:
-                left = sum(len(c) for _, c in batches[index:])
-                report.errors.append(f"Tables {kind} batch of {len(chunk)}: {type(exc).__name__}: {str(exc)[:200]}")
-                report.unresolved += left
-                self._advance(task, left)
-                return  # a dependency is failing: stop this table's repairs, a rerun resumes
-            report.repaired += len(rows)
-            self._advance(task, len(rows))
+            fields = [to_tables_fields(spec, r) for r in rows]
+            ids = sorted(r["id"] for r in rows)
+            # Not retried as a whole (a create must not run twice); the HTTP calls retry themselves.
+            with self.ctx.db.transaction() as conn:
+                conn.execute("SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0))) "
+                             "FROM (SELECT unnest(%s::text[]) AS k ORDER BY 1) s",
+                             ([f"{spec.name}:{i}" for i in ids],))
+                if kind == "create":
+                    client.create_many(table_id, fields)
+                else:
+                    client.update_many(table_id, [(rid, f) for (rid, _), f in zip(chunk, fields, strict=True)])
+                now = datetime.now(UTC)
+                append_audit_many(conn, [_synced_entry(spec, Direction.TO_TABLES, r, now) for r in rows])
+                self._ack(conn, spec, rows)
+
+        def writer(client: TablesClient) -> None:
+            while not stopped.is_set():
+                with lock:
+                    index = next(pending, None)
+                if index is None:
+                    return
+                kind, chunk = batches[index]
+                try:
+                    write(client, kind, chunk)
+                except (TablesError, *DB_ERRORS) as exc:
+                    with lock:
+                        stopped.set()
+                        report.errors.append(f"Tables {kind} batch of {len(chunk)}: {type(exc).__name__}: "
+                                             f"{str(exc)[:200]}")
+                        report.unresolved += len(chunk)
+                    self._advance(task, len(chunk))
+                    return  # a dependency is failing: stop this table's repairs, a rerun resumes
+                with lock:
+                    report.repaired += len(chunk)
+                self._advance(task, len(chunk))
+
+        second = None
+        if len(batches) >= PIPELINE_MIN_BATCHES:
+            def second_writer() -> None:
+                with client_from_settings(self.ctx.settings) as client:
+                    writer(client)
+
+            second = _Background(second_writer, f"reconcile-{spec.name}-tables-write")
+        try:
+            writer(self.ctx.tables)
+        finally:
+            if second is not None:
+                second.result()
+        left = sum(len(chunk) for _, chunk in (batches[i] for i in pending))  # never started (after a failure)
+        report.unresolved += left
+        self._advance(task, left)
 
     @staticmethod
     def _ack(conn: psycopg.Connection, spec: TableSpec, rows: Sequence[dict]) -> None:

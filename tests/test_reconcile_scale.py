@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from infra.local.postgres import create_database, prepare_database
-from infra.reconcile import PAGE_SIZE, _identical, _prefetched, reconcile
+from infra.reconcile import PAGE_SIZE, _identical, _prefetched, compare_versions, reconcile
 from shared import supabase_db
 from shared.mapping import InvalidRecord, parse_record, parse_record_fast
 from shared.spec import TABLES, Kind
@@ -40,8 +40,9 @@ def _entries(prefix: str) -> list[dict[str, Any]]:
 
 def _audit(conn: psycopg.Connection, prefix: str) -> list[tuple]:
     return conn.execute(
-        "SELECT substr(id, length(%s) + 1), timestamp IS NOT NULL, CASE WHEN action NOT IN ('b', 'x') THEN timestamp END, "
-        "action, resource_id, metadata, severity, compliance_tags, retention_days FROM audit_log "
+        "SELECT substr(id, length(%s) + 1), timestamp IS NOT NULL, "
+        "CASE WHEN action NOT IN ('b', 'x') THEN timestamp END, action, resource_id, metadata, severity, "
+        "compliance_tags, retention_days FROM audit_log "
         "WHERE id LIKE %s ORDER BY id", (prefix, prefix + "-%")).fetchall()
 
 
@@ -145,6 +146,19 @@ def test_identical_is_row_to_json_equality_where_it_says_equal() -> None:
     assert not _identical(fields, row, row | {"metadata": {"k": True}})
     assert not _identical(fields, row | {"confidence": 0.0}, row | {"confidence": -0.0})
     assert not _identical(fields, row, row | {"decision": "other"})
+
+
+def test_compare_versions_is_version_cmp(db: psycopg.Connection) -> None:
+    spec = TABLES["agent_jobs"]
+    times = [None, "2025-12-22T10:00:00Z", "2025-12-22T10:00:00.000400Z", "2025-12-22T10:00:00.000900Z",
+             "2025-12-22T10:00:00.001Z", "2025-12-22T09:59:59.999999+00:00", "1960-01-01T00:00:00.0005Z"]
+    rows = [parse_record(spec, {"id": "x", "status": status, "updated_at": ts}, "tables")
+            for ts in times for status in ("a", "b")]
+    pairs = [(a, b) for a in rows for b in rows if a != b]
+    with db.transaction():
+        expected = supabase_db.version_cmp_many(db, spec, pairs)
+        assert compare_versions(db, spec, pairs) == expected
+    assert set(expected) == {-1, 0, 1}  # 0: the same content within one millisecond (the same version)
 
 
 # --- read-ahead of Tables pages --------------------------------------------------------------------------------
