@@ -332,7 +332,7 @@ class _Reconciler:
 
     def fetch_supabase(self, spec: TableSpec) -> _Background[list[dict]]:
         """Rows changed since ``since`` (all without it), read in a second thread while Tables is read."""
-        return _Background(lambda: self.ctx.db.run(lambda conn: supabase_db.fetch_rows(conn, spec, self.since)),
+        return _Background(lambda: self.ctx.db.run(lambda conn: supabase_db.fetch_rows_bulk(conn, spec, self.since)),
                            f"reconcile-{spec.name}-supabase-read")
 
     def read_supabase(self, spec: TableSpec, extra_ids: Sequence[str], fetched: _Background[list[dict]]

@@ -17,7 +17,7 @@ import pytest
 from infra.local.postgres import create_database, prepare_database
 from infra.reconcile import PAGE_SIZE, _identical, _prefetched, compare_versions, reconcile
 from shared import supabase_db
-from shared.mapping import InvalidRecord, parse_record, parse_record_fast
+from shared.mapping import InvalidRecord, parse_record, parse_record_fast, row_to_json
 from shared.spec import TABLES, Kind
 from shared.sync import SyncContext
 from tests.tables_local import LocalTables, start_local_tables
@@ -159,6 +159,32 @@ def test_compare_versions_is_version_cmp(db: psycopg.Connection) -> None:
         expected = supabase_db.version_cmp_many(db, spec, pairs)
         assert compare_versions(db, spec, pairs) == expected
     assert set(expected) == {-1, 0, 1}  # 0: the same content within one millisecond (the same version)
+
+
+@pytest.mark.parametrize("table", sorted(TABLES))
+def test_fetch_rows_bulk_reads_what_fetch_rows_reads(db: psycopg.Connection, table: str) -> None:
+    spec = TABLES[table]
+    records = [r for r in RECORDS if isinstance(r, dict) and str(r.get("id", "")).strip() and not any(
+        isinstance(v, str) and "\x00" in v for v in r.values())]
+    for i in range(7):
+        for r in records:
+            try:
+                row = parse_record(spec, {**r, "id": f"{r['id']}-{i}", "confidence": 1e20 if i % 2 else 0.1}, "tables")
+            except InvalidRecord:
+                continue
+            row = {k: v for k, v in row.items() if v is not None}  # column defaults for the rest
+            try:
+                with db.transaction():
+                    db.execute(f"INSERT INTO {table} SELECT * FROM jsonb_populate_record(NULL::{table}, %s::jsonb)",
+                               (row_to_json(row),))
+            except psycopg.Error:
+                continue
+    since = datetime(2025, 12, 22, 10, tzinfo=UTC)
+    for chunk in (3, 1000):
+        for after in (None, since):
+            plain = [parse_record(spec, r, "supabase") for r in supabase_db.fetch_rows(db, spec, after)]
+            bulk = [parse_record(spec, r, "supabase") for r in supabase_db.fetch_rows_bulk(db, spec, after, chunk)]
+            assert bulk == plain and len(plain) >= 7
 
 
 # --- read-ahead of Tables pages --------------------------------------------------------------------------------
