@@ -9,31 +9,32 @@ CREATE OR REPLACE FUNCTION zsync.append_audit_many(p_entries jsonb)
 RETURNS integer LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
-    g     record;
-    v_n   integer;
-    v_all integer := 0;
+    g      record;
+    v_cols text;
+    v_n    integer;
+    v_all  integer := 0;
 BEGIN
     IF jsonb_typeof(p_entries) IS DISTINCT FROM 'array' THEN
         RAISE EXCEPTION 'append_audit_many: expected a JSON array of audit_log rows' USING ERRCODE = '22023';
     END IF;
+    -- Entries grouped by their non-null keys (jsonb keeps an object's keys in one canonical order).
     FOR g IN
-        WITH cols AS (
-            SELECT a.attname::text AS name, a.attnum
-            FROM pg_attribute a
-            WHERE a.attrelid = 'public.audit_log'::regclass AND a.attnum > 0 AND NOT a.attisdropped),
-        e AS (
+        WITH e AS (
             SELECT x.ord, x.v,
-                   (SELECT string_agg(format('%I', c.name), ', ' ORDER BY c.attnum) FROM cols c
-                    WHERE jsonb_typeof(x.v) = 'object' AND x.v ? c.name AND jsonb_typeof(x.v -> c.name) <> 'null') AS cols
+                   CASE WHEN jsonb_typeof(x.v) = 'object' THEN
+                       ARRAY(SELECT j.k FROM jsonb_each(x.v) AS j(k, val) WHERE jsonb_typeof(j.val) <> 'null') END AS keys
             FROM jsonb_array_elements(p_entries) WITH ORDINALITY AS x(v, ord))
-        SELECT e.cols, jsonb_agg(e.v ORDER BY e.ord) AS rows, bool_or(e.cols IS NULL) AS empty
-        FROM e GROUP BY e.cols ORDER BY min(e.ord)
+        SELECT e.keys, jsonb_agg(e.v ORDER BY e.ord) AS rows FROM e GROUP BY e.keys ORDER BY min(e.ord)
     LOOP
-        IF g.empty THEN
+        SELECT string_agg(format('%I', a.attname), ', ' ORDER BY a.attnum) INTO v_cols
+        FROM pg_attribute a
+        WHERE a.attrelid = 'public.audit_log'::regclass AND a.attnum > 0 AND NOT a.attisdropped
+          AND a.attname = ANY (g.keys);
+        IF v_cols IS NULL THEN
             RAISE EXCEPTION 'append_audit: empty entry' USING ERRCODE = '22023';
         END IF;
         EXECUTE format('INSERT INTO public.audit_log (%1$s) SELECT %1$s FROM jsonb_populate_recordset(NULL::public.audit_log, $1) '
-                       'ON CONFLICT (id) DO NOTHING', g.cols) USING g.rows;
+                       'ON CONFLICT (id) DO NOTHING', v_cols) USING g.rows;
         GET DIAGNOSTICS v_n = ROW_COUNT;
         v_all := v_all + v_n;
     END LOOP;
