@@ -1,9 +1,12 @@
 """``zsync reconcile``: compare Zapier Tables and Supabase record by record and repair the drift.
 
-For each table both sides are read in bulk (Tables through the records API, page by page; Supabase in one
-query), every record is parsed into the canonical row (:mod:`shared.mapping`), and the two versions of
-each id are compared with ``zsync.version_cmp`` - the same last-writer-wins rule the functions apply - in
-batched SQL. Then:
+For each table both sides are read in bulk (Tables through the records API, page by page, the next page
+read ahead in a second thread; Supabase at the same time in another, as ``json_agg`` chunks), every record
+is parsed into the canonical row (:mod:`shared.mapping`, without the pydantic model for valid records: the
+same rows and errors), and the two versions of each id are compared under ``zsync.version_cmp`` - the same
+last-writer-wins rule the functions apply: identical rows are equal, a version is (``updated_at`` at
+millisecond precision, content hash) so differing times decide on their own, and ties go to
+``zsync.version_cmp_many`` in batched SQL. Then:
 
 * missing in Supabase, or Tables newer  -> ``zsync.sync_apply_many`` (one multi-row conditional upsert
   per batch of 1,000, one transaction; the functions' rule - versions, tombstones - so a newer write that
@@ -11,6 +14,12 @@ batched SQL. Then:
 * missing in Tables, or Supabase newer  -> ``TablesClient.create_many`` / ``update_many`` (batches of 100),
   under the per-record advisory locks the ``*_to_tables`` functions take, acknowledging the outbox;
 * ``audit_log`` is one-way (append-only): only Tables entries missing in Supabase are inserted.
+
+The two directions touch disjoint ids and run at the same time (Supabase's batches in a second thread);
+with many Tables batches a second writer with its own client overlaps one batch's database work with the
+next one's request. Audit entries go in one set-based insert per batch (``zsync.append_audit_many``),
+outbox acks in one statement (``zsync.ack_outbox_set``, ``zsync.ack_outbox``'s rule). ``TableReport.timings``
+holds each phase's wall time.
 
 Deletes are never undone: an id missing in Supabase and tombstoned there (or present only in the Tables
 trash) is not re-created; a Supabase row whose Tables copy is only in the Tables trash is a delete made
