@@ -65,7 +65,8 @@ from shared.zapier_tables import BATCH_MAX, Record, TablesClient, TablesError, c
 PAGE_SIZE = 1000  # the query endpoint's maximum page
 COMPARE_BATCH = 1000
 SUPABASE_BATCH = 1000  # rows per zsync.sync_apply_many call (one transaction)
-PIPELINE_MIN_BATCHES = 8  # Tables write batches from which a second writer (one more client) pays off
+PIPELINE_MIN_BATCHES = 8  # Tables write batches from which more writers (one more client each) pay off
+TABLES_WRITERS = 2  # concurrent Tables write batches (one transaction each) for many batches
 VIA = "reconcile"
 DB_ERRORS = (supabase_db.DatabaseUnavailable, psycopg.Error, PoolTimeout)
 T = TypeVar("T")
@@ -629,18 +630,19 @@ class _Reconciler:
                     report.repaired += len(chunk)
                 self._advance(task, len(chunk))
 
-        second = None
+        extra: list[_Background[None]] = []
         if len(batches) >= PIPELINE_MIN_BATCHES:
-            def second_writer() -> None:
+            def other_writer() -> None:
                 with client_from_settings(self.ctx.settings) as client:
                     writer(client)
 
-            second = _Background(second_writer, f"reconcile-{spec.name}-tables-write")
+            extra = [_Background(other_writer, f"reconcile-{spec.name}-tables-write-{n}")
+                     for n in range(1, TABLES_WRITERS)]
         try:
             writer(self.ctx.tables)
         finally:
-            if second is not None:
-                second.result()
+            for other in extra:
+                other.result()
         left = sum(len(chunk) for _, chunk in (batches[i] for i in pending))  # never started (after a failure)
         report.unresolved += left
         self._advance(task, left)
