@@ -48,10 +48,11 @@ class InvalidRecord(ValueError):
 def _check_text(value: str, what: str = "text") -> str:
     if "\x00" in value:
         raise ValueError(f"{what} contains a NUL character, which Postgres cannot store")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError(f"{what} contains an unpaired UTF-16 surrogate (not valid Unicode)") from None
+    if not value.isascii():  # only non-ASCII text can hold a surrogate
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{what} contains an unpaired UTF-16 surrogate (not valid Unicode)") from None
     return value
 
 
@@ -87,10 +88,11 @@ def _type_name(value: Any) -> str:
 def coerce_text(value: Any, max_length: int | None = None) -> str | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise ValueError(f"expected text, got {_type_name(value)}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError("expected text, got NaN/Infinity")
+    if type(value) is not str:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ValueError(f"expected text, got {_type_name(value)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("expected text, got NaN/Infinity")
     text = _check_text(str(value))
     limit = max_length or TEXT_MAX_LENGTH
     if len(text) > limit:
