@@ -464,6 +464,7 @@ class _Reconciler:
         failed: list[BaseException] = []
         sub = TableReport(spec.name)
         worker = None
+        connections = self.ctx.settings.db_pool_max  # each thread below holds one while it works
         if to_supabase:
             def to_supabase_side() -> None:
                 try:
@@ -473,11 +474,16 @@ class _Reconciler:
                 except BaseException as exc:  # raised again in this thread below
                     failed.append(exc)
 
-            worker = threading.Thread(target=to_supabase_side, name=f"reconcile-{spec.name}-supabase", daemon=True)
-            worker.start()
+            if connections >= 2:
+                worker = threading.Thread(target=to_supabase_side, name=f"reconcile-{spec.name}-supabase",
+                                          daemon=True)
+                worker.start()
+            else:  # one pooled connection: one thing at a time
+                to_supabase_side()
+        writers = max(1, min(TABLES_WRITERS, connections - (worker is not None)))
         try:
-            if creates or updates:
-                self._to_tables(spec, creates, updates, report)
+            if (creates or updates) and not failed:
+                self._to_tables(spec, creates, updates, report, writers)
         finally:
             if worker is not None:
                 worker.join()
@@ -579,7 +585,7 @@ class _Reconciler:
             report.errors.append(f"deleting copies of deleted records: {exc}")
 
     def _to_tables(self, spec: TableSpec, creates: list[dict], updates: list[tuple[str, dict]],
-                   report: TableReport) -> None:
+                   report: TableReport, writers: int = 1) -> None:
         """Batches of :data:`BATCH_MAX`, each in its own transaction: per-record advisory locks (as the
         ``*_to_tables`` functions take), the Tables write, the audit entries, the outbox ack. With many
         batches a second writer (its own client) sends one while the other records its previous one, so
@@ -637,7 +643,7 @@ class _Reconciler:
                     writer(client)
 
             extra = [_Background(other_writer, f"reconcile-{spec.name}-tables-write-{n}")
-                     for n in range(1, TABLES_WRITERS)]
+                     for n in range(1, writers)]
         try:
             writer(self.ctx.tables)
         finally:

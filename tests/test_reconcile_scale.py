@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from infra import reconcile as reconcile_module
 from infra.local.postgres import create_database, prepare_database
 from infra.reconcile import PAGE_SIZE, _identical, _prefetched, compare_versions, reconcile
 from shared import supabase_db
@@ -225,7 +226,10 @@ def local(tmp_path: Path) -> Iterator[LocalTables]:
         yield service
 
 
-def test_reconcile_across_pages_repairs_both_ways_with_one_audit_entry_each(pg_server: Any, local: LocalTables) -> None:
+@pytest.mark.parametrize("pool", [8, 1])  # 1 connection: everything one at a time (no second writer/thread)
+def test_reconcile_across_pages_repairs_both_ways_with_one_audit_entry_each(pg_server: Any, local: LocalTables,
+                                                                           pool: int, monkeypatch) -> None:
+    monkeypatch.setattr(reconcile_module, "PIPELINE_MIN_BATCHES", 2)  # two Tables writers for these 6 batches
     url = create_database(pg_server.get_uri())
     prepare_database(url)
     n = 2 * PAGE_SIZE + 300
@@ -241,7 +245,8 @@ def test_reconcile_across_pages_repairs_both_ways_with_one_audit_entry_each(pg_s
         for key, status, ts in (("to", "queued", TS), ("eq", "queued", TS), ("nt", "new", later), ("ns", "old", TS)):
             client.create_many(t, [{"id": i, "status": status, "parameters": {"k": i}, "created_at": TS,
                                     "updated_at": ts} for i in ids[key]])
-        ctx = SyncContext(settings=local.settings(database_url=url, retry_budget_s=2, webhook_secret="x"))
+        ctx = SyncContext(settings=local.settings(database_url=url, retry_budget_s=2, webhook_secret="x",
+                                                  db_pool_max=pool))
         try:
             result = reconcile(ctx, ["agent_jobs"])
         finally:
