@@ -234,14 +234,14 @@ def main() -> None:
     parser.add_argument("--batch-big", type=int, default=100_000,
                         help="records already in the table for the batching figures (bench/batching.py)")
     parser.add_argument("--reconcile-n", type=int, default=20_000,
-                        help="records in the table for the reconcile figures (bench/bench_reconcile.py; 100,000 "
-                             "takes a few minutes, most of it seeding Tables under the rate limit)")
+                        help="records in the table for the reconcile figures (bench/bench_reconcile.py: with "
+                             "and without the rate limit; 100,000 takes about two minutes)")
     args = parser.parse_args()
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="zsync-bench-"))
     with running_stack(tmp / "stack", sweep_interval_s=3600) as stack:
         # Lag, not Zapier's per-table rate limit (100 requests / 5 s, which back-to-back deliveries exceed):
-        # the local service's limiter off, as `bench_reconcile --no-rate-limit` does.
+        # the local service's limiter off (as bench_reconcile's run (a)).
         stack.tables.ctx.limiter = RateLimiter(None, RATE_WINDOW_S)
         print(f"local stack started in {time.perf_counter() - t0:.1f} s "
               f"(pg_net stand-in poll interval {stack.config.pgnet_poll_interval_s} s, plus NOTIFY wake-up)")

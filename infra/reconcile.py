@@ -1,9 +1,12 @@
 """``zsync reconcile``: compare Zapier Tables and Supabase record by record and repair the drift.
 
-For each table both sides are read in bulk (Tables through the records API, page by page; Supabase in one
-query), every record is parsed into the canonical row (:mod:`shared.mapping`), and the two versions of
-each id are compared with ``zsync.version_cmp`` - the same last-writer-wins rule the functions apply - in
-batched SQL. Then:
+For each table both sides are read in bulk (Tables through the records API, page by page, the next page
+read ahead in a second thread; Supabase at the same time in another, as ``json_agg`` chunks), every record
+is parsed into the canonical row (:mod:`shared.mapping`, without the pydantic model for valid records: the
+same rows and errors), and the two versions of each id are compared under ``zsync.version_cmp`` - the same
+last-writer-wins rule the functions apply: identical rows are equal, a version is (``updated_at`` at
+millisecond precision, content hash) so differing times decide on their own, and ties go to
+``zsync.version_cmp_many`` in batched SQL. Then:
 
 * missing in Supabase, or Tables newer  -> ``zsync.sync_apply_many`` (one multi-row conditional upsert
   per batch of 1,000, one transaction; the functions' rule - versions, tombstones - so a newer write that
@@ -11,6 +14,12 @@ batched SQL. Then:
 * missing in Tables, or Supabase newer  -> ``TablesClient.create_many`` / ``update_many`` (batches of 100),
   under the per-record advisory locks the ``*_to_tables`` functions take, acknowledging the outbox;
 * ``audit_log`` is one-way (append-only): only Tables entries missing in Supabase are inserted.
+
+The two directions touch disjoint ids and run at the same time (Supabase's batches in a second thread);
+with many Tables batches a second writer with its own client overlaps one batch's database work with the
+next one's request. Audit entries go in one set-based insert per batch (``zsync.append_audit_many``),
+outbox acks in one statement (``zsync.ack_outbox_set``, ``zsync.ack_outbox``'s rule). ``TableReport.timings``
+holds each phase's wall time.
 
 Deletes are never undone: an id missing in Supabase and tombstoned there (or present only in the Tables
 trash) is not re-created; a Supabase row whose Tables copy is only in the Tables trash is a delete made
@@ -25,11 +34,15 @@ then pushed back. Run on an empty side, reconcile is the initial backfill.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable, Iterator, Sequence
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import psycopg
 from psycopg_pool import PoolTimeout
@@ -42,19 +55,21 @@ from shared.mapping import (
     normalize_timestamp,
     parse_supabase_record,
     parse_tables_record,
-    row_to_json,
     to_tables_fields,
 )
-from shared.spec import FUNCTIONS, TABLES, Direction, TableSpec
+from shared.spec import FUNCTIONS, TABLES, Direction, Kind, TableSpec
 from shared.sync import SyncContext
 from shared.tables_trash import deletes_checked
-from shared.zapier_tables import BATCH_MAX, Record, TablesError
+from shared.zapier_tables import BATCH_MAX, Record, TablesClient, TablesError, client_from_settings
 
 PAGE_SIZE = 1000  # the query endpoint's maximum page
 COMPARE_BATCH = 1000
 SUPABASE_BATCH = 1000  # rows per zsync.sync_apply_many call (one transaction)
+PIPELINE_MIN_BATCHES = 8  # Tables write batches from which more writers (one more client each) pay off
+TABLES_WRITERS = 2  # concurrent Tables write batches (one transaction each) for many batches
 VIA = "reconcile"
 DB_ERRORS = (supabase_db.DatabaseUnavailable, psycopg.Error, PoolTimeout)
+T = TypeVar("T")
 
 
 @dataclass
@@ -77,6 +92,7 @@ class TableReport:
     trashed_in_tables: int = 0  # Supabase rows whose Tables copy is only in the Tables trash: deleted in Tables
     deleted_in_supabase: int = 0  # of those, deleted in Supabase (the others were newer there: re-created)
     errors: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # wall seconds per phase (see _Reconciler.table)
 
     @property
     def drift(self) -> int:
@@ -110,13 +126,67 @@ class _TablesSide:
     trashed: dict[str, datetime] = field(default_factory=dict)  # id only in the Tables trash -> latest deleted_at
 
 
+class _Background(Generic[T]):
+    """``fn()`` in a daemon thread; :meth:`result` waits and returns its value or raises its exception."""
+
+    def __init__(self, fn: Callable[[], T], name: str) -> None:
+        self._value: list[T] = []
+        self._error: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                self._value.append(fn())
+            except BaseException as exc:  # handed to the caller by result()
+                self._error.append(exc)
+
+        self._thread = threading.Thread(target=target, name=name, daemon=True)
+        self._thread.start()
+
+    def result(self) -> T:
+        self._thread.join()
+        if self._error:
+            raise self._error[0]
+        return self._value[0]
+
+
+def _prefetched(records: Iterator[Record], page: int, name: str) -> Iterator[Record]:
+    """``records``, read ahead a page at a time in a second thread (the next page is on its way over HTTP
+    while this one is parsed). Errors are raised where the records stop."""
+    pages: queue.Queue[list[Record] | BaseException | None] = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            batch: list[Record] = []
+            for record in records:
+                batch.append(record)
+                if len(batch) >= page:
+                    pages.put(batch)
+                    batch = []
+                    if stop.is_set():
+                        return
+            pages.put(batch)
+            pages.put(None)
+        except BaseException as exc:  # raised in the consumer
+            pages.put(exc)
+
+    thread = threading.Thread(target=produce, name=name, daemon=True)
+    thread.start()
+    try:
+        while (item := pages.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield from item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue, then let it finish
+            with contextlib.suppress(queue.Empty):
+                pages.get(timeout=0.05)
+
+
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
-
-
-def _jsonb_array(items: Iterable[str]) -> str:
-    return "[" + ",".join(items) + "]"
 
 
 def compare_many(conn: psycopg.Connection, spec: TableSpec, pairs: Sequence[tuple[dict, dict]]) -> list[int]:
@@ -128,6 +198,33 @@ def compare_many(conn: psycopg.Connection, spec: TableSpec, pairs: Sequence[tupl
     return out
 
 
+def _version_ms(spec: TableSpec, row: dict) -> datetime | None:
+    """The time part of zsync.version_of: the version column at millisecond precision (None: -infinity)."""
+    ts = row.get(spec.version) if spec.version else None
+    return ts.replace(microsecond=ts.microsecond - ts.microsecond % 1000) if ts is not None else None
+
+
+def compare_versions(conn: psycopg.Connection, spec: TableSpec, pairs: Sequence[tuple[dict, dict]]) -> list[int]:
+    """:func:`compare_many` for pairs that differ: a version is (``updated_at`` at millisecond precision,
+    content hash), compared in that order, so when the times differ the later one wins whatever the
+    hashes; only pairs with equal times (the hash decides) go to ``zsync.version_cmp_many``."""
+    out: list[int] = []
+    tied: list[int] = []
+    for i, (a, b) in enumerate(pairs):
+        ta, tb = _version_ms(spec, a), _version_ms(spec, b)
+        if ta == tb:
+            tied.append(i)
+            out.append(0)
+        elif tb is None or (ta is not None and ta > tb):
+            out.append(1)
+        else:
+            out.append(-1)
+    if tied:
+        for i, cmp in zip(tied, compare_many(conn, spec, [pairs[i] for i in tied]), strict=True):
+            out[i] = cmp
+    return out
+
+
 def apply_many(conn: psycopg.Connection, spec: TableSpec, rows: Sequence[dict]) -> list[tuple[str, str, dict | None]]:
     """``zsync.sync_apply_many`` (the functions' rule: versions, tombstones): -> (id, outcome, stored before)
     per row, in input order."""
@@ -136,10 +233,17 @@ def apply_many(conn: psycopg.Connection, spec: TableSpec, rows: Sequence[dict]) 
 
 
 def append_audit_many(conn: psycopg.Connection, entries: Sequence[dict]) -> int:
-    if not entries:
-        return 0
-    return conn.execute("SELECT count(*) FILTER (WHERE zsync.append_audit(e)) FROM jsonb_array_elements(%s::jsonb) e",
-                        (_jsonb_array(row_to_json(e) for e in entries),)).fetchone()[0]
+    """zsync.append_audit of each entry, set-based (zsync.append_audit_many). -> how many were inserted."""
+    return supabase_db.append_audit_many(conn, list(entries))
+
+
+def _identical(json_fields: tuple[str, ...], a: dict, b: dict) -> bool:
+    """``row_to_json(a) == row_to_json(b)``, cheaper: parsed rows of one table hold the same field types
+    (text, int, UTC datetime, list of text) except floats (``0.0 == -0.0``) and JSON values, where ``1``,
+    ``1.0`` and ``true`` are equal in Python but not the same JSON: those are compared as JSON text."""
+    if a != b:
+        return False
+    return all(a[f] is None or json.dumps(a[f]) == json.dumps(b[f]) for f in json_fields)
 
 
 def _synced_entry(spec: TableSpec, direction: Direction, row: dict, now: datetime,
@@ -180,12 +284,13 @@ class _Reconciler:
         side = _TablesSide()
         task = self._task(f"{spec.name}: reading Zapier Tables")
         by_id: dict[str, list[tuple[Record, dict]]] = {}
-        for record in self.ctx.tables.iter_records(self.ctx.table_id(spec), page_size=PAGE_SIZE):
+        records = self.ctx.tables.iter_records(self.ctx.table_id(spec), page_size=PAGE_SIZE)
+        for record in _prefetched(records, PAGE_SIZE, f"reconcile-{spec.name}-tables-read"):
             data = dict(record.data)
             data.setdefault("id", record.id)  # what the Zap trigger sends (see tables_service.trigger_payload)
             try:
                 received = normalize_timestamp(record.edited_at) if record.edited_at else None
-                row = parse_tables_record(spec, data, received_at=received)
+                row = parse_tables_record(spec, data, received_at=received, fast=True)
             except (InvalidRecord, ValueError):
                 rid = data.get("id")
                 if isinstance(rid, str) and rid:
@@ -235,10 +340,16 @@ class _Reconciler:
                 side.rows[key], side.record_ids[key] = keep[1], keep[0].id
                 side.duplicates += [r.id for r, _ in found if r.id != keep[0].id]
 
-    def read_supabase(self, spec: TableSpec, extra_ids: Sequence[str]) -> dict[str, dict]:
-        """Rows changed since ``since`` (all without it) plus the rows of ``extra_ids``, parsed."""
+    def fetch_supabase(self, spec: TableSpec) -> _Background[list[dict]]:
+        """Rows changed since ``since`` (all without it), read in a second thread while Tables is read."""
+        return _Background(lambda: self.ctx.db.run(lambda conn: supabase_db.fetch_rows_bulk(conn, spec, self.since)),
+                           f"reconcile-{spec.name}-supabase-read")
+
+    def read_supabase(self, spec: TableSpec, extra_ids: Sequence[str], fetched: _Background[list[dict]]
+                      ) -> dict[str, dict]:
+        """The rows of :meth:`fetch_supabase` plus the rows of ``extra_ids``, parsed."""
         def work(conn: psycopg.Connection) -> list[dict]:
-            rows = supabase_db.fetch_rows(conn, spec, self.since)
+            rows = fetched.result()
             have = {r["id"] for r in rows}
             wanted = [i for i in extra_ids if i not in have]
             if wanted:
@@ -249,7 +360,7 @@ class _Reconciler:
         parsed: dict[str, dict] = {}
         for r in self.ctx.db.run(work):
             try:
-                parsed[r["id"]] = parse_supabase_record(spec, r)
+                parsed[r["id"]] = parse_supabase_record(spec, r, fast=True)
             except InvalidRecord as exc:  # refused by the functions too: parked, repaired by hand
                 self.unreadable_in_supabase.setdefault(spec.name, {})[r["id"]] = str(exc)[:200]
         return parsed
@@ -258,15 +369,21 @@ class _Reconciler:
 
     def table(self, spec: TableSpec) -> TableReport:
         report = TableReport(spec.name)
+        fetched = None if spec.append_only else self.fetch_supabase(spec)
         try:
+            started = time.perf_counter()
             tables_side = self.read_tables(spec, report)
+            report.timings["read_tables"] = time.perf_counter() - started
         except TablesError as exc:
             report.errors.append(f"reading Zapier Tables: {exc}")
+            if fetched is not None:
+                with contextlib.suppress(DB_ERRORS):
+                    fetched.result()
             return report
-        if spec.append_only:
+        if fetched is None:
             self._append_only(spec, tables_side, report)
         else:
-            self._versioned(spec, tables_side, report)
+            self._versioned(spec, tables_side, report, fetched)
         if tables_side.duplicates and not self.dry_run:
             self._remove(spec, tables_side.duplicates, report)
         return report
@@ -285,10 +402,13 @@ class _Reconciler:
         if missing and not self.dry_run:
             self._to_supabase(spec, missing, report)
 
-    def _versioned(self, spec: TableSpec, side: _TablesSide, report: TableReport) -> None:
+    def _versioned(self, spec: TableSpec, side: _TablesSide, report: TableReport,
+                   fetched: _Background[list[dict]]) -> None:
         t_scope = [i for i, r in side.rows.items() if _in_scope(spec, r, self.since)]
         try:
-            supa = self.read_supabase(spec, t_scope + list(side.unreadable))
+            started = time.perf_counter()
+            supa = self.read_supabase(spec, t_scope + list(side.unreadable), fetched)
+            report.timings["read_supabase"] = time.perf_counter() - started  # what was left after Tables
         except DB_ERRORS as exc:
             report.errors.append(f"reading Supabase: {type(exc).__name__}")
             return
@@ -319,9 +439,11 @@ class _Reconciler:
                 pairs.append((rid, t_row, s_row))
         report.compared = len(scope)
         # Identical rows are the same version (version_cmp of equal inputs is 0): only the others go to SQL.
-        differing = [p for p in pairs if row_to_json(p[1]) != row_to_json(p[2])]
+        json_fields = spec.fields_of(Kind.JSON) + spec.fields_of(Kind.FLOAT)
+        differing = [p for p in pairs if not _identical(json_fields, p[1], p[2])]
         report.in_sync += len(pairs) - len(differing)
-        cmps = self.ctx.db.run(lambda conn: compare_many(conn, spec, [(t, s) for _, t, s in differing]))
+        cmps = self.ctx.db.run(lambda conn: compare_versions(conn, spec, [(t, s) for _, t, s in differing]))
+        report.timings["compare"] = time.perf_counter() - started - report.timings["read_supabase"]
         for (rid, t_row, s_row), cmp in zip(differing, cmps, strict=True):
             if cmp > 0:
                 to_supabase.append(t_row)
@@ -333,14 +455,47 @@ class _Reconciler:
                 report.in_sync += 1
         if self.dry_run:
             return
+        started = time.perf_counter()
         if trashed:  # before the creates: a Supabase row newer than the Tables delete is re-created there
             creates += self._tables_deletes(spec, trashed, side.trashed, report)
+        # The two directions touch disjoint ids: Supabase's batches run in a second thread (its time is
+        # spent in Postgres) while this one writes to Tables; each keeps its own counts, merged after.
+        deleted: list[str] = []
+        failed: list[BaseException] = []
+        sub = TableReport(spec.name)
+        worker = None
+        connections = self.ctx.settings.db_pool_max  # each thread below holds one while it works
         if to_supabase:
-            deleted = self._to_supabase(spec, to_supabase, report)
-            if deleted:  # deleted in Supabase (tombstone as new or newer): delete the Tables copy instead
-                self._delete_copies(spec, [side.record_ids[i] for i in deleted if i in side.record_ids], report)
-        if creates or updates:
-            self._to_tables(spec, creates, updates, report)
+            def to_supabase_side() -> None:
+                try:
+                    began = time.perf_counter()
+                    deleted.extend(self._to_supabase(spec, to_supabase, sub))
+                    sub.timings["to_supabase"] = time.perf_counter() - began
+                except BaseException as exc:  # raised again in this thread below
+                    failed.append(exc)
+
+            if connections >= 2:
+                worker = threading.Thread(target=to_supabase_side, name=f"reconcile-{spec.name}-supabase",
+                                          daemon=True)
+                worker.start()
+            else:  # one pooled connection: one thing at a time
+                to_supabase_side()
+        writers = max(1, min(TABLES_WRITERS, connections - (worker is not None)))
+        try:
+            if (creates or updates) and not failed:
+                self._to_tables(spec, creates, updates, report, writers)
+        finally:
+            if worker is not None:
+                worker.join()
+            report.repaired += sub.repaired
+            report.unresolved += sub.unresolved
+            report.errors += sub.errors
+        if failed:
+            raise failed[0]
+        report.timings["repair"] = time.perf_counter() - started
+        report.timings["to_supabase"] = sub.timings.get("to_supabase", 0.0)
+        if deleted:  # deleted in Supabase (tombstone as new or newer): delete the Tables copy instead
+            self._delete_copies(spec, [side.record_ids[i] for i in deleted if i in side.record_ids], report)
 
     # -- repairs --
 
@@ -430,42 +585,78 @@ class _Reconciler:
             report.errors.append(f"deleting copies of deleted records: {exc}")
 
     def _to_tables(self, spec: TableSpec, creates: list[dict], updates: list[tuple[str, dict]],
-                   report: TableReport) -> None:
+                   report: TableReport, writers: int = 1) -> None:
+        """Batches of :data:`BATCH_MAX`, each in its own transaction: per-record advisory locks (as the
+        ``*_to_tables`` functions take), the Tables write, the audit entries, the outbox ack. With many
+        batches a second writer (its own client) sends one while the other records its previous one, so
+        our database work overlaps Zapier's answer time; the first failure stops both (a rerun resumes)."""
         table_id = self.ctx.table_id(spec)
         task = self._task(f"{spec.name}: -> Zapier Tables", total=len(creates) + len(updates))
         batches: list[tuple[str, Sequence[Any]]] = [("create", c) for c in _chunks(creates, BATCH_MAX)]
         batches += [("update", c) for c in _chunks(updates, BATCH_MAX)]
-        for index, (kind, chunk) in enumerate(batches):
+        pending = iter(range(len(batches)))
+        lock = threading.Lock()
+        stopped = threading.Event()
+
+        def write(client: TablesClient, kind: str, chunk: Sequence[Any]) -> None:
             rows = list(chunk) if kind == "create" else [row for _, row in chunk]
-            try:
-                # Not retried as a whole (a create must not run twice); the HTTP calls retry themselves.
-                with self.ctx.db.transaction() as conn:
-                    ids = sorted(r["id"] for r in rows)
-                    conn.execute("SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0))) "
-                                 "FROM (SELECT unnest(%s::text[]) AS k ORDER BY 1) s",
-                                 ([f"{spec.name}:{i}" for i in ids],))
-                    if kind == "create":
-                        self.ctx.tables.create_many(table_id, [to_tables_fields(spec, r) for r in rows])
-                    else:
-                        self.ctx.tables.update_many(table_id, [(rid, to_tables_fields(spec, r)) for rid, r in chunk])
-                    now = datetime.now(UTC)
-                    append_audit_many(conn, [_synced_entry(spec, Direction.TO_TABLES, r, now) for r in rows])
-                    self._ack(conn, spec, rows)
-            except (TablesError, *DB_ERRORS) as exc:
-                left = sum(len(c) for _, c in batches[index:])
-                report.errors.append(f"Tables {kind} batch of {len(chunk)}: {type(exc).__name__}: {str(exc)[:200]}")
-                report.unresolved += left
-                self._advance(task, left)
-                return  # a dependency is failing: stop this table's repairs, a rerun resumes
-            report.repaired += len(rows)
-            self._advance(task, len(rows))
+            fields = [to_tables_fields(spec, r) for r in rows]
+            ids = sorted(r["id"] for r in rows)
+            # Not retried as a whole (a create must not run twice); the HTTP calls retry themselves.
+            with self.ctx.db.transaction() as conn:
+                conn.execute("SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0))) "
+                             "FROM (SELECT unnest(%s::text[]) AS k ORDER BY 1) s",
+                             ([f"{spec.name}:{i}" for i in ids],))
+                if kind == "create":
+                    client.create_many(table_id, fields)
+                else:
+                    client.update_many(table_id, [(rid, f) for (rid, _), f in zip(chunk, fields, strict=True)])
+                now = datetime.now(UTC)
+                append_audit_many(conn, [_synced_entry(spec, Direction.TO_TABLES, r, now) for r in rows])
+                self._ack(conn, spec, rows)
+
+        def writer(client: TablesClient) -> None:
+            while not stopped.is_set():
+                with lock:
+                    index = next(pending, None)
+                if index is None:
+                    return
+                kind, chunk = batches[index]
+                try:
+                    write(client, kind, chunk)
+                except (TablesError, *DB_ERRORS) as exc:
+                    with lock:
+                        stopped.set()
+                        report.errors.append(f"Tables {kind} batch of {len(chunk)}: {type(exc).__name__}: "
+                                             f"{str(exc)[:200]}")
+                        report.unresolved += len(chunk)
+                    self._advance(task, len(chunk))
+                    return  # a dependency is failing: stop this table's repairs, a rerun resumes
+                with lock:
+                    report.repaired += len(chunk)
+                self._advance(task, len(chunk))
+
+        extra: list[_Background[None]] = []
+        if len(batches) >= PIPELINE_MIN_BATCHES:
+            def other_writer() -> None:
+                with client_from_settings(self.ctx.settings) as client:
+                    writer(client)
+
+            extra = [_Background(other_writer, f"reconcile-{spec.name}-tables-write-{n}")
+                     for n in range(1, writers)]
+        try:
+            writer(self.ctx.tables)
+        finally:
+            for other in extra:
+                other.result()
+        left = sum(len(chunk) for _, chunk in (batches[i] for i in pending))  # never started (after a failure)
+        report.unresolved += left
+        self._advance(task, left)
 
     @staticmethod
     def _ack(conn: psycopg.Connection, spec: TableSpec, rows: Sequence[dict]) -> None:
-        doc = json.dumps([{"id": r["id"], "v": r[spec.version].isoformat() if r.get(spec.version or "") else None}
-                          for r in rows])
-        conn.execute("SELECT count(zsync.ack_outbox(%s, x->>'id', (x->>'v')::timestamptz, 'applied')) "
-                     "FROM jsonb_array_elements(%s::jsonb) x", (spec.name, doc))
+        supabase_db.ack_outbox_set(conn, spec, [(r["id"], r.get(spec.version) if spec.version else None, "applied")
+                                                for r in rows])
 
     def _remove(self, spec: TableSpec, record_ids: list[str], report: TableReport) -> None:
         table_id = self.ctx.table_id(spec)

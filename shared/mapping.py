@@ -31,6 +31,7 @@ from shared.spec import TEXT_MAX_LENGTH, Field, Kind, TableSpec
 Source = Literal["tables", "supabase"]
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 _INT_TEXT = re.compile(r"^\s*[+-]?\d+\s*$")
+_CONTROL = re.compile(r"[\x00-\x1f]")
 
 
 class InvalidRecord(ValueError):
@@ -47,10 +48,11 @@ class InvalidRecord(ValueError):
 def _check_text(value: str, what: str = "text") -> str:
     if "\x00" in value:
         raise ValueError(f"{what} contains a NUL character, which Postgres cannot store")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError(f"{what} contains an unpaired UTF-16 surrogate (not valid Unicode)") from None
+    if not value.isascii():  # only non-ASCII text can hold a surrogate
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{what} contains an unpaired UTF-16 surrogate (not valid Unicode)") from None
     return value
 
 
@@ -86,10 +88,11 @@ def _type_name(value: Any) -> str:
 def coerce_text(value: Any, max_length: int | None = None) -> str | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise ValueError(f"expected text, got {_type_name(value)}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError("expected text, got NaN/Infinity")
+    if type(value) is not str:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ValueError(f"expected text, got {_type_name(value)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("expected text, got NaN/Infinity")
     text = _check_text(str(value))
     limit = max_length or TEXT_MAX_LENGTH
     if len(text) > limit:
@@ -104,7 +107,7 @@ def coerce_id(value: Any, max_length: int) -> str:
         raise ValueError("id is empty")
     if len(value) > max_length:
         raise ValueError(f"id is longer than {max_length} characters ({len(value)})")
-    if any(ord(c) < 32 for c in value):
+    if _CONTROL.search(value):
         raise ValueError("id contains control characters")
     return _check_text(value, "id")
 
@@ -272,17 +275,62 @@ def parse_record(spec: TableSpec, record: Mapping[str, Any], source: Source) -> 
     return model.model_dump()
 
 
-def parse_tables_record(spec: TableSpec, record: Mapping[str, Any], received_at: datetime | None = None) -> dict:
+_MISSING = object()
+
+
+@cache
+def _plain_parser(spec: TableSpec, source: Source):
+    """:func:`parse_record`'s result for a valid record without the pydantic model around the same
+    coercers (a bulk read parses every record); anything it does not accept goes through
+    :func:`parse_record`, which raises the same :class:`InvalidRecord` it always does."""
+    def none_passes(coerce: Any) -> bool:  # coerce(None) is None: a null needs no call
+        try:
+            return coerce(None) is None
+        except ValueError:
+            return False
+
+    plan = [(f.name, c, none_passes(c), f.required, f.default)
+            for f in spec.fields for c in [_coercer(f, source)]]
+
+    def parse(record: Mapping[str, Any]) -> dict[str, Any]:
+        if type(record) is not dict:
+            return parse_record(spec, record, source)
+        row: dict[str, Any] = {}
+        try:
+            for name, coerce, null_ok, required, default in plan:
+                value = record.get(name, _MISSING)
+                if value is None and null_ok:
+                    row[name] = None
+                elif value is not _MISSING:
+                    row[name] = coerce(value)
+                elif required:
+                    return parse_record(spec, record, source)
+                else:
+                    row[name] = list(default) if isinstance(default, tuple) else default
+        except Exception:  # the model path reports (or raises) exactly what it always did
+            return parse_record(spec, record, source)
+        return row
+
+    return parse
+
+
+def parse_record_fast(spec: TableSpec, record: Mapping[str, Any], source: Source) -> dict[str, Any]:
+    """:func:`parse_record` (same row, same errors), faster for valid records: for bulk reads."""
+    return _plain_parser(spec, source)(record)
+
+
+def parse_tables_record(spec: TableSpec, record: Mapping[str, Any], received_at: datetime | None = None,
+                        *, fast: bool = False) -> dict:
     """A record as Zapier Tables / a Zap sends it -> row. A versioned record without ``updated_at`` is
-    as new as its arrival (``received_at``)."""
-    row = parse_record(spec, record, "tables")
+    as new as its arrival (``received_at``). ``fast``: :func:`parse_record_fast` (same result)."""
+    row = parse_record_fast(spec, record, "tables") if fast else parse_record(spec, record, "tables")
     if spec.version and row.get(spec.version) is None and received_at is not None:
         row[spec.version] = received_at.astimezone(UTC)
     return row
 
 
-def parse_supabase_record(spec: TableSpec, record: Mapping[str, Any]) -> dict[str, Any]:
-    return parse_record(spec, record, "supabase")
+def parse_supabase_record(spec: TableSpec, record: Mapping[str, Any], *, fast: bool = False) -> dict[str, Any]:
+    return parse_record_fast(spec, record, "supabase") if fast else parse_record(spec, record, "supabase")
 
 
 # --- output -------------------------------------------------------------------------------------------

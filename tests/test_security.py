@@ -335,7 +335,9 @@ CALLED = {"sync_upsert", "sync_upsert_many", "version_cmp", "content_hash", "app
           # issue 12: the outbox as the *_to_tables work queue
           "claim_outbox", "ack_outbox_many", "version_cmp_many", "append_audit_many", "outbox_state", "requeue",
           # issue 12: Tables -> Supabase in batches
-          "sync_apply_many", "version_exprs", "append_audit_each"}
+          "sync_apply_many", "version_exprs", "append_audit_each",
+          # issue 12: reconcile at scale (the set-based ack)
+          "ack_outbox_set"}
 DEFINER = {"capture_change", "ack_outbox", "announce",
            # issue 13: they read/write zsync.tombstones and zsync.outbox, which zsync_sync cannot touch
            "maintain_updated_at", "track_tombstone", "tombstone_version", "apply_tables_delete", "outbox_failed",
@@ -344,7 +346,7 @@ DEFINER = {"capture_change", "ack_outbox", "announce",
            # issue 13 item 4: zsync.trash_watermarks and the outbox, which zsync_sync cannot touch
            "trash_watermark", "trash_checked", "trash_insert_pending",
            # issue 12: claim and acknowledge outbox entries
-           "claim_outbox", "ack_outbox_many", "outbox_state", "requeue"}
+           "claim_outbox", "ack_outbox_many", "outbox_state", "requeue", "ack_outbox_set"}
 
 
 def role_url(database_url: str, role: str = ROLE) -> str:
