@@ -3,7 +3,9 @@
 * cold start: a fresh process (``bench/probe.py``) loads one function as functions-framework does and
   answers its first real delivery; wall time from spawning the process to that answer, median of
   ``--runs``, for a Tables -> Supabase and a Supabase -> Tables function, plus the same through the Lambda
-  adapter (no SnapStart: everything imported in the first call). Goal: <= 300 ms.
+  adapter (no SnapStart: everything imported in the first call), and the floor: the same fresh process
+  loading ``bench/floor_target.py`` instead (functions-framework and psycopg, one INSERT; for Supabase ->
+  Tables also our Tables client, one create): what the dependencies alone cost. Goal: <= 300 ms.
 * the heaviest imports of one more fresh process (``python -X importtime``), by top-level package.
 * per-delivery CPU of the request thread (warm, in-process, no I/O wait counted; goal <= 2 ms median) and
   where a warm delivery's wall time goes: parse, DB, Tables, log, the rest.
@@ -30,12 +32,14 @@ from typing import Any
 
 import psycopg
 
+from bench.floor_target import TABLE_SQL
 from bench.probe import insert_webhook
 from infra.local.stack import LocalStack
 from infra.local.tables_service import RATE_WINDOW_S, RateLimiter
 from shared.webhook_sql import trigger_name
 
 PROBE = Path(__file__).with_name("probe.py")
+FLOOR_SOURCE = Path(__file__).with_name("floor_target.py")
 GOAL_COLD_MS = 300.0
 GOAL_CPU_MS = 2.0
 TO_SUPABASE = "agent_jobs_to_supabase"
@@ -75,11 +79,12 @@ def webhook_trigger_off(stack: LocalStack, table: str = "agent_decisions") -> It
 
 
 def run_probe(stack: LocalStack, target: str, bodies: list[str], tmp: Path, python_flags: tuple[str, ...] = (),
-              probe_flags: tuple[str, ...] = ()) -> dict[str, Any]:
+              probe_flags: tuple[str, ...] = (), extra_env: dict[str, str] | None = None,
+              real_webhook: bool = True) -> dict[str, Any]:
     """One fresh probe process. A ``*_to_tables`` target gets real webhooks: each record is inserted first (the
     cold one here, the warm ones by the probe), so its change is in the outbox as a real webhook's is."""
-    env = stack.function_env()
-    if target == TO_TABLES:
+    env = stack.function_env() | (extra_env or {})
+    if target == TO_TABLES and real_webhook:
         env["ZSYNC_BENCH_OWNER_URL"] = stack.database_url
         probe_flags = (*probe_flags, "--insert")
         with psycopg.connect(stack.database_url, autocommit=True) as conn:
@@ -98,18 +103,34 @@ def run_probe(stack: LocalStack, target: str, bodies: list[str], tmp: Path, pyth
     return result
 
 
+FLOORS = {TO_SUPABASE: "floor_to_supabase", TO_TABLES: "floor_to_tables"}
+
+
 def cold_starts(stack: LocalStack, tmp: Path, runs: int) -> list[tuple[str, list[float], list[float], list[float]]]:
+    """Each function fresh, through functions-framework and through the Lambda adapter, and its floor: the
+    same kind of fresh process loading ``bench/floor_target.py`` (functions-framework, psycopg, one INSERT;
+    for Supabase -> Tables also the Zapier Tables client and one create), interleaved run by run."""
+    with psycopg.connect(stack.database_url, autocommit=True) as conn:
+        conn.execute(TABLE_SQL)
+    floor_env = {"ZSYNC_BENCH_DATABASE_URL": stack.database_url, "ZSYNC_BENCH_TABLE": "agent_decisions"}
     rows = []
     for target in (TO_SUPABASE, TO_TABLES):
-        for how, flags in (("functions-framework", ()), ("Lambda adapter, no SnapStart", ("--lambda",))):
-            totals, imports, cpus = [], [], []
-            for _ in range(runs):
-                r = run_probe(stack, target, BODIES[target](), tmp, probe_flags=flags)
+        ways = {f"{target} (functions-framework)": {},
+                f"{target} (Lambda adapter, no SnapStart)": {"probe_flags": ("--lambda",)},
+                f"  floor: {FLOORS[target]}": {"probe_flags": ("--source", str(FLOOR_SOURCE)), "env": floor_env,
+                                                "floor_of": target}}
+        found: dict[str, tuple[list[float], list[float], list[float]]] = {label: ([], [], []) for label in ways}
+        for _ in range(runs):
+            for label, how in ways.items():
+                name = FLOORS[target] if how.get("floor_of") else target
+                r = run_probe(stack, name, BODIES[target](), tmp, probe_flags=how.get("probe_flags", ()),
+                              extra_env=how.get("env"), real_webhook=not how.get("floor_of"))
                 assert r["status"] == 200, r
+                totals, imports, cpus = found[label]
                 totals.append((r["first"] - r["spawned"]) * 1000)
                 imports.append((r["imported"] - r["spawned"]) * 1000)
                 cpus.append(r["cpu_first"] * 1000)
-            rows.append((f"{target} ({how})", totals, imports, cpus))
+        rows += [(label, *values) for label, values in found.items()]
     return rows
 
 
@@ -137,14 +158,25 @@ Row = tuple[str, str, str]  # summary: figure, measured, goal
 
 def report_cold(rows: list[tuple[str, list[float], list[float], list[float]]]) -> list[Row]:
     """Wall time from spawn to the first answer (median, min, max), of which loading the function (import),
-    and the process's CPU time to its first answer (less sensitive to a busy machine than wall time)."""
+    and the process's CPU time to its first answer (less sensitive to a busy machine than wall time); each
+    function through functions-framework also as a ratio to its floor (the dependencies' own cold start)."""
     summary = []
     print(f"{'cold start: spawn -> first answer':<56} {'median':>9} {'min':>6} {'max':>6} {'import':>7} "
           f"{'CPU':>7}  goal")
+    function_median = 0.0
     for label, totals, imports, cpus in rows:
         med = statistics.median(totals)
+        floor = "floor:" in label
+        versus = (f"function {function_median / med:.2f}x of this floor" if floor
+                  else f"{med / GOAL_COLD_MS:.2f}x of {GOAL_COLD_MS:.0f} ms")
         print(f"  {label:<54} {med:6.0f} ms {min(totals):6.0f} {max(totals):6.0f} {statistics.median(imports):7.0f} "
-              f"{statistics.median(cpus):7.0f}  {med / GOAL_COLD_MS:.2f}x of {GOAL_COLD_MS:.0f} ms")
+              f"{statistics.median(cpus):7.0f}  {versus}")
+        if floor:
+            summary.append((f"cold start {label.split(':')[1].strip()} (floor)",
+                            f"{med:.0f} ms; the function {function_median / med:.2f}x of it", "(info)"))
+            continue
+        if "functions-framework" in label:
+            function_median = med
         summary.append((f"cold start {label}", f"{med:.0f} ms median of {len(totals)} ({med / GOAL_COLD_MS:.2f}x "
                         f"of goal; CPU {statistics.median(cpus):.0f} ms)",
                         f"<= {GOAL_COLD_MS:.0f} ms" if "functions-framework" in label else "(info)"))

@@ -4,7 +4,7 @@ JSON timings on its last line. With ``--warm N`` it then answers N more deliveri
 the request thread's CPU per delivery (no I/O wait counted) and where the time went (parse, DB, Tables,
 log, the rest).
 
-    python bench/probe.py TARGET BODIES.jsonl [--warm N] [--lambda] [--insert]
+    python bench/probe.py TARGET BODIES.jsonl [--warm N] [--lambda] [--insert] [--source FILE]
 
 BODIES.jsonl: one JSON body per line (the first is the cold delivery). Settings come from ZSYNC_* as for a
 function process. Imports nothing of zsync before the function itself. With ``--insert`` the warm bodies are
@@ -140,6 +140,7 @@ def main() -> None:
     parser.add_argument("--warm", type=int, default=0)
     parser.add_argument("--lambda", dest="via_lambda", action="store_true", help="through functions/lambda_adapter")
     parser.add_argument("--insert", action="store_true", help="insert each warm webhook's record first")
+    parser.add_argument("--source", type=Path, default=MAIN, help="the functions-framework source (a floor target)")
     args = parser.parse_args()
     bodies = args.bodies.read_text().splitlines()
     sys.path.insert(0, str(REPO))
@@ -155,7 +156,7 @@ def main() -> None:
     else:
         import functions_framework
 
-        app = functions_framework.create_app(target=args.target, source=str(MAIN))
+        app = functions_framework.create_app(target=args.target, source=str(args.source))
         client = app.test_client()
         imported = time.time()
 
