@@ -176,3 +176,24 @@ def test_concurrent_batches_and_single_applies(pg_server: Any, workers: int) -> 
         latest = conn.execute("SELECT max(updated_at) FROM agent_jobs WHERE id LIKE 'c-%'").fetchone()[0]
         lowest = conn.execute("SELECT min(updated_at) FROM agent_jobs WHERE id LIKE 'c-%'").fetchone()[0]
     assert latest == lowest == datetime(2030, 1, 1, 0, 0, (workers - 1) * 3 + 2, tzinfo=UTC)
+
+
+def test_wrapped_delivery_edited_at_versions_like_the_flat_form(pg_server: Any) -> None:
+    """``{"record": {...}, "edited_at": ...}`` is the flat delivery with that ``edited_at``: a cell edit that
+    did not move updated_at is versioned at edited_at on the single path (the function's) and in a batch."""
+    from shared.handler import process
+
+    flat = {"id": "edited", "status": "flat", "updated_at": T1, "created_at": T0, "edited_at": T2}
+    wrapped = {"record": {"id": "edited", "status": "wrapped", "updated_at": T1, "created_at": T0}, "edited_at": T2}
+    for payload in (flat, wrapped):
+        url = _fresh(pg_server)
+        assert process(FN, _ctx(url), payload, RECEIVED).outcome is Outcome.APPLIED
+        edited = dict(_state(url)["rows"])["edited"]
+        assert edited["updated_at"].startswith("2030-01-01T02:00:00"), edited
+        url = _fresh(pg_server)
+        assert [r.outcome for r in apply_many_from_tables(_ctx(url), FN, [payload], received_at=RECEIVED)] == [
+            Outcome.APPLIED]
+        edited = dict(_state(url)["rows"])["edited"]
+        assert edited["updated_at"].startswith("2030-01-01T02:00:00"), edited
+    assert unwrap_tables_payload({"record": {"id": "a", "edited_at": T1}, "edited_at": T2})["edited_at"] == T1
+    assert unwrap_tables_payload({"record": [1], "edited_at": T2}) == [1]

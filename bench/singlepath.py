@@ -1,0 +1,271 @@
+"""The database cost of ONE delivery in each direction, before and after the single-record SQL of
+migrations 2026112981xxxx, in the same run against embedded Postgres (no network, no Zapier).
+
+* tables->supabase: :func:`shared.sync.apply_from_tables` of one Zap delivery, three kinds: a new record
+  (insert), a newer version (update) and the echo of the sync's own write (unchanged: every
+  Supabase -> Tables write comes back this way).
+* supabase->tables: what a *_to_tables webhook costs in the database: :func:`shared.outbox_batch.deliver`
+  of one captured change (claim, lock, read, compare, audit, ack) with a Tables stand-in that answers at
+  once (``NullTables``: the HTTP part is not what is measured here; ``bench/lag.py`` measures the whole hop).
+* round trips per delivery: counted from libpq's protocol trace of the pool's connections (every Sync or
+  simple Query the client sends is one round trip: the pool's connection check, BEGIN, each statement,
+  COMMIT).
+* the version of one row: ``zsync.version_of`` (the single path's) per call, before and after.
+
+"before" is a database migrated without the 2026112981xxxx migrations (the code is this checkout's), so
+the ratio is the SQL change alone; round trips are counted on the current code.
+
+    python -m bench.singlepath [--n 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from infra.local.pgnet_sender import apply_pg_net_sql, ensure_utc_database
+from infra.local.postgres import apply_vault_sql, create_database, start_postgres
+from shared import supabase_db
+from shared.conflict import Outcome
+from shared.migrate import MIGRATIONS_DIR, apply_migrations
+from shared.outbox_batch import deliver
+from shared.settings import Settings
+from shared.spec import FUNCTIONS
+from shared.sync import SupabaseWebhook, SyncContext, apply_from_tables
+
+TO_SUPABASE = FUNCTIONS["agent_jobs_to_supabase"]
+TO_TABLES = FUNCTIONS["agent_jobs_to_tables"]
+MINE = "20261129810000"  # the first migration of this change: "before" stops short of it
+
+
+@dataclass
+class _Rec:
+    id: str
+    data: dict[str, Any]
+    edited_at: str | None = None
+
+
+@dataclass
+class NullTables:
+    """A Zapier Tables stand-in that answers at once (the bench measures the database part)."""
+
+    records: dict[str, _Rec] = field(default_factory=dict)
+
+    def find_many(self, table_id: str, name: str, values: list[str]) -> list[_Rec]:
+        return [self.records[v] for v in values if v in self.records]
+
+    def find_by_field(self, table_id: str, name: str, value: str) -> _Rec | None:
+        return self.records.get(value)
+
+    def create_many(self, table_id: str, fields: list[dict[str, Any]]) -> list[str]:
+        for f in fields:
+            self.records[f["id"]] = _Rec(f"rec-{f['id']}", dict(f))
+        return [f"rec-{f['id']}" for f in fields]
+
+    def create(self, table_id: str, fields: dict[str, Any]) -> str:
+        return self.create_many(table_id, [fields])[0]
+
+    def update_many(self, table_id: str, items: list[tuple[str, dict[str, Any]]]) -> None:
+        for _, f in items:
+            self.records[f["id"]] = _Rec(f"rec-{f['id']}", dict(f))
+
+    def update(self, table_id: str, record_id: str, fields: dict[str, Any]) -> None:
+        self.update_many(table_id, [(record_id, fields)])
+
+
+class Trips:
+    """Round trips the client makes, from libpq's trace of every pool connection."""
+
+    def __init__(self, directory: Path):
+        self.path = directory / f"trace-{uuid.uuid4().hex[:8]}.log"
+        self._file = self.path.open("w")
+
+    def configure(self, conn: psycopg.Connection) -> None:
+        from psycopg import pq
+
+        conn.pgconn.trace(self._file.fileno())
+        conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
+
+    def count(self) -> int:
+        self._file.flush()
+        text = self.path.read_text(errors="replace")
+        return len(re.findall(r"^F\t\d+\t(?:Sync|Query)\b", text, re.M))
+
+
+def _pool_with(url: str, trips: Trips | None) -> None:
+    """The pool supabase_db would make for ``url`` (same settings), optionally tracing its connections."""
+    supabase_db._pools[url] = ConnectionPool(
+        url, min_size=0, max_size=1, kwargs={"prepare_threshold": None, "connect_timeout": 5},
+        check=ConnectionPool.check_connection, timeout=5, max_idle=300, open=True, name="bench",
+        configure=trips.configure if trips else None)
+
+
+def _database(admin_url: str, tmp: Path, before: bool) -> str:
+    url = create_database(admin_url)
+    ensure_utc_database(url)
+    apply_pg_net_sql(url)
+    apply_vault_sql(url)
+    directory = MIGRATIONS_DIR
+    if before:
+        directory = tmp / "before"
+        if not directory.exists():
+            directory.mkdir()
+            for path in MIGRATIONS_DIR.glob("*.sql"):
+                if path.name < MINE:
+                    shutil.copy(path, directory / path.name)
+    apply_migrations(url, directory)
+    return url
+
+
+def _ctx(url: str) -> SyncContext:
+    ctx = SyncContext(settings=Settings(database_url=url, retry_budget_s=5.0, table_ids={"agent_jobs": "t1"}))
+    ctx.__dict__["tables"] = NullTables()
+    return ctx
+
+
+def _stamp(i: int, base: datetime) -> str:
+    return (base + timedelta(milliseconds=i)).isoformat()
+
+
+def _record(rid: str, i: int, base: datetime) -> dict[str, Any]:
+    return {"id": rid, "status": f"s{i % 7}", "agent_name": "bench", "retry_count": i % 5,
+            "parameters": {"n": i, "tags": ["a", "b"], "nested": {"x": 1.5}},
+            "started_at": _stamp(i, base), "updated_at": _stamp(i, base), "created_at": base.isoformat()}
+
+
+def _timed(n: int, one: Callable[[int], Any]) -> list[float]:
+    out = []
+    for i in range(n):
+        t = time.perf_counter()
+        one(i)
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+def to_supabase(url: str, n: int, expect: Outcome, kind: str) -> list[float]:
+    ctx = _ctx(url)
+    base = datetime(2031, 1, 1, tzinfo=UTC)
+    ids = [f"{kind}-{uuid.uuid4().hex[:10]}" for _ in range(n)]
+    if kind != "insert":  # the stored versions first
+        for i, rid in enumerate(ids):
+            apply_from_tables(ctx, TO_SUPABASE, _record(rid, i, base))
+    later = base + timedelta(days=1) if kind == "update" else base
+
+    def one(i: int) -> None:
+        result = apply_from_tables(ctx, TO_SUPABASE, _record(ids[i], i, later))
+        assert result.outcome is expect, (kind, result)
+
+    return _timed(n, one)
+
+
+def to_tables(url: str, n: int) -> list[float]:
+    ctx = _ctx(url)
+    fn = TO_TABLES
+
+    def one(i: int) -> None:
+        rid = f"out-{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(url, autocommit=True) as c:  # the Supabase-side write (not timed below)
+            row = c.execute("INSERT INTO agent_jobs (id, status, parameters) VALUES (%s, 'queued', '{\"n\": 1}') "
+                            "RETURNING to_jsonb(agent_jobs)", (rid,)).fetchone()[0]
+        hook = SupabaseWebhook.model_validate({"type": "INSERT", "table": "agent_jobs", "schema": "public",
+                                               "record": row, "old_record": None})
+        t = time.perf_counter()
+        result = deliver(ctx, fn, hook)
+        times.append((time.perf_counter() - t) * 1000)
+        assert result.outcome is Outcome.APPLIED, result
+
+    times: list[float] = []
+    for i in range(n):
+        one(i)
+    return times
+
+
+def version_of(url: str, n: int) -> list[float]:
+    row = _record("v", 1, datetime(2031, 1, 1, tzinfo=UTC))
+    import json
+
+    payload = json.dumps(row)
+    with psycopg.connect(url, autocommit=True, prepare_threshold=None) as c:
+        def one(_: int) -> None:
+            c.execute("SELECT * FROM zsync.version_of('public.agent_jobs', %s::jsonb)", (payload,)).fetchone()
+
+        return _timed(n, one)
+
+
+def _apply_one(url: str, base: datetime) -> None:
+    apply_from_tables(_ctx(url), TO_SUPABASE, _record(uuid.uuid4().hex, 1, base))
+
+
+def _p(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def _line(name: str, before: list[float], after: list[float]) -> str:
+    b50, a50 = statistics.median(before), statistics.median(after)
+    return (f"{name:<34} p50 {b50:7.3f} -> {a50:7.3f} ms  p99 {_p(before, .99):7.3f} -> {_p(after, .99):7.3f} ms"
+            f"  after/before {a50 / b50:5.2f}")
+
+
+def _trips(admin_url: str, tmp: Path, run: Callable[[str], Any]) -> int:
+    url = _database(admin_url, tmp, before=False)
+    trips = Trips(tmp)
+    _pool_with(url, trips)
+    run(url)  # warm: the connection exists and is checked on the next checkout
+    start = trips.count()
+    run(url)
+    return trips.count() - start
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=2000, help="deliveries per measurement")
+    args = parser.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="zsync-singlepath-"))
+    server = start_postgres(tmp / "pg")
+    admin = server.get_uri()
+    try:
+        dbs = {label: _database(admin, tmp, before=(label == "before")) for label in ("before", "after")}
+        for url in dbs.values():
+            _pool_with(url, None)
+        print(f"one delivery, database part ({args.n} each, embedded Postgres, unix socket; before = without "
+              f"migrations >= {MINE})")
+        cases: list[tuple[str, Callable[[str], list[float]]]] = [
+            ("version_of (one row)", lambda u: version_of(u, args.n)),
+            ("tables->supabase insert", lambda u: to_supabase(u, args.n, Outcome.APPLIED, "insert")),
+            ("tables->supabase update", lambda u: to_supabase(u, args.n, Outcome.APPLIED, "update")),
+            ("tables->supabase echo (unchanged)", lambda u: to_supabase(u, args.n, Outcome.UNCHANGED, "echo")),
+            ("supabase->tables (deliver)", lambda u: to_tables(u, max(1, args.n // 2))),
+        ]
+        for name, run in cases:
+            run(dbs["before"])  # warm both (plans, caches) with a first pass of the same size
+            run(dbs["after"])
+            before, after = [], []
+            for _ in range(2):  # interleaved halves: drift on a shared machine hits both alike
+                before += run(dbs["before"])
+                after += run(dbs["after"])
+            print(_line(name, before, after))
+        base = datetime(2031, 1, 1, tzinfo=UTC)
+        print("round trips per delivery (current code): "
+              f"tables->supabase insert {_trips(admin, tmp, lambda u: _apply_one(u, base))}, "
+              f"supabase->tables {_trips(admin, tmp, lambda u: to_tables(u, 1))}")
+    finally:
+        supabase_db.close_pools()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
