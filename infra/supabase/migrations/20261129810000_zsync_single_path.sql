@@ -1,0 +1,213 @@
+-- zsync single-record path (issue 12, performance): one delivery costs fewer statements and no per-column
+-- plpgsql loop. Same values and semantics as before (tests/test_properties.py compares the single and
+-- batch paths; tests/test_apply_many.py compares them delivery by delivery).
+--
+-- * zsync.canonical_row: one SQL query over the table's columns instead of a plpgsql loop (same jsonb).
+--   zsync.version_of and zsync.version_cmp use it as they are (one cheap dynamic cast per row). The generated
+--   expressions of zsync.version_exprs are NOT used for one row: planning them costs more (~0.2 ms) than the
+--   loop they replace; they pay off over a batch.
+-- * zsync.sync_apply: the incoming and stored versions computed once each (it computed them up to four
+--   times through version_of/version_cmp, each a dynamic statement), and only when there is a stored row.
+-- * zsync.claim_outbox_rows: the *_to_tables work queue's claim, per-record lock and row read in one call
+--   (they were 2 + one lock statement per claimed record).
+-- * zsync.record_outbox_batch: a batch's audit entries, acks and "anything left to claim?" in one call
+--   (the last one saved a whole second transaction per wake-up).
+-- * zsync.sync_upsert_many (20251222100300) is dropped: nothing calls it since zsync.sync_apply_many.
+
+CREATE OR REPLACE FUNCTION zsync.canonical_row(p_table regclass, p_row jsonb)
+RETURNS jsonb LANGUAGE sql STABLE
+SET timezone TO 'UTC'
+AS $$
+    SELECT coalesce(jsonb_object_agg(a.attname,
+               CASE WHEN a.atttypid = 'timestamptz'::regtype AND jsonb_typeof(c.v) = 'string'
+                        THEN to_jsonb(date_trunc('milliseconds', (c.v #>> '{}')::timestamptz))
+                    WHEN a.atttypid = 'jsonb'::regtype THEN zsync.canonical_json(c.v)
+                    ELSE c.v END), '{}'::jsonb)
+    FROM pg_attribute a, LATERAL (SELECT p_row -> a.attname::text AS v) c
+    WHERE a.attrelid = p_table AND a.attnum > 0 AND NOT a.attisdropped
+      -- An empty text/array is no value; an empty JSON array in a jsonb column is a value.
+      AND c.v IS NOT NULL AND c.v NOT IN ('null'::jsonb, '""'::jsonb)
+      AND NOT (c.v = '[]'::jsonb AND a.atttypid <> 'jsonb'::regtype)
+$$;
+
+-- A JSON value without numbers is its own canonical form (only numbers are rewritten): skip the walk.
+CREATE OR REPLACE FUNCTION zsync.canonical_json(v jsonb)
+RETURNS jsonb LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+AS $$
+DECLARE
+    n numeric;
+BEGIN
+    CASE jsonb_typeof(v)
+        WHEN 'number' THEN
+            n := v::numeric;
+            IF n = 0 OR abs(n) BETWEEN 1e-300 AND 1e300 THEN
+                RETURN to_jsonb(n::float8);
+            END IF;
+            RETURN to_jsonb(trim_scale(n));
+        WHEN 'object' THEN
+            IF NOT jsonb_path_exists(v, 'strict $.** ? (@.type() == "number")') THEN
+                RETURN v;
+            END IF;
+            RETURN coalesce((SELECT jsonb_object_agg(key, zsync.canonical_json(value)) FROM jsonb_each(v)), '{}'::jsonb);
+        WHEN 'array' THEN
+            IF NOT jsonb_path_exists(v, 'strict $.** ? (@.type() == "number")') THEN
+                RETURN v;
+            END IF;
+            RETURN coalesce((SELECT jsonb_agg(zsync.canonical_json(e.value) ORDER BY e.ord)
+                             FROM jsonb_array_elements(v) WITH ORDINALITY AS e(value, ord)), '[]'::jsonb);
+        ELSE
+            RETURN v;
+    END CASE;
+END
+$$;
+
+-- The version of a row of p_table as (updated_at at millisecond precision, md5 of its canonical form
+-- without updated_at), from p_row as to_jsonb of the row type (no cast needed: zsync.sync_apply's stored row).
+CREATE OR REPLACE FUNCTION zsync.version_of_typed(p_table regclass, p_row jsonb, OUT ts timestamptz, OUT hash text)
+LANGUAGE sql STABLE
+SET timezone TO 'UTC'
+AS $$
+    SELECT date_trunc('milliseconds', coalesce((p_row ->> 'updated_at')::timestamptz, '-infinity')),
+           md5(zsync.canonical_row(p_table, p_row - 'updated_at')::text)
+$$;
+
+-- zsync.version_cmp of two versions given by their (ts, hash).
+CREATE OR REPLACE FUNCTION zsync.version_order(a_ts timestamptz, a_hash text, b_ts timestamptz, b_hash text)
+RETURNS integer LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT CASE WHEN a_ts = b_ts AND a_hash = b_hash THEN 0 WHEN (a_ts, a_hash) > (b_ts, b_hash) THEN 1 ELSE -1 END
+$$;
+
+-- As 20261129100000's zsync.sync_apply (same outcomes, same rows), computing each version once.
+CREATE OR REPLACE FUNCTION zsync.sync_apply(p_table regclass, p_row jsonb, p_edited_at timestamptz,
+                                            OUT outcome text, OUT stored jsonb, OUT applied jsonb)
+LANGUAGE plpgsql
+SET timezone TO 'UTC'
+AS $$
+DECLARE
+    v_id   text := p_row->>'id';
+    v_cols text;
+    v_n    integer;
+    v_tomb timestamptz;
+    i_ts   timestamptz;
+    i_hash text;
+    s_ts   timestamptz;
+    s_hash text;
+BEGIN
+    IF v_id IS NULL THEN
+        RAISE EXCEPTION 'sync_upsert: row has no id' USING ERRCODE = '22023';
+    END IF;
+    PERFORM set_config('zsync.origin', 'sync', true);
+    LOOP
+        EXECUTE format('SELECT to_jsonb(t) FROM %s t WHERE t.id = $1 FOR UPDATE', p_table) INTO stored USING v_id;
+        IF stored IS NULL THEN
+            v_tomb := zsync.tombstone_version((SELECT relname::text FROM pg_class WHERE oid = p_table), v_id);
+            IF v_tomb IS NOT NULL AND coalesce(current_setting('zsync.ignore_tombstones', true), '') <> 'on'
+               AND (SELECT v.ts FROM zsync.version_of(p_table, p_row) v) <= v_tomb THEN
+                outcome := 'deleted';
+                RETURN;
+            END IF;
+            EXECUTE format('INSERT INTO %1$s SELECT * FROM jsonb_populate_record(NULL::%1$s, $1) ON CONFLICT (id) DO NOTHING',
+                           p_table) USING p_row;
+            GET DIAGNOSTICS v_n = ROW_COUNT;
+            IF v_n = 1 THEN
+                outcome := 'applied';
+                applied := p_row;
+                RETURN;
+            END IF;
+            CONTINUE;  -- a concurrent insert won the race: lock that row and compare
+        END IF;
+        SELECT v.ts, v.hash INTO i_ts, i_hash FROM zsync.version_of(p_table, p_row) v;
+        SELECT v.ts, v.hash INTO s_ts, s_hash FROM zsync.version_of_typed(p_table, stored) v;
+        IF p_edited_at IS NOT NULL AND i_ts = s_ts AND i_hash <> s_hash
+           AND date_trunc('milliseconds', p_edited_at) > i_ts THEN
+            -- Edited in Tables after the version both sides share, without a new updated_at.
+            i_ts := greatest(date_trunc('milliseconds', p_edited_at), s_ts + interval '1 millisecond');
+            p_row := p_row || jsonb_build_object('updated_at', i_ts);
+        END IF;
+        IF zsync.version_order(i_ts, i_hash, s_ts, s_hash) = 0 THEN
+            outcome := 'unchanged';
+        ELSIF zsync.version_order(i_ts, i_hash, s_ts, s_hash) > 0 THEN
+            SELECT string_agg(format('%I', attname), ', ' ORDER BY attnum) INTO v_cols
+            FROM pg_attribute
+            WHERE attrelid = p_table AND attnum > 0 AND NOT attisdropped AND attgenerated = '' AND attname <> 'id';
+            EXECUTE format('UPDATE %1$s t SET (%2$s) = (SELECT %2$s FROM jsonb_populate_record(NULL::%1$s, $1)) WHERE t.id = $2',
+                           p_table, v_cols) USING p_row, v_id;
+            outcome := 'applied';
+            applied := p_row;
+        ELSE
+            outcome := 'skipped_stale';
+        END IF;
+        RETURN;
+    END LOOP;
+END
+$$;
+
+-- zsync.claim_outbox, then a try-lock of each claimed record (the advisory lock the functions take:
+-- hashtextextended('<table>:<id>', 0); never waits), then - in a later snapshot, after the locks - the
+-- current row of each record locked here and, for a row that is gone, its tombstone.
+-- -> (record id, entries, earliest capture time, locked here, row as to_jsonb | NULL, tombstone | NULL).
+CREATE OR REPLACE FUNCTION zsync.claim_outbox_rows(p_table text, p_limit integer DEFAULT 1000,
+                                                   p_exclude text[] DEFAULT '{}')
+RETURNS TABLE (record_id text, changes integer, captured_at timestamptz, locked boolean, current_row jsonb,
+               tombstone timestamptz)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_ids    text[];
+    v_counts integer[];
+    v_caps   timestamptz[];
+    v_locks  boolean[];
+BEGIN
+    IF to_regclass(format('public.%I', p_table)) IS NULL THEN
+        RAISE EXCEPTION 'claim_outbox_rows: no table public.%', p_table USING ERRCODE = '22023';
+    END IF;
+    SELECT coalesce(array_agg(c.record_id ORDER BY c.n), '{}'), coalesce(array_agg(c.changes ORDER BY c.n), '{}'),
+           coalesce(array_agg(c.captured_at ORDER BY c.n), '{}'),
+           coalesce(array_agg(pg_try_advisory_xact_lock(hashtextextended(p_table || ':' || c.record_id, 0))
+                              ORDER BY c.n), '{}')
+    INTO v_ids, v_counts, v_caps, v_locks
+    FROM zsync.claim_outbox(p_table, p_limit, p_exclude) WITH ORDINALITY AS c(record_id, changes, captured_at, n);
+    RETURN QUERY EXECUTE format(
+        'SELECT u.id, u.changes, u.captured_at, u.locked, CASE WHEN u.locked THEN to_jsonb(t) END, '
+        '       CASE WHEN u.locked AND t.id IS NULL THEN zsync.tombstone_version($5, u.id) END '
+        'FROM unnest($1, $2, $3, $4) WITH ORDINALITY AS u(id, changes, captured_at, locked, n) '
+        'LEFT JOIN public.%I t ON u.locked AND t.id = u.id ORDER BY u.n', p_table)
+        USING v_ids, v_counts, v_caps, v_locks, p_table;
+END
+$$;
+
+-- What a batch of the work queue records, in one call: its audit entries (zsync.append_audit_many), its
+-- acks (zsync.ack_outbox_many), then whether this table still has a pending entry another claim could take
+-- now (not in p_exclude, not held by another transaction): the drain claims again only then.
+CREATE OR REPLACE FUNCTION zsync.record_outbox_batch(p_table text, p_entries jsonb, p_acks jsonb,
+                                                     p_exclude text[] DEFAULT '{}',
+                                                     OUT inserted integer, OUT acked integer, OUT pending boolean)
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+    inserted := CASE WHEN jsonb_array_length(p_entries) > 0 THEN zsync.append_audit_many(p_entries) ELSE 0 END;
+    acked := CASE WHEN jsonb_array_length(p_acks) > 0 THEN zsync.ack_outbox_many(p_table, p_acks) ELSE 0 END;
+    pending := zsync.outbox_claimable(p_table, p_exclude);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION zsync.outbox_claimable(p_table text, p_exclude text[] DEFAULT '{}')
+RETURNS boolean LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM 1 FROM zsync.outbox o
+    WHERE o.table_name = p_table AND o.acked_at IS NULL AND NOT (o.record_id = ANY (p_exclude))
+    LIMIT 1 FOR UPDATE SKIP LOCKED;
+    RETURN FOUND;
+END
+$$;
+
+DROP FUNCTION IF EXISTS zsync.sync_upsert_many(regclass, jsonb);
+
+REVOKE EXECUTE ON FUNCTION zsync.claim_outbox_rows(text, integer, text[]),
+    zsync.record_outbox_batch(text, jsonb, jsonb, text[]), zsync.outbox_claimable(text, text[]),
+    zsync.version_of_typed(regclass, jsonb), zsync.version_order(timestamptz, text, timestamptz, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION zsync.claim_outbox_rows(text, integer, text[]),
+    zsync.record_outbox_batch(text, jsonb, jsonb, text[]), zsync.outbox_claimable(text, text[]),
+    zsync.version_of_typed(regclass, jsonb), zsync.version_order(timestamptz, text, timestamptz, text) TO zsync_sync;
