@@ -12,8 +12,9 @@ migrations 2026112981xxxx, in the same run against embedded Postgres (no network
   COMMIT).
 * the version of one row: ``zsync.version_of`` (the single path's) per call, before and after.
 
-"before" is a database migrated without the 2026112981xxxx migrations (the code is this checkout's), so
-the ratio is the SQL change alone; round trips are counted on the current code.
+"before" is a database migrated without the 2026112981xxxx migrations, with the drain's previous statements
+(:func:`previous_drain`: claim, one try-lock per record, read rows, tombstones; audit insert, ack, and a
+second transaction to find the queue empty); "after" is this checkout as it is.
 
     python -m bench.singlepath [--n 2000]
 """
@@ -21,13 +22,14 @@ the ratio is the SQL change alone; round trips are counted on the current code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import shutil
 import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -130,6 +132,30 @@ def _database(admin_url: str, tmp: Path, before: bool) -> str:
     return url
 
 
+@contextlib.contextmanager
+def previous_drain() -> Iterator[None]:
+    """The outbox drain's database calls as they were before zsync.claim_outbox_rows/record_outbox_batch."""
+    def claim(conn: psycopg.Connection, spec: Any, limit: int, exclude: list[str] | None = None) -> list[tuple]:
+        claimed = supabase_db.claim_outbox(conn, spec, limit, exclude)
+        locked = [(rid, n, cap, supabase_db.try_lock_record(conn, spec, rid)) for rid, n, cap in claimed]
+        rows = supabase_db.fetch_rows_by_id(conn, spec, [rid for rid, _, _, ok in locked if ok])
+        return [(rid, n, cap, ok, rows.get(rid),
+                 supabase_db.tombstone_version(conn, spec, rid) if ok and rid not in rows else None)
+                for rid, n, cap, ok in locked]
+
+    def record(conn: psycopg.Connection, spec: Any, entries: list, acks: list, exclude: list[str]) -> bool:
+        supabase_db.append_audit_many(conn, entries)
+        supabase_db.ack_outbox_many(conn, spec, acks)
+        return True  # the drain then claims again in a new transaction, as it did
+
+    saved = supabase_db.claim_outbox_rows, supabase_db.record_outbox_batch
+    supabase_db.claim_outbox_rows, supabase_db.record_outbox_batch = claim, record
+    try:
+        yield
+    finally:
+        supabase_db.claim_outbox_rows, supabase_db.record_outbox_batch = saved
+
+
 def _ctx(url: str) -> SyncContext:
     ctx = SyncContext(settings=Settings(database_url=url, retry_budget_s=5.0, table_ids={"agent_jobs": "t1"}))
     ctx.__dict__["tables"] = NullTables()
@@ -220,8 +246,8 @@ def _line(name: str, before: list[float], after: list[float]) -> str:
             f"  after/before {a50 / b50:5.2f}")
 
 
-def _trips(admin_url: str, tmp: Path, run: Callable[[str], Any]) -> int:
-    url = _database(admin_url, tmp, before=False)
+def _trips(admin_url: str, tmp: Path, run: Callable[[str], Any], before: bool = False) -> int:
+    url = _database(admin_url, tmp, before=before)
     trips = Trips(tmp)
     _pool_with(url, trips)
     run(url)  # warm: the connection exists and is checked on the next checkout
@@ -250,18 +276,27 @@ def main(argv: list[str] | None = None) -> None:
             ("tables->supabase echo (unchanged)", lambda u: to_supabase(u, args.n, Outcome.UNCHANGED, "echo")),
             ("supabase->tables (deliver)", lambda u: to_tables(u, max(1, args.n // 2))),
         ]
+        def old(run: Callable[[str], list[float]]) -> Callable[[str], list[float]]:
+            def wrapped(url: str) -> list[float]:
+                with previous_drain():
+                    return run(url)
+            return wrapped
+
         for name, run in cases:
-            run(dbs["before"])  # warm both (plans, caches) with a first pass of the same size
+            run_before = old(run)
+            run_before(dbs["before"])  # warm both (plans, caches) with a first pass of the same size
             run(dbs["after"])
             before, after = [], []
             for _ in range(2):  # interleaved halves: drift on a shared machine hits both alike
-                before += run(dbs["before"])
+                before += run_before(dbs["before"])
                 after += run(dbs["after"])
             print(_line(name, before, after))
         base = datetime(2031, 1, 1, tzinfo=UTC)
-        print("round trips per delivery (current code): "
-              f"tables->supabase insert {_trips(admin, tmp, lambda u: _apply_one(u, base))}, "
-              f"supabase->tables {_trips(admin, tmp, lambda u: to_tables(u, 1))}")
+        for label, is_before in (("before", True), ("after", False)):
+            with previous_drain() if is_before else contextlib.nullcontext():
+                one = _trips(admin, tmp, lambda u: _apply_one(u, base), is_before)
+                drain = _trips(admin, tmp, lambda u: to_tables(u, 1), is_before)
+            print(f"round trips per delivery {label:<6}: tables->supabase {one}, supabase->tables {drain}")
     finally:
         supabase_db.close_pools()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -14,11 +14,14 @@
 --   (the last one saved a whole second transaction per wake-up).
 -- * zsync.sync_upsert_many (20251222100300) is dropped: nothing calls it since zsync.sync_apply_many.
 
+-- plpgsql (not sql) so the query's plan is cached for the session: a SQL function called from plpgsql is
+-- planned again on every call.
 CREATE OR REPLACE FUNCTION zsync.canonical_row(p_table regclass, p_row jsonb)
-RETURNS jsonb LANGUAGE sql STABLE
+RETURNS jsonb LANGUAGE plpgsql STABLE
 SET timezone TO 'UTC'
 AS $$
-    SELECT coalesce(jsonb_object_agg(a.attname,
+BEGIN
+    RETURN (SELECT coalesce(jsonb_object_agg(a.attname,
                CASE WHEN a.atttypid = 'timestamptz'::regtype AND jsonb_typeof(c.v) = 'string'
                         THEN to_jsonb(date_trunc('milliseconds', (c.v #>> '{}')::timestamptz))
                     WHEN a.atttypid = 'jsonb'::regtype THEN zsync.canonical_json(c.v)
@@ -27,7 +30,8 @@ AS $$
     WHERE a.attrelid = p_table AND a.attnum > 0 AND NOT a.attisdropped
       -- An empty text/array is no value; an empty JSON array in a jsonb column is a value.
       AND c.v IS NOT NULL AND c.v NOT IN ('null'::jsonb, '""'::jsonb)
-      AND NOT (c.v = '[]'::jsonb AND a.atttypid <> 'jsonb'::regtype)
+      AND NOT (c.v = '[]'::jsonb AND a.atttypid <> 'jsonb'::regtype));
+END
 $$;
 
 -- A JSON value without numbers is its own canonical form (only numbers are rewritten): skip the walk.
@@ -64,18 +68,13 @@ $$;
 -- The version of a row of p_table as (updated_at at millisecond precision, md5 of its canonical form
 -- without updated_at), from p_row as to_jsonb of the row type (no cast needed: zsync.sync_apply's stored row).
 CREATE OR REPLACE FUNCTION zsync.version_of_typed(p_table regclass, p_row jsonb, OUT ts timestamptz, OUT hash text)
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET timezone TO 'UTC'
 AS $$
-    SELECT date_trunc('milliseconds', coalesce((p_row ->> 'updated_at')::timestamptz, '-infinity')),
-           md5(zsync.canonical_row(p_table, p_row - 'updated_at')::text)
-$$;
-
--- zsync.version_cmp of two versions given by their (ts, hash).
-CREATE OR REPLACE FUNCTION zsync.version_order(a_ts timestamptz, a_hash text, b_ts timestamptz, b_hash text)
-RETURNS integer LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$
-    SELECT CASE WHEN a_ts = b_ts AND a_hash = b_hash THEN 0 WHEN (a_ts, a_hash) > (b_ts, b_hash) THEN 1 ELSE -1 END
+BEGIN
+    ts := date_trunc('milliseconds', coalesce((p_row ->> 'updated_at')::timestamptz, '-infinity'));
+    hash := md5(zsync.canonical_row(p_table, p_row - 'updated_at')::text);
+END
 $$;
 
 -- As 20261129100000's zsync.sync_apply (same outcomes, same rows), computing each version once.
@@ -117,17 +116,17 @@ BEGIN
             END IF;
             CONTINUE;  -- a concurrent insert won the race: lock that row and compare
         END IF;
-        SELECT v.ts, v.hash INTO i_ts, i_hash FROM zsync.version_of(p_table, p_row) v;
-        SELECT v.ts, v.hash INTO s_ts, s_hash FROM zsync.version_of_typed(p_table, stored) v;
+        SELECT * INTO i_ts, i_hash FROM zsync.version_of(p_table, p_row);
+        SELECT * INTO s_ts, s_hash FROM zsync.version_of_typed(p_table, stored);
         IF p_edited_at IS NOT NULL AND i_ts = s_ts AND i_hash <> s_hash
            AND date_trunc('milliseconds', p_edited_at) > i_ts THEN
             -- Edited in Tables after the version both sides share, without a new updated_at.
             i_ts := greatest(date_trunc('milliseconds', p_edited_at), s_ts + interval '1 millisecond');
             p_row := p_row || jsonb_build_object('updated_at', i_ts);
         END IF;
-        IF zsync.version_order(i_ts, i_hash, s_ts, s_hash) = 0 THEN
+        IF i_ts = s_ts AND i_hash = s_hash THEN
             outcome := 'unchanged';
-        ELSIF zsync.version_order(i_ts, i_hash, s_ts, s_hash) > 0 THEN
+        ELSIF (i_ts, i_hash) > (s_ts, s_hash) THEN
             SELECT string_agg(format('%I', attname), ', ' ORDER BY attnum) INTO v_cols
             FROM pg_attribute
             WHERE attrelid = p_table AND attnum > 0 AND NOT attisdropped AND attgenerated = '' AND attname <> 'id';
@@ -207,7 +206,7 @@ DROP FUNCTION IF EXISTS zsync.sync_upsert_many(regclass, jsonb);
 
 REVOKE EXECUTE ON FUNCTION zsync.claim_outbox_rows(text, integer, text[]),
     zsync.record_outbox_batch(text, jsonb, jsonb, text[]), zsync.outbox_claimable(text, text[]),
-    zsync.version_of_typed(regclass, jsonb), zsync.version_order(timestamptz, text, timestamptz, text) FROM PUBLIC;
+    zsync.version_of_typed(regclass, jsonb) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION zsync.claim_outbox_rows(text, integer, text[]),
     zsync.record_outbox_batch(text, jsonb, jsonb, text[]), zsync.outbox_claimable(text, text[]),
-    zsync.version_of_typed(regclass, jsonb), zsync.version_order(timestamptz, text, timestamptz, text) TO zsync_sync;
+    zsync.version_of_typed(regclass, jsonb) TO zsync_sync;
