@@ -231,6 +231,34 @@ def version_of(url: str, n: int) -> list[float]:
         return _timed(n, one)
 
 
+SERVER_KINDS = {  # kind -> (row changes over the stored one, edited_at, expected outcome)
+    "insert": ({}, None, "applied"),
+    "echo (unchanged)": ({}, None, "unchanged"),
+    "update": ({"updated_at": "2031-01-02T00:00:00Z"}, None, "applied"),
+    "cell edit (edited_at)": ({"updated_at": "2031-01-02T00:00:00Z", "status": "edited"}, "2031-01-03T00:00:00Z",
+                              "applied"),
+}
+
+
+def server_sync_apply(url: str, n: int) -> dict[str, float]:
+    """zsync.sync_apply's own time per call (no client, no round trip): ``n`` calls in one statement per kind,
+    in order on the same ids, rolled back. -> kind -> microseconds per call."""
+    import json
+
+    row = json.dumps(_record("x", 1, datetime(2031, 1, 1, tzinfo=UTC)))
+    out: dict[str, float] = {}
+    with psycopg.connect(url, prepare_threshold=None) as c, c.transaction(force_rollback=True):
+        for kind, (change, edited, expect) in SERVER_KINDS.items():
+            t = time.perf_counter()
+            got = c.execute("SELECT count(*) FILTER (WHERE a.outcome = %s) FROM generate_series(1, %s) g, "
+                            "LATERAL zsync.sync_apply('public.agent_jobs', %s::jsonb || %s::jsonb "
+                            "|| jsonb_build_object('id', 'srv-' || g), %s) a",
+                            (expect, n, row, json.dumps(change), edited)).fetchone()[0]
+            out[kind] = (time.perf_counter() - t) * 1e6 / n
+            assert got == n, (kind, got)
+    return out
+
+
 def _apply_one(url: str, base: datetime) -> None:
     apply_from_tables(_ctx(url), TO_SUPABASE, _record(uuid.uuid4().hex, 1, base))
 
@@ -291,6 +319,10 @@ def main(argv: list[str] | None = None) -> None:
                 before += run_before(dbs["before"])
                 after += run(dbs["after"])
             print(_line(name, before, after))
+        server = {label: [server_sync_apply(url, args.n) for _ in range(3)] for label, url in dbs.items()}
+        for kind in SERVER_KINDS:
+            b, a = (min(r[kind] for r in server[label]) for label in ("before", "after"))
+            print(f"server: zsync.sync_apply {kind:<22} {b:7.1f} -> {a:7.1f} us per call  after/before {a / b:5.2f}")
         base = datetime(2031, 1, 1, tzinfo=UTC)
         for label, is_before in (("before", True), ("after", False)):
             with previous_drain() if is_before else contextlib.nullcontext():
