@@ -8,6 +8,8 @@
 --   loop they replace; they pay off over a batch.
 -- * zsync.sync_apply: the incoming and stored versions computed once each (it computed them up to four
 --   times through version_of/version_cmp, each a dynamic statement), and only when there is a stored row.
+-- * zsync.claim_outbox, zsync.ack_outbox_many: the same queries in plpgsql (a sql function called from
+--   another function is planned again on every call; plpgsql keeps its plans for the session).
 -- * zsync.claim_outbox_rows: the *_to_tables work queue's claim, per-record lock and row read in one call
 --   (they were 2 + one lock statement per claimed record).
 -- * zsync.record_outbox_batch: a batch's audit entries, acks and "anything left to claim?" in one call
@@ -142,6 +144,47 @@ BEGIN
 END
 $$;
 
+-- zsync.claim_outbox and zsync.ack_outbox_many in plpgsql, same queries: a LANGUAGE sql function is planned
+-- again on every call from another function, a plpgsql one keeps its plans for the session.
+CREATE OR REPLACE FUNCTION zsync.claim_outbox(p_table text, p_limit integer DEFAULT 1000,
+                                              p_exclude text[] DEFAULT '{}')
+RETURNS TABLE (record_id text, changes integer, captured_at timestamptz)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN QUERY
+    WITH claimed AS (
+        SELECT o.id, o.record_id, o.created_at FROM zsync.outbox o
+        WHERE o.table_name = p_table AND o.acked_at IS NULL AND NOT (o.record_id = ANY (p_exclude))
+        ORDER BY o.id
+        LIMIT greatest(p_limit, 1)
+        FOR UPDATE SKIP LOCKED)
+    SELECT c.record_id, count(*)::integer, min(c.created_at)
+    FROM claimed c GROUP BY c.record_id ORDER BY min(c.id);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION zsync.ack_outbox_many(p_table text, p_acks jsonb)
+RETURNS integer LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_n integer;
+BEGIN
+    WITH todo AS (
+        SELECT o.id, a.outcome
+        FROM jsonb_to_recordset(p_acks) AS a(record_id text, updated_at timestamptz, outcome text)
+        JOIN zsync.outbox o ON o.table_name = p_table AND o.record_id = a.record_id AND o.acked_at IS NULL
+                           AND (o.record_updated_at IS NULL OR a.updated_at IS NULL OR o.record_updated_at <= a.updated_at)
+        FOR UPDATE OF o SKIP LOCKED),
+    done AS (
+        UPDATE zsync.outbox o SET acked_at = now(), ack_outcome = todo.outcome
+        FROM todo WHERE o.id = todo.id
+        RETURNING 1)
+    SELECT count(*)::integer INTO v_n FROM done;
+    RETURN v_n;
+END
+$$;
+
 -- zsync.claim_outbox, then a try-lock of each claimed record (the advisory lock the functions take:
 -- hashtextextended('<table>:<id>', 0); never waits), then - in a later snapshot, after the locks - the
 -- current row of each record locked here and, for a row that is gone, its tombstone.
@@ -157,6 +200,7 @@ DECLARE
     v_counts integer[];
     v_caps   timestamptz[];
     v_locks  boolean[];
+    v_rows   jsonb;
 BEGIN
     IF to_regclass(format('public.%I', p_table)) IS NULL THEN
         RAISE EXCEPTION 'claim_outbox_rows: no table public.%', p_table USING ERRCODE = '22023';
@@ -167,12 +211,17 @@ BEGIN
                               ORDER BY c.n), '{}')
     INTO v_ids, v_counts, v_caps, v_locks
     FROM zsync.claim_outbox(p_table, p_limit, p_exclude) WITH ORDINALITY AS c(record_id, changes, captured_at, n);
-    RETURN QUERY EXECUTE format(
-        'SELECT u.id, u.changes, u.captured_at, u.locked, CASE WHEN u.locked THEN to_jsonb(t) END, '
-        '       CASE WHEN u.locked AND t.id IS NULL THEN zsync.tombstone_version($5, u.id) END '
-        'FROM unnest($1, $2, $3, $4) WITH ORDINALITY AS u(id, changes, captured_at, locked, n) '
-        'LEFT JOIN public.%I t ON u.locked AND t.id = u.id ORDER BY u.n', p_table)
-        USING v_ids, v_counts, v_caps, v_locks, p_table;
+    IF cardinality(v_ids) = 0 THEN
+        RETURN;
+    END IF;
+    EXECUTE format('SELECT coalesce(jsonb_object_agg(t.id, to_jsonb(t)), ''{}'') FROM public.%I t WHERE t.id = ANY ($1)',
+                   p_table) INTO v_rows USING (SELECT array_agg(u.id) FROM unnest(v_ids, v_locks) AS u(id, locked) WHERE u.locked);
+    RETURN QUERY
+    SELECT u.id, u.changes, u.captured_at, u.locked, v_rows -> u.id,
+           CASE WHEN u.locked AND NOT v_rows ? u.id THEN
+               (SELECT b.version FROM zsync.tombstones b WHERE b.table_name = p_table AND b.record_id = u.id) END
+    FROM unnest(v_ids, v_counts, v_caps, v_locks) WITH ORDINALITY AS u(id, changes, captured_at, locked, n)
+    ORDER BY u.n;
 END
 $$;
 
