@@ -76,7 +76,8 @@ def _state(url: str) -> dict[str, Any]:
     return {"rows": rows, "audit": audit, "outbox": outbox, "tombstones": tombs}
 
 
-def test_batch_equals_one_by_one(pg_server: Any) -> None:
+@pytest.mark.parametrize("chunk", [None, 3])  # one batch (the multi-row statement), or small ones (sync_apply per row)
+def test_batch_equals_one_by_one(pg_server: Any, chunk: int | None) -> None:
     single_url, batch_url = _fresh(pg_server), _fresh(pg_server)
     single = _ctx(single_url)
     expected = []
@@ -93,7 +94,11 @@ def test_batch_equals_one_by_one(pg_server: Any) -> None:
             entry = audit.failed_entry(FN, canonical_json(payload).encode(), exc.problems, RECEIVED, payload["id"])
             single.db.run(lambda conn, entry=entry: supabase_db.append_audit(conn, entry))
             expected.append((Outcome.REJECTED, payload["id"]))
-    results = apply_many_from_tables(_ctx(batch_url), FN, DELIVERIES, received_at=RECEIVED, origin="replay")
+    size = chunk or len(DELIVERIES)
+    batch = _ctx(batch_url)
+    results = [r for i in range(0, len(DELIVERIES), size)
+               for r in apply_many_from_tables(batch, FN, DELIVERIES[i:i + size], received_at=RECEIVED,
+                                               origin="replay")]
     assert [(r.outcome, r.id) for r in results] == expected
     assert [o for o, _ in expected] == [
         Outcome.APPLIED, Outcome.UNCHANGED, Outcome.SKIPPED_STALE, Outcome.APPLIED, Outcome.APPLIED,

@@ -337,7 +337,7 @@ CALLED = {"sync_upsert", "version_cmp", "content_hash", "append_audit",
           # issue 12: Tables -> Supabase in batches
           "sync_apply_many", "version_exprs", "append_audit_each",
           # issue 12: the single-record path (sync_upsert_many is gone)
-          "version_of_typed", "claim_outbox_rows", "record_outbox_batch", "outbox_claimable"}
+          "version_of_typed", "claim_outbox_rows", "record_outbox_batch", "outbox_claimable", "sync_apply_many_set"}
 DEFINER = {"capture_change", "ack_outbox", "announce",
            # issue 13: they read/write zsync.tombstones and zsync.outbox, which zsync_sync cannot touch
            "maintain_updated_at", "track_tombstone", "tombstone_version", "apply_tables_delete", "outbox_failed",
