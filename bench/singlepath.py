@@ -46,7 +46,7 @@ from shared.migrate import MIGRATIONS_DIR, apply_migrations
 from shared.outbox_batch import deliver
 from shared.settings import Settings
 from shared.spec import FUNCTIONS
-from shared.sync import SupabaseWebhook, SyncContext, apply_from_tables
+from shared.sync import SupabaseWebhook, SyncContext, apply_from_tables, apply_many_from_tables
 
 TO_SUPABASE = FUNCTIONS["agent_jobs_to_supabase"]
 TO_TABLES = FUNCTIONS["agent_jobs_to_tables"]
@@ -181,7 +181,9 @@ def _timed(n: int, one: Callable[[int], Any]) -> list[float]:
     return out
 
 
-def to_supabase(url: str, n: int, expect: Outcome, kind: str) -> list[float]:
+def to_supabase(url: str, n: int, expect: Outcome, kind: str, lease: bool = False) -> list[float]:
+    """``lease``: through :func:`apply_many_from_tables` with one delivery (a trigger-inbox lease of one message,
+    the default path) instead of :func:`apply_from_tables` (a Zap's POST)."""
     ctx = _ctx(url)
     base = datetime(2031, 1, 1, tzinfo=UTC)
     ids = [f"{kind}-{uuid.uuid4().hex[:10]}" for _ in range(n)]
@@ -191,21 +193,34 @@ def to_supabase(url: str, n: int, expect: Outcome, kind: str) -> list[float]:
     later = base + timedelta(days=1) if kind == "update" else base
 
     def one(i: int) -> None:
-        result = apply_from_tables(ctx, TO_SUPABASE, _record(ids[i], i, later))
+        record = _record(ids[i], i, later)
+        result = (apply_many_from_tables(ctx, TO_SUPABASE, [record])[0] if lease
+                  else apply_from_tables(ctx, TO_SUPABASE, record))
         assert result.outcome is expect, (kind, result)
 
     return _timed(n, one)
 
 
-def to_tables(url: str, n: int) -> list[float]:
+def to_tables(url: str, n: int, update: bool = False) -> list[float]:
+    """``update``: the record is in Tables already (created by a first delivery, not timed): the version
+    comparison runs too."""
     ctx = _ctx(url)
     fn = TO_TABLES
+
+    def write(c: psycopg.Connection, rid: str, status: str) -> dict[str, Any]:
+        return c.execute("INSERT INTO agent_jobs (id, status, parameters) VALUES (%s, %s, '{\"n\": 1}') "
+                         "ON CONFLICT (id) DO UPDATE SET status = excluded.status RETURNING to_jsonb(agent_jobs)",
+                         (rid, status)).fetchone()[0]
 
     def one(i: int) -> None:
         rid = f"out-{uuid.uuid4().hex[:10]}"
         with psycopg.connect(url, autocommit=True) as c:  # the Supabase-side write (not timed below)
-            row = c.execute("INSERT INTO agent_jobs (id, status, parameters) VALUES (%s, 'queued', '{\"n\": 1}') "
-                            "RETURNING to_jsonb(agent_jobs)", (rid,)).fetchone()[0]
+            if update:
+                first = write(c, rid, "queued")
+                assert deliver(ctx, fn, SupabaseWebhook.model_validate(
+                    {"type": "INSERT", "table": "agent_jobs", "schema": "public", "record": first})).outcome \
+                    is Outcome.APPLIED
+            row = write(c, rid, "running" if update else "queued")
         hook = SupabaseWebhook.model_validate({"type": "INSERT", "table": "agent_jobs", "schema": "public",
                                                "record": row, "old_record": None})
         t = time.perf_counter()
@@ -302,7 +317,9 @@ def main(argv: list[str] | None = None) -> None:
             ("tables->supabase insert", lambda u: to_supabase(u, args.n, Outcome.APPLIED, "insert")),
             ("tables->supabase update", lambda u: to_supabase(u, args.n, Outcome.APPLIED, "update")),
             ("tables->supabase echo (unchanged)", lambda u: to_supabase(u, args.n, Outcome.UNCHANGED, "echo")),
-            ("supabase->tables (deliver)", lambda u: to_tables(u, max(1, args.n // 2))),
+            ("tables->supabase inbox lease of 1", lambda u: to_supabase(u, args.n, Outcome.APPLIED, "update", True)),
+            ("supabase->tables new (deliver)", lambda u: to_tables(u, max(1, args.n // 2))),
+            ("supabase->tables update (deliver)", lambda u: to_tables(u, max(1, args.n // 2), update=True)),
         ]
         def old(run: Callable[[str], list[float]]) -> Callable[[str], list[float]]:
             def wrapped(url: str) -> list[float]:
@@ -328,7 +345,9 @@ def main(argv: list[str] | None = None) -> None:
             with previous_drain() if is_before else contextlib.nullcontext():
                 one = _trips(admin, tmp, lambda u: _apply_one(u, base), is_before)
                 drain = _trips(admin, tmp, lambda u: to_tables(u, 1), is_before)
-            print(f"round trips per delivery {label:<6}: tables->supabase {one}, supabase->tables {drain}")
+                updated = _trips(admin, tmp, lambda u: to_tables(u, 1, update=True), is_before)
+            print(f"round trips per delivery {label:<6}: tables->supabase {one}, supabase->tables new {drain}, "
+                  f"update {updated} (the first delivery included)")
     finally:
         supabase_db.close_pools()
         shutil.rmtree(tmp, ignore_errors=True)
