@@ -302,6 +302,7 @@ def _trips(admin_url: str, tmp: Path, run: Callable[[str], Any], before: bool = 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2000, help="deliveries per measurement")
+    parser.add_argument("--only", default="", help="run only the cases whose name contains this text")
     args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="zsync-singlepath-"))
     server = start_postgres(tmp / "pg")
@@ -328,6 +329,8 @@ def main(argv: list[str] | None = None) -> None:
             return wrapped
 
         for name, run in cases:
+            if args.only not in name:
+                continue
             run_before = old(run)
             run_before(dbs["before"])  # warm both (plans, caches) with a first pass of the same size
             run(dbs["after"])
