@@ -76,9 +76,9 @@ class _Plan:
     deletes: list[str] = field(default_factory=list)  # deleted (tombstone): the single delete path
     locked: int = 0  # claimed records another transaction was working on
     claimed: int = 0
-    entries: int = 0  # outbox entries behind the claimed records (claim_outbox's limit counts these)
     stopped: str | None = None  # why writes stopped early (budget): the rest stays pending
     requests: int = 0
+    more: bool = True  # after recording: the table still has entries a claim could take now
 
 
 @dataclass
@@ -103,14 +103,13 @@ def _webhook_body(spec_name: str, raw: dict[str, Any]) -> bytes:
                        "old_record": None}, sort_keys=True, default=str).encode()
 
 
-def _plan_items(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec,
-                owned: list[tuple[str, datetime | None]], plan: _Plan) -> None:
+def _plan_items(fn: FunctionSpec, owned: list[tuple[str, datetime | None, dict | None, datetime | None]],
+                plan: _Plan) -> None:
+    """``owned``: (record id, capture time, current row | None, tombstone | None) of the records locked here."""
     spec = fn.table
-    rows = supabase_db.fetch_rows_by_id(conn, spec, [rid for rid, _ in owned])
-    for rid, captured in owned:
-        raw = rows.get(rid)
+    for rid, captured, raw, tomb in owned:
         if raw is None:
-            if spec.sync_deletes and supabase_db.tombstone_version(conn, spec, rid) is not None:
+            if spec.sync_deletes and tomb is not None:
                 plan.deletes.append(rid)
             else:
                 plan.gone.append(rid)
@@ -243,8 +242,9 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
                 plan.outcomes[(one if create else one[0]).id] = (Outcome.APPLIED, None)
 
 
-def _record(conn: psycopg.Connection, fn: FunctionSpec, plan: _Plan, origin: str) -> None:
-    """Audit entries and acks of one batch: one insert and one ack call (plus failure counts)."""
+def _record(conn: psycopg.Connection, fn: FunctionSpec, plan: _Plan, origin: str, exclude: list[str]) -> None:
+    """Audit entries and acks of one batch in one call (plus failure counts); sets ``plan.more``: whether a
+    claim could take anything now besides ``exclude`` and what this batch hands on (failed, parked, deletes)."""
     spec = fn.table
     now = datetime.now(UTC)
     entries: list[dict[str, Any]] = []
@@ -259,8 +259,9 @@ def _record(conn: psycopg.Connection, fn: FunctionSpec, plan: _Plan, origin: str
         acks.append((rid, item.row.get(spec.version or ""), outcome.value))
     for rid, row, problems, status in plan.failed:
         entries.append(audit.failed_entry(fn, _webhook_body(spec.name, row), problems, now, rid, status))
-    supabase_db.append_audit_many(conn, entries)
-    supabase_db.ack_outbox_many(conn, spec, acks)
+    handed_on = [rid for rid, _, _, _ in plan.failed] + plan.deletes + [
+        rid for rid, (outcome, _) in plan.outcomes.items() if outcome is Outcome.PARKED]
+    plan.more = supabase_db.record_outbox_batch(conn, spec, entries, acks, exclude + handed_on)
     for rid, _, problems, _ in plan.failed:  # counted on the record's entries, parked after a few
         reason = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)[:2000]
         if supabase_db.outbox_failed(conn, spec, rid, reason):
@@ -277,23 +278,22 @@ def _drain_once(ctx: SyncContext, fn: FunctionSpec, limit: int, exclude: list[st
 
     def attempt(conn: psycopg.Connection) -> _Plan:
         if done:  # the Tables writes are made: record them, never write again
-            _record(conn, fn, done[0], origin)
+            _record(conn, fn, done[0], origin, exclude)
             return done[0]
         plan = _Plan()
-        claimed = supabase_db.claim_outbox(conn, spec, limit, exclude)
+        claimed = supabase_db.claim_outbox_rows(conn, spec, limit, exclude)  # + locks + rows, one call
         plan.claimed = len(claimed)
-        plan.entries = sum(changes for _, changes, _ in claimed)
         owned = []
-        for rid, _, captured in claimed:
-            if supabase_db.try_lock_record(conn, spec, rid):
-                owned.append((rid, captured))
+        for rid, _, captured, locked, raw, tomb in claimed:
+            if locked:
+                owned.append((rid, captured, raw, tomb))
             else:
                 plan.locked += 1
-        _plan_items(ctx, conn, fn, owned, plan)
+        _plan_items(fn, owned, plan)
         with shared_budget(budget_s):
             _write(ctx, conn, fn, plan, time.monotonic() + budget_s)
         done.append(plan)
-        _record(conn, fn, plan, origin)
+        _record(conn, fn, plan, origin, exclude)
         return plan
 
     try:
@@ -301,7 +301,7 @@ def _drain_once(ctx: SyncContext, fn: FunctionSpec, limit: int, exclude: list[st
     except (supabase_db.DatabaseUnavailable, psycopg.Error):
         if not done:
             raise
-        ctx.db.run(lambda conn: _record(conn, fn, done[0], origin))
+        ctx.db.run(lambda conn: _record(conn, fn, done[0], origin, exclude))
         return done[0]
 
 
@@ -347,12 +347,8 @@ def drain_outbox(ctx: SyncContext, fn: FunctionSpec, *, origin: str = "live", li
             log_event(ctx.logger, logging.WARNING, "outbox_batch_stopped", table=fn.table.name, reason=plan.stopped,
                       delivered=len(plan.outcomes))
             break
-        if plan.claimed == 0:
+        if plan.claimed == 0 or not plan.more:  # nothing left a claim could take: no second round trip
             break
-        pushed_back = any(outcome is Outcome.SKIPPED_STALE for outcome, _ in plan.outcomes.values())
-        if plan.entries < limit and not plan.locked and not pushed_back:
-            break  # took every entry there was: no empty round (a change captured since has its own webhook,
-            # one held by another invocation is theirs; a push-back's own entry is taken by the next round)
         progressed = plan.outcomes or plan.failed or plan.gone or plan.deletes
         if not progressed:  # every claimed record was held by another invocation: wait for it a little
             idle_rounds += 1

@@ -207,6 +207,26 @@ def claim_outbox(conn: psycopg.Connection, spec: TableSpec, limit: int,
                         (spec.name, limit, exclude or [])).fetchall()
 
 
+def claim_outbox_rows(conn: psycopg.Connection, spec: TableSpec, limit: int, exclude: list[str] | None = None
+                      ) -> list[tuple[str, int, datetime, bool, dict | None, datetime | None]]:
+    """:func:`claim_outbox`, :func:`try_lock_record` of each claimed record and, for those locked here, its
+    current row (``to_jsonb``) or, gone, its tombstone, in one call (zsync.claim_outbox_rows).
+    -> (record id, entries, earliest capture time, locked here, row | None, tombstone | None), oldest first."""
+    return conn.execute("SELECT record_id, changes, captured_at, locked, current_row, tombstone "
+                        "FROM zsync.claim_outbox_rows(%s, %s, %s)", (spec.name, limit, exclude or [])).fetchall()
+
+
+def record_outbox_batch(conn: psycopg.Connection, spec: TableSpec, entries: list[Mapping[str, Any]],
+                        acks: list[tuple[str, datetime | None, str]], exclude: list[str]) -> bool:
+    """:func:`append_audit_many` and :func:`ack_outbox_many` in one call (zsync.record_outbox_batch).
+    -> whether the table still has a pending entry a claim could take now (not of ``exclude``)."""
+    audit = "[" + ",".join(row_to_json(e) for e in entries) + "]"
+    done = json.dumps([{"record_id": rid, "updated_at": ts.isoformat() if ts else None, "outcome": outcome}
+                       for rid, ts, outcome in acks])
+    return conn.execute("SELECT pending FROM zsync.record_outbox_batch(%s, %s::jsonb, %s::jsonb, %s)",
+                        (spec.name, audit, done, exclude)).fetchone()[0]
+
+
 def outbox_state(conn: psycopg.Connection, spec: TableSpec, record_id: str, updated_at: datetime | None) -> str:
     """'pending' (held by another invocation), 'delivered' (this version or later) or 'none' (zsync.outbox_state)."""
     return conn.execute("SELECT zsync.outbox_state(%s, %s, %s)", (spec.name, record_id, updated_at)).fetchone()[0]

@@ -128,9 +128,14 @@ class SyncContext:
 
 
 def unwrap_tables_payload(payload: Mapping[str, Any]) -> Any:
-    """A Zap sends the record's fields flat; ``{"record": {...}}`` (optionally with ``edited_at``) too."""
+    """A Zap sends the record's fields flat; ``{"record": {...}}`` (optionally with ``edited_at``) too.
+    The wrapper's ``edited_at`` then counts as the record's own (lag and version, as in the flat form)
+    unless the record carries one."""
     if "record" in payload and set(payload) <= {"record", EDITED_AT}:
-        return payload["record"]
+        record = payload["record"]
+        if EDITED_AT in payload and isinstance(record, Mapping) and EDITED_AT not in record:
+            return {**record, EDITED_AT: payload[EDITED_AT]}
+        return record
     return payload
 
 

@@ -76,7 +76,8 @@ def _state(url: str) -> dict[str, Any]:
     return {"rows": rows, "audit": audit, "outbox": outbox, "tombstones": tombs}
 
 
-def test_batch_equals_one_by_one(pg_server: Any) -> None:
+@pytest.mark.parametrize("chunk", [None, 3])  # one batch (the multi-row statement), or small ones (sync_apply per row)
+def test_batch_equals_one_by_one(pg_server: Any, chunk: int | None) -> None:
     single_url, batch_url = _fresh(pg_server), _fresh(pg_server)
     single = _ctx(single_url)
     expected = []
@@ -93,7 +94,11 @@ def test_batch_equals_one_by_one(pg_server: Any) -> None:
             entry = audit.failed_entry(FN, canonical_json(payload).encode(), exc.problems, RECEIVED, payload["id"])
             single.db.run(lambda conn, entry=entry: supabase_db.append_audit(conn, entry))
             expected.append((Outcome.REJECTED, payload["id"]))
-    results = apply_many_from_tables(_ctx(batch_url), FN, DELIVERIES, received_at=RECEIVED, origin="replay")
+    size = chunk or len(DELIVERIES)
+    batch = _ctx(batch_url)
+    results = [r for i in range(0, len(DELIVERIES), size)
+               for r in apply_many_from_tables(batch, FN, DELIVERIES[i:i + size], received_at=RECEIVED,
+                                               origin="replay")]
     assert [(r.outcome, r.id) for r in results] == expected
     assert [o for o, _ in expected] == [
         Outcome.APPLIED, Outcome.UNCHANGED, Outcome.SKIPPED_STALE, Outcome.APPLIED, Outcome.APPLIED,
@@ -176,3 +181,24 @@ def test_concurrent_batches_and_single_applies(pg_server: Any, workers: int) -> 
         latest = conn.execute("SELECT max(updated_at) FROM agent_jobs WHERE id LIKE 'c-%'").fetchone()[0]
         lowest = conn.execute("SELECT min(updated_at) FROM agent_jobs WHERE id LIKE 'c-%'").fetchone()[0]
     assert latest == lowest == datetime(2030, 1, 1, 0, 0, (workers - 1) * 3 + 2, tzinfo=UTC)
+
+
+def test_wrapped_delivery_edited_at_versions_like_the_flat_form(pg_server: Any) -> None:
+    """``{"record": {...}, "edited_at": ...}`` is the flat delivery with that ``edited_at``: a cell edit that
+    did not move updated_at is versioned at edited_at on the single path (the function's) and in a batch."""
+    from shared.handler import process
+
+    flat = {"id": "edited", "status": "flat", "updated_at": T1, "created_at": T0, "edited_at": T2}
+    wrapped = {"record": {"id": "edited", "status": "wrapped", "updated_at": T1, "created_at": T0}, "edited_at": T2}
+    for payload in (flat, wrapped):
+        url = _fresh(pg_server)
+        assert process(FN, _ctx(url), payload, RECEIVED).outcome is Outcome.APPLIED
+        edited = dict(_state(url)["rows"])["edited"]
+        assert edited["updated_at"].startswith("2030-01-01T02:00:00"), edited
+        url = _fresh(pg_server)
+        assert [r.outcome for r in apply_many_from_tables(_ctx(url), FN, [payload], received_at=RECEIVED)] == [
+            Outcome.APPLIED]
+        edited = dict(_state(url)["rows"])["edited"]
+        assert edited["updated_at"].startswith("2030-01-01T02:00:00"), edited
+    assert unwrap_tables_payload({"record": {"id": "a", "edited_at": T1}, "edited_at": T2})["edited_at"] == T1
+    assert unwrap_tables_payload({"record": [1], "edited_at": T2}) == [1]

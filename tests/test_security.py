@@ -323,7 +323,7 @@ def test_errors_never_echo_secrets_or_stack_traces(env, logs, database_url):
 # --- the database role the functions use -------------------------------------------------------------------
 
 TWO_WAY = ("agent_jobs", "agent_decisions", "rate_limits")
-CALLED = {"sync_upsert", "sync_upsert_many", "version_cmp", "content_hash", "append_audit",
+CALLED = {"sync_upsert", "version_cmp", "content_hash", "append_audit",
           "ack_outbox", "announce",
           # issue 13: canonical versions, tombstones, Tables deletes, parking undeliverable changes
           "sync_apply", "version_of", "canonical_row", "canonical_json", "tombstone_version",
@@ -337,7 +337,9 @@ CALLED = {"sync_upsert", "sync_upsert_many", "version_cmp", "content_hash", "app
           # issue 12: Tables -> Supabase in batches
           "sync_apply_many", "version_exprs", "append_audit_each",
           # issue 12: reconcile at scale (the set-based ack)
-          "ack_outbox_set"}
+          "ack_outbox_set",
+          # issue 12: the single-record path (sync_upsert_many is gone)
+          "version_of_typed", "claim_outbox_rows", "record_outbox_batch", "outbox_claimable", "sync_apply_many_set"}
 DEFINER = {"capture_change", "ack_outbox", "announce",
            # issue 13: they read/write zsync.tombstones and zsync.outbox, which zsync_sync cannot touch
            "maintain_updated_at", "track_tombstone", "tombstone_version", "apply_tables_delete", "outbox_failed",
@@ -346,7 +348,9 @@ DEFINER = {"capture_change", "ack_outbox", "announce",
            # issue 13 item 4: zsync.trash_watermarks and the outbox, which zsync_sync cannot touch
            "trash_watermark", "trash_checked", "trash_insert_pending",
            # issue 12: claim and acknowledge outbox entries
-           "claim_outbox", "ack_outbox_many", "outbox_state", "requeue", "ack_outbox_set"}
+           "claim_outbox", "ack_outbox_many", "outbox_state", "requeue", "ack_outbox_set",
+           # issue 12: claim with the rows, "anything left to claim?"
+           "claim_outbox_rows", "outbox_claimable"}
 
 
 def role_url(database_url: str, role: str = ROLE) -> str:
