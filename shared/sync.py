@@ -44,7 +44,8 @@ class ConfigurationError(RuntimeError):
 class SupabaseWebhook(BaseModel):
     """What a Supabase Database Webhook POSTs (see ../shared/reference/supabase-webhooks.md)."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    # Built on first use: only the *_to_tables functions validate webhooks (cold start of the others).
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, defer_build=True)
 
     type: Literal["INSERT", "UPDATE", "DELETE"]
     table: str
@@ -53,14 +54,20 @@ class SupabaseWebhook(BaseModel):
     old_record: dict[str, Any] | None = None
 
 
-class SyncResult(BaseModel):
+@dataclass
+class SyncResult:
+    """What one delivery came to (internal: the handler turns it into the JSON answer)."""
+
     outcome: Outcome
     function: str
     table: str
     id: str | None = None
     detail: str | None = None
     lag_ms: float | None = None  # delivery lag (see shared.audit.sync_entry); None when the change time is unknown
-    problems: list[dict[str, str]] | None = PydanticField(default=None, exclude=True)  # why rejected (batches)
+    problems: list[dict[str, str]] | None = None  # why rejected (batches)
+
+    def __post_init__(self) -> None:
+        self.outcome = Outcome(self.outcome)  # SQL answers the outcome as text
 
 
 EDITED_AT = "edited_at"  # top-level key of a Zap delivery: when Zapier saw the record change
