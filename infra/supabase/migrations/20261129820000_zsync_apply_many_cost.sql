@@ -111,3 +111,113 @@ BEGIN
     END CASE;
 END
 $$;
+
+-- As 20261129810000's zsync.sync_apply_many_set, with the ids the insert wrote kept as a jsonb object (a hashed
+-- key lookup per result row) instead of a text[] searched with = ANY per row: O(n^2), ~10 ms of a 1,000-row
+-- insert batch.
+CREATE OR REPLACE FUNCTION zsync.sync_apply_many_set(p_table regclass, p_rows jsonb)
+RETURNS TABLE (ord integer, record_id text, outcome text, stored jsonb, applied jsonb)
+LANGUAGE plpgsql
+SET timezone TO 'UTC'
+AS $$
+DECLARE
+    v_name     text := (SELECT relname::text FROM pg_class WHERE oid = p_table);
+    v_ignore   boolean := coalesce(current_setting('zsync.ignore_tombstones', true), '') = 'on';
+    x          record;
+    t          record;
+    v_cols     text;
+    v_decided  jsonb;
+    v_inserted jsonb;
+    v_locked   text[];
+    d          jsonb;
+    u          record;
+BEGIN
+    IF jsonb_typeof(p_rows) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'sync_apply_many: expected a JSON array of {"row", "edited_at"}' USING ERRCODE = '22023';
+    END IF;
+    IF EXISTS (SELECT 1 FROM jsonb_array_elements(p_rows) e WHERE e.value -> 'row' ->> 'id' IS NULL) THEN
+        RAISE EXCEPTION 'sync_apply_many: a row has no id' USING ERRCODE = '22023';
+    END IF;
+    IF jsonb_array_length(p_rows) = 0 THEN
+        RETURN;
+    END IF;
+    PERFORM set_config('zsync.origin', 'sync', true);
+    SELECT * INTO x FROM zsync.version_exprs(p_table, 'x');
+    SELECT * INTO t FROM zsync.version_exprs(p_table, 't');
+    -- Lock first (id order); only rows locked here are compared set-based. A row inserted concurrently after
+    -- this makes the insert below conflict, and that element goes through zsync.sync_apply.
+    EXECUTE format('SELECT coalesce(array_agg(l.id), ''{}'') FROM '
+                   '(SELECT t.id FROM %s t WHERE t.id = ANY ($1) ORDER BY t.id FOR UPDATE) l', p_table)
+        INTO v_locked USING (SELECT array_agg(DISTINCT e.value -> 'row' ->> 'id') FROM jsonb_array_elements(p_rows) e);
+    EXECUTE format($q$
+        WITH inc AS (
+            SELECT e.ord::integer AS ord, e.v -> 'row' AS row, (e.v ->> 'edited_at')::timestamptz AS edited_at,
+                   e.v -> 'row' ->> 'id' AS id, %2$s AS ts, %3$s AS hash
+            FROM jsonb_array_elements($1) WITH ORDINALITY AS e(v, ord),
+                 LATERAL jsonb_populate_record(NULL::%1$s, e.v -> 'row') x),
+        ranked AS (
+            SELECT inc.*, row_number() OVER (PARTITION BY inc.id ORDER BY inc.ts DESC, inc.hash DESC, inc.ord) AS rn
+            FROM inc),
+        cur AS (
+            SELECT t.id, to_jsonb(t) AS stored, %4$s AS ts, %5$s AS hash
+            FROM %1$s t WHERE t.id = ANY ($4)),
+        j AS (
+            SELECT r.*, c.stored, c.ts AS s_ts, c.hash AS s_hash,
+                   CASE WHEN c.id IS NULL AND r.rn = 1 THEN zsync.tombstone_version($2, r.id) END AS tomb,
+                   CASE WHEN c.id IS NOT NULL AND r.edited_at IS NOT NULL AND r.ts = c.ts AND r.hash <> c.hash
+                             AND date_trunc('milliseconds', r.edited_at) > r.ts
+                        THEN greatest(date_trunc('milliseconds', r.edited_at), c.ts + interval '1 millisecond') END AS bumped
+            FROM ranked r LEFT JOIN cur c ON c.id = r.id AND r.rn = 1),
+        d AS (
+            SELECT j.*, coalesce(j.bumped, j.ts) AS v_ts,
+                   CASE WHEN j.rn > 1 THEN 'later'
+                        WHEN j.stored IS NULL THEN
+                            CASE WHEN j.tomb IS NOT NULL AND NOT $3 AND j.ts <= j.tomb THEN 'deleted' ELSE 'insert' END
+                        WHEN coalesce(j.bumped, j.ts) = j.s_ts AND j.hash = j.s_hash THEN 'unchanged'
+                        WHEN (coalesce(j.bumped, j.ts), j.hash) > (j.s_ts, j.s_hash) THEN 'update'
+                        ELSE 'skipped_stale' END AS action
+            FROM j)
+        SELECT jsonb_agg(jsonb_build_object(
+                   'ord', d.ord, 'id', d.id, 'rn', d.rn, 'action', d.action, 'stored', d.stored,
+                   'input', d.row, 'edited_at', d.edited_at,
+                   'row', CASE WHEN d.bumped IS NULL THEN d.row ELSE d.row || jsonb_build_object('updated_at', d.bumped) END))
+        FROM d
+    $q$, p_table, x.ts_expr, x.hash_expr, t.ts_expr, t.hash_expr) INTO v_decided USING p_rows, v_name, v_ignore, v_locked;
+
+    EXECUTE format('WITH ins AS (INSERT INTO %1$s SELECT * FROM jsonb_populate_recordset(NULL::%1$s, $1) '
+                   'ON CONFLICT (id) DO NOTHING RETURNING id) SELECT coalesce(jsonb_object_agg(ins.id, true), ''{}'') FROM ins', p_table)
+        INTO v_inserted
+        USING (SELECT coalesce(jsonb_agg(e -> 'row' ORDER BY e ->> 'id'), '[]'::jsonb)
+               FROM jsonb_array_elements(v_decided) e WHERE e ->> 'action' = 'insert');
+
+    IF EXISTS (SELECT 1 FROM jsonb_array_elements(v_decided) e WHERE e ->> 'action' = 'update') THEN
+        SELECT string_agg(format('%I', attname), ', ' ORDER BY attnum) INTO v_cols
+        FROM pg_attribute
+        WHERE attrelid = p_table AND attnum > 0 AND NOT attisdropped AND attgenerated = '' AND attname <> 'id';
+        EXECUTE format('UPDATE %1$s t SET (%2$s) = (SELECT %2$s FROM jsonb_populate_record(NULL::%1$s, u.row)) '
+                       'FROM (SELECT e ->> ''id'' AS id, e -> ''row'' AS row FROM jsonb_array_elements($1) e '
+                       '      WHERE e ->> ''action'' = ''update'') u WHERE t.id = u.id', p_table, v_cols)
+            USING v_decided;
+    END IF;
+
+    FOR d IN SELECT e FROM jsonb_array_elements(v_decided) e
+             ORDER BY (e ->> 'rn')::integer, (e ->> 'ord')::integer LOOP
+        ord := (d ->> 'ord')::integer;
+        record_id := d ->> 'id';
+        stored := nullif(d -> 'stored', 'null'::jsonb);
+        applied := NULL;
+        IF d ->> 'action' = 'later' OR (d ->> 'action' = 'insert' AND NOT v_inserted ? (d ->> 'id')) THEN
+            SELECT * INTO u FROM zsync.sync_apply(p_table, d -> 'input', (d ->> 'edited_at')::timestamptz);
+            outcome := u.outcome;
+            stored := u.stored;
+            applied := u.applied;
+        ELSIF d ->> 'action' IN ('insert', 'update') THEN
+            outcome := 'applied';
+            applied := d -> 'row';
+        ELSE
+            outcome := d ->> 'action';
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
