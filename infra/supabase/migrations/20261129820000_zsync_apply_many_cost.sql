@@ -158,7 +158,7 @@ BEGIN
         ranked AS (
             SELECT inc.*, row_number() OVER (PARTITION BY inc.id ORDER BY inc.ts DESC, inc.hash DESC, inc.ord) AS rn
             FROM inc),
-        cur AS (
+        cur AS MATERIALIZED (
             SELECT t.id, to_jsonb(t) AS stored, %4$s AS ts, %5$s AS hash
             FROM %1$s t WHERE t.id = ANY ($4)),
         j AS (
@@ -219,5 +219,55 @@ BEGIN
         END IF;
         RETURN NEXT;
     END LOOP;
+END
+$$;
+
+-- As 20261129700000's zsync.version_exprs, with zsync.canonical_json of a jsonb object column written out in the
+-- generated expression (same jsonb as zsync.canonical_json: its object branch, one level, inline).
+CREATE OR REPLACE FUNCTION zsync.version_exprs(p_table regclass, p_alias text, OUT ts_expr text, OUT hash_expr text)
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    c     record;
+    col   text;
+    parts text[] := '{}';
+    -- zsync.canonical_json($v) for an object, its first level in the query itself (no plpgsql call per row);
+    -- anything else, and nested containers, through zsync.canonical_json.
+    canon text := $c$CASE WHEN jsonb_typeof($v) <> 'object' THEN zsync.canonical_json($v) $c$
+        || $c$WHEN NOT jsonb_path_exists($v, 'strict $.** ? (@.type() == "number")') THEN $v $c$
+        || $c$ELSE coalesce((SELECT jsonb_object_agg(e.key, CASE jsonb_typeof(e.value) $c$
+        || $c$WHEN 'number' THEN CASE WHEN e.value::numeric = 0 OR abs(e.value::numeric) BETWEEN 1e-300 AND 1e300 $c$
+        || $c$THEN to_jsonb(e.value::numeric::float8) ELSE to_jsonb(trim_scale(e.value::numeric)) END $c$
+        || $c$WHEN 'object' THEN zsync.canonical_json(e.value) WHEN 'array' THEN zsync.canonical_json(e.value) $c$
+        || $c$ELSE e.value END) FROM jsonb_each($v) e), '{}'::jsonb) END$c$;
+BEGIN
+    ts_expr := 'date_trunc(''milliseconds'', timestamptz ''-infinity'')';
+    FOR c IN SELECT a.attname::text AS name, a.atttypid AS typ, t.typcategory AS cat
+             FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+             WHERE a.attrelid = p_table AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum LOOP
+        col := format('%I.%I', p_alias, c.name);
+        IF c.name = 'updated_at' THEN
+            ts_expr := format('date_trunc(''milliseconds'', coalesce((%s)::timestamptz, ''-infinity''))', col);
+            CONTINUE;
+        END IF;
+        IF c.typ = 'timestamptz'::regtype THEN
+            parts := parts || format('CASE WHEN %1$s IS NULL THEN ''{}''::jsonb ELSE jsonb_build_object(%2$L, '
+                                     'date_trunc(''milliseconds'', %1$s)) END', col, c.name);
+        ELSIF c.typ = 'jsonb'::regtype THEN
+            parts := parts || format('CASE WHEN %1$s IS NULL OR %1$s IN (''null''::jsonb, ''""''::jsonb) THEN ''{}''::jsonb '
+                                     'ELSE jsonb_build_object(%2$L, %3$s) END', col, c.name,
+                                     replace(canon, '$v', col));
+        ELSIF c.typ IN ('text'::regtype, 'varchar'::regtype) THEN
+            parts := parts || format('CASE WHEN %1$s IS NULL OR %1$s = '''' THEN ''{}''::jsonb '
+                                     'ELSE jsonb_build_object(%2$L, %1$s) END', col, c.name);
+        ELSIF c.cat IN ('N', 'B') THEN  -- numbers, booleans: only NULL is no value
+            parts := parts || format('CASE WHEN %1$s IS NULL THEN ''{}''::jsonb ELSE jsonb_build_object(%2$L, %1$s) END',
+                                     col, c.name);
+        ELSE
+            parts := parts || format('CASE WHEN %1$s IS NULL OR to_jsonb(%1$s) IN (''null''::jsonb, ''""''::jsonb, ''[]''::jsonb) '
+                                     'THEN ''{}''::jsonb ELSE jsonb_build_object(%2$L, %1$s) END', col, c.name);
+        END IF;
+    END LOOP;
+    hash_expr := format('md5((%s)::text)', array_to_string('{"''{}''::jsonb"}'::text[] || parts, ' || '));
 END
 $$;
