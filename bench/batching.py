@@ -101,10 +101,10 @@ def _start(tmp: Path, pg: Any, name: str, big: int) -> Env:
                 for i in range(start, min(start + 5000, big))])
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("SELECT set_config('zsync.origin', 'sync', false)")
-            conn.execute("ALTER TABLE agent_jobs DISABLE TRIGGER zsync_outbox")
+            conn.execute("ALTER TABLE agent_jobs DISABLE TRIGGER zsync_outbox_insert")
             conn.execute("INSERT INTO agent_jobs (id, status, updated_at) SELECT 'old-' || lpad(i::text, 7, '0'), "
                          "'done', '2025-12-22T10:00:00Z' FROM generate_series(0, %s - 1) i", (big,))
-            conn.execute("ALTER TABLE agent_jobs ENABLE TRIGGER zsync_outbox")
+            conn.execute("ALTER TABLE agent_jobs ENABLE TRIGGER zsync_outbox_insert")
             conn.execute("ANALYZE agent_jobs")
     time.sleep(RATE_WINDOW_S)  # the setup's requests leave the window
     return env
