@@ -264,7 +264,13 @@ $$;
 -- goes through zsync.sync_apply per row: existing rows locked in id order first, then each row applied in id
 -- order (new rows inserted in id order), as the multi-row statement does. Anything else: the multi-row
 -- statement (20261129700000's zsync.sync_apply_many, now zsync.sync_apply_many_set).
-ALTER FUNCTION zsync.sync_apply_many(regclass, jsonb) RENAME TO sync_apply_many_set;  -- same body, new name
+DO $$
+BEGIN
+    IF to_regprocedure('zsync.sync_apply_many_set(regclass, jsonb)') IS NULL THEN  -- re-runnable
+        ALTER FUNCTION zsync.sync_apply_many(regclass, jsonb) RENAME TO sync_apply_many_set;  -- same body, new name
+    END IF;
+END
+$$;
 
 CREATE OR REPLACE FUNCTION zsync.sync_apply_many(p_table regclass, p_rows jsonb)
 RETURNS TABLE (ord integer, record_id text, outcome text, stored jsonb, applied jsonb)
