@@ -28,7 +28,7 @@ from urllib.parse import quote, urlsplit
 from urllib3.util.retry import Retry
 
 from shared.http_client import Auth, Pool, TransportError, json_of, text_of
-from shared.zapier_tables import TablesError, http_session
+from shared.zapier_tables import TablesError, TokenSourceAuth
 
 if TYPE_CHECKING:
     from urllib3.response import BaseHTTPResponse
@@ -75,9 +75,7 @@ class InboxProtocolError(InboxError):
 
 
 class BearerToken:
-    """``Authorization: Bearer <token>``; the token may be a string or a callable returning one.
-
-    Also usable as a ``requests`` auth (``auth=BearerToken(...)``): calling it sets the header on a request."""
+    """``Authorization: Bearer <token>``; the token may be a string or a callable returning one."""
 
     def __init__(self, token: str | Any) -> None:
         self._token = token
@@ -86,30 +84,8 @@ class BearerToken:
         token = self._token() if callable(self._token) else self._token
         return f"Bearer {token}"
 
-    def __call__(self, request: Any) -> Any:
-        request.headers["Authorization"] = self.authorization()
-        return request
-
     def __repr__(self) -> str:
         return "<BearerToken ***>"
-
-
-class TokenSourceAuth:
-    """``Authorization: Bearer <token>`` from a token provider with ``get()``, ``invalidate()`` and
-    ``refreshable`` (:class:`shared.zapier_tables.TokenSource`). Also usable as a ``requests`` auth."""
-
-    def __init__(self, source: Any) -> None:
-        self.source = source
-
-    def authorization(self) -> str:
-        return f"Bearer {self.source.get()}"
-
-    def __call__(self, request: Any) -> Any:
-        request.headers["Authorization"] = self.authorization()
-        return request
-
-    def __repr__(self) -> str:
-        return "<TokenSourceAuth ***>"
 
 
 class _SdkRetry(Retry):
@@ -126,7 +102,7 @@ def _session(origin: str, max_attempts: int, backoff_factor: float) -> Pool:
                       redirect=False, allowed_methods=None, status_forcelist=(429, 500, 502, 503, 504),
                       backoff_factor=backoff_factor, backoff_max=4.0, respect_retry_after_header=True,
                       raise_on_status=False)
-    return http_session(retry, [origin])
+    return Pool(retry, [origin])
 
 
 def api_origin(url: str) -> str:

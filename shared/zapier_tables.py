@@ -265,13 +265,6 @@ class RetryPolicy:
         )
 
 
-def http_session(retry: Retry, urls: Iterable[str]) -> Pool:
-    """A :class:`shared.http_client.Pool` retrying with ``retry`` for the ``urls`` it will call: the proxy
-    each URL's origin gets (``NO_PROXY`` honoured; other hosts go direct) and the CA bundle are read from
-    the environment once, when it is made. (A function's environment does not change while it runs.)"""
-    return Pool(retry, urls)
-
-
 _SHARED_DEADLINE: ContextVar[float | None] = ContextVar("zapier_tables_shared_deadline", default=None)
 
 
@@ -339,11 +332,6 @@ def _raise_for_status(response: BaseHTTPResponse, what: str, elapsed_s: float) -
     if status == 429 or status >= 500:
         raise TablesUnavailable(status, f"{text} (gave up after {elapsed_s:.1f}s)", _retry_after(response))
     raise TablesRejected(status, text)
-
-
-def _root_cause(exc: TransportError) -> str:
-    """A short reason without URLs (a catch-hook URL is a credential)."""
-    return exc.cause
 
 
 def _check_json(fields: Mapping[str, Any]) -> None:
@@ -432,7 +420,7 @@ class TokenSource:
         try:
             response = self._pool.request("POST", self.token_url, form=form, timeout=self._timeout_s)
         except TransportError as exc:
-            raise TablesUnavailable(None, f"token endpoint: {_root_cause(exc)}") from None
+            raise TablesUnavailable(None, f"token endpoint: {exc.cause}") from None
         if response.status in (400, 401, 403):
             raise TablesAuthError(response.status, "token endpoint refused the client credentials "
                                   "(check ZSYNC_ZAPIER_CLIENT_ID / ZSYNC_ZAPIER_CLIENT_SECRET)")
@@ -448,17 +436,19 @@ class TokenSource:
         return _CachedToken(token, time.monotonic() + expires_in)
 
 
-class _TokenAuth:
-    """The ``Authorization`` header of a :class:`TokenSource` (see :class:`shared.http_client.Auth`)."""
+class TokenSourceAuth:
+    """``Authorization: Bearer <token>`` from a token provider with ``get()``, ``invalidate()`` and
+    ``refreshable`` (a :class:`TokenSource`): a :class:`shared.http_client.Auth` for the Tables and inbox
+    clients."""
 
     def __init__(self, source: TokenSource) -> None:
-        self._source = source
+        self.source = source
 
     def authorization(self) -> str:
-        return f"Bearer {self._source.get()}"
+        return f"Bearer {self.source.get()}"
 
     def __repr__(self) -> str:
-        return "<TokenAuth ***>"
+        return "<TokenSourceAuth ***>"
 
 
 # --- field ids -------------------------------------------------------------------------------------------
@@ -517,8 +507,8 @@ class TablesClient:
             token=_secret(token), client_id=client_id, client_secret=_secret(client_secret),
             token_url=token_url or DEFAULT_TOKEN_URL, timeout_s=timeout_s,
         )
-        self._session = http_session((retry or RetryPolicy()).build(), [self.base_url])
-        self._auth = _TokenAuth(self.tokens)
+        self._session = Pool((retry or RetryPolicy()).build(), [self.base_url])
+        self._auth = TokenSourceAuth(self.tokens)
         self._maps: dict[str, FieldMap] = {}
         self._maps_lock = threading.Lock()
 
@@ -782,7 +772,7 @@ class TablesClient:
                     )
                 except TransportError as exc:
                     raise TablesUnavailable(
-                        None, f"{what}: {_root_cause(exc)} (gave up after {budget.elapsed():.1f}s)"
+                        None, f"{what}: {exc.cause} (gave up after {budget.elapsed():.1f}s)"
                     ) from None
                 if response.status == 401 and attempt == 1 and self.tokens.refreshable:
                     self.tokens.invalidate()  # expired or revoked: fetch a new token once
@@ -851,7 +841,7 @@ class CatchHookWriter:
         self._hook_urls = dict(hook_urls)
         self.timeout_s = timeout_s
         self.retry_budget_s = retry_budget_s
-        self._session = http_session((retry or RetryPolicy()).build(), self._hook_urls.values())
+        self._session = Pool((retry or RetryPolicy()).build(), self._hook_urls.values())
 
     def __repr__(self) -> str:
         return f"CatchHookWriter(tables={sorted(self._hook_urls)!r})"
@@ -871,7 +861,7 @@ class CatchHookWriter:
                 response = self._session.request("POST", url, json=dict(fields), timeout=self.timeout_s)
             except TransportError as exc:
                 raise TablesUnavailable(
-                    None, f"{what}: {_root_cause(exc)} (gave up after {budget.elapsed():.1f}s)"
+                    None, f"{what}: {exc.cause} (gave up after {budget.elapsed():.1f}s)"
                 ) from None
             _raise_for_status(response, what, budget.elapsed())
 
