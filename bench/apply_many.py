@@ -20,29 +20,12 @@ from pathlib import Path
 
 import psycopg
 
-from infra.local.pgnet_sender import apply_pg_net_sql, ensure_utc_database
-from infra.local.postgres import apply_vault_sql, create_database, start_postgres
-from shared.migrate import MIGRATIONS_DIR, apply_migrations
+from bench.databases import migrated_database, raw_upsert_sql
+from infra.local.postgres import start_postgres
 
 MINE = "20261129820000"  # the first migration of this change: "before" stops short of it
 TS = "2026-01-01T00:00:00.000Z"
 LATER = "2026-01-02T00:00:00.000Z"
-
-
-def _database(admin_url: str, tmp: Path, before: bool) -> str:
-    url = create_database(admin_url)
-    ensure_utc_database(url)
-    apply_pg_net_sql(url)
-    apply_vault_sql(url)
-    directory = MIGRATIONS_DIR
-    if before:
-        directory = tmp / "before"
-        directory.mkdir(exist_ok=True)
-        for path in MIGRATIONS_DIR.glob("*.sql"):
-            if path.name < MINE:
-                shutil.copy(path, directory / path.name)
-    apply_migrations(url, directory)
-    return url
 
 
 def _rows(prefix: str, ts: str, n: int) -> list[dict]:
@@ -75,12 +58,7 @@ def raw_upsert_rate(url: str, n: int, batch: int, prefix: str) -> tuple[float, f
     """(inserts/s, updates/s) of a plain INSERT ... ON CONFLICT DO UPDATE of the same rows, trigger-less copy."""
     rates = []
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("CREATE TABLE IF NOT EXISTS bench_raw (LIKE public.agent_jobs INCLUDING ALL)")
-        cols = [r[0] for r in conn.execute("SELECT attname FROM pg_attribute WHERE attrelid = 'bench_raw'::regclass "
-                                           "AND attnum > 0 AND NOT attisdropped AND attname <> 'id' ORDER BY attnum")]
-        sets = ", ".join(f"{c} = EXCLUDED.{c}" for c in cols)
-        sql = (f"INSERT INTO bench_raw SELECT * FROM jsonb_populate_recordset(NULL::bench_raw, %s::jsonb) "
-               f"ON CONFLICT (id) DO UPDATE SET {sets}")
+        sql = raw_upsert_sql(conn)
         for ts in (TS, LATER):
             payloads = [json.dumps(b) for b in _batches(_rows(prefix, ts, n), batch)]
             start = time.perf_counter()
@@ -100,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="zsync-applymany-"))
     server = start_postgres(tmp / "pg")
     try:
-        dbs = {label: _database(server.get_uri(), tmp, before=(label == "before")) for label in ("before", "after")}
+        dbs = {label: migrated_database(server.get_uri(), tmp, MINE if label == "before" else None)
+               for label in ("before", "after")}
         best: dict[str, list[float]] = {}
         for rep in range(args.reps):  # interleaved, so machine load hits both alike
             for label, url in dbs.items():

@@ -43,6 +43,7 @@ from pathlib import Path
 import psycopg
 import requests
 
+from bench.databases import raw_upsert_sql
 from infra.deploy.tables_setup import ensure_tables, table_ids
 from infra.local.postgres import create_database, prepare_database, start_postgres, with_database
 from infra.local.tables_service import RATE_LIMIT, RATE_WINDOW_S
@@ -88,12 +89,7 @@ def raw_upsert_rate(url: str, n: int) -> float:
             f'"updated_at":"{TS}"}}' for i in range(n)]
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("DROP TABLE IF EXISTS bench_raw")
-        conn.execute("CREATE TABLE bench_raw (LIKE public.agent_jobs INCLUDING ALL)")
-        cols = [r[0] for r in conn.execute("SELECT attname FROM pg_attribute WHERE attrelid = 'bench_raw'::regclass "
-                                           "AND attnum > 0 AND NOT attisdropped AND attname <> 'id' ORDER BY attnum")]
-        sets = ", ".join(f"{c} = EXCLUDED.{c}" for c in cols)
-        sql = (f"INSERT INTO bench_raw SELECT * FROM jsonb_populate_recordset(NULL::bench_raw, %s::jsonb) "
-               f"ON CONFLICT (id) DO UPDATE SET {sets}")
+        sql = raw_upsert_sql(conn)
         start = time.perf_counter()
         for _ in range(2):
             for i in range(0, n, RAW_BATCH):

@@ -38,11 +38,10 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from infra.local.pgnet_sender import apply_pg_net_sql, ensure_utc_database
-from infra.local.postgres import apply_vault_sql, create_database, start_postgres
+from bench.databases import migrated_database
+from infra.local.postgres import start_postgres
 from shared import supabase_db
 from shared.conflict import Outcome
-from shared.migrate import MIGRATIONS_DIR, apply_migrations
 from shared.outbox_batch import deliver
 from shared.settings import Settings
 from shared.spec import FUNCTIONS
@@ -111,25 +110,8 @@ def _pool_with(url: str, trips: Trips | None) -> None:
     """The pool supabase_db would make for ``url`` (same settings), optionally tracing its connections."""
     supabase_db._pools[url] = ConnectionPool(
         url, min_size=0, max_size=1, kwargs={"prepare_threshold": None, "connect_timeout": 5},
-        check=ConnectionPool.check_connection, timeout=5, max_idle=300, open=True, name="bench",
+        check=supabase_db._check_if_idle, timeout=5, max_idle=300, open=True, name="bench",
         configure=trips.configure if trips else None)
-
-
-def _database(admin_url: str, tmp: Path, before: bool) -> str:
-    url = create_database(admin_url)
-    ensure_utc_database(url)
-    apply_pg_net_sql(url)
-    apply_vault_sql(url)
-    directory = MIGRATIONS_DIR
-    if before:
-        directory = tmp / "before"
-        if not directory.exists():
-            directory.mkdir()
-            for path in MIGRATIONS_DIR.glob("*.sql"):
-                if path.name < MINE:
-                    shutil.copy(path, directory / path.name)
-    apply_migrations(url, directory)
-    return url
 
 
 @contextlib.contextmanager
@@ -298,7 +280,7 @@ def _line(name: str, before: list[float], after: list[float]) -> str:
 
 
 def _trips(admin_url: str, tmp: Path, run: Callable[[str], Any], before: bool = False) -> int:
-    url = _database(admin_url, tmp, before=before)
+    url = migrated_database(admin_url, tmp, MINE if before else None)
     trips = Trips(tmp)
     _pool_with(url, trips)
     run(url)  # warm: the connection exists and is checked on the next checkout
@@ -316,7 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     server = start_postgres(tmp / "pg")
     admin = server.get_uri()
     try:
-        dbs = {label: _database(admin, tmp, before=(label == "before")) for label in ("before", "after")}
+        dbs = {label: migrated_database(admin, tmp, MINE if label == "before" else None)
+               for label in ("before", "after")}
         for url in dbs.values():
             _pool_with(url, None)
         print(f"one delivery, database part ({args.n} each, embedded Postgres, unix socket; before = without "
