@@ -232,11 +232,6 @@ def apply_many(conn: psycopg.Connection, spec: TableSpec, rows: Sequence[dict]) 
     return [(r["id"], outcome, stored) for r, (outcome, stored, _) in zip(rows, found, strict=True)]
 
 
-def append_audit_many(conn: psycopg.Connection, entries: Sequence[dict]) -> int:
-    """zsync.append_audit of each entry, set-based (zsync.append_audit_many). -> how many were inserted."""
-    return supabase_db.append_audit_many(conn, list(entries))
-
-
 def _identical(json_fields: tuple[str, ...], a: dict, b: dict) -> bool:
     """``row_to_json(a) == row_to_json(b)``, cheaper: parsed rows of one table hold the same field types
     (text, int, UTC datetime, list of text) except floats (``0.0 == -0.0``) and JSON values, where ``1``,
@@ -507,7 +502,7 @@ class _Reconciler:
         def work(conn: psycopg.Connection, chunk: Sequence[dict]) -> tuple[int, int]:
             now = datetime.now(UTC)
             if spec.append_only:
-                inserted = append_audit_many(conn, chunk)
+                inserted = supabase_db.append_audit_many(conn, list(chunk))
                 return inserted, 0
             by_id = {r["id"]: r for r in chunk}
             entries, applied, raced = [], 0, 0
@@ -519,7 +514,7 @@ class _Reconciler:
                     raced += 1  # a newer write arrived since we read: the live sync carries it
                 elif outcome == Outcome.DELETED:
                     deleted.append(rid)
-            append_audit_many(conn, entries)
+            supabase_db.append_audit_many(conn, entries)
             return applied, raced
 
         for chunk in _chunks(rows, SUPABASE_BATCH):
@@ -612,7 +607,7 @@ class _Reconciler:
                 else:
                     client.update_many(table_id, [(rid, f) for (rid, _), f in zip(chunk, fields, strict=True)])
                 now = datetime.now(UTC)
-                append_audit_many(conn, [_synced_entry(spec, Direction.TO_TABLES, r, now) for r in rows])
+                supabase_db.append_audit_many(conn, [_synced_entry(spec, Direction.TO_TABLES, r, now) for r in rows])
                 self._ack(conn, spec, rows)
 
         def writer(client: TablesClient) -> None:

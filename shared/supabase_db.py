@@ -237,11 +237,21 @@ def record_outbox_batch(conn: psycopg.Connection, spec: TableSpec, entries: list
                         acks: list[tuple[str, datetime | None, str]], exclude: list[str]) -> bool:
     """:func:`append_audit_many` and :func:`ack_outbox_many` in one call (zsync.record_outbox_batch).
     -> whether the table still has a pending entry a claim could take now (not of ``exclude``)."""
-    audit = "[" + ",".join(row_to_json(e) for e in entries) + "]"
-    done = json.dumps([{"record_id": rid, "updated_at": ts.isoformat() if ts else None, "outcome": outcome}
-                       for rid, ts, outcome in acks])
+    audit = _entries_json(entries)
+    done = _acks_json(acks)
     return conn.execute("SELECT pending FROM zsync.record_outbox_batch(%s, %s::jsonb, %s::jsonb, %s)",
                         (spec.name, audit, done, exclude)).fetchone()[0]
+
+
+def _entries_json(entries: list[Mapping[str, Any]]) -> str:
+    """Audit entries as one JSON array (``row_to_json`` each), for the set-based audit functions."""
+    return "[" + ",".join(row_to_json(e) for e in entries) + "]"
+
+
+def _acks_json(acks: list[tuple[str, datetime | None, str]]) -> str:
+    """``(record id, version, outcome)`` acks as the JSON array the outbox ack functions take."""
+    return json.dumps([{"record_id": rid, "updated_at": ts.isoformat() if ts else None, "outcome": outcome}
+                       for rid, ts, outcome in acks])
 
 
 def outbox_state(conn: psycopg.Connection, spec: TableSpec, record_id: str, updated_at: datetime | None) -> str:
@@ -277,7 +287,7 @@ def append_audit_many(conn: psycopg.Connection, entries: list[Mapping[str, Any]]
     """:func:`append_audit` for many entries in one call. -> how many were inserted."""
     if not entries:
         return 0
-    payload = "[" + ",".join(row_to_json(e) for e in entries) + "]"
+    payload = _entries_json(entries)
     return conn.execute("SELECT zsync.append_audit_many(%s::jsonb)", (payload,)).fetchone()[0]
 
 
@@ -287,8 +297,7 @@ def ack_outbox_many(conn: psycopg.Connection, spec: TableSpec,
     another transaction holds (it stays pending and is claimed again)."""
     if not acks:
         return 0
-    payload = json.dumps([{"record_id": rid, "updated_at": ts.isoformat() if ts else None, "outcome": outcome}
-                          for rid, ts, outcome in acks])
+    payload = _acks_json(acks)
     return conn.execute("SELECT zsync.ack_outbox_many(%s, %s::jsonb)", (spec.name, payload)).fetchone()[0]
 
 
@@ -315,7 +324,7 @@ def append_audit_each(conn: psycopg.Connection, entries: list[Mapping[str, Any]]
     """:func:`append_audit` of each entry in one call. -> inserted? per entry, in order."""
     if not entries:
         return []
-    payload = "[" + ",".join(row_to_json(e) for e in entries) + "]"
+    payload = _entries_json(entries)
     return [ok for _, ok in conn.execute("SELECT ord, inserted FROM zsync.append_audit_each(%s::jsonb)",
                                          (payload,)).fetchall()]
 
@@ -335,8 +344,7 @@ def ack_outbox_set(conn: psycopg.Connection, spec: TableSpec,
     its rule (waits for an entry another transaction holds, like it; zsync.ack_outbox_set)."""
     if not acks:
         return 0
-    payload = json.dumps([{"record_id": rid, "updated_at": ts.isoformat() if ts else None, "outcome": outcome}
-                          for rid, ts, outcome in acks])
+    payload = _acks_json(acks)
     return conn.execute("SELECT zsync.ack_outbox_set(%s, %s::jsonb)", (spec.name, payload)).fetchone()[0]
 
 
