@@ -40,9 +40,10 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg_pool import PoolTimeout
@@ -126,27 +127,13 @@ class _TablesSide:
     trashed: dict[str, datetime] = field(default_factory=dict)  # id only in the Tables trash -> latest deleted_at
 
 
-class _Background(Generic[T]):
-    """``fn()`` in a daemon thread; :meth:`result` waits and returns its value or raises its exception."""
-
-    def __init__(self, fn: Callable[[], T], name: str) -> None:
-        self._value: list[T] = []
-        self._error: list[BaseException] = []
-
-        def target() -> None:
-            try:
-                self._value.append(fn())
-            except BaseException as exc:  # handed to the caller by result()
-                self._error.append(exc)
-
-        self._thread = threading.Thread(target=target, name=name, daemon=True)
-        self._thread.start()
-
-    def result(self) -> T:
-        self._thread.join()
-        if self._error:
-            raise self._error[0]
-        return self._value[0]
+def _in_background(fn: Callable[[], T], name: str) -> Future[T]:
+    """``fn()`` in a thread of its own; the future's ``result()`` waits and returns its value or raises."""
+    executor = ThreadPoolExecutor(1, thread_name_prefix=name)
+    try:
+        return executor.submit(fn)
+    finally:
+        executor.shutdown(wait=False)  # the thread ends once fn has returned
 
 
 def _prefetched(records: Iterator[Record], page: int, name: str) -> Iterator[Record]:
@@ -335,12 +322,12 @@ class _Reconciler:
                 side.rows[key], side.record_ids[key] = keep[1], keep[0].id
                 side.duplicates += [r.id for r, _ in found if r.id != keep[0].id]
 
-    def fetch_supabase(self, spec: TableSpec) -> _Background[list[dict]]:
+    def fetch_supabase(self, spec: TableSpec) -> Future[list[dict]]:
         """Rows changed since ``since`` (all without it), read in a second thread while Tables is read."""
-        return _Background(lambda: self.ctx.db.run(lambda conn: supabase_db.fetch_rows_bulk(conn, spec, self.since)),
+        return _in_background(lambda: self.ctx.db.run(lambda conn: supabase_db.fetch_rows_bulk(conn, spec, self.since)),
                            f"reconcile-{spec.name}-supabase-read")
 
-    def read_supabase(self, spec: TableSpec, extra_ids: Sequence[str], fetched: _Background[list[dict]]
+    def read_supabase(self, spec: TableSpec, extra_ids: Sequence[str], fetched: Future[list[dict]]
                       ) -> dict[str, dict]:
         """The rows of :meth:`fetch_supabase` plus the rows of ``extra_ids``, parsed."""
         def work(conn: psycopg.Connection) -> list[dict]:
@@ -398,7 +385,7 @@ class _Reconciler:
             self._to_supabase(spec, missing, report)
 
     def _versioned(self, spec: TableSpec, side: _TablesSide, report: TableReport,
-                   fetched: _Background[list[dict]]) -> None:
+                   fetched: Future[list[dict]]) -> None:
         t_scope = [i for i, r in side.rows.items() if _in_scope(spec, r, self.since)]
         try:
             started = time.perf_counter()
@@ -470,9 +457,7 @@ class _Reconciler:
                     failed.append(exc)
 
             if connections >= 2:
-                worker = threading.Thread(target=to_supabase_side, name=f"reconcile-{spec.name}-supabase",
-                                          daemon=True)
-                worker.start()
+                worker = _in_background(to_supabase_side, f"reconcile-{spec.name}-supabase")
             else:  # one pooled connection: one thing at a time
                 to_supabase_side()
         writers = max(1, min(TABLES_WRITERS, connections - (worker is not None)))
@@ -481,7 +466,7 @@ class _Reconciler:
                 self._to_tables(spec, creates, updates, report, writers)
         finally:
             if worker is not None:
-                worker.join()
+                worker.result()  # to_supabase_side keeps its own exception in `failed`
             report.repaired += sub.repaired
             report.unresolved += sub.unresolved
             report.errors += sub.errors
@@ -631,13 +616,13 @@ class _Reconciler:
                     report.repaired += len(chunk)
                 self._advance(task, len(chunk))
 
-        extra: list[_Background[None]] = []
+        extra: list[Future[None]] = []
         if len(batches) >= PIPELINE_MIN_BATCHES:
             def other_writer() -> None:
                 with client_from_settings(self.ctx.settings) as client:
                     writer(client)
 
-            extra = [_Background(other_writer, f"reconcile-{spec.name}-tables-write-{n}")
+            extra = [_in_background(other_writer, f"reconcile-{spec.name}-tables-write-{n}")
                      for n in range(1, writers)]
         try:
             writer(self.ctx.tables)
