@@ -6,7 +6,7 @@ is parsed into the canonical row (:mod:`shared.mapping`, without the pydantic mo
 same rows and errors), and the two versions of each id are compared under ``zsync.version_cmp`` - the same
 last-writer-wins rule the functions apply: identical rows are equal, a version is (``updated_at`` at
 millisecond precision, content hash) so differing times decide on their own, and ties go to
-``zsync.version_cmp_many`` in batched SQL. Then:
+``zsync.version_cmp_many`` in batched SQL (:func:`shared.conflict.compare_many`). Then:
 
 * missing in Supabase, or Tables newer  -> ``zsync.sync_apply_many`` (one multi-row conditional upsert
   per batch of 1,000, one transaction; the functions' rule - versions, tombstones - so a newer write that
@@ -49,7 +49,7 @@ import psycopg
 from psycopg_pool import PoolTimeout
 from rich.progress import Progress, TaskID
 
-from shared import audit, supabase_db
+from shared import audit, conflict, supabase_db
 from shared.conflict import Outcome
 from shared.mapping import (
     InvalidRecord,
@@ -64,7 +64,6 @@ from shared.tables_trash import deletes_checked
 from shared.zapier_tables import BATCH_MAX, Record, TablesClient, TablesError, client_from_settings
 
 PAGE_SIZE = 1000  # the query endpoint's maximum page
-COMPARE_BATCH = 1000
 SUPABASE_BATCH = 1000  # rows per zsync.sync_apply_many call (one transaction)
 PIPELINE_MIN_BATCHES = 8  # Tables write batches from which more writers (one more client each) pay off
 TABLES_WRITERS = 2  # concurrent Tables write batches (one transaction each) for many batches
@@ -176,42 +175,6 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start:start + size]
 
 
-def compare_many(conn: psycopg.Connection, spec: TableSpec, pairs: Sequence[tuple[dict, dict]]) -> list[int]:
-    """``zsync.version_cmp(a, b)`` for many pairs, one set-based query per batch (zsync.version_cmp_many):
-    1 a newer, 0 same, -1 older."""
-    out: list[int] = []
-    for chunk in _chunks(pairs, COMPARE_BATCH):
-        out += supabase_db.version_cmp_many(conn, spec, list(chunk))
-    return out
-
-
-def _version_ms(spec: TableSpec, row: dict) -> datetime | None:
-    """The time part of zsync.version_of: the version column at millisecond precision (None: -infinity)."""
-    ts = row.get(spec.version) if spec.version else None
-    return ts.replace(microsecond=ts.microsecond - ts.microsecond % 1000) if ts is not None else None
-
-
-def compare_versions(conn: psycopg.Connection, spec: TableSpec, pairs: Sequence[tuple[dict, dict]]) -> list[int]:
-    """:func:`compare_many` for pairs that differ: a version is (``updated_at`` at millisecond precision,
-    content hash), compared in that order, so when the times differ the later one wins whatever the
-    hashes; only pairs with equal times (the hash decides) go to ``zsync.version_cmp_many``."""
-    out: list[int] = []
-    tied: list[int] = []
-    for i, (a, b) in enumerate(pairs):
-        ta, tb = _version_ms(spec, a), _version_ms(spec, b)
-        if ta == tb:
-            tied.append(i)
-            out.append(0)
-        elif tb is None or (ta is not None and ta > tb):
-            out.append(1)
-        else:
-            out.append(-1)
-    if tied:
-        for i, cmp in zip(tied, compare_many(conn, spec, [pairs[i] for i in tied]), strict=True):
-            out[i] = cmp
-    return out
-
-
 def apply_many(conn: psycopg.Connection, spec: TableSpec, rows: Sequence[dict]) -> list[tuple[str, str, dict | None]]:
     """``zsync.sync_apply_many`` (the functions' rule: versions, tombstones): -> (id, outcome, stored before)
     per row, in input order."""
@@ -317,7 +280,7 @@ class _Reconciler:
             for key, found in dupes.items():
                 keep = found[0]
                 for candidate in found[1:]:
-                    if compare_many(conn, spec, [(candidate[1], keep[1])])[0] > 0:
+                    if conflict.compare(conn, spec, candidate[1], keep[1]) > 0:
                         keep = candidate
                 side.rows[key], side.record_ids[key] = keep[1], keep[0].id
                 side.duplicates += [r.id for r, _ in found if r.id != keep[0].id]
@@ -424,7 +387,7 @@ class _Reconciler:
         json_fields = spec.fields_of(Kind.JSON) + spec.fields_of(Kind.FLOAT)
         differing = [p for p in pairs if not _identical(json_fields, p[1], p[2])]
         report.in_sync += len(pairs) - len(differing)
-        cmps = self.ctx.db.run(lambda conn: compare_versions(conn, spec, [(t, s) for _, t, s in differing]))
+        cmps = self.ctx.db.run(lambda conn: conflict.compare_many(conn, spec, [(t, s) for _, t, s in differing]))
         report.timings["compare"] = time.perf_counter() - started - report.timings["read_supabase"]
         for (rid, t_row, s_row), cmp in zip(differing, cmps, strict=True):
             if cmp > 0:

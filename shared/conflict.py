@@ -13,12 +13,18 @@ Supabase and Zapier Tables always agree on the winner:
 * a record without ``updated_at`` is older than any record with one.
 
 Supabase applies the rule inside ``zsync.sync_upsert`` (row lock, no read-then-write race); the Tables
-side calls :func:`compare` while holding a per-record advisory lock.
+side calls :func:`compare` / :func:`compare_many` while holding the record's lock.
+
+The SQL is the rule's one full statement. Because a version is compared time first, two versions whose
+times differ are decided by their times alone, whatever their hashes: :func:`compare_many` decides those
+here (:func:`version_time` is ``zsync.version_of``'s time part) and asks ``zsync.version_cmp_many`` only
+for ties, which the content hash decides. A test holds the two to the same answers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -47,9 +53,58 @@ def outcome_of(cmp: int) -> Outcome:
     return Outcome.UNCHANGED if cmp == 0 else Outcome.SKIPPED_STALE
 
 
+SQL_BATCH = 1000  # pairs per zsync.version_cmp_many call
+_TIE = object()  # times equal (or not comparable here): the SQL decides
+
+
+def version_time(spec: TableSpec, row: Mapping[str, Any]) -> datetime | object | None:
+    """The time part of ``zsync.version_of``: the version column at millisecond precision, None for no
+    value (older than any time); ``_TIE`` when this module cannot state it exactly (a table without a
+    version column, a value that is not a timezone-aware datetime), so that only the SQL decides."""
+    if spec.version != "updated_at":  # the SQL reads updated_at; a table without versions: hash only
+        return _TIE
+    ts = row.get("updated_at")
+    if ts is None:
+        return None
+    if not isinstance(ts, datetime) or ts.tzinfo is None:
+        return _TIE
+    return ts.replace(microsecond=ts.microsecond - ts.microsecond % 1000)
+
+
+def _by_time(spec: TableSpec, a: Mapping[str, Any], b: Mapping[str, Any]) -> int | None:
+    """1 / -1 when the times alone decide, None when the hash must (equal times) or the SQL must."""
+    ta, tb = version_time(spec, a), version_time(spec, b)
+    if ta is _TIE or tb is _TIE or ta == tb:
+        return None
+    if tb is None:
+        return 1
+    if ta is None:
+        return -1
+    return 1 if ta > tb else -1  # type: ignore[operator]
+
+
 def compare(conn: psycopg.Connection, spec: TableSpec, incoming: Mapping[str, Any],
             stored: Mapping[str, Any] | None) -> int:
     """1 if ``incoming`` should replace ``stored`` (always, when nothing is stored), 0 same, -1 older."""
     if stored is None:
         return 1
-    return supabase_db.version_cmp(conn, spec, incoming, stored)
+    decided = _by_time(spec, incoming, stored)
+    return decided if decided is not None else supabase_db.version_cmp(conn, spec, incoming, stored)
+
+
+def compare_many(conn: psycopg.Connection, spec: TableSpec,
+                 pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]) -> list[int]:
+    """:func:`compare` of each ``(a, b)`` pair (``b`` stored): pairs the times decide here, ties in
+    ``zsync.version_cmp_many`` calls of up to :data:`SQL_BATCH` pairs."""
+    out: list[int] = []
+    tied: list[int] = []
+    for i, (a, b) in enumerate(pairs):
+        decided = _by_time(spec, a, b)
+        if decided is None:
+            tied.append(i)
+        out.append(decided or 0)
+    for start in range(0, len(tied), SQL_BATCH):
+        chunk = tied[start:start + SQL_BATCH]
+        for i, cmp in zip(chunk, supabase_db.version_cmp_many(conn, spec, [pairs[i] for i in chunk]), strict=True):
+            out[i] = cmp
+    return out

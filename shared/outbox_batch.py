@@ -4,10 +4,11 @@ A Database Webhook only wakes the function up. :func:`drain_outbox` claims the p
 its table (``zsync.claim_outbox``: ``FOR UPDATE SKIP LOCKED``, so parallel invocations never take the same
 entries; a record another transaction works on is skipped with ``pg_try_advisory_xact_lock``), reads each
 record's current row once (several changes of one record coalesce into its newest version), finds the
-existing Tables records with one ``in`` query per 1,000 ids, compares versions in one call
-(``zsync.version_cmp_many``), writes with batch create/update (<= 100 records per request) under one shared
-time budget for 429 / Retry-After (:func:`shared.zapier_tables.shared_budget`), then records every outcome
-(one audit insert, one ack per batch) in the same transaction. Records whose write did not fit in the
+existing Tables records with one ``in`` query per 1,000 ids, compares versions
+(:func:`shared.conflict.compare_many`: by time here, ties in one ``zsync.version_cmp_many`` call), writes
+with batch create/update (<= 100 records per request) under one shared time budget for 429 / Retry-After
+(:func:`shared.zapier_tables.shared_budget`), then records every outcome (one audit insert, one ack per
+batch) in the same transaction. Records whose write did not fit in the
 budget are not acknowledged: they stay pending (claimed again, or re-sent by the sweeper), never lost and
 never written twice.
 
@@ -192,7 +193,7 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
         current = _tables_version(ctx, conn, spec, current, edited_at, item.row)
         pairs.append((item, current))
         by_id[item.id] = [existing]  # the one kept (duplicates removed)
-    cmps = supabase_db.version_cmp_many(conn, spec, [(item.row, current) for item, current in pairs])
+    cmps = conflict.compare_many(conn, spec, [(item.row, current) for item, current in pairs])
     for (item, current), cmp in zip(pairs, cmps, strict=True):
         outcome = conflict.outcome_of(cmp)
         if outcome is Outcome.APPLIED:

@@ -16,7 +16,7 @@ import pytest
 
 from infra import reconcile as reconcile_module
 from infra.local.postgres import create_database, prepare_database
-from infra.reconcile import PAGE_SIZE, _identical, _prefetched, compare_versions, reconcile
+from infra.reconcile import PAGE_SIZE, _identical, _prefetched, reconcile
 from shared import supabase_db
 from shared.mapping import InvalidRecord, parse_record, parse_record_fast, row_to_json
 from shared.spec import TABLES, Kind
@@ -147,19 +147,6 @@ def test_identical_is_row_to_json_equality_where_it_says_equal() -> None:
     assert not _identical(fields, row, row | {"metadata": {"k": True}})
     assert not _identical(fields, row | {"confidence": 0.0}, row | {"confidence": -0.0})
     assert not _identical(fields, row, row | {"decision": "other"})
-
-
-def test_compare_versions_is_version_cmp(db: psycopg.Connection) -> None:
-    spec = TABLES["agent_jobs"]
-    times = [None, "2025-12-22T10:00:00Z", "2025-12-22T10:00:00.000400Z", "2025-12-22T10:00:00.000900Z",
-             "2025-12-22T10:00:00.001Z", "2025-12-22T09:59:59.999999+00:00", "1960-01-01T00:00:00.0005Z"]
-    rows = [parse_record(spec, {"id": "x", "status": status, "updated_at": ts}, "tables")
-            for ts in times for status in ("a", "b")]
-    pairs = [(a, b) for a in rows for b in rows if a != b]
-    with db.transaction():
-        expected = supabase_db.version_cmp_many(db, spec, pairs)
-        assert compare_versions(db, spec, pairs) == expected
-    assert set(expected) == {-1, 0, 1}  # 0: the same content within one millisecond (the same version)
 
 
 @pytest.mark.parametrize("table", sorted(TABLES))
