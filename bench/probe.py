@@ -1,8 +1,8 @@
 """Child process of ``bench.coldstart``: a fresh interpreter that loads one function the way
 functions-framework does (``create_app`` on functions/main.py), answers its first delivery, and prints
 JSON timings on its last line. With ``--warm N`` it then answers N more deliveries in-process and reports
-the request thread's CPU per delivery (no I/O wait counted) and where the time went (parse, DB, Tables,
-log, the rest).
+the request thread's CPU per delivery (no I/O wait counted) and where the wall time and the CPU went
+(parse, DB, Tables, log, the rest), per delivery.
 
     python bench/probe.py TARGET BODIES.jsonl [--warm N] [--lambda] [--insert] [--source FILE]
 
@@ -62,25 +62,29 @@ def _no_insert(body: str) -> str:
 
 
 class Breakdown:
-    """Exclusive wall time per category (a DB transaction that calls Tables counts the Tables call once)."""
+    """Exclusive wall time and CPU time of the request thread per category (a DB transaction that calls
+    Tables counts the Tables call once)."""
 
     def __init__(self) -> None:
         self.totals: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
         self._stack: list[list[float]] = []
 
     @contextlib.contextmanager
     def timing(self, category: str) -> Iterator[None]:
-        """Count the block's wall time to ``category``, less the time of timed blocks nested inside it."""
-        self._stack.append([0.0])
-        start = time.perf_counter()
+        """Count the block's wall and CPU time to ``category``, less that of timed blocks nested inside it."""
+        self._stack.append([0.0, 0.0])
+        start, cpu_start = time.perf_counter(), time.thread_time()
         try:
             yield
         finally:
-            elapsed = time.perf_counter() - start
-            inner = self._stack.pop()[0]
+            elapsed, cpu = time.perf_counter() - start, time.thread_time() - cpu_start
+            inner, inner_cpu = self._stack.pop()
             self.totals[category] = self.totals.get(category, 0.0) + elapsed - inner
+            self.cpu[category] = self.cpu.get(category, 0.0) + cpu - inner_cpu
             if self._stack:
                 self._stack[-1][0] += elapsed
+                self._stack[-1][1] += cpu
 
     def wrap(self, owner: object, name: str, category: str) -> None:
         original = getattr(owner, name, None)
@@ -93,35 +97,32 @@ class Breakdown:
 
         setattr(owner, name, timed)
 
-    def wrap_context_manager(self, owner: object, name: str, category: str) -> None:
-        """For ``with db.transaction() as conn:``: time from entering to leaving the block."""
-        original = getattr(owner, name, None)
-        if original is None:
-            return
-
-        @contextlib.contextmanager
-        def timed(*args, **kwargs):
-            with self.timing(category), original(*args, **kwargs) as value:
-                yield value
-
-        setattr(owner, name, timed)
-
 
 def instrument() -> Breakdown:
-    """Wrap the public entry points of each part (looked up by name; a renamed one is simply not split out)."""
+    """Wrap the entry points of each part (looked up by name; a renamed one is simply not split out). DB is
+    the time spent in psycopg and its pool (connections, BEGIN/COMMIT, statements, reading results); our own
+    code inside a transaction (planning a batch, audit entries) counts as the rest."""
     import logging
+
+    import psycopg
+    import psycopg_pool
 
     import shared.handler
     import shared.logs
-    import shared.supabase_db
     import shared.sync
 
     b = Breakdown()
     b.wrap(shared.handler, "read_json_body", "parse")
-    for name in ("parse_tables_record", "parse_supabase_record", "to_tables_fields", "unwrap_tables_payload"):
-        b.wrap(shared.sync, name, "parse")
-    b.wrap(shared.supabase_db.Database, "run", "db")
-    b.wrap_context_manager(shared.supabase_db.Database, "transaction", "db")
+    for module in (shared.sync, sys.modules.get("shared.outbox_batch")):
+        for name in ("parse_tables_record", "parse_supabase_record", "to_tables_fields", "unwrap_tables_payload"):
+            if module is not None:
+                b.wrap(module, name, "parse")
+    for owner, names in ((psycopg.Connection, ("execute", "commit", "rollback")),
+                         (psycopg.Cursor, ("execute", "fetchone", "fetchall", "fetchmany")),
+                         (psycopg.Transaction, ("__enter__", "__exit__")),
+                         (psycopg_pool.ConnectionPool, ("getconn", "putconn"))):
+        for name in names:
+            b.wrap(owner, name, "db")
     tables = sys.modules.get("shared.zapier_tables")
     if tables is not None:
         for cls_name in ("TablesClient", "CatchHookWriter"):
@@ -189,13 +190,17 @@ def main() -> None:
             statuses.append(deliver(body))
             cpu.append(time.thread_time() - c0)
         breakdown = instrument()
-        wall = []
-        for template in warm[half:]:  # where the wall time goes
+        wall, cpu_split = [], []
+        for template in warm[half:]:  # where the wall time and the CPU go
             body = prepare(template)
-            w0 = time.perf_counter()
+            before = dict(breakdown.cpu)
+            w0, c0 = time.perf_counter(), time.thread_time()
             statuses.append(deliver(body))
             wall.append(time.perf_counter() - w0)
-        result.update(cpu=cpu, wall=wall, breakdown=breakdown.totals, statuses=sorted(set(statuses)))
+            cpu_split.append({"total": time.thread_time() - c0} | {
+                k: v - before.get(k, 0.0) for k, v in breakdown.cpu.items()})
+        result.update(cpu=cpu, wall=wall, breakdown=breakdown.totals, cpu_split=cpu_split,
+                      statuses=sorted(set(statuses)))
 
     from shared import logs
 
