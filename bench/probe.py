@@ -115,8 +115,7 @@ def instrument() -> Breakdown:
     b.wrap(shared.handler, "read_json_body", "parse")
     for module in (shared.sync, sys.modules.get("shared.outbox_batch")):
         for name in ("parse_tables_record", "parse_supabase_record", "to_tables_fields", "unwrap_tables_payload"):
-            if module is not None:
-                b.wrap(module, name, "parse")
+            b.wrap(module, name, "parse")  # a module not loaded (None) or without the name: not split out
     for owner, names in ((psycopg.Connection, ("execute", "commit", "rollback")),
                          (psycopg.Cursor, ("execute", "fetchone", "fetchall", "fetchmany")),
                          (psycopg.Transaction, ("__enter__", "__exit__")),

@@ -54,27 +54,27 @@ def outcome_of(cmp: int) -> Outcome:
 
 
 SQL_BATCH = 1000  # pairs per zsync.version_cmp_many call
-_TIE = object()  # times equal (or not comparable here): the SQL decides
+_SQL_DECIDES = object()  # a version time this module cannot state exactly: only the SQL decides
 
 
 def version_time(spec: TableSpec, row: Mapping[str, Any]) -> datetime | object | None:
     """The time part of ``zsync.version_of``: the version column at millisecond precision, None for no
-    value (older than any time); ``_TIE`` when this module cannot state it exactly (a table without a
+    value (older than any time); ``_SQL_DECIDES`` when this module cannot state it exactly (a table without a
     version column, a value that is not a timezone-aware datetime), so that only the SQL decides."""
     if spec.version != "updated_at":  # the SQL reads updated_at; a table without versions: hash only
-        return _TIE
+        return _SQL_DECIDES
     ts = row.get("updated_at")
     if ts is None:
         return None
     if not isinstance(ts, datetime) or ts.tzinfo is None:
-        return _TIE
+        return _SQL_DECIDES
     return ts.replace(microsecond=ts.microsecond - ts.microsecond % 1000)
 
 
 def _by_time(spec: TableSpec, a: Mapping[str, Any], b: Mapping[str, Any]) -> int | None:
     """1 / -1 when the times alone decide, None when the hash must (equal times) or the SQL must."""
     ta, tb = version_time(spec, a), version_time(spec, b)
-    if ta is _TIE or tb is _TIE or ta == tb:
+    if ta is _SQL_DECIDES or tb is _SQL_DECIDES or ta == tb:
         return None
     if tb is None:
         return 1
