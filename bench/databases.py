@@ -10,12 +10,13 @@ import psycopg
 
 from infra.local.pgnet_sender import apply_pg_net_sql, ensure_utc_database
 from infra.local.postgres import apply_vault_sql, create_database
-from shared.migrate import MIGRATIONS_DIR, apply_migrations
+from shared.migrate import HISTORY_DIR, MIGRATIONS_DIR, apply_migrations
 
 
 def migrated_database(admin_url: str, tmp: Path, before: str | None = None) -> str:
     """A new database as ``prepare_database`` makes it; with ``before``, migrated only up to the migrations
-    whose names sort before it (the code before a change, for a before/after run)."""
+    whose names sort before it (the code before a change, for a before/after run; the changes measured so far
+    are in the chain the baseline replaced, infra/supabase/history/)."""
     url = create_database(admin_url)
     ensure_utc_database(url)
     apply_pg_net_sql(url)
@@ -25,7 +26,7 @@ def migrated_database(admin_url: str, tmp: Path, before: str | None = None) -> s
         directory = tmp / f"migrations-before-{before}"
         if not directory.exists():
             directory.mkdir()
-            for path in MIGRATIONS_DIR.glob("*.sql"):
+            for path in HISTORY_DIR.glob("*.sql"):
                 if path.name < before:
                     shutil.copy(path, directory / path.name)
     apply_migrations(url, directory)

@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from shared.migrate import MIGRATIONS_DIR
+from shared.migrate import HISTORY_DIR
 
 
 def _entries(db: psycopg.Connection, since: int) -> list[tuple]:
@@ -73,7 +73,7 @@ def test_inline_canonical_object_is_canonical_json(db: psycopg.Connection) -> No
 
 def test_canonical_json_is_the_previous_one(db: psycopg.Connection) -> None:
     """zsync.canonical_json against 20261129810000's definition (as a temporary function) on random values."""
-    source = (MIGRATIONS_DIR / "20261129810000_zsync_single_path.sql").read_text()
+    source = (HISTORY_DIR / "20261129810000_zsync_single_path.sql").read_text()
     start = source.index("CREATE OR REPLACE FUNCTION zsync.canonical_json")
     previous = source[start:source.index("$$;", start) + 3].replace("zsync.canonical_json", "pg_temp.canonical_json_0")
     rnd = random.Random(11)

@@ -338,23 +338,36 @@ def test_5_doctor_fails_without_a_recent_sweep_or_with_an_old_backlog(database_u
 def test_6_migrations_hold_no_session_lock_and_run_once_concurrently(pg_server):
     from concurrent.futures import ThreadPoolExecutor
 
-    from infra.local.postgres import create_database, prepare_database
-    from shared.migrate import _LOCK_KEY, apply_migrations, discover
+    from infra.local.pgnet_sender import apply_pg_net_sql, ensure_utc_database
+    from infra.local.postgres import apply_vault_sql, create_database, prepare_database
+    from shared.migrate import _LOCK_KEY, HISTORY_DIR, apply_migrations, discover
 
+    def three_at_once(url: str, *directory: object) -> list[str]:
+        with ThreadPoolExecutor(3) as pool:
+            results = list(pool.map(lambda _: apply_migrations(url, *directory), range(3)))
+        with psycopg.connect(url, autocommit=True) as conn:
+            held = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = %s",
+                                (_LOCK_KEY & 0xFFFFFFFF,)).fetchone()[0]
+            assert held == 0
+        return sorted(name for applied in results for name in applied)
+
+    # a new database: three migrators at once apply each migration (the baseline first) exactly once
+    fresh = create_database(pg_server.get_uri())
+    ensure_utc_database(fresh)
+    apply_pg_net_sql(fresh)
+    apply_vault_sql(fresh)
+    assert three_at_once(fresh) == sorted(m.name for m in discover())
+
+    # the old chain (every file of it re-runnable): the later half again, by three migrators at once
     url = create_database(pg_server.get_uri())
-    prepare_database(url)  # migrated once; then this change's two migrations again, by three migrators at once
+    prepare_database(url, migrations_dir=HISTORY_DIR)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("DELETE FROM zsync.schema_migrations WHERE version >= '20261129100000'")
-    with ThreadPoolExecutor(3) as pool:
-        results = list(pool.map(lambda _: apply_migrations(url), range(3)))
-    again = [m.name for m in discover() if m.version >= "20261129100000"]
+    again = [m.name for m in discover(HISTORY_DIR) if m.version >= "20261129100000"]
     # Each migration is applied exactly once in all (the per-file lock may hand later files to another migrator).
-    assert sorted(name for applied in results for name in applied) == again
+    assert three_at_once(url, HISTORY_DIR) == sorted(again)
     with psycopg.connect(url, autocommit=True) as conn:
-        assert conn.execute("SELECT count(*) FROM zsync.schema_migrations").fetchone()[0] == len(discover())
-        held = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = %s",
-                            (_LOCK_KEY & 0xFFFFFFFF,)).fetchone()[0]
-        assert held == 0
+        assert conn.execute("SELECT count(*) FROM zsync.schema_migrations").fetchone()[0] == len(discover(HISTORY_DIR))
 
 
 # --- 7. the outcome of a Tables write is recorded once, whatever fails after it ------------------------------

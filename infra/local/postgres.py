@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 
 from infra.local.pgnet_sender import apply_pg_net_sql, ensure_utc_database
-from shared.migrate import apply_migrations
+from shared.migrate import MIGRATIONS_DIR, apply_migrations
 
 
 def start_postgres(data_dir: Path) -> Any:
@@ -84,9 +84,16 @@ def apply_vault_sql(url: str) -> None:
         conn.execute(VAULT_SQL_PATH.read_text(encoding="utf-8"))  # type: ignore[arg-type]  # a trusted file
 
 
-def prepare_database(url: str) -> list[str]:
+def prepare_database(url: str, migrations_dir: Path = MIGRATIONS_DIR) -> list[str]:
     """Make ``url`` look like a Supabase database with our schema. Idempotent. -> migrations applied."""
     ensure_utc_database(url)
     apply_pg_net_sql(url)
     apply_vault_sql(url)
-    return apply_migrations(url)
+    return apply_migrations(url, migrations_dir)
+
+
+def pg_tool(name: str) -> Path:
+    """A client program of the embedded server (pg_dump, psql, ...)."""
+    import pgserver
+
+    return Path(pgserver.__file__).parent / "pginstall" / "bin" / name
