@@ -34,9 +34,9 @@ import psycopg
 from shared import audit, conflict, supabase_db
 from shared.conflict import Outcome
 from shared.logs import log_event
-from shared.mapping import InvalidRecord, parse_supabase_record, parse_tables_record, to_tables_fields
+from shared.mapping import InvalidRecord, parse_supabase_record, to_tables_fields
 from shared.settings import TablesWriter
-from shared.spec import FUNCTIONS, Direction, FunctionSpec
+from shared.spec import Direction, FunctionSpec
 from shared.sync import (
     SupabaseWebhook,
     SyncContext,
@@ -48,6 +48,8 @@ from shared.sync import (
     _tables_version,
     _unreadable_is_older,
     apply_from_supabase,
+    push_back,
+    tables_version_row,
 )
 
 if TYPE_CHECKING:
@@ -177,7 +179,7 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
         existing = recs[0] if len(recs) == 1 else _remove_duplicates(ctx, conn, spec, table_id, item.id)
         edited_at = _tables_edited_at(existing)
         try:
-            current = parse_tables_record(spec, existing.data)
+            current = tables_version_row(ctx, spec, existing.data)
         except InvalidRecord as exc:
             if _unreadable_is_older(spec, existing, edited_at, item.row):
                 log_event(ctx.logger, logging.WARNING, "tables_record_unreadable", record_id=item.id,
@@ -201,11 +203,7 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
             continue
         if outcome is Outcome.SKIPPED_STALE:
             # Tables holds a newer version: make sure Supabase has it too (same as the single path).
-            pushed, _ = supabase_db.sync_upsert(conn, spec, current)
-            if pushed == Outcome.APPLIED:
-                back = FUNCTIONS[spec.function_name(Direction.TO_SUPABASE)]
-                supabase_db.append_audit(conn, audit.sync_entry(back, current, Outcome.APPLIED, datetime.now(UTC),
-                                                                origin="repair"))
+            push_back(ctx, conn, spec, current)
         plan.outcomes[item.id] = (outcome, None)
 
     def send(chunk: list[Any], create: bool) -> None:

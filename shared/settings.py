@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     stage: str = Field(default="dev", description="Deployment stage: each function drains inbox zsync-<stage>-<fn>.")
     inbox_drain_budget_s: float = Field(default=10.0, gt=0, description="How long one wake-up may drain.")
 
+    # --- Bad input ---------------------------------------------------------------------------------
+    max_future_skew_s: float = Field(
+        default=300.0, ge=0, le=86400, description="A version (updated_at) more than this far ahead of the clock is "
+        "refused (400 / sync_failed), never stored or compared. `zsync migrate` copies it into zsync.config, where "
+        "the database's own check (zsync.max_future_skew(), trigger zsync_maintain_updated_at) reads it.")
+
     # --- Requests --------------------------------------------------------------------------------
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
 

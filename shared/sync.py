@@ -24,6 +24,7 @@ from shared.conflict import Outcome
 from shared.logs import log_event
 from shared.mapping import (
     InvalidRecord,
+    check_version_skew,
     coerce_id,
     normalize_timestamp,
     parse_supabase_record,
@@ -154,6 +155,13 @@ def _edited_at(value: Any) -> datetime | None:
         return None
 
 
+def _check_edited_at(edited_at: datetime | None, now: datetime, max_skew_s: float) -> None:
+    """Zapier's ``edited_at`` can become the version (a cell edit): the same future rule as ``updated_at``."""
+    if edited_at is not None and (ahead := (edited_at - now).total_seconds()) > max_skew_s:
+        raise InvalidRecord([{"field": EDITED_AT, "problem": f"{edited_at.isoformat()} is {ahead:.0f} s ahead of the "
+                              f"clock; at most {max_skew_s:g} s allowed (ZSYNC_MAX_FUTURE_SKEW_S)"}])
+
+
 def apply_from_tables(ctx: SyncContext, fn: FunctionSpec, record: Mapping[str, Any],
                       received_at: datetime | None = None, *, changed_at: datetime | None = None,
                       changed_at_source: str = "received", origin: str = "live") -> SyncResult:
@@ -166,7 +174,9 @@ def apply_from_tables(ctx: SyncContext, fn: FunctionSpec, record: Mapping[str, A
     now = received_at or datetime.now(UTC)
     changed = changed_at or now
     row = parse_tables_record(spec, record, received_at=now)
+    check_version_skew(spec, row, datetime.now(UTC), ctx.settings.max_future_skew_s)
     edited_at = _edited_at(record.get("edited_at")) if spec.version else None
+    _check_edited_at(edited_at, datetime.now(UTC), ctx.settings.max_future_skew_s)
 
     def work(conn: psycopg.Connection) -> Outcome:
         if spec.append_only:
@@ -187,9 +197,82 @@ def apply_from_tables(ctx: SyncContext, fn: FunctionSpec, record: Mapping[str, A
             supabase_db.announce(conn, spec, row["id"], "DELETE")
         return result
 
-    outcome = ctx.db.run(work)
+    try:
+        outcome = ctx.db.run(work)
+    except RECORD_ERRORS as exc:  # a value the database refuses that the parser let through: this record's fault
+        raise InvalidRecord(db_problems(exc, row)) from None
     return SyncResult(outcome=outcome, function=fn.name, table=spec.name, id=row["id"],
                       lag_ms=_lag_ms(changed, datetime.now(UTC)))
+
+
+# A statement refused because of a value in the record (a CHECK, NOT NULL, a value out of range, the future-
+# skew trigger's 22008): retrying cannot help and no other record is at fault. Connection errors, deadlocks and
+# serialisation failures (OperationalError) are not among them: those are retried as a whole.
+RECORD_ERRORS: tuple[type[psycopg.Error], ...] = (psycopg.errors.IntegrityError, psycopg.errors.DataError)
+
+
+def db_problems(exc: psycopg.Error, row: Mapping[str, Any]) -> list[dict[str, str]]:
+    """``[{"field", "problem"}]`` for a statement the database refused because of ``row``: the column (from the
+    error's column, or the ``zsync_<column>_syncable`` constraint) and its value."""
+    diag = exc.diag
+    column = diag.column_name
+    constraint = diag.constraint_name or ""
+    if not column and constraint.startswith("zsync_") and constraint.endswith("_syncable"):
+        column = constraint.removeprefix("zsync_").removesuffix("_syncable")
+    value = row.get(column) if column else None
+    shown = value.isoformat() if isinstance(value, datetime) else value
+    what = (diag.message_primary or str(exc)).splitlines()[0][:300]
+    suffix = f" (value {json.dumps(shown, default=str, ensure_ascii=False)[:200]})" if column else ""
+    return [{"field": column or "record", "problem": f"refused by the database: {what}{suffix}"}]
+
+
+@dataclass
+class _Delivery:
+    """One parsed delivery of a batch (:func:`apply_many_from_tables`)."""
+
+    index: int
+    payload: Any
+    row: dict[str, Any]
+    edited_at: datetime | None
+    changed: datetime
+    source: str
+
+
+def _body(payload: Any) -> bytes:
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      default=str).encode("utf-8", "surrogatepass")
+
+
+def _halves(items: list[_Delivery]) -> tuple[list[_Delivery], list[_Delivery]]:
+    """Split a refused batch in two, keeping the versions of one id together while there are several ids."""
+    ids = list(dict.fromkeys(d.row["id"] for d in items))
+    if len(ids) == 1:
+        return items[:len(items) // 2], items[len(items) // 2:]
+    first = set(ids[:len(ids) // 2])
+    return [d for d in items if d.row["id"] in first], [d for d in items if d.row["id"] not in first]
+
+
+def _isolated(conn: psycopg.Connection, items: list[_Delivery],
+              apply: Callable[[psycopg.Connection, list[_Delivery]], list[Any]]
+              ) -> tuple[list[tuple[_Delivery, Any]], list[tuple[_Delivery, list[dict[str, str]]]]]:
+    """``apply`` the batch in a savepoint; when the database refuses a value of one record (a CHECK the parser
+    does not mirror, the future-skew trigger), split the batch in halves until the refused records stand alone:
+    they are refused, every other record is applied. -> ([(delivery, its result)], [(delivery, problems)])."""
+    if not items:
+        return [], []
+    try:
+        with conn.transaction():
+            return list(zip(items, apply(conn, items), strict=True)), []
+    except RECORD_ERRORS as exc:
+        if len(items) == 1:
+            return [], [(items[0], db_problems(exc, items[0].row))]
+    done: list[tuple[_Delivery, Any]] = []
+    refused: list[tuple[_Delivery, list[dict[str, str]]]] = []
+    for half in _halves(items):
+        d, r = _isolated(conn, half, apply)
+        done += d
+        refused += r
+    return done, refused
 
 
 def apply_many_from_tables(ctx: SyncContext, fn: FunctionSpec, records: Sequence[Mapping[str, Any]], *,
@@ -202,17 +285,28 @@ def apply_many_from_tables(ctx: SyncContext, fn: FunctionSpec, records: Sequence
     ``received_at``: one arrival time for all, or one per delivery. ``changed_at``: per delivery
     ``(time, source)`` (default :func:`change_time` of the delivery). -> one result per delivery, in order,
     with the outcome, audit entry and side effects the one-record path gives it (duplicates of one id: the
-    newest version is applied, the others are then compared as later deliveries). An invalid delivery gets a
-    ``rejected`` result (detail: the problems) and a ``sync_failed`` entry; the others are applied."""
+    newest version is applied, the others are then compared as later deliveries).
+
+    One bad record never holds back or discards another: an invalid delivery (the parser mirrors every CHECK;
+    a version too far ahead of the clock) gets a ``rejected`` result (its problems) and a ``sync_failed`` entry
+    holding the delivery itself; a value the database still refuses is found by splitting the batch in
+    savepoints (:func:`_isolated`) and rejected the same way; the others are applied."""
     spec = fn.table
     now = datetime.now(UTC)
     arrivals = list(received_at) if isinstance(received_at, Sequence) else [received_at] * len(records)
     if len(arrivals) != len(records) or (changed_at is not None and len(changed_at) != len(records)):
         raise ValueError("received_at / changed_at must give one value per record")
     results: list[SyncResult | None] = [None] * len(records)
-    # (index, row, edited_at, changed at, its source)
-    parsed: list[tuple[int, dict[str, Any], datetime | None, datetime, str]] = []
+    parsed: list[_Delivery] = []
     failed: list[dict[str, Any]] = []
+
+    def refuse(i: int, payload: Any, record: Any, problems: list[dict[str, str]]) -> dict[str, Any]:
+        record_id = _payload_id(record)
+        results[i] = SyncResult(outcome=Outcome.REJECTED, function=fn.name, table=spec.name, id=record_id,
+                                detail="; ".join(f"{p['field']}: {p['problem']}" for p in problems)[:500],
+                                problems=problems)
+        return audit.failed_entry(fn, _body(payload), problems, now, record_id, 400, keep_body=True)
+
     for i, payload in enumerate(records):
         arrived = arrivals[i] or now
         changed, source = (changed_at[i] if changed_at is not None and changed_at[i] is not None
@@ -222,47 +316,51 @@ def apply_many_from_tables(ctx: SyncContext, fn: FunctionSpec, records: Sequence
             if not isinstance(record, Mapping):
                 raise InvalidRecord([{"field": "record", "problem": "expected a JSON object"}])
             row = parse_tables_record(spec, record, received_at=arrived)
+            check_version_skew(spec, row, now, ctx.settings.max_future_skew_s)
+            edited_at = _edited_at(record.get("edited_at")) if spec.version else None
+            _check_edited_at(edited_at, now, ctx.settings.max_future_skew_s)
         except InvalidRecord as exc:
-            record_id = _payload_id(record)
-            body = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                              default=str).encode("utf-8", "surrogatepass")
-            failed.append(audit.failed_entry(fn, body, exc.problems, now, record_id, 400))
-            results[i] = SyncResult(outcome=Outcome.REJECTED, function=fn.name, table=spec.name, id=record_id,
-                                    detail=str(exc)[:500], problems=exc.problems)
+            failed.append(refuse(i, payload, record, exc.problems))
             continue
-        edited_at = _edited_at(record.get("edited_at")) if spec.version else None
-        parsed.append((i, row, edited_at, changed, source))
+        parsed.append(_Delivery(i, payload, row, edited_at, changed, source))
 
-    def work(conn: psycopg.Connection) -> list[Outcome]:
-        entries: list[dict[str, Any]] = list(failed)
+    def apply(conn: psycopg.Connection, items: list[_Delivery]) -> list[Any]:
         if spec.append_only:
-            inserted = supabase_db.append_audit_each(conn, [row for _, row, _, _, _ in parsed])
-            supabase_db.append_audit_many(conn, entries)
-            return [Outcome.APPLIED if ok else Outcome.UNCHANGED for ok in inserted]
-        applied_rows = supabase_db.sync_apply_many(conn, spec, [(row, ed) for _, row, ed, _, _ in parsed])
-        outcomes: list[Outcome] = []
+            return supabase_db.append_audit_each(conn, [d.row for d in items])
+        return supabase_db.sync_apply_many(conn, spec, [(d.row, d.edited_at) for d in items])
+
+    def work(conn: psycopg.Connection) -> dict[int, Outcome]:
+        entries: list[dict[str, Any]] = list(failed)
+        done, refused = _isolated(conn, parsed, apply)
+        outcomes: dict[int, Outcome] = {}
+        for d, problems in refused:
+            entries.append(refuse(d.index, d.payload, unwrap_tables_payload(d.payload), problems))
         pushes: list[tuple[str, str]] = []
-        for (_, row, _, changed, source), (outcome, stored, applied) in zip(parsed, applied_rows, strict=True):
-            result = Outcome(outcome)
-            outcomes.append(result)
+        for d, found in done:
+            if spec.append_only:
+                outcomes[d.index] = Outcome.APPLIED if found else Outcome.UNCHANGED
+                continue
+            outcome, stored, applied = found
+            result = outcomes[d.index] = Outcome(outcome)
             if result in (Outcome.APPLIED, Outcome.SKIPPED_STALE):
-                version = parse_supabase_record(spec, applied) if applied else row
-                entries.append(audit.sync_entry(fn, version, result, datetime.now(UTC), stored, changed_at=changed,
-                                                changed_at_source=source, origin=origin))
+                version = parse_supabase_record(spec, applied) if applied else d.row
+                entries.append(audit.sync_entry(fn, version, result, datetime.now(UTC), stored, changed_at=d.changed,
+                                                changed_at_source=d.source, origin=origin))
             if Direction.TO_TABLES in spec.directions:
                 if result is Outcome.SKIPPED_STALE:
-                    pushes.append((row["id"], "UPDATE"))
+                    pushes.append((d.row["id"], "UPDATE"))
                 elif result is Outcome.DELETED:
-                    pushes.append((row["id"], "DELETE"))
+                    pushes.append((d.row["id"], "DELETE"))
         supabase_db.append_audit_many(conn, entries)
         supabase_db.announce_many(conn, spec, pushes)
         return outcomes
 
     if parsed or failed:
         outcomes = ctx.db.run(work)
-        for (i, row, _, changed, _), outcome in zip(parsed, outcomes, strict=True):
-            results[i] = SyncResult(outcome=outcome, function=fn.name, table=spec.name, id=row["id"],
-                                    lag_ms=_lag_ms(changed, datetime.now(UTC)))
+        for d in parsed:
+            if d.index in outcomes:
+                results[d.index] = SyncResult(outcome=outcomes[d.index], function=fn.name, table=spec.name,
+                                              id=d.row["id"], lag_ms=_lag_ms(d.changed, datetime.now(UTC)))
     return [r for r in results if r is not None]
 
 
@@ -324,15 +422,11 @@ def _delete_from_supabase(ctx: SyncContext, fn: FunctionSpec, record_id: str) ->
         records = list(ctx.tables.iter_records(table_id, filters={"id": record_id}))
         outcome = Outcome.UNCHANGED
         for rec in records:
-            current = _readable(spec, rec)
+            current = _readable(ctx, spec, rec)
             if current is not None and current.get(spec.version or "") and \
                     supabase_db.version_cmp(conn, spec, current, {"id": record_id, spec.version: tomb}) > 0:
                 # Edited in Tables after the delete: that later write wins and goes back to Supabase.
-                pushed, _ = supabase_db.sync_upsert(conn, spec, current)
-                if pushed == Outcome.APPLIED:
-                    back = FUNCTIONS[spec.function_name(Direction.TO_SUPABASE)]
-                    supabase_db.append_audit(conn, audit.sync_entry(back, current, Outcome.APPLIED, datetime.now(UTC),
-                                                                    origin="repair"))
+                push_back(ctx, conn, spec, current)
                 return Outcome.SKIPPED_STALE, tomb
         for rec in records:
             ctx.tables.delete(table_id, rec.id, missing_ok=True)
@@ -421,9 +515,17 @@ def apply_from_supabase(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhoo
                       lag_ms=_lag_ms(captured[0], datetime.now(UTC)))
 
 
-def _readable(spec: TableSpec, record: Record) -> dict[str, Any] | None:
+def tables_version_row(ctx: SyncContext, spec: TableSpec, data: Mapping[str, Any]) -> dict[str, Any]:
+    """A Tables record as it is read to compare its version: parsed, and refused (InvalidRecord) when its
+    version is further ahead of the clock than ``max_future_skew_s`` (never compared, so it cannot win)."""
+    row = parse_tables_record(spec, data)
+    check_version_skew(spec, row, datetime.now(UTC), ctx.settings.max_future_skew_s)
+    return row
+
+
+def _readable(ctx: SyncContext, spec: TableSpec, record: Record) -> dict[str, Any] | None:
     try:
-        return parse_tables_record(spec, record.data)
+        return tables_version_row(ctx, spec, record.data)
     except InvalidRecord:
         return None
 
@@ -435,10 +537,7 @@ def _remove_duplicates(ctx: SyncContext, conn: psycopg.Connection, spec: TableSp
     records = list(ctx.tables.iter_records(table_id, filters={"id": record_id}))
 
     def row_of(record: Record) -> dict[str, Any] | None:
-        try:
-            return parse_tables_record(spec, record.data)
-        except InvalidRecord:
-            return None
+        return _readable(ctx, spec, record)
 
     keep = records[0]
     for candidate in records[1:]:
@@ -489,7 +588,7 @@ def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec
         return Outcome.APPLIED, None
     edited_at = _tables_edited_at(existing)
     try:
-        current: dict[str, Any] | None = parse_tables_record(spec, existing.data)
+        current: dict[str, Any] | None = tables_version_row(ctx, spec, existing.data)
     except InvalidRecord as exc:
         if _unreadable_is_older(spec, existing, edited_at, row):
             log_event(ctx.logger, logging.WARNING, "tables_record_unreadable", record_id=row["id"],
@@ -506,12 +605,28 @@ def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec
     elif outcome is Outcome.SKIPPED_STALE and current is not None:
         # Tables holds a newer version than this webhook carried: make sure Supabase has it too (its own
         # Zap delivery may have been lost). Conditional, so a no-op when Supabase is already current.
-        pushed, _ = supabase_db.sync_upsert(conn, spec, current)
-        if pushed == Outcome.APPLIED:
-            back = FUNCTIONS[spec.function_name(Direction.TO_SUPABASE)]
-            supabase_db.append_audit(conn, audit.sync_entry(back, current, Outcome.APPLIED, datetime.now(UTC),
-                                                            origin="repair"))
+        push_back(ctx, conn, spec, current)
     return outcome, None
+
+
+def push_back(ctx: SyncContext, conn: psycopg.Connection, spec: TableSpec, current: dict[str, Any]) -> None:
+    """Tables holds a newer version than Supabase was sending: make sure Supabase has it too (its own
+    delivery may have been lost; conditional, so a no-op when Supabase is current), in a savepoint: a value
+    Supabase refuses leaves Supabase as it is, with a ``sync_failed`` entry holding the Tables fields, and
+    never fails the transaction it runs in (an outbox claim of the whole table)."""
+    back = FUNCTIONS[spec.function_name(Direction.TO_SUPABASE)]
+    try:
+        with conn.transaction():
+            pushed, _ = supabase_db.sync_upsert(conn, spec, current)
+    except RECORD_ERRORS as exc:
+        problems = db_problems(exc, current)
+        log_event(ctx.logger, logging.ERROR, "push_back_refused", record_id=current.get("id"), problems=problems)
+        supabase_db.append_audit(conn, audit.failed_entry(back, _body(to_tables_fields(spec, current)), problems,
+                                                          datetime.now(UTC), current.get("id"), 400, keep_body=True))
+        return
+    if pushed == Outcome.APPLIED:
+        supabase_db.append_audit(conn, audit.sync_entry(back, current, Outcome.APPLIED, datetime.now(UTC),
+                                                        origin="repair"))
 
 
 def _unreadable_is_older(spec: TableSpec, record: Record, edited_at: datetime | None,
