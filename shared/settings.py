@@ -69,7 +69,7 @@ class Settings(BaseSettings):
 
     # --- Bad input ---------------------------------------------------------------------------------
     max_future_skew_s: float = Field(
-        default=300.0, ge=0, le=86400, description="A version (updated_at) more than this far ahead of the clock is "
+        default=300.0, ge=0, description="A version (updated_at) more than this far ahead of the clock is "
         "refused (400 / sync_failed), never stored or compared. `zsync migrate` copies it into zsync.config, where "
         "the database's own check (zsync.max_future_skew(), trigger zsync_maintain_updated_at) reads it.")
 

@@ -24,12 +24,16 @@ FN = FUNCTIONS["agent_jobs_to_supabase"]
 AUDIT_FN = FUNCTIONS["audit_log_to_supabase"]
 T0, T1, T2 = "2030-01-01T00:00:00Z", "2030-01-01T01:00:00Z", "2030-01-01T02:00:00Z"
 RECEIVED = datetime(2030, 1, 2, tzinfo=UTC)
+# These fixed versions lie ahead of the clock (deterministic tombstones, and newer than any Zapier edited_at):
+# the future-skew rule (ZSYNC_MAX_FUTURE_SKEW_S, zsync.config) is raised past them here.
+FAR_SKEW_S = 20 * 365 * 86400.0
 
 
 def _fresh(pg_server: Any) -> str:
     url = create_database(pg_server.get_uri())
     prepare_database(url)
     with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT zsync.set_max_future_skew(%s)", (FAR_SKEW_S,))
         # Wired, so a push-back queues an outbox entry (the webhook goes nowhere reachable).
         conn.execute("INSERT INTO zsync.webhook_endpoints (table_name, url, headers, timeout_ms) "
                      "VALUES ('agent_jobs', 'http://127.0.0.1:9/', '{}', 100)")
@@ -45,7 +49,7 @@ def _fresh(pg_server: Any) -> str:
 
 
 def _ctx(url: str) -> SyncContext:
-    return SyncContext(settings=Settings(database_url=url, retry_budget_s=2))
+    return SyncContext(settings=Settings(database_url=url, retry_budget_s=2, max_future_skew_s=FAR_SKEW_S))
 
 
 DELIVERIES: list[dict[str, Any]] = [

@@ -27,13 +27,22 @@ from tests.tables_local import LocalTables, start_local_tables
 FN = FUNCTIONS["agent_jobs_to_tables"]
 JOBS = TABLES["agent_jobs"]
 TS = "2030-01-01T00:00:00Z"
+# These fixed versions lie ahead of the clock (newer than any Zapier edited_at): the future-skew rule
+# (ZSYNC_MAX_FUTURE_SKEW_S, zsync.config) is raised past them here; tests/test_bad_input.py holds the default.
+FAR_SKEW_S = 20 * 365 * 86400.0
+
+
+def _far(url: str) -> str:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT zsync.set_max_future_skew(%s)", (FAR_SKEW_S,))
+    return url
 
 
 @pytest.fixture
 def fresh_db(pg_server: Any) -> str:
     url = create_database(pg_server.get_uri())
     prepare_database(url)
-    return url
+    return _far(url)
 
 
 @pytest.fixture
@@ -45,6 +54,7 @@ def service(tmp_path: Path) -> Iterator[LocalTables]:
 def _ctx(service: LocalTables, url: str, **kw: Any) -> SyncContext:
     kw.setdefault("retry_budget_s", 3)
     kw.setdefault("http_timeout_s", 2)
+    kw.setdefault("max_future_skew_s", FAR_SKEW_S)
     return SyncContext(settings=service.settings(database_url=url, webhook_secret="x", **kw))
 
 
@@ -220,6 +230,7 @@ def test_the_batch_gives_each_record_the_single_paths_outcome_and_audit(pg_serve
     for mode in ("single", "batch"):
         url = create_database(pg_server.get_uri())
         prepare_database(url)
+        _far(url)
         with start_local_tables(tmp_path / f"{mode}.sqlite3", names=["agent_jobs"]) as svc:
             ids = _scenario(url, svc)
             ctx = _ctx(svc, url)
