@@ -52,7 +52,8 @@ MUTABLE = {
     "agent_decisions": ("decision", "metadata", "confidence"),
     "rate_limits": ("service_name", "metadata", "request_count"),
 }
-BASE_TS = datetime(2030, 1, 1, tzinfo=UTC)
+# Versions count up from shortly before the run: a version ahead of the clock is refused (ZSYNC_MAX_FUTURE_SKEW_S).
+BASE_TS = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
