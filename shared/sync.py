@@ -206,19 +206,27 @@ def apply_from_tables(ctx: SyncContext, fn: FunctionSpec, record: Mapping[str, A
 
 
 # A statement refused because of a value in the record (a CHECK, NOT NULL, a value out of range, the future-
-# skew trigger's 22008): retrying cannot help and no other record is at fault. Connection errors, deadlocks and
-# serialisation failures (OperationalError) are not among them: those are retried as a whole.
-RECORD_ERRORS: tuple[type[psycopg.Error], ...] = (psycopg.errors.IntegrityError, psycopg.errors.DataError)
+# skew trigger's 22008, a validation trigger's RAISE EXCEPTION): retrying cannot help and no other record is at
+# fault. Connection errors, deadlocks and serialisation failures (OperationalError) are not among them: those
+# are retried as a whole.
+RECORD_ERRORS: tuple[type[psycopg.Error], ...] = (psycopg.errors.IntegrityError, psycopg.errors.DataError,
+                                                  psycopg.errors.RaiseException)
+
+
+def _constraint_column(constraint: str, row: Mapping[str, Any]) -> str | None:
+    """The column a CHECK is about, by its name: ``zsync_<column>_syncable`` (ours), ``<table>_<column>_check``
+    (Postgres' default name), else the longest column name the constraint's name contains."""
+    if constraint.startswith("zsync_") and constraint.endswith("_syncable"):
+        return constraint.removeprefix("zsync_").removesuffix("_syncable")
+    named = [c for c in row if c in constraint]
+    return max(named, key=len) if named else None
 
 
 def db_problems(exc: psycopg.Error, row: Mapping[str, Any]) -> list[dict[str, str]]:
     """``[{"field", "problem"}]`` for a statement the database refused because of ``row``: the column (from the
     error's column, or the ``zsync_<column>_syncable`` constraint) and its value."""
     diag = exc.diag
-    column = diag.column_name
-    constraint = diag.constraint_name or ""
-    if not column and constraint.startswith("zsync_") and constraint.endswith("_syncable"):
-        column = constraint.removeprefix("zsync_").removesuffix("_syncable")
+    column = diag.column_name or _constraint_column(diag.constraint_name or "", row)
     value = row.get(column) if column else None
     shown = value.isoformat() if isinstance(value, datetime) else value
     what = (diag.message_primary or str(exc)).splitlines()[0][:300]

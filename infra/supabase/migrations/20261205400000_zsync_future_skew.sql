@@ -43,16 +43,23 @@ AS $$
 DECLARE
     v_skew  interval := zsync.max_future_skew();
     v_limit timestamptz := clock_timestamp() + v_skew;
+    v_sync  boolean := coalesce(current_setting('zsync.origin', true), '') = 'sync';
+    v_set   timestamptz;  -- the version this write sets (not one it leaves as it was)
     v_floor timestamptz;
 BEGIN
+    IF v_sync OR TG_OP = 'INSERT' THEN
+        v_set := NEW.updated_at;
+    ELSIF NEW.updated_at IS DISTINCT FROM OLD.updated_at THEN
+        v_set := NEW.updated_at;
+    END IF;
     -- (a time the zsync_updated_at_syncable CHECK refuses - infinity, year 9999 - is left to it)
-    IF NEW.updated_at > v_limit AND NEW.updated_at < '9999-12-31 00:00:00+00' THEN
+    IF v_set > v_limit AND v_set < '9999-12-31 00:00:00+00' THEN
         RAISE EXCEPTION 'zsync: %.updated_at % (id %) is % ahead of the database clock; at most % is allowed',
-            TG_TABLE_NAME, NEW.updated_at, NEW.id, date_trunc('seconds', NEW.updated_at - clock_timestamp()), v_skew
+            TG_TABLE_NAME, v_set, NEW.id, date_trunc('seconds', v_set - clock_timestamp()), v_skew
             USING ERRCODE = '22008', COLUMN = 'updated_at', TABLE = TG_TABLE_NAME,
                   HINT = 'set updated_at to now() or leave it unchanged (zsync.config max_future_skew_s)';
     END IF;
-    IF coalesce(current_setting('zsync.origin', true), '') = 'sync' THEN
+    IF v_sync THEN
         RETURN NEW;
     END IF;
     IF TG_OP = 'INSERT' THEN
