@@ -7,6 +7,7 @@ The stack is wired by `zsync wire zapier` (infra.deploy.wire) against the local 
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 import uuid
 
@@ -293,3 +294,37 @@ def test_inbox_backlog_in_status_and_doctor(stack, settings, client, supabase):
     assert supabase.row("audit_log", second["id"]) is not None
     missing = inbox_status.backlog(settings, "nosuchstage")
     assert all(r["alert"] and "zsync wire zapier" in r["error"] for r in missing)
+
+
+def test_one_bad_record_never_holds_back_or_discards_the_lease(stack, client, supabase, keys):
+    """Issue 18 item 4: one created_at of 9999-12-31T12:00:00Z in a lease used to fail the whole lease with a
+    500 (nothing acked or released; after the 6th lease every message was dead-lettered). Now the bad messages
+    are refused alone (a sync_failed entry holding the delivery, acked), the good ones applied in the same lease."""
+    from datetime import UTC, datetime, timedelta
+
+    good = [uid("lease-good") for _ in range(3)]
+    bad_9999, bad_future = uid("lease-9999"), uid("lease-future")
+    ahead = (datetime.now(UTC) + timedelta(days=1)).isoformat().replace("+00:00", "Z")
+    inbox_id = stack.inboxes[FN]
+    poison = job(keys, bad_9999, "queued", "2026-01-01T00:00:00Z")
+    poison["data"][keys["created_at"]] = "9999-12-31T12:00:00Z"
+    future = job(keys, bad_future, "queued", "2026-01-01T00:00:00Z")
+    future["data"][keys["updated_at"]] = ahead
+    with unnotified(client, inbox_id):
+        injected = [inject(stack, FN, payload) for payload in (
+            job(keys, good[0], "queued", "2026-01-01T00:00:00Z"), poison,
+            job(keys, good[1], "queued", "2026-01-01T00:00:00Z"), future,
+            job(keys, good[2], "queued", "2026-01-01T00:00:00Z"))]
+        report = stack.safety_drain()[FN]
+    assert isinstance(report, dict) and report.get("outcome") == "drained", report
+    assert (report.get("applied"), report.get("rejected")) == (3, 2) and report.get("acked", 0) >= 5, report
+    left = {m["id"] for m in client.messages(inbox_id)}  # (the applied records' echoes through Tables may be there)
+    assert left.isdisjoint(injected)  # nothing left to be re-leased, nothing dead-lettered
+    for rid in good:
+        assert supabase.row("agent_jobs", rid)["status"] == "queued"
+    for rid, field in ((bad_9999, "created_at"), (bad_future, "updated_at")):
+        assert supabase.row("agent_jobs", rid) is None
+        [(meta,)] = supabase.query("SELECT metadata FROM audit_log WHERE action = 'sync_failed' AND resource_id = %s",
+                                   (rid,))
+        assert meta["problems"][0]["field"] == field and meta["status"] == 400
+        assert json.loads(meta["delivery"])["id"] == rid  # what is needed to repair and re-send it
