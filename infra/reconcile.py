@@ -53,13 +53,14 @@ from shared import audit, conflict, supabase_db
 from shared.conflict import Outcome
 from shared.mapping import (
     InvalidRecord,
+    check_version_skew,
     normalize_timestamp,
     parse_supabase_record,
     parse_tables_record,
     to_tables_fields,
 )
 from shared.spec import FUNCTIONS, TABLES, Direction, Kind, TableSpec
-from shared.sync import SyncContext
+from shared.sync import SyncContext, isolate
 from shared.tables_trash import deletes_checked
 from shared.zapier_tables import BATCH_MAX, Record, TablesClient, TablesError, client_from_settings
 
@@ -175,11 +176,18 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start:start + size]
 
 
-def apply_many(conn: psycopg.Connection, spec: TableSpec, rows: Sequence[dict]) -> list[tuple[str, str, dict | None]]:
+def apply_many(conn: psycopg.Connection, spec: TableSpec, rows: Sequence[dict],
+               refused: list[tuple[str, list[dict[str, str]]]] | None = None) -> list[tuple[str, str, dict | None]]:
     """``zsync.sync_apply_many`` (the functions' rule: versions, tombstones): -> (id, outcome, stored before)
-    per row, in input order."""
-    found = supabase_db.sync_apply_many(conn, spec, [(r, None) for r in rows])
-    return [(r["id"], outcome, stored) for r, (outcome, stored, _) in zip(rows, found, strict=True)]
+    per applied row. A row the database refuses (:func:`shared.sync.isolate`) is left out and added to
+    ``refused`` with its problems; the others are applied."""
+    def upsert(c: psycopg.Connection, part: list[dict]) -> list[Any]:
+        return supabase_db.sync_apply_many(c, spec, [(r, None) for r in part])
+
+    done, bad = isolate(conn, list(rows), upsert, lambda r: r)
+    if refused is not None:
+        refused += [(r["id"], problems) for r, problems in bad]
+    return [(r["id"], outcome, stored) for r, (outcome, stored, _) in done]
 
 
 def _identical(json_fields: tuple[str, ...], a: dict, b: dict) -> bool:
@@ -229,6 +237,7 @@ class _Reconciler:
         side = _TablesSide()
         task = self._task(f"{spec.name}: reading Zapier Tables")
         by_id: dict[str, list[tuple[Record, dict]]] = {}
+        now, skew = datetime.now(UTC), self.ctx.settings.max_future_skew_s
         records = self.ctx.tables.iter_records(self.ctx.table_id(spec), page_size=PAGE_SIZE)
         for record in _prefetched(records, PAGE_SIZE, f"reconcile-{spec.name}-tables-read"):
             data = dict(record.data)
@@ -236,6 +245,7 @@ class _Reconciler:
             try:
                 received = normalize_timestamp(record.edited_at) if record.edited_at else None
                 row = parse_tables_record(spec, data, received_at=received, fast=True)
+                check_version_skew(spec, row, now, skew)  # a version from the future: as unreadable
             except (InvalidRecord, ValueError):
                 rid = data.get("id")
                 if isinstance(rid, str) and rid:
@@ -447,14 +457,15 @@ class _Reconciler:
         task = self._task(f"{spec.name}: -> Supabase", total=len(rows))
         deleted: list[str] = []
 
-        def work(conn: psycopg.Connection, chunk: Sequence[dict]) -> tuple[int, int]:
+        def work(conn: psycopg.Connection, chunk: Sequence[dict]) -> tuple[int, int, list]:
             now = datetime.now(UTC)
             if spec.append_only:
                 inserted = supabase_db.append_audit_many(conn, list(chunk))
-                return inserted, 0
+                return inserted, 0, []
             by_id = {r["id"]: r for r in chunk}
             entries, applied, raced = [], 0, 0
-            for rid, outcome, stored in apply_many(conn, spec, chunk):
+            refused: list[tuple[str, list[dict[str, str]]]] = []
+            for rid, outcome, stored in apply_many(conn, spec, chunk, refused):
                 if outcome == Outcome.APPLIED:
                     applied += 1
                     entries.append(_synced_entry(spec, Direction.TO_SUPABASE, by_id[rid], now, stored))
@@ -463,18 +474,20 @@ class _Reconciler:
                 elif outcome == Outcome.DELETED:
                     deleted.append(rid)
             supabase_db.append_audit_many(conn, entries)
-            return applied, raced
+            return applied, raced, refused
 
         for chunk in _chunks(rows, SUPABASE_BATCH):
             try:
-                applied, raced = self.ctx.db.run(lambda conn, chunk=chunk: work(conn, chunk))
+                applied, raced, refused = self.ctx.db.run(lambda conn, chunk=chunk: work(conn, chunk))
             except DB_ERRORS as exc:
                 report.errors.append(f"Supabase batch of {len(chunk)}: {type(exc).__name__}")
                 report.unresolved += len(chunk)
                 self._advance(task, len(chunk))
                 continue
             report.repaired += applied
-            report.unresolved += raced
+            report.unresolved += raced + len(refused)
+            for rid, problems in refused:  # Supabase refuses this Tables version: left as it is, reported
+                report.errors.append(f"{rid}: " + "; ".join(f"{p['field']}: {p['problem']}" for p in problems)[:300])
             self._advance(task, len(chunk))
         return deleted
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import psycopg
 from pydantic import BaseModel, ConfigDict
@@ -251,21 +251,27 @@ def _body(payload: Any) -> bytes:
                       default=str).encode("utf-8", "surrogatepass")
 
 
-def _halves(items: list[_Delivery]) -> tuple[list[_Delivery], list[_Delivery]]:
+T = TypeVar("T")
+
+
+def _halves(items: list[T], row_of: Callable[[T], Mapping[str, Any]]) -> tuple[list[T], list[T]]:
     """Split a refused batch in two, keeping the versions of one id together while there are several ids."""
-    ids = list(dict.fromkeys(d.row["id"] for d in items))
+    ids = list(dict.fromkeys(row_of(d)["id"] for d in items))
     if len(ids) == 1:
         return items[:len(items) // 2], items[len(items) // 2:]
     first = set(ids[:len(ids) // 2])
-    return [d for d in items if d.row["id"] in first], [d for d in items if d.row["id"] not in first]
+    return [d for d in items if row_of(d)["id"] in first], [d for d in items if row_of(d)["id"] not in first]
 
 
-def _isolated(conn: psycopg.Connection, items: list[_Delivery],
-              apply: Callable[[psycopg.Connection, list[_Delivery]], list[Any]]
-              ) -> tuple[list[tuple[_Delivery, Any]], list[tuple[_Delivery, list[dict[str, str]]]]]:
-    """``apply`` the batch in a savepoint; when the database refuses a value of one record (a CHECK the parser
-    does not mirror, the future-skew trigger), split the batch in halves until the refused records stand alone:
-    they are refused, every other record is applied. -> ([(delivery, its result)], [(delivery, problems)])."""
+Refused = list[dict[str, str]]  # the problems of a record the database refused
+
+
+def isolate(conn: psycopg.Connection, items: list[T], apply: Callable[[psycopg.Connection, list[T]], list[Any]],
+            row_of: Callable[[T], Mapping[str, Any]]) -> tuple[list[tuple[T, Any]], list[tuple[T, Refused]]]:
+    """``apply`` a batch in a savepoint; when the database refuses a value of one record (a CHECK the parser
+    does not mirror, the future-skew trigger, a validation trigger), split the batch in halves until the refused
+    records stand alone: they are refused, every other record is applied (``log2(n)`` extra statements per
+    refused record). -> ([(item, its result)], [(item, problems)])."""
     if not items:
         return [], []
     try:
@@ -273,11 +279,11 @@ def _isolated(conn: psycopg.Connection, items: list[_Delivery],
             return list(zip(items, apply(conn, items), strict=True)), []
     except RECORD_ERRORS as exc:
         if len(items) == 1:
-            return [], [(items[0], db_problems(exc, items[0].row))]
-    done: list[tuple[_Delivery, Any]] = []
-    refused: list[tuple[_Delivery, list[dict[str, str]]]] = []
-    for half in _halves(items):
-        d, r = _isolated(conn, half, apply)
+            return [], [(items[0], db_problems(exc, row_of(items[0])))]
+    done: list[tuple[T, Any]] = []
+    refused: list[tuple[T, list[dict[str, str]]]] = []
+    for half in _halves(items, row_of):
+        d, r = isolate(conn, half, apply, row_of)
         done += d
         refused += r
     return done, refused
@@ -298,7 +304,7 @@ def apply_many_from_tables(ctx: SyncContext, fn: FunctionSpec, records: Sequence
     One bad record never holds back or discards another: an invalid delivery (the parser mirrors every CHECK;
     a version too far ahead of the clock) gets a ``rejected`` result (its problems) and a ``sync_failed`` entry
     holding the delivery itself; a value the database still refuses is found by splitting the batch in
-    savepoints (:func:`_isolated`) and rejected the same way; the others are applied."""
+    savepoints (:func:`isolate`) and rejected the same way; the others are applied."""
     spec = fn.table
     now = datetime.now(UTC)
     arrivals = list(received_at) if isinstance(received_at, Sequence) else [received_at] * len(records)
@@ -339,7 +345,7 @@ def apply_many_from_tables(ctx: SyncContext, fn: FunctionSpec, records: Sequence
 
     def work(conn: psycopg.Connection) -> dict[int, Outcome]:
         entries: list[dict[str, Any]] = list(failed)
-        done, refused = _isolated(conn, parsed, apply)
+        done, refused = isolate(conn, parsed, apply, lambda d: d.row)
         outcomes: dict[int, Outcome] = {}
         for d, problems in refused:
             entries.append(refuse(d.index, d.payload, unwrap_tables_payload(d.payload), problems))
