@@ -176,7 +176,7 @@ class InboxConsumer:
     def _settle(self, op: str, lease_id: str, ids: list[str], report: DrainReport) -> None:
         try:
             (self.client.ack if op == "ack" else self.client.release)(self.inbox_id, lease_id, ids)
-            report.counts[f"{op}ed"] += len(ids)
+            report.counts["acked" if op == "ack" else "released"] += len(ids)  # (was "releaseed")
         except LeaseExpired:  # the messages come back; applying again is harmless
             report.counts["lease_expired"] += len(ids)
             log_event(self.ctx.logger, logging.WARNING, "inbox_lease_expired", inbox=self.inbox_id, op=op, n=len(ids))

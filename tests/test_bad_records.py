@@ -202,6 +202,10 @@ def test_a_value_only_the_database_refuses_is_isolated_in_savepoints(url):
     assert _q(url, "SELECT updated_at FROM agent_jobs WHERE id = 'r05'") == [(datetime(2026, 1, 2, tzinfo=UTC),)]
     assert _q(url, "SELECT count(*) FROM audit_log WHERE action = 'agent_jobs_synced'") == [(17,)]
     assert json.loads(_failed(url, "r17")[0]["delivery"])["status"] == "poison"
+    # one record alone (a Zap's delivery): the database's refusal is a 400 naming the field, not a 500
+    with pytest.raises(InvalidRecord) as exc:
+        apply_from_tables(_ctx(url), TO_SUPABASE, {"id": "alone", "status": "poison", "updated_at": PAST})
+    assert exc.value.problems[0]["field"] == "status" and "agent_jobs_status_check" in exc.value.problems[0]["problem"]
 
 
 # --- the outbox drain: one record never blocks its table's queue ------------------------------------------------

@@ -328,3 +328,32 @@ def test_one_bad_record_never_holds_back_or_discards_the_lease(stack, client, su
                                    (rid,))
         assert meta["problems"][0]["field"] == field and meta["status"] == 400
         assert json.loads(meta["delivery"])["id"] == rid  # what is needed to repair and re-send it
+
+
+def test_a_message_that_breaks_the_batch_unforeseen_is_applied_alone(stack, client, supabase, keys):
+    """A failure no check foresaw (here a trigger raising an internal error for one value): the lease's other
+    messages are applied one by one and acked; only the failing message is released (it comes back, and after
+    the poison lease count it goes whole to the dead-letter queue)."""
+    good, bad = uid("alone-good"), uid("alone-bad")
+    supabase.query("CREATE OR REPLACE FUNCTION public.test_explode() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                   "IF NEW.job_type = 'explode' THEN RAISE EXCEPTION 'unforeseen' USING ERRCODE = 'XX001'; END IF; "
+                   "RETURN NEW; END $$")
+    supabase.query("CREATE TRIGGER test_explode BEFORE INSERT OR UPDATE ON agent_jobs FOR EACH ROW "
+                   "EXECUTE FUNCTION public.test_explode()")
+    exploding = job(keys, bad, "queued", "2026-01-01T00:00:00Z")
+    exploding["data"][keys["job_type"]] = "explode"
+    inbox_id = stack.inboxes[FN]
+    try:
+        with unnotified(client, inbox_id):
+            bad_message = inject(stack, FN, exploding)
+            inject(stack, FN, job(keys, good, "queued", "2026-01-01T00:00:00Z"))
+            report = stack.safety_drain()[FN]
+    finally:
+        supabase.query("DROP TRIGGER test_explode ON agent_jobs")
+        supabase.query("DROP FUNCTION public.test_explode()")
+    assert isinstance(report, dict) and report.get("outcome") == "drained", report
+    assert report.get("applied") == 1 and report.get("failed", 0) >= 1 and report.get("released", 0) >= 1, report
+    assert supabase.row("agent_jobs", good)["status"] == "queued" and supabase.row("agent_jobs", bad) is None
+    assert bad_message in {m["id"] for m in client.messages(inbox_id)}  # released: it comes back
+    stack.safety_drain()  # the trigger is gone: it applies now
+    assert supabase.row("agent_jobs", bad)["status"] == "queued"
