@@ -54,8 +54,10 @@ MUTABLE = {
     "agent_decisions": ("decision", "metadata", "confidence"),
     "rate_limits": ("service_name", "metadata", "request_count"),
 }
-BASE_TS = datetime(2031, 1, 1, tzinfo=UTC)
 TICK = timedelta(milliseconds=10)  # versions 10 ms apart: Supabase's +1 ms bump of a raced write never ties
+# Versions count up from an hour before the run, 10 ms per change: they trail the clock (a version more than
+# ZSYNC_MAX_FUTURE_SKEW_S ahead of it is refused) as long as the run writes fewer than 100 changes a second.
+BASE_TS = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
 # Fail fast when a dependency is down (as tests/test_faults.py): the chaos is then cheap to absorb.
 FAST_ENV = {"ZSYNC_DB_CONNECT_TIMEOUT_S": "1", "ZSYNC_HTTP_TIMEOUT_S": "2", "ZSYNC_DB_POOL_MAX": "16"}
 HANG_S = 3.0  # past ZSYNC_HTTP_TIMEOUT_S
