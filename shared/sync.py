@@ -223,8 +223,8 @@ def _constraint_column(constraint: str, row: Mapping[str, Any]) -> str | None:
 
 
 def db_problems(exc: psycopg.Error, row: Mapping[str, Any]) -> list[dict[str, str]]:
-    """``[{"field", "problem"}]`` for a statement the database refused because of ``row``: the column (from the
-    error's column, or the ``zsync_<column>_syncable`` constraint) and its value."""
+    """``[{"field", "problem"}]`` for a statement the database refused because of ``row``: the column (the
+    error's own, else the one its constraint names: :func:`_constraint_column`), its value and the message."""
     diag = exc.diag
     column = diag.column_name or _constraint_column(diag.constraint_name or "", row)
     value = row.get(column) if column else None
