@@ -246,9 +246,14 @@ class InboxConsumer:
 
         ack: list[str] = []
         release: list[str] = []
-        for message, delivery, received in batch:
+        for n, (message, delivery, received) in enumerate(batch):
             try:
                 [result] = apply_many_from_tables(self.ctx, self.fn, [delivery], received_at=[received])
+            except (supabase_db.DatabaseUnavailable, TablesError, InboxError) as exc:  # down: the rest comes back
+                report.counts["dependency_errors"] += 1
+                log_event(self.ctx.logger, logging.ERROR, "dependency_unavailable", inbox=self.inbox_id,
+                          messages=len(batch) - n, error_type=type(exc).__name__, error=str(exc)[:300])
+                return ack, release + [m.id for m, _, _ in batch[n:]]
             except Exception as exc:  # released: it comes back, and goes to the DLQ if it keeps failing
                 report.counts["failed"] += 1
                 log_event(self.ctx.logger, logging.ERROR, "inbox_message", inbox=self.inbox_id, message=message.id,
