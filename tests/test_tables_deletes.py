@@ -77,8 +77,9 @@ def test_a_tables_delete_reaches_supabase_and_stays_deleted(stack, tables, supab
 
 def test_a_supabase_version_newer_than_the_tables_delete_wins_and_is_re_created(stack, tables, supabase):
     rid = uid("tnewer")
-    # A Claude agent's clock runs ahead: its version is later than the person's delete that follows.
-    supabase.query("INSERT INTO agent_jobs (id, status, updated_at) VALUES (%s, 'claude', now() + interval '1 hour')",
+    # A Claude agent's clock runs ahead (within ZSYNC_MAX_FUTURE_SKEW_S): its version is later than the person's
+    # delete that follows.
+    supabase.query("INSERT INTO agent_jobs (id, status, updated_at) VALUES (%s, 'claude', now() + '4 min')",
                    (rid,))
     rec = eventually(lambda: tables.find("agent_jobs", rid))
     stack.wait_quiet()
@@ -130,7 +131,7 @@ def test_audit_log_is_append_only_a_tables_delete_does_nothing(stack, tables, su
 def test_reconcile_applies_a_tables_delete_the_check_has_not_seen(stack, tables, supabase):
     gone = synced_job(stack, tables, supabase, "trecdel")
     newer_id = uid("trecnew")
-    supabase.query("INSERT INTO agent_jobs (id, status, updated_at) VALUES (%s, 'claude', now() + interval '1 hour')",
+    supabase.query("INSERT INTO agent_jobs (id, status, updated_at) VALUES (%s, 'claude', now() + '4 min')",
                    (newer_id,))
     newer = eventually(lambda: tables.find("agent_jobs", newer_id))
     stack.wait_quiet()

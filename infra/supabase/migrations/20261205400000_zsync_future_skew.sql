@@ -21,8 +21,9 @@ CREATE TABLE IF NOT EXISTS zsync.config (
 );
 INSERT INTO zsync.config (key, value) VALUES ('max_future_skew_s', '300') ON CONFLICT (key) DO NOTHING;
 
+-- Called by the trigger function (SECURITY DEFINER, as the owner): no other role needs to execute it.
 CREATE OR REPLACE FUNCTION zsync.max_future_skew()
-RETURNS interval LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+RETURNS interval LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT make_interval(secs => coalesce((SELECT (c.value #>> '{}')::float8 FROM zsync.config c
                                            WHERE c.key = 'max_future_skew_s'), 300))
@@ -86,4 +87,3 @@ ALTER FUNCTION zsync.maintain_updated_at() SECURITY DEFINER SET search_path = pg
 
 REVOKE ALL ON zsync.config FROM PUBLIC;
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA zsync FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION zsync.max_future_skew() TO zsync_sync;
