@@ -47,10 +47,11 @@ def test_a_tables_delete_after_an_update_still_in_the_outbox_wins(stack, tables,
     rec = synced_job(stack, tables, supabase, "dwin")
     rid = rec["data"]["id"]
     with stack.trash_paused():
+        lost = stack.dropped_deliveries()["pgnet"]
         stack.drop_deliveries(1.0)  # pg_net loses the webhook: the change stays pending in the outbox
         try:
             supabase.query("UPDATE agent_jobs SET status = 'running' WHERE id = %s", (rid,))  # t1
-            time.sleep(0.01)
+            eventually(lambda: stack.dropped_deliveries()["pgnet"] > lost)
             delete_in_tables(tables, "agent_jobs", rec)  # t2 > t1
         finally:
             stack.drop_deliveries(0.0)
@@ -95,9 +96,11 @@ def test_a_create_whose_answer_was_lost_is_not_resent_over_a_later_tables_delete
     X back on both sides. Now the delete, later than the insert, wins."""
     rid = uid("dlost")
     with stack.trash_paused():
+        lost = stack.dropped_deliveries()["pgnet"]
         stack.drop_deliveries(1.0)  # the insert's webhook is lost: its outbox entry stays pending
         try:
             supabase.query("INSERT INTO agent_jobs (id, status) VALUES (%s, 'queued')", (rid,))
+            eventually(lambda: stack.dropped_deliveries()["pgnet"] > lost)
         finally:
             stack.drop_deliveries(0.0)
         row = parse_supabase_record(JOBS, supabase.row("agent_jobs", rid))
@@ -201,10 +204,11 @@ def test_a_restore_reconcile_finds_comes_back_too(stack, tables, supabase):
     with stack.trash_paused():
         delete_in_tables(tables, "agent_jobs", rec)
         assert check_trash(stack_context(stack), JOBS).applied == 1
+        lost = stack.dropped_deliveries()["tables"]
         stack.drop_deliveries(1.0)  # the restore's trigger notification is lost: its message waits in the inbox
         try:
             admin(tables, f"tables/{tables.ids['agent_jobs']}/records/{rec['id']}/restore")
-            time.sleep(0.2)
+            eventually(lambda: stack.dropped_deliveries()["tables"] > lost)
             assert supabase.row("agent_jobs", rid) is None
             report = reconcile(stack_context(stack), ["agent_jobs"]).tables["agent_jobs"]
             assert supabase.row("agent_jobs", rid) is not None  # applied by reconcile itself
