@@ -59,7 +59,7 @@ from shared.mapping import (
     to_tables_fields,
 )
 from shared.spec import FUNCTIONS, TABLES, Direction, Kind, TableSpec
-from shared.sync import SyncContext
+from shared.sync import SyncContext, restored_row
 from shared.tables_trash import deletes_checked
 from shared.zapier_tables import BATCH_MAX, Record, TablesClient, TablesError, client_from_settings
 
@@ -454,7 +454,7 @@ class _Reconciler:
         report.timings["repair"] = time.perf_counter() - started
         report.timings["to_supabase"] = sub.timings.get("to_supabase", 0.0)
         if deleted:  # deleted in Supabase (tombstone as new or newer): delete the Tables copy instead
-            self._delete_copies(spec, {side.record_ids[i]: i for i in deleted if i in side.record_ids}, report)
+            self._delete_copies(spec, {side.record_ids[i]: i for i in deleted if i in side.record_ids}, report, side)
 
     # -- repairs --
 
@@ -537,8 +537,14 @@ class _Reconciler:
             report.repaired += deleted
         return keep
 
-    def _delete_copies(self, spec: TableSpec, record_ids: dict[str, str], report: TableReport) -> None:
-        """``record_ids``: Tables record id -> our id."""
+    def _delete_copies(self, spec: TableSpec, record_ids: dict[str, str], report: TableReport,
+                       side: _TablesSide) -> None:
+        """``record_ids``: Tables record id -> our id. A copy the sync trashed itself that is live again was
+        restored by a person after the delete: applied to Supabase as a later change, not deleted again."""
+        restored = self.ctx.db.run(lambda conn: supabase_db.sync_trashed_ids(conn, spec, list(record_ids)))
+        if restored:
+            self._restore(spec, [record_ids[z] for z in restored], side, report)
+            record_ids = {z: ours for z, ours in record_ids.items() if z not in restored}
         table_id = self.ctx.table_id(spec)
         done: dict[str, str] = {}
         try:
@@ -549,6 +555,26 @@ class _Reconciler:
         except TablesError as exc:
             report.errors.append(f"deleting copies of deleted records: {exc}")
         self._note_trashed(spec, done)
+
+    def _restore(self, spec: TableSpec, ids: list[str], side: _TablesSide, report: TableReport) -> None:
+        def work(conn: psycopg.Connection) -> int:
+            now, done, entries = datetime.now(UTC), 0, []
+            for rid in ids:
+                supabase_db.lock_record(conn, spec, rid)
+                tomb = supabase_db.tombstone_version(conn, spec, rid)
+                row = restored_row(spec, side.rows[rid], tomb, side.edited.get(rid)) if tomb else side.rows[rid]
+                stored, before = supabase_db.sync_upsert(conn, spec, row)
+                if stored == Outcome.APPLIED:
+                    done += 1
+                    entries.append(_synced_entry(spec, Direction.TO_SUPABASE, row, now, before))
+            supabase_db.append_audit_many(conn, entries)
+            return done
+
+        try:
+            report.repaired += self.ctx.db.run(work)
+        except DB_ERRORS as exc:
+            report.errors.append(f"restored records: {type(exc).__name__}")
+            report.unresolved += len(ids)
 
     def _note_trashed(self, spec: TableSpec, trashed: dict[str, str]) -> None:
         """The Tables records reconcile moved to the trash: never a delete made in Tables (zsync.sync_trashed)."""

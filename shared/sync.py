@@ -322,8 +322,17 @@ def _delete_from_supabase(ctx: SyncContext, fn: FunctionSpec, record_id: str) ->
             return Outcome.UNCHANGED, None
         records = list(ctx.tables.iter_records(table_id, filters={"id": record_id}))
         outcome = Outcome.UNCHANGED
+        restored = supabase_db.sync_trashed_ids(conn, spec, [r.id for r in records])
         for rec in records:
             current = _readable(spec, rec)
+            if current is not None and rec.id in restored:
+                # A copy the sync trashed is live again: a person restored it after the delete, a later change.
+                row = restored_row(spec, current, tomb, _tables_edited_at(rec))
+                if Outcome(supabase_db.sync_upsert(conn, spec, row)[0]) is Outcome.APPLIED:
+                    back = FUNCTIONS[spec.function_name(Direction.TO_SUPABASE)]
+                    supabase_db.append_audit(conn, audit.sync_entry(back, row, Outcome.APPLIED, datetime.now(UTC),
+                                                                    origin="repair"))
+                return Outcome.SKIPPED_STALE, tomb
             if current is not None and current.get(spec.version or "") and \
                     supabase_db.version_cmp(conn, spec, current, {"id": record_id, spec.version: tomb}) > 0:
                 # Edited in Tables after the delete: that later write wins and goes back to Supabase.
@@ -352,6 +361,17 @@ def _delete_from_supabase(ctx: SyncContext, fn: FunctionSpec, record_id: str) ->
 
     outcome = _run_recorded(ctx, lambda conn: supabase_db.lock_record(conn, spec, record_id), work, record)
     return SyncResult(outcome=outcome, function=fn.name, table=spec.name, id=record_id)
+
+
+def restored_row(spec: TableSpec, row: Mapping[str, Any], tomb: datetime, edited_at: datetime | None) -> dict[str, Any]:
+    """``row`` of a Tables record restored from the trash after its delete (the sync's own trashed copy, live
+    again): a new change, versioned after the delete - greatest(its version, Zapier's edited_at, tombstone +
+    1 ms), as a re-insert in Supabase is (zsync.maintain_updated_at) - so the tombstone does not refuse it."""
+    version = spec.version or "updated_at"
+    ms = timedelta(milliseconds=1)
+    floor = tomb.replace(microsecond=tomb.microsecond // 1000 * 1000) + ms
+    later = max(t for t in (row.get(version), edited_at, floor) if t is not None)
+    return dict(row, **{version: later})
 
 
 def _ignore_delete(ctx: SyncContext, fn: FunctionSpec, record_id: str, why: str) -> SyncResult:

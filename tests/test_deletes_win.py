@@ -220,6 +220,43 @@ def test_a_restore_reconcile_finds_comes_back_too(stack, tables, supabase):
     assert live_everywhere(tables, supabase, rid) == (True, True)
 
 
+def test_a_copy_restored_after_a_supabase_delete_comes_back_on_both_sides(stack, tables, supabase):
+    """Deleted in Supabase; the sync moved the Tables copy to the trash (noted in zsync.sync_trashed); a person
+    restores it from Zapier's trash. Before: its delivery was refused by the tombstone and the copy deleted
+    again. Now the sync recognises its own trashed record live again: a later change, back on both sides."""
+    for via_reconcile in (False, True):
+        rid = uid("drsup")
+        supabase.query("INSERT INTO agent_jobs (id, status) VALUES (%s, 'queued')", (rid,))
+        rec = eventually(lambda rid=rid: tables.find("agent_jobs", rid))
+        stack.wait_quiet()
+        supabase.query("DELETE FROM agent_jobs WHERE id = %s", (rid,))
+        eventually(lambda rid=rid: tables.find("agent_jobs", rid) is None)
+        stack.wait_quiet()
+        [(tomb, _)] = tombstone(supabase, rid)
+        restore = f"tables/{tables.ids['agent_jobs']}/records/{rec['id']}/restore"
+        with stack.trash_paused():
+            if via_reconcile:  # its delivery lost: reconcile finds it
+                lost = stack.dropped_deliveries()["tables"]
+                stack.drop_deliveries(1.0)
+                try:
+                    admin(tables, restore)
+                    eventually(lambda lost=lost: stack.dropped_deliveries()["tables"] > lost)
+                    report = reconcile(stack_context(stack), ["agent_jobs"]).tables["agent_jobs"]
+                finally:
+                    stack.drop_deliveries(0.0)
+                assert not report.errors, report
+                stack.safety_drain()
+            else:
+                admin(tables, restore)
+            eventually(lambda rid=rid: supabase.row("agent_jobs", rid))
+            stack.wait_quiet()
+            assert check_trash(stack_context(stack), JOBS).applied == 0
+        stack.wait_quiet()
+        assert live_everywhere(tables, supabase, rid) == (True, True), via_reconcile
+        assert tables.find("agent_jobs", rid)["id"] == rec["id"]
+        assert datetime.fromisoformat(supabase.row("agent_jobs", rid)["updated_at"]) > tomb
+
+
 def test_the_tombstone_rule_in_sql_both_paths(db):
     """zsync.sync_apply and the multi-row zsync.sync_apply_many decide alike: a Tables change after a Tables
     delete (edited_at later) is applied at greatest(edited_at, tombstone + 1 ms); earlier, or against a delete
