@@ -325,8 +325,17 @@ def _deliver_delete(ctx: SyncContext, fn: FunctionSpec, rid: str) -> SyncResult:
         return _delete_from_supabase(ctx, fn, rid)
     except TablesError as exc:
         reason = f"dependency: {type(exc).__name__}: {str(exc)[:200]}"
-        if isinstance(exc, TablesRejected):
-            ctx.db.run(lambda conn: supabase_db.outbox_failed(conn, fn.table, rid, reason))
+        if isinstance(exc, TablesRejected):  # audited and counted as the one-record path does (a 502)
+            body = json.dumps({"type": "DELETE", "table": fn.table.name, "schema": "public", "record": None,
+                               "old_record": {"id": rid}}, sort_keys=True).encode()
+            problems = [{"field": "dependency", "problem": f"{type(exc).__name__}: {str(exc)[:200]}"}]
+            entry = audit.failed_entry(fn, body, problems, datetime.now(UTC), rid, 502)
+
+            def work(conn: psycopg.Connection) -> None:
+                supabase_db.append_audit(conn, entry)
+                supabase_db.outbox_failed(conn, fn.table, rid, reason)
+
+            ctx.db.run(work)
         log_event(ctx.logger, logging.ERROR, "delete_failed", table=fn.table.name, record_id=rid, reason=reason)
         return SyncResult(outcome=Outcome.FAILED, function=fn.name, table=fn.table.name, id=rid, detail=reason)
 

@@ -343,6 +343,34 @@ def test_a_delete_refused_inside_a_200_is_not_acknowledged_as_applied(stack, tab
     assert supabase.query(PENDING, (rid,))[-1] == ("DELETE", "applied")
 
 
+def test_a_delete_refused_inside_a_200_in_a_batch_drain_is_not_acknowledged(stack, tables, supabase):
+    """The same refusal met by a batch drain (the DELETE's own webhook lost, a later wake-up claims it)."""
+    from shared.outbox_batch import drain_outbox
+
+    rec = synced_job(stack, tables, supabase, "drefb")
+    rid = rec["data"]["id"]
+    lost = stack.dropped_deliveries()["pgnet"]
+    stack.drop_deliveries(1.0)
+    try:
+        supabase.query("DELETE FROM agent_jobs WHERE id = %s", (rid,))
+        eventually(lambda: stack.dropped_deliveries()["pgnet"] > lost)
+    finally:
+        stack.drop_deliveries(0.0)
+    admin(tables, "faults", {"status": 200, "count": 1, "method": "DELETE"})
+    try:
+        drained = drain_outbox(stack_context(stack), FUNCTIONS["agent_jobs_to_tables"])
+    finally:
+        tables.s.delete(f"{tables.base}/_admin/faults", timeout=10)
+    assert drained.results[rid].outcome == "failed", drained.results.get(rid)
+    assert tables.find("agent_jobs", rid) is not None
+    assert supabase.query(PENDING, (rid,))[-1] == ("DELETE", None)
+    assert supabase.audit(rid, "sync_failed")
+    stack.sweep_outbox(min_age_s=0)
+    stack.wait_quiet()
+    eventually(lambda: tables.find("agent_jobs", rid) is None)
+    assert supabase.query(PENDING, (rid,))[-1] == ("DELETE", "applied")
+
+
 def test_a_catch_hook_delete_is_acknowledged_not_resent_for_ever(zsync_env, database_url):
     """The catch-hook writer cannot delete a Tables record: the DELETE is answered 'ignored' and acknowledged
     (before: left pending, so the sweeper re-sent it every few minutes for ever)."""
