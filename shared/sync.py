@@ -552,16 +552,15 @@ def _tables_version(ctx: SyncContext, conn: psycopg.Connection, spec: TableSpec,
 def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, row: Mapping[str, Any],
                     fields: dict[str, Any]) -> tuple[Outcome, dict[str, Any] | None]:
     """-> (outcome, a ``sync_failed`` entry to record when the Tables record was parked)."""
-    from shared.zapier_tables import TablesDuplicate
-
     spec = fn.table
     table_id = ctx.table_id(spec)
-    try:
-        existing = ctx.tables.find_by_field(table_id, "id", row["id"])
-    except TablesDuplicate:
-        existing = _remove_duplicates(ctx, conn, spec, table_id, row["id"])
+    # One lookup, the trash included: a record deleted in Tables is not re-created by an older version.
+    found = ctx.tables.find_many(table_id, "id", [row["id"]], trash="include")
+    live = [r for r in found if not r.deleted_at]
+    existing = (live[0] if len(live) == 1 else _remove_duplicates(ctx, conn, spec, table_id, row["id"])) \
+        if live else None
     if existing is None:
-        trashed = list(ctx.tables.iter_records(table_id, filters={"id": row["id"]}, trash="only"))
+        trashed = [r for r in found if r.deleted_at]
         deleted_at = later_tables_delete(conn, spec, row.get(spec.version or ""), trashed)
         if deleted_at is not None:  # deleted in Tables after this version: not re-created there
             return delete_won(conn, spec, row["id"], deleted_at), None
