@@ -57,6 +57,7 @@ class _Rec:
     id: str
     data: dict[str, Any]
     edited_at: str | None = None
+    deleted_at: str | None = None  # never trashed here
 
 
 @dataclass
@@ -65,7 +66,7 @@ class NullTables:
 
     records: dict[str, _Rec] = field(default_factory=dict)
 
-    def find_many(self, table_id: str, name: str, values: list[str]) -> list[_Rec]:
+    def find_many(self, table_id: str, name: str, values: list[str], trash: str = "exclude") -> list[_Rec]:
         return [self.records[v] for v in values if v in self.records]
 
     def find_by_field(self, table_id: str, name: str, value: str) -> _Rec | None:

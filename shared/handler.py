@@ -122,6 +122,8 @@ def _record_id(payload: Any) -> str | None:
         return None
     """The id a rejected delivery is attributed to: only one that can be stored (audit_log.resource_id)."""
     record = payload.get("record")
+    if record is None and isinstance(payload.get("old_record"), dict):  # a DELETE webhook: the deleted row's id
+        record = payload["old_record"]
     candidate = record.get("id") if isinstance(record, dict) else payload.get("id")
     if not isinstance(candidate, str) or len(candidate) > 200 or "\x00" in candidate:
         return None

@@ -48,6 +48,8 @@ from shared.sync import (
     _tables_version,
     _unreadable_is_older,
     apply_from_supabase,
+    delete_won,
+    later_tables_delete,
     push_back,
     tables_version_row,
 )
@@ -160,13 +162,16 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
         return
     table_id = ctx.table_id(spec)
     try:
-        found = _patient(lambda: ctx.tables.find_many(table_id, "id", [i.id for i in items]), deadline)
+        # The trash too (same one request): a record deleted in Tables is not re-created by an older version.
+        found = _patient(lambda: ctx.tables.find_many(table_id, "id", [i.id for i in items], trash="include"),
+                         deadline)
     except TablesUnavailable as exc:
         plan.stopped = str(exc)[:300]
         return
     by_id: dict[str, list[Record]] = {}
+    in_trash: dict[str, list[Record]] = {}
     for rec in found:
-        by_id.setdefault(str(rec.data.get("id")), []).append(rec)
+        (in_trash if rec.deleted_at else by_id).setdefault(str(rec.data.get("id")), []).append(rec)
 
     creates: list[_Item] = []
     updates: list[tuple[_Item, str]] = []
@@ -174,6 +179,10 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
     for item in items:
         recs = by_id.get(item.id, [])
         if not recs:
+            deleted_at = later_tables_delete(conn, spec, item.row.get(spec.version or ""), in_trash.get(item.id, []))
+            if deleted_at is not None:  # deleted in Tables after this version: the delete wins
+                plan.outcomes[item.id] = (delete_won(conn, spec, item.id, deleted_at), None)
+                continue
             creates.append(item)
             continue
         existing = recs[0] if len(recs) == 1 else _remove_duplicates(ctx, conn, spec, table_id, item.id)
@@ -304,6 +313,31 @@ def _drain_once(ctx: SyncContext, fn: FunctionSpec, limit: int, exclude: list[st
         return done[0]
 
 
+def _deliver_delete(ctx: SyncContext, fn: FunctionSpec, rid: str) -> SyncResult:
+    """A delete handed to the single delete path. Zapier refusing it (a 4xx, or ``meta.errors`` in a 200) is
+    counted on the record's outbox entries (parked after a few, as a refused write) and answered ``failed``;
+    Tables unreachable leaves it pending. Never acknowledged as applied."""
+    from shared.zapier_tables import TablesError, TablesRejected
+
+    try:
+        return _delete_from_supabase(ctx, fn, rid)
+    except TablesError as exc:
+        reason = f"dependency: {type(exc).__name__}: {str(exc)[:200]}"
+        if isinstance(exc, TablesRejected):  # audited and counted as the one-record path does (a 502)
+            body = json.dumps({"type": "DELETE", "table": fn.table.name, "schema": "public", "record": None,
+                               "old_record": {"id": rid}}, sort_keys=True).encode()
+            problems = [{"field": "dependency", "problem": f"{type(exc).__name__}: {str(exc)[:200]}"}]
+            entry = audit.failed_entry(fn, body, problems, datetime.now(UTC), rid, 502)
+
+            def work(conn: psycopg.Connection) -> None:
+                supabase_db.append_audit(conn, entry)
+                supabase_db.outbox_failed(conn, fn.table, rid, reason)
+
+            ctx.db.run(work)
+        log_event(ctx.logger, logging.ERROR, "delete_failed", table=fn.table.name, record_id=rid, reason=reason)
+        return SyncResult(outcome=Outcome.FAILED, function=fn.name, table=fn.table.name, id=rid, detail=reason)
+
+
 def drain_outbox(ctx: SyncContext, fn: FunctionSpec, *, origin: str = "live", limit: int | None = None,
                  budget_s: float | None = None) -> DrainResult:
     """Deliver the pending outbox changes of ``fn``'s table to Tables in batches until none is left that
@@ -338,7 +372,7 @@ def drain_outbox(ctx: SyncContext, fn: FunctionSpec, *, origin: str = "live", li
             result.results[rid] = SyncResult(outcome=Outcome.IGNORED, function=fn.name, table=fn.table.name, id=rid,
                                              detail="row deleted without a tombstone: nothing to send")
         for rid in plan.deletes:
-            result.results[rid] = _delete_from_supabase(ctx, fn, rid)
+            result.results[rid] = _deliver_delete(ctx, fn, rid)
             handled.append(rid)
         handled += [rid for rid, (outcome, _) in plan.outcomes.items() if outcome is Outcome.PARKED]
         if plan.stopped:

@@ -422,12 +422,11 @@ def _delete_from_supabase(ctx: SyncContext, fn: FunctionSpec, record_id: str) ->
     Supabase, where it is newer than the tombstone)."""
     spec = fn.table
     if not spec.sync_deletes:
-        return SyncResult(outcome=Outcome.IGNORED, function=fn.name, table=spec.name, id=record_id,
-                          detail=f"deletes are not synced for {spec.name}")
+        return _ignore_delete(ctx, fn, record_id, f"deletes are not synced for {spec.name}")
     if ctx.settings.tables_writer is TablesWriter.CATCH_HOOK:
-        return SyncResult(outcome=Outcome.IGNORED, function=fn.name, table=spec.name, id=record_id,
-                          detail="the catch-hook writer cannot delete Tables records")
+        return _ignore_delete(ctx, fn, record_id, "the catch-hook writer cannot delete Tables records")
     table_id = ctx.table_id(spec)
+    trashed: list[str] = []  # Zapier ids of the copies this delivery moved to the trash
 
     def work(conn: psycopg.Connection) -> tuple[Outcome, datetime | None]:
         tomb = supabase_db.tombstone_version(conn, spec, record_id)
@@ -435,19 +434,27 @@ def _delete_from_supabase(ctx: SyncContext, fn: FunctionSpec, record_id: str) ->
             return Outcome.UNCHANGED, None
         records = list(ctx.tables.iter_records(table_id, filters={"id": record_id}))
         outcome = Outcome.UNCHANGED
+        restored = supabase_db.sync_trashed_ids(conn, spec, [r.id for r in records])
         for rec in records:
             current = _readable(ctx, spec, rec)
+            if current is not None and rec.id in restored:
+                # A copy the sync trashed is live again: a person restored it after the delete, a later change.
+                push_back(ctx, conn, spec, restored_row(spec, current, tomb, _tables_edited_at(rec)))
+                return Outcome.SKIPPED_STALE, tomb
             if current is not None and current.get(spec.version or "") and \
                     supabase_db.version_cmp(conn, spec, current, {"id": record_id, spec.version: tomb}) > 0:
                 # Edited in Tables after the delete: that later write wins and goes back to Supabase.
                 push_back(ctx, conn, spec, current)
                 return Outcome.SKIPPED_STALE, tomb
         for rec in records:
-            ctx.tables.delete(table_id, rec.id, missing_ok=True)
+            ctx.tables.delete(table_id, rec.id, missing_ok=True)  # meta.errors: TablesRejected, not acked
+            trashed.append(rec.id)
             outcome = Outcome.APPLIED
         return outcome, tomb
 
     def record(conn: psycopg.Connection, outcome: Outcome, tomb: datetime | None) -> None:
+        if trashed:  # the sync's own delete: never taken for a person's delete in the trash
+            supabase_db.note_sync_trashed(conn, spec, record_id, trashed)
         if tomb is None:
             return
         if outcome in (Outcome.APPLIED, Outcome.SKIPPED_STALE):
@@ -458,6 +465,70 @@ def _delete_from_supabase(ctx: SyncContext, fn: FunctionSpec, record_id: str) ->
 
     outcome = _run_recorded(ctx, lambda conn: supabase_db.lock_record(conn, spec, record_id), work, record)
     return SyncResult(outcome=outcome, function=fn.name, table=spec.name, id=record_id)
+
+
+def restored_row(spec: TableSpec, row: Mapping[str, Any], tomb: datetime, edited_at: datetime | None) -> dict[str, Any]:
+    """``row`` of a Tables record restored from the trash after its delete (the sync's own trashed copy, live
+    again): a new change, versioned after the delete - greatest(its version, Zapier's edited_at, tombstone +
+    1 ms), as a re-insert in Supabase is (zsync.maintain_updated_at) - so the tombstone does not refuse it."""
+    version = spec.version or "updated_at"
+    ms = timedelta(milliseconds=1)
+    floor = tomb.replace(microsecond=tomb.microsecond // 1000 * 1000) + ms
+    later = max(t for t in (row.get(version), edited_at, floor) if t is not None)
+    return dict(row, **{version: later})
+
+
+def _ignore_delete(ctx: SyncContext, fn: FunctionSpec, record_id: str, why: str) -> SyncResult:
+    """A DELETE this function does not carry to Tables: acknowledged (``ignored``) so the sweeper does not
+    re-send it for ever, and logged."""
+    spec = fn.table
+
+    def work(conn: psycopg.Connection) -> None:
+        tomb = supabase_db.tombstone_version(conn, spec, record_id)
+        if tomb is not None:  # none: re-inserted since, that insert's delivery acknowledges the delete
+            supabase_db.ack_outbox(conn, spec, record_id, tomb, Outcome.IGNORED.value)
+
+    ctx.db.run(work)
+    log_event(ctx.logger, logging.WARNING, "delete_ignored", table=spec.name, record_id=record_id, reason=why)
+    return SyncResult(outcome=Outcome.IGNORED, function=fn.name, table=spec.name, id=record_id, detail=why)
+
+
+def later_tables_delete(conn: psycopg.Connection, spec: TableSpec, version: datetime | None,
+                        trashed: Sequence[Record]) -> datetime | None:
+    """Of the trashed Tables records of one id, the latest ``deleted_at`` of a delete made in Tables (not the
+    sync's own, zsync.sync_trashed) when it is not before ``version`` (the Supabase version about to be
+    written there): that delete is the later change and wins. None: no such delete, write the version."""
+    deletes: dict[str, datetime] = {}
+    for rec in trashed:
+        try:
+            at = normalize_timestamp(rec.deleted_at)
+        except ValueError:
+            continue
+        if at is not None:
+            deletes[rec.id] = at
+    if deletes:
+        for own in supabase_db.sync_trashed_ids(conn, spec, list(deletes)):
+            deletes.pop(own, None)
+    if not deletes:
+        return None
+    latest = max(deletes.values())
+    if version is not None and version.replace(microsecond=version.microsecond // 1000 * 1000) > \
+            latest.replace(microsecond=latest.microsecond // 1000 * 1000):
+        return None  # Supabase's version is newer than the delete: it wins and is re-created in Tables
+    return latest
+
+
+def delete_won(conn: psycopg.Connection, spec: TableSpec, record_id: str, deleted_at: datetime) -> Outcome:
+    """A delete made in Tables at ``deleted_at`` is later than the version being delivered there: apply it to
+    Supabase (zsync.apply_tables_delete, audited like the trash check) instead of re-creating the record.
+    -> ``deleted``, or ``unchanged`` when Supabase's row changed meanwhile to a version newer than the delete
+    (that newer version's own outbox entry delivers it)."""
+    back = FUNCTIONS[spec.function_name(Direction.TO_SUPABASE)]
+    result = Outcome(supabase_db.apply_tables_delete(conn, spec, record_id, deleted_at))
+    if result is Outcome.APPLIED:
+        supabase_db.append_audit(conn, audit.delete_entry(back, record_id, deleted_at, datetime.now(UTC), result,
+                                                          changed_at=deleted_at))
+    return Outcome.UNCHANGED if result is Outcome.SKIPPED_STALE else Outcome.DELETED
 
 
 def _run_recorded(ctx: SyncContext, lock: Callable[[psycopg.Connection], None],
@@ -561,6 +632,7 @@ def _remove_duplicates(ctx: SyncContext, conn: psycopg.Connection, spec: TableSp
     removed = [r.id for r in records if r.id != keep.id]
     for rid in removed:
         ctx.tables.delete(table_id, rid, missing_ok=True)
+    supabase_db.note_sync_trashed(conn, spec, record_id, removed)
     log_event(ctx.logger, logging.WARNING, "tables_duplicates_removed", record_id=record_id, kept=keep.id,
               removed=removed)
     return keep
@@ -589,15 +661,18 @@ def _tables_version(ctx: SyncContext, conn: psycopg.Connection, spec: TableSpec,
 def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, row: Mapping[str, Any],
                     fields: dict[str, Any]) -> tuple[Outcome, dict[str, Any] | None]:
     """-> (outcome, a ``sync_failed`` entry to record when the Tables record was parked)."""
-    from shared.zapier_tables import TablesDuplicate
-
     spec = fn.table
     table_id = ctx.table_id(spec)
-    try:
-        existing = ctx.tables.find_by_field(table_id, "id", row["id"])
-    except TablesDuplicate:
-        existing = _remove_duplicates(ctx, conn, spec, table_id, row["id"])
+    # One lookup, the trash included: a record deleted in Tables is not re-created by an older version.
+    found = ctx.tables.find_many(table_id, "id", [row["id"]], trash="include")
+    live = [r for r in found if not r.deleted_at]
+    existing = (live[0] if len(live) == 1 else _remove_duplicates(ctx, conn, spec, table_id, row["id"])) \
+        if live else None
     if existing is None:
+        trashed = [r for r in found if r.deleted_at]
+        deleted_at = later_tables_delete(conn, spec, row.get(spec.version or ""), trashed)
+        if deleted_at is not None:  # deleted in Tables after this version: not re-created there
+            return delete_won(conn, spec, row["id"], deleted_at), None
         ctx.tables.create(table_id, fields)
         return Outcome.APPLIED, None
     edited_at = _tables_edited_at(existing)

@@ -339,7 +339,9 @@ CALLED = {"sync_upsert", "version_cmp", "content_hash", "append_audit",
           # issue 12: reconcile at scale (the set-based ack)
           "ack_outbox_set",
           # issue 12: the single-record path (sync_upsert_many is gone)
-          "version_of_typed", "claim_outbox_rows", "record_outbox_batch", "outbox_claimable", "sync_apply_many_set"}
+          "version_of_typed", "claim_outbox_rows", "record_outbox_batch", "outbox_claimable", "sync_apply_many_set",
+          # issue 18: deletes that win, restores that come back
+          "note_sync_trashed", "sync_trashed_ids", "tombstone_of"}
 DEFINER = {"capture_change", "ack_outbox", "announce",
            # issue 13: they read/write zsync.tombstones and zsync.outbox, which zsync_sync cannot touch
            "maintain_updated_at", "track_tombstone", "tombstone_version", "apply_tables_delete", "outbox_failed",
@@ -350,7 +352,9 @@ DEFINER = {"capture_change", "ack_outbox", "announce",
            # issue 12: claim and acknowledge outbox entries
            "claim_outbox", "ack_outbox_many", "outbox_state", "requeue", "ack_outbox_set",
            # issue 12: claim with the rows, "anything left to claim?"
-           "claim_outbox_rows", "outbox_claimable"}
+           "claim_outbox_rows", "outbox_claimable",
+           # issue 18: zsync.sync_trashed and zsync.tombstones, which zsync_sync cannot touch
+           "note_sync_trashed", "sync_trashed_ids", "tombstone_of"}
 
 
 def role_url(database_url: str, role: str = ROLE) -> str:

@@ -824,3 +824,33 @@ def test_cli_rejects_a_bad_config(tmp_path: Path, config: dict) -> None:
         env=env,
     )
     assert done.returncode == 2 and "bad config" in done.stderr
+
+
+def test_restore_from_the_trash_empty_trash_and_a_refused_delete(api: Api, receiver: Receiver) -> None:
+    """A person's restore (live again, edited_at the restore time, the trigger fires), an emptied trash (gone
+    for good), and a delete refused inside a 200 (meta.errors, nothing deleted) - issue 18's stand-in."""
+    rec = api.new({"id": "restore-001", "status": "queued"})
+    api.flush()
+    assert api.admin("POST", f"tables/{api.ids[JOBS]}/records/{rec['id']}/restore").status_code == 409  # live
+    assert api.admin("POST", "faults", {"status": 200, "count": 1, "method": "DELETE"}).status_code == 200
+    assert api.query().status_code == 200  # a fault for DELETE leaves the other methods alone
+    refused = api.delete([rec["id"]])
+    assert refused.status_code == 200 and refused.json()["meta"]["errors"], refused.text
+    assert api.get(rec["id"]).json()["data"]["deleted_at"] is None  # nothing deleted
+    assert api.admin("POST", "faults", {"status": 200, "count": 1, "method": "PUT"}).status_code == 400
+    api.admin("DELETE", "faults")
+    assert api.delete([rec["id"]]).status_code == 204
+    trashed = api.get(rec["id"]).json()["data"]
+    before = len(receiver.requests)
+    time.sleep(0.002)
+    back = api.admin("POST", f"tables/{api.ids[JOBS]}/records/{rec['id']}/restore")
+    assert back.status_code == 200, back.text
+    assert back.json()["data"]["deleted_at"] is None and back.json()["data"]["edited_at"] > trashed["edited_at"]
+    assert api.found(filters=[("id", "exact", "restore-001")]) == [api.dec(JOBS, rec)["data"]]
+    api.flush()
+    assert len(receiver.requests) == before + 1  # the trigger fired for the restore
+    assert api.delete([rec["id"]]).status_code == 204
+    emptied = api.admin("POST", f"tables/{api.ids[JOBS]}/trash/empty")
+    assert emptied.status_code == 200 and emptied.json()["removed"] >= 1
+    assert api.found(filters=[("id", "exact", "restore-001")], trash="include") == []
+    assert api.get(rec["id"]).status_code == 404

@@ -351,9 +351,12 @@ class LocalStack:
                 self.sweep_outbox(self.config.sweep_min_age_s)
 
     def sweep_outbox(self, min_age_s: float = 0.0) -> int:
-        """What the pg_cron job does in production: re-send unacknowledged changes."""
+        """What the pg_cron jobs do in production: re-send unacknowledged changes (and expire tombstones past
+        their retention, hourly there)."""
         with psycopg.connect(self.database_url, autocommit=True) as conn:
-            return conn.execute("SELECT zsync.sweep_outbox(make_interval(secs => %s))", (min_age_s,)).fetchone()[0]
+            sent = conn.execute("SELECT zsync.sweep_outbox(make_interval(secs => %s))", (min_age_s,)).fetchone()[0]
+            conn.execute("SELECT zsync.expire_tombstones()")
+            return sent
 
     def _trash_loop(self) -> None:
         while not self._stop.wait(self.config.trash_interval_s):

@@ -28,7 +28,13 @@ Emulated Zapier behaviour:
 
 Fault injection: ``POST /_admin/faults`` ``{"status": 503, "count": N}`` answers the next N records-API
 requests with that status (``"retry_after"`` adds the header); ``"for_s": S`` makes it every request for
-S seconds instead; ``"hang_s": H`` waits H seconds before answering (a hang past the client's timeout).
+S seconds instead; ``"hang_s": H`` waits H seconds before answering (a hang past the client's timeout);
+``"status": 200`` refuses inside a 200 (``meta.errors``, nothing changed); ``"method": "DELETE"`` limits
+the fault to requests of that method.
+
+A person's actions in Zapier's UI that the API does not offer: ``POST /_admin/tables/{t}/records/{r}/restore``
+(restore from the trash: live again, ``edited_at`` the restore time, the trigger fires as for an update) and
+``POST /_admin/tables/{t}/trash/empty`` (trashed records gone for good, as when the trash is emptied).
 ``TriggerDispatcher.drop_share`` loses that share of trigger delivery attempts in transit.
 
 Admin endpoints (no token; the service binds to loopback): ``POST/DELETE /_admin/faults``,
@@ -488,6 +494,30 @@ class RecordEngine:
             conn.executemany("UPDATE records SET deleted_at = ?, edited_at = ? WHERE table_id = ? AND id = ?",
                              [(now, now, table_id, rid) for rid in rids])
 
+    def restore(self, table_id: str, rid: str) -> Data:
+        """A person restores a record from the trash (Zapier's UI): it is live again with its data as it was,
+        ``edited_at`` the restore time. -> the changeset (every field counted as changed: the trigger fires)."""
+        now = utc_now_iso()
+        with self.store.transaction() as conn:
+            self._schema(conn, table_id)
+            old = self._existing(conn, table_id, rid, trash=True)
+            if not old["deleted_at"]:
+                raise ApiError(409, f"record {rid} is not in the trash")
+            conn.execute("UPDATE records SET deleted_at = NULL, edited_at = ? WHERE table_id = ? AND id = ?",
+                         (now, table_id, rid))
+            new = old | {"deleted_at": None, "edited_at": now}
+        return self._changeset(old, new, sorted(int(k[1:]) for k in new["data"]))
+
+    def empty_trash(self, table_id: str) -> int:
+        """The trash emptied (by a person, or Zapier's retention): trashed records are gone for good."""
+        with self.store.transaction() as conn:
+            self._schema(conn, table_id)
+            seqs = [r[0] for r in conn.execute("SELECT seq FROM records WHERE table_id = ? AND deleted_at IS NOT NULL",
+                                               (table_id,))]
+            conn.executemany("DELETE FROM record_values WHERE seq = ?", [(q,) for q in seqs])
+            conn.executemany("DELETE FROM records WHERE seq = ?", [(q,) for q in seqs])
+        return len(seqs)
+
     def query(self, table_id: str, body: Data, trash: str) -> tuple[list[Rec], Data]:
         limit = body.get("limit", PAGE_DEFAULT)
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= PAGE_MAX:
@@ -872,6 +902,7 @@ class _Fault:
     retry_after: int | None
     until: float | None = None  # time.monotonic() deadline: the fault lasts until then (count not used)
     hang_s: float = 0.0  # wait this long before answering (past the client's timeout: a hang)
+    method: str | None = None  # only requests of this HTTP method (None: every request)
 
 
 class FaultInjector:
@@ -890,19 +921,19 @@ class FaultInjector:
             return {"served": self._served, "left": self._fault.count if self._fault else 0}
 
     def arm(self, status: int, count: int, retry_after: int | None, *, for_s: float | None = None,
-            hang_s: float = 0.0) -> None:
+            hang_s: float = 0.0, method: str | None = None) -> None:
         with self._lock:
             until = time.monotonic() + for_s if for_s is not None else None
-            self._fault = _Fault(status, count, retry_after, until, hang_s)
+            self._fault = _Fault(status, count, retry_after, until, hang_s, method)
 
     def clear(self) -> None:
         with self._lock:
             self._fault = None
 
-    def take(self) -> _Fault | None:
+    def take(self, method: str | None = None) -> _Fault | None:
         with self._lock:
             fault = self._fault
-            if fault is None:
+            if fault is None or (fault.method is not None and fault.method != method):
                 return None
             if fault.until is not None:
                 if time.monotonic() >= fault.until:
@@ -1057,10 +1088,12 @@ def _gate(ctx: ServiceContext) -> None:
     request.get_data(cache=True)  # read the body first: an early error must not leave it unread
     if ctx.stopped:
         raise ApiError(503, "service is stopping")
-    fault = ctx.faults.take()
+    fault = ctx.faults.take(request.method)
     if fault is not None:
         if fault.hang_s:
             time.sleep(fault.hang_s)
+        if fault.status == 200:  # refused inside a 200, as Zapier does: meta.errors, nothing changed
+            raise RefusedRequest("injected refusal", {"fault": "injected"})
         headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
         raise ApiError(fault.status, f"injected fault {fault.status}", headers)
     _check_auth(ctx)
@@ -1231,7 +1264,10 @@ def _register_admin(app: Flask, ctx: ServiceContext) -> None:
     @app.post("/_admin/faults")
     def arm_faults() -> Response:
         body = _object_body()
-        status = _admin_number(body, "status", lambda v: isinstance(v, int) and 400 <= v <= 599)
+        status = _admin_number(body, "status", lambda v: isinstance(v, int) and (400 <= v <= 599 or v == 200))
+        method = body.get("method")
+        if method not in (None, "GET", "POST", "PATCH", "DELETE"):
+            raise ApiError(400, "invalid 'method'")
         count = _admin_number(body, "count", lambda v: isinstance(v, int) and 0 <= v <= 1_000_000)
         retry_after = body.get("retry_after")
         if retry_after is not None:
@@ -1240,8 +1276,8 @@ def _register_admin(app: Flask, ctx: ServiceContext) -> None:
         if for_s is not None:
             for_s = _admin_number(body, "for_s", lambda v: 0 < v <= 3600)
         hang_s = _admin_number(body, "hang_s", lambda v: 0 <= v <= 600) if "hang_s" in body else 0.0
-        ctx.faults.arm(status, count, retry_after, for_s=for_s, hang_s=hang_s)
-        return jsonify(status=status, count=count, retry_after=retry_after, for_s=for_s, hang_s=hang_s)
+        ctx.faults.arm(status, count, retry_after, for_s=for_s, hang_s=hang_s, method=method)
+        return jsonify(status=status, count=count, retry_after=retry_after, for_s=for_s, hang_s=hang_s, method=method)
 
     @app.delete("/_admin/faults")
     def clear_faults() -> tuple[str, int]:
@@ -1274,6 +1310,16 @@ def _register_admin(app: Flask, ctx: ServiceContext) -> None:
             raise ApiError(400, 'expected {"url": "http(s)://..." | null}')
         ctx.triggers[name] = url
         return jsonify(table_id=table_id, table=name, url=url)
+
+    @app.post("/_admin/tables/<table_id>/records/<rid>/restore")
+    def restore(table_id: str, rid: str) -> Response:
+        change = ctx.engine.restore(table_id, rid)
+        ctx.after_change(table_id, [change])
+        return jsonify(data=change["new"])
+
+    @app.post("/_admin/tables/<table_id>/trash/empty")
+    def empty_trash(table_id: str) -> Response:
+        return jsonify(removed=ctx.engine.empty_trash(table_id))
 
     @app.post("/_admin/triggers/flush")
     def flush() -> Response:
