@@ -34,7 +34,7 @@ import psycopg
 from shared import audit, conflict, supabase_db
 from shared.conflict import Outcome
 from shared.logs import log_event
-from shared.mapping import InvalidRecord, parse_supabase_record, parse_tables_record, to_tables_fields
+from shared.mapping import InvalidRecord, parse_supabase_record, to_tables_fields
 from shared.settings import TablesWriter
 from shared.spec import FUNCTIONS, Direction, FunctionSpec
 from shared.sync import (
@@ -48,6 +48,8 @@ from shared.sync import (
     _tables_version,
     _unreadable_is_older,
     apply_from_supabase,
+    idless_record,
+    tables_row,
 )
 
 if TYPE_CHECKING:
@@ -169,15 +171,24 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
     creates: list[_Item] = []
     updates: list[tuple[_Item, str]] = []
     pairs: list[tuple[_Item, dict[str, Any]]] = []
+    idless: set[str] = set()
     for item in items:
         recs = by_id.get(item.id, [])
         if not recs:
-            creates.append(item)
-            continue
+            try:
+                found_idless = _patient(lambda item=item: idless_record(ctx, table_id, item.id), deadline)
+            except TablesUnavailable as exc:
+                plan.stopped = str(exc)[:300]
+                return
+            if found_idless is None:
+                creates.append(item)
+                continue
+            recs = by_id[item.id] = [found_idless]
+            idless.add(item.id)
         existing = recs[0] if len(recs) == 1 else _remove_duplicates(ctx, conn, spec, table_id, item.id)
         edited_at = _tables_edited_at(existing)
         try:
-            current = parse_tables_record(spec, existing.data)
+            current = tables_row(spec, existing)
         except InvalidRecord as exc:
             if _unreadable_is_older(spec, existing, edited_at, item.row):
                 log_event(ctx.logger, logging.WARNING, "tables_record_unreadable", record_id=item.id,
@@ -196,6 +207,8 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
     cmps = conflict.compare_many(conn, spec, [(item.row, current) for item, current in pairs])
     for (item, current), cmp in zip(pairs, cmps, strict=True):
         outcome = conflict.outcome_of(cmp)
+        if outcome is Outcome.UNCHANGED and item.id in idless:
+            outcome = Outcome.APPLIED  # the same version: write it whole, which puts the id into the record
         if outcome is Outcome.APPLIED:
             updates.append((item, by_id[item.id][0].id))
             continue

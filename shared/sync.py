@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -71,6 +72,7 @@ class SyncResult:
 
 
 EDITED_AT = "edited_at"  # top-level key of a Zap delivery: when Zapier saw the record change
+_ZAPIER_ID = re.compile(r"^[0-9A-Z]{26}$")  # a Zapier Tables record id (ULID)
 
 
 def _lag_ms(changed_at: datetime | None, now: datetime) -> float | None:
@@ -154,6 +156,13 @@ def _edited_at(value: Any) -> datetime | None:
         return None
 
 
+def version_time(record: Mapping[str, Any], received_at: datetime) -> datetime:
+    """The time a Tables record without ``updated_at`` is versioned at: Zapier's ``edited_at`` (the time of
+    its last change, the same for every redelivery of that change) when readable, else its arrival. Zapier
+    stores only the fields a writer sends, so a record created without ``updated_at`` has none."""
+    return _edited_at(record.get(EDITED_AT)) or received_at
+
+
 def apply_from_tables(ctx: SyncContext, fn: FunctionSpec, record: Mapping[str, Any],
                       received_at: datetime | None = None, *, changed_at: datetime | None = None,
                       changed_at_source: str = "received", origin: str = "live") -> SyncResult:
@@ -165,7 +174,7 @@ def apply_from_tables(ctx: SyncContext, fn: FunctionSpec, record: Mapping[str, A
     spec = fn.table
     now = received_at or datetime.now(UTC)
     changed = changed_at or now
-    row = parse_tables_record(spec, record, received_at=now)
+    row = parse_tables_record(spec, record, received_at=version_time(record, now))
     edited_at = _edited_at(record.get("edited_at")) if spec.version else None
 
     def work(conn: psycopg.Connection) -> Outcome:
@@ -221,7 +230,7 @@ def apply_many_from_tables(ctx: SyncContext, fn: FunctionSpec, records: Sequence
         try:
             if not isinstance(record, Mapping):
                 raise InvalidRecord([{"field": "record", "problem": "expected a JSON object"}])
-            row = parse_tables_record(spec, record, received_at=arrived)
+            row = parse_tables_record(spec, record, received_at=version_time(record, arrived))
         except InvalidRecord as exc:
             record_id = _payload_id(record)
             body = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
@@ -421,9 +430,42 @@ def apply_from_supabase(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhoo
                       lag_ms=_lag_ms(captured[0], datetime.now(UTC)))
 
 
+def tables_row(spec: TableSpec, record: Record) -> dict[str, Any]:
+    """A record read from the Tables API -> row, as its trigger delivery is read: an empty ``id`` cell
+    reads as the record's Zapier id (see :func:`idless_record`), a record without ``updated_at`` is
+    versioned at Zapier's ``edited_at``. Raises InvalidRecord."""
+    data = record.data
+    if is_empty_id(data.get("id")):
+        data = dict(data, id=record.id)
+    return parse_tables_record(spec, data, received_at=_edited_at(record.edited_at))
+
+
+def is_empty_id(value: Any) -> bool:
+    return value is None or value == ""
+
+
+def idless_record(ctx: SyncContext, table_id: str, record_id: str) -> Record | None:
+    """The Tables record whose Zapier id is ``record_id`` and whose ``id`` cell is empty, if any.
+
+    A record created in Tables without our ``id`` reaches Supabase under its Zapier record id (the trigger
+    delivers that as ``id``); the Supabase row's way back must find that same record (and write the id into
+    it), not create a second one."""
+    from shared.zapier_tables import TablesNotFound
+
+    if not _ZAPIER_ID.match(record_id):
+        return None
+    try:
+        record = ctx.tables.get(table_id, record_id)
+    except TablesNotFound:
+        return None
+    if record.deleted_at or not is_empty_id(record.data.get("id")):
+        return None
+    return record
+
+
 def _readable(spec: TableSpec, record: Record) -> dict[str, Any] | None:
     try:
-        return parse_tables_record(spec, record.data)
+        return tables_row(spec, record)
     except InvalidRecord:
         return None
 
@@ -435,10 +477,7 @@ def _remove_duplicates(ctx: SyncContext, conn: psycopg.Connection, spec: TableSp
     records = list(ctx.tables.iter_records(table_id, filters={"id": record_id}))
 
     def row_of(record: Record) -> dict[str, Any] | None:
-        try:
-            return parse_tables_record(spec, record.data)
-        except InvalidRecord:
-            return None
+        return _readable(spec, record)
 
     keep = records[0]
     for candidate in records[1:]:
@@ -484,12 +523,16 @@ def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec
         existing = ctx.tables.find_by_field(table_id, "id", row["id"])
     except TablesDuplicate:
         existing = _remove_duplicates(ctx, conn, spec, table_id, row["id"])
+    idless = False
+    if existing is None:
+        existing = idless_record(ctx, table_id, row["id"])
+        idless = existing is not None
     if existing is None:
         ctx.tables.create(table_id, fields)
         return Outcome.APPLIED, None
     edited_at = _tables_edited_at(existing)
     try:
-        current: dict[str, Any] | None = parse_tables_record(spec, existing.data)
+        current: dict[str, Any] | None = tables_row(spec, existing)
     except InvalidRecord as exc:
         if _unreadable_is_older(spec, existing, edited_at, row):
             log_event(ctx.logger, logging.WARNING, "tables_record_unreadable", record_id=row["id"],
@@ -501,6 +544,8 @@ def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec
         return Outcome.PARKED, audit.parked_entry(fn, row["id"], exc.problems, existing.data, row, datetime.now(UTC))
     current = _tables_version(ctx, conn, spec, current, edited_at, row)
     outcome = conflict.outcome_of(conflict.compare(conn, spec, row, current))
+    if outcome is Outcome.UNCHANGED and idless:
+        outcome = Outcome.APPLIED  # the same version: write it whole, which puts the id into the record
     if outcome is Outcome.APPLIED:
         ctx.tables.update(table_id, existing.id, fields)
     elif outcome is Outcome.SKIPPED_STALE and current is not None:
