@@ -62,6 +62,9 @@ def test_2_supabase_to_tables_agent_decisions(stack, tables, supabase):
     assert rec["data"]["confidence"] == 0.87
     assert rec["data"]["metadata"] == {"signals": ["x", "y"]}  # jsonb -> a json field holding the value
     assert rec["data"]["updated_at"].endswith("Z")
+    # The entry commits with the function's transaction, just after its Tables write.
+    eventually(lambda: supabase.audit(decision, "agent_decisions_synced"))
+    stack.wait_quiet()
     assert len(supabase.audit(decision, "agent_decisions_synced")) == 1
 
 
