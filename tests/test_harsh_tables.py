@@ -1,0 +1,100 @@
+"""The sync against a Tables stand-in as harsh as Zapier (docs/local-stand-ins.md): Zapier stores only the
+fields a writer sends (no ``updated_at`` is filled in) and leaves empty cells out of a record's ``data``.
+
+* a record created without our ``id`` gets one id (its Zapier record id), written into that same record,
+  and one Supabase row; no second Tables record;
+* a record created without ``updated_at`` is versioned at Zapier's ``edited_at``: one write each side;
+* a person's cell edit that leaves ``updated_at`` as it was wins through ``edited_at`` even when the
+  content hash alone would make it lose (fails when the edited_at handling is switched off).
+
+End to end over the local stack (default trigger-inbox path), driven as users do: the Tables API, SQL.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import psycopg
+
+from shared import supabase_db
+from shared.mapping import normalize_timestamp, parse_supabase_record
+from shared.spec import TABLES
+from tests.e2e import eventually, uid
+
+JOBS = TABLES["agent_jobs"]
+
+
+def _ms(value: str | datetime) -> datetime:
+    ts = normalize_timestamp(value)
+    assert ts is not None
+    return ts.replace(microsecond=ts.microsecond // 1000 * 1000)
+
+
+def test_record_created_without_id_gets_one_id_in_that_record_and_one_row(stack, tables, supabase):
+    marker = uid("no-id")
+    before = tables.writes("agent_jobs")
+    rec = tables.create("agent_jobs", {"job_type": marker, "status": "queued"})
+    assert "id" not in rec["data"]  # an empty cell
+    rid = rec["id"]  # the Zapier record id (ULID) becomes our id
+    eventually(lambda: supabase.row("agent_jobs", rid))
+    stack.wait_quiet()
+    eventually(lambda: tables.find("agent_jobs", rid))
+    stack.wait_quiet()
+
+    assert supabase.query("SELECT id FROM agent_jobs WHERE job_type = %s", (marker,)) == [(rid,)]
+    same = tables.find_all("agent_jobs", rid)
+    assert [r["id"] for r in same] == [rid]  # the id went into the same record: no second one
+    assert same[0]["data"]["job_type"] == marker and same[0]["data"]["id"] == rid
+    assert supabase.writes("agent_jobs", rid) == 1  # the sync's insert only
+    assert tables.writes("agent_jobs") - before == 2  # the user's create + the sync writing the id once
+    row = supabase.row("agent_jobs", rid)
+    assert same[0]["data"]["updated_at"] and _ms(same[0]["data"]["updated_at"]) == _ms(row["updated_at"])
+
+
+def test_record_created_without_updated_at_is_versioned_at_edited_at(stack, tables, supabase):
+    rid = uid("no-ts")
+    before = tables.writes("rate_limits")
+    rec = tables.create("rate_limits", {"id": rid, "service_name": "x", "quota_limit": 5})
+    assert "updated_at" not in rec["data"]
+    row = eventually(lambda: supabase.row("rate_limits", rid))
+    stack.wait_quiet()
+    assert _ms(row["updated_at"]) == _ms(rec["edited_at"])  # Zapier's time of the change, not the arrival
+    assert supabase.writes("rate_limits", rid) == 1
+    assert tables.writes("rate_limits") - before == 1  # the same version: nothing written back
+    assert "updated_at" not in tables.find("rate_limits", rid)["data"]
+
+
+def _losing_status(database_url: str, stored: dict) -> str:
+    """A status that, at the stored ``updated_at``, is an older version than the stored row by the
+    content hash alone (zsync.version_cmp): without the edited_at rule such an edit loses the tie."""
+    base = parse_supabase_record(JOBS, stored)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for n in range(64):
+            candidate = f"edited-{n}"
+            if supabase_db.version_cmp(conn, JOBS, dict(base, status=candidate), base) < 0:
+                return candidate
+    raise AssertionError("no candidate loses the hash tie")
+
+
+def test_cell_edit_keeping_updated_at_wins_through_edited_at(stack, tables, supabase):
+    """A person edits one cell in Tables; ``updated_at`` stays as it was (Zapier fills nothing in). The
+    edit must reach Supabase and stay in Tables, although at that ``updated_at`` its content hash loses
+    to the stored version: only Zapier's ``edited_at`` (shared/sync.py, zsync.sync_apply) makes it newer."""
+    rid = uid("cell-edit")
+    given = "2025-12-22T10:00:00Z"
+    tables.create("agent_jobs", {"id": rid, "job_type": "discovery", "status": "queued", "updated_at": given})
+    stored = eventually(lambda: supabase.row("agent_jobs", rid))
+    stack.wait_quiet()
+    edit = _losing_status(stack.database_url, stored)
+
+    edited = tables.update("agent_jobs", rid, {"status": edit})
+    assert edited["data"]["updated_at"] == given  # not advanced
+    eventually(lambda: supabase.row("agent_jobs", rid)["status"] == edit, timeout_s=10)
+    stack.wait_quiet()
+    row = supabase.row("agent_jobs", rid)
+    assert row["status"] == edit
+    assert _ms(row["updated_at"]) >= _ms(edited["edited_at"]) > _ms(given)  # versioned at edited_at
+    final = tables.find("agent_jobs", rid)
+    assert final["data"]["status"] == edit  # not overwritten by a push-back of the old version
+    assert _ms(final["data"]["updated_at"]) == _ms(row["updated_at"])
+    assert not supabase.audit(rid, "sync_skipped_stale_data")
