@@ -98,3 +98,35 @@ def test_cell_edit_keeping_updated_at_wins_through_edited_at(stack, tables, supa
     assert final["data"]["status"] == edit  # not overwritten by a push-back of the old version
     assert _ms(final["data"]["updated_at"]) == _ms(row["updated_at"])
     assert not supabase.audit(rid, "sync_skipped_stale_data")
+
+
+def test_old_version_pushed_to_tables_does_not_overwrite_a_cell_edit(stack, tables, supabase):
+    """The other half of the rule (shared/sync.py ``_tables_version``): Supabase's webhook for the version
+    both sides share arrives after a person's cell edit in Tables and before that edit's own delivery (its
+    inbox wake-up is late). At the same ``updated_at`` the old content wins the hash tie; only the edit's
+    ``edited_at`` makes the Tables copy newer: it is kept and pushed to Supabase, never overwritten."""
+    from shared.trigger_inbox import InboxClient
+
+    rid = uid("cell-race")
+    given = "2025-12-22T11:00:00Z"
+    tables.create("agent_jobs", {"id": rid, "job_type": "discovery", "status": "queued", "updated_at": given})
+    stored = eventually(lambda: supabase.row("agent_jobs", rid))
+    stack.wait_quiet()
+    edit = _losing_status(stack.database_url, stored)
+    client = InboxClient.for_tables(stack.tables_client())
+    inbox_id = stack.inboxes["agent_jobs_to_supabase"]
+    url = client.get(inbox_id).notification_url
+    client.update(inbox_id, None)  # the edit's wake-up is late: its message waits in the inbox
+    try:
+        tables.update("agent_jobs", rid, {"status": edit})
+        # Supabase re-sends the version both sides share (a repair: zsync.requeue, as a stale delivery does).
+        assert supabase.query("SELECT zsync.requeue('agent_jobs', %s, 'UPDATE')", (rid,)) == [(True,)]
+        eventually(lambda: supabase.row("agent_jobs", rid)["status"] == edit, timeout_s=10)  # pushed back
+        assert tables.find("agent_jobs", rid)["data"]["status"] == edit  # not overwritten
+    finally:
+        client.update(inbox_id, url)
+    stack.safety_drain()
+    stack.wait_quiet()
+    row, final = supabase.row("agent_jobs", rid), tables.find("agent_jobs", rid)
+    assert row["status"] == final["data"]["status"] == edit
+    assert _ms(row["updated_at"]) == _ms(final["data"]["updated_at"]) > _ms(given)
