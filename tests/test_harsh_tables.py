@@ -130,3 +130,38 @@ def test_old_version_pushed_to_tables_does_not_overwrite_a_cell_edit(stack, tabl
     row, final = supabase.row("agent_jobs", rid), tables.find("agent_jobs", rid)
     assert row["status"] == final["data"]["status"] == edit
     assert _ms(row["updated_at"]) == _ms(final["data"]["updated_at"]) > _ms(given)
+
+
+def test_single_path_writes_the_id_into_the_record_that_lacked_it(stack, tables, supabase):
+    """The one-record path (shared/sync.py ``_write_if_newer``: replay, a webhook outside a batch) finds the
+    id-less record by its Zapier id too, and writes the id into it instead of creating a second record."""
+    from shared.settings import Settings
+    from shared.spec import FUNCTIONS
+    from shared.sync import SupabaseWebhook, SyncContext, apply_from_supabase
+    from shared.trigger_inbox import InboxClient
+
+    marker = uid("no-id-one")
+    client = InboxClient.for_tables(stack.tables_client())
+    inbox_id = stack.inboxes["agent_jobs_to_supabase"]
+    url = client.get(inbox_id).notification_url
+    client.update(inbox_id, None)  # the record's own delivery waits: only the path under test runs
+    try:
+        rec = tables.create("agent_jobs", {"job_type": marker, "status": "queued"})
+        rid = rec["id"]
+        hook = SupabaseWebhook.model_validate({"type": "INSERT", "table": "agent_jobs", "schema": "public",
+                                               "record": {"id": rid, "job_type": marker, "status": "queued",
+                                                          "updated_at": rec["edited_at"]}})
+        ctx = SyncContext(settings=Settings(database_url=stack.function_database_url,
+                                            zapier_base_url=stack.tables.url, tables_token=stack.token,
+                                            table_ids=stack.table_ids))
+        result = apply_from_supabase(ctx, FUNCTIONS["agent_jobs_to_tables"], hook)
+        assert str(result.outcome) == "applied"  # the same version, written once to put the id in
+        found = tables.find_all("agent_jobs", rid)
+        assert [r["id"] for r in found] == [rid] and found[0]["data"]["job_type"] == marker
+        assert str(apply_from_supabase(ctx, FUNCTIONS["agent_jobs_to_tables"], hook).outcome) == "unchanged"
+    finally:
+        client.update(inbox_id, url)
+    stack.safety_drain()
+    stack.wait_quiet()
+    assert supabase.query("SELECT id FROM agent_jobs WHERE job_type = %s", (marker,)) == [(rid,)]
+    assert len(tables.client.find_many(tables.ids["agent_jobs"], "job_type", [marker])) == 1
