@@ -74,7 +74,13 @@ from waitress.server import BaseWSGIServer, create_server
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from infra.local.sqlite_store import SqliteStore
-from infra.local.trigger_inbox_service import INBOX_PATH, META_PATH, InboxService, inbox_blueprint
+from infra.local.trigger_inbox_service import (
+    INBOX_PATH,
+    META_PATH,
+    QUARANTINE_AFTER,
+    InboxService,
+    inbox_blueprint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -1398,13 +1404,15 @@ def start_tables_service(
     max_body_bytes: int = MAX_BODY_BYTES,
     delivery_timeout_s: float = 10.0,
     delivery_workers: int = 4,
+    inbox_quarantine_after: int = QUARANTINE_AFTER,
 ) -> TablesService:
     """Start the service in background threads and return once it accepts connections.
 
     ``tables`` configure behaviour per table *name* (trigger URL); the tables themselves are
     created through the API (``zsync setup zapier``, :func:`infra.deploy.tables_setup.ensure_tables`).
     Callers authenticate with ``client_id``/``client_secret`` at ``/oauth/token/`` or with the static
-    ``token`` (a token "made by the user"); ``rate_limit=None`` turns the per-table rate limit off.
+    ``token`` (a token "made by the user"); ``rate_limit=None`` turns the per-table rate limit off;
+    ``inbox_quarantine_after``: leases a trigger-inbox message may have before it is quarantined.
     """
     if host not in _LOOPBACK:
         log.warning("tables service bound to %s: its /_admin endpoints have no authentication", host)
@@ -1420,7 +1428,8 @@ def start_tables_service(
         RateLimiter(rate_limit, rate_window_s),
         token_ttl_s=token_ttl_s,
         triggers={t.name: t.trigger_url for t in tables},
-        inboxes=InboxService(Path(db_path).with_suffix(".inboxes.sqlite3"), engine.table_exists),
+        inboxes=InboxService(Path(db_path).with_suffix(".inboxes.sqlite3"), engine.table_exists,
+                             quarantine_after=inbox_quarantine_after),
     )
     try:
         server = _KeepAliveServer(create_app(ctx, max_body_bytes), host, port)
