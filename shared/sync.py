@@ -156,10 +156,13 @@ def _edited_at(value: Any) -> datetime | None:
         return None
 
 
-def version_time(record: Mapping[str, Any], received_at: datetime) -> datetime:
+def version_time(record: Any, received_at: datetime) -> datetime:
     """The time a Tables record without ``updated_at`` is versioned at: Zapier's ``edited_at`` (the time of
     its last change, the same for every redelivery of that change) when readable, else its arrival. Zapier
-    stores only the fields a writer sends, so a record created without ``updated_at`` has none."""
+    stores only the fields a writer sends, so a record created without ``updated_at`` has none. (Not an
+    object: the arrival; the parser then rejects it.)"""
+    if not isinstance(record, Mapping):
+        return received_at
     return _edited_at(record.get(EDITED_AT)) or received_at
 
 
