@@ -819,7 +819,8 @@ def test_cli_runs_until_sigterm(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("config", [{"tables": "nope"}, {"tables": [], "client_secret": ""},
-                                    {"tables": [{"name": "x", "table_id": "tbl_old"}], "client_secret": "s"}])
+                                    {"tables": [{"name": "x", "table_id": "tbl_old"}], "client_secret": "s"},
+                                    {"tables": [{"name": "x", "stamp_updated_at": True}], "client_secret": "s"}])
 def test_cli_rejects_a_bad_config(tmp_path: Path, config: dict) -> None:
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))

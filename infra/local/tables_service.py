@@ -1479,6 +1479,13 @@ def load_config(path: Path) -> CliConfig:
     raw = json.loads(path.read_text())
     if not isinstance(raw, dict) or not isinstance(raw.get("tables"), list):
         raise ValueError('config must be a JSON object with a "tables" list')
+    known = {"name", "trigger_url"}
+    for n, t in enumerate(raw["tables"]):
+        if not isinstance(t, dict) or "name" not in t or set(t) - known:
+            extra = sorted(set(t) - known) if isinstance(t, dict) else []
+            raise ValueError(f"tables[{n}]: expected {{\"name\", \"trigger_url\"?}}"
+                             + (f"; unknown key(s) {extra} (Zapier fills in no field: stamp_updated_at is gone)"
+                                if extra else ""))
     tables = tuple(TableConfig(**t) for t in raw["tables"])
     client_secret = raw.get("client_secret") or os.environ.get("ZSYNC_ZAPIER_CLIENT_SECRET")
     if not client_secret:
