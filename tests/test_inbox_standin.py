@@ -17,7 +17,7 @@ import requests
 
 from infra.local.trigger_inbox_service import QUARANTINE_AFTER
 from shared.inbox_consumer import POISON_LEASE_COUNT
-from shared.trigger_inbox import InboxClient, InboxError, Subscription
+from shared.trigger_inbox import InboxClient, InboxError, LeaseExpired, Subscription
 from tests.tables_local import LocalTables, start_local_tables
 from tests.test_tables_service import Receiver
 
@@ -108,6 +108,10 @@ def test_ack_and_release_take_1_to_100_message_ids(local, client):
     assert err.value.status == 400 and "lease_id" in str(err.value)
     client.ack(inbox_id, lease.lease_id, [lease.messages[0].id])
     client.release(inbox_id, lease.lease_id)  # the rest of the lease
+    with pytest.raises(LeaseExpired):  # nothing of that lease is left to settle
+        client.ack(inbox_id, lease.lease_id)
+    with pytest.raises(LeaseExpired):
+        client.release(inbox_id, str(uuid.uuid4()))  # a lease that never existed
     assert [m.id for m in client.lease(inbox_id, 10, 30).messages] == [lease.messages[1].id]
 
 

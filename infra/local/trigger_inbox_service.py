@@ -15,7 +15,8 @@ Leases keep the documented bounds (``/work/shared/reference/zapier-public-api.md
 anything else 400: ``lease_limit`` an integer 1-100 (default 10), ``lease_seconds`` an integer 1-3600
 (default 300); ack/release take ``lease_id`` and optionally 1-100 ``message_ids``. An unacked message comes
 back when its lease expires, with ``lease_count`` + 1 and ``possible_duplicate_data``; a release still
-counts as a lease; ack/release after the lease expired answers 400 ``lease_expired``. A message that has
+counts as a lease; ack/release of a lease with nothing left to settle (expired, already settled, or
+unknown) answers 400 ``lease_expired``. A message that has
 been leased ``quarantine_after`` times (Zapier does not publish its number; default
 :data:`QUARANTINE_AFTER`, tests set it low with ``POST /_admin/inbox/faults {"quarantine_after": n}``) is
 quarantined instead of being leased again: it stays in the list of messages, never leased again.
@@ -334,7 +335,7 @@ class InboxService:
                                 (inbox_id, lease_id)).fetchall()
             if ids is not None:
                 rows = [r for r in rows if r["id"] in set(ids)]
-            if any(r["leased_until"] < time.time() for r in rows) or (not rows and ids):
+            if not rows or any(r["leased_until"] < time.time() for r in rows):  # expired, settled or unknown
                 raise _problem(400, f"lease {lease_id} has expired", "lease_expired")
             out = []
             for row in rows:
