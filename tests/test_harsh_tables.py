@@ -165,3 +165,30 @@ def test_single_path_writes_the_id_into_the_record_that_lacked_it(stack, tables,
     stack.wait_quiet()
     assert supabase.query("SELECT id FROM agent_jobs WHERE job_type = %s", (marker,)) == [(rid,)]
     assert len(tables.client.find_many(tables.ids["agent_jobs"], "job_type", [marker])) == 1
+
+
+def test_trashed_record_without_id_is_deleted_under_its_zapier_id(stack, tables, supabase):
+    """A record created without our id and deleted in Tables before its delivery arrived: the trash check
+    reads its id as the Zapier record id (the id its delivery carries), so the late delivery is refused as
+    deleted instead of inserting a row for a record that no longer exists."""
+    from shared.trigger_inbox import InboxClient
+
+    marker = uid("no-id-del")
+    client = InboxClient.for_tables(stack.tables_client())
+    inbox_id = stack.inboxes["agent_jobs_to_supabase"]
+    url = client.get(inbox_id).notification_url
+    with stack.trash_paused():
+        client.update(inbox_id, None)  # its delivery is late
+        try:
+            rec = tables.create("agent_jobs", {"job_type": marker, "status": "queued"})
+            tables.client.delete(tables.ids["agent_jobs"], rec["id"])  # a person's delete, to the trash
+            answer = stack.check_trash()["agent_jobs_to_supabase"]
+            assert answer["status"] == 200, answer
+        finally:
+            client.update(inbox_id, url)
+    stack.safety_drain()
+    stack.wait_quiet()
+    assert supabase.query("SELECT id FROM agent_jobs WHERE job_type = %s", (marker,)) == []
+    assert supabase.query("SELECT count(*) FROM zsync.tombstones WHERE table_name = 'agent_jobs' "
+                          "AND record_id = %s", (rec["id"],)) == [(1,)]
+    assert tables.client.find_many(tables.ids["agent_jobs"], "job_type", [marker]) == []
