@@ -245,7 +245,8 @@ class _Reconciler:
         records = self.ctx.tables.iter_records(self.ctx.table_id(spec), page_size=PAGE_SIZE)
         for record in _prefetched(records, PAGE_SIZE, f"reconcile-{spec.name}-tables-read"):
             data = dict(record.data)
-            data.setdefault("id", record.id)  # what the Zap trigger sends (see tables_service.trigger_payload)
+            if data.get("id") in (None, ""):  # what the trigger sends (see tables_service.trigger_payload)
+                data["id"] = record.id
             try:
                 received = normalize_timestamp(record.edited_at) if record.edited_at else None
                 row = parse_tables_record(spec, data, received_at=received, fast=True)

@@ -49,6 +49,7 @@ from shared.sync import (
     _unreadable_is_older,
     apply_from_supabase,
     delete_won,
+    idless_record,
     later_tables_delete,
     push_back,
     tables_version_row,
@@ -176,6 +177,7 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
     creates: list[_Item] = []
     updates: list[tuple[_Item, str]] = []
     pairs: list[tuple[_Item, dict[str, Any]]] = []
+    idless: set[str] = set()
     for item in items:
         recs = by_id.get(item.id, [])
         if not recs:
@@ -183,12 +185,20 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
             if deleted_at is not None:  # deleted in Tables after this version: the delete wins
                 plan.outcomes[item.id] = (delete_won(conn, spec, item.id, deleted_at), None)
                 continue
-            creates.append(item)
-            continue
+            try:
+                found_idless = _patient(lambda item=item: idless_record(ctx, table_id, item.id), deadline)
+            except TablesUnavailable as exc:
+                plan.stopped = str(exc)[:300]
+                return
+            if found_idless is None:
+                creates.append(item)
+                continue
+            recs = by_id[item.id] = [found_idless]
+            idless.add(item.id)
         existing = recs[0] if len(recs) == 1 else _remove_duplicates(ctx, conn, spec, table_id, item.id)
         edited_at = _tables_edited_at(existing)
         try:
-            current = tables_version_row(ctx, spec, existing.data)
+            current = tables_version_row(ctx, spec, existing)
         except InvalidRecord as exc:
             if _unreadable_is_older(spec, existing, edited_at, item.row):
                 log_event(ctx.logger, logging.WARNING, "tables_record_unreadable", record_id=item.id,
@@ -207,6 +217,8 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
     cmps = conflict.compare_many(conn, spec, [(item.row, current) for item, current in pairs])
     for (item, current), cmp in zip(pairs, cmps, strict=True):
         outcome = conflict.outcome_of(cmp)
+        if outcome is Outcome.UNCHANGED and item.id in idless:
+            outcome = Outcome.APPLIED  # the same version: write it whole, which puts the id into the record
         if outcome is Outcome.APPLIED:
             updates.append((item, by_id[item.id][0].id))
             continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -72,6 +73,7 @@ class SyncResult:
 
 
 EDITED_AT = "edited_at"  # top-level key of a Zap delivery: when Zapier saw the record change
+_ZAPIER_ID = re.compile(r"^[0-9A-Z]{26}$")  # a Zapier Tables record id (ULID)
 
 
 def _lag_ms(changed_at: datetime | None, now: datetime) -> float | None:
@@ -162,6 +164,16 @@ def _check_edited_at(edited_at: datetime | None, now: datetime, max_skew_s: floa
                               f"clock; at most {max_skew_s:g} s allowed (ZSYNC_MAX_FUTURE_SKEW_S)"}])
 
 
+def version_time(record: Any, received_at: datetime) -> datetime:
+    """The time a Tables record without ``updated_at`` is versioned at: Zapier's ``edited_at`` (the time of
+    its last change, the same for every redelivery of that change) when readable, else its arrival. Zapier
+    stores only the fields a writer sends, so a record created without ``updated_at`` has none. (Not an
+    object: the arrival; the parser then rejects it.)"""
+    if not isinstance(record, Mapping):
+        return received_at
+    return _edited_at(record.get(EDITED_AT)) or received_at
+
+
 def apply_from_tables(ctx: SyncContext, fn: FunctionSpec, record: Mapping[str, Any],
                       received_at: datetime | None = None, *, changed_at: datetime | None = None,
                       changed_at_source: str = "received", origin: str = "live") -> SyncResult:
@@ -173,7 +185,7 @@ def apply_from_tables(ctx: SyncContext, fn: FunctionSpec, record: Mapping[str, A
     spec = fn.table
     now = received_at or datetime.now(UTC)
     changed = changed_at or now
-    row = parse_tables_record(spec, record, received_at=now)
+    row = parse_tables_record(spec, record, received_at=version_time(record, now))
     check_version_skew(spec, row, datetime.now(UTC), ctx.settings.max_future_skew_s)
     edited_at = _edited_at(record.get("edited_at")) if spec.version else None
     _check_edited_at(edited_at, datetime.now(UTC), ctx.settings.max_future_skew_s)
@@ -329,7 +341,7 @@ def apply_many_from_tables(ctx: SyncContext, fn: FunctionSpec, records: Sequence
         try:
             if not isinstance(record, Mapping):
                 raise InvalidRecord([{"field": "record", "problem": "expected a JSON object"}])
-            row = parse_tables_record(spec, record, received_at=arrived)
+            row = parse_tables_record(spec, record, received_at=version_time(record, arrived))
             check_version_skew(spec, row, now, ctx.settings.max_future_skew_s)
             edited_at = _edited_at(record.get("edited_at")) if spec.version else None
             _check_edited_at(edited_at, now, ctx.settings.max_future_skew_s)
@@ -600,17 +612,50 @@ def apply_from_supabase(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhoo
                       lag_ms=_lag_ms(captured[0], datetime.now(UTC)))
 
 
-def tables_version_row(ctx: SyncContext, spec: TableSpec, data: Mapping[str, Any]) -> dict[str, Any]:
-    """A Tables record as it is read to compare its version: parsed, and refused (InvalidRecord) when its
-    version is further ahead of the clock than ``max_future_skew_s`` (never compared, so it cannot win)."""
-    row = parse_tables_record(spec, data)
+def tables_version_row(ctx: SyncContext, spec: TableSpec, record: Record) -> dict[str, Any]:
+    """A Tables record as it is read to compare its version (:func:`tables_row`), refused (InvalidRecord) when
+    its version is further ahead of the clock than ``max_future_skew_s`` (never compared, so it cannot win)."""
+    row = tables_row(spec, record)
     check_version_skew(spec, row, datetime.now(UTC), ctx.settings.max_future_skew_s)
     return row
 
 
+def tables_row(spec: TableSpec, record: Record) -> dict[str, Any]:
+    """A record read from the Tables API -> row, as its trigger delivery is read: an empty ``id`` cell
+    reads as the record's Zapier id (see :func:`idless_record`), a record without ``updated_at`` is
+    versioned at Zapier's ``edited_at``. Raises InvalidRecord."""
+    data = record.data
+    if is_empty_id(data.get("id")):
+        data = dict(data, id=record.id)
+    return parse_tables_record(spec, data, received_at=_edited_at(record.edited_at))
+
+
+def is_empty_id(value: Any) -> bool:
+    return value is None or value == ""
+
+
+def idless_record(ctx: SyncContext, table_id: str, record_id: str) -> Record | None:
+    """The Tables record whose Zapier id is ``record_id`` and whose ``id`` cell is empty, if any.
+
+    A record created in Tables without our ``id`` reaches Supabase under its Zapier record id (the trigger
+    delivers that as ``id``); the Supabase row's way back must find that same record (and write the id into
+    it), not create a second one."""
+    from shared.zapier_tables import TablesNotFound
+
+    if not _ZAPIER_ID.match(record_id):
+        return None
+    try:
+        record = ctx.tables.get(table_id, record_id)
+    except TablesNotFound:
+        return None
+    if record.deleted_at or not is_empty_id(record.data.get("id")):
+        return None
+    return record
+
+
 def _readable(ctx: SyncContext, spec: TableSpec, record: Record) -> dict[str, Any] | None:
     try:
-        return tables_version_row(ctx, spec, record.data)
+        return tables_version_row(ctx, spec, record)
     except InvalidRecord:
         return None
 
@@ -668,6 +713,10 @@ def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec
     live = [r for r in found if not r.deleted_at]
     existing = (live[0] if len(live) == 1 else _remove_duplicates(ctx, conn, spec, table_id, row["id"])) \
         if live else None
+    idless = False
+    if existing is None:
+        existing = idless_record(ctx, table_id, row["id"])
+        idless = existing is not None
     if existing is None:
         trashed = [r for r in found if r.deleted_at]
         deleted_at = later_tables_delete(conn, spec, row.get(spec.version or ""), trashed)
@@ -677,7 +726,7 @@ def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec
         return Outcome.APPLIED, None
     edited_at = _tables_edited_at(existing)
     try:
-        current: dict[str, Any] | None = tables_version_row(ctx, spec, existing.data)
+        current: dict[str, Any] | None = tables_version_row(ctx, spec, existing)
     except InvalidRecord as exc:
         if _unreadable_is_older(spec, existing, edited_at, row):
             log_event(ctx.logger, logging.WARNING, "tables_record_unreadable", record_id=row["id"],
@@ -689,6 +738,8 @@ def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec
         return Outcome.PARKED, audit.parked_entry(fn, row["id"], exc.problems, existing.data, row, datetime.now(UTC))
     current = _tables_version(ctx, conn, spec, current, edited_at, row)
     outcome = conflict.outcome_of(conflict.compare(conn, spec, row, current))
+    if outcome is Outcome.UNCHANGED and idless:
+        outcome = Outcome.APPLIED  # the same version: write it whole, which puts the id into the record
     if outcome is Outcome.APPLIED:
         ctx.tables.update(table_id, existing.id, fields)
     elif outcome is Outcome.SKIPPED_STALE and current is not None:

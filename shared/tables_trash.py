@@ -45,7 +45,7 @@ from shared.conflict import Outcome
 from shared.logs import log_event
 from shared.mapping import coerce_id, normalize_timestamp
 from shared.spec import Direction, TableSpec
-from shared.sync import SyncContext, apply_tables_delete
+from shared.sync import SyncContext, apply_tables_delete, is_empty_id
 
 CHECK_TRASH = "check_trash"  # the body / scheduled event {"zsync": "check_trash"}
 OVERLAP = timedelta(minutes=2)
@@ -127,8 +127,8 @@ def check_trash(ctx: SyncContext, spec: TableSpec, since: datetime | None = None
         if since is not None and deleted_at < since:
             continue
         result.considered += 1
-        try:
-            rid = coerce_id(record.data.get("id"), id_max)
+        try:  # an empty id cell: the record went to Supabase under its Zapier id (shared.sync.tables_row)
+            rid = coerce_id(record.id if is_empty_id(record.data.get("id")) else record.data.get("id"), id_max)
         except ValueError as exc:
             result.unreadable += 1
             log_event(ctx.logger, logging.WARNING, "trash_record_unreadable", table=spec.name,

@@ -22,7 +22,7 @@ from shared import supabase_db
 from shared.mapping import InvalidRecord, parse_supabase_record, parse_tables_record
 from shared.settings import Settings, reset_settings
 from shared.spec import TABLES, TableSpec
-from shared.sync import SyncContext
+from shared.sync import SyncContext, tables_row
 from shared.zapier_tables import TablesClient
 from tests.tables_local import LocalTables, start_local_tables
 
@@ -38,9 +38,7 @@ def tables_rows(client: TablesClient, spec: TableSpec, table_id: str) -> tuple[d
     rows: dict[str, dict] = {}
     dupes: list[str] = []
     for rec in client.iter_records(table_id, page_size=1000):
-        data = dict(rec.data)
-        data.setdefault("id", rec.id)
-        row = parse_tables_record(spec, data)
+        row = tables_row(spec, rec)  # no id cell: the record id; no updated_at: versioned at edited_at
         if row["id"] in rows:
             dupes.append(row["id"])
         rows[row["id"]] = _norm(row)

@@ -52,8 +52,9 @@ def test_a_tables_delete_reaches_supabase_and_stays_deleted(stack, tables, supab
     stack.wait_quiet()
     assert tables.find("agent_jobs", rid) is None  # the push back of the delete found nothing to delete
 
-    # A stale Zap / inbox delivery of the deleted record is not re-inserted.
-    r = post(stack, "agent_jobs_to_supabase", rec["data"])
+    # A stale Zap / inbox delivery of the deleted record is not re-inserted. It is what the trigger sent:
+    # the fields (no updated_at: created without one) and Zapier's edited_at, its version.
+    r = post(stack, "agent_jobs_to_supabase", rec["data"] | {"edited_at": rec["edited_at"]})
     assert r.status_code == 200 and r.json()["outcome"] == "deleted", r.text
     assert supabase.row("agent_jobs", rid) is None
     # Reconcile does not resurrect it either (on neither side).

@@ -199,8 +199,7 @@ class LocalStack:
             state / "tables.sqlite3",
             [TableConfig(name=t.name,
                          trigger_url=(url[t.function_name(Direction.TO_SUPABASE)]
-                                      if self.config.zapier_path == "zaps" else None),
-                         stamp_updated_at=t.version is not None)
+                                      if self.config.zapier_path == "zaps" else None))
              for t in TABLES.values()],
             token=self.token, secret_header=DEFAULT_SECRET_HEADER, secret=self.secret,
             client_id=self.client_id, client_secret=self.client_secret,

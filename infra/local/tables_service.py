@@ -16,9 +16,9 @@ Emulated Zapier behaviour:
   isnull/startswith, orders, cursor paging (``meta.pagination``), ``trash=exclude|include|only``.
   ``exact`` and ``in`` use an index of field values, so a find by id costs the same at any table size.
 * Writes answer changesets; ``edited_at`` is set on every change; delete moves records to the trash.
-* Field stamping for tables configured with ``stamp_updated_at`` (what our Zaps map from Zapier's
-  record timestamps): a create without ``created_at`` gets ``now``; a create or update without
-  ``updated_at`` gets ``now``.
+* As harsh as Zapier: a write stores only the fields the caller sends (no ``created_at`` / ``updated_at``
+  field is ever filled in; ``edited_at`` is Zapier's own record metadata), and an empty cell (``null``,
+  ``""``, ``[]``) is left out of ``data``: writing one empties the cell.
 * Rate limit: ``rate_limit`` requests per ``rate_window_s`` per table (default Zapier's 100 per 5 s),
   429 with ``Retry-After`` beyond it.
 * Triggers: after a create, or an update that changes the data, the record is POSTed to the table's
@@ -80,7 +80,13 @@ from waitress.server import BaseWSGIServer, create_server
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from infra.local.sqlite_store import SqliteStore
-from infra.local.trigger_inbox_service import INBOX_PATH, META_PATH, InboxService, inbox_blueprint
+from infra.local.trigger_inbox_service import (
+    INBOX_PATH,
+    META_PATH,
+    QUARANTINE_AFTER,
+    InboxService,
+    inbox_blueprint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +126,6 @@ class TableConfig:
 
     name: str
     trigger_url: str | None = None
-    stamp_updated_at: bool = True
 
 
 class ApiError(Exception):
@@ -211,8 +216,9 @@ def _datetime_ok(value: str) -> bool:
 
 
 def check_value(ftype: str, value: Any) -> tuple[Any, str | None]:
-    """``(stored value, None)`` or ``(None, problem)`` for a value written to a field of ``ftype``."""
-    if value is None:
+    """``(stored value, None)`` or ``(None, problem)`` for a value written to a field of ``ftype``; an empty
+    value (null, "", []) empties the cell whatever the type."""
+    if is_empty_cell(value):
         return None, None
     match ftype:
         case "number" | "decimal" | "currency":
@@ -446,11 +452,10 @@ class RecordEngine:
         now = utc_now_iso()
         with self.store.transaction() as conn:
             schema = self._schema(conn, table_id)
-            stamp = self._stamp(schema)
             changes = []
             for given in items:
                 data, errors = self._validate(schema, given)
-                data = self._stamped(schema, data, given, stamp, now, create=True)
+                data = _without_empty(data)
                 record = {"id": new_ulid(), "data": data, "created_at": now, "edited_at": now,
                           "schema_revision_id": schema.revision, "deleted_at": None}
                 if errors:
@@ -464,17 +469,15 @@ class RecordEngine:
         now = utc_now_iso()
         with self.store.transaction() as conn:
             schema = self._schema(conn, table_id)
-            stamp = self._stamp(schema)
             changes = []
             for rid, given in updates:
                 old = self._existing(conn, table_id, rid)
                 valid, errors = self._validate(schema, given)
-                merged = old["data"] | valid
-                changed = sorted(int(k[1:]) for k in merged if merged.get(k) != old["data"].get(k))
+                merged = _without_empty(old["data"] | valid)
+                changed = sorted(int(k[1:]) for k in merged.keys() | old["data"].keys()
+                                 if merged.get(k) != old["data"].get(k))
                 new = {k: v for k, v in old.items() if k != "errors"} | ({"errors": errors} if errors else {})
                 if changed:
-                    merged = self._stamped(schema, merged, given, stamp, now, create=False)
-                    changed = sorted(int(k[1:]) for k in merged if merged.get(k) != old["data"].get(k))
                     new |= {"data": merged, "edited_at": now, "schema_revision_id": schema.revision}
                     self._replace(conn, table_id, new)
                 changes.append(self._changeset(old, new, changed))
@@ -591,22 +594,6 @@ class RecordEngine:
                               (table_id,)).fetchall()
         return Schema(_row_table(row), row["schema_revision"], {f["id"]: _row_field(f) for f in fields})
 
-    def _stamp(self, schema: Schema) -> bool:
-        config = self.configs.get(schema.table["name"])
-        return config.stamp_updated_at if config else False
-
-    @staticmethod
-    def _stamped(schema: Schema, data: Data, given: Data, stamp: bool, now: str, *, create: bool) -> Data:
-        if not stamp:
-            return data
-        data = dict(data)
-        created_key, updated_key = schema.key_of("created_at"), schema.key_of("updated_at")
-        if create and created_key and created_key not in given:  # an explicit null is the writer's choice
-            data[created_key] = now
-        if updated_key and updated_key not in given:
-            data[updated_key] = now
-        return data
-
     @staticmethod
     def _validate(schema: Schema, given: Data) -> tuple[Data, Data]:
         """The values that fit their fields, and per-field errors for those that do not."""
@@ -684,6 +671,15 @@ class RecordEngine:
                 "changed_field_ids": changed if old is not None else None, "record_id": new["id"]}
 
 
+def is_empty_cell(value: Any) -> bool:
+    """A value Zapier shows as an empty cell and leaves out of a record's ``data``."""
+    return value is None or value == "" or value == []
+
+
+def _without_empty(data: Data) -> Data:
+    return {k: v for k, v in data.items() if not is_empty_cell(v)}
+
+
 def _sort_key(value: Any) -> tuple[int, Any]:
     number = _number(value) if not isinstance(value, str) else None
     if value is None:
@@ -705,7 +701,8 @@ class Delivery:
 
 def trigger_payload(record: Rec, names: Mapping[str, str]) -> Data:
     """What a Zap's "new or updated record" trigger hands to its webhook step: the fields by name, the
-    record id as ``id`` when the table has no ``id`` field, and Zapier's ``edited_at``."""
+    record id as ``id`` when the record has no ``id`` value (no such field, or the cell is empty: left out of
+    ``data``), and Zapier's ``edited_at``."""
     payload = {names.get(k, k): v for k, v in record["data"].items()}
     payload.setdefault("id", record["id"])
     payload["edited_at"] = record["edited_at"]
@@ -1453,13 +1450,15 @@ def start_tables_service(
     max_body_bytes: int = MAX_BODY_BYTES,
     delivery_timeout_s: float = 10.0,
     delivery_workers: int = 4,
+    inbox_quarantine_after: int = QUARANTINE_AFTER,
 ) -> TablesService:
     """Start the service in background threads and return once it accepts connections.
 
-    ``tables`` configure behaviour per table *name* (trigger URL, stamping); the tables themselves are
+    ``tables`` configure behaviour per table *name* (trigger URL); the tables themselves are
     created through the API (``zsync setup zapier``, :func:`infra.deploy.tables_setup.ensure_tables`).
     Callers authenticate with ``client_id``/``client_secret`` at ``/oauth/token/`` or with the static
-    ``token`` (a token "made by the user"); ``rate_limit=None`` turns the per-table rate limit off.
+    ``token`` (a token "made by the user"); ``rate_limit=None`` turns the per-table rate limit off;
+    ``inbox_quarantine_after``: leases a trigger-inbox message may have before it is quarantined.
     """
     if host not in _LOOPBACK:
         log.warning("tables service bound to %s: its /_admin endpoints have no authentication", host)
@@ -1475,7 +1474,8 @@ def start_tables_service(
         RateLimiter(rate_limit, rate_window_s),
         token_ttl_s=token_ttl_s,
         triggers={t.name: t.trigger_url for t in tables},
-        inboxes=InboxService(Path(db_path).with_suffix(".inboxes.sqlite3"), engine.table_exists),
+        inboxes=InboxService(Path(db_path).with_suffix(".inboxes.sqlite3"), engine.table_exists,
+                             quarantine_after=inbox_quarantine_after),
     )
     try:
         server = _KeepAliveServer(create_app(ctx, max_body_bytes), host, port)
@@ -1500,7 +1500,7 @@ config file (JSON):
     "autoreplay": [300, 1800, 3600, 10800, 21600],
     "tables": [
       {"name": "agent_jobs",
-       "trigger_url": "http://127.0.0.1:9000/agent_jobs_to_supabase", "stamp_updated_at": true}
+       "trigger_url": "http://127.0.0.1:9000/agent_jobs_to_supabase"}
     ]
   }
 """
@@ -1525,6 +1525,13 @@ def load_config(path: Path) -> CliConfig:
     raw = json.loads(path.read_text())
     if not isinstance(raw, dict) or not isinstance(raw.get("tables"), list):
         raise ValueError('config must be a JSON object with a "tables" list')
+    known = {"name", "trigger_url"}
+    for n, t in enumerate(raw["tables"]):
+        if not isinstance(t, dict) or "name" not in t or set(t) - known:
+            extra = sorted(set(t) - known) if isinstance(t, dict) else []
+            raise ValueError(f"tables[{n}]: expected {{\"name\", \"trigger_url\"?}}"
+                             + (f"; unknown key(s) {extra} (Zapier fills in no field: stamp_updated_at is gone)"
+                                if extra else ""))
     tables = tuple(TableConfig(**t) for t in raw["tables"])
     client_secret = raw.get("client_secret") or os.environ.get("ZSYNC_ZAPIER_CLIENT_SECRET")
     if not client_secret:
