@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     outbox_drain_budget_s: float = Field(
         default=4.0, gt=0, description="Time one wake-up spends draining (incl. 429 waits); under pg_net's 5 s "
         "webhook timeout. What is left stays pending for the next wake-up or the sweeper.")
+    outbox_wake_min_interval_s: float = Field(
+        default=0.2, ge=0, le=10, description="*_to_tables: drain rounds started by the unauthenticated wake-up "
+        "(?zsync_wake=outbox) start at least this far apart, per instance (a flood of wake-ups is rate-limited).")
 
     # --- Trigger inboxes (Zapier -> the *_to_supabase functions) ------------------------------------
     stage: str = Field(default="dev", description="Deployment stage: each function drains inbox zsync-<stage>-<fn>.")
