@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from shared.settings import DEFAULT_SECRET_HEADER, Settings, reset_settings
 from shared.spec import FUNCTIONS, TABLES, WEBHOOK_TABLES, Direction
 from shared.sync import SupabaseWebhook, SyncContext, apply_from_supabase, apply_from_tables
 from shared.webhook_sql import render_webhook_sql, trigger_name
-from tests.e2e import Supabase, Tables, uid
+from tests.e2e import Supabase, Tables, eventually, uid
 from tests.receiver import recording_server
 from tests.test_bad_input import snapshot, unchanged_apart_from_audit
 
@@ -171,6 +172,92 @@ def test_webhooks_and_re_sends_are_wakeups_without_secret_or_data(database_url):
         assert H.lower() not in sent and "authorization" not in sent
         assert sent <= {"host", "accept", "content-type", "content-length", "user-agent", "accept-encoding",
                         "connection"}, sent
+
+
+# --- the unauthenticated wake-up of a *_to_tables function --------------------------------------------------
+
+
+def wake_url(stack: Any, table: str) -> str:
+    return stack.functions[TABLES[table].function_name(Direction.TO_TABLES)].url + "?zsync_wake=outbox"
+
+
+def test_an_unauthenticated_wakeup_only_drains_the_functions_own_outbox(stack, tables, supabase):
+    """Nothing in the request is read or trusted: a forged record, table or type writes nothing, reaches no
+    other table, and the answer names no record; what Supabase queued is delivered."""
+    stack.wait_quiet()
+    before = snapshot(stack)
+    forged = uid("forged-wake")
+    body = {"type": "INSERT", "table": "agent_decisions", "schema": "public", "zsync_wake": "outbox",
+            "record": {"id": forged, "status": "forged"}, "old_record": None}
+    for headers in ({}, {H: "wrong"}, {H: stack.secret}):  # the secret changes nothing either
+        r = requests.post(wake_url(stack, "agent_jobs"), json=body, headers=headers, timeout=30)
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert answer["outcome"] == "drained" and answer["table"] == "agent_jobs"
+        assert set(answer) == {"function", "table", "outcome", "coalesced", "rounds", "counts", "pending_left"}
+    r = requests.post(wake_url(stack, "agent_jobs"), data=b"\x00not json", timeout=30)  # not even parsed
+    assert r.status_code == 200 and r.json()["outcome"] == "drained"
+    stack.wait_quiet()
+    after = snapshot(stack)  # no Tables request, no write anywhere, nothing audited
+    assert unchanged_apart_from_audit(before, after) == [] and after["sync_failed"] == before["sync_failed"]
+    assert tables.find("agent_jobs", forged) is None and tables.find("agent_decisions", forged) is None
+    assert supabase.row("agent_jobs", forged) is None and supabase.row("agent_decisions", forged) is None
+    # Without the wake-up marker an unauthenticated request is still refused; *_to_supabase has no outbox.
+    assert requests.post(wake_url(stack, "agent_jobs").split("?")[0], json=body, timeout=10).status_code == 401
+    r = requests.post(stack.functions["agent_jobs_to_supabase"].url + "?zsync_wake=outbox", json={}, timeout=30)
+    assert r.json()["outcome"] == "drained" and "coalesced" not in r.json()  # its own inbox's drain, as before
+
+
+def test_deletes_and_repairs_reach_tables_through_secret_free_wakeups(stack, tables, supabase):
+    rid = uid("wake-del")
+    supabase.query("INSERT INTO agent_jobs (id, status, updated_at) VALUES (%s, 'queued', "
+                   "'2025-12-22T10:00:05Z')", (rid,))
+    stack.wait_quiet()
+    assert tables.find("agent_jobs", rid)["data"]["status"] == "queued"
+    # A repair: Tables holds an older version (written behind the sync's back); a stale delivery of it makes
+    # Supabase push its newer version back (zsync.requeue -> wake-up).
+    tables.update("agent_jobs", rid, {"status": "stale", "updated_at": "2025-12-22T10:00:01Z"})
+    r = requests.post(stack.functions["agent_jobs_to_supabase"].url, headers={H: stack.secret}, timeout=30,
+                      json={"id": rid, "status": "stale", "updated_at": "2025-12-22T10:00:01Z"})
+    assert r.json()["outcome"] == "skipped_stale", r.text
+    stack.wait_quiet()
+    assert tables.find("agent_jobs", rid)["data"]["status"] == "queued"
+    supabase.query("DELETE FROM agent_jobs WHERE id = %s", (rid,))  # a DELETE: a wake-up, the drain deletes
+    stack.wait_quiet()
+    assert tables.find("agent_jobs", rid) is None
+    with psycopg.connect(stack.database_url, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM zsync.outbox WHERE record_id = %s AND acked_at IS NULL",
+                            (rid,)).fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM net._http_response WHERE status_code <> 200").fetchone() == (0,)
+
+
+def test_a_flood_of_wakeups_is_rate_limited_and_loses_no_change(stack, tables, supabase):
+    """60 wake-ups at once from 12 threads while changes are committed: one drain at a time per instance,
+    rounds at least outbox_wake_min_interval_s (0.2 s) apart, every wake-up answered, and every change that
+    committed before some wake-up delivered without the sweeper."""
+    import concurrent.futures
+
+    stack.wait_quiet()
+    rids = [uid("flood") for _ in range(6)]
+
+    def one(i: int) -> dict[str, Any]:
+        if i % 10 == 0:
+            supabase.query("INSERT INTO agent_jobs (id, status) VALUES (%s, 'queued')", (rids[i // 10],))
+        r = requests.post(wake_url(stack, "agent_jobs"), json={}, timeout=30)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(one, range(60)))
+    elapsed = time.monotonic() - started
+    rounds = sum(a["rounds"] for a in answers)
+    coalesced = sum(1 for a in answers if a["coalesced"])
+    assert rounds <= elapsed / 0.2 + 2, (rounds, elapsed)
+    assert coalesced >= 30, coalesced  # most were answered at once, the running drain covering them
+    for rid in rids:
+        assert eventually(lambda rid=rid: tables.find("agent_jobs", rid), timeout_s=10)
+    print(f"60 wake-ups in {elapsed:.2f}s: {rounds} drain rounds, {coalesced} coalesced")
 
 
 # --- forged table names ------------------------------------------------------------------------------------
