@@ -336,6 +336,21 @@ def test_doctor_passes_on_the_local_stack_and_names_each_problem(stack: Any, env
     assert "wrong-token" not in bad.output and "not-the-deployed-secret" not in bad.output
 
 
+def test_doctor_checks_the_secret_free_wakeup_of_each_to_tables_function(stack: Any) -> None:
+    from infra.deploy import doctor
+    from shared.settings import Settings
+
+    settings = Settings(webhook_secret=stack.secret)
+    for name, fp in stack.functions.items():
+        wake = [c for c in doctor.check_function(name, fp.url, settings, 10) if c.area == "wake"]
+        if FUNCTIONS[name].direction is Direction.TO_TABLES:
+            assert [(c.ok, c.detail) for c in wake] == [(True, "unsigned wake-up drained the outbox")], name
+        else:
+            assert wake == [], name
+    unreachable = doctor._check_wake("agent_jobs_to_tables", "http://127.0.0.1:9/", 5)
+    assert not unreachable.ok and unreachable.area == "wake"
+
+
 def test_deploy_preflight_finds_missing_secrets(env: pytest.MonkeyPatch) -> None:
     import boto3
     from moto import mock_aws
