@@ -62,6 +62,7 @@ def test_2_supabase_to_tables_agent_decisions(stack, tables, supabase):
     assert rec["data"]["confidence"] == 0.87
     assert rec["data"]["metadata"] == {"signals": ["x", "y"]}  # jsonb -> a json field holding the value
     assert rec["data"]["updated_at"].endswith("Z")
+    stack.wait_quiet()  # the wake-up's answer comes after its commit (the Tables write is visible just before)
     assert len(supabase.audit(decision, "agent_decisions_synced")) == 1
 
 
