@@ -1,5 +1,6 @@
-"""Security: the shared secret on every function (and its rotation), the secret on the Supabase side's
-webhook requests, forged table names, errors that never echo secrets or stack traces, and the
+"""Security: the shared secret on every function (and its rotation), the secret-free wake-ups of the
+Supabase side (no role reads anything that authenticates a delivery, under pg_net's real grants), forged
+table names, errors that never echo secrets or stack traces, and the
 least-privileged database role ``zsync_sync`` (infra/supabase/migrations/20251222100400_zsync_roles.sql).
 """
 
@@ -258,6 +259,24 @@ def test_a_flood_of_wakeups_is_rate_limited_and_loses_no_change(stack, tables, s
     for rid in rids:
         assert eventually(lambda rid=rid: tables.find("agent_jobs", rid), timeout_s=10)
     print(f"60 wake-ups in {elapsed:.2f}s: {rounds} drain rounds, {coalesced} coalesced")
+
+
+def test_sequential_wakeups_are_spaced_by_the_minimum_interval(database_url):
+    """One request at a time per instance (Lambda): a wake-up right after a drain waits for the interval
+    instead of querying at once; it is never dropped."""
+    from shared.outbox_batch import wake
+
+    ctx = SyncContext(settings=Settings(database_url=database_url, outbox_wake_min_interval_s=0.5))
+    fn = FUNCTIONS["rate_limits_to_tables"]
+    try:
+        first = wake(ctx, fn)
+        started = time.monotonic()
+        second = wake(ctx, fn)
+        waited = time.monotonic() - started
+    finally:
+        supabase_db.close_pools()
+    assert (first.rounds, second.rounds, first.coalesced, second.coalesced) == (1, 1, False, False)
+    assert 0.4 <= waited < 3, waited
 
 
 # --- forged table names ------------------------------------------------------------------------------------
