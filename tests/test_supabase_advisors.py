@@ -118,3 +118,44 @@ def test_service_role_keeps_working(db):
         db.execute("INSERT INTO agent_jobs (id, status) VALUES ('advisor-svc-2', 'queued')")
     assert db.execute("SELECT count(*) FROM zsync.outbox WHERE record_id IN ('advisor-svc', 'advisor-svc-2') "
                       "AND acked_at IS NULL").fetchone()[0] >= 2
+
+
+AGENT_CLAIMS = '{"app_metadata": {"role": "claude_agent"}}'
+
+
+def test_the_documented_claude_agent_policy_works_and_stays_clean(database_url):
+    """docs/security.md's policy for a Claude agent writing with a user key, applied as written (with a stand-in
+    for Supabase's auth.jwt(), which reads PostgREST's request.jwt.claims): the agent reads, inserts and updates,
+    its write is captured for the sync, another signed-in user sees nothing, and no advisor fact breaks (the
+    auth call is wrapped in a SELECT: auth_rls_initplan)."""
+    from pathlib import Path
+
+    from infra.local.postgres import create_database, prepare_database, with_database
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "security.md").read_text(encoding="utf-8")
+    policy_sql = doc.split("```sql", 1)[1].split("```", 1)[0]
+    url = create_database(with_database(database_url, "postgres"))
+    prepare_database(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA IF NOT EXISTS auth")
+        conn.execute("CREATE OR REPLACE FUNCTION auth.jwt() RETURNS jsonb LANGUAGE sql STABLE SET search_path = '' "
+                     "AS $$ SELECT coalesce(nullif(current_setting('request.jwt.claims', true), ''), '{}')::jsonb $$")
+        conn.execute("GRANT USAGE ON SCHEMA auth TO anon, authenticated")
+        conn.execute(policy_sql)
+        conn.execute("INSERT INTO agent_jobs (id, status) VALUES ('doc-agent-1', 'queued')")
+        with conn.transaction():
+            conn.execute("SET LOCAL ROLE authenticated")
+            conn.execute("SELECT set_config('request.jwt.claims', %s, true)", (AGENT_CLAIMS,))
+            assert conn.execute("SELECT count(*) FROM agent_jobs").fetchone() == (1,)
+            assert conn.execute("UPDATE agent_jobs SET status = 'running' WHERE id = 'doc-agent-1'").rowcount == 1
+            conn.execute("INSERT INTO agent_jobs (id, status) VALUES ('doc-agent-2', 'queued')")
+            conn.execute("SELECT set_config('request.jwt.claims', %s, true)", ('{"user_metadata": '
+                                                                              '{"role": "claude_agent"}}',))
+            assert conn.execute("SELECT count(*) FROM agent_jobs").fetchone() == (0,)  # not a claim users set
+        captured = conn.execute("SELECT count(*) FROM zsync.outbox WHERE record_id LIKE 'doc-agent-%'").fetchone()
+        assert captured == (3,)  # the owner's insert, the agent's update and insert
+        quals = [q for (q,) in conn.execute(
+            "SELECT coalesce(qual, '') || ' ' || coalesce(with_check, '') FROM pg_policies "
+            "WHERE tablename = 'agent_jobs' AND 'authenticated' = ANY(roles)")]
+        assert len(quals) == 3 and all("select auth.jwt()" in q.lower() for q in quals), quals
+        assert all(q.replace(" ", "").lower() not in ("true", "(true)") for q in quals)
