@@ -40,7 +40,11 @@ def render_forget_vault_secret_sql(name: str = OLD_VAULT_SECRET_NAME) -> list[st
     """Delete the webhook secret an older `zsync wire supabase` kept in Vault (a no-op without Vault)."""
     return [
         "DO $$ BEGIN IF to_regclass('vault.secrets') IS NOT NULL THEN",
-        f"  DELETE FROM vault.secrets WHERE name = {_literal(name)}; END IF; END $$;",
+        f"  DELETE FROM vault.secrets WHERE name = {_literal(name)};",
+        "  END IF;",
+        "EXCEPTION WHEN insufficient_privilege THEN",
+        f"  RAISE WARNING 'zsync: delete the Vault secret {name} in the dashboard: it is no longer used';",
+        "END $$;",
     ]
 
 
