@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -430,3 +431,86 @@ def deliver(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhook, *, origin
         return SyncResult(outcome=Outcome.UNCHANGED, function=fn.name, table=spec.name, id=row["id"],
                           detail="delivered in a batch")
     return apply_from_supabase(ctx, fn, hook, origin=origin)
+
+
+# --- the Database Webhook's wake-up: no secret, no data, rate-limited per instance -------------------------------
+
+
+@dataclass
+class _Gate:
+    """One per function and process: whether a wake-up drain runs, whether another wake-up arrived meanwhile,
+    and when the last drain round started."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    running: bool = False
+    again: bool = False
+    last_start: float = float("-inf")
+
+
+_gates: dict[str, _Gate] = {}
+_gates_lock = threading.Lock()
+
+
+def _gate(name: str) -> _Gate:
+    with _gates_lock:
+        return _gates.setdefault(name, _Gate())
+
+
+@dataclass
+class WakeReport:
+    """What a wake-up did, in counts only: the caller is not authenticated, so no id and no data."""
+
+    coalesced: bool = False  # another wake-up's drain was running: it drains once more for this one
+    rounds: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    pending_left: bool = False
+
+    def as_json(self) -> dict[str, Any]:
+        return {"coalesced": self.coalesced, "rounds": self.rounds, "counts": dict(sorted(self.counts.items())),
+                "pending_left": self.pending_left}
+
+
+def wake(ctx: SyncContext, fn: FunctionSpec) -> WakeReport:
+    """An unauthenticated wake-up (``?zsync_wake=outbox``): drain ``fn``'s own outbox and nothing else.
+
+    Nothing of the request is read, so a caller can only make the function deliver what Supabase already
+    queued, with the function's own credentials. Rate limit, per instance and function: one drain at a time
+    (a wake-up that arrives while one runs is answered at once and makes the running one drain again when it
+    finishes, so no change committed before any wake-up waits for the sweeper), and drain rounds start at least
+    ``outbox_wake_min_interval_s`` apart (a flood costs at most 1 / that claim queries a second). The whole call
+    stays inside ``outbox_drain_budget_s`` (under pg_net's webhook timeout); what it leaves is pending for the
+    next wake-up or the sweeper."""
+    if fn.direction is not Direction.TO_TABLES:
+        raise ValueError(f"{fn.name} does not sync to Zapier Tables")
+    settings = ctx.settings
+    gate = _gate(fn.name)
+    report = WakeReport()
+    with gate.lock:
+        if gate.running:
+            gate.again = True
+            report.coalesced = True
+            return report
+        gate.running = True
+    deadline = time.monotonic() + settings.outbox_drain_budget_s
+    try:
+        while True:
+            wait = gate.last_start + settings.outbox_wake_min_interval_s - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            gate.last_start = time.monotonic()
+            remaining = deadline - gate.last_start
+            drained = drain_outbox(ctx, fn, budget_s=max(remaining, 0.1))
+            report.rounds += 1
+            for result in drained.results.values():
+                report.counts[result.outcome.value] = report.counts.get(result.outcome.value, 0) + 1
+            report.pending_left = drained.pending_left
+            with gate.lock:
+                if not gate.again or time.monotonic() >= deadline:
+                    report.pending_left = report.pending_left or gate.again
+                    gate.running = gate.again = False
+                    return report
+                gate.again = False
+    except BaseException:
+        with gate.lock:
+            gate.running = False
+        raise

@@ -97,14 +97,16 @@ def proxy(targets: dict[str, str], rng: random.Random, max_delay_s: float) -> It
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
-            route = self.path.strip("/")
+            path, _, query = self.path.partition("?")  # a Database Webhook is a wake-up: ?zsync_wake=outbox
+            route = path.strip("/")
             body = self.rfile.read(int(self.headers["Content-Length"]))
             with lock:
                 delay = rng.uniform(0, max_delay_s)
             time.sleep(delay)
             headers = {k: v for k, v in self.headers.items() if k.lower() in ("content-type", H.lower())}
             try:
-                r = requests.post(targets[route], data=body, headers=headers, timeout=30)
+                r = requests.post(targets[route] + (f"?{query}" if query else ""), data=body, headers=headers,
+                                  timeout=30)
                 status, content = r.status_code, r.content
             except requests.RequestException as exc:  # recorded, and answered like a gateway would
                 status, content = 502, json.dumps({"proxy_error": repr(exc)}).encode()
@@ -132,7 +134,7 @@ def routed_through(stack: Any, base: str) -> Iterator[None]:
         for t in WEBHOOK_TABLES:
             r = requests.put(admin.format(stack.table_ids[t]), json={"url": f"{base}/tables/{t}"}, timeout=10)
             assert r.status_code == 200, r.text
-        sql = render_webhook_sql({t: f"{base}/hooks/{t}" for t in WEBHOOK_TABLES}, H, stack.secret)
+        sql = render_webhook_sql({t: f"{base}/hooks/{t}" for t in WEBHOOK_TABLES})
         with psycopg.connect(stack.database_url, autocommit=True) as conn:
             conn.execute(sql)
         yield

@@ -112,12 +112,13 @@ wire_app = typer.Typer(help="Point Supabase and Zapier at the deployed function 
 def wire_supabase(
     urls: Path = typer.Option(..., "--urls", help=URLS_HELP),
     database_url: str = typer.Option(None, "--database-url", help="Postgres URL (default: ZSYNC_DATABASE_URL)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the SQL (secret redacted) and change nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the SQL (it holds no secret) and change nothing."),
     ssm_prefix: str = typer.Option(None, "--ssm-prefix", help=SSM_HELP),
 ) -> None:
     """Create or replace the Database Webhook triggers for the *_to_tables functions (one transaction).
 
-    Uses ZSYNC_WEBHOOK_SECRET and ZSYNC_SECRET_HEADER; idempotent (a re-run reports `unchanged`).
+    The webhooks are secret-free wake-ups (`?zsync_wake=outbox`): no secret is needed or stored; a Vault
+    secret older versions kept is deleted. Idempotent (a re-run reports `unchanged`).
     """
     from infra.deploy import wire
 
@@ -125,7 +126,7 @@ def wire_supabase(
     settings = _settings(ssm_prefix)
     try:
         if dry_run:
-            typer.echo(wire.render_redacted(function_urls, settings), nl=False)
+            typer.echo(wire.render(function_urls, settings), nl=False)
             return
         url = database_url or (settings.database_url.get_secret_value() if settings.database_url else None)
         if not url:

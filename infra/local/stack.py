@@ -300,7 +300,7 @@ class LocalStack:
     def wire_webhooks(self) -> None:
         urls = {t: self.functions[TABLES[t].function_name(Direction.TO_TABLES)].url for t in TABLES
                 if Direction.TO_TABLES in TABLES[t].directions}
-        sql = render_webhook_sql(urls, DEFAULT_SECRET_HEADER, self.secret)
+        sql = render_webhook_sql(urls)
         with psycopg.connect(self.database_url, autocommit=True) as conn:
             conn.execute(sql)
 
