@@ -31,6 +31,11 @@ REPO = Path(__file__).resolve().parent.parent
 STATE = REPO / ".local"
 
 
+def _one_line(message: str) -> None:
+    """An error for the user as one line on stderr (never wrapped at the terminal width, no traceback)."""
+    sys.stderr.write("zsync: " + " ".join(message.split()) + "\n")
+
+
 def _database_url(database_url: str | None) -> str:
     url = database_url or os.environ.get("ZSYNC_DATABASE_URL")
     if not url:
@@ -45,8 +50,9 @@ def _database_url(database_url: str | None) -> str:
 
 @app.command()
 def up(
-    port_base: int = typer.Option(8700, help="Tables API on this port, the seven functions on the next ones, "
-                                  "moto on +9. 0 picks free ports."),
+    port_base: int = typer.Option(8700, envvar="ZSYNC_PORT_BASE",
+                                  help="Tables API on this port, the seven functions on the next ones, moto on "
+                                  "+9 (8700-8709). 0 picks free ports. `make up PORT_BASE=N` passes it."),
     state_dir: Path = typer.Option(STATE, help="Where the database, Tables data, logs and stack.json live."),
 ) -> None:
     """Start the whole local stack and run the sync until Ctrl-C.
@@ -57,9 +63,15 @@ def up(
     """
     import warnings
 
-    from infra.local.stack import LocalStack, StackConfig
+    from infra.local.stack import LocalStack, PortsBusy, StackConfig
 
     warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")  # pgserver's platformdirs
+    stack = LocalStack(StackConfig(state_dir=state_dir, port_base=port_base))
+    try:
+        stack.check_ports()  # before the lock and anything else: a busy port is said at once, not hung on
+    except PortsBusy as exc:
+        _one_line(str(exc))
+        raise typer.Exit(1) from None
     state_dir.mkdir(parents=True, exist_ok=True)
     lock_file = (state_dir / "stack.lock").open("a+")
     try:
@@ -75,7 +87,6 @@ def up(
     lock_file.write(str(os.getpid()))
     lock_file.flush()
 
-    stack = LocalStack(StackConfig(state_dir=state_dir, port_base=port_base))
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     try:
@@ -96,6 +107,9 @@ def up(
         console.print(f"Per-function logs: {state_dir / 'logs'}/<function>.log  (zsync logs <function>)")
         console.print("[green]Sync running.[/] Ctrl-C to stop.")
         stopped.wait()
+    except PortsBusy as exc:  # taken between the check and the start
+        _one_line(str(exc))
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         pass
     finally:
