@@ -19,7 +19,7 @@ from typing import Any
 
 import psycopg
 
-from infra.status import per_function
+from infra.status import dead_letters_text, per_function
 from shared.settings import Settings
 
 SERIES_SQL = """
@@ -39,8 +39,7 @@ ORDER BY at DESC LIMIT %(limit)s
 
 def collect(database_url: str, since: timedelta, settings: Settings | None = None,
             failures: int = 20) -> dict[str, Any]:
-    from infra.status import outbox
-    from shared.alerts import dead_letter_depth
+    from infra.status import dead_letters, outbox
 
     with psycopg.connect(database_url, autocommit=True, prepare_threshold=None, connect_timeout=10) as conn:
         series: dict[str, dict[str, list]] = {}
@@ -55,14 +54,10 @@ def collect(database_url: str, since: timedelta, settings: Settings | None = Non
                   for at, t, d, o, out, rid, problems in conn.execute(FAILURES_SQL, {"since": since,
                                                                                      "limit": failures})]
         functions, backlog = per_function(conn, since), outbox(conn)
-    dead = None
-    if settings is not None:
-        try:
-            dead = dead_letter_depth(settings)
-        except Exception:
-            dead = None
+    dead, dead_problem = dead_letters(settings)
     return {"generated_at": datetime.now(UTC).isoformat(), "since_s": since.total_seconds(), "series": series,
-            "functions": functions, "failures": latest, "outbox": backlog, "dead_letters": dead}
+            "functions": functions, "failures": latest, "outbox": backlog, "dead_letters": dead,
+            "dead_letters_problem": dead_problem}
 
 
 def lag_svg(series: dict[str, dict[str, list]]) -> str:
@@ -144,6 +139,7 @@ def render_html(data: dict[str, Any]) -> str:
         f"<td{' class=bad' if b['older_than_5m'] else ''}>{b['older_than_5m']}</td></tr>"
         for b in data["outbox"]) or "<tr><td colspan=4 class=muted>outbox empty</td></tr>"
     dead = data["dead_letters"]
+    dead_text = dead_letters_text(dead, data.get("dead_letters_problem"))
     payload = json.dumps(data, default=str).replace("</", "<\\/")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>zsync report</title><style>{_CSS}</style></head>
@@ -163,8 +159,7 @@ application); replays, reconciles and repairs are counted apart (column "repairs
 <h2>Backlog</h2>
 <table id="backlog"><tr><th>outbox table</th><th>pending</th><th>oldest</th><th>older than 5 min</th></tr>
 {backlog}</table>
-<p>Dead-letter queue: <b id="dead-letters"{' class=bad' if dead else ''}>{_e(dead if dead is not None
-                                                                           else 'not configured')}</b></p>
+<p>Dead-letter queue: <b id="dead-letters"{' class=bad' if dead else ''}>{_e(dead_text)}</b></p>
 <script type="application/json" id="zsync-data">{payload}</script>
 </body></html>
 """

@@ -94,19 +94,35 @@ def ping_all(urls: dict[str, str], settings: Settings, timeout_s: float = 10.0) 
         return list(pool.map(one, sorted(urls.items())))
 
 
+DLQ_NOT_CONFIGURED = "not configured (ZSYNC_DLQ_URL)"
+
+
+def dead_letters(settings: Settings | None) -> tuple[int | None, str | None]:
+    """The dead-letter queue depth and, when there is none to show, why: one wording for status, report
+    and monitor (a depth of 0 is shown as 0 everywhere, never as '-')."""
+    from shared.alerts import dead_letter_depth
+
+    if settings is None or not settings.dlq_url:
+        return None, DLQ_NOT_CONFIGURED
+    try:
+        depth = dead_letter_depth(settings)
+    except Exception as exc:
+        return None, f"unreadable: {type(exc).__name__}"
+    return (depth, None) if depth is not None else (None, DLQ_NOT_CONFIGURED)
+
+
+def dead_letters_text(depth: int | None, problem: str | None) -> str:
+    return str(depth) if depth is not None else (problem or DLQ_NOT_CONFIGURED)
+
+
 def collect(database_url: str, since: timedelta, settings: Settings, urls: dict[str, str] | None,
             *, inbox_stage: str | None = None) -> dict[str, Any]:
     """``inbox_stage``: also read the backlog of that stage's trigger inboxes (needs Zapier credentials)."""
     from infra.inbox_status import backlog as inbox_backlog
-    from shared.alerts import dead_letter_depth
 
     with psycopg.connect(database_url, autocommit=True, prepare_threshold=None, connect_timeout=10) as conn:
         functions, backlog = per_function(conn, since), outbox(conn)
-    try:
-        dead = dead_letter_depth(settings)
-        dead_problem = None if dead is not None else "no dead-letter queue configured (ZSYNC_DLQ_URL)"
-    except Exception as exc:
-        dead, dead_problem = None, f"unreadable: {type(exc).__name__}"
+    dead, dead_problem = dead_letters(settings)
     inboxes = inbox_backlog(settings, inbox_stage) if inbox_stage else []
     return {
         "generated_at": datetime.now(UTC).isoformat(),
@@ -162,8 +178,8 @@ def render(console: Console, data: dict[str, Any], since_text: str) -> None:
     for r in data.get("inboxes", []):
         side.add_row(f"inbox {r['key']}", f"[bold red]{describe(r)}[/]" if r["alert"] else describe(r))
     dead = data["dead_letters"]
-    side.add_row("dead-letter queue", data["dead_letters_problem"] if dead is None
-                 else (f"[bold red]{dead}[/]" if dead else "0"))
+    text = dead_letters_text(dead, data["dead_letters_problem"])
+    side.add_row("dead-letter queue", f"[bold red]{text}[/]" if dead else text)
     for r in data["reachability"]:
         side.add_row(r["function"], "[green]reachable[/]" if r["reachable"] else f"[bold red]{r['detail']}[/]")
     if not data["reachability"]:

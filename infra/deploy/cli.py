@@ -29,7 +29,10 @@ def _fail(exc: Exception, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _settings(ssm_prefix: str | None = None):  # -> shared.settings.Settings
+def _settings(ssm_prefix: str | None = None, stack_file: Path | None = None):  # -> shared.settings.Settings
+    """The ``ZSYNC_*`` environment (after SSM, with --ssm-prefix); then, for what it leaves unset, the local
+    stack's stack.json when ``stack_file`` is one; then the table ids `zsync setup zapier` wrote."""
+    from infra.deploy import with_local_stack
     from shared.settings import get_settings, reset_settings
 
     if ssm_prefix:
@@ -40,7 +43,7 @@ def _settings(ssm_prefix: str | None = None):  # -> shared.settings.Settings
         except SecretsUnavailable as exc:
             raise _fail(exc) from None
     reset_settings()
-    settings = get_settings()
+    settings = with_local_stack(get_settings(), stack_file)
     if not settings.table_ids:  # written by `zsync setup zapier`
         from infra.deploy.tables_setup import read_table_ids
 
@@ -215,11 +218,12 @@ def doctor(
     """Check a deployment end to end; exit 1 listing exactly what is wrong.
 
     Every URL refuses unsigned requests and answers a signed ping, migrations are current, the webhook
-    triggers point at the deployed URLs, the Zapier Tables token reads every configured table.
+    triggers point at the deployed URLs, the Zapier Tables token reads every configured table. With
+    --urls .local/stack.json (the local stack) the settings the environment leaves unset come from that file.
     """
     from infra.deploy import doctor as doc
 
-    settings = _settings(ssm_prefix)
+    settings = _settings(ssm_prefix, urls)
     checks = doc.run(_urls(urls), settings, timeout_s=timeout, check_db=not skip_db,
                      check_tables_api=not skip_tables,
                      inbox_stage=None if zaps else (_urls_stage(urls) or settings.stage))
