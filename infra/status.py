@@ -146,24 +146,44 @@ def _s(value: float | None) -> str:
     return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.1f} s"
 
 
-def render(console: Console, data: dict[str, Any], since_text: str) -> None:
-    table = Table(title=f"zsync status, last {since_text}", show_lines=False)
-    for column, justify in [("table", "left"), ("direction", "left"), ("applied", "right"), ("unchanged", "right"),
-                            ("stale", "right"), ("rejected", "right"), ("failed", "right"), ("conflicts", "right"),
-                            ("lag p50", "right"), ("p95", "right"), ("max", "right"), ("repairs", "right")]:
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    for row in data["functions"]:
+_DIRECTION = {"tables_to_supabase": "to Supabase", "supabase_to_tables": "to Tables"}
+WIDE = 120  # below this many columns the figures are split in two tables (every header readable at 80)
+
+
+def _figure_columns(row: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """column header -> (cell text, the alert that makes it red) for one table and direction."""
+    return {
+        "applied": (str(row["applied"]), ""), "unchanged": (str(row["unchanged"]), ""),
+        "stale": (str(row["skipped_stale"]), ""), "rejected": (str(row["rejected"]), "failure_rate"),
+        "failed": (str(row["failed"]), "failure_rate"), "conflicts": (str(row["conflicts"]), "conflicts"),
+        "repairs": (str(row["repairs"]), ""), "lag p50": (_s(row["lag_p50_s"]), "avg_lag"),
+        "p95": (_s(row["lag_p95_s"]), "avg_lag"), "max": (_s(row["lag_max_s"]), "avg_lag"),
+    }
+
+
+def _figures_table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> Table:
+    table = Table(title=title, box=None, pad_edge=False, padding=(0, 1, 0, 0), header_style="bold underline")
+    table.add_column("table", no_wrap=True)
+    table.add_column("direction", no_wrap=True)
+    for column in columns:
+        table.add_column(column, justify="right", no_wrap=True)
+    for row in rows:
+        cells = _figure_columns(row)
         red = set(row["breaches"])
+        table.add_row(row["table"], _DIRECTION.get(row["direction"], row["direction"]),
+                      *(f"[bold red]{cells[c][0]}[/]" if cells[c][1] in red else cells[c][0] for c in columns))
+    return table
 
-        def cell(text: str, *alerts: str, _red: set[str] = red) -> str:
-            return f"[bold red]{text}[/]" if _red.intersection(alerts) else text
 
-        table.add_row(row["table"], row["direction"].replace("_", " "), str(row["applied"]),
-                      str(row["unchanged"]), str(row["skipped_stale"]), cell(str(row["rejected"]), "failure_rate"),
-                      cell(str(row["failed"]), "failure_rate"), cell(str(row["conflicts"]), "conflicts"),
-                      cell(_s(row["lag_p50_s"]), "avg_lag"), cell(_s(row["lag_p95_s"]), "avg_lag"),
-                      cell(_s(row["lag_max_s"]), "avg_lag"), str(row["repairs"]))
-    console.print(table)
+def render(console: Console, data: dict[str, Any], since_text: str) -> None:
+    outcomes = ["applied", "unchanged", "stale", "rejected", "failed", "conflicts"]
+    lag = ["lag p50", "p95", "max", "repairs"]
+    title = f"zsync status, last {since_text}"
+    if console.width >= WIDE:
+        console.print(_figures_table(title, data["functions"], outcomes + lag))
+    else:
+        console.print(_figures_table(f"{title}: outcomes", data["functions"], outcomes))
+        console.print(_figures_table("live delivery lag and repairs", data["functions"], lag))
 
     side = Table(title="backlog and reachability", show_header=True)
     side.add_column("what")
