@@ -60,39 +60,68 @@ def collect(database_url: str, since: timedelta, settings: Settings | None = Non
             "dead_letters_problem": dead_problem}
 
 
+def lag_figure(series: dict[str, dict[str, list]]) -> Any:
+    """The lag plot as a matplotlib Figure (no pyplot: no global state, no GUI backend)."""
+    import matplotlib.dates as mdates
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4.6), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    _draw(ax, series, mdates)
+    return fig
+
+
 def lag_svg(series: dict[str, dict[str, list]]) -> str:
     """The lag plot as an inline SVG (matplotlib, Agg-free SVG backend, text as paths: no fonts needed)."""
     import matplotlib
-    import matplotlib.dates as mdates
-    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
     with matplotlib.rc_context({"svg.fonttype": "path", "svg.hashsalt": "zsync"}):
-        fig = Figure(figsize=(10, 4.2), dpi=100)
-        ax = fig.add_subplot()
-        _draw(ax, series, mdates)
-        fig.autofmt_xdate()
-        fig.tight_layout()
+        fig = lag_figure(series)
         buf = io.StringIO()
         fig.savefig(buf, format="svg")
     svg = buf.getvalue()
     return svg[svg.index("<svg"):]  # drop the XML prolog and doctype: inline in HTML
 
 
+BUCKET = timedelta(minutes=5)
+LOG_SPREAD = 20  # a max this many times the smallest p50: log scale, so one outlier cannot flatten the rest
+
+
 def _draw(ax: Any, series: dict[str, dict[str, list]], mdates: Any) -> None:
+    every: list[datetime] = []
+    values: list[float] = []
     for i, (key, s) in enumerate(sorted(series.items())):
         times = [datetime.fromisoformat(t) for t in s["t"]]
+        every += times
         color = f"C{i % 10}"
-        (line,) = ax.plot(times, [v * 1000 for v in s["p50_s"]], marker="o", markersize=3, linewidth=1.6,
-                          color=color, label=f"{key} p50")
+        p50 = [v * 1000 for v in s["p50_s"]]
+        top = [v * 1000 for v in s["max_s"]]
+        values += p50 + top
+        (line,) = ax.plot(times, p50, marker="o", markersize=4, linewidth=1.6, color=color, label=f"{key} p50")
         line.set_gid(f"lag-{key}")
-        (top,) = ax.plot(times, [v * 1000 for v in s["max_s"]], linestyle=":", linewidth=1, color=color)
-        top.set_gid(f"lagmax-{key}")
-    ax.set_ylabel("delivery lag (ms)")
+        (mx,) = ax.plot(times, top, linestyle=":", marker="v", markersize=3, linewidth=1, color=color)
+        mx.set_gid(f"lagmax-{key}")
+    positive = [v for v in values if v > 0]
+    log = bool(positive) and max(positive) / min(positive) >= LOG_SPREAD
+    if log:
+        from matplotlib.ticker import FuncFormatter
+
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    if not log:
+        ax.set_ylim(bottom=0)
+    ax.set_ylabel("delivery lag (ms" + (", log scale)" if log else ")"))
     ax.set_title("Live delivery lag per table and direction (5-minute buckets; dotted: max)")
-    ax.grid(True, alpha=0.3)
-    ax.xaxis.set_major_formatter(mdates.DateFormatter("%m-%d %H:%M", tz=UTC))
-    if series:
-        ax.legend(loc="upper left", fontsize=8, ncols=2)
+    ax.grid(True, alpha=0.3, which="both" if log else "major")
+    if every:  # the buckets' own span (at least 30 min), not matplotlib's default of years around one point
+        first, last = min(every), max(every)
+        pad = max(BUCKET, (timedelta(minutes=30) - (last - first)) / 2)
+        ax.set_xlim(first - pad, last + pad)
+    locator = mdates.AutoDateLocator(tz=UTC)
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator, tz=UTC, show_offset=True))
+    if series:  # beside the plot, never over a point
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0)
     else:
         ax.text(0.5, 0.5, "no live deliveries in this window", ha="center", va="center", transform=ax.transAxes)
 
