@@ -156,10 +156,11 @@ def up(
             table.add_row(name, url)
         table.add_row("Zapier Tables API", info["zapier_base_url"])
         table.add_row("moto (AWS)", info["aws_endpoint_url"] or "-")
-        table.add_row("database", info["database_url"])
         console.print(table)
-        console.print(f"Secret header [bold]{info['secret_header']}[/] and token are in {path}.")
-        console.print(f"Per-function logs: {state_dir / 'logs'}/<function>.log  (zsync logs <function>)")
+        console.print(f"Database: {info['database_url']}", soft_wrap=True)  # a long socket path: never cut
+        console.print(f"Secret header [bold]{info['secret_header']}[/] and token are in {path}.", soft_wrap=True)
+        console.print(f"Per-function logs: {state_dir / 'logs'}/<function>.log  (zsync logs <function>)",
+                      soft_wrap=True)
         console.print("[green]Sync running.[/] Ctrl-C to stop.")
         stopped.wait()
     except PortsBusy as exc:  # taken between the check and the start
