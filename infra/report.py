@@ -120,8 +120,8 @@ def _draw(ax: Any, series: dict[str, dict[str, list]], mdates: Any) -> None:
     locator = mdates.AutoDateLocator(tz=UTC)
     ax.xaxis.set_major_locator(locator)
     ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator, tz=UTC, show_offset=True))
-    if series:  # beside the plot, never over a point
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0)
+    if series:  # below the plot, never over a point
+        ax.figure.legend(loc="outside lower center", fontsize=8, ncols=min(len(series), 3))
     else:
         ax.text(0.5, 0.5, "no live deliveries in this window", ha="center", va="center", transform=ax.transAxes)
 

@@ -265,7 +265,7 @@ def test_the_legend_hides_no_point_and_an_outlier_flattens_nothing() -> None:
                       "agent_decisions-supabase_to_tables": _series([20, 19, 20], [30, 40, 30], now)})
     FigureCanvasAgg(fig).draw()
     ax = fig.axes[0]
-    legend = ax.get_legend().get_window_extent()
+    legend = fig.legends[0].get_window_extent()
     ys = {}
     for line in ax.get_lines():
         for x, y in ax.transData.transform(line.get_xydata()):
