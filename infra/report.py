@@ -104,10 +104,12 @@ def _draw(ax: Any, series: dict[str, dict[str, list]], mdates: Any) -> None:
     positive = [v for v in values if v > 0]
     log = bool(positive) and max(positive) / min(positive) >= LOG_SPREAD
     if log:
-        from matplotlib.ticker import FuncFormatter
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 10, 20, 50, 100...: a label near every line
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
     if not log:
         ax.set_ylim(bottom=0)
     ax.set_ylabel("delivery lag (ms" + (", log scale)" if log else ")"))
