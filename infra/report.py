@@ -19,7 +19,7 @@ from typing import Any
 
 import psycopg
 
-from infra.status import dead_letters_text, per_function
+from infra.status import DIRECTION, dead_letters_text, per_function
 from shared.settings import Settings
 
 SERIES_SQL = """
@@ -132,6 +132,7 @@ _CSS = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; }
 h1 { font-size: 20px; } h2 { font-size: 16px; margin-top: 28px; }
 table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+td { white-space: nowrap; }
 td:first-child, td:nth-child(2), th { text-align: left; } .bad { color: #b00; font-weight: bold; }
 .muted { color: #777; } #lag-plot svg { max-width: 100%; height: auto; }
 """
@@ -152,7 +153,8 @@ def render_html(data: dict[str, Any]) -> str:
         bad = set(r["breaches"])
         cls = ' class="bad"'
         rows.append(
-            f"<tr><td>{_e(r['table'])}</td><td>{_e(r['direction'])}</td><td>{r['applied']}</td>"
+            f"<tr><td>{_e(r['table'])}</td><td>{_e(DIRECTION.get(r['direction'], r['direction']))}</td>"
+            f"<td>{r['applied']}</td>"
             f"<td>{r['unchanged']}</td><td>{r['skipped_stale']}</td>"
             f"<td{cls if 'failure_rate' in bad else ''}>{r['rejected']}</td>"
             f"<td{cls if 'failure_rate' in bad else ''}>{r['failed']}</td>"

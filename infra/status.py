@@ -146,7 +146,7 @@ def _s(value: float | None) -> str:
     return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.1f} s"
 
 
-_DIRECTION = {"tables_to_supabase": "to Supabase", "supabase_to_tables": "to Tables"}
+DIRECTION = {"tables_to_supabase": "to Supabase", "supabase_to_tables": "to Tables"}
 WIDE = 120  # below this many columns the figures are split in two tables (every header readable at 80)
 
 
@@ -170,7 +170,7 @@ def _figures_table(title: str, rows: list[dict[str, Any]], columns: list[str]) -
     for row in rows:
         cells = _figure_columns(row)
         red = set(row["breaches"])
-        table.add_row(row["table"], _DIRECTION.get(row["direction"], row["direction"]),
+        table.add_row(row["table"], DIRECTION.get(row["direction"], row["direction"]),
                       *(f"[bold red]{cells[c][0]}[/]" if cells[c][1] in red else cells[c][0] for c in columns))
     return table
 
