@@ -4,6 +4,7 @@ columns, the same dead-letter figure everywhere, quiet idle trash checks, the la
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -29,17 +30,35 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env | {"COLUMNS": "80"} | extra
 
 
-def _free_range(width: int = 10) -> int:
-    from infra.local.stack import busy_ports
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
+
+def _free_range(width: int = 10) -> int:
     for _ in range(50):
         base = random.randrange(20000, 40000, 10)
-        if not busy_ports(list(range(base, base + width))):
+        if all(_port_free(p) for p in range(base, base + width)):
             return base
     raise RuntimeError("no free port range")
 
 
 # --- 1. make up with a busy port -----------------------------------------------------------------
+
+
+def _stop_hung_stack(proc: subprocess.Popen, state_dir: Path) -> None:
+    """What a hung `zsync up` left: its process group, and the Postgres it started (its own daemon)."""
+    os.killpg(proc.pid, 9)
+    proc.communicate(timeout=30)
+    pid_file = state_dir / "pg" / "postmaster.pid"
+    if pid_file.exists():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid_file.read_text().split()[0]), 15)
 
 
 def test_up_with_a_busy_port_exits_at_once_naming_it(tmp_path: Path) -> None:
@@ -54,8 +73,7 @@ def test_up_with_a_busy_port_exits_at_once_naming_it(tmp_path: Path) -> None:
         try:
             _, stderr = proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 15)
-            proc.communicate(timeout=30)
+            _stop_hung_stack(proc, tmp_path / "st")
             pytest.fail("zsync up hung with a busy port")
     assert proc.returncode == 1
     assert time.monotonic() - started < 20
