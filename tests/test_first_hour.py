@@ -119,6 +119,29 @@ def test_a_bad_database_url_is_one_line_naming_what_to_check(command: list[str],
     assert ("cannot connect to the database" if kind == "unreachable" else "malformed") in lines[0]
 
 
+def test_wire_and_setup_say_an_unreachable_service_in_one_line(tmp_path: Path) -> None:
+    from infra.deploy import write_urls
+    from shared.spec import FUNCTIONS
+
+    urls = write_urls(tmp_path / "urls.json", {name: "http://127.0.0.1:9/" for name in FUNCTIONS})
+    port = _closed_port()
+    runs = {
+        "ZSYNC_DATABASE_URL": subprocess.run(
+            [str(ZSYNC), "wire", "supabase", "--urls", str(urls)], capture_output=True, text=True, timeout=120,
+            env=_clean_env(ZSYNC_DATABASE_URL=f"postgresql://u:pw@127.0.0.1:{port}/x", ZSYNC_WEBHOOK_SECRET="s")),
+        "ZSYNC_ZAPIER_BASE_URL": subprocess.run(
+            [str(ZSYNC), "setup", "zapier", "--out", str(tmp_path / "ids.json")], capture_output=True, text=True,
+            timeout=120, env=_clean_env(ZSYNC_ZAPIER_BASE_URL=f"http://127.0.0.1:{port}",
+                                        ZSYNC_ZAPIER_TOKEN_URL=f"http://127.0.0.1:{port}/oauth/token/",
+                                        ZSYNC_ZAPIER_CLIENT_ID="a", ZSYNC_ZAPIER_CLIENT_SECRET="b",
+                                        ZSYNC_RETRY_BUDGET_S="1")),
+    }
+    for names, run in runs.items():
+        lines = [line for line in run.stderr.splitlines() if line.strip()]
+        assert run.returncode == 1 and len(lines) == 1, run.stderr
+        assert names in lines[0] and "Traceback" not in run.stderr
+
+
 # --- 10. gcloud refuses missing settings -----------------------------------------------------------
 
 

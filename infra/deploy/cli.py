@@ -229,7 +229,7 @@ def doctor(
                      inbox_stage=None if zaps else (_urls_stage(urls) or settings.stage))
     table = Table(title="zsync doctor")
     for col in ("area", "target", "", "detail"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # at 80 columns an inbox key wraps instead of being cut
     for c in checks:
         table.add_row(c.area, c.target, "[green]ok[/]" if c.ok else "[red]FAIL[/]", escape(c.detail))
     console.print(table)
@@ -273,11 +273,14 @@ def setup_zapier(
 ) -> None:
     """Create the four Zapier tables and their typed fields (idempotent); write the table ids."""
     from infra.deploy.tables_setup import ensure_tables, report, table_ids, write_table_ids
-    from shared.zapier_tables import TablesError, client_from_settings
+    from shared.zapier_tables import TablesError, TablesUnavailable, client_from_settings
 
     try:
         with client_from_settings(_settings(ssm_prefix)) as client:
             results = ensure_tables(client)
+    except TablesUnavailable as exc:  # one line naming what to check, as every CLI connection error
+        raise _fail(RuntimeError(f"cannot reach Zapier Tables ({exc}): check ZSYNC_ZAPIER_BASE_URL and "
+                                 "ZSYNC_ZAPIER_TOKEN_URL and the network")) from None
     except (TablesError, ValueError) as exc:
         raise _fail(exc) from None
     path = write_table_ids(table_ids(results), out)
