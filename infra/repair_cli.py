@@ -97,8 +97,9 @@ def replay_command(
     try:
         report = replay(settings, max_messages=max_messages, dry_run=dry_run, rejected_file=rejected_file,
                         visibility_timeout_s=visibility_timeout)
-    except DeadLetterError as exc:
-        err.print(f"[red]Dead-letter queue: {exc}[/]")
+    except DeadLetterError as exc:  # one line naming what to check, as every CLI connection error
+        err.print(f"[red]Dead-letter queue: {exc}: check ZSYNC_DLQ_URL, ZSYNC_AWS_ENDPOINT_URL (moto locally) and the "
+                  "AWS credentials[/]", soft_wrap=True)
         raise typer.Exit(2) from None
     if dry_run:
         inv = Table(title="queued deliveries")

@@ -119,7 +119,7 @@ def test_a_bad_database_url_is_one_line_naming_what_to_check(command: list[str],
     assert ("cannot connect to the database" if kind == "unreachable" else "malformed") in lines[0]
 
 
-def test_wire_and_setup_say_an_unreachable_service_in_one_line(tmp_path: Path) -> None:
+def test_wire_setup_and_replay_say_an_unreachable_service_in_one_line(tmp_path: Path) -> None:
     from infra.deploy import write_urls
     from shared.spec import FUNCTIONS
 
@@ -136,9 +136,14 @@ def test_wire_and_setup_say_an_unreachable_service_in_one_line(tmp_path: Path) -
                                         ZSYNC_ZAPIER_CLIENT_ID="a", ZSYNC_ZAPIER_CLIENT_SECRET="b",
                                         ZSYNC_RETRY_BUDGET_S="1")),
     }
+    runs["ZSYNC_DLQ_URL"] = subprocess.run(
+        [str(ZSYNC), "replay"], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env=_clean_env(ZSYNC_DLQ_URL=f"http://127.0.0.1:{port}/000000000000/q",
+                       ZSYNC_AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="x",
+                       AWS_SECRET_ACCESS_KEY="x", AWS_DEFAULT_REGION="us-east-1"))
     for names, run in runs.items():
         lines = [line for line in run.stderr.splitlines() if line.strip()]
-        assert run.returncode == 1 and len(lines) == 1, run.stderr
+        assert run.returncode in (1, 2) and len(lines) == 1, run.stderr
         assert names in lines[0] and "Traceback" not in run.stderr
 
 
