@@ -122,11 +122,6 @@ def up(
 
     warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")  # pgserver's platformdirs
     stack = LocalStack(StackConfig(state_dir=state_dir, port_base=port_base))
-    try:
-        stack.check_ports()  # before the lock and anything else: a busy port is said at once, not hung on
-    except PortsBusy as exc:
-        _one_line(str(exc))
-        raise typer.Exit(1) from None
     state_dir.mkdir(parents=True, exist_ok=True)
     lock_file = (state_dir / "stack.lock").open("a+")
     try:
@@ -141,6 +136,11 @@ def up(
     lock_file.truncate()
     lock_file.write(str(os.getpid()))
     lock_file.flush()
+    try:
+        stack.check_ports()  # before anything starts: a busy port is said at once, not hung on
+    except PortsBusy as exc:
+        _one_line(str(exc))
+        raise typer.Exit(1) from None
 
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
