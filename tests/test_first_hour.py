@@ -319,3 +319,14 @@ def test_the_legend_hides_no_point_and_an_outlier_flattens_nothing() -> None:
         ys[line.get_gid()] = ax.transData.transform(line.get_xydata())[:, 1]
     p50_jobs, p50_decisions = ys["lag-agent_jobs-tables_to_supabase"], ys["lag-agent_decisions-supabase_to_tables"]
     assert min(p50_decisions) - max(p50_jobs) > 10, "14-16 ms and 19-20 ms lines are drawn on top of each other"
+
+
+# --- 7. the help agrees with the docs ------------------------------------------------------------------------
+
+
+def test_reconcile_help_names_origin_and_client_credentials() -> None:
+    from infra.cli import app
+
+    text = " ".join(CliRunner().invoke(app, ["reconcile", "--help"], env={"COLUMNS": "200"}).output.split())
+    assert 'metadata.origin = "reconcile"' in text and "metadata.via" not in text
+    assert "ZSYNC_ZAPIER_CLIENT_ID" in text and "ZSYNC_ZAPIER_CLIENT_SECRET" in text
