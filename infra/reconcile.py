@@ -27,9 +27,9 @@ in Tables, applied with ``zsync.apply_tables_delete`` (the trash check's rule: u
 newer version, which then wins and is re-created in Tables). See :mod:`shared.tables_trash`.
 
 Every repair writes the ``<table>_synced`` audit entry the live sync would have written (same stable id,
-``metadata.via = "reconcile"``), so a later delivery of the same version adds nothing. A Tables write that
-races with a repair is not lost: its own trigger delivery carries it to Supabase, whose newer version is
-then pushed back. Run on an empty side, reconcile is the initial backfill.
+``metadata.origin = "reconcile"``, also kept as ``metadata.via``), so a later delivery of the same version
+adds nothing. A Tables write that races with a repair is not lost: its own trigger delivery carries it to
+Supabase, whose newer version is then pushed back. Run on an empty side, reconcile is the initial backfill.
 """
 
 from __future__ import annotations

@@ -273,12 +273,13 @@ def handle(function_name: str, request: flask.Request) -> tuple[dict[str, Any], 
     base = {"function": fn.name, "table": fn.table.name}
     trace = trace_id(request)
 
-    def answer(status: int, outcome: Outcome | str, lag_ms: float | None = None,
+    def answer(status: int, outcome: Outcome | str, lag_ms: float | None = None, *, quiet: bool = False,
                **extra: Any) -> tuple[dict[str, Any], int]:
         body = {**base, "outcome": str(outcome), **{k: v for k, v in extra.items() if v is not None}}
         # One delivery line: function, table, record_id, outcome, lag_ms, duration_ms, trace_id (queryable
         # as jsonPayload.* in Cloud Logging and as fields in CloudWatch Logs Insights).
-        log_event(log, logging.INFO if status < 400 else logging.WARNING, "delivery", status=status,
+        level = logging.DEBUG if quiet else logging.INFO if status < 400 else logging.WARNING
+        log_event(log, level, "delivery", status=status,
                   duration_ms=round((time.perf_counter() - started) * 1000, 1), record_id=body.get("id"),
                   lag_ms=lag_ms, trace_id=trace, **body)
         return body, status
@@ -301,11 +302,11 @@ def handle(function_name: str, request: flask.Request) -> tuple[dict[str, Any], 
         if payload.get(PING) is True:
             return answer(200, "ping", migrations_current=_migrations_current(ctx))
         if payload == {"zsync": "check_trash"} and fn.direction is Direction.TO_SUPABASE:  # scheduled trash check
-            from shared.tables_trash import run_check
+            from shared.tables_trash import idle_check, run_check
 
             checked, ok = run_check(fn.name, ctx)
-            return answer(200 if ok else 503, checked.pop("outcome"), **{k: v for k, v in checked.items()
-                                                                          if k not in base})
+            return answer(200 if ok else 503, checked.pop("outcome"), quiet=ok and idle_check(checked),
+                          **{k: v for k, v in checked.items() if k not in base})
         result = process(fn, ctx, payload)
         return answer(200, result.outcome, lag_ms=result.lag_ms, id=result.id, detail=result.detail)
     except Rejected as exc:

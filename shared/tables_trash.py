@@ -159,8 +159,16 @@ def check_trash(ctx: SyncContext, spec: TableSpec, since: datetime | None = None
     result.watermark = newest.isoformat() if newest else None
     ctx.db.run(lambda conn: conn.execute("SELECT zsync.trash_checked(%s, %s, %s, %s)",
                                          (spec.name, newest, result.considered, result.applied)))
-    log_event(ctx.logger, logging.INFO, "trash_checked", **result.as_dict())
+    # An idle check (nothing new in the trash) logs at DEBUG: every 5 s locally, it would push the real
+    # deliveries out of `zsync logs`. Doctor reads the last run from zsync.trash_watermarks, not the log.
+    log_event(ctx.logger, logging.DEBUG if idle_check(result.as_dict()) else logging.INFO,
+              "trash_checked", **result.as_dict())
     return result
+
+
+def idle_check(answer: dict[str, Any]) -> bool:
+    """Whether a trash check's result found nothing to do (nothing considered, nothing unreadable)."""
+    return not answer.get("error") and not answer.get("considered") and not answer.get("unreadable")
 
 
 def run_check(function_name: str, ctx: SyncContext | None = None) -> tuple[dict[str, Any], bool]:

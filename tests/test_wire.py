@@ -222,8 +222,13 @@ def test_wire_zapier_markdown_checklist(urls_file: Path, env: Any) -> None:
 
 
 def test_gcloud_script_deploys_the_seven_targets(tmp_path: Path, env: Any) -> None:
-    env.setenv("ZSYNC_TABLE_IDS", json.dumps({"agent_jobs": "tbl,with,commas"}))
     out = tmp_path / "deploy-gcloud.sh"
+    env.setenv("ZSYNC_TABLE_IDS", json.dumps({"agent_jobs": "tbl,with,commas"}))  # three tables without an id
+    refused = run("gcloud", "--project", "my-proj", "--region", "europe-west1", "--out", str(out))
+    assert refused.exit_code == 1 and "no table id for agent_decisions, audit_log, rate_limits" in refused.output
+    assert not out.exists()
+    env.setenv("ZSYNC_TABLE_IDS", json.dumps({"agent_jobs": "tbl,with,commas", "agent_decisions": "t2",
+                                              "audit_log": "t3", "rate_limits": "t4"}))
     result = run("gcloud", "--project", "my-proj", "--region", "europe-west1", "--out", str(out))
     assert result.exit_code == 0, result.output
     script = out.read_text()

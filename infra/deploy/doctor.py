@@ -151,8 +151,12 @@ def check_database(settings: Settings, function_urls: Mapping[str, str]) -> list
     url = settings.database_url.get_secret_value()
     try:
         pending = pending_migrations(url)
+    except psycopg.OperationalError as exc:  # one line naming what to check, as every CLI connection error
+        first = " ".join(str(exc).splitlines()[0].split()) if str(exc).strip() else type(exc).__name__
+        return [Check("database", "migrations", False, f"cannot connect ({first[:200]}): check ZSYNC_DATABASE_URL "
+                                                        "and that the database is running")]
     except (MigrationError, psycopg.Error) as exc:
-        return [Check("database", "migrations", False, f"{type(exc).__name__}: {str(exc)[:200]}")]
+        return [Check("database", "migrations", False, f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}")]
     out = [Check("database", "migrations", not pending,
                  "current" if not pending else f"pending: {', '.join(pending)} (run `zsync migrate`)")]
     try:

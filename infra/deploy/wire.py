@@ -94,6 +94,10 @@ def apply(database_url: str, function_urls: Mapping[str, str], settings: Setting
             before = _state(conn)
             conn.execute(sql)  # the script is BEGIN; ... COMMIT;
             after = _state(conn)
+    except psycopg.OperationalError as exc:  # one line naming what to check, as every CLI connection error
+        first = " ".join(redact(str(exc), webhook_secret(settings)).splitlines()[0].split())
+        raise DeployError(f"cannot connect to the database ({first}): check --database-url / ZSYNC_DATABASE_URL; "
+                          "nothing was changed") from None
     except psycopg.Error as exc:
         raise DeployError(f"applying the webhook SQL failed (nothing was changed): {exc}") from None
     changes = []
