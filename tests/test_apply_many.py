@@ -15,6 +15,7 @@ import psycopg
 import pytest
 
 from infra.local.postgres import create_database, prepare_database
+from shared import supabase_db
 from shared.conflict import Outcome
 from shared.settings import Settings
 from shared.spec import FUNCTIONS
@@ -150,37 +151,64 @@ def test_version_exprs_match_version_of(db: psycopg.Connection) -> None:
         assert tuple(got) == tuple(mine), row
 
 
-@pytest.mark.parametrize("workers", [3])
-def test_concurrent_batches_and_single_applies(pg_server: Any, workers: int) -> None:
-    """Overlapping batches (shuffled ids) and single applies at once: no deadlock, the newest version wins."""
+def _deadlocks(url: str) -> int:
+    """Deadlocks Postgres detected in this database (its backends report them when they exit)."""
+    supabase_db.close_pools()
+    with psycopg.connect(url) as conn:
+        return conn.execute("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()").fetchone()[0]
+
+
+def test_concurrent_batches_and_single_applies(pg_server: Any) -> None:
+    """Batches of the same new ids in opposite orders, and single applies, at once, round after round: no
+    deadlock at all (none retried away: the contexts have no retry budget), the newest version wins.
+
+    Before migration 20261205500000 a batch whose insert lost the race to a concurrent batch applied those
+    rows one by one in its own delivery order, holding the rows it had inserted or locked: two such batches
+    deadlocked in most rounds (and a 2 s retry budget hid it, except 1 run in 10-20)."""
     url = _fresh(pg_server)
-    ids = [f"c-{i:03d}" for i in range(60)]
+    with psycopg.connect(pg_server.get_uri(), autocommit=True) as admin:  # a deadlock fails fast
+        admin.execute(f'ALTER DATABASE "{psycopg.conninfo.conninfo_to_dict(url)["dbname"]}" '
+                      "SET deadlock_timeout = '50ms'")
+    workers, rounds, per_round = 4, 8, 40
     errors: list[BaseException] = []
+    start = threading.Barrier(workers)
 
-    def batch(seed: int) -> None:
-        rnd = random.Random(seed)
-        mine = ids[:]
-        rnd.shuffle(mine)
-        ctx = _ctx(url)
+    def worker(w: int) -> None:
+        ctx = SyncContext(settings=Settings(database_url=url, retry_budget_s=0))
+        rnd = random.Random(w)
         try:
-            for n in range(3):
-                stamp = f"2030-01-01T00:00:{seed * 3 + n:02d}Z"
-                apply_many_from_tables(ctx, FN, [{"id": i, "status": f"s{seed}", "updated_at": stamp} for i in mine])
-                for i in mine[:5]:
-                    apply_from_tables(ctx, FN, {"id": i, "status": f"one{seed}", "updated_at": stamp})
-        except BaseException as exc:
+            for r in range(rounds):
+                ids = [f"c-{r}-{i:03d}" for i in range(per_round)]
+                # Opposite orders, and a little shuffle, so no two workers meet the ids in the same order.
+                mine = ids[::-1] if w % 2 else ids[:]
+                for k in range(0, per_round - 1, 7):
+                    if rnd.random() < 0.5:
+                        mine[k], mine[k + 1] = mine[k + 1], mine[k]
+                stamp = f"2030-01-01T00:{r:02d}:{w:02d}Z"
+                start.wait(10)
+                apply_many_from_tables(ctx, FN, [{"id": i, "status": f"b{w}", "updated_at": stamp} for i in mine])
+                for i in mine[:3]:
+                    apply_from_tables(ctx, FN, {"id": i, "status": f"one{w}", "updated_at": stamp})
+                later = f"2030-01-01T00:{r:02d}:{w + 30:02d}Z"
+                apply_many_from_tables(ctx, FN, [{"id": i, "status": f"u{w}", "updated_at": later} for i in mine])
+        except BaseException as exc:  # reported below
             errors.append(exc)
+            start.abort()
 
-    threads = [threading.Thread(target=batch, args=(s,)) for s in range(workers)]
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(workers)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(120)
-    assert not errors, errors
+        t.join(60)
+    causes = [f"{type(e).__name__}: {e} <- {e.__cause__!r}" for e in errors
+              if not isinstance(e, threading.BrokenBarrierError)]
+    assert not causes, causes
+    assert _deadlocks(url) == 0
     with psycopg.connect(url) as conn:
-        latest = conn.execute("SELECT max(updated_at) FROM agent_jobs WHERE id LIKE 'c-%'").fetchone()[0]
-        lowest = conn.execute("SELECT min(updated_at) FROM agent_jobs WHERE id LIKE 'c-%'").fetchone()[0]
-    assert latest == lowest == datetime(2030, 1, 1, 0, 0, (workers - 1) * 3 + 2, tzinfo=UTC)
+        rows = conn.execute("SELECT id, status, updated_at FROM agent_jobs WHERE id LIKE 'c-%' ORDER BY id").fetchall()
+    assert len(rows) == rounds * per_round
+    newest = datetime(2030, 1, 1, 0, 0, 30 + workers - 1, tzinfo=UTC)
+    assert {(status, ts.replace(minute=0)) for _, status, ts in rows} == {(f"u{workers - 1}", newest)}
 
 
 def test_wrapped_delivery_edited_at_versions_like_the_flat_form(pg_server: Any) -> None:
