@@ -70,7 +70,7 @@ class Size:
 
 CI = Size(records=6, writers=4, ops_per_writer=12)
 LARGE = Size(records=24, writers=8, ops_per_writer=60)
-SEEDS = (1, 2, 3)
+SEEDS = (3, 7, 8)  # with the drain's per-record try-lock removed, each failed 1-2 runs in 2 (2026-12-05)
 
 
 @dataclass
