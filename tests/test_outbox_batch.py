@@ -149,6 +149,50 @@ def test_parallel_drains_write_every_record_exactly_once(fresh_db, service):
     assert len(_audit(fresh_db)) == 300 and _pending(fresh_db) == []
 
 
+def _tables_writes(service: LocalTables) -> int:
+    """Records the service has written (created or updated) in agent_jobs since the last reset."""
+    return requests.get(service.url + "/_admin/stats", timeout=5).json()["writes"].get(service.ids["agent_jobs"], 0)
+
+
+def test_parallel_drains_compete_for_records_with_several_changes(fresh_db, service):
+    """Several changes per record, spread over the outbox, half the records already in Tables: four drains
+    with small claims take entries of the same records at once. The per-record lock of zsync.claim_outbox_rows
+    must give each record to one drain: one write of its newest version, one audit entry, no duplicate.
+    (Without that lock - pg_try_advisory_xact_lock replaced by true - two drains created the same new
+    record twice and updated existing ones twice.)"""
+    ids = [f"r-{i:03d}" for i in range(80)]
+    _insert(fresh_db, ids[:40])
+    assert drain_outbox(_ctx(service, fresh_db), FN).count(Outcome.APPLIED) == 40  # these are in Tables now
+    _insert(fresh_db, ids[40:])
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        for step in ("s1", "s2", "s3"):  # one entry per record per step: each record's entries far apart
+            conn.execute("UPDATE agent_jobs SET status = %s, updated_at = updated_at + interval '1 second' "
+                         "WHERE id = ANY(%s)", (step, ids))
+    _reset(service)
+    ctxs = [_ctx(service, fresh_db, outbox_claim_limit=25) for _ in range(4)]
+    start = threading.Barrier(len(ctxs))
+    results: list[Any] = []
+
+    def drain(ctx: SyncContext) -> None:
+        start.wait(10)
+        results.append(drain_outbox(ctx, FN))
+
+    threads = [threading.Thread(target=drain, args=(c,)) for c in ctxs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    while _pending(fresh_db):  # a record every drain found held by another: the next wake-up takes it
+        results.append(drain_outbox(_ctx(service, fresh_db), FN))
+    applied = sorted(rid for r in results for rid, res in r.results.items() if res.outcome is Outcome.APPLIED)
+    assert applied == ids  # each record written by exactly one drain
+    assert _tables_writes(service) == len(ids)  # once each: its newest version
+    assert sorted(_tables_ids(service)) == ids  # no duplicate created
+    with service.client() as c:
+        assert {r.data["status"] for r in c.iter_records(service.ids["agent_jobs"], page_size=1000)} == {"s3"}
+    assert len(_audit(fresh_db)) == len(ids) + 40  # the first drain's 40, then one per record
+
+
 def test_a_429_mid_batch_leaves_the_unsent_rows_pending_then_they_go_once(fresh_db, tmp_path):
     with start_local_tables(tmp_path / "r.sqlite3", names=["agent_jobs"], rate_limit=4, rate_window_s=3.0) as svc:
         ids = [f"r-{i:04d}" for i in range(250)]
