@@ -160,16 +160,17 @@ def test_parallel_drains_compete_for_records_with_several_changes(fresh_db, serv
     must give each record to one drain: one write of its newest version, one audit entry, no duplicate.
     (Without that lock - pg_try_advisory_xact_lock replaced by true - two drains created the same new
     record twice and updated existing ones twice.)"""
-    ids = [f"r-{i:03d}" for i in range(80)]
-    _insert(fresh_db, ids[:40])
-    assert drain_outbox(_ctx(service, fresh_db), FN).count(Outcome.APPLIED) == 40  # these are in Tables now
-    _insert(fresh_db, ids[40:])
+    ids = [f"r-{i:03d}" for i in range(24)]
+    _insert(fresh_db, ids[:12])
+    assert drain_outbox(_ctx(service, fresh_db), FN).count(Outcome.APPLIED) == 12  # these are in Tables now
+    _insert(fresh_db, ids[12:])
     with psycopg.connect(fresh_db, autocommit=True) as conn:
-        for step in ("s1", "s2", "s3"):  # one entry per record per step: each record's entries far apart
+        for step in ("s1", "s2", "s3"):  # one entry per record per step: each record's entries apart
             conn.execute("UPDATE agent_jobs SET status = %s, updated_at = updated_at + interval '1 second' "
                          "WHERE id = ANY(%s)", (step, ids))
     _reset(service)
-    ctxs = [_ctx(service, fresh_db, outbox_claim_limit=25) for _ in range(4)]
+    # 84 pending entries, four claims of 21 at once: every record's entries are in two to four of them.
+    ctxs = [_ctx(service, fresh_db, outbox_claim_limit=21) for _ in range(4)]
     start = threading.Barrier(len(ctxs))
     results: list[Any] = []
 
@@ -190,7 +191,7 @@ def test_parallel_drains_compete_for_records_with_several_changes(fresh_db, serv
     assert sorted(_tables_ids(service)) == ids  # no duplicate created
     with service.client() as c:
         assert {r.data["status"] for r in c.iter_records(service.ids["agent_jobs"], page_size=1000)} == {"s3"}
-    assert len(_audit(fresh_db)) == len(ids) + 40  # the first drain's 40, then one per record
+    assert len(_audit(fresh_db)) == len(ids) + 12  # the first drain's 12, then one per record
 
 
 def test_a_429_mid_batch_leaves_the_unsent_rows_pending_then_they_go_once(fresh_db, tmp_path):
