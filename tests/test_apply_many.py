@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -152,9 +153,16 @@ def test_version_exprs_match_version_of(db: psycopg.Connection) -> None:
 
 
 def _deadlocks(url: str) -> int:
-    """Deadlocks Postgres detected in this database (its backends report them when they exit)."""
+    """Deadlocks Postgres detected in this database, once every other session has ended (each reports its
+    statistics when it exits)."""
     supabase_db.close_pools()
-    with psycopg.connect(url) as conn:
+    with psycopg.connect(url, autocommit=True) as conn:
+        for _ in range(100):
+            others = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                  "AND pid <> pg_backend_pid()").fetchone()[0]
+            if not others:
+                break
+            time.sleep(0.05)
         return conn.execute("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()").fetchone()[0]
 
 
