@@ -219,6 +219,35 @@ def test_concurrent_batches_and_single_applies(pg_server: Any) -> None:
     assert {(status, ts.replace(minute=0)) for _, status, ts in rows} == {(f"u{workers - 1}", newest)}
 
 
+def test_a_small_batch_takes_its_rows_in_id_order(pg_server: Any) -> None:
+    """A batch of a few rows (zsync.sync_apply per row) locks or inserts each row in id order. It locked the
+    existing rows first: holding sb-b, it waited for sb-a, being inserted by a transaction that then wanted
+    sb-b - a deadlock. Now it waits for sb-a holding nothing, and that transaction simply goes on."""
+    url = _fresh(pg_server)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO agent_jobs (id, status, updated_at) VALUES ('sb-b', 'old', %s)", (T0,))
+    results: list[Any] = []
+    batch = [{"id": "sb-b", "status": "new", "updated_at": T1}, {"id": "sb-a", "status": "batch", "updated_at": T1}]
+    with psycopg.connect(url) as holder:
+        holder.execute("SET lock_timeout = '5s'")
+        holder.execute("INSERT INTO agent_jobs (id, status, updated_at) VALUES ('sb-a', 'holder', %s)", (T2,))
+        worker = threading.Thread(target=lambda: results.append(apply_many_from_tables(_ctx(url), FN, batch)))
+        worker.start()
+        with psycopg.connect(url, autocommit=True) as probe:
+            for _ in range(200):
+                if probe.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                 "AND wait_event_type = 'Lock'").fetchone()[0]:
+                    break
+                time.sleep(0.05)
+            else:
+                raise AssertionError("the batch never waited for sb-a")
+        holder.execute("SELECT 1 FROM agent_jobs WHERE id = 'sb-b' FOR UPDATE")  # deadlocked here before
+        holder.commit()
+    worker.join(30)
+    assert [r.outcome for r in results[0]] == [Outcome.APPLIED, Outcome.SKIPPED_STALE]
+    assert _deadlocks(url) == 0
+
+
 def test_wrapped_delivery_edited_at_versions_like_the_flat_form(pg_server: Any) -> None:
     """``{"record": {...}, "edited_at": ...}`` is the flat delivery with that ``edited_at``: a cell edit that
     did not move updated_at is versioned at edited_at on the single path (the function's) and in a batch."""
