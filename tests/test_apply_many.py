@@ -233,18 +233,41 @@ def test_a_small_batch_takes_its_rows_in_id_order(pg_server: Any) -> None:
         holder.execute("INSERT INTO agent_jobs (id, status, updated_at) VALUES ('sb-a', 'holder', %s)", (T2,))
         worker = threading.Thread(target=lambda: results.append(apply_many_from_tables(_ctx(url), FN, batch)))
         worker.start()
-        with psycopg.connect(url, autocommit=True) as probe:
-            for _ in range(200):
-                if probe.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                                 "AND wait_event_type = 'Lock'").fetchone()[0]:
-                    break
-                time.sleep(0.05)
-            else:
-                raise AssertionError("the batch never waited for sb-a")
+        _wait_for_a_lock_wait(url, "sb-a")
         holder.execute("SELECT 1 FROM agent_jobs WHERE id = 'sb-b' FOR UPDATE")  # deadlocked here before
         holder.commit()
     worker.join(30)
     assert [r.outcome for r in results[0]] == [Outcome.APPLIED, Outcome.SKIPPED_STALE]
+    assert _deadlocks(url) == 0
+
+
+def _wait_for_a_lock_wait(url: str, what: str) -> None:
+    with psycopg.connect(url, autocommit=True) as probe:
+        for _ in range(200):
+            if probe.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                             "AND wait_event_type = 'Lock'").fetchone()[0]:
+                return
+            time.sleep(0.05)
+    raise AssertionError(f"never waited for {what}")
+
+
+def test_audit_entries_are_appended_in_id_order(pg_server: Any) -> None:
+    """zsync.append_audit_each (the audit_log table's own sync) inserts in id order: a batch [au-b, au-a] waits
+    for au-a, being inserted by another transaction, holding nothing; that transaction's insert of au-b goes
+    on. (In delivery order it held au-b: a deadlock.)"""
+    url = _fresh(pg_server)
+    results: list[Any] = []
+    batch = [{"id": rid, "timestamp": T0, "action": "login"} for rid in ("au-b", "au-a")]
+    with psycopg.connect(url) as holder:
+        holder.execute("SET lock_timeout = '5s'")
+        holder.execute("INSERT INTO audit_log (id, timestamp, action) VALUES ('au-a', %s, 'login')", (T0,))
+        worker = threading.Thread(target=lambda: results.append(apply_many_from_tables(_ctx(url), AUDIT_FN, batch)))
+        worker.start()
+        _wait_for_a_lock_wait(url, "au-a")
+        holder.execute("INSERT INTO audit_log (id, timestamp, action) VALUES ('au-b', %s, 'login')", (T0,))
+        holder.commit()
+    worker.join(30)
+    assert [r.outcome for r in results[0]] == [Outcome.UNCHANGED, Outcome.UNCHANGED]
     assert _deadlocks(url) == 0
 
 
