@@ -271,6 +271,29 @@ def test_audit_entries_are_appended_in_id_order(pg_server: Any) -> None:
     assert _deadlocks(url) == 0
 
 
+def test_the_syncs_audit_entries_are_appended_in_id_order(pg_server: Any) -> None:
+    """zsync.append_audit_many (the sync's own entries, a batch at a time) likewise: one insert in id order."""
+    url = _fresh(pg_server)
+    inserted: list[int] = []
+    entries = [{"id": rid, "action": "sync_failed", "metadata": {"n": 1}} for rid in ("am-b", "am-a")]
+
+    def append() -> None:
+        with psycopg.connect(url) as conn:
+            inserted.append(supabase_db.append_audit_many(conn, entries))
+
+    with psycopg.connect(url) as holder:
+        holder.execute("SET lock_timeout = '5s'")
+        holder.execute("INSERT INTO audit_log (id, action) VALUES ('am-a', 'sync_failed')")
+        worker = threading.Thread(target=append)
+        worker.start()
+        _wait_for_a_lock_wait(url, "am-a")
+        holder.execute("INSERT INTO audit_log (id, action) VALUES ('am-b', 'sync_failed')")
+        holder.commit()
+    worker.join(30)
+    assert inserted == [0]
+    assert _deadlocks(url) == 0
+
+
 def test_wrapped_delivery_edited_at_versions_like_the_flat_form(pg_server: Any) -> None:
     """``{"record": {...}, "edited_at": ...}`` is the flat delivery with that ``edited_at``: a cell edit that
     did not move updated_at is versioned at edited_at on the single path (the function's) and in a batch."""

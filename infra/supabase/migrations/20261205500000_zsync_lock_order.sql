@@ -22,7 +22,8 @@
 --   (never waits); zsync.ack_outbox / ack_outbox_set wait, but hold no row another waiter holds first.
 --   Unchanged here.
 -- * audit_log inserts (ON CONFLICT DO NOTHING on the stable id: waits for an in-progress insert of the
---   same id): zsync.append_audit_each (the audit_log table's own sync) in delivery order.
+--   same id): zsync.append_audit_each (the audit_log table's own sync) in delivery order;
+--   zsync.append_audit_many (the sync's own entries) one statement per set of keys, each in input order.
 --
 -- Now every wait for a row of a synced table, and for an audit_log id, happens in id order:
 -- * zsync.sync_apply_many_set: the lock step and the insert run in a subtransaction; when an insert lost
@@ -33,7 +34,8 @@
 --   transaction already holds.
 -- * zsync.sync_apply_many, small batches: zsync.sync_apply per row in id order, without the separate lock
 --   step (each row locked, or inserted, in turn).
--- * zsync.append_audit_each: entries inserted in id order (results still in input order).
+-- * zsync.append_audit_each: entries inserted in id order (results still in input order);
+--   zsync.append_audit_many: one insert in id order.
 
 CREATE OR REPLACE FUNCTION zsync.sync_apply_many_set(p_table regclass, p_rows jsonb)
 RETURNS TABLE (ord integer, record_id text, outcome text, stored jsonb, applied jsonb)
@@ -242,7 +244,44 @@ BEGIN
 END
 $$;
 
+-- As 20261129800000's zsync.append_audit_many (same rows: a key that is absent or null takes the column's
+-- default), in one statement in id order instead of one statement per set of keys in input order: two
+-- transactions appending the same entries (a stable id: the same sync_failed entry of a payload two batches
+-- rejected) waited for each other's inserts in their own orders.
+CREATE OR REPLACE FUNCTION zsync.append_audit_many(p_entries jsonb)
+RETURNS integer LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_cols text;
+    v_vals text;
+    v_n    integer;
+BEGIN
+    IF jsonb_typeof(p_entries) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'append_audit_many: expected a JSON array of audit_log rows' USING ERRCODE = '22023';
+    END IF;
+    IF EXISTS (SELECT 1 FROM jsonb_array_elements(p_entries) x
+               WHERE jsonb_typeof(x.value) IS DISTINCT FROM 'object'
+                  OR NOT EXISTS (SELECT 1 FROM jsonb_each(x.value) j, pg_attribute a
+                                 WHERE a.attrelid = 'public.audit_log'::regclass AND a.attnum > 0
+                                   AND NOT a.attisdropped AND a.attname = j.key AND jsonb_typeof(j.value) <> 'null')) THEN
+        RAISE EXCEPTION 'append_audit: empty entry' USING ERRCODE = '22023';
+    END IF;
+    SELECT string_agg(format('%I', a.attname), ', ' ORDER BY a.attnum),
+           string_agg(CASE WHEN d.adbin IS NULL THEN format('r.%I', a.attname)
+                           ELSE format('coalesce(r.%I, %s)', a.attname, pg_get_expr(d.adbin, d.adrelid)) END,
+                      ', ' ORDER BY a.attnum)
+    INTO v_cols, v_vals
+    FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+    WHERE a.attrelid = 'public.audit_log'::regclass AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '';
+    EXECUTE format('INSERT INTO public.audit_log (%s) SELECT %s FROM jsonb_populate_recordset(NULL::public.audit_log, $1) r '
+                   'ORDER BY r.id ON CONFLICT (id) DO NOTHING', v_cols, v_vals) USING p_entries;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n;
+END
+$$;
+
 REVOKE EXECUTE ON FUNCTION zsync.sync_apply_many_set(regclass, jsonb), zsync.sync_apply_many(regclass, jsonb),
-    zsync.append_audit_each(jsonb) FROM PUBLIC;
+    zsync.append_audit_each(jsonb), zsync.append_audit_many(jsonb) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION zsync.sync_apply_many_set(regclass, jsonb), zsync.sync_apply_many(regclass, jsonb),
-    zsync.append_audit_each(jsonb) TO zsync_sync;
+    zsync.append_audit_each(jsonb), zsync.append_audit_many(jsonb) TO zsync_sync;
