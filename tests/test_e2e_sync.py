@@ -140,7 +140,7 @@ def _tie_winner(supabase, rid: str, mine: str, theirs: str) -> int:
     return cmp
 
 
-@pytest.mark.parametrize("tables_wins", [True, False])
+@pytest.mark.parametrize("tables_wins", [True, False], ids=["tables_wins", "supabase_wins"])
 def test_3_same_timestamp_tie_converges_on_the_version_version_cmp_picks(stack, tables, supabase, tables_wins):
     """Both sides written at the same updated_at, each before seeing the other's (the notifications held
     back, then let through): both end with the version zsync.version_cmp ranks higher, at that updated_at
