@@ -216,6 +216,10 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
         pairs.append((item, current))
         by_id[item.id] = [existing]  # the one kept (duplicates removed)
     cmps = conflict.compare_many(conn, spec, [(item.row, current) for item, current in pairs])
+    stale = [item.id for (item, _), cmp in zip(pairs, cmps, strict=True)
+             if conflict.outcome_of(cmp) is Outcome.SKIPPED_STALE]
+    if len(stale) > 1:  # the pushes below lock these rows: take them in id order first, as every writer does
+        supabase_db.lock_rows(conn, spec, stale)
     for (item, current), cmp in zip(pairs, cmps, strict=True):
         outcome = conflict.outcome_of(cmp)
         if outcome is Outcome.UNCHANGED and item.id in idless:

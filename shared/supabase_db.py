@@ -169,6 +169,13 @@ def lock_record(conn: psycopg.Connection, spec: TableSpec, record_id: str) -> No
     conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"{spec.name}:{record_id}",))
 
 
+def lock_rows(conn: psycopg.Connection, spec: TableSpec, record_ids: list[str]) -> None:
+    """Lock the existing rows of ``record_ids`` until the transaction ends, in id order: the order every
+    writer of a synced table takes its rows in (see migration 20261205500000), so two never deadlock."""
+    conn.execute(f'SELECT count(*) FROM (SELECT 1 FROM public."{spec.name}" t WHERE t.id = ANY(%s) '
+                 "ORDER BY t.id FOR UPDATE) l", (record_ids,))
+
+
 def ack_outbox(conn: psycopg.Connection, spec: TableSpec, record_id: str, updated_at: datetime | None,
                outcome: str) -> int:
     """Mark every outbox entry of this record up to ``updated_at`` as delivered."""

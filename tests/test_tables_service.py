@@ -732,6 +732,18 @@ def test_trigger_can_be_pointed_elsewhere_or_off(api: Api, receiver: Receiver) -
 # --- admin ------------------------------------------------------------------------------------------------
 
 
+def test_writes_that_keep_the_version_are_counted(api: Api) -> None:
+    """``same_version_writes``: updates that left ``updated_at`` where it was (the soak's Tables echo count)."""
+    rec = api.new({"id": "job-3", "status": "queued", "updated_at": "2030-01-01T00:00:00Z"})
+    api.admin("POST", "stats/reset")
+    api.update([(rec["id"], {"status": "queued"})])  # nothing changed: the same version written again
+    api.change(rec["id"], {"status": "x", "updated_at": "2030-01-01T00:00:00.000Z"})  # same time, other format
+    api.change(rec["id"], {"status": "y", "updated_at": "2030-01-01T00:00:01Z"})  # a new version
+    api.change(rec["id"], {"status": "z"})  # stamped: a new version
+    api.new({"id": "job-4", "updated_at": "2030-01-01T00:00:00Z"})  # a create is never one
+    assert api.stats()["same_version_writes"] == {api.ids[JOBS]: 2}
+
+
 def test_fault_injection_and_stats(api: Api) -> None:
     api.admin("POST", "stats/reset")
     assert api.admin("POST", "faults", {"status": 429, "count": 2, "retry_after": 7}).status_code == 200

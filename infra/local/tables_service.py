@@ -872,11 +872,13 @@ class ServiceStats:
         self._lock = threading.Lock()
         self._table_ids = list(table_ids)
         self._writes: Counter[str] = Counter({t: 0 for t in self._table_ids})
+        self._same_version: Counter[str] = Counter({t: 0 for t in self._table_ids})
         self._requests = 0
 
     def reset(self) -> None:
         with self._lock:
             self._writes = Counter({t: 0 for t in self._table_ids})
+            self._same_version = Counter({t: 0 for t in self._table_ids})
             self._requests = 0
 
     def count_request(self) -> None:
@@ -887,9 +889,39 @@ class ServiceStats:
         with self._lock:
             self._writes[table_id] += n
 
+    def count_same_version(self, table_id: str, n: int) -> None:
+        with self._lock:
+            self._same_version[table_id] += n
+
     def snapshot(self) -> Data:
         with self._lock:
-            return {"writes": dict(self._writes), "api_requests": self._requests}
+            return {"writes": dict(self._writes), "same_version_writes": dict(self._same_version),
+                    "api_requests": self._requests}
+
+
+def _version_time(value: Any) -> Any:
+    """A record's ``updated_at`` at millisecond precision (as the sync compares it); else the value as is."""
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            return value
+        if parsed.tzinfo is not None:
+            return parsed.astimezone(UTC).replace(microsecond=parsed.microsecond // 1000 * 1000)
+    return value
+
+
+def same_version_updates(changes: Sequence[Data], updated_at_key: str | None) -> int:
+    """Updates that left a record's ``updated_at`` where it was (changed or not): a write of the version the
+    record already held - the sync's echo, unless a person edited a cell without touching ``updated_at``."""
+    if updated_at_key is None:
+        return 0
+    same = 0
+    for c in changes:
+        before = c["old"]["data"].get(updated_at_key) if c["old"] is not None else None
+        if before is not None and _version_time(before) == _version_time(c["new"]["data"].get(updated_at_key)):
+            same += 1
+    return same
 
 
 @dataclass
@@ -1050,6 +1082,7 @@ class ServiceContext:
         for record in records if self.inboxes else ():
             self.inboxes.publish(table_id, record)  # type: ignore[union-attr]
         schema = self.engine.schema(table_id)
+        self.stats.count_same_version(table_id, same_version_updates(changes, schema.key_of("updated_at")))
         url = self.triggers.get(schema.table["name"])
         names = {f"f{fid}": f["name"] for fid, f in schema.fields.items()}
         for record in records if url else ():
