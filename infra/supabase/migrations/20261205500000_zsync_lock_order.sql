@@ -110,7 +110,12 @@ BEGIN
                     SELECT j.*,
                            CASE WHEN j.rn > 1 THEN 'later'
                                 WHEN j.stored IS NULL THEN
-                                    CASE WHEN j.tomb IS NOT NULL AND NOT $3 AND j.ts <= j.tomb THEN 'deleted' ELSE 'insert' END
+                                    CASE WHEN j.tomb IS NOT NULL AND NOT $3 AND j.ts <= j.tomb THEN
+                                             -- changed in Tables after the delete? zsync.sync_apply decides (origin)
+                                             CASE WHEN j.edited_at IS NOT NULL
+                                                       AND date_trunc('milliseconds', j.edited_at) > j.tomb
+                                                  THEN 'later' ELSE 'deleted' END
+                                         ELSE 'insert' END
                                 WHEN coalesce(j.bumped, j.ts) = j.s_ts AND j.hash = j.s_hash THEN 'unchanged'
                                 WHEN (coalesce(j.bumped, j.ts), j.hash) > (j.s_ts, j.s_hash) THEN 'update'
                                 ELSE 'skipped_stale' END AS action
