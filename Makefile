@@ -7,16 +7,19 @@ PY     := $(VENV)/bin/python
 PIP_STAMP := $(VENV)/.installed
 NPM_STAMP := node_modules/.installed
 PYTEST_ARGS ?=
+# make up's ports: the Tables API on PORT_BASE, the seven functions on the next seven, moto on +9; 0: free ports
+PORT_BASE ?= 8700
 
 .PHONY: install chromium up test lint bench soak package clean help
 
 help:
 	@echo "make up       start the local stack (Postgres, Tables service, 7 functions, webhook sender, moto)"
+	@echo "              on ports 8700-8709; PORT_BASE=8800 for others, PORT_BASE=0 for free ones"
 	@echo "make test     run the whole test suite (installs first)"
 	@echo "make lint     ruff"
 	@echo "make bench    benchmarks under bench/"
 	@echo "make soak     50,000 changes both ways under chaos (SOAK_CHANGES=N SOAK_SEED=S to reproduce)"
-	@echo "make package  npx osls package (the AWS deployment artifact, offline)"
+	@echo "make package  npx osls package (the AWS deployment artifact; no AWS account, but pip needs PyPI)"
 
 $(PIP_STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,7 +48,7 @@ chromium:
 install: $(PIP_STAMP) $(NPM_STAMP) chromium
 
 up: install
-	$(VENV)/bin/zsync up
+	$(VENV)/bin/zsync up --port-base $(PORT_BASE)
 
 test: install
 	$(PY) -m pytest -n 2 --dist loadfile -q $(PYTEST_ARGS)

@@ -85,7 +85,7 @@ def _keys(env: Env) -> dict[str, str]:
 def _start(tmp: Path, pg: Any, name: str, big: int) -> Env:
     url = create_database(pg.get_uri(), name)
     prepare_database(url)
-    configs = [TableConfig(name=n, stamp_updated_at=TABLES[n].version is not None) for n in TABLES]
+    configs = [TableConfig(name=n) for n in TABLES]
     service = start_tables_service(tmp / f"{name}.sqlite3", configs, client_id=CLIENT_ID, client_secret=CLIENT_SECRET,
                                    rate_limit=RATE_LIMIT, rate_window_s=RATE_WINDOW_S)
     with TablesClient(service.url, client_id=CLIENT_ID, client_secret=CLIENT_SECRET,

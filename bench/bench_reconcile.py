@@ -132,7 +132,7 @@ class ServiceProcess:
         config.write_text(json.dumps({
             "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET,
             "rate_limit": RATE_LIMIT if rate_limit else None, "rate_window_s": RATE_WINDOW_S,
-            "tables": [{"name": t, "stamp_updated_at": TABLES[t].version is not None} for t in TABLES]}))
+            "tables": [{"name": t} for t in TABLES]}))
         self.log = (tmp / f"{config.stem}.log").open("wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "infra.local.tables_service", "--db", str(db), "--config", str(config)],

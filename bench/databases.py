@@ -9,7 +9,7 @@ from pathlib import Path
 import psycopg
 
 from infra.local.pgnet_sender import apply_pg_net_sql, ensure_utc_database
-from infra.local.postgres import apply_vault_sql, create_database
+from infra.local.postgres import apply_supabase_roles_sql, apply_vault_sql, create_database
 from shared.migrate import HISTORY_DIR, MIGRATIONS_DIR, apply_migrations
 
 
@@ -19,6 +19,7 @@ def migrated_database(admin_url: str, tmp: Path, before: str | None = None) -> s
     are in the chain the baseline replaced, infra/supabase/history/)."""
     url = create_database(admin_url)
     ensure_utc_database(url)
+    apply_supabase_roles_sql(url)
     apply_pg_net_sql(url)
     apply_vault_sql(url)
     directory = MIGRATIONS_DIR

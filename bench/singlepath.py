@@ -57,6 +57,7 @@ class _Rec:
     id: str
     data: dict[str, Any]
     edited_at: str | None = None
+    deleted_at: str | None = None  # never trashed here
 
 
 @dataclass
@@ -65,7 +66,7 @@ class NullTables:
 
     records: dict[str, _Rec] = field(default_factory=dict)
 
-    def find_many(self, table_id: str, name: str, values: list[str]) -> list[_Rec]:
+    def find_many(self, table_id: str, name: str, values: list[str], trash: str = "exclude") -> list[_Rec]:
         return [self.records[v] for v in values if v in self.records]
 
     def find_by_field(self, table_id: str, name: str, value: str) -> _Rec | None:
@@ -167,7 +168,7 @@ def to_supabase(url: str, n: int, expect: Outcome, kind: str, lease: bool = Fals
     """``lease``: through :func:`apply_many_from_tables` with one delivery (a trigger-inbox lease of one message,
     the default path) instead of :func:`apply_from_tables` (a Zap's POST)."""
     ctx = _ctx(url)
-    base = datetime(2031, 1, 1, tzinfo=UTC)
+    base = datetime(2026, 1, 1, tzinfo=UTC)
     ids = [f"{kind}-{uuid.uuid4().hex[:10]}" for _ in range(n)]
     if kind != "insert":  # the stored versions first
         for i, rid in enumerate(ids):
@@ -217,7 +218,7 @@ def to_tables(url: str, n: int, update: bool = False) -> list[float]:
 
 
 def version_of(url: str, n: int) -> list[float]:
-    row = _record("v", 1, datetime(2031, 1, 1, tzinfo=UTC))
+    row = _record("v", 1, datetime(2026, 1, 1, tzinfo=UTC))
     import json
 
     payload = json.dumps(row)
@@ -231,8 +232,8 @@ def version_of(url: str, n: int) -> list[float]:
 SERVER_KINDS = {  # kind -> (row changes over the stored one, edited_at, expected outcome)
     "insert": ({}, None, "applied"),
     "echo (unchanged)": ({}, None, "unchanged"),
-    "update": ({"updated_at": "2031-01-02T00:00:00Z"}, None, "applied"),
-    "cell edit (edited_at)": ({"updated_at": "2031-01-02T00:00:00Z", "status": "edited"}, "2031-01-03T00:00:00Z",
+    "update": ({"updated_at": "2026-01-02T00:00:00Z"}, None, "applied"),
+    "cell edit (edited_at)": ({"updated_at": "2026-01-02T00:00:00Z", "status": "edited"}, "2026-01-03T00:00:00Z",
                               "applied"),
 }
 
@@ -242,7 +243,7 @@ def server_sync_apply(url: str, n: int) -> dict[str, float]:
     in order on the same ids, rolled back. -> kind -> microseconds per call."""
     import json
 
-    row = json.dumps(_record("x", 1, datetime(2031, 1, 1, tzinfo=UTC)))
+    row = json.dumps(_record("x", 1, datetime(2026, 1, 1, tzinfo=UTC)))
     out: dict[str, float] = {}
     with psycopg.connect(url, prepare_threshold=None) as c, c.transaction(force_rollback=True):
         for kind, (change, edited, expect) in SERVER_KINDS.items():
@@ -336,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
         for kind in SERVER_KINDS:
             b, a = (min(r[kind] for r in server[label]) for label in ("before", "after"))
             print(f"server: zsync.sync_apply {kind:<22} {b:7.1f} -> {a:7.1f} us per call  after/before {a / b:5.2f}")
-        base = datetime(2031, 1, 1, tzinfo=UTC)
+        base = datetime(2026, 1, 1, tzinfo=UTC)
         for label, is_before in (("before", True), ("after", False)):
             with previous_drain() if is_before else contextlib.nullcontext():
                 one = _trips(admin, tmp, lambda u: _apply_one(u, base), is_before)

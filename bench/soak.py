@@ -13,8 +13,10 @@ Then the chaos stops and the only human action is ``zsync replay`` of the dead-l
 repairs nothing); the sweeper and Zapier's Autoreplay do the rest. Checks: lost = 0 (every record's
 last-writer-wins winner on both sides, field for field), duplicates = 0 (one Tables record per id, one
 ``_synced`` audit entry per (record, version, direction), one audit_log row per Tables audit record),
-writes per real change on the other side ~ 1, ``reconcile --dry-run`` finds no drift, function memory
-and database connections flat. One table of figures; a failing run lists the ids that differ and how.
+no echo write on either side (a Supabase version written twice; a Tables write that leaves the record's
+``updated_at`` where it was), writes per real change on the other side ~ 1, ``reconcile --dry-run`` finds no
+drift, function memory and database connections flat. One table of figures; a failing run lists the ids
+that differ and how.
 
     python -m bench.soak --changes 2000 --seed 7      # make soak: --changes 50000
 """
@@ -54,8 +56,10 @@ MUTABLE = {
     "agent_decisions": ("decision", "metadata", "confidence"),
     "rate_limits": ("service_name", "metadata", "request_count"),
 }
-BASE_TS = datetime(2031, 1, 1, tzinfo=UTC)
 TICK = timedelta(milliseconds=10)  # versions 10 ms apart: Supabase's +1 ms bump of a raced write never ties
+# Versions count up from an hour before the run, 10 ms per change: they trail the clock (a version more than
+# ZSYNC_MAX_FUTURE_SKEW_S ahead of it is refused) as long as the run writes fewer than 100 changes a second.
+BASE_TS = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
 # Fail fast when a dependency is down (as tests/test_faults.py): the chaos is then cheap to absorb.
 FAST_ENV = {"ZSYNC_DB_CONNECT_TIMEOUT_S": "1", "ZSYNC_HTTP_TIMEOUT_S": "2", "ZSYNC_DB_POOL_MAX": "16"}
 HANG_S = 3.0  # past ZSYNC_HTTP_TIMEOUT_S
@@ -519,14 +523,21 @@ def judge(soak: Soak, outbox_mark: int) -> Verdict:
     supa_writes = len(outbox)
     seen: Counter = Counter(outbox)
     echoes = sum(n - 1 for n in seen.values() if n > 1)  # one Supabase version written twice
-    tables_total = sum(stack.tables.stats()["writes"].get(stack.table_ids[t], 0) for t in TWO_WAY)
+    tables_stats = stack.tables.stats()
+    tables_total = sum(tables_stats["writes"].get(stack.table_ids[t], 0) for t in TWO_WAY)
+    # A Tables write that left the record's updated_at where it was: the version it already held, written
+    # again (every soak writer sets a new updated_at; the sync's echo, changed content or not).
+    tables_echoes = sum(tables_stats["same_version_writes"].get(stack.table_ids[t], 0) for t in TWO_WAY)
     v.figures.update(
         supabase_sync_writes=supa_writes - sql_user, tables_user_writes=tables_user,
         tables_sync_writes=tables_total - tables_user, sql_user_writes=sql_user, supabase_echoes=echoes,
+        tables_echoes=tables_echoes,
         swept=swept, parked=parked, repairs=repairs, records=len(winners), audit_entries=len(soak.audit_ids),
     )
     if echoes:
         v.duplicates.append(f"supabase: {echoes} versions written twice (echo)")
+    if tables_echoes:
+        v.duplicates.append(f"tables: {tables_echoes} writes of the version the record already held (echo)")
     return v
 
 
@@ -589,6 +600,7 @@ def run_on(stack: LocalStack, cfg: SoakConfig) -> SoakResult:
         ("recovered by the sweeper", f"{f['swept']} outbox entries re-sent and acknowledged (parked {f['parked']})"),
         ("lost", str(len(verdict.lost))),
         ("duplicates", str(len(verdict.duplicates))),
+        ("echo writes (a version written again)", f"supabase {f['supabase_echoes']}, tables {f['tables_echoes']}"),
         ("writes per change, tables->supabase", f"{f['supabase_sync_writes'] / max(1, f['tables_user_writes']):.3f} "
                                                 f"({f['supabase_sync_writes']} / {f['tables_user_writes']})"),
         ("writes per change, supabase->tables", f"{f['tables_sync_writes'] / max(1, f['sql_user_writes']):.3f} "

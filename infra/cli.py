@@ -9,6 +9,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -24,6 +25,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="markdown",  # reflow docstring paragraphs to the terminal width
+    pretty_exceptions_show_locals=False,  # a traceback must never print a local holding a URL or secret
 )
 console = Console()
 err = Console(stderr=True)
@@ -31,22 +33,81 @@ REPO = Path(__file__).resolve().parent.parent
 STATE = REPO / ".local"
 
 
+def _one_line(message: str) -> None:
+    """An error for the user as one line on stderr (never wrapped at the terminal width, no traceback)."""
+    sys.stderr.write("zsync: " + " ".join(message.split()) + "\n")
+
+
+_DB_CHECK = ("check --database-url / ZSYNC_DATABASE_URL and that the database is running "
+             "(the local stack: `make up`, its URL is in .local/stack.json)")
+_DB_FORMAT = "expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
+
+
+def _redact(text: str) -> str:
+    """A URL's password as ***, the text on one line."""
+    return " ".join(re.sub(r"(://[^:/@\s]*:)[^@\s]+@", r"\1***@", text).split())
+
+
+def connection_error_message(exc: BaseException) -> str | None:
+    """One line for an error about a connection (database, HTTP service, AWS) naming what to check, or
+    None for any other error. Looks through the exception's causes (psycopg under a pool timeout...)."""
+    import psycopg
+    import requests
+    import urllib3
+
+    from shared.supabase_db import DatabaseUnavailable
+    from shared.zapier_tables import TablesUnavailable
+
+    seen: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in seen:
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    for e in seen:
+        first = _redact(str(e).splitlines()[0] if str(e).strip() else type(e).__name__)
+        if isinstance(e, psycopg.ProgrammingError) and _is_conninfo_error(str(e)):
+            return f"the database URL is malformed ({first}): {_DB_FORMAT}; check --database-url / ZSYNC_DATABASE_URL"
+        if isinstance(e, psycopg.OperationalError | DatabaseUnavailable):
+            return f"cannot connect to the database ({first}): {_DB_CHECK}"
+        http = (TablesUnavailable, requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError)
+        if isinstance(e, http):
+            return (f"cannot reach a service over HTTP ({first[:300]}): check the URL (--urls, ZSYNC_ZAPIER_BASE_URL) "
+                    "and that the service is running")
+        if type(e).__name__ in ("EndpointConnectionError", "NoCredentialsError", "ConnectTimeoutError"):
+            return (f"cannot reach AWS ({first}): check ZSYNC_AWS_ENDPOINT_URL / ZSYNC_DLQ_URL and the AWS "
+                    "credentials")
+    return None
+
+
+def _is_conninfo_error(text: str) -> bool:
+    return any(k in text for k in ("connection info string", "connection option", "URI", "conninfo", "dsn"))
+
+
 def _database_url(database_url: str | None) -> str:
+    import psycopg
+
     url = database_url or os.environ.get("ZSYNC_DATABASE_URL")
     if not url:
         stack = STATE / "stack.json"
         if stack.exists():
             url = json.loads(stack.read_text())["database_url"]
     if not url:
-        err.print("[red]No database: pass --database-url or set ZSYNC_DATABASE_URL (or run `make up`).[/]")
+        _one_line("no database: pass --database-url or set ZSYNC_DATABASE_URL (or run `make up`)")
         raise typer.Exit(2)
+    try:
+        psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        _one_line(f"the database URL is malformed ({_redact(str(exc))}): {_DB_FORMAT}; "
+                  "check --database-url / ZSYNC_DATABASE_URL")
+        raise typer.Exit(2) from None
     return url
 
 
 @app.command()
 def up(
-    port_base: int = typer.Option(8700, help="Tables API on this port, the seven functions on the next ones, "
-                                  "moto on +9. 0 picks free ports."),
+    port_base: int = typer.Option(8700, envvar="ZSYNC_PORT_BASE",
+                                  help="Tables API on this port, the seven functions on the next ones, moto on "
+                                  "+9 (8700-8709). 0 picks free ports. `make up PORT_BASE=N` passes it."),
     state_dir: Path = typer.Option(STATE, help="Where the database, Tables data, logs and stack.json live."),
 ) -> None:
     """Start the whole local stack and run the sync until Ctrl-C.
@@ -57,9 +118,10 @@ def up(
     """
     import warnings
 
-    from infra.local.stack import LocalStack, StackConfig
+    from infra.local.stack import LocalStack, PortsBusy, StackConfig
 
     warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")  # pgserver's platformdirs
+    stack = LocalStack(StackConfig(state_dir=state_dir, port_base=port_base))
     state_dir.mkdir(parents=True, exist_ok=True)
     lock_file = (state_dir / "stack.lock").open("a+")
     try:
@@ -74,8 +136,12 @@ def up(
     lock_file.truncate()
     lock_file.write(str(os.getpid()))
     lock_file.flush()
+    try:
+        stack.check_ports()  # before anything starts: a busy port is said at once, not hung on
+    except PortsBusy as exc:
+        _one_line(str(exc))
+        raise typer.Exit(1) from None
 
-    stack = LocalStack(StackConfig(state_dir=state_dir, port_base=port_base))
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     try:
@@ -90,12 +156,16 @@ def up(
             table.add_row(name, url)
         table.add_row("Zapier Tables API", info["zapier_base_url"])
         table.add_row("moto (AWS)", info["aws_endpoint_url"] or "-")
-        table.add_row("database", info["database_url"])
         console.print(table)
-        console.print(f"Secret header [bold]{info['secret_header']}[/] and token are in {path}.")
-        console.print(f"Per-function logs: {state_dir / 'logs'}/<function>.log  (zsync logs <function>)")
+        console.print(f"Database: {info['database_url']}", soft_wrap=True)  # a long socket path: never cut
+        console.print(f"Secret header [bold]{info['secret_header']}[/] and token are in {path}.", soft_wrap=True)
+        console.print(f"Per-function logs: {state_dir / 'logs'}/<function>.log  (zsync logs <function>)",
+                      soft_wrap=True)
         console.print("[green]Sync running.[/] Ctrl-C to stop.")
         stopped.wait()
+    except PortsBusy as exc:  # taken between the check and the start
+        _one_line(str(exc))
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         pass
     finally:
@@ -168,11 +238,13 @@ def monitor(
     from datetime import timedelta
 
     from infra import monitor as mon
+    from infra.status import dead_letters_text
     from shared.alerts import SlackError
-    from shared.settings import get_settings
 
+    settings, _ = _status_settings(None)  # the local stack's DLQ too, as status and report read it
     try:
-        result = mon.run_check(_database_url(database_url), get_settings(), timedelta(minutes=window_minutes), slack)
+        result = mon.run_check(_database_url(database_url), settings, timedelta(minutes=window_minutes),  # type: ignore[arg-type]
+                               slack)
     except SlackError as exc:
         err.print(f"[red]Posting to Slack failed:[/] {exc} (the next check posts again)")
         raise typer.Exit(2) from None
@@ -191,7 +263,7 @@ def monitor(
     table.add_row("conflicts (stale skipped)", f"{health.conflicts} ({health.conflicts_per_hour:.1f}/h)")
     table.add_row("repairs (replay/reconcile)", str(health.repairs))
     table.add_row("outbox pending / > 5 min", f"{health.outbox_pending} / {health.outbox_older_than_5m}")
-    table.add_row("dead letters", "-" if health.dead_letters is None else str(health.dead_letters))
+    table.add_row("dead letters", dead_letters_text(health.dead_letters, None))
     console.print(table)
     for alert in result.firing.values():
         err.print(f"[red]ALERT[/] {alert}")
@@ -216,31 +288,20 @@ def _inbox_stage(settings: Any, urls_file: Path | None) -> str | None:
 
 
 def _status_settings(urls_file: Path | None) -> tuple[object, dict[str, str] | None]:
-    """Settings for status/report plus the function URLs to ping: --urls, else the local stack's
+    """Settings for status/report/monitor plus the function URLs to ping: --urls, else the local stack's
     stack.json (whose secret, DLQ and moto endpoint fill in what the environment does not set)."""
-    from shared.settings import Settings, get_settings
+    from infra.deploy import DeployError, load_urls, with_local_stack
+    from shared.settings import get_settings
 
-    settings = get_settings()
     path = urls_file or (STATE / "stack.json" if (STATE / "stack.json").exists() else None)
     if path is None:
-        return settings, None
-    from infra.deploy import DeployError, load_urls
-
+        return get_settings(), None
     try:
         urls = load_urls(path)
     except DeployError as exc:
         err.print(f"[red]{exc}[/]")
         raise typer.Exit(2) from None
-    data = json.loads(path.read_text())
-    overrides = {k: data[k] for k in ("dlq_url", "aws_endpoint_url") if data.get(k) and not getattr(settings, k)}
-    zapier = ("zapier_base_url", "zapier_token_url", "zapier_client_id", "zapier_client_secret", "stage")
-    if not (settings.zapier_client_id or settings.tables_token):  # the local stack's Zapier stand-in and stage
-        overrides |= {k: data[k] for k in zapier if data.get(k)}
-    if data.get("secret") and not settings.accepted_secrets():
-        overrides["webhook_secret"] = data["secret"]
-    if overrides:
-        settings = Settings(**{**settings.model_dump(), **overrides})
-    return settings, urls
+    return with_local_stack(get_settings(), path), urls
 
 
 @app.command()
@@ -278,7 +339,8 @@ def status(
 @app.command()
 def report(
     since: str = typer.Option("24h", help="Window: 30m, 24h, 7d."),
-    out: Path = typer.Option(Path("report.html"), "--out", help="The HTML file to write."),
+    out: Path = typer.Option(REPO / ".zsync" / "report.html", "--out",
+                             help="The HTML file to write (default under .zsync/, which git ignores)."),
     database_url: str = typer.Option(None, help="Postgres URL as the owner (default: ZSYNC_DATABASE_URL, then "
                                      "the local stack)."),
 ) -> None:
@@ -294,6 +356,7 @@ def report(
         raise typer.Exit(2) from None
     settings, _ = _status_settings(None)
     data = rp.collect(_database_url(database_url), window, settings)  # type: ignore[arg-type]
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(rp.render_html(data), encoding="utf-8")
     points = sum(len(s["t"]) for s in data["series"].values())
     console.print(f"wrote {out} ({len(data['series'])} lag series, {points} points, "
@@ -313,7 +376,16 @@ _register_subsystems()
 
 
 def main() -> None:
-    app()
+    """The ``zsync`` entry point: an error about a connection is one line naming what to check (exit 1),
+    not a traceback."""
+    try:
+        app()
+    except Exception as exc:
+        message = connection_error_message(exc)
+        if message is None:
+            raise
+        _one_line(message)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

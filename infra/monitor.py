@@ -10,7 +10,7 @@ import logging
 import threading
 from datetime import timedelta
 
-from shared.alerts import CheckResult, check_and_notify, dead_letter_depth
+from shared.alerts import CheckResult, check_and_notify
 from shared.settings import Settings
 
 # Operator runs log as plain Python logging (stderr, warnings and up by default): stdout stays the
@@ -21,11 +21,11 @@ logger = logging.getLogger("zsync_cli.monitor")  # not "zsync.monitor": that is 
 def run_check(database_url: str, settings: Settings, window: timedelta = timedelta(hours=1),
               slack: bool = True) -> CheckResult:
     """One check: DLQ depth (when a queue is configured), thresholds, transitions posted to Slack."""
-    try:
-        depth = dead_letter_depth(settings)
-    except Exception as exc:
-        logger.warning("dead-letter queue unreadable: %s", type(exc).__name__)
-        depth = None
+    from infra.status import dead_letters
+
+    depth, problem = dead_letters(settings)
+    if problem and settings.dlq_url:
+        logger.warning("dead-letter queue %s", problem)
     url = settings.slack_webhook_url.get_secret_value() if slack and settings.slack_webhook_url else None
     return check_and_notify(database_url, url, dead_letters=depth, window=window, logger=logger)
 

@@ -27,9 +27,9 @@ in Tables, applied with ``zsync.apply_tables_delete`` (the trash check's rule: u
 newer version, which then wins and is re-created in Tables). See :mod:`shared.tables_trash`.
 
 Every repair writes the ``<table>_synced`` audit entry the live sync would have written (same stable id,
-``metadata.via = "reconcile"``), so a later delivery of the same version adds nothing. A Tables write that
-races with a repair is not lost: its own trigger delivery carries it to Supabase, whose newer version is
-then pushed back. Run on an empty side, reconcile is the initial backfill.
+``metadata.origin = "reconcile"``, also kept as ``metadata.via``), so a later delivery of the same version
+adds nothing. A Tables write that races with a repair is not lost: its own trigger delivery carries it to
+Supabase, whose newer version is then pushed back. Run on an empty side, reconcile is the initial backfill.
 """
 
 from __future__ import annotations
@@ -53,13 +53,14 @@ from shared import audit, conflict, supabase_db
 from shared.conflict import Outcome
 from shared.mapping import (
     InvalidRecord,
+    check_version_skew,
     normalize_timestamp,
     parse_supabase_record,
     parse_tables_record,
     to_tables_fields,
 )
 from shared.spec import FUNCTIONS, TABLES, Direction, Kind, TableSpec
-from shared.sync import SyncContext
+from shared.sync import SyncContext, isolate, restored_row
 from shared.tables_trash import deletes_checked
 from shared.zapier_tables import BATCH_MAX, Record, TablesClient, TablesError, client_from_settings
 
@@ -124,6 +125,8 @@ class _TablesSide:
     unreadable: dict[str, str] = field(default_factory=dict)  # id -> record id of an unparseable record
     duplicates: list[str] = field(default_factory=list)  # record ids to remove
     trashed: dict[str, datetime] = field(default_factory=dict)  # id only in the Tables trash -> latest deleted_at
+    edited: dict[str, datetime | None] = field(default_factory=dict)  # id -> Zapier's edited_at of the kept record
+    owner: dict[str, str] = field(default_factory=dict)  # Tables record id of a duplicate -> our id
 
 
 def _in_background(fn: Callable[[], T], name: str) -> Future[T]:
@@ -175,11 +178,19 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start:start + size]
 
 
-def apply_many(conn: psycopg.Connection, spec: TableSpec, rows: Sequence[dict]) -> list[tuple[str, str, dict | None]]:
-    """``zsync.sync_apply_many`` (the functions' rule: versions, tombstones): -> (id, outcome, stored before)
-    per row, in input order."""
-    found = supabase_db.sync_apply_many(conn, spec, [(r, None) for r in rows])
-    return [(r["id"], outcome, stored) for r, (outcome, stored, _) in zip(rows, found, strict=True)]
+def apply_many(conn: psycopg.Connection, spec: TableSpec, rows: Sequence[dict],
+               edited: dict[str, datetime | None] | None = None,
+               refused: list[tuple[str, list[dict[str, str]]]] | None = None) -> list[tuple[str, str, dict | None]]:
+    """``zsync.sync_apply_many`` (the functions' rule: versions, tombstones; ``edited``: Zapier's edited_at by
+    id, where given): -> (id, outcome, stored before) per applied row. A row the database refuses
+    (:func:`shared.sync.isolate`) is left out and added to ``refused`` with its problems; the others are applied."""
+    def upsert(c: psycopg.Connection, part: list[dict]) -> list[Any]:
+        return supabase_db.sync_apply_many(c, spec, [(r, (edited or {}).get(r["id"])) for r in part])
+
+    done, bad = isolate(conn, list(rows), upsert, lambda r: r)
+    if refused is not None:
+        refused += [(r["id"], problems) for r, problems in bad]
+    return [(r["id"], outcome, stored) for r, (outcome, stored, _) in done]
 
 
 def _identical(json_fields: tuple[str, ...], a: dict, b: dict) -> bool:
@@ -213,6 +224,7 @@ class _Reconciler:
         self.since = since
         self.dry_run = dry_run
         self.progress = progress
+        self._owner: dict[str, str] = {}  # Tables record id of a duplicate -> our id
 
     # -- progress --
 
@@ -229,13 +241,16 @@ class _Reconciler:
         side = _TablesSide()
         task = self._task(f"{spec.name}: reading Zapier Tables")
         by_id: dict[str, list[tuple[Record, dict]]] = {}
+        now, skew = datetime.now(UTC), self.ctx.settings.max_future_skew_s
         records = self.ctx.tables.iter_records(self.ctx.table_id(spec), page_size=PAGE_SIZE)
         for record in _prefetched(records, PAGE_SIZE, f"reconcile-{spec.name}-tables-read"):
             data = dict(record.data)
-            data.setdefault("id", record.id)  # what the Zap trigger sends (see tables_service.trigger_payload)
+            if data.get("id") in (None, ""):  # what the trigger sends (see tables_service.trigger_payload)
+                data["id"] = record.id
             try:
                 received = normalize_timestamp(record.edited_at) if record.edited_at else None
                 row = parse_tables_record(spec, data, received_at=received, fast=True)
+                check_version_skew(spec, row, now, skew)  # a version from the future: as unreadable
             except (InvalidRecord, ValueError):
                 rid = data.get("id")
                 if isinstance(rid, str) and rid:
@@ -243,6 +258,7 @@ class _Reconciler:
                 report.invalid_in_tables += 1
                 continue
             by_id.setdefault(row["id"], []).append((record, row))
+            side.edited.setdefault(row["id"], received)  # replaced by the kept duplicate's below
             self._advance(task)
         dupes = {k: v for k, v in by_id.items() if len(v) > 1}
         if dupes and not spec.append_only:
@@ -262,7 +278,7 @@ class _Reconciler:
 
     def _read_trash(self, spec: TableSpec, side: _TablesSide) -> dict[str, datetime]:
         """Ids whose only Tables records are in the trash (deleted in Tables), with the latest deleted_at."""
-        out: dict[str, datetime] = {}
+        found: list[tuple[str, str, datetime]] = []
         for record in self.ctx.tables.iter_records(self.ctx.table_id(spec), page_size=PAGE_SIZE, trash="only"):
             rid = record.data.get("id")
             try:
@@ -270,6 +286,12 @@ class _Reconciler:
             except ValueError:
                 continue
             if isinstance(rid, str) and rid and deleted_at and rid not in side.rows and rid not in side.unreadable:
+                found.append((rid, record.id, deleted_at))
+        # The records the sync trashed itself (zsync.sync_trashed) are not deletes made in Tables.
+        own = self.ctx.db.run(lambda conn: supabase_db.sync_trashed_ids(conn, spec, [z for _, z, _ in found]))
+        out: dict[str, datetime] = {}
+        for rid, zid, deleted_at in found:
+            if zid not in own:
                 out[rid] = max(deleted_at, out.get(rid, deleted_at))
         return out
 
@@ -283,7 +305,9 @@ class _Reconciler:
                     if conflict.compare(conn, spec, candidate[1], keep[1]) > 0:
                         keep = candidate
                 side.rows[key], side.record_ids[key] = keep[1], keep[0].id
+                side.edited[key] = normalize_timestamp(keep[0].edited_at) if keep[0].edited_at else None
                 side.duplicates += [r.id for r, _ in found if r.id != keep[0].id]
+                side.owner |= {r.id: key for r, _ in found if r.id != keep[0].id}
 
     def fetch_supabase(self, spec: TableSpec) -> Future[list[dict]]:
         """Rows changed since ``since`` (all without it), read in a second thread while Tables is read."""
@@ -330,6 +354,7 @@ class _Reconciler:
         else:
             self._versioned(spec, tables_side, report, fetched)
         if tables_side.duplicates and not self.dry_run:
+            self._owner = tables_side.owner
             self._remove(spec, tables_side.duplicates, report)
         return report
 
@@ -365,10 +390,12 @@ class _Reconciler:
         updates: list[tuple[str, dict]] = []
         pairs: list[tuple[str, dict, dict]] = []
         trashed: list[dict] = []
+        missing: dict[str, datetime | None] = {}  # id missing in Supabase -> its Tables record's edited_at
         for rid in scope:
             t_row, s_row = side.rows.get(rid), supa.get(rid)
             if s_row is None and t_row is not None:
                 to_supabase.append(t_row)
+                missing[rid] = side.edited.get(rid)  # a change after a Tables delete is not refused (restore)
                 report.missing_in_supabase += 1
             elif t_row is None and s_row is not None:
                 if rid in side.trashed:  # deleted in Tables: a delete, not a missing copy (decided below)
@@ -414,7 +441,7 @@ class _Reconciler:
             def to_supabase_side() -> None:
                 try:
                     began = time.perf_counter()
-                    deleted.extend(self._to_supabase(spec, to_supabase, sub))
+                    deleted.extend(self._to_supabase(spec, to_supabase, sub, missing))
                     sub.timings["to_supabase"] = time.perf_counter() - began
                 except BaseException as exc:  # raised again in this thread below
                     failed.append(exc)
@@ -438,23 +465,27 @@ class _Reconciler:
         report.timings["repair"] = time.perf_counter() - started
         report.timings["to_supabase"] = sub.timings.get("to_supabase", 0.0)
         if deleted:  # deleted in Supabase (tombstone as new or newer): delete the Tables copy instead
-            self._delete_copies(spec, [side.record_ids[i] for i in deleted if i in side.record_ids], report)
+            self._delete_copies(spec, {side.record_ids[i]: i for i in deleted if i in side.record_ids}, report, side)
 
     # -- repairs --
 
-    def _to_supabase(self, spec: TableSpec, rows: list[dict], report: TableReport) -> list[str]:
-        """-> the ids refused because they were deleted in Supabase (never resurrected)."""
+    def _to_supabase(self, spec: TableSpec, rows: list[dict], report: TableReport,
+                     edited: dict[str, datetime | None] | None = None) -> list[str]:
+        """``edited``: Zapier's edited_at of rows missing in Supabase (a change made in Tables after a delete
+        there wins over its tombstone, as on the live path). -> the ids refused because they were deleted in
+        Supabase (never resurrected)."""
         task = self._task(f"{spec.name}: -> Supabase", total=len(rows))
         deleted: list[str] = []
 
-        def work(conn: psycopg.Connection, chunk: Sequence[dict]) -> tuple[int, int]:
+        def work(conn: psycopg.Connection, chunk: Sequence[dict]) -> tuple[int, int, list]:
             now = datetime.now(UTC)
             if spec.append_only:
                 inserted = supabase_db.append_audit_many(conn, list(chunk))
-                return inserted, 0
+                return inserted, 0, []
             by_id = {r["id"]: r for r in chunk}
             entries, applied, raced = [], 0, 0
-            for rid, outcome, stored in apply_many(conn, spec, chunk):
+            refused: list[tuple[str, list[dict[str, str]]]] = []
+            for rid, outcome, stored in apply_many(conn, spec, chunk, edited, refused):
                 if outcome == Outcome.APPLIED:
                     applied += 1
                     entries.append(_synced_entry(spec, Direction.TO_SUPABASE, by_id[rid], now, stored))
@@ -463,18 +494,20 @@ class _Reconciler:
                 elif outcome == Outcome.DELETED:
                     deleted.append(rid)
             supabase_db.append_audit_many(conn, entries)
-            return applied, raced
+            return applied, raced, refused
 
         for chunk in _chunks(rows, SUPABASE_BATCH):
             try:
-                applied, raced = self.ctx.db.run(lambda conn, chunk=chunk: work(conn, chunk))
+                applied, raced, refused = self.ctx.db.run(lambda conn, chunk=chunk: work(conn, chunk))
             except DB_ERRORS as exc:
                 report.errors.append(f"Supabase batch of {len(chunk)}: {type(exc).__name__}")
                 report.unresolved += len(chunk)
                 self._advance(task, len(chunk))
                 continue
             report.repaired += applied
-            report.unresolved += raced
+            report.unresolved += raced + len(refused)
+            for rid, problems in refused:  # Supabase refuses this Tables version: left as it is, reported
+                report.errors.append(f"{rid}: " + "; ".join(f"{p['field']}: {p['problem']}" for p in problems)[:300])
             self._advance(task, len(chunk))
         return deleted
 
@@ -518,14 +551,53 @@ class _Reconciler:
             report.repaired += deleted
         return keep
 
-    def _delete_copies(self, spec: TableSpec, record_ids: list[str], report: TableReport) -> None:
+    def _delete_copies(self, spec: TableSpec, record_ids: dict[str, str], report: TableReport,
+                       side: _TablesSide) -> None:
+        """``record_ids``: Tables record id -> our id. A copy the sync trashed itself that is live again was
+        restored by a person after the delete: applied to Supabase as a later change, not deleted again."""
+        restored = self.ctx.db.run(lambda conn: supabase_db.sync_trashed_ids(conn, spec, list(record_ids)))
+        if restored:
+            self._restore(spec, [record_ids[z] for z in restored], side, report)
+            record_ids = {z: ours for z, ours in record_ids.items() if z not in restored}
         table_id = self.ctx.table_id(spec)
+        done: dict[str, str] = {}
         try:
-            for rid in record_ids:
+            for rid, ours in record_ids.items():
                 self.ctx.tables.delete(table_id, rid, missing_ok=True)
+                done[rid] = ours
                 report.deleted_in_tables += 1
         except TablesError as exc:
             report.errors.append(f"deleting copies of deleted records: {exc}")
+        self._note_trashed(spec, done)
+
+    def _restore(self, spec: TableSpec, ids: list[str], side: _TablesSide, report: TableReport) -> None:
+        def work(conn: psycopg.Connection) -> int:
+            now, done, entries = datetime.now(UTC), 0, []
+            for rid in ids:
+                supabase_db.lock_record(conn, spec, rid)
+                tomb = supabase_db.tombstone_version(conn, spec, rid)
+                row = restored_row(spec, side.rows[rid], tomb, side.edited.get(rid)) if tomb else side.rows[rid]
+                stored, before = supabase_db.sync_upsert(conn, spec, row)
+                if stored == Outcome.APPLIED:
+                    done += 1
+                    entries.append(_synced_entry(spec, Direction.TO_SUPABASE, row, now, before))
+            supabase_db.append_audit_many(conn, entries)
+            return done
+
+        try:
+            report.repaired += self.ctx.db.run(work)
+        except DB_ERRORS as exc:
+            report.errors.append(f"restored records: {type(exc).__name__}")
+            report.unresolved += len(ids)
+
+    def _note_trashed(self, spec: TableSpec, trashed: dict[str, str]) -> None:
+        """The Tables records reconcile moved to the trash: never a delete made in Tables (zsync.sync_trashed)."""
+        def work(conn: psycopg.Connection) -> None:
+            for rid, ours in trashed.items():
+                supabase_db.note_sync_trashed(conn, spec, ours, [rid])
+
+        if trashed:
+            self.ctx.db.run(work)
 
     def _to_tables(self, spec: TableSpec, creates: list[dict], updates: list[tuple[str, dict]],
                    report: TableReport, writers: int = 1) -> None:
@@ -603,11 +675,14 @@ class _Reconciler:
 
     def _remove(self, spec: TableSpec, record_ids: list[str], report: TableReport) -> None:
         table_id = self.ctx.table_id(spec)
+        done: dict[str, str] = {}
         try:
             for rid in record_ids:
                 self.ctx.tables.delete(table_id, rid, missing_ok=True)
+                done[rid] = self._owner.get(rid, "")
         except TablesError as exc:
             report.errors.append(f"removing duplicates: {exc}")
+        self._note_trashed(spec, done)
 
 
 def reconcile(ctx: SyncContext, tables: Sequence[str] | None = None, *, since: datetime | None = None,

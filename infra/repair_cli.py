@@ -97,8 +97,9 @@ def replay_command(
     try:
         report = replay(settings, max_messages=max_messages, dry_run=dry_run, rejected_file=rejected_file,
                         visibility_timeout_s=visibility_timeout)
-    except DeadLetterError as exc:
-        err.print(f"[red]Dead-letter queue: {exc}[/]")
+    except DeadLetterError as exc:  # one line naming what to check, as every CLI connection error
+        err.print(f"[red]Dead-letter queue: {exc}: check ZSYNC_DLQ_URL, ZSYNC_AWS_ENDPOINT_URL (moto locally) and the "
+                  "AWS credentials[/]", soft_wrap=True)
         raise typer.Exit(2) from None
     if dry_run:
         inv = Table(title="queued deliveries")
@@ -166,9 +167,10 @@ def reconcile_command(
 
     Missing in Supabase or newer in Tables: upserted into Supabase (batched, still conditional). Missing
     in Tables or newer in Supabase: created/updated in Tables (batches of 100). audit_log is one-way
-    (Tables -> Supabase). Each repair writes the <table>_synced audit entry with metadata.via =
-    "reconcile". Also the initial backfill of an empty side. Needs the Zapier Tables records API
-    (ZSYNC_TABLES_TOKEN, ZSYNC_TABLE_IDS) and ZSYNC_DATABASE_URL.
+    (Tables -> Supabase). Each repair writes the <table>_synced audit entry with metadata.origin =
+    "reconcile". Also the initial backfill of an empty side. Needs ZSYNC_DATABASE_URL, ZSYNC_TABLE_IDS and
+    the Zapier client credentials (ZSYNC_ZAPIER_CLIENT_ID and ZSYNC_ZAPIER_CLIENT_SECRET; or a token in
+    ZSYNC_TABLES_TOKEN); locally, whatever is unset comes from .local/stack.json.
 
     Exits 0 when both sides are in sync afterwards (dry run: when there is no drift), 1 otherwise.
     """
@@ -176,6 +178,7 @@ def reconcile_command(
     from shared.sync import ConfigurationError, SyncContext
 
     settings = load_settings(stack_file)
+    _database_reachable(settings)
     ctx = SyncContext(settings=settings)
     bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), console=err, transient=True, disable=not progress)
@@ -190,6 +193,15 @@ def reconcile_command(
         for problem in report.errors:
             err.print(f"[red]{name}[/]: {problem}")
     raise typer.Exit(0 if result.in_sync else 1)
+
+
+def _database_reachable(settings: Settings) -> None:
+    """Connect once before starting: an unreachable database is then the CLI's one-line error (naming
+    what to check), not a per-table list of failures."""
+    import psycopg
+
+    if settings.database_url is not None:
+        psycopg.connect(settings.database_url.get_secret_value(), connect_timeout=10).close()
 
 
 def register(app: typer.Typer) -> None:

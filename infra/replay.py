@@ -43,10 +43,12 @@ from shared.dead_letter import (
     iso,
 )
 from shared.handler import Rejected, process
+from shared.inbox_consumer import INBOX_LETTER_KEYS, _field_names_of, inbox_letter_delivery
 from shared.logs import get_logger
 from shared.settings import Settings
 from shared.spec import FUNCTIONS, Direction
 from shared.sync import ConfigurationError, SyncContext, apply_many_from_tables
+from shared.trigger_inbox import UnreadablePayload
 from shared.zapier_tables import TablesError, TablesRejected
 
 COLUMNS = ("applied", "unchanged", "skipped_stale", "ignored", "duplicates", "rejected", "left")
@@ -107,6 +109,7 @@ class _Run:
         self.down: set[str] = set()
         # Tables -> Supabase deliveries of one receive round, applied per function in one batch (flush)
         self.pending: dict[str, dict[str, list[Received]]] = {}  # function -> key -> copies (first is applied)
+        self.deliveries: dict[str, dict[str, Any]] = {}  # key -> the delivery its letter holds (delivery_of)
 
     @property
     def halted(self) -> bool:
@@ -166,9 +169,27 @@ class _Run:
         elif fn.direction is Direction.TO_TABLES and "tables" in self.down:
             self.hold(message, "not attempted: Zapier Tables is unreachable")
         elif fn.direction is Direction.TO_SUPABASE:
+            try:
+                self.deliveries[letter.key] = self.delivery_of(letter)
+            except UnreadablePayload as exc:
+                self.reject(message, exc.problems, 400)
+                return
+            except (ConfigurationError, TablesError) as exc:  # the field names of an inbox event: Tables needed
+                self.hold(message, f"the inbox event's field names could not be read: {type(exc).__name__}", exc)
+                return
             self.pending.setdefault(fn.name, {}).setdefault(letter.key, []).append(message)
         else:
             self.attempt(message, letter)
+
+    def delivery_of(self, letter: DeadLetter) -> dict[str, Any]:
+        """The Tables -> Supabase delivery a dead letter holds, whatever shape the code wrote it in: a Zap's
+        body (flat fields, or ``{"record", "edited_at"}``) as it is; a trigger inbox message in the inbox's own
+        shape (``{"inbox_message", "payload"}``) read as the inbox consumer reads it. UnreadablePayload if not."""
+        payload = letter.payload
+        if set(payload) != INBOX_LETTER_KEYS:
+            return payload
+        fn = FUNCTIONS[letter.function]
+        return inbox_letter_delivery(payload, _field_names_of(self.ctx, fn))
 
     def flush(self) -> None:
         """Apply the pending Tables -> Supabase deliveries: one apply_many_from_tables per function (one
@@ -184,7 +205,7 @@ class _Run:
                         self.hold(message, "not attempted: " + (self.report.stopped or "the database is unreachable"))
                 continue
             try:
-                results = apply_many_from_tables(self.ctx, fn, [lt.payload for lt in letters],
+                results = apply_many_from_tables(self.ctx, fn, [self.deliveries[lt.key] for lt in letters],
                                                  received_at=[lt.received_at for lt in letters], origin="replay")
             except supabase_db.DatabaseUnavailable as exc:
                 self.down.add("database")

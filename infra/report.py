@@ -19,7 +19,7 @@ from typing import Any
 
 import psycopg
 
-from infra.status import per_function
+from infra.status import DIRECTION, dead_letters_text, per_function
 from shared.settings import Settings
 
 SERIES_SQL = """
@@ -39,8 +39,7 @@ ORDER BY at DESC LIMIT %(limit)s
 
 def collect(database_url: str, since: timedelta, settings: Settings | None = None,
             failures: int = 20) -> dict[str, Any]:
-    from infra.status import outbox
-    from shared.alerts import dead_letter_depth
+    from infra.status import dead_letters, outbox
 
     with psycopg.connect(database_url, autocommit=True, prepare_threshold=None, connect_timeout=10) as conn:
         series: dict[str, dict[str, list]] = {}
@@ -55,49 +54,76 @@ def collect(database_url: str, since: timedelta, settings: Settings | None = Non
                   for at, t, d, o, out, rid, problems in conn.execute(FAILURES_SQL, {"since": since,
                                                                                      "limit": failures})]
         functions, backlog = per_function(conn, since), outbox(conn)
-    dead = None
-    if settings is not None:
-        try:
-            dead = dead_letter_depth(settings)
-        except Exception:
-            dead = None
+    dead, dead_problem = dead_letters(settings)
     return {"generated_at": datetime.now(UTC).isoformat(), "since_s": since.total_seconds(), "series": series,
-            "functions": functions, "failures": latest, "outbox": backlog, "dead_letters": dead}
+            "functions": functions, "failures": latest, "outbox": backlog, "dead_letters": dead,
+            "dead_letters_problem": dead_problem}
+
+
+def lag_figure(series: dict[str, dict[str, list]]) -> Any:
+    """The lag plot as a matplotlib Figure (no pyplot: no global state, no GUI backend)."""
+    import matplotlib.dates as mdates
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4.6), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    _draw(ax, series, mdates)
+    return fig
 
 
 def lag_svg(series: dict[str, dict[str, list]]) -> str:
     """The lag plot as an inline SVG (matplotlib, Agg-free SVG backend, text as paths: no fonts needed)."""
     import matplotlib
-    import matplotlib.dates as mdates
-    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
     with matplotlib.rc_context({"svg.fonttype": "path", "svg.hashsalt": "zsync"}):
-        fig = Figure(figsize=(10, 4.2), dpi=100)
-        ax = fig.add_subplot()
-        _draw(ax, series, mdates)
-        fig.autofmt_xdate()
-        fig.tight_layout()
+        fig = lag_figure(series)
         buf = io.StringIO()
         fig.savefig(buf, format="svg")
     svg = buf.getvalue()
     return svg[svg.index("<svg"):]  # drop the XML prolog and doctype: inline in HTML
 
 
+BUCKET = timedelta(minutes=5)
+LOG_SPREAD = 20  # a max this many times the smallest p50: log scale, so one outlier cannot flatten the rest
+
+
 def _draw(ax: Any, series: dict[str, dict[str, list]], mdates: Any) -> None:
+    every: list[datetime] = []
+    values: list[float] = []
     for i, (key, s) in enumerate(sorted(series.items())):
         times = [datetime.fromisoformat(t) for t in s["t"]]
+        every += times
         color = f"C{i % 10}"
-        (line,) = ax.plot(times, [v * 1000 for v in s["p50_s"]], marker="o", markersize=3, linewidth=1.6,
-                          color=color, label=f"{key} p50")
+        p50 = [v * 1000 for v in s["p50_s"]]
+        top = [v * 1000 for v in s["max_s"]]
+        values += p50 + top
+        (line,) = ax.plot(times, p50, marker="o", markersize=4, linewidth=1.6, color=color, label=f"{key} p50")
         line.set_gid(f"lag-{key}")
-        (top,) = ax.plot(times, [v * 1000 for v in s["max_s"]], linestyle=":", linewidth=1, color=color)
-        top.set_gid(f"lagmax-{key}")
-    ax.set_ylabel("delivery lag (ms)")
+        (mx,) = ax.plot(times, top, linestyle=":", marker="v", markersize=3, linewidth=1, color=color)
+        mx.set_gid(f"lagmax-{key}")
+    positive = [v for v in values if v > 0]
+    log = bool(positive) and max(positive) / min(positive) >= LOG_SPREAD
+    if log:
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 10, 20, 50, 100...: a label near every line
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    if not log:
+        ax.set_ylim(bottom=0)
+    ax.set_ylabel("delivery lag (ms" + (", log scale)" if log else ")"))
     ax.set_title("Live delivery lag per table and direction (5-minute buckets; dotted: max)")
-    ax.grid(True, alpha=0.3)
-    ax.xaxis.set_major_formatter(mdates.DateFormatter("%m-%d %H:%M", tz=UTC))
-    if series:
-        ax.legend(loc="upper left", fontsize=8, ncols=2)
+    ax.grid(True, alpha=0.3, which="both" if log else "major")
+    if every:  # the buckets' own span (at least 30 min), not matplotlib's default of years around one point
+        first, last = min(every), max(every)
+        pad = max(BUCKET, (timedelta(minutes=30) - (last - first)) / 2)
+        ax.set_xlim(first - pad, last + pad)
+    locator = mdates.AutoDateLocator(tz=UTC)
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator, tz=UTC, show_offset=True))
+    if series:  # below the plot, never over a point
+        ax.figure.legend(loc="outside lower center", fontsize=8, ncols=min(len(series), 3))
     else:
         ax.text(0.5, 0.5, "no live deliveries in this window", ha="center", va="center", transform=ax.transAxes)
 
@@ -106,6 +132,7 @@ _CSS = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; }
 h1 { font-size: 20px; } h2 { font-size: 16px; margin-top: 28px; }
 table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+td { white-space: nowrap; }
 td:first-child, td:nth-child(2), th { text-align: left; } .bad { color: #b00; font-weight: bold; }
 .muted { color: #777; } #lag-plot svg { max-width: 100%; height: auto; }
 """
@@ -126,7 +153,8 @@ def render_html(data: dict[str, Any]) -> str:
         bad = set(r["breaches"])
         cls = ' class="bad"'
         rows.append(
-            f"<tr><td>{_e(r['table'])}</td><td>{_e(r['direction'])}</td><td>{r['applied']}</td>"
+            f"<tr><td>{_e(r['table'])}</td><td>{_e(DIRECTION.get(r['direction'], r['direction']))}</td>"
+            f"<td>{r['applied']}</td>"
             f"<td>{r['unchanged']}</td><td>{r['skipped_stale']}</td>"
             f"<td{cls if 'failure_rate' in bad else ''}>{r['rejected']}</td>"
             f"<td{cls if 'failure_rate' in bad else ''}>{r['failed']}</td>"
@@ -144,6 +172,7 @@ def render_html(data: dict[str, Any]) -> str:
         f"<td{' class=bad' if b['older_than_5m'] else ''}>{b['older_than_5m']}</td></tr>"
         for b in data["outbox"]) or "<tr><td colspan=4 class=muted>outbox empty</td></tr>"
     dead = data["dead_letters"]
+    dead_text = dead_letters_text(dead, data.get("dead_letters_problem"))
     payload = json.dumps(data, default=str).replace("</", "<\\/")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>zsync report</title><style>{_CSS}</style></head>
@@ -163,8 +192,7 @@ application); replays, reconciles and repairs are counted apart (column "repairs
 <h2>Backlog</h2>
 <table id="backlog"><tr><th>outbox table</th><th>pending</th><th>oldest</th><th>older than 5 min</th></tr>
 {backlog}</table>
-<p>Dead-letter queue: <b id="dead-letters"{' class=bad' if dead else ''}>{_e(dead if dead is not None
-                                                                           else 'not configured')}</b></p>
+<p>Dead-letter queue: <b id="dead-letters"{' class=bad' if dead else ''}>{_e(dead_text)}</b></p>
 <script type="application/json" id="zsync-data">{payload}</script>
 </body></html>
 """

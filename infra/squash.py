@@ -39,9 +39,11 @@ SECTIONS: list[tuple[str, str, str]] = [
      r"agent_jobs|agent_decisions|audit_log|rate_limits"),
     ("Versions and the conflict rule", "a row's version (updated_at, content hash), its canonical form, the "
      "comparison both directions use, and updated_at kept current for writers that forget it",
-     r"canonical_json|canonical_row|content_hash|version_\w+|maintain_updated_at|zsync_maintain_updated_at"),
+     r"canonical_json|canonical_row|content_hash|version_\w+|maintain_updated_at|zsync_maintain_updated_at|"
+     r"config\w*|max_future_skew|set_max_future_skew"),
     ("Deletes", "tombstones, deletes made in Zapier Tables and the trash check's watermarks",
-     r"tombstones?\w*|track_tombstone|zsync_tombstone|apply_tables_delete|trash_\w+"),
+     r"tombstones?\w*|track_tombstone|zsync_tombstone|tombstone_of|expire_tombstones|apply_tables_delete|trash_\w+|"
+     r"sync_trashed\w*|note_sync_trashed"),
     ("Applying changes", "the atomic last-writer-wins upsert, one row and many, and enabling a table",
      r"sync_apply\w*|sync_upsert\w*|enable_sync"),
     ("Audit", "the append-only audit log's writers and guards",
@@ -49,7 +51,7 @@ SECTIONS: list[tuple[str, str, str]] = [
     ("Outbox and delivery", "every change captured in the same transaction, claimed, acknowledged, swept "
      "and announced to the *_to_tables functions through Database Webhooks",
      r"outbox\w*|capture_change|claim_outbox\w*|ack_outbox\w*|record_outbox_batch|requeue|sweep_outbox|"
-     r"sweeper_runs\w*|announce|webhook_\w+|endpoint_headers|zsync_outbox_\w+"),
+     r"sweeper_runs\w*|announce|wake|webhook_\w+|endpoint_headers|zsync_outbox_\w+"),
     ("Metrics and alerts", "what status, monitor and the alert check read",
      r"sync_health|sync_events|sync_metrics_\w+|alert_state\w*|transition_alerts"),
 ]
@@ -71,6 +73,24 @@ $$;
 """
 
 GRANTS_EXTRA = """\
+-- The API roles (Supabase's anon, authenticated, service_role) get the synced tables through Supabase's default
+-- privileges in schema public, not from here; RLS (above) gives anon and authenticated no row, and what RLS does
+-- not govern is taken back from them. Where those roles do not exist (a plain Postgres) nothing is granted.
+DO $$
+DECLARE
+    t text;
+    api text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['agent_jobs', 'agent_decisions', 'audit_log', 'rate_limits'] LOOP
+        FOREACH api IN ARRAY ARRAY['anon', 'authenticated'] LOOP
+            IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = api) THEN
+                EXECUTE format('REVOKE TRUNCATE, TRIGGER, REFERENCES ON public.%I FROM %I', t, api);
+            END IF;
+        END LOOP;
+    END LOOP;
+END
+$$;
+
 -- No role that merely inherits PUBLIC creates objects in public; nothing in zsync is callable by PUBLIC.
 REVOKE CREATE ON SCHEMA public FROM PUBLIC;
 GRANT USAGE ON SCHEMA public TO zsync_sync;
@@ -85,6 +105,9 @@ $$;
 """
 
 EPILOGUE = """\
+-- Settings the database's own checks read (zsync migrate writes ZSYNC_MAX_FUTURE_SKEW_S over this default).
+INSERT INTO zsync.config (key, value) VALUES ('max_future_skew_s', '300') ON CONFLICT (key) DO NOTHING;
+
 -- Schedule: Supabase ships pg_cron; enable it here and sweep the outbox every 30 seconds. Where pg_cron is
 -- not available (the local embedded Postgres) the local stack runs the sweep itself.
 DO $$
@@ -100,12 +123,15 @@ BEGIN
     END IF;
     IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_cron') THEN
         PERFORM cron.schedule('zsync-sweep-outbox', '30 seconds', 'SELECT zsync.sweep_outbox()');
+        -- tombstones past their retention, once both sides agree (zsync.expire_tombstones)
+        PERFORM cron.schedule('zsync-expire-tombstones', '17 * * * *', 'SELECT zsync.expire_tombstones()');
     END IF;
 END
 $$;
 """
 
 BOOTSTRAPPED = {"zsync", "schema_migrations"}
+API_ROLES = ("anon", "authenticated", "service_role")  # Supabase's: their grants come from default privileges
 SYNCED_TABLES = ("agent_jobs", "agent_decisions", "audit_log", "rate_limits")
 _HEADER = re.compile(r"^-- Name: (?P<name>.+?); Type: (?P<type>[A-Z ]+); Schema: (?P<schema>\S+); Owner: .*$")
 _SESSION_SETTINGS = re.compile(r"^(SET |SELECT pg_catalog\.set_config)")
@@ -138,7 +164,7 @@ class Entry:
                            "ROW SECURITY"}:
             table, _, own = name.partition(" ")
             # triggers and policies are classified by their own name (a trigger serves a concern, not a table)
-            name = own if self.type in {"TRIGGER", "POLICY"} and own.startswith("zsync_") else table
+            name = own if self.type == "TRIGGER" and own.startswith("zsync_") else table
         return name.split("(", 1)[0]
 
 
@@ -206,6 +232,11 @@ def render(entries: list[Entry], chain: list[Migration]) -> str:
         if entry.type != "ACL" and entry.owner_name in BOOTSTRAPPED:
             continue  # shared.migrate creates them before the first migration
         text = entry.sql
+        if entry.type == "ACL":
+            text = "\n".join(line for line in text.splitlines()
+                              if not re.fullmatch(rf"GRANT .* TO ({'|'.join(API_ROLES)});", line))
+            if not text:
+                continue
         if entry.type == "FUNCTION" and comments.get(entry.owner_name):
             text = comments[entry.owner_name] + "\n" + text
         grouped[section_of(entry)].append(text)

@@ -94,19 +94,35 @@ def ping_all(urls: dict[str, str], settings: Settings, timeout_s: float = 10.0) 
         return list(pool.map(one, sorted(urls.items())))
 
 
+DLQ_NOT_CONFIGURED = "not configured (ZSYNC_DLQ_URL)"
+
+
+def dead_letters(settings: Settings | None) -> tuple[int | None, str | None]:
+    """The dead-letter queue depth and, when there is none to show, why: one wording for status, report
+    and monitor (a depth of 0 is shown as 0 everywhere, never as '-')."""
+    from shared.alerts import dead_letter_depth
+
+    if settings is None or not settings.dlq_url:
+        return None, DLQ_NOT_CONFIGURED
+    try:
+        depth = dead_letter_depth(settings)
+    except Exception as exc:
+        return None, f"unreadable: {type(exc).__name__}"
+    return (depth, None) if depth is not None else (None, DLQ_NOT_CONFIGURED)
+
+
+def dead_letters_text(depth: int | None, problem: str | None) -> str:
+    return str(depth) if depth is not None else (problem or DLQ_NOT_CONFIGURED)
+
+
 def collect(database_url: str, since: timedelta, settings: Settings, urls: dict[str, str] | None,
             *, inbox_stage: str | None = None) -> dict[str, Any]:
     """``inbox_stage``: also read the backlog of that stage's trigger inboxes (needs Zapier credentials)."""
     from infra.inbox_status import backlog as inbox_backlog
-    from shared.alerts import dead_letter_depth
 
     with psycopg.connect(database_url, autocommit=True, prepare_threshold=None, connect_timeout=10) as conn:
         functions, backlog = per_function(conn, since), outbox(conn)
-    try:
-        dead = dead_letter_depth(settings)
-        dead_problem = None if dead is not None else "no dead-letter queue configured (ZSYNC_DLQ_URL)"
-    except Exception as exc:
-        dead, dead_problem = None, f"unreadable: {type(exc).__name__}"
+    dead, dead_problem = dead_letters(settings)
     inboxes = inbox_backlog(settings, inbox_stage) if inbox_stage else []
     return {
         "generated_at": datetime.now(UTC).isoformat(),
@@ -130,24 +146,44 @@ def _s(value: float | None) -> str:
     return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.1f} s"
 
 
-def render(console: Console, data: dict[str, Any], since_text: str) -> None:
-    table = Table(title=f"zsync status, last {since_text}", show_lines=False)
-    for column, justify in [("table", "left"), ("direction", "left"), ("applied", "right"), ("unchanged", "right"),
-                            ("stale", "right"), ("rejected", "right"), ("failed", "right"), ("conflicts", "right"),
-                            ("lag p50", "right"), ("p95", "right"), ("max", "right"), ("repairs", "right")]:
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    for row in data["functions"]:
+DIRECTION = {"tables_to_supabase": "to Supabase", "supabase_to_tables": "to Tables"}
+WIDE = 120  # below this many columns the figures are split in two tables (every header readable at 80)
+
+
+def _figure_columns(row: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """column header -> (cell text, the alert that makes it red) for one table and direction."""
+    return {
+        "applied": (str(row["applied"]), ""), "unchanged": (str(row["unchanged"]), ""),
+        "stale": (str(row["skipped_stale"]), ""), "rejected": (str(row["rejected"]), "failure_rate"),
+        "failed": (str(row["failed"]), "failure_rate"), "conflicts": (str(row["conflicts"]), "conflicts"),
+        "repairs": (str(row["repairs"]), ""), "lag p50": (_s(row["lag_p50_s"]), "avg_lag"),
+        "p95": (_s(row["lag_p95_s"]), "avg_lag"), "max": (_s(row["lag_max_s"]), "avg_lag"),
+    }
+
+
+def _figures_table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> Table:
+    table = Table(title=title, box=None, pad_edge=False, padding=(0, 1, 0, 0), header_style="bold underline")
+    table.add_column("table", no_wrap=True)
+    table.add_column("direction", no_wrap=True)
+    for column in columns:
+        table.add_column(column, justify="right", no_wrap=True)
+    for row in rows:
+        cells = _figure_columns(row)
         red = set(row["breaches"])
+        table.add_row(row["table"], DIRECTION.get(row["direction"], row["direction"]),
+                      *(f"[bold red]{cells[c][0]}[/]" if cells[c][1] in red else cells[c][0] for c in columns))
+    return table
 
-        def cell(text: str, *alerts: str, _red: set[str] = red) -> str:
-            return f"[bold red]{text}[/]" if _red.intersection(alerts) else text
 
-        table.add_row(row["table"], row["direction"].replace("_", " "), str(row["applied"]),
-                      str(row["unchanged"]), str(row["skipped_stale"]), cell(str(row["rejected"]), "failure_rate"),
-                      cell(str(row["failed"]), "failure_rate"), cell(str(row["conflicts"]), "conflicts"),
-                      cell(_s(row["lag_p50_s"]), "avg_lag"), cell(_s(row["lag_p95_s"]), "avg_lag"),
-                      cell(_s(row["lag_max_s"]), "avg_lag"), str(row["repairs"]))
-    console.print(table)
+def render(console: Console, data: dict[str, Any], since_text: str) -> None:
+    outcomes = ["applied", "unchanged", "stale", "rejected", "failed", "conflicts"]
+    lag = ["lag p50", "p95", "max", "repairs"]
+    title = f"zsync status, last {since_text}"
+    if console.width >= WIDE:
+        console.print(_figures_table(title, data["functions"], outcomes + lag))
+    else:
+        console.print(_figures_table(f"{title}: outcomes", data["functions"], outcomes))
+        console.print(_figures_table("live delivery lag and repairs", data["functions"], lag))
 
     side = Table(title="backlog and reachability", show_header=True)
     side.add_column("what")
@@ -162,8 +198,8 @@ def render(console: Console, data: dict[str, Any], since_text: str) -> None:
     for r in data.get("inboxes", []):
         side.add_row(f"inbox {r['key']}", f"[bold red]{describe(r)}[/]" if r["alert"] else describe(r))
     dead = data["dead_letters"]
-    side.add_row("dead-letter queue", data["dead_letters_problem"] if dead is None
-                 else (f"[bold red]{dead}[/]" if dead else "0"))
+    text = dead_letters_text(dead, data["dead_letters_problem"])
+    side.add_row("dead-letter queue", f"[bold red]{text}[/]" if dead else text)
     for r in data["reachability"]:
         side.add_row(r["function"], "[green]reachable[/]" if r["reachable"] else f"[bold red]{r['detail']}[/]")
     if not data["reachability"]:

@@ -11,8 +11,9 @@ Alerts (key: condition):
 * ``dead_letters``: any message in the dead-letter queue.
 
 State lives in ``zsync.alert_state``; ``zsync.transition_alerts`` serialises concurrent checks (an advisory
-lock held until commit), and the transaction commits only after Slack took the messages, so an alert is
-posted exactly once per opening/resolution even when two checks run at the same time or a post fails.
+lock held until commit), and only the transitions Slack took are committed (when a post fails, the ones
+posted before it are recorded and the rest left for the next check), so an alert is posted exactly once per
+opening/resolution even when two checks run at the same time or a post fails.
 """
 
 from __future__ import annotations
@@ -139,6 +140,27 @@ class CheckResult:
     skipped: str | None = None  # why nothing was posted although transitions happened
 
 
+def _transition(conn: psycopg.Connection, firing: dict[str, str]) -> list[tuple[str, str, str | None]]:
+    return [tuple(r) for r in conn.execute(  # type: ignore[misc]
+        "SELECT alert, transition, detail FROM zsync.transition_alerts(%s::jsonb, %s)",
+        (json.dumps(firing), list(ALERTS))).fetchall()]
+
+
+def _only_posted(firing: dict[str, str], transitions: list[tuple[str, str, str | None]],
+                 posted: list[tuple[str, str]]) -> dict[str, str]:
+    """The ``firing`` that makes zsync.transition_alerts record only the ``posted`` transitions: an opening that
+    was not posted is left closed, a resolution that was not posted is left open (with its detail)."""
+    out = dict(firing)
+    for alert, transition, detail in transitions:
+        if (alert, transition) in posted:
+            continue
+        if transition == "opened":
+            out.pop(alert, None)
+        else:
+            out[alert] = detail or ""
+    return out
+
+
 def check_and_notify(database_url: str, slack_url: str | None, *, dead_letters: int | None = None,
                      window: timedelta = timedelta(hours=1), post: Callable[[str, str], None] = post_to_slack,
                      logger: logging.Logger | None = None) -> CheckResult:
@@ -149,8 +171,11 @@ def check_and_notify(database_url: str, slack_url: str | None, *, dead_letters: 
         health = read_health(conn, window)
         health.dead_letters = dead_letters
         firing = health.firing()
-        transitions = conn.execute("SELECT alert, transition, detail FROM zsync.transition_alerts(%s::jsonb, %s)",
-                                   (json.dumps(firing), list(ALERTS))).fetchall()
+        # zsync.transition_alerts' own lock, taken before the savepoint so that it is held until commit even
+        # when the transitions are rolled back to it (a concurrent check waits and then sees what was posted).
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('zsync.transition_alerts'))")
+        conn.execute("SAVEPOINT zsync_alerts")
+        transitions = _transition(conn, firing)
         if transitions and not slack_url:
             conn.rollback()
             log_event(log, logging.WARNING, "alerts_not_posted", reason="ZSYNC_SLACK_WEBHOOK_URL is not set",
@@ -162,8 +187,14 @@ def check_and_notify(database_url: str, slack_url: str | None, *, dead_letters: 
                 post(slack_url or "", message(alert, transition, detail))
                 posted.append((alert, transition))
         except SlackError as exc:
-            conn.rollback()  # the next check posts them again
-            log_event(log, logging.ERROR, "alert_post_failed", problem=str(exc), pending=[t[0] for t in transitions])
+            # Record exactly what Slack took: the transitions posted before the failure are committed (never
+            # posted again), the others stay as they were, so the next check posts them.
+            conn.execute("ROLLBACK TO SAVEPOINT zsync_alerts")
+            recorded = _transition(conn, _only_posted(firing, transitions, posted))
+            conn.commit()
+            log_event(log, logging.ERROR, "alert_post_failed", problem=str(exc),
+                      posted=[f"{a}:{t}" for a, t in posted], recorded=len(recorded),
+                      pending=[t[0] for t in transitions if (t[0], t[1]) not in posted])
             raise
         conn.commit()
     for alert, transition in posted:

@@ -82,12 +82,18 @@ def sync_entry(fn: FunctionSpec, row: Mapping[str, Any], outcome: Outcome, now: 
 
 
 def failed_entry(fn: FunctionSpec, body: bytes, problems: list[dict[str, str]], now: datetime,
-                 record_id: str | None = None, status: int = 400, declared_bytes: int | None = None) -> dict[str, Any]:
+                 record_id: str | None = None, status: int = 400, declared_bytes: int | None = None,
+                 keep_body: bool = False) -> dict[str, Any]:
     """``sync_failed``: a delivery that was rejected (bad input) or could not be applied. The id is stable
     per (function, status, body, declared size), so a redelivery is audited once but distinct bodies whose
-    bytes were not read (413) are not merged."""
+    bytes were not read (413) are not merged. ``keep_body``: the delivery itself goes into
+    ``metadata.delivery`` (its first 50,000 characters), for a delivery nobody else keeps (an inbox message
+    is acknowledged, a dead letter deleted): what a person needs to repair and re-send it."""
     digest = hashlib.sha256(body).hexdigest()
-    metadata = {"status": status, "problems": problems[:20], "body_sha256": digest, "body_bytes": len(body)}
+    metadata: dict[str, Any] = {"status": status, "problems": problems[:20], "body_sha256": digest,
+                                "body_bytes": len(body)}
+    if keep_body:
+        metadata["delivery"] = body.decode("utf-8", "replace").replace("\x00", "")[:50_000]
     return _entry(fn, FAILED_ACTION, record_id, now, metadata, "error",
                   str(status), digest, "" if declared_bytes is None else str(declared_bytes))
 

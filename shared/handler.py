@@ -3,7 +3,9 @@
 where, and never echoes a secret or a stack trace.
 
 Status codes: 200 applied / unchanged / skipped_stale / ignored / ping; 400 invalid record or payload;
-401 missing or wrong secret; 405 not POST; 413 body too large; 415 not JSON; 500 misconfigured or
+401 missing or wrong secret (except the two wake-ups, which carry none and read nothing: ``?zsync_wake=inbox``
+on a ``*_to_supabase`` function, ``?zsync_wake=outbox`` on a ``*_to_tables`` function - docs/security.md);
+405 not POST; 413 body too large; 415 not JSON; 500 misconfigured or
 internal error; 502 Zapier Tables refused our write; 503 a dependency was unreachable (the delivery was
 dead-lettered for replay).
 """
@@ -48,6 +50,7 @@ from shared.sync import (
 # imported where they are used.
 PING = "zsync_ping"
 WAKE_PARAM = "zsync_wake"  # notification_url = <function URL>?zsync_wake=inbox (see shared.inbox_consumer)
+OUTBOX_WAKE = "outbox"  # the Database Webhook: <*_to_tables URL>?zsync_wake=outbox (see shared.webhook_sql)
 _contexts: dict[str, SyncContext] = {}
 
 
@@ -122,6 +125,8 @@ def _record_id(payload: Any) -> str | None:
         return None
     """The id a rejected delivery is attributed to: only one that can be stored (audit_log.resource_id)."""
     record = payload.get("record")
+    if record is None and isinstance(payload.get("old_record"), dict):  # a DELETE webhook: the deleted row's id
+        record = payload["old_record"]
     candidate = record.get("id") if isinstance(record, dict) else payload.get("id")
     if not isinstance(candidate, str) or len(candidate) > 200 or "\x00" in candidate:
         return None
@@ -268,12 +273,13 @@ def handle(function_name: str, request: flask.Request) -> tuple[dict[str, Any], 
     base = {"function": fn.name, "table": fn.table.name}
     trace = trace_id(request)
 
-    def answer(status: int, outcome: Outcome | str, lag_ms: float | None = None,
+    def answer(status: int, outcome: Outcome | str, lag_ms: float | None = None, *, quiet: bool = False,
                **extra: Any) -> tuple[dict[str, Any], int]:
         body = {**base, "outcome": str(outcome), **{k: v for k, v in extra.items() if v is not None}}
         # One delivery line: function, table, record_id, outcome, lag_ms, duration_ms, trace_id (queryable
         # as jsonPayload.* in Cloud Logging and as fields in CloudWatch Logs Insights).
-        log_event(log, logging.INFO if status < 400 else logging.WARNING, "delivery", status=status,
+        level = logging.DEBUG if quiet else logging.INFO if status < 400 else logging.WARNING
+        log_event(log, level, "delivery", status=status,
                   duration_ms=round((time.perf_counter() - started) * 1000, 1), record_id=body.get("id"),
                   lag_ms=lag_ms, trace_id=trace, **body)
         return body, status
@@ -282,6 +288,8 @@ def handle(function_name: str, request: flask.Request) -> tuple[dict[str, Any], 
         return answer(405, Outcome.REJECTED, error="use POST")
     if WAKE_PARAM in request.args and fn.direction is Direction.TO_SUPABASE:
         return _wake(fn, ctx, answer)
+    if request.args.get(WAKE_PARAM) == OUTBOX_WAKE and fn.direction is Direction.TO_TABLES:
+        return _wake_outbox(fn, ctx, answer)
     if not settings.accepted_secrets():
         log_event(log, logging.ERROR, "misconfigured", problem="ZSYNC_WEBHOOK_SECRET is not set; refusing all")
         return answer(401, Outcome.REJECTED, error=f"missing or invalid {settings.secret_header} header")
@@ -294,11 +302,11 @@ def handle(function_name: str, request: flask.Request) -> tuple[dict[str, Any], 
         if payload.get(PING) is True:
             return answer(200, "ping", migrations_current=_migrations_current(ctx))
         if payload == {"zsync": "check_trash"} and fn.direction is Direction.TO_SUPABASE:  # scheduled trash check
-            from shared.tables_trash import run_check
+            from shared.tables_trash import idle_check, run_check
 
             checked, ok = run_check(fn.name, ctx)
-            return answer(200 if ok else 503, checked.pop("outcome"), **{k: v for k, v in checked.items()
-                                                                          if k not in base})
+            return answer(200 if ok else 503, checked.pop("outcome"), quiet=ok and idle_check(checked),
+                          **{k: v for k, v in checked.items() if k not in base})
         result = process(fn, ctx, payload)
         return answer(200, result.outcome, lag_ms=result.lag_ms, id=result.id, detail=result.detail)
     except Rejected as exc:
@@ -338,6 +346,26 @@ def _wake(fn: FunctionSpec, ctx: SyncContext, answer: Callable[..., tuple[dict[s
         log_event(ctx.logger, logging.ERROR, "dependency_unavailable", error_type=type(exc).__name__,
                   error=str(exc)[:300])
         return answer(503, Outcome.FAILED, error="the trigger inbox is unavailable; messages stay in it")
+    return answer(200, "drained", **report.as_json())
+
+
+def _wake_outbox(fn: FunctionSpec, ctx: SyncContext, answer: Callable[..., tuple[dict[str, Any], int]]
+                 ) -> tuple[dict[str, Any], int]:
+    """A Database Webhook (or sweeper) wake-up of a *_to_tables function: it carries no secret, and nothing in
+    it is read or trusted. The function drains its own table's outbox (the work queue Supabase's triggers fill
+    in the writer's transaction), rate-limited per instance (:func:`shared.outbox_batch.wake`); the answer holds
+    counts only."""
+    from shared.outbox_batch import wake
+
+    try:
+        report = wake(ctx, fn)
+    except ConfigurationError as exc:
+        log_event(ctx.logger, logging.ERROR, "misconfigured", problem=str(exc))
+        return answer(500, Outcome.FAILED, error="function is misconfigured; see its logs")
+    except (supabase_db.DatabaseUnavailable, psycopg.Error, *_tables_errors()) as exc:
+        log_event(ctx.logger, logging.ERROR, "dependency_unavailable", error_type=type(exc).__name__,
+                  error=str(exc)[:300])
+        return answer(503, Outcome.FAILED, error="a dependency is unavailable; the changes stay in the outbox")
     return answer(200, "drained", **report.as_json())
 
 

@@ -24,8 +24,9 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
@@ -47,8 +48,6 @@ from shared.trigger_inbox import (
 from shared.zapier_tables import TablesError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
-
     from shared.settings import Settings
     from shared.sync import SyncContext
 
@@ -96,16 +95,40 @@ class DrainReport:
         return {"inbox": self.inbox, "stopped": self.stopped, **dict(sorted(self.counts.items()))}
 
 
-def _received_at(record_edited_at: str | None, message: Message) -> datetime | None:
+def _received_at(record_edited_at: str | None, message: Message, max_skew_s: float | None = None) -> datetime | None:
     """The version to give a record without ``updated_at``: Zapier's time of the change, not our arrival
-    (a message can wait in the inbox for a long time)."""
+    (a message can wait in the inbox for a long time). A time further ahead of the clock than ``max_skew_s``
+    is not taken (it would become a version from the future: the arrival is used instead)."""
+    latest = datetime.now(UTC) + timedelta(seconds=max_skew_s) if max_skew_s is not None else None
     for text in (record_edited_at, message.created_at):
         if text:
             try:
-                return dead_letter.parse_iso(text)
-            except ValueError:
+                found = dead_letter.parse_iso(text)
+            except (ValueError, OverflowError):
                 continue
+            if latest is None or found <= latest:
+                return found
     return None
+
+
+INBOX_LETTER_KEYS = frozenset({"inbox_message", "payload"})
+
+
+def inbox_letter_delivery(payload: Mapping[str, Any], field_names: Callable[[bool], Mapping[str, str]] | None
+                          ) -> dict[str, Any]:
+    """The delivery inside a dead letter of the inbox's own shape ``{"inbox_message": id, "payload": the
+    trigger event}`` (written by older versions, and now for a message that could not be read when it was
+    dead-lettered): the record as a Zap would POST it. ``field_names``: field id -> name, for an event keyed by
+    field ids. Raises :class:`UnreadablePayload`."""
+    raw = payload.get("payload")
+    if not isinstance(raw, dict):
+        raise UnreadablePayload([{"field": "payload", "problem": "the dead letter holds no trigger event object"}])
+    try:
+        return read_payload(raw).as_delivery()
+    except UnreadablePayload as exc:
+        if field_names is None or not any("unknown field" in p["problem"] for p in exc.problems):
+            raise
+    return read_payload(raw, field_names(False)).as_delivery()
 
 
 @dataclass
@@ -153,7 +176,7 @@ class InboxConsumer:
     def _settle(self, op: str, lease_id: str, ids: list[str], report: DrainReport) -> None:
         try:
             (self.client.ack if op == "ack" else self.client.release)(self.inbox_id, lease_id, ids)
-            report.counts[f"{op}ed"] += len(ids)
+            report.counts["acked" if op == "ack" else "released"] += len(ids)  # (was "releaseed")
         except LeaseExpired:  # the messages come back; applying again is harmless
             report.counts["lease_expired"] += len(ids)
             log_event(self.ctx.logger, logging.WARNING, "inbox_lease_expired", inbox=self.inbox_id, op=op, n=len(ids))
@@ -184,7 +207,8 @@ class InboxConsumer:
                           outcome="rejected", status=400, problems=exc.problems, audited=audited)
                 ack.append(message.id)
                 continue
-            batch.append((message, record.as_delivery(), _received_at(record.edited_at, message)))
+            batch.append((message, record.as_delivery(),
+                          _received_at(record.edited_at, message, self.ctx.settings.max_future_skew_s)))
         if not batch:
             return ack, release
         try:
@@ -195,11 +219,49 @@ class InboxConsumer:
             log_event(self.ctx.logger, logging.ERROR, "dependency_unavailable", inbox=self.inbox_id,
                       messages=len(batch), error_type=type(exc).__name__, error=str(exc)[:300])
             return ack, release + [m.id for m, _, _ in batch]
+        except Exception as exc:  # one message broke the batch in a way no check foresaw
+            log_event(self.ctx.logger, logging.ERROR, "inbox_batch_failed", inbox=self.inbox_id, messages=len(batch),
+                      error_type=type(exc).__name__, error=str(exc)[:300], resolution="each message applied alone")
+            results = None
+        if results is None:  # isolate: each message alone; the one that still fails comes back (then the DLQ)
+            one_ack, one_release = self._apply_each(batch, report)
+            return ack + one_ack, release + one_release
         for (message, _, _), result in zip(batch, results, strict=True):
-            report.counts[str(result.outcome)] += 1
-            log_event(self.ctx.logger, logging.INFO, "inbox_message", inbox=self.inbox_id, message=message.id,
-                      outcome=str(result.outcome), id=result.id, lease_count=message.lease_count,
-                      possible_duplicate=message.possible_duplicate_data)
+            self._applied(message, result, report)
+            ack.append(message.id)
+        return ack, release
+
+    def _applied(self, message: Message, result: Any, report: DrainReport) -> None:
+        report.counts[str(result.outcome)] += 1
+        log_event(self.ctx.logger, logging.INFO, "inbox_message", inbox=self.inbox_id, message=message.id,
+                  outcome=str(result.outcome), id=result.id, lease_count=message.lease_count,
+                  possible_duplicate=message.possible_duplicate_data,
+                  **({"problems": result.problems} if result.problems else {}))
+
+    def _apply_each(self, batch: list[tuple[Message, dict[str, Any], datetime | None]], report: DrainReport
+                    ) -> tuple[list[str], list[str]]:
+        """The batch failed as a whole: apply its messages one by one, so the others are applied (acked) and
+        only the message that fails alone is released (after ``poison_lease_count`` leases it is dead-lettered)."""
+        from shared.sync import apply_many_from_tables
+
+        ack: list[str] = []
+        release: list[str] = []
+        for n, (message, delivery, received) in enumerate(batch):
+            try:
+                [result] = apply_many_from_tables(self.ctx, self.fn, [delivery], received_at=[received])
+            except (supabase_db.DatabaseUnavailable, TablesError, InboxError) as exc:  # down: the rest comes back
+                report.counts["dependency_errors"] += 1
+                log_event(self.ctx.logger, logging.ERROR, "dependency_unavailable", inbox=self.inbox_id,
+                          messages=len(batch) - n, error_type=type(exc).__name__, error=str(exc)[:300])
+                return ack, release + [m.id for m, _, _ in batch[n:]]
+            except Exception as exc:  # released: it comes back, and goes to the DLQ if it keeps failing
+                report.counts["failed"] += 1
+                log_event(self.ctx.logger, logging.ERROR, "inbox_message", inbox=self.inbox_id, message=message.id,
+                          outcome="failed", error_type=type(exc).__name__, error=str(exc)[:300],
+                          lease_count=message.lease_count)
+                release.append(message.id)
+                continue
+            self._applied(message, result, report)
             ack.append(message.id)
         return ack, release
 
@@ -220,11 +282,23 @@ class InboxConsumer:
         return read_payload(message.payload, self._field_names(message, refresh=True))
 
     def _poison(self, message: Message, report: DrainReport) -> str:
+        """Store the message in the dead-letter queue in the shape ``zsync replay`` applies: the delivery a
+        Zap would POST (the record's fields flat, ``edited_at``); a message that cannot be read keeps the
+        inbox's own shape ``{"inbox_message", "payload"}``, which replay reads too
+        (:func:`inbox_letter_delivery`) or rejects with its problems."""
         error = RuntimeError(f"trigger inbox message {message.id} leased {message.lease_count} times without an ack"
                              + (f": {message.error_message}" if message.error_message else ""))
-        letter = dead_letter.DeadLetter.new(self.fn.name, {"inbox_message": message.id, "payload": message.payload},
-                                            error, received_at=_received_at(None, message) or datetime.now(UTC),
-                                            table=self.fn.table.name)
+        payload: dict[str, Any] = {"inbox_message": message.id, "payload": message.payload}
+        edited_at: str | None = None
+        try:
+            record = self._read(message)
+            payload, edited_at = record.as_delivery(), record.edited_at
+        except (UnreadablePayload, TablesError):
+            pass
+        record_id = payload.get("id") if isinstance(payload.get("id"), str) else None
+        received = _received_at(edited_at, message, self.ctx.settings.max_future_skew_s) or datetime.now(UTC)
+        letter = dead_letter.DeadLetter.new(self.fn.name, payload, error, received_at=received,
+                                            table=self.fn.table.name, record_id=record_id)
         problem = dead_letter.dead_letter(self.ctx.settings, letter)
         if problem is not None:  # keep it in the inbox rather than lose it
             log_event(self.ctx.logger, logging.ERROR, "dead_letter_failed", inbox=self.inbox_id, message=message.id,

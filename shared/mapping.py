@@ -31,7 +31,10 @@ from shared.spec import TEXT_MAX_LENGTH, Field, Kind, TableSpec
 Source = Literal["tables", "supabase"]
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 _INT_TEXT = re.compile(r"^\s*[+-]?\d+\s*$")
-_CONTROL = re.compile(r"[\x00-\x1f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # the id CHECK: no \x01-\x1f nor \x7f (NUL never reaches Postgres)
+# The timestamp CHECKs (migration *_zsync_deletes_outbox.sql, zsync_<column>_syncable): strictly between these.
+TS_MIN = datetime(1, 1, 2, tzinfo=UTC)
+TS_MAX = datetime(9999, 12, 31, tzinfo=UTC)
 
 
 class InvalidRecord(ValueError):
@@ -107,8 +110,10 @@ def coerce_id(value: Any, max_length: int) -> str:
         raise ValueError("id is empty")
     if len(value) > max_length:
         raise ValueError(f"id is longer than {max_length} characters ({len(value)})")
-    if _CONTROL.search(value):
-        raise ValueError("id contains control characters")
+    control = _CONTROL.search(value)
+    if control:
+        raise ValueError(f"id contains control characters ({control.group()!r} at position {control.start()} of "
+                         f"{value[:60]!r})")
     return _check_text(value, "id")
 
 
@@ -195,9 +200,13 @@ def normalize_timestamp(value: Any) -> datetime | None:
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
     try:
-        return parsed.astimezone(UTC)
+        utc = parsed.astimezone(UTC)
     except OverflowError:
         raise ValueError(f"timestamp out of range: {value!r}") from None
+    if not TS_MIN < utc < TS_MAX:
+        raise ValueError(f"timestamp out of range: {value!r} (must be after {format_timestamp(TS_MIN)} and before "
+                         f"{format_timestamp(TS_MAX)}, as the database requires)")
+    return utc
 
 
 def coerce_text_array(value: Any) -> list[str]:
@@ -273,6 +282,25 @@ def parse_record(spec: TableSpec, record: Mapping[str, Any], source: Source) -> 
     except ValidationError as exc:
         raise InvalidRecord(_problems(exc)) from None
     return model.model_dump()
+
+
+def version_ahead(spec: TableSpec, row: Mapping[str, Any], now: datetime, max_skew_s: float) -> list[dict[str, str]]:
+    """The problem of a version set further in the future than ``max_skew_s`` ahead of ``now`` (none: ``[]``).
+
+    Such a time would win every comparison until the clocks caught up (and the database's hybrid-logical rule
+    would give every later write that time + 1 ms), so it is never stored or compared as a version."""
+    ts = row.get(spec.version or "") if spec.version else None
+    if not isinstance(ts, datetime) or (ahead := (ts - now).total_seconds()) <= max_skew_s:
+        return []
+    return [{"field": spec.version or "", "problem": f"{format_timestamp(ts)} is {ahead:.0f} s ahead of the clock "
+             f"({format_timestamp(now)}); at most {max_skew_s:g} s allowed (ZSYNC_MAX_FUTURE_SKEW_S)"}]
+
+
+def check_version_skew(spec: TableSpec, row: Mapping[str, Any], now: datetime, max_skew_s: float) -> None:
+    """Raise :class:`InvalidRecord` when :func:`version_ahead` finds a problem."""
+    problems = version_ahead(spec, row, now, max_skew_s)
+    if problems:
+        raise InvalidRecord(problems)
 
 
 _MISSING = object()

@@ -116,6 +116,7 @@ def apply_migrations(database_url: str, directory: Path = MIGRATIONS_DIR,
     done: list[str] = []
     with _connect(database_url) as conn:
         _apply_chain(conn, discover(directory), history, done)
+        _store_settings(conn)
     return done
 
 
@@ -159,3 +160,13 @@ def _apply_one(conn: psycopg.Connection, migrations: list[Migration], m: Migrati
     except psycopg.Error as exc:
         raise MigrationError(f"{m.path.name} failed: {exc}") from exc
     return True
+
+
+def _store_settings(conn: psycopg.Connection) -> None:
+    """Copy the settings the database's own checks read into zsync.config (``ZSYNC_MAX_FUTURE_SKEW_S``: the
+    one source of the skew; see migration *_zsync_future_skew.sql). A no-op before that migration."""
+    from shared.settings import get_settings
+
+    with conn.transaction():
+        if conn.execute("SELECT to_regprocedure('zsync.set_max_future_skew(double precision)')").fetchone()[0]:
+            conn.execute("SELECT zsync.set_max_future_skew(%s)", (get_settings().max_future_skew_s,))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,9 +35,9 @@ import psycopg
 from shared import audit, conflict, supabase_db
 from shared.conflict import Outcome
 from shared.logs import log_event
-from shared.mapping import InvalidRecord, parse_supabase_record, parse_tables_record, to_tables_fields
+from shared.mapping import InvalidRecord, parse_supabase_record, to_tables_fields
 from shared.settings import TablesWriter
-from shared.spec import FUNCTIONS, Direction, FunctionSpec
+from shared.spec import Direction, FunctionSpec
 from shared.sync import (
     SupabaseWebhook,
     SyncContext,
@@ -48,6 +49,11 @@ from shared.sync import (
     _tables_version,
     _unreadable_is_older,
     apply_from_supabase,
+    delete_won,
+    idless_record,
+    later_tables_delete,
+    push_back,
+    tables_version_row,
 )
 
 if TYPE_CHECKING:
@@ -158,26 +164,42 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
         return
     table_id = ctx.table_id(spec)
     try:
-        found = _patient(lambda: ctx.tables.find_many(table_id, "id", [i.id for i in items]), deadline)
+        # The trash too (same one request): a record deleted in Tables is not re-created by an older version.
+        found = _patient(lambda: ctx.tables.find_many(table_id, "id", [i.id for i in items], trash="include"),
+                         deadline)
     except TablesUnavailable as exc:
         plan.stopped = str(exc)[:300]
         return
     by_id: dict[str, list[Record]] = {}
+    in_trash: dict[str, list[Record]] = {}
     for rec in found:
-        by_id.setdefault(str(rec.data.get("id")), []).append(rec)
+        (in_trash if rec.deleted_at else by_id).setdefault(str(rec.data.get("id")), []).append(rec)
 
     creates: list[_Item] = []
     updates: list[tuple[_Item, str]] = []
     pairs: list[tuple[_Item, dict[str, Any]]] = []
+    idless: set[str] = set()
     for item in items:
         recs = by_id.get(item.id, [])
         if not recs:
-            creates.append(item)
-            continue
+            deleted_at = later_tables_delete(conn, spec, item.row.get(spec.version or ""), in_trash.get(item.id, []))
+            if deleted_at is not None:  # deleted in Tables after this version: the delete wins
+                plan.outcomes[item.id] = (delete_won(conn, spec, item.id, deleted_at), None)
+                continue
+            try:
+                found_idless = _patient(lambda item=item: idless_record(ctx, table_id, item.id), deadline)
+            except TablesUnavailable as exc:
+                plan.stopped = str(exc)[:300]
+                return
+            if found_idless is None:
+                creates.append(item)
+                continue
+            recs = by_id[item.id] = [found_idless]
+            idless.add(item.id)
         existing = recs[0] if len(recs) == 1 else _remove_duplicates(ctx, conn, spec, table_id, item.id)
         edited_at = _tables_edited_at(existing)
         try:
-            current = parse_tables_record(spec, existing.data)
+            current = tables_version_row(ctx, spec, existing)
         except InvalidRecord as exc:
             if _unreadable_is_older(spec, existing, edited_at, item.row):
                 log_event(ctx.logger, logging.WARNING, "tables_record_unreadable", record_id=item.id,
@@ -194,18 +216,20 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
         pairs.append((item, current))
         by_id[item.id] = [existing]  # the one kept (duplicates removed)
     cmps = conflict.compare_many(conn, spec, [(item.row, current) for item, current in pairs])
+    stale = [item.id for (item, _), cmp in zip(pairs, cmps, strict=True)
+             if conflict.outcome_of(cmp) is Outcome.SKIPPED_STALE]
+    if len(stale) > 1:  # the pushes below lock these rows: take them in id order first, as every writer does
+        supabase_db.lock_rows(conn, spec, stale)
     for (item, current), cmp in zip(pairs, cmps, strict=True):
         outcome = conflict.outcome_of(cmp)
+        if outcome is Outcome.UNCHANGED and item.id in idless:
+            outcome = Outcome.APPLIED  # the same version: write it whole, which puts the id into the record
         if outcome is Outcome.APPLIED:
             updates.append((item, by_id[item.id][0].id))
             continue
         if outcome is Outcome.SKIPPED_STALE:
             # Tables holds a newer version: make sure Supabase has it too (same as the single path).
-            pushed, _ = supabase_db.sync_upsert(conn, spec, current)
-            if pushed == Outcome.APPLIED:
-                back = FUNCTIONS[spec.function_name(Direction.TO_SUPABASE)]
-                supabase_db.append_audit(conn, audit.sync_entry(back, current, Outcome.APPLIED, datetime.now(UTC),
-                                                                origin="repair"))
+            push_back(ctx, conn, spec, current)
         plan.outcomes[item.id] = (outcome, None)
 
     def send(chunk: list[Any], create: bool) -> None:
@@ -306,6 +330,31 @@ def _drain_once(ctx: SyncContext, fn: FunctionSpec, limit: int, exclude: list[st
         return done[0]
 
 
+def _deliver_delete(ctx: SyncContext, fn: FunctionSpec, rid: str) -> SyncResult:
+    """A delete handed to the single delete path. Zapier refusing it (a 4xx, or ``meta.errors`` in a 200) is
+    counted on the record's outbox entries (parked after a few, as a refused write) and answered ``failed``;
+    Tables unreachable leaves it pending. Never acknowledged as applied."""
+    from shared.zapier_tables import TablesError, TablesRejected
+
+    try:
+        return _delete_from_supabase(ctx, fn, rid)
+    except TablesError as exc:
+        reason = f"dependency: {type(exc).__name__}: {str(exc)[:200]}"
+        if isinstance(exc, TablesRejected):  # audited and counted as the one-record path does (a 502)
+            body = json.dumps({"type": "DELETE", "table": fn.table.name, "schema": "public", "record": None,
+                               "old_record": {"id": rid}}, sort_keys=True).encode()
+            problems = [{"field": "dependency", "problem": f"{type(exc).__name__}: {str(exc)[:200]}"}]
+            entry = audit.failed_entry(fn, body, problems, datetime.now(UTC), rid, 502)
+
+            def work(conn: psycopg.Connection) -> None:
+                supabase_db.append_audit(conn, entry)
+                supabase_db.outbox_failed(conn, fn.table, rid, reason)
+
+            ctx.db.run(work)
+        log_event(ctx.logger, logging.ERROR, "delete_failed", table=fn.table.name, record_id=rid, reason=reason)
+        return SyncResult(outcome=Outcome.FAILED, function=fn.name, table=fn.table.name, id=rid, detail=reason)
+
+
 def drain_outbox(ctx: SyncContext, fn: FunctionSpec, *, origin: str = "live", limit: int | None = None,
                  budget_s: float | None = None) -> DrainResult:
     """Deliver the pending outbox changes of ``fn``'s table to Tables in batches until none is left that
@@ -340,7 +389,7 @@ def drain_outbox(ctx: SyncContext, fn: FunctionSpec, *, origin: str = "live", li
             result.results[rid] = SyncResult(outcome=Outcome.IGNORED, function=fn.name, table=fn.table.name, id=rid,
                                              detail="row deleted without a tombstone: nothing to send")
         for rid in plan.deletes:
-            result.results[rid] = _delete_from_supabase(ctx, fn, rid)
+            result.results[rid] = _deliver_delete(ctx, fn, rid)
             handled.append(rid)
         handled += [rid for rid, (outcome, _) in plan.outcomes.items() if outcome is Outcome.PARKED]
         if plan.stopped:
@@ -386,3 +435,86 @@ def deliver(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhook, *, origin
         return SyncResult(outcome=Outcome.UNCHANGED, function=fn.name, table=spec.name, id=row["id"],
                           detail="delivered in a batch")
     return apply_from_supabase(ctx, fn, hook, origin=origin)
+
+
+# --- the Database Webhook's wake-up: no secret, no data, rate-limited per instance -------------------------------
+
+
+@dataclass
+class _Gate:
+    """One per function and process: whether a wake-up drain runs, whether another wake-up arrived meanwhile,
+    and when the last drain round started."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    running: bool = False
+    again: bool = False
+    last_start: float = float("-inf")
+
+
+_gates: dict[str, _Gate] = {}
+_gates_lock = threading.Lock()
+
+
+def _gate(name: str) -> _Gate:
+    with _gates_lock:
+        return _gates.setdefault(name, _Gate())
+
+
+@dataclass
+class WakeReport:
+    """What a wake-up did, in counts only: the caller is not authenticated, so no id and no data."""
+
+    coalesced: bool = False  # another wake-up's drain was running: it drains once more for this one
+    rounds: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    pending_left: bool = False
+
+    def as_json(self) -> dict[str, Any]:
+        return {"coalesced": self.coalesced, "rounds": self.rounds, "counts": dict(sorted(self.counts.items())),
+                "pending_left": self.pending_left}
+
+
+def wake(ctx: SyncContext, fn: FunctionSpec) -> WakeReport:
+    """An unauthenticated wake-up (``?zsync_wake=outbox``): drain ``fn``'s own outbox and nothing else.
+
+    Nothing of the request is read, so a caller can only make the function deliver what Supabase already
+    queued, with the function's own credentials. Rate limit, per instance and function: one drain at a time
+    (a wake-up that arrives while one runs is answered at once and makes the running one drain again when it
+    finishes, so no change committed before any wake-up waits for the sweeper), and drain rounds start at least
+    ``outbox_wake_min_interval_s`` apart (a flood costs at most 1 / that claim queries a second). The whole call
+    stays inside ``outbox_drain_budget_s`` (under pg_net's webhook timeout); what it leaves is pending for the
+    next wake-up or the sweeper."""
+    if fn.direction is not Direction.TO_TABLES:
+        raise ValueError(f"{fn.name} does not sync to Zapier Tables")
+    settings = ctx.settings
+    gate = _gate(fn.name)
+    report = WakeReport()
+    with gate.lock:
+        if gate.running:
+            gate.again = True
+            report.coalesced = True
+            return report
+        gate.running = True
+    deadline = time.monotonic() + settings.outbox_drain_budget_s
+    try:
+        while True:
+            wait = gate.last_start + settings.outbox_wake_min_interval_s - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            gate.last_start = time.monotonic()
+            remaining = deadline - gate.last_start
+            drained = drain_outbox(ctx, fn, budget_s=max(remaining, 0.1))
+            report.rounds += 1
+            for result in drained.results.values():
+                report.counts[result.outcome.value] = report.counts.get(result.outcome.value, 0) + 1
+            report.pending_left = drained.pending_left
+            with gate.lock:
+                if not gate.again or time.monotonic() >= deadline:
+                    report.pending_left = report.pending_left or gate.again
+                    gate.running = gate.again = False
+                    return report
+                gate.again = False
+    except BaseException:
+        with gate.lock:
+            gate.running = False
+        raise

@@ -56,16 +56,26 @@ class Settings(BaseSettings):
     http_timeout_s: float = Field(default=10.0, gt=0)
     retry_budget_s: float = Field(default=20.0, ge=0, description="Total time outbound retries may take per call.")
     outbox_batches: bool = Field(
-        default=True, description="*_to_tables: a webhook wakes the function, which delivers every pending outbox "
-        "change of its table in batches (False: one record per webhook, the webhook's own record).")
+        default=True, description="*_to_tables, a signed webhook payload (a replay, a hand-sent delivery): deliver "
+        "every pending outbox change of the table in batches (False: that payload's record only). The Database "
+        "Webhook itself is a secret-free wake-up (?zsync_wake=outbox) that always drains the outbox.")
     outbox_claim_limit: int = Field(default=1000, ge=1, le=10000, description="Outbox entries claimed per batch.")
     outbox_drain_budget_s: float = Field(
         default=4.0, gt=0, description="Time one wake-up spends draining (incl. 429 waits); under pg_net's 5 s "
         "webhook timeout. What is left stays pending for the next wake-up or the sweeper.")
+    outbox_wake_min_interval_s: float = Field(
+        default=0.2, ge=0, le=10, description="*_to_tables: drain rounds started by the unauthenticated wake-up "
+        "(?zsync_wake=outbox) start at least this far apart, per instance (a flood of wake-ups is rate-limited).")
 
     # --- Trigger inboxes (Zapier -> the *_to_supabase functions) ------------------------------------
     stage: str = Field(default="dev", description="Deployment stage: each function drains inbox zsync-<stage>-<fn>.")
     inbox_drain_budget_s: float = Field(default=10.0, gt=0, description="How long one wake-up may drain.")
+
+    # --- Bad input ---------------------------------------------------------------------------------
+    max_future_skew_s: float = Field(
+        default=300.0, ge=0, description="A version (updated_at) more than this far ahead of the clock is "
+        "refused (400 / sync_failed), never stored or compared. `zsync migrate` copies it into zsync.config, where "
+        "the database's own check (zsync.max_future_skew(), trigger zsync_maintain_updated_at) reads it.")
 
     # --- Requests --------------------------------------------------------------------------------
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)

@@ -169,6 +169,13 @@ def lock_record(conn: psycopg.Connection, spec: TableSpec, record_id: str) -> No
     conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"{spec.name}:{record_id}",))
 
 
+def lock_rows(conn: psycopg.Connection, spec: TableSpec, record_ids: list[str]) -> None:
+    """Lock the existing rows of ``record_ids`` until the transaction ends, in id order: the order every
+    writer of a synced table takes its rows in (see migration 20261205500000), so two never deadlock."""
+    conn.execute(f'SELECT count(*) FROM (SELECT 1 FROM public."{spec.name}" t WHERE t.id = ANY(%s) '
+                 "ORDER BY t.id FOR UPDATE) l", (record_ids,))
+
+
 def ack_outbox(conn: psycopg.Connection, spec: TableSpec, record_id: str, updated_at: datetime | None,
                outcome: str) -> int:
     """Mark every outbox entry of this record up to ``updated_at`` as delivered."""
@@ -369,3 +376,20 @@ def fetch_rows_bulk(conn: psycopg.Connection, spec: TableSpec, since: datetime |
         if len(rows) < chunk:
             return out
         after = last
+
+
+# --- deletes (issue 18) ------------------------------------------------------------------------------------
+
+
+def note_sync_trashed(conn: psycopg.Connection, spec: TableSpec, record_id: str, tables_ids: list[str]) -> None:
+    """Remember the Zapier record ids of Tables records the sync itself moved to the trash (zsync.sync_trashed):
+    the trash check and the *_to_tables functions never take them for a person's delete."""
+    if tables_ids:
+        conn.execute("SELECT zsync.note_sync_trashed(%s, %s, %s)", (spec.name, record_id, tables_ids))
+
+
+def sync_trashed_ids(conn: psycopg.Connection, spec: TableSpec, tables_ids: list[str]) -> set[str]:
+    """Of ``tables_ids`` (Zapier record ids of trashed records), those the sync trashed itself."""
+    if not tables_ids:
+        return set()
+    return {r[0] for r in conn.execute("SELECT zsync.sync_trashed_ids(%s, %s)", (spec.name, tables_ids))}

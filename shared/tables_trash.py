@@ -37,14 +37,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from shared import supabase_db
 from shared.conflict import Outcome
 from shared.logs import log_event
 from shared.mapping import coerce_id, normalize_timestamp
 from shared.spec import Direction, TableSpec
-from shared.sync import SyncContext, apply_tables_delete
+from shared.sync import SyncContext, apply_tables_delete, is_empty_id
 
 CHECK_TRASH = "check_trash"  # the body / scheduled event {"zsync": "check_trash"}
 OVERLAP = timedelta(minutes=2)
@@ -82,6 +83,18 @@ def _watermark(ctx: SyncContext, spec: TableSpec) -> datetime | None:
     return ctx.db.run(lambda conn: conn.execute("SELECT zsync.trash_watermark(%s)", (spec.name,)).fetchone()[0])
 
 
+def _deletes_by_id(ctx: SyncContext, spec: TableSpec, found: list[tuple[str, str, datetime]]) -> dict[str, datetime]:
+    """Our id -> the latest deleted_at of its trashed records, leaving out the records the sync trashed itself
+    (zsync.sync_trashed: the copy of a record deleted in Supabase, a duplicate): never a person's delete."""
+    zids = [z for _, z, _ in found]
+    own = ctx.db.run(lambda conn: supabase_db.sync_trashed_ids(conn, spec, zids)) if zids else set()
+    wanted: dict[str, datetime] = {}
+    for rid, zid, deleted_at in found:
+        if zid not in own:
+            wanted[rid] = max(deleted_at, wanted.get(rid, deleted_at))
+    return wanted
+
+
 def check_trash(ctx: SyncContext, spec: TableSpec, since: datetime | None = None, *,
                 overlap: timedelta = OVERLAP) -> TrashResult:
     """Apply to Supabase the deletes made in ``spec``'s Zapier table since ``since`` (default: the stored
@@ -91,13 +104,14 @@ def check_trash(ctx: SyncContext, spec: TableSpec, since: datetime | None = None
         result.checked = False
         return result
     table_id = ctx.table_id(spec)
+    started = datetime.now(UTC)  # a delete made while the pages are read is after this (see the watermark)
     if since is None:
         mark = _watermark(ctx, spec)
         since = mark - overlap if mark is not None else None
     result.since = since.isoformat() if since else None
     id_max = spec.field("id").max_length or 128
     newest: datetime | None = None
-    wanted: dict[str, datetime] = {}  # our id -> its latest deleted_at
+    found: list[tuple[str, str, datetime]] = []  # (our id, Zapier's record id, deleted_at)
     for record in ctx.tables.iter_records(table_id, PAGE, trash="only"):
         result.trashed += 1
         try:
@@ -113,14 +127,15 @@ def check_trash(ctx: SyncContext, spec: TableSpec, since: datetime | None = None
         if since is not None and deleted_at < since:
             continue
         result.considered += 1
-        try:
-            rid = coerce_id(record.data.get("id"), id_max)
+        try:  # an empty id cell: the record went to Supabase under its Zapier id (shared.sync.tables_row)
+            rid = coerce_id(record.id if is_empty_id(record.data.get("id")) else record.data.get("id"), id_max)
         except ValueError as exc:
             result.unreadable += 1
             log_event(ctx.logger, logging.WARNING, "trash_record_unreadable", table=spec.name,
                       tables_record=record.id, problem=f"id: {exc}")
             continue
-        wanted[rid] = max(deleted_at, wanted.get(rid, deleted_at))
+        found.append((rid, record.id, deleted_at))
+    wanted = _deletes_by_id(ctx, spec, found)
     live = {r.data.get("id") for r in ctx.tables.find_many(table_id, "id", list(wanted))} if wanted else set()
     pending = set(ctx.db.run(lambda conn: [r[0] for r in conn.execute(
         "SELECT zsync.trash_insert_pending(%s, %s)", (spec.name, sorted(wanted))).fetchall()])) if wanted else set()
@@ -138,11 +153,22 @@ def check_trash(ctx: SyncContext, spec: TableSpec, since: datetime | None = None
             result.kept_newer += 1
         else:
             result.unchanged += 1
+    # Never past the check's start: a delete made during the check on a page already read has a deleted_at
+    # after the start (the overlap covers the clocks' skew), so the next check reads it.
+    newest = min(newest, started) if newest else None
     result.watermark = newest.isoformat() if newest else None
     ctx.db.run(lambda conn: conn.execute("SELECT zsync.trash_checked(%s, %s, %s, %s)",
                                          (spec.name, newest, result.considered, result.applied)))
-    log_event(ctx.logger, logging.INFO, "trash_checked", **result.as_dict())
+    # An idle check (nothing new in the trash) logs at DEBUG: every 5 s locally, it would push the real
+    # deliveries out of `zsync logs`. Doctor reads the last run from zsync.trash_watermarks, not the log.
+    log_event(ctx.logger, logging.DEBUG if idle_check(result.as_dict()) else logging.INFO,
+              "trash_checked", **result.as_dict())
     return result
+
+
+def idle_check(answer: dict[str, Any]) -> bool:
+    """Whether a trash check's result found nothing to do (nothing considered, nothing unreadable)."""
+    return not answer.get("error") and not answer.get("considered") and not answer.get("unreadable")
 
 
 def run_check(function_name: str, ctx: SyncContext | None = None) -> tuple[dict[str, Any], bool]:

@@ -383,11 +383,12 @@ class TriggerRecord:
     fields: dict[str, Any]  # by field name
 
     def as_delivery(self) -> dict[str, Any]:
-        """What a Zap would POST: the record's fields flat, ``id`` = record id when it has none, and
-        ``edited_at`` (Zapier's time of the change: the sync measures lag from it)."""
+        """What a Zap would POST: the record's fields flat, ``id`` = record id when it has none (no ``id``
+        field, or an empty cell), and ``edited_at`` (Zapier's time of the change: the sync measures lag from
+        it and versions a record without ``updated_at`` at it)."""
         out = dict(self.fields)
-        if self.record_id is not None:
-            out.setdefault("id", self.record_id)
+        if self.record_id is not None and out.get("id") in (None, ""):
+            out["id"] = self.record_id
         if self.edited_at is not None:
             out["edited_at"] = self.edited_at
         return out

@@ -1,15 +1,17 @@
 """Render the SQL that points Supabase Database Webhooks at the deployed ``*_to_tables`` functions.
 
 The triggers are ``AFTER INSERT OR UPDATE OR DELETE ... FOR EACH ROW`` triggers executing
-``zsync.webhook_request()`` (see the migration ``20261129200000_zsync_webhook_vault.sql``): it sends the
-Database Webhook's own payload with ``net.http_post`` like Supabase's ``supabase_functions.http_request``,
-but the trigger carries no arguments - the URL and timeout are in ``zsync.webhook_endpoints`` and the
-shared secret is in Supabase Vault (``vault.secrets``, name :data:`VAULT_SECRET_NAME`), read from
-``vault.decrypted_secrets`` inside that SECURITY DEFINER function. ``pg_trigger`` is readable by every
-role; the secret is no longer there. The same SQL runs against the local pg_net and Vault stand-ins.
+``zsync.webhook_request()`` (migration ``20261205100040_zsync_webhook_wakeup.sql``): a wake-up, once per
+table per transaction, POSTed to ``<function URL>?zsync_wake=outbox`` with no secret and no row data. The
+function then drains its table's outbox (the work queue) and trusts nothing in the request. pg_net's
+request queue is readable by every database role, so nothing that authenticates anything is ever put
+there; the triggers carry no arguments (``pg_trigger`` is readable by every role too). The URL and
+timeout live in ``zsync.webhook_endpoints``, which the outbox sweeper (``zsync.sweep_outbox()``) uses for
+its re-sends (wake-ups as well).
 
-The endpoint row also serves the outbox sweeper (``zsync.sweep_outbox()``), which re-sends changes that
-were never acknowledged with the same headers.
+Nothing here needs the shared secret: it authenticates only the Tables -> Supabase direction (Zaps) and
+the signed calls ``zsync doctor`` makes. Wiring also deletes the Vault secret older versions kept
+(``zsync_webhook_secret``), where Vault exists.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from collections.abc import Mapping
 from shared.spec import TABLES, WEBHOOK_TABLES
 
 DEFAULT_TIMEOUT_MS = 5000
-VAULT_SECRET_NAME = "zsync_webhook_secret"
+OLD_VAULT_SECRET_NAME = "zsync_webhook_secret"  # kept by `zsync wire supabase` before 20261205100040
 TRIGGER_FUNCTION = "zsync.webhook_request"
+WAKE_VALUE = "outbox"  # <function URL>?zsync_wake=outbox (shared.handler.WAKE_PARAM)
 
 
 def trigger_name(table: str) -> str:
@@ -33,25 +36,21 @@ def _literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def render_vault_secret_sql(secret: str, name: str = VAULT_SECRET_NAME) -> list[str]:
-    """Create the Vault secret, or update it when it differs (rotation); a no-op when it is current."""
-    s, n = _literal(secret), _literal(name)
+def render_forget_vault_secret_sql(name: str = OLD_VAULT_SECRET_NAME) -> list[str]:
+    """Delete the webhook secret an older `zsync wire supabase` kept in Vault (a no-op without Vault)."""
     return [
-        f"SELECT vault.update_secret(d.id, {s}) FROM vault.decrypted_secrets d",
-        f"  WHERE d.name = {n} AND d.decrypted_secret IS DISTINCT FROM {s};",
-        f"SELECT vault.create_secret({s}, {n}, 'zsync: shared secret of the *_to_tables functions')",
-        f"  WHERE NOT EXISTS (SELECT 1 FROM vault.secrets WHERE name = {n});",
+        "DO $$ BEGIN IF to_regclass('vault.secrets') IS NOT NULL THEN",
+        f"  DELETE FROM vault.secrets WHERE name = {_literal(name)};",
+        "  END IF;",
+        "EXCEPTION WHEN insufficient_privilege THEN",
+        f"  RAISE WARNING 'zsync: delete the Vault secret {name} in the dashboard: it is no longer used';",
+        "END $$;",
     ]
 
 
-def render_webhook_sql(
-    urls: Mapping[str, str],
-    secret_header: str,
-    secret: str,
-    timeout_ms: int = DEFAULT_TIMEOUT_MS,
-) -> str:
-    """SQL (one transaction) storing the secret in Vault and creating or replacing the webhook trigger of
-    every table synced to Tables.
+def render_webhook_sql(urls: Mapping[str, str], timeout_ms: int = DEFAULT_TIMEOUT_MS) -> str:
+    """SQL (one transaction) creating or replacing the webhook trigger and endpoint of every table synced to
+    Tables.
 
     ``urls`` maps table name -> function URL (``agent_jobs`` -> URL of ``agent_jobs_to_tables``).
     Idempotent: re-running with the same or new URLs replaces the triggers.
@@ -64,10 +63,8 @@ def render_webhook_sql(
         raise ValueError(f"not a table synced to Zapier Tables: {', '.join(unknown)}")
     if not 100 <= timeout_ms <= 60_000:
         raise ValueError("timeout_ms must be between 100 and 60000")
-    if not secret:
-        raise ValueError("the webhook secret is empty")
     headers = json.dumps({"Content-Type": "application/json"}, separators=(",", ":"))
-    lines = ["BEGIN;", *render_vault_secret_sql(secret)]
+    lines = ["BEGIN;", *render_forget_vault_secret_sql()]
     for table in WEBHOOK_TABLES:
         spec = TABLES[table]
         url = urls[table]
@@ -78,17 +75,11 @@ def render_webhook_sql(
             f'DROP TRIGGER IF EXISTS "{name}" ON public."{spec.name}";',
             f'CREATE TRIGGER "{name}" AFTER INSERT OR UPDATE OR DELETE ON public."{spec.name}"',
             f"  FOR EACH ROW EXECUTE FUNCTION {TRIGGER_FUNCTION}();",
-            "INSERT INTO zsync.webhook_endpoints (table_name, url, headers, timeout_ms, secret_header, secret_name)",
-            f"  VALUES ({_literal(spec.name)}, {_literal(url)}, {_literal(headers)}::jsonb, {timeout_ms},",
-            f"          {_literal(secret_header)}, {_literal(VAULT_SECRET_NAME)})",
+            "INSERT INTO zsync.webhook_endpoints (table_name, url, headers, timeout_ms)",
+            f"  VALUES ({_literal(spec.name)}, {_literal(url)}, {_literal(headers)}::jsonb, {timeout_ms})",
             "  ON CONFLICT (table_name) DO UPDATE",
             "  SET url = EXCLUDED.url, headers = EXCLUDED.headers, timeout_ms = EXCLUDED.timeout_ms,",
-            "      secret_header = EXCLUDED.secret_header, secret_name = EXCLUDED.secret_name, updated_at = now();",
+            "      updated_at = now();",
         ]
     lines.append("COMMIT;")
     return "\n".join(lines) + "\n"
-
-
-def redact(sql: str, secret: str) -> str:
-    """The same SQL with the secret replaced, for --dry-run output and logs."""
-    return sql.replace(secret, "<redacted>") if secret else sql

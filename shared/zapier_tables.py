@@ -589,12 +589,14 @@ class TablesClient:
             raise TablesDuplicate(f"table {table_id}: more than one record has {field} = {value!r}: {ids}", ids)
         return found[0] if found else None
 
-    def find_many(self, table_id: str, field: str, values: Iterable[Scalar]) -> list[Record]:
-        """Every record whose ``field`` is one of ``values`` (``in`` queries of <= 1000 values, paged)."""
+    def find_many(self, table_id: str, field: str, values: Iterable[Scalar], *, trash: str = "exclude"
+                  ) -> list[Record]:
+        """Every record whose ``field`` is one of ``values`` (``in`` queries of <= 1000 values, paged);
+        ``trash`` as in :meth:`iter_records` (``include``: trashed records too, with ``deleted_at``)."""
         wanted = list(dict.fromkeys(v for v in values if v is not None))
         out: list[Record] = []
         for chunk in _chunks(wanted, PAGE_MAX):
-            out += self.iter_records(table_id, PAGE_MAX, _conditions=[(field, "in", chunk)])
+            out += self.iter_records(table_id, PAGE_MAX, trash=trash, _conditions=[(field, "in", chunk)])
         return out
 
     def create(self, table_id: str, data: Mapping[str, Any]) -> Record:
@@ -605,9 +607,11 @@ class TablesClient:
         return self.update_many(table_id, [(rid, data)])[0]
 
     def delete(self, table_id: str, rid: str, *, missing_ok: bool = False) -> None:
-        """Move record ``rid`` to the trash."""
+        """Move record ``rid`` to the trash. A 200 carrying ``meta.errors`` is a refusal (:class:`TablesRejected`):
+        the record was not deleted."""
         try:
-            self._call("DELETE", self._records_path(table_id), body={"record_ids": [rid]})
+            self._refusable(table_id, lambda: self._call("DELETE", self._records_path(table_id),
+                                                         body={"record_ids": [rid]}))
         except TablesNotFound:
             if not missing_ok:
                 raise

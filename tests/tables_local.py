@@ -66,10 +66,9 @@ def start_local_tables(
 ) -> LocalTables:
     """Start the service and make the spec tables ``names`` (default: all four) with their typed fields.
 
-    ``trigger_urls`` by table name; stamping follows the spec (tables with a version field are stamped)."""
+    ``trigger_urls`` by table name."""
     names = list(names or TABLES)
-    configs = [TableConfig(n, (trigger_urls or {}).get(n), stamp_updated_at=TABLES[n].version is not None)
-               for n in names]
+    configs = [TableConfig(n, (trigger_urls or {}).get(n)) for n in names]
     kwargs.setdefault("client_id", CLIENT_ID)
     kwargs.setdefault("client_secret", CLIENT_SECRET)
     service = start_tables_service(db, configs, **kwargs)

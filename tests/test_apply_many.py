@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,6 +16,7 @@ import psycopg
 import pytest
 
 from infra.local.postgres import create_database, prepare_database
+from shared import supabase_db
 from shared.conflict import Outcome
 from shared.settings import Settings
 from shared.spec import FUNCTIONS
@@ -24,12 +26,16 @@ FN = FUNCTIONS["agent_jobs_to_supabase"]
 AUDIT_FN = FUNCTIONS["audit_log_to_supabase"]
 T0, T1, T2 = "2030-01-01T00:00:00Z", "2030-01-01T01:00:00Z", "2030-01-01T02:00:00Z"
 RECEIVED = datetime(2030, 1, 2, tzinfo=UTC)
+# These fixed versions lie ahead of the clock (deterministic tombstones, and newer than any Zapier edited_at):
+# the future-skew rule (ZSYNC_MAX_FUTURE_SKEW_S, zsync.config) is raised past them here.
+FAR_SKEW_S = 20 * 365 * 86400.0
 
 
 def _fresh(pg_server: Any) -> str:
     url = create_database(pg_server.get_uri())
     prepare_database(url)
     with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT zsync.set_max_future_skew(%s)", (FAR_SKEW_S,))
         # Wired, so a push-back queues an outbox entry (the webhook goes nowhere reachable).
         conn.execute("INSERT INTO zsync.webhook_endpoints (table_name, url, headers, timeout_ms) "
                      "VALUES ('agent_jobs', 'http://127.0.0.1:9/', '{}', 100)")
@@ -45,7 +51,7 @@ def _fresh(pg_server: Any) -> str:
 
 
 def _ctx(url: str) -> SyncContext:
-    return SyncContext(settings=Settings(database_url=url, retry_budget_s=2))
+    return SyncContext(settings=Settings(database_url=url, retry_budget_s=2, max_future_skew_s=FAR_SKEW_S))
 
 
 DELIVERIES: list[dict[str, Any]] = [
@@ -150,37 +156,146 @@ def test_version_exprs_match_version_of(db: psycopg.Connection) -> None:
         assert tuple(got) == tuple(mine), row
 
 
-@pytest.mark.parametrize("workers", [3])
-def test_concurrent_batches_and_single_applies(pg_server: Any, workers: int) -> None:
-    """Overlapping batches (shuffled ids) and single applies at once: no deadlock, the newest version wins."""
+def _deadlocks(url: str) -> int:
+    """Deadlocks Postgres detected in this database, once every other session has ended (each reports its
+    statistics when it exits)."""
+    supabase_db.close_pools()
+    with psycopg.connect(url, autocommit=True) as conn:
+        for _ in range(100):
+            others = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                  "AND pid <> pg_backend_pid()").fetchone()[0]
+            if not others:
+                break
+            time.sleep(0.05)
+        return conn.execute("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()").fetchone()[0]
+
+
+def test_concurrent_batches_and_single_applies(pg_server: Any) -> None:
+    """Batches of the same new ids in opposite orders, and single applies, at once, round after round: no
+    deadlock at all (none retried away: the contexts have no retry budget), the newest version wins.
+
+    Before migration 20261205500000 a batch whose insert lost the race to a concurrent batch applied those
+    rows one by one in its own delivery order, holding the rows it had inserted or locked: two such batches
+    deadlocked in most rounds (and a 2 s retry budget hid it, except 1 run in 10-20)."""
     url = _fresh(pg_server)
-    ids = [f"c-{i:03d}" for i in range(60)]
+    with psycopg.connect(pg_server.get_uri(), autocommit=True) as admin:  # a deadlock fails fast
+        admin.execute(f'ALTER DATABASE "{psycopg.conninfo.conninfo_to_dict(url)["dbname"]}" '
+                      "SET deadlock_timeout = '50ms'")
+    workers, rounds, per_round = 4, 8, 40
     errors: list[BaseException] = []
+    start = threading.Barrier(workers)
 
-    def batch(seed: int) -> None:
-        rnd = random.Random(seed)
-        mine = ids[:]
-        rnd.shuffle(mine)
-        ctx = _ctx(url)
+    def worker(w: int) -> None:
+        ctx = SyncContext(settings=Settings(database_url=url, retry_budget_s=0))
+        rnd = random.Random(w)
         try:
-            for n in range(3):
-                stamp = f"2030-01-01T00:00:{seed * 3 + n:02d}Z"
-                apply_many_from_tables(ctx, FN, [{"id": i, "status": f"s{seed}", "updated_at": stamp} for i in mine])
-                for i in mine[:5]:
-                    apply_from_tables(ctx, FN, {"id": i, "status": f"one{seed}", "updated_at": stamp})
-        except BaseException as exc:
+            for r in range(rounds):
+                ids = [f"c-{r}-{i:03d}" for i in range(per_round)]
+                # Opposite orders, and a little shuffle, so no two workers meet the ids in the same order.
+                mine = ids[::-1] if w % 2 else ids[:]
+                for k in range(0, per_round - 1, 7):
+                    if rnd.random() < 0.5:
+                        mine[k], mine[k + 1] = mine[k + 1], mine[k]
+                stamp = f"2030-01-01T00:{r:02d}:{w:02d}Z"
+                start.wait(10)
+                apply_many_from_tables(ctx, FN, [{"id": i, "status": f"b{w}", "updated_at": stamp} for i in mine])
+                for i in mine[:3]:
+                    apply_from_tables(ctx, FN, {"id": i, "status": f"one{w}", "updated_at": stamp})
+                later = f"2030-01-01T00:{r:02d}:{w + 30:02d}Z"
+                apply_many_from_tables(ctx, FN, [{"id": i, "status": f"u{w}", "updated_at": later} for i in mine])
+        except BaseException as exc:  # reported below
             errors.append(exc)
+            start.abort()
 
-    threads = [threading.Thread(target=batch, args=(s,)) for s in range(workers)]
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(workers)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(120)
-    assert not errors, errors
+        t.join(60)
+    causes = [f"{type(e).__name__}: {e} <- {e.__cause__!r}" for e in errors
+              if not isinstance(e, threading.BrokenBarrierError)]
+    assert not causes, causes
+    assert _deadlocks(url) == 0
     with psycopg.connect(url) as conn:
-        latest = conn.execute("SELECT max(updated_at) FROM agent_jobs WHERE id LIKE 'c-%'").fetchone()[0]
-        lowest = conn.execute("SELECT min(updated_at) FROM agent_jobs WHERE id LIKE 'c-%'").fetchone()[0]
-    assert latest == lowest == datetime(2030, 1, 1, 0, 0, (workers - 1) * 3 + 2, tzinfo=UTC)
+        rows = conn.execute("SELECT id, status, updated_at FROM agent_jobs WHERE id LIKE 'c-%' ORDER BY id").fetchall()
+    assert len(rows) == rounds * per_round
+    newest = datetime(2030, 1, 1, 0, 0, 30 + workers - 1, tzinfo=UTC)
+    assert {(status, ts.replace(minute=0)) for _, status, ts in rows} == {(f"u{workers - 1}", newest)}
+
+
+def test_a_small_batch_takes_its_rows_in_id_order(pg_server: Any) -> None:
+    """A batch of a few rows (zsync.sync_apply per row) locks or inserts each row in id order. It locked the
+    existing rows first: holding sb-b, it waited for sb-a, being inserted by a transaction that then wanted
+    sb-b - a deadlock. Now it waits for sb-a holding nothing, and that transaction simply goes on."""
+    url = _fresh(pg_server)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO agent_jobs (id, status, updated_at) VALUES ('sb-b', 'old', %s)", (T0,))
+    results: list[Any] = []
+    batch = [{"id": "sb-b", "status": "new", "updated_at": T1}, {"id": "sb-a", "status": "batch", "updated_at": T1}]
+    with psycopg.connect(url) as holder:
+        holder.execute("SET lock_timeout = '5s'")
+        holder.execute("INSERT INTO agent_jobs (id, status, updated_at) VALUES ('sb-a', 'holder', %s)", (T2,))
+        worker = threading.Thread(target=lambda: results.append(apply_many_from_tables(_ctx(url), FN, batch)))
+        worker.start()
+        _wait_for_a_lock_wait(url, "sb-a")
+        holder.execute("SELECT 1 FROM agent_jobs WHERE id = 'sb-b' FOR UPDATE")  # deadlocked here before
+        holder.commit()
+    worker.join(30)
+    assert [r.outcome for r in results[0]] == [Outcome.APPLIED, Outcome.SKIPPED_STALE]
+    assert _deadlocks(url) == 0
+
+
+def _wait_for_a_lock_wait(url: str, what: str) -> None:
+    with psycopg.connect(url, autocommit=True) as probe:
+        for _ in range(200):
+            if probe.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                             "AND wait_event_type = 'Lock'").fetchone()[0]:
+                return
+            time.sleep(0.05)
+    raise AssertionError(f"never waited for {what}")
+
+
+def test_audit_entries_are_appended_in_id_order(pg_server: Any) -> None:
+    """zsync.append_audit_each (the audit_log table's own sync) inserts in id order: a batch [au-b, au-a] waits
+    for au-a, being inserted by another transaction, holding nothing; that transaction's insert of au-b goes
+    on. (In delivery order it held au-b: a deadlock.)"""
+    url = _fresh(pg_server)
+    results: list[Any] = []
+    batch = [{"id": rid, "timestamp": T0, "action": "login"} for rid in ("au-b", "au-a")]
+    with psycopg.connect(url) as holder:
+        holder.execute("SET lock_timeout = '5s'")
+        holder.execute("INSERT INTO audit_log (id, timestamp, action) VALUES ('au-a', %s, 'login')", (T0,))
+        worker = threading.Thread(target=lambda: results.append(apply_many_from_tables(_ctx(url), AUDIT_FN, batch)))
+        worker.start()
+        _wait_for_a_lock_wait(url, "au-a")
+        holder.execute("INSERT INTO audit_log (id, timestamp, action) VALUES ('au-b', %s, 'login')", (T0,))
+        holder.commit()
+    worker.join(30)
+    assert [r.outcome for r in results[0]] == [Outcome.UNCHANGED, Outcome.UNCHANGED]
+    assert _deadlocks(url) == 0
+
+
+def test_the_syncs_audit_entries_are_appended_in_id_order(pg_server: Any) -> None:
+    """zsync.append_audit_many (the sync's own entries, a batch at a time) likewise: one insert in id order."""
+    url = _fresh(pg_server)
+    inserted: list[int] = []
+    entries = [{"id": rid, "action": "sync_failed", "metadata": {"n": 1}} for rid in ("am-b", "am-a")]
+
+    def append() -> None:
+        with psycopg.connect(url) as conn:
+            inserted.append(supabase_db.append_audit_many(conn, entries))
+
+    with psycopg.connect(url) as holder:
+        holder.execute("SET lock_timeout = '5s'")
+        holder.execute("INSERT INTO audit_log (id, action) VALUES ('am-a', 'sync_failed')")
+        worker = threading.Thread(target=append)
+        worker.start()
+        _wait_for_a_lock_wait(url, "am-a")
+        holder.execute("INSERT INTO audit_log (id, action) VALUES ('am-b', 'sync_failed')")
+        holder.commit()
+    worker.join(30)
+    assert inserted == [0]
+    assert _deadlocks(url) == 0
 
 
 def test_wrapped_delivery_edited_at_versions_like_the_flat_form(pg_server: Any) -> None:

@@ -28,7 +28,7 @@ def test_statement_capture_writes_one_entry_per_changed_row(db: psycopg.Connecti
     assert triggers == {"zsync_outbox_insert", "zsync_outbox_update", "zsync_outbox_delete"}
     start = _last(db)
     db.execute("INSERT INTO agent_jobs (id, status, updated_at) VALUES "
-               "('cap-b', 'x', '2030-01-01T00:00:00Z'), ('cap-a', 'x', '2030-01-01T00:00:01Z')")
+               "('cap-b', 'x', '2026-01-01T00:00:00Z'), ('cap-a', 'x', '2026-01-01T00:00:01Z')")
     got = _entries(db, start)
     assert [(r[0], r[1]) for r in got] == [("cap-b", "INSERT"), ("cap-a", "INSERT")]
     stored = dict(db.execute("SELECT id, updated_at::text FROM agent_jobs WHERE id LIKE 'cap-%%'").fetchall())

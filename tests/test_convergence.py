@@ -13,8 +13,12 @@ payloads straight to the functions (late and duplicated deliveries). Afterwards:
   delivery per Tables write, checked against the service's ``/_admin/stats`` write counts). Both sides'
   versions only move forward (see ``Harness.write_tables``), so a version written twice would be an echo.
 
-The plan (records, which writer does what, content, delays) comes from a seed, printed and reproducible
-with ``ZSYNC_CONVERGENCE_SEED=<seed>``; the thread interleaving itself is up to the machine.
+The plan (records, which writer does what, content, delays) comes from a seed: CI runs the fixed seeds of
+``SEEDS`` (``ZSYNC_CONVERGENCE_SEED=<seed>`` runs that one instead; the thread interleaving itself is up to
+the machine). A second variant's Zapier agents write without our per-record lock, as real Zapier users do:
+a write can land between a ``*_to_tables`` function's read and its write and be overwritten by the older
+version, so Tables may see a version twice (the repair); the sides must still converge on the last write,
+and Supabase's versions still only move forward.
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ MUTABLE = {
     "agent_decisions": ("decision", "metadata", "confidence"),
     "rate_limits": ("service_name", "metadata", "request_count"),
 }
-BASE_TS = datetime(2030, 1, 1, tzinfo=UTC)
+# Versions count up from shortly before the run: a version ahead of the clock is refused (ZSYNC_MAX_FUTURE_SKEW_S).
+BASE_TS = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class Size:
 
 CI = Size(records=6, writers=4, ops_per_writer=12)
 LARGE = Size(records=24, writers=8, ops_per_writer=60)
+SEEDS = (3, 7, 8)  # with the drain's per-record try-lock removed, each failed 1-2 runs in 2 (2026-12-05)
 
 
 @dataclass
@@ -96,14 +102,16 @@ def proxy(targets: dict[str, str], rng: random.Random, max_delay_s: float) -> It
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
-            route = self.path.strip("/")
+            path, _, query = self.path.partition("?")  # a Database Webhook is a wake-up: ?zsync_wake=outbox
+            route = path.strip("/")
             body = self.rfile.read(int(self.headers["Content-Length"]))
             with lock:
                 delay = rng.uniform(0, max_delay_s)
             time.sleep(delay)
             headers = {k: v for k, v in self.headers.items() if k.lower() in ("content-type", H.lower())}
             try:
-                r = requests.post(targets[route], data=body, headers=headers, timeout=30)
+                r = requests.post(targets[route] + (f"?{query}" if query else ""), data=body, headers=headers,
+                                  timeout=30)
                 status, content = r.status_code, r.content
             except requests.RequestException as exc:  # recorded, and answered like a gateway would
                 status, content = 502, json.dumps({"proxy_error": repr(exc)}).encode()
@@ -131,7 +139,7 @@ def routed_through(stack: Any, base: str) -> Iterator[None]:
         for t in WEBHOOK_TABLES:
             r = requests.put(admin.format(stack.table_ids[t]), json={"url": f"{base}/tables/{t}"}, timeout=10)
             assert r.status_code == 200, r.text
-        sql = render_webhook_sql({t: f"{base}/hooks/{t}" for t in WEBHOOK_TABLES}, H, stack.secret)
+        sql = render_webhook_sql({t: f"{base}/hooks/{t}" for t in WEBHOOK_TABLES})
         with psycopg.connect(stack.database_url, autocommit=True) as conn:
             conn.execute(sql)
         yield
@@ -149,6 +157,7 @@ class Harness:
     stack: Any
     seed: int
     size: Size
+    tables_lock: bool = True  # Zapier agents take our per-record lock (see write_tables)
     tables: Tables = field(init=False)
     supabase: Supabase = field(init=False)
     records: list[tuple[str, str]] = field(default_factory=list)  # (table, id)
@@ -220,8 +229,11 @@ class Harness:
         fields = {text: values[text], doc: json.dumps(values[doc]),
                   number: str(values[number]) if rng.random() < 0.5 else values[number],
                   "updated_at": ts.isoformat() if rng.random() < 0.5 else ts.isoformat().replace("+00:00", "Z")}
-        with conn.transaction():
-            supabase_db.lock_record(conn, spec, rid)
+        if self.tables_lock:
+            with conn.transaction():
+                supabase_db.lock_record(conn, spec, rid)
+                patched = self.tables.patch(table, self.rec_ids[rid], fields)
+        else:
             patched = self.tables.patch(table, self.rec_ids[rid], fields)
         with self._lock:
             self.writes.append(Write("tables", table, rid, ts, {**values, "updated_at": ts}))
@@ -334,12 +346,13 @@ def tables_writes(stack: Any) -> dict[str, int]:
     return {t: writes.get(stack.table_ids[t], 0) for t in WEBHOOK_TABLES}
 
 
-def converge(stack: Any, size: Size) -> None:
-    seed = int(os.environ.get("ZSYNC_CONVERGENCE_SEED") or random.SystemRandom().randrange(1, 10**9))
-    print(f"\nconvergence: seed={seed} (rerun with ZSYNC_CONVERGENCE_SEED={seed}) size={size}")
+def converge(stack: Any, size: Size, seed: int, *, tables_lock: bool = True) -> None:
+    seed = int(os.environ.get("ZSYNC_CONVERGENCE_SEED") or seed)
+    print(f"\nconvergence: seed={seed} (rerun with ZSYNC_CONVERGENCE_SEED={seed}) size={size} "
+          f"tables_lock={tables_lock}")
     started = time.monotonic()
     stack.wait_quiet()
-    harness = Harness(stack, seed, size)
+    harness = Harness(stack, seed, size, tables_lock)
     baseline = harness.create_records()
     ids = [rid for _, rid in harness.records]
     with psycopg.connect(stack.database_url, autocommit=True) as conn:
@@ -392,8 +405,11 @@ def converge(stack: Any, size: Size) -> None:
         if d.route.startswith("tables/") and d.payload.get("id") in user_versions:
             spec = TABLES[d.route.removeprefix("tables/")]
             tables_side[d.payload["id"]].append(parse_tables_record(spec, d.payload)["updated_at"])
+    regressions = 0  # a version written to Tables again (only without our lock: an overwritten write repaired)
     for rid, versions in tables_side.items():
-        assert len(versions) == len(set(versions)), (rid, sorted(versions))
+        if tables_lock:
+            assert len(versions) == len(set(versions)), (rid, sorted(versions))
+        regressions += len(versions) - len(set(versions))
         assert set(versions) <= user_versions[rid], rid
     assert all(d.status == 200 for d in deliveries), [(d.route, d.status, d.answer[:300]) for d in deliveries
                                                        if d.status != 200]
@@ -406,14 +422,21 @@ def converge(stack: Any, size: Size) -> None:
           f"{len(deliveries)} proxied deliveries, outbox re-sends {resent}")
     print(f"convergence: Supabase writes {supabase_writes} = user {user['sql']} + sync {supabase_writes - user['sql']};"
           f" Tables writes {tables_count} = user {user['tables']} + sync {tables_count - user['tables']};"
-          f" every write a new version; converged in {elapsed:.1f} s")
+          f" versions written to Tables again {regressions}; converged in {elapsed:.1f} s")
     assert supabase_writes >= user["sql"] and tables_count >= user["tables"]
 
 
-def test_concurrent_writes_from_both_sides_converge_without_echo(stack):
-    converge(stack, CI)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_concurrent_writes_from_both_sides_converge_without_echo(stack, seed):
+    converge(stack, CI, seed)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_tables_writers_without_our_lock_converge(stack, seed):
+    """Zapier agents cannot take our per-record lock: their writes race the *_to_tables functions'."""
+    converge(stack, CI, seed, tables_lock=False)
 
 
 @pytest.mark.slow
 def test_concurrent_writes_converge_without_echo_larger(stack):
-    converge(stack, LARGE)
+    converge(stack, LARGE, random.SystemRandom().randrange(1, 10**9))

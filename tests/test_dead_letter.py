@@ -23,6 +23,7 @@ from infra.cli import app
 from infra.local.stack import free_port
 from shared import dead_letter
 from shared.dead_letter import DeadLetter, DeadLetterQueue, delivery_key
+from shared.inbox_consumer import DrainReport
 from shared.settings import get_settings, reset_settings
 from tests.e2e import uid
 from tests.tables_local import LocalTables, start_local_tables
@@ -277,3 +278,72 @@ def test_cli_dry_run_max_and_exit_codes(env, queue_url, tmp_path):
     reset_settings()
     none = runner.invoke(app, ["replay", "--stack-file", str(tmp_path / "none.json")])
     assert none.exit_code == 2
+
+
+# --- every dead-letter shape the code writes, replayed (issue 18 item 4) ----------------------------------------
+
+
+def test_replay_reads_every_dead_letter_shape_the_code_writes(env, queue_url, database_url, tables_service, tmp_path):
+    """Each shape is written by the code that writes it (the handler with a dependency down, the inbox consumer's
+    poison path) or, for the inbox's own shape that older versions wrote, as they wrote it; one replay applies
+    every readable one and rejects only the unreadable one, with its problems."""
+    from shared.inbox_consumer import InboxConsumer, _field_names_of
+    from shared.spec import FUNCTIONS
+    from shared.sync import SyncContext
+    from shared.trigger_inbox import Message
+
+    ids = {name: uid(f"shape-{name}") for name in ("flat", "wrapped", "inbox", "legacy", "legacy_ids", "hook")}
+    ts = "2025-12-22T10:00:00Z"
+    # 1-2. a Zap's body, flat and wrapped, while the database is down (handler._dead_letter)
+    env.setenv("ZSYNC_DATABASE_URL", DOWN_DB)
+    reset_settings()
+    assert post("agent_jobs_to_supabase", {"id": ids["flat"], "status": "flat", "updated_at": ts}).status_code == 503
+    assert post("agent_jobs_to_supabase", {"record": {"id": ids["wrapped"], "status": "wrapped"},
+                                           "edited_at": ts}).status_code == 503
+    env.setenv("ZSYNC_DATABASE_URL", database_url)
+    reset_settings()
+    # 3. a webhook while Zapier Tables is down (handler._dead_letter, *_to_tables)
+    query(database_url, "INSERT INTO agent_jobs (id, status, updated_at) VALUES (%s, 'hook', %s)", (ids["hook"], ts))
+    [(record,)] = query(database_url, "SELECT to_jsonb(t) FROM agent_jobs t WHERE id = %s", (ids["hook"],))
+    env.setenv("ZSYNC_ZAPIER_BASE_URL", f"http://127.0.0.1:{free_port()}")
+    env.setenv("ZSYNC_OUTBOX_BATCHES", "false")  # (with batches the outbox keeps it pending instead)
+    reset_settings()
+    hook = {"type": "UPDATE", "table": "agent_jobs", "schema": "public", "record": record, "old_record": None}
+    assert post("agent_jobs_to_tables", hook).status_code == 503
+    env.setenv("ZSYNC_ZAPIER_BASE_URL", tables_service.url)
+    env.delenv("ZSYNC_OUTBOX_BATCHES")
+    reset_settings()
+    # 4. an inbox message leased too often (InboxConsumer._poison), keyed by field ids as Zapier sends them
+    fn = FUNCTIONS["agent_jobs_to_supabase"]
+    ctx = SyncContext(settings=get_settings())
+    with tables_service.client() as c:
+        keys = {f.name: f.key for f in c.field_map(tables_service.ids["agent_jobs"]).fields}
+    event = {"id": "01KINBOXRECORD", "edited_at": ts,
+             "data": {keys["id"]: ids["inbox"], keys["status"]: "inbox", keys["updated_at"]: ts}}
+    message = Message(id="m-inbox", created_at=ts, lease_count=6, possible_duplicate_data=True, error_message=None,
+                      payload=event)
+    consumer = InboxConsumer(fn, ctx, None, "inbox-id", field_names=_field_names_of(ctx, fn))  # type: ignore[arg-type]
+    consumer._poison(message, DrainReport("inbox-id"))
+    # 5-6. the inbox's own shape, as earlier versions wrote every poison message (by name, by field id)
+    legacy = {"id": "01KLEGACY", "edited_at": ts, "data": {"id": ids["legacy"], "status": "legacy", "updated_at": ts}}
+    legacy_ids = {"id": "01KLEGACYIDS", "edited_at": ts,
+                  "data": {keys["id"]: ids["legacy_ids"], keys["status"]: "legacy_ids", keys["updated_at"]: ts}}
+    unreadable = {"id": "01KUNREADABLE", "data": {"f999": "who?"}}
+    enqueue(*(letter("agent_jobs_to_supabase", {"inbox_message": f"m-{n}", "payload": p})
+              for n, p in (("legacy", legacy), ("legacy_ids", legacy_ids), ("unreadable", unreadable))))
+
+    letters = [m.letter for m in drain(queue_url)]
+    assert len(letters) == 7 and all(DeadLetter.from_body(lt.to_body()) == lt for lt in letters)  # each round-trips
+    poisoned = next(lt for lt in letters if lt.record_id == ids["inbox"])
+    assert poisoned.payload == {"id": ids["inbox"], "status": "inbox", "updated_at": ts, "edited_at": ts}
+
+    out = tmp_path / "rejected.jsonl"
+    report = replay.replay(get_settings(), rejected_file=out)
+    assert report.total("applied") == 6 and report.total("rejected") == 1 and report.total("left") == 0, report
+    for name, rid in ids.items():
+        assert query(database_url, "SELECT status FROM agent_jobs WHERE id = %s", (rid,)) == [(name,)], name
+    with tables_service.client() as client:
+        found = list(client.iter_records(tables_service.ids["agent_jobs"], filters={"id": ids["hook"]}))
+    assert [r.data["status"] for r in found] == ["hook"]
+    [line] = out.read_text().splitlines()
+    assert json.loads(line)["problems"][0]["field"] == "payload.data.f999"

@@ -62,6 +62,9 @@ def test_2_supabase_to_tables_agent_decisions(stack, tables, supabase):
     assert rec["data"]["confidence"] == 0.87
     assert rec["data"]["metadata"] == {"signals": ["x", "y"]}  # jsonb -> a json field holding the value
     assert rec["data"]["updated_at"].endswith("Z")
+    # The entry commits with the function's transaction, just after its Tables write.
+    eventually(lambda: supabase.audit(decision, "agent_decisions_synced"))
+    stack.wait_quiet()
     assert len(supabase.audit(decision, "agent_decisions_synced")) == 1
 
 
@@ -124,18 +127,50 @@ def test_3_older_tables_write_is_skipped_and_audited(stack, tables, supabase):
     assert tables.find("agent_jobs", rid)["data"]["updated_at"] == "2025-12-22T12:00:00Z"
 
 
-def test_3_same_timestamp_tie_converges_on_both_sides(stack, tables, supabase):
+TIE_TS, TIE_CREATED = "2031-01-01T00:00:00Z", "2025-12-22T09:00:00Z"  # later than any edited_at: a pure tie
+
+
+def _tie_winner(supabase, rid: str, mine: str, theirs: str) -> int:
+    """zsync.version_cmp of the Tables version (status ``mine``) against Supabase's (``theirs``) at the same
+    updated_at - checked against the documented rule, independently: the larger content hash wins."""
+    row = {"id": rid, "retry_count": 0, "created_at": TIE_CREATED, "updated_at": TIE_TS}
+    a, b = json.dumps(row | {"status": mine}), json.dumps(row | {"status": theirs})
+    [(cmp, ha, hb)] = supabase.query(
+        "SELECT zsync.version_cmp('public.agent_jobs', %s::jsonb, %s::jsonb), "
+        "(zsync.version_of('public.agent_jobs', %s::jsonb)).hash, "
+        "(zsync.version_of('public.agent_jobs', %s::jsonb)).hash", (a, b, a, b))
+    assert cmp == (1 if ha > hb else -1), (cmp, ha, hb)
+    return cmp
+
+
+@pytest.mark.parametrize("tables_wins", [True, False], ids=["tables_wins", "supabase_wins"])
+def test_3_same_timestamp_tie_converges_on_the_version_version_cmp_picks(stack, tables, supabase, tables_wins):
+    """Both sides written at the same updated_at, each before seeing the other's (the notifications held
+    back, then let through): both end with the version zsync.version_cmp ranks higher, at that updated_at
+    (not a time bumped by edited_at: the tie is decided by the content hash), in either order of arrival."""
     rid = uid("tie")
-    tables.create("agent_jobs", {"id": rid, "status": "from-tables", "updated_at": "2025-12-22T10:00:00Z"})
-    supabase.query(
-        "INSERT INTO agent_jobs (id, status, updated_at) VALUES (%s, 'from-supabase', '2025-12-22T10:00:00Z') "
-        "ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, updated_at = EXCLUDED.updated_at", (rid,))
+    n = 0
+    while _tie_winner(supabase, rid, f"from-tables-{n}", "from-supabase") != (1 if tables_wins else -1):
+        n += 1
+    mine, theirs = f"from-tables-{n}", "from-supabase"
+    expected = mine if tables_wins else theirs
     stack.wait_quiet()
-    time.sleep(0.3)
-    stack.wait_quiet()
-    s = supabase.row("agent_jobs", rid)["status"]
-    t = tables.find("agent_jobs", rid)["data"]["status"]
-    assert s == t, (s, t)
+    stack.drop_deliveries(1.0)
+    try:
+        supabase.query("INSERT INTO agent_jobs (id, status, retry_count, created_at, updated_at) "
+                       "VALUES (%s, %s, 0, %s, %s)", (rid, theirs, TIE_CREATED, TIE_TS))
+        tables.create("agent_jobs", {"id": rid, "status": mine, "retry_count": 0, "created_at": TIE_CREATED,
+                                     "updated_at": TIE_TS})
+    finally:
+        stack.drop_deliveries(0.0)
+    for _ in range(3):  # the lost notifications: the sweeper re-sends Supabase's, the scheduled drain Tables'
+        stack.sweep_outbox(0)
+        stack.safety_drain()
+        stack.wait_quiet()
+    row = supabase.row("agent_jobs", rid)
+    found = tables.find("agent_jobs", rid)["data"]
+    assert (row["status"], found["status"]) == (expected, expected), (row, found)
+    assert row["updated_at"].startswith("2031-01-01T00:00:00") and found["updated_at"] == TIE_TS, (row, found)
 
 
 # --- Test 4: no sync loop ------------------------------------------------------------------------
@@ -185,8 +220,12 @@ def test_4_redelivered_echo_is_unchanged(stack, tables, supabase):
     eventually(lambda: supabase.row("rate_limits", rid))
     stack.wait_quiet()
     url = stack.functions["rate_limits_to_supabase"].url
+    # What the trigger delivers again: the fields (no updated_at: the record was created without one, and
+    # Zapier fills in nothing) and Zapier's edited_at, at which such a record is versioned.
+    delivery = rec["data"] | {"edited_at": rec["edited_at"]}
+    assert "updated_at" not in delivery
     for _ in range(3):
-        r = requests.post(url, json=rec["data"], headers={"X-Zsync-Secret": stack.secret}, timeout=10)
+        r = requests.post(url, json=delivery, headers={"X-Zsync-Secret": stack.secret}, timeout=10)
         assert r.status_code == 200 and r.json()["outcome"] == "unchanged", r.text
     assert supabase.writes("rate_limits", rid) == 1
 
@@ -242,7 +281,7 @@ def test_4_direct_delivery_without_timestamps_is_one_write_each_side(stack, tabl
     stack.wait_quiet()
     assert supabase.writes("agent_jobs", rid) == 1
     assert tables.writes("agent_jobs") - before_t == 1
-    assert tables.find("agent_jobs", rid)["data"]["created_at"] is None
+    assert "created_at" not in tables.find("agent_jobs", rid)["data"]  # an empty cell: not in data
 
 
 def test_duplicate_tables_records_for_one_id_are_merged(stack, tables, supabase):

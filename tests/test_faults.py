@@ -224,7 +224,7 @@ def test_b_tables_api_429_then_503(fstack, settings, client, tables, supabase):
     mark0 = _last_response(fstack)
     try:
         arm(fstack, 429, 6, retry_after=1)  # phase 1: rate limited
-        # One statement: pg_net sends the 8 webhooks as one concurrent batch.
+        # One statement: one secret-free wake-up for the transaction's 8 rows (zsync.wake, once per table).
         supabase.query("INSERT INTO agent_decisions (id, decision, confidence) SELECT x, 'qualified', 0.8 "
                        "FROM unnest(%s::text[]) x", (ids["agent_decisions"],))
         converge(fstack)
@@ -243,11 +243,11 @@ def test_b_tables_api_429_then_503(fstack, settings, client, tables, supabase):
     phase1, phase2 = Counter(s for s, _ in _responses(fstack, mark0, mark1)), _responses(fstack, mark1)
     answers2 = Counter(s for s, _ in phase2)
     dead_lettered = dlq_depth(settings) - depth_before
-    # Batches: one wake-up claims all 8 and waits out Retry-After within its drain budget (4 s, under pg_net's
-    # 5 s timeout); what does not fit stays pending in the outbox (answered "queued", never dead-lettered)
-    # for the next wake-up or the sweeper below. Every webhook is answered 200 either way.
+    # Batches: the one wake-up claims all 8 and waits out Retry-After within its drain budget (4 s, under
+    # pg_net's 5 s timeout); what does not fit stays pending in the outbox (never dead-lettered) for the next
+    # wake-up or the sweeper below. Every wake-up is answered 200 either way.
     assert served_429 >= 3 and served_503 > 0
-    assert phase1 == {200: 8}
+    assert phase1 == {200: 1}
     # Every 503 says it was dead-lettered (a delivery slower than pg_net's 5 s timeout may have been too).
     assert all(json.loads(body)["dead_lettered"] is True for status, body in phase2 if status == 503)
     assert dead_lettered >= answers2[503]

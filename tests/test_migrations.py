@@ -37,8 +37,10 @@ def _catalog(url: str, server: object) -> dict[str, object]:
             "SELECT nspname, nspacl::text FROM pg_namespace WHERE nspname IN ('public', 'net') ORDER BY 1").fetchall()
         roles = conn.execute("SELECT rolname, rolcanlogin, rolbypassrls FROM pg_roles "
                              "WHERE rolname LIKE 'zsync%' ORDER BY 1").fetchall()
+        # what migrations seed (a dump of the schema does not hold it)
+        config = conn.execute("SELECT key, value FROM zsync.config ORDER BY key").fetchall()
     return {"objects": sorted((e.type, e.name, e.sql) for e in parse_dump(text)),
-            "default_acl": default_acl, "schema_acl": schema_acl, "roles": roles}
+            "default_acl": default_acl, "schema_acl": schema_acl, "roles": roles, "config": config}
 
 
 def _migrated(pg_server: object, directory: Path) -> str:

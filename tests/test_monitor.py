@@ -161,6 +161,45 @@ def test_a_failed_post_is_retried_and_the_url_never_logged(fresh):
     assert "secretpart" not in out.getvalue() and "alert_post_failed" in out.getvalue()
 
 
+def test_a_failed_second_post_does_not_repost_the_first(fresh):
+    """Issue 18 item 8: two transitions in one check, Slack takes the first and refuses the second (every
+    retry): the next check posts the second only, for openings and for resolutions alike."""
+    taken: list[str] = []
+    refuse = {"dead_letters"}
+
+    class Slack(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            text = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["text"]
+            ok = not any(f" {alert}:" in text for alert in refuse)
+            if ok:
+                taken.append(text)
+            self.send_response(200 if ok else 500)
+            self.end_headers()
+            self.wfile.write(b"ok" if ok else b"busy")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with serving(Slack) as base:
+        url = f"{base}/services/T2/B2/x"
+        add(fresh, _entry("sync_failed"))  # failure_rate opens, and 3 dead letters: two openings
+        with pytest.raises(alerts.SlackError):
+            alerts.check_and_notify(fresh, url, dead_letters=3)
+        assert [t.split(")")[1].split(":")[0].strip() for t in taken] == ["failure_rate"]
+        refuse.clear()
+        assert alerts.check_and_notify(fresh, url, dead_letters=3).posted == [("dead_letters", "opened")]
+        assert alerts.check_and_notify(fresh, url, dead_letters=3).posted == []
+        add(fresh, *[_entry("agent_jobs_synced", lag=0.1) for _ in range(100)])  # both resolve
+        refuse.add("dead_letters")
+        with pytest.raises(alerts.SlackError):
+            alerts.check_and_notify(fresh, url, dead_letters=0)
+        refuse.clear()
+        assert alerts.check_and_notify(fresh, url, dead_letters=0).posted == [("dead_letters", "resolved")]
+    kinds = [(":rotating_light:" in t, t.split(")")[1].split(":")[0].strip()) for t in taken]
+    assert kinds == [(True, "failure_rate"), (True, "dead_letters"), (False, "failure_rate"),
+                     (False, "dead_letters")]  # each transition posted exactly once
+
+
 def test_without_a_slack_url_nothing_is_recorded(fresh, slack):
     add(fresh, _entry("sync_failed"))
     assert alerts.check_and_notify(fresh, None).skipped == "no Slack webhook URL"

@@ -27,13 +27,22 @@ from tests.tables_local import LocalTables, start_local_tables
 FN = FUNCTIONS["agent_jobs_to_tables"]
 JOBS = TABLES["agent_jobs"]
 TS = "2030-01-01T00:00:00Z"
+# These fixed versions lie ahead of the clock (newer than any Zapier edited_at): the future-skew rule
+# (ZSYNC_MAX_FUTURE_SKEW_S, zsync.config) is raised past them here; tests/test_bad_input.py holds the default.
+FAR_SKEW_S = 20 * 365 * 86400.0
+
+
+def _far(url: str) -> str:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT zsync.set_max_future_skew(%s)", (FAR_SKEW_S,))
+    return url
 
 
 @pytest.fixture
 def fresh_db(pg_server: Any) -> str:
     url = create_database(pg_server.get_uri())
     prepare_database(url)
-    return url
+    return _far(url)
 
 
 @pytest.fixture
@@ -45,6 +54,7 @@ def service(tmp_path: Path) -> Iterator[LocalTables]:
 def _ctx(service: LocalTables, url: str, **kw: Any) -> SyncContext:
     kw.setdefault("retry_budget_s", 3)
     kw.setdefault("http_timeout_s", 2)
+    kw.setdefault("max_future_skew_s", FAR_SKEW_S)
     return SyncContext(settings=service.settings(database_url=url, webhook_secret="x", **kw))
 
 
@@ -149,6 +159,107 @@ def test_parallel_drains_write_every_record_exactly_once(fresh_db, service):
     assert len(_audit(fresh_db)) == 300 and _pending(fresh_db) == []
 
 
+def _tables_writes(service: LocalTables) -> int:
+    """Records the service has written (created or updated) in agent_jobs since the last reset."""
+    return requests.get(service.url + "/_admin/stats", timeout=5).json()["writes"].get(service.ids["agent_jobs"], 0)
+
+
+def test_parallel_drains_compete_for_records_with_several_changes(fresh_db, service):
+    """Several changes per record, spread over the outbox, half the records already in Tables: four drains
+    with small claims take entries of the same records at once. The per-record lock of zsync.claim_outbox_rows
+    must give each record to one drain: one write of its newest version, one audit entry, no duplicate.
+    (Without that lock - pg_try_advisory_xact_lock replaced by true - two drains created the same new
+    record twice and updated existing ones twice.)"""
+    ids = [f"r-{i:03d}" for i in range(24)]
+    _insert(fresh_db, ids[:12])
+    assert drain_outbox(_ctx(service, fresh_db), FN).count(Outcome.APPLIED) == 12  # these are in Tables now
+    _insert(fresh_db, ids[12:])
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        for step in ("s1", "s2", "s3"):  # one entry per record per step: each record's entries apart
+            conn.execute("UPDATE agent_jobs SET status = %s, updated_at = updated_at + interval '1 second' "
+                         "WHERE id = ANY(%s)", (step, ids))
+    _reset(service)
+    # 84 pending entries, four claims of 21 at once: every record's entries are in two to four of them.
+    ctxs = [_ctx(service, fresh_db, outbox_claim_limit=21) for _ in range(4)]
+    start = threading.Barrier(len(ctxs))
+    results: list[Any] = []
+
+    def drain(ctx: SyncContext) -> None:
+        start.wait(10)
+        results.append(drain_outbox(ctx, FN))
+
+    threads = [threading.Thread(target=drain, args=(c,)) for c in ctxs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    while _pending(fresh_db):  # a record every drain found held by another: the next wake-up takes it
+        results.append(drain_outbox(_ctx(service, fresh_db), FN))
+    applied = sorted(rid for r in results for rid, res in r.results.items() if res.outcome is Outcome.APPLIED)
+    assert applied == ids  # each record written by exactly one drain
+    assert _tables_writes(service) == len(ids)  # once each: its newest version
+    assert sorted(_tables_ids(service)) == ids  # no duplicate created
+    with service.client() as c:
+        assert {r.data["status"] for r in c.iter_records(service.ids["agent_jobs"], page_size=1000)} == {"s3"}
+    assert len(_audit(fresh_db)) == len(ids) + 12  # the first drain's 12, then one per record
+
+
+def _deadlocks(url: str) -> int:
+    """Deadlocks Postgres detected in this database, once every other session has ended (each reports its
+    statistics when it exits)."""
+    supabase_db.close_pools()
+    with psycopg.connect(url, autocommit=True) as conn:
+        for _ in range(100):
+            others = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                  "AND pid <> pg_backend_pid()").fetchone()[0]
+            if not others:
+                break
+            time.sleep(0.05)
+        return conn.execute("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()").fetchone()[0]
+
+
+def test_a_drain_pushing_newer_tables_versions_back_locks_rows_in_id_order(fresh_db, service):
+    """Tables holds newer versions of two records: the drain pushes them into Supabase. It must lock those rows
+    in id order, as a Tables -> Supabase batch does: a transaction holding the lower id and then taking the
+    higher one must simply wait for the drain, not deadlock with it. (The drain pushed in claim order: it held
+    pb-b, the first claimed, and waited for pb-a, held by the transaction that then waited for pb-b.)"""
+    ids = ["pb-a", "pb-b"]
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        for rid in ids:
+            conn.execute("INSERT INTO agent_jobs (id, status, created_at, updated_at) "
+                         "VALUES (%s, 'v1', %s, '2030-01-01T00:00:00Z')", (rid, TS))
+        conn.execute("DELETE FROM zsync.outbox")
+        for rid in reversed(ids):  # claimed pb-b first
+            conn.execute("UPDATE agent_jobs SET status = 'v2', updated_at = '2030-01-02T00:00:00Z' WHERE id = %s",
+                         (rid,))
+    with service.client() as c:
+        c.create_many(service.ids["agent_jobs"], [
+            {"id": rid, "status": "v9", "created_at": TS, "updated_at": "2030-01-03T00:00:00Z"} for rid in ids])
+    ctx = _ctx(service, fresh_db)
+    results: list[Any] = []
+    with psycopg.connect(fresh_db) as holder:
+        holder.execute("SET lock_timeout = '5s'")
+        holder.execute("SELECT 1 FROM agent_jobs WHERE id = 'pb-a' FOR UPDATE")
+        drain = threading.Thread(target=lambda: results.append(drain_outbox(ctx, FN)))
+        drain.start()
+        waiting = ("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                   "AND wait_event_type = 'Lock'")
+        with psycopg.connect(fresh_db, autocommit=True) as probe:
+            for _ in range(200):
+                if probe.execute(waiting).fetchone()[0]:
+                    break
+                time.sleep(0.05)
+            else:
+                raise AssertionError("the drain never waited for pb-a")
+        holder.execute("SELECT 1 FROM agent_jobs WHERE id = 'pb-b' FOR UPDATE")  # deadlocked here before
+        holder.commit()
+    drain.join(30)
+    assert [r.outcome for r in results[0].results.values()] == [Outcome.SKIPPED_STALE] * 2
+    with psycopg.connect(fresh_db) as conn:
+        assert conn.execute("SELECT array_agg(status ORDER BY id) FROM agent_jobs").fetchone()[0] == ["v9", "v9"]
+    assert _deadlocks(fresh_db) == 0
+
+
 def test_a_429_mid_batch_leaves_the_unsent_rows_pending_then_they_go_once(fresh_db, tmp_path):
     with start_local_tables(tmp_path / "r.sqlite3", names=["agent_jobs"], rate_limit=4, rate_window_s=3.0) as svc:
         ids = [f"r-{i:04d}" for i in range(250)]
@@ -220,6 +331,7 @@ def test_the_batch_gives_each_record_the_single_paths_outcome_and_audit(pg_serve
     for mode in ("single", "batch"):
         url = create_database(pg_server.get_uri())
         prepare_database(url)
+        _far(url)
         with start_local_tables(tmp_path / f"{mode}.sqlite3", names=["agent_jobs"]) as svc:
             ids = _scenario(url, svc)
             ctx = _ctx(svc, url)

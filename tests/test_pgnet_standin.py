@@ -229,6 +229,36 @@ def _hook_request_ids(c: psycopg.Connection[Any], table: str) -> list[int]:
 # ----------------------------------------------------------------------------------------------
 
 
+def test_grants_are_pg_nets_and_supabases(pg_url: str, conn: psycopg.Connection[Any]) -> None:
+    """pg_net (0.12+) grants USAGE on net and ALL on its tables and sequences to PUBLIC: any role reads and
+    changes a queued request, headers included; Supabase's grant_pg_net_access() lets postgres, anon,
+    authenticated and service_role (not PUBLIC) execute http_get / http_post."""
+    role = "pgnet_nobody_" + uuid.uuid4().hex[:8]
+    conn.execute(f"CREATE ROLE {role} LOGIN")
+    for api in ("anon", "authenticated", "service_role"):
+        conn.execute(f"DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{api}') THEN "
+                     f"CREATE ROLE {api} NOLOGIN; END IF; END $$")
+    apply_pg_net_sql(conn)  # the API roles exist now: they get what Supabase gives them
+    for relation in ("net.http_request_queue", "net._http_response"):
+        for privilege in ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE"):
+            assert conn.execute("SELECT has_table_privilege(%s, %s, %s)", (role, relation, privilege)).fetchone()[0]
+    assert conn.execute("SELECT has_sequence_privilege(%s, 'net.http_request_queue_id_seq', 'USAGE')",
+                        (role,)).fetchone()[0]
+    post = "net.http_post(text, jsonb, jsonb, jsonb, integer)"
+    assert not conn.execute("SELECT has_function_privilege(%s, %s, 'EXECUTE')", (role, post)).fetchone()[0]
+    for api in ("anon", "authenticated", "service_role"):
+        assert conn.execute("SELECT has_function_privilege(%s, %s, 'EXECUTE') AND "
+                            "has_schema_privilege(%s, 'net', 'USAGE')", (api, post, api)).fetchone()[0]
+    # What that means: whoever queues a request reads its headers back, and changes them, before commit.
+    with psycopg.connect(pg_url) as writer:
+        writer.execute("SET LOCAL ROLE anon")
+        rid = writer.execute("SELECT net.http_post('http://127.0.0.1:9/x', '{}'::jsonb, '{}'::jsonb, "
+                             "'{\"X-Example\": \"visible\"}'::jsonb)").fetchone()[0]
+        assert writer.execute("UPDATE net.http_request_queue SET url = 'http://127.0.0.1:9/y' WHERE id = %s "
+                              "RETURNING headers", (rid,)).fetchone()[0]["X-Example"] == "visible"
+        writer.rollback()
+
+
 def test_sql_is_idempotent_unlogged_security_definer_and_utc(pg_url: str, conn: psycopg.Connection[Any]) -> None:
     apply_pg_net_sql(conn)  # a third time, on a caller's connection
     persistence = dict(

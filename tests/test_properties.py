@@ -53,6 +53,8 @@ ids = st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_
 int32 = st.integers(INT_MIN, INT_MAX)
 floats = st.floats(allow_nan=False, allow_infinity=False)
 timestamps = st.datetimes(min_value=datetime(1900, 1, 1), max_value=datetime(2200, 1, 1), timezones=st.just(UTC))
+# A version ahead of the clock is refused (ZSYNC_MAX_FUTURE_SKEW_S): stored versions lie in the past.
+versions = st.datetimes(min_value=datetime(1900, 1, 1), max_value=datetime(2026, 1, 1), timezones=st.just(UTC))
 offsets = st.integers(-14 * 60, 14 * 60).map(lambda m: timezone(timedelta(minutes=m)))
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(10**30), 10**30) | floats | texts,
@@ -83,7 +85,9 @@ def rows(spec: TableSpec) -> st.SearchStrategy[dict[str, Any]]:
     for f in spec.fields:
         if f.name == "id":
             fields[f.name] = ids
-        elif f.name == spec.version or (spec.name, f.name) in NOT_NULL:
+        elif f.name == spec.version:
+            fields[f.name] = versions
+        elif (spec.name, f.name) in NOT_NULL:
             fields[f.name] = value_of(f.kind)
         else:
             fields[f.name] = st.none() | value_of(f.kind)

@@ -22,7 +22,7 @@ from shared import supabase_db
 from shared.mapping import InvalidRecord, parse_supabase_record, parse_tables_record
 from shared.settings import Settings, reset_settings
 from shared.spec import TABLES, TableSpec
-from shared.sync import SyncContext
+from shared.sync import SyncContext, tables_row
 from shared.zapier_tables import TablesClient
 from tests.tables_local import LocalTables, start_local_tables
 
@@ -38,9 +38,7 @@ def tables_rows(client: TablesClient, spec: TableSpec, table_id: str) -> tuple[d
     rows: dict[str, dict] = {}
     dupes: list[str] = []
     for rec in client.iter_records(table_id, page_size=1000):
-        data = dict(rec.data)
-        data.setdefault("id", rec.id)
-        row = parse_tables_record(spec, data)
+        row = tables_row(spec, rec)  # no id cell: the record id; no updated_at: versioned at edited_at
         if row["id"] in rows:
             dupes.append(row["id"])
         rows[row["id"]] = _norm(row)
@@ -276,3 +274,27 @@ def test_cli(tids, settings, fresh_db, client, monkeypatch, tmp_path):
     bad = runner.invoke(app, [*args, "--since", "yesterday"])
     assert bad.exit_code == 2
     assert runner.invoke(app, [*args, "--table", "nope"]).exit_code == 2
+
+
+def test_a_tables_version_from_the_future_is_not_compared_and_a_refused_row_fails_no_batch(tids, ctx, fresh_db,
+                                                                                          client):
+    """Issue 18: a Tables updated_at a day ahead used to win the compare and be written to Supabase (pinning the
+    row); now it is treated like an unreadable record (Supabase's version overwrites it). A row only the
+    database refuses (a CHECK added by hand) no longer fails its whole batch of 1,000: it is reported alone."""
+    from datetime import UTC, datetime, timedelta
+
+    t = tids["agent_jobs"]
+    ahead = (datetime.now(UTC) + timedelta(days=1)).isoformat().replace("+00:00", "Z")
+    sql(fresh_db, "INSERT INTO agent_jobs (id, status, updated_at) VALUES ('future', 'supabase', %s)",
+        ("2025-12-22T10:00:00Z",))
+    sql(fresh_db, "ALTER TABLE agent_jobs ADD CHECK (status <> 'poison')")
+    client.create(t, {"id": "future", "status": "tables", "updated_at": ahead})
+    client.create(t, {"id": "poisoned", "status": "poison", "updated_at": "2025-12-22T10:00:00Z"})
+    for i in range(5):
+        client.create(t, {"id": f"fine-{i}", "status": "tables", "updated_at": "2025-12-22T10:00:00Z"})
+    r = reconcile(ctx, ["agent_jobs"]).tables["agent_jobs"]
+    assert r.invalid_in_tables == 1 and r.stale_in_tables == 1 and r.repaired >= 6
+    assert any(e.startswith("poisoned: status") for e in r.errors), r.errors
+    assert sql(fresh_db, "SELECT id, status FROM agent_jobs ORDER BY id") == [
+        *[(f"fine-{i}", "tables") for i in range(5)], ("future", "supabase")]
+    assert [d["status"] for d in (rec.data for rec in client.iter_records(t)) if d["id"] == "future"] == ["supabase"]

@@ -1,6 +1,7 @@
-"""Security: the shared secret on every function (and its rotation), the secret on the Supabase side's
-webhook requests, forged table names, errors that never echo secrets or stack traces, and the
-least-privileged database role ``zsync_sync`` (infra/supabase/migrations/20251222100400_zsync_roles.sql).
+"""Security: the shared secret on every function (and its rotation), the secret-free wake-ups of the
+Supabase side (no role reads anything that authenticates a delivery, under pg_net's real grants), forged
+table names, errors that never echo secrets or stack traces, and the
+least-privileged database role ``zsync_sync`` (granted in the baseline migration, section "Roles and grants").
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import io
 import json
 import logging
 import re
-import uuid
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from shared.settings import DEFAULT_SECRET_HEADER, Settings, reset_settings
 from shared.spec import FUNCTIONS, TABLES, WEBHOOK_TABLES, Direction
 from shared.sync import SupabaseWebhook, SyncContext, apply_from_supabase, apply_from_tables
 from shared.webhook_sql import render_webhook_sql, trigger_name
-from tests.e2e import Supabase, Tables, uid
+from tests.e2e import Supabase, Tables, eventually, uid
 from tests.receiver import recording_server
 from tests.test_bad_input import snapshot, unchanged_apart_from_audit
 
@@ -117,49 +118,167 @@ def trigger_args(conn: psycopg.Connection, table: str) -> tuple[str, list[str]]:
     return func, [a.decode("utf-8") for a in bytes(raw).split(b"\x00")[:-1]]
 
 
-def test_stack_webhook_triggers_send_the_secret_from_vault(stack):
+def test_stack_webhook_triggers_send_secret_free_wakeups(stack):
+    rid = uid("wake")
+    with psycopg.connect(stack.database_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO agent_jobs (id, status) VALUES (%s, 'queued')", (rid,))
+    stack.wait_quiet()
+    assert Tables(stack).find("agent_jobs", rid) is not None  # delivered by the wake-up's drain
     with psycopg.connect(stack.database_url, autocommit=True) as conn:
         for table in WEBHOOK_TABLES:
             func, args = trigger_args(conn, table)
             assert func == "zsync.webhook_request" and args == []  # nothing in pg_trigger but the function
-            url, headers, secret_header, secret_name = conn.execute(
-                "SELECT url, headers, secret_header, secret_name FROM zsync.webhook_endpoints WHERE table_name = %s",
-                (table,)).fetchone()
+            url, headers = conn.execute("SELECT url, headers FROM zsync.webhook_endpoints WHERE table_name = %s",
+                                        (table,)).fetchone()
             assert url == stack.functions[TABLES[table].function_name(Direction.TO_TABLES)].url
-            assert headers == {"Content-Type": "application/json"} and secret_header == H
-            vault = conn.execute("SELECT decrypted_secret FROM vault.decrypted_secrets WHERE name = %s",
-                                 (secret_name,)).fetchone()
-            assert vault == (stack.secret,)
-            sent = conn.execute("SELECT zsync.endpoint_headers(%s)", (table,)).fetchone()[0]
-            assert sent == {"Content-Type": "application/json", H: stack.secret}
-            # ... and that is exactly what the function accepts.
-            r = requests.post(url, json={"zsync_ping": True}, headers=sent, timeout=10)
-            assert r.status_code == 200
-        # Every webhook the stack has delivered so far was authenticated.
-        refused = conn.execute("SELECT count(*) FROM net._http_response WHERE status_code = 401").fetchone()[0]
-        assert refused == 0
+            assert headers == {"Content-Type": "application/json"}  # no secret
+        assert conn.execute("SELECT count(*) FROM vault.secrets").fetchone() == (0,)  # none kept in Vault either
+        # Every webhook the stack has delivered so far woke its function without a secret, and was accepted.
+        answers = conn.execute("SELECT status_code, content FROM net._http_response WHERE status_code IS NOT NULL"
+                               ).fetchall()
+        assert answers and {code for code, _ in answers} == {200}
+        assert {json.loads(content)["outcome"] for _, content in answers} == {"drained"}
 
 
-def wire(database_url: str, base_url: str, secret: str) -> None:
-    sql = render_webhook_sql({t: f"{base_url}/{t}" for t in WEBHOOK_TABLES}, H, secret)
+def wire(database_url: str, base_url: str) -> None:
+    """`zsync wire supabase`'s SQL, as the owner (it needs no secret)."""
+    sql = render_webhook_sql({t: f"{base_url}/{t}" for t in WEBHOOK_TABLES})
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(sql)
 
 
-def test_delivered_webhook_requests_carry_the_secret_header(database_url):
-    secret = "webhook-" + uuid.uuid4().hex
+def test_webhooks_and_re_sends_are_wakeups_without_secret_or_data(database_url):
+    """The trigger, the sweeper's / repair's zsync.announce and a DELETE: each a POST to
+    <URL>?zsync_wake=outbox with only a Content-Type header and {"zsync_wake": "outbox", "table": ...}; one
+    per table per transaction, however many rows it wrote."""
     with recording_server(reply=b"{}") as (base, got), PgNetSender(database_url, poll_interval_s=0.05) as sender:
-        wire(database_url, base, secret)
-        rid = uid("hdr")
+        wire(database_url, base)
+        rids = [uid("hdr") for _ in range(5)]
         with psycopg.connect(database_url, autocommit=True) as conn:
-            conn.execute("INSERT INTO agent_jobs (id, status) VALUES (%s, 'queued')", (rid,))
-            conn.execute("SELECT zsync.announce('agent_jobs', %s)", (rid,))  # the sweeper's / repair path
+            with conn.transaction():  # five rows of two tables, one transaction: one wake-up per table
+                for rid in rids:
+                    conn.execute("INSERT INTO agent_jobs (id, status) VALUES (%s, 'queued')", (rid,))
+                    conn.execute("INSERT INTO rate_limits (id) VALUES (%s)", (rid,))
+            assert conn.execute("SELECT zsync.announce('agent_jobs', %s)", (rids[0],)).fetchone() == (True,)
+            assert conn.execute("SELECT zsync.announce('agent_jobs', 'no-such-id')").fetchone() == (False,)
+            conn.execute("DELETE FROM agent_jobs WHERE id = %s", (rids[1],))  # a tombstone: announced too
+            assert conn.execute("SELECT zsync.announce('agent_jobs', %s)", (rids[1],)).fetchone() == (True,)
         sender.wait_idle(10)
-    mine = [(path, headers, body) for path, headers, body in got if (body.get("record") or {}).get("id") == rid]
-    assert len(mine) == 2, got
-    for path, headers, body in mine:
-        assert path == "/agent_jobs" and body["table"] == "agent_jobs" and body["schema"] == "public"
-        assert {k.lower(): v for k, v in headers.items()}[H.lower()] == secret
+    paths = sorted(path for path, _, _ in got)
+    assert paths == sorted(["/agent_jobs?zsync_wake=outbox"] * 4 + ["/rate_limits?zsync_wake=outbox"]), paths
+    for path, headers, body in got:
+        table = path[1:].split("?")[0]
+        assert body == {"zsync_wake": "outbox", "table": table}
+        sent = {k.lower() for k in headers}
+        assert H.lower() not in sent and "authorization" not in sent
+        assert sent <= {"host", "accept", "content-type", "content-length", "user-agent", "accept-encoding",
+                        "connection"}, sent
+
+
+# --- the unauthenticated wake-up of a *_to_tables function --------------------------------------------------
+
+
+def wake_url(stack: Any, table: str) -> str:
+    return stack.functions[TABLES[table].function_name(Direction.TO_TABLES)].url + "?zsync_wake=outbox"
+
+
+def test_an_unauthenticated_wakeup_only_drains_the_functions_own_outbox(stack, tables, supabase):
+    """Nothing in the request is read or trusted: a forged record, table or type writes nothing, reaches no
+    other table, and the answer names no record; what Supabase queued is delivered."""
+    stack.wait_quiet()
+    before = snapshot(stack)
+    forged = uid("forged-wake")
+    body = {"type": "INSERT", "table": "agent_decisions", "schema": "public", "zsync_wake": "outbox",
+            "record": {"id": forged, "status": "forged"}, "old_record": None}
+    for headers in ({}, {H: "wrong"}, {H: stack.secret}):  # the secret changes nothing either
+        r = requests.post(wake_url(stack, "agent_jobs"), json=body, headers=headers, timeout=30)
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert answer["outcome"] == "drained" and answer["table"] == "agent_jobs"
+        assert set(answer) == {"function", "table", "outcome", "coalesced", "rounds", "counts", "pending_left"}
+    r = requests.post(wake_url(stack, "agent_jobs"), data=b"\x00not json", timeout=30)  # not even parsed
+    assert r.status_code == 200 and r.json()["outcome"] == "drained"
+    stack.wait_quiet()
+    after = snapshot(stack)  # no Tables request, no write anywhere, nothing audited
+    assert unchanged_apart_from_audit(before, after) == [] and after["sync_failed"] == before["sync_failed"]
+    assert tables.find("agent_jobs", forged) is None and tables.find("agent_decisions", forged) is None
+    assert supabase.row("agent_jobs", forged) is None and supabase.row("agent_decisions", forged) is None
+    # Without the wake-up marker an unauthenticated request is still refused; *_to_supabase has no outbox.
+    assert requests.post(wake_url(stack, "agent_jobs").split("?")[0], json=body, timeout=10).status_code == 401
+    r = requests.post(stack.functions["agent_jobs_to_supabase"].url + "?zsync_wake=outbox", json={}, timeout=30)
+    assert r.json()["outcome"] == "drained" and "coalesced" not in r.json()  # its own inbox's drain, as before
+
+
+def test_deletes_and_repairs_reach_tables_through_secret_free_wakeups(stack, tables, supabase):
+    rid = uid("wake-del")
+    supabase.query("INSERT INTO agent_jobs (id, status, updated_at) VALUES (%s, 'queued', "
+                   "'2025-12-22T10:00:05Z')", (rid,))
+    stack.wait_quiet()
+    assert tables.find("agent_jobs", rid)["data"]["status"] == "queued"
+    # A repair: Tables holds an older version (written behind the sync's back); a stale delivery of it makes
+    # Supabase push its newer version back (zsync.requeue -> wake-up).
+    tables.update("agent_jobs", rid, {"status": "stale", "updated_at": "2025-12-22T10:00:01Z"})
+    r = requests.post(stack.functions["agent_jobs_to_supabase"].url, headers={H: stack.secret}, timeout=30,
+                      json={"id": rid, "status": "stale", "updated_at": "2025-12-22T10:00:01Z"})
+    assert r.json()["outcome"] == "skipped_stale", r.text
+    stack.wait_quiet()
+    assert tables.find("agent_jobs", rid)["data"]["status"] == "queued"
+    supabase.query("DELETE FROM agent_jobs WHERE id = %s", (rid,))  # a DELETE: a wake-up, the drain deletes
+    stack.wait_quiet()
+    assert tables.find("agent_jobs", rid) is None
+    with psycopg.connect(stack.database_url, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM zsync.outbox WHERE record_id = %s AND acked_at IS NULL",
+                            (rid,)).fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM net._http_response WHERE status_code <> 200").fetchone() == (0,)
+
+
+def test_a_flood_of_wakeups_is_rate_limited_and_loses_no_change(stack, tables, supabase):
+    """60 wake-ups at once from 12 threads while changes are committed: one drain at a time per instance,
+    rounds at least outbox_wake_min_interval_s (0.2 s) apart, every wake-up answered, and every change that
+    committed before some wake-up delivered without the sweeper."""
+    import concurrent.futures
+
+    stack.wait_quiet()
+    rids = [uid("flood") for _ in range(6)]
+
+    def one(i: int) -> dict[str, Any]:
+        if i % 10 == 0:
+            supabase.query("INSERT INTO agent_jobs (id, status) VALUES (%s, 'queued')", (rids[i // 10],))
+        r = requests.post(wake_url(stack, "agent_jobs"), json={}, timeout=30)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(one, range(60)))
+    elapsed = time.monotonic() - started
+    rounds = sum(a["rounds"] for a in answers)
+    coalesced = sum(1 for a in answers if a["coalesced"])
+    assert rounds <= elapsed / 0.2 + 2, (rounds, elapsed)
+    assert coalesced >= 30, coalesced  # most were answered at once, the running drain covering them
+    for rid in rids:
+        assert eventually(lambda rid=rid: tables.find("agent_jobs", rid), timeout_s=10)
+    print(f"60 wake-ups in {elapsed:.2f}s: {rounds} drain rounds, {coalesced} coalesced")
+
+
+def test_sequential_wakeups_are_spaced_by_the_minimum_interval(database_url):
+    """One request at a time per instance (Lambda): a wake-up right after a drain waits for the interval
+    instead of querying at once; it is never dropped."""
+    from shared.outbox_batch import wake
+
+    with psycopg.connect(database_url, autocommit=True) as conn:  # an empty outbox: no Tables call to make
+        conn.execute("UPDATE zsync.outbox SET acked_at = now() WHERE table_name = 'rate_limits' AND acked_at IS NULL")
+    ctx = SyncContext(settings=Settings(database_url=database_url, outbox_wake_min_interval_s=0.5))
+    fn = FUNCTIONS["rate_limits_to_tables"]
+    try:
+        first = wake(ctx, fn)
+        started = time.monotonic()
+        second = wake(ctx, fn)
+        waited = time.monotonic() - started
+    finally:
+        supabase_db.close_pools()
+    assert (first.rounds, second.rounds, first.coalesced, second.coalesced) == (1, 1, False, False)
+    assert 0.4 <= waited < 3, waited
 
 
 # --- forged table names ------------------------------------------------------------------------------------
@@ -339,18 +458,24 @@ CALLED = {"sync_upsert", "version_cmp", "content_hash", "append_audit",
           # issue 12: reconcile at scale (the set-based ack)
           "ack_outbox_set",
           # issue 12: the single-record path (sync_upsert_many is gone)
-          "version_of_typed", "claim_outbox_rows", "record_outbox_batch", "outbox_claimable", "sync_apply_many_set"}
+          "version_of_typed", "claim_outbox_rows", "record_outbox_batch", "outbox_claimable", "sync_apply_many_set",
+          # issue 18: deletes that win, restores that come back
+          "note_sync_trashed", "sync_trashed_ids", "tombstone_of"}
 DEFINER = {"capture_change", "ack_outbox", "announce",
            # issue 13: they read/write zsync.tombstones and zsync.outbox, which zsync_sync cannot touch
            "maintain_updated_at", "track_tombstone", "tombstone_version", "apply_tables_delete", "outbox_failed",
            # issue 11: the Vault-reading webhook trigger, lag, health and alert state
-           "webhook_request", "endpoint_headers", "outbox_capture_time", "sync_health", "transition_alerts",
+           "webhook_request", "outbox_capture_time", "sync_health", "transition_alerts",
            # issue 13 item 4: zsync.trash_watermarks and the outbox, which zsync_sync cannot touch
            "trash_watermark", "trash_checked", "trash_insert_pending",
            # issue 12: claim and acknowledge outbox entries
            "claim_outbox", "ack_outbox_many", "outbox_state", "requeue", "ack_outbox_set",
            # issue 12: claim with the rows, "anything left to claim?"
-           "claim_outbox_rows", "outbox_claimable"}
+           "claim_outbox_rows", "outbox_claimable",
+           # issue 18: zsync.sync_trashed and zsync.tombstones, which zsync_sync cannot touch
+           "note_sync_trashed", "sync_trashed_ids", "tombstone_of",
+           # issue 18: the secret-free wake-up the webhook triggers and zsync.announce send
+           "wake"}
 
 
 def role_url(database_url: str, role: str = ROLE) -> str:
@@ -388,6 +513,8 @@ def test_migration_gives_zsync_sync_exactly_what_the_sync_needs(database_url):
             "AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%%'").fetchall()
         assert len(relations) > 10
         for schema, name, oid in relations:
+            if schema == "net":  # pg_net grants ALL on its tables to PUBLIC: nothing queued there may authenticate
+                continue  # anything (test_no_role_reads_anything_that_authenticates_a_delivery)
             privs = {"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER"}
             held = {p for p in privs
                     if conn.execute("SELECT has_table_privilege('zsync_sync', %s, %s)", (oid, p)).fetchone()[0]}
@@ -423,7 +550,7 @@ def test_functions_sync_as_a_member_of_zsync_sync(database_url, fn_url, tmp_path
     service, table_ids = tables.service, tables.ids
     try:
         with recording_server(reply=b"{}") as (base, _got):
-            wire(database_url, base, CURRENT)  # as the owner, like `zsync wire`: triggers + endpoints
+            wire(database_url, base)  # as the owner, like `zsync wire`: triggers + endpoints
             settings = Settings(database_url=fn_url, webhook_secret=CURRENT, zapier_base_url=service.url,
                                 tables_token=TOKEN, table_ids=table_ids, retry_budget_s=1.0)
             ctx = SyncContext(settings=settings)
@@ -454,9 +581,10 @@ def test_functions_sync_as_a_member_of_zsync_sync(database_url, fn_url, tmp_path
                 outbox = admin.execute("SELECT count(*), count(acked_at) FROM zsync.outbox "
                                        "WHERE table_name = 'agent_jobs' AND record_id = %s", (rid,)).fetchone()
                 assert outbox == (2, 2)  # the trigger's + the repair's (zsync.requeue), both acknowledged
-                queued = admin.execute("SELECT count(*) FROM net.http_request_queue "
-                                       "WHERE convert_from(body, 'UTF8') LIKE %s", (f"%{rid}%",)).fetchone()[0]
-                assert queued >= 4  # three webhook triggers fired as the role + the announce
+                queued = admin.execute("SELECT headers FROM net.http_request_queue "
+                                       "WHERE url LIKE '%%zsync_wake=outbox'").fetchall()
+                assert len(queued) >= 4  # the webhook triggers fired as the role + the announce: wake-ups ...
+                assert all(h == ({"Content-Type": "application/json"},) for h in queued)  # ... with no secret
                 actions = {r[0] for r in admin.execute("SELECT action FROM audit_log WHERE resource_id = %s "
                                                        "OR id = %s", (rid, rid))}
                 assert {"agent_jobs_synced", "sync_skipped_stale_data", "x"} <= actions
@@ -487,13 +615,12 @@ FORBIDDEN = [
     "SELECT * FROM zsync.webhook_endpoints",
     "SELECT * FROM vault.decrypted_secrets",
     "SELECT * FROM vault.secrets",
-    "SELECT zsync.endpoint_headers('agent_jobs')",
+    "SELECT zsync.wake('agent_jobs')",
     "SELECT vault.create_secret('x', 'evil')",
     "INSERT INTO zsync.outbox (table_name, record_id, op) VALUES ('agent_jobs', 'x', 'UPDATE')",
     "UPDATE zsync.outbox SET acked_at = now()",
     "DELETE FROM zsync.outbox",
     "UPDATE zsync.schema_migrations SET checksum = 'x'",
-    "SELECT * FROM net.http_request_queue",
     "SELECT zsync.sweep_outbox()",
     "SELECT zsync.enable_sync('public.agent_jobs')",
     "SELECT zsync.maintain_updated_at()",
@@ -513,29 +640,95 @@ def test_zsync_sync_cannot_do_anything_else(fn_url, sql):
             conn.execute(sql)
 
 
-def test_the_webhook_secret_is_not_readable_by_the_sync_role(database_url, fn_url):
-    secret = "catalog-" + uuid.uuid4().hex
-    wire(database_url, "http://127.0.0.1:9", secret)
-    with psycopg.connect(fn_url, autocommit=True) as conn:
-        visible = conn.execute(
-            "SELECT string_agg(encode(tgargs, 'escape') || pg_get_triggerdef(oid), ' ') FROM pg_trigger "
-            "WHERE tgname LIKE 'zsync_%%_webhook'").fetchone()[0] or ""
-    assert "zsync.webhook_request()" in visible  # the triggers are there ...
-    assert secret not in visible  # ... and carry no secret
+AGENT = "zsync_agent_writer_test"  # a role with only SELECT/UPDATE on agent_jobs (a Claude agent's, say)
 
 
-def test_wire_rotation_updates_the_vault_secret_in_place(database_url):
-    first, second = "rot-a-" + uuid.uuid4().hex, "rot-b-" + uuid.uuid4().hex
+def readable_text(conn: psycopg.Connection) -> str:
+    """Everything the connection's role can SELECT, in every schema (catalogs included), as text."""
+    out: list[str] = []
+    relations = conn.execute(
+        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relkind IN ('r', 'v', 'm', 'p', 'f') AND has_table_privilege(c.oid, 'SELECT')").fetchall()
+    for (name,) in relations:
+        try:
+            with conn.transaction():  # a savepoint: a view that errors does not end the attacker's transaction
+                out += [row[0] for row in conn.execute(f"SELECT t::text FROM {name} t")]  # names from the catalog
+        except psycopg.Error:
+            pass
+    out += [str(r) for r in conn.execute("SELECT encode(tgargs, 'escape'), pg_get_triggerdef(oid) FROM pg_trigger")]
+    return "\n".join(out)
+
+
+@pytest.fixture
+def agent_url(database_url: str) -> str:
+    """A LOGIN role that may only read and update agent_jobs, through the policy docs/security.md shows."""
     with psycopg.connect(database_url, autocommit=True) as conn:
-        wire(database_url, "http://127.0.0.1:9", first)
-        query = "SELECT id, updated_at FROM vault.secrets WHERE name = 'zsync_webhook_secret'"
-        created = conn.execute(query).fetchone()
-        wire(database_url, "http://127.0.0.1:9", first)  # same secret: Vault untouched
-        assert conn.execute(query).fetchone() == created
-        wire(database_url, "http://127.0.0.1:9", second)
-        rows = conn.execute("SELECT id, decrypted_secret FROM vault.decrypted_secrets "
-                            "WHERE name = 'zsync_webhook_secret'").fetchall()
-        assert rows == [(created[0], second)]  # updated in place (vault.update_secret), one secret
-        stored = conn.execute("SELECT secret FROM vault.secrets WHERE name = 'zsync_webhook_secret'").fetchone()[0]
-        assert second not in stored  # not kept in clear in the table (Supabase encrypts; the stand-in encodes)
-        assert conn.execute("SELECT zsync.endpoint_headers('rate_limits')").fetchone()[0][H] == second
+        conn.execute(f"""
+            DO $$
+            BEGIN
+                IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{AGENT}') THEN
+                    CREATE ROLE {AGENT} LOGIN;
+                END IF;
+                IF NOT EXISTS (SELECT 1 FROM pg_policy WHERE polname = 'agent_writer_test') THEN
+                    CREATE POLICY agent_writer_test ON public.agent_jobs FOR ALL TO {AGENT}
+                        USING (true) WITH CHECK (true);
+                END IF;
+            END
+            $$""")
+        conn.execute(f"GRANT SELECT, UPDATE ON public.agent_jobs TO {AGENT}")
+    return role_url(database_url, AGENT)
+
+
+def test_no_role_reads_anything_that_authenticates_a_delivery(database_url, fn_url, agent_url):
+    """Issue 18 item 6, the attack: a role with only SELECT/UPDATE on agent_jobs, under pg_net's real grants
+    (ALL on net's tables to PUBLIC), updates a row and reads, inside its own transaction, every relation it can
+    (the queued webhook included), pg_trigger and the catalogs: nothing in them authenticates anything. The
+    same for the sync's role after zsync.announce / zsync.requeue, and for anon, authenticated and service_role
+    (which may read Vault): the shared secret is nowhere in the database."""
+    wire(database_url, "http://127.0.0.1:9")  # nobody sends: the requests stay queued
+    rid = uid("attack")
+    with psycopg.connect(database_url, autocommit=True) as owner:
+        owner.execute("INSERT INTO agent_jobs (id, status) VALUES (%s, 'queued')", (rid,))
+        owner.execute("DELETE FROM net.http_request_queue")
+    seen: dict[str, str] = {}
+    queued: dict[str, list[dict[str, Any]]] = {}
+    with psycopg.connect(agent_url) as conn:  # one transaction, never committed
+        assert conn.execute("UPDATE agent_jobs SET status = 'running' WHERE id = %s", (rid,)).rowcount == 1
+        queued[AGENT] = [r[0] for r in conn.execute("SELECT headers FROM net.http_request_queue")]
+        seen[AGENT] = readable_text(conn)
+        conn.rollback()
+    with psycopg.connect(fn_url) as conn:
+        assert conn.execute("SELECT zsync.announce('agent_jobs', %s)", (rid,)).fetchone() == (True,)
+        assert conn.execute("SELECT zsync.requeue('agent_jobs', %s)", (rid,)).fetchone() == (True,)
+        queued[ROLE] = [r[0] for r in conn.execute("SELECT headers FROM net.http_request_queue")]
+        seen[ROLE] = readable_text(conn)
+        conn.rollback()
+    with psycopg.connect(database_url) as conn:
+        for api in ("anon", "authenticated", "service_role"):
+            conn.execute(f"SET LOCAL ROLE {api}")
+            seen[api] = readable_text(conn)
+            conn.execute("RESET ROLE")
+        conn.rollback()
+    assert len(queued[AGENT]) == 1 and len(queued[ROLE]) == 1  # the webhook fired in each transaction, once
+    for role, headers in queued.items():
+        assert headers == [{"Content-Type": "application/json"}], role
+    assert rid in seen[AGENT] and rid not in seen["anon"]  # (RLS: anon sees no row of agent_jobs)
+    assert "zsync_wake=outbox" in seen[AGENT]  # the queued request was readable (pg_net's grants) ...
+    for role, text in seen.items():
+        for secret in ALL_SECRETS:
+            assert secret not in text, role  # ... and nothing in reach holds a secret
+        assert H.lower() not in text.lower(), role  # not even the header's name
+    assert "zsync_webhook_secret" not in seen["service_role"]  # the old Vault secret is gone
+
+
+def test_wire_deletes_the_vault_secret_older_versions_kept(database_url):
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("SELECT vault.create_secret('old-' || gen_random_uuid(), 'zsync_webhook_secret')")
+        conn.execute("SELECT vault.create_secret('someone-elses', 'other_secret')")
+        wire(database_url, "http://127.0.0.1:9")
+        names = [r[0] for r in conn.execute("SELECT name FROM vault.secrets ORDER BY name")]
+        assert names == ["other_secret"]
+        wire(database_url, "http://127.0.0.1:9")  # idempotent
+        assert conn.execute("SELECT headers FROM zsync.webhook_endpoints").fetchall() == [
+            ({"Content-Type": "application/json"},)] * len(WEBHOOK_TABLES)
+        conn.execute("DELETE FROM vault.secrets")

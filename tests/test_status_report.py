@@ -135,7 +135,7 @@ def test_status_json_and_table(figures, moto_dlq, tmp_path, monkeypatch):
     reach = {r["function"]: r["reachable"] for r in data["reachability"]}
     assert reach.pop("agent_jobs_to_supabase") is True and not any(reach.values())
     assert table.exit_code == 1
-    for text in ("zsync status", "agent_jobs", "tables to supabase", "165 ms", "outbox agent_decisions",
+    for text in ("zsync status", "agent_jobs", "to Supabase", "165 ms", "outbox agent_decisions",
                  "dead-letter queue"):
         assert text in table.output, text
 
@@ -197,3 +197,66 @@ def test_report_is_self_contained_and_chromium_draws_the_plot(figures, tmp_path)
     blue = sum(1 for px in image.getdata() if abs(px[0] - 0x1F) < 40 and abs(px[1] - 0x77) < 40
                and abs(px[2] - 0xB4) < 40)
     assert blue > 200, f"the first series' line (matplotlib C0) is not visible: {blue} pixels"
+
+
+@pytest.fixture(scope="module")
+def few_points(database_url: str) -> Iterator[str]:
+    """Issue 22: one bucket for rate_limits (~20 ms), four for agent_jobs (p50 14-16 ms) with one max of
+    2,379 ms: the outlier must not flatten the p50 lines, nor the legend hide a point."""
+    from infra.local.postgres import create_database, prepare_database, with_database
+
+    url = create_database(with_database(database_url, "postgres"))
+    prepare_database(url)
+    rows = []
+    for i, lags in enumerate([[0.014, 0.014, 0.015], [0.015, 0.015, 2.379], [0.016, 0.016, 0.017], [0.014] * 3]):
+        at = NOW - timedelta(minutes=5 * (4 - i))
+        rows += [entry("agent_jobs_to_supabase", "tables_to_supabase", "agent_jobs_synced", at, lag) for lag in lags]
+    rows += [entry("rate_limits_to_tables", "supabase_to_tables", "rate_limits_synced", NOW - timedelta(minutes=1),
+                   0.020)]
+    with psycopg.connect(url, autocommit=True) as conn:
+        for row in rows:
+            append_audit(conn, row)
+    yield url
+
+
+def _box(svg: str, gid: str) -> tuple[float, float, float, float]:
+    """x0, y0, x1, y1 of the first path in the SVG group ``gid`` (every M/L/Q coordinate)."""
+    group = re.search(rf'<g id="{gid}">\s*(?:<g id="[^"]+">\s*)?<path d="([^"]+)"', svg, re.S)
+    assert group, f"no {gid} in the plot"
+    xy = [(float(x), float(y)) for x, y in re.findall(r"(-?[\d.]+)\s+(-?[\d.]+)", group.group(1))]
+    return min(x for x, _ in xy), min(y for _, y in xy), max(x for x, _ in xy), max(y for _, y in xy)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (`make install` installs it via apt)")
+def test_report_plot_readable_with_few_points_and_an_outlier(few_points, tmp_path):
+    out = tmp_path / "report.html"
+    data = write_report(few_points, out)
+    assert len(data["series"]["rate_limits-supabase_to_tables"]["t"]) == 1
+    dom = chromium("--dump-dom", out.as_uri(), tmp=tmp_path)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    svg = dom.stdout
+    axes, legend = _box(svg, "patch_2"), _box(svg, "legend_1")
+    assert legend[1] > axes[3] or legend[0] > axes[2], "the legend lies over the plotting area"
+    ys = {}
+    for key in ("agent_jobs-tables_to_supabase", "rate_limits-supabase_to_tables"):
+        group = re.search(rf'<g id="lag-{key}">(.*?)</g>', svg, re.S)
+        assert group, f"no plotted line for {key}"
+        path = re.search(r'<path d="([^"]+)"', group.group(1)).group(1)
+        points = [(float(x), float(y)) for x, y in re.findall(r"[ML]\s*(-?[\d.]+)\s+(-?[\d.]+)", path)]
+        assert all(axes[0] < x < axes[2] and axes[1] < y < axes[3] for x, y in points), (key, points, axes)
+        ys[key] = [y for _, y in points]
+    # 20 ms drawn apart from 14-16 ms (SVG y grows downwards) despite the 2,379 ms max (on a linear axis of
+    # this height the 4 ms between them were under one pixel)
+    assert min(ys["agent_jobs-tables_to_supabase"]) - max(ys["rate_limits-supabase_to_tables"]) > 8, ys
+    jobs = ys["agent_jobs-tables_to_supabase"]
+    assert max(jobs) - min(jobs) > 4, "14 and 16 ms on the same pixel row"
+    # one bucket: a time axis of minutes around it, not years (the points spread over the plot's width)
+    xs = re.findall(r"[ML]\s*(-?[\d.]+)\s", re.search(r'<g id="lag-agent_jobs-tables_to_supabase">.*?<path d="([^"]+)"',
+                                                       svg, re.S).group(1))
+    assert float(xs[-1]) - float(xs[0]) > (axes[2] - axes[0]) / 4
+
+    shot = tmp_path / "few.png"
+    run = chromium(f"--screenshot={shot}", "--window-size=1100,700", out.as_uri(), tmp=tmp_path)
+    assert run.returncode == 0 and shot.exists(), run.stderr[-2000:]
+    (Path(os.environ["ZSYNC_REPORT_PNG"]) if os.environ.get("ZSYNC_REPORT_PNG") else tmp_path / "x").write_bytes(
+        shot.read_bytes())

@@ -52,8 +52,9 @@ def test_a_tables_delete_reaches_supabase_and_stays_deleted(stack, tables, supab
     stack.wait_quiet()
     assert tables.find("agent_jobs", rid) is None  # the push back of the delete found nothing to delete
 
-    # A stale Zap / inbox delivery of the deleted record is not re-inserted.
-    r = post(stack, "agent_jobs_to_supabase", rec["data"])
+    # A stale Zap / inbox delivery of the deleted record is not re-inserted. It is what the trigger sent:
+    # the fields (no updated_at: created without one) and Zapier's edited_at, its version.
+    r = post(stack, "agent_jobs_to_supabase", rec["data"] | {"edited_at": rec["edited_at"]})
     assert r.status_code == 200 and r.json()["outcome"] == "deleted", r.text
     assert supabase.row("agent_jobs", rid) is None
     # Reconcile does not resurrect it either (on neither side).
@@ -77,8 +78,9 @@ def test_a_tables_delete_reaches_supabase_and_stays_deleted(stack, tables, supab
 
 def test_a_supabase_version_newer_than_the_tables_delete_wins_and_is_re_created(stack, tables, supabase):
     rid = uid("tnewer")
-    # A Claude agent's clock runs ahead: its version is later than the person's delete that follows.
-    supabase.query("INSERT INTO agent_jobs (id, status, updated_at) VALUES (%s, 'claude', now() + interval '1 hour')",
+    # A Claude agent's clock runs ahead (within ZSYNC_MAX_FUTURE_SKEW_S): its version is later than the person's
+    # delete that follows.
+    supabase.query("INSERT INTO agent_jobs (id, status, updated_at) VALUES (%s, 'claude', now() + '4 min')",
                    (rid,))
     rec = eventually(lambda: tables.find("agent_jobs", rid))
     stack.wait_quiet()
@@ -130,7 +132,7 @@ def test_audit_log_is_append_only_a_tables_delete_does_nothing(stack, tables, su
 def test_reconcile_applies_a_tables_delete_the_check_has_not_seen(stack, tables, supabase):
     gone = synced_job(stack, tables, supabase, "trecdel")
     newer_id = uid("trecnew")
-    supabase.query("INSERT INTO agent_jobs (id, status, updated_at) VALUES (%s, 'claude', now() + interval '1 hour')",
+    supabase.query("INSERT INTO agent_jobs (id, status, updated_at) VALUES (%s, 'claude', now() + '4 min')",
                    (newer_id,))
     newer = eventually(lambda: tables.find("agent_jobs", newer_id))
     stack.wait_quiet()

@@ -1,6 +1,7 @@
 """The local Zapier Tables stand-in over real HTTP, spoken as the real API (see
 ``/work/shared/reference/zapier-tables-api.md``): OAuth token endpoint, field ids, query filters/orders/
-cursor paging, changesets, trash, refusals inside a 200, per-table rate limit, durability, stamping,
+cursor paging, changesets, trash, refusals inside a 200, per-table rate limit, durability, only the fields
+sent (empty cells left out),
 triggers, admin, CLI.
 
 Also holds the small test helpers (HTTP receiver, service fixtures) that ``test_zapier_tables.py`` imports.
@@ -35,8 +36,8 @@ SECRET_HEADER = "X-Zsync-Secret"
 SECRET = "shh-" + os.urandom(4).hex()
 CLIENT_ID = "svc-test"
 CLIENT_SECRET = "cs-" + os.urandom(8).hex()
-JOBS = "agent_jobs"  # table name: stamps created_at/updated_at, triggers the receiver
-AUDIT = "audit_log"  # table name: no stamping, no trigger
+JOBS = "agent_jobs"  # table name: triggers the receiver
+AUDIT = "audit_log"  # table name: no trigger
 API = "/api/v0/sdk/tables/api/v1"
 FIELDS = {
     JOBS: {"id": "string", "job_type": "string", "status": "string", "retry_count": "number", "ok": "boolean",
@@ -141,7 +142,7 @@ def auth(token: str = TOKEN) -> dict[str, str]:
 
 
 def start_service(db: Path, trigger_url: str | None, **kwargs: Any) -> TablesService:
-    tables = [TableConfig(JOBS, trigger_url, stamp_updated_at=True), TableConfig(AUDIT, None, stamp_updated_at=False)]
+    tables = [TableConfig(JOBS, trigger_url), TableConfig(AUDIT, None)]
     kwargs.setdefault("autoreplay", AUTOREPLAY)
     kwargs.setdefault("delivery_timeout_s", 2.0)
     kwargs.setdefault("client_id", CLIENT_ID)
@@ -603,29 +604,37 @@ def test_records_survive_a_restart_on_the_same_file(tmp_path: Path) -> None:
     assert db.exists()
 
 
-# --- stamping ---------------------------------------------------------------------------------------------
+# --- only the fields sent; empty cells left out ----------------------------------------------------------
 
 
-def test_stamping_rules(api: Api) -> None:
-    plain = api.new({"id": "j1"})["data"]
-    assert ISO_Z.match(plain["created_at"]) and plain["updated_at"] == plain["created_at"]
+def test_writes_store_only_the_fields_sent_and_leave_empty_cells_out(api: Api) -> None:
+    """Like Zapier: no ``created_at`` / ``updated_at`` field is filled in (``edited_at`` is Zapier's own
+    metadata), and an empty cell (null, "", []) is not in ``data``."""
+    plain = api.new({"id": "j1", "status": "queued"})
+    assert plain["data"] == {"id": "j1", "status": "queued"}
+    assert ISO_Z.match(plain["created_at"]) and ISO_Z.match(plain["edited_at"])  # system metadata always
 
     given = {"id": "j2", "created_at": "2025-12-22T10:00:00Z", "updated_at": "2025-12-22T10:00:01Z"}
     rec = api.new(given)
     assert rec["data"] == given  # given values are kept exactly
 
-    blank = api.new({"id": "j3", "created_at": None})["data"]
-    assert blank["created_at"] is None  # an explicit null is the writer's value (the sync writes nulls as-is)
+    blank = api.new({"id": "j3", "created_at": None, "job_type": "", "tags": [], "ok": False, "retry_count": 0})
+    assert blank["data"] == {"id": "j3", "ok": False, "retry_count": 0}  # false and 0 are values
 
-    stamped = api.change(rec["id"], {"status": "running"})["data"]
-    assert stamped["created_at"] == given["created_at"] and stamped["updated_at"] > given["updated_at"]
-    assert ISO_Z.match(stamped["updated_at"])
-    kept = api.change(rec["id"], {"status": "done", "updated_at": "2020-01-01T00:00:00Z"})
-    assert kept["data"]["updated_at"] == "2020-01-01T00:00:00Z"
+    changed = api.change(rec["id"], {"status": "running"})
+    assert changed["data"] == given | {"status": "running"}  # updated_at not advanced
+    assert changed["edited_at"] > rec["edited_at"]
+    emptied = api.update([(rec["id"], {"status": None, "created_at": ""})])
+    assert emptied.json()["data"][0]["changed_field_ids"] == sorted(
+        int(api.keys[JOBS][k][1:]) for k in ("status", "created_at"))
+    assert api.dec(JOBS, emptied.json()["data"][0]["new"])["data"] == {"id": "j2", "updated_at": given["updated_at"]}
+    assert api.dec(JOBS, api.get(rec["id"]).json()["data"])["data"] == {"id": "j2", "updated_at": given["updated_at"]}
+    assert sorted(d["id"] for d in api.found(filters=[("status", "isnull", True)])) == ["j2", "j3"]
+    same = api.update([(blank["id"], {"job_type": None})]).json()["data"][0]
+    assert same["changed_field_ids"] == [] and same["new"]["edited_at"] == blank["edited_at"]  # no change
 
     audit = api.new({"action": "x"}, AUDIT)
-    assert audit["data"] == {"action": "x"}  # no stamping on this table
-    assert ISO_Z.match(audit["created_at"]) and ISO_Z.match(audit["edited_at"])  # system metadata always
+    assert audit["data"] == {"action": "x"}
 
 
 # --- triggers ---------------------------------------------------------------------------------------------
@@ -723,6 +732,18 @@ def test_trigger_can_be_pointed_elsewhere_or_off(api: Api, receiver: Receiver) -
 # --- admin ------------------------------------------------------------------------------------------------
 
 
+def test_writes_that_keep_the_version_are_counted(api: Api) -> None:
+    """``same_version_writes``: updates that left ``updated_at`` where it was (the soak's Tables echo count)."""
+    rec = api.new({"id": "job-3", "status": "queued", "updated_at": "2030-01-01T00:00:00Z"})
+    api.admin("POST", "stats/reset")
+    api.update([(rec["id"], {"status": "queued"})])  # nothing changed: the same version written again
+    api.change(rec["id"], {"status": "x", "updated_at": "2030-01-01T00:00:00.000Z"})  # same time, other format
+    api.change(rec["id"], {"status": "y", "updated_at": "2030-01-01T00:00:01Z"})  # a new version
+    api.change(rec["id"], {"status": "z"})  # stamped: a new version
+    api.new({"id": "job-4", "updated_at": "2030-01-01T00:00:00Z"})  # a create is never one
+    assert api.stats()["same_version_writes"] == {api.ids[JOBS]: 2}
+
+
 def test_fault_injection_and_stats(api: Api) -> None:
     api.admin("POST", "stats/reset")
     assert api.admin("POST", "faults", {"status": 429, "count": 2, "retry_after": 7}).status_code == 200
@@ -810,7 +831,8 @@ def test_cli_runs_until_sigterm(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("config", [{"tables": "nope"}, {"tables": [], "client_secret": ""},
-                                    {"tables": [{"name": "x", "table_id": "tbl_old"}], "client_secret": "s"}])
+                                    {"tables": [{"name": "x", "table_id": "tbl_old"}], "client_secret": "s"},
+                                    {"tables": [{"name": "x", "stamp_updated_at": True}], "client_secret": "s"}])
 def test_cli_rejects_a_bad_config(tmp_path: Path, config: dict) -> None:
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
@@ -824,3 +846,33 @@ def test_cli_rejects_a_bad_config(tmp_path: Path, config: dict) -> None:
         env=env,
     )
     assert done.returncode == 2 and "bad config" in done.stderr
+
+
+def test_restore_from_the_trash_empty_trash_and_a_refused_delete(api: Api, receiver: Receiver) -> None:
+    """A person's restore (live again, edited_at the restore time, the trigger fires), an emptied trash (gone
+    for good), and a delete refused inside a 200 (meta.errors, nothing deleted) - issue 18's stand-in."""
+    rec = api.new({"id": "restore-001", "status": "queued"})
+    api.flush()
+    assert api.admin("POST", f"tables/{api.ids[JOBS]}/records/{rec['id']}/restore").status_code == 409  # live
+    assert api.admin("POST", "faults", {"status": 200, "count": 1, "method": "DELETE"}).status_code == 200
+    assert api.query().status_code == 200  # a fault for DELETE leaves the other methods alone
+    refused = api.delete([rec["id"]])
+    assert refused.status_code == 200 and refused.json()["meta"]["errors"], refused.text
+    assert api.get(rec["id"]).json()["data"]["deleted_at"] is None  # nothing deleted
+    assert api.admin("POST", "faults", {"status": 200, "count": 1, "method": "PUT"}).status_code == 400
+    api.admin("DELETE", "faults")
+    assert api.delete([rec["id"]]).status_code == 204
+    trashed = api.get(rec["id"]).json()["data"]
+    before = len(receiver.requests)
+    time.sleep(0.002)
+    back = api.admin("POST", f"tables/{api.ids[JOBS]}/records/{rec['id']}/restore")
+    assert back.status_code == 200, back.text
+    assert back.json()["data"]["deleted_at"] is None and back.json()["data"]["edited_at"] > trashed["edited_at"]
+    assert api.found(filters=[("id", "exact", "restore-001")]) == [api.dec(JOBS, rec)["data"]]
+    api.flush()
+    assert len(receiver.requests) == before + 1  # the trigger fired for the restore
+    assert api.delete([rec["id"]]).status_code == 204
+    emptied = api.admin("POST", f"tables/{api.ids[JOBS]}/trash/empty")
+    assert emptied.status_code == 200 and emptied.json()["removed"] >= 1
+    assert api.found(filters=[("id", "exact", "restore-001")], trash="include") == []
+    assert api.get(rec["id"]).status_code == 404

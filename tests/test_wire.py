@@ -91,12 +91,11 @@ def test_urls_file_must_name_the_seven_functions(tmp_path: Path, env: Any) -> No
 # --- wire supabase ----------------------------------------------------------------------------------
 
 
-def test_wire_supabase_dry_run_redacts_the_secret(urls_file: Path, env: Any) -> None:
+def test_wire_supabase_dry_run_holds_no_secret(urls_file: Path, env: Any) -> None:
     result = run("wire", "supabase", "--urls", str(urls_file), "--dry-run")
     assert result.exit_code == 0, result.output
-    assert SECRET not in result.output
-    assert "<redacted>" in result.output
-    assert HEADER in result.output
+    assert SECRET not in result.output and HEADER not in result.output  # the webhooks are secret-free wake-ups
+    assert "zsync_webhook_secret" in result.output  # ... and the Vault secret older versions kept is deleted
     urls = fake_urls()
     for table in WEBHOOK_TABLES:
         assert trigger_name(table) in result.output
@@ -106,11 +105,10 @@ def test_wire_supabase_dry_run_redacts_the_secret(urls_file: Path, env: Any) -> 
             assert url not in result.output
 
 
-def test_wire_supabase_without_a_secret_says_so(urls_file: Path, env: pytest.MonkeyPatch) -> None:
+def test_wire_supabase_needs_no_secret(urls_file: Path, env: pytest.MonkeyPatch) -> None:
     env.delenv("ZSYNC_WEBHOOK_SECRET")
     result = run("wire", "supabase", "--urls", str(urls_file), "--dry-run")
-    assert result.exit_code == 1
-    assert "ZSYNC_WEBHOOK_SECRET is not set" in result.output
+    assert result.exit_code == 0, result.output
 
 
 def _triggers(database_url: str) -> dict[str, str]:
@@ -137,17 +135,15 @@ def test_wire_supabase_applies_idempotently(tmp_path: Path, env: Any, database_u
     assert moved.exit_code == 0 and moved.output.count("replaced") == len(WEBHOOK_TABLES)
     assert _triggers(database_url) == {t: fake_urls("v2")[f"{t}_to_tables"] for t in WEBHOOK_TABLES}
 
-    # The secret is in Vault, not in the triggers; a new secret (rotation) updates it there.
+    # A new secret (rotation) changes nothing in the database: it holds none.
     env.setenv("ZSYNC_WEBHOOK_SECRET", "rotated-" + SECRET)
     from shared.settings import reset_settings
 
     reset_settings()
     rotated = run("wire", "supabase", "--urls", str(second), "--database-url", database_url)
-    assert rotated.exit_code == 0 and rotated.output.count("replaced") == len(WEBHOOK_TABLES), rotated.output
-    assert "rotated-" not in rotated.output
+    assert rotated.exit_code == 0 and rotated.output.count("unchanged") == len(WEBHOOK_TABLES), rotated.output
     with psycopg.connect(database_url, autocommit=True) as conn:
-        assert conn.execute("SELECT decrypted_secret FROM vault.decrypted_secrets WHERE name = 'zsync_webhook_secret'"
-                            ).fetchall() == [("rotated-" + SECRET,)]
+        assert conn.execute("SELECT count(*) FROM vault.secrets WHERE name = 'zsync_webhook_secret'").fetchone() == (0,)
         args = conn.execute("SELECT string_agg(encode(tgargs, 'escape') || pg_get_triggerdef(oid), ' ') "
                             "FROM pg_trigger WHERE tgname LIKE 'zsync_%%_webhook'").fetchone()[0]
     assert SECRET not in args and args.count("zsync.webhook_request()") == len(WEBHOOK_TABLES)
@@ -226,8 +222,13 @@ def test_wire_zapier_markdown_checklist(urls_file: Path, env: Any) -> None:
 
 
 def test_gcloud_script_deploys_the_seven_targets(tmp_path: Path, env: Any) -> None:
-    env.setenv("ZSYNC_TABLE_IDS", json.dumps({"agent_jobs": "tbl,with,commas"}))
     out = tmp_path / "deploy-gcloud.sh"
+    env.setenv("ZSYNC_TABLE_IDS", json.dumps({"agent_jobs": "tbl,with,commas"}))  # three tables without an id
+    refused = run("gcloud", "--project", "my-proj", "--region", "europe-west1", "--out", str(out))
+    assert refused.exit_code == 1 and "no table id for agent_decisions, audit_log, rate_limits" in refused.output
+    assert not out.exists()
+    env.setenv("ZSYNC_TABLE_IDS", json.dumps({"agent_jobs": "tbl,with,commas", "agent_decisions": "t2",
+                                              "audit_log": "t3", "rate_limits": "t4"}))
     result = run("gcloud", "--project", "my-proj", "--region", "europe-west1", "--out", str(out))
     assert result.exit_code == 0, result.output
     script = out.read_text()
@@ -338,6 +339,21 @@ def test_doctor_passes_on_the_local_stack_and_names_each_problem(stack: Any, env
     assert 'add "rate_limits" to ZSYNC_TABLE_IDS' in out
     assert "zsync_agent_jobs_webhook" in out and "run `zsync wire supabase`" in out
     assert "wrong-token" not in bad.output and "not-the-deployed-secret" not in bad.output
+
+
+def test_doctor_checks_the_secret_free_wakeup_of_each_to_tables_function(stack: Any) -> None:
+    from infra.deploy import doctor
+    from shared.settings import Settings
+
+    settings = Settings(webhook_secret=stack.secret)
+    for name, fp in stack.functions.items():
+        wake = [c for c in doctor.check_function(name, fp.url, settings, 10) if c.area == "wake"]
+        if FUNCTIONS[name].direction is Direction.TO_TABLES:
+            assert [(c.ok, c.detail) for c in wake] == [(True, "unsigned wake-up drained the outbox")], name
+        else:
+            assert wake == [], name
+    unreachable = doctor._check_wake("agent_jobs_to_tables", "http://127.0.0.1:9/", 5)
+    assert not unreachable.ok and unreachable.area == "wake"
 
 
 def test_deploy_preflight_finds_missing_secrets(env: pytest.MonkeyPatch) -> None:

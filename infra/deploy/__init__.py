@@ -14,6 +14,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
+from shared.settings import Settings
 from shared.spec import FUNCTIONS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,3 +53,33 @@ def load_urls(path: Path, *, require_all: bool = True) -> dict[str, str]:
     if require_all and missing:
         raise DeployError(f"{path}: no URL for {', '.join(missing)}")
     return dict(urls)
+
+
+_STACK_ZAPIER = ("zapier_base_url", "zapier_token_url", "zapier_client_id", "zapier_client_secret", "stage")
+
+
+def with_local_stack(settings: Settings, path: Path | None) -> Settings:
+    """``settings`` with what the environment leaves unset taken from the local stack's ``stack.json`` at
+    ``path`` (written by ``make up``): database, secret and header, Zapier stand-in and credentials, table
+    ids, stage, dead-letter queue. The environment always wins; a deploy's urls file (only ``functions``,
+    ``stage``...) changes nothing. ``zsync status``, ``report``, ``monitor`` and ``doctor`` share this."""
+    if path is None:
+        return settings
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return settings
+    if not isinstance(data, dict) or not data.get("database_url"):
+        return settings  # not a stack.json
+    overrides: dict[str, object] = {}
+    if settings.database_url is None:
+        overrides["database_url"] = data["database_url"]
+    overrides |= {k: data[k] for k in ("dlq_url", "aws_endpoint_url") if data.get(k) and not getattr(settings, k)}
+    if not (settings.zapier_client_id or settings.tables_token):  # the local Zapier stand-in and its stage
+        overrides |= {k: data[k] for k in _STACK_ZAPIER if data.get(k)}
+    if not settings.table_ids and isinstance(data.get("table_ids"), dict):
+        overrides["table_ids"] = data["table_ids"]
+    if data.get("secret") and not settings.accepted_secrets():
+        overrides["webhook_secret"] = data["secret"]
+        overrides["secret_header"] = data.get("secret_header") or settings.secret_header
+    return Settings(**{**settings.model_dump(), **overrides}) if overrides else settings

@@ -29,7 +29,10 @@ def _fail(exc: Exception, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _settings(ssm_prefix: str | None = None):  # -> shared.settings.Settings
+def _settings(ssm_prefix: str | None = None, stack_file: Path | None = None):  # -> shared.settings.Settings
+    """The ``ZSYNC_*`` environment (after SSM, with --ssm-prefix); then, for what it leaves unset, the local
+    stack's stack.json when ``stack_file`` is one; then the table ids `zsync setup zapier` wrote."""
+    from infra.deploy import with_local_stack
     from shared.settings import get_settings, reset_settings
 
     if ssm_prefix:
@@ -40,7 +43,7 @@ def _settings(ssm_prefix: str | None = None):  # -> shared.settings.Settings
         except SecretsUnavailable as exc:
             raise _fail(exc) from None
     reset_settings()
-    settings = get_settings()
+    settings = with_local_stack(get_settings(), stack_file)
     if not settings.table_ids:  # written by `zsync setup zapier`
         from infra.deploy.tables_setup import read_table_ids
 
@@ -112,12 +115,13 @@ wire_app = typer.Typer(help="Point Supabase and Zapier at the deployed function 
 def wire_supabase(
     urls: Path = typer.Option(..., "--urls", help=URLS_HELP),
     database_url: str = typer.Option(None, "--database-url", help="Postgres URL (default: ZSYNC_DATABASE_URL)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the SQL (secret redacted) and change nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the SQL (it holds no secret) and change nothing."),
     ssm_prefix: str = typer.Option(None, "--ssm-prefix", help=SSM_HELP),
 ) -> None:
     """Create or replace the Database Webhook triggers for the *_to_tables functions (one transaction).
 
-    Uses ZSYNC_WEBHOOK_SECRET and ZSYNC_SECRET_HEADER; idempotent (a re-run reports `unchanged`).
+    The webhooks are secret-free wake-ups (`?zsync_wake=outbox`): no secret is needed or stored; a Vault
+    secret older versions kept is deleted. Idempotent (a re-run reports `unchanged`).
     """
     from infra.deploy import wire
 
@@ -125,7 +129,7 @@ def wire_supabase(
     settings = _settings(ssm_prefix)
     try:
         if dry_run:
-            typer.echo(wire.render_redacted(function_urls, settings), nl=False)
+            typer.echo(wire.render(function_urls, settings), nl=False)
             return
         url = database_url or (settings.database_url.get_secret_value() if settings.database_url else None)
         if not url:
@@ -215,17 +219,18 @@ def doctor(
     """Check a deployment end to end; exit 1 listing exactly what is wrong.
 
     Every URL refuses unsigned requests and answers a signed ping, migrations are current, the webhook
-    triggers point at the deployed URLs, the Zapier Tables token reads every configured table.
+    triggers point at the deployed URLs, the Zapier Tables token reads every configured table. With
+    --urls .local/stack.json (the local stack) the settings the environment leaves unset come from that file.
     """
     from infra.deploy import doctor as doc
 
-    settings = _settings(ssm_prefix)
+    settings = _settings(ssm_prefix, urls)
     checks = doc.run(_urls(urls), settings, timeout_s=timeout, check_db=not skip_db,
                      check_tables_api=not skip_tables,
                      inbox_stage=None if zaps else (_urls_stage(urls) or settings.stage))
     table = Table(title="zsync doctor")
     for col in ("area", "target", "", "detail"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # at 80 columns an inbox key wraps instead of being cut
     for c in checks:
         table.add_row(c.area, c.target, "[green]ok[/]" if c.ok else "[red]FAIL[/]", escape(c.detail))
     console.print(table)
@@ -269,11 +274,14 @@ def setup_zapier(
 ) -> None:
     """Create the four Zapier tables and their typed fields (idempotent); write the table ids."""
     from infra.deploy.tables_setup import ensure_tables, report, table_ids, write_table_ids
-    from shared.zapier_tables import TablesError, client_from_settings
+    from shared.zapier_tables import TablesError, TablesUnavailable, client_from_settings
 
     try:
         with client_from_settings(_settings(ssm_prefix)) as client:
             results = ensure_tables(client)
+    except TablesUnavailable as exc:  # one line naming what to check, as every CLI connection error
+        raise _fail(RuntimeError(f"cannot reach Zapier Tables ({exc}): check ZSYNC_ZAPIER_BASE_URL and "
+                                 "ZSYNC_ZAPIER_TOKEN_URL and the network")) from None
     except (TablesError, ValueError) as exc:
         raise _fail(exc) from None
     path = write_table_ids(table_ids(results), out)

@@ -1,9 +1,10 @@
 """``zsync doctor``: check a deployment end to end and say exactly what is wrong.
 
 Per function URL: a POST without the secret must be refused (401) and a signed ping must answer 200
-(and report ``migrations_current``). Then: the database is reachable and its migrations are current,
-the Supabase webhook triggers point at the deployed ``*_to_tables`` URLs, and the Zapier Tables token
-can list one record of every configured table.
+(and report ``migrations_current``); a ``*_to_tables`` function must answer the Database Webhook's
+secret-free wake-up (``?zsync_wake=outbox``) with ``drained``. Then: the database is reachable and its
+migrations are current, the Supabase webhook triggers point at the deployed ``*_to_tables`` URLs, and
+the Zapier Tables token can list one record of every configured table.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import requests
 
 from shared.settings import Settings
-from shared.spec import WEBHOOK_TABLES
+from shared.spec import FUNCTIONS, WEBHOOK_TABLES, Direction
 from shared.webhook_sql import trigger_name
 
 PING = {"zsync_ping": True}
@@ -51,6 +52,8 @@ def check_function(name: str, url: str, settings: Settings, timeout_s: float = 2
         out.append(Check("auth", name, False, f"unreachable: {text}"))
     else:
         out.append(Check("auth", name, False, f"unsigned POST answered {status} (expected 401): the URL is open"))
+    if name in FUNCTIONS and FUNCTIONS[name].direction is Direction.TO_TABLES:
+        out.append(_check_wake(name, url, timeout_s))
     secrets = settings.accepted_secrets()
     if not secrets:
         out.append(Check("ping", name, False, "ZSYNC_WEBHOOK_SECRET is not set here: cannot sign the ping"))
@@ -72,6 +75,18 @@ def check_function(name: str, url: str, settings: Settings, timeout_s: float = 2
         extra = "migrations current" if current is True else "migrations_current not reported"
         out.append(Check("ping", name, True, f"signed ping 200 ({extra})"))
     return out
+
+
+def _check_wake(name: str, url: str, timeout_s: float) -> Check:
+    """The webhook's path: an unsigned wake-up drains the function's outbox (and can do nothing else)."""
+    wake = url + ("&" if "?" in url else "?") + "zsync_wake=outbox"
+    status, body, text = _post(wake, {}, timeout_s)
+    if status == 200 and isinstance(body, dict) and body.get("outcome") == "drained":
+        return Check("wake", name, True, "unsigned wake-up drained the outbox")
+    if status == 401:
+        return Check("wake", name, False, "wake-up refused with 401: the deployed code predates secret-free "
+                                          "webhooks; run `zsync deploy`")
+    return Check("wake", name, False, f"wake-up answered {status}: {text}")
 
 
 SWEEP_MAX_AGE_S = 300  # pg_cron sweeps every 30 s; 5 minutes without one means it is not scheduled
@@ -136,8 +151,12 @@ def check_database(settings: Settings, function_urls: Mapping[str, str]) -> list
     url = settings.database_url.get_secret_value()
     try:
         pending = pending_migrations(url)
+    except psycopg.OperationalError as exc:  # one line naming what to check, as every CLI connection error
+        first = " ".join(str(exc).splitlines()[0].split()) if str(exc).strip() else type(exc).__name__
+        return [Check("database", "migrations", False, f"cannot connect ({first[:200]}): check ZSYNC_DATABASE_URL "
+                                                        "and that the database is running")]
     except (MigrationError, psycopg.Error) as exc:
-        return [Check("database", "migrations", False, f"{type(exc).__name__}: {str(exc)[:200]}")]
+        return [Check("database", "migrations", False, f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}")]
     out = [Check("database", "migrations", not pending,
                  "current" if not pending else f"pending: {', '.join(pending)} (run `zsync migrate`)")]
     try:

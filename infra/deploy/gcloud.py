@@ -12,7 +12,7 @@ from pathlib import Path
 
 from infra.deploy import REPO, DeployError
 from shared.settings import SECRET_FIELDS, Settings
-from shared.spec import FUNCTIONS
+from shared.spec import FUNCTIONS, TABLES
 
 REQUIRED_SECRETS = ("database_url", "webhook_secret", "zapier_client_id", "zapier_client_secret")
 DEFAULT_SIZE = (256, 15)
@@ -69,8 +69,31 @@ def _var(name: str) -> str:
     return f"ZSYNC_{name.upper()}"
 
 
+def check_settings(settings: Settings) -> None:
+    """Refuse (DeployError naming each one) the settings every function needs that are missing: a table id
+    per table (ZSYNC_TABLE_IDS, or .zsync/zapier_tables.json from `zsync setup zapier`) and, with the
+    catch-hook writer, a hook URL per Supabase -> Tables table. A script must never deploy ``{}``."""
+    from shared.settings import TablesWriter
+
+    problems = []
+    missing = [t for t in TABLES if not settings.table_ids.get(t)]
+    if missing:
+        problems.append(f"no table id for {', '.join(missing)}: set ZSYNC_TABLE_IDS='{{\"agent_jobs\": \"<id>\", "
+                        "...}' or run `zsync setup zapier` (writes .zsync/zapier_tables.json)")
+    if settings.tables_writer is TablesWriter.CATCH_HOOK:
+        from shared.spec import WEBHOOK_TABLES
+
+        hooks = [t for t in WEBHOOK_TABLES if not settings.catch_hook_urls.get(t)]
+        if hooks:
+            problems.append("ZSYNC_TABLES_WRITER=catch_hook but ZSYNC_CATCH_HOOK_URLS has no URL for "
+                            + ", ".join(hooks))
+    if problems:
+        raise DeployError("; ".join(problems))
+
+
 def render_script(project: str, region: str, settings: Settings, secret_prefix: str = "zsync-",
                   sizes: dict[str, tuple[int, int]] | None = None, urls_file: str = ".zsync/urls.gcloud.json") -> str:
+    check_settings(settings)
     sizes = sizes or function_sizes()
     required = ",".join(f"{_var(n)}={secret_id(secret_prefix, n)}:latest" for n in REQUIRED_SECRETS)
     lines = [

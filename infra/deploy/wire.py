@@ -17,7 +17,7 @@ from infra.deploy import DeployError
 from shared.settings import Settings
 from shared.spec import TABLES, WEBHOOK_TABLES, Direction
 from shared.trigger_inbox import InboxClient, InboxError, Subscription
-from shared.webhook_sql import redact, render_webhook_sql, trigger_name
+from shared.webhook_sql import render_webhook_sql, trigger_name
 
 
 @dataclass(frozen=True)
@@ -39,27 +39,16 @@ def webhook_urls(function_urls: Mapping[str, str]) -> dict[str, str]:
     return urls
 
 
-def webhook_secret(settings: Settings) -> str:
-    if settings.webhook_secret is None or not settings.webhook_secret.get_secret_value():
-        raise DeployError("ZSYNC_WEBHOOK_SECRET is not set: export the same value you put in SSM "
-                          "(/zsync/<stage>/webhook_secret).")
-    return settings.webhook_secret.get_secret_value()
-
-
-def render(function_urls: Mapping[str, str], settings: Settings) -> str:
+def render(function_urls: Mapping[str, str], settings: Settings | None = None) -> str:
+    """The wiring SQL. It holds no secret: the webhook is a wake-up (see shared.webhook_sql)."""
     try:
-        return render_webhook_sql(webhook_urls(function_urls), settings.secret_header, webhook_secret(settings))
+        return render_webhook_sql(webhook_urls(function_urls))
     except ValueError as exc:
         raise DeployError(str(exc)) from None
 
 
-def render_redacted(function_urls: Mapping[str, str], settings: Settings) -> str:
-    return redact(render(function_urls, settings), webhook_secret(settings))
-
-
 _STATE = """
-SELECT c.relname, pg_get_triggerdef(t.oid), e.url, e.headers::text, e.timeout_ms, e.secret_header, e.secret_name,
-       (SELECT s.updated_at FROM vault.secrets s WHERE s.name = e.secret_name)
+SELECT c.relname, pg_get_triggerdef(t.oid), e.url, e.headers::text, e.timeout_ms
 FROM pg_trigger t
 JOIN pg_class c ON c.oid = t.tgrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = 'public'
@@ -85,10 +74,10 @@ def _preflight(conn: psycopg.Connection) -> None:
     if not has_fn:
         raise DeployError("supabase_functions.http_request does not exist: enable Database Webhooks in the Supabase "
                           "dashboard (Database -> Webhooks -> Enable) first.")
-    has_vault = conn.execute("SELECT to_regprocedure('vault.create_secret(text, text, text, uuid)')").fetchone()
-    if not has_vault or has_vault[0] is None:
-        raise DeployError("vault.create_secret does not exist: enable the Vault extension (supabase_vault) in the "
-                          "Supabase dashboard (Database -> Extensions) first; the webhook secret is kept there.")
+    has_wake = conn.execute("SELECT to_regprocedure('zsync.wake(text)')").fetchone()
+    if not has_wake or has_wake[0] is None:
+        raise DeployError("zsync.wake does not exist: run `zsync migrate --database-url URL` first (migration "
+                          "20261205100040 makes the webhooks secret-free wake-ups).")
     has_endpoints = conn.execute("SELECT to_regclass('zsync.webhook_endpoints')").fetchone()
     if not has_endpoints or has_endpoints[0] is None:
         raise DeployError("zsync.webhook_endpoints does not exist: run `zsync migrate --database-url URL` first.")
@@ -105,9 +94,12 @@ def apply(database_url: str, function_urls: Mapping[str, str], settings: Setting
             before = _state(conn)
             conn.execute(sql)  # the script is BEGIN; ... COMMIT;
             after = _state(conn)
+    except psycopg.OperationalError as exc:  # one line naming what to check, as every CLI connection error
+        first = " ".join(str(exc).splitlines()[0].split())
+        raise DeployError(f"cannot connect to the database ({first}): check --database-url / ZSYNC_DATABASE_URL; "
+                          "nothing was changed") from None
     except psycopg.Error as exc:
-        message = redact(str(exc), webhook_secret(settings))
-        raise DeployError(f"applying the webhook SQL failed (nothing was changed): {message}") from None
+        raise DeployError(f"applying the webhook SQL failed (nothing was changed): {exc}") from None
     changes = []
     for table in WEBHOOK_TABLES:
         if table not in before:

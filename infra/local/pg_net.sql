@@ -201,7 +201,30 @@ begin
 end
 $$;
 
+-- Grants, as a hosted project has them. pg_net (0.12 and later) itself runs the first three: every role
+-- may use the schema and read AND change every queued request (url, headers, body) and response, even
+-- another transaction's before it commits its own. Supabase's extensions.grant_pg_net_access() then
+-- grants USAGE on net to its API roles and turns http_get/http_post into SECURITY DEFINER functions
+-- executable by postgres, anon, authenticated and service_role only. So nothing that authenticates a
+-- request may ever be put in its headers or body: any role that can run SQL reads it.
 grant usage on schema net to public;
+grant all on all sequences in schema net to public;
+grant all on all tables in schema net to public;
+revoke all on function net.http_get(text, jsonb, jsonb, integer) from public;
+revoke all on function net.http_post(text, jsonb, jsonb, jsonb, integer) from public;
+do $$
+declare
+    r text;
+begin
+    foreach r in array array['postgres', 'anon', 'authenticated', 'service_role'] loop
+        if exists (select 1 from pg_roles where rolname = r) then
+            execute format('grant usage on schema net to %I', r);
+            execute format('grant execute on function net.http_get(text, jsonb, jsonb, integer), '
+                           'net.http_post(text, jsonb, jsonb, jsonb, integer) to %I', r);
+        end if;
+    end loop;
+end
+$$;
 
 -- ---------------------------------------------------------------------------------------------
 -- supabase_functions: the Database Webhooks trigger function and its audit table

@@ -1,5 +1,6 @@
 """The local Supabase database: embedded Postgres from the ``pgserver`` wheel (no system service),
-prepared like a Supabase project (TimeZone UTC, the pg_net / Database Webhook stand-in) and migrated
+prepared like a Supabase project (TimeZone UTC, its API roles and default grants, the pg_net / Database
+Webhook and Vault stand-ins with their real grants) and migrated
 with our own migration tool.
 """
 
@@ -76,6 +77,14 @@ def function_role_url(url: str) -> str:
 
 
 VAULT_SQL_PATH = Path(__file__).with_name("vault.sql")
+SUPABASE_ROLES_SQL_PATH = Path(__file__).with_name("supabase_roles.sql")
+
+
+def apply_supabase_roles_sql(url: str) -> None:
+    """Apply infra/local/supabase_roles.sql: Supabase's API roles (anon, authenticated, service_role, ...) and
+    their default grants in schema public (idempotent). LOCAL ONLY."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(SUPABASE_ROLES_SQL_PATH.read_text(encoding="utf-8"))  # type: ignore[arg-type]  # a trusted file
 
 
 def apply_vault_sql(url: str) -> None:
@@ -87,6 +96,7 @@ def apply_vault_sql(url: str) -> None:
 def prepare_database(url: str, migrations_dir: Path = MIGRATIONS_DIR) -> list[str]:
     """Make ``url`` look like a Supabase database with our schema. Idempotent. -> migrations applied."""
     ensure_utc_database(url)
+    apply_supabase_roles_sql(url)  # before pg_net (its grants name these roles) and our tables (default grants)
     apply_pg_net_sql(url)
     apply_vault_sql(url)
     return apply_migrations(url, migrations_dir)

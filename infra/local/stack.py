@@ -61,6 +61,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class PortsBusy(RuntimeError):
+    """A port the stack needs is held by another program; the message names it and how to choose others."""
+
+
+MOTO_OFFSET = 9  # moto (AWS) listens on port_base + 9; the Tables API on port_base, the functions between
+
+
+def busy_ports(ports: list[int]) -> list[int]:
+    """The ports of ``ports`` that something already listens on at 127.0.0.1 (or on every address).
+    SO_REUSEADDR as the servers set it: a port left in TIME_WAIT by a stopped stack counts as free."""
+    busy = []
+    for port in ports:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                busy.append(port)
+    return busy
+
+
 def wait_listening(port: int, timeout_s: float = 30.0) -> None:
     """Until something accepts TCP connections on 127.0.0.1:port (no request, so nothing is logged)."""
     deadline = time.monotonic() + timeout_s
@@ -182,7 +203,32 @@ class LocalStack:
         self.secret, self.token = saved["secret"], saved["token"]
         self.client_id, self.client_secret = "zsync-local", saved["client_secret"]
 
+    def planned_ports(self) -> dict[str, int]:
+        """part -> the fixed port it will listen on (empty with port_base 0: every part takes a free port)."""
+        base = self.config.port_base
+        if not base:
+            return {}
+        ports = {"Zapier Tables API": base}
+        ports |= {name: base + i + 1 for i, name in enumerate(sorted(FUNCTIONS))}
+        if self.config.with_moto:
+            ports["moto (AWS)"] = base + MOTO_OFFSET
+        return ports
+
+    def check_ports(self) -> None:
+        """Raise :class:`PortsBusy` at once, before anything starts, when a fixed port is taken."""
+        planned = self.planned_ports()
+        busy = set(busy_ports(list(planned.values())))
+        if busy:
+            names = ", ".join(f"{port} ({part})" for part, port in planned.items() if port in busy)
+            what = f"port {names} is" if len(busy) == 1 else f"ports {names} are"
+            base = self.config.port_base
+            raise PortsBusy(
+                f"{what} in use by another program on 127.0.0.1 (the stack needs {base}-{base + 9}). "
+                f"Choose other ports: `make up PORT_BASE={base + 100}` (zsync up --port-base {base + 100}), "
+                "or PORT_BASE=0 for free ports (the URLs are then in .local/stack.json).")
+
     def start(self) -> LocalStack:
+        self.check_ports()
         state = self.config.state_dir
         state.mkdir(parents=True, exist_ok=True)
         self._credentials()
@@ -199,8 +245,7 @@ class LocalStack:
             state / "tables.sqlite3",
             [TableConfig(name=t.name,
                          trigger_url=(url[t.function_name(Direction.TO_SUPABASE)]
-                                      if self.config.zapier_path == "zaps" else None),
-                         stamp_updated_at=t.version is not None)
+                                      if self.config.zapier_path == "zaps" else None))
              for t in TABLES.values()],
             token=self.token, secret_header=DEFAULT_SECRET_HEADER, secret=self.secret,
             client_id=self.client_id, client_secret=self.client_secret,
@@ -247,7 +292,7 @@ class LocalStack:
         import boto3
         from moto.server import ThreadedMotoServer
 
-        port = self._port(9)
+        port = self._port(MOTO_OFFSET)
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
         self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         self._moto.start()
@@ -301,7 +346,7 @@ class LocalStack:
     def wire_webhooks(self) -> None:
         urls = {t: self.functions[TABLES[t].function_name(Direction.TO_TABLES)].url for t in TABLES
                 if Direction.TO_TABLES in TABLES[t].directions}
-        sql = render_webhook_sql(urls, DEFAULT_SECRET_HEADER, self.secret)
+        sql = render_webhook_sql(urls)
         with psycopg.connect(self.database_url, autocommit=True) as conn:
             conn.execute(sql)
 
@@ -351,9 +396,12 @@ class LocalStack:
                 self.sweep_outbox(self.config.sweep_min_age_s)
 
     def sweep_outbox(self, min_age_s: float = 0.0) -> int:
-        """What the pg_cron job does in production: re-send unacknowledged changes."""
+        """What the pg_cron jobs do in production: re-send unacknowledged changes (and expire tombstones past
+        their retention, hourly there)."""
         with psycopg.connect(self.database_url, autocommit=True) as conn:
-            return conn.execute("SELECT zsync.sweep_outbox(make_interval(secs => %s))", (min_age_s,)).fetchone()[0]
+            sent = conn.execute("SELECT zsync.sweep_outbox(make_interval(secs => %s))", (min_age_s,)).fetchone()[0]
+            conn.execute("SELECT zsync.expire_tombstones()")
+            return sent
 
     def _trash_loop(self) -> None:
         while not self._stop.wait(self.config.trash_interval_s):

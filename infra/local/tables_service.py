@@ -16,9 +16,9 @@ Emulated Zapier behaviour:
   isnull/startswith, orders, cursor paging (``meta.pagination``), ``trash=exclude|include|only``.
   ``exact`` and ``in`` use an index of field values, so a find by id costs the same at any table size.
 * Writes answer changesets; ``edited_at`` is set on every change; delete moves records to the trash.
-* Field stamping for tables configured with ``stamp_updated_at`` (what our Zaps map from Zapier's
-  record timestamps): a create without ``created_at`` gets ``now``; a create or update without
-  ``updated_at`` gets ``now``.
+* As harsh as Zapier: a write stores only the fields the caller sends (no ``created_at`` / ``updated_at``
+  field is ever filled in; ``edited_at`` is Zapier's own record metadata), and an empty cell (``null``,
+  ``""``, ``[]``) is left out of ``data``: writing one empties the cell.
 * Rate limit: ``rate_limit`` requests per ``rate_window_s`` per table (default Zapier's 100 per 5 s),
   429 with ``Retry-After`` beyond it.
 * Triggers: after a create, or an update that changes the data, the record is POSTed to the table's
@@ -28,7 +28,13 @@ Emulated Zapier behaviour:
 
 Fault injection: ``POST /_admin/faults`` ``{"status": 503, "count": N}`` answers the next N records-API
 requests with that status (``"retry_after"`` adds the header); ``"for_s": S`` makes it every request for
-S seconds instead; ``"hang_s": H`` waits H seconds before answering (a hang past the client's timeout).
+S seconds instead; ``"hang_s": H`` waits H seconds before answering (a hang past the client's timeout);
+``"status": 200`` refuses inside a 200 (``meta.errors``, nothing changed); ``"method": "DELETE"`` limits
+the fault to requests of that method.
+
+A person's actions in Zapier's UI that the API does not offer: ``POST /_admin/tables/{t}/records/{r}/restore``
+(restore from the trash: live again, ``edited_at`` the restore time, the trigger fires as for an update) and
+``POST /_admin/tables/{t}/trash/empty`` (trashed records gone for good, as when the trash is emptied).
 ``TriggerDispatcher.drop_share`` loses that share of trigger delivery attempts in transit.
 
 Admin endpoints (no token; the service binds to loopback): ``POST/DELETE /_admin/faults``,
@@ -74,7 +80,13 @@ from waitress.server import BaseWSGIServer, create_server
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from infra.local.sqlite_store import SqliteStore
-from infra.local.trigger_inbox_service import INBOX_PATH, META_PATH, InboxService, inbox_blueprint
+from infra.local.trigger_inbox_service import (
+    INBOX_PATH,
+    META_PATH,
+    QUARANTINE_AFTER,
+    InboxService,
+    inbox_blueprint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +126,6 @@ class TableConfig:
 
     name: str
     trigger_url: str | None = None
-    stamp_updated_at: bool = True
 
 
 class ApiError(Exception):
@@ -205,8 +216,9 @@ def _datetime_ok(value: str) -> bool:
 
 
 def check_value(ftype: str, value: Any) -> tuple[Any, str | None]:
-    """``(stored value, None)`` or ``(None, problem)`` for a value written to a field of ``ftype``."""
-    if value is None:
+    """``(stored value, None)`` or ``(None, problem)`` for a value written to a field of ``ftype``; an empty
+    value (null, "", []) empties the cell whatever the type."""
+    if is_empty_cell(value):
         return None, None
     match ftype:
         case "number" | "decimal" | "currency":
@@ -440,11 +452,10 @@ class RecordEngine:
         now = utc_now_iso()
         with self.store.transaction() as conn:
             schema = self._schema(conn, table_id)
-            stamp = self._stamp(schema)
             changes = []
             for given in items:
                 data, errors = self._validate(schema, given)
-                data = self._stamped(schema, data, given, stamp, now, create=True)
+                data = _without_empty(data)
                 record = {"id": new_ulid(), "data": data, "created_at": now, "edited_at": now,
                           "schema_revision_id": schema.revision, "deleted_at": None}
                 if errors:
@@ -458,17 +469,15 @@ class RecordEngine:
         now = utc_now_iso()
         with self.store.transaction() as conn:
             schema = self._schema(conn, table_id)
-            stamp = self._stamp(schema)
             changes = []
             for rid, given in updates:
                 old = self._existing(conn, table_id, rid)
                 valid, errors = self._validate(schema, given)
-                merged = old["data"] | valid
-                changed = sorted(int(k[1:]) for k in merged if merged.get(k) != old["data"].get(k))
+                merged = _without_empty(old["data"] | valid)
+                changed = sorted(int(k[1:]) for k in merged.keys() | old["data"].keys()
+                                 if merged.get(k) != old["data"].get(k))
                 new = {k: v for k, v in old.items() if k != "errors"} | ({"errors": errors} if errors else {})
                 if changed:
-                    merged = self._stamped(schema, merged, given, stamp, now, create=False)
-                    changed = sorted(int(k[1:]) for k in merged if merged.get(k) != old["data"].get(k))
                     new |= {"data": merged, "edited_at": now, "schema_revision_id": schema.revision}
                     self._replace(conn, table_id, new)
                 changes.append(self._changeset(old, new, changed))
@@ -487,6 +496,30 @@ class RecordEngine:
                 self._existing(conn, table_id, rid)
             conn.executemany("UPDATE records SET deleted_at = ?, edited_at = ? WHERE table_id = ? AND id = ?",
                              [(now, now, table_id, rid) for rid in rids])
+
+    def restore(self, table_id: str, rid: str) -> Data:
+        """A person restores a record from the trash (Zapier's UI): it is live again with its data as it was,
+        ``edited_at`` the restore time. -> the changeset (every field counted as changed: the trigger fires)."""
+        now = utc_now_iso()
+        with self.store.transaction() as conn:
+            self._schema(conn, table_id)
+            old = self._existing(conn, table_id, rid, trash=True)
+            if not old["deleted_at"]:
+                raise ApiError(409, f"record {rid} is not in the trash")
+            conn.execute("UPDATE records SET deleted_at = NULL, edited_at = ? WHERE table_id = ? AND id = ?",
+                         (now, table_id, rid))
+            new = old | {"deleted_at": None, "edited_at": now}
+        return self._changeset(old, new, sorted(int(k[1:]) for k in new["data"]))
+
+    def empty_trash(self, table_id: str) -> int:
+        """The trash emptied (by a person, or Zapier's retention): trashed records are gone for good."""
+        with self.store.transaction() as conn:
+            self._schema(conn, table_id)
+            seqs = [r[0] for r in conn.execute("SELECT seq FROM records WHERE table_id = ? AND deleted_at IS NOT NULL",
+                                               (table_id,))]
+            conn.executemany("DELETE FROM record_values WHERE seq = ?", [(q,) for q in seqs])
+            conn.executemany("DELETE FROM records WHERE seq = ?", [(q,) for q in seqs])
+        return len(seqs)
 
     def query(self, table_id: str, body: Data, trash: str) -> tuple[list[Rec], Data]:
         limit = body.get("limit", PAGE_DEFAULT)
@@ -560,22 +593,6 @@ class RecordEngine:
         fields = conn.execute("SELECT * FROM fields WHERE table_id = ? AND deleted_at IS NULL ORDER BY id",
                               (table_id,)).fetchall()
         return Schema(_row_table(row), row["schema_revision"], {f["id"]: _row_field(f) for f in fields})
-
-    def _stamp(self, schema: Schema) -> bool:
-        config = self.configs.get(schema.table["name"])
-        return config.stamp_updated_at if config else False
-
-    @staticmethod
-    def _stamped(schema: Schema, data: Data, given: Data, stamp: bool, now: str, *, create: bool) -> Data:
-        if not stamp:
-            return data
-        data = dict(data)
-        created_key, updated_key = schema.key_of("created_at"), schema.key_of("updated_at")
-        if create and created_key and created_key not in given:  # an explicit null is the writer's choice
-            data[created_key] = now
-        if updated_key and updated_key not in given:
-            data[updated_key] = now
-        return data
 
     @staticmethod
     def _validate(schema: Schema, given: Data) -> tuple[Data, Data]:
@@ -654,6 +671,15 @@ class RecordEngine:
                 "changed_field_ids": changed if old is not None else None, "record_id": new["id"]}
 
 
+def is_empty_cell(value: Any) -> bool:
+    """A value Zapier shows as an empty cell and leaves out of a record's ``data``."""
+    return value is None or value == "" or value == []
+
+
+def _without_empty(data: Data) -> Data:
+    return {k: v for k, v in data.items() if not is_empty_cell(v)}
+
+
 def _sort_key(value: Any) -> tuple[int, Any]:
     number = _number(value) if not isinstance(value, str) else None
     if value is None:
@@ -675,7 +701,8 @@ class Delivery:
 
 def trigger_payload(record: Rec, names: Mapping[str, str]) -> Data:
     """What a Zap's "new or updated record" trigger hands to its webhook step: the fields by name, the
-    record id as ``id`` when the table has no ``id`` field, and Zapier's ``edited_at``."""
+    record id as ``id`` when the record has no ``id`` value (no such field, or the cell is empty: left out of
+    ``data``), and Zapier's ``edited_at``."""
     payload = {names.get(k, k): v for k, v in record["data"].items()}
     payload.setdefault("id", record["id"])
     payload["edited_at"] = record["edited_at"]
@@ -845,11 +872,13 @@ class ServiceStats:
         self._lock = threading.Lock()
         self._table_ids = list(table_ids)
         self._writes: Counter[str] = Counter({t: 0 for t in self._table_ids})
+        self._same_version: Counter[str] = Counter({t: 0 for t in self._table_ids})
         self._requests = 0
 
     def reset(self) -> None:
         with self._lock:
             self._writes = Counter({t: 0 for t in self._table_ids})
+            self._same_version = Counter({t: 0 for t in self._table_ids})
             self._requests = 0
 
     def count_request(self) -> None:
@@ -860,9 +889,39 @@ class ServiceStats:
         with self._lock:
             self._writes[table_id] += n
 
+    def count_same_version(self, table_id: str, n: int) -> None:
+        with self._lock:
+            self._same_version[table_id] += n
+
     def snapshot(self) -> Data:
         with self._lock:
-            return {"writes": dict(self._writes), "api_requests": self._requests}
+            return {"writes": dict(self._writes), "same_version_writes": dict(self._same_version),
+                    "api_requests": self._requests}
+
+
+def _version_time(value: Any) -> Any:
+    """A record's ``updated_at`` at millisecond precision (as the sync compares it); else the value as is."""
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            return value
+        if parsed.tzinfo is not None:
+            return parsed.astimezone(UTC).replace(microsecond=parsed.microsecond // 1000 * 1000)
+    return value
+
+
+def same_version_updates(changes: Sequence[Data], updated_at_key: str | None) -> int:
+    """Updates that left a record's ``updated_at`` where it was (changed or not): a write of the version the
+    record already held - the sync's echo, unless a person edited a cell without touching ``updated_at``."""
+    if updated_at_key is None:
+        return 0
+    same = 0
+    for c in changes:
+        before = c["old"]["data"].get(updated_at_key) if c["old"] is not None else None
+        if before is not None and _version_time(before) == _version_time(c["new"]["data"].get(updated_at_key)):
+            same += 1
+    return same
 
 
 @dataclass
@@ -872,6 +931,7 @@ class _Fault:
     retry_after: int | None
     until: float | None = None  # time.monotonic() deadline: the fault lasts until then (count not used)
     hang_s: float = 0.0  # wait this long before answering (past the client's timeout: a hang)
+    method: str | None = None  # only requests of this HTTP method (None: every request)
 
 
 class FaultInjector:
@@ -890,19 +950,19 @@ class FaultInjector:
             return {"served": self._served, "left": self._fault.count if self._fault else 0}
 
     def arm(self, status: int, count: int, retry_after: int | None, *, for_s: float | None = None,
-            hang_s: float = 0.0) -> None:
+            hang_s: float = 0.0, method: str | None = None) -> None:
         with self._lock:
             until = time.monotonic() + for_s if for_s is not None else None
-            self._fault = _Fault(status, count, retry_after, until, hang_s)
+            self._fault = _Fault(status, count, retry_after, until, hang_s, method)
 
     def clear(self) -> None:
         with self._lock:
             self._fault = None
 
-    def take(self) -> _Fault | None:
+    def take(self, method: str | None = None) -> _Fault | None:
         with self._lock:
             fault = self._fault
-            if fault is None:
+            if fault is None or (fault.method is not None and fault.method != method):
                 return None
             if fault.until is not None:
                 if time.monotonic() >= fault.until:
@@ -1022,6 +1082,7 @@ class ServiceContext:
         for record in records if self.inboxes else ():
             self.inboxes.publish(table_id, record)  # type: ignore[union-attr]
         schema = self.engine.schema(table_id)
+        self.stats.count_same_version(table_id, same_version_updates(changes, schema.key_of("updated_at")))
         url = self.triggers.get(schema.table["name"])
         names = {f"f{fid}": f["name"] for fid, f in schema.fields.items()}
         for record in records if url else ():
@@ -1057,10 +1118,12 @@ def _gate(ctx: ServiceContext) -> None:
     request.get_data(cache=True)  # read the body first: an early error must not leave it unread
     if ctx.stopped:
         raise ApiError(503, "service is stopping")
-    fault = ctx.faults.take()
+    fault = ctx.faults.take(request.method)
     if fault is not None:
         if fault.hang_s:
             time.sleep(fault.hang_s)
+        if fault.status == 200:  # refused inside a 200, as Zapier does: meta.errors, nothing changed
+            raise RefusedRequest("injected refusal", {"fault": "injected"})
         headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
         raise ApiError(fault.status, f"injected fault {fault.status}", headers)
     _check_auth(ctx)
@@ -1231,7 +1294,10 @@ def _register_admin(app: Flask, ctx: ServiceContext) -> None:
     @app.post("/_admin/faults")
     def arm_faults() -> Response:
         body = _object_body()
-        status = _admin_number(body, "status", lambda v: isinstance(v, int) and 400 <= v <= 599)
+        status = _admin_number(body, "status", lambda v: isinstance(v, int) and (400 <= v <= 599 or v == 200))
+        method = body.get("method")
+        if method not in (None, "GET", "POST", "PATCH", "DELETE"):
+            raise ApiError(400, "invalid 'method'")
         count = _admin_number(body, "count", lambda v: isinstance(v, int) and 0 <= v <= 1_000_000)
         retry_after = body.get("retry_after")
         if retry_after is not None:
@@ -1240,8 +1306,8 @@ def _register_admin(app: Flask, ctx: ServiceContext) -> None:
         if for_s is not None:
             for_s = _admin_number(body, "for_s", lambda v: 0 < v <= 3600)
         hang_s = _admin_number(body, "hang_s", lambda v: 0 <= v <= 600) if "hang_s" in body else 0.0
-        ctx.faults.arm(status, count, retry_after, for_s=for_s, hang_s=hang_s)
-        return jsonify(status=status, count=count, retry_after=retry_after, for_s=for_s, hang_s=hang_s)
+        ctx.faults.arm(status, count, retry_after, for_s=for_s, hang_s=hang_s, method=method)
+        return jsonify(status=status, count=count, retry_after=retry_after, for_s=for_s, hang_s=hang_s, method=method)
 
     @app.delete("/_admin/faults")
     def clear_faults() -> tuple[str, int]:
@@ -1274,6 +1340,16 @@ def _register_admin(app: Flask, ctx: ServiceContext) -> None:
             raise ApiError(400, 'expected {"url": "http(s)://..." | null}')
         ctx.triggers[name] = url
         return jsonify(table_id=table_id, table=name, url=url)
+
+    @app.post("/_admin/tables/<table_id>/records/<rid>/restore")
+    def restore(table_id: str, rid: str) -> Response:
+        change = ctx.engine.restore(table_id, rid)
+        ctx.after_change(table_id, [change])
+        return jsonify(data=change["new"])
+
+    @app.post("/_admin/tables/<table_id>/trash/empty")
+    def empty_trash(table_id: str) -> Response:
+        return jsonify(removed=ctx.engine.empty_trash(table_id))
 
     @app.post("/_admin/triggers/flush")
     def flush() -> Response:
@@ -1407,13 +1483,15 @@ def start_tables_service(
     max_body_bytes: int = MAX_BODY_BYTES,
     delivery_timeout_s: float = 10.0,
     delivery_workers: int = 4,
+    inbox_quarantine_after: int = QUARANTINE_AFTER,
 ) -> TablesService:
     """Start the service in background threads and return once it accepts connections.
 
-    ``tables`` configure behaviour per table *name* (trigger URL, stamping); the tables themselves are
+    ``tables`` configure behaviour per table *name* (trigger URL); the tables themselves are
     created through the API (``zsync setup zapier``, :func:`infra.deploy.tables_setup.ensure_tables`).
     Callers authenticate with ``client_id``/``client_secret`` at ``/oauth/token/`` or with the static
-    ``token`` (a token "made by the user"); ``rate_limit=None`` turns the per-table rate limit off.
+    ``token`` (a token "made by the user"); ``rate_limit=None`` turns the per-table rate limit off;
+    ``inbox_quarantine_after``: leases a trigger-inbox message may have before it is quarantined.
     """
     if host not in _LOOPBACK:
         log.warning("tables service bound to %s: its /_admin endpoints have no authentication", host)
@@ -1429,7 +1507,8 @@ def start_tables_service(
         RateLimiter(rate_limit, rate_window_s),
         token_ttl_s=token_ttl_s,
         triggers={t.name: t.trigger_url for t in tables},
-        inboxes=InboxService(Path(db_path).with_suffix(".inboxes.sqlite3"), engine.table_exists),
+        inboxes=InboxService(Path(db_path).with_suffix(".inboxes.sqlite3"), engine.table_exists,
+                             quarantine_after=inbox_quarantine_after),
     )
     try:
         server = _KeepAliveServer(create_app(ctx, max_body_bytes), host, port)
@@ -1454,7 +1533,7 @@ config file (JSON):
     "autoreplay": [300, 1800, 3600, 10800, 21600],
     "tables": [
       {"name": "agent_jobs",
-       "trigger_url": "http://127.0.0.1:9000/agent_jobs_to_supabase", "stamp_updated_at": true}
+       "trigger_url": "http://127.0.0.1:9000/agent_jobs_to_supabase"}
     ]
   }
 """
@@ -1479,6 +1558,13 @@ def load_config(path: Path) -> CliConfig:
     raw = json.loads(path.read_text())
     if not isinstance(raw, dict) or not isinstance(raw.get("tables"), list):
         raise ValueError('config must be a JSON object with a "tables" list')
+    known = {"name", "trigger_url"}
+    for n, t in enumerate(raw["tables"]):
+        if not isinstance(t, dict) or "name" not in t or set(t) - known:
+            extra = sorted(set(t) - known) if isinstance(t, dict) else []
+            raise ValueError(f"tables[{n}]: expected {{\"name\", \"trigger_url\"?}}"
+                             + (f"; unknown key(s) {extra} (Zapier fills in no field: stamp_updated_at is gone)"
+                                if extra else ""))
     tables = tuple(TableConfig(**t) for t in raw["tables"])
     client_secret = raw.get("client_secret") or os.environ.get("ZSYNC_ZAPIER_CLIENT_SECRET")
     if not client_secret:

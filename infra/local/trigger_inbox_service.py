@@ -5,13 +5,21 @@ generations: ``PUT`` ensure with ``name`` (0.67.0) and ``POST`` create with ``ke
 ``key`` or ``name``), the two app-metadata endpoints used to discover the Tables trigger's action key,
 and the delivery side: :meth:`InboxService.publish` (called by the Tables service after each create or
 changing update) puts one message in each active inbox subscribed to that table and POSTs a wake-up to
-the inbox's ``notification_url`` from a background thread. Notifications carry no credentials and no
-data; under fault injection they can be dropped (``POST /_admin/inbox/faults {"drop_notifications": n}``).
+the inbox's ``notification_url`` from a background thread: the documented body ``{"inbox_id",
+"received_message_count", "redelivery": false}``, no credentials, no data (wake-ups to one inbox that
+wait to be sent are coalesced; the count adds up). Under fault injection they can be dropped
+(``POST /_admin/inbox/faults {"drop_notifications": n}``).
 
 Storage: SQLite (WAL, one connection, one lock), so inboxes and unacked messages survive a restart.
-Leases: ``lease_seconds`` (default 300); an unacked message comes back when its lease expires, with
-``lease_count`` + 1 and ``possible_duplicate_data``; ack/release after the lease expired answers 400
-``lease_expired``; a message leased ``QUARANTINE_AFTER`` times is quarantined (never leased again).
+Leases keep the documented bounds (``/work/shared/reference/zapier-public-api.md`` 2.8-2.10), and answer
+anything else 400: ``lease_limit`` an integer 1-100 (default 10), ``lease_seconds`` an integer 1-3600
+(default 300); ack/release take ``lease_id`` and optionally 1-100 ``message_ids``. An unacked message comes
+back when its lease expires, with ``lease_count`` + 1 and ``possible_duplicate_data``; a release still
+counts as a lease; ack/release of a lease with nothing left to settle (expired, already settled, or
+unknown) answers 400 ``lease_expired``. A message that has
+been leased ``quarantine_after`` times (Zapier does not publish its number; default
+:data:`QUARANTINE_AFTER`, tests set it low with ``POST /_admin/inbox/faults {"quarantine_after": n}``) is
+quarantined instead of being leased again: it stays in the list of messages, never leased again.
 Authentication is the host app's: every ``/api/`` request passes the Tables service's gate.
 """
 
@@ -49,8 +57,12 @@ TABLES_ACTIONS = [
 ]
 DEFAULT_LEASE_S = 300
 MAX_LEASE_S = 3600
+DEFAULT_LEASE_LIMIT = 10
 MAX_LEASE_LIMIT = 100
-QUARANTINE_AFTER = 20
+MAX_SETTLE_IDS = 100
+# Leases a message may have before it is quarantined. Zapier does not publish its number: the lowest that
+# still lets shared.inbox_consumer dead-letter a poison message itself (on its 6th lease, lease_count > 5).
+QUARANTINE_AFTER = 6
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS inboxes (
@@ -80,12 +92,13 @@ def _now_iso() -> str:
 
 
 class Notifier:
-    """POSTs wake-ups to notification URLs from one thread; coalesces per URL; drops on fault."""
+    """POSTs wake-ups ``{"inbox_id", "received_message_count", "redelivery"}`` from one thread; wake-ups to
+    one (URL, inbox) waiting to be sent are coalesced (their counts add up); drops on fault."""
 
     def __init__(self, timeout_s: float = 10.0) -> None:
-        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[str, str] | None] = queue.Queue()
         self._lock = threading.Lock()
-        self._queued: set[str] = set()
+        self._queued: dict[tuple[str, str], int] = {}  # (url, inbox id) -> messages received since queued
         self._drop = 0
         self.drop_share = 0.0  # chaos (bench/soak.py): lose this share of the wake-ups at random
         self._drop_rng = random.Random()
@@ -99,17 +112,19 @@ class Notifier:
         with self._lock:
             self._drop = n
 
-    def notify(self, url: str) -> None:
+    def notify(self, url: str, inbox_id: str, received: int = 1) -> None:
+        key = (url, inbox_id)
         with self._lock:
             if self._drop > 0 or (self.drop_share and self._drop_rng.random() < self.drop_share):
                 self._drop = max(0, self._drop - 1)
                 self.counts["dropped"] += 1
                 return
-            if url in self._queued:
+            if key in self._queued:
+                self._queued[key] += received
                 return
-            self._queued.add(url)
+            self._queued[key] = received
             self._busy += 1
-        self._queue.put(url)
+        self._queue.put(key)
 
     def pending(self) -> int:
         with self._lock:
@@ -120,13 +135,14 @@ class Notifier:
         self._thread.join(timeout=self._timeout_s + 2)
 
     def _work(self) -> None:
-        while (url := self._queue.get()) is not None:
+        while (key := self._queue.get()) is not None:
+            url, inbox_id = key
             with self._lock:
-                self._queued.discard(url)
+                count = self._queued.pop(key, 1)
             ok = False
+            body = {"inbox_id": inbox_id, "received_message_count": count, "redelivery": False}
             try:  # no header of ours, no data: a wake-up
-                response = requests.post(url, json={"event": "messages_available"}, timeout=self._timeout_s,
-                                         allow_redirects=False)
+                response = requests.post(url, json=body, timeout=self._timeout_s, allow_redirects=False)
                 ok = response.status_code < 300
                 response.close()
             except requests.RequestException:
@@ -139,8 +155,10 @@ class Notifier:
 class InboxService:
     """Inboxes and their messages, durable in SQLite."""
 
-    def __init__(self, path: Path, table_exists: Callable[[str], bool], notifier_timeout_s: float = 10.0) -> None:
+    def __init__(self, path: Path, table_exists: Callable[[str], bool], notifier_timeout_s: float = 10.0,
+                 quarantine_after: int = QUARANTINE_AFTER) -> None:
         self.table_exists = table_exists  # the Tables service's tables (made through its API, so looked up live)
+        self.quarantine_after = quarantine_after
         self._store = SqliteStore(path, _SCHEMA)
         self._lock = self._store._lock
         self._conn = self._store._conn
@@ -289,24 +307,27 @@ class InboxService:
             leased = []
             for row in rows:
                 count = row["lease_count"] + 1
-                if count > QUARANTINE_AFTER:
+                if count > self.quarantine_after:
                     conn.execute("UPDATE inbox_messages SET status = 'quarantined', error_message = ? WHERE seq = ?",
-                                 (f"leased {QUARANTINE_AFTER} times without an ack", row["seq"]))
+                                 (f"leased {row['lease_count']} times without an ack", row["seq"]))
                     continue
                 conn.execute("UPDATE inbox_messages SET status = 'leased', lease_id = ?, leased_until = ?, "
                              "lease_count = ? WHERE seq = ?", (lease_id, until, count, row["seq"]))
                 leased.append(conn.execute("SELECT * FROM inbox_messages WHERE seq = ?", (row["seq"],)).fetchone())
-        return {"lease_id": lease_id if leased else None,
+        if not leased:  # every message found was quarantined: nothing is leased
+            return {"lease_id": None, "leased_until": None, "results": [], "inbox_attributes": attrs}
+        return {"lease_id": lease_id,
                 "leased_until": datetime.fromtimestamp(until, UTC).isoformat().replace("+00:00", "Z"),
                 "results": [self._message_json(r, payload=True) for r in leased], "inbox_attributes": attrs}
 
     def settle(self, inbox_id: str, body: dict[str, Any], op: str) -> dict[str, Any]:
         lease_id = body.get("lease_id")
         ids = body.get("message_ids")
-        if not isinstance(lease_id, str):
-            raise _problem(400, "lease_id: required")
-        if ids is not None and (not isinstance(ids, list) or not all(isinstance(i, str) for i in ids)):
-            raise _problem(400, "message_ids: expected a list of message ids")
+        if not _is_uuid(lease_id):
+            raise _problem(400, f"lease_id: required, a UUID (got {str(lease_id)[:60]!r})")
+        if ids is not None and (not isinstance(ids, list) or not 1 <= len(ids) <= MAX_SETTLE_IDS
+                                or not all(_is_uuid(i) for i in ids)):
+            raise _problem(400, f"message_ids: expected a list of 1 to {MAX_SETTLE_IDS} message ids (UUIDs)")
         with self._tx() as conn:
             self._row(conn, inbox_id)
             rows = conn.execute("SELECT * FROM inbox_messages WHERE inbox_id = ? AND lease_id = ? "
@@ -314,7 +335,7 @@ class InboxService:
                                 (inbox_id, lease_id)).fetchall()
             if ids is not None:
                 rows = [r for r in rows if r["id"] in set(ids)]
-            if any(r["leased_until"] < time.time() for r in rows) or (not rows and ids):
+            if not rows or any(r["leased_until"] < time.time() for r in rows):  # expired, settled or unknown
                 raise _problem(400, f"lease {lease_id} has expired", "lease_expired")
             out = []
             for row in rows:
@@ -336,7 +357,7 @@ class InboxService:
             conn.execute("INSERT INTO inbox_messages (id, inbox_id, created_at, payload) VALUES (?, ?, ?, ?)",
                          (message_id, inbox_id, _now_iso(), json.dumps(payload)))
         if inbox["notification_url"]:
-            self.notifier.notify(inbox["notification_url"])
+            self.notifier.notify(inbox["notification_url"], inbox_id)
         return message_id
 
     def publish(self, table_id: str, record: dict[str, Any]) -> None:
@@ -370,15 +391,37 @@ def _body() -> dict[str, Any]:
     return body
 
 
+def _is_uuid(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
 def _int_arg(value: Any, name: str, low: int, high: int, default: int) -> int:
+    """A query-string integer (text of digits), ``default`` when absent."""
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).isdigit():
-        raise _problem(400, f"{name}: expected an integer from {low} to {high}")
+        raise _problem(400, f"{name}: expected an integer from {low} to {high}, got {str(value)[:40]!r}")
     number = int(value)
     if not low <= number <= high:
-        raise _problem(400, f"{name}: expected an integer from {low} to {high}")
+        raise _problem(400, f"{name}: expected an integer from {low} to {high}, got {number}")
     return number
+
+
+def _body_int(body: dict[str, Any], name: str, low: int, high: int, default: int) -> int:
+    """A JSON body's integer member: a JSON integer within the bounds (no text, no boolean, no float),
+    ``default`` when the member is absent."""
+    if name not in body:
+        return default
+    value = body[name]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _problem(400, f"{name}: expected an integer from {low} to {high}, got {json.dumps(value)[:40]}")
+    return value
 
 
 def inbox_blueprint(service: InboxService) -> Blueprint:
@@ -448,8 +491,8 @@ def inbox_blueprint(service: InboxService) -> Blueprint:
     @bp.post(INBOX_PATH + "/<inbox_id>/messages/lease")
     def lease(inbox_id: str) -> Response:
         body = _body()
-        limit = _int_arg(body.get("lease_limit"), "lease_limit", 1, MAX_LEASE_LIMIT, 1)
-        seconds = _int_arg(body.get("lease_seconds"), "lease_seconds", 1, MAX_LEASE_S, DEFAULT_LEASE_S)
+        limit = _body_int(body, "lease_limit", 1, MAX_LEASE_LIMIT, DEFAULT_LEASE_LIMIT)
+        seconds = _body_int(body, "lease_seconds", 1, MAX_LEASE_S, DEFAULT_LEASE_S)
         return jsonify(service.lease(inbox_id, limit, seconds))
 
     @bp.post(INBOX_PATH + "/<inbox_id>/messages/ack")
@@ -464,9 +507,14 @@ def inbox_blueprint(service: InboxService) -> Blueprint:
     @bp.post("/_admin/inbox/faults")
     def faults() -> Response:
         body = _body()
-        n = _int_arg(body.get("drop_notifications"), "drop_notifications", 0, 10**6, 0)
-        service.notifier.drop_next(n)
-        return jsonify(drop_notifications=n)
+        out: dict[str, int] = {}
+        if "drop_notifications" in body or "quarantine_after" not in body:
+            out["drop_notifications"] = _body_int(body, "drop_notifications", 0, 10**6, 0)
+            service.notifier.drop_next(out["drop_notifications"])
+        if "quarantine_after" in body:
+            service.quarantine_after = _body_int(body, "quarantine_after", 1, 10**6, QUARANTINE_AFTER)
+            out["quarantine_after"] = service.quarantine_after
+        return jsonify(out)
 
     @bp.post("/_admin/inboxes/<inbox_id>/messages")
     def inject(inbox_id: str) -> Response:

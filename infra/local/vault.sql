@@ -85,3 +85,21 @@ $$;
 
 revoke all on function vault.create_secret(text, text, text, uuid), vault.update_secret(uuid, text, text, text, uuid)
     from public;
+
+-- Hosted grants (supabase/postgres): postgres and service_role may read decrypted_secrets and call the
+-- two functions; anon and authenticated get nothing. So any secret kept in Vault is readable with the
+-- service key - zsync keeps none there (migration 20261205100040).
+do $$
+declare
+    r text;
+begin
+    foreach r in array array['postgres', 'service_role'] loop
+        if exists (select 1 from pg_roles where rolname = r) then
+            execute format('grant usage on schema vault to %I', r);
+            execute format('grant select on vault.secrets, vault.decrypted_secrets to %I', r);
+            execute format('grant execute on function vault.create_secret(text, text, text, uuid), '
+                           'vault.update_secret(uuid, text, text, text, uuid) to %I', r);
+        end if;
+    end loop;
+end
+$$;

@@ -1,4 +1,4 @@
--- zsync:baseline replaces 20251222100000 20251222100100 20251222100200 20251222100300 20251222100400 20261129100000 20261129100100 20261129200000 20261129200100 20261129500000 20261129600000 20261129700000 20261129800000 20261129810000 20261129820000 20261129830000
+-- zsync:baseline replaces 20251222100000 20251222100100 20251222100200 20251222100300 20251222100400 20261129100000 20261129100100 20261129200000 20261129200100 20261129500000 20261129600000 20261129700000 20261129800000 20261129810000 20261129820000 20261129830000 20261205100040 20261205100041 20261205300000 20261205400000 20261205500000
 -- zsync baseline: the schema the migration chain above built, one definition per object, grouped
 -- by concern (written by `zsync squash` from a schema-only dump of the chain; the chain itself is in
 -- infra/supabase/history/). Later changes are new migrations again.
@@ -205,11 +205,37 @@ CREATE INDEX audit_log_resource_idx ON public.audit_log USING btree (resource_ty
 
 CREATE INDEX audit_log_sync_timestamp_idx ON public.audit_log USING btree ("timestamp") WHERE (actor_type = 'zapier_sync'::text);
 
+ALTER TABLE public.agent_decisions ENABLE ROW LEVEL SECURITY;
+
+ALTER TABLE public.agent_jobs ENABLE ROW LEVEL SECURITY;
+
+ALTER TABLE public.audit_log ENABLE ROW LEVEL SECURITY;
+
+ALTER TABLE public.rate_limits ENABLE ROW LEVEL SECURITY;
+
+CREATE POLICY zsync_sync_all ON public.agent_decisions TO zsync_sync USING (true) WITH CHECK (true);
+
+CREATE POLICY zsync_sync_all ON public.agent_jobs TO zsync_sync USING (true) WITH CHECK (true);
+
+CREATE POLICY zsync_sync_all ON public.audit_log TO zsync_sync USING (true) WITH CHECK (true);
+
+CREATE POLICY zsync_sync_all ON public.rate_limits TO zsync_sync USING (true) WITH CHECK (true);
+
 -- 3. Versions and the conflict rule ---------------------------------------------------------------
 -- a row's version (updated_at, content hash), its canonical form, the comparison both directions use, and updated_at kept current for writers that forget it
 
+CREATE TABLE zsync.config (
+    key text NOT NULL,
+    value jsonb NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL
+);
+
+ALTER TABLE ONLY zsync.config
+    ADD CONSTRAINT config_pkey PRIMARY KEY (key);
+
 CREATE FUNCTION zsync.canonical_json(v jsonb) RETURNS jsonb
     LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $_$
 DECLARE
     n numeric;
@@ -261,6 +287,7 @@ $_$;
 CREATE FUNCTION zsync.canonical_row(p_table regclass, p_row jsonb) RETURNS jsonb
     LANGUAGE plpgsql STABLE
     SET "TimeZone" TO 'UTC'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 BEGIN
     RETURN (SELECT coalesce(jsonb_object_agg(a.attname,
@@ -282,6 +309,7 @@ $$;
 -- NULL, and the two must count as the same version (else every such record costs an extra write).
 CREATE FUNCTION zsync.content_hash(p_row jsonb) RETURNS text
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
     SELECT md5(coalesce(
         (SELECT jsonb_object_agg(key, value) FROM jsonb_each(p_row - 'updated_at')
@@ -289,24 +317,38 @@ CREATE FUNCTION zsync.content_hash(p_row jsonb) RETURNS text
         '{}'))
 $$;
 
--- Hybrid-logical updated_at for writes that are not the sync's (Claude agents, people, jobs): a change
--- gets a version later than the one it replaced - the writer's updated_at (or the clock, when the
--- write left updated_at as it was), but at least the old version plus 1 ms; a re-insert of a deleted
--- id at least its tombstone plus 1 ms. A write that changes nothing keeps its version.
+-- Hybrid-logical updated_at (see 20261129100000_zsync_versions_hlc.sql), plus the skew rule above.
 CREATE FUNCTION zsync.maintain_updated_at() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
+    v_skew  interval := zsync.max_future_skew();
+    v_limit timestamptz := clock_timestamp() + v_skew;
+    v_sync  boolean := coalesce(current_setting('zsync.origin', true), '') = 'sync';
+    v_set   timestamptz;  -- the version this write sets (not one it leaves as it was)
     v_floor timestamptz;
 BEGIN
-    IF coalesce(current_setting('zsync.origin', true), '') = 'sync' THEN
+    IF v_sync OR TG_OP = 'INSERT' THEN
+        v_set := NEW.updated_at;
+    ELSIF NEW.updated_at IS DISTINCT FROM OLD.updated_at THEN
+        v_set := NEW.updated_at;
+    END IF;
+    -- (a time the zsync_updated_at_syncable CHECK refuses - infinity, year 9999 - is left to it)
+    IF v_set > v_limit AND v_set < '9999-12-31 00:00:00+00' THEN
+        RAISE EXCEPTION 'zsync: %.updated_at % (id %) is % ahead of the database clock; at most % is allowed',
+            TG_TABLE_NAME, v_set, NEW.id, date_trunc('seconds', v_set - clock_timestamp()), v_skew
+            USING ERRCODE = '22008', COLUMN = 'updated_at', TABLE = TG_TABLE_NAME,
+                  HINT = 'set updated_at to now() or leave it unchanged (zsync.config max_future_skew_s)';
+    END IF;
+    IF v_sync THEN
         RETURN NEW;
     END IF;
     IF TG_OP = 'INSERT' THEN
         NEW.updated_at := coalesce(NEW.updated_at, clock_timestamp());
         SELECT date_trunc('milliseconds', t.version) + interval '1 millisecond' INTO v_floor
-        FROM zsync.tombstones t WHERE t.table_name = TG_TABLE_NAME AND t.record_id = NEW.id;
+        FROM zsync.tombstones t WHERE t.table_name = TG_TABLE_NAME AND t.record_id = NEW.id
+          AND t.version <= v_limit;  -- a tombstone from the future is no floor
         IF v_floor IS NOT NULL THEN
             NEW.updated_at := greatest(NEW.updated_at, v_floor);
         END IF;
@@ -314,15 +356,37 @@ BEGIN
         IF NEW.updated_at IS NOT DISTINCT FROM OLD.updated_at OR NEW.updated_at IS NULL THEN
             NEW.updated_at := clock_timestamp();
         END IF;
-        NEW.updated_at := greatest(NEW.updated_at, date_trunc('milliseconds', OLD.updated_at) + interval '1 millisecond');
+        IF OLD.updated_at <= v_limit THEN  -- a version stored beyond the skew (before this rule) pins nothing
+            NEW.updated_at := greatest(NEW.updated_at,
+                                       date_trunc('milliseconds', OLD.updated_at) + interval '1 millisecond');
+        END IF;
     END IF;
     RETURN NEW;
 END
 $$;
 
+-- Called by the trigger function (SECURITY DEFINER, as the owner): no other role needs to execute it.
+CREATE FUNCTION zsync.max_future_skew() RETURNS interval
+    LANGUAGE sql STABLE
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+    SELECT make_interval(secs => coalesce((SELECT (c.value #>> '{}')::float8 FROM zsync.config c
+                                           WHERE c.key = 'max_future_skew_s'), 300))
+$$;
+
+CREATE FUNCTION zsync.set_max_future_skew(p_seconds double precision) RETURNS void
+    LANGUAGE sql
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+    INSERT INTO zsync.config (key, value, updated_at) VALUES ('max_future_skew_s', to_jsonb(p_seconds), now())
+    ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = EXCLUDED.updated_at
+    WHERE zsync.config.value IS DISTINCT FROM EXCLUDED.value
+$$;
+
 CREATE FUNCTION zsync.version_cmp(p_table regclass, a jsonb, b jsonb) RETURNS integer
     LANGUAGE plpgsql STABLE
     SET "TimeZone" TO 'UTC'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
     va record;
@@ -344,6 +408,7 @@ $$;
 CREATE FUNCTION zsync.version_cmp_many(p_table regclass, p_pairs jsonb) RETURNS TABLE(ord integer, cmp integer)
     LANGUAGE plpgsql STABLE
     SET "TimeZone" TO 'UTC'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $_$
 DECLARE
     x record;
@@ -374,6 +439,7 @@ $_$;
 -- generated expression (same jsonb as zsync.canonical_json: its object branch, one level, inline).
 CREATE FUNCTION zsync.version_exprs(p_table regclass, p_alias text, OUT ts_expr text, OUT hash_expr text) RETURNS record
     LANGUAGE plpgsql STABLE
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $_$
 DECLARE
     c     record;
@@ -425,6 +491,7 @@ $_$;
 CREATE FUNCTION zsync.version_of(p_table regclass, p_row jsonb, OUT ts timestamp with time zone, OUT hash text) RETURNS record
     LANGUAGE plpgsql STABLE
     SET "TimeZone" TO 'UTC'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $_$
 DECLARE
     v jsonb;
@@ -440,6 +507,7 @@ $_$;
 CREATE FUNCTION zsync.version_of_typed(p_table regclass, p_row jsonb, OUT ts timestamp with time zone, OUT hash text) RETURNS record
     LANGUAGE plpgsql STABLE
     SET "TimeZone" TO 'UTC'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 BEGIN
     ts := date_trunc('milliseconds', coalesce((p_row ->> 'updated_at')::timestamptz, '-infinity'));
@@ -455,6 +523,13 @@ CREATE TRIGGER zsync_maintain_updated_at BEFORE INSERT OR UPDATE ON public.rate_
 
 -- 4. Deletes --------------------------------------------------------------------------------------
 -- tombstones, deletes made in Zapier Tables and the trash check's watermarks
+
+CREATE TABLE zsync.sync_trashed (
+    table_name text NOT NULL,
+    tables_record_id text NOT NULL,
+    record_id text NOT NULL,
+    trashed_at timestamp with time zone DEFAULT now() NOT NULL
+);
 
 CREATE TABLE zsync.tombstones (
     table_name text NOT NULL,
@@ -472,11 +547,18 @@ CREATE TABLE zsync.trash_watermarks (
     applied integer DEFAULT 0 NOT NULL
 );
 
+ALTER TABLE ONLY zsync.sync_trashed
+    ADD CONSTRAINT sync_trashed_pkey PRIMARY KEY (table_name, tables_record_id);
+
 ALTER TABLE ONLY zsync.tombstones
     ADD CONSTRAINT tombstones_pkey PRIMARY KEY (table_name, record_id);
 
 ALTER TABLE ONLY zsync.trash_watermarks
     ADD CONSTRAINT trash_watermarks_pkey PRIMARY KEY (table_name);
+
+CREATE INDEX sync_trashed_trashed_at_idx ON zsync.sync_trashed USING btree (trashed_at);
+
+CREATE INDEX tombstones_deleted_at_idx ON zsync.tombstones USING btree (deleted_at);
 
 -- The entry point for a delete made in Zapier Tables (the trash check calls it with the record's id and
 -- Zapier's deleted_at): delete the Supabase row unless it holds a version newer than the delete, and
@@ -514,6 +596,63 @@ BEGIN
     RETURN 'applied';
 END
 $_$;
+
+-- Tombstones whose delete both sides agree on (no unacknowledged outbox entry of the record) and that are
+-- older than p_retention: removed, with the sync's trash notes of the same age. The retention outlives every
+-- way a stale version can still arrive (the dead-letter queue keeps deliveries 14 days; Zapier's autoreplay
+-- about 11 hours; an unacknowledged trigger-inbox message is dead-lettered after 5 leases). -> tombstones removed.
+CREATE FUNCTION zsync.expire_tombstones(p_retention interval DEFAULT '30 days'::interval) RETURNS integer
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_n integer;
+BEGIN
+    IF p_retention IS NULL OR p_retention < interval '0' THEN
+        RAISE EXCEPTION 'expire_tombstones: retention must be a non-negative interval' USING ERRCODE = '22023';
+    END IF;
+    DELETE FROM zsync.tombstones t
+    WHERE t.deleted_at < now() - p_retention
+      AND NOT EXISTS (SELECT 1 FROM zsync.outbox o
+                      WHERE o.table_name = t.table_name AND o.record_id = t.record_id AND o.acked_at IS NULL);
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    DELETE FROM zsync.sync_trashed WHERE trashed_at < now() - p_retention;
+    RETURN v_n;
+END
+$$;
+
+-- Remember Tables records the sync moved to the trash itself. -> how many were new.
+CREATE FUNCTION zsync.note_sync_trashed(p_table text, p_record_id text, p_tables_ids text[]) RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_n integer;
+BEGIN
+    INSERT INTO zsync.sync_trashed (table_name, tables_record_id, record_id)
+    SELECT p_table, t, p_record_id FROM unnest(p_tables_ids) t WHERE t IS NOT NULL
+    ON CONFLICT (table_name, tables_record_id) DO NOTHING;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n;
+END
+$$;
+
+-- Of p_tables_ids (Zapier record ids of trashed records), those the sync trashed itself.
+CREATE FUNCTION zsync.sync_trashed_ids(p_table text, p_tables_ids text[]) RETURNS SETOF text
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+    SELECT s.tables_record_id FROM zsync.sync_trashed s
+    WHERE s.table_name = p_table AND s.tables_record_id = ANY (p_tables_ids)
+$$;
+
+-- The tombstone of a record (version and origin), NULLs when it is not deleted.
+CREATE FUNCTION zsync.tombstone_of(p_table text, p_record_id text, OUT version timestamp with time zone, OUT origin text) RETURNS record
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+    SELECT t.version, t.origin FROM zsync.tombstones t WHERE t.table_name = p_table AND t.record_id = p_record_id
+$$;
 
 -- The tombstone of a record, if it is deleted (NULL otherwise).
 CREATE FUNCTION zsync.tombstone_version(p_table text, p_record_id text) RETURNS timestamp with time zone
@@ -598,6 +737,7 @@ CREATE TRIGGER zsync_tombstone BEFORE INSERT OR DELETE ON public.rate_limits FOR
 
 CREATE FUNCTION zsync.enable_sync(p_table regclass) RETURNS void
     LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 BEGIN
     EXECUTE format('DROP TRIGGER IF EXISTS zsync_maintain_updated_at ON %s', p_table);
@@ -619,16 +759,18 @@ BEGIN
 END
 $$;
 
--- As 20261129100000's zsync.sync_apply (same outcomes, same rows), computing each version once.
+-- As 20261129810000's zsync.sync_apply; only the tombstone refusal changed (see the header).
 CREATE FUNCTION zsync.sync_apply(p_table regclass, p_row jsonb, p_edited_at timestamp with time zone, OUT outcome text, OUT stored jsonb, OUT applied jsonb) RETURNS record
     LANGUAGE plpgsql
     SET "TimeZone" TO 'UTC'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $_$
 DECLARE
     v_id   text := p_row->>'id';
     v_cols text;
     v_n    integer;
     v_tomb timestamptz;
+    v_origin text;
     i_ts   timestamptz;
     i_hash text;
     s_ts   timestamptz;
@@ -641,11 +783,20 @@ BEGIN
     LOOP
         EXECUTE format('SELECT to_jsonb(t) FROM %s t WHERE t.id = $1 FOR UPDATE', p_table) INTO stored USING v_id;
         IF stored IS NULL THEN
-            v_tomb := zsync.tombstone_version((SELECT relname::text FROM pg_class WHERE oid = p_table), v_id);
+            SELECT b.version, b.origin INTO v_tomb, v_origin
+            FROM zsync.tombstone_of((SELECT relname::text FROM pg_class WHERE oid = p_table), v_id) b;
             IF v_tomb IS NOT NULL AND coalesce(current_setting('zsync.ignore_tombstones', true), '') <> 'on'
                AND (SELECT v.ts FROM zsync.version_of(p_table, p_row) v) <= v_tomb THEN
-                outcome := 'deleted';
-                RETURN;
+                IF v_origin = 'tables' AND p_edited_at IS NOT NULL
+                   AND date_trunc('milliseconds', p_edited_at) > date_trunc('milliseconds', v_tomb) THEN
+                    -- Changed in Tables after its delete there (restored from the trash, re-created): a new
+                    -- change, versioned after the delete as a re-insert in Supabase is.
+                    p_row := p_row || jsonb_build_object('updated_at', greatest(
+                        date_trunc('milliseconds', p_edited_at), date_trunc('milliseconds', v_tomb) + interval '1 millisecond'));
+                ELSE
+                    outcome := 'deleted';
+                    RETURN;
+                END IF;
             END IF;
             EXECUTE format('INSERT INTO %1$s SELECT * FROM jsonb_populate_record(NULL::%1$s, $1) ON CONFLICT (id) DO NOTHING',
                            p_table) USING p_row;
@@ -683,10 +834,13 @@ BEGIN
 END
 $_$;
 
+-- As 20261129810000's zsync.sync_apply_many, without the lock step before the per-row calls of a small
+-- batch: zsync.sync_apply locks (or inserts) each row in turn, in id order.
 CREATE FUNCTION zsync.sync_apply_many(p_table regclass, p_rows jsonb) RETURNS TABLE(ord integer, record_id text, outcome text, stored jsonb, applied jsonb)
     LANGUAGE plpgsql
     SET "TimeZone" TO 'UTC'
-    AS $_$
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
 DECLARE
     v_small integer := coalesce(nullif(current_setting('zsync.small_batch', true), '')::integer, 4);
     v_ids   text[];
@@ -703,10 +857,6 @@ BEGIN
         RETURN QUERY SELECT * FROM zsync.sync_apply_many_set(p_table, p_rows);  -- no id (its error), duplicates
         RETURN;
     END IF;
-    IF cardinality(v_ids) > 1 THEN
-        EXECUTE format('SELECT count(*) FROM (SELECT 1 FROM %s t WHERE t.id = ANY ($1) ORDER BY t.id FOR UPDATE) l', p_table)
-            USING v_ids;
-    END IF;
     FOR e IN SELECT x.ord::integer AS ord, x.v -> 'row' AS row, (x.v ->> 'edited_at')::timestamptz AS edited_at
              FROM jsonb_array_elements(p_rows) WITH ORDINALITY AS x(v, ord) ORDER BY x.v -> 'row' ->> 'id' LOOP
         SELECT * INTO u FROM zsync.sync_apply(p_table, e.row, e.edited_at);
@@ -718,28 +868,24 @@ BEGIN
         RETURN NEXT;
     END LOOP;
 END
-$_$;
+$$;
 
--- As 20261129810000's zsync.sync_apply_many_set (same decisions, same statements' effects, same results in the
--- same order), cheaper per row:
--- * the decision is kept as arrays in result order (rn, ord), not one jsonb array of objects built, parsed
---   and sorted again by each later step (~13 us a row to build alone);
--- * the stored rows' versions in a MATERIALIZED CTE: computed once each, and the planner cannot turn the join
---   into a nested loop re-checking the whole id list per row (seen once the table held a few thousand rows);
--- * the ids the insert wrote as a jsonb object (a hashed key lookup per result row, was = ANY over a text[]:
---   O(n^2), ~10 ms of a 1,000-row insert batch).
 CREATE FUNCTION zsync.sync_apply_many_set(p_table regclass, p_rows jsonb) RETURNS TABLE(ord integer, record_id text, outcome text, stored jsonb, applied jsonb)
     LANGUAGE plpgsql
     SET "TimeZone" TO 'UTC'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $_$
 DECLARE
     v_name     text := (SELECT relname::text FROM pg_class WHERE oid = p_table);
     v_ignore   boolean := coalesce(current_setting('zsync.ignore_tombstones', true), '') = 'on';
+    v_ids      text[];
     x          record;
     t          record;
     v_cols     text;
     v_inserted jsonb;
     v_locked   text[];
+    v_try      integer := 0;
+    v_lost     boolean;
     a_ord      integer[];
     a_id       text[];
     a_action   text[];
@@ -747,6 +893,9 @@ DECLARE
     a_input    jsonb[];
     a_edited   timestamptz[];
     a_row      jsonb[];
+    r_outcome  text[];
+    r_stored   jsonb[];
+    r_applied  jsonb[];
     i          integer;
     u          record;
 BEGIN
@@ -762,53 +911,75 @@ BEGIN
     PERFORM set_config('zsync.origin', 'sync', true);
     SELECT * INTO x FROM zsync.version_exprs(p_table, 'x');
     SELECT * INTO t FROM zsync.version_exprs(p_table, 't');
-    -- Lock first (id order); only rows locked here are compared set-based. A row inserted concurrently after
-    -- this makes the insert below conflict, and that element goes through zsync.sync_apply.
-    EXECUTE format('SELECT coalesce(array_agg(l.id), ''{}'') FROM '
-                   '(SELECT t.id FROM %s t WHERE t.id = ANY ($1) ORDER BY t.id FOR UPDATE) l', p_table)
-        INTO v_locked USING (SELECT array_agg(DISTINCT e.value -> 'row' ->> 'id') FROM jsonb_array_elements(p_rows) e);
-    EXECUTE format($q$
-        WITH inc AS (
-            SELECT e.ord::integer AS ord, e.v -> 'row' AS row, (e.v ->> 'edited_at')::timestamptz AS edited_at,
-                   e.v -> 'row' ->> 'id' AS id, %2$s AS ts, %3$s AS hash
-            FROM jsonb_array_elements($1) WITH ORDINALITY AS e(v, ord),
-                 LATERAL jsonb_populate_record(NULL::%1$s, e.v -> 'row') x),
-        ranked AS (
-            SELECT inc.*, row_number() OVER (PARTITION BY inc.id ORDER BY inc.ts DESC, inc.hash DESC, inc.ord) AS rn
-            FROM inc),
-        cur AS MATERIALIZED (
-            SELECT t.id, to_jsonb(t) AS stored, %4$s AS ts, %5$s AS hash
-            FROM %1$s t WHERE t.id = ANY ($4)),
-        j AS (
-            SELECT r.*, c.stored, c.ts AS s_ts, c.hash AS s_hash,
-                   CASE WHEN c.id IS NULL AND r.rn = 1 THEN zsync.tombstone_version($2, r.id) END AS tomb,
-                   CASE WHEN c.id IS NOT NULL AND r.edited_at IS NOT NULL AND r.ts = c.ts AND r.hash <> c.hash
-                             AND date_trunc('milliseconds', r.edited_at) > r.ts
-                        THEN greatest(date_trunc('milliseconds', r.edited_at), c.ts + interval '1 millisecond') END AS bumped
-            FROM ranked r LEFT JOIN cur c ON c.id = r.id AND r.rn = 1),
-        d AS (
-            SELECT j.*,
-                   CASE WHEN j.rn > 1 THEN 'later'
-                        WHEN j.stored IS NULL THEN
-                            CASE WHEN j.tomb IS NOT NULL AND NOT $3 AND j.ts <= j.tomb THEN 'deleted' ELSE 'insert' END
-                        WHEN coalesce(j.bumped, j.ts) = j.s_ts AND j.hash = j.s_hash THEN 'unchanged'
-                        WHEN (coalesce(j.bumped, j.ts), j.hash) > (j.s_ts, j.s_hash) THEN 'update'
-                        ELSE 'skipped_stale' END AS action
-            FROM j)
-        SELECT array_agg(d.ord ORDER BY d.rn, d.ord), array_agg(d.id ORDER BY d.rn, d.ord),
-               array_agg(d.action ORDER BY d.rn, d.ord), array_agg(d.stored ORDER BY d.rn, d.ord),
-               array_agg(d.row ORDER BY d.rn, d.ord), array_agg(d.edited_at ORDER BY d.rn, d.ord),
-               array_agg(CASE WHEN d.bumped IS NULL THEN d.row ELSE d.row || jsonb_build_object('updated_at', d.bumped) END
-                         ORDER BY d.rn, d.ord)
-        FROM d
-    $q$, p_table, x.ts_expr, x.hash_expr, t.ts_expr, t.hash_expr)
-        INTO a_ord, a_id, a_action, a_stored, a_input, a_edited, a_row USING p_rows, v_name, v_ignore, v_locked;
+    v_ids := (SELECT array_agg(DISTINCT e.value -> 'row' ->> 'id') FROM jsonb_array_elements(p_rows) e);
+    LOOP
+        v_try := v_try + 1;
+        BEGIN
+            -- Lock first (id order); only rows locked here are compared set-based.
+            EXECUTE format('SELECT coalesce(array_agg(l.id), ''{}'') FROM '
+                           '(SELECT t.id FROM %s t WHERE t.id = ANY ($1) ORDER BY t.id FOR UPDATE) l', p_table)
+                INTO v_locked USING v_ids;
+            EXECUTE format($q$
+                WITH inc AS (
+                    SELECT e.ord::integer AS ord, e.v -> 'row' AS row, (e.v ->> 'edited_at')::timestamptz AS edited_at,
+                           e.v -> 'row' ->> 'id' AS id, %2$s AS ts, %3$s AS hash
+                    FROM jsonb_array_elements($1) WITH ORDINALITY AS e(v, ord),
+                         LATERAL jsonb_populate_record(NULL::%1$s, e.v -> 'row') x),
+                ranked AS (
+                    SELECT inc.*, row_number() OVER (PARTITION BY inc.id ORDER BY inc.ts DESC, inc.hash DESC, inc.ord) AS rn
+                    FROM inc),
+                cur AS MATERIALIZED (
+                    SELECT t.id, to_jsonb(t) AS stored, %4$s AS ts, %5$s AS hash
+                    FROM %1$s t WHERE t.id = ANY ($4)),
+                j AS (
+                    SELECT r.*, c.stored, c.ts AS s_ts, c.hash AS s_hash,
+                           CASE WHEN c.id IS NULL AND r.rn = 1 THEN zsync.tombstone_version($2, r.id) END AS tomb,
+                           CASE WHEN c.id IS NOT NULL AND r.edited_at IS NOT NULL AND r.ts = c.ts AND r.hash <> c.hash
+                                     AND date_trunc('milliseconds', r.edited_at) > r.ts
+                                THEN greatest(date_trunc('milliseconds', r.edited_at), c.ts + interval '1 millisecond') END AS bumped
+                    FROM ranked r LEFT JOIN cur c ON c.id = r.id AND r.rn = 1),
+                d AS (
+                    SELECT j.*,
+                           CASE WHEN j.rn > 1 THEN 'later'
+                                WHEN j.stored IS NULL THEN
+                                    CASE WHEN j.tomb IS NOT NULL AND NOT $3 AND j.ts <= j.tomb THEN
+                                             -- changed in Tables after the delete? zsync.sync_apply decides (origin)
+                                             CASE WHEN j.edited_at IS NOT NULL
+                                                       AND date_trunc('milliseconds', j.edited_at) > j.tomb
+                                                  THEN 'later' ELSE 'deleted' END
+                                         ELSE 'insert' END
+                                WHEN coalesce(j.bumped, j.ts) = j.s_ts AND j.hash = j.s_hash THEN 'unchanged'
+                                WHEN (coalesce(j.bumped, j.ts), j.hash) > (j.s_ts, j.s_hash) THEN 'update'
+                                ELSE 'skipped_stale' END AS action
+                    FROM j)
+                SELECT array_agg(d.ord ORDER BY d.rn, d.ord), array_agg(d.id ORDER BY d.rn, d.ord),
+                       array_agg(d.action ORDER BY d.rn, d.ord), array_agg(d.stored ORDER BY d.rn, d.ord),
+                       array_agg(d.row ORDER BY d.rn, d.ord), array_agg(d.edited_at ORDER BY d.rn, d.ord),
+                       array_agg(CASE WHEN d.bumped IS NULL THEN d.row ELSE d.row || jsonb_build_object('updated_at', d.bumped) END
+                                 ORDER BY d.rn, d.ord)
+                FROM d
+            $q$, p_table, x.ts_expr, x.hash_expr, t.ts_expr, t.hash_expr)
+                INTO a_ord, a_id, a_action, a_stored, a_input, a_edited, a_row USING p_rows, v_name, v_ignore, v_locked;
 
-    EXECUTE format('WITH ins AS (INSERT INTO %1$s SELECT p.* FROM unnest($1, $2, $3) AS u(id, action, row), '
-                   'LATERAL jsonb_populate_record(NULL::%1$s, u.row) p WHERE u.action = ''insert'' ORDER BY u.id '
-                   'ON CONFLICT (id) DO NOTHING RETURNING id) SELECT coalesce(jsonb_object_agg(ins.id, true), ''{}'') FROM ins',
-                   p_table)
-        INTO v_inserted USING a_id, a_action, a_row;
+            -- In id order; waits only for a concurrent insert of the same id (which holds no lower id it
+            -- inserted after this transaction's lock step: inserts run in id order too).
+            EXECUTE format('WITH ins AS (INSERT INTO %1$s SELECT p.* FROM unnest($1, $2, $3) AS u(id, action, row), '
+                           'LATERAL jsonb_populate_record(NULL::%1$s, u.row) p WHERE u.action = ''insert'' ORDER BY u.id '
+                           'ON CONFLICT (id) DO NOTHING RETURNING id) SELECT coalesce(jsonb_object_agg(ins.id, true), ''{}'') FROM ins',
+                           p_table)
+                INTO v_inserted USING a_id, a_action, a_row;
+            v_lost := EXISTS (SELECT 1 FROM unnest(a_id, a_action) AS l(id, action)
+                              WHERE l.action = 'insert' AND NOT v_inserted ? l.id);
+            IF v_lost AND v_try < 5 THEN
+                -- Another transaction inserted one of these ids since the lock step: release what this
+                -- attempt locked and inserted, and lock again (now that row too) in id order.
+                RAISE EXCEPTION 'zsync: insert race' USING ERRCODE = 'ZS409';
+            END IF;
+        EXCEPTION WHEN SQLSTATE 'ZS409' THEN
+            CONTINUE;
+        END;
+        EXIT;
+    END LOOP;
 
     IF 'update' = ANY (a_action) THEN
         SELECT string_agg(format('%I', attname), ', ' ORDER BY attnum) INTO v_cols
@@ -820,16 +991,29 @@ BEGIN
             USING a_id, a_action, a_row;
     END IF;
 
+    -- The rows applied one by one (older versions of an id, and - after 5 lost races - lost inserts), in id
+    -- order (each id's versions newest first, as in result order).
+    r_outcome := array_fill(NULL::text, ARRAY[cardinality(a_ord)]);
+    r_stored := array_fill(NULL::jsonb, ARRAY[cardinality(a_ord)]);
+    r_applied := array_fill(NULL::jsonb, ARRAY[cardinality(a_ord)]);
+    FOR i IN SELECT l.n FROM unnest(a_id, a_action) WITH ORDINALITY AS l(id, action, n)
+             WHERE l.action = 'later' OR (l.action = 'insert' AND NOT v_inserted ? l.id)
+             ORDER BY l.id, l.n LOOP
+        SELECT * INTO u FROM zsync.sync_apply(p_table, a_input[i], a_edited[i]);
+        r_outcome[i] := u.outcome;
+        r_stored[i] := u.stored;
+        r_applied[i] := u.applied;
+    END LOOP;
+
     FOR i IN 1 .. cardinality(a_ord) LOOP
         ord := a_ord[i];
         record_id := a_id[i];
         stored := a_stored[i];
         applied := NULL;
-        IF a_action[i] = 'later' OR (a_action[i] = 'insert' AND NOT v_inserted ? a_id[i]) THEN
-            SELECT * INTO u FROM zsync.sync_apply(p_table, a_input[i], a_edited[i]);
-            outcome := u.outcome;
-            stored := u.stored;
-            applied := u.applied;
+        IF r_outcome[i] IS NOT NULL THEN
+            outcome := r_outcome[i];
+            stored := r_stored[i];
+            applied := r_applied[i];
         ELSIF a_action[i] IN ('insert', 'update') THEN
             outcome := 'applied';
             applied := a_row[i];
@@ -843,6 +1027,7 @@ $_$;
 
 CREATE FUNCTION zsync.sync_upsert(p_table regclass, p_row jsonb, OUT outcome text, OUT stored jsonb) RETURNS record
     LANGUAGE sql
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
     SELECT a.outcome, a.stored FROM zsync.sync_apply(p_table, p_row, NULL) a
 $$;
@@ -854,6 +1039,7 @@ $$;
 -- p_row take the table's defaults. Returns true if a row was inserted.
 CREATE FUNCTION zsync.append_audit(p_row jsonb) RETURNS boolean
     LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $_$
 DECLARE
     v_cols text;
@@ -873,58 +1059,65 @@ BEGIN
 END
 $_$;
 
--- Which of p_entries (audit_log rows) were inserted: zsync.append_audit each, in order, one call.
+-- As 20261129700000's zsync.append_audit_each, inserting in id order (two transactions appending the same
+-- entries in different orders waited for each other's inserts); results in input order.
 CREATE FUNCTION zsync.append_audit_each(p_entries jsonb) RETURNS TABLE(ord integer, inserted boolean)
-    LANGUAGE sql
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
-    SELECT e.ord::integer, zsync.append_audit(e.v) FROM jsonb_array_elements(p_entries) WITH ORDINALITY AS e(v, ord)
-    ORDER BY e.ord
+DECLARE
+    e record;
+    v_done boolean[] := '{}';
+BEGIN
+    FOR e IN SELECT x.ord::integer AS n, x.v FROM jsonb_array_elements(p_entries) WITH ORDINALITY AS x(v, ord)
+             ORDER BY x.v ->> 'id', x.ord LOOP
+        v_done[e.n] := zsync.append_audit(e.v);
+    END LOOP;
+    RETURN QUERY SELECT d.n::integer, d.ok FROM unnest(v_done) WITH ORDINALITY AS d(ok, n) ORDER BY d.n;
+END
 $$;
 
--- zsync.append_audit_many, set-based: one INSERT ... SELECT per distinct set of given columns (usually one
--- per call). As zsync.append_audit: a column absent or null in an entry takes its default, the same id
--- again (already stored, or earlier in the same call) is a no-op, an entry without any column is refused.
--- -> how many were inserted.
+-- As 20261129800000's zsync.append_audit_many (same rows: a key that is absent or null takes the column's
+-- default), in one statement in id order instead of one statement per set of keys in input order: two
+-- transactions appending the same entries (a stable id: the same sync_failed entry of a payload two batches
+-- rejected) waited for each other's inserts in their own orders.
 CREATE FUNCTION zsync.append_audit_many(p_entries jsonb) RETURNS integer
     LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $_$
 DECLARE
-    g      record;
     v_cols text;
+    v_vals text;
     v_n    integer;
-    v_all  integer := 0;
 BEGIN
     IF jsonb_typeof(p_entries) IS DISTINCT FROM 'array' THEN
         RAISE EXCEPTION 'append_audit_many: expected a JSON array of audit_log rows' USING ERRCODE = '22023';
     END IF;
-    -- Entries grouped by their non-null keys (jsonb keeps an object's keys in one canonical order).
-    FOR g IN
-        WITH e AS (
-            SELECT x.ord, x.v,
-                   CASE WHEN jsonb_typeof(x.v) = 'object' THEN
-                       ARRAY(SELECT j.k FROM jsonb_each(x.v) AS j(k, val) WHERE jsonb_typeof(j.val) <> 'null') END AS keys
-            FROM jsonb_array_elements(p_entries) WITH ORDINALITY AS x(v, ord))
-        SELECT e.keys, jsonb_agg(e.v ORDER BY e.ord) AS rows FROM e GROUP BY e.keys ORDER BY min(e.ord)
-    LOOP
-        SELECT string_agg(format('%I', a.attname), ', ' ORDER BY a.attnum) INTO v_cols
-        FROM pg_attribute a
-        WHERE a.attrelid = 'public.audit_log'::regclass AND a.attnum > 0 AND NOT a.attisdropped
-          AND a.attname = ANY (g.keys);
-        IF v_cols IS NULL THEN
-            RAISE EXCEPTION 'append_audit: empty entry' USING ERRCODE = '22023';
-        END IF;
-        EXECUTE format('INSERT INTO public.audit_log (%1$s) SELECT %1$s FROM jsonb_populate_recordset(NULL::public.audit_log, $1) '
-                       'ON CONFLICT (id) DO NOTHING', v_cols) USING g.rows;
-        GET DIAGNOSTICS v_n = ROW_COUNT;
-        v_all := v_all + v_n;
-    END LOOP;
-    RETURN v_all;
+    IF EXISTS (SELECT 1 FROM jsonb_array_elements(p_entries) x
+               WHERE jsonb_typeof(x.value) IS DISTINCT FROM 'object'
+                  OR NOT EXISTS (SELECT 1 FROM jsonb_each(x.value) j, pg_attribute a
+                                 WHERE a.attrelid = 'public.audit_log'::regclass AND a.attnum > 0
+                                   AND NOT a.attisdropped AND a.attname = j.key AND jsonb_typeof(j.value) <> 'null')) THEN
+        RAISE EXCEPTION 'append_audit: empty entry' USING ERRCODE = '22023';
+    END IF;
+    SELECT string_agg(format('%I', a.attname), ', ' ORDER BY a.attnum),
+           string_agg(CASE WHEN d.adbin IS NULL THEN format('r.%I', a.attname)
+                           ELSE format('coalesce(r.%I, %s)', a.attname, pg_get_expr(d.adbin, d.adrelid)) END,
+                      ', ' ORDER BY a.attnum)
+    INTO v_cols, v_vals
+    FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+    WHERE a.attrelid = 'public.audit_log'::regclass AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '';
+    EXECUTE format('INSERT INTO public.audit_log (%s) SELECT %s FROM jsonb_populate_recordset(NULL::public.audit_log, $1) r '
+                   'ORDER BY r.id ON CONFLICT (id) DO NOTHING', v_cols, v_vals) USING p_entries;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n;
 END
 $_$;
 
 -- audit_log is append-only: the database itself rejects UPDATE, DELETE and TRUNCATE.
 CREATE FUNCTION zsync.reject_audit_change() RETURNS trigger
     LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 BEGIN
     RAISE EXCEPTION 'audit_log is append-only: % is not allowed', TG_OP USING ERRCODE = '42501';
@@ -974,9 +1167,7 @@ CREATE TABLE zsync.webhook_endpoints (
     url text NOT NULL,
     headers jsonb NOT NULL,
     timeout_ms integer DEFAULT 5000 NOT NULL,
-    updated_at timestamp with time zone DEFAULT now() NOT NULL,
-    secret_header text,
-    secret_name text
+    updated_at timestamp with time zone DEFAULT now() NOT NULL
 );
 
 ALTER SEQUENCE zsync.outbox_id_seq OWNED BY zsync.outbox.id;
@@ -1058,45 +1249,25 @@ CREATE FUNCTION zsync.ack_outbox_set(p_table text, p_acks jsonb) RETURNS integer
     SELECT count(*)::integer FROM done
 $$;
 
--- Re-created to take the headers from zsync.endpoint_headers (same signature and behaviour as in
--- 20261129100100_zsync_deletes_outbox.sql: a deleted row is re-sent as a DELETE carrying its tombstone's
--- version; still SECURITY DEFINER).
+-- The sweeper's and the repairs' re-send: a wake-up when there is something to deliver (the row, or its
+-- tombstone); false when the row is gone without a tombstone or the table is not wired (same contract
+-- as before: zsync.sweep_outbox acknowledges such an entry as row_deleted).
 CREATE FUNCTION zsync.announce(p_table text, p_record_id text, p_op text DEFAULT 'UPDATE'::text) RETURNS boolean
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $_$
 DECLARE
-    e         zsync.webhook_endpoints;
-    v_headers jsonb;
-    v_row     jsonb;
-    v_tomb    timestamptz;
+    v_found boolean;
 BEGIN
-    SELECT * INTO e FROM zsync.webhook_endpoints WHERE table_name = p_table;
-    IF NOT FOUND THEN
+    IF NOT EXISTS (SELECT 1 FROM zsync.webhook_endpoints WHERE table_name = p_table) THEN
         RETURN false;
     END IF;
-    -- Without its Vault secret the request is still sent (and refused with 401): the entry stays
-    -- unacknowledged for the next sweep instead of being taken for a deleted row.
-    v_headers := coalesce(zsync.endpoint_headers(p_table), e.headers);
-    EXECUTE format('SELECT to_jsonb(t) FROM public.%I t WHERE t.id = $1', p_table) INTO v_row USING p_record_id;
-    IF v_row IS NULL THEN
-        SELECT version INTO v_tomb FROM zsync.tombstones WHERE table_name = p_table AND record_id = p_record_id;
-        IF v_tomb IS NULL THEN
-            RETURN false;
-        END IF;
-        PERFORM net.http_post(
-            e.url,
-            jsonb_build_object('old_record', jsonb_build_object('id', p_record_id, 'updated_at', v_tomb),
-                               'record', NULL, 'type', 'DELETE', 'table', p_table, 'schema', 'public'),
-            '{}'::jsonb, v_headers, e.timeout_ms);
-        RETURN true;
+    EXECUTE format('SELECT true FROM public.%I t WHERE t.id = $1', p_table) INTO v_found USING p_record_id;
+    IF NOT coalesce(v_found, false)
+       AND NOT EXISTS (SELECT 1 FROM zsync.tombstones WHERE table_name = p_table AND record_id = p_record_id) THEN
+        RETURN false;
     END IF;
-    PERFORM net.http_post(
-        e.url,
-        jsonb_build_object('old_record', NULL, 'record', v_row, 'type', CASE WHEN p_op = 'DELETE' THEN 'UPDATE' ELSE p_op END,
-                           'table', p_table, 'schema', 'public'),
-        '{}'::jsonb, v_headers, e.timeout_ms);
-    RETURN true;
+    RETURN zsync.wake(p_table);
 END
 $_$;
 
@@ -1189,32 +1360,6 @@ BEGIN
 END
 $_$;
 
--- The headers to send to p_table's endpoint, secret included; NULL if the table is not wired or its
--- Vault secret is missing (a warning is raised then: the change stays in the outbox for the sweeper).
-CREATE FUNCTION zsync.endpoint_headers(p_table text) RETURNS jsonb
-    LANGUAGE plpgsql STABLE SECURITY DEFINER
-    SET search_path TO 'pg_catalog', 'pg_temp'
-    AS $$
-DECLARE
-    e        zsync.webhook_endpoints;
-    v_secret text;
-BEGIN
-    SELECT * INTO e FROM zsync.webhook_endpoints WHERE table_name = p_table;
-    IF NOT FOUND THEN
-        RETURN NULL;
-    END IF;
-    IF e.secret_name IS NULL THEN
-        RETURN e.headers;
-    END IF;
-    SELECT s.decrypted_secret INTO v_secret FROM vault.decrypted_secrets s WHERE s.name = e.secret_name;
-    IF v_secret IS NULL THEN
-        RAISE WARNING 'zsync: Vault secret % is missing: run `zsync wire supabase`', e.secret_name;
-        RETURN NULL;
-    END IF;
-    RETURN e.headers || jsonb_build_object(e.secret_header, v_secret);
-END
-$$;
-
 -- When the change a *_to_tables delivery carries was captured (the earliest unacknowledged outbox entry
 -- of that record up to that version); NULL if none is pending (a re-send of an acknowledged change).
 CREATE FUNCTION zsync.outbox_capture_time(p_table text, p_record_id text, p_updated_at timestamp with time zone) RETURNS timestamp with time zone
@@ -1282,6 +1427,7 @@ $$;
 -- now (not in p_exclude, not held by another transaction): the drain claims again only then.
 CREATE FUNCTION zsync.record_outbox_batch(p_table text, p_entries jsonb, p_acks jsonb, p_exclude text[] DEFAULT '{}'::text[], OUT inserted integer, OUT acked integer, OUT pending boolean) RETURNS record
     LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 BEGIN
     inserted := CASE WHEN jsonb_array_length(p_entries) > 0 THEN zsync.append_audit_many(p_entries) ELSE 0 END;
@@ -1320,6 +1466,7 @@ $_$;
 
 CREATE FUNCTION zsync.sweep_outbox(p_min_age interval DEFAULT '00:00:30'::interval, p_limit integer DEFAULT 200) RETURNS integer
     LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
     r      record;
@@ -1352,29 +1499,37 @@ BEGIN
 END
 $$;
 
--- The Database Webhook trigger: AFTER INSERT OR UPDATE OR DELETE ... FOR EACH ROW EXECUTE FUNCTION
--- zsync.webhook_request(). The payload is supabase_functions.http_request's.
-CREATE FUNCTION zsync.webhook_request() RETURNS trigger
+-- One wake-up per table per transaction; false when the table is not wired.
+CREATE FUNCTION zsync.wake(p_table text) RETURNS boolean
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-    e         zsync.webhook_endpoints;
-    v_headers jsonb;
+    e zsync.webhook_endpoints;
 BEGIN
-    SELECT * INTO e FROM zsync.webhook_endpoints WHERE table_name = TG_TABLE_NAME;
+    SELECT * INTO e FROM zsync.webhook_endpoints WHERE table_name = p_table;
     IF NOT FOUND THEN
-        RETURN NULL;
+        RETURN false;
     END IF;
-    v_headers := zsync.endpoint_headers(TG_TABLE_NAME);
-    IF v_headers IS NULL THEN
-        RETURN NULL;
+    IF current_setting('zsync.woken_' || p_table, true) = 'on' THEN
+        RETURN true;  -- this transaction already queued one: the drain takes every entry it commits
     END IF;
     PERFORM net.http_post(
-        e.url,
-        jsonb_build_object('old_record', OLD, 'record', NEW, 'type', TG_OP, 'table', TG_TABLE_NAME,
-                           'schema', TG_TABLE_SCHEMA),
-        '{}'::jsonb, v_headers, e.timeout_ms);
+        e.url || CASE WHEN position('?' IN e.url) > 0 THEN '&' ELSE '?' END || 'zsync_wake=outbox',
+        jsonb_build_object('zsync_wake', 'outbox', 'table', p_table),
+        '{}'::jsonb, '{"Content-Type": "application/json"}'::jsonb, e.timeout_ms);
+    PERFORM set_config('zsync.woken_' || p_table, 'on', true);
+    RETURN true;
+END
+$$;
+
+-- The Database Webhook trigger (AFTER INSERT OR UPDATE OR DELETE ... FOR EACH ROW): a wake-up.
+CREATE FUNCTION zsync.webhook_request() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+    PERFORM zsync.wake(TG_TABLE_NAME);
     RETURN NULL;
 END
 $$;
@@ -1553,6 +1708,24 @@ CREATE VIEW zsync.sync_metrics_hourly AS
 -- 9. Roles and grants -----------------------------------------------------------------------------
 -- who may read, write and call what; nothing for PUBLIC, anon or authenticated
 
+-- The API roles (Supabase's anon, authenticated, service_role) get the synced tables through Supabase's default
+-- privileges in schema public, not from here; RLS (above) gives anon and authenticated no row, and what RLS does
+-- not govern is taken back from them. Where those roles do not exist (a plain Postgres) nothing is granted.
+DO $$
+DECLARE
+    t text;
+    api text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['agent_jobs', 'agent_decisions', 'audit_log', 'rate_limits'] LOOP
+        FOREACH api IN ARRAY ARRAY['anon', 'authenticated'] LOOP
+            IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = api) THEN
+                EXECUTE format('REVOKE TRUNCATE, TRIGGER, REFERENCES ON public.%I FROM %I', t, api);
+            END IF;
+        END LOOP;
+    END LOOP;
+END
+$$;
+
 -- No role that merely inherits PUBLIC creates objects in public; nothing in zsync is callable by PUBLIC.
 REVOKE CREATE ON SCHEMA public FROM PUBLIC;
 GRANT USAGE ON SCHEMA public TO zsync_sync;
@@ -1610,9 +1783,14 @@ GRANT ALL ON FUNCTION zsync.content_hash(p_row jsonb) TO zsync_sync;
 
 REVOKE ALL ON FUNCTION zsync.enable_sync(p_table regclass) FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION zsync.endpoint_headers(p_table text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION zsync.expire_tombstones(p_retention interval) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION zsync.maintain_updated_at() FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION zsync.max_future_skew() FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION zsync.note_sync_trashed(p_table text, p_record_id text, p_tables_ids text[]) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.note_sync_trashed(p_table text, p_record_id text, p_tables_ids text[]) TO zsync_sync;
 
 REVOKE ALL ON FUNCTION zsync.outbox_capture_time(p_table text, p_record_id text, p_updated_at timestamp with time zone) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.outbox_capture_time(p_table text, p_record_id text, p_updated_at timestamp with time zone) TO zsync_sync;
@@ -1634,6 +1812,8 @@ REVOKE ALL ON FUNCTION zsync.reject_audit_change() FROM PUBLIC;
 REVOKE ALL ON FUNCTION zsync.requeue(p_table text, p_record_id text, p_op text) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.requeue(p_table text, p_record_id text, p_op text) TO zsync_sync;
 
+REVOKE ALL ON FUNCTION zsync.set_max_future_skew(p_seconds double precision) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION zsync.sweep_outbox(p_min_age interval, p_limit integer) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION zsync.sync_apply(p_table regclass, p_row jsonb, p_edited_at timestamp with time zone, OUT outcome text, OUT stored jsonb, OUT applied jsonb) FROM PUBLIC;
@@ -1648,8 +1828,14 @@ GRANT ALL ON FUNCTION zsync.sync_apply_many_set(p_table regclass, p_rows jsonb) 
 REVOKE ALL ON FUNCTION zsync.sync_health(p_window interval) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.sync_health(p_window interval) TO zsync_sync;
 
+REVOKE ALL ON FUNCTION zsync.sync_trashed_ids(p_table text, p_tables_ids text[]) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.sync_trashed_ids(p_table text, p_tables_ids text[]) TO zsync_sync;
+
 REVOKE ALL ON FUNCTION zsync.sync_upsert(p_table regclass, p_row jsonb, OUT outcome text, OUT stored jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.sync_upsert(p_table regclass, p_row jsonb, OUT outcome text, OUT stored jsonb) TO zsync_sync;
+
+REVOKE ALL ON FUNCTION zsync.tombstone_of(p_table text, p_record_id text, OUT version timestamp with time zone, OUT origin text) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.tombstone_of(p_table text, p_record_id text, OUT version timestamp with time zone, OUT origin text) TO zsync_sync;
 
 REVOKE ALL ON FUNCTION zsync.tombstone_version(p_table text, p_record_id text) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.tombstone_version(p_table text, p_record_id text) TO zsync_sync;
@@ -1683,6 +1869,8 @@ GRANT ALL ON FUNCTION zsync.version_of(p_table regclass, p_row jsonb, OUT ts tim
 REVOKE ALL ON FUNCTION zsync.version_of_typed(p_table regclass, p_row jsonb, OUT ts timestamp with time zone, OUT hash text) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.version_of_typed(p_table regclass, p_row jsonb, OUT ts timestamp with time zone, OUT hash text) TO zsync_sync;
 
+REVOKE ALL ON FUNCTION zsync.wake(p_table text) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION zsync.webhook_request() FROM PUBLIC;
 
 GRANT SELECT ON TABLE zsync.schema_migrations TO zsync_sync;
@@ -1696,6 +1884,9 @@ GRANT SELECT,INSERT ON TABLE public.audit_log TO zsync_sync;
 GRANT SELECT,INSERT,UPDATE ON TABLE public.rate_limits TO zsync_sync;
 
 -- 10. Schedule --------------------------------------------------------------------------------------
+-- Settings the database's own checks read (zsync migrate writes ZSYNC_MAX_FUTURE_SKEW_S over this default).
+INSERT INTO zsync.config (key, value) VALUES ('max_future_skew_s', '300') ON CONFLICT (key) DO NOTHING;
+
 -- Schedule: Supabase ships pg_cron; enable it here and sweep the outbox every 30 seconds. Where pg_cron is
 -- not available (the local embedded Postgres) the local stack runs the sweep itself.
 DO $$
@@ -1711,6 +1902,8 @@ BEGIN
     END IF;
     IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_cron') THEN
         PERFORM cron.schedule('zsync-sweep-outbox', '30 seconds', 'SELECT zsync.sweep_outbox()');
+        -- tombstones past their retention, once both sides agree (zsync.expire_tombstones)
+        PERFORM cron.schedule('zsync-expire-tombstones', '17 * * * *', 'SELECT zsync.expire_tombstones()');
     END IF;
 END
 $$;
