@@ -167,8 +167,10 @@ def check_trash(ctx: SyncContext, spec: TableSpec, since: datetime | None = None
 
 
 def idle_check(answer: dict[str, Any]) -> bool:
-    """Whether a trash check's result found nothing to do (nothing considered, nothing unreadable)."""
-    return not answer.get("error") and not answer.get("considered") and not answer.get("unreadable")
+    """Whether a trash check changed nothing and found nothing wrong: no error, no delete applied or kept back
+    by a newer version, nothing unreadable. Deletes it re-reads inside the watermark's overlap, already applied
+    (``unchanged``) or still waiting (``still_live``, ``insert_pending``), are the same on every check."""
+    return not any(answer.get(key) for key in ("error", "applied", "kept_newer", "unreadable"))
 
 
 def run_check(function_name: str, ctx: SyncContext | None = None) -> tuple[dict[str, Any], bool]:
