@@ -3,9 +3,9 @@ default rate limit (100 requests / 5 s per table, Zapier's), on an empty table a
 holds ``--big`` records (100,000 by default).
 
 * burst: ``--burst`` inserts (1,000) in one Supabase transaction, drained by 3 concurrent wake-ups of
-  ``agent_jobs_to_tables`` (reserved concurrency 3) through ``shared.outbox_batch.drain_outbox``. Goal:
+  ``agent_jobs_to_tables`` (reserved concurrency 3) through ``shared.services.outbox_batch.drain_outbox``. Goal:
   <= 10 s, <= 30 Tables requests, 0 dead letters, 0 extra writes.
-* one-record path: ``--single`` inserts (200) through ``shared.sync.apply_from_supabase`` (what every webhook
+* one-record path: ``--single`` inserts (200) through ``shared.services.sync.apply_from_supabase`` (what every webhook
   did before), 3 workers, same limit. Goal: batched records/s >= 20x this.
 * lag: one change at a time (``--lag`` of them), drained at once: p50 / p99 of the capture -> Tables time.
 * find by id: the local service's answer time for one ``exact`` query through its API, p50 over 80
@@ -34,12 +34,12 @@ import psycopg
 from infra.deploy.tables_setup import ensure_tables, table_ids
 from infra.local.postgres import create_database, prepare_database, start_postgres
 from infra.local.tables_service import RATE_LIMIT, RATE_WINDOW_S, TableConfig, TablesService, start_tables_service
-from shared.conflict import Outcome
-from shared.outbox_batch import drain_outbox
-from shared.settings import Settings
-from shared.spec import FUNCTIONS, TABLES
-from shared.sync import SupabaseWebhook, SyncContext, apply_from_supabase
-from shared.zapier_tables import TablesClient
+from shared.adapters.zapier_tables import TablesClient
+from shared.core.spec import FUNCTIONS, TABLES
+from shared.platform.settings import Settings
+from shared.services.conflict import Outcome
+from shared.services.outbox_batch import drain_outbox
+from shared.services.sync import SupabaseWebhook, SyncContext, apply_from_supabase
 
 CLIENT_ID, CLIENT_SECRET = "zsync-bench", "bench-secret"
 FN = FUNCTIONS["agent_jobs_to_tables"]

@@ -48,11 +48,11 @@ from infra.deploy.tables_setup import ensure_tables, table_ids
 from infra.local.postgres import create_database, prepare_database, start_postgres, with_database
 from infra.local.tables_service import RATE_LIMIT, RATE_WINDOW_S
 from infra.reconcile import TableReport, reconcile
-from shared.settings import Settings
-from shared.spec import FUNCTIONS, TABLES
-from shared.supabase_db import close_pools
-from shared.sync import SyncContext, apply_from_tables, apply_many_from_tables
-from shared.zapier_tables import TablesClient
+from shared.adapters.supabase_db import close_pools
+from shared.adapters.zapier_tables import TablesClient
+from shared.core.spec import FUNCTIONS, TABLES
+from shared.platform.settings import Settings
+from shared.services.sync import SyncContext, apply_from_tables, apply_many_from_tables
 
 CLIENT_ID, CLIENT_SECRET = "zsync-bench", "bench-secret"
 TS = "2025-12-22T10:00:00Z"

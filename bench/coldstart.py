@@ -34,9 +34,9 @@ import psycopg
 
 from bench.floor_target import TABLE_SQL
 from bench.probe import insert_webhook
+from infra.deploy.webhook_sql import trigger_name
 from infra.local.stack import LocalStack
 from infra.local.tables_service import RATE_WINDOW_S, RateLimiter
-from shared.webhook_sql import trigger_name
 
 PROBE = Path(__file__).with_name("probe.py")
 FLOOR_SOURCE = Path(__file__).with_name("floor_target.py")

@@ -10,7 +10,7 @@ import psycopg
 
 from infra.local.pgnet_sender import apply_pg_net_sql, ensure_utc_database
 from infra.local.postgres import apply_supabase_roles_sql, apply_vault_sql, create_database
-from shared.migrate import HISTORY_DIR, MIGRATIONS_DIR, apply_migrations
+from shared.adapters.migrations import HISTORY_DIR, MIGRATIONS_DIR, apply_migrations
 
 
 def migrated_database(admin_url: str, tmp: Path, before: str | None = None) -> str:

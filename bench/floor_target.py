@@ -44,8 +44,8 @@ def floor_to_supabase(request: flask.Request) -> tuple[dict[str, Any], int]:
 def _tables() -> Any:
     client = getattr(_local, "tables", None)
     if client is None:
-        from shared.settings import get_settings
-        from shared.zapier_tables import client_from_settings
+        from shared.adapters.zapier_tables import client_from_settings
+        from shared.platform.settings import get_settings
 
         client = _local.tables = client_from_settings(get_settings())
     return client

@@ -3,7 +3,7 @@
 * CPU per Tables API call (``time.thread_time`` of the calling thread, so waiting for the server is not
   counted): ``TablesClient.find_many`` + ``create_many`` of one record each, as every ``*_to_tables``
   delivery makes, against the local Tables service on 127.0.0.1 (keep-alive, rate limit off). The same
-  client is measured with its :class:`shared.http_client.Pool` and with a ``requests.Session`` put in its
+  client is measured with its :class:`shared.platform.http_client.Pool` and with a ``requests.Session`` put in its
   place (``trust_env=False``, the urllib3 ``Retry`` mounted: what the client sent through before).
 * import: fresh ``python -X importtime`` processes loading ``functions/main.py`` as functions-framework
   does (``create_app``) plus the Zapier clients a ``*_to_tables`` delivery imports; now, and with
@@ -29,9 +29,9 @@ from requests.adapters import HTTPAdapter
 
 from infra.deploy.tables_setup import ensure_tables, table_ids
 from infra.local.tables_service import start_tables_service
-from shared.http_client import Pool
-from shared.spec import TABLES
-from shared.zapier_tables import TablesClient
+from shared.adapters.zapier_tables import TablesClient
+from shared.core.spec import TABLES
+from shared.platform.http_client import Pool
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENT_ID, CLIENT_SECRET = "zsync-bench", "bench-secret"
@@ -82,7 +82,7 @@ IMPORT_PROBE = """
 import sys
 from functions_framework import create_app
 create_app("agent_jobs_to_tables", "functions/main.py")
-import shared.zapier_tables, shared.trigger_inbox, shared.sync
+import shared.adapters.zapier_tables, shared.adapters.trigger_inbox, shared.services.sync
 print("requests" in sys.modules)
 """
 

@@ -38,7 +38,7 @@ from bench.floor_target import TABLE_SQL
 from bench.probe import insert_webhook
 from infra.local.stack import REPO, LocalStack, free_port, running_stack, wait_listening
 from infra.local.tables_service import RATE_WINDOW_S, RateLimiter
-from shared.settings import DEFAULT_SECRET_HEADER
+from shared.platform.settings import DEFAULT_SECRET_HEADER
 from tests.e2e import Supabase, Tables
 
 TARGET_AVG_S = 5.0
@@ -169,7 +169,7 @@ def zap_path(stack: LocalStack, table: str) -> Any:
     finally:
         requests.put(f"{base}/_admin/tables/{stack.table_ids[table]}/trigger", json={"url": None}, timeout=10)
         with stack.tables_client() as client:
-            from shared.trigger_inbox import InboxClient
+            from shared.adapters.trigger_inbox import InboxClient
 
             InboxClient.for_tables(client).resume(inbox)
 

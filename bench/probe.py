@@ -107,13 +107,13 @@ def instrument() -> Breakdown:
     import psycopg
     import psycopg_pool
 
-    import shared.handler
-    import shared.logs
-    import shared.sync
+    import shared.edge.handler
+    import shared.platform.logs
+    import shared.services.sync
 
     b = Breakdown()
-    b.wrap(shared.handler, "read_json_body", "parse")
-    for module in (shared.sync, sys.modules.get("shared.outbox_batch")):
+    b.wrap(shared.edge.handler, "read_json_body", "parse")
+    for module in (shared.services.sync, sys.modules.get("shared.services.outbox_batch")):
         for name in ("parse_tables_record", "parse_supabase_record", "to_tables_fields", "unwrap_tables_payload"):
             b.wrap(module, name, "parse")  # a module not loaded (None) or without the name: not split out
     for owner, names in ((psycopg.Connection, ("execute", "commit", "rollback")),
@@ -122,14 +122,14 @@ def instrument() -> Breakdown:
                          (psycopg_pool.ConnectionPool, ("getconn", "putconn"))):
         for name in names:
             b.wrap(owner, name, "db")
-    tables = sys.modules.get("shared.zapier_tables")
+    tables = sys.modules.get("shared.adapters.zapier_tables")
     if tables is not None:
         for cls_name in ("TablesClient", "CatchHookWriter"):
             cls = getattr(tables, cls_name, None)
             for attr in [a for a in dir(cls) if cls is not None and not a.startswith("_")]:
                 if callable(getattr(cls, attr, None)) and not isinstance(getattr(cls, attr), type):
                     b.wrap(cls, attr, "tables")
-    b.wrap(getattr(shared.logs, "StructuredStdoutHandler", logging.Handler), "handle", "log")
+    b.wrap(getattr(shared.platform.logs, "StructuredStdoutHandler", logging.Handler), "handle", "log")
     return b
 
 
@@ -201,7 +201,7 @@ def main() -> None:
         result.update(cpu=cpu, wall=wall, breakdown=breakdown.totals, cpu_split=cpu_split,
                       statuses=sorted(set(statuses)))
 
-    from shared import logs
+    from shared.platform import logs
 
     getattr(logs, "flush", lambda: None)()  # lines held while google-cloud-logging imports
     print("PROBE " + json.dumps(result), flush=True)

@@ -1,10 +1,10 @@
 """The database cost of ONE delivery in each direction, before and after the single-record SQL of
 migrations 2026112981xxxx, in the same run against embedded Postgres (no network, no Zapier).
 
-* tables->supabase: :func:`shared.sync.apply_from_tables` of one Zap delivery, three kinds: a new record
+* tables->supabase: :func:`shared.services.sync.apply_from_tables` of one Zap delivery, three kinds: a new record
   (insert), a newer version (update) and the echo of the sync's own write (unchanged: every
   Supabase -> Tables write comes back this way).
-* supabase->tables: what a *_to_tables webhook costs in the database: :func:`shared.outbox_batch.deliver`
+* supabase->tables: what a *_to_tables webhook costs in the database: :func:`shared.services.outbox_batch.deliver`
   of one captured change (claim, lock, read, compare, audit, ack) with a Tables stand-in that answers at
   once (``NullTables``: the HTTP part is not what is measured here; ``bench/lag.py`` measures the whole hop).
 * round trips per delivery: counted from libpq's protocol trace of the pool's connections (every Sync or
@@ -40,12 +40,12 @@ from psycopg_pool import ConnectionPool
 
 from bench.databases import migrated_database
 from infra.local.postgres import start_postgres
-from shared import supabase_db
-from shared.conflict import Outcome
-from shared.outbox_batch import deliver
-from shared.settings import Settings
-from shared.spec import FUNCTIONS
-from shared.sync import SupabaseWebhook, SyncContext, apply_from_tables, apply_many_from_tables
+from shared.adapters import supabase_db
+from shared.core.spec import FUNCTIONS
+from shared.platform.settings import Settings
+from shared.services.conflict import Outcome
+from shared.services.outbox_batch import deliver
+from shared.services.sync import SupabaseWebhook, SyncContext, apply_from_tables, apply_many_from_tables
 
 TO_SUPABASE = FUNCTIONS["agent_jobs_to_supabase"]
 TO_TABLES = FUNCTIONS["agent_jobs_to_tables"]

@@ -43,11 +43,11 @@ import requests
 from infra.local.stack import LocalStack, running_stack
 from infra.reconcile import reconcile
 from infra.replay import replay
-from shared.dead_letter import DeadLetterQueue
-from shared.mapping import parse_supabase_record, parse_tables_record
-from shared.settings import DEFAULT_SECRET_HEADER, Settings
-from shared.spec import FUNCTIONS, TABLES, Direction
-from shared.sync import SyncContext
+from shared.adapters.dead_letter import DeadLetterQueue
+from shared.core.mapping import parse_supabase_record, parse_tables_record
+from shared.core.spec import FUNCTIONS, TABLES, Direction
+from shared.platform.settings import DEFAULT_SECRET_HEADER, Settings
+from shared.services.sync import SyncContext
 
 TWO_WAY = ("agent_jobs", "agent_decisions", "rate_limits")
 # The fields every write sets on a table (text, json, number), besides updated_at.

@@ -6,7 +6,7 @@ chosen by ``ZSYNC_FUNCTION``, served through apig-wsgi, which understands Lambda
 
 Everything is built once per cold start, during Lambda's init phase when running on Lambda: that is the
 phase SnapStart snapshots (serverless.yml), so a restored instance answers its first request without
-importing anything. The logging library is imported synchronously there (``shared.logs.prepare``): a
+importing anything. The logging library is imported synchronously there (``shared.platform.logs.prepare``): a
 Lambda instance is frozen after each answer, so no log line may be left for later.
 """
 
@@ -26,8 +26,8 @@ def build(target: str) -> LambdaHandler:
     import functions_framework
     from apig_wsgi import make_lambda_handler
 
-    from shared import logs
-    from shared.aws_secrets import load_into_environment
+    from shared.platform import logs
+    from shared.platform.aws_secrets import load_into_environment
 
     logs.prepare()
     load_into_environment()
@@ -37,11 +37,11 @@ def build(target: str) -> LambdaHandler:
 
 def drain_inbox(target: str) -> dict[str, Any]:
     """The scheduled safety drain (serverless.yml ``schedule`` event): drain this function's trigger inbox."""
-    from shared.aws_secrets import load_into_environment
-    from shared.handler import context_for
-    from shared.inbox_consumer import drain_function
-    from shared.settings import get_settings
-    from shared.spec import FUNCTIONS
+    from shared.core.spec import FUNCTIONS
+    from shared.edge.handler import context_for
+    from shared.platform.aws_secrets import load_into_environment
+    from shared.platform.settings import get_settings
+    from shared.services.inbox_consumer import drain_function
 
     load_into_environment()
     settings = get_settings()
@@ -62,8 +62,8 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
 
 
 def _check_trash(target: str) -> dict[str, Any]:
-    """The scheduled trash check of this function's table (shared/tables_trash.py); secrets are loaded."""
-    from shared.tables_trash import run_check
+    """The scheduled trash check of this function's table (shared/services/tables_trash.py); secrets are loaded."""
+    from shared.services.tables_trash import run_check
 
     answer, ok = run_check(target)
     return {"ok": ok, **answer}

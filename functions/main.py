@@ -2,8 +2,8 @@
 
     functions-framework --source functions/main.py --target agent_jobs_to_supabase
 
-Each target is generated from :data:`shared.spec.FUNCTIONS` and is thin: authenticate, parse, call
-:mod:`shared.sync`, answer JSON (see :mod:`shared.handler`).
+Each target is generated from :data:`shared.core.spec.FUNCTIONS` and is thin: authenticate, parse, call
+:mod:`shared.services.sync`, answer JSON (see :mod:`shared.edge.handler`).
 
 =============================== ====== =====================================
 target                          seed   what it does
@@ -26,8 +26,8 @@ from pathlib import Path
 # functions-framework loads this file by path; make the repository root importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared.handler import make_target
-from shared.spec import FUNCTIONS
+from shared.core.spec import FUNCTIONS
+from shared.edge.handler import make_target
 
 globals().update({name: make_target(name) for name in FUNCTIONS})
 __all__ = sorted(FUNCTIONS)

@@ -55,8 +55,8 @@ def connection_error_message(exc: BaseException) -> str | None:
     import requests
     import urllib3
 
-    from shared.supabase_db import DatabaseUnavailable
-    from shared.zapier_tables import TablesUnavailable
+    from shared.adapters.supabase_db import DatabaseUnavailable
+    from shared.adapters.zapier_tables import TablesUnavailable
 
     seen: list[BaseException] = []
     cur: BaseException | None = exc
@@ -180,7 +180,7 @@ def migrate(
     check: bool = typer.Option(False, "--check", help="Only list pending migrations; exit 1 if any."),
 ) -> None:
     """Apply infra/supabase/migrations to the database (idempotent; safe to run concurrently)."""
-    from shared.migrate import MigrationError, apply_migrations, pending_migrations
+    from shared.adapters.migrations import MigrationError, apply_migrations, pending_migrations
 
     url = _database_url(database_url)
     try:
@@ -209,7 +209,7 @@ def logs(
 
     Deployed: `npx osls logs -f FUNCTION --stage S` (AWS) or Cloud Logging with label function=FUNCTION.
     """
-    from shared.spec import FUNCTIONS
+    from shared.core.spec import FUNCTIONS
 
     if function not in FUNCTIONS:
         err.print(f"[red]Unknown function {function!r}. One of: {', '.join(sorted(FUNCTIONS))}[/]")
@@ -239,7 +239,7 @@ def monitor(
 
     from infra import monitor as mon
     from infra.status import dead_letters_text
-    from shared.alerts import SlackError
+    from shared.services.alerts import SlackError
 
     settings, _ = _status_settings(None)  # the local stack's DLQ too, as status and report read it
     try:
@@ -291,7 +291,7 @@ def _status_settings(urls_file: Path | None) -> tuple[object, dict[str, str] | N
     """Settings for status/report/monitor plus the function URLs to ping: --urls, else the local stack's
     stack.json (whose secret, DLQ and moto endpoint fill in what the environment does not set)."""
     from infra.deploy import DeployError, load_urls, with_local_stack
-    from shared.settings import get_settings
+    from shared.platform.settings import get_settings
 
     path = urls_file or (STATE / "stack.json" if (STATE / "stack.json").exists() else None)
     if path is None:

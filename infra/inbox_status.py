@@ -1,7 +1,7 @@
 """The inbox path's backlog: per ``*_to_supabase`` function, its trigger inbox's state, how many messages
 wait in it and how old the oldest is (``zsync status``, ``zsync doctor``).
 
-A message older than :data:`shared.alerts.OUTBOX_MAX_AGE_S` means the function is not draining its inbox
+A message older than :data:`shared.services.alerts.OUTBOX_MAX_AGE_S` means the function is not draining its inbox
 (notifications lost and the scheduled drain not running, or every drain failing): the same threshold as
 the Supabase outbox's backlog alert.
 """
@@ -11,9 +11,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from shared.alerts import OUTBOX_MAX_AGE_S
-from shared.settings import Settings
-from shared.spec import TABLES, Direction
+from shared.core.spec import TABLES, Direction
+from shared.platform.settings import Settings
+from shared.services.alerts import OUTBOX_MAX_AGE_S
 
 
 def zapier_configured(settings: Settings) -> bool:
@@ -37,7 +37,7 @@ def backlog(settings: Settings, stage: str) -> list[dict[str, Any]]:
     notification_url, pending,
     more, oldest_created_at, oldest_age_s, alert, error}``. ``alert``: missing, not active, unreadable, or
     a message waiting longer than :data:`OUTBOX_MAX_AGE_S`."""
-    from shared.inbox_consumer import client_from_settings, inbox_key
+    from shared.services.inbox_consumer import client_from_settings, inbox_key
 
     client = client_from_settings(settings)
     now = datetime.now(UTC)

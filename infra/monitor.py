@@ -1,6 +1,6 @@
 """``zsync monitor``: the scheduled alert check run by hand, from cron, or by the local stack on a timer.
 
-The evaluation, the alert state and the Slack post are :mod:`shared.alerts` (the same code the scheduled
+The evaluation, the alert state and the Slack post are :mod:`shared.services.alerts` (the same code the scheduled
 ``monitor`` Lambda runs); this module adds the dead-letter depth from SQS and the terminal output.
 """
 
@@ -10,8 +10,8 @@ import logging
 import threading
 from datetime import timedelta
 
-from shared.alerts import CheckResult, check_and_notify
-from shared.settings import Settings
+from shared.platform.settings import Settings
+from shared.services.alerts import CheckResult, check_and_notify
 
 # Operator runs log as plain Python logging (stderr, warnings and up by default): stdout stays the
 # command's own output (e.g. `zsync monitor --json`). The deployed function logs JSON lines on stdout.

@@ -2,11 +2,11 @@
 
 For each table both sides are read in bulk (Tables through the records API, page by page, the next page
 read ahead in a second thread; Supabase at the same time in another, as ``json_agg`` chunks), every record
-is parsed into the canonical row (:mod:`shared.mapping`, without the pydantic model for valid records: the
+is parsed into the canonical row (:mod:`shared.core.mapping`, without the pydantic model for valid records: the
 same rows and errors), and the two versions of each id are compared under ``zsync.version_cmp`` - the same
 last-writer-wins rule the functions apply: identical rows are equal, a version is (``updated_at`` at
 millisecond precision, content hash) so differing times decide on their own, and ties go to
-``zsync.version_cmp_many`` in batched SQL (:func:`shared.conflict.compare_many`). Then:
+``zsync.version_cmp_many`` in batched SQL (:func:`shared.services.conflict.compare_many`). Then:
 
 * missing in Supabase, or Tables newer  -> ``zsync.sync_apply_many`` (one multi-row conditional upsert
   per batch of 1,000, one transaction; the functions' rule - versions, tombstones - so a newer write that
@@ -24,7 +24,7 @@ holds each phase's wall time.
 Deletes are never undone: an id missing in Supabase and tombstoned there (or present only in the Tables
 trash) is not re-created; a Supabase row whose Tables copy is only in the Tables trash is a delete made
 in Tables, applied with ``zsync.apply_tables_delete`` (the trash check's rule: unless Supabase holds a
-newer version, which then wins and is re-created in Tables). See :mod:`shared.tables_trash`.
+newer version, which then wins and is re-created in Tables). See :mod:`shared.services.tables_trash`.
 
 Every repair writes the ``<table>_synced`` audit entry the live sync would have written (same stable id,
 ``metadata.origin = "reconcile"``, also kept as ``metadata.via``), so a later delivery of the same version
@@ -49,9 +49,10 @@ import psycopg
 from psycopg_pool import PoolTimeout
 from rich.progress import Progress, TaskID
 
-from shared import audit, conflict, supabase_db
-from shared.conflict import Outcome
-from shared.mapping import (
+from shared.adapters import supabase_db
+from shared.adapters.zapier_tables import BATCH_MAX, Record, TablesClient, TablesError, client_from_settings
+from shared.core import audit
+from shared.core.mapping import (
     InvalidRecord,
     check_version_skew,
     normalize_timestamp,
@@ -59,10 +60,11 @@ from shared.mapping import (
     parse_tables_record,
     to_tables_fields,
 )
-from shared.spec import FUNCTIONS, TABLES, Direction, Kind, TableSpec
-from shared.sync import SyncContext, isolate, restored_row
-from shared.tables_trash import deletes_checked
-from shared.zapier_tables import BATCH_MAX, Record, TablesClient, TablesError, client_from_settings
+from shared.core.spec import FUNCTIONS, TABLES, Direction, Kind, TableSpec
+from shared.services import conflict
+from shared.services.conflict import Outcome
+from shared.services.sync import SyncContext, isolate, restored_row
+from shared.services.tables_trash import deletes_checked
 
 PAGE_SIZE = 1000  # the query endpoint's maximum page
 SUPABASE_BATCH = 1000  # rows per zsync.sync_apply_many call (one transaction)
@@ -183,7 +185,8 @@ def apply_many(conn: psycopg.Connection, spec: TableSpec, rows: Sequence[dict],
                refused: list[tuple[str, list[dict[str, str]]]] | None = None) -> list[tuple[str, str, dict | None]]:
     """``zsync.sync_apply_many`` (the functions' rule: versions, tombstones; ``edited``: Zapier's edited_at by
     id, where given): -> (id, outcome, stored before) per applied row. A row the database refuses
-    (:func:`shared.sync.isolate`) is left out and added to ``refused`` with its problems; the others are applied."""
+    (:func:`shared.services.sync.isolate`) is left out and added to ``refused`` with its problems; the others
+    are applied."""
     def upsert(c: psycopg.Connection, part: list[dict]) -> list[Any]:
         return supabase_db.sync_apply_many(c, spec, [(r, (edited or {}).get(r["id"])) for r in part])
 

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from shared.settings import Settings
+from shared.platform.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 STACK_FILE = REPO / ".local" / "stack.json"
@@ -91,7 +91,7 @@ def replay_command(
     Exits 1 if anything was left in the queue, 2 if the queue is not configured or unreachable.
     """
     from infra.replay import replay
-    from shared.dead_letter import DeadLetterError
+    from shared.adapters.dead_letter import DeadLetterError
 
     settings = load_settings(stack_file)
     try:
@@ -148,7 +148,7 @@ def reconcile_table(result: Any) -> Table:
 def _since(value: str | None) -> datetime | None:
     if not value:
         return None
-    from shared.mapping import normalize_timestamp
+    from shared.core.mapping import normalize_timestamp
 
     try:
         return normalize_timestamp(value)
@@ -175,7 +175,7 @@ def reconcile_command(
     Exits 0 when both sides are in sync afterwards (dry run: when there is no drift), 1 otherwise.
     """
     from infra.reconcile import reconcile
-    from shared.sync import ConfigurationError, SyncContext
+    from shared.services.sync import ConfigurationError, SyncContext
 
     settings = load_settings(stack_file)
     _database_reachable(settings)

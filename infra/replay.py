@@ -1,7 +1,7 @@
 """``zsync replay``: drain the dead-letter queue through the functions' own code path.
 
-Every message is run through the functions' own code: :func:`shared.handler.process` for a Supabase ->
-Tables delivery, :func:`shared.sync.apply_many_from_tables` for the Tables -> Supabase deliveries of one
+Every message is run through the functions' own code: :func:`shared.edge.handler.process` for a Supabase ->
+Tables delivery, :func:`shared.services.sync.apply_many_from_tables` for the Tables -> Supabase deliveries of one
 receive round (one multi-row conditional upsert and one audit insert per function, the same outcome per
 delivery as one by one). Same parsing, conflict rule, audit and outbox acknowledgement as a live delivery,
 so replay is idempotent: replaying a delivery that was since
@@ -32,9 +32,8 @@ from typing import Any
 
 import psycopg
 
-from shared import audit, supabase_db
-from shared.conflict import Outcome
-from shared.dead_letter import (
+from shared.adapters import supabase_db
+from shared.adapters.dead_letter import (
     DeadLetter,
     DeadLetterError,
     DeadLetterQueue,
@@ -42,14 +41,16 @@ from shared.dead_letter import (
     canonical_json,
     iso,
 )
-from shared.handler import Rejected, process
-from shared.inbox_consumer import INBOX_LETTER_KEYS, _field_names_of, inbox_letter_delivery
-from shared.logs import get_logger
-from shared.settings import Settings
-from shared.spec import FUNCTIONS, Direction
-from shared.sync import ConfigurationError, SyncContext, apply_many_from_tables
-from shared.trigger_inbox import UnreadablePayload
-from shared.zapier_tables import TablesError, TablesRejected
+from shared.adapters.trigger_inbox import UnreadablePayload
+from shared.adapters.zapier_tables import TablesError, TablesRejected
+from shared.core import audit
+from shared.core.spec import FUNCTIONS, Direction
+from shared.edge.handler import Rejected, process
+from shared.platform.logs import get_logger
+from shared.platform.settings import Settings
+from shared.services.conflict import Outcome
+from shared.services.inbox_consumer import INBOX_LETTER_KEYS, _field_names_of, inbox_letter_delivery
+from shared.services.sync import ConfigurationError, SyncContext, apply_many_from_tables
 
 COLUMNS = ("applied", "unchanged", "skipped_stale", "ignored", "duplicates", "rejected", "left")
 

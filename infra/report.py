@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 
 from infra.status import DIRECTION, dead_letters_text, per_function
-from shared.settings import Settings
+from shared.platform.settings import Settings
 
 SERIES_SQL = """
 SELECT date_bin('5 minutes', at, timestamptz '2000-01-01 00:00:00+00') AS bucket, table_name, direction,

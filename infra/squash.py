@@ -5,7 +5,7 @@ schema-only dump as one file. Our ``zsync migrate`` keeps a checksum per applied
 says which versions it replaces (its first line, ``-- zsync:baseline replaces ...``) and the replaced
 files move to ``infra/supabase/history/``: on a database where that chain ran, ``zsync migrate`` applies
 whatever of the chain is missing from history and records the baseline without running it; on a new
-database it runs the baseline (``shared.migrate``).
+database it runs the baseline (``shared.adapters.migrations``).
 
 What a dump cannot hold is kept here by hand (``PROLOGUE`` / ``EPILOGUE``): the cluster-wide role, the
 grants on schemas we do not own (``net``), default privileges and pg_cron's schedule. The dump's objects
@@ -28,13 +28,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from shared.migrate import BASELINE_MARK, HISTORY_DIR, MIGRATIONS_DIR, Migration, discover
+from shared.adapters.migrations import BASELINE_MARK, HISTORY_DIR, MIGRATIONS_DIR, Migration, discover
 
 # (title, what it holds, pattern on the owning object's name). First match wins; order is file order, so a
 # section only uses what an earlier section (or itself) defines.
 SECTIONS: list[tuple[str, str, str]] = [
     ("Bookkeeping", "the zsync schema and zsync.schema_migrations: created by `zsync migrate` itself before "
-     "any migration runs (shared/migrate.py)", r"zsync|schema_migrations"),
+     "any migration runs (shared/adapters/migrations.py)", r"zsync|schema_migrations"),
     ("The synced tables", "the four tables the sync keeps equal on both sides, their checks and row security",
      r"agent_jobs|agent_decisions|audit_log|rate_limits"),
     ("Versions and the conflict rule", "a row's version (updated_at, content hash), its canonical form, the "
@@ -230,7 +230,7 @@ def render(entries: list[Entry], chain: list[Migration]) -> str:
         if entry.type not in order:
             raise SquashError(f"{entry.type} {entry.name!r}: a kind of object infra/squash.py does not place")
         if entry.type != "ACL" and entry.owner_name in BOOTSTRAPPED:
-            continue  # shared.migrate creates them before the first migration
+            continue  # shared.adapters.migrations creates them before the first migration
         text = entry.sql
         if entry.type == "ACL":
             text = "\n".join(line for line in text.splitlines()

@@ -17,10 +17,10 @@ import psycopg
 from rich.console import Console
 from rich.table import Table
 
-from shared.alerts import AVG_LAG_MAX_S, CONFLICTS_PER_HOUR_MAX, FAILURE_RATE_MAX, OUTBOX_MAX_AGE_S
-from shared.audit import SYNC_DIRECTION
-from shared.settings import Settings
-from shared.spec import FUNCTIONS
+from shared.core.audit import SYNC_DIRECTION
+from shared.core.spec import FUNCTIONS
+from shared.platform.settings import Settings
+from shared.services.alerts import AVG_LAG_MAX_S, CONFLICTS_PER_HOUR_MAX, FAILURE_RATE_MAX, OUTBOX_MAX_AGE_S
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -100,7 +100,7 @@ DLQ_NOT_CONFIGURED = "not configured (ZSYNC_DLQ_URL)"
 def dead_letters(settings: Settings | None) -> tuple[int | None, str | None]:
     """The dead-letter queue depth and, when there is none to show, why: one wording for status, report
     and monitor (a depth of 0 is shown as 0 everywhere, never as '-')."""
-    from shared.alerts import dead_letter_depth
+    from shared.services.alerts import dead_letter_depth
 
     if settings is None or not settings.dlq_url:
         return None, DLQ_NOT_CONFIGURED

@@ -32,7 +32,7 @@ def zsync_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., pytest.
     """A clean ``ZSYNC_*`` environment for in-process functions and commands: every ``ZSYNC_`` variable
     removed, then ``zsync_env(database_url=..., webhook_secret=...)`` sets settings (names without the prefix,
     or full ``ZSYNC_`` variable names); the cached settings are reset after each call and at the end."""
-    from shared.settings import reset_settings
+    from shared.platform.settings import reset_settings
 
     for key in [k for k in os.environ if k.startswith("ZSYNC_")]:
         monkeypatch.delenv(key)

@@ -12,9 +12,9 @@ from typing import Any
 
 from infra.deploy.tables_setup import ensure_tables, table_ids
 from infra.local.tables_service import TableConfig, TablesService, start_tables_service
-from shared.settings import Settings
-from shared.spec import TABLES
-from shared.zapier_tables import RetryPolicy, TablesClient
+from shared.adapters.zapier_tables import RetryPolicy, TablesClient
+from shared.core.spec import TABLES
+from shared.platform.settings import Settings
 
 CLIENT_ID = "zsync-test"
 CLIENT_SECRET = "cs-" + os.urandom(8).hex()

@@ -1,4 +1,4 @@
-"""Tables -> Supabase in batches (shared.sync.apply_many_from_tables / zsync.sync_apply_many) against real
+"""Tables -> Supabase in batches (shared.services.sync.apply_many_from_tables / zsync.sync_apply_many) against real
 Postgres: every delivery gets the outcome, audit entries and side effects (push-back / re-sent delete) that
 the one-record path gives it, on a mixed batch (new, older, newer, same, tombstoned, edited in Tables without
 a new updated_at, duplicate in the batch, invalid); the generated version expressions agree with
@@ -16,11 +16,17 @@ import psycopg
 import pytest
 
 from infra.local.postgres import create_database, prepare_database
-from shared import supabase_db
-from shared.conflict import Outcome
-from shared.settings import Settings
-from shared.spec import FUNCTIONS
-from shared.sync import SyncContext, apply_from_tables, apply_many_from_tables, change_time, unwrap_tables_payload
+from shared.adapters import supabase_db
+from shared.core.spec import FUNCTIONS
+from shared.platform.settings import Settings
+from shared.services.conflict import Outcome
+from shared.services.sync import (
+    SyncContext,
+    apply_from_tables,
+    apply_many_from_tables,
+    change_time,
+    unwrap_tables_payload,
+)
 
 FN = FUNCTIONS["agent_jobs_to_supabase"]
 AUDIT_FN = FUNCTIONS["audit_log_to_supabase"]
@@ -94,8 +100,9 @@ def test_batch_equals_one_by_one(pg_server: Any, chunk: int | None) -> None:
                                        changed_at_source=source, origin="replay")
             expected.append((result.outcome, result.id))
         except Exception as exc:  # InvalidRecord: the handler rejects it and writes sync_failed
-            from shared import audit, supabase_db
-            from shared.dead_letter import canonical_json
+            from shared.adapters import supabase_db
+            from shared.adapters.dead_letter import canonical_json
+            from shared.core import audit
 
             entry = audit.failed_entry(FN, canonical_json(payload).encode(), exc.problems, RECEIVED, payload["id"])
             single.db.run(lambda conn, entry=entry: supabase_db.append_audit(conn, entry))
@@ -141,8 +148,8 @@ def test_version_exprs_match_version_of(db: psycopg.Connection) -> None:
     }
     rows = [{"id": f"r{i}", **{k: rnd.choice(v) for k, v in values.items() if rnd.random() < 0.8}} for i in range(300)]
     pairs = [(rows[i], rows[rnd.randrange(len(rows))]) for i in range(len(rows))] + [(r, dict(r)) for r in rows[:50]]
-    from shared import supabase_db
-    from shared.spec import TABLES
+    from shared.adapters import supabase_db
+    from shared.core.spec import TABLES
 
     many = supabase_db.version_cmp_many(db, TABLES["agent_jobs"], pairs)
     one = [supabase_db.version_cmp(db, TABLES["agent_jobs"], a, b) for a, b in pairs]
@@ -301,7 +308,7 @@ def test_the_syncs_audit_entries_are_appended_in_id_order(pg_server: Any) -> Non
 def test_wrapped_delivery_edited_at_versions_like_the_flat_form(pg_server: Any) -> None:
     """``{"record": {...}, "edited_at": ...}`` is the flat delivery with that ``edited_at``: a cell edit that
     did not move updated_at is versioned at edited_at on the single path (the function's) and in a batch."""
-    from shared.handler import process
+    from shared.edge.handler import process
 
     flat = {"id": "edited", "status": "flat", "updated_at": T1, "created_at": T0, "edited_at": T2}
     wrapped = {"record": {"id": "edited", "status": "wrapped", "updated_at": T1, "created_at": T0}, "edited_at": T2}

@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from shared.migrate import HISTORY_DIR
+from shared.adapters.migrations import HISTORY_DIR
 
 
 def _entries(db: psycopg.Connection, since: int) -> list[tuple]:

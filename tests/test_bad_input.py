@@ -2,7 +2,7 @@
 over real HTTP with the shared secret.
 
 Every bad delivery must get the expected 4xx whose JSON names the field and the problem, and change
-nothing but the audit trail: the handler (shared/handler.py) writes one ``sync_failed`` audit entry for
+nothing but the audit trail: the handler (shared/edge/handler.py) writes one ``sync_failed`` audit entry for
 every delivery it rejects after authentication (400, 413 and 415 alike). The entry's id is derived from
 the function and the SHA-256 of the body bytes it read - which are empty when a 413 is decided from
 Content-Length or cut off mid-read - so the same bytes to the same function are audited once, however
@@ -24,9 +24,9 @@ import psycopg
 import pytest
 import requests
 
-from shared.mapping import parse_supabase_record, parse_tables_record
-from shared.settings import DEFAULT_SECRET_HEADER
-from shared.spec import FUNCTIONS, TABLES, Direction
+from shared.core.mapping import parse_supabase_record, parse_tables_record
+from shared.core.spec import FUNCTIONS, TABLES, Direction
+from shared.platform.settings import DEFAULT_SECRET_HEADER
 from tests.e2e import Supabase, Tables
 
 CORPUS = Path(__file__).resolve().parent / "badinput"
@@ -193,7 +193,8 @@ class LogTail:
 
     def wait_lines(self, function: str, events: int, timeout_s: float = 10.0) -> list[str]:
         """New lines once ``events`` structured events are there: a fresh function process writes the lines
-        of its first answers shortly after them, when google-cloud-logging has been imported (shared/logs.py)."""
+        of its first answers shortly after them, when google-cloud-logging has been imported
+        (shared/platform/logs.py)."""
         deadline = time.monotonic() + timeout_s
         while len(structured(lines := self.new_lines(), function)) < events and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -355,7 +356,7 @@ def test_unauthenticated_bad_delivery_is_neither_audited_nor_read(stack):
 def inprocess(monkeypatch: pytest.MonkeyPatch, database_url: str) -> Iterator[None]:
     import os
 
-    from shared.settings import reset_settings
+    from shared.platform.settings import reset_settings
 
     for key in list(os.environ):
         if key.startswith("ZSYNC_"):

@@ -1,4 +1,4 @@
-"""shared.conflict against the SQL that states the rule (zsync.version_cmp / version_cmp_many): the pairs
+"""shared.services.conflict against the SQL that states the rule (zsync.version_cmp / version_cmp_many): the pairs
 it decides by time alone must get the SQL's answer, and only ties may cost a query."""
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ from datetime import UTC, datetime, timedelta, timezone
 import psycopg
 import pytest
 
-from shared import conflict, supabase_db
-from shared.mapping import parse_record
-from shared.spec import TABLES, Kind, TableSpec
+from shared.adapters import supabase_db
+from shared.core.mapping import parse_record
+from shared.core.spec import TABLES, Kind, TableSpec
+from shared.services import conflict
 
 TIMES = [None, "2025-12-22T10:00:00Z", "2025-12-22T10:00:00.000400Z", "2025-12-22T10:00:00.000900Z",
          "2025-12-22T10:00:00.001Z", "2025-12-22T09:59:59.999999+00:00", "2025-12-22T11:00:00.0005+01:00",

@@ -41,11 +41,11 @@ import psycopg
 import pytest
 import requests
 
-from shared import supabase_db
-from shared.mapping import parse_supabase_record, parse_tables_record
-from shared.settings import DEFAULT_SECRET_HEADER
-from shared.spec import TABLES, WEBHOOK_TABLES, Direction, TableSpec
-from shared.webhook_sql import render_webhook_sql
+from infra.deploy.webhook_sql import render_webhook_sql
+from shared.adapters import supabase_db
+from shared.core.mapping import parse_supabase_record, parse_tables_record
+from shared.core.spec import TABLES, WEBHOOK_TABLES, Direction, TableSpec
+from shared.platform.settings import DEFAULT_SECRET_HEADER
 from tests.e2e import Supabase, Tables
 from tests.receiver import serving
 

@@ -15,9 +15,9 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared import supabase_db
-from shared.mapping import parse_tables_record
-from shared.spec import TABLES
+from shared.adapters import supabase_db
+from shared.core.mapping import parse_tables_record
+from shared.core.spec import TABLES
 from tests.e2e import eventually, uid
 
 JOBS = TABLES["agent_jobs"]
@@ -254,7 +254,7 @@ def test_4_a_later_reinsert_wins_over_the_tombstone(stack, tables, supabase):
 
 
 def test_4_apply_tables_delete_entry_point(stack, tables, supabase):
-    from shared.sync import apply_tables_delete
+    from shared.services.sync import apply_tables_delete
 
     rid, newer = uid("tdel"), uid("tdel-newer")
     for i in (rid, newer):
@@ -297,8 +297,8 @@ def test_4_reconcile_never_resurrects_and_deletes_the_other_copy(stack, tables, 
 
 def stack_context(stack):
     """A SyncContext like the functions' (the function role, the local Tables service)."""
-    from shared.settings import Settings
-    from shared.sync import SyncContext
+    from shared.platform.settings import Settings
+    from shared.services.sync import SyncContext
 
     return SyncContext(settings=Settings(database_url=stack.function_database_url, zapier_base_url=stack.tables.url,
                                          tables_token=stack.token, table_ids=stack.table_ids))
@@ -370,7 +370,7 @@ def test_6_migrations_hold_no_session_lock_and_run_once_concurrently(pg_server):
 
     from infra.local.pgnet_sender import apply_pg_net_sql, ensure_utc_database
     from infra.local.postgres import apply_vault_sql, create_database, prepare_database
-    from shared.migrate import _LOCK_KEY, HISTORY_DIR, apply_migrations, discover
+    from shared.adapters.migrations import _LOCK_KEY, HISTORY_DIR, apply_migrations, discover
 
     def three_at_once(url: str, *directory: object) -> list[str]:
         with ThreadPoolExecutor(3) as pool:
@@ -404,8 +404,8 @@ def test_6_migrations_hold_no_session_lock_and_run_once_concurrently(pg_server):
 
 
 def test_7_commit_failing_after_the_tables_write_still_records_the_outcome_once(stack, tables, supabase):
-    from shared.spec import FUNCTIONS
-    from shared.sync import SupabaseWebhook, apply_from_supabase
+    from shared.core.spec import FUNCTIONS
+    from shared.services.sync import SupabaseWebhook, apply_from_supabase
 
     rid = uid("commitfail")
     # The first commit of a transaction that audits this record fails (serialization failure, retryable).

@@ -21,10 +21,10 @@ from typer.testing import CliRunner
 from infra import replay
 from infra.cli import app
 from infra.local.stack import free_port
-from shared import dead_letter
-from shared.dead_letter import DeadLetter, DeadLetterQueue, delivery_key
-from shared.inbox_consumer import DrainReport
-from shared.settings import get_settings, reset_settings
+from shared.adapters import dead_letter
+from shared.adapters.dead_letter import DeadLetter, DeadLetterQueue, delivery_key
+from shared.platform.settings import get_settings, reset_settings
+from shared.services.inbox_consumer import DrainReport
 from tests.e2e import uid
 from tests.tables_local import LocalTables, start_local_tables
 
@@ -287,10 +287,10 @@ def test_replay_reads_every_dead_letter_shape_the_code_writes(env, queue_url, da
     """Each shape is written by the code that writes it (the handler with a dependency down, the inbox consumer's
     poison path) or, for the inbox's own shape that older versions wrote, as they wrote it; one replay applies
     every readable one and rejects only the unreadable one, with its problems."""
-    from shared.inbox_consumer import InboxConsumer, _field_names_of
-    from shared.spec import FUNCTIONS
-    from shared.sync import SyncContext
-    from shared.trigger_inbox import Message
+    from shared.adapters.trigger_inbox import Message
+    from shared.core.spec import FUNCTIONS
+    from shared.services.inbox_consumer import InboxConsumer, _field_names_of
+    from shared.services.sync import SyncContext
 
     ids = {name: uid(f"shape-{name}") for name in ("flat", "wrapped", "inbox", "legacy", "legacy_ids", "hook")}
     ts = "2025-12-22T10:00:00Z"

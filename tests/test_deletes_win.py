@@ -13,11 +13,11 @@ import psycopg
 import pytest
 
 from infra.reconcile import reconcile
-from shared import tables_trash
-from shared.mapping import parse_supabase_record, to_tables_fields
-from shared.spec import FUNCTIONS, TABLES
-from shared.sync import SupabaseWebhook, apply_from_supabase
-from shared.tables_trash import check_trash
+from shared.core.mapping import parse_supabase_record, to_tables_fields
+from shared.core.spec import FUNCTIONS, TABLES
+from shared.services import tables_trash
+from shared.services.sync import SupabaseWebhook, apply_from_supabase
+from shared.services.tables_trash import check_trash
 from tests.e2e import Supabase, Tables, eventually, uid
 from tests.test_correctness import post, stack_context
 from tests.test_tables_deletes import delete_in_tables, synced_job, tombstone
@@ -348,7 +348,7 @@ def test_a_delete_refused_inside_a_200_is_not_acknowledged_as_applied(stack, tab
 
 def test_a_delete_refused_inside_a_200_in_a_batch_drain_is_not_acknowledged(stack, tables, supabase):
     """The same refusal met by a batch drain (the DELETE's own webhook lost, a later wake-up claims it)."""
-    from shared.outbox_batch import drain_outbox
+    from shared.services.outbox_batch import drain_outbox
 
     rec = synced_job(stack, tables, supabase, "drefb")
     rid = rec["data"]["id"]

@@ -38,11 +38,11 @@ import requests
 from infra.local.stack import LocalStack, running_stack
 from infra.reconcile import reconcile
 from infra.replay import replay
-from shared.dead_letter import DeadLetterQueue
-from shared.settings import Settings
-from shared.spec import FUNCTIONS, TABLES, Direction
-from shared.sync import SyncContext
-from shared.zapier_tables import TablesClient
+from shared.adapters.dead_letter import DeadLetterQueue
+from shared.adapters.zapier_tables import TablesClient
+from shared.core.spec import FUNCTIONS, TABLES, Direction
+from shared.platform.settings import Settings
+from shared.services.sync import SyncContext
 from tests.e2e import Supabase, Tables, uid
 from tests.test_reconcile import differences
 

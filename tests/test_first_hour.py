@@ -121,7 +121,7 @@ def test_a_bad_database_url_is_one_line_naming_what_to_check(command: list[str],
 
 def test_wire_setup_and_replay_say_an_unreachable_service_in_one_line(tmp_path: Path) -> None:
     from infra.deploy import write_urls
-    from shared.spec import FUNCTIONS
+    from shared.core.spec import FUNCTIONS
 
     urls = write_urls(tmp_path / "urls.json", {name: "http://127.0.0.1:9/" for name in FUNCTIONS})
     port = _closed_port()
@@ -153,7 +153,7 @@ def test_wire_setup_and_replay_say_an_unreachable_service_in_one_line(tmp_path: 
 def test_gcloud_refuses_missing_table_ids() -> None:
     from infra.deploy import DeployError
     from infra.deploy.gcloud import render_script
-    from shared.settings import Settings
+    from shared.platform.settings import Settings
 
     with pytest.raises(DeployError, match="no table id for agent_jobs, agent_decisions, audit_log, rate_limits"):
         render_script("p", "r", Settings(table_ids={}))
@@ -204,7 +204,7 @@ def test_status_is_readable_at_80_columns() -> None:
 
 def test_dead_letters_read_the_same_everywhere() -> None:
     from infra.status import DLQ_NOT_CONFIGURED, dead_letters, dead_letters_text
-    from shared.settings import Settings
+    from shared.platform.settings import Settings
 
     assert dead_letters(Settings(dlq_url=None)) == (None, DLQ_NOT_CONFIGURED)
     assert dead_letters_text(0, None) == "0"
@@ -216,7 +216,7 @@ def test_dead_letters_read_the_same_everywhere() -> None:
 
 @pytest.fixture
 def stack_file(stack: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    from shared.settings import reset_settings
+    from shared.platform.settings import reset_settings
 
     for key in [k for k in os.environ if k.startswith("ZSYNC_")]:
         monkeypatch.delenv(key)
@@ -241,7 +241,7 @@ def test_doctor_on_the_local_stack_needs_no_exported_variable(stack: Any, stack_
 def test_monitor_and_status_show_the_stack_dead_letter_depth_alike(stack: Any, stack_file: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from infra import cli
-    from shared import dead_letter
+    from shared.adapters import dead_letter
 
     dead_letter.reset_clients()
     monkeypatch.setattr(cli, "STATE", stack_file.parent)  # where `make up` writes stack.json

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from functions_framework import create_app
 
-from shared.settings import reset_settings
+from shared.platform.settings import reset_settings
 from tests.receiver import recording_server
 
 MAIN = str(Path(__file__).resolve().parent.parent / "functions" / "main.py")
@@ -38,7 +38,7 @@ def catch_hook():
 
 def test_every_target_exists_and_is_thin():
     import functions.main as main
-    from shared.spec import FUNCTIONS
+    from shared.core.spec import FUNCTIONS
 
     assert sorted(main.__all__) == sorted(FUNCTIONS)
     for name in FUNCTIONS:

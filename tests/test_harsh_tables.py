@@ -16,9 +16,9 @@ from datetime import datetime
 
 import psycopg
 
-from shared import supabase_db
-from shared.mapping import normalize_timestamp, parse_supabase_record
-from shared.spec import TABLES
+from shared.adapters import supabase_db
+from shared.core.mapping import normalize_timestamp, parse_supabase_record
+from shared.core.spec import TABLES
 from tests.e2e import eventually, uid
 
 JOBS = TABLES["agent_jobs"]
@@ -79,7 +79,7 @@ def _losing_status(database_url: str, stored: dict) -> str:
 def test_cell_edit_keeping_updated_at_wins_through_edited_at(stack, tables, supabase):
     """A person edits one cell in Tables; ``updated_at`` stays as it was (Zapier fills nothing in). The
     edit must reach Supabase and stay in Tables, although at that ``updated_at`` its content hash loses
-    to the stored version: only Zapier's ``edited_at`` (shared/sync.py, zsync.sync_apply) makes it newer."""
+    to the stored version: only Zapier's ``edited_at`` (shared/services/sync.py, zsync.sync_apply) makes it newer."""
     rid = uid("cell-edit")
     given = "2025-12-22T10:00:00Z"
     tables.create("agent_jobs", {"id": rid, "job_type": "discovery", "status": "queued", "updated_at": given})
@@ -101,11 +101,11 @@ def test_cell_edit_keeping_updated_at_wins_through_edited_at(stack, tables, supa
 
 
 def test_old_version_pushed_to_tables_does_not_overwrite_a_cell_edit(stack, tables, supabase):
-    """The other half of the rule (shared/sync.py ``_tables_version``): Supabase's webhook for the version
+    """The other half of the rule (shared/services/sync.py ``_tables_version``): Supabase's webhook for the version
     both sides share arrives after a person's cell edit in Tables and before that edit's own delivery (its
     inbox wake-up is late). At the same ``updated_at`` the old content wins the hash tie; only the edit's
     ``edited_at`` makes the Tables copy newer: it is kept and pushed to Supabase, never overwritten."""
-    from shared.trigger_inbox import InboxClient
+    from shared.adapters.trigger_inbox import InboxClient
 
     rid = uid("cell-race")
     given = "2025-12-22T11:00:00Z"
@@ -133,12 +133,12 @@ def test_old_version_pushed_to_tables_does_not_overwrite_a_cell_edit(stack, tabl
 
 
 def test_single_path_writes_the_id_into_the_record_that_lacked_it(stack, tables, supabase):
-    """The one-record path (shared/sync.py ``_write_if_newer``: replay, a webhook outside a batch) finds the
+    """The one-record path (shared/services/sync.py ``_write_if_newer``: replay, a webhook outside a batch) finds the
     id-less record by its Zapier id too, and writes the id into it instead of creating a second record."""
-    from shared.settings import Settings
-    from shared.spec import FUNCTIONS
-    from shared.sync import SupabaseWebhook, SyncContext, apply_from_supabase
-    from shared.trigger_inbox import InboxClient
+    from shared.adapters.trigger_inbox import InboxClient
+    from shared.core.spec import FUNCTIONS
+    from shared.platform.settings import Settings
+    from shared.services.sync import SupabaseWebhook, SyncContext, apply_from_supabase
 
     marker = uid("no-id-one")
     client = InboxClient.for_tables(stack.tables_client())
@@ -171,7 +171,7 @@ def test_trashed_record_without_id_is_deleted_under_its_zapier_id(stack, tables,
     """A record created without our id and deleted in Tables before its delivery arrived: the trash check
     reads its id as the Zapier record id (the id its delivery carries), so the late delivery is refused as
     deleted instead of inserting a row for a record that no longer exists."""
-    from shared.trigger_inbox import InboxClient
+    from shared.adapters.trigger_inbox import InboxClient
 
     marker = uid("no-id-del")
     client = InboxClient.for_tables(stack.tables_client())

@@ -1,4 +1,4 @@
-"""The Zapier clients' HTTP layer (``shared/http_client.py``, urllib3 directly): proxies from the
+"""The Zapier clients' HTTP layer (``shared/platform/http_client.py``, urllib3 directly): proxies from the
 environment (a real forward proxy on 127.0.0.1), ``NO_PROXY``, the CA bundle, and that a function loading
 and handling a delivery never imports ``requests``."""
 
@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from shared.http_client import Pool, TransportError, ca_bundle, environ_proxy
-from shared.zapier_tables import RetryPolicy
+from shared.adapters.zapier_tables import RetryPolicy
+from shared.platform.http_client import Pool, TransportError, ca_bundle, environ_proxy
 from tests.receiver import serving
 from tests.tables_local import start_local_tables
 
@@ -163,7 +163,7 @@ app = create_app(target, sys.argv[2]).test_client()
 loaded = "requests" in sys.modules
 r = app.post("/", json=hook, headers={"X-Zsync-Secret": sys.argv[3]})
 print("RESULT " + json.dumps({"status": r.status_code, "body": r.json, "requests_at_load": loaded,
-                  "requests": "requests" in sys.modules, "alerts": "shared.alerts" in sys.modules}))
+                  "requests": "requests" in sys.modules, "alerts": "shared.services.alerts" in sys.modules}))
 """
 
 

@@ -2,7 +2,7 @@
 zapier-public-api.md`` 2.8-2.12): lease_limit 1-100 (default 10), lease_seconds 1-3600 (default 300),
 anything else a 400 naming the member; ack/release take 1-100 message ids; a quarantine threshold tests
 set low; the notification body ``{inbox_id, received_message_count, redelivery}``. Over real HTTP, with
-our own inbox client (shared/trigger_inbox.py)."""
+our own inbox client (shared/adapters/trigger_inbox.py)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import pytest
 import requests
 
 from infra.local.trigger_inbox_service import QUARANTINE_AFTER
-from shared.inbox_consumer import POISON_LEASE_COUNT
-from shared.trigger_inbox import InboxClient, InboxError, LeaseExpired, Subscription
+from shared.adapters.trigger_inbox import InboxClient, InboxError, LeaseExpired, Subscription
+from shared.services.inbox_consumer import POISON_LEASE_COUNT
 from tests.tables_local import LocalTables, start_local_tables
 from tests.test_tables_service import Receiver
 
@@ -116,7 +116,7 @@ def test_ack_and_release_take_1_to_100_message_ids(local, client):
 
 
 def test_default_quarantine_leaves_room_for_the_consumers_dead_letter_rule():
-    # shared.inbox_consumer dead-letters a message itself once it was leased more than POISON_LEASE_COUNT
+    # shared.services.inbox_consumer dead-letters a message itself once it was leased more than POISON_LEASE_COUNT
     # times; Zapier's own threshold is not published. The stand-in's default is the lowest that allows it.
     assert QUARANTINE_AFTER == POISON_LEASE_COUNT + 1
 

@@ -16,10 +16,11 @@ import requests
 from functions_framework import create_app
 
 from infra.local.stack import FunctionProcess, free_port
-from shared import handler, supabase_db
-from shared.conflict import Outcome
-from shared.spec import FUNCTIONS, TABLES
-from shared.sync import SupabaseWebhook, SyncContext, apply_from_supabase
+from shared.adapters import supabase_db
+from shared.core.spec import FUNCTIONS, TABLES
+from shared.edge import handler
+from shared.services.conflict import Outcome
+from shared.services.sync import SupabaseWebhook, SyncContext, apply_from_supabase
 from tests.e2e import uid
 from tests.tables_local import start_local_tables
 

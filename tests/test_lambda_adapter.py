@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from shared.spec import FUNCTIONS
+from shared.core.spec import FUNCTIONS
 
 MAIN = Path(__file__).resolve().parent.parent / "functions" / "main.py"
 STAGE = "adaptertest"
@@ -31,8 +31,8 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     from moto import mock_aws
 
     from functions import lambda_adapter
-    from shared import aws_secrets
-    from shared.settings import reset_settings
+    from shared.platform import aws_secrets
+    from shared.platform.settings import reset_settings
 
     saved = {k: v for k, v in os.environ.items() if k.startswith("ZSYNC_")}
     for key in saved:
@@ -166,8 +166,8 @@ def test_each_function_through_a_function_url_event(name: str, deployed: dict[st
 
 def test_secrets_come_from_ssm_then_secrets_manager_and_never_overwrite_the_environment(
         deployed: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from shared import aws_secrets
-    from shared.settings import get_settings
+    from shared.platform import aws_secrets
+    from shared.platform.settings import get_settings
 
     monkeypatch.setenv("ZSYNC_SLACK_WEBHOOK_URL", "https://hooks.slack.test/already-set")
     _put_ssm("slack_webhook_url", "https://hooks.slack.test/from-ssm")
@@ -198,14 +198,14 @@ def _put_ssm_overwrite(name: str, value: str) -> None:
 
 
 def test_without_a_prefix_nothing_is_read(aws: Any) -> None:
-    from shared import aws_secrets
+    from shared.platform import aws_secrets
 
     assert aws_secrets.load_into_environment() == {}
     assert "ZSYNC_WEBHOOK_SECRET" not in os.environ
 
 
 def test_unreadable_ssm_is_a_clear_error_and_is_retried(aws: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from shared import aws_secrets
+    from shared.platform import aws_secrets
 
     # an endpoint where nothing listens: the error names the prefix, and nothing is cached
     monkeypatch.setenv("ZSYNC_AWS_ENDPOINT_URL", "http://127.0.0.1:9")

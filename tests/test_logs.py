@@ -1,6 +1,6 @@
 """Log lines: one JSON object per event on the function's stdout, written by google-cloud-logging's
-StructuredLogHandler, whose ``sourceLocation`` names the code that logged (not shared/logs.py), also for
-the lines a fresh process holds until the library is imported (shared/logs.py)."""
+StructuredLogHandler, whose ``sourceLocation`` names the code that logged (not shared/platform/logs.py), also for
+the lines a fresh process holds until the library is imported (shared/platform/logs.py)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import pytest
 import requests
 
 from infra.local.stack import MAIN, REPO, free_port, wait_listening
-from shared import logs
-from shared.settings import DEFAULT_SECRET_HEADER
+from shared.platform import logs
+from shared.platform.settings import DEFAULT_SECRET_HEADER
 
 SECRET = "logs-test-secret"
 SOURCE = "logging.googleapis.com/sourceLocation"
@@ -85,17 +85,17 @@ def test_a_fresh_function_process_logs_each_delivery_with_its_real_source(databa
     for entry in events:
         assert entry["logging.googleapis.com/labels"]["function"] == "agent_jobs_to_supabase"
         location = entry[SOURCE]
-        assert location["file"] == str(REPO / "shared" / "handler.py"), location
+        assert location["file"] == str(REPO / "shared" / "edge" / "handler.py"), location
         assert location["function"] == "answer", location
         assert int(location["line"]) > 0
     assert events[1]["severity"] == "WARNING" and events[1]["problems"]
-    assert "shared/logs.py" not in text
+    assert "shared/platform/logs.py" not in text
 
 
 def test_on_lambda_the_init_phase_imports_everything_and_holds_no_line() -> None:
     """What SnapStart snapshots: the app is built and google-cloud-logging imported before any request, without
     its generated gRPC API clients (GOOGLE_CLOUD_DISABLE_GRPC: nothing here calls the API)."""
-    code = ("import sys; import functions.lambda_adapter as a; from shared import logs; "
+    code = ("import sys; import functions.lambda_adapter as a; from shared.platform import logs; "
             "print(sorted(a._handlers), 'google.cloud.logging_v2' in sys.modules, 'flask' in sys.modules, "
             "logs._structured_cls is not None, 'google.cloud.logging_v2._gapic' in sys.modules)")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ZSYNC_", "AWS_", "GOOGLE_CLOUD_"))}

@@ -6,14 +6,14 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from shared.mapping import (
+from shared.core.mapping import (
     InvalidRecord,
     normalize_timestamp,
     parse_supabase_record,
     parse_tables_record,
     to_tables_fields,
 )
-from shared.spec import FUNCTIONS, TABLES, Kind
+from shared.core.spec import FUNCTIONS, TABLES, Kind
 
 JOBS, DECISIONS, AUDIT, LIMITS = (TABLES[n] for n in ("agent_jobs", "agent_decisions", "audit_log", "rate_limits"))
 
@@ -126,7 +126,7 @@ def test_round_trip_supabase_to_tables_to_supabase_is_exact():
 
 
 def test_json_and_lists_arrive_in_either_form_with_the_same_version():
-    from shared.mapping import parse_supabase_record as sup
+    from shared.core.mapping import parse_supabase_record as sup
     audit = TABLES["audit_log"]
     base = {"id": "a", "timestamp": "2025-12-22T10:00:00Z", "metadata": {"k": [1, 2]},
             "compliance_tags": ["gdpr", "sox"]}

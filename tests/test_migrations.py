@@ -13,7 +13,7 @@ import pytest
 
 from infra.local.postgres import create_database, pg_tool, prepare_database
 from infra.squash import dump_schema, parse_dump, render
-from shared.migrate import (
+from shared.adapters.migrations import (
     HISTORY_DIR,
     MIGRATIONS_DIR,
     MigrationError,

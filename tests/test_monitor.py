@@ -17,9 +17,9 @@ import pytest
 from typer.testing import CliRunner
 
 from infra.cli import app
-from shared import alerts
-from shared.logs import get_logger
-from shared.supabase_db import append_audit
+from shared.adapters.supabase_db import append_audit
+from shared.platform.logs import get_logger
+from shared.services import alerts
 from tests.receiver import recording_server, serving
 
 
@@ -211,7 +211,7 @@ def test_cli_monitor_exits_nonzero_posts_once_and_prints_json(fresh, slack, monk
     url, got = slack
     add(fresh, *[_entry("sync_failed") for _ in range(3)])
     monkeypatch.setenv("ZSYNC_SLACK_WEBHOOK_URL", url)
-    from shared.settings import reset_settings
+    from shared.platform.settings import reset_settings
 
     reset_settings()
     try:
@@ -234,7 +234,7 @@ def test_local_timer_runs_the_check_as_the_functions_role(fresh, slack):
 
     from infra.local.postgres import function_role_url
     from infra.monitor import MonitorTimer
-    from shared.settings import Settings
+    from shared.platform.settings import Settings
 
     url, got = slack
     role_url = function_role_url(fresh)

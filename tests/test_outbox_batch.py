@@ -1,4 +1,4 @@
-"""Supabase -> Tables in batches (shared/outbox_batch.py) against a real Postgres and the real local Tables
+"""Supabase -> Tables in batches (shared/services/outbox_batch.py) against a real Postgres and the real local Tables
 service with its rate limit on: parallel drains never take the same outbox rows, several changes of one
 record go out as its newest version, a 429 mid-batch is absorbed within the shared budget or leaves the
 unsent rows pending (not lost, not doubled), and every record gets the outcome and audit entry the
@@ -17,11 +17,11 @@ import pytest
 import requests
 
 from infra.local.postgres import create_database, prepare_database
-from shared import supabase_db
-from shared.conflict import Outcome
-from shared.outbox_batch import drain_outbox
-from shared.spec import FUNCTIONS, TABLES
-from shared.sync import SupabaseWebhook, SyncContext, apply_from_supabase
+from shared.adapters import supabase_db
+from shared.core.spec import FUNCTIONS, TABLES
+from shared.services.conflict import Outcome
+from shared.services.outbox_batch import drain_outbox
+from shared.services.sync import SupabaseWebhook, SyncContext, apply_from_supabase
 from tests.tables_local import LocalTables, start_local_tables
 
 FN = FUNCTIONS["agent_jobs_to_tables"]

@@ -1,5 +1,5 @@
 """Property-based tests (hypothesis) of the mapping and of the conflict rule, the latter through the real
-SQL (``zsync.version_cmp`` / ``zsync.sync_upsert`` via :mod:`shared.supabase_db`) on a migrated database.
+SQL (``zsync.version_cmp`` / ``zsync.sync_upsert`` via :mod:`shared.adapters.supabase_db`) on a migrated database.
 
 * Round trips: every valid row survives Tables fields -> row, and Supabase (sync_upsert, then ``to_jsonb``
   as the Database Webhook serialises it) -> row, unchanged.
@@ -27,8 +27,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared import supabase_db
-from shared.mapping import (
+from shared.adapters import supabase_db
+from shared.core.mapping import (
     INT_MAX,
     INT_MIN,
     InvalidRecord,
@@ -38,7 +38,7 @@ from shared.mapping import (
     parse_tables_record,
     to_tables_fields,
 )
-from shared.spec import TABLES, Kind, TableSpec
+from shared.core.spec import TABLES, Kind, TableSpec
 
 VERSIONED = [t for t in TABLES.values() if t.version]
 AUDIT = TABLES["audit_log"]

@@ -18,12 +18,12 @@ from typer.testing import CliRunner
 from infra.cli import app
 from infra.local.postgres import create_database, prepare_database
 from infra.reconcile import reconcile
-from shared import supabase_db
-from shared.mapping import InvalidRecord, parse_supabase_record, parse_tables_record
-from shared.settings import Settings, reset_settings
-from shared.spec import TABLES, TableSpec
-from shared.sync import SyncContext, tables_row
-from shared.zapier_tables import TablesClient
+from shared.adapters import supabase_db
+from shared.adapters.zapier_tables import TablesClient
+from shared.core.mapping import InvalidRecord, parse_supabase_record, parse_tables_record
+from shared.core.spec import TABLES, TableSpec
+from shared.platform.settings import Settings, reset_settings
+from shared.services.sync import SyncContext, tables_row
 from tests.tables_local import LocalTables, start_local_tables
 
 # --- both sides, parsed independently of reconcile (also used by test_faults) -------------------------------

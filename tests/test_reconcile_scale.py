@@ -17,10 +17,10 @@ import pytest
 from infra import reconcile as reconcile_module
 from infra.local.postgres import create_database, prepare_database
 from infra.reconcile import PAGE_SIZE, _identical, _prefetched, reconcile
-from shared import supabase_db
-from shared.mapping import InvalidRecord, parse_record, parse_record_fast, row_to_json
-from shared.spec import TABLES, Kind
-from shared.sync import SyncContext
+from shared.adapters import supabase_db
+from shared.core.mapping import InvalidRecord, parse_record, parse_record_fast, row_to_json
+from shared.core.spec import TABLES, Kind
+from shared.services.sync import SyncContext
 from tests.tables_local import LocalTables, start_local_tables
 from tests.test_reconcile import sql, supabase_rows, tables_rows
 

@@ -20,14 +20,15 @@ import pytest
 import requests
 from functions_framework import create_app
 
+from infra.deploy.webhook_sql import render_webhook_sql, trigger_name
 from infra.local.pgnet_sender import PgNetSender
 from infra.local.postgres import with_user
-from shared import handler, supabase_db
-from shared.conflict import Outcome
-from shared.settings import DEFAULT_SECRET_HEADER, Settings, reset_settings
-from shared.spec import FUNCTIONS, TABLES, WEBHOOK_TABLES, Direction
-from shared.sync import SupabaseWebhook, SyncContext, apply_from_supabase, apply_from_tables
-from shared.webhook_sql import render_webhook_sql, trigger_name
+from shared.adapters import supabase_db
+from shared.core.spec import FUNCTIONS, TABLES, WEBHOOK_TABLES, Direction
+from shared.edge import handler
+from shared.platform.settings import DEFAULT_SECRET_HEADER, Settings, reset_settings
+from shared.services.conflict import Outcome
+from shared.services.sync import SupabaseWebhook, SyncContext, apply_from_supabase, apply_from_tables
 from tests.e2e import Supabase, Tables, eventually, uid
 from tests.receiver import recording_server
 from tests.test_bad_input import snapshot, unchanged_apart_from_audit
@@ -264,7 +265,7 @@ def test_a_flood_of_wakeups_is_rate_limited_and_loses_no_change(stack, tables, s
 def test_sequential_wakeups_are_spaced_by_the_minimum_interval(database_url):
     """One request at a time per instance (Lambda): a wake-up right after a drain waits for the interval
     instead of querying at once; it is never dropped."""
-    from shared.outbox_batch import wake
+    from shared.services.outbox_batch import wake
 
     with psycopg.connect(database_url, autocommit=True) as conn:  # an empty outbox: no Tables call to make
         conn.execute("UPDATE zsync.outbox SET acked_at = now() WHERE table_name = 'rate_limits' AND acked_at IS NULL")
@@ -542,7 +543,7 @@ def test_migration_gives_zsync_sync_exactly_what_the_sync_needs(database_url):
 
 
 def test_functions_sync_as_a_member_of_zsync_sync(database_url, fn_url, tmp_path):
-    """The real code path (shared.sync) connected as the restricted role: both directions, audit, the
+    """The real code path (shared.services.sync) connected as the restricted role: both directions, audit, the
     outbox (capture trigger, ack), the repair announce, the webhook triggers, the signed ping's check."""
     from tests.tables_local import start_local_tables
 

@@ -1,6 +1,6 @@
 """`npx osls package` builds the AWS artifact offline, and the CloudFormation it generates is what the
 seven functions need. One packaging run per module (it takes about a minute): the template is checked
-against shared.spec, and the zip is imported by a bare Python to prove it is self-contained."""
+against shared.core.spec, and the zip is imported by a bare Python to prove it is self-contained."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from infra.deploy.aws import QUIET_ENV, log_group_name, normalized_function_name, url_output_key
-from shared.settings import SECRET_FIELDS
-from shared.spec import FUNCTIONS, Direction
+from shared.core.spec import FUNCTIONS, Direction
+from shared.platform.settings import SECRET_FIELDS
 
 REPO = Path(__file__).resolve().parent.parent
 STAGE = "ci"
@@ -186,7 +186,7 @@ def test_iam_allows_exactly_our_secrets_and_queue(template: dict[str, Any]) -> N
 def test_monitor_runs_every_five_minutes_without_a_url(template: dict[str, Any]) -> None:
     logical = _logical(MONITOR, "LambdaFunction")
     props = _of_type(template, "AWS::Lambda::Function")[logical]["Properties"]
-    assert props["Handler"] == "shared/alerts.lambda_handler" and props["Runtime"] == "python3.12"
+    assert props["Handler"] == "shared/services/alerts.lambda_handler" and props["Runtime"] == "python3.12"
     assert props["FunctionName"] == f"zsync-{STAGE}-{MONITOR}" and props["Timeout"] <= 120
     env = props["Environment"]["Variables"]
     assert env["ZSYNC_SSM_PREFIX"] == f"/zsync/{STAGE}/" and env["ZSYNC_DLQ_URL"] == {"Ref": "DeadLetterQueue"}
@@ -237,8 +237,8 @@ def test_artifact_holds_the_code_and_requirements_but_nothing_else(package_dir: 
     with zipfile.ZipFile(package_dir / "zsync.zip") as zf:
         names = zf.namelist()
     top = {n.split("/", 1)[0] for n in names}
-    for needed in ("functions/main.py", "functions/lambda_adapter.py", "shared/aws_secrets.py",
-                   "shared/handler.py", "shared/spec.py"):
+    for needed in ("functions/main.py", "functions/lambda_adapter.py", "shared/platform/aws_secrets.py",
+                   "shared/edge/handler.py", "shared/core/spec.py"):
         assert needed in names, needed
     assert any(n.startswith("infra/supabase/migrations/") and n.endswith(".sql") for n in names)
     for package in ("functions_framework", "flask", "apig_wsgi", "pydantic", "pydantic_core", "psycopg",
@@ -247,7 +247,7 @@ def test_artifact_holds_the_code_and_requirements_but_nothing_else(package_dir: 
     assert any(n.startswith("pydantic_core/") and "x86_64-linux-gnu" in n for n in names) or any(
         n.startswith("pydantic_core/") and "aarch64-linux-gnu" in n for n in names), "Linux wheels for Lambda"
     for excluded in (".venv", "node_modules", "tests", "bench", ".local", ".zsync", ".git", "boto3", "botocore",
-                     # google-cloud-logging's API client stack, never used (shared/logs.py only formats lines)
+                     # google-cloud-logging's API client stack, never used (shared/platform/logs.py only formats lines)
                      "grpc", "cryptography", "cffi",
                      # functions-framework's own servers: Lambda serves through apig-wsgi
                      "gunicorn", "uvicorn", "starlette", "watchdog"):
@@ -304,7 +304,7 @@ def event(headers):
                                           "sourceIp": "203.0.113.1", "userAgent": "t"}}}},
              "body": json.dumps({{"zsync_ping": True}})}}
 out = [handler(event({{}}), None), handler(event({{"x-zsync-secret": "bare-secret"}}), None)]
-from shared.alerts import lambda_handler as monitor  # the scheduled check, from the same artifact
+from shared.services.alerts import lambda_handler as monitor  # the scheduled check, from the same artifact
 print(json.dumps(monitor({{}}, None), default=str), file=sys.stderr)
 print("RESULT " + json.dumps([[r["statusCode"], json.loads(r["body"])] for r in out]))
 """
@@ -319,7 +319,7 @@ print("RESULT " + json.dumps([[r["statusCode"], json.loads(r["body"])] for r in 
     # google-cloud-logging's StructuredLogHandler works from the slim artifact (no grpc, no cryptography)
     events = [json.loads(line) for line in lines if line.startswith("{") and '"event"' in line]
     assert [e["status"] for e in events if e["event"] == "delivery"] == [401, 200], lines
-    assert all(e["logging.googleapis.com/sourceLocation"]["file"].endswith("shared/handler.py")
+    assert all(e["logging.googleapis.com/sourceLocation"]["file"].endswith("shared/edge/handler.py")
                for e in events if e["event"] == "delivery")
     assert unsigned == 401, unsigned_body
     assert signed == 200, signed_body

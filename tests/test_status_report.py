@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 from infra.cli import app
 from infra.local.stack import FunctionProcess, free_port
-from shared.settings import reset_settings
-from shared.supabase_db import append_audit
+from shared.adapters.supabase_db import append_audit
+from shared.platform.settings import reset_settings
 
 SECRET = "status-secret"
 NOW = datetime.now(UTC)
@@ -90,7 +90,7 @@ def moto_dlq(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "local")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "local")
     reset_settings()
-    from shared import dead_letter
+    from shared.adapters import dead_letter
 
     dead_letter.reset_clients()
     yield queue
@@ -109,7 +109,7 @@ def test_status_json_and_table(figures, moto_dlq, tmp_path, monkeypatch):
     fn.start()
     try:
         fn.wait_ready()
-        from shared.spec import FUNCTIONS
+        from shared.core.spec import FUNCTIONS
 
         urls = {name: "http://127.0.0.1:9/" for name in FUNCTIONS} | {"agent_jobs_to_supabase": fn.url}
         urls_file = tmp_path / "urls.json"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from shared.spec import TABLES
+from shared.core.spec import TABLES
 
 API_ROLES = ("anon", "authenticated")
 EXPOSED = "public"  # pgrst.db_schemas on Supabase: public (and graphql_public, which holds none of ours)

@@ -8,8 +8,8 @@ import dataclasses
 from datetime import UTC, datetime
 
 from infra.reconcile import reconcile
-from shared.spec import TABLES
-from shared.tables_trash import check_trash
+from shared.core.spec import TABLES
+from shared.services.tables_trash import check_trash
 from tests.e2e import Supabase, Tables, eventually, uid
 from tests.test_correctness import post, stack_context
 
@@ -182,7 +182,7 @@ def test_doctor_fails_when_the_trash_check_has_not_run_recently(database_url):
 def test_the_lambda_schedule_event_runs_the_trash_check(stack, tables, supabase, monkeypatch):
     """EventBridge invokes the *_to_supabase Lambda with {"zsync": "check_trash"} (serverless.yml)."""
     from functions import lambda_adapter
-    from shared.settings import reset_settings
+    from shared.platform.settings import reset_settings
 
     rec = synced_job(stack, tables, supabase, "tlambda")
     for key, value in stack.function_env().items():
@@ -207,8 +207,8 @@ def test_serverless_schedules_the_trash_check_on_exactly_the_tables_whose_delete
 
     import yaml
 
-    from shared.spec import Direction
-    from shared.tables_trash import deletes_checked
+    from shared.core.spec import Direction
+    from shared.services.tables_trash import deletes_checked
 
     config = yaml.safe_load((Path(__file__).resolve().parent.parent / "serverless.yml").read_text())
     scheduled = {name for name, fn in config["functions"].items()

@@ -15,11 +15,11 @@ import pytest
 import requests
 
 from infra.deploy import doctor, wire
-from shared import dead_letter
-from shared.handler import WAKE_PARAM
-from shared.inbox_consumer import client_from_settings, inbox_key
-from shared.settings import Settings
-from shared.trigger_inbox import UnreadablePayload, read_payload
+from shared.adapters import dead_letter
+from shared.adapters.trigger_inbox import UnreadablePayload, read_payload
+from shared.edge.handler import WAKE_PARAM
+from shared.platform.settings import Settings
+from shared.services.inbox_consumer import client_from_settings, inbox_key
 from tests.e2e import eventually, uid
 
 FN = "agent_jobs_to_supabase"

@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 from infra.deploy import load_urls, write_urls
 from infra.deploy.aws import stack_name, url_output_key
 from infra.deploy.cli import register
-from shared.settings import reset_settings
-from shared.spec import FUNCTIONS, TABLES, WEBHOOK_TABLES, Direction, Kind
-from shared.webhook_sql import trigger_name
+from infra.deploy.webhook_sql import trigger_name
+from shared.core.spec import FUNCTIONS, TABLES, WEBHOOK_TABLES, Direction, Kind
+from shared.platform.settings import reset_settings
 
 SECRET = "wire-" + secrets.token_urlsafe(16)
 HEADER = "X-Zsync-Secret"
@@ -137,7 +137,7 @@ def test_wire_supabase_applies_idempotently(tmp_path: Path, env: Any, database_u
 
     # A new secret (rotation) changes nothing in the database: it holds none.
     env.setenv("ZSYNC_WEBHOOK_SECRET", "rotated-" + SECRET)
-    from shared.settings import reset_settings
+    from shared.platform.settings import reset_settings
 
     reset_settings()
     rotated = run("wire", "supabase", "--urls", str(second), "--database-url", database_url)
@@ -343,7 +343,7 @@ def test_doctor_passes_on_the_local_stack_and_names_each_problem(stack: Any, env
 
 def test_doctor_checks_the_secret_free_wakeup_of_each_to_tables_function(stack: Any) -> None:
     from infra.deploy import doctor
-    from shared.settings import Settings
+    from shared.platform.settings import Settings
 
     settings = Settings(webhook_secret=stack.secret)
     for name, fp in stack.functions.items():

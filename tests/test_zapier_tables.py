@@ -12,8 +12,7 @@ import pytest
 import requests
 
 from infra.local.tables_service import TablesService
-from shared.settings import Settings
-from shared.zapier_tables import (
+from shared.adapters.zapier_tables import (
     TOKEN_REFRESH_MARGIN_S,
     CatchHookWriter,
     Record,
@@ -28,6 +27,7 @@ from shared.zapier_tables import (
     catch_hook_writer_from_settings,
     client_from_settings,
 )
+from shared.platform.settings import Settings
 from tests.test_tables_service import (  # noqa: F401
     AUDIT,
     CLIENT_ID,

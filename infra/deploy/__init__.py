@@ -14,8 +14,8 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from shared.settings import Settings
-from shared.spec import FUNCTIONS
+from shared.core.spec import FUNCTIONS
+from shared.platform.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 URLS_DIR = REPO / ".zsync"

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.deploy import REPO, DeployError
-from shared.spec import FUNCTIONS
+from shared.core.spec import FUNCTIONS
 
 SERVICE = "zsync"
 # osls needs no account for `package`; keep it from phoning home or nagging.

@@ -29,14 +29,14 @@ def _fail(exc: Exception, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _settings(ssm_prefix: str | None = None, stack_file: Path | None = None):  # -> shared.settings.Settings
+def _settings(ssm_prefix: str | None = None, stack_file: Path | None = None):  # -> shared.platform.settings.Settings
     """The ``ZSYNC_*`` environment (after SSM, with --ssm-prefix); then, for what it leaves unset, the local
     stack's stack.json when ``stack_file`` is one; then the table ids `zsync setup zapier` wrote."""
     from infra.deploy import with_local_stack
-    from shared.settings import get_settings, reset_settings
+    from shared.platform.settings import get_settings, reset_settings
 
     if ssm_prefix:
-        from shared.aws_secrets import SecretsUnavailable, load_into_environment
+        from shared.platform.aws_secrets import SecretsUnavailable, load_into_environment
 
         try:
             load_into_environment(ssm_prefix)
@@ -174,7 +174,7 @@ def wire_zapier(
         typer.echo(json.dumps(plan, indent=2) if fmt == "json" else zapier_setup.to_markdown(plan))
         return
     from infra.deploy import wire
-    from shared.inbox_consumer import client_from_settings
+    from shared.services.inbox_consumer import client_from_settings
 
     function_urls = _urls(urls)
     settings = _settings(ssm_prefix)
@@ -274,7 +274,7 @@ def setup_zapier(
 ) -> None:
     """Create the four Zapier tables and their typed fields (idempotent); write the table ids."""
     from infra.deploy.tables_setup import ensure_tables, report, table_ids, write_table_ids
-    from shared.zapier_tables import TablesError, TablesUnavailable, client_from_settings
+    from shared.adapters.zapier_tables import TablesError, TablesUnavailable, client_from_settings
 
     try:
         with client_from_settings(_settings(ssm_prefix)) as client:

@@ -16,9 +16,9 @@ from typing import Any
 
 import requests
 
-from shared.settings import Settings
-from shared.spec import FUNCTIONS, WEBHOOK_TABLES, Direction
-from shared.webhook_sql import trigger_name
+from infra.deploy.webhook_sql import trigger_name
+from shared.core.spec import FUNCTIONS, WEBHOOK_TABLES, Direction
+from shared.platform.settings import Settings
 
 PING = {"zsync_ping": True}
 
@@ -119,8 +119,8 @@ TRASH_MAX_AGE_S = 300  # the trash check runs every minute; 5 minutes without on
 
 def check_trash_runs(conn: Any) -> list[Check]:
     """Each table whose Tables deletes are synced had its trash checked recently (zsync.trash_watermarks)."""
-    from shared.spec import TABLES
-    from shared.tables_trash import deletes_checked
+    from shared.core.spec import TABLES
+    from shared.services.tables_trash import deletes_checked
 
     ages = dict(conn.execute("SELECT table_name, extract(epoch FROM now() - checked_at) "
                              "FROM zsync.trash_watermarks").fetchall())
@@ -144,7 +144,7 @@ def check_trash_runs(conn: Any) -> list[Check]:
 def check_database(settings: Settings, function_urls: Mapping[str, str]) -> list[Check]:
     import psycopg
 
-    from shared.migrate import MigrationError, pending_migrations
+    from shared.adapters.migrations import MigrationError, pending_migrations
 
     if settings.database_url is None:
         return [Check("database", "migrations", False, "ZSYNC_DATABASE_URL is not set here")]
@@ -187,7 +187,7 @@ def check_database(settings: Settings, function_urls: Mapping[str, str]) -> list
 def check_tables(settings: Settings) -> list[Check]:
     """Each table readable, with the spec's fields and field types (``zsync setup zapier`` fixes)."""
     from infra.deploy import tables_setup
-    from shared.zapier_tables import TablesError, client_from_settings
+    from shared.adapters.zapier_tables import TablesError, client_from_settings
 
     try:
         client = client_from_settings(settings)

@@ -1,8 +1,8 @@
 """``zsync gcloud``: a shell script deploying the same seven targets as Google Cloud Functions (gen2).
 
-Generated from :data:`shared.spec.FUNCTIONS`; memory and timeout per function come from
+Generated from :data:`shared.core.spec.FUNCTIONS`; memory and timeout per function come from
 ``serverless.yml`` so both clouds size the functions alike. Secrets come from Google Secret Manager
-(``--set-secrets``), one secret per name in :data:`shared.settings.SECRET_FIELDS`.
+(``--set-secrets``), one secret per name in :data:`shared.platform.settings.SECRET_FIELDS`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import shlex
 from pathlib import Path
 
 from infra.deploy import REPO, DeployError
-from shared.settings import SECRET_FIELDS, Settings
-from shared.spec import FUNCTIONS, TABLES
+from shared.core.spec import FUNCTIONS, TABLES
+from shared.platform.settings import SECRET_FIELDS, Settings
 
 REQUIRED_SECRETS = ("database_url", "webhook_secret", "zapier_client_id", "zapier_client_secret")
 DEFAULT_SIZE = (256, 15)
@@ -73,7 +73,7 @@ def check_settings(settings: Settings) -> None:
     """Refuse (DeployError naming each one) the settings every function needs that are missing: a table id
     per table (ZSYNC_TABLE_IDS, or .zsync/zapier_tables.json from `zsync setup zapier`) and, with the
     catch-hook writer, a hook URL per Supabase -> Tables table. A script must never deploy ``{}``."""
-    from shared.settings import TablesWriter
+    from shared.platform.settings import TablesWriter
 
     problems = []
     missing = [t for t in TABLES if not settings.table_ids.get(t)]
@@ -81,7 +81,7 @@ def check_settings(settings: Settings) -> None:
         problems.append(f"no table id for {', '.join(missing)}: set ZSYNC_TABLE_IDS='{{\"agent_jobs\": \"<id>\", "
                         "...}' or run `zsync setup zapier` (writes .zsync/zapier_tables.json)")
     if settings.tables_writer is TablesWriter.CATCH_HOOK:
-        from shared.spec import WEBHOOK_TABLES
+        from shared.core.spec import WEBHOOK_TABLES
 
         hooks = [t for t in WEBHOOK_TABLES if not settings.catch_hook_urls.get(t)]
         if hooks:

@@ -3,7 +3,7 @@
 Idempotent: an existing table is found by name, missing fields are added, a field whose type differs
 from the spec is reported (never changed: that could lose data). The table ids are written to
 ``TABLE_IDS_FILE`` (``.zsync/zapier_tables.json``), where ``zsync deploy``/``wire``/``doctor`` read them
-when ``ZSYNC_TABLE_IDS`` is not set. Field types come from :data:`shared.spec.ZAPIER_FIELD_TYPES`.
+when ``ZSYNC_TABLE_IDS`` is not set. Field types come from :data:`shared.core.spec.ZAPIER_FIELD_TYPES`.
 ``make up`` runs the same code against the local Tables service.
 """
 
@@ -14,8 +14,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from shared.spec import TABLES, TableSpec
-from shared.zapier_tables import TablesClient, TablesError
+from shared.adapters.zapier_tables import TablesClient, TablesError
+from shared.core.spec import TABLES, TableSpec
 
 TABLE_IDS_FILE = Path(".zsync") / "zapier_tables.json"
 

@@ -1,7 +1,7 @@
 """``zsync wire supabase``: point Supabase Database Webhooks at the deployed ``*_to_tables`` functions;
 ``zsync wire zapier``: one Zapier trigger inbox per ``*_to_supabase`` function (:func:`apply_inboxes`).
 
-Renders :func:`shared.webhook_sql.render_webhook_sql` for the three webhook tables and applies it in
+Renders :func:`infra.deploy.webhook_sql.render_webhook_sql` for the three webhook tables and applies it in
 one transaction. Idempotent: an identical re-run reports every trigger ``unchanged``.
 """
 
@@ -14,10 +14,10 @@ from typing import Any
 import psycopg
 
 from infra.deploy import DeployError
-from shared.settings import Settings
-from shared.spec import TABLES, WEBHOOK_TABLES, Direction
-from shared.trigger_inbox import InboxClient, InboxError, Subscription
-from shared.webhook_sql import render_webhook_sql, trigger_name
+from infra.deploy.webhook_sql import render_webhook_sql, trigger_name
+from shared.adapters.trigger_inbox import InboxClient, InboxError, Subscription
+from shared.core.spec import TABLES, WEBHOOK_TABLES, Direction
+from shared.platform.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def webhook_urls(function_urls: Mapping[str, str]) -> dict[str, str]:
 
 
 def render(function_urls: Mapping[str, str], settings: Settings | None = None) -> str:
-    """The wiring SQL. It holds no secret: the webhook is a wake-up (see shared.webhook_sql)."""
+    """The wiring SQL. It holds no secret: the webhook is a wake-up (see infra.deploy.webhook_sql)."""
     try:
         return render_webhook_sql(webhook_urls(function_urls))
     except ValueError as exc:
@@ -133,8 +133,8 @@ class InboxChange:
 
 
 def notification_url(function_url: str) -> str:
-    """The function URL plus the wake-up marker (see shared.handler.WAKE_PARAM)."""
-    from shared.handler import WAKE_PARAM
+    """The function URL plus the wake-up marker (see shared.edge.handler.WAKE_PARAM)."""
+    from shared.edge.handler import WAKE_PARAM
 
     return function_url + ("&" if "?" in function_url else "?") + f"{WAKE_PARAM}=inbox"
 
@@ -163,7 +163,7 @@ def choose_trigger(client: InboxClient, override: str | None) -> TriggerChoice:
 
 
 def inbox_plan(function_urls: Mapping[str, str], settings: Settings, stage: str) -> list[InboxChange]:
-    from shared.inbox_consumer import inbox_key
+    from shared.services.inbox_consumer import inbox_key
 
     plan = []
     for table in TABLES.values():

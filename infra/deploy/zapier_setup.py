@@ -1,6 +1,6 @@
 """``zsync wire zapier``: the exact Zaps to create for the deployed functions (Zapier has no API for it).
 
-Derived from :mod:`shared.spec` only: one Zap per ``*_to_supabase`` function (Zapier Tables
+Derived from :mod:`shared.core.spec` only: one Zap per ``*_to_supabase`` function (Zapier Tables
 "New or Updated Record", or "New Record" for the append-only audit_log -> Webhooks by Zapier POST to
 the function URL with the shared secret header), plus, for ``ZSYNC_TABLES_WRITER=catch_hook`` only,
 one Zap per ``*_to_tables`` function (Catch Hook -> Find or Create Record by ``id`` -> Update Record).
@@ -11,13 +11,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from shared.settings import Settings
-from shared.spec import FUNCTIONS, Direction, Field, FunctionSpec, Kind
+from shared.core.spec import FUNCTIONS, Direction, Field, FunctionSpec, Kind
+from shared.platform.settings import Settings
 
 SECRET_PLACEHOLDER = "<value of ZSYNC_WEBHOOK_SECRET>"
 RECORD_ID = "Record ID"  # the Zapier Tables trigger's own id of the record
 
-# How each typed Zapier Tables field (``zsync setup zapier`` makes them, types from shared.spec) is mapped.
+# How each typed Zapier Tables field (``zsync setup zapier`` makes them, types from shared.core.spec) is mapped.
 _HOW = {
     Kind.TEXT: "text field: map it as is",
     Kind.INT: "number field: map it as is (a whole number)",

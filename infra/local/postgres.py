@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 
 from infra.local.pgnet_sender import apply_pg_net_sql, ensure_utc_database
-from shared.migrate import MIGRATIONS_DIR, apply_migrations
+from shared.adapters.migrations import MIGRATIONS_DIR, apply_migrations
 
 
 def start_postgres(data_dir: Path) -> Any:

@@ -33,6 +33,7 @@ from typing import Any
 import psycopg
 import requests
 
+from infra.deploy.webhook_sql import render_webhook_sql
 from infra.local.pgnet_sender import PgNetSender
 from infra.local.pgnet_sender import wait_idle as pgnet_wait_idle
 from infra.local.postgres import (
@@ -44,10 +45,9 @@ from infra.local.postgres import (
     stop_postgres,
 )
 from infra.local.tables_service import TableConfig, TablesService, start_tables_service
-from shared.settings import DEFAULT_SECRET_HEADER
-from shared.spec import FUNCTIONS, TABLES, Direction
-from shared.webhook_sql import render_webhook_sql
-from shared.zapier_tables import TablesClient
+from shared.adapters.zapier_tables import TablesClient
+from shared.core.spec import FUNCTIONS, TABLES, Direction
+from shared.platform.settings import DEFAULT_SECRET_HEADER
 
 REPO = Path(__file__).resolve().parents[2]
 MAIN = REPO / "functions" / "main.py"
@@ -280,7 +280,7 @@ class LocalStack:
         """The alert check on a timer, as the functions' database role, posting to
         ZSYNC_SLACK_WEBHOOK_URL when it is set in the environment of `zsync up`."""
         from infra.monitor import MonitorTimer
-        from shared.settings import Settings
+        from shared.platform.settings import Settings
 
         settings = Settings(database_url=self.function_database_url, dlq_url=self.dlq_url,
                             aws_endpoint_url=self.aws_endpoint_url,
@@ -353,8 +353,8 @@ class LocalStack:
     def wire_inboxes(self) -> dict[str, str]:
         """`zsync wire zapier` against the local service: the same code as for a real account."""
         from infra.deploy import wire
-        from shared.settings import Settings
-        from shared.trigger_inbox import InboxClient
+        from shared.adapters.trigger_inbox import InboxClient
+        from shared.platform.settings import Settings
 
         assert self.tables is not None
         settings = Settings(table_ids=self.table_ids)
@@ -371,7 +371,7 @@ class LocalStack:
         """What the every-minute schedule does in production: wake each *_to_supabase function (signed)."""
         import requests
 
-        from shared.handler import WAKE_PARAM
+        from shared.edge.handler import WAKE_PARAM
 
         out: dict[str, Any] = {}
         for name in self.inboxes:
@@ -418,7 +418,7 @@ class LocalStack:
         """What the production schedule does (every minute): ask each two-way table's *_to_supabase
         function to apply the deletes made in Zapier Tables (a signed POST of {"zsync": "check_trash"}).
         -> function name -> its answer."""
-        from shared.tables_trash import deletes_checked
+        from shared.services.tables_trash import deletes_checked
 
         out = {}
         for spec in TABLES.values():

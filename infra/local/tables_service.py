@@ -1,7 +1,7 @@
 """Local stand-in for Zapier Tables (the API the official SDK speaks) and for the Zaps' record triggers.
 
 It serves the same paths as ``https://sdkapi.zapier.com`` (``/api/v0/sdk/tables/api/v1/...``, see
-``/work/shared/reference/zapier-tables-api.md`` and :mod:`shared.zapier_tables`) over real HTTP, plus
+``/work/shared/reference/zapier-tables-api.md`` and :mod:`shared.adapters.zapier_tables`) over real HTTP, plus
 Zapier's OAuth token endpoint (``POST /oauth/token/``, client credentials), so both our client and
 Zapier's official SDK (``@zapier/zapier-sdk``, pointed at this base URL) can use it. Anything else
 (the SDK's telemetry, ``/api/v4/tracking/event/``) gets a quiet 204. State is a SQLite file (WAL, one
@@ -1553,7 +1553,7 @@ class CliConfig:
 
 
 def load_config(path: Path) -> CliConfig:
-    from shared.settings import DEFAULT_SECRET_HEADER
+    from shared.platform.settings import DEFAULT_SECRET_HEADER
 
     raw = json.loads(path.read_text())
     if not isinstance(raw, dict) or not isinstance(raw.get("tables"), list):

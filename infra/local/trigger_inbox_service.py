@@ -61,7 +61,7 @@ DEFAULT_LEASE_LIMIT = 10
 MAX_LEASE_LIMIT = 100
 MAX_SETTLE_IDS = 100
 # Leases a message may have before it is quarantined. Zapier does not publish its number: the lowest that
-# still lets shared.inbox_consumer dead-letter a poison message itself (on its 6th lease, lease_count > 5).
+# still lets shared.services.inbox_consumer dead-letter a poison message itself (on its 6th lease, lease_count > 5).
 QUARANTINE_AFTER = 6
 
 _SCHEMA = """

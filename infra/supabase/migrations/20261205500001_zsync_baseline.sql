@@ -28,7 +28,7 @@ END
 $$;
 
 -- 1. Bookkeeping ----------------------------------------------------------------------------------
--- the zsync schema and zsync.schema_migrations: created by `zsync migrate` itself before any migration runs (shared/migrate.py)
+-- the zsync schema and zsync.schema_migrations: created by `zsync migrate` itself before any migration runs (shared/adapters/migrations.py)
 
 -- 2. The synced tables ----------------------------------------------------------------------------
 -- the four tables the sync keeps equal on both sides, their checks and row security

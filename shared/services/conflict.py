@@ -30,8 +30,8 @@ from typing import Any
 
 import psycopg
 
-from shared import supabase_db
-from shared.spec import TableSpec
+from shared.adapters import supabase_db
+from shared.core.spec import TableSpec
 
 
 class Outcome(StrEnum):

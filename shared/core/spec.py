@@ -18,7 +18,7 @@ text_array text[]                         ``multiple_string`` field (an array; c
 ========== ============================== =====================================
 
 ``ZAPIER_FIELD_TYPES`` is the one place that decides the Zapier Tables field type of each kind: setup,
-doctor, the local Tables service and value formatting (:mod:`shared.mapping`) all derive from it.
+doctor, the local Tables service and value formatting (:mod:`shared.core.mapping`) all derive from it.
 """
 
 from __future__ import annotations

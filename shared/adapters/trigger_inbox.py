@@ -8,9 +8,9 @@ section "Trigger inboxes"; the wire format follows ``@zapier/zapier-sdk`` (0.67.
 ``?key=``). This client sends the newer form and reads either.
 
 Authentication: :meth:`InboxClient.for_tables` shares the Zapier Tables client's OAuth client-credentials
-token provider (:class:`shared.zapier_tables.TokenSource`: one token per process, refreshed before expiry,
+token provider (:class:`shared.adapters.zapier_tables.TokenSource`: one token per process, refreshed before expiry,
 fetched again once after a 401); any object with ``authorization()`` returning the header value (e.g.
-:class:`BearerToken`) also works. Requests go through :class:`shared.http_client.Pool` (urllib3 directly).
+:class:`BearerToken`) also works. Requests go through :class:`shared.platform.http_client.Pool` (urllib3 directly).
 
 Retries follow the SDK: 429/500/502/503/504 are retried for GET/PUT/DELETE, only 429 for POST/PATCH
 (a lease retried after a lost answer would lease other messages; the first lease's messages come back
@@ -27,8 +27,8 @@ from urllib.parse import quote, urlsplit
 
 from urllib3.util.retry import Retry
 
-from shared.http_client import Auth, Pool, TransportError, json_of, text_of
-from shared.zapier_tables import TablesError, TokenSourceAuth
+from shared.adapters.zapier_tables import TablesError, TokenSourceAuth
+from shared.platform.http_client import Auth, Pool, TransportError, json_of, text_of
 
 if TYPE_CHECKING:
     from urllib3.response import BaseHTTPResponse
@@ -197,7 +197,8 @@ class InboxClient:
 
     @classmethod
     def for_tables(cls, tables: Any, **kwargs: Any) -> InboxClient:
-        """An inbox client on the same host and OAuth token provider as a :class:`shared.zapier_tables.TablesClient`."""
+        """An inbox client on the same host and OAuth token provider as a
+        :class:`shared.adapters.zapier_tables.TablesClient`."""
         kwargs.setdefault("timeout_s", tables.timeout_s)
         return cls(tables.base_url, TokenSourceAuth(tables.tokens), **kwargs)
 

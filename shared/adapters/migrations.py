@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psycopg
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "infra" / "supabase" / "migrations"
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "infra" / "supabase" / "migrations"
 HISTORY_DIR = MIGRATIONS_DIR.parent / "history"
 BASELINE_MARK = "-- zsync:baseline replaces"
 _NAME = re.compile(r"^(\d{14})_[a-z0-9_]+\.sql$")
@@ -165,7 +165,7 @@ def _apply_one(conn: psycopg.Connection, migrations: list[Migration], m: Migrati
 def _store_settings(conn: psycopg.Connection) -> None:
     """Copy the settings the database's own checks read into zsync.config (``ZSYNC_MAX_FUTURE_SKEW_S``: the
     one source of the skew; see migration *_zsync_future_skew.sql). A no-op before that migration."""
-    from shared.settings import get_settings
+    from shared.platform.settings import get_settings
 
     with conn.transaction():
         if conn.execute("SELECT to_regprocedure('zsync.set_max_future_skew(double precision)')").fetchone()[0]:

@@ -2,7 +2,7 @@
 
 ``serverless.yml`` gives every Lambda ``ZSYNC_SSM_PREFIX=/zsync/<stage>/`` instead of secret values.
 On a cold start :func:`load_into_environment` reads each name of
-:data:`shared.settings.SECRET_FIELDS`:
+:data:`shared.platform.settings.SECRET_FIELDS`:
 
 1. from SSM: ``GetParametersByPath(/zsync/<stage>/, WithDecryption=True)``, e.g.
    ``/zsync/prod/database_url`` (a SecureString);
@@ -21,8 +21,8 @@ import os
 import threading
 from typing import Any
 
-from shared.logs import get_logger, log_event
-from shared.settings import SECRET_FIELDS, reset_settings
+from shared.platform.logs import get_logger, log_event
+from shared.platform.settings import SECRET_FIELDS, reset_settings
 
 _lock = threading.Lock()
 _loaded: dict[str, dict[str, str]] = {}  # prefix -> {name: source}

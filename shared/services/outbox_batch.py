@@ -5,14 +5,14 @@ its table (``zsync.claim_outbox``: ``FOR UPDATE SKIP LOCKED``, so parallel invoc
 entries; a record another transaction works on is skipped with ``pg_try_advisory_xact_lock``), reads each
 record's current row once (several changes of one record coalesce into its newest version), finds the
 existing Tables records with one ``in`` query per 1,000 ids, compares versions
-(:func:`shared.conflict.compare_many`: by time here, ties in one ``zsync.version_cmp_many`` call), writes
+(:func:`shared.services.conflict.compare_many`: by time here, ties in one ``zsync.version_cmp_many`` call), writes
 with batch create/update (<= 100 records per request) under one shared time budget for 429 / Retry-After
-(:func:`shared.zapier_tables.shared_budget`), then records every outcome (one audit insert, one ack per
+(:func:`shared.adapters.zapier_tables.shared_budget`), then records every outcome (one audit insert, one ack per
 batch) in the same transaction. Records whose write did not fit in the
 budget are not acknowledged: they stay pending (claimed again, or re-sent by the sweeper), never lost and
 never written twice.
 
-Per record the outcome and audit entry are the single path's (:func:`shared.sync.apply_from_supabase`):
+Per record the outcome and audit entry are the single path's (:func:`shared.services.sync.apply_from_supabase`):
 the same conflict rule, ``edited_at`` versioning, duplicate removal, parking of unreadable Tables records,
 pushing a newer Tables version back, deletes (handed to the single path), exactly-once recording, and
 ``changed_at`` from the outbox capture time. A single pending change costs what the single path costs
@@ -32,13 +32,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 
-from shared import audit, conflict, supabase_db
-from shared.conflict import Outcome
-from shared.logs import log_event
-from shared.mapping import InvalidRecord, parse_supabase_record, to_tables_fields
-from shared.settings import TablesWriter
-from shared.spec import Direction, FunctionSpec
-from shared.sync import (
+from shared.adapters import supabase_db
+from shared.core import audit
+from shared.core.mapping import InvalidRecord, parse_supabase_record, to_tables_fields
+from shared.core.spec import Direction, FunctionSpec
+from shared.platform.logs import log_event
+from shared.platform.settings import TablesWriter
+from shared.services import conflict
+from shared.services.conflict import Outcome
+from shared.services.sync import (
     SupabaseWebhook,
     SyncContext,
     SyncResult,
@@ -57,7 +59,7 @@ from shared.sync import (
 )
 
 if TYPE_CHECKING:
-    from shared.zapier_tables import Record
+    from shared.adapters.zapier_tables import Record
 
 T = TypeVar("T")
 LOCKED_RETRIES = 20  # rounds to wait (50 ms each) for records another invocation holds before leaving them
@@ -133,7 +135,7 @@ def _plan_items(fn: FunctionSpec, owned: list[tuple[str, datetime | None, dict |
 def _patient(call: Callable[[], T], deadline: float) -> T:
     """Run a Tables call; a 429/5xx whose Retry-After still fits in the batch's shared budget is waited out
     and the call made again (the client's own attempts per call are few)."""
-    from shared.zapier_tables import TablesUnavailable
+    from shared.adapters.zapier_tables import TablesUnavailable
 
     while True:
         try:
@@ -147,7 +149,7 @@ def _patient(call: Callable[[], T], deadline: float) -> T:
 
 def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _Plan, deadline: float) -> None:
     """Decide and write every planned record (Tables calls inside the caller's shared budget)."""
-    from shared.zapier_tables import BATCH_MAX, TablesRejected, TablesUnavailable
+    from shared.adapters.zapier_tables import BATCH_MAX, TablesRejected, TablesUnavailable
 
     spec = fn.table
     items = list(plan.items.values())
@@ -296,7 +298,7 @@ def _record(conn: psycopg.Connection, fn: FunctionSpec, plan: _Plan, origin: str
 
 def _drain_once(ctx: SyncContext, fn: FunctionSpec, limit: int, exclude: list[str], origin: str,
                 budget_s: float) -> _Plan:
-    from shared.zapier_tables import shared_budget
+    from shared.adapters.zapier_tables import shared_budget
 
     spec = fn.table
     done: list[_Plan] = []
@@ -334,7 +336,7 @@ def _deliver_delete(ctx: SyncContext, fn: FunctionSpec, rid: str) -> SyncResult:
     """A delete handed to the single delete path. Zapier refusing it (a 4xx, or ``meta.errors`` in a 200) is
     counted on the record's outbox entries (parked after a few, as a refused write) and answered ``failed``;
     Tables unreachable leaves it pending. Never acknowledged as applied."""
-    from shared.zapier_tables import TablesError, TablesRejected
+    from shared.adapters.zapier_tables import TablesError, TablesRejected
 
     try:
         return _delete_from_supabase(ctx, fn, rid)

@@ -1,7 +1,7 @@
 """The dead-letter queue: deliveries a function could not apply, kept whole in SQS for ``zsync replay``.
 
 When a delivery still fails after the in-function retries (the database or Zapier Tables is
-unreachable, see :mod:`shared.handler`), the function stores it here and answers 503. The message is the
+unreachable, see :mod:`shared.edge.handler`), the function stores it here and answers 503. The message is the
 delivery itself plus what is known about the failure::
 
     {"v": 1, "key": "<sha256>", "function": "agent_jobs_to_supabase", "table": "agent_jobs",
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from shared.settings import Settings
+from shared.platform.settings import Settings
 
 FORMAT_VERSION = 1
 MAX_MESSAGE_BYTES = 256 * 1024  # SQS limit for body + attributes

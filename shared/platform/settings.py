@@ -1,7 +1,7 @@
 """Configuration for every function and tool, read from the environment (prefix ``ZSYNC_``).
 
 On AWS Lambda, secrets are not put in plain environment variables: ``serverless.yml`` gives each
-function ``ZSYNC_SSM_PREFIX`` and :mod:`shared.aws_secrets` fills the secret fields from SSM Parameter
+function ``ZSYNC_SSM_PREFIX`` and :mod:`shared.platform.aws_secrets` fills the secret fields from SSM Parameter
 Store / Secrets Manager once per cold start (see ``SECRET_FIELDS``).
 """
 

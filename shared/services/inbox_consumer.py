@@ -2,7 +2,7 @@
 
 Woken by a notification (a POST to the function URL carrying no data and no secret) or by the scheduled
 safety drain, the function leases from its own inbox with its own credentials and applies each message
-through the same code as a Zap delivery (:func:`shared.handler.process`). Per message:
+through the same code as a Zap delivery (:func:`shared.edge.handler.process`). Per message:
 
 * applied / unchanged / skipped as stale -> ack;
 * unreadable or invalid (a 400 for a Zap) -> a ``sync_failed`` audit entry, then ack (retrying would fail
@@ -30,10 +30,8 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
-from shared import dead_letter, supabase_db
-from shared.logs import log_event
-from shared.spec import FunctionSpec
-from shared.trigger_inbox import (
+from shared.adapters import dead_letter, supabase_db
+from shared.adapters.trigger_inbox import (
     BearerToken,
     InboxClient,
     InboxConflict,
@@ -45,11 +43,13 @@ from shared.trigger_inbox import (
     UnreadablePayload,
     read_payload,
 )
-from shared.zapier_tables import TablesError
+from shared.adapters.zapier_tables import TablesError
+from shared.core.spec import FunctionSpec
+from shared.platform.logs import log_event
 
 if TYPE_CHECKING:
-    from shared.settings import Settings
-    from shared.sync import SyncContext
+    from shared.platform.settings import Settings
+    from shared.services.sync import SyncContext
 
 POISON_LEASE_COUNT = 5  # a message leased this many times without an ack goes to the dead-letter queue
 LEASE_LIMIT = 100  # messages per lease: applied to Supabase as one batch
@@ -65,7 +65,7 @@ def inbox_key(stage: str, function: str) -> str:
 def client_from_settings(settings: Settings) -> InboxClient:
     """An inbox client for operator tools (wire, doctor, status): ``ZSYNC_ZAPIER_BASE_URL`` with the OAuth
     client credentials (or ``ZSYNC_TABLES_TOKEN``), through the Tables client's token provider."""
-    from shared.zapier_tables import client_from_settings as tables_client
+    from shared.adapters.zapier_tables import client_from_settings as tables_client
 
     return InboxClient.for_tables(tables_client(settings))
 
@@ -183,11 +183,11 @@ class InboxConsumer:
 
     def _apply_lease(self, messages: list[Message], report: DrainReport) -> tuple[list[str], list[str]]:
         """Apply a lease's messages -> (ids to ack, ids to release). The readable ones go to Supabase in one
-        batch (:func:`shared.sync.apply_many_from_tables`: one multi-row conditional upsert, one audit insert),
+        batch (:func:`shared.services.sync.apply_many_from_tables`: one multi-row conditional upsert, one audit insert),
         with the outcome each would get alone; a poison message goes whole to the dead-letter queue, an
         unreadable one is rejected and audited; a dependency failure releases the batch (it comes back)."""
-        from shared.handler import Rejected, _record_failure
-        from shared.sync import apply_many_from_tables
+        from shared.edge.handler import Rejected, _record_failure
+        from shared.services.sync import apply_many_from_tables
 
         ack: list[str] = []
         release: list[str] = []
@@ -242,7 +242,7 @@ class InboxConsumer:
                     ) -> tuple[list[str], list[str]]:
         """The batch failed as a whole: apply its messages one by one, so the others are applied (acked) and
         only the message that fails alone is released (after ``poison_lease_count`` leases it is dead-lettered)."""
-        from shared.sync import apply_many_from_tables
+        from shared.services.sync import apply_many_from_tables
 
         ack: list[str] = []
         release: list[str] = []

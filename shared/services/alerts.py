@@ -30,8 +30,8 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from shared.logs import get_logger, log_event
-from shared.settings import Settings
+from shared.platform.logs import get_logger, log_event
+from shared.platform.settings import Settings
 
 FAILURE_RATE_MAX = 0.05
 AVG_LAG_MAX_S = 30.0
@@ -103,7 +103,7 @@ def dead_letter_depth(settings: Settings) -> int | None:
     """Messages in the dead-letter queue (SQS approximate counts), None without a queue."""
     if not settings.dlq_url:
         return None
-    from shared.dead_letter import DeadLetterQueue
+    from shared.adapters.dead_letter import DeadLetterQueue
 
     return DeadLetterQueue(settings).approximate_depth()
 
@@ -206,8 +206,8 @@ def check_and_notify(database_url: str, slack_url: str | None, *, dead_letters: 
 
 def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     """The scheduled ``monitor`` function (EventBridge, every 5 minutes)."""
-    from shared.aws_secrets import load_into_environment
-    from shared.settings import get_settings
+    from shared.platform.aws_secrets import load_into_environment
+    from shared.platform.settings import get_settings
 
     load_into_environment()
     settings = get_settings()

@@ -33,7 +33,7 @@ revision) and maps names <-> ``f<n>``. A name the table lacks raises :class:`Tab
 
 Retries and the time budget
 ---------------------------
-Both writers send through :class:`shared.http_client.Pool` (urllib3 directly: keep-alive connections,
+Both writers send through :class:`shared.platform.http_client.Pool` (urllib3 directly: keep-alive connections,
 proxy and CA settings read once) with a urllib3 :class:`Retry`: a bounded number of
 attempts (``max_attempts``), exponential backoff with jitter (``backoff_factor``, ``backoff_max``,
 ``backoff_jitter``), retries on connect errors, read timeouts and 429/500/502/503/504 for *all* methods
@@ -73,7 +73,7 @@ from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 from urllib3.exceptions import InvalidHeader, MaxRetryError, ResponseError
 from urllib3.util.retry import Retry
 
-from shared.http_client import Pool, TransportError, json_of, text_of
+from shared.platform.http_client import Pool, TransportError, json_of, text_of
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -81,7 +81,7 @@ if TYPE_CHECKING:
     from urllib3.connectionpool import ConnectionPool
     from urllib3.response import BaseHTTPResponse
 
-    from shared.settings import Settings
+    from shared.platform.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -438,7 +438,7 @@ class TokenSource:
 
 class TokenSourceAuth:
     """``Authorization: Bearer <token>`` from a token provider with ``get()``, ``invalidate()`` and
-    ``refreshable`` (a :class:`TokenSource`): a :class:`shared.http_client.Auth` for the Tables and inbox
+    ``refreshable`` (a :class:`TokenSource`): a :class:`shared.platform.http_client.Auth` for the Tables and inbox
     clients."""
 
     def __init__(self, source: TokenSource) -> None:
@@ -854,7 +854,8 @@ class CatchHookWriter:
         self._session.close()
 
     def send(self, table_name: str, fields: Mapping[str, Scalar]) -> None:
-        """POST ``fields`` (formatted for Tables by :func:`shared.mapping.to_tables_fields`) to the table's hook."""
+        """POST ``fields`` (formatted for Tables by :func:`shared.core.mapping.to_tables_fields`) to the
+        table's hook."""
         url = self._hook_urls.get(table_name)
         if url is None:
             raise ValueError(f"no catch hook URL configured for table {table_name!r}")

@@ -20,10 +20,9 @@ import psycopg
 from pydantic import BaseModel, ConfigDict
 from pydantic import Field as PydanticField
 
-from shared import audit, conflict, supabase_db
-from shared.conflict import Outcome
-from shared.logs import log_event
-from shared.mapping import (
+from shared.adapters import supabase_db
+from shared.core import audit
+from shared.core.mapping import (
     InvalidRecord,
     check_version_skew,
     coerce_id,
@@ -32,11 +31,14 @@ from shared.mapping import (
     parse_tables_record,
     to_tables_fields,
 )
-from shared.settings import Settings, TablesWriter
-from shared.spec import FUNCTIONS, Direction, FunctionSpec, TableSpec
+from shared.core.spec import FUNCTIONS, Direction, FunctionSpec, TableSpec
+from shared.platform.logs import log_event
+from shared.platform.settings import Settings, TablesWriter
+from shared.services import conflict
+from shared.services.conflict import Outcome
 
 if TYPE_CHECKING:  # imported where used: a *_to_supabase function never loads the Tables client (cold start)
-    from shared.zapier_tables import CatchHookWriter, Record, TablesClient
+    from shared.adapters.zapier_tables import CatchHookWriter, Record, TablesClient
 
 
 class ConfigurationError(RuntimeError):
@@ -65,7 +67,7 @@ class SyncResult:
     table: str
     id: str | None = None
     detail: str | None = None
-    lag_ms: float | None = None  # delivery lag (see shared.audit.sync_entry); None when the change time is unknown
+    lag_ms: float | None = None  # delivery lag (see shared.core.audit.sync_entry); None when the change time is unknown
     problems: list[dict[str, str]] | None = None  # why rejected (batches)
 
     def __post_init__(self) -> None:
@@ -114,7 +116,7 @@ class SyncContext:
 
     @cached_property
     def tables(self) -> TablesClient:
-        from shared.zapier_tables import client_from_settings
+        from shared.adapters.zapier_tables import client_from_settings
 
         try:
             return client_from_settings(self.settings)
@@ -123,7 +125,7 @@ class SyncContext:
 
     @cached_property
     def hooks(self) -> CatchHookWriter:
-        from shared.zapier_tables import catch_hook_writer_from_settings
+        from shared.adapters.zapier_tables import catch_hook_writer_from_settings
 
         try:
             return catch_hook_writer_from_settings(self.settings)
@@ -640,7 +642,7 @@ def idless_record(ctx: SyncContext, table_id: str, record_id: str) -> Record | N
     A record created in Tables without our ``id`` reaches Supabase under its Zapier record id (the trigger
     delivers that as ``id``); the Supabase row's way back must find that same record (and write the id into
     it), not create a second one."""
-    from shared.zapier_tables import TablesNotFound
+    from shared.adapters.zapier_tables import TablesNotFound
 
     if not _ZAPIER_ID.match(record_id):
         return None

@@ -19,12 +19,12 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-from shared.spec import TABLES, WEBHOOK_TABLES
+from shared.core.spec import TABLES, WEBHOOK_TABLES
 
 DEFAULT_TIMEOUT_MS = 5000
 OLD_VAULT_SECRET_NAME = "zsync_webhook_secret"  # kept by `zsync wire supabase` before 20261205100040
 TRIGGER_FUNCTION = "zsync.webhook_request"
-WAKE_VALUE = "outbox"  # <function URL>?zsync_wake=outbox (shared.handler.WAKE_PARAM)
+WAKE_VALUE = "outbox"  # <function URL>?zsync_wake=outbox (shared.edge.handler.WAKE_PARAM)
 
 
 def trigger_name(table: str) -> str:

@@ -23,8 +23,8 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
 
-from shared.mapping import row_to_json
-from shared.spec import TableSpec
+from shared.core.mapping import row_to_json
+from shared.core.spec import TableSpec
 
 T = TypeVar("T")
 TRANSIENT = (psycopg.OperationalError, PoolTimeout)
@@ -359,7 +359,7 @@ def fetch_rows_bulk(conn: psycopg.Connection, spec: TableSpec, since: datetime |
                     chunk: int = 20_000) -> list[dict]:
     """:func:`fetch_rows` for a whole table, faster: each ``chunk`` of rows (keyset by id) comes as one JSON
     array (``json_agg``), parsed in one call instead of row by row. The same values once parsed
-    (:mod:`shared.mapping`): ``json_agg`` writes the columns as ``to_jsonb`` does, except a double precision
+    (:mod:`shared.core.mapping`): ``json_agg`` writes the columns as ``to_jsonb`` does, except a double precision
     in its own float text (same number) and keys in column order."""
     column = spec.version or "timestamp"
     where = f' AND t."{column}" >= %(since)s' if since is not None else ""

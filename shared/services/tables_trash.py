@@ -2,7 +2,7 @@
 
 Zapier Tables has no trigger for a deleted record, but it keeps deleted records in its trash with
 ``deleted_at`` (``POST .../records/query?trash=only``). :func:`check_trash` lists a table's trash and
-hands every record deleted since the last check to :func:`shared.sync.apply_tables_delete`, which deletes
+hands every record deleted since the last check to :func:`shared.services.sync.apply_tables_delete`, which deletes
 the Supabase row and keeps a tombstone (so a stale Zap / inbox delivery or reconcile never brings it
 back) - unless Supabase holds a version newer than the delete, which then wins and is pushed back.
 
@@ -40,12 +40,12 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from shared import supabase_db
-from shared.conflict import Outcome
-from shared.logs import log_event
-from shared.mapping import coerce_id, normalize_timestamp
-from shared.spec import Direction, TableSpec
-from shared.sync import SyncContext, apply_tables_delete, is_empty_id
+from shared.adapters import supabase_db
+from shared.core.mapping import coerce_id, normalize_timestamp
+from shared.core.spec import Direction, TableSpec
+from shared.platform.logs import log_event
+from shared.services.conflict import Outcome
+from shared.services.sync import SyncContext, apply_tables_delete, is_empty_id
 
 CHECK_TRASH = "check_trash"  # the body / scheduled event {"zsync": "check_trash"}
 OVERLAP = timedelta(minutes=2)
@@ -127,7 +127,7 @@ def check_trash(ctx: SyncContext, spec: TableSpec, since: datetime | None = None
         if since is not None and deleted_at < since:
             continue
         result.considered += 1
-        try:  # an empty id cell: the record went to Supabase under its Zapier id (shared.sync.tables_row)
+        try:  # an empty id cell: the record went to Supabase under its Zapier id (shared.services.sync.tables_row)
             rid = coerce_id(record.id if is_empty_id(record.data.get("id")) else record.data.get("id"), id_max)
         except ValueError as exc:
             result.unreadable += 1
@@ -180,12 +180,12 @@ def run_check(function_name: str, ctx: SyncContext | None = None) -> tuple[dict[
     import psycopg
     from psycopg_pool import PoolTimeout
 
-    from shared import supabase_db
-    from shared.handler import context_for
-    from shared.settings import get_settings
-    from shared.spec import FUNCTIONS
-    from shared.sync import ConfigurationError
-    from shared.zapier_tables import TablesError
+    from shared.adapters import supabase_db
+    from shared.adapters.zapier_tables import TablesError
+    from shared.core.spec import FUNCTIONS
+    from shared.edge.handler import context_for
+    from shared.platform.settings import get_settings
+    from shared.services.sync import ConfigurationError
 
     fn = FUNCTIONS[function_name]
     ctx = ctx or context_for(fn, get_settings())

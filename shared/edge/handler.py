@@ -1,5 +1,5 @@
 """The HTTP edge shared by the seven functions: authenticate, read and parse the body, call
-:mod:`shared.sync`, answer JSON. Every answer names the outcome; every error names what was wrong and
+:mod:`shared.services.sync`, answer JSON. Every answer names the outcome; every error names what was wrong and
 where, and never echoes a secret or a stack trace.
 
 Status codes: 200 applied / unchanged / skipped_stale / ignored / ping; 400 invalid record or payload;
@@ -28,13 +28,14 @@ import psycopg
 from psycopg_pool import PoolTimeout
 from pydantic import ValidationError
 
-from shared import audit, supabase_db
-from shared.conflict import Outcome
-from shared.logs import get_logger, log_event
-from shared.mapping import InvalidRecord
-from shared.settings import Settings, get_settings
-from shared.spec import FUNCTIONS, Direction, FunctionSpec
-from shared.sync import (
+from shared.adapters import supabase_db
+from shared.core import audit
+from shared.core.mapping import InvalidRecord
+from shared.core.spec import FUNCTIONS, Direction, FunctionSpec
+from shared.platform.logs import get_logger, log_event
+from shared.platform.settings import Settings, get_settings
+from shared.services.conflict import Outcome
+from shared.services.sync import (
     ConfigurationError,
     SupabaseWebhook,
     SyncContext,
@@ -49,8 +50,8 @@ from shared.sync import (
 # migration check (the signed ping) and the Zapier Tables client (only *_to_tables functions use it) are
 # imported where they are used.
 PING = "zsync_ping"
-WAKE_PARAM = "zsync_wake"  # notification_url = <function URL>?zsync_wake=inbox (see shared.inbox_consumer)
-OUTBOX_WAKE = "outbox"  # the Database Webhook: <*_to_tables URL>?zsync_wake=outbox (see shared.webhook_sql)
+WAKE_PARAM = "zsync_wake"  # notification_url = <function URL>?zsync_wake=inbox (see shared.services.inbox_consumer)
+OUTBOX_WAKE = "outbox"  # the Database Webhook: <*_to_tables URL>?zsync_wake=outbox (see infra.deploy.webhook_sql)
 _contexts: dict[str, SyncContext] = {}
 
 
@@ -148,7 +149,7 @@ def process(fn: FunctionSpec, ctx: SyncContext, payload: dict[str, Any],
                                      changed_at_source=source, origin=origin)
         hook = _webhook(payload)
         if ctx.settings.outbox_batches and origin == "live":
-            from shared.outbox_batch import deliver
+            from shared.services.outbox_batch import deliver
 
             return deliver(ctx, fn, hook, origin=origin)
         return apply_from_supabase(ctx, fn, hook, origin=origin)
@@ -158,12 +159,12 @@ def process(fn: FunctionSpec, ctx: SyncContext, payload: dict[str, Any],
 
 def _tables_errors() -> tuple[type[Exception], ...]:
     """The Tables client's errors, once it is loaded: a function that never loaded it cannot have raised one."""
-    tables = sys.modules.get("shared.zapier_tables")
+    tables = sys.modules.get("shared.adapters.zapier_tables")
     return (tables.TablesError,) if tables is not None else ()
 
 
 def _tables_rejected(exc: Exception) -> bool:
-    tables = sys.modules.get("shared.zapier_tables")
+    tables = sys.modules.get("shared.adapters.zapier_tables")
     return tables is not None and isinstance(exc, tables.TablesRejected)
 
 
@@ -219,7 +220,7 @@ def _dead_letter(fn: FunctionSpec, ctx: SyncContext, payload: dict[str, Any], ex
     ``sync_failed`` audit entry (skipped when the database itself is down: it was just given its whole retry
     budget) and store the delivery whole in the dead-letter queue for ``zsync replay``. A 4xx the Tables API
     answered to our own write is not dead-lettered (replaying it would fail the same way). -> stored?"""
-    from shared import dead_letter
+    from shared.adapters import dead_letter
 
     received_at = datetime.now(UTC) - timedelta(seconds=time.perf_counter() - started)
     record_id = _record_id(payload)
@@ -255,7 +256,7 @@ def _dead_letter(fn: FunctionSpec, ctx: SyncContext, payload: dict[str, Any], ex
 
 def _migrations_current(ctx: SyncContext) -> bool | None:
     """For the signed ping (``zsync doctor``): True/False, or None when the database can't be asked."""
-    from shared import migrate
+    from shared.adapters import migrations as migrate
 
     try:
         with ctx.db.transaction() as conn:
@@ -302,7 +303,7 @@ def handle(function_name: str, request: flask.Request) -> tuple[dict[str, Any], 
         if payload.get(PING) is True:
             return answer(200, "ping", migrations_current=_migrations_current(ctx))
         if payload == {"zsync": "check_trash"} and fn.direction is Direction.TO_SUPABASE:  # scheduled trash check
-            from shared.tables_trash import idle_check, run_check
+            from shared.services.tables_trash import idle_check, run_check
 
             checked, ok = run_check(fn.name, ctx)
             return answer(200 if ok else 503, checked.pop("outcome"), quiet=ok and idle_check(checked),
@@ -334,8 +335,8 @@ def _wake(fn: FunctionSpec, ctx: SyncContext, answer: Callable[..., tuple[dict[s
     """A trigger-inbox notification: a wake-up only. It needs no secret because its body is never read:
     the function leases from its own inbox with its own credentials, so a caller can only make it drain
     what is already there."""
-    from shared import inbox_consumer
-    from shared.trigger_inbox import InboxError
+    from shared.adapters.trigger_inbox import InboxError
+    from shared.services import inbox_consumer
 
     try:
         report = inbox_consumer.drain_function(fn, ctx, ctx.settings.inbox_drain_budget_s)
@@ -353,9 +354,9 @@ def _wake_outbox(fn: FunctionSpec, ctx: SyncContext, answer: Callable[..., tuple
                  ) -> tuple[dict[str, Any], int]:
     """A Database Webhook (or sweeper) wake-up of a *_to_tables function: it carries no secret, and nothing in
     it is read or trusted. The function drains its own table's outbox (the work queue Supabase's triggers fill
-    in the writer's transaction), rate-limited per instance (:func:`shared.outbox_batch.wake`); the answer holds
-    counts only."""
-    from shared.outbox_batch import wake
+    in the writer's transaction), rate-limited per instance (:func:`shared.services.outbox_batch.wake`); the
+    answer holds counts only."""
+    from shared.services.outbox_batch import wake
 
     try:
         report = wake(ctx, fn)
@@ -370,7 +371,7 @@ def _wake_outbox(fn: FunctionSpec, ctx: SyncContext, answer: Callable[..., tuple
 
 
 def make_target(function_name: str) -> Callable[[flask.Request], tuple[dict[str, Any], int]]:
-    """A functions-framework HTTP target for one of :data:`shared.spec.FUNCTIONS`."""
+    """A functions-framework HTTP target for one of :data:`shared.core.spec.FUNCTIONS`."""
     if function_name not in FUNCTIONS:
         raise KeyError(f"unknown function {function_name!r}")
 

@@ -1,9 +1,9 @@
-"""Record mapping between Zapier Tables and Supabase, driven by :mod:`shared.spec`.
+"""Record mapping between Zapier Tables and Supabase, driven by :mod:`shared.core.spec`.
 
 Three shapes of one record:
 
 * **Tables fields** - what a Zap sends / the Tables API stores, by field name, typed as
-  :data:`shared.spec.ZAPIER_FIELD_TYPES` says: JSON fields as JSON values (JSON text accepted),
+  :data:`shared.core.spec.ZAPIER_FIELD_TYPES` says: JSON fields as JSON values (JSON text accepted),
   timestamps as ISO strings, arrays as arrays (comma text accepted), numbers (numeric text accepted).
 * **Supabase record** - what a Database Webhook sends: Postgres JSON (jsonb nested, text[] arrays,
   timestamptz as ISO strings with an offset).
@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, create_model
 
-from shared.spec import TEXT_MAX_LENGTH, Field, Kind, TableSpec
+from shared.core.spec import TEXT_MAX_LENGTH, Field, Kind, TableSpec
 
 Source = Literal["tables", "supabase"]
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1

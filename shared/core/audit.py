@@ -11,9 +11,9 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from shared.conflict import Outcome
-from shared.mapping import row_to_json
-from shared.spec import Direction, FunctionSpec
+from shared.core.mapping import row_to_json
+from shared.core.spec import Direction, FunctionSpec
+from shared.services.conflict import Outcome
 
 ACTOR_TYPE = "zapier_sync"
 SKIPPED_ACTION = "sync_skipped_stale_data"
