@@ -35,9 +35,9 @@ from infra.deploy.tables_setup import ensure_tables, table_ids
 from infra.local.postgres import create_database, prepare_database, start_postgres
 from infra.local.tables_service import RATE_LIMIT, RATE_WINDOW_S, TableConfig, TablesService, start_tables_service
 from shared.adapters.zapier_tables import TablesClient
+from shared.core.outcome import Outcome
 from shared.core.spec import FUNCTIONS, TABLES
 from shared.platform.settings import Settings
-from shared.services.conflict import Outcome
 from shared.services.outbox_batch import drain_outbox
 from shared.services.sync import SupabaseWebhook, SyncContext, apply_from_supabase
 

@@ -41,9 +41,9 @@ from psycopg_pool import ConnectionPool
 from bench.databases import migrated_database
 from infra.local.postgres import start_postgres
 from shared.adapters import supabase_db
+from shared.core.outcome import Outcome
 from shared.core.spec import FUNCTIONS
 from shared.platform.settings import Settings
-from shared.services.conflict import Outcome
 from shared.services.outbox_batch import deliver
 from shared.services.sync import SupabaseWebhook, SyncContext, apply_from_tables, apply_many_from_tables
 

@@ -38,9 +38,9 @@ def build(target: str) -> LambdaHandler:
 def drain_inbox(target: str) -> dict[str, Any]:
     """The scheduled safety drain (serverless.yml ``schedule`` event): drain this function's trigger inbox."""
     from shared.core.spec import FUNCTIONS
-    from shared.edge.handler import context_for
     from shared.platform.aws_secrets import load_into_environment
     from shared.platform.settings import get_settings
+    from shared.services.deliveries import context_for
     from shared.services.inbox_consumer import drain_function
 
     load_into_environment()

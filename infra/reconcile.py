@@ -60,9 +60,9 @@ from shared.core.mapping import (
     parse_tables_record,
     to_tables_fields,
 )
+from shared.core.outcome import Outcome
 from shared.core.spec import FUNCTIONS, TABLES, Direction, Kind, TableSpec
 from shared.services import conflict
-from shared.services.conflict import Outcome
 from shared.services.sync import SyncContext, isolate, restored_row
 from shared.services.tables_trash import deletes_checked
 

@@ -1,6 +1,6 @@
 """``zsync replay``: drain the dead-letter queue through the functions' own code path.
 
-Every message is run through the functions' own code: :func:`shared.edge.handler.process` for a Supabase ->
+Every message is run through the functions' own code: :func:`shared.services.deliveries.process` for a Supabase ->
 Tables delivery, :func:`shared.services.sync.apply_many_from_tables` for the Tables -> Supabase deliveries of one
 receive round (one multi-row conditional upsert and one audit insert per function, the same outcome per
 delivery as one by one). Same parsing, conflict rule, audit and outbox acknowledgement as a live delivery,
@@ -44,11 +44,11 @@ from shared.adapters.dead_letter import (
 from shared.adapters.trigger_inbox import UnreadablePayload
 from shared.adapters.zapier_tables import TablesError, TablesRejected
 from shared.core import audit
+from shared.core.outcome import Outcome
 from shared.core.spec import FUNCTIONS, Direction
-from shared.edge.handler import Rejected, process
 from shared.platform.logs import get_logger
 from shared.platform.settings import Settings
-from shared.services.conflict import Outcome
+from shared.services.deliveries import Rejected, process
 from shared.services.inbox_consumer import INBOX_LETTER_KEYS, _field_names_of, inbox_letter_delivery
 from shared.services.sync import ConfigurationError, SyncContext, apply_many_from_tables
 

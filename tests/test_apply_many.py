@@ -17,9 +17,9 @@ import pytest
 
 from infra.local.postgres import create_database, prepare_database
 from shared.adapters import supabase_db
+from shared.core.outcome import Outcome
 from shared.core.spec import FUNCTIONS
 from shared.platform.settings import Settings
-from shared.services.conflict import Outcome
 from shared.services.sync import (
     SyncContext,
     apply_from_tables,
@@ -308,7 +308,7 @@ def test_the_syncs_audit_entries_are_appended_in_id_order(pg_server: Any) -> Non
 def test_wrapped_delivery_edited_at_versions_like_the_flat_form(pg_server: Any) -> None:
     """``{"record": {...}, "edited_at": ...}`` is the flat delivery with that ``edited_at``: a cell edit that
     did not move updated_at is versioned at edited_at on the single path (the function's) and in a batch."""
-    from shared.edge.handler import process
+    from shared.services.deliveries import process
 
     flat = {"id": "edited", "status": "flat", "updated_at": T1, "created_at": T0, "edited_at": T2}
     wrapped = {"record": {"id": "edited", "status": "wrapped", "updated_at": T1, "created_at": T0}, "edited_at": T2}

@@ -23,9 +23,9 @@ import pytest
 from infra.local.postgres import create_database, prepare_database
 from shared.adapters.migrations import apply_migrations
 from shared.core.mapping import InvalidRecord, parse_tables_record
+from shared.core.outcome import Outcome
 from shared.core.spec import FUNCTIONS, TABLES
 from shared.platform.settings import Settings, reset_settings
-from shared.services.conflict import Outcome
 from shared.services.outbox_batch import drain_outbox
 from shared.services.sync import SyncContext, apply_from_tables, apply_many_from_tables
 from tests.tables_local import LocalTables, start_local_tables

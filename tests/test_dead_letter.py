@@ -294,7 +294,7 @@ def test_replay_reads_every_dead_letter_shape_the_code_writes(env, queue_url, da
 
     ids = {name: uid(f"shape-{name}") for name in ("flat", "wrapped", "inbox", "legacy", "legacy_ids", "hook")}
     ts = "2025-12-22T10:00:00Z"
-    # 1-2. a Zap's body, flat and wrapped, while the database is down (handler._dead_letter)
+    # 1-2. a Zap's body, flat and wrapped, while the database is down (deliveries.dead_letter_delivery)
     env.setenv("ZSYNC_DATABASE_URL", DOWN_DB)
     reset_settings()
     assert post("agent_jobs_to_supabase", {"id": ids["flat"], "status": "flat", "updated_at": ts}).status_code == 503
@@ -302,7 +302,7 @@ def test_replay_reads_every_dead_letter_shape_the_code_writes(env, queue_url, da
                                            "edited_at": ts}).status_code == 503
     env.setenv("ZSYNC_DATABASE_URL", database_url)
     reset_settings()
-    # 3. a webhook while Zapier Tables is down (handler._dead_letter, *_to_tables)
+    # 3. a webhook while Zapier Tables is down (deliveries.dead_letter_delivery, *_to_tables)
     query(database_url, "INSERT INTO agent_jobs (id, status, updated_at) VALUES (%s, 'hook', %s)", (ids["hook"], ts))
     [(record,)] = query(database_url, "SELECT to_jsonb(t) FROM agent_jobs t WHERE id = %s", (ids["hook"],))
     env.setenv("ZSYNC_ZAPIER_BASE_URL", f"http://127.0.0.1:{free_port()}")

@@ -17,9 +17,10 @@ from functions_framework import create_app
 
 from infra.local.stack import FunctionProcess, free_port
 from shared.adapters import supabase_db
+from shared.core.outcome import Outcome
 from shared.core.spec import FUNCTIONS, TABLES
-from shared.edge import handler
-from shared.services.conflict import Outcome
+from shared.platform.settings import get_settings
+from shared.services import deliveries
 from shared.services.sync import SupabaseWebhook, SyncContext, apply_from_supabase
 from tests.e2e import uid
 from tests.tables_local import start_local_tables
@@ -93,11 +94,11 @@ def test_supabase_to_tables_lag_runs_from_the_outbox_capture(database_url, db, t
 
 
 def test_replays_are_reported_apart_and_never_trip_the_live_lag(env, db):
-    ctx = handler.context_for(FUNCTIONS["rate_limits_to_supabase"], handler.get_settings())
+    ctx = deliveries.context_for(FUNCTIONS["rate_limits_to_supabase"], get_settings())
     live, replayed = uid("live"), uid("replayed")
-    handler.process(FUNCTIONS["rate_limits_to_supabase"], ctx, {"id": live, "quota_limit": 1})
+    deliveries.process(FUNCTIONS["rate_limits_to_supabase"], ctx, {"id": live, "quota_limit": 1})
     an_hour_ago = datetime.now(UTC) - timedelta(minutes=50)
-    handler.process(FUNCTIONS["rate_limits_to_supabase"], ctx, {"id": replayed, "quota_limit": 1},
+    deliveries.process(FUNCTIONS["rate_limits_to_supabase"], ctx, {"id": replayed, "quota_limit": 1},
                     received_at=an_hour_ago, origin="replay")
     meta = audit_meta(db, replayed, "rate_limits_synced")
     assert meta["origin"] == "replay" and meta["lag_seconds"] > 2900  # the replay's real delay, kept

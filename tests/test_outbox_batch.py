@@ -18,8 +18,8 @@ import requests
 
 from infra.local.postgres import create_database, prepare_database
 from shared.adapters import supabase_db
+from shared.core.outcome import Outcome
 from shared.core.spec import FUNCTIONS, TABLES
-from shared.services.conflict import Outcome
 from shared.services.outbox_batch import drain_outbox
 from shared.services.sync import SupabaseWebhook, SyncContext, apply_from_supabase
 from tests.tables_local import LocalTables, start_local_tables

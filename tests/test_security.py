@@ -24,10 +24,10 @@ from infra.deploy.webhook_sql import render_webhook_sql, trigger_name
 from infra.local.pgnet_sender import PgNetSender
 from infra.local.postgres import with_user
 from shared.adapters import supabase_db
+from shared.core.outcome import Outcome
 from shared.core.spec import FUNCTIONS, TABLES, WEBHOOK_TABLES, Direction
 from shared.edge import handler
 from shared.platform.settings import DEFAULT_SECRET_HEADER, Settings, reset_settings
-from shared.services.conflict import Outcome
 from shared.services.sync import SupabaseWebhook, SyncContext, apply_from_supabase, apply_from_tables
 from tests.e2e import Supabase, Tables, eventually, uid
 from tests.receiver import recording_server

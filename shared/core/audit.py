@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from shared.core.mapping import row_to_json
+from shared.core.outcome import Outcome
 from shared.core.spec import Direction, FunctionSpec
-from shared.services.conflict import Outcome
 
 ACTOR_TYPE = "zapier_sync"
 SKIPPED_ACTION = "sync_skipped_stale_data"

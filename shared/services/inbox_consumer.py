@@ -2,7 +2,7 @@
 
 Woken by a notification (a POST to the function URL carrying no data and no secret) or by the scheduled
 safety drain, the function leases from its own inbox with its own credentials and applies each message
-through the same code as a Zap delivery (:func:`shared.edge.handler.process`). Per message:
+through the same code as a Zap delivery (:func:`shared.services.deliveries.process`). Per message:
 
 * applied / unchanged / skipped as stale -> ack;
 * unreadable or invalid (a 400 for a Zap) -> a ``sync_failed`` audit entry, then ack (retrying would fail
@@ -186,7 +186,7 @@ class InboxConsumer:
         batch (:func:`shared.services.sync.apply_many_from_tables`: one multi-row conditional upsert, one audit insert),
         with the outcome each would get alone; a poison message goes whole to the dead-letter queue, an
         unreadable one is rejected and audited; a dependency failure releases the batch (it comes back)."""
-        from shared.edge.handler import Rejected, _record_failure
+        from shared.services.deliveries import Rejected, record_failure
         from shared.services.sync import apply_many_from_tables
 
         ack: list[str] = []
@@ -201,7 +201,7 @@ class InboxConsumer:
             except UnreadablePayload as exc:
                 body = dead_letter.canonical_json(message.payload).encode("utf-8", "surrogatepass")
                 rejected = Rejected(400, exc.problems)
-                audited = _record_failure(self.fn, self.ctx, body, rejected)
+                audited = record_failure(self.fn, self.ctx, body, rejected)
                 report.counts["rejected"] += 1
                 log_event(self.ctx.logger, logging.WARNING, "inbox_message", inbox=self.inbox_id, message=message.id,
                           outcome="rejected", status=400, problems=exc.problems, audited=audited)

@@ -35,11 +35,11 @@ import psycopg
 from shared.adapters import supabase_db
 from shared.core import audit
 from shared.core.mapping import InvalidRecord, parse_supabase_record, to_tables_fields
+from shared.core.outcome import Outcome, outcome_of
 from shared.core.spec import Direction, FunctionSpec
 from shared.platform.logs import log_event
 from shared.platform.settings import TablesWriter
 from shared.services import conflict
-from shared.services.conflict import Outcome
 from shared.services.sync import (
     SupabaseWebhook,
     SyncContext,
@@ -219,11 +219,11 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
         by_id[item.id] = [existing]  # the one kept (duplicates removed)
     cmps = conflict.compare_many(conn, spec, [(item.row, current) for item, current in pairs])
     stale = [item.id for (item, _), cmp in zip(pairs, cmps, strict=True)
-             if conflict.outcome_of(cmp) is Outcome.SKIPPED_STALE]
+             if outcome_of(cmp) is Outcome.SKIPPED_STALE]
     if len(stale) > 1:  # the pushes below lock these rows: take them in id order first, as every writer does
         supabase_db.lock_rows(conn, spec, stale)
     for (item, current), cmp in zip(pairs, cmps, strict=True):
-        outcome = conflict.outcome_of(cmp)
+        outcome = outcome_of(cmp)
         if outcome is Outcome.UNCHANGED and item.id in idless:
             outcome = Outcome.APPLIED  # the same version: write it whole, which puts the id into the record
         if outcome is Outcome.APPLIED:

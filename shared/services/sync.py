@@ -31,11 +31,11 @@ from shared.core.mapping import (
     parse_tables_record,
     to_tables_fields,
 )
+from shared.core.outcome import Outcome, outcome_of
 from shared.core.spec import FUNCTIONS, Direction, FunctionSpec, TableSpec
 from shared.platform.logs import log_event
 from shared.platform.settings import Settings, TablesWriter
 from shared.services import conflict
-from shared.services.conflict import Outcome
 
 if TYPE_CHECKING:  # imported where used: a *_to_supabase function never loads the Tables client (cold start)
     from shared.adapters.zapier_tables import CatchHookWriter, Record, TablesClient
@@ -739,7 +739,7 @@ def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec
                   problems=exc.problems, resolution="parked: not overwritten (it may be newer); sync_failed written")
         return Outcome.PARKED, audit.parked_entry(fn, row["id"], exc.problems, existing.data, row, datetime.now(UTC))
     current = _tables_version(ctx, conn, spec, current, edited_at, row)
-    outcome = conflict.outcome_of(conflict.compare(conn, spec, row, current))
+    outcome = outcome_of(conflict.compare(conn, spec, row, current))
     if outcome is Outcome.UNCHANGED and idless:
         outcome = Outcome.APPLIED  # the same version: write it whole, which puts the id into the record
     if outcome is Outcome.APPLIED:

@@ -42,9 +42,9 @@ from typing import Any
 
 from shared.adapters import supabase_db
 from shared.core.mapping import coerce_id, normalize_timestamp
+from shared.core.outcome import Outcome
 from shared.core.spec import Direction, TableSpec
 from shared.platform.logs import log_event
-from shared.services.conflict import Outcome
 from shared.services.sync import SyncContext, apply_tables_delete, is_empty_id
 
 CHECK_TRASH = "check_trash"  # the body / scheduled event {"zsync": "check_trash"}
@@ -183,8 +183,8 @@ def run_check(function_name: str, ctx: SyncContext | None = None) -> tuple[dict[
     from shared.adapters import supabase_db
     from shared.adapters.zapier_tables import TablesError
     from shared.core.spec import FUNCTIONS
-    from shared.edge.handler import context_for
     from shared.platform.settings import get_settings
+    from shared.services.deliveries import context_for
     from shared.services.sync import ConfigurationError
 
     fn = FUNCTIONS[function_name]
