@@ -39,7 +39,8 @@ from shared.core.outcome import Outcome
 from shared.core.spec import FUNCTIONS, TABLES
 from shared.platform.settings import Settings
 from shared.services.outbox_batch import drain_outbox
-from shared.services.sync import SupabaseWebhook, SyncContext, apply_from_supabase
+from shared.services.sync import SupabaseWebhook, SyncContext
+from shared.services.to_tables import apply_from_supabase
 
 CLIENT_ID, CLIENT_SECRET = "zsync-bench", "bench-secret"
 FN = FUNCTIONS["agent_jobs_to_tables"]

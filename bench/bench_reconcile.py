@@ -52,7 +52,8 @@ from shared.adapters.supabase_db import close_pools
 from shared.adapters.zapier_tables import TablesClient
 from shared.core.spec import FUNCTIONS, TABLES
 from shared.platform.settings import Settings
-from shared.services.sync import SyncContext, apply_from_tables, apply_many_from_tables
+from shared.services.from_tables import apply_from_tables, apply_many_from_tables
+from shared.services.sync import SyncContext
 
 CLIENT_ID, CLIENT_SECRET = "zsync-bench", "bench-secret"
 TS = "2025-12-22T10:00:00Z"

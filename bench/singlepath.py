@@ -44,8 +44,9 @@ from shared.adapters import supabase_db
 from shared.core.outcome import Outcome
 from shared.core.spec import FUNCTIONS
 from shared.platform.settings import Settings
+from shared.services.from_tables import apply_from_tables, apply_many_from_tables
 from shared.services.outbox_batch import deliver
-from shared.services.sync import SupabaseWebhook, SyncContext, apply_from_tables, apply_many_from_tables
+from shared.services.sync import SupabaseWebhook, SyncContext
 
 TO_SUPABASE = FUNCTIONS["agent_jobs_to_supabase"]
 TO_TABLES = FUNCTIONS["agent_jobs_to_tables"]

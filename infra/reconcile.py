@@ -63,7 +63,8 @@ from shared.core.mapping import (
 from shared.core.outcome import Outcome
 from shared.core.spec import FUNCTIONS, TABLES, Direction, Kind, TableSpec
 from shared.services import conflict
-from shared.services.sync import SyncContext, isolate, restored_row
+from shared.services.deletes import restored_row
+from shared.services.sync import SyncContext, isolate
 from shared.services.tables_trash import deletes_checked
 
 PAGE_SIZE = 1000  # the query endpoint's maximum page

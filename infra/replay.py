@@ -49,8 +49,9 @@ from shared.core.spec import FUNCTIONS, Direction
 from shared.platform.logs import get_logger
 from shared.platform.settings import Settings
 from shared.services.deliveries import Rejected, process
+from shared.services.from_tables import apply_many_from_tables
 from shared.services.inbox_consumer import INBOX_LETTER_KEYS, _field_names_of, inbox_letter_delivery
-from shared.services.sync import ConfigurationError, SyncContext, apply_many_from_tables
+from shared.services.sync import ConfigurationError, SyncContext
 
 COLUMNS = ("applied", "unchanged", "skipped_stale", "ignored", "duplicates", "rejected", "left")
 

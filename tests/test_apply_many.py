@@ -20,13 +20,8 @@ from shared.adapters import supabase_db
 from shared.core.outcome import Outcome
 from shared.core.spec import FUNCTIONS
 from shared.platform.settings import Settings
-from shared.services.sync import (
-    SyncContext,
-    apply_from_tables,
-    apply_many_from_tables,
-    change_time,
-    unwrap_tables_payload,
-)
+from shared.services.from_tables import apply_from_tables, apply_many_from_tables
+from shared.services.sync import SyncContext, change_time, unwrap_tables_payload
 
 FN = FUNCTIONS["agent_jobs_to_supabase"]
 AUDIT_FN = FUNCTIONS["audit_log_to_supabase"]

@@ -26,8 +26,9 @@ from shared.core.mapping import InvalidRecord, parse_tables_record
 from shared.core.outcome import Outcome
 from shared.core.spec import FUNCTIONS, TABLES
 from shared.platform.settings import Settings, reset_settings
+from shared.services.from_tables import apply_from_tables, apply_many_from_tables
 from shared.services.outbox_batch import drain_outbox
-from shared.services.sync import SyncContext, apply_from_tables, apply_many_from_tables
+from shared.services.sync import SyncContext
 from tests.tables_local import LocalTables, start_local_tables
 
 JOBS = TABLES["agent_jobs"]

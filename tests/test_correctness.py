@@ -254,7 +254,7 @@ def test_4_a_later_reinsert_wins_over_the_tombstone(stack, tables, supabase):
 
 
 def test_4_apply_tables_delete_entry_point(stack, tables, supabase):
-    from shared.services.sync import apply_tables_delete
+    from shared.services.deletes import apply_tables_delete
 
     rid, newer = uid("tdel"), uid("tdel-newer")
     for i in (rid, newer):
@@ -405,7 +405,8 @@ def test_6_migrations_hold_no_session_lock_and_run_once_concurrently(pg_server):
 
 def test_7_commit_failing_after_the_tables_write_still_records_the_outcome_once(stack, tables, supabase):
     from shared.core.spec import FUNCTIONS
-    from shared.services.sync import SupabaseWebhook, apply_from_supabase
+    from shared.services.sync import SupabaseWebhook
+    from shared.services.to_tables import apply_from_supabase
 
     rid = uid("commitfail")
     # The first commit of a transaction that audits this record fails (serialization failure, retryable).

@@ -16,8 +16,9 @@ from infra.reconcile import reconcile
 from shared.core.mapping import parse_supabase_record, to_tables_fields
 from shared.core.spec import FUNCTIONS, TABLES
 from shared.services import tables_trash
-from shared.services.sync import SupabaseWebhook, apply_from_supabase
+from shared.services.sync import SupabaseWebhook
 from shared.services.tables_trash import check_trash
+from shared.services.to_tables import apply_from_supabase
 from tests.e2e import Supabase, Tables, eventually, uid
 from tests.test_correctness import post, stack_context
 from tests.test_tables_deletes import delete_in_tables, synced_job, tombstone

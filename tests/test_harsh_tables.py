@@ -138,7 +138,8 @@ def test_single_path_writes_the_id_into_the_record_that_lacked_it(stack, tables,
     from shared.adapters.trigger_inbox import InboxClient
     from shared.core.spec import FUNCTIONS
     from shared.platform.settings import Settings
-    from shared.services.sync import SupabaseWebhook, SyncContext, apply_from_supabase
+    from shared.services.sync import SupabaseWebhook, SyncContext
+    from shared.services.to_tables import apply_from_supabase
 
     marker = uid("no-id-one")
     client = InboxClient.for_tables(stack.tables_client())

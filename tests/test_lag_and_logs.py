@@ -21,7 +21,8 @@ from shared.core.outcome import Outcome
 from shared.core.spec import FUNCTIONS, TABLES
 from shared.platform.settings import get_settings
 from shared.services import deliveries
-from shared.services.sync import SupabaseWebhook, SyncContext, apply_from_supabase
+from shared.services.sync import SupabaseWebhook, SyncContext
+from shared.services.to_tables import apply_from_supabase
 from tests.e2e import uid
 from tests.tables_local import start_local_tables
 

@@ -21,7 +21,8 @@ from shared.adapters import supabase_db
 from shared.core.outcome import Outcome
 from shared.core.spec import FUNCTIONS, TABLES
 from shared.services.outbox_batch import drain_outbox
-from shared.services.sync import SupabaseWebhook, SyncContext, apply_from_supabase
+from shared.services.sync import SupabaseWebhook, SyncContext
+from shared.services.to_tables import apply_from_supabase
 from tests.tables_local import LocalTables, start_local_tables
 
 FN = FUNCTIONS["agent_jobs_to_tables"]

@@ -28,7 +28,9 @@ from shared.core.outcome import Outcome
 from shared.core.spec import FUNCTIONS, TABLES, WEBHOOK_TABLES, Direction
 from shared.edge import handler
 from shared.platform.settings import DEFAULT_SECRET_HEADER, Settings, reset_settings
-from shared.services.sync import SupabaseWebhook, SyncContext, apply_from_supabase, apply_from_tables
+from shared.services.from_tables import apply_from_tables
+from shared.services.sync import SupabaseWebhook, SyncContext
+from shared.services.to_tables import apply_from_supabase
 from tests.e2e import Supabase, Tables, eventually, uid
 from tests.receiver import recording_server
 from tests.test_bad_input import snapshot, unchanged_apart_from_audit

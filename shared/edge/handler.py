@@ -39,10 +39,7 @@ from shared.services.deliveries import (
     tables_errors,
     tables_rejected,
 )
-from shared.services.sync import (
-    ConfigurationError,
-    SyncContext,
-)
+from shared.services.sync import ConfigurationError, SyncContext
 
 # Cold start: only what a delivery needs is imported with this module. The dead-letter queue (errors), the
 # migration check (the signed ping) and the Zapier Tables client (only *_to_tables functions use it) are

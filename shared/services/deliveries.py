@@ -22,16 +22,16 @@ from shared.core.mapping import InvalidRecord
 from shared.core.spec import Direction, FunctionSpec
 from shared.platform.logs import get_logger, log_event
 from shared.platform.settings import Settings
+from shared.services.from_tables import apply_from_tables
 from shared.services.sync import (
     ConfigurationError,
     SupabaseWebhook,
     SyncContext,
     SyncResult,
-    apply_from_supabase,
-    apply_from_tables,
     change_time,
     unwrap_tables_payload,
 )
+from shared.services.to_tables import apply_from_supabase
 
 _contexts: dict[str, SyncContext] = {}
 

@@ -187,7 +187,7 @@ class InboxConsumer:
         with the outcome each would get alone; a poison message goes whole to the dead-letter queue, an
         unreadable one is rejected and audited; a dependency failure releases the batch (it comes back)."""
         from shared.services.deliveries import Rejected, record_failure
-        from shared.services.sync import apply_many_from_tables
+        from shared.services.from_tables import apply_many_from_tables
 
         ack: list[str] = []
         release: list[str] = []
@@ -242,7 +242,7 @@ class InboxConsumer:
                     ) -> tuple[list[str], list[str]]:
         """The batch failed as a whole: apply its messages one by one, so the others are applied (acked) and
         only the message that fails alone is released (after ``poison_lease_count`` leases it is dead-lettered)."""
-        from shared.services.sync import apply_many_from_tables
+        from shared.services.from_tables import apply_many_from_tables
 
         ack: list[str] = []
         release: list[str] = []

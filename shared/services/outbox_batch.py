@@ -40,23 +40,20 @@ from shared.core.spec import Direction, FunctionSpec
 from shared.platform.logs import log_event
 from shared.platform.settings import TablesWriter
 from shared.services import conflict
+from shared.services.deletes import _delete_from_supabase, delete_won, later_tables_delete
 from shared.services.sync import (
     SupabaseWebhook,
     SyncContext,
     SyncResult,
-    _delete_from_supabase,
     _lag_ms,
     _remove_duplicates,
     _tables_edited_at,
-    _tables_version,
     _unreadable_is_older,
-    apply_from_supabase,
-    delete_won,
     idless_record,
-    later_tables_delete,
     push_back,
     tables_version_row,
 )
+from shared.services.to_tables import _tables_version, apply_from_supabase
 
 if TYPE_CHECKING:
     from shared.adapters.zapier_tables import Record

@@ -45,7 +45,8 @@ from shared.core.mapping import coerce_id, normalize_timestamp
 from shared.core.outcome import Outcome
 from shared.core.spec import Direction, TableSpec
 from shared.platform.logs import log_event
-from shared.services.sync import SyncContext, apply_tables_delete, is_empty_id
+from shared.services.deletes import apply_tables_delete
+from shared.services.sync import SyncContext, is_empty_id
 
 CHECK_TRASH = "check_trash"  # the body / scheduled event {"zsync": "check_trash"}
 OVERLAP = timedelta(minutes=2)

@@ -1,0 +1,207 @@
+"""Zapier Tables -> Supabase (Zaps 3A, 3C, 3E, 3F): a record a Zap or a trigger inbox delivered, one at a time
+(:func:`apply_from_tables`) or many of one table at once (:func:`apply_many_from_tables`: inbox leases, replay
+rounds, reconcile), applied under the version rule in one transaction with its audit entries; a record the
+database refuses is isolated and parked (:func:`shared.services.sync.isolate`), never holding back the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from shared.adapters import supabase_db
+from shared.core import audit
+from shared.core.mapping import (
+    InvalidRecord,
+    check_version_skew,
+    parse_supabase_record,
+    parse_tables_record,
+)
+from shared.core.outcome import Outcome
+from shared.core.spec import Direction, FunctionSpec
+from shared.services.sync import (
+    EDITED_AT,
+    RECORD_ERRORS,
+    SyncContext,
+    SyncResult,
+    _body,
+    _edited_at,
+    _lag_ms,
+    change_time,
+    db_problems,
+    isolate,
+    unwrap_tables_payload,
+)
+
+if TYPE_CHECKING:  # imported where used: a *_to_supabase function never loads the Tables client (cold start)
+    pass
+
+
+def _check_edited_at(edited_at: datetime | None, now: datetime, max_skew_s: float) -> None:
+    """Zapier's ``edited_at`` can become the version (a cell edit): the same future rule as ``updated_at``."""
+    if edited_at is not None and (ahead := (edited_at - now).total_seconds()) > max_skew_s:
+        raise InvalidRecord([{"field": EDITED_AT, "problem": f"{edited_at.isoformat()} is {ahead:.0f} s ahead of the "
+                              f"clock; at most {max_skew_s:g} s allowed (ZSYNC_MAX_FUTURE_SKEW_S)"}])
+
+
+def version_time(record: Any, received_at: datetime) -> datetime:
+    """The time a Tables record without ``updated_at`` is versioned at: Zapier's ``edited_at`` (the time of
+    its last change, the same for every redelivery of that change) when readable, else its arrival. Zapier
+    stores only the fields a writer sends, so a record created without ``updated_at`` has none. (Not an
+    object: the arrival; the parser then rejects it.)"""
+    if not isinstance(record, Mapping):
+        return received_at
+    return _edited_at(record.get(EDITED_AT)) or received_at
+
+
+def apply_from_tables(ctx: SyncContext, fn: FunctionSpec, record: Mapping[str, Any],
+                      received_at: datetime | None = None, *, changed_at: datetime | None = None,
+                      changed_at_source: str = "received", origin: str = "live") -> SyncResult:
+    """Parse a Tables record and apply it to Supabase under the conflict rule. Raises InvalidRecord.
+
+    A delivery may carry Zapier's ``edited_at`` next to the fields: an edit that did not advance
+    ``updated_at`` (a person editing a cell) is then versioned at that time (see zsync.sync_apply).
+    ``changed_at``: when the change happened (:func:`change_time`); defaults to the arrival time."""
+    spec = fn.table
+    now = received_at or datetime.now(UTC)
+    changed = changed_at or now
+    row = parse_tables_record(spec, record, received_at=version_time(record, now))
+    check_version_skew(spec, row, datetime.now(UTC), ctx.settings.max_future_skew_s)
+    edited_at = _edited_at(record.get("edited_at")) if spec.version else None
+    _check_edited_at(edited_at, datetime.now(UTC), ctx.settings.max_future_skew_s)
+
+    def work(conn: psycopg.Connection) -> Outcome:
+        if spec.append_only:
+            return Outcome.APPLIED if supabase_db.append_audit(conn, row) else Outcome.UNCHANGED
+        outcome, stored, applied = supabase_db.sync_apply(conn, spec, row, edited_at)
+        result = Outcome(outcome)
+        version = parse_supabase_record(spec, applied) if applied else row
+        if result in (Outcome.APPLIED, Outcome.SKIPPED_STALE):
+            supabase_db.append_audit(conn, audit.sync_entry(fn, version, result, datetime.now(UTC), stored,
+                                                            changed_at=changed, changed_at_source=changed_at_source,
+                                                            origin=origin))
+        if result is Outcome.SKIPPED_STALE and Direction.TO_TABLES in spec.directions:
+            # Tables sent an older version than Supabase holds: push Supabase's back so Tables converges
+            # even if the webhook for the newer version was lost.
+            supabase_db.announce(conn, spec, row["id"])
+        if result is Outcome.DELETED and Direction.TO_TABLES in spec.directions:
+            # A copy of a record deleted in Supabase is still in Tables: send the delete again.
+            supabase_db.announce(conn, spec, row["id"], "DELETE")
+        return result
+
+    try:
+        outcome = ctx.db.run(work)
+    except RECORD_ERRORS as exc:  # a value the database refuses that the parser let through: this record's fault
+        raise InvalidRecord(db_problems(exc, row)) from None
+    return SyncResult(outcome=outcome, function=fn.name, table=spec.name, id=row["id"],
+                      lag_ms=_lag_ms(changed, datetime.now(UTC)))
+
+
+@dataclass
+class _Delivery:
+    """One parsed delivery of a batch (:func:`apply_many_from_tables`)."""
+
+    index: int
+    payload: Any
+    row: dict[str, Any]
+    edited_at: datetime | None
+    changed: datetime
+    source: str
+
+
+def apply_many_from_tables(ctx: SyncContext, fn: FunctionSpec, records: Sequence[Mapping[str, Any]], *,
+                           received_at: datetime | Sequence[datetime | None] | None = None, origin: str = "live",
+                           changed_at: Sequence[tuple[datetime, str] | None] | None = None) -> list[SyncResult]:
+    """:func:`apply_from_tables` for many deliveries of one table in one transaction: one multi-row
+    conditional upsert (zsync.sync_apply_many), one audit insert, one push-back statement per batch.
+
+    ``records``: the deliveries as a Zap sends them (flat, or ``{"record": ..., "edited_at": ...}``).
+    ``received_at``: one arrival time for all, or one per delivery. ``changed_at``: per delivery
+    ``(time, source)`` (default :func:`change_time` of the delivery). -> one result per delivery, in order,
+    with the outcome, audit entry and side effects the one-record path gives it (duplicates of one id: the
+    newest version is applied, the others are then compared as later deliveries).
+
+    One bad record never holds back or discards another: an invalid delivery (the parser mirrors every CHECK;
+    a version too far ahead of the clock) gets a ``rejected`` result (its problems) and a ``sync_failed`` entry
+    holding the delivery itself; a value the database still refuses is found by splitting the batch in
+    savepoints (:func:`isolate`) and rejected the same way; the others are applied."""
+    spec = fn.table
+    now = datetime.now(UTC)
+    arrivals = list(received_at) if isinstance(received_at, Sequence) else [received_at] * len(records)
+    if len(arrivals) != len(records) or (changed_at is not None and len(changed_at) != len(records)):
+        raise ValueError("received_at / changed_at must give one value per record")
+    results: list[SyncResult | None] = [None] * len(records)
+    parsed: list[_Delivery] = []
+    failed: list[dict[str, Any]] = []
+
+    def refuse(i: int, payload: Any, record: Any, problems: list[dict[str, str]]) -> dict[str, Any]:
+        record_id = _payload_id(record)
+        results[i] = SyncResult(outcome=Outcome.REJECTED, function=fn.name, table=spec.name, id=record_id,
+                                detail="; ".join(f"{p['field']}: {p['problem']}" for p in problems)[:500],
+                                problems=problems)
+        return audit.failed_entry(fn, _body(payload), problems, now, record_id, 400, keep_body=True)
+
+    for i, payload in enumerate(records):
+        arrived = arrivals[i] or now
+        changed, source = (changed_at[i] if changed_at is not None and changed_at[i] is not None
+                           else change_time(payload, arrived))
+        record = unwrap_tables_payload(payload)
+        try:
+            if not isinstance(record, Mapping):
+                raise InvalidRecord([{"field": "record", "problem": "expected a JSON object"}])
+            row = parse_tables_record(spec, record, received_at=version_time(record, arrived))
+            check_version_skew(spec, row, now, ctx.settings.max_future_skew_s)
+            edited_at = _edited_at(record.get("edited_at")) if spec.version else None
+            _check_edited_at(edited_at, now, ctx.settings.max_future_skew_s)
+        except InvalidRecord as exc:
+            failed.append(refuse(i, payload, record, exc.problems))
+            continue
+        parsed.append(_Delivery(i, payload, row, edited_at, changed, source))
+
+    def apply(conn: psycopg.Connection, items: list[_Delivery]) -> list[Any]:
+        if spec.append_only:
+            return supabase_db.append_audit_each(conn, [d.row for d in items])
+        return supabase_db.sync_apply_many(conn, spec, [(d.row, d.edited_at) for d in items])
+
+    def work(conn: psycopg.Connection) -> dict[int, Outcome]:
+        entries: list[dict[str, Any]] = list(failed)
+        done, refused = isolate(conn, parsed, apply, lambda d: d.row)
+        outcomes: dict[int, Outcome] = {}
+        for d, problems in refused:
+            entries.append(refuse(d.index, d.payload, unwrap_tables_payload(d.payload), problems))
+        pushes: list[tuple[str, str]] = []
+        for d, found in done:
+            if spec.append_only:
+                outcomes[d.index] = Outcome.APPLIED if found else Outcome.UNCHANGED
+                continue
+            outcome, stored, applied = found
+            result = outcomes[d.index] = Outcome(outcome)
+            if result in (Outcome.APPLIED, Outcome.SKIPPED_STALE):
+                version = parse_supabase_record(spec, applied) if applied else d.row
+                entries.append(audit.sync_entry(fn, version, result, datetime.now(UTC), stored, changed_at=d.changed,
+                                                changed_at_source=d.source, origin=origin))
+            if Direction.TO_TABLES in spec.directions:
+                if result is Outcome.SKIPPED_STALE:
+                    pushes.append((d.row["id"], "UPDATE"))
+                elif result is Outcome.DELETED:
+                    pushes.append((d.row["id"], "DELETE"))
+        supabase_db.append_audit_many(conn, entries)
+        supabase_db.announce_many(conn, spec, pushes)
+        return outcomes
+
+    if parsed or failed:
+        outcomes = ctx.db.run(work)
+        for d in parsed:
+            if d.index in outcomes:
+                results[d.index] = SyncResult(outcome=outcomes[d.index], function=fn.name, table=spec.name,
+                                              id=d.row["id"], lag_ms=_lag_ms(d.changed, datetime.now(UTC)))
+    return [r for r in results if r is not None]
+
+
+def _payload_id(record: Any) -> str | None:
+    rid = record.get("id") if isinstance(record, Mapping) else None
+    return rid if isinstance(rid, str) and 0 < len(rid) <= 200 else None

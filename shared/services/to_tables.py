@@ -1,0 +1,145 @@
+"""Supabase -> Zapier Tables (Zaps 3B, 3D, 3G) for one record: find its Tables copy, compare versions, write
+when newer, record the outcome once (the outbox batch, :mod:`shared.services.outbox_batch`, does the same for
+many records at once).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from shared.adapters import supabase_db
+from shared.core import audit
+from shared.core.mapping import (
+    InvalidRecord,
+    parse_supabase_record,
+    to_tables_fields,
+)
+from shared.core.outcome import Outcome, outcome_of
+from shared.core.spec import FunctionSpec, TableSpec
+from shared.platform.logs import log_event
+from shared.platform.settings import TablesWriter
+from shared.services import conflict
+from shared.services.deletes import _delete_from_supabase, _deleted_id, delete_won, later_tables_delete
+from shared.services.sync import (
+    SupabaseWebhook,
+    SyncContext,
+    SyncResult,
+    _lag_ms,
+    _remove_duplicates,
+    _run_recorded,
+    _tables_edited_at,
+    _unreadable_is_older,
+    idless_record,
+    push_back,
+    tables_version_row,
+)
+
+if TYPE_CHECKING:  # imported where used: a *_to_supabase function never loads the Tables client (cold start)
+    pass
+
+
+def apply_from_supabase(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhook, *,
+                        origin: str = "live") -> SyncResult:
+    """Apply a Database Webhook's record to Zapier Tables if newer. Raises InvalidRecord.
+
+    Lag is measured from the change's capture in the outbox (the Supabase transaction)."""
+    spec = fn.table
+    if hook.table != spec.name or hook.schema_ != "public":
+        raise InvalidRecord([{
+            "field": "table",
+            "problem": f"payload is for {hook.schema_}.{hook.table}; this function syncs public.{spec.name}",
+        }])
+    if hook.type == "DELETE":
+        return _delete_from_supabase(ctx, fn, _deleted_id(spec, hook))
+    if hook.record is None:
+        raise InvalidRecord([{"field": "record", "problem": f"{hook.type} payload has no record"}])
+    row = parse_supabase_record(spec, hook.record)
+    fields = to_tables_fields(spec, row)
+    captured: list[datetime | None] = [None]
+
+    def work(conn: psycopg.Connection) -> tuple[Outcome, Any]:
+        captured[0] = supabase_db.outbox_capture_time(conn, spec, row["id"], row.get(spec.version or ""))
+        if ctx.settings.tables_writer is TablesWriter.CATCH_HOOK:
+            ctx.hooks.send(spec.name, fields)
+            return Outcome.APPLIED, None
+        return _write_if_newer(ctx, conn, fn, row, fields)
+
+    def record(conn: psycopg.Connection, outcome: Outcome, parked: Any) -> None:
+        if outcome in (Outcome.APPLIED, Outcome.SKIPPED_STALE):
+            supabase_db.append_audit(conn, audit.sync_entry(fn, row, outcome, datetime.now(UTC),
+                                                            changed_at=captured[0], changed_at_source="outbox",
+                                                            origin=origin))
+        if parked is not None:
+            supabase_db.append_audit(conn, parked)
+        supabase_db.ack_outbox(conn, spec, row["id"], row.get(spec.version or ""), outcome.value)
+
+    outcome = _run_recorded(ctx, lambda conn: supabase_db.lock_record(conn, spec, row["id"]), work, record)
+    return SyncResult(outcome=outcome, function=fn.name, table=spec.name, id=row["id"],
+                      lag_ms=_lag_ms(captured[0], datetime.now(UTC)))
+
+
+def _tables_version(ctx: SyncContext, conn: psycopg.Connection, spec: TableSpec, current: dict[str, Any],
+                    edited_at: datetime | None, incoming: Mapping[str, Any]) -> dict[str, Any]:
+    """The Tables record's version: its ``updated_at``, or Zapier's ``edited_at`` when it was edited after
+    the version it shares with ``incoming`` without advancing ``updated_at`` (same rule as zsync.sync_apply)."""
+    version = spec.version or ""
+    ours, theirs = current.get(version), incoming.get(version)
+    if edited_at is None or ours is None or theirs is None:
+        return current
+    ms = timedelta(milliseconds=1)
+    same_base = ours.replace(microsecond=ours.microsecond // 1000 * 1000) == \
+        theirs.replace(microsecond=theirs.microsecond // 1000 * 1000)
+    if same_base and edited_at - ours >= ms and supabase_db.version_cmp(conn, spec, current, incoming) != 0:
+        return dict(current, **{version: max(edited_at, theirs + ms)})
+    return current
+
+
+def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, row: Mapping[str, Any],
+                    fields: dict[str, Any]) -> tuple[Outcome, dict[str, Any] | None]:
+    """-> (outcome, a ``sync_failed`` entry to record when the Tables record was parked)."""
+    spec = fn.table
+    table_id = ctx.table_id(spec)
+    # One lookup, the trash included: a record deleted in Tables is not re-created by an older version.
+    found = ctx.tables.find_many(table_id, "id", [row["id"]], trash="include")
+    live = [r for r in found if not r.deleted_at]
+    existing = (live[0] if len(live) == 1 else _remove_duplicates(ctx, conn, spec, table_id, row["id"])) \
+        if live else None
+    idless = False
+    if existing is None:
+        existing = idless_record(ctx, table_id, row["id"])
+        idless = existing is not None
+    if existing is None:
+        trashed = [r for r in found if r.deleted_at]
+        deleted_at = later_tables_delete(conn, spec, row.get(spec.version or ""), trashed)
+        if deleted_at is not None:  # deleted in Tables after this version: not re-created there
+            return delete_won(conn, spec, row["id"], deleted_at), None
+        ctx.tables.create(table_id, fields)
+        return Outcome.APPLIED, None
+    edited_at = _tables_edited_at(existing)
+    try:
+        current: dict[str, Any] | None = tables_version_row(ctx, spec, existing)
+    except InvalidRecord as exc:
+        if _unreadable_is_older(spec, existing, edited_at, row):
+            log_event(ctx.logger, logging.WARNING, "tables_record_unreadable", record_id=row["id"],
+                      problems=exc.problems, resolution="overwritten with the newer Supabase version")
+            ctx.tables.update(table_id, existing.id, fields)
+            return Outcome.APPLIED, None
+        log_event(ctx.logger, logging.ERROR, "tables_record_unreadable", record_id=row["id"],
+                  problems=exc.problems, resolution="parked: not overwritten (it may be newer); sync_failed written")
+        return Outcome.PARKED, audit.parked_entry(fn, row["id"], exc.problems, existing.data, row, datetime.now(UTC))
+    current = _tables_version(ctx, conn, spec, current, edited_at, row)
+    outcome = outcome_of(conflict.compare(conn, spec, row, current))
+    if outcome is Outcome.UNCHANGED and idless:
+        outcome = Outcome.APPLIED  # the same version: write it whole, which puts the id into the record
+    if outcome is Outcome.APPLIED:
+        ctx.tables.update(table_id, existing.id, fields)
+    elif outcome is Outcome.SKIPPED_STALE and current is not None:
+        # Tables holds a newer version than this webhook carried: make sure Supabase has it too (its own
+        # Zap delivery may have been lost). Conditional, so a no-op when Supabase is already current.
+        push_back(ctx, conn, spec, current)
+    return outcome, None
