@@ -1,7 +1,7 @@
 """The database cost of ONE delivery in each direction, before and after the single-record SQL of
 migrations 2026112981xxxx, in the same run against embedded Postgres (no network, no Zapier).
 
-* tables->supabase: :func:`shared.services.sync.apply_from_tables` of one Zap delivery, three kinds: a new record
+* tables->supabase: :func:`shared.services.from_tables.apply_from_tables` of one Zap delivery, three kinds: a new record
   (insert), a newer version (update) and the echo of the sync's own write (unchanged: every
   Supabase -> Tables write comes back this way).
 * supabase->tables: what a *_to_tables webhook costs in the database: :func:`shared.services.outbox_batch.deliver`

@@ -1,7 +1,7 @@
 """``zsync replay``: drain the dead-letter queue through the functions' own code path.
 
 Every message is run through the functions' own code: :func:`shared.services.deliveries.process` for a Supabase ->
-Tables delivery, :func:`shared.services.sync.apply_many_from_tables` for the Tables -> Supabase deliveries of one
+Tables delivery, :func:`shared.services.from_tables.apply_many_from_tables` for the Tables -> Supabase deliveries of one
 receive round (one multi-row conditional upsert and one audit insert per function, the same outcome per
 delivery as one by one). Same parsing, conflict rule, audit and outbox acknowledgement as a live delivery,
 so replay is idempotent: replaying a delivery that was since

@@ -12,7 +12,7 @@ batch) in the same transaction. Records whose write did not fit in the
 budget are not acknowledged: they stay pending (claimed again, or re-sent by the sweeper), never lost and
 never written twice.
 
-Per record the outcome and audit entry are the single path's (:func:`shared.services.sync.apply_from_supabase`):
+Per record the outcome and audit entry are the single path's (:func:`shared.services.to_tables.apply_from_supabase`):
 the same conflict rule, ``edited_at`` versioning, duplicate removal, parking of unreadable Tables records,
 pushing a newer Tables version back, deletes (handed to the single path), exactly-once recording, and
 ``changed_at`` from the outbox capture time. A single pending change costs what the single path costs

@@ -2,7 +2,7 @@
 
 Zapier Tables has no trigger for a deleted record, but it keeps deleted records in its trash with
 ``deleted_at`` (``POST .../records/query?trash=only``). :func:`check_trash` lists a table's trash and
-hands every record deleted since the last check to :func:`shared.services.sync.apply_tables_delete`, which deletes
+hands every record deleted since the last check to :func:`shared.services.deletes.apply_tables_delete`, which deletes
 the Supabase row and keeps a tombstone (so a stale Zap / inbox delivery or reconcile never brings it
 back) - unless Supabase holds a version newer than the delete, which then wins and is pushed back.
 
