@@ -5,8 +5,8 @@ holds ``--big`` records (100,000 by default).
 * burst: ``--burst`` inserts (1,000) in one Supabase transaction, drained by 3 concurrent wake-ups of
   ``agent_jobs_to_tables`` (reserved concurrency 3) through ``shared.services.outbox_batch.drain_outbox``. Goal:
   <= 10 s, <= 30 Tables requests, 0 dead letters, 0 extra writes.
-* one-record path: ``--single`` inserts (200) through ``shared.services.to_tables.apply_from_supabase`` (what every webhook
-  did before), 3 workers, same limit. Goal: batched records/s >= 20x this.
+* one-record path: ``--single`` inserts (200) through ``shared.services.to_tables.apply_from_supabase``
+  (what every webhook did before), 3 workers, same limit. Goal: batched records/s >= 20x this.
 * lag: one change at a time (``--lag`` of them), drained at once: p50 / p99 of the capture -> Tables time.
 * find by id: the local service's answer time for one ``exact`` query through its API, p50 over 80
   lookups (it must not grow with the table: it indexes field values).

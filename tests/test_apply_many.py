@@ -1,5 +1,5 @@
-"""Tables -> Supabase in batches (shared.services.from_tables.apply_many_from_tables / zsync.sync_apply_many) against real
-Postgres: every delivery gets the outcome, audit entries and side effects (push-back / re-sent delete) that
+"""Tables -> Supabase in batches (shared.services.from_tables.apply_many_from_tables / zsync.sync_apply_many)
+against real Postgres: every delivery gets the outcome, audit entries and side effects (push-back / re-sent delete) that
 the one-record path gives it, on a mixed batch (new, older, newer, same, tombstoned, edited in Tables without
 a new updated_at, duplicate in the batch, invalid); the generated version expressions agree with
 zsync.version_of; concurrent batches and single applies do not deadlock."""

@@ -79,7 +79,8 @@ def _losing_status(database_url: str, stored: dict) -> str:
 def test_cell_edit_keeping_updated_at_wins_through_edited_at(stack, tables, supabase):
     """A person edits one cell in Tables; ``updated_at`` stays as it was (Zapier fills nothing in). The
     edit must reach Supabase and stay in Tables, although at that ``updated_at`` its content hash loses
-    to the stored version: only Zapier's ``edited_at`` (shared/services/from_tables.py, zsync.sync_apply) makes it newer."""
+    to the stored version: only Zapier's ``edited_at`` (shared/services/from_tables.py, zsync.sync_apply) makes it
+    newer."""
     rid = uid("cell-edit")
     given = "2025-12-22T10:00:00Z"
     tables.create("agent_jobs", {"id": rid, "job_type": "discovery", "status": "queued", "updated_at": given})
@@ -133,8 +134,8 @@ def test_old_version_pushed_to_tables_does_not_overwrite_a_cell_edit(stack, tabl
 
 
 def test_single_path_writes_the_id_into_the_record_that_lacked_it(stack, tables, supabase):
-    """The one-record path (shared/services/to_tables.py ``_write_if_newer``: replay, a webhook outside a batch) finds the
-    id-less record by its Zapier id too, and writes the id into it instead of creating a second record."""
+    """The one-record path (shared/services/to_tables.py ``_write_if_newer``: replay, a webhook outside a batch)
+    finds the id-less record by its Zapier id too, and writes the id into it instead of creating a second record."""
     from shared.adapters.trigger_inbox import InboxClient
     from shared.core.spec import FUNCTIONS
     from shared.platform.settings import Settings

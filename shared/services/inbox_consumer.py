@@ -183,7 +183,8 @@ class InboxConsumer:
 
     def _apply_lease(self, messages: list[Message], report: DrainReport) -> tuple[list[str], list[str]]:
         """Apply a lease's messages -> (ids to ack, ids to release). The readable ones go to Supabase in one
-        batch (:func:`shared.services.from_tables.apply_many_from_tables`: one multi-row conditional upsert, one audit insert),
+        batch (:func:`shared.services.from_tables.apply_many_from_tables`: one multi-row conditional upsert, one
+        audit insert),
         with the outcome each would get alone; a poison message goes whole to the dead-letter queue, an
         unreadable one is rejected and audited; a dependency failure releases the batch (it comes back)."""
         from shared.services.deliveries import Rejected, record_failure
