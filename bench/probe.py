@@ -122,10 +122,10 @@ def instrument() -> Breakdown:
                          (psycopg_pool.ConnectionPool, ("getconn", "putconn"))):
         for name in names:
             b.wrap(owner, name, "db")
-    tables = sys.modules.get("shared.adapters.zapier_tables")
-    if tables is not None:
-        for cls_name in ("TablesClient", "CatchHookWriter"):
-            cls = getattr(tables, cls_name, None)
+    for module_name, cls_name in (("shared.adapters.zapier_tables", "TablesClient"),
+                                  ("shared.adapters.catch_hook", "CatchHookWriter")):
+        if (module := sys.modules.get(module_name)) is not None:
+            cls = getattr(module, cls_name, None)
             for attr in [a for a in dir(cls) if cls is not None and not a.startswith("_")]:
                 if callable(getattr(cls, attr, None)) and not isinstance(getattr(cls, attr), type):
                     b.wrap(cls, attr, "tables")

@@ -56,7 +56,7 @@ def connection_error_message(exc: BaseException) -> str | None:
     import urllib3
 
     from shared.adapters.supabase_db import DatabaseUnavailable
-    from shared.adapters.zapier_tables import TablesUnavailable
+    from shared.adapters.zapier_errors import TablesUnavailable
 
     seen: list[BaseException] = []
     cur: BaseException | None = exc

@@ -50,7 +50,8 @@ from psycopg_pool import PoolTimeout
 from rich.progress import Progress, TaskID
 
 from shared.adapters import supabase_db
-from shared.adapters.zapier_tables import BATCH_MAX, Record, TablesClient, TablesError, client_from_settings
+from shared.adapters.zapier_errors import TablesError
+from shared.adapters.zapier_tables import BATCH_MAX, Record, TablesClient, client_from_settings
 from shared.core import audit
 from shared.core.mapping import (
     InvalidRecord,

@@ -42,7 +42,7 @@ from shared.adapters.dead_letter import (
     iso,
 )
 from shared.adapters.trigger_inbox import UnreadablePayload
-from shared.adapters.zapier_tables import TablesError, TablesRejected
+from shared.adapters.zapier_errors import TablesError, TablesRejected
 from shared.core import audit
 from shared.core.outcome import Outcome
 from shared.core.spec import FUNCTIONS, Direction

@@ -12,7 +12,8 @@ from typing import Any
 
 from infra.deploy.tables_setup import ensure_tables, table_ids
 from infra.local.tables_service import TableConfig, TablesService, start_tables_service
-from shared.adapters.zapier_tables import RetryPolicy, TablesClient
+from shared.adapters.zapier_retry import RetryPolicy
+from shared.adapters.zapier_tables import TablesClient
 from shared.core.spec import TABLES
 from shared.platform.settings import Settings
 

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from shared.adapters.zapier_tables import RetryPolicy
+from shared.adapters.zapier_retry import RetryPolicy
 from shared.platform.http_client import Pool, TransportError, ca_bundle, environ_proxy
 from tests.receiver import serving
 from tests.tables_local import start_local_tables

@@ -12,21 +12,18 @@ import pytest
 import requests
 
 from infra.local.tables_service import TablesService
-from shared.adapters.zapier_tables import (
-    TOKEN_REFRESH_MARGIN_S,
-    CatchHookWriter,
-    Record,
-    RetryPolicy,
+from shared.adapters.catch_hook import CatchHookWriter, catch_hook_writer_from_settings
+from shared.adapters.zapier_errors import (
     TablesAuthError,
-    TablesClient,
     TablesDuplicate,
     TablesFieldMissing,
     TablesNotFound,
     TablesRejected,
     TablesUnavailable,
-    catch_hook_writer_from_settings,
-    client_from_settings,
 )
+from shared.adapters.zapier_oauth import TOKEN_REFRESH_MARGIN_S
+from shared.adapters.zapier_retry import RetryPolicy
+from shared.adapters.zapier_tables import Record, TablesClient, client_from_settings
 from shared.platform.settings import Settings
 from tests.test_tables_service import (  # noqa: F401
     AUDIT,

@@ -274,7 +274,8 @@ def setup_zapier(
 ) -> None:
     """Create the four Zapier tables and their typed fields (idempotent); write the table ids."""
     from infra.deploy.tables_setup import ensure_tables, report, table_ids, write_table_ids
-    from shared.adapters.zapier_tables import TablesError, TablesUnavailable, client_from_settings
+    from shared.adapters.zapier_errors import TablesError, TablesUnavailable
+    from shared.adapters.zapier_tables import client_from_settings
 
     try:
         with client_from_settings(_settings(ssm_prefix)) as client:

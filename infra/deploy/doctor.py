@@ -187,7 +187,8 @@ def check_database(settings: Settings, function_urls: Mapping[str, str]) -> list
 def check_tables(settings: Settings) -> list[Check]:
     """Each table readable, with the spec's fields and field types (``zsync setup zapier`` fixes)."""
     from infra.deploy import tables_setup
-    from shared.adapters.zapier_tables import TablesError, client_from_settings
+    from shared.adapters.zapier_errors import TablesError
+    from shared.adapters.zapier_tables import client_from_settings
 
     try:
         client = client_from_settings(settings)

@@ -14,7 +14,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from shared.adapters.zapier_tables import TablesClient, TablesError
+from shared.adapters.zapier_errors import TablesError
+from shared.adapters.zapier_tables import TablesClient
 from shared.core.spec import TABLES, TableSpec
 
 TABLE_IDS_FILE = Path(".zsync") / "zapier_tables.json"

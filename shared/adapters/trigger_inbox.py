@@ -8,7 +8,7 @@ section "Trigger inboxes"; the wire format follows ``@zapier/zapier-sdk`` (0.67.
 ``?key=``). This client sends the newer form and reads either.
 
 Authentication: :meth:`InboxClient.for_tables` shares the Zapier Tables client's OAuth client-credentials
-token provider (:class:`shared.adapters.zapier_tables.TokenSource`: one token per process, refreshed before expiry,
+token provider (:class:`shared.adapters.zapier_oauth.TokenSource`: one token per process, refreshed before expiry,
 fetched again once after a 401); any object with ``authorization()`` returning the header value (e.g.
 :class:`BearerToken`) also works. Requests go through :class:`shared.platform.http_client.Pool` (urllib3 directly).
 
@@ -27,7 +27,8 @@ from urllib.parse import quote, urlsplit
 
 from urllib3.util.retry import Retry
 
-from shared.adapters.zapier_tables import TablesError, TokenSourceAuth
+from shared.adapters.zapier_errors import TablesError
+from shared.adapters.zapier_oauth import TokenSourceAuth
 from shared.platform.http_client import Auth, Pool, TransportError, json_of, text_of
 
 if TYPE_CHECKING:

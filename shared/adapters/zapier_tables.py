@@ -1,4 +1,4 @@
-"""The one module that knows the shape of the Zapier Tables API (and of the seed's catch hooks).
+"""The Zapier Tables records client: the one module that knows the shape of the Zapier Tables API.
 
 The API is what Zapier's official SDK (npm ``@zapier/zapier-sdk``) sends; see
 ``/work/shared/reference/zapier-tables-api.md``. ``infra/local/tables_service.py`` serves the same API
@@ -31,134 +31,51 @@ The public methods of :class:`TablesClient` take and return OUR field names: the
 table's fields once (cached, listed again when Zapier refuses a field id or a record shows a newer schema
 revision) and maps names <-> ``f<n>``. A name the table lacks raises :class:`TablesFieldMissing`.
 
-Retries and the time budget
----------------------------
-Both writers send through :class:`shared.platform.http_client.Pool` (urllib3 directly: keep-alive connections,
-proxy and CA settings read once) with a urllib3 :class:`Retry`: a bounded number of
-attempts (``max_attempts``), exponential backoff with jitter (``backoff_factor``, ``backoff_max``,
-``backoff_jitter``), retries on connect errors, read timeouts and 429/500/502/503/504 for *all* methods
-(our writes are idempotent by design: callers find the record by its ``id`` field first), honouring
-``Retry-After``; other 4xx are never retried.
-
-On top of the attempt count, each call gets a deadline ``start + retry_budget_s``. A retry is started
-only if ``now + planned wait + timeout_s <= deadline``, where the planned wait is the Retry-After value
-or the largest possible backoff (jitter included). Every attempt is bounded by ``timeout_s`` (connect,
-and each socket read), so **one call takes at most ``max(timeout_s, retry_budget_s)``**, whatever the
-server says: a Retry-After that does not fit in the budget ends the call at once with
-:class:`TablesUnavailable` (``retry_after`` set) instead of sleeping past the caller's Lambda timeout.
-With the settings' defaults (10 s timeout, 20 s budget) a call ends within 20 s, inside a 30 s Lambda.
-The budget is per HTTP call: :meth:`TablesClient.iter_records` and the ``*_many`` methods make several.
+Next door: the errors (:mod:`shared.adapters.zapier_errors`), the retry policy and its per-call time budget
+(:mod:`shared.adapters.zapier_retry`: one call takes at most ``max(timeout_s, retry_budget_s)``), the OAuth
+token (:mod:`shared.adapters.zapier_oauth`) and the seed's catch-hook writer (:mod:`shared.adapters.catch_hook`).
 
 Retrying a POST after a read timeout can create the record twice if the first attempt was applied;
 :meth:`TablesClient.find_by_field` then raises :class:`TablesDuplicate` so the duplicate is noticed.
 
-The token never appears in exception messages, reprs or logs; catch-hook URLs (which are credentials
-too) are never put in messages either.
+The token never appears in exception messages, reprs or logs.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
-from urllib3.exceptions import InvalidHeader, MaxRetryError, ResponseError
-from urllib3.util.retry import Retry
 
-from shared.platform.http_client import Pool, TransportError, json_of, text_of
+from shared.adapters.zapier_errors import (
+    TablesDuplicate,
+    TablesFieldMissing,
+    TablesNotFound,
+    TablesProtocolError,
+    TablesRejected,
+    TablesUnavailable,
+    raise_for_status,
+)
+from shared.adapters.zapier_oauth import DEFAULT_TOKEN_URL, TokenSource, TokenSourceAuth
+from shared.adapters.zapier_retry import CallBudget, RetryPolicy
+from shared.platform.http_client import Pool, TransportError, json_of
 
 if TYPE_CHECKING:
-    from types import TracebackType
-
-    from urllib3.connectionpool import ConnectionPool
     from urllib3.response import BaseHTTPResponse
 
     from shared.platform.settings import Settings
-
-log = logging.getLogger(__name__)
 
 Scalar = str | int | float | bool | None
 
 API_PREFIX = "/api/v0/sdk/tables/api/v1"
 DEFAULT_BASE_URL = "https://sdkapi.zapier.com"
-DEFAULT_TOKEN_URL = "https://zapier.com/oauth/token/"
-DEFAULT_TOKEN_TTL_S = 3600.0
-TOKEN_REFRESH_MARGIN_S = 300.0  # fetch a new token this long before the old one expires
 BATCH_MAX = 100  # records per batch create/update request
 PAGE_DEFAULT = 100
 PAGE_MAX = 1000
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-_MESSAGE_MAX = 300
-
-
-# --- exceptions ----------------------------------------------------------------------------------------
-
-
-class TablesError(Exception):
-    """Base error of this module. ``status`` is the HTTP status (None without a response)."""
-
-    def __init__(self, status: int | None, message: str) -> None:
-        super().__init__(f"{message} (HTTP {status})" if status is not None else message)
-        self.status = status
-        self.message = message
-
-
-class TablesAuthError(TablesError):
-    """401/403: the token is missing, wrong or lacks access. Not retriable."""
-
-
-class TablesNotFound(TablesError):
-    """404: unknown table or record."""
-
-
-class TablesRejected(TablesError):
-    """Any other 4xx (bad body, too large, ...), or a write refused inside a 200 (``meta.errors``, a
-    record's ``errors``): retrying the same request will not help. ``fields``: our names of refused fields."""
-
-    def __init__(self, status: int | None, message: str, fields: list[str] | None = None) -> None:
-        super().__init__(status, message)
-        self.fields = fields or []
-
-
-class TablesFieldMissing(TablesError):
-    """The Zapier table has no field of this name: a configuration error (run ``zsync setup zapier``)."""
-
-    def __init__(self, table_id: str, field: str) -> None:
-        super().__init__(None, f"Zapier table {table_id} has no field named {field!r}: "
-                               "run `zsync setup zapier` (or add the field in Zapier Tables)")
-        self.table_id = table_id
-        self.field = field
-
-
-class TablesUnavailable(TablesError):
-    """429/5xx/connection error/timeout after retries were exhausted or the time budget ran out.
-
-    Retriable later. ``retry_after`` is the server's Retry-After in seconds when it sent one.
-    """
-
-    def __init__(self, status: int | None, message: str, retry_after: float | None = None) -> None:
-        super().__init__(status, message)
-        self.retry_after = retry_after
-
-
-class TablesDuplicate(TablesError):
-    """More than one record matched a lookup that must be unique (``find_by_field``)."""
-
-    def __init__(self, message: str, record_ids: list[str]) -> None:
-        super().__init__(None, message)
-        self.record_ids = record_ids
-
-
-class TablesProtocolError(TablesError):
-    """A 2xx answer whose body does not have the documented shape."""
 
 
 # --- model ---------------------------------------------------------------------------------------------
@@ -178,277 +95,10 @@ class Record(BaseModel):
     schema_revision_id: int | None = None
 
 
-# --- retry policy with a per-call time budget ----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Budget:
-    deadline: float  # time.monotonic() after which no attempt may still be running
-    attempt_s: float  # worst-case duration of one attempt (the request timeout)
-
-
-_BUDGET: ContextVar[_Budget | None] = ContextVar("zapier_tables_budget", default=None)
-
-
-class BudgetRetry(Retry):
-    """urllib3 ``Retry`` that also refuses a retry which could end after the current call's deadline.
-
-    The deadline is set per call (and per thread) by :func:`_call_budget`; without one this is a plain
-    ``Retry``. Unparseable Retry-After headers fall back to the backoff instead of raising.
-    """
-
-    def increment(
-        self,
-        method: str | None = None,
-        url: str | None = None,
-        response: BaseHTTPResponse | None = None,
-        error: Exception | None = None,
-        _pool: ConnectionPool | None = None,
-        _stacktrace: TracebackType | None = None,
-    ) -> Self:
-        new = super().increment(method, url, response, error, _pool, _stacktrace)
-        budget = _BUDGET.get()
-        if budget is not None and time.monotonic() + new.planned_wait(response) + budget.attempt_s > budget.deadline:
-            reason = error or ResponseError("retry time budget exhausted")
-            raise MaxRetryError(_pool, url, reason) from reason  # type: ignore[arg-type]
-        return new
-
-    def planned_wait(self, response: BaseHTTPResponse | None) -> float:
-        """Upper bound of the sleep before the next attempt (what :meth:`sleep` will do at most)."""
-        if self.respect_retry_after_header and response is not None:
-            retry_after = self.get_retry_after(response)
-            if retry_after:
-                return retry_after
-        return self.max_backoff()
-
-    def max_backoff(self) -> float:
-        errors = 0
-        for entry in reversed(self.history):
-            if entry.redirect_location is not None:
-                break
-            errors += 1
-        if errors <= 1:
-            return 0.0
-        return float(min(self.backoff_max, self.backoff_factor * (2 ** (errors - 1)) + self.backoff_jitter))
-
-    def get_retry_after(self, response: BaseHTTPResponse) -> float | None:
-        try:
-            return super().get_retry_after(response)
-        except InvalidHeader:
-            return None
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How hard to retry. The defaults suit a Lambda; tests pass tiny backoffs."""
-
-    max_attempts: int = 5
-    backoff_factor: float = 0.5  # sleeps: 0, 1, 2, 4 s ... (the first retry is immediate)
-    backoff_max: float = 4.0
-    backoff_jitter: float = 0.5
-
-    def build(self) -> BudgetRetry:
-        return BudgetRetry(
-            total=max(self.max_attempts - 1, 0),
-            connect=None,
-            read=None,
-            status=None,
-            other=0,
-            redirect=False,
-            allowed_methods=None,  # all methods, POST/PATCH included
-            status_forcelist=RETRY_STATUSES,
-            backoff_factor=self.backoff_factor,
-            backoff_max=self.backoff_max,
-            backoff_jitter=self.backoff_jitter,
-            respect_retry_after_header=True,
-            raise_on_status=False,  # hand back the last 429/5xx so we can read its body and Retry-After
-        )
-
-
-_SHARED_DEADLINE: ContextVar[float | None] = ContextVar("zapier_tables_shared_deadline", default=None)
-
-
-@contextmanager
-def shared_budget(budget_s: float) -> Iterator[None]:
-    """Every call made inside (this thread) shares one deadline ``now + budget_s`` on top of its own
-    budget: a batch of requests honours 429 / Retry-After as one budget, not per request. A Retry-After
-    that does not fit ends the call at once with :class:`TablesUnavailable` (``retry_after`` set)."""
-    token = _SHARED_DEADLINE.set(time.monotonic() + budget_s)
-    try:
-        yield
-    finally:
-        _SHARED_DEADLINE.reset(token)
-
-
-class _CallBudget:
-    """Context manager: arm the retry deadline for the HTTP call made inside it (this thread only)."""
-
-    def __init__(self, budget_s: float, attempt_s: float) -> None:
-        deadline = time.monotonic() + budget_s
-        shared = _SHARED_DEADLINE.get()
-        self._budget = _Budget(deadline if shared is None else min(deadline, shared), attempt_s)
-        self.started = time.monotonic()
-
-    def __enter__(self) -> Self:
-        self._token = _BUDGET.set(self._budget)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        _BUDGET.reset(self._token)
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started
-
-
-# --- response handling shared by both writers ----------------------------------------------------------
-
-
-def _error_text(response: BaseHTTPResponse) -> str:
-    try:
-        payload = json_of(response)
-    except ValueError:
-        payload = None
-    if isinstance(payload, dict) and isinstance(payload.get("error"), str):
-        text = payload["error"]
-    else:
-        text = text_of(response).strip() or response.reason or "no message"
-    return text[:_MESSAGE_MAX]
-
-
-def _retry_after(response: BaseHTTPResponse) -> float | None:
-    value = response.headers.get("Retry-After", "").strip()
-    return float(value) if value.isdigit() else None
-
-
-def _raise_for_status(response: BaseHTTPResponse, what: str, elapsed_s: float) -> None:
-    status = response.status
-    if 200 <= status < 300:
-        return
-    text = f"{what}: {_error_text(response)}"
-    if status in (401, 403):
-        raise TablesAuthError(status, text)
-    if status == 404:
-        raise TablesNotFound(status, text)
-    if status == 429 or status >= 500:
-        raise TablesUnavailable(status, f"{text} (gave up after {elapsed_s:.1f}s)", _retry_after(response))
-    raise TablesRejected(status, text)
-
-
-def _check_json(fields: Mapping[str, Any]) -> None:
-    for name in fields:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"field names must be non-empty strings, got {name!r}")
-    json.dumps(dict(fields), allow_nan=False)  # raises ValueError/TypeError for what JSON cannot carry
-
 
 def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-# --- authentication: OAuth client credentials, or a token made by the user -----------------------------
-
-
-@dataclass
-class _CachedToken:
-    value: str
-    expires_at: float  # time.monotonic()
-
-
-_TOKENS: dict[tuple[str, str], _CachedToken] = {}  # per process: (token URL, client id) -> token
-_TOKENS_LOCK = threading.Lock()
-
-
-class TokenSource:
-    """Where the bearer token comes from: a fixed token, or OAuth client credentials (cached per process,
-    refreshed :data:`TOKEN_REFRESH_MARGIN_S` before expiry, dropped by :meth:`invalidate` after a 401)."""
-
-    def __init__(
-        self,
-        *,
-        token: str | None = None,
-        client_id: str | None = None,
-        client_secret: str | None = None,
-        token_url: str = DEFAULT_TOKEN_URL,
-        timeout_s: float = 10.0,
-    ) -> None:
-        if not token and not (client_id and client_secret):
-            raise ValueError("Zapier Tables needs ZSYNC_ZAPIER_CLIENT_ID + ZSYNC_ZAPIER_CLIENT_SECRET "
-                             "(or a token in ZSYNC_TABLES_TOKEN)")
-        self._static = token
-        self._client_id, self._client_secret = client_id, client_secret
-        self.token_url = token_url
-        self._timeout_s = timeout_s
-        self._pool: Pool | None = None  # made at the first fetch (a static token never needs it)
-        self.fetches = 0
-
-    @property
-    def refreshable(self) -> bool:
-        return self._static is None
-
-    def __repr__(self) -> str:
-        return f"TokenSource(client_id={self._client_id!r}, secret=***)"
-
-    def get(self) -> str:
-        if self._static is not None:
-            return self._static
-        key = (self.token_url, self._client_id or "")
-        with _TOKENS_LOCK:
-            cached = _TOKENS.get(key)
-            if cached is not None and cached.expires_at - TOKEN_REFRESH_MARGIN_S > time.monotonic():
-                return cached.value
-            cached = self._fetch()
-            _TOKENS[key] = cached
-            return cached.value
-
-    def close(self) -> None:
-        """Drop the token endpoint's connections (the pool reconnects if a fetch follows)."""
-        if self._pool is not None:
-            self._pool.close()
-
-    def invalidate(self) -> None:
-        if self._static is None:
-            with _TOKENS_LOCK:
-                _TOKENS.pop((self.token_url, self._client_id or ""), None)
-
-    def _fetch(self) -> _CachedToken:
-        self.fetches += 1
-        form = {"grant_type": "client_credentials", "client_id": self._client_id,
-                "client_secret": self._client_secret, "scope": "external", "audience": "zapier.com"}
-        if self._pool is None:
-            self._pool = Pool(Retry(0, read=False, redirect=False), [self.token_url])  # one attempt, as before
-        try:
-            response = self._pool.request("POST", self.token_url, form=form, timeout=self._timeout_s)
-        except TransportError as exc:
-            raise TablesUnavailable(None, f"token endpoint: {exc.cause}") from None
-        if response.status in (400, 401, 403):
-            raise TablesAuthError(response.status, "token endpoint refused the client credentials "
-                                  "(check ZSYNC_ZAPIER_CLIENT_ID / ZSYNC_ZAPIER_CLIENT_SECRET)")
-        _raise_for_status(response, "token endpoint", 0.0)
-        try:
-            payload = json_of(response)
-            token = payload["access_token"]
-            expires_in = float(payload.get("expires_in") or DEFAULT_TOKEN_TTL_S)
-        except (ValueError, KeyError, TypeError):
-            raise TablesProtocolError(response.status, "token endpoint: no access_token in the answer") from None
-        if not isinstance(token, str) or not token:
-            raise TablesProtocolError(response.status, "token endpoint: access_token is not a string")
-        return _CachedToken(token, time.monotonic() + expires_in)
-
-
-class TokenSourceAuth:
-    """``Authorization: Bearer <token>`` from a token provider with ``get()``, ``invalidate()`` and
-    ``refreshable`` (a :class:`TokenSource`): a :class:`shared.platform.http_client.Auth` for the Tables and inbox
-    clients."""
-
-    def __init__(self, source: TokenSource) -> None:
-        self.source = source
-
-    def authorization(self) -> str:
-        return f"Bearer {self.source.get()}"
-
-    def __repr__(self) -> str:
-        return "<TokenSourceAuth ***>"
 
 
 # --- field ids -------------------------------------------------------------------------------------------
@@ -764,7 +414,7 @@ class TablesClient:
     ) -> dict[str, Any]:
         what = f"{method} {path}"
         for attempt in (1, 2):
-            with _CallBudget(self.retry_budget_s, self.timeout_s) as budget:
+            with CallBudget(self.retry_budget_s, self.timeout_s) as budget:
                 try:
                     response = self._session.request(
                         method,
@@ -781,7 +431,7 @@ class TablesClient:
                 if response.status == 401 and attempt == 1 and self.tokens.refreshable:
                     self.tokens.invalidate()  # expired or revoked: fetch a new token once
                     continue
-                _raise_for_status(response, what, budget.elapsed())
+                raise_for_status(response, what, budget.elapsed())
             return self._json(response, what)
         raise AssertionError("unreachable")
 
@@ -809,68 +459,6 @@ def _data_object(answer: Mapping[str, Any], what: str) -> dict[str, Any]:
     return data
 
 
-# --- the seed's 3B path: POST to a per-table catch hook -------------------------------------------------
-
-
-class CatchHookWriter:
-    """Writes a record by POSTing its flat, formatted fields to the table's Zapier catch hook.
-
-    This is the seed's Zap 3B path (chosen with ``ZSYNC_TABLES_WRITER=catch_hook``): the Zap behind each
-    hook runs "Find or Create Record" with ``id`` as the search field. Its limits, compared with the
-    records API (:class:`TablesClient`):
-
-    * Zapier answers 200 as soon as the hook *received* the request, before the Zap runs, so a
-      successful :meth:`send` means "accepted", never "applied"; a Zap step that fails later is only
-      visible in Zap history.
-    * No version comparison happens on the Tables side: the last delivery wins, so deliveries that
-      arrive out of order can regress a record to an older state.
-    * No read access: nothing here can check what Tables holds, so reconcile needs the records API.
-    * Under load catch hooks may process a request minutes after answering 200.
-
-    Retries follow the same policy and time budget as :class:`TablesClient`. Hook URLs are credentials:
-    they never appear in exception messages (the table name does).
-    """
-
-    def __init__(
-        self,
-        hook_urls: Mapping[str, str],
-        timeout_s: float = 10.0,
-        retry_budget_s: float = 20.0,
-        *,
-        retry: RetryPolicy | None = None,
-    ) -> None:
-        for table, url in hook_urls.items():
-            if not url.startswith(("https://", "http://")):
-                raise ValueError(f"catch hook URL for {table!r} must be an http(s) URL")
-        self._hook_urls = dict(hook_urls)
-        self.timeout_s = timeout_s
-        self.retry_budget_s = retry_budget_s
-        self._session = Pool((retry or RetryPolicy()).build(), self._hook_urls.values())
-
-    def __repr__(self) -> str:
-        return f"CatchHookWriter(tables={sorted(self._hook_urls)!r})"
-
-    def close(self) -> None:
-        self._session.close()
-
-    def send(self, table_name: str, fields: Mapping[str, Scalar]) -> None:
-        """POST ``fields`` (formatted for Tables by :func:`shared.core.mapping.to_tables_fields`) to the
-        table's hook."""
-        url = self._hook_urls.get(table_name)
-        if url is None:
-            raise ValueError(f"no catch hook URL configured for table {table_name!r}")
-        _check_json(fields)
-        what = f"catch hook for {table_name}"
-        with _CallBudget(self.retry_budget_s, self.timeout_s) as budget:
-            try:
-                response = self._session.request("POST", url, json=dict(fields), timeout=self.timeout_s)
-            except TransportError as exc:
-                raise TablesUnavailable(
-                    None, f"{what}: {exc.cause} (gave up after {budget.elapsed():.1f}s)"
-                ) from None
-            _raise_for_status(response, what, budget.elapsed())
-
-
 # --- construction from settings ------------------------------------------------------------------------
 
 
@@ -886,10 +474,3 @@ def client_from_settings(settings: Settings) -> TablesClient:
         client_secret=settings.zapier_client_secret,
         token_url=settings.zapier_token_url,
     )
-
-
-def catch_hook_writer_from_settings(settings: Settings) -> CatchHookWriter:
-    """A :class:`CatchHookWriter` for ``ZSYNC_CATCH_HOOK_URLS`` (used when ``tables_writer=catch_hook``)."""
-    if not settings.catch_hook_urls:
-        raise ValueError("ZSYNC_CATCH_HOOK_URLS is not set")
-    return CatchHookWriter(settings.catch_hook_urls, settings.http_timeout_s, settings.retry_budget_s)

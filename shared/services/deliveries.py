@@ -99,13 +99,13 @@ def process(fn: FunctionSpec, ctx: SyncContext, payload: dict[str, Any],
 
 
 def tables_errors() -> tuple[type[Exception], ...]:
-    """The Tables client's errors, once it is loaded: a function that never loaded it cannot have raised one."""
-    tables = sys.modules.get("shared.adapters.zapier_tables")
+    """The Tables errors, once their module is loaded: a function that never loaded it cannot have raised one."""
+    tables = sys.modules.get("shared.adapters.zapier_errors")
     return (tables.TablesError,) if tables is not None else ()
 
 
 def tables_rejected(exc: Exception) -> bool:
-    tables = sys.modules.get("shared.adapters.zapier_tables")
+    tables = sys.modules.get("shared.adapters.zapier_errors")
     return tables is not None and isinstance(exc, tables.TablesRejected)
 
 

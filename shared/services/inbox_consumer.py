@@ -43,7 +43,7 @@ from shared.adapters.trigger_inbox import (
     UnreadablePayload,
     read_payload,
 )
-from shared.adapters.zapier_tables import TablesError
+from shared.adapters.zapier_errors import TablesError
 from shared.core.spec import FunctionSpec
 from shared.platform.logs import log_event
 

@@ -7,7 +7,7 @@ record's current row once (several changes of one record coalesce into its newes
 existing Tables records with one ``in`` query per 1,000 ids, compares versions
 (:func:`shared.services.conflict.compare_many`: by time here, ties in one ``zsync.version_cmp_many`` call), writes
 with batch create/update (<= 100 records per request) under one shared time budget for 429 / Retry-After
-(:func:`shared.adapters.zapier_tables.shared_budget`), then records every outcome (one audit insert, one ack per
+(:func:`shared.adapters.zapier_retry.shared_budget`), then records every outcome (one audit insert, one ack per
 batch) in the same transaction. Records whose write did not fit in the
 budget are not acknowledged: they stay pending (claimed again, or re-sent by the sweeper), never lost and
 never written twice.
@@ -132,7 +132,7 @@ def _plan_items(fn: FunctionSpec, owned: list[tuple[str, datetime | None, dict |
 def _patient(call: Callable[[], T], deadline: float) -> T:
     """Run a Tables call; a 429/5xx whose Retry-After still fits in the batch's shared budget is waited out
     and the call made again (the client's own attempts per call are few)."""
-    from shared.adapters.zapier_tables import TablesUnavailable
+    from shared.adapters.zapier_errors import TablesUnavailable
 
     while True:
         try:
@@ -146,7 +146,8 @@ def _patient(call: Callable[[], T], deadline: float) -> T:
 
 def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _Plan, deadline: float) -> None:
     """Decide and write every planned record (Tables calls inside the caller's shared budget)."""
-    from shared.adapters.zapier_tables import BATCH_MAX, TablesRejected, TablesUnavailable
+    from shared.adapters.zapier_errors import TablesRejected, TablesUnavailable
+    from shared.adapters.zapier_tables import BATCH_MAX
 
     spec = fn.table
     items = list(plan.items.values())
@@ -295,7 +296,7 @@ def _record(conn: psycopg.Connection, fn: FunctionSpec, plan: _Plan, origin: str
 
 def _drain_once(ctx: SyncContext, fn: FunctionSpec, limit: int, exclude: list[str], origin: str,
                 budget_s: float) -> _Plan:
-    from shared.adapters.zapier_tables import shared_budget
+    from shared.adapters.zapier_retry import shared_budget
 
     spec = fn.table
     done: list[_Plan] = []
@@ -333,7 +334,7 @@ def _deliver_delete(ctx: SyncContext, fn: FunctionSpec, rid: str) -> SyncResult:
     """A delete handed to the single delete path. Zapier refusing it (a 4xx, or ``meta.errors`` in a 200) is
     counted on the record's outbox entries (parked after a few, as a refused write) and answered ``failed``;
     Tables unreachable leaves it pending. Never acknowledged as applied."""
-    from shared.adapters.zapier_tables import TablesError, TablesRejected
+    from shared.adapters.zapier_errors import TablesError, TablesRejected
 
     try:
         return _delete_from_supabase(ctx, fn, rid)

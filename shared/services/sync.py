@@ -36,7 +36,8 @@ from shared.platform.settings import Settings
 from shared.services import conflict
 
 if TYPE_CHECKING:  # imported where used: a *_to_supabase function never loads the Tables client (cold start)
-    from shared.adapters.zapier_tables import CatchHookWriter, Record, TablesClient
+    from shared.adapters.catch_hook import CatchHookWriter
+    from shared.adapters.zapier_tables import Record, TablesClient
 
 
 class ConfigurationError(RuntimeError):
@@ -123,7 +124,7 @@ class SyncContext:
 
     @cached_property
     def hooks(self) -> CatchHookWriter:
-        from shared.adapters.zapier_tables import catch_hook_writer_from_settings
+        from shared.adapters.catch_hook import catch_hook_writer_from_settings
 
         try:
             return catch_hook_writer_from_settings(self.settings)
@@ -257,7 +258,7 @@ def idless_record(ctx: SyncContext, table_id: str, record_id: str) -> Record | N
     A record created in Tables without our ``id`` reaches Supabase under its Zapier record id (the trigger
     delivers that as ``id``); the Supabase row's way back must find that same record (and write the id into
     it), not create a second one."""
-    from shared.adapters.zapier_tables import TablesNotFound
+    from shared.adapters.zapier_errors import TablesNotFound
 
     if not _ZAPIER_ID.match(record_id):
         return None

@@ -182,7 +182,7 @@ def run_check(function_name: str, ctx: SyncContext | None = None) -> tuple[dict[
     from psycopg_pool import PoolTimeout
 
     from shared.adapters import supabase_db
-    from shared.adapters.zapier_tables import TablesError
+    from shared.adapters.zapier_errors import TablesError
     from shared.core.spec import FUNCTIONS
     from shared.platform.settings import get_settings
     from shared.services.deliveries import context_for
