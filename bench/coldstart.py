@@ -36,7 +36,8 @@ from bench.floor_target import TABLE_SQL
 from bench.probe import insert_webhook
 from infra.deploy.webhook_sql import trigger_name
 from infra.local.stack import LocalStack
-from infra.local.tables_service import RATE_WINDOW_S, RateLimiter
+from infra.local.tables_service import RATE_WINDOW_S
+from infra.local.tables_service.counters import RateLimiter
 
 PROBE = Path(__file__).with_name("probe.py")
 FLOOR_SOURCE = Path(__file__).with_name("floor_target.py")

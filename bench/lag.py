@@ -37,7 +37,8 @@ from bench import batching, bench_reconcile, coldstart
 from bench.floor_target import TABLE_SQL
 from bench.probe import insert_webhook
 from infra.local.stack import REPO, LocalStack, free_port, running_stack, wait_listening
-from infra.local.tables_service import RATE_WINDOW_S, RateLimiter
+from infra.local.tables_service import RATE_WINDOW_S
+from infra.local.tables_service.counters import RateLimiter
 from shared.platform.settings import DEFAULT_SECRET_HEADER
 from tests.e2e import Supabase, Tables
 

@@ -1,6 +1,6 @@
 """Zapier's official SDK (npm ``@zapier/zapier-sdk`` 0.67.0) against the local Tables service, and the
 sync carrying its writes to Supabase and Supabase writes back. If the SDK and our service disagree,
-the SDK is right: this test is what keeps ``infra/local/tables_service.py`` honest."""
+the SDK is right: this test is what keeps ``infra/local/tables_service/`` honest."""
 
 from __future__ import annotations
 
