@@ -47,7 +47,8 @@ from bench.databases import raw_upsert_sql
 from infra.deploy.tables_setup import ensure_tables, table_ids
 from infra.local.postgres import create_database, prepare_database, start_postgres, with_database
 from infra.local.tables_service import RATE_LIMIT, RATE_WINDOW_S
-from infra.reconcile import TableReport, reconcile
+from infra.reconcile import reconcile
+from infra.reconcile_report import TableReport
 from shared.adapters.supabase_db import close_pools
 from shared.adapters.zapier_tables import TablesClient
 from shared.core.spec import FUNCTIONS, TABLES

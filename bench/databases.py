@@ -8,7 +8,7 @@ from pathlib import Path
 
 import psycopg
 
-from infra.local.pgnet_sender import apply_pg_net_sql, ensure_utc_database
+from infra.local.pgnet_sql import apply_pg_net_sql, ensure_utc_database
 from infra.local.postgres import apply_supabase_roles_sql, apply_vault_sql, create_database
 from shared.adapters.migrations import HISTORY_DIR, MIGRATIONS_DIR, apply_migrations
 

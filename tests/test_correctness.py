@@ -368,7 +368,7 @@ def test_5_doctor_fails_without_a_recent_sweep_or_with_an_old_backlog(database_u
 def test_6_migrations_hold_no_session_lock_and_run_once_concurrently(pg_server):
     from concurrent.futures import ThreadPoolExecutor
 
-    from infra.local.pgnet_sender import apply_pg_net_sql, ensure_utc_database
+    from infra.local.pgnet_sql import apply_pg_net_sql, ensure_utc_database
     from infra.local.postgres import apply_vault_sql, create_database, prepare_database
     from shared.adapters.migrations import _LOCK_KEY, HISTORY_DIR, apply_migrations, discover
 

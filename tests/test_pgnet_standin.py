@@ -27,14 +27,9 @@ import pytest
 from werkzeug.serving import BaseWSGIServer, make_server
 from werkzeug.wrappers import Request, Response
 
-from infra.local.pgnet_sender import (
-    ERR_COULDNT_CONNECT,
-    IN_FLIGHT_LOCK_KEY,
-    PgNetSender,
-    apply_pg_net_sql,
-    queue_depth,
-    wait_idle,
-)
+from infra.local.pgnet_http import ERR_COULDNT_CONNECT
+from infra.local.pgnet_sender import PgNetSender
+from infra.local.pgnet_sql import IN_FLIGHT_LOCK_KEY, apply_pg_net_sql, queue_depth, wait_idle
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SLOW_HANDLER_S = 1.0

@@ -14,9 +14,11 @@ from typing import Any
 import psycopg
 import pytest
 
-from infra import reconcile as reconcile_module
+from infra import reconcile_repair
 from infra.local.postgres import create_database, prepare_database
-from infra.reconcile import PAGE_SIZE, _identical, _prefetched, reconcile
+from infra.reconcile import reconcile
+from infra.reconcile_compare import _identical
+from infra.reconcile_read import PAGE_SIZE, _prefetched
 from shared.adapters import supabase_db
 from shared.core.mapping import InvalidRecord, parse_record, parse_record_fast, row_to_json
 from shared.core.spec import TABLES, Kind
@@ -216,7 +218,7 @@ def local(tmp_path: Path) -> Iterator[LocalTables]:
 @pytest.mark.parametrize("pool", [8, 1])  # 1 connection: everything one at a time (no second writer/thread)
 def test_reconcile_across_pages_repairs_both_ways_with_one_audit_entry_each(pg_server: Any, local: LocalTables,
                                                                            pool: int, monkeypatch) -> None:
-    monkeypatch.setattr(reconcile_module, "PIPELINE_MIN_BATCHES", 2)  # two Tables writers for these 6 batches
+    monkeypatch.setattr(reconcile_repair, "PIPELINE_MIN_BATCHES", 2)  # two Tables writers for these 6 batches
     url = create_database(pg_server.get_uri())
     prepare_database(url)
     n = 2 * PAGE_SIZE + 300

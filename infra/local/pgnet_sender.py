@@ -1,9 +1,10 @@
-"""Local stand-in for pg_net's background worker.
+"""Local stand-in for pg_net's background worker: the worker loop and its command line.
 
 ``infra/local/pg_net.sql`` gives the embedded Postgres the ``net`` schema (request queue, response
 table, ``net.http_post``/``net.http_get``) and ``supabase_functions.http_request()``. This module
-is the worker that actually sends the queued requests, as pg_net's background worker does on
-Supabase:
+holds the worker that actually sends the queued requests, as pg_net's background worker does on
+Supabase, and its CLI; one request's sending is in :mod:`infra.local.pgnet_http`, the SQL (applying
+pg_net.sql, the queue, the statements run here) in :mod:`infra.local.pgnet_sql`. The worker:
 
 * takes up to ``batch_size`` (200, like pg_net) requests per batch, oldest first, deleting them
   from ``net.http_request_queue``;
@@ -21,12 +22,9 @@ Supabase:
 
 Python API (for the local stack and tests)::
 
-    apply_pg_net_sql(url_or_conn)                  # create/refresh the stand-in objects (idempotent)
-    ensure_utc_database(url_or_conn)               # Supabase runs with TimeZone=UTC (pg_net.sql does it too)
     sender = PgNetSender(database_url, poll_interval_s=0.25, batch_size=200, max_workers=32)
     sender.start(); ...; sender.wait_idle(10.0); sender.stop()   # or: with PgNetSender(url) as sender:
     sender.sent / sender.failed / sender.timed_out / sender.stats()
-    wait_idle(url_or_conn, timeout_s=10.0)         # queue empty and no batch in flight (any process)
 
 CLI (runs until SIGTERM/SIGINT)::
 
@@ -37,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import random
@@ -45,261 +42,29 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Self
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
-import requests
-from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
+
+from infra.local.pgnet_http import ERR_DROPPED, Outcome, QueuedRequest, send_request
+from infra.local.pgnet_sql import (
+    IN_FLIGHT_LOCK_KEY,
+    INSERT_FAILURE_SQL,
+    INSERT_RESPONSE_SQL,
+    NOTIFY_CHANNEL,
+    TAKE_BATCH_SQL,
+    apply_pg_net_sql,
+    wait_idle,
+)
 
 logger = logging.getLogger("zsync.pgnet_sender")
 
-PG_NET_SQL_PATH = Path(__file__).with_name("pg_net.sql")
-NOTIFY_CHANNEL = "zsync_pg_net"  # pg_net.sql's net.http_* notify this channel with the request id
 BATCH_SIZE = 200  # pg_net's default batch size (pg_net.batch_size)
-USER_AGENT = "pg_net/zsync-local-standin"
-# Advisory lock the sender holds (shared) from taking a batch until its outcomes are recorded;
-# wait_idle() takes it exclusively to know no batch is in flight. Arbitrary constant ("zsyncpgn").
-IN_FLIGHT_LOCK_KEY = 0x7A73796E6370676E
-
-# curl_easy_strerror() wording, which is what pg_net stores in net._http_response.error_msg.
-ERR_COULDNT_CONNECT = "Couldn't connect to server"
-ERR_COULDNT_RESOLVE = "Couldn't resolve host name"
-ERR_BAD_URL = "URL using bad/illegal format or missing URL"
-ERR_UNSUPPORTED_PROTOCOL = "Unsupported protocol"
-ERR_RECV = "Failure when receiving data from the peer"
-ERR_BAD_ARGUMENT = "A libcurl function was given a bad argument"
-ERR_DROPPED = "Connection lost (dropped by fault injection)"
-
-# ----------------------------------------------------------------------------------------------
-# helpers for the local stack
-# ----------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _connection(conn_or_url: str | psycopg.Connection[Any]) -> Iterator[psycopg.Connection[Any]]:
-    """Yield a connection: a new autocommit one for a URL (closed afterwards), else the one given."""
-    if isinstance(conn_or_url, str):
-        with psycopg.connect(conn_or_url, autocommit=True) as conn:
-            yield conn
-    else:
-        yield conn_or_url
-
-
-def apply_pg_net_sql(conn_or_url: str | psycopg.Connection[Any]) -> None:
-    """Apply infra/local/pg_net.sql (idempotent). LOCAL ONLY: never against a real Supabase project.
-
-    With a non-autocommit connection the statements join the caller's transaction (commit it).
-    """
-    sql = PG_NET_SQL_PATH.read_text(encoding="utf-8")
-    with _connection(conn_or_url) as conn:
-        conn.execute(sql)  # type: ignore[arg-type]  # a trusted file, run as one simple-protocol script
-    logger.info("applied %s", PG_NET_SQL_PATH.name)
-
-
-def ensure_utc_database(conn_or_url: str | psycopg.Connection[Any]) -> None:
-    """Make UTC the current database's default TimeZone and this session's TimeZone.
-
-    Supabase databases run with TimeZone UTC, and Postgres serialises timestamptz inside the webhook
-    payload with the session TimeZone, so locally it must be UTC too to get "...+00:00" strings.
-    The database default only affects sessions opened afterwards. pg_net.sql already does this.
-    """
-    with _connection(conn_or_url) as conn:
-        conn.execute(
-            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET timezone TO %L', current_database(), 'UTC'); END $$"
-        )
-        conn.execute("SET timezone TO 'UTC'")
-
-
-def queue_depth(conn_or_url: str | psycopg.Connection[Any]) -> int:
-    """Number of requests waiting in net.http_request_queue."""
-    with _connection(conn_or_url) as conn:
-        row = conn.execute("SELECT count(*) FROM net.http_request_queue").fetchone()
-    return int(row[0]) if row else 0
-
-
-def wait_idle(conn_or_url: str | psycopg.Connection[Any], timeout_s: float = 10.0, *, poll_s: float = 0.02) -> None:
-    """Return once net.http_request_queue is empty and no sender has a batch in flight.
-
-    Works across processes (the sender holds an advisory lock while a batch is in flight). Pass a
-    URL, or a connection that is not inside a transaction. Raises TimeoutError after ``timeout_s``.
-    """
-    deadline = time.monotonic() + timeout_s
-    with _connection(conn_or_url) as conn:
-        if conn.info.transaction_status != TransactionStatus.IDLE:
-            raise ValueError("wait_idle() needs a connection outside any transaction (or a URL)")
-        while True:
-            depth: int | None = None
-            with conn.transaction():
-                row = conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (IN_FLIGHT_LOCK_KEY,)).fetchone()
-                if row and row[0]:
-                    count = conn.execute("SELECT count(*) FROM net.http_request_queue").fetchone()
-                    depth = int(count[0]) if count else 0
-            if depth == 0:
-                return
-            if time.monotonic() >= deadline:
-                state = "a batch is in flight" if depth is None else f"{depth} request(s) still queued"
-                raise TimeoutError(f"pg_net stand-in not idle after {timeout_s:.1f}s: {state}")
-            time.sleep(poll_s)
-
-
-# ----------------------------------------------------------------------------------------------
-# requests and outcomes
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class QueuedRequest:
-    id: int
-    method: Any
-    url: Any
-    headers: Any
-    body: bytes | None
-    timeout_milliseconds: Any
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What to record in net._http_response for one request (pg_net's two shapes)."""
-
-    id: int
-    status_code: int | None = None
-    content_type: str | None = None
-    headers: dict[str, str] | None = None
-    content: str | None = None
-    error_msg: str | None = None
-    timed_out: bool = False  # for counters/logs; pg_net stores timed_out only on success (false)
-    elapsed_ms: float = 0.0
-
-    @property
-    def is_response(self) -> bool:
-        return self.error_msg is None
-
-
-def _safe_url(url: Any) -> str:
-    """The url for logs: no userinfo, no query string (either may carry secrets)."""
-    try:
-        parts = urlsplit(str(url))
-        host = parts.hostname or ""
-        netloc = f"{host}:{parts.port}" if parts.port else host
-        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-    except ValueError:
-        return "<unparseable url>"
-
-
-def _header_text(value: Any) -> str:
-    """A jsonb header value as jsonb_each_text() renders it (what pg_net puts on the wire)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (dict, list)):
-        return json.dumps(value)
-    return str(value)
-
-
-def _pg_text(value: str) -> str:
-    return value.replace("\x00", "")  # Postgres text cannot hold NUL
-
-
-def _timeout_msg(timeout_ms: int, elapsed_ms: float) -> str:
-    return f"Timeout of {timeout_ms} ms reached. Total time: {elapsed_ms:f} ms"
-
-
-def send_request(req: QueuedRequest) -> Outcome:
-    """Send one queued request exactly once (no retries) and describe the outcome. Never raises."""
-    started = time.monotonic()
-
-    def elapsed() -> float:
-        return (time.monotonic() - started) * 1000.0
-
-    def failure(msg: str, *, timed_out: bool = False) -> Outcome:
-        return Outcome(id=req.id, error_msg=msg, timed_out=timed_out, elapsed_ms=elapsed())
-
-    try:
-        method = str(req.method).upper()
-        url = str(req.url)
-        if not isinstance(req.headers, dict):
-            return failure(ERR_BAD_ARGUMENT)
-        headers = {"User-Agent": USER_AGENT}
-        for key, value in req.headers.items():
-            if value is not None:
-                headers[str(key)] = _header_text(value)
-        timeout_ms = int(req.timeout_milliseconds)
-        if timeout_ms < 0:
-            return failure(ERR_BAD_ARGUMENT)
-        timeout_s: float | None = timeout_ms / 1000.0 if timeout_ms > 0 else None  # curl: 0 = no timeout
-        deadline = started + timeout_s if timeout_s is not None else None
-
-        with requests.Session() as session:  # fresh connection per request: no stale keep-alive
-            session.trust_env = False
-            resp = session.request(
-                method,
-                url,
-                headers=headers,
-                data=req.body,
-                timeout=(timeout_s, timeout_s),
-                allow_redirects=False,  # pg_net does not follow redirects
-                stream=True,
-            )
-            with resp:
-                chunks: list[bytes] = []
-                for chunk in resp.iter_content(chunk_size=65536):
-                    chunks.append(chunk)
-                    if deadline is not None and time.monotonic() > deadline:
-                        return failure(_timeout_msg(timeout_ms, elapsed()), timed_out=True)
-            if deadline is not None and time.monotonic() > deadline:
-                return failure(_timeout_msg(timeout_ms, elapsed()), timed_out=True)
-        raw = b"".join(chunks)
-        content = _pg_text(raw.decode("utf-8", errors="replace")) if raw else None
-        return Outcome(
-            id=req.id,
-            status_code=resp.status_code,
-            content_type=resp.headers.get("Content-Type"),
-            headers={_pg_text(k): _pg_text(v) for k, v in resp.headers.items()},
-            content=content,
-            elapsed_ms=elapsed(),
-        )
-    except requests.Timeout:
-        return failure(_timeout_msg(int(req.timeout_milliseconds), elapsed()), timed_out=True)
-    except (requests.exceptions.InvalidSchema, requests.exceptions.MissingSchema):
-        return failure(ERR_UNSUPPORTED_PROTOCOL if "://" in str(req.url) else ERR_BAD_URL)
-    except (requests.exceptions.InvalidURL, requests.exceptions.URLRequired):
-        return failure(ERR_BAD_URL)
-    except requests.ConnectionError as exc:
-        text = str(exc)
-        if "NameResolution" in text or "Name or service not known" in text or "nodename" in text:
-            return failure(ERR_COULDNT_RESOLVE)
-        if "NewConnectionError" in text or "Connection refused" in text or "Failed to establish" in text:
-            return failure(ERR_COULDNT_CONNECT)
-        return failure(ERR_RECV)
-    except Exception as exc:  # a bad row must never take the worker down
-        logger.warning("pg_net request %s could not be sent: %s", req.id, type(exc).__name__)
-        return failure(ERR_BAD_ARGUMENT if isinstance(exc, (TypeError, ValueError)) else ERR_RECV)
-
-
-# ----------------------------------------------------------------------------------------------
-# the worker
-# ----------------------------------------------------------------------------------------------
-
-_TAKE_BATCH_SQL = """
-DELETE FROM net.http_request_queue
- WHERE id IN (SELECT id FROM net.http_request_queue ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)
-RETURNING id, method, url, headers, body, timeout_milliseconds
-"""
-
-_INSERT_RESPONSE_SQL = """
-INSERT INTO net._http_response (id, status_code, content, headers, content_type, timed_out)
-VALUES (%s, %s, %s, %s, %s, false)
-"""
-
-_INSERT_FAILURE_SQL = "INSERT INTO net._http_response (id, error_msg) VALUES (%s, %s)"
 
 
 class PgNetSender:
@@ -470,7 +235,7 @@ class PgNetSender:
             self._busy = True
             conn.execute("SELECT pg_advisory_lock_shared(%s)", (IN_FLIGHT_LOCK_KEY,))
             try:
-                rows = conn.execute(_TAKE_BATCH_SQL, (self.batch_size,)).fetchall()
+                rows = conn.execute(TAKE_BATCH_SQL, (self.batch_size,)).fetchall()
                 if not rows:
                     return
                 requests_ = sorted((self._parse(row) for row in rows), key=lambda r: r.id)
@@ -564,11 +329,11 @@ class PgNetSender:
             try:
                 if out.is_response:
                     conn.execute(
-                        _INSERT_RESPONSE_SQL,
+                        INSERT_RESPONSE_SQL,
                         (out.id, out.status_code, out.content, Jsonb(out.headers or {}), out.content_type),
                     )
                 else:
-                    conn.execute(_INSERT_FAILURE_SQL, (out.id, out.error_msg))
+                    conn.execute(INSERT_FAILURE_SQL, (out.id, out.error_msg))
             except psycopg.OperationalError:
                 self._unrecorded = pending[i:]
                 logger.warning("pg_net sender: %d outcome(s) not recorded yet (connection lost)", len(pending) - i)
@@ -584,6 +349,17 @@ def _safe_method(method: Any) -> str:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _safe_url(url: Any) -> str:
+    """The url for logs: no userinfo, no query string (either may carry secrets)."""
+    try:
+        parts = urlsplit(str(url))
+        host = parts.hostname or ""
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    except ValueError:
+        return "<unparseable url>"
 
 
 # ----------------------------------------------------------------------------------------------

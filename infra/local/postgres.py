@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 
-from infra.local.pgnet_sender import apply_pg_net_sql, ensure_utc_database
+from infra.local.pgnet_sql import apply_pg_net_sql, ensure_utc_database
 from shared.adapters.migrations import MIGRATIONS_DIR, apply_migrations
 
 

@@ -35,7 +35,7 @@ import requests
 
 from infra.deploy.webhook_sql import render_webhook_sql
 from infra.local.pgnet_sender import PgNetSender
-from infra.local.pgnet_sender import wait_idle as pgnet_wait_idle
+from infra.local.pgnet_sql import wait_idle as pgnet_wait_idle
 from infra.local.postgres import (
     create_database,
     function_role_url,
