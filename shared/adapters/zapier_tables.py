@@ -1,7 +1,7 @@
 """The Zapier Tables records client: the one module that knows the shape of the Zapier Tables API.
 
-The API is what Zapier's official SDK (npm ``@zapier/zapier-sdk``) sends; see
-``/work/shared/reference/zapier-tables-api.md``. ``infra/local/tables_service/`` serves the same API
+The API is what Zapier's official SDK (npm ``@zapier/zapier-sdk``) sends (the project's reference notes on
+Zapier's Tables API hold its paths and shapes). ``infra/local/tables_service/`` serves the same API
 for local runs and tests, and ``tests/test_sdk_conformance.py`` runs the SDK itself against it.
 
 Contract (base URL default ``https://sdkapi.zapier.com``; paths under ``/api/v0/sdk/tables/api/v1``)::
