@@ -200,6 +200,30 @@ def migrate(
 
 
 @app.command()
+def squash(
+    migrations_dir: Path = typer.Option(None, help="The migrations to fold (default: infra/supabase/migrations)."),
+    history_dir: Path = typer.Option(None, help="Where the folded chain goes (default: infra/supabase/history)."),
+) -> None:
+    """Fold infra/supabase/migrations into one baseline migration (a developer's step, not a deploy step).
+
+    Runs every migration on a scratch embedded Postgres, writes its schema-only dump grouped by concern as
+    infra/supabase/migrations/VERSION_zsync_baseline.sql (first line: the versions it replaces) and moves
+    the chain into infra/supabase/history/. `zsync migrate` then records the baseline on databases where the
+    chain ran and runs it on new ones. Review the diff, run `make test` (tests/test_migrations.py compares
+    the two), commit."""
+    from infra.squash import SquashError
+    from infra.squash import squash as fold
+    from shared.adapters.migrations import HISTORY_DIR, MIGRATIONS_DIR
+
+    try:
+        target = fold(migrations_dir or MIGRATIONS_DIR, history_dir or HISTORY_DIR)
+    except SquashError as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+    console.print(f"wrote {target}; the chain it replaces is in {history_dir or HISTORY_DIR}")
+
+
+@app.command()
 def logs(
     function: str = typer.Argument(..., help="Function name, e.g. agent_jobs_to_supabase."),
     lines: int = typer.Option(50, "-n", help="How many recent lines."),

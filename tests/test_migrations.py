@@ -114,3 +114,22 @@ def test_squash_renders_a_baseline_that_rebuilds_the_chain(pg_server: object, tm
     (squashed / "29991231000000_zsync_baseline.sql").write_text(text, encoding="utf-8")
     rebuilt = _migrated(pg_server, squashed)
     assert _catalog(rebuilt, pg_server) == _catalog(chain, pg_server)
+
+
+def test_zsync_squash_folds_a_chain_and_moves_it_to_history(tmp_path: Path) -> None:
+    """The command on a copy of the old chain: one baseline left, the chain in the history folder, and a
+    chain without migrations refused in one line."""
+    from typer.testing import CliRunner
+
+    from infra.cli import app
+
+    chain, history = tmp_path / "migrations", tmp_path / "history"
+    shutil.copytree(HISTORY_DIR, chain)
+    done = CliRunner().invoke(app, ["squash", "--migrations-dir", str(chain), "--history-dir", str(history)])
+    assert done.exit_code == 0, done.output
+    [baseline] = discover(chain)
+    old = {m.version for m in discover(HISTORY_DIR)}
+    assert set(baseline.replaces) == {m.version for m in discover(history)} == old
+    empty = tmp_path / "none"
+    again = CliRunner().invoke(app, ["squash", "--migrations-dir", str(empty), "--history-dir", str(history)])
+    assert again.exit_code == 1 and "no migrations" in again.output
