@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import requests
@@ -127,13 +128,20 @@ def test_3_older_tables_write_is_skipped_and_audited(stack, tables, supabase):
     assert tables.find("agent_jobs", rid)["data"]["updated_at"] == "2025-12-22T12:00:00Z"
 
 
-TIE_TS, TIE_CREATED = "2031-01-01T00:00:00Z", "2025-12-22T09:00:00Z"  # later than any edited_at: a pure tie
+TIE_CREATED = "2025-12-22T09:00:00Z"
+# The tie's updated_at: later than every edited_at of the test (a pure tie, edited_at cannot decide), yet within
+# the allowed future skew (ZSYNC_MAX_FUTURE_SKEW_S, 300 s by default), which refuses a version further ahead.
+TIE_AHEAD = timedelta(seconds=180)
 
 
-def _tie_winner(supabase, rid: str, mine: str, theirs: str) -> int:
+def _tie_ts() -> str:
+    return (datetime.now(UTC) + TIE_AHEAD).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _tie_winner(supabase, rid: str, ts: str, mine: str, theirs: str) -> int:
     """zsync.version_cmp of the Tables version (status ``mine``) against Supabase's (``theirs``) at the same
     updated_at - checked against the documented rule, independently: the larger content hash wins."""
-    row = {"id": rid, "retry_count": 0, "created_at": TIE_CREATED, "updated_at": TIE_TS}
+    row = {"id": rid, "retry_count": 0, "created_at": TIE_CREATED, "updated_at": ts}
     a, b = json.dumps(row | {"status": mine}), json.dumps(row | {"status": theirs})
     [(cmp, ha, hb)] = supabase.query(
         "SELECT zsync.version_cmp('public.agent_jobs', %s::jsonb, %s::jsonb), "
@@ -149,8 +157,9 @@ def test_3_same_timestamp_tie_converges_on_the_version_version_cmp_picks(stack, 
     back, then let through): both end with the version zsync.version_cmp ranks higher, at that updated_at
     (not a time bumped by edited_at: the tie is decided by the content hash), in either order of arrival."""
     rid = uid("tie")
+    ts = _tie_ts()
     n = 0
-    while _tie_winner(supabase, rid, f"from-tables-{n}", "from-supabase") != (1 if tables_wins else -1):
+    while _tie_winner(supabase, rid, ts, f"from-tables-{n}", "from-supabase") != (1 if tables_wins else -1):
         n += 1
     mine, theirs = f"from-tables-{n}", "from-supabase"
     expected = mine if tables_wins else theirs
@@ -158,9 +167,9 @@ def test_3_same_timestamp_tie_converges_on_the_version_version_cmp_picks(stack, 
     stack.drop_deliveries(1.0)
     try:
         supabase.query("INSERT INTO agent_jobs (id, status, retry_count, created_at, updated_at) "
-                       "VALUES (%s, %s, 0, %s, %s)", (rid, theirs, TIE_CREATED, TIE_TS))
+                       "VALUES (%s, %s, 0, %s, %s)", (rid, theirs, TIE_CREATED, ts))
         tables.create("agent_jobs", {"id": rid, "status": mine, "retry_count": 0, "created_at": TIE_CREATED,
-                                     "updated_at": TIE_TS})
+                                     "updated_at": ts})
     finally:
         stack.drop_deliveries(0.0)
     for _ in range(3):  # the lost notifications: the sweeper re-sends Supabase's, the scheduled drain Tables'
@@ -170,7 +179,8 @@ def test_3_same_timestamp_tie_converges_on_the_version_version_cmp_picks(stack, 
     row = supabase.row("agent_jobs", rid)
     found = tables.find("agent_jobs", rid)["data"]
     assert (row["status"], found["status"]) == (expected, expected), (row, found)
-    assert row["updated_at"].startswith("2031-01-01T00:00:00") and found["updated_at"] == TIE_TS, (row, found)
+    assert row["updated_at"].startswith(ts.removesuffix("Z")) and found["updated_at"] == ts, (row, found)
+    assert datetime.now(UTC) < datetime.fromisoformat(ts.replace("Z", "+00:00")), "the tie was not pure: too slow"
 
 
 # --- Test 4: no sync loop ------------------------------------------------------------------------
