@@ -186,7 +186,7 @@ def test_concurrent_batches_and_single_applies(pg_server: Any) -> None:
     start = threading.Barrier(workers)
 
     def worker(w: int) -> None:
-        ctx = SyncContext(settings=Settings(database_url=url, retry_budget_s=0))
+        ctx = SyncContext(settings=Settings(database_url=url, retry_budget_s=0, max_future_skew_s=FAR_SKEW_S))
         rnd = random.Random(w)
         try:
             for r in range(rounds):
