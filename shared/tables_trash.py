@@ -167,8 +167,12 @@ def check_trash(ctx: SyncContext, spec: TableSpec, since: datetime | None = None
 
 
 def idle_check(answer: dict[str, Any]) -> bool:
-    """Whether a trash check's result found nothing to do (nothing considered, nothing unreadable)."""
-    return not answer.get("error") and not answer.get("considered") and not answer.get("unreadable")
+    """Whether a trash check's result found nothing to do: nothing applied, kept newer or unreadable. Records it
+    re-read within the overlap (a delete applied before: ``unchanged``; still live; insert pending) and the sync's
+    own trashed copies (never a person's delete) are considered but change nothing: a check that meets only them
+    is idle too (else every check for 2 minutes after any delete logged at INFO)."""
+    return not answer.get("error") and not answer.get("applied") and not answer.get("kept_newer") \
+        and not answer.get("unreadable")
 
 
 def run_check(function_name: str, ctx: SyncContext | None = None) -> tuple[dict[str, Any], bool]:
