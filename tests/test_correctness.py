@@ -167,15 +167,16 @@ def test_3_a_lost_update_webhook_is_resent_by_the_sweeper(stack, tables, supabas
     """pg_net sends an UPDATE's webhook once: lost, the change waits in the outbox and the sweeper (pg_cron
     in production) re-sends it; Tables' copy is updated once, not created again."""
     rid = uid("lost-update")
-    supabase.query("INSERT INTO agent_jobs (id, status, updated_at) VALUES (%s, 'queued', '2025-02-01T00:00:00Z')",
-                   (rid,))
+    # Versions a little ahead (later than any edited_at of the test), within the allowed future skew (300 s).
+    ahead = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=120)
+    t0, t1 = (f"{(ahead + timedelta(seconds=s)).strftime('%Y-%m-%dT%H:%M:%S')}Z" for s in (0, 1))
+    supabase.query("INSERT INTO agent_jobs (id, status, updated_at) VALUES (%s, 'queued', %s)", (rid, t0))
     eventually(lambda: tables.find("agent_jobs", rid))
     stack.wait_quiet()
     writes = tables.writes("agent_jobs")
     stack.drop_deliveries(1.0)
     try:
-        supabase.query("UPDATE agent_jobs SET status = 'done', updated_at = '2025-02-01T00:00:01Z' WHERE id = %s",
-                       (rid,))
+        supabase.query("UPDATE agent_jobs SET status = 'done', updated_at = %s WHERE id = %s", (t1, rid))
         stack.wait_quiet()
     finally:
         stack.drop_deliveries(0.0)
@@ -185,12 +186,12 @@ def test_3_a_lost_update_webhook_is_resent_by_the_sweeper(stack, tables, supabas
     assert stack.sweep_outbox(min_age_s=0) >= 1
     stack.wait_quiet()
     found = eventually(lambda: tables.find("agent_jobs", rid))
-    assert (found["data"]["status"], found["data"]["updated_at"]) == ("done", "2025-02-01T00:00:01Z")
+    assert (found["data"]["status"], found["data"]["updated_at"]) == ("done", t1)
     assert len(tables.find_all("agent_jobs", rid)) == 1 and tables.writes("agent_jobs") == writes + 1
     assert supabase.query(pending, (rid,)) == []
     synced = [a["metadata"]["source_timestamp"][:19] for a in supabase.audit(rid, "agent_jobs_synced")
               if a["metadata"]["sync_direction"] == "supabase_to_tables"]
-    assert synced == ["2025-02-01T00:00:00", "2025-02-01T00:00:01"]  # the insert, then the update once
+    assert synced == [t0[:19], t1[:19]]  # the insert, then the update once
 
 
 # --- 4. deletes win ---------------------------------------------------------------------------------------

@@ -172,8 +172,10 @@ def test_a_record_restored_from_the_tables_trash_comes_back_on_both_sides(stack,
     copy = tables.find("agent_jobs", rid)
     in_tables = datetime.fromisoformat((copy["data"].get("updated_at") or copy["edited_at"]).replace("Z", "+00:00"))
     assert abs(in_tables - stored) < timedelta(milliseconds=1), (in_tables, stored)
-    # A stale delivery from before the delete changes nothing now.
-    r = post(stack, "agent_jobs_to_supabase", rec["data"])
+    # A stale delivery from before the delete changes nothing now. It is sent as the trigger delivered it: the
+    # fields (no updated_at: Zapier fills nothing in) and Zapier's edited_at of that change, at which such a
+    # record is versioned (fields alone, with neither time, would be versioned at their arrival: a new change).
+    r = post(stack, "agent_jobs_to_supabase", rec["data"] | {"edited_at": rec["edited_at"]})
     assert r.json()["outcome"] == "skipped_stale", r.text
     stack.wait_quiet()
     assert live_everywhere(tables, supabase, rid) == (True, True)

@@ -129,18 +129,19 @@ def test_3_older_tables_write_is_skipped_and_audited(stack, tables, supabase):
 
 
 TIE_CREATED = "2025-12-22T09:00:00Z"
+# The tie's updated_at: later than every edited_at of the test (a pure tie, edited_at cannot decide), yet within
+# the allowed future skew (ZSYNC_MAX_FUTURE_SKEW_S, 300 s by default), which refuses a version further ahead.
+TIE_AHEAD = timedelta(seconds=180)
 
 
-def _tie_time() -> str:
-    """Two minutes ahead: later than the edited_at of the writes below (a pure tie, which only the content hash
-    decides) and within the future skew the sync accepts (ZSYNC_MAX_FUTURE_SKEW_S, 5 minutes)."""
-    return (datetime.now(UTC) + timedelta(minutes=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _tie_ts() -> str:
+    return (datetime.now(UTC) + TIE_AHEAD).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _tie_winner(supabase, rid: str, mine: str, theirs: str, tie_ts: str) -> int:
+def _tie_winner(supabase, rid: str, ts: str, mine: str, theirs: str) -> int:
     """zsync.version_cmp of the Tables version (status ``mine``) against Supabase's (``theirs``) at the same
     updated_at - checked against the documented rule, independently: the larger content hash wins."""
-    row = {"id": rid, "retry_count": 0, "created_at": TIE_CREATED, "updated_at": tie_ts}
+    row = {"id": rid, "retry_count": 0, "created_at": TIE_CREATED, "updated_at": ts}
     a, b = json.dumps(row | {"status": mine}), json.dumps(row | {"status": theirs})
     [(cmp, ha, hb)] = supabase.query(
         "SELECT zsync.version_cmp('public.agent_jobs', %s::jsonb, %s::jsonb), "
@@ -156,9 +157,9 @@ def test_3_same_timestamp_tie_converges_on_the_version_version_cmp_picks(stack, 
     back, then let through): both end with the version zsync.version_cmp ranks higher, at that updated_at
     (not a time bumped by edited_at: the tie is decided by the content hash), in either order of arrival."""
     rid = uid("tie")
-    tie_ts = _tie_time()
+    ts = _tie_ts()
     n = 0
-    while _tie_winner(supabase, rid, f"from-tables-{n}", "from-supabase", tie_ts) != (1 if tables_wins else -1):
+    while _tie_winner(supabase, rid, ts, f"from-tables-{n}", "from-supabase") != (1 if tables_wins else -1):
         n += 1
     mine, theirs = f"from-tables-{n}", "from-supabase"
     expected = mine if tables_wins else theirs
@@ -166,9 +167,9 @@ def test_3_same_timestamp_tie_converges_on_the_version_version_cmp_picks(stack, 
     stack.drop_deliveries(1.0)
     try:
         supabase.query("INSERT INTO agent_jobs (id, status, retry_count, created_at, updated_at) "
-                       "VALUES (%s, %s, 0, %s, %s)", (rid, theirs, TIE_CREATED, tie_ts))
+                       "VALUES (%s, %s, 0, %s, %s)", (rid, theirs, TIE_CREATED, ts))
         tables.create("agent_jobs", {"id": rid, "status": mine, "retry_count": 0, "created_at": TIE_CREATED,
-                                     "updated_at": tie_ts})
+                                     "updated_at": ts})
     finally:
         stack.drop_deliveries(0.0)
     for _ in range(3):  # the lost notifications: the sweeper re-sends Supabase's, the scheduled drain Tables'
@@ -178,7 +179,8 @@ def test_3_same_timestamp_tie_converges_on_the_version_version_cmp_picks(stack, 
     row = supabase.row("agent_jobs", rid)
     found = tables.find("agent_jobs", rid)["data"]
     assert (row["status"], found["status"]) == (expected, expected), (row, found)
-    assert row["updated_at"].startswith(tie_ts[:19]) and found["updated_at"] == tie_ts, (row, found)
+    assert row["updated_at"].startswith(ts.removesuffix("Z")) and found["updated_at"] == ts, (row, found)
+    assert datetime.now(UTC) < datetime.fromisoformat(ts.replace("Z", "+00:00")), "the tie was not pure: too slow"
 
 
 # --- Test 4: no sync loop ------------------------------------------------------------------------

@@ -733,15 +733,18 @@ def test_trigger_can_be_pointed_elsewhere_or_off(api: Api, receiver: Receiver) -
 
 
 def test_writes_that_keep_the_version_are_counted(api: Api) -> None:
-    """``same_version_writes``: updates that left ``updated_at`` where it was (the soak's Tables echo count)."""
+    """``same_version_writes``: updates that left ``updated_at`` where it was (the soak's Tables echo count).
+    The stand-in fills nothing in (docs/local-stand-ins.md): a write without ``updated_at`` keeps the one the
+    record has, so it is counted too (a person's cell edit looks the same; the soak's writers set one)."""
     rec = api.new({"id": "job-3", "status": "queued", "updated_at": "2030-01-01T00:00:00Z"})
     api.admin("POST", "stats/reset")
     api.update([(rec["id"], {"status": "queued"})])  # nothing changed: the same version written again
     api.change(rec["id"], {"status": "x", "updated_at": "2030-01-01T00:00:00.000Z"})  # same time, other format
     api.change(rec["id"], {"status": "y", "updated_at": "2030-01-01T00:00:01Z"})  # a new version
-    api.change(rec["id"], {"status": "z"})  # stamped: a new version
+    kept = api.change(rec["id"], {"status": "z"})  # no updated_at sent: not stamped, the version stays
+    assert kept["data"]["updated_at"] == "2030-01-01T00:00:01Z"
     api.new({"id": "job-4", "updated_at": "2030-01-01T00:00:00Z"})  # a create is never one
-    assert api.stats()["same_version_writes"] == {api.ids[JOBS]: 2}
+    assert api.stats()["same_version_writes"] == {api.ids[JOBS]: 3}
 
 
 def test_fault_injection_and_stats(api: Api) -> None:
