@@ -102,3 +102,19 @@ class Supabase:
             sql += " AND action = %s"
             params += (action,)
         return [r[0] for r in self.query(sql + " ORDER BY timestamp", params)]
+
+
+def deadlocks(url: str) -> int:
+    """Deadlocks Postgres detected in this database, once every other session has ended (each reports its
+    statistics when it exits)."""
+    from shared.adapters import supabase_db
+
+    supabase_db.close_pools()
+    with psycopg.connect(url, autocommit=True) as conn:
+        for _ in range(100):
+            others = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                  "AND pid <> pg_backend_pid()").fetchone()[0]
+            if not others:
+                break
+            time.sleep(0.05)
+        return conn.execute("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()").fetchone()[0]

@@ -22,6 +22,7 @@ from shared.core.spec import FUNCTIONS
 from shared.platform.settings import Settings
 from shared.services.from_tables import apply_from_tables, apply_many_from_tables
 from shared.services.sync import SyncContext, change_time, unwrap_tables_payload
+from tests.e2e import deadlocks
 
 FN = FUNCTIONS["agent_jobs_to_supabase"]
 AUDIT_FN = FUNCTIONS["audit_log_to_supabase"]
@@ -158,20 +159,6 @@ def test_version_exprs_match_version_of(db: psycopg.Connection) -> None:
         assert tuple(got) == tuple(mine), row
 
 
-def _deadlocks(url: str) -> int:
-    """Deadlocks Postgres detected in this database, once every other session has ended (each reports its
-    statistics when it exits)."""
-    supabase_db.close_pools()
-    with psycopg.connect(url, autocommit=True) as conn:
-        for _ in range(100):
-            others = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                                  "AND pid <> pg_backend_pid()").fetchone()[0]
-            if not others:
-                break
-            time.sleep(0.05)
-        return conn.execute("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()").fetchone()[0]
-
-
 def test_concurrent_batches_and_single_applies(pg_server: Any) -> None:
     """Batches of the same new ids in opposite orders, and single applies, at once, round after round: no
     deadlock at all (none retried away: the contexts have no retry budget), the newest version wins.
@@ -217,7 +204,7 @@ def test_concurrent_batches_and_single_applies(pg_server: Any) -> None:
     causes = [f"{type(e).__name__}: {e} <- {e.__cause__!r}" for e in errors
               if not isinstance(e, threading.BrokenBarrierError)]
     assert not causes, causes
-    assert _deadlocks(url) == 0
+    assert deadlocks(url) == 0
     with psycopg.connect(url) as conn:
         rows = conn.execute("SELECT id, status, updated_at FROM agent_jobs WHERE id LIKE 'c-%' ORDER BY id").fetchall()
     assert len(rows) == rounds * per_round
@@ -244,7 +231,7 @@ def test_a_small_batch_takes_its_rows_in_id_order(pg_server: Any) -> None:
         holder.commit()
     worker.join(30)
     assert [r.outcome for r in results[0]] == [Outcome.APPLIED, Outcome.SKIPPED_STALE]
-    assert _deadlocks(url) == 0
+    assert deadlocks(url) == 0
 
 
 def _wait_for_a_lock_wait(url: str, what: str) -> None:
@@ -274,7 +261,7 @@ def test_audit_entries_are_appended_in_id_order(pg_server: Any) -> None:
         holder.commit()
     worker.join(30)
     assert [r.outcome for r in results[0]] == [Outcome.UNCHANGED, Outcome.UNCHANGED]
-    assert _deadlocks(url) == 0
+    assert deadlocks(url) == 0
 
 
 def test_the_syncs_audit_entries_are_appended_in_id_order(pg_server: Any) -> None:
@@ -297,7 +284,7 @@ def test_the_syncs_audit_entries_are_appended_in_id_order(pg_server: Any) -> Non
         holder.commit()
     worker.join(30)
     assert inserted == [0]
-    assert _deadlocks(url) == 0
+    assert deadlocks(url) == 0
 
 
 def test_wrapped_delivery_edited_at_versions_like_the_flat_form(pg_server: Any) -> None:

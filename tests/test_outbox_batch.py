@@ -23,6 +23,7 @@ from shared.core.spec import FUNCTIONS, TABLES
 from shared.services.outbox_batch import drain_outbox
 from shared.services.sync import SupabaseWebhook, SyncContext
 from shared.services.to_tables import apply_from_supabase
+from tests.e2e import deadlocks
 from tests.tables_local import LocalTables, start_local_tables
 
 FN = FUNCTIONS["agent_jobs_to_tables"]
@@ -205,20 +206,6 @@ def test_parallel_drains_compete_for_records_with_several_changes(fresh_db, serv
     assert len(_audit(fresh_db)) == len(ids) + 12  # the first drain's 12, then one per record
 
 
-def _deadlocks(url: str) -> int:
-    """Deadlocks Postgres detected in this database, once every other session has ended (each reports its
-    statistics when it exits)."""
-    supabase_db.close_pools()
-    with psycopg.connect(url, autocommit=True) as conn:
-        for _ in range(100):
-            others = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                                  "AND pid <> pg_backend_pid()").fetchone()[0]
-            if not others:
-                break
-            time.sleep(0.05)
-        return conn.execute("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()").fetchone()[0]
-
-
 def test_a_drain_pushing_newer_tables_versions_back_locks_rows_in_id_order(fresh_db, service):
     """Tables holds newer versions of two records: the drain pushes them into Supabase. It must lock those rows
     in id order, as a Tables -> Supabase batch does: a transaction holding the lower id and then taking the
@@ -258,7 +245,7 @@ def test_a_drain_pushing_newer_tables_versions_back_locks_rows_in_id_order(fresh
     assert [r.outcome for r in results[0].results.values()] == [Outcome.SKIPPED_STALE] * 2
     with psycopg.connect(fresh_db) as conn:
         assert conn.execute("SELECT array_agg(status ORDER BY id) FROM agent_jobs").fetchone()[0] == ["v9", "v9"]
-    assert _deadlocks(fresh_db) == 0
+    assert deadlocks(fresh_db) == 0
 
 
 def test_a_429_mid_batch_leaves_the_unsent_rows_pending_then_they_go_once(fresh_db, tmp_path):
