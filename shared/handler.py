@@ -157,14 +157,17 @@ def process(fn: FunctionSpec, ctx: SyncContext, payload: dict[str, Any],
 
 
 def _tables_errors() -> tuple[type[Exception], ...]:
-    """The Tables client's errors, once it is loaded: a function that never loaded it cannot have raised one."""
-    tables = sys.modules.get("shared.zapier_tables")
-    return (tables.TablesError,) if tables is not None else ()
+    """The Tables client's errors, once it is loaded: a function that never loaded it cannot have raised one.
+    The module can be in ``sys.modules`` half imported (another request's thread is importing it, e.g. the
+    first scheduled trash check): its classes not defined yet, so none of them can have been raised either.
+    (Reading the attribute then raised AttributeError inside the ``except`` clause: a 500, no dead letter.)"""
+    error = getattr(sys.modules.get("shared.zapier_tables"), "TablesError", None)
+    return (error,) if error is not None else ()
 
 
 def _tables_rejected(exc: Exception) -> bool:
-    tables = sys.modules.get("shared.zapier_tables")
-    return tables is not None and isinstance(exc, tables.TablesRejected)
+    rejected = getattr(sys.modules.get("shared.zapier_tables"), "TablesRejected", None)
+    return rejected is not None and isinstance(exc, rejected)
 
 
 _TRACE_ID = re.compile(r"[0-9a-fA-F]{16,32}|1-[0-9a-f]{8}-[0-9a-f]{24}")
