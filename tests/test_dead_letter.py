@@ -4,7 +4,9 @@ Zapier Tables service; the functions run in-process through functions-framework'
 from __future__ import annotations
 
 import json
+import sys
 import time
+import types
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -144,6 +146,24 @@ def test_database_down_is_dead_lettered_whole(env, queue_url):
     assert raw["error"]["type"] == "DatabaseUnavailable" and raw["audited"] is False
     assert raw["key"] == delivery_key("agent_jobs_to_supabase", body) and raw["record_id"] == "dl-1"
     assert "hunter2" not in json.dumps(raw) and "hunter2" not in r.get_data(as_text=True)
+
+
+def test_database_down_is_dead_lettered_while_another_thread_imports_the_tables_client(env, queue_url):
+    """The Tables errors half imported (another request's thread, e.g. the first scheduled trash check, is
+    importing the Tables client, shared.adapters.zapier_errors first) when the database is found down: still 503
+    and dead-lettered. Reading
+    ``TablesError`` off the half-imported module raised AttributeError in the ``except`` clause: a 500, no
+    dead letter, the delivery lost (tests/test_faults.py::test_a_postgres_down_during_tables_burst under load:
+    two rate_limits deliveries answered 500, the records then only in Tables)."""
+    env.setenv("ZSYNC_DATABASE_URL", DOWN_DB)
+    reset_settings()
+    half = types.ModuleType("shared.adapters.zapier_errors")  # in sys.modules, no classes defined yet
+    env.setitem(sys.modules, "shared.adapters.zapier_errors", half)
+    body = {"id": "rl-half-import", "service_name": "openai"}
+    r = post("rate_limits_to_supabase", body)
+    assert r.status_code == 503 and r.json["dead_lettered"] is True
+    [msg] = drain(queue_url)
+    assert msg.letter is not None and msg.letter.payload == body
 
 
 def test_sqs_down_still_answers_503(env, queue_url):

@@ -66,13 +66,19 @@ def test_record_created_without_updated_at_is_versioned_at_edited_at(stack, tabl
 
 def _losing_status(database_url: str, stored: dict) -> str:
     """A status that, at the stored ``updated_at``, is an older version than the stored row by the
-    content hash alone (zsync.version_cmp): without the edited_at rule such an edit loses the tie."""
+    content hash alone (zsync.version_cmp): without the edited_at rule such an edit loses the tie.
+
+    A candidate loses when its hash is below the stored row's, which depends on the row (its random id, its
+    created_at): when that hash is small, few candidates do. With 64 candidates none did in 1 row in 65
+    (E[(1 - h)^64]); so candidates are compared 1,024 at a time (zsync.version_cmp_many) until one loses."""
     base = parse_supabase_record(JOBS, stored)
     with psycopg.connect(database_url, autocommit=True) as conn:
-        for n in range(64):
-            candidate = f"edited-{n}"
-            if supabase_db.version_cmp(conn, JOBS, dict(base, status=candidate), base) < 0:
-                return candidate
+        for start in range(0, 1 << 20, 1024):
+            candidates = [f"edited-{n}" for n in range(start, start + 1024)]
+            cmps = supabase_db.version_cmp_many(conn, JOBS, [(dict(base, status=c), base) for c in candidates])
+            for candidate, cmp in zip(candidates, cmps, strict=True):
+                if cmp < 0:
+                    return candidate
     raise AssertionError("no candidate loses the hash tie")
 
 

@@ -299,7 +299,10 @@ class LocalStack:
         self.aws_endpoint_url = f"http://127.0.0.1:{port}"
         sqs = boto3.client("sqs", endpoint_url=self.aws_endpoint_url, region_name="us-east-1",
                            aws_access_key_id="local", aws_secret_access_key="local")
-        self.dlq_url = sqs.create_queue(QueueName=DLQ_NAME)["QueueUrl"]
+        # moto keeps its state per Python process, not per server: every stack a process starts (a test
+        # worker's shared stack, a module's own) would see one queue of this name, and one stack's dead
+        # letters would be replayed, counted and deleted by another. A queue of its own per stack.
+        self.dlq_url = sqs.create_queue(QueueName=f"{DLQ_NAME}-{secrets.token_hex(4)}")["QueueUrl"]
 
     def _setup_tables(self) -> None:
         """Create the tables and fields through the API, as `zsync setup zapier` does in production."""

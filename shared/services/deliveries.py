@@ -99,14 +99,17 @@ def process(fn: FunctionSpec, ctx: SyncContext, payload: dict[str, Any],
 
 
 def tables_errors() -> tuple[type[Exception], ...]:
-    """The Tables errors, once their module is loaded: a function that never loaded it cannot have raised one."""
-    tables = sys.modules.get("shared.adapters.zapier_errors")
-    return (tables.TablesError,) if tables is not None else ()
+    """The Tables errors, once their module is loaded: a function that never loaded it cannot have raised one.
+    The module can be in ``sys.modules`` half imported (another request's thread is importing it, e.g. the
+    first scheduled trash check): its classes not defined yet, so none of them can have been raised either.
+    (Reading the attribute then raised AttributeError inside the ``except`` clause: a 500, no dead letter.)"""
+    error = getattr(sys.modules.get("shared.adapters.zapier_errors"), "TablesError", None)
+    return (error,) if error is not None else ()
 
 
 def tables_rejected(exc: Exception) -> bool:
-    tables = sys.modules.get("shared.adapters.zapier_errors")
-    return tables is not None and isinstance(exc, tables.TablesRejected)
+    rejected = getattr(sys.modules.get("shared.adapters.zapier_errors"), "TablesRejected", None)
+    return rejected is not None and isinstance(exc, rejected)
 
 
 def record_failure(fn: FunctionSpec, ctx: SyncContext, body: bytes, rejected: Rejected,
