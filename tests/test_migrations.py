@@ -133,3 +133,20 @@ def test_zsync_squash_folds_a_chain_and_moves_it_to_history(tmp_path: Path) -> N
     empty = tmp_path / "none"
     again = CliRunner().invoke(app, ["squash", "--migrations-dir", str(empty), "--history-dir", str(history)])
     assert again.exit_code == 1 and "no migrations" in again.output
+
+
+def test_three_migrators_at_once_on_a_database_part_way_through_the_chain(pg_server: object, tmp_path: Path) -> None:
+    """Each missing chain file runs once and the baseline is recorded once, whoever gets there first."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    part = _partial_chain(tmp_path, len(discover(HISTORY_DIR)) - 3)
+    url = _migrated(pg_server, part)
+    with ThreadPoolExecutor(3) as pool:
+        results = [name for applied in pool.map(lambda _: apply_migrations(url), range(3)) for name in applied]
+    rest = [m.name for m in discover(HISTORY_DIR)][-3:]
+    recorded = f"{BASELINES[0].name} (recorded: its chain ran here)"
+    later = [m.name for m in discover(MIGRATIONS_DIR)[1:]]
+    assert sorted(results) == sorted([*rest, recorded, *later])
+    with psycopg.connect(url) as conn:
+        count = conn.execute("SELECT count(*) FROM zsync.schema_migrations").fetchone()[0]  # type: ignore[index]
+    assert count == len(discover(HISTORY_DIR)) + len(discover(MIGRATIONS_DIR))

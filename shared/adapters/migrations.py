@@ -129,8 +129,8 @@ def _apply_chain(conn: psycopg.Connection, migrations: list[Migration], history:
             if missing:
                 raise MigrationError(f"{m.path.name} replaces {', '.join(missing)}, which {history} lacks")
             _apply_chain(conn, old, history, done)
-            _apply_one(conn, migrations, m, run=False)
-            done.append(f"{m.name} (recorded: its chain ran here)")
+            if _apply_one(conn, migrations, m, run=False):  # another migrator may have recorded it meanwhile
+                done.append(f"{m.name} (recorded: its chain ran here)")
         elif _apply_one(conn, migrations, m, run=True):
             done.append(m.name)
 
