@@ -1,6 +1,7 @@
 """Local stand-in for Zapier's trigger inboxes, mounted on the local Zapier Tables service.
 
-Implements ``/api/v0/sdk/trigger-inbox/api/v1/inboxes`` as ``@zapier/zapier-sdk`` calls it (both
+Implements ``/api/v0/sdk/trigger-inbox/api/v1/inboxes`` (and the same at the public API's prefixes,
+:data:`PUBLIC_INBOX_PATHS`) as ``@zapier/zapier-sdk`` calls it (both
 generations: ``PUT`` ensure with ``name`` (0.67.0) and ``POST`` create with ``key``; list filters by
 ``key`` or ``name``), the two app-metadata endpoints used to discover the Tables trigger's action key,
 and the delivery side: :meth:`InboxService.publish` (called by the Tables service after each create or
