@@ -101,10 +101,15 @@ def test_query_pages_with_next_cursor_and_links(svc, table) -> None:
         url = data["links"]["next"]
         assert (url is None) == (data["meta"]["next_cursor"] is None)
     assert seen == [1, 2, 3, 4]
+    assert data["links"]["prev"] is not None  # the last page goes back to the one before it
+    back = requests.post(data["links"]["prev"], json=body, headers=AUTH, timeout=10).json()
+    assert [r["data"][n] for r in back["results"]] == [1, 2] and back["links"]["prev"] is None
     first = call(svc, "POST", f"{V2}/tables/{t}/records/query", {"limit": 2}).json()
     cursor = first["meta"]["next_cursor"]
     second = call(svc, "POST", f"{V2}/tables/{t}/records/query?cursor={cursor}", {"limit": 2}).json()
     assert [r["data"][n] for r in second["results"]] == [2, 3] and second["meta"]["cursor"] == cursor
+    bad = call(svc, "POST", f"{V2}/tables/{t}/records/query?cursor=nope", {"limit": 2})
+    assert bad.status_code == 400 and set(bad.json()) == ENVELOPE
     ordered = call(svc, "POST", f"{V2}/tables/{t}/records/query",
                    {"limit": 3, "orders": [{"key": n, "direction": "desc"}]}).json()
     assert [r["data"][n] for r in ordered["results"]] == [4, 3, 2]

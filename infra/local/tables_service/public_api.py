@@ -20,6 +20,8 @@ written through one is read through the other.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import threading
@@ -35,6 +37,7 @@ from infra.local.tables_service.values import Data, Rec, check_value, ulid_to_uu
 
 PUBLIC_PREFIX = "/tables/v2"
 BATCH_MAX = 100  # maxItems is not published; the SDK path's 100 (reference 1.3)
+PREV_KEEP = 100  # pages a query token remembers for links.prev
 IDEMPOTENCY_KEEP = 10_000  # finished responses kept (oldest dropped first)
 _ON_CONFLICT = ("block",)  # the default is "absent"; the value naming the default is not published
 
@@ -145,6 +148,26 @@ def _data(item: Any, where: str) -> Data:
     if not isinstance(data, dict):
         raise V2Error(400, "invalid", f'{where}: expected {{"data": {{"f<id>": value}}}}')
     return data
+
+
+def _page(start: str | None, back: list[str | None]) -> str:
+    """A v2 page token: where the page starts (the store's cursor; None: the first page) and where the
+    pages before it started (the newest :data:`PREV_KEEP`), so ``links.prev`` can go back."""
+    raw = json.dumps({"s": start, "b": back[-PREV_KEEP:]}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_page(token: str | None) -> tuple[str | None, list[str | None]]:
+    if token is None:
+        return None, []
+    try:
+        page = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        start, back = page["s"], page["b"]
+        if not isinstance(back, list) or not all(isinstance(c, str | None) for c in [start, *back]):
+            raise ValueError(token)
+        return start, back
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        raise V2Error(400, "invalid", f"cursor {token[:40]!r} is not a page token of this query") from None
 
 
 # --- Idempotency-Key ------------------------------------------------------------------------------------
@@ -264,15 +287,17 @@ def register_public_api(app: Flask, ctx: ServiceContext, cache: IdempotencyCache
         if orders == [{"key": "id", "direction": "asc"}] or orders == [{"key": "id"}]:
             orders = None  # the default order: the table's stored one
         cursor = request.args.get("cursor") or None
+        start, back = _decode_page(cursor)
         inner = {"limit": body.get("limit", 100), "filters": body.get("filters"), "orders": orders,
-                 "cursor_query": {"start_cursor": cursor} if cursor else None}
+                 "cursor_query": {"start_cursor": start} if start else None}
         found, pagination = engine.query(table, inner, "exclude")
-        next_cursor = pagination["end_cursor"] if pagination["has_more"] else None
+        next_cursor = _page(pagination["end_cursor"], [*back, start]) if pagination["has_more"] else None
+        prev_cursor = _page(back[-1], back[:-1]) if back else None
         link = request.base_url + "?"
         return jsonify(results=[v2_record(r) for r in found],
                        meta={"limit": inner["limit"], "cursor": cursor, "next_cursor": next_cursor},
                        links={"next": link + urlencode({"cursor": next_cursor}) if next_cursor else None,
-                              "prev": None})
+                              "prev": link + urlencode({"cursor": prev_cursor}) if prev_cursor else None})
 
     @app.get(PUBLIC_PREFIX + "/tables/<table_id>/fields")
     def v2_fields(table_id: str) -> Response:
