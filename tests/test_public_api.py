@@ -198,3 +198,30 @@ def test_public_trigger_inbox_prefixes_share_the_inboxes_and_bounds(svc, table, 
     acked = call(svc, "POST", f"{prefix}/{inbox}/messages/ack", {"lease_id": leased.json()["lease_id"]})
     assert acked.status_code == 200 and len(acked.json()["results"]) == 10
     assert requests.get(f"{svc.url}{prefix}", timeout=10).status_code == 401
+
+
+def test_an_update_replay_answers_the_original_even_after_a_later_change(svc, table) -> None:
+    t, status = table["id"], table["status"]
+    rid = call(svc, "POST", f"{V2}/tables/{t}/records",
+               {"new_records": [{"data": {status: "a"}}]}).json()["results"][0]["id"]
+    body = {"updated_records": [{"id": rid, "data": {status: "b"}}]}
+    first = call(svc, "PATCH", f"{V2}/tables/{t}/records", body, **{"Idempotency-Key": "u-1"})
+    call(svc, "PATCH", f"{V2}/tables/{t}/records", {"updated_records": [{"id": rid, "data": {status: "c"}}]})
+    again = call(svc, "PATCH", f"{V2}/tables/{t}/records", body, **{"Idempotency-Key": "u-1"})
+    assert again.json() == first.json() and again.json()["results"][0]["data"] == {status: "b"}
+    assert call(svc, "GET", f"{V2}/tables/{t}/records/{rid}").json()["data"] == {status: "c"}  # not re-applied
+    other_path = call(svc, "DELETE", f"{V2}/tables/{t}/records", {"record_ids": [rid]}, **{"Idempotency-Key": "u-1"})
+    assert other_path.status_code == 422 and other_path.json()["code"] == "idempotency_key_reused"
+
+
+def test_injected_faults_and_rate_limit_answer_the_v2_envelope(tmp_path) -> None:
+    with start_tables_service(tmp_path / "r.sqlite3", [], TOKEN, rate_limit=2, rate_window_s=60) as svc:
+        t = call(svc, "POST", f"{SDK}/tables", {"name": "r"}).json()["data"]["id"]
+        call(svc, "POST", f"{SDK}/tables/{t}/records/query", {})
+        call(svc, "POST", f"{V2}/tables/{ulid_to_uuid(t)}/records/query", {})
+        limited = call(svc, "POST", f"{V2}/tables/{t}/records/query", {})  # one limit per table, any path/form
+        assert limited.status_code == 429 and set(limited.json()) == ENVELOPE and limited.headers["Retry-After"]
+        armed = requests.post(f"{svc.url}/_admin/faults", json={"status": 503, "count": 1}, timeout=10)
+        assert armed.status_code == 200
+        fault = call(svc, "GET", f"{V2}/tables/{t}/records/{ulid_to_uuid(t)}")
+        assert fault.status_code == 503 and set(fault.json()) == ENVELOPE
