@@ -1,6 +1,7 @@
 """Local stand-in for Zapier's trigger inboxes, mounted on the local Zapier Tables service.
 
-Implements ``/api/v0/sdk/trigger-inbox/api/v1/inboxes`` as ``@zapier/zapier-sdk`` calls it (both
+Implements ``/api/v0/sdk/trigger-inbox/api/v1/inboxes`` (and the same at the public API's prefixes,
+:data:`PUBLIC_INBOX_PATHS`) as ``@zapier/zapier-sdk`` calls it (both
 generations: ``PUT`` ensure with ``name`` (0.67.0) and ``POST`` create with ``key``; list filters by
 ``key`` or ``name``), the two app-metadata endpoints used to discover the Tables trigger's action key,
 and the delivery side: :meth:`InboxService.publish` (called by the Tables service after each create or
@@ -46,6 +47,8 @@ from infra.local.sqlite_store import SqliteStore
 log = logging.getLogger(__name__)
 
 INBOX_PATH = "/api/v0/sdk/trigger-inbox/api/v1/inboxes"
+# The public API's two documented prefixes (zapier-public-api.md 2.0): served too, over the same inboxes.
+PUBLIC_INBOX_PATHS = ("/trigger-inbox/api/v1/inboxes", "/trigger-inbox/v1/inboxes")
 META_PATH = "/api/v0/sdk/zapier/api/v4"
 TABLES_VERSION = "TableCLIAPI@1.0.0"
 TABLES_ACTIONS = [
@@ -424,10 +427,18 @@ def _body_int(body: dict[str, Any], name: str, low: int, high: int, default: int
     return value
 
 
-def inbox_blueprint(service: InboxService) -> Blueprint:
-    """The inbox API, the app-metadata endpoints and the ``/_admin/inbox`` endpoints (no auth of its own:
-    register it on the Tables service app, whose gate authenticates every ``/api/`` request)."""
+def inbox_blueprint(service: InboxService, public_paths: tuple[str, ...] = PUBLIC_INBOX_PATHS) -> Blueprint:
+    """The inbox API (at :data:`INBOX_PATH`, the SDK's, and at each of ``public_paths``: one handler, one
+    store, the same bounds), the app-metadata endpoints and the ``/_admin/inbox`` endpoints (no auth of its
+    own: register it on the Tables service app, whose gate authenticates every inbox request)."""
     bp = Blueprint("trigger_inbox", __name__)
+
+    def route(method: str, suffix: str = "") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        def register(view: Callable[..., Any]) -> Callable[..., Any]:
+            for prefix in (INBOX_PATH, *public_paths):
+                bp.add_url_rule(prefix + suffix, view_func=view, methods=[method])
+            return view
+        return register
 
     @bp.errorhandler(InboxApiError)
     def _error(exc: InboxApiError) -> tuple[Response, int]:
@@ -447,59 +458,59 @@ def inbox_blueprint(service: InboxService) -> Blueprint:
         return jsonify(results=[{"selected_api": TABLES_VERSION,
                                  "actions": [a | {"selected_api": TABLES_VERSION} for a in TABLES_ACTIONS]}])
 
-    @bp.get(INBOX_PATH)
+    @route("GET")
     def list_inboxes() -> Response:
         key = request.args.get("key", request.args.get("name"))
         limit = _int_arg(request.args.get("limit"), "limit", 1, 1000, 100)
         offset = _int_arg(request.args.get("offset"), "offset", 0, 10**9, 0)
         return jsonify(service.list(key, request.args.get("status"), limit, offset))
 
-    @bp.post(INBOX_PATH)
+    @route("POST")
     def create_inbox() -> tuple[Response, int]:
         inbox, status = service.ensure(_body(), update_url=False)
         return jsonify(inbox), status
 
-    @bp.put(INBOX_PATH)
+    @route("PUT")
     def ensure_inbox() -> tuple[Response, int]:
         inbox, status = service.ensure(_body(), update_url=True)
         return jsonify(inbox), status
 
-    @bp.get(INBOX_PATH + "/<inbox_id>")
+    @route("GET", "/<inbox_id>")
     def get_inbox(inbox_id: str) -> Response:
         return jsonify(service.get(inbox_id))
 
-    @bp.patch(INBOX_PATH + "/<inbox_id>")
+    @route("PATCH", "/<inbox_id>")
     def update_inbox(inbox_id: str) -> Response:
         return jsonify(service.update(inbox_id, _body()))
 
-    @bp.delete(INBOX_PATH + "/<inbox_id>")
+    @route("DELETE", "/<inbox_id>")
     def delete_inbox(inbox_id: str) -> Response:
         return jsonify(service.delete(inbox_id))
 
-    @bp.post(INBOX_PATH + "/<inbox_id>/pause")
+    @route("POST", "/<inbox_id>/pause")
     def pause(inbox_id: str) -> Response:
         return jsonify(service.set_status(inbox_id, "paused", "user"))
 
-    @bp.post(INBOX_PATH + "/<inbox_id>/resume")
+    @route("POST", "/<inbox_id>/resume")
     def resume(inbox_id: str) -> Response:
         return jsonify(service.set_status(inbox_id, "active", None))
 
-    @bp.get(INBOX_PATH + "/<inbox_id>/messages")
+    @route("GET", "/<inbox_id>/messages")
     def list_messages(inbox_id: str) -> Response:
         return jsonify(service.messages(inbox_id, _int_arg(request.args.get("limit"), "limit", 1, 1000, 100)))
 
-    @bp.post(INBOX_PATH + "/<inbox_id>/messages/lease")
+    @route("POST", "/<inbox_id>/messages/lease")
     def lease(inbox_id: str) -> Response:
         body = _body()
         limit = _body_int(body, "lease_limit", 1, MAX_LEASE_LIMIT, DEFAULT_LEASE_LIMIT)
         seconds = _body_int(body, "lease_seconds", 1, MAX_LEASE_S, DEFAULT_LEASE_S)
         return jsonify(service.lease(inbox_id, limit, seconds))
 
-    @bp.post(INBOX_PATH + "/<inbox_id>/messages/ack")
+    @route("POST", "/<inbox_id>/messages/ack")
     def ack(inbox_id: str) -> Response:
         return jsonify(service.settle(inbox_id, _body(), "ack"))
 
-    @bp.post(INBOX_PATH + "/<inbox_id>/messages/release")
+    @route("POST", "/<inbox_id>/messages/release")
     def release(inbox_id: str) -> Response:
         return jsonify(service.settle(inbox_id, _body(), "release"))
 

@@ -25,7 +25,10 @@ Emulated Zapier behaviour:
   ``trigger_url`` (configured by table *name*) as its fields by name, plus ``"id": <record id>`` when it
   has no ``id`` field, plus ``"edited_at"``, with the shared secret header; once per change, in
   background workers, with ``autoreplay`` (Zapier's is 5 min, 30 min, 1 h, 3 h, 6 h).
-* Trigger inboxes (:mod:`infra.local.trigger_inbox_service`) are mounted on the same app.
+* Trigger inboxes (:mod:`infra.local.trigger_inbox_service`) are mounted on the same app, at the SDK's
+  path and at the public Trigger Inbox API's two documented prefixes.
+* Zapier's public Tables API v2 (``/tables/v2/...``, :mod:`.public_api`) over the same store: UUID-form
+  record ids, ``results``/``meta``/``links``, the documented error envelope, ``Idempotency-Key`` replay.
 
 Fault injection, a person's actions in Zapier's UI (restore from the trash, empty the trash) and the
 counters are ``/_admin`` endpoints: :mod:`.faults` and :mod:`.admin` say which.
@@ -34,6 +37,7 @@ This module starts and stops the service (:func:`start_tables_service`, :class:`
 keep-alive HTTP server, the Flask app); the rooms:
 
 * :mod:`.routes` - the HTTP API (token, tables, fields, records), the request gate, error answers;
+* :mod:`.public_api` - the public Tables API v2 records endpoints and the Idempotency-Key cache;
 * :mod:`.admin` - the ``/_admin`` endpoints;
 * :mod:`.store` - tables, fields and records in SQLite, and the API's behaviour over them;
 * :mod:`.values` - cell values: field types, empty cells, filter operators, sort order, ids, cursors;
@@ -65,16 +69,18 @@ from waitress.server import BaseWSGIServer, create_server
 from infra.local.tables_service.admin import FLUSH_DEFAULT_S, register_admin
 from infra.local.tables_service.context import TOKEN_TTL_S, ServiceContext
 from infra.local.tables_service.counters import RateLimiter, ServiceStats
+from infra.local.tables_service.public_api import IdempotencyCache, register_public_api
 from infra.local.tables_service.routes import (
     MAX_BODY_BYTES,
     register_errors,
+    register_gate,
     register_tables_api,
     register_token_endpoint,
 )
 from infra.local.tables_service.store import RecordEngine, RecordStore
 from infra.local.tables_service.triggers import TriggerDispatcher
 from infra.local.tables_service.values import Data
-from infra.local.trigger_inbox_service import QUARANTINE_AFTER, InboxService, inbox_blueprint
+from infra.local.trigger_inbox_service import PUBLIC_INBOX_PATHS, QUARANTINE_AFTER, InboxService, inbox_blueprint
 
 log = logging.getLogger(__name__)
 
@@ -91,15 +97,18 @@ class TableConfig:
     trigger_url: str | None = None
 
 
-def create_app(ctx: ServiceContext, max_body_bytes: int = MAX_BODY_BYTES) -> Flask:
+def create_app(ctx: ServiceContext, max_body_bytes: int = MAX_BODY_BYTES,
+               public_inbox_paths: tuple[str, ...] = PUBLIC_INBOX_PATHS) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     register_errors(app)
     register_token_endpoint(app, ctx)
-    register_admin(app, ctx)
+    register_admin(app, ctx)  # first of the before-request hooks: the request log sees every request
+    register_gate(app, ctx)
+    register_public_api(app, ctx, IdempotencyCache())  # after the gate: only an authenticated caller replays
     if ctx.inboxes is not None:
-        app.register_blueprint(inbox_blueprint(ctx.inboxes))
+        app.register_blueprint(inbox_blueprint(ctx.inboxes, public_inbox_paths))
     register_tables_api(app, ctx)  # last: it holds the catch-all route
     return app
 
@@ -213,6 +222,7 @@ def start_tables_service(
     delivery_timeout_s: float = 10.0,
     delivery_workers: int = 4,
     inbox_quarantine_after: int = QUARANTINE_AFTER,
+    public_inbox_paths: Sequence[str] = PUBLIC_INBOX_PATHS,
 ) -> TablesService:
     """Start the service in background threads and return once it accepts connections.
 
@@ -220,7 +230,9 @@ def start_tables_service(
     created through the API (``zsync setup zapier``, :func:`infra.deploy.tables_setup.ensure_tables`).
     Callers authenticate with ``client_id``/``client_secret`` at ``/oauth/token/`` or with the static
     ``token`` (a token "made by the user"); ``rate_limit=None`` turns the per-table rate limit off;
-    ``inbox_quarantine_after``: leases a trigger-inbox message may have before it is quarantined.
+    ``inbox_quarantine_after``: leases a trigger-inbox message may have before it is quarantined;
+    ``public_inbox_paths``: where the public Trigger Inbox API is served besides the SDK's path (default both
+    documented prefixes, ``/trigger-inbox/api/v1/inboxes`` and ``/trigger-inbox/v1/inboxes``).
     """
     if host not in _LOOPBACK:
         log.warning("tables service bound to %s: its /_admin endpoints have no authentication", host)
@@ -240,7 +252,7 @@ def start_tables_service(
                              quarantine_after=inbox_quarantine_after),
     )
     try:
-        server = _KeepAliveServer(create_app(ctx, max_body_bytes), host, port)
+        server = _KeepAliveServer(create_app(ctx, max_body_bytes, tuple(public_inbox_paths)), host, port)
     except BaseException:
         dispatcher.stop()
         engine.store.close()

@@ -4,7 +4,9 @@
 :mod:`infra.local.tables_service.faults`); ``GET /_admin/stats`` (requests, writes, same-version writes,
 deliveries, faults served, records read by queries) and ``POST /_admin/stats/reset``;
 ``GET /_admin/deliveries`` (each trigger delivery attempt); ``PUT /_admin/tables/{table_id}/trigger``
-(set or clear a table's trigger URL); ``POST /_admin/triggers/flush`` (wait until no delivery is pending).
+(set or clear a table's trigger URL); ``POST /_admin/triggers/flush`` (wait until no delivery is pending);
+``GET /_admin/requests`` (every request but ``/_admin`` ones, oldest first: ``{"data": [{"method", "path",
+"idempotency_key": sent?, "idempotency_key_value"}]}``) and ``DELETE /_admin/requests`` (empty it).
 
 And a person's actions in Zapier's UI that the API does not offer:
 ``POST /_admin/tables/{t}/records/{r}/restore`` (restore from the trash: live again, ``edited_at`` the
@@ -35,6 +37,20 @@ def _admin_number(body: Data, key: str, allowed: Callable[[Any], bool]) -> Any:
 
 
 def register_admin(app: Flask, ctx: ServiceContext) -> None:
+    @app.before_request
+    def _log_request() -> None:  # registered before the gate: refused requests are logged too
+        if not request.path.startswith("/_admin/"):
+            ctx.requests.add(request.method, request.path, request.headers.get("Idempotency-Key"))
+
+    @app.get("/_admin/requests")
+    def requests_served() -> Response:
+        return jsonify(data=ctx.requests.entries())
+
+    @app.delete("/_admin/requests")
+    def reset_requests() -> tuple[str, int]:
+        ctx.requests.reset()
+        return "", 204
+
     @app.get("/_admin/health")
     def health() -> Response:
         return jsonify(ok=True)

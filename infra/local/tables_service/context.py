@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from infra.local.tables_service.counters import RateLimiter, ServiceStats, same_version_updates
+from infra.local.tables_service.counters import RateLimiter, RequestLog, ServiceStats, same_version_updates
 from infra.local.tables_service.faults import FaultInjector
 from infra.local.tables_service.store import RecordEngine
 from infra.local.tables_service.triggers import Delivery, TriggerDispatcher, trigger_payload
@@ -36,6 +36,7 @@ class ServiceContext:
     tokens: dict[str, float] = field(default_factory=dict)  # issued token -> expiry (time.time())
     stopped: bool = False
     inboxes: InboxService | None = None  # trigger inboxes (infra/local/trigger_inbox_service.py)
+    requests: RequestLog = field(default_factory=RequestLog)  # GET /_admin/requests
 
     def after_change(self, table_id: str, changes: Sequence[Data]) -> None:
         """Count the writes and queue one trigger delivery per changed record."""

@@ -14,6 +14,28 @@ from typing import Any
 from infra.local.tables_service.values import Data
 
 
+class RequestLog:
+    """The API requests served, oldest first (``GET /_admin/requests``): method, path, and whether an
+    ``Idempotency-Key`` header was sent (and its value). The newest ``keep`` are kept."""
+
+    def __init__(self, keep: int = 10_000) -> None:
+        self._lock = threading.Lock()
+        self._entries: deque[Data] = deque(maxlen=keep)
+
+    def add(self, method: str, path: str, idempotency_key: str | None) -> None:
+        with self._lock:
+            self._entries.append({"method": method, "path": path, "idempotency_key": idempotency_key is not None,
+                                  "idempotency_key_value": idempotency_key})
+
+    def entries(self) -> list[Data]:
+        with self._lock:
+            return list(self._entries)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
 class RateLimiter:
     """At most ``limit`` requests per ``window_s`` per key (a sliding window); None: unlimited."""
 

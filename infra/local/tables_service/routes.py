@@ -20,9 +20,16 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from infra.local.tables_service.context import ServiceContext
 from infra.local.tables_service.errors import ApiError, RefusedRequest
+from infra.local.tables_service.public_api import (
+    PUBLIC_PREFIX,
+    api_error_as_v2,
+    is_public_path,
+    refused_as_v2,
+    v2_error_response,
+)
 from infra.local.tables_service.store import USER_ID
-from infra.local.tables_service.values import Data
-from infra.local.trigger_inbox_service import INBOX_PATH, META_PATH
+from infra.local.tables_service.values import Data, uuid_to_ulid
+from infra.local.trigger_inbox_service import INBOX_PATH, META_PATH, PUBLIC_INBOX_PATHS
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +111,8 @@ def _drain_input(limit: int = 16 * MAX_BODY_BYTES) -> None:
 
 
 def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
+    if is_public_path(request.path):
+        return v2_error_response(status, "error", message, headers=dict(headers or {}))
     response = jsonify(errors=[{"status": status, "title": message}], error=message)
     response.status_code = status
     response.headers.update(dict(headers or {}))
@@ -117,11 +126,13 @@ def _refused(exc: RefusedRequest) -> Response:
 def register_errors(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> Response:
+        if is_public_path(request.path):
+            return api_error_as_v2(exc)
         return _error(exc.status, exc.message, exc.headers)
 
     @app.errorhandler(RefusedRequest)
     def _refused_request(exc: RefusedRequest) -> Response:
-        return _refused(exc)
+        return refused_as_v2(exc) if is_public_path(request.path) else _refused(exc)
 
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(exc: RequestEntityTooLarge) -> Response:
@@ -147,9 +158,11 @@ def _check_auth(ctx: ServiceContext) -> None:
         raise ApiError(401, "missing, invalid or expired token", {"WWW-Authenticate": "Bearer"})
 
 
-# Tables API, trigger inboxes and the app metadata the inbox setup reads: all need a token.
-_GATED = (API_PREFIX + "/", INBOX_PATH, META_PATH + "/implementations")
-_TABLE_IN_PATH = re.compile(re.escape(API_PREFIX) + r"/tables/([0-9A-Z]{26})(?:/|$)")
+# Tables API (SDK path and public v2), trigger inboxes (both) and the app metadata the inbox setup reads:
+# all need a token.
+_GATED = (API_PREFIX + "/", PUBLIC_PREFIX + "/", INBOX_PATH, *PUBLIC_INBOX_PATHS, META_PATH + "/implementations")
+_TABLE_IN_PATH = re.compile(
+    f"(?:{re.escape(API_PREFIX)}|{re.escape(PUBLIC_PREFIX)})" + r"/tables/([0-9A-Za-z-]{26,36})(?:/|$)")
 
 
 def _gate(ctx: ServiceContext) -> None:
@@ -168,7 +181,8 @@ def _gate(ctx: ServiceContext) -> None:
         raise ApiError(fault.status, f"injected fault {fault.status}", headers)
     _check_auth(ctx)
     table = _TABLE_IN_PATH.match(request.path)
-    wait = ctx.limiter.take(table.group(1)) if table else None
+    table_id = uuid_to_ulid(table.group(1)) if table else None  # one limit per table, whichever path and form
+    wait = ctx.limiter.take(table_id) if table_id else None
     if wait is not None:
         raise ApiError(429, f"rate limit: {ctx.limiter.limit} requests per {ctx.limiter.window_s:g}s per table",
                        {"Retry-After": str(max(1, math.ceil(wait))), "X-RateLimit-Limit": str(ctx.limiter.limit),
@@ -189,15 +203,19 @@ def register_token_endpoint(app: Flask, ctx: ServiceContext) -> None:
                        scope=form.get("scope", "external"))
 
 
-def register_tables_api(app: Flask, ctx: ServiceContext) -> None:
-    engine = ctx.engine
-    tables = API_PREFIX + "/tables"
-    records = tables + "/<table_id>/records"
+def register_gate(app: Flask, ctx: ServiceContext) -> None:
+    """The gate, as a before-request hook (register it before anything that must run behind it)."""
 
     @app.before_request
     def _before() -> None:
         if request.path.startswith(_GATED):
             _gate(ctx)
+
+
+def register_tables_api(app: Flask, ctx: ServiceContext) -> None:
+    engine = ctx.engine
+    tables = API_PREFIX + "/tables"
+    records = tables + "/<table_id>/records"
 
     @app.get(tables)
     def list_tables() -> Response:
@@ -283,6 +301,7 @@ def register_tables_api(app: Flask, ctx: ServiceContext) -> None:
     @app.route("/<path:path>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     def anything_else(path: str) -> tuple[str, int]:
         """The SDK's telemetry and anything else Zapier would answer: quietly accepted, not acted on."""
-        if path.startswith(API_PREFIX.lstrip("/") + "/") or path.startswith("_admin/"):
+        if path.startswith((API_PREFIX.lstrip("/") + "/", PUBLIC_PREFIX.lstrip("/") + "/", "trigger-inbox/",
+                            "_admin/")):
             raise ApiError(404, f"no such endpoint: {request.method} /{path[:80]}")
         return "", 204

@@ -41,6 +41,29 @@ def new_ulid() -> str:
     return "".join(reversed(chars))
 
 
+def ulid_to_uuid(ulid: str) -> str:
+    """The UUID form of a ULID (the public API v2's ids): the same 128 bits as 8-4-4-4-12 lowercase hex."""
+    value = 0
+    for char in ulid:
+        value = value << 5 | _CROCKFORD.index(char)
+    text = f"{value:032x}"
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+
+def uuid_to_ulid(given: Any) -> str | None:
+    """The ULID of a UUID-form id (a ULID passes through); None when ``given`` is neither."""
+    if not isinstance(given, str):
+        return None
+    if len(given) == 26 and all(c in _CROCKFORD for c in given) and given[0] in "01234567":
+        return given
+    hexed = given.replace("-", "").lower()
+    if len(given) != 36 or len(hexed) != 32 or any(c not in "0123456789abcdef" for c in hexed) or [
+            len(p) for p in given.split("-")] != [8, 4, 4, 4, 12]:
+        return None
+    value = int(hexed, 16)
+    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+
+
 def index_text(value: Any) -> str | None:
     """The text an ``exact``/``in`` filter compares (numbers canonical, so 3 and 3.0 match)."""
     if value is None:
