@@ -284,16 +284,20 @@ def parse_record(spec: TableSpec, record: Mapping[str, Any], source: Source) -> 
     return model.model_dump()
 
 
-def version_ahead(spec: TableSpec, row: Mapping[str, Any], now: datetime, max_skew_s: float) -> list[dict[str, str]]:
-    """The problem of a version set further in the future than ``max_skew_s`` ahead of ``now`` (none: ``[]``).
+def time_ahead(field: str, ts: Any, now: datetime, max_skew_s: float) -> list[dict[str, str]]:
+    """The problem of a time ``field`` further than ``max_skew_s`` ahead of ``now`` (none, or not a time: ``[]``).
 
     Such a time would win every comparison until the clocks caught up (and the database's hybrid-logical rule
     would give every later write that time + 1 ms), so it is never stored or compared as a version."""
-    ts = row.get(spec.version or "") if spec.version else None
     if not isinstance(ts, datetime) or (ahead := (ts - now).total_seconds()) <= max_skew_s:
         return []
-    return [{"field": spec.version or "", "problem": f"{format_timestamp(ts)} is {ahead:.0f} s ahead of the clock "
+    return [{"field": field, "problem": f"{format_timestamp(ts)} is {ahead:.0f} s ahead of the clock "
              f"({format_timestamp(now)}); at most {max_skew_s:g} s allowed (ZSYNC_MAX_FUTURE_SKEW_S)"}]
+
+
+def version_ahead(spec: TableSpec, row: Mapping[str, Any], now: datetime, max_skew_s: float) -> list[dict[str, str]]:
+    """:func:`time_ahead` of the row's version (``updated_at``)."""
+    return time_ahead(spec.version, row.get(spec.version), now, max_skew_s) if spec.version else []
 
 
 def check_version_skew(spec: TableSpec, row: Mapping[str, Any], now: datetime, max_skew_s: float) -> None:

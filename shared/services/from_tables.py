@@ -20,9 +20,10 @@ from shared.core.mapping import (
     check_version_skew,
     parse_supabase_record,
     parse_tables_record,
+    time_ahead,
 )
 from shared.core.outcome import Outcome
-from shared.core.spec import Direction, FunctionSpec
+from shared.core.spec import Direction, FunctionSpec, TableSpec
 from shared.services.sync import (
     EDITED_AT,
     RECORD_ERRORS,
@@ -41,11 +42,16 @@ if TYPE_CHECKING:  # imported where used: a *_to_supabase function never loads t
     pass
 
 
-def _check_edited_at(edited_at: datetime | None, now: datetime, max_skew_s: float) -> None:
-    """Zapier's ``edited_at`` can become the version (a cell edit): the same future rule as ``updated_at``."""
-    if edited_at is not None and (ahead := (edited_at - now).total_seconds()) > max_skew_s:
-        raise InvalidRecord([{"field": EDITED_AT, "problem": f"{edited_at.isoformat()} is {ahead:.0f} s ahead of the "
-                              f"clock; at most {max_skew_s:g} s allowed (ZSYNC_MAX_FUTURE_SKEW_S)"}])
+def _parse_delivery(ctx: SyncContext, spec: TableSpec, record: Mapping[str, Any], arrived: datetime,
+                    now: datetime) -> tuple[dict[str, Any], datetime | None]:
+    """A delivered Tables record -> (row, Zapier's ``edited_at``), refused (InvalidRecord) when either time is
+    further ahead of ``now`` than ``max_future_skew_s``: ``edited_at`` can become the version (a cell edit)."""
+    row = parse_tables_record(spec, record, received_at=version_time(record, arrived))
+    check_version_skew(spec, row, now, ctx.settings.max_future_skew_s)
+    edited_at = _edited_at(record.get(EDITED_AT)) if spec.version else None
+    if problems := time_ahead(EDITED_AT, edited_at, now, ctx.settings.max_future_skew_s):
+        raise InvalidRecord(problems)
+    return row, edited_at
 
 
 def version_time(record: Any, received_at: datetime) -> datetime:
@@ -69,10 +75,7 @@ def apply_from_tables(ctx: SyncContext, fn: FunctionSpec, record: Mapping[str, A
     spec = fn.table
     now = received_at or datetime.now(UTC)
     changed = changed_at or now
-    row = parse_tables_record(spec, record, received_at=version_time(record, now))
-    check_version_skew(spec, row, datetime.now(UTC), ctx.settings.max_future_skew_s)
-    edited_at = _edited_at(record.get("edited_at")) if spec.version else None
-    _check_edited_at(edited_at, datetime.now(UTC), ctx.settings.max_future_skew_s)
+    row, edited_at = _parse_delivery(ctx, spec, record, now, datetime.now(UTC))
 
     def work(conn: psycopg.Connection) -> Outcome:
         if spec.append_only:
@@ -153,10 +156,7 @@ def apply_many_from_tables(ctx: SyncContext, fn: FunctionSpec, records: Sequence
         try:
             if not isinstance(record, Mapping):
                 raise InvalidRecord([{"field": "record", "problem": "expected a JSON object"}])
-            row = parse_tables_record(spec, record, received_at=version_time(record, arrived))
-            check_version_skew(spec, row, now, ctx.settings.max_future_skew_s)
-            edited_at = _edited_at(record.get("edited_at")) if spec.version else None
-            _check_edited_at(edited_at, now, ctx.settings.max_future_skew_s)
+            row, edited_at = _parse_delivery(ctx, spec, record, arrived, now)
         except InvalidRecord as exc:
             failed.append(refuse(i, payload, record, exc.problems))
             continue
