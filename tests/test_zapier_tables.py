@@ -88,7 +88,8 @@ def test_create_get_update_find_delete(client: TablesClient, api: Api) -> None:
     assert client.find_by_field(jobs, "id", "job-1") is None
     trashed = list(client.iter_records(jobs, filters={"id": "job-1"}, trash="only"))
     assert [r.id for r in trashed] == [rec.id] and trashed[0].deleted_at
-    assert client.get(jobs, rec.id).deleted_at  # a GET by id still shows it, from the trash
+    with pytest.raises(TablesNotFound):  # public v2: a trashed record is not found by GET (the stand-in's choice)
+        client.get(jobs, rec.id)
     client.delete(jobs, rec.id, missing_ok=True)
     with pytest.raises(TablesNotFound) as err:
         client.delete(jobs, rec.id)
@@ -97,7 +98,7 @@ def test_create_get_update_find_delete(client: TablesClient, api: Api) -> None:
 
 def test_find_by_field_refuses_duplicates(client: TablesClient, api: Api) -> None:
     first = client.create(api.ids[JOBS], {"id": "dup"})
-    second = client.create(api.ids[JOBS], {"id": "dup"})
+    second = client.create(api.ids[JOBS], {"id": "dup", "status": "another change"})  # the same: one record
     with pytest.raises(TablesDuplicate) as err:
         client.find_by_field(api.ids[JOBS], "id", "dup")
     assert err.value.record_ids == [first.id, second.id] and "more than one" in str(err.value)
@@ -146,15 +147,19 @@ def test_many_records_batches_and_paging(client: TablesClient, api: Api) -> None
 
 
 def test_a_refused_field_value_names_our_field(client: TablesClient, api: Api) -> None:
+    """Public v2: a value that does not fit refuses the whole write (a 4xx in the error envelope, nothing
+    written); the refusal names our field, not Zapier's ``f<n>``."""
     with pytest.raises(TablesRejected) as err:
         client.create(api.ids[JOBS], {"id": "typed", "retry_count": "lots", "status": "ok"})
-    assert err.value.fields == ["retry_count"] and err.value.status == 200
+    assert err.value.fields == ["retry_count"] and err.value.status == 422
     assert "retry_count" in str(err.value) and "not a number" in str(err.value)
-    rec = client.find_by_field(api.ids[JOBS], "id", "typed")  # Zapier kept the record, without the value
-    assert rec is not None and "retry_count" not in rec.data
+    assert not re.search(r"\bf\d+\b", str(err.value))
+    assert client.find_by_field(api.ids[JOBS], "id", "typed") is None  # all-or-nothing: nothing written
+    rec = client.create(api.ids[JOBS], {"id": "typed", "status": "ok"})
     with pytest.raises(TablesRejected) as err:
         client.update(api.ids[JOBS], rec.id, {"ok": "yes", "retry_count": "many"})
     assert err.value.fields == ["ok", "retry_count"]
+    assert client.get(api.ids[JOBS], rec.id) == rec  # unchanged
 
 
 def test_a_missing_field_is_a_configuration_error_naming_table_and_field(client: TablesClient, api: Api) -> None:

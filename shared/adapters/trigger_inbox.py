@@ -1,4 +1,11 @@
-"""Client for Zapier's trigger inboxes (the SDK's ``/api/v0/sdk/trigger-inbox/api/v1/inboxes`` API).
+"""Client for Zapier's trigger inboxes: the public Trigger Inbox API (``https://api.zapier.com`` +
+``{prefix}/inboxes``; reference ``zapier-public-api.md`` section 2).
+
+The docs show two prefixes (``/trigger-inbox/api/v1``: guides and white-label pages, the default here;
+``/trigger-inbox/v1``: the OpenAPI files): ``prefix`` chooses (setting ``ZSYNC_INBOX_PATH_PREFIX``). Leases
+keep the documented bounds (``lease_limit`` 1-100, ``lease_seconds`` 1-3600; a value outside is refused here
+before any request). The app-metadata lookups that find the Tables trigger's action key have no public
+endpoint: they stay on the SDK's host and path (``sdk_url``, default the same origin).
 
 A trigger inbox subscribes to an app's trigger (here: Zapier Tables' new-or-updated-record trigger of
 one table) and keeps its events in a queue on Zapier's side; the consumer leases messages, applies
@@ -19,6 +26,7 @@ when it expires), honouring ``Retry-After``, a bounded number of attempts.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,7 +42,12 @@ from shared.platform.http_client import Auth, Pool, TransportError, json_of, tex
 if TYPE_CHECKING:
     from urllib3.response import BaseHTTPResponse
 
-INBOX_PATH = "/api/v0/sdk/trigger-inbox/api/v1/inboxes"
+INBOX_PATH = "/api/v0/sdk/trigger-inbox/api/v1/inboxes"  # the SDK's (served by the stand-in; not used here)
+INBOX_PREFIXES = ("/trigger-inbox/api/v1", "/trigger-inbox/v1")  # the public API's two documented prefixes
+DEFAULT_PREFIX = INBOX_PREFIXES[0]
+LEASE_LIMIT_MAX = 100
+LEASE_SECONDS_MAX = 3600
+DEFAULT_LEASE_LIMIT = 10
 IMPLEMENTATIONS_PATH = "/api/v0/sdk/zapier/api/v4/implementations/"
 IMPLEMENTATIONS_LOOKUP_PATH = "/api/v0/sdk/zapier/api/v4/implementations-meta/lookup/"
 TABLES_IMPLEMENTATION = "TableCLIAPI"
@@ -98,12 +111,12 @@ class _SdkRetry(Retry):
         return super().is_retry(method, status_code, has_retry_after)
 
 
-def _session(origin: str, max_attempts: int, backoff_factor: float) -> Pool:
+def _session(origins: list[str], max_attempts: int, backoff_factor: float) -> Pool:
     retry = _SdkRetry(total=max(max_attempts - 1, 0), connect=None, read=None, status=None, other=0,
                       redirect=False, allowed_methods=None, status_forcelist=(429, 500, 502, 503, 504),
                       backoff_factor=backoff_factor, backoff_max=4.0, respect_retry_after_header=True,
                       raise_on_status=False)
-    return Pool(retry, [origin])
+    return Pool(retry, origins)
 
 
 def api_origin(url: str) -> str:
@@ -185,26 +198,66 @@ class Lease:
     paused_reason: str | None
 
 
+@dataclass(frozen=True)
+class Notification:
+    """A wake-up's body (``POST notification_url``, reference 2.12): ``{"inbox_id", "received_message_count",
+    "redelivery"}``. ``redelivery`` true: Zapier re-sent the notification by hand after a delivery outage, and
+    ``received_message_count`` is then a placeholder, not a count: the backlog may be any size."""
+
+    inbox_id: str | None
+    received_message_count: int | None
+    redelivery: bool
+
+    @classmethod
+    def read(cls, body: bytes) -> Notification | None:
+        """The notification in ``body``, or None when it is not one (a wake-up is never refused for its body:
+        it only says "look in your inbox")."""
+        try:
+            data = json.loads(body) if body else None
+        except ValueError:
+            return None
+        if not isinstance(data, dict) or not any(k in data for k in ("inbox_id", "received_message_count",
+                                                                      "redelivery")):
+            return None
+        count = data.get("received_message_count")
+        inbox = data.get("inbox_id")
+        return cls(inbox if isinstance(inbox, str) else None,
+                   count if isinstance(count, int) and not isinstance(count, bool) else None,
+                   data.get("redelivery") is True)
+
+    def expected(self) -> int | None:
+        """How many messages the wake-up announces: None for a redelivery (the count is a placeholder)."""
+        return None if self.redelivery else self.received_message_count
+
+
 # --- client --------------------------------------------------------------------------------------------
 
 
 class InboxClient:
+    """``base_url``: the public API's host; ``prefix``: one of :data:`INBOX_PREFIXES`; ``sdk_url``: the SDK's
+    host, for the app-metadata lookups only (default ``base_url``)."""
+
     def __init__(self, base_url: str, auth: Auth, *, timeout_s: float = 10.0, max_attempts: int = 4,
-                 backoff_factor: float = 0.5) -> None:
+                 backoff_factor: float = 0.5, prefix: str = DEFAULT_PREFIX, sdk_url: str | None = None) -> None:
+        if prefix.rstrip("/") not in INBOX_PREFIXES:
+            raise ValueError(f"inbox path prefix {prefix!r}: expected one of {', '.join(INBOX_PREFIXES)}")
         self.base_url = api_origin(base_url)
+        self.sdk_url = api_origin(sdk_url) if sdk_url else self.base_url
+        self.inbox_path = prefix.rstrip("/") + "/inboxes"
         self._auth = auth
         self._timeout_s = timeout_s
-        self._session = _session(self.base_url, max_attempts, backoff_factor)
+        self._session = _session(list(dict.fromkeys([self.base_url, self.sdk_url])), max_attempts, backoff_factor)
 
     @classmethod
     def for_tables(cls, tables: Any, **kwargs: Any) -> InboxClient:
-        """An inbox client on the same host and OAuth token provider as a
-        :class:`shared.adapters.zapier_tables.TablesClient`."""
+        """An inbox client on the public API host and OAuth token provider of a
+        :class:`shared.adapters.zapier_tables.TablesClient` (its SDK host for the app lookups)."""
         kwargs.setdefault("timeout_s", tables.timeout_s)
-        return cls(tables.base_url, TokenSourceAuth(tables.tokens), **kwargs)
+        kwargs.setdefault("sdk_url", tables.base_url)
+        return cls(getattr(tables, "api_url", tables.base_url), TokenSourceAuth(tables.tokens), **kwargs)
 
     def __repr__(self) -> str:
-        return f"InboxClient({self.base_url!r})"
+        return f"InboxClient({self.base_url!r}, {self.inbox_path!r})"
 
     def close(self) -> None:
         self._session.close()
@@ -214,7 +267,7 @@ class InboxClient:
         params: dict[str, Any] = {"limit": limit}
         if key is not None:
             params["key"] = key
-        data = self._call("GET", INBOX_PATH, "list inboxes", params=params)
+        data = self._call("GET", self.inbox_path, "list inboxes", params=params)
         results = data.get("results")
         if not isinstance(results, list):
             raise InboxProtocolError(None, "list inboxes: no results list")
@@ -226,7 +279,7 @@ class InboxClient:
 
     def create(self, key: str, subscription: Subscription, notification_url: str | None) -> Inbox:
         body = {"key": key, "subscription": subscription.to_json(), "notification_url": notification_url}
-        return Inbox.from_json(self._call("POST", INBOX_PATH, "create inbox", json=body))
+        return Inbox.from_json(self._call("POST", self.inbox_path, "create inbox", json=body))
 
     def get(self, inbox_id: str) -> Inbox:
         return Inbox.from_json(self._call("GET", self._inbox(inbox_id), "get inbox"))
@@ -259,7 +312,13 @@ class InboxClient:
         return Backlog(len(waiting), created[0] if created else None, bool(data.get("next")),
                        len(results) - len(waiting))
 
-    def lease(self, inbox_id: str, limit: int = 10, lease_seconds: int = DEFAULT_LEASE_SECONDS) -> Lease:
+    def lease(self, inbox_id: str, limit: int = DEFAULT_LEASE_LIMIT, lease_seconds: int = DEFAULT_LEASE_SECONDS
+              ) -> Lease:
+        """Lease up to ``limit`` (1-100) messages for ``lease_seconds`` (1-3600); outside: ValueError, no request."""
+        for name, value, high in (("lease_limit", limit, LEASE_LIMIT_MAX), ("lease_seconds", lease_seconds,
+                                                                              LEASE_SECONDS_MAX)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+                raise ValueError(f"{name}: expected an integer from 1 to {high}, got {value!r}")
         data = self._call("POST", self._inbox(inbox_id) + "/messages/lease", "lease messages",
                           json={"lease_limit": limit, "lease_seconds": lease_seconds})
         attrs = data.get("inbox_attributes") or {}
@@ -282,7 +341,7 @@ class InboxClient:
     # app actions (to find the Tables trigger's action key)
     def tables_implementation(self) -> str:
         """``TableCLIAPI@<version>``: the current version of the Zapier Tables app."""
-        data = self._call("GET", IMPLEMENTATIONS_LOOKUP_PATH, "look up the Zapier Tables app",
+        data = self._call("GET", IMPLEMENTATIONS_LOOKUP_PATH, "look up the Zapier Tables app", sdk=True,
                           params={"selected_apis": TABLES_IMPLEMENTATION})
         for item in data.get("results") or []:
             ident = item.get("id") or item.get("current_implementation_id")
@@ -292,7 +351,7 @@ class InboxClient:
 
     def read_actions(self, selected_api: str) -> list[dict[str, Any]]:
         """The app's actions of type ``read`` (its triggers): ``[{key, name, description, ...}]``."""
-        data = self._call("GET", IMPLEMENTATIONS_PATH, "list the app's actions",
+        data = self._call("GET", IMPLEMENTATIONS_PATH, "list the app's actions", sdk=True,
                           params={"global": "true", "public_only": "false", "selected_apis": selected_api})
         actions = []
         for impl in data.get("results") or []:
@@ -302,16 +361,16 @@ class InboxClient:
         return actions
 
     # plumbing
-    @staticmethod
-    def _inbox(inbox_id: str) -> str:
-        return f"{INBOX_PATH}/{quote(inbox_id, safe='')}"
+    def _inbox(self, inbox_id: str) -> str:
+        return f"{self.inbox_path}/{quote(inbox_id, safe='')}"
 
-    def _call(self, method: str, path: str, what: str, **kwargs: Any) -> dict[str, Any]:
+    def _call(self, method: str, path: str, what: str, *, sdk: bool = False, **kwargs: Any) -> dict[str, Any]:
         source = getattr(self._auth, "source", None)
+        origin = self.sdk_url if sdk else self.base_url
         for attempt in (1, 2):
             try:
                 headers = {"Authorization": self._auth.authorization()}
-                response = self._session.request(method, self.base_url + path, headers=headers,
+                response = self._session.request(method, origin + path, headers=headers,
                                                  timeout=self._timeout_s, **kwargs)
             except TransportError as exc:
                 raise InboxUnavailable(None, f"{what}: {exc.cause}") from None

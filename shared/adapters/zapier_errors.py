@@ -8,7 +8,10 @@ or a catch-hook URL (both are credentials), and carry at most the first 300 char
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from shared.platform.http_client import json_of, text_of
 
@@ -16,6 +19,7 @@ if TYPE_CHECKING:
     from urllib3.response import BaseHTTPResponse
 
 _MESSAGE_MAX = 300
+FIELD_KEY = re.compile(r"(?<![0-9A-Za-z])f(\d+)(?![0-9A-Za-z])")  # a field id in an error text
 
 
 # --- exceptions ----------------------------------------------------------------------------------------
@@ -40,7 +44,8 @@ class TablesNotFound(TablesError):
 
 class TablesRejected(TablesError):
     """Any other 4xx (bad body, too large, ...), or a write refused inside a 200 (``meta.errors``, a
-    record's ``errors``): retrying the same request will not help. ``fields``: our names of refused fields."""
+    record's ``errors``): retrying the same request will not help. ``fields``: the refused fields (the Tables
+    client turns the ``f<n>`` a v2 error names into our names)."""
 
     def __init__(self, status: int | None, message: str, fields: list[str] | None = None) -> None:
         super().__init__(status, message)
@@ -83,16 +88,50 @@ class TablesProtocolError(TablesError):
 # --- HTTP status -> error (every Zapier client) -----------------------------------------------------------
 
 
-def _error_text(response: BaseHTTPResponse) -> str:
+def _payload(response: BaseHTTPResponse) -> Any:
     try:
-        payload = json_of(response)
+        return json_of(response)
     except ValueError:
-        payload = None
-    if isinstance(payload, dict) and isinstance(payload.get("error"), str):
-        text = payload["error"]
-    else:
+        return None
+
+
+def _error_text(payload: Any, response: BaseHTTPResponse) -> str:
+    """The server's message: the public API's envelope ``{"detail", "code", "errors": [{"detail", "code"}]}``
+    (its ``code`` named), the SDK path's ``{"error"}``, or the body as text."""
+    text = None
+    if isinstance(payload, dict):
+        errors = payload.get("errors")
+        first = errors[0] if isinstance(errors, list) and errors and isinstance(errors[0], dict) else {}
+        detail = payload.get("detail") or first.get("detail") or first.get("title")
+        code = payload.get("code") or first.get("code")
+        if isinstance(detail, str) and detail:
+            text = f"{detail} ({code})" if isinstance(code, str) and code else detail
+        elif isinstance(payload.get("error"), str):
+            text = payload["error"]
+    if text is None:
         text = text_of(response).strip() or response.reason or "no message"
     return text[:_MESSAGE_MAX]
+
+
+def _field_keys(payload: Any) -> list[str]:
+    """The field ids (``f<n>``) a v2 error envelope names in its ``meta`` (the envelope's ``meta`` and each
+    error's; keys or values, e.g. ``{"fields": {"0.f5": ...}}``): their shape is not published, so any
+    ``f<n>`` token found there counts."""
+    if not isinstance(payload, dict):
+        return []
+    metas = [payload.get("meta")] + [e.get("meta") for e in payload.get("errors") or [] if isinstance(e, dict)]
+    found: set[str] = set()
+    for meta in metas:
+        if isinstance(meta, dict):
+            found.update(FIELD_KEY.findall(json.dumps(meta, default=str)))
+    return sorted(f"f{n}" for n in found)
+
+
+def named_refusal(exc: TablesRejected, name_of: Callable[[str], str]) -> TablesRejected:
+    """``exc`` with the field ids (``f<n>``) of its message and ``fields`` given as our field names."""
+    names = {key: name_of(key) for key in exc.fields}
+    message = FIELD_KEY.sub(lambda m: names.get(m.group(0), m.group(0)), exc.message)
+    return TablesRejected(exc.status, message, fields=sorted(set(names.values())))
 
 
 def _retry_after(response: BaseHTTPResponse) -> float | None:
@@ -106,12 +145,13 @@ def raise_for_status(response: BaseHTTPResponse, what: str, elapsed_s: float) ->
     status = response.status
     if 200 <= status < 300:
         return
-    text = f"{what}: {_error_text(response)}"
+    payload = _payload(response)
+    text = f"{what}: {_error_text(payload, response)}"
     if status in (401, 403):
         raise TablesAuthError(status, text)
     if status == 404:
         raise TablesNotFound(status, text)
     if status == 429 or status >= 500:
         raise TablesUnavailable(status, f"{text} (gave up after {elapsed_s:.1f}s)", _retry_after(response))
-    raise TablesRejected(status, text)
+    raise TablesRejected(status, text, fields=_field_keys(payload))
 

@@ -1,53 +1,54 @@
 """The Zapier Tables records client: the one module that knows the shape of the Zapier Tables API.
 
-The API is what Zapier's official SDK (npm ``@zapier/zapier-sdk``) sends (the project's reference notes on
-Zapier's Tables API hold its paths and shapes). ``infra/local/tables_service/`` serves the same API
-for local runs and tests, and ``tests/test_sdk_conformance.py`` runs the SDK itself against it.
+Records go through Zapier's **public Tables API v2** (``https://api.zapier.com/tables/v2``, the API Zapier
+documents for integrators; the project's reference ``zapier-public-api.md`` holds its paths and shapes).
+What v2 does not document stays on the path Zapier's SDK speaks (``https://sdkapi.zapier.com/api/v0/sdk/
+tables/api/v1``, reference ``zapier-tables-api.md``): listing and creating tables, creating fields, and a
+query that includes the trash (``trash=include|only``: the deletes and the trash check need it; v2 has no
+``trash`` parameter). ``infra/local/tables_service/`` serves both over one store; ``tests/test_sdk_conformance.py``
+runs the SDK against it.
 
-Contract (base URL default ``https://sdkapi.zapier.com``; paths under ``/api/v0/sdk/tables/api/v1``)::
+Contract, public v2 (host :func:`public_api_url`)::
 
-    POST https://zapier.com/oauth/token/ (form: grant_type=client_credentials, client_id, client_secret,
-         scope=external, audience=zapier.com)           -> {"access_token", "expires_in"}
-    Authorization: Bearer <token>                       -> 401 when missing, wrong or expired
-    GET    /tables?limit&offset&q                       -> {"data": [table], "links": {"next"}}
-    POST   /tables {"name", "description"}              -> {"data": table}
-    GET    /tables/{t}/fields                           -> {"data": [{"id": 3, "name", "type", ...}]}
-    POST   /tables/{t}/fields {"new_fields": [{"name", "type", "options", "config"}]}
-    POST   /tables/{t}/records/query?allow_nested_queries=true[&trash=...]
-           {"limit" <= 1000, "filters": [{"key": "f3", "operator": "exact"|"in"|..., "value"}],
-            "cursor_query": {"query_type": "window", "start_cursor"}}
-                                                        -> {"data": [record], "meta": {"pagination": {...}}}
-    GET    /tables/{t}/records/{r}                      -> {"data": record}
-    POST   /tables/{t}/records {"new_records": [{"data": {"f3": v}}]} (<= 100)        -> {"data": [changeset]}
-    PATCH  /tables/{t}/records {"updated_records": [{"id": r, "data": {...}}]} (<= 100) -> {"data": [changeset]}
-    DELETE /tables/{t}/records {"record_ids": [r]}      (to the trash)
-    record = {"id": ULID, "data": {"f3": v}, "created_at", "edited_at", "schema_revision_id", "errors"?,
-              "deleted_at"?};  changeset = {"change_id", "old", "new": record, "changed_field_ids", "record_id"}
+    Authorization: Bearer <token>   (one OAuth client-credentials token for both APIs, zapier_oauth)
+    GET    /tables/v2/tables/{t}/fields?limit&offset                 -> {"results": [{"id": 3, "name", "type"}]}
+    POST   /tables/v2/tables/{t}/records/query?cursor= {"limit", "filters": [{"key": "f3", "operator", "value"}]}
+           -> {"results": [record], "meta": {"next_cursor"}, "links": {"next"}}  (next page: the SAME body,
+              with ``cursor`` = meta.next_cursor, or the cursor links.next carries; the link's host is not used)
+    GET    /tables/v2/tables/{t}/records/{uuid}                      -> record
+    POST   /tables/v2/tables/{t}/records  {"new_records": [{"data": {"f3": v}}]} (<= 100)      -> {"results"}
+    PATCH  /tables/v2/tables/{t}/records  {"updated_records": [{"id": uuid, "data"}]} (<= 100) -> {"results"}
+    DELETE /tables/v2/tables/{t}/records  {"record_ids": [uuid]}                              -> {"results"}
+    every write: Idempotency-Key (zapier_ids.idempotency_key: derived from the change, so a retry reuses it)
+    record = {"id": UUID, "data": {"f3": v}, "created_at", "edited_at", "deleted_at", "errors"}
+    error  = HTTP 4xx/5xx {"detail", "code", "meta", "errors": [{"title", "status", "code", "detail", "meta"}]}
 
-A 200 can still refuse a write: ``meta.errors`` on the answer or an ``errors`` object on a record
-(``{"f3": {"s": "error", "h": ...}}``); both raise :class:`TablesRejected` naming the field.
+SDK path (``/api/v0/sdk/tables/api/v1``): ``GET/POST /tables``, ``POST /tables/{t}/fields {"new_fields"}``,
+``POST /tables/{t}/records/query?trash=include|only`` (``{"data": [record]}``, ``meta.pagination``).
 
-The public methods of :class:`TablesClient` take and return OUR field names: the client lists each
-table's fields once (cached, listed again when Zapier refuses a field id or a record shows a newer schema
-revision) and maps names <-> ``f<n>``. A name the table lacks raises :class:`TablesFieldMissing`.
+Ids: zsync keeps ULIDs (Supabase rows of id-less Tables records are keyed by them). This client converts at
+its edge (:mod:`shared.adapters.zapier_ids`): a record id sent to v2 becomes its UUID form, a record id read
+back its ULID form; :class:`Record` ids are always ULIDs, whichever API answered.
 
-Next door: the errors (:mod:`shared.adapters.zapier_errors`), the retry policy and its per-call time budget
-(:mod:`shared.adapters.zapier_retry`: one call takes at most ``max(timeout_s, retry_budget_s)``), the OAuth
-token (:mod:`shared.adapters.zapier_oauth`) and the seed's catch-hook writer (:mod:`shared.adapters.catch_hook`).
+Refusals: a v2 4xx raises :class:`TablesRejected` (``fields``: our names of the fields it names) or another
+:class:`shared.adapters.zapier_errors.TablesError`; a 200 with ``meta.errors`` or a record with ``errors`` is a
+refusal too (the SDK path's way; tolerated on both). An unknown field id re-lists the fields and re-sends once.
 
-Retrying a POST after a read timeout can create the record twice if the first attempt was applied;
-:meth:`TablesClient.find_by_field` then raises :class:`TablesDuplicate` so the duplicate is noticed.
-
-The token never appears in exception messages, reprs or logs.
+The public methods take and return OUR field names: the client lists each table's fields once (cached,
+listed again when Zapier refuses a field id) and maps names <-> ``f<n>``. A name the table lacks raises
+:class:`TablesFieldMissing`. Next door: the errors (:mod:`.zapier_errors`), the retry policy and its per-call
+time budget (:mod:`.zapier_retry`), the OAuth token (:mod:`.zapier_oauth`), ids and keys (:mod:`.zapier_ids`),
+the seed's catch-hook writer (:mod:`.catch_hook`). The token never appears in exception messages or logs.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 
@@ -58,8 +59,10 @@ from shared.adapters.zapier_errors import (
     TablesProtocolError,
     TablesRejected,
     TablesUnavailable,
+    named_refusal,
     raise_for_status,
 )
+from shared.adapters.zapier_ids import canonical, idempotency_key, to_ulid, to_uuid
 from shared.adapters.zapier_oauth import DEFAULT_TOKEN_URL, TokenSource, TokenSourceAuth
 from shared.adapters.zapier_retry import CallBudget, RetryPolicy
 from shared.platform.http_client import Pool, TransportError, json_of
@@ -71,19 +74,32 @@ if TYPE_CHECKING:
 
 Scalar = str | int | float | bool | None
 
-API_PREFIX = "/api/v0/sdk/tables/api/v1"
+API_PREFIX = "/api/v0/sdk/tables/api/v1"  # the SDK's path: tables, field creation, trash queries
+PUBLIC_PREFIX = "/tables/v2"  # the public API: records, field listing
 DEFAULT_BASE_URL = "https://sdkapi.zapier.com"
+DEFAULT_API_URL = "https://api.zapier.com"
 BATCH_MAX = 100  # records per batch create/update request
 PAGE_DEFAULT = 100
 PAGE_MAX = 1000
+FIELDS_PAGE = 100
+SEEN_KEEP = 10_000  # record id -> edited_at last read (a delete's Idempotency-Key names the state it deletes)
+
+
+def public_api_url(base_url: str, api_url: str | None = None) -> str:
+    """Where the public API lives: ``api_url`` when given; ``https://api.zapier.com`` for Zapier's SDK host;
+    otherwise the base URL itself (the local stand-in serves both APIs on one host)."""
+    if api_url:
+        return api_url.rstrip("/")
+    host = urlsplit(base_url).hostname or ""
+    return DEFAULT_API_URL if host == "sdkapi.zapier.com" else base_url.rstrip("/")
 
 
 # --- model ---------------------------------------------------------------------------------------------
 
 
 class Record(BaseModel):
-    """One Zapier Tables record, ``data`` keyed by OUR field names. ``created_at``/``edited_at``/
-    ``deleted_at`` are Zapier's system metadata (ISO strings), distinct from fields of the same name."""
+    """One Zapier Tables record, ``data`` keyed by OUR field names, ``id`` the ULID form. ``created_at``/
+    ``edited_at``/``deleted_at`` are Zapier's system metadata (ISO strings), distinct from fields of that name."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -93,7 +109,6 @@ class Record(BaseModel):
     edited_at: str | None = None
     deleted_at: str | None = None
     schema_revision_id: int | None = None
-
 
 
 def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
@@ -125,6 +140,9 @@ class FieldMap:
             self.by_name.setdefault(f.name, f)  # first match wins, as in the SDK
         self.by_key = {f.key: f for f in self.fields}
 
+    def name_of(self, key: str) -> str:
+        return self.by_key[key].name if key in self.by_key else key
+
 
 # --- the Tables API client -------------------------------------------------------------------------------
 
@@ -135,7 +153,8 @@ class TablesClient:
     ``timeout_s`` bounds each attempt; ``retry_budget_s`` bounds a whole call including retries, so a
     call ends within ``max(timeout_s, retry_budget_s)`` (plus one token fetch and one re-try after a
     401). The deadline is kept per thread, so concurrent calls from several threads each get their own
-    budget; one client per Lambda container is the intended use.
+    budget; one client per Lambda container is the intended use. ``api_url``: the public API's host
+    (default :func:`public_api_url`).
     """
 
     def __init__(
@@ -149,21 +168,24 @@ class TablesClient:
         client_id: str | None = None,
         client_secret: str | SecretStr | None = None,
         token_url: str | None = None,
+        api_url: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.api_url = public_api_url(self.base_url, api_url)
         self.timeout_s = timeout_s
         self.retry_budget_s = retry_budget_s
         self.tokens = TokenSource(
             token=_secret(token), client_id=client_id, client_secret=_secret(client_secret),
             token_url=token_url or DEFAULT_TOKEN_URL, timeout_s=timeout_s,
         )
-        self._session = Pool((retry or RetryPolicy()).build(), [self.base_url])
+        self._session = Pool((retry or RetryPolicy()).build(), list(dict.fromkeys([self.base_url, self.api_url])))
         self._auth = TokenSourceAuth(self.tokens)
         self._maps: dict[str, FieldMap] = {}
         self._maps_lock = threading.Lock()
+        self._seen: OrderedDict[str, str | None] = OrderedDict()
 
     def __repr__(self) -> str:
-        return f"TablesClient(base_url={self.base_url!r}, credentials=***)"
+        return f"TablesClient(base_url={self.base_url!r}, api_url={self.api_url!r}, credentials=***)"
 
     def __enter__(self) -> Self:
         return self
@@ -178,7 +200,8 @@ class TablesClient:
     # -- tables and fields (setup, doctor) --
 
     def list_tables(self, query: str | None = None) -> list[dict[str, Any]]:
-        """Every table (``{"id", "name", ...}``) visible to these credentials, following ``offset`` paging."""
+        """Every table (``{"id", "name", ...}``) visible to these credentials, following ``offset`` paging
+        (SDK path: v2 documents no table listing)."""
         out: list[dict[str, Any]] = []
         while True:
             params = {"limit": "100", "offset": str(len(out))} | ({"q": query} if query else {})
@@ -191,21 +214,31 @@ class TablesClient:
                 return out
 
     def create_table(self, name: str, description: str | None = None) -> dict[str, Any]:
+        """SDK path (v2 documents no table creation)."""
         answer = self._call("POST", f"{API_PREFIX}/tables", body={"name": name, "description": description})
         return _data_object(answer, "POST tables")
 
     def list_fields(self, table_id: str) -> list[TableField]:
-        answer = self._call("GET", self._table_path(table_id) + "/fields")
-        items = answer.get("data")
-        if not isinstance(items, list):
-            raise TablesProtocolError(None, f"table {table_id}: expected {{'data': [fields]}}")
+        """The table's fields (public v2, ``limit``/``offset`` paging)."""
+        items: list[Any] = []
+        while True:
+            params = {"limit": str(FIELDS_PAGE), "offset": str(len(items))}
+            answer = self._call("GET", self._table_path(table_id) + "/fields", params=params)
+            page = answer.get("results", answer.get("data"))
+            if not isinstance(page, list):
+                raise TablesProtocolError(None, f"table {table_id}: expected {{'results': [fields]}}")
+            items += page
+            if len(page) < FIELDS_PAGE:
+                break
         try:
             return [TableField(f"f{int(f['id'])}", str(f["name"]), str(f["type"])) for f in items]
         except (KeyError, TypeError, ValueError):
             raise TablesProtocolError(None, f"table {table_id}: unexpected field shape") from None
 
     def create_fields(self, table_id: str, new_fields: list[Mapping[str, Any]]) -> list[TableField]:
-        self._call("POST", self._table_path(table_id) + "/fields", body={"new_fields": [dict(f) for f in new_fields]})
+        """SDK path (v2's field creation body is not published)."""
+        self._call("POST", f"{API_PREFIX}/tables/{quote(table_id, safe='')}/fields",
+                   body={"new_fields": [dict(f) for f in new_fields]})
         self.forget_fields(table_id)
         return self.field_map(table_id).fields
 
@@ -227,9 +260,15 @@ class TablesClient:
     # -- single records --
 
     def get(self, table_id: str, rid: str) -> Record:
-        """The record ``rid``; :class:`TablesNotFound` when the table or record does not exist."""
-        answer = self._call("GET", f"{self._records_path(table_id)}/{quote(rid, safe='')}")
-        return self._record(table_id, _data_object(answer, f"table {table_id}: GET record"))
+        """The record ``rid``; :class:`TablesNotFound` when the table or record does not exist (v2: a trashed
+        record too)."""
+        answer = self._call("GET", f"{self._records_path(table_id)}/{quote(to_uuid(rid), safe='')}")
+        item: Any = answer  # the record itself; tolerated: {"results": [record]} and the SDK's {"data": record}
+        if isinstance(answer.get("results"), list) and len(answer["results"]) == 1:
+            item = answer["results"][0]
+        elif "id" not in answer and isinstance(answer.get("data"), dict):
+            item = answer["data"]
+        return self._record(table_id, item)
 
     def find_by_field(self, table_id: str, field: str, value: Scalar) -> Record | None:
         """The one record whose ``field`` equals ``value``, None if none; :class:`TablesDuplicate` if several."""
@@ -257,11 +296,12 @@ class TablesClient:
         return self.update_many(table_id, [(rid, data)])[0]
 
     def delete(self, table_id: str, rid: str, *, missing_ok: bool = False) -> None:
-        """Move record ``rid`` to the trash. A 200 carrying ``meta.errors`` is a refusal (:class:`TablesRejected`):
-        the record was not deleted."""
+        """Move record ``rid`` to the trash. Its Idempotency-Key also names the record's ``edited_at`` as this
+        client last read it, so deleting a record restored since (a new ``edited_at``) is a new change."""
+        with self._maps_lock:
+            seen = self._seen.get(rid)
         try:
-            self._refusable(table_id, lambda: self._call("DELETE", self._records_path(table_id),
-                                                         body={"record_ids": [rid]}))
+            self._write(table_id, "DELETE", "record_ids", [(rid, None)], extra={"edited_at": seen})
         except TablesNotFound:
             if not missing_ok:
                 raise
@@ -279,7 +319,7 @@ class TablesClient:
     ) -> Iterator[Record]:
         """Every record (matching all ``filters``, by equality) in creation order, following cursors.
 
-        ``trash``: ``exclude`` (default), ``include`` or ``only`` deleted records."""
+        ``trash``: ``exclude`` (default: public v2), ``include`` or ``only`` deleted records (SDK path)."""
         if not 1 <= page_size <= PAGE_MAX:
             raise ValueError(f"page_size must be 1..{PAGE_MAX}")
         if trash not in ("exclude", "include", "only"):
@@ -311,7 +351,7 @@ class TablesClient:
     # -- plumbing --
 
     def _table_path(self, table_id: str) -> str:
-        return f"{API_PREFIX}/tables/{quote(table_id, safe='')}"
+        return f"{PUBLIC_PREFIX}/tables/{quote(table_id, safe='')}"
 
     def _records_path(self, table_id: str) -> str:
         return self._table_path(table_id) + "/records"
@@ -338,11 +378,24 @@ class TablesClient:
         if conditions:
             body["filters"] = [{"key": self._key(table_id, name), "operator": op, "value": value}
                                for name, op, value in conditions]
-        if cursor:
-            body["cursor_query"] = {"query_type": "window", "start_cursor": cursor}
-        params = {"allow_nested_queries": "true"} | ({"trash": trash} if trash != "exclude" else {})
+        if trash != "exclude":
+            return self._sdk_query(table_id, body, cursor, trash)
         answer = self._refusable(table_id, lambda: self._call(
-            "POST", self._records_path(table_id) + "/query", params=params, body=body))
+            "POST", self._records_path(table_id) + "/query", params={"cursor": cursor} if cursor else None,
+            body=body))
+        items = answer.get("results")
+        if not isinstance(items, list):
+            raise TablesProtocolError(None, f"table {table_id}: query: expected {{'results': [records]}}")
+        return [self._record(table_id, item) for item in items], _next_cursor(answer, table_id)
+
+    def _sdk_query(self, table_id: str, body: dict[str, Any], cursor: str | None, trash: str
+                   ) -> tuple[list[Record], str | None]:
+        """A query including the trash: the SDK path (v2 documents no ``trash``)."""
+        if cursor:
+            body = body | {"cursor_query": {"query_type": "window", "start_cursor": cursor}}
+        path = f"{API_PREFIX}/tables/{quote(table_id, safe='')}/records/query"
+        answer = self._refusable(table_id, lambda: self._call(
+            "POST", path, params={"allow_nested_queries": "true", "trash": trash}, body=body))
         items = answer.get("data")
         if not isinstance(items, list):
             raise TablesProtocolError(None, f"table {table_id}: query: expected {{'data': [records]}}")
@@ -352,28 +405,38 @@ class TablesClient:
             raise TablesProtocolError(None, f"table {table_id}: end_cursor is not a string")
         return [self._record(table_id, item) for item in items], end
 
-    def _write(self, table_id: str, method: str, key: str, items: list[tuple[str | None, dict]]) -> list[Record]:
+    def _write(self, table_id: str, method: str, key: str, items: list[tuple[str | None, dict | None]],
+               extra: Any = None) -> list[Record]:
+        """One v2 write of ``items`` (``(record id or None, our fields or None)``), with an Idempotency-Key
+        derived from the change. A refused field id lists the fields again and re-sends once (a new body,
+        so a new key)."""
         def send() -> dict[str, Any]:
-            body = {key: [({"id": rid} if rid is not None else {}) | {"data": self._keys(table_id, data)}
-                          for rid, data in items]}
-            return self._call(method, self._records_path(table_id), body=body)
+            if key == "record_ids":
+                body: dict[str, Any] = {key: [to_uuid(rid) for rid, _ in items if rid is not None]}
+            else:
+                body = {key: [({"id": to_uuid(rid)} if rid is not None else {})
+                              | {"data": self._keys(table_id, data or {})} for rid, data in items]}
+            body = canonical(body)
+            idem = idempotency_key(table_id, f"{method} records", body, extra)
+            return self._call(method, self._records_path(table_id), body=body, headers={"Idempotency-Key": idem})
 
         answer = self._refusable(table_id, send)
-        changes = answer.get("data")
-        if not isinstance(changes, list) or len(changes) != len(items):
-            raise TablesProtocolError(None, f"table {table_id}: expected one changeset per record")
-        records = []
-        for change in changes:
-            new = change.get("new") if isinstance(change, dict) else None
-            if not isinstance(new, dict):
-                raise TablesProtocolError(None, f"table {table_id}: changeset without 'new'")
-            records.append(self._record(table_id, new, refuse_errors=True))
-        return records
+        results = answer.get("results")
+        if not isinstance(results, list) or len(results) != len(items):
+            raise TablesProtocolError(None, f"table {table_id}: {method}: expected one result per record")
+        return [self._record(table_id, item, refuse_errors=key != "record_ids") for item in results]
 
     def _refusable(self, table_id: str, send: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """Send; ``meta.errors`` in a 200 is a refusal. An unknown field id re-lists the fields and re-sends once."""
+        """Send; a refusal naming a field (a 4xx, or ``meta.errors`` in a 200) re-lists the fields and re-sends
+        once; a refusal's field ids become our names (:attr:`TablesRejected.fields`)."""
         for attempt in (1, 2):
-            answer = send()
+            try:
+                answer = send()
+            except TablesRejected as exc:
+                if attempt == 1 and "unknown field" in exc.message.lower():
+                    self.field_map(table_id, refresh=True)
+                    continue
+                raise named_refusal(exc, self.field_map(table_id).name_of) from None
             errors = (answer.get("meta") or {}).get("errors") or []
             if not errors:
                 return answer
@@ -395,9 +458,9 @@ class TablesClient:
             fmap = self.field_map(table_id, refresh=True)
         if isinstance(revision, int) and (fmap.revision is None or revision > fmap.revision):
             fmap.revision = revision
-        data = {(fmap.by_key[k].name if k in fmap.by_key else k): v for k, v in item["data"].items()}
+        data = {fmap.name_of(k): v for k, v in item["data"].items()}
         if refuse_errors and item.get("errors"):
-            refused = {(fmap.by_key[k].name if k in fmap.by_key else k): e for k, e in item["errors"].items()
+            refused = {fmap.name_of(k): e for k, e in item["errors"].items()
                        if not isinstance(e, dict) or e.get("s", "error") == "error"}
             if refused:
                 detail = "; ".join(f"{name}: {(e.get('h') or e.get('e')) if isinstance(e, dict) else e}"[:200]
@@ -405,23 +468,34 @@ class TablesClient:
                 raise TablesRejected(200, f"table {table_id}: Zapier refused field value(s): {detail}",
                                      fields=sorted(refused))
         try:
-            return Record.model_validate(item | {"data": data})
+            record = Record.model_validate(item | {"id": to_ulid(item.get("id")), "data": data})
         except ValidationError as exc:
             raise TablesProtocolError(None, f"unexpected record shape: {exc.error_count()} error(s)") from None
+        self._remember(record)
+        return record
+
+    def _remember(self, record: Record) -> None:
+        with self._maps_lock:
+            self._seen[record.id] = record.edited_at
+            self._seen.move_to_end(record.id)
+            while len(self._seen) > SEEN_KEEP:
+                self._seen.popitem(last=False)
 
     def _call(
-        self, method: str, path: str, *, params: Mapping[str, str] | None = None, body: object = None
+        self, method: str, path: str, *, params: Mapping[str, str] | None = None, body: object = None,
+        headers: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         what = f"{method} {path}"
+        origin = self.api_url if path.startswith(PUBLIC_PREFIX + "/") else self.base_url
         for attempt in (1, 2):
             with CallBudget(self.retry_budget_s, self.timeout_s) as budget:
                 try:
                     response = self._session.request(
                         method,
-                        self.base_url + path,
+                        origin + path,
                         params=params,
                         json=body,
-                        headers={"Authorization": self._auth.authorization()},
+                        headers={"Authorization": self._auth.authorization(), **(headers or {})},
                         timeout=self.timeout_s,
                     )
                 except TransportError as exc:
@@ -448,6 +522,22 @@ class TablesClient:
         return payload
 
 
+def _next_cursor(answer: Mapping[str, Any], table_id: str) -> str | None:
+    """The next page's cursor: ``meta.next_cursor``, else the ``cursor`` that ``links.next`` carries (only the
+    token is taken: the same body goes to our own host, never to a host named in a response)."""
+    cursor = (answer.get("meta") or {}).get("next_cursor")
+    if cursor is None:
+        link = (answer.get("links") or {}).get("next")
+        if isinstance(link, str) and link:
+            found = parse_qs(urlsplit(link).query).get("cursor") or [None]
+            cursor = found[0]
+            if cursor is None:
+                raise TablesProtocolError(None, f"table {table_id}: links.next carries no cursor")
+    if cursor is not None and not isinstance(cursor, str):
+        raise TablesProtocolError(None, f"table {table_id}: next_cursor is not a string")
+    return cursor or None
+
+
 def _secret(value: str | SecretStr | None) -> str | None:
     return value.get_secret_value() if isinstance(value, SecretStr) else value or None
 
@@ -463,8 +553,9 @@ def _data_object(answer: Mapping[str, Any], what: str) -> dict[str, Any]:
 
 
 def client_from_settings(settings: Settings) -> TablesClient:
-    """A :class:`TablesClient` for ``ZSYNC_ZAPIER_BASE_URL`` with the OAuth client credentials
-    (``ZSYNC_ZAPIER_CLIENT_ID`` / ``ZSYNC_ZAPIER_CLIENT_SECRET``) or a user-made ``ZSYNC_TABLES_TOKEN``."""
+    """A :class:`TablesClient` for ``ZSYNC_ZAPIER_BASE_URL`` (SDK path) and ``ZSYNC_ZAPIER_API_URL`` (public
+    API; default :func:`public_api_url`) with the OAuth client credentials (``ZSYNC_ZAPIER_CLIENT_ID`` /
+    ``ZSYNC_ZAPIER_CLIENT_SECRET``) or a user-made ``ZSYNC_TABLES_TOKEN``."""
     return TablesClient(
         settings.zapier_base_url,
         settings.tables_token,
@@ -473,4 +564,5 @@ def client_from_settings(settings: Settings) -> TablesClient:
         client_id=settings.zapier_client_id,
         client_secret=settings.zapier_client_secret,
         token_url=settings.zapier_token_url,
+        api_url=settings.zapier_api_url,
     )

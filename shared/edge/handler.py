@@ -45,6 +45,7 @@ from shared.services.sync import ConfigurationError, SyncContext
 # migration check (the signed ping) and the Zapier Tables client (only *_to_tables functions use it) are
 # imported where they are used.
 PING = "zsync_ping"
+NOTIFICATION_MAX_BYTES = 4096  # a trigger-inbox wake-up's body: {"inbox_id", "received_message_count", "redelivery"}
 WAKE_PARAM = "zsync_wake"  # notification_url = <function URL>?zsync_wake=inbox (see shared.services.inbox_consumer)
 OUTBOX_WAKE = "outbox"  # the Database Webhook: <*_to_tables URL>?zsync_wake=outbox (see infra.deploy.webhook_sql)
 
@@ -160,7 +161,7 @@ def handle(function_name: str, request: flask.Request) -> tuple[dict[str, Any], 
     if request.method != "POST":
         return answer(405, Outcome.REJECTED, error="use POST")
     if WAKE_PARAM in request.args and fn.direction is Direction.TO_SUPABASE:
-        return _wake(fn, ctx, answer)
+        return _wake(fn, ctx, answer, request)
     if request.args.get(WAKE_PARAM) == OUTBOX_WAKE and fn.direction is Direction.TO_TABLES:
         return _wake_outbox(fn, ctx, answer)
     if not settings.accepted_secrets():
@@ -202,16 +203,19 @@ def handle(function_name: str, request: flask.Request) -> tuple[dict[str, Any], 
         return answer(500, Outcome.FAILED, error="internal error; see the function's logs")
 
 
-def _wake(fn: FunctionSpec, ctx: SyncContext, answer: Callable[..., tuple[dict[str, Any], int]]
-          ) -> tuple[dict[str, Any], int]:
-    """A trigger-inbox notification: a wake-up only. It needs no secret because its body is never read:
+def _wake(fn: FunctionSpec, ctx: SyncContext, answer: Callable[..., tuple[dict[str, Any], int]],
+          request: flask.Request) -> tuple[dict[str, Any], int]:
+    """A trigger-inbox notification: a wake-up only. It needs no secret because nothing in it is trusted:
     the function leases from its own inbox with its own credentials, so a caller can only make it drain
-    what is already there."""
-    from shared.adapters.trigger_inbox import InboxError
+    what is already there. Its body, when it is the documented notification, only says whether this is a
+    ``redelivery`` (logged and reported; the drain empties the inbox either way)."""
+    from shared.adapters.trigger_inbox import InboxError, Notification
     from shared.services import inbox_consumer
 
+    body = request.stream.read(NOTIFICATION_MAX_BYTES + 1)  # a hint (redelivery), never data; bounded
+    notification = Notification.read(body) if len(body) <= NOTIFICATION_MAX_BYTES else None
     try:
-        report = inbox_consumer.drain_function(fn, ctx, ctx.settings.inbox_drain_budget_s)
+        report = inbox_consumer.drain_function(fn, ctx, ctx.settings.inbox_drain_budget_s, notification)
     except (ConfigurationError, ValueError) as exc:
         log_event(ctx.logger, logging.ERROR, "misconfigured", problem=str(exc))
         return answer(500, Outcome.FAILED, error="function is misconfigured; see its logs")

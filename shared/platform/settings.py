@@ -11,10 +11,14 @@ import json
 from enum import StrEnum
 from functools import lru_cache
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SECRET_HEADER = "X-Zsync-Secret"
+
+
+INBOX_PREFIXES = ("/trigger-inbox/api/v1", "/trigger-inbox/v1")  # zapier-public-api.md 2.0
+LEASE_BOUNDS = {"inbox_lease_limit": (1, 100), "inbox_lease_seconds": (1, 3600)}  # ... 2.8
 
 
 class TablesWriter(StrEnum):
@@ -42,6 +46,9 @@ class Settings(BaseSettings):
 
     # --- Zapier Tables ---------------------------------------------------------------------------
     zapier_base_url: str = Field(default="https://sdkapi.zapier.com", description="What the SDK takes as base URL.")
+    zapier_api_url: str | None = Field(
+        default=None, description="Zapier's public API (Tables v2 records, Trigger Inbox). Unset: "
+        "https://api.zapier.com for the SDK host, else ZSYNC_ZAPIER_BASE_URL itself (the local stand-in serves both).")
     zapier_token_url: str = "https://zapier.com/oauth/token/"
     zapier_client_id: str | None = Field(default=None, description="OAuth client id (create-client-credentials).")
     zapier_client_secret: SecretStr | None = None
@@ -70,6 +77,11 @@ class Settings(BaseSettings):
     # --- Trigger inboxes (Zapier -> the *_to_supabase functions) ------------------------------------
     stage: str = Field(default="dev", description="Deployment stage: each function drains inbox zsync-<stage>-<fn>.")
     inbox_drain_budget_s: float = Field(default=10.0, gt=0, description="How long one wake-up may drain.")
+    inbox_path_prefix: str = Field(
+        default="/trigger-inbox/api/v1", description="The public Trigger Inbox API's path prefix: Zapier's docs "
+        "show /trigger-inbox/api/v1 (guides, white-label pages) and /trigger-inbox/v1 (the OpenAPI files).")
+    inbox_lease_limit: int = Field(default=10, description="Messages per lease: the API takes 1-100.")
+    inbox_lease_seconds: int = Field(default=300, description="Lease length in seconds: the API takes 1-3600.")
 
     # --- Bad input ---------------------------------------------------------------------------------
     max_future_skew_s: float = Field(
@@ -94,6 +106,26 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             v = json.loads(v) if v.strip() else {}
         return v
+
+    @field_validator("inbox_path_prefix")
+    @classmethod
+    def _inbox_prefix(cls, v: str) -> str:
+        if v.rstrip("/") not in INBOX_PREFIXES:
+            raise ValueError(f"ZSYNC_INBOX_PATH_PREFIX={v!r}: expected one of Zapier's documented prefixes "
+                             f"{', '.join(INBOX_PREFIXES)}")
+        return v.rstrip("/")
+
+    @field_validator("inbox_lease_limit", "inbox_lease_seconds", mode="before")
+    @classmethod
+    def _lease_bounds(cls, v: object, info: ValidationInfo) -> object:
+        low, high = LEASE_BOUNDS[info.field_name or ""]
+        number = v if isinstance(v, int) and not isinstance(v, bool) else None
+        if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+            number = int(v)
+        if number is None or not low <= number <= high:
+            env = f"ZSYNC_{(info.field_name or '').upper()}"
+            raise ValueError(f"{env}={v!r}: expected an integer from {low} to {high} (Zapier's documented bounds)")
+        return number
 
     def accepted_secrets(self) -> list[str]:
         return [s.get_secret_value() for s in (self.webhook_secret, self.webhook_secret_previous) if s is not None]

@@ -39,6 +39,7 @@ from shared.adapters.trigger_inbox import (
     InboxNotFound,
     LeaseExpired,
     Message,
+    Notification,
     TriggerRecord,
     UnreadablePayload,
     read_payload,
@@ -67,7 +68,7 @@ def client_from_settings(settings: Settings) -> InboxClient:
     client credentials (or ``ZSYNC_TABLES_TOKEN``), through the Tables client's token provider."""
     from shared.adapters.zapier_tables import client_from_settings as tables_client
 
-    return InboxClient.for_tables(tables_client(settings))
+    return InboxClient.for_tables(tables_client(settings), prefix=settings.inbox_path_prefix)
 
 
 _clients: WeakKeyDictionary[Any, InboxClient] = WeakKeyDictionary()
@@ -81,7 +82,7 @@ def inbox_client(ctx: SyncContext) -> InboxClient:
     with _clients_lock:
         client = _clients.get(tables)
         if client is None:
-            client = _clients[tables] = InboxClient.for_tables(tables)
+            client = _clients[tables] = InboxClient.for_tables(tables, prefix=ctx.settings.inbox_path_prefix)
         return client
 
 
@@ -90,9 +91,11 @@ class DrainReport:
     inbox: str
     counts: Counter[str] = field(default_factory=Counter)
     stopped: str = "empty"  # empty | budget | dependency | paused | not_found
+    redelivery: bool = False  # woken by a notification Zapier re-sent after a delivery outage
 
     def as_json(self) -> dict[str, Any]:
-        return {"inbox": self.inbox, "stopped": self.stopped, **dict(sorted(self.counts.items()))}
+        extra = {"redelivery": True} if self.redelivery else {}
+        return {"inbox": self.inbox, "stopped": self.stopped, **extra, **dict(sorted(self.counts.items()))}
 
 
 def _received_at(record_edited_at: str | None, message: Message, max_skew_s: float | None = None) -> datetime | None:
@@ -326,8 +329,14 @@ def _field_names_of(ctx: SyncContext, fn: FunctionSpec) -> Callable[[bool], Mapp
 _inbox_ids: dict[str, str] = {}
 
 
-def drain_function(fn: FunctionSpec, ctx: SyncContext, budget_s: float = DEFAULT_BUDGET_S) -> DrainReport:
-    """Find this function's inbox (by key ``zsync-<stage>-<function>``, cached) and drain it."""
+def drain_function(fn: FunctionSpec, ctx: SyncContext, budget_s: float = DEFAULT_BUDGET_S,
+                   notification: Notification | None = None) -> DrainReport:
+    """Find this function's inbox (by key ``zsync-<stage>-<function>``, cached) and drain it, leasing
+    ``ZSYNC_INBOX_LEASE_LIMIT`` messages for ``ZSYNC_INBOX_LEASE_SECONDS`` at a time. The drain goes on until
+    the inbox is empty (or the budget ends), never counting on the wake-up's ``received_message_count``: after
+    a ``redelivery`` (Zapier re-sent the wake-up after a delivery outage) that count is only a placeholder,
+    and the backlog can be anything. A redelivery is logged and reported; a backlog it leaves (the budget
+    ended) is drained by the next wake-up or the scheduled drain."""
     key = inbox_key(ctx.settings.stage, fn.name)
     client = inbox_client(ctx)
     inbox_id = _inbox_ids.get(key)
@@ -340,12 +349,19 @@ def drain_function(fn: FunctionSpec, ctx: SyncContext, budget_s: float = DEFAULT
                       hint="run `zsync wire zapier` for this stage")
             return report
         inbox_id = _inbox_ids[key] = inbox.id
-    consumer = InboxConsumer(fn, ctx, client, inbox_id, field_names=_field_names_of(ctx, fn))
+    redelivery = notification is not None and notification.redelivery
+    if redelivery:
+        log_event(ctx.logger, logging.WARNING, "inbox_redelivery", inbox=key,
+                  hint="Zapier re-sent a wake-up after a delivery outage: draining the whole backlog")
+    consumer = InboxConsumer(fn, ctx, client, inbox_id, field_names=_field_names_of(ctx, fn),
+                             lease_limit=ctx.settings.inbox_lease_limit,
+                             lease_seconds=ctx.settings.inbox_lease_seconds)
     try:
         report = consumer.drain(budget_s)
     except InboxNotFound:  # the inbox was deleted and made again: look it up next time
         _inbox_ids.pop(key, None)
         raise
+    report.redelivery = redelivery
     log_event(ctx.logger, logging.INFO, "inbox_drained", **report.as_json())
     return report
 
