@@ -70,8 +70,12 @@ def register_admin(app: Flask, ctx: ServiceContext) -> None:
         if for_s is not None:
             for_s = _admin_number(body, "for_s", lambda v: 0 < v <= 3600)
         hang_s = _admin_number(body, "hang_s", lambda v: 0 <= v <= 600) if "hang_s" in body else 0.0
-        ctx.faults.arm(status, count, retry_after, for_s=for_s, hang_s=hang_s, method=method)
-        return jsonify(status=status, count=count, retry_after=retry_after, for_s=for_s, hang_s=hang_s, method=method)
+        lose = body.get("lose_response", False)
+        if not isinstance(lose, bool) or (lose and status == 200):
+            raise ApiError(400, "invalid 'lose_response': true or false, with an error status")
+        ctx.faults.arm(status, count, retry_after, for_s=for_s, hang_s=hang_s, method=method, lose_response=lose)
+        return jsonify(status=status, count=count, retry_after=retry_after, for_s=for_s, hang_s=hang_s, method=method,
+                       lose_response=lose)
 
     @app.delete("/_admin/faults")
     def clear_faults() -> tuple[str, int]:

@@ -170,6 +170,15 @@ def _decode_page(token: str | None) -> tuple[str | None, list[str | None]]:
         raise V2Error(400, "invalid", f"cursor {token[:40]!r} is not a page token of this query") from None
 
 
+def _query_int(name: str, low: int, high: int, default: int) -> int:
+    given = request.args.get(name)
+    if given is None:
+        return default
+    if not given.isdigit() or not low <= int(given) <= high:
+        raise V2Error(400, "invalid", f"{name}: expected an integer from {low} to {high}, got {given[:40]!r}")
+    return int(given)
+
+
 # --- Idempotency-Key ------------------------------------------------------------------------------------
 
 
@@ -302,4 +311,6 @@ def register_public_api(app: Flask, ctx: ServiceContext, cache: IdempotencyCache
     @app.get(PUBLIC_PREFIX + "/tables/<table_id>/fields")
     def v2_fields(table_id: str) -> Response:
         found = list(engine.schema(_ulid(table_id, "table")).fields.values())
-        return jsonify(results=found, meta={})
+        limit, offset = _query_int("limit", 1, 1000, 100), _query_int("offset", 0, 10**9, 0)
+        return jsonify(results=found[offset:offset + limit], meta={"limit": limit, "offset": offset,
+                                                                    "count": len(found)})

@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from infra.local.tables_service.context import ServiceContext
@@ -172,7 +172,9 @@ def _gate(ctx: ServiceContext) -> None:
     if ctx.stopped:
         raise ApiError(503, "service is stopping")
     fault = ctx.faults.take(request.method)
-    if fault is not None:
+    if fault is not None and fault.lose_response:
+        g.lose_response = fault  # the request runs; its answer is lost on the way back (register_gate)
+    elif fault is not None:
         if fault.hang_s:
             time.sleep(fault.hang_s)
         if fault.status == 200:  # refused inside a 200, as Zapier does: meta.errors, nothing changed
@@ -210,6 +212,16 @@ def register_gate(app: Flask, ctx: ServiceContext) -> None:
     def _before() -> None:
         if request.path.startswith(_GATED):
             _gate(ctx)
+
+    @app.after_request  # registered before the Idempotency-Key cache's: runs after it (it kept the real answer)
+    def _lose_response(response: Response) -> Response:
+        fault = g.pop("lose_response", None)
+        if fault is None:
+            return response
+        if fault.hang_s:
+            time.sleep(fault.hang_s)  # past the client's timeout: it never sees an answer
+        lost = ApiError(fault.status, f"injected fault {fault.status} (the request was applied; its answer lost)")
+        return api_error_as_v2(lost) if is_public_path(request.path) else _error(lost.status, lost.message)
 
 
 def register_tables_api(app: Flask, ctx: ServiceContext) -> None:
