@@ -112,7 +112,7 @@ def test_payload_by_name_by_field_id_and_unreadable():
 def test_wire_is_idempotent_and_updates_a_changed_url(stack, client, settings):
     urls = {name: fp.url for name, fp in stack.functions.items()}
     choice = wire.choose_trigger(client, None)
-    assert choice.action_key == "new_or_updated_record" and "updated" in choice.why
+    assert choice.action_key == "new_updated_or_deleted_record" and choice.deletes and "deletes" in choice.why
     again = wire.apply_inboxes(client, wire.inbox_plan(urls, settings, "local"), choice)
     assert {c.change for c in again} == {"unchanged"} and len(again) == 4
     moved = dict(urls, **{FN: urls[FN] + "moved"})

@@ -372,3 +372,44 @@ def test_deploy_preflight_finds_missing_secrets(env: pytest.MonkeyPatch) -> None
         boto3.client("secretsmanager").create_secret(Name="zsync/pre/zapier_client_secret", SecretString="x")
         boto3.client("ssm").put_parameter(Name="/zsync/pre/zapier_client_id", Value="x", Type="SecureString")
         assert missing_secrets("pre") == ["database_url"]
+
+
+# --- zsync wire zapier: which Tables trigger --------------------------------------------------------------
+
+
+class _Actions:
+    """The two app-metadata answers choose_trigger reads (the action lists Zapier's app listing would give)."""
+
+    def __init__(self, actions: list[dict[str, Any]]) -> None:
+        self.actions = actions
+
+    def tables_implementation(self) -> str:
+        return "TableCLIAPI@9.9.9"
+
+    def read_actions(self, app_key: str) -> list[dict[str, Any]]:
+        return self.actions
+
+
+_NEW = {"key": "k1", "name": "New Record", "description": "Triggers when a new record is added to a table."}
+_UPDATED = {"key": "k2", "name": "Updated Record", "description": "Triggers when a record is updated on a table."}
+_NEW_OR_UPDATED = {"key": "k3", "name": "New or Updated Record",
+                   "description": "Triggers when a record is added or updated on a table."}
+_WITH_DELETES = {"key": "k4", "name": "New, Updated, or Deleted Record",
+                 "description": "Triggers when a record is added, updated, or deleted in a table."}
+
+
+def test_wire_zapier_prefers_the_deletes_capable_trigger_and_says_why() -> None:
+    from infra.deploy import wire
+
+    choice = wire.choose_trigger(_Actions([_NEW, _UPDATED, _NEW_OR_UPDATED, _WITH_DELETES]), None)  # type: ignore[arg-type]
+    assert choice.action_key == "k4" and choice.deletes
+    assert "also delivers deletes" in choice.why and "trash check stays on" in choice.why
+
+    without = wire.choose_trigger(_Actions([_NEW, _UPDATED, _NEW_OR_UPDATED]), None)  # type: ignore[arg-type]
+    assert without.action_key == "k3" and not without.deletes
+    assert "no trigger of it delivers deletes" in without.why and "trash check" in without.why
+
+    hidden = wire.choose_trigger(_Actions([_NEW_OR_UPDATED, _WITH_DELETES | {"is_hidden": True}]), None)  # type: ignore[arg-type]
+    assert hidden.action_key == "k3"
+    given = wire.choose_trigger(_Actions([_NEW_OR_UPDATED, _WITH_DELETES]), "k3")  # type: ignore[arg-type]
+    assert given.action_key == "k3" and not given.deletes and "--trigger-key" in given.why

@@ -120,6 +120,7 @@ class TriggerChoice:
     app_key: str  # TableCLIAPI@<version>
     action_key: str
     why: str
+    deletes: bool = False  # the trigger also delivers deletes ("a record is added, updated, or deleted")
 
 
 @dataclass(frozen=True)
@@ -139,8 +140,28 @@ def notification_url(function_url: str) -> str:
     return function_url + ("&" if "?" in function_url else "?") + f"{WAKE_PARAM}=inbox"
 
 
+def _text(action: dict[str, Any]) -> str:
+    return " ".join(str(action.get(k) or "") for k in ("key", "name", "description")).lower().replace("_", " ")
+
+
+def deletes_capable(action: dict[str, Any]) -> bool:
+    """"Triggers when a record is added, updated, or deleted in a table." (its key is not published)."""
+    text = _text(action)
+    return "record" in text and "delet" in text and "updat" in text
+
+
+def new_or_updated(action: dict[str, Any]) -> bool:
+    """"Triggers when a record is added or updated on a table." (new or updated record)."""
+    text = _text(action)
+    return ("record" in text and "updat" in text and any(w in text for w in ("new", "add", "creat"))
+            and not deletes_capable(action))
+
+
 def choose_trigger(client: InboxClient, override: str | None) -> TriggerChoice:
-    """The Tables new-or-updated-record trigger, found in the app's read actions (or ``--trigger-key``)."""
+    """The Tables trigger each inbox subscribes to, found in the app's read actions (or ``--trigger-key``):
+    the deletes-capable one ("a record is added, updated, or deleted") when the app lists exactly one, so a
+    delete made in Tables arrives at once (the trash check stays on as the safety net); else the
+    new-or-updated one, deletes then reaching Supabase through the trash check only."""
     app_key = client.tables_implementation()
     actions = client.read_actions(app_key)
     keys = [a["key"] for a in actions]
@@ -148,18 +169,26 @@ def choose_trigger(client: InboxClient, override: str | None) -> TriggerChoice:
         if keys and override not in keys:
             raise DeployError(f"--trigger-key {override!r} is not a trigger of {app_key}; "
                               f"its triggers: {', '.join(keys)}")
-        return TriggerChoice(app_key, override, "given with --trigger-key")
-
-    def text(a: dict[str, Any]) -> str:
-        return f"{a.get('key', '')} {a.get('name', '')}".lower().replace("_", " ")
-
-    matches = [a for a in actions if "record" in text(a) and "updated" in text(a) and not a.get("is_hidden")]
+        given = next((a for a in actions if a["key"] == override), {"key": override})
+        return TriggerChoice(app_key, override, "given with --trigger-key", deletes_capable(given))
+    visible = [a for a in actions if not a.get("is_hidden")]
+    with_deletes = [a for a in visible if deletes_capable(a)]
+    if len(with_deletes) == 1:
+        a = with_deletes[0]
+        return TriggerChoice(app_key, a["key"], f"{a['key']!r} ({a.get('name')}) also delivers deletes: a record "
+                             "deleted in Tables reaches Supabase at once; the trash check stays on as the safety net",
+                             deletes=True)
+    matches = [a for a in visible if new_or_updated(a)] or [
+        a for a in visible if "record" in _text(a) and "updated" in _text(a) and not deletes_capable(a)]
     if len(matches) != 1:
         raise DeployError(f"cannot tell which trigger of {app_key} is 'new or updated record' ({len(matches)} "
                           f"candidates among {', '.join(keys) or 'none'}): pass --trigger-key")
     a = matches[0]
-    return TriggerChoice(app_key, a["key"], f"the only read action of {app_key} about updated records: "
-                                            f"{a['key']!r} ({a.get('name')})")
+    why = "no trigger of it delivers deletes" if not with_deletes else \
+        f"{len(with_deletes)} triggers seem to deliver deletes, none chosen"
+    return TriggerChoice(app_key, a["key"], f"the read action of {app_key} about new or updated records: "
+                                            f"{a['key']!r} ({a.get('name')}); {why}: deletes made in Tables reach "
+                                            "Supabase through the trash check")
 
 
 def inbox_plan(function_urls: Mapping[str, str], settings: Settings, stage: str) -> list[InboxChange]:

@@ -51,11 +51,18 @@ INBOX_PATH = "/api/v0/sdk/trigger-inbox/api/v1/inboxes"
 PUBLIC_INBOX_PATHS = ("/trigger-inbox/api/v1/inboxes", "/trigger-inbox/v1/inboxes")
 META_PATH = "/api/v0/sdk/zapier/api/v4"
 TABLES_VERSION = "TableCLIAPI@1.0.0"
+# The Tables app's triggers, described as zapier.com lists them (zapier-public-api.md section 3); their
+# keys are not published: these are the stand-in's. DELETES_TRIGGER also delivers deletes (payload below).
+DELETES_TRIGGER = "new_updated_or_deleted_record"
 TABLES_ACTIONS = [
     {"key": "new_record", "name": "New Record", "type": "read",
-     "description": "Triggers when a new record is created."},
+     "description": "Triggers when a new record is added to a table."},
+    {"key": "updated_record", "name": "Updated Record", "type": "read",
+     "description": "Triggers when a record is updated on a table."},
     {"key": "new_or_updated_record", "name": "New or Updated Record", "type": "read",
-     "description": "Triggers when a record is created or updated."},
+     "description": "Triggers when a record is added or updated on a table."},
+    {"key": DELETES_TRIGGER, "name": "New, Updated or Deleted Record", "type": "read",
+     "description": "Triggers when a record is added, updated, or deleted in a table."},
     {"key": "create_record", "name": "Create Record", "type": "write", "description": "Creates a record."},
 ]
 DEFAULT_LEASE_S = 300
@@ -101,7 +108,7 @@ class Notifier:
     def __init__(self, timeout_s: float = 10.0) -> None:
         self._queue: queue.Queue[tuple[str, str] | None] = queue.Queue()
         self._lock = threading.Lock()
-        self._queued: dict[tuple[str, str], int] = {}  # (url, inbox id) -> messages received since queued
+        self._queued: dict[tuple[str, str], tuple[int, bool]] = {}  # (url, inbox) -> (received, redelivery?)
         self._drop = 0
         self.drop_share = 0.0  # chaos (bench/soak.py): lose this share of the wake-ups at random
         self._drop_rng = random.Random()
@@ -115,7 +122,9 @@ class Notifier:
         with self._lock:
             self._drop = n
 
-    def notify(self, url: str, inbox_id: str, received: int = 1) -> None:
+    def notify(self, url: str, inbox_id: str, received: int = 1, redelivery: bool = False) -> None:
+        """Queue a wake-up. ``redelivery``: Zapier's manual re-send after a delivery outage (its count is a
+        placeholder: the caller passes 1)."""
         key = (url, inbox_id)
         with self._lock:
             if self._drop > 0 or (self.drop_share and self._drop_rng.random() < self.drop_share):
@@ -123,9 +132,10 @@ class Notifier:
                 self.counts["dropped"] += 1
                 return
             if key in self._queued:
-                self._queued[key] += received
+                count, again = self._queued[key]
+                self._queued[key] = (count + received, again or redelivery)
                 return
-            self._queued[key] = received
+            self._queued[key] = (received, redelivery)
             self._busy += 1
         self._queue.put(key)
 
@@ -141,9 +151,9 @@ class Notifier:
         while (key := self._queue.get()) is not None:
             url, inbox_id = key
             with self._lock:
-                count = self._queued.pop(key, 1)
+                count, redelivery = self._queued.pop(key, (1, False))
             ok = False
-            body = {"inbox_id": inbox_id, "received_message_count": count, "redelivery": False}
+            body = {"inbox_id": inbox_id, "received_message_count": count, "redelivery": redelivery}
             try:  # no header of ours, no data: a wake-up
                 response = requests.post(url, json=body, timeout=self._timeout_s, allow_redirects=False)
                 ok = response.status_code < 300
@@ -363,15 +373,31 @@ class InboxService:
             self.notifier.notify(inbox["notification_url"], inbox_id)
         return message_id
 
-    def publish(self, table_id: str, record: dict[str, Any]) -> None:
-        """A record was created or changed: one message in each active inbox subscribed to its table."""
+    def _subscribed(self, table_id: str) -> list[tuple[str, str]]:
+        """(inbox id, trigger key) of the active inboxes subscribed to ``table_id``."""
         with self._tx() as conn:
-            inboxes = conn.execute("SELECT id FROM inboxes WHERE table_id = ? AND status = 'active'",
-                                   (table_id,)).fetchall()
+            rows = conn.execute("SELECT id, subscription FROM inboxes WHERE table_id = ? AND status = 'active'",
+                                (table_id,)).fetchall()
+        return [(r["id"], json.loads(r["subscription"]).get("action_key")) for r in rows]
+
+    def publish(self, table_id: str, record: dict[str, Any]) -> None:
+        """A record was created or changed: one message in each active inbox subscribed to its table. The
+        deletes-capable trigger's payload also carries ``"event": "added"|"updated"`` and ``deleted_at``."""
         payload = {"id": record["id"], "data": record["data"], "created_at": record.get("created_at"),
                    "edited_at": record.get("edited_at", record.get("updated_at"))}
-        for row in inboxes:
-            self.put(row["id"], payload)
+        event = "added" if record.get("created_at") == payload["edited_at"] else "updated"
+        for inbox_id, action in self._subscribed(table_id):
+            self.put(inbox_id, payload | ({"event": event, "deleted_at": None} if action == DELETES_TRIGGER else {}))
+
+    def publish_delete(self, table_id: str, record: dict[str, Any]) -> None:
+        """A record went to the trash: one message in each active inbox of the deletes-capable trigger. Its
+        payload (Zapier's is not published; the stand-in's choice, docs/local-stand-ins.md): the record as it
+        was, ``deleted_at`` set, ``"event": "deleted"``."""
+        payload = {"id": record["id"], "data": record["data"], "created_at": record.get("created_at"),
+                   "edited_at": record.get("edited_at"), "deleted_at": record.get("deleted_at"), "event": "deleted"}
+        for inbox_id, action in self._subscribed(table_id):
+            if action == DELETES_TRIGGER:
+                self.put(inbox_id, payload)
 
     def stats(self) -> dict[str, Any]:
         with self._tx() as conn:
@@ -538,6 +564,16 @@ def inbox_blueprint(service: InboxService, public_paths: tuple[str, ...] = PUBLI
     def admin_pause(inbox_id: str) -> Response:
         reason = _body().get("reason", "unknown")
         return jsonify(service.set_status(inbox_id, "paused", str(reason)))
+
+    @bp.post("/_admin/inboxes/<inbox_id>/redeliver")
+    def redeliver(inbox_id: str) -> Response:
+        """Zapier's manual re-send of a wake-up after a delivery outage: ``redelivery: true``, count 1 (a
+        placeholder, whatever waits in the inbox)."""
+        inbox = service.get(inbox_id)
+        if not inbox["notification_url"]:
+            raise _problem(400, "the inbox has no notification_url")
+        service.notifier.notify(inbox["notification_url"], inbox_id, 1, redelivery=True)
+        return jsonify(inbox_id=inbox_id, redelivery=True)
 
     @bp.get("/_admin/inbox/stats")
     def stats() -> Response:

@@ -51,6 +51,13 @@ class ServiceContext:
         for record in records if url else ():
             self.dispatcher.enqueue(Delivery(url, table_id, record["id"], trigger_payload(record, names)))
 
+    def after_delete(self, table_id: str, rids: list[str]) -> None:
+        """Count the deletes and publish each trashed record to the inboxes subscribed to the deletes-capable
+        trigger (Zaps' webhook triggers never see a delete: Zapier has no such Zap trigger step here)."""
+        self.stats.count_writes(table_id, len(rids))
+        for rid in rids if self.inboxes else ():
+            self.inboxes.publish_delete(table_id, self.engine.get(table_id, rid))  # type: ignore[union-attr]
+
     def issue_token(self) -> str:
         token = "zlt-" + secrets.token_urlsafe(32)
         now = time.time()

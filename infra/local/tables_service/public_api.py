@@ -278,7 +278,7 @@ def register_public_api(app: Flask, ctx: ServiceContext, cache: IdempotencyCache
         _change_options(body, {"on_conflict": _ON_CONFLICT})
         rids = [_ulid(rid, "record") for rid in _items(body, "record_ids")]
         engine.delete_many(table, rids)  # refuses the whole request if any record does not exist
-        ctx.stats.count_writes(table, len(rids))
+        ctx.after_delete(table, rids)
         return jsonify(results=[v2_record(engine.get(table, rid)) for rid in rids], meta={})
 
     @app.get(records + "/<record_id>")

@@ -302,7 +302,7 @@ def register_tables_api(app: Flask, ctx: ServiceContext) -> None:
     def delete_records(table_id: str) -> tuple[str, int]:
         rids = _list_of(object_body(), "record_ids")
         engine.delete_many(table_id, rids)
-        ctx.stats.count_writes(table_id, len(rids))
+        ctx.after_delete(table_id, rids)
         return "", 204
 
     @app.get("/api/v0/sdk/zapier/api/v4/profile/")
