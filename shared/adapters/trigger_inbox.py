@@ -27,14 +27,20 @@ when it expires), honouring ``Retry-After``, a bounded number of attempts.
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 from urllib3.util.retry import Retry
 
+from shared.adapters.trigger_payload import (  # noqa: F401  (re-exported: the payload side of an inbox)
+    TriggerDelete,
+    TriggerRecord,
+    UnreadablePayload,
+    is_delete_event,
+    read_delete,
+    read_payload,
+)
 from shared.adapters.zapier_errors import TablesError
 from shared.adapters.zapier_oauth import TokenSourceAuth
 from shared.platform.http_client import Auth, Pool, TransportError, json_of, text_of
@@ -54,7 +60,6 @@ TABLES_IMPLEMENTATION = "TableCLIAPI"
 TABLES_APP_SLUG = "zapier_tables"
 DEFAULT_LEASE_SECONDS = 300
 _IDEMPOTENT = frozenset({"GET", "PUT", "DELETE", "HEAD", "OPTIONS"})
-_FIELD_ID = re.compile(r"^f(\d+)$")
 _MESSAGE_MAX = 300
 
 
@@ -424,78 +429,3 @@ def _error_of(data: Any, response: BaseHTTPResponse) -> tuple[str, str | None]:
             if isinstance(data.get(key), str):
                 return data[key][:_MESSAGE_MAX], data.get("code")
     return (text_of(response).strip() or response.reason or "no message")[:_MESSAGE_MAX], None
-
-
-# --- payload -> record ---------------------------------------------------------------------------------
-
-
-class UnreadablePayload(ValueError):
-    """A message payload that is not a Tables record we can read; ``problems`` name what and where."""
-
-    def __init__(self, problems: list[dict[str, str]]) -> None:
-        super().__init__(problems)
-        self.problems = problems
-
-
-@dataclass(frozen=True)
-class TriggerRecord:
-    record_id: str | None
-    edited_at: str | None
-    fields: dict[str, Any]  # by field name
-
-    def as_delivery(self) -> dict[str, Any]:
-        """What a Zap would POST: the record's fields flat, ``id`` = record id when it has none (no ``id``
-        field, or an empty cell), and ``edited_at`` (Zapier's time of the change: the sync measures lag from
-        it and versions a record without ``updated_at`` at it)."""
-        out = dict(self.fields)
-        if self.record_id is not None and out.get("id") in (None, ""):
-            out["id"] = self.record_id
-        if self.edited_at is not None:
-            out["edited_at"] = self.edited_at
-        return out
-
-
-_META = frozenset({"id", "record_id", "data", "fields", "created_at", "edited_at", "updated_at",
-                   "schema_revision_id", "errors", "deleted_at", "table_id"})
-
-
-def read_payload(payload: Mapping[str, Any], field_names: Mapping[str, str] | None = None) -> TriggerRecord:
-    """Read a Tables trigger event's payload (shape not documented): a record ``{"id", "data": {...}}``
-    (optionally under ``"record"``), or the fields flat. Fields by name, or by field id ``f<n>`` mapped
-    through ``field_names`` (``{"f3": "status"}`` or ``{"3": "status"}``)."""
-    if not isinstance(payload, Mapping):
-        raise UnreadablePayload([{"field": "payload", "problem": "not a JSON object"}])
-    body: Mapping[str, Any] = payload
-    if isinstance(payload.get("record"), Mapping):
-        body = payload["record"]
-    data = body.get("data", body.get("fields"))
-    flat = data is None
-    if flat:
-        data = {k: v for k, v in body.items() if k not in _META or k == "id"}
-    if not isinstance(data, Mapping):
-        problem = f"expected an object, got {type(data).__name__}"
-        raise UnreadablePayload([{"field": "payload.data", "problem": problem}])
-    fields: dict[str, Any] = {}
-    problems: list[dict[str, str]] = []
-    for key, value in data.items():
-        match = _FIELD_ID.match(str(key))
-        if match:
-            names = field_names or {}
-            name = names.get(key) or names.get(match.group(1))
-            if name is None:
-                problems.append({"field": f"payload.data.{key}",
-                                 "problem": "field id not in the table's fields (unknown field)"})
-                continue
-            fields[name] = value
-        else:
-            fields[str(key)] = value
-    if problems:
-        raise UnreadablePayload(problems)
-    # A record-shaped payload's "id" is Zapier's record id; in a flat payload "id" is a field (ours).
-    rid = body.get("record_id") if flat else body.get("id")
-    record_id = rid if isinstance(rid, str) and rid else None
-    edited = body.get("edited_at", body.get("updated_at"))
-    if not fields:
-        problem = "no record fields found (expected data or flat fields)"
-        raise UnreadablePayload([{"field": "payload", "problem": problem}])
-    return TriggerRecord(record_id=record_id, edited_at=edited if isinstance(edited, str) else None, fields=fields)

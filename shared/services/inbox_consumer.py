@@ -40,11 +40,14 @@ from shared.adapters.trigger_inbox import (
     LeaseExpired,
     Message,
     Notification,
-    TriggerRecord,
+    TriggerDelete,
     UnreadablePayload,
+    is_delete_event,
+    read_delete,
     read_payload,
 )
 from shared.adapters.zapier_errors import TablesError
+from shared.core.mapping import coerce_id, normalize_timestamp
 from shared.core.spec import FunctionSpec
 from shared.platform.logs import log_event
 
@@ -126,6 +129,9 @@ def inbox_letter_delivery(payload: Mapping[str, Any], field_names: Callable[[boo
     raw = payload.get("payload")
     if not isinstance(raw, dict):
         raise UnreadablePayload([{"field": "payload", "problem": "the dead letter holds no trigger event object"}])
+    if is_delete_event(raw):
+        raise UnreadablePayload([{"field": "payload", "problem": "a delete event: not replayed as a record (the "
+                                  "trash check applies the delete)"}])
     try:
         return read_payload(raw).as_delivery()
     except UnreadablePayload as exc:
@@ -190,31 +196,86 @@ class InboxConsumer:
         audit insert),
         with the outcome each would get alone; a poison message goes whole to the dead-letter queue, an
         unreadable one is rejected and audited; a dependency failure releases the batch (it comes back)."""
-        from shared.services.deliveries import Rejected, record_failure
-        from shared.services.from_tables import apply_many_from_tables
-
         ack: list[str] = []
         release: list[str] = []
         batch: list[tuple[Message, dict[str, Any], datetime | None]] = []
+        deletes: list[tuple[Message, TriggerDelete]] = []
         for message in messages:
             if message.lease_count > self.poison_lease_count:
                 (ack if self._poison(message, report) == "ack" else release).append(message.id)
                 continue
             try:
-                record = self._read(message)
+                gone = self._read(message, read_delete)
+                record = self._read(message) if gone is None else None
             except UnreadablePayload as exc:
-                body = dead_letter.canonical_json(message.payload).encode("utf-8", "surrogatepass")
-                rejected = Rejected(400, exc.problems)
-                audited = record_failure(self.fn, self.ctx, body, rejected)
-                report.counts["rejected"] += 1
-                log_event(self.ctx.logger, logging.WARNING, "inbox_message", inbox=self.inbox_id, message=message.id,
-                          outcome="rejected", status=400, problems=exc.problems, audited=audited)
+                self._reject(message, exc.problems, report)
                 ack.append(message.id)
                 continue
+            if gone is not None:  # the deletes-capable trigger's delete event: applied after the batch
+                deletes.append((message, gone))
+                continue
+            assert record is not None
             batch.append((message, record.as_delivery(),
                           _received_at(record.edited_at, message, self.ctx.settings.max_future_skew_s)))
-        if not batch:
-            return ack, release
+        done = self._apply_batch(batch, report) if batch else ([], [])
+        gone_done = self._apply_deletes(deletes, report) if deletes else ([], [])
+        return ack + done[0] + gone_done[0], release + done[1] + gone_done[1]
+
+    def _reject(self, message: Message, problems: list[dict[str, str]], report: DrainReport) -> None:
+        """An unreadable message: a ``sync_failed`` audit entry (as a Zap delivery's 400), then acked."""
+        from shared.services.deliveries import Rejected, record_failure
+
+        body = dead_letter.canonical_json(message.payload).encode("utf-8", "surrogatepass")
+        audited = record_failure(self.fn, self.ctx, body, Rejected(400, problems))
+        report.counts["rejected"] += 1
+        log_event(self.ctx.logger, logging.WARNING, "inbox_message", inbox=self.inbox_id, message=message.id,
+                  outcome="rejected", status=400, problems=problems, audited=audited)
+
+    def _apply_deletes(self, deletes: list[tuple[Message, TriggerDelete]], report: DrainReport
+                       ) -> tuple[list[str], list[str]]:
+        """Delete events, through the trash check's own rules (:func:`shared.services.tables_trash.apply_deletes`:
+        the sync's own deletes and ids still live in Tables left out, tombstones, a newer Supabase version wins):
+        a delete the trash check finds later is ``unchanged`` there, and the other way round."""
+        from shared.services.sync import is_empty_id
+        from shared.services.tables_trash import apply_deletes, deletes_checked
+
+        spec = self.fn.table
+        if not deletes_checked(spec):
+            report.counts["delete_ignored"] += len(deletes)
+            return [m.id for m, _ in deletes], []
+        ack: list[str] = []
+        found: list[tuple[Message, str, str | None, datetime]] = []
+        for message, gone in deletes:
+            try:
+                ours = gone.fields.get("id")
+                rid = coerce_id(gone.record_id if is_empty_id(ours) else ours, spec.field("id").max_length or 128)
+                at = normalize_timestamp(gone.deleted_at) or _received_at(None, message) or datetime.now(UTC)
+            except ValueError as exc:
+                self._reject(message, [{"field": "payload", "problem": f"delete event: {exc}"}], report)
+                ack.append(message.id)
+                continue
+            found.append((message, rid, gone.record_id, at))
+        try:
+            verdicts = apply_deletes(self.ctx, spec, [(rid, zid, at) for _, rid, zid, at in found])
+        except (supabase_db.DatabaseUnavailable, TablesError, InboxError) as exc:
+            report.counts["dependency_errors"] += 1
+            log_event(self.ctx.logger, logging.ERROR, "dependency_unavailable", inbox=self.inbox_id,
+                      messages=len(found), error_type=type(exc).__name__, error=str(exc)[:300])
+            return ack, [m.id for m, _, _, _ in found]
+        for message, rid, zid, _ in found:
+            verdict = verdicts.get(rid, "own")  # left out: a copy the sync trashed itself
+            report.counts[f"delete_{verdict}"] += 1
+            log_event(self.ctx.logger, logging.INFO, "inbox_message", inbox=self.inbox_id, message=message.id,
+                      outcome=f"delete_{verdict}", id=rid, tables_record=zid, lease_count=message.lease_count)
+            ack.append(message.id)
+        return ack, []
+
+    def _apply_batch(self, batch: list[tuple[Message, dict[str, Any], datetime | None]], report: DrainReport
+                     ) -> tuple[list[str], list[str]]:
+        from shared.services.from_tables import apply_many_from_tables
+
+        ack: list[str] = []
+        release: list[str] = []
         try:
             results = apply_many_from_tables(self.ctx, self.fn, [d for _, d, _ in batch],
                                              received_at=[r for _, _, r in batch])
@@ -276,14 +337,15 @@ class InboxConsumer:
             self._names = self.field_names(refresh)
         return self._names
 
-    def _read(self, message: Message) -> TriggerRecord:
-        """The payload as a record; a field id we do not know lists the table's fields again once."""
+    def _read(self, message: Message, reader: Callable[..., Any] = read_payload) -> Any:
+        """The payload read by ``reader`` (a record; with :func:`read_delete`, a delete event or None); a field
+        id we do not know lists the table's fields again once."""
         try:
-            return read_payload(message.payload, self._field_names(message))
+            return reader(message.payload, self._field_names(message))
         except UnreadablePayload as exc:
             if self.field_names is None or not any("unknown field" in p["problem"] for p in exc.problems):
                 raise
-        return read_payload(message.payload, self._field_names(message, refresh=True))
+        return reader(message.payload, self._field_names(message, refresh=True))
 
     def _poison(self, message: Message, report: DrainReport) -> str:
         """Store the message in the dead-letter queue in the shape ``zsync replay`` applies: the delivery a
@@ -295,8 +357,9 @@ class InboxConsumer:
         payload: dict[str, Any] = {"inbox_message": message.id, "payload": message.payload}
         edited_at: str | None = None
         try:
-            record = self._read(message)
-            payload, edited_at = record.as_delivery(), record.edited_at
+            if not is_delete_event(message.payload):  # a delete keeps the inbox's shape: never replayed as a record
+                record = self._read(message)
+                payload, edited_at = record.as_delivery(), record.edited_at
         except (UnreadablePayload, TablesError):
             pass
         record_id = payload.get("id") if isinstance(payload.get("id"), str) else None

@@ -1,10 +1,14 @@
 """Deletes made in Zapier Tables: the scheduled trash check.
 
-Zapier Tables has no trigger for a deleted record, but it keeps deleted records in its trash with
-``deleted_at`` (``POST .../records/query?trash=only``). :func:`check_trash` lists a table's trash and
-hands every record deleted since the last check to :func:`shared.services.deletes.apply_tables_delete`, which deletes
-the Supabase row and keeps a tombstone (so a stale Zap / inbox delivery or reconcile never brings it
-back) - unless Supabase holds a version newer than the delete, which then wins and is pushed back.
+Zapier Tables keeps deleted records in its trash with ``deleted_at`` (``POST .../records/query?trash=only``,
+on the SDK's path: the public API v2 documents no ``trash``). Where ``zsync wire zapier`` subscribed the
+inboxes to the deletes-capable trigger, a delete arrives at once through the inbox
+(:mod:`shared.services.inbox_consumer`, through :func:`apply_deletes` below); this check stays on as the
+safety net for a lost or unreadable delete event, or inboxes on the new-or-updated trigger.
+:func:`check_trash` lists a table's trash and hands every record deleted since the last check to
+:func:`shared.services.deletes.apply_tables_delete`, which deletes the Supabase row and keeps a tombstone (so
+a stale Zap / inbox delivery or reconcile never brings it back) - unless Supabase holds a version newer than
+the delete, which then wins and is pushed back.
 
 Which trashed records are "new": the query API filters and orders only by fields (``f<n>``), not by
 ``deleted_at``, so the whole trash is paged through (one request per 1000 trashed records), but only the
@@ -84,16 +88,42 @@ def _watermark(ctx: SyncContext, spec: TableSpec) -> datetime | None:
     return ctx.db.run(lambda conn: conn.execute("SELECT zsync.trash_watermark(%s)", (spec.name,)).fetchone()[0])
 
 
-def _deletes_by_id(ctx: SyncContext, spec: TableSpec, found: list[tuple[str, str, datetime]]) -> dict[str, datetime]:
+def _deletes_by_id(ctx: SyncContext, spec: TableSpec, found: list[tuple[str, str | None, datetime]]
+                   ) -> dict[str, datetime]:
     """Our id -> the latest deleted_at of its trashed records, leaving out the records the sync trashed itself
     (zsync.sync_trashed: the copy of a record deleted in Supabase, a duplicate): never a person's delete."""
-    zids = [z for _, z, _ in found]
+    zids = [z for _, z, _ in found if z is not None]
     own = ctx.db.run(lambda conn: supabase_db.sync_trashed_ids(conn, spec, zids)) if zids else set()
     wanted: dict[str, datetime] = {}
     for rid, zid, deleted_at in found:
         if zid not in own:
             wanted[rid] = max(deleted_at, wanted.get(rid, deleted_at))
     return wanted
+
+
+def apply_deletes(ctx: SyncContext, spec: TableSpec, found: list[tuple[str, str | None, datetime]]) -> dict[str, str]:
+    """Apply deletes made in Tables, each ``(our id, Zapier's record id, deleted_at)``, as the trash check
+    does: the sync's own deletes are left out; an id with a live Tables record (``still_live``) or an
+    insert not yet in Tables (``insert_pending``) is not a delete; the rest go to
+    :func:`apply_tables_delete` (``applied``, ``kept_newer``: Supabase's newer version won, or ``unchanged``:
+    already applied, so a delete seen by both the trigger and the trash check is applied once).
+    -> our id -> that verdict (a :class:`TrashResult` counter's name). Also used by the trigger inbox's
+    delete events (:mod:`shared.services.inbox_consumer`)."""
+    wanted = _deletes_by_id(ctx, spec, found)
+    live = {r.data.get("id") for r in ctx.tables.find_many(ctx.table_id(spec), "id", list(wanted))} \
+        if wanted else set()
+    pending = set(ctx.db.run(lambda conn: [r[0] for r in conn.execute(
+        "SELECT zsync.trash_insert_pending(%s, %s)", (spec.name, sorted(wanted))).fetchall()])) if wanted else set()
+    verdicts: dict[str, str] = {}
+    for rid in sorted(wanted):
+        if rid in live:
+            verdicts[rid] = "still_live"
+        elif rid in pending:
+            verdicts[rid] = "insert_pending"
+        else:
+            outcome = apply_tables_delete(ctx, spec, rid, wanted[rid]).outcome
+            verdicts[rid] = {Outcome.APPLIED: "applied", Outcome.SKIPPED_STALE: "kept_newer"}.get(outcome, "unchanged")
+    return verdicts
 
 
 def check_trash(ctx: SyncContext, spec: TableSpec, since: datetime | None = None, *,
@@ -112,7 +142,7 @@ def check_trash(ctx: SyncContext, spec: TableSpec, since: datetime | None = None
     result.since = since.isoformat() if since else None
     id_max = spec.field("id").max_length or 128
     newest: datetime | None = None
-    found: list[tuple[str, str, datetime]] = []  # (our id, Zapier's record id, deleted_at)
+    found: list[tuple[str, str | None, datetime]] = []  # (our id, Zapier's record id, deleted_at)
     for record in ctx.tables.iter_records(table_id, PAGE, trash="only"):
         result.trashed += 1
         try:
@@ -136,24 +166,8 @@ def check_trash(ctx: SyncContext, spec: TableSpec, since: datetime | None = None
                       tables_record=record.id, problem=f"id: {exc}")
             continue
         found.append((rid, record.id, deleted_at))
-    wanted = _deletes_by_id(ctx, spec, found)
-    live = {r.data.get("id") for r in ctx.tables.find_many(table_id, "id", list(wanted))} if wanted else set()
-    pending = set(ctx.db.run(lambda conn: [r[0] for r in conn.execute(
-        "SELECT zsync.trash_insert_pending(%s, %s)", (spec.name, sorted(wanted))).fetchall()])) if wanted else set()
-    for rid in sorted(wanted):
-        if rid in live:
-            result.still_live += 1
-            continue
-        if rid in pending:
-            result.insert_pending += 1
-            continue
-        outcome = apply_tables_delete(ctx, spec, rid, wanted[rid]).outcome
-        if outcome is Outcome.APPLIED:
-            result.applied += 1
-        elif outcome is Outcome.SKIPPED_STALE:
-            result.kept_newer += 1
-        else:
-            result.unchanged += 1
+    for verdict in apply_deletes(ctx, spec, found).values():
+        setattr(result, verdict, getattr(result, verdict) + 1)
     # Never past the check's start: a delete made during the check on a page already read has a deleted_at
     # after the start (the overlap covers the clocks' skew), so the next check reads it.
     newest = min(newest, started) if newest else None
