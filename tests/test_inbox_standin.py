@@ -159,3 +159,29 @@ def test_notifications_waiting_to_be_sent_are_coalesced_and_counted(local, clien
     assert sum(b["received_message_count"] for b in bodies) == 4
     assert all(b["inbox_id"] == inbox_id for b in bodies) and len(got) >= 2
     assert len(bodies) < 4  # some were coalesced
+
+
+def test_a_redelivery_wakeup_says_so_and_counts_one(local, client, receiver):
+    """Zapier's manual re-send after a delivery outage: ``redelivery: true``, the count a placeholder."""
+    requests.post(f"{local.url}/_admin/inbox/faults", json={"drop_notifications": 3}, timeout=10)
+    inbox_id = _inbox(local, client, receiver.url + "/wake")
+    _put(local, inbox_id, 3)  # their wake-ups are lost (the outage)
+    assert requests.post(f"{local.url}/_admin/inboxes/{inbox_id}/redeliver", timeout=10).status_code == 200
+    got = receiver.wait_for(1)[0]
+    assert got.body == {"inbox_id": inbox_id, "received_message_count": 1, "redelivery": True}
+
+
+def test_the_deletes_capable_trigger_delivers_deletes_and_the_other_does_not(local, client):
+    table = local.ids["agent_jobs"]
+    plain = _inbox(local, client, None)
+    sub = Subscription("TableCLIAPI@1.0.0", "new_updated_or_deleted_record", {"table_id": table})
+    with_deletes = client.create(f"test-{uuid.uuid4().hex[:8]}", sub, None).id
+    tables = local.client()
+    rec = tables.create(table, {"id": "del-1", "status": "queued"})
+    tables.delete(table, rec.id)
+    plain_events = [m.payload for m in client.lease(plain, 10, 30).messages]
+    events = [m.payload for m in client.lease(with_deletes, 10, 30).messages]
+    assert len(plain_events) == 1 and "event" not in plain_events[0]  # the create only
+    assert [e["event"] for e in events] == ["added", "deleted"]
+    assert events[0]["deleted_at"] is None and events[1]["deleted_at"] and events[1]["id"] == rec.id
+    assert events[1]["data"] == events[0]["data"]  # the record as it was

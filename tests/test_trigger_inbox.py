@@ -106,6 +106,24 @@ def test_payload_by_name_by_field_id_and_unreadable():
         read_payload({"id": "REC5", "data": "nope"})
 
 
+def test_delete_events_are_recognised_and_records_are_not():
+    from shared.adapters.trigger_payload import is_delete_event, read_delete
+
+    record = {"id": "01JYEPSEARXB2Z6BJRCMFGXBC2", "data": {"f1": "j-1"}, "edited_at": "2026-01-01T00:00:00Z"}
+    assert read_delete(record, {"f1": "id"}) is None and read_delete(record | {"deleted_at": None}) is None
+    gone = read_delete(record | {"deleted_at": "2026-01-02T00:00:00Z"}, {"f1": "id"})
+    assert gone is not None and gone.fields == {"id": "j-1"} and gone.deleted_at == "2026-01-02T00:00:00Z"
+    by_type = read_delete({"event_type": "record.deleted", "record": record}, {"f1": "id"})
+    assert by_type is not None and by_type.deleted_at == "2026-01-01T00:00:00Z"  # no deleted_at: the event's time
+    # a UUID-form record id (as the public API publishes ids) comes back as the ULID zsync keys rows by
+    uuid_form = read_delete({"id": "01979d6c-b958-eac5-f32e-58651f0ead82", "data": {}, "event": "deleted"})
+    assert uuid_form is not None and uuid_form.record_id == "01JYEPSEARXB2Z6BJRCMFGXBC2" and uuid_form.fields == {}
+    # in a flat payload "action"/"type" are fields (audit_log has "action"): never taken for an event type
+    assert not is_delete_event({"id": "a-1", "action": "delete_job", "actor": "x"})
+    with pytest.raises(UnreadablePayload):
+        read_delete({"data": {}, "event": "deleted"})
+
+
 # --- wiring -------------------------------------------------------------------------------------------
 
 
@@ -135,6 +153,56 @@ def test_wire_is_idempotent_and_updates_a_changed_url(stack, client, settings):
                      params={"name": inbox.key, "limit": 1}, headers={"Authorization": f"Bearer {stack.token}"},
                      timeout=10)
     assert [i["id"] for i in r.json()["results"]] == [inbox.id]
+
+
+# --- deletes through the trigger, redelivery ------------------------------------------------------------
+
+
+def delete_audits(supabase, job_id: str) -> int:
+    return supabase.query("SELECT count(*) FROM audit_log WHERE resource_id = %s AND metadata->>'operation' = "
+                          "'delete'", (job_id,))[0][0]
+
+
+def test_a_delete_in_tables_reaches_supabase_through_the_trigger_once(stack, tables, supabase):
+    """The inboxes are on the deletes-capable trigger: a delete made in Tables reaches Supabase without the
+    trash check (it runs hourly on this stack); the trash check, run afterwards, finds it applied."""
+    job_id = uid("trigger-del")
+    rec = tables.create("agent_jobs", {"id": job_id, "job_type": "discovery", "status": "queued",
+                                       "updated_at": "2026-01-01T00:00:00Z"})  # versioned: no echo to catch it
+    eventually(lambda: supabase.row("agent_jobs", job_id))
+    stack.wait_quiet()  # the echo back to Tables is over (it would notice a delete in the trash itself)
+    tables.client.delete(stack.table_ids["agent_jobs"], rec["id"])
+    eventually(lambda: supabase.row("agent_jobs", job_id) is None or None)
+    assert delete_audits(supabase, job_id) == 1
+    checked = stack.check_trash()[FN]
+    assert checked["applied"] == 0 and checked["unchanged"] >= 1  # the safety net: seen, already applied
+    assert delete_audits(supabase, job_id) == 1
+    stack.wait_quiet()
+    assert tables.find("agent_jobs", job_id) is None and supabase.row("agent_jobs", job_id) is None
+
+
+def test_the_syncs_own_delete_coming_back_as_an_event_changes_nothing(stack, tables, supabase):
+    job_id = uid("own-del")
+    supabase.query("INSERT INTO agent_jobs (id, job_type, status) VALUES (%s, 'discovery', 'queued')", (job_id,))
+    eventually(lambda: tables.find("agent_jobs", job_id))
+    supabase.query("DELETE FROM agent_jobs WHERE id = %s", (job_id,))
+    eventually(lambda: tables.find("agent_jobs", job_id) is None or None)
+    stack.wait_quiet()
+    stack.safety_drain()
+    assert supabase.row("agent_jobs", job_id) is None and tables.find("agent_jobs", job_id) is None
+    assert delete_audits(supabase, job_id) <= 1  # the Supabase delete's own entry; the event adds none
+
+
+def test_a_redelivered_wakeup_drains_the_whole_backlog(stack, client, supabase, keys):
+    inbox_id = stack.inboxes[FN]
+    ids = [uid("redeliver") for _ in range(3)]
+    with unnotified(client, inbox_id):  # the outage: nobody is woken
+        for job_id in ids:
+            inject(stack, FN, job(keys, job_id, "queued", "2026-01-01T00:00:00Z"))
+    body = {"inbox_id": inbox_id, "received_message_count": 1, "redelivery": True}  # 1: a placeholder
+    answer = requests.post(f"{stack.functions[FN].url}?{WAKE_PARAM}=inbox", json=body, timeout=30).json()
+    assert answer["outcome"] == "drained" and answer["redelivery"] is True and answer["stopped"] == "empty"
+    assert all(supabase.row("agent_jobs", j) for j in ids)
 
 
 # --- delivery -----------------------------------------------------------------------------------------
