@@ -164,3 +164,25 @@ def test_without_a_key_a_lost_answer_would_make_two_records(client: TablesClient
     assert requests.post(url, json=body, headers=headers, timeout=5).status_code == 502
     assert requests.post(url, json=body, headers=headers, timeout=5).status_code == 201
     assert len(jobs_with_id(client, api, "nokey-1")) == 2
+
+
+def test_the_same_body_after_the_record_changed_is_a_new_change(client: TablesClient, api: Api) -> None:
+    """The body alone cannot tell a retry from a new change: a record a person deleted, re-created from the
+    same Supabase version (the newer version won over the delete), is a new record; the same update pushed
+    again after someone changed the record is written again. The client names what it last read in the key."""
+    jobs = api.ids[JOBS]
+    row = {"id": "again-1", "status": "claude", "updated_at": "2026-01-01T00:00:00Z"}
+    assert client.find_many(jobs, "id", ["again-1"], trash="include") == []  # what to_tables does first
+    first = client.create(jobs, row)
+    client.delete(jobs, first.id)  # a person's delete
+    [trashed] = client.find_many(jobs, "id", ["again-1"], trash="include")
+    assert trashed.deleted_at
+    second = client.create(jobs, row)  # the same version re-created
+    assert second.id != first.id and [r.id for r in jobs_with_id(client, api, "again-1")] == [second.id]
+
+    pushed = {"status": "claude", "updated_at": "2026-01-01T00:00:00Z"}
+    client.update(jobs, second.id, pushed)
+    client.update(jobs, second.id, {"status": "stale agent write"})  # someone else's write meanwhile
+    client.find_many(jobs, "id", ["again-1"], trash="include")  # read again, as the push-back does
+    assert client.update(jobs, second.id, pushed).data["status"] == "claude"
+    assert client.get(jobs, second.id).data["status"] == "claude"  # written, not a replay of the first update

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from collections import OrderedDict
 from typing import Any
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _HEX = frozenset("0123456789abcdef")
 KEY_PREFIX = "zsync-"
+MEMORY_KEEP = 10_000  # records / lookups a client remembers for its keys (oldest forgotten first)
 
 
 def is_ulid(value: object) -> bool:
@@ -69,3 +72,49 @@ def idempotency_key(table_id: str, operation: str, body: Any, extra: Any = None)
     material = json.dumps([table_id, operation, canonical(body), canonical(extra)], sort_keys=True,
                           separators=(",", ":"), ensure_ascii=False, default=str)
     return KEY_PREFIX + hashlib.sha256(material.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+
+
+def _text(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+class ChangeMemory:
+    """What one client last saw, for the part of an Idempotency-Key the body cannot hold: the same body can be
+    a new change. An update or delete names each record's ``edited_at`` as last read (a record changed or
+    restored since is a new change, not a replay of an earlier identical write); a create names the records the
+    last lookup of its ``id`` found, trashed ones included (a record a person deleted, re-created from the same
+    Supabase version, is a new record, not a replay of its first creation). A retry of the same change - in the
+    call, or after a new lookup that finds the same - gets the same key; the callers look up before they write."""
+
+    def __init__(self, keep: int = MEMORY_KEEP) -> None:
+        self._lock = threading.Lock()
+        self._keep = keep
+        self._read: OrderedDict[str, str | None] = OrderedDict()  # record id -> edited_at
+        self._found: OrderedDict[tuple[str, str], list[list[Any]]] = OrderedDict()  # (table, id) -> records
+
+    def read(self, record_id: str, edited_at: str | None) -> None:
+        with self._lock:
+            self._read[record_id] = edited_at
+            self._trim(self._read, record_id)
+
+    def found(self, table_id: str, values: list[Any], records: list[tuple[str, Any, str | None]]) -> None:
+        """A lookup by ``id`` of ``values`` found ``records`` (``(record id, its id value, deleted_at)``)."""
+        by_value: dict[str, list[list[Any]]] = {_text(v): [] for v in values}
+        for rid, value, deleted_at in records:
+            by_value.setdefault(_text(value), []).append([rid, deleted_at])
+        with self._lock:
+            for value, found in by_value.items():
+                self._found[(table_id, value)] = sorted(found, key=str)
+                self._trim(self._found, (table_id, value))
+
+    def extra(self, table_id: str, method: str, items: list[tuple[str | None, dict | None]]) -> list[Any]:
+        """The key's extra part for a write of ``items`` (``(record id or None, our fields or None)``)."""
+        with self._lock:
+            if method == "POST":
+                return [self._found.get((table_id, _text((data or {}).get("id")))) for _, data in items]
+            return [self._read.get(rid) if rid is not None else None for rid, _ in items]
+
+    def _trim(self, memory: OrderedDict[Any, Any], key: Any) -> None:
+        memory.move_to_end(key)
+        while len(memory) > self._keep:
+            memory.popitem(last=False)

@@ -44,7 +44,6 @@ the seed's catch-hook writer (:mod:`.catch_hook`). The token never appears in ex
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
@@ -62,7 +61,7 @@ from shared.adapters.zapier_errors import (
     named_refusal,
     raise_for_status,
 )
-from shared.adapters.zapier_ids import canonical, idempotency_key, to_ulid, to_uuid
+from shared.adapters.zapier_ids import ChangeMemory, canonical, idempotency_key, to_ulid, to_uuid
 from shared.adapters.zapier_oauth import DEFAULT_TOKEN_URL, TokenSource, TokenSourceAuth
 from shared.adapters.zapier_retry import CallBudget, RetryPolicy
 from shared.platform.http_client import Pool, TransportError, json_of
@@ -82,7 +81,6 @@ BATCH_MAX = 100  # records per batch create/update request
 PAGE_DEFAULT = 100
 PAGE_MAX = 1000
 FIELDS_PAGE = 100
-SEEN_KEEP = 10_000  # record id -> edited_at last read (a delete's Idempotency-Key names the state it deletes)
 
 
 def public_api_url(base_url: str, api_url: str | None = None) -> str:
@@ -182,7 +180,7 @@ class TablesClient:
         self._auth = TokenSourceAuth(self.tokens)
         self._maps: dict[str, FieldMap] = {}
         self._maps_lock = threading.Lock()
-        self._seen: OrderedDict[str, str | None] = OrderedDict()
+        self._changes = ChangeMemory()  # what an Idempotency-Key names besides the body
 
     def __repr__(self) -> str:
         return f"TablesClient(base_url={self.base_url!r}, api_url={self.api_url!r}, credentials=***)"
@@ -286,6 +284,8 @@ class TablesClient:
         out: list[Record] = []
         for chunk in _chunks(wanted, PAGE_MAX):
             out += self.iter_records(table_id, PAGE_MAX, trash=trash, _conditions=[(field, "in", chunk)])
+        if field == "id":
+            self._changes.found(table_id, wanted, [(r.id, r.data.get("id"), r.deleted_at) for r in out])
         return out
 
     def create(self, table_id: str, data: Mapping[str, Any]) -> Record:
@@ -296,12 +296,9 @@ class TablesClient:
         return self.update_many(table_id, [(rid, data)])[0]
 
     def delete(self, table_id: str, rid: str, *, missing_ok: bool = False) -> None:
-        """Move record ``rid`` to the trash. Its Idempotency-Key also names the record's ``edited_at`` as this
-        client last read it, so deleting a record restored since (a new ``edited_at``) is a new change."""
-        with self._maps_lock:
-            seen = self._seen.get(rid)
+        """Move record ``rid`` to the trash (its Idempotency-Key: :meth:`ChangeMemory.extra`)."""
         try:
-            self._write(table_id, "DELETE", "record_ids", [(rid, None)], extra={"edited_at": seen})
+            self._write(table_id, "DELETE", "record_ids", [(rid, None)])
         except TablesNotFound:
             if not missing_ok:
                 raise
@@ -405,11 +402,13 @@ class TablesClient:
             raise TablesProtocolError(None, f"table {table_id}: end_cursor is not a string")
         return [self._record(table_id, item) for item in items], end
 
-    def _write(self, table_id: str, method: str, key: str, items: list[tuple[str | None, dict | None]],
-               extra: Any = None) -> list[Record]:
+    def _write(self, table_id: str, method: str, key: str, items: list[tuple[str | None, dict | None]]
+               ) -> list[Record]:
         """One v2 write of ``items`` (``(record id or None, our fields or None)``), with an Idempotency-Key
-        derived from the change. A refused field id lists the fields again and re-sends once (a new body,
-        so a new key)."""
+        derived from the change (the body and :meth:`ChangeMemory.extra`). A refused field id lists the fields again
+        and re-sends once (a new body, so a new key)."""
+        extra = self._changes.extra(table_id, method, items)
+
         def send() -> dict[str, Any]:
             if key == "record_ids":
                 body: dict[str, Any] = {key: [to_uuid(rid) for rid, _ in items if rid is not None]}
@@ -471,15 +470,8 @@ class TablesClient:
             record = Record.model_validate(item | {"id": to_ulid(item.get("id")), "data": data})
         except ValidationError as exc:
             raise TablesProtocolError(None, f"unexpected record shape: {exc.error_count()} error(s)") from None
-        self._remember(record)
+        self._changes.read(record.id, record.edited_at)
         return record
-
-    def _remember(self, record: Record) -> None:
-        with self._maps_lock:
-            self._seen[record.id] = record.edited_at
-            self._seen.move_to_end(record.id)
-            while len(self._seen) > SEEN_KEEP:
-                self._seen.popitem(last=False)
 
     def _call(
         self, method: str, path: str, *, params: Mapping[str, str] | None = None, body: object = None,
