@@ -46,6 +46,10 @@ class Tables:
         return record.model_dump()
 
     def create(self, table: str, fields: dict[str, Any]) -> dict:
+        """A person's or agent's create: a new change each time. Looked up first, as the sync does before it
+        creates, so the client's Idempotency-Key names what exists (an identical create is a new record)."""
+        if "id" in fields:
+            self.client.find_many(self.ids[table], "id", [fields["id"]], trash="include")
         return self._dict(self.client.create(self.ids[table], fields))
 
     def find(self, table: str, record_id: str) -> dict | None:

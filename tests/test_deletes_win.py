@@ -21,9 +21,16 @@ from shared.services.tables_trash import check_trash
 from shared.services.to_tables import apply_from_supabase
 from tests.e2e import Supabase, Tables, eventually, uid
 from tests.test_correctness import post, stack_context
-from tests.test_tables_deletes import delete_in_tables, synced_job, tombstone
+from tests.test_tables_deletes import delete_in_tables, lose_delete_events, synced_job, tombstone
 
 JOBS = TABLES["agent_jobs"]
+@pytest.fixture(autouse=True, scope="module")
+def delete_events_lost(stack):
+    """These tests are about the trash check: the deletes-capable trigger's delete events are lost meanwhile
+    (the case the trash check is the safety net for; tests/test_trigger_inbox.py covers the events)."""
+    yield from lose_delete_events(stack)
+
+
 PENDING = "SELECT op, ack_outcome FROM zsync.outbox WHERE table_name = 'agent_jobs' AND record_id = %s ORDER BY id"
 
 

@@ -5,7 +5,11 @@ the functions over HTTP (the scheduled trash check, stale deliveries), SQL on Po
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from datetime import UTC, datetime
+
+import pytest
+import requests
 
 from infra.reconcile import reconcile
 from shared.core.spec import TABLES
@@ -14,6 +18,25 @@ from tests.e2e import Supabase, Tables, eventually, uid
 from tests.test_correctness import post, stack_context
 
 JOBS = TABLES["agent_jobs"]
+
+
+def lose_delete_events(stack) -> Iterator[None]:
+    def lose(on: bool) -> None:
+        r = requests.post(f"{stack.tables.url}/_admin/inbox/faults", json={"drop_delete_events": on}, timeout=10)
+        assert r.json() == {"drop_delete_events": on}, r.text
+
+    lose(True)
+    try:
+        yield
+    finally:
+        lose(False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def delete_events_lost(stack):
+    """These tests are about the trash check: the deletes-capable trigger's delete events are lost meanwhile
+    (the case the trash check is the safety net for; tests/test_trigger_inbox.py covers the events)."""
+    yield from lose_delete_events(stack)
 
 
 

@@ -172,6 +172,7 @@ class InboxService:
                  quarantine_after: int = QUARANTINE_AFTER) -> None:
         self.table_exists = table_exists  # the Tables service's tables (made through its API, so looked up live)
         self.quarantine_after = quarantine_after
+        self.drop_delete_events = False  # fault: delete events are lost (the trash check is the safety net)
         self._store = SqliteStore(path, _SCHEMA)
         self._lock = self._store._lock
         self._conn = self._store._conn
@@ -395,6 +396,8 @@ class InboxService:
         was, ``deleted_at`` set, ``"event": "deleted"``."""
         payload = {"id": record["id"], "data": record["data"], "created_at": record.get("created_at"),
                    "edited_at": record.get("edited_at"), "deleted_at": record.get("deleted_at"), "event": "deleted"}
+        if self.drop_delete_events:
+            return
         for inbox_id, action in self._subscribed(table_id):
             if action == DELETES_TRIGGER:
                 self.put(inbox_id, payload)
@@ -543,9 +546,14 @@ def inbox_blueprint(service: InboxService, public_paths: tuple[str, ...] = PUBLI
     # --- admin (tests): fault injection, injected messages, paused reasons, stats -----------------
     @bp.post("/_admin/inbox/faults")
     def faults() -> Response:
+        """``drop_notifications`` (n), ``quarantine_after`` (n), ``drop_delete_events`` (true/false)."""
         body = _body()
-        out: dict[str, int] = {}
-        if "drop_notifications" in body or "quarantine_after" not in body:
+        out: dict[str, Any] = {}
+        if "drop_delete_events" in body:
+            if not isinstance(body["drop_delete_events"], bool):
+                raise _problem(400, "drop_delete_events: expected true or false")
+            service.drop_delete_events = out["drop_delete_events"] = body["drop_delete_events"]
+        if "drop_notifications" in body or not {"quarantine_after", "drop_delete_events"} & set(body):
             out["drop_notifications"] = _body_int(body, "drop_notifications", 0, 10**6, 0)
             service.notifier.drop_next(out["drop_notifications"])
         if "quarantine_after" in body:
