@@ -185,3 +185,46 @@ def test_the_deletes_capable_trigger_delivers_deletes_and_the_other_does_not(loc
     assert [e["event"] for e in events] == ["added", "deleted"]
     assert events[0]["deleted_at"] is None and events[1]["deleted_at"] and events[1]["id"] == rec.id
     assert events[1]["data"] == events[0]["data"]  # the record as it was
+
+
+# --- our client on the public Trigger Inbox API: prefix and lease bounds ------------------------------------
+
+
+@pytest.mark.parametrize("prefix", ["/trigger-inbox/api/v1", "/trigger-inbox/v1"])
+def test_the_client_speaks_either_documented_prefix(local, prefix):
+    tables = local.client()
+    with InboxClient.for_tables(tables, prefix=prefix) as client:
+        inbox_id = _inbox(local, client, None)
+        _put(local, inbox_id, 2)
+        lease = client.lease(inbox_id, 10, 30)
+        client.ack(inbox_id, lease.lease_id)
+    paths = [r["path"] for r in requests.get(f"{local.url}/_admin/requests", timeout=10).json()["data"]]
+    assert f"{prefix}/inboxes/{inbox_id}/messages/lease" in paths
+    assert not any(p.startswith("/api/v0/sdk/trigger-inbox") for p in paths)
+
+
+def test_lease_bounds_are_refused_before_any_request_and_at_settings_load(client, monkeypatch):
+    from pydantic import ValidationError
+
+    from shared.platform.settings import Settings
+
+    for limit, seconds in ((0, 300), (101, 300), (10, 0), (10, 3601)):
+        with pytest.raises(ValueError, match="expected an integer from 1 to"):
+            client.lease("00000000-0000-0000-0000-000000000000", limit, seconds)
+    with pytest.raises(ValueError, match="prefix"):
+        InboxClient("http://127.0.0.1:9", client._auth, prefix="/api/v0/sdk/trigger-inbox/api/v1")
+    assert (Settings().inbox_lease_limit, Settings().inbox_lease_seconds) == (10, 300)
+    for name, value, bounds in (("ZSYNC_INBOX_LEASE_LIMIT", "101", "1 to 100"),
+                                ("ZSYNC_INBOX_LEASE_LIMIT", "ten", "1 to 100"),
+                                ("ZSYNC_INBOX_LEASE_SECONDS", "3601", "1 to 3600"),
+                                ("ZSYNC_INBOX_LEASE_SECONDS", "0", "1 to 3600")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValidationError) as err:
+            Settings()
+        assert name in str(err.value) and repr(value) in str(err.value) and bounds in str(err.value)
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("ZSYNC_INBOX_PATH_PREFIX", "/trigger-inbox/v2")
+    with pytest.raises(ValidationError, match="ZSYNC_INBOX_PATH_PREFIX"):
+        Settings()
+    monkeypatch.setenv("ZSYNC_INBOX_PATH_PREFIX", "/trigger-inbox/v1")
+    assert Settings().inbox_path_prefix == "/trigger-inbox/v1"

@@ -264,6 +264,12 @@ class InboxClient:
     def __repr__(self) -> str:
         return f"InboxClient({self.base_url!r}, {self.inbox_path!r})"
 
+    def __enter__(self) -> InboxClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         self._session.close()
 
