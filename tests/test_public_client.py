@@ -186,3 +186,14 @@ def test_the_same_body_after_the_record_changed_is_a_new_change(client: TablesCl
     client.find_many(jobs, "id", ["again-1"], trash="include")  # read again, as the push-back does
     assert client.update(jobs, second.id, pushed).data["status"] == "claude"
     assert client.get(jobs, second.id).data["status"] == "claude"  # written, not a replay of the first update
+
+
+def test_identical_records_made_on_purpose_name_their_change(client: TablesClient, api: Api) -> None:
+    audit = api.ids[AUDIT]
+    row = {"n": 4242, "parity": "twins"}
+    client.create(audit, row)
+    client.create(audit, row)  # the same change again (a retry): one record
+    assert len(list(client.iter_records(audit, filters={"parity": "twins"}))) == 1
+    client.create(audit, row, change="second twin")
+    client.create(audit, row, change="second twin")  # its retry
+    assert len(list(client.iter_records(audit, filters={"parity": "twins"}))) == 2

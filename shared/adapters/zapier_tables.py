@@ -288,17 +288,20 @@ class TablesClient:
             self._changes.found(table_id, wanted, [(r.id, r.data.get("id"), r.deleted_at) for r in out])
         return out
 
-    def create(self, table_id: str, data: Mapping[str, Any]) -> Record:
-        return self.create_many(table_id, [data])[0]
+    def create(self, table_id: str, data: Mapping[str, Any], *, change: str | None = None) -> Record:
+        """Create one record. ``change`` (every write takes it): names the change in its Idempotency-Key when
+        the body and what this client last read do not (e.g. identical records made on purpose); a retry of
+        the change must pass the same value."""
+        return self.create_many(table_id, [data], change=change)[0]
 
-    def update(self, table_id: str, rid: str, data: Mapping[str, Any]) -> Record:
+    def update(self, table_id: str, rid: str, data: Mapping[str, Any], *, change: str | None = None) -> Record:
         """Change only the given fields of record ``rid``."""
-        return self.update_many(table_id, [(rid, data)])[0]
+        return self.update_many(table_id, [(rid, data)], change=change)[0]
 
-    def delete(self, table_id: str, rid: str, *, missing_ok: bool = False) -> None:
+    def delete(self, table_id: str, rid: str, *, missing_ok: bool = False, change: str | None = None) -> None:
         """Move record ``rid`` to the trash (its Idempotency-Key: :meth:`ChangeMemory.extra`)."""
         try:
-            self._write(table_id, "DELETE", "record_ids", [(rid, None)])
+            self._write(table_id, "DELETE", "record_ids", [(rid, None)], change)
         except TablesNotFound:
             if not missing_ok:
                 raise
@@ -329,20 +332,22 @@ class TablesClient:
             if not cursor:
                 return
 
-    def create_many(self, table_id: str, rows: Iterable[Mapping[str, Any]]) -> list[Record]:
+    def create_many(self, table_id: str, rows: Iterable[Mapping[str, Any]], *, change: str | None = None
+                    ) -> list[Record]:
         """Create records in batches of :data:`BATCH_MAX` (each batch is atomic, the whole call is not)."""
         rows = [dict(r) for r in rows]
         created: list[Record] = []
         for chunk in _chunks(rows, BATCH_MAX):
-            created += self._write(table_id, "POST", "new_records", [(None, row) for row in chunk])
+            created += self._write(table_id, "POST", "new_records", [(None, row) for row in chunk], change)
         return created
 
-    def update_many(self, table_id: str, updates: Iterable[tuple[str, Mapping[str, Any]]]) -> list[Record]:
+    def update_many(self, table_id: str, updates: Iterable[tuple[str, Mapping[str, Any]]], *,
+                    change: str | None = None) -> list[Record]:
         """Apply ``(record id, fields)`` partial updates in batches of :data:`BATCH_MAX`."""
         items = [(rid, dict(data)) for rid, data in updates]
         updated: list[Record] = []
         for chunk in _chunks(items, BATCH_MAX):
-            updated += self._write(table_id, "PATCH", "updated_records", chunk)
+            updated += self._write(table_id, "PATCH", "updated_records", chunk, change)
         return updated
 
     # -- plumbing --
@@ -402,12 +407,12 @@ class TablesClient:
             raise TablesProtocolError(None, f"table {table_id}: end_cursor is not a string")
         return [self._record(table_id, item) for item in items], end
 
-    def _write(self, table_id: str, method: str, key: str, items: list[tuple[str | None, dict | None]]
-               ) -> list[Record]:
+    def _write(self, table_id: str, method: str, key: str, items: list[tuple[str | None, dict | None]],
+               change: str | None = None) -> list[Record]:
         """One v2 write of ``items`` (``(record id or None, our fields or None)``), with an Idempotency-Key
         derived from the change (the body and :meth:`ChangeMemory.extra`). A refused field id lists the fields again
         and re-sends once (a new body, so a new key)."""
-        extra = self._changes.extra(table_id, method, items)
+        extra = [self._changes.extra(table_id, method, items)] + ([change] if change is not None else [])
 
         def send() -> dict[str, Any]:
             if key == "record_ids":
