@@ -3,8 +3,9 @@
 where, and never echoes a secret or a stack trace.
 
 Status codes: 200 applied / unchanged / skipped_stale / ignored / ping; 400 invalid record or payload;
-401 missing or wrong secret (except the two wake-ups, which carry none and read nothing: ``?zsync_wake=inbox``
-on a ``*_to_supabase`` function, ``?zsync_wake=outbox`` on a ``*_to_tables`` function - docs/security.md);
+401 missing or wrong secret (except the two wake-ups, which carry none and are trusted for nothing:
+``?zsync_wake=inbox`` on a ``*_to_supabase`` function, whose ``redelivery`` flag is read as a hint, and
+``?zsync_wake=outbox`` on a ``*_to_tables`` function - docs/security.md);
 405 not POST; 413 body too large; 415 not JSON; 500 misconfigured or
 internal error; 502 Zapier Tables refused our write; 503 a dependency was unreachable (the delivery was
 dead-lettered for replay).
