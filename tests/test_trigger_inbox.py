@@ -203,6 +203,10 @@ def test_a_redelivered_wakeup_drains_the_whole_backlog(stack, client, supabase, 
     answer = requests.post(f"{stack.functions[FN].url}?{WAKE_PARAM}=inbox", json=body, timeout=30).json()
     assert answer["outcome"] == "drained" and answer["redelivery"] is True and answer["stopped"] == "empty"
     assert all(supabase.row("agent_jobs", j) for j in ids)
+    # any other body is only a wake-up: never refused, never a redelivery
+    for other in (b"not json", b'{"redelivery": "yes"}', b'{"redelivery": true, "pad": "' + b"x" * 5000 + b'"}'):
+        r = requests.post(f"{stack.functions[FN].url}?{WAKE_PARAM}=inbox", data=other, timeout=30)
+        assert r.status_code == 200 and r.json()["outcome"] == "drained" and "redelivery" not in r.json(), r.text
 
 
 # --- delivery -----------------------------------------------------------------------------------------
