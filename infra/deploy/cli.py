@@ -160,8 +160,9 @@ def wire_zapier(
 ) -> None:
     """Ensure one Zapier trigger inbox per *_to_supabase function (idempotent), notifying its URL.
 
-    Each inbox (key zsync-STAGE-FUNCTION) subscribes to Zapier Tables' new-or-updated-record trigger of
-    the function's table; Zapier queues the events until the function leases and acks them. Uses
+    Each inbox (key zsync-STAGE-FUNCTION) subscribes to Zapier Tables' deletes-capable trigger ("a record
+    is added, updated, or deleted") of the function's table when the app lists it, else its new-or-updated
+    one (the choice and why are printed); Zapier queues the events until the function leases and acks them. Uses
     ZSYNC_ZAPIER_CLIENT_ID / ZSYNC_ZAPIER_CLIENT_SECRET (OAuth, or ZSYNC_TABLES_TOKEN) and ZSYNC_TABLE_IDS.
     With --zaps: the Zap checklist instead.
     """

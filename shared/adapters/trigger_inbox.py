@@ -7,8 +7,8 @@ keep the documented bounds (``lease_limit`` 1-100, ``lease_seconds`` 1-3600; a v
 before any request). The app-metadata lookups that find the Tables trigger's action key have no public
 endpoint: they stay on the SDK's host and path (``sdk_url``, default the same origin).
 
-A trigger inbox subscribes to an app's trigger (here: Zapier Tables' new-or-updated-record trigger of
-one table) and keeps its events in a queue on Zapier's side; the consumer leases messages, applies
+A trigger inbox subscribes to an app's trigger (here: Zapier Tables' deletes-capable or new-or-updated
+record trigger of one table, ``infra/deploy/wire.py``) and keeps its events in a queue on Zapier's side; the consumer leases messages, applies
 them and acknowledges them (at-least-once). See ``/work/shared/reference/zapier-tables-api.md``,
 section "Trigger inboxes"; the wire format follows ``@zapier/zapier-sdk`` (0.67.0 sends ``PUT`` with
 ``name`` to ensure an inbox and lists with ``?name=``; newer versions ``POST`` with ``key`` and list with
