@@ -8,9 +8,10 @@ before any request). The app-metadata lookups that find the Tables trigger's act
 endpoint: they stay on the SDK's host and path (``sdk_url``, default the same origin).
 
 A trigger inbox subscribes to an app's trigger (here: Zapier Tables' deletes-capable or new-or-updated
-record trigger of one table, ``infra/deploy/wire.py``) and keeps its events in a queue on Zapier's side; the consumer leases messages, applies
-them and acknowledges them (at-least-once). See ``/work/shared/reference/zapier-tables-api.md``,
-section "Trigger inboxes"; the wire format follows ``@zapier/zapier-sdk`` (0.67.0 sends ``PUT`` with
+record trigger of one table, ``infra/deploy/wire.py``) and keeps its events in a queue on Zapier's side;
+the consumer leases messages, applies them and acknowledges them (at-least-once). See also
+``/work/shared/reference/zapier-tables-api.md``, section "Trigger inboxes"; the bodies follow the public
+docs and ``@zapier/zapier-sdk`` (0.67.0 sends ``PUT`` with
 ``name`` to ensure an inbox and lists with ``?name=``; newer versions ``POST`` with ``key`` and list with
 ``?key=``). This client sends the newer form and reads either.
 
