@@ -124,6 +124,17 @@ def test_delete_events_are_recognised_and_records_are_not():
         read_delete({"data": {}, "event": "deleted"})
 
 
+def test_a_dead_lettered_delete_event_is_never_replayed_as_a_record():
+    from shared.services.inbox_consumer import inbox_letter_delivery
+
+    event = {"id": "01JYEPSEARXB2Z6BJRCMFGXBC2", "data": {"id": "j-9", "status": "x"},
+             "deleted_at": "2026-01-02T00:00:00Z", "event": "deleted"}
+    with pytest.raises(UnreadablePayload, match="delete event"):
+        inbox_letter_delivery({"inbox_message": "m", "payload": event}, None)
+    live = dict(event, deleted_at=None, event="updated")
+    assert inbox_letter_delivery({"inbox_message": "m", "payload": live}, None)["id"] == "j-9"
+
+
 # --- wiring -------------------------------------------------------------------------------------------
 
 
