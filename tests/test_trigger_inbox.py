@@ -204,6 +204,19 @@ def test_the_syncs_own_delete_coming_back_as_an_event_changes_nothing(stack, tab
     assert delete_audits(supabase, job_id) <= 1  # the Supabase delete's own entry; the event adds none
 
 
+def test_a_delete_event_on_the_append_only_audit_log_changes_nothing(stack, client, tables, supabase):
+    fn = "audit_log_to_supabase"
+    action = uid("audit-del")
+    with unnotified(client, stack.inboxes[fn]):
+        rec = tables.create("audit_log", {"action": action, "actor": "zapier_agent_1",
+                                          "timestamp": "2026-01-01T00:00:00Z"})
+        assert stack.safety_drain()[fn]["applied"] == 1
+        tables.client.delete(stack.table_ids["audit_log"], rec["id"])
+        report = stack.safety_drain()[fn]
+    assert report["delete_ignored"] == 1 and report["acked"] == 1, report
+    assert supabase.query("SELECT count(*) FROM audit_log WHERE action = %s", (action,))[0][0] == 1
+
+
 def test_a_redelivered_wakeup_drains_the_whole_backlog(stack, client, supabase, keys):
     inbox_id = stack.inboxes[FN]
     ids = [uid("redeliver") for _ in range(3)]
