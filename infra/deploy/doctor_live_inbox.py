@@ -1,0 +1,201 @@
+"""The trigger and rate-limit checks of ``zsync doctor --live``: which triggers the Tables app lists, the
+payload of a change (and of a delete) in a scratch trigger inbox, the lease bounds, the public Trigger
+Inbox prefixes, and a bounded burst to find the rate limit. See :mod:`infra.deploy.doctor_live`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from infra.deploy.doctor_live import (
+    INBOX_PREFIXES,
+    V2_PREFIX,
+    Finding,
+    Scratch,
+    brief,
+    found,
+    id_bits,
+    id_form,
+    unchecked,
+)
+
+LEASE_SECONDS = 300  # the consumer's (shared.adapters.trigger_inbox.DEFAULT_LEASE_SECONDS)
+QUIET_WAIT_S = 5.0  # how long to watch for a message that should not come (a delete on the change inbox)
+POLL_S = 1.0
+ASSUMED_LIMIT = 100  # requests per table ...
+ASSUMED_WINDOW_S = 5.0  # ... per this many seconds (zapier-tables-api.md, "Limits")
+BURST_MAX_S = 15.0
+
+
+def _words(action: dict[str, Any]) -> str:
+    return f"{action.get('key', '')} {action.get('name', '')} {action.get('description', '')}".lower().replace("_", " ")
+
+
+def _make_inbox(s: Scratch, app: str, action_key: str, what: str) -> Any:
+    from shared.adapters.trigger_inbox import Subscription
+
+    inbox = s.inbox().create(f"{s.name}-{what}", Subscription(app, action_key, {"table_id": s.table}), None)
+    s.inbox_ids.append(inbox.id)
+    deadline = time.monotonic() + s.options.trigger_wait_s
+    while inbox.status == "initializing" and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+        inbox = s.inbox().get(inbox.id)
+    return inbox
+
+
+def _drain(s: Scratch, inbox_id: str, wanted: Callable[[list[Any]], bool], wait_s: float) -> list[Any]:
+    """Lease (and ack) what arrives until ``wanted(messages so far)`` or ``wait_s`` passed."""
+    from shared.services.inbox_consumer import LEASE_LIMIT
+
+    got: list[Any] = []
+    deadline = time.monotonic() + wait_s
+    while True:
+        lease = s.inbox().lease(inbox_id, LEASE_LIMIT, LEASE_SECONDS)
+        if lease.lease_id and lease.messages:
+            s.inbox().ack(inbox_id, lease.lease_id)
+        got += lease.messages
+        if wanted(got) or time.monotonic() >= deadline:
+            return got
+        time.sleep(POLL_S)
+
+
+def _ours(s: Scratch, message: Any, rid: str, key: str) -> bool:
+    payload = message.payload
+    record = payload.get("record") if isinstance(payload.get("record"), dict) else payload
+    ids = {record.get("id"), record.get("record_id")}
+    data = record.get("data") if isinstance(record.get("data"), dict) else record
+    return any(id_bits(i) == id_bits(rid) for i in ids if i) or key in (data.get(s.keys["id"]), data.get("id"))
+
+
+def _read(s: Scratch, message: Any, rid: str, key: str) -> tuple[bool, str]:
+    from shared.adapters.trigger_inbox import UnreadablePayload, read_payload
+
+    names = {k: name for name, k in s.keys.items()}
+    keys = sorted(message.payload)
+    try:
+        record = read_payload(message.payload, names)
+    except UnreadablePayload as exc:
+        return False, f"payload keys {keys}: unreadable ({exc.problems[0]['problem'][:80]})"
+    by = "field id" if any(k.startswith("f") and k[1:].isdigit() for k in (message.payload.get("data") or {})) \
+        else "name"
+    ok_id = record.record_id is not None and id_bits(record.record_id) == id_bits(rid)
+    ok = ok_id and record.fields.get("id") == key and record.edited_at is not None
+    return ok, (f"payload keys {keys}, fields by {by}, record id "
+                f"{id_form(record.record_id) if record.record_id else 'MISSING'}"
+                f"{'' if ok_id or record.record_id is None else ' (another record)'}, "
+                f"edited_at {'present' if record.edited_at else 'MISSING'}")
+
+
+def check_triggers(s: Scratch) -> list[Finding]:
+    from infra.deploy import DeployError
+    from infra.deploy.wire import choose_trigger
+
+    inbox = s.inbox()
+    app = inbox.tables_implementation()
+    actions = inbox.read_actions(app)
+    listed = ", ".join(f"{a['key']}" for a in actions) or "none"
+    deleted = [a for a in actions if "delet" in _words(a)]
+    candidates = [a for a in actions if "updat" in _words(a) and "delet" not in _words(a)
+                  and any(w in _words(a) for w in ("new", "add", "creat"))]
+    out = [found("trigger_new_or_updated", bool(candidates), f"{app} triggers: {listed}")]
+    try:
+        picked = choose_trigger(inbox, None).action_key
+        out.append(found("trigger_pick", bool(candidates) and picked == candidates[0]["key"], f"picks {picked!r}"))
+    except DeployError as exc:
+        hint = f": pass --trigger-key {candidates[0]['key']}" if candidates else ""
+        out.append(found("trigger_pick", False, str(exc)[:160] + hint))
+    out.append(found("trigger_deleted", True, f"listed: {deleted[0]['key']!r}" if deleted else "not listed"))
+    if not candidates:
+        return out + [unchecked(k, "no new-or-updated trigger to subscribe to")
+                      for k in ("payload_change", "lease_bounds", "payload_delete")]
+    return out + _payloads(s, app, candidates[0]["key"], deleted[0]["key"] if deleted else None)
+
+
+def _payloads(s: Scratch, app: str, change_key: str, delete_key: str | None) -> list[Finding]:
+    from shared.adapters.trigger_inbox import InboxError
+
+    main = _make_inbox(s, app, change_key, "change")
+    side = _make_inbox(s, app, delete_key, "delete") if delete_key else None
+    if main.status != "active":
+        return [unchecked(k, f"the scratch inbox is {main.status!r} ({main.paused_reason})")
+                for k in ("payload_change", "lease_bounds", "payload_delete")]
+    key = s.new_id("trigger")
+    made = s.client.create(s.table, {"id": key, "status": "created"})
+    s.client.update(s.table, made.id, {"status": "changed"})
+    start = time.monotonic()
+    try:
+        got = _drain(s, main.id, lambda ms: any(_ours(s, m, made.id, key) for m in ms), s.options.trigger_wait_s)
+    except InboxError as exc:
+        return [unchecked("payload_change", f"lease failed: {exc}"),
+                found("lease_bounds", False, f"a lease of 100 for {LEASE_SECONDS} s: {exc}"),
+                unchecked("payload_delete", "leasing failed")]
+    took = time.monotonic() - start
+    ours = [m for m in got if _ours(s, m, made.id, key)]
+    if not ours:
+        change = unchecked("payload_change", f"no message about the change within {s.options.trigger_wait_s:g} s "
+                                             f"({len(got)} other); raise --trigger-wait")
+    else:
+        readings = [_read(s, m, made.id, key) for m in ours]
+        ok = any(r[0] for r in readings)
+        change = found("payload_change", ok, f"{len(ours)} message(s) in {took:.1f} s; "
+                                             + next((r[1] for r in readings if r[0]), readings[0][1]))
+    try:
+        s.inbox().lease(main.id, 101, LEASE_SECONDS)
+        bounds = found("lease_bounds", False, "a lease of 100 for 300 s worked; a lease of 101 was NOT refused")
+    except InboxError as exc:
+        bounds = found("lease_bounds", exc.status == 400, f"a lease of 100 for 300 s worked; 101: HTTP {exc.status}")
+    return [change, bounds, _after_delete(s, main.id, side.id if side else None, made.id, key)]
+
+
+def _after_delete(s: Scratch, main_id: str, side_id: str | None, rid: str, key: str) -> Finding:
+    if side_id:
+        _drain(s, side_id, lambda ms: False, 0)  # the create and update, if it queued them
+    s.client.delete(s.table, rid)
+    quiet = [m for m in _drain(s, main_id, lambda ms: False, QUIET_WAIT_S) if _ours(s, m, rid, key)]
+    seen = [f"{len(quiet)} message(s) on the new-or-updated inbox within {QUIET_WAIT_S:g} s"]
+    if side_id:
+        deleted = [m for m in _drain(s, side_id, lambda ms: any(_ours(s, m, rid, key) for m in ms),
+                                     s.options.trigger_wait_s) if _ours(s, m, rid, key)]
+        seen.append(f"deleted trigger: {len(deleted)} message(s)"
+                    + (f", payload keys {sorted(deleted[-1].payload)}" if deleted else ""))
+    else:
+        seen.append("no added/updated/deleted trigger to subscribe to")
+    return found("payload_delete", not quiet, "; ".join(seen))
+
+
+def check_prefixes(s: Scratch) -> list[Finding]:
+    seen = {p: brief(s.raw.call("GET", s.raw.api_url + p, params={"limit": "1"})) for p in INBOX_PREFIXES}
+    return [found("inbox_prefixes", all(v == "HTTP 200" for v in seen.values()),
+                  ", ".join(f"{p}: {v}" for p, v in seen.items()))]
+
+
+def check_rate_limit(s: Scratch) -> list[Finding]:
+    """Sequential queries (limit 1) on the scratch table, after a quiet window, until the first 429, at most
+    ``rate_burst`` requests and :data:`BURST_MAX_S` seconds."""
+    url = f"{s.raw.api_url}{V2_PREFIX}/tables/{s.table}/records/query"
+    time.sleep(ASSUMED_WINDOW_S)  # the checks before spent part of this table's window
+    start = time.monotonic()
+    sent, hit = 0, None
+    while sent < s.options.rate_burst and time.monotonic() - start < BURST_MAX_S:
+        response = s.raw.call("POST", url, body={"limit": 1})
+        sent += 1
+        if response.status_code == 429:
+            hit = response
+            break
+        if response.status_code >= 300:
+            return [unchecked("rate_limit", f"request {sent} answered {brief(response)}")]
+    took = time.monotonic() - start
+    if hit is None:
+        fast = sent >= ASSUMED_LIMIT and took <= ASSUMED_WINDOW_S
+        text = f"no 429 in {sent} requests over {took:.1f} s"
+        return [found("rate_limit", True, text + ": the limit is above that") if fast
+                else unchecked("rate_limit", text + f": too slow from here to reach {ASSUMED_LIMIT} in "
+                                                    f"{ASSUMED_WINDOW_S:g} s")]
+    retry_after = hit.headers.get("Retry-After")
+    extra = {k: v for k, v in hit.headers.items() if k.lower().startswith("x-ratelimit")}
+    text = (f"429 at request {sent} after {took:.1f} s, Retry-After {retry_after or 'MISSING'}"
+            + (f", {extra}" if extra else ""))
+    early = sent <= ASSUMED_LIMIT and took < ASSUMED_WINDOW_S
+    return [found("rate_limit", retry_after is not None and not early,
+                  text + (f": below the assumed {ASSUMED_LIMIT} / {ASSUMED_WINDOW_S:g} s" if early else ""))]
