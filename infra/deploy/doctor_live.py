@@ -40,6 +40,7 @@ PREFIX = "zsync-doctor-"
 PUBLIC_API_URL = "https://api.zapier.com"
 V2_PREFIX = "/tables/v2"
 INBOX_PREFIXES = ("/trigger-inbox/api/v1/inboxes", "/trigger-inbox/v1/inboxes")
+RAW_429_BUDGET_S = 20.0  # a raw request waits out 429s this long at most (the client's retry budget)
 CLEANUP_BUDGET_S = 60.0  # removing the scratch table waits out a 429 (the rate-limit burst) this long at most
 
 # key -> (what zsync assumes, does a difference break the sync). docs/zapier-assumptions.md explains each.
@@ -173,10 +174,18 @@ class Raw:
         self.session = requests.Session()
 
     def call(self, method: str, url: str, *, body: Any = None, headers: dict[str, str] | None = None,
-             params: dict[str, str] | None = None) -> requests.Response:
-        auth = {"Authorization": f"Bearer {self.client.tokens.get()}"}
-        return self.session.request(method, url, json=body, headers=auth | (headers or {}), params=params,
-                                    timeout=self.timeout_s, allow_redirects=False)
+             params: dict[str, str] | None = None, wait_429: bool = True) -> requests.Response:
+        """One request; a 429 is waited out (its Retry-After) up to :data:`RAW_429_BUDGET_S` in all, unless
+        ``wait_429`` is false (the rate-limit burst wants to see it)."""
+        deadline = time.monotonic() + RAW_429_BUDGET_S
+        while True:
+            auth = {"Authorization": f"Bearer {self.client.tokens.get()}"}
+            response = self.session.request(method, url, json=body, headers=auth | (headers or {}), params=params,
+                                            timeout=self.timeout_s, allow_redirects=False)
+            wait = _retry_after(response)
+            if response.status_code != 429 or not wait_429 or time.monotonic() + wait > deadline:
+                return response
+            time.sleep(wait)
 
     def v2(self, method: str, table_id: str, suffix: str = "", **kwargs: Any) -> requests.Response:
         return self.call(method, f"{self.api_url}{V2_PREFIX}/tables/{quote(table_id, safe='')}/records{suffix}",

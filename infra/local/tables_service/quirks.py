@@ -1,0 +1,94 @@
+"""Knobs that make the Tables stand-in differ from what zsync assumes of zapier.com, so the tests of
+``zsync doctor --live`` (``tests/test_doctor_live.py``) can show each difference is noticed.
+
+``POST /_admin/quirks`` with any of:
+
+* ``"freeze_edited_at": true`` - an update that changes a record leaves its ``edited_at`` as it was
+  (a person's cell edit keeping ``updated_at`` could then not win);
+* ``"idempotency": false`` - the public API ignores ``Idempotency-Key`` (a retried create makes a second
+  record);
+* ``"rate_limit": n | null`` and ``"rate_window_s": s`` - the per-table rate limit (null: none);
+* ``"token_ttl_s": n`` - the lifetime of the tokens issued from now on.
+
+``GET /_admin/quirks`` answers the current values. The defaults are the faithful stand-in."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+
+from infra.local.tables_service.context import ServiceContext
+from infra.local.tables_service.errors import ApiError
+from infra.local.tables_service.routes import object_body
+
+
+@dataclass
+class Quirks:
+    freeze_edited_at: bool = False
+    idempotency: bool = True
+
+
+def _flag(body: dict[str, Any], name: str, current: bool) -> bool:
+    value = body.get(name, current)
+    if not isinstance(value, bool):
+        raise ApiError(400, f"{name} must be true or false")
+    return value
+
+
+def _positive(body: dict[str, Any], name: str, current: Any, *, nullable: bool = False) -> Any:
+    if name not in body:
+        return current
+    value = body[name]
+    if value is None and nullable:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ApiError(400, f"{name} must be a positive number" + (" or null" if nullable else ""))
+    return value
+
+
+def register_quirks(app: Flask, ctx: ServiceContext) -> Quirks:
+    """The knobs, their ``/_admin/quirks`` endpoint and their hooks (register before the gate and the
+    public API, so an ignored Idempotency-Key is gone before the replay cache looks)."""
+    quirks = Quirks()
+    replace = ctx.engine._replace  # the one write of a changed record's edited_at (update_many)
+
+    def replace_keeping_edited_at(conn: sqlite3.Connection, table_id: str, record: dict[str, Any]) -> None:
+        if quirks.freeze_edited_at:
+            row = conn.execute("SELECT edited_at FROM records WHERE table_id = ? AND id = ?",
+                               (table_id, record["id"])).fetchone()
+            if row is not None:
+                record["edited_at"] = row[0]  # in place: the answer's changeset shows it too
+        replace(conn, table_id, record)
+
+    ctx.engine._replace = replace_keeping_edited_at  # type: ignore[method-assign]
+
+    @app.before_request
+    def _ignore_idempotency_key() -> None:
+        if not quirks.idempotency:
+            request.environ.pop("HTTP_IDEMPOTENCY_KEY", None)
+
+    @app.get("/_admin/quirks")
+    def get_quirks() -> Response:
+        return jsonify(asdict(quirks) | {"rate_limit": ctx.limiter.limit, "rate_window_s": ctx.limiter.window_s,
+                                         "token_ttl_s": ctx.token_ttl_s})
+
+    @app.post("/_admin/quirks")
+    def set_quirks() -> Response:
+        body = object_body()
+        unknown = set(body) - {"freeze_edited_at", "idempotency", "rate_limit", "rate_window_s", "token_ttl_s"}
+        if unknown:
+            raise ApiError(400, f"unknown quirk(s): {', '.join(sorted(unknown))}")
+        freeze = _flag(body, "freeze_edited_at", quirks.freeze_edited_at)
+        idempotency = _flag(body, "idempotency", quirks.idempotency)
+        limit = _positive(body, "rate_limit", ctx.limiter.limit, nullable=True)
+        window = _positive(body, "rate_window_s", ctx.limiter.window_s)
+        ttl = _positive(body, "token_ttl_s", ctx.token_ttl_s)
+        quirks.freeze_edited_at, quirks.idempotency = freeze, idempotency
+        ctx.limiter.limit = int(limit) if limit is not None else None
+        ctx.limiter.window_s, ctx.token_ttl_s = float(window), int(ttl)
+        return get_quirks()
+
+    return quirks

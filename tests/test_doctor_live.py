@@ -1,0 +1,204 @@
+"""`zsync doctor --live` (issue 21 item 6) against the local Zapier stand-in, over real HTTP: every
+assumption of docs/zapier-assumptions.md holds against the faithful stand-in (exit 0), each knob that makes
+the stand-in differ (infra/local/tables_service/quirks.py, its faults) is reported "different", a
+sync-breaking one exits 1, and the scratch table and inboxes are gone afterwards - also when checks fail
+midway and after Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from typer.testing import CliRunner
+
+from infra.deploy import doctor_live
+from infra.deploy.doctor_live import DIFFERENT, OK, UNCHECKED, Finding, Options
+from infra.local.tables_service import TablesService, start_tables_service
+from shared.platform.settings import Settings
+
+SECRET = "doctor-live-" + os.urandom(6).hex()
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def svc(tmp_path: Path) -> Iterator[TablesService]:
+    with start_tables_service(tmp_path / "tables.sqlite3", [], client_secret=SECRET) as s:
+        yield s
+
+
+def settings_for(svc: TablesService) -> Settings:
+    return Settings(zapier_base_url=svc.url, zapier_token_url=svc.url + "/oauth/token/",
+                    zapier_client_id=svc.client_id, zapier_client_secret=SECRET, http_timeout_s=5.0)
+
+
+def env_for(svc: TablesService) -> dict[str, str]:
+    return {"ZSYNC_ZAPIER_BASE_URL": svc.url, "ZSYNC_ZAPIER_TOKEN_URL": svc.url + "/oauth/token/",
+            "ZSYNC_ZAPIER_CLIENT_ID": svc.client_id, "ZSYNC_ZAPIER_CLIENT_SECRET": SECRET}
+
+
+def quirk(svc: TablesService, **knobs: Any) -> None:
+    answer = requests.post(svc.url + "/_admin/quirks", json=knobs, timeout=5)
+    assert answer.status_code == 200, answer.text
+
+
+def by_key(findings: list[Finding]) -> dict[str, Finding]:
+    out: dict[str, Finding] = {}
+    for f in findings:
+        assert f.key not in out, f"{f.key} reported twice"
+        out[f.key] = f
+    return out
+
+
+def leftovers(svc: TablesService) -> tuple[list[str], list[str]]:
+    """Scratch tables and scratch inboxes still in the stand-in."""
+    tables = [n for n in svc.table_ids() if n.startswith(doctor_live.PREFIX)]
+    inboxes = svc.ctx.inboxes.list(None, None, 100, 0)["results"]  # type: ignore[union-attr]
+    return tables, [i["key"] for i in inboxes if str(i["key"]).startswith(doctor_live.PREFIX)]
+
+
+def fast(**kwargs: Any) -> Options:
+    return Options(trigger_wait_s=5.0, **kwargs)
+
+
+def test_every_assumption_holds_against_the_faithful_standin_and_the_scratch_table_is_gone(svc) -> None:
+    findings = doctor_live.run(settings_for(svc), fast())
+    found = by_key(findings)
+    assert set(found) == set(doctor_live.ASSUMPTIONS)  # every listed assumption is reported, once
+    different = {k: f.observed for k, f in found.items() if f.status == DIFFERENT}
+    assert different == {}
+    # what the API cannot show is said, not guessed
+    assert {k for k, f in found.items() if f.status == UNCHECKED} == {"exact_indexed", "restore"}
+    assert not any(f.fails for f in findings) and doctor_live.exit_code(findings) == 0
+    assert "429 at request 101" in found["rate_limit"].observed and "Retry-After" in found["rate_limit"].observed
+    assert "record id ULID" in found["payload_change"].observed
+    assert found["cleanup"].status == OK and "removed" in found["cleanup"].observed
+    assert leftovers(svc) == ([], [])
+
+
+def test_cli_live_exits_0_prints_the_table_and_removes_the_scratch_table(svc, monkeypatch) -> None:
+    from infra.cli import app
+
+    for name, value in env_for(svc).items():
+        monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(app, ["doctor", "--live", "--skip-rate-limit", "--trigger-wait", "5"])
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())
+    assert "what zsync assumes about zapier.com" in flat and "Every sync-breaking assumption holds" in flat
+    assert "skipped (--skip-rate-limit)" in flat
+    assert leftovers(svc) == ([], [])
+
+
+def test_cli_help_explains_the_flag() -> None:
+    from infra.cli import app
+
+    result = CliRunner().invoke(app, ["doctor", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    flat = " ".join(result.output.replace("│", " ").split())
+    for part in ("--live", "scratch table zsync-doctor-RANDOM", "ALWAYS removes the table and inboxes",
+                 "--keep", "Exit 0: every sync-breaking assumption holds; 1: one differs or could not be checked",
+                 "--skip-rate-limit"):
+        assert part in flat, part
+
+
+def test_frozen_edited_at_is_different_and_fails_the_run(svc) -> None:
+    quirk(svc, freeze_edited_at=True)
+    findings = doctor_live.run(settings_for(svc), fast(rate_limit=False))
+    found = by_key(findings)
+    assert found["edited_at_moves"].status == DIFFERENT and found["edited_at_moves"].fails
+    before, after = found["edited_at_moves"].observed.split(" (")[0].removeprefix("edited_at ").split(" -> ")
+    assert before == after
+    assert doctor_live.exit_code(findings) == 1
+    assert leftovers(svc) == ([], [])
+
+
+def test_idempotency_key_ignored_is_different_and_exits_1(svc, monkeypatch) -> None:
+    from infra.cli import app
+
+    quirk(svc, idempotency=False)
+    for name, value in env_for(svc).items():
+        monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(app, ["doctor", "--live", "--skip-rate-limit", "--trigger-wait", "5"],
+                                env={"COLUMNS": "250"})
+    assert result.exit_code == 1, result.output
+    flat = " ".join(result.output.split())
+    assert "idempotency_replay" in flat and "2 record(s) made" in flat and "(breaks the sync)" in flat
+    assert leftovers(svc) == ([], [])
+
+
+def test_a_lower_rate_limit_is_different_but_does_not_fail_the_run(svc) -> None:
+    quirk(svc, rate_limit=50)
+    findings = doctor_live.run(settings_for(svc), fast())
+    found = by_key(findings)
+    assert found["rate_limit"].status == DIFFERENT and not found["rate_limit"].fails
+    assert "429 at request 51" in found["rate_limit"].observed
+    assert doctor_live.exit_code(findings) == 0
+    assert leftovers(svc) == ([], [])
+
+
+def test_a_short_token_lifetime_is_noted(svc) -> None:
+    quirk(svc, token_ttl_s=120)
+    found = by_key(doctor_live.run(settings_for(svc), fast(rate_limit=False)))
+    assert found["token_lifetime"].status == DIFFERENT and "expires_in 120" in found["token_lifetime"].observed
+    assert not found["token_lifetime"].fails
+
+
+def test_checks_failing_midway_still_remove_the_scratch_table(svc) -> None:
+    """Every update refused (an injected 400 on PATCH, both APIs): the checks that update fail, the run
+    goes on and ends 1, and the scratch table and inbox are removed."""
+    armed = requests.post(svc.url + "/_admin/faults", json={"status": 400, "count": 10_000, "method": "PATCH"},
+                          timeout=5)
+    assert armed.status_code == 200
+    findings = doctor_live.run(settings_for(svc), fast(rate_limit=False))
+    found = by_key(findings)
+    assert found["round_trip"].status == UNCHECKED and "400" in found["round_trip"].observed
+    assert found["edited_at_moves"].status == UNCHECKED
+    assert doctor_live.exit_code(findings) == 1
+    assert found["cleanup"].status == OK
+    assert leftovers(svc) == ([], [])
+
+
+def test_keep_leaves_the_scratch_table(svc) -> None:
+    found = by_key(doctor_live.run(settings_for(svc), fast(keep=True, rate_limit=False)))
+    assert found["cleanup"].observed.startswith("kept (--keep)")
+    tables, inboxes = leftovers(svc)
+    assert len(tables) == 1 and len(inboxes) == 1
+
+
+def test_ctrl_c_midway_removes_the_scratch_table(svc) -> None:
+    """SIGINT while a check waits on a hanging request: exit 130, nothing left behind."""
+    armed = requests.post(svc.url + "/_admin/faults",
+                          json={"status": 503, "count": 10_000, "method": "PATCH", "hang_s": 3}, timeout=5)
+    assert armed.status_code == 200
+    env = os.environ | env_for(svc) | {"ZSYNC_HTTP_TIMEOUT_S": "5", "ZSYNC_RETRY_BUDGET_S": "5"}
+    proc = subprocess.Popen([sys.executable, "-m", "infra.cli", "doctor", "--live", "--skip-rate-limit"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not leftovers(svc)[0] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert leftovers(svc)[0], "the scratch table was never made"
+        time.sleep(1.0)  # inside the round trip, in the hanging update
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out + err
+    assert "interrupted: the scratch table and inboxes were removed" in " ".join(err.split())
+    assert leftovers(svc) == ([], [])
+
+
+def test_no_credentials_exits_2() -> None:
+    from infra.cli import app
+
+    env = {k: "" for k in ("ZSYNC_ZAPIER_CLIENT_ID", "ZSYNC_ZAPIER_CLIENT_SECRET", "ZSYNC_TABLES_TOKEN")}
+    result = CliRunner().invoke(app, ["doctor", "--live"], env=env)
+    assert result.exit_code == 2, result.output
