@@ -133,12 +133,16 @@ def test_idempotency_key_ignored_is_different_and_exits_1(svc, monkeypatch) -> N
     assert leftovers(svc) == ([], [])
 
 
-def test_a_lower_rate_limit_is_different_but_does_not_fail_the_run(svc) -> None:
+def test_a_lower_rate_limit_and_an_earlier_quarantine_are_different_but_do_not_fail_the_run(svc) -> None:
     quirk(svc, rate_limit=50)
+    armed = requests.post(svc.url + "/_admin/inbox/faults", json={"quarantine_after": 3}, timeout=5)
+    assert armed.status_code == 200
     findings = doctor_live.run(settings_for(svc), fast())
     found = by_key(findings)
     assert found["rate_limit"].status == DIFFERENT and not found["rate_limit"].fails
     assert "429 at request 51" in found["rate_limit"].observed
+    assert found["lease_count"].status == DIFFERENT and "leased 3 time(s)" in found["lease_count"].observed
+    assert [k for k, f in found.items() if f.status == DIFFERENT] == ["lease_count", "rate_limit"]
     assert doctor_live.exit_code(findings) == 0
     assert leftovers(svc) == ([], [])
 

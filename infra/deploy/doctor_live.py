@@ -55,6 +55,9 @@ ASSUMPTIONS: dict[str, tuple[str, bool]] = {
     "value_json": ("a json value reads back as the sync wrote it", True),
     "value_datetime": ("a datetime value reads back as the same instant (ms)", True),
     "value_multiple_string": ("a multiple_string value reads back as the same list", True),
+    "value_empty": ("writing null (or an empty list) empties a cell", True),
+    "batch_100": ("a write may carry 100 records (create on the SDK path, delete on v2)", True),
+    "page_1000": ("a query may ask for 1000 records a page (reconcile, the trash check)", True),
     "refusal": ("a value that does not fit its field is refused visibly (errors in a 200 or a 4xx), "
                 "nothing stored", True),
     "edited_at_moves": ("`edited_at` moves on an update that leaves `updated_at` as it was", True),
@@ -75,6 +78,8 @@ ASSUMPTIONS: dict[str, tuple[str, bool]] = {
                        "names the record", False),
     "lease_bounds": ("a lease of 100 messages for 300 s (the consumer's) is accepted; out of bounds is a 400",
                      True),
+    "lease_count": ("a message can be leased 6 times (the consumer dead-letters a poison message on its 6th)",
+                    False),
     "inbox_prefixes": ("the public Trigger Inbox API answers at /trigger-inbox/api/v1 and /trigger-inbox/v1",
                        False),
     "rate_limit": ("about 100 requests / 5 s per table, then 429 with Retry-After", False),

@@ -129,7 +129,37 @@ def check_values(s: Scratch) -> list[Finding]:
         else:
             same = parsed.get(name) == row[name]
             out.append(found(key, same, shown + ("" if same else f": the sync reads {parsed.get(name)!r:.60}")))
+    s.client.update(t, made.id, {"status": None, "tags": []})
+    emptied = s.client.get(t, made.id).data
+    left = {k: emptied[k] for k in ("status", "tags") if emptied.get(k) not in (None, "", [])}
+    out.append(found("value_empty", not left, "status and tags read back " + (
+        f"still holding {_short(left)}" if left else "empty" + (" (left out of data)" if "status" not in emptied
+                                                                else ""))))
     return out
+
+
+def check_batch(s: Scratch) -> list[Finding]:
+    t = s.table
+    rows = [{"id": s.new_id("batch"), "status": "batch"} for _ in range(100)]
+    try:
+        made = s.client.create_many(t, rows)  # one request: the client's batch is 100
+        created = f"100 created in one request ({len(made)} answered)"
+    except TablesError as exc:
+        return [found("batch_100", False, f"a create of 100: {type(exc).__name__}: {str(exc)[:160]}"),
+                *check_page(s)]
+    removed = s.raw.v2("DELETE", t, body={"record_ids": [uuid_form(r.id) for r in made]})
+    live = s.client.find_many(t, "id", [r["id"] for r in rows])
+    ok = len(made) == 100 and removed.status_code < 300 and not live
+    return [found("batch_100", ok, f"{created}; a v2 delete of 100: {brief(removed)}, {len(live)} left"),
+            *check_page(s)]
+
+
+def check_page(s: Scratch) -> list[Finding]:
+    try:
+        n = sum(1 for _ in s.client.iter_records(s.table, 1000, trash="include"))
+    except TablesError as exc:
+        return [found("page_1000", False, f"a query of 1000: {type(exc).__name__}: {str(exc)[:160]}")]
+    return [found("page_1000", True, f"a query of 1000 answered ({n} records, trash included)")]
 
 
 def _short(value: Any) -> str:
@@ -265,6 +295,7 @@ CHECKS: list[Check] = [
     ("token_lifetime", check_token),
     ("round_trip", check_round_trip),
     ("value_text", check_values),
+    ("batch_100", check_batch),
     ("refusal", check_refusal),
     ("edited_at_moves", check_edited_at),
     ("trash", check_trash),

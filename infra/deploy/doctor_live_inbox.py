@@ -108,7 +108,7 @@ def check_triggers(s: Scratch) -> list[Finding]:
     out.append(found("trigger_deleted", True, f"listed: {deleted[0]['key']!r}" if deleted else "not listed"))
     if not candidates:
         return out + [unchecked(k, "no new-or-updated trigger to subscribe to")
-                      for k in ("payload_change", "lease_bounds", "payload_delete")]
+                      for k in ("payload_change", "lease_bounds", "lease_count", "payload_delete")]
     return out + _payloads(s, app, candidates[0]["key"], deleted[0]["key"] if deleted else None)
 
 
@@ -119,7 +119,7 @@ def _payloads(s: Scratch, app: str, change_key: str, delete_key: str | None) -> 
     side = _make_inbox(s, app, delete_key, "delete") if delete_key else None
     if main.status != "active":
         return [unchecked(k, f"the scratch inbox is {main.status!r} ({main.paused_reason})")
-                for k in ("payload_change", "lease_bounds", "payload_delete")]
+                for k in ("payload_change", "lease_bounds", "lease_count", "payload_delete")]
     key = s.new_id("trigger")
     made = s.client.create(s.table, {"id": key, "status": "created"})
     s.client.update(s.table, made.id, {"status": "changed"})
@@ -129,7 +129,7 @@ def _payloads(s: Scratch, app: str, change_key: str, delete_key: str | None) -> 
     except InboxError as exc:
         return [unchecked("payload_change", f"lease failed: {exc}"),
                 found("lease_bounds", False, f"a lease of 100 for {LEASE_SECONDS} s: {exc}"),
-                unchecked("payload_delete", "leasing failed")]
+                unchecked("lease_count", "leasing failed"), unchecked("payload_delete", "leasing failed")]
     took = time.monotonic() - start
     ours = [m for m in got if _ours(s, m, made.id, key)]
     if not ours:
@@ -145,7 +145,37 @@ def _payloads(s: Scratch, app: str, change_key: str, delete_key: str | None) -> 
         bounds = found("lease_bounds", False, "a lease of 100 for 300 s worked; a lease of 101 was NOT refused")
     except InboxError as exc:
         bounds = found("lease_bounds", exc.status == 400, f"a lease of 100 for 300 s worked; 101: HTTP {exc.status}")
-    return [change, bounds, _after_delete(s, main.id, side.id if side else None, made.id, key)]
+    leases = _lease_count(s, main.id)
+    return [change, bounds, leases, _after_delete(s, main.id, side.id if side else None, made.id, key)]
+
+
+def _lease_count(s: Scratch, inbox_id: str) -> Finding:
+    """One message leased (1 s) and released again and again: is it still leasable the 6th time?"""
+    from shared.services.inbox_consumer import POISON_LEASE_COUNT
+
+    key = s.new_id("leases")
+    made = s.client.create(s.table, {"id": key, "status": "leased"})
+    inbox, times, count = s.inbox(), 0, None
+    deadline = time.monotonic() + s.options.trigger_wait_s
+    while times <= POISON_LEASE_COUNT and time.monotonic() < deadline:
+        lease = inbox.lease(inbox_id, 1, 1)
+        if not lease.messages or not lease.lease_id:
+            time.sleep(POLL_S)
+            continue
+        message = lease.messages[0]
+        if not _ours(s, message, made.id, key):
+            inbox.ack(inbox_id, lease.lease_id)
+            continue
+        times, count = times + 1, message.lease_count
+        if times > POISON_LEASE_COUNT:
+            inbox.ack(inbox_id, lease.lease_id)
+        else:
+            inbox.release(inbox_id, lease.lease_id)
+    if times == 0:
+        return unchecked("lease_count", f"no message within {s.options.trigger_wait_s:g} s")
+    return found("lease_count", times > POISON_LEASE_COUNT,
+                 f"leased {times} time(s) (lease_count {count} the last time)"
+                 + ("" if times > POISON_LEASE_COUNT else ": then no longer leased (quarantined?)"))
 
 
 def _after_delete(s: Scratch, main_id: str, side_id: str | None, rid: str, key: str) -> Finding:
