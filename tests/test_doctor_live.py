@@ -206,3 +206,15 @@ def test_no_credentials_exits_2() -> None:
     env = {k: "" for k in ("ZSYNC_ZAPIER_CLIENT_ID", "ZSYNC_ZAPIER_CLIENT_SECRET", "ZSYNC_TABLES_TOKEN")}
     result = CliRunner().invoke(app, ["doctor", "--live"], env=env)
     assert result.exit_code == 2, result.output
+
+
+def test_the_assumptions_page_lists_every_check_and_whether_a_difference_breaks_the_sync() -> None:
+    rows = [line for line in (REPO / "docs" / "zapier-assumptions.md").read_text().splitlines()
+            if line.startswith("| ") and "`" in line]
+    for key, (_, breaks) in doctor_live.ASSUMPTIONS.items():
+        if key == "cleanup":
+            continue
+        name = "value_*" if key.startswith("value_") and key != "value_empty" else key
+        row = [r for r in rows if f"`{name}`" in r]
+        assert len(row) == 1, key
+        assert ("**breaks**" in row[0]) == breaks, key
