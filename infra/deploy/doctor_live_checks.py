@@ -1,6 +1,6 @@
 """The checks of ``zsync doctor --live`` (:data:`CHECKS`), each on the scratch table of
 :mod:`infra.deploy.doctor_live`, each making its own records (named ``zsync-doctor-<suffix>-<what>-<n>``)
-so one failing does not spoil the next. What each assumes: :data:`infra.deploy.doctor_live.ASSUMPTIONS`
+so one failing does not spoil the next. What each assumes: :data:`infra.deploy.doctor_live_base.ASSUMPTIONS`
 and ``docs/zapier-assumptions.md``."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from infra.deploy.doctor_live import (
+from infra.deploy.doctor_live_base import (
     Check,
     Finding,
     Scratch,

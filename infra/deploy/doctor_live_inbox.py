@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from infra.deploy.doctor_live import (
+from infra.deploy.doctor_live_base import (
     INBOX_PREFIXES,
     V2_PREFIX,
     Finding,
