@@ -10,8 +10,10 @@ through :class:`Raw` (requests, the same bearer token).
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -239,6 +241,8 @@ class Scratch:
     table_id: str | None = None
     keys: dict[str, str] = field(default_factory=dict)  # our field name -> "f<n>"
     inbox_ids: list[str] = field(default_factory=list)
+    stopping: bool = False  # set (under ``lock``) when the removal starts: nothing is made after it
+    lock: threading.Lock = field(default_factory=threading.Lock)
     _inbox: Any = None
     _serial: int = 0
 
@@ -267,14 +271,26 @@ class Scratch:
         self._serial += 1
         return f"{self.name}-{what}-{self._serial}"
 
+    @contextmanager
+    def making(self) -> Iterator[None]:
+        """Held while making something the removal must find: a check still running after Ctrl-C makes
+        nothing once the removal started (:meth:`remove` sets ``stopping`` under the same lock)."""
+        with self.lock:
+            if self.stopping:
+                raise RuntimeError("the scratch table is being removed")
+            yield
+
     def create(self) -> None:
-        made = self.client.create_table(self.name, "zsync doctor --live: scratch table, removed after the run")
-        self.table_id = str(made["id"])
+        with self.making():
+            made = self.client.create_table(self.name, "zsync doctor --live: scratch table, removed after the run")
+            self.table_id = str(made["id"])
         fields = self.client.create_fields(self.table_id, self.spec.zapier_fields())
         self.keys = {f.name: f.key for f in fields}
 
     def remove(self) -> Finding:
         """Delete the scratch inboxes and table (waiting out a 429 up to :data:`CLEANUP_BUDGET_S`)."""
+        with self.lock:  # waits for a table or inbox being made right now (one request)
+            self.stopping = True
         problems, removed = [], []
         for inbox_id in self.inbox_ids:
             try:

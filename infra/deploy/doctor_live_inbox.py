@@ -35,8 +35,9 @@ def _words(action: dict[str, Any]) -> str:
 def _make_inbox(s: Scratch, app: str, action_key: str, what: str) -> Any:
     from shared.adapters.trigger_inbox import Subscription
 
-    inbox = s.inbox().create(f"{s.name}-{what}", Subscription(app, action_key, {"table_id": s.table}), None)
-    s.inbox_ids.append(inbox.id)
+    with s.making():
+        inbox = s.inbox().create(f"{s.name}-{what}", Subscription(app, action_key, {"table_id": s.table}), None)
+        s.inbox_ids.append(inbox.id)
     deadline = time.monotonic() + s.options.trigger_wait_s
     while inbox.status == "initializing" and time.monotonic() < deadline:
         time.sleep(POLL_S)
