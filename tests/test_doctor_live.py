@@ -164,9 +164,21 @@ def test_checks_failing_midway_still_remove_the_scratch_table(svc) -> None:
     found = by_key(findings)
     assert found["round_trip"].status == UNCHECKED and "400" in found["round_trip"].observed
     assert found["edited_at_moves"].status == UNCHECKED
+    assert set(found) == set(doctor_live.ASSUMPTIONS)  # one row each, also for the checks that broke
     assert doctor_live.exit_code(findings) == 1
     assert found["cleanup"].status == OK
     assert leftovers(svc) == ([], [])
+
+
+def test_refused_credentials_report_every_assumption_unchecked_and_exit_1(svc) -> None:
+    wrong = settings_for(svc).model_copy(update={"zapier_client_secret": "wrong"})
+    findings = doctor_live.run(wrong, fast())
+    found = by_key(findings)
+    assert set(found) == set(doctor_live.ASSUMPTIONS)
+    assert {f.status for k, f in found.items() if k != "cleanup"} == {UNCHECKED}
+    assert "could not make the scratch table: TablesAuthError" in found["round_trip"].observed
+    assert found["cleanup"].observed == "removed nothing (none was made)"
+    assert doctor_live.exit_code(findings) == 1
 
 
 def test_keep_leaves_the_scratch_table(svc) -> None:

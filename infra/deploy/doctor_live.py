@@ -47,17 +47,20 @@ __all__ = ["ASSUMPTIONS", "CHECKS", "DIFFERENT", "OK", "PREFIX", "UNCHECKED", "F
 # --- running ---------------------------------------------------------------------------------------------
 
 def _bounded(check: Check, scratch: Scratch, timeout_s: float) -> list[Finding]:
-    key, fn = check
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"doctor-{key}")
+    """Run one check in a thread for at most ``timeout_s``: exactly one finding per key it declares."""
+    keys, fn = check
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"doctor-{keys[0]}")
     future = pool.submit(fn, scratch)
     try:
-        return future.result(timeout=timeout_s)
+        got = future.result(timeout=timeout_s)
     except FutureTimeout:
-        return [unchecked(key, f"did not finish within {timeout_s:g} s")]
+        return [unchecked(key, f"did not finish within {timeout_s:g} s") for key in keys]
     except Exception as exc:  # a check that breaks says why; the run goes on
-        return [unchecked(key, f"{type(exc).__name__}: {' '.join(str(exc).split())[:240]}")]
+        return [unchecked(key, f"{type(exc).__name__}: {' '.join(str(exc).split())[:240]}") for key in keys]
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+    reported = {f.key for f in got}
+    return got + [unchecked(key, "not reported by its check") for key in keys if key not in reported]
 
 
 def run(settings: Settings, options: Options | None = None,
@@ -78,16 +81,16 @@ def run(settings: Settings, options: Options | None = None,
             progress(item)
 
     try:
-        setup = _bounded(("round_trip", lambda s: (s.create(), [])[1]), scratch, options.check_timeout_s)
-        if setup:  # no scratch table: nothing else can run
-            note([Finding("round_trip", "could not make the scratch table: " + setup[0].observed, UNCHECKED)])
-        else:
-            for check in CHECKS:
-                if check[0] == "rate_limit" and not options.rate_limit:
-                    note([unchecked("rate_limit", "skipped (--skip-rate-limit)")])
-                    continue
-                waits = 3 * options.trigger_wait_s if check[0] == "trigger_new_or_updated" else 0.0
-                note(_bounded(check, scratch, options.check_timeout_s + waits))
+        made = _bounded((("round_trip",), _make_table), scratch, options.check_timeout_s)[0]
+        setup = [] if made.status == OK else [made]
+        for keys, check in CHECKS:
+            if setup:  # no scratch table: nothing else can run
+                note([unchecked(k, "could not make the scratch table: " + setup[0].observed) for k in keys])
+            elif keys == ("rate_limit",) and not options.rate_limit:
+                note([unchecked("rate_limit", "skipped (--skip-rate-limit)")])
+            else:
+                waits = 3 * options.trigger_wait_s if "payload_change" in keys else 0.0
+                note(_bounded((keys, check), scratch, options.check_timeout_s + waits))
     finally:
         try:
             if options.keep:
@@ -98,3 +101,8 @@ def run(settings: Settings, options: Options | None = None,
         finally:
             scratch.close()
     return findings
+
+
+def _make_table(scratch: Scratch) -> list[Finding]:
+    scratch.create()
+    return [found("round_trip", True, "scratch table made")]

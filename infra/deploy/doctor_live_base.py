@@ -335,4 +335,5 @@ def _retry_after(response: requests.Response, default: float = 1.0) -> float:
         return default
 
 
-Check = tuple[str, Callable[["Scratch"], list[Finding]]]  # (key reported when it fails to run, the check)
+# (the keys it reports: each is "could not check" when it fails to run or leaves one out, the check)
+Check = tuple[tuple[str, ...], Callable[["Scratch"], list[Finding]]]

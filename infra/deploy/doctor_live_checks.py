@@ -292,16 +292,17 @@ def check_ids(s: Scratch) -> list[Finding]:
 
 
 CHECKS: list[Check] = [
-    ("token_lifetime", check_token),
-    ("round_trip", check_round_trip),
-    ("value_text", check_values),
-    ("batch_100", check_batch),
-    ("refusal", check_refusal),
-    ("edited_at_moves", check_edited_at),
-    ("trash", check_trash),
-    ("idempotency_replay", check_idempotency),
-    ("ids", check_ids),
-    ("trigger_new_or_updated", check_triggers),
-    ("inbox_prefixes", check_prefixes),
-    ("rate_limit", check_rate_limit),  # last: it spends the table's rate budget
+    (("token_lifetime",), check_token),
+    (("round_trip", "exact_indexed"), check_round_trip),
+    ((*VALUE_KEYS.values(), "value_empty"), check_values),
+    (("batch_100", "page_1000"), check_batch),
+    (("refusal",), check_refusal),
+    (("edited_at_moves", "edited_at_no_change"), check_edited_at),
+    (("trash", "restore"), check_trash),
+    (("idempotency_replay", "idempotency_reuse"), check_idempotency),
+    (("ids", "table_id_forms"), check_ids),
+    (("trigger_new_or_updated", "trigger_pick", "trigger_deleted", "payload_change", "lease_bounds", "lease_count",
+      "payload_delete"), check_triggers),
+    (("inbox_prefixes",), check_prefixes),
+    (("rate_limit",), check_rate_limit),  # last: it spends the table's rate budget
 ]
