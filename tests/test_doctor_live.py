@@ -85,9 +85,11 @@ def test_every_assumption_holds_against_the_faithful_standin_and_the_scratch_tab
 
 def test_cli_live_exits_0_prints_the_table_and_removes_the_scratch_table(svc, monkeypatch) -> None:
     from infra.cli import app
+    from infra.deploy import cli
 
     for name, value in env_for(svc).items():
         monkeypatch.setenv(name, value)
+    monkeypatch.setattr(cli.console, "width", 250)
     result = CliRunner().invoke(app, ["doctor", "--live", "--skip-rate-limit", "--trigger-wait", "5"])
     assert result.exit_code == 0, result.output
     flat = " ".join(result.output.split())
@@ -121,12 +123,13 @@ def test_frozen_edited_at_is_different_and_fails_the_run(svc) -> None:
 
 def test_idempotency_key_ignored_is_different_and_exits_1(svc, monkeypatch) -> None:
     from infra.cli import app
+    from infra.deploy import cli
 
     quirk(svc, idempotency=False)
     for name, value in env_for(svc).items():
         monkeypatch.setenv(name, value)
-    result = CliRunner().invoke(app, ["doctor", "--live", "--skip-rate-limit", "--trigger-wait", "5"],
-                                env={"COLUMNS": "250"})
+    monkeypatch.setattr(cli.console, "width", 250)  # made at import: whatever width the session had then
+    result = CliRunner().invoke(app, ["doctor", "--live", "--skip-rate-limit", "--trigger-wait", "5"])
     assert result.exit_code == 1, result.output
     flat = " ".join(result.output.split())
     assert "idempotency_replay" in flat and "2 record(s) made" in flat and "(breaks the sync)" in flat

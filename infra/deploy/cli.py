@@ -299,7 +299,7 @@ def _doctor_live(settings, options) -> int:  # (Settings, doctor_live.Options) -
              doctor_live.UNCHECKED: "[yellow]could not check[/]"}
     for f in findings:
         mark = marks[f.status] + (" [bold red](breaks the sync)[/]" if f.fails else "")
-        table.add_row(escape(f.assumption), escape(f.observed), mark)
+        table.add_row(f"{escape(f.assumption)} [dim]({f.key})[/]", escape(f.observed), mark)
     console.print(table)
     failing = [f for f in findings if f.fails]
     if failing:

@@ -62,7 +62,8 @@ ASSUMPTIONS: dict[str, tuple[str, bool]] = {
     "table_id_forms": ("the v2 API takes a table id as the ULID and as its UUID form", False),
     "trigger_new_or_updated": ("the Tables app lists a new-or-updated-record trigger", True),
     "trigger_pick": ("`zsync wire zapier` picks that trigger without --trigger-key", False),
-    "trigger_deleted": ("the Tables app lists an added/updated/deleted trigger (zsync does not use it)", False),
+    "trigger_deleted": ("zsync needs no added/updated/deleted trigger (deletes come from the trash check); "
+                        "whether the app lists one is shown", False),
     "payload_change": ("a change's inbox message carries the record: its id, fields (by id or name), "
                        "`edited_at`", True),
     "payload_delete": ("a delete sends nothing to the new-or-updated inbox; the deleted trigger's payload "
