@@ -150,6 +150,23 @@ def test_a_lower_rate_limit_and_an_earlier_quarantine_are_different_but_do_not_f
     assert leftovers(svc) == ([], [])
 
 
+def test_an_app_listing_more_triggers_is_noted_with_the_key_to_pass(svc) -> None:
+    """zapier.com lists six Tables events; with "Updated Record" and "New, Updated or Deleted Record" listed
+    too, `zsync wire zapier` cannot tell which one to take: noted with the --trigger-key to pass, exit 0."""
+    quirk(svc, extra_triggers=[{"key": "updated_record", "name": "Updated Record"},
+                               {"key": "new_updated_or_deleted_record", "name": "New, Updated or Deleted Record"}])
+    findings = doctor_live.run(settings_for(svc), fast(rate_limit=False))
+    found = by_key(findings)
+    assert found["trigger_new_or_updated"].status == OK
+    assert found["trigger_pick"].status == DIFFERENT
+    assert "pass --trigger-key new_or_updated_record" in found["trigger_pick"].observed
+    assert found["trigger_deleted"].observed == "listed: 'new_updated_or_deleted_record'"
+    assert found["payload_change"].status == OK  # the refused inbox on the other trigger spoils nothing
+    assert "an inbox on 'new_updated_or_deleted_record' was refused" in found["payload_delete"].observed
+    assert doctor_live.exit_code(findings) == 0
+    assert leftovers(svc) == ([], [])
+
+
 def test_a_short_token_lifetime_is_noted(svc) -> None:
     quirk(svc, token_ttl_s=120)
     found = by_key(doctor_live.run(settings_for(svc), fast(rate_limit=False)))

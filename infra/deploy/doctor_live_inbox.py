@@ -117,7 +117,12 @@ def _payloads(s: Scratch, app: str, change_key: str, delete_key: str | None) -> 
     from shared.adapters.trigger_inbox import InboxError
 
     main = _make_inbox(s, app, change_key, "change")
-    side = _make_inbox(s, app, delete_key, "delete") if delete_key else None
+    side, side_note = None, "no added/updated/deleted trigger to subscribe to"
+    if delete_key:
+        try:
+            side = _make_inbox(s, app, delete_key, "delete")
+        except InboxError as exc:  # the change's checks go on without it
+            side_note = f"an inbox on {delete_key!r} was refused: {str(exc)[:120]}"
     if main.status != "active":
         return [unchecked(k, f"the scratch inbox is {main.status!r} ({main.paused_reason})")
                 for k in ("payload_change", "lease_bounds", "lease_count", "payload_delete")]
@@ -147,7 +152,7 @@ def _payloads(s: Scratch, app: str, change_key: str, delete_key: str | None) -> 
     except InboxError as exc:
         bounds = found("lease_bounds", exc.status == 400, f"a lease of 100 for 300 s worked; 101: HTTP {exc.status}")
     leases = _lease_count(s, main.id)
-    return [change, bounds, leases, _after_delete(s, main.id, side.id if side else None, made.id, key)]
+    return [change, bounds, leases, _after_delete(s, main.id, side.id if side else None, made.id, key, side_note)]
 
 
 def _lease_count(s: Scratch, inbox_id: str) -> Finding:
@@ -179,7 +184,7 @@ def _lease_count(s: Scratch, inbox_id: str) -> Finding:
                  + ("" if times > POISON_LEASE_COUNT else ": then no longer leased (quarantined?)"))
 
 
-def _after_delete(s: Scratch, main_id: str, side_id: str | None, rid: str, key: str) -> Finding:
+def _after_delete(s: Scratch, main_id: str, side_id: str | None, rid: str, key: str, side_note: str) -> Finding:
     if side_id:
         _drain(s, side_id, lambda ms: False, 0)  # the create and update, if it queued them
     s.client.delete(s.table, rid)
@@ -191,7 +196,7 @@ def _after_delete(s: Scratch, main_id: str, side_id: str | None, rid: str, key: 
         seen.append(f"deleted trigger: {len(deleted)} message(s)"
                     + (f", payload keys {sorted(deleted[-1].payload)}" if deleted else ""))
     else:
-        seen.append("no added/updated/deleted trigger to subscribe to")
+        seen.append(side_note)
     return found("payload_delete", not quiet, "; ".join(seen))
 
 

@@ -8,14 +8,18 @@
 * ``"idempotency": false`` - the public API ignores ``Idempotency-Key`` (a retried create makes a second
   record);
 * ``"rate_limit": n | null`` and ``"rate_window_s": s`` - the per-table rate limit (null: none);
-* ``"token_ttl_s": n`` - the lifetime of the tokens issued from now on.
+* ``"token_ttl_s": n`` - the lifetime of the tokens issued from now on;
+* ``"extra_triggers": [{"key", "name", "description"?}]`` - more read actions (triggers) in the Tables
+  app's action list, as zapier.com lists six events where the stand-in has two (an inbox on one of them is
+  still refused: the stand-in does not deliver them).
 
 ``GET /_admin/quirks`` answers the current values. The defaults are the faithful stand-in."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -23,12 +27,24 @@ from flask import Flask, Response, jsonify, request
 from infra.local.tables_service.context import ServiceContext
 from infra.local.tables_service.errors import ApiError
 from infra.local.tables_service.routes import object_body
+from infra.local.trigger_inbox_service import META_PATH
 
 
 @dataclass
 class Quirks:
     freeze_edited_at: bool = False
     idempotency: bool = True
+    extra_triggers: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _triggers(body: dict[str, Any], current: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    value = body.get("extra_triggers", current)
+    ok = isinstance(value, list) and all(
+        isinstance(a, dict) and isinstance(a.get("key"), str) and isinstance(a.get("name"), str) for a in value)
+    if not ok:
+        raise ApiError(400, 'extra_triggers must be a list of {"key": str, "name": str}')
+    return [{"key": a["key"], "name": a["name"], "type": "read", "description": str(a.get("description", ""))}
+            for a in value]
 
 
 def _flag(body: dict[str, Any], name: str, current: bool) -> bool:
@@ -70,6 +86,15 @@ def register_quirks(app: Flask, ctx: ServiceContext) -> Quirks:
         if not quirks.idempotency:
             request.environ.pop("HTTP_IDEMPOTENCY_KEY", None)
 
+    @app.after_request
+    def _more_triggers(response: Response) -> Response:
+        if quirks.extra_triggers and request.path == META_PATH + "/implementations/" and response.status_code == 200:
+            body = response.get_json()
+            for impl in body.get("results") or []:
+                impl["actions"] += [a | {"selected_api": impl.get("selected_api")} for a in quirks.extra_triggers]
+            response.set_data(json.dumps(body))
+        return response
+
     @app.get("/_admin/quirks")
     def get_quirks() -> Response:
         return jsonify(asdict(quirks) | {"rate_limit": ctx.limiter.limit, "rate_window_s": ctx.limiter.window_s,
@@ -78,7 +103,8 @@ def register_quirks(app: Flask, ctx: ServiceContext) -> Quirks:
     @app.post("/_admin/quirks")
     def set_quirks() -> Response:
         body = object_body()
-        unknown = set(body) - {"freeze_edited_at", "idempotency", "rate_limit", "rate_window_s", "token_ttl_s"}
+        unknown = set(body) - {"freeze_edited_at", "idempotency", "rate_limit", "rate_window_s", "token_ttl_s",
+                               "extra_triggers"}
         if unknown:
             raise ApiError(400, f"unknown quirk(s): {', '.join(sorted(unknown))}")
         freeze = _flag(body, "freeze_edited_at", quirks.freeze_edited_at)
@@ -86,6 +112,7 @@ def register_quirks(app: Flask, ctx: ServiceContext) -> Quirks:
         limit = _positive(body, "rate_limit", ctx.limiter.limit, nullable=True)
         window = _positive(body, "rate_window_s", ctx.limiter.window_s)
         ttl = _positive(body, "token_ttl_s", ctx.token_ttl_s)
+        quirks.extra_triggers = _triggers(body, quirks.extra_triggers)
         quirks.freeze_edited_at, quirks.idempotency = freeze, idempotency
         ctx.limiter.limit = int(limit) if limit is not None else None
         ctx.limiter.window_s, ctx.token_ttl_s = float(window), int(ttl)
