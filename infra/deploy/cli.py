@@ -282,13 +282,22 @@ def _doctor_live(settings, options) -> int:  # (Settings, doctor_live.Options) -
     previous = signal.signal(signal.SIGTERM, interrupt)  # a TERM removes the scratch table too
     err.print("zsync doctor --live: a scratch table zsync-doctor-RANDOM is made, checked and removed "
               "(about a minute)...")
+    seen: list = []  # every finding as it comes (the cleanup's too, when interrupted)
+
+    def progress(finding) -> None:  # (doctor_live.Finding)
+        seen.append(finding)
+        err.print(f"[dim]  {finding.status}: {finding.key}[/]")
+
     try:
-        findings = doctor_live.run(settings, options)
+        findings = doctor_live.run(settings, options, progress)
     except ValueError as exc:  # no credentials
         err.print(f"[red]{escape(str(exc))}[/]", soft_wrap=True)
         return 2
     except KeyboardInterrupt:
-        err.print("[yellow]interrupted: the scratch table and inboxes were removed[/]")
+        cleanup = next((f for f in reversed(seen) if f.key == "cleanup"), None)
+        err.print("[yellow]interrupted; cleanup: "
+                  + (escape(cleanup.observed) if cleanup else "did NOT run (delete zsync-doctor-* by hand)") + "[/]",
+                  soft_wrap=True)
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
