@@ -60,14 +60,15 @@ ASSUMPTIONS: dict[str, tuple[str, bool]] = {
     "idempotency_reuse": ("Idempotency-Key: the same key with another payload is refused", False),
     "ids": ("a v2 record id is the UUID form of the SDK path's ULID (the same 128 bits)", True),
     "table_id_forms": ("the v2 API takes a table id as the ULID and as its UUID form", False),
-    "trigger_new_or_updated": ("the Tables app lists a new-or-updated-record trigger", True),
+    "trigger_new_or_updated": ("the Tables app lists a trigger for added or updated records (new-or-updated, "
+                               "or added/updated/deleted) for the inboxes", True),
     "trigger_pick": ("`zsync wire zapier` picks that trigger without --trigger-key", False),
-    "trigger_deleted": ("zsync needs no added/updated/deleted trigger (deletes come from the trash check); "
-                        "whether the app lists one is shown", False),
+    "trigger_deleted": ("an added/updated/deleted trigger is optional: without one the trash check applies "
+                        "deletes made in Tables; whether the app lists one is shown", False),
     "payload_change": ("a change's inbox message carries the record: its id, fields (by id or name), "
                        "`edited_at`", True),
-    "payload_delete": ("a delete sends nothing to the new-or-updated inbox; the deleted trigger's payload "
-                       "names the record", False),
+    "payload_delete": ("a delete: the added/updated/deleted trigger sends a message naming the record, marked "
+                       "as a delete; the new-or-updated one sends nothing", False),
     "lease_bounds": ("a lease of 100 messages for 300 s (the consumer's) is accepted; out of bounds is a 400",
                      True),
     "lease_count": ("a message can be leased 6 times (the consumer dead-letters a poison message on its 6th)",

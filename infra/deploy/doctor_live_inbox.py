@@ -88,32 +88,53 @@ def _read(s: Scratch, message: Any, rid: str, key: str) -> tuple[bool, str]:
                 f"edited_at {'present' if record.edited_at else 'MISSING'}")
 
 
+def _deletes_capable(action: dict[str, Any]) -> bool:
+    """"Triggers when a record is added, updated, or deleted in a table." (its key is not published)."""
+    return all(w in _words(action) for w in ("record", "delet", "updat"))
+
+
+def _new_or_updated(action: dict[str, Any]) -> bool:
+    words = _words(action)
+    return ("updat" in words and any(w in words for w in ("new", "add", "creat"))
+            and not _deletes_capable(action))
+
+
 def check_triggers(s: Scratch) -> list[Finding]:
+    """The triggers the app lists, the one ``zsync wire zapier`` subscribes the inboxes to, and a scratch
+    inbox on that one (a change's payload, the lease bounds, a delete's payload)."""
     from infra.deploy import DeployError
     from infra.deploy.wire import choose_trigger
 
     inbox = s.inbox()
     app = inbox.tables_implementation()
-    actions = inbox.read_actions(app)
+    actions = [a for a in inbox.read_actions(app) if not a.get("is_hidden")]
     listed = ", ".join(f"{a['key']}" for a in actions) or "none"
-    deleted = [a for a in actions if "delet" in _words(a)]
-    candidates = [a for a in actions if "updat" in _words(a) and "delet" not in _words(a)
-                  and any(w in _words(a) for w in ("new", "add", "creat"))]
-    out = [found("trigger_new_or_updated", bool(candidates), f"{app} triggers: {listed}")]
+    deletes = [a["key"] for a in actions if _deletes_capable(a)]
+    changes = [a["key"] for a in actions if _new_or_updated(a)]
     try:
-        picked = choose_trigger(inbox, None).action_key
-        out.append(found("trigger_pick", bool(candidates) and picked == candidates[0]["key"], f"picks {picked!r}"))
+        picked: str | None = choose_trigger(inbox, None).action_key
+        pick = found("trigger_pick", True, f"picks {picked!r}" + (" (it delivers deletes too)"
+                                                                   if picked in deletes else ""))
     except DeployError as exc:
-        hint = f": pass --trigger-key {candidates[0]['key']}" if candidates else ""
-        out.append(found("trigger_pick", False, str(exc)[:160] + hint))
-    out.append(found("trigger_deleted", True, f"listed: {deleted[0]['key']!r}" if deleted else "not listed"))
-    if not candidates:
-        return out + [unchecked(k, "no new-or-updated trigger to subscribe to")
+        picked = None
+        hint = f": pass --trigger-key {(changes or deletes)[0]}" if changes or deletes else ""
+        pick = found("trigger_pick", False, str(exc)[:160] + hint)
+    subscribe = picked or next(iter(changes), None)
+    out = [found("trigger_new_or_updated", subscribe is not None,
+                 f"{app} triggers: {listed}" + (f"; the inboxes get {subscribe!r}" if subscribe else "")),
+           pick,
+           found("trigger_deleted", True, f"listed: {deletes[0]!r}" if deletes else
+                 "not listed: deletes made in Tables reach Supabase through the trash check only")]
+    if subscribe is None:
+        return out + [unchecked(k, "no trigger for added or updated records to subscribe to")
                       for k in ("payload_change", "lease_bounds", "lease_count", "payload_delete")]
-    return out + _payloads(s, app, candidates[0]["key"], deleted[0]["key"] if deleted else None)
+    side = next((k for k in deletes if k != subscribe), None) if subscribe not in deletes else None
+    return out + _payloads(s, app, subscribe, subscribe in deletes, side)
 
 
-def _payloads(s: Scratch, app: str, change_key: str, delete_key: str | None) -> list[Finding]:
+def _payloads(s: Scratch, app: str, change_key: str, with_deletes: bool, delete_key: str | None) -> list[Finding]:
+    """``change_key``: the trigger the inboxes subscribe to (``with_deletes``: it delivers deletes too);
+    ``delete_key``: another, deletes-capable trigger to show the delete payload of."""
     from shared.adapters.trigger_inbox import InboxError
 
     main = _make_inbox(s, app, change_key, "change")
@@ -152,7 +173,8 @@ def _payloads(s: Scratch, app: str, change_key: str, delete_key: str | None) -> 
     except InboxError as exc:
         bounds = found("lease_bounds", exc.status == 400, f"a lease of 100 for 300 s worked; 101: HTTP {exc.status}")
     leases = _lease_count(s, main.id)
-    return [change, bounds, leases, _after_delete(s, main.id, side.id if side else None, made.id, key, side_note)]
+    after = _after_delete(s, main.id, with_deletes, side.id if side else None, made.id, key, side_note)
+    return [change, bounds, leases, after]
 
 
 def _lease_count(s: Scratch, inbox_id: str) -> Finding:
@@ -184,17 +206,40 @@ def _lease_count(s: Scratch, inbox_id: str) -> Finding:
                  + ("" if times > POISON_LEASE_COUNT else ": then no longer leased (quarantined?)"))
 
 
-def _after_delete(s: Scratch, main_id: str, side_id: str | None, rid: str, key: str, side_note: str) -> Finding:
+def _says_delete(message: Any) -> bool:
+    payload = message.payload
+    record = payload.get("record") if isinstance(payload.get("record"), dict) else payload
+    return bool(record.get("deleted_at") or payload.get("deleted_at")) or "delet" in str(
+        payload.get("event") or payload.get("type") or "").lower()
+
+
+def _delete_payload(messages: list[Any]) -> str:
+    if not messages:
+        return "0 messages"
+    last = messages[-1]
+    return (f"{len(messages)} message(s), payload keys {sorted(last.payload)}, "
+            f"{'marked as a delete' if _says_delete(last) else 'NOT marked as a delete (no deleted_at / event)'}")
+
+
+def _after_delete(s: Scratch, main_id: str, with_deletes: bool, side_id: str | None, rid: str, key: str,
+                  side_note: str) -> Finding:
+    """Delete the record: the inbox's trigger delivers it when it is deletes-capable (a message naming the
+    record, marked as a delete), else nothing; another deletes-capable trigger's payload is shown."""
     if side_id:
         _drain(s, side_id, lambda ms: False, 0)  # the create and update, if it queued them
     s.client.delete(s.table, rid)
+    if with_deletes:
+        got = [m for m in _drain(s, main_id, lambda ms: any(_ours(s, m, rid, key) and _says_delete(m) for m in ms),
+                                 s.options.trigger_wait_s) if _ours(s, m, rid, key)]
+        ok = any(_says_delete(m) for m in got)
+        return found("payload_delete", ok, f"the inboxes' trigger on a delete: {_delete_payload(got)}"
+                     + ("" if got else f" within {s.options.trigger_wait_s:g} s (the trash check still applies it)"))
     quiet = [m for m in _drain(s, main_id, lambda ms: False, QUIET_WAIT_S) if _ours(s, m, rid, key)]
     seen = [f"{len(quiet)} message(s) on the new-or-updated inbox within {QUIET_WAIT_S:g} s"]
     if side_id:
         deleted = [m for m in _drain(s, side_id, lambda ms: any(_ours(s, m, rid, key) for m in ms),
                                      s.options.trigger_wait_s) if _ours(s, m, rid, key)]
-        seen.append(f"deleted trigger: {len(deleted)} message(s)"
-                    + (f", payload keys {sorted(deleted[-1].payload)}" if deleted else ""))
+        seen.append(f"the deleted trigger: {_delete_payload(deleted)}")
     else:
         seen.append(side_note)
     return found("payload_delete", not quiet, "; ".join(seen))
