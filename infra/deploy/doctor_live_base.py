@@ -194,8 +194,10 @@ class Raw:
 
 
 def public_api_url(settings: Settings, given: str | None) -> str:
-    """``given``, else ``https://api.zapier.com`` when the SDK base URL is a zapier.com host, else the SDK
-    base URL's origin (the local stand-in serves both APIs)."""
+    """``given``, else the settings' public API URL (``ZSYNC_ZAPIER_API_URL``, where the settings have one),
+    else ``https://api.zapier.com`` when the SDK base URL is a zapier.com host, else the SDK base URL's origin
+    (the local stand-in serves both APIs)."""
+    given = given or getattr(settings, "zapier_api_url", None)
     if given:
         return given.rstrip("/")
     parts = urlsplit(settings.zapier_base_url)
