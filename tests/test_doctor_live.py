@@ -83,12 +83,11 @@ def test_every_assumption_holds_against_the_faithful_standin_and_the_scratch_tab
     assert leftovers(svc) == ([], [])
 
 
-def test_cli_live_exits_0_prints_the_table_and_removes_the_scratch_table(svc, monkeypatch) -> None:
+def test_cli_live_exits_0_prints_the_table_and_removes_the_scratch_table(svc, zsync_env) -> None:
     from infra.cli import app
     from infra.deploy import cli
 
-    for name, value in env_for(svc).items():
-        monkeypatch.setenv(name, value)
+    monkeypatch = zsync_env(**env_for(svc))  # a clean ZSYNC_* environment; the cached settings reset after
     monkeypatch.setattr(cli.console, "width", 250)
     result = CliRunner().invoke(app, ["doctor", "--live", "--skip-rate-limit", "--trigger-wait", "5"])
     assert result.exit_code == 0, result.output
@@ -121,13 +120,12 @@ def test_frozen_edited_at_is_different_and_fails_the_run(svc) -> None:
     assert leftovers(svc) == ([], [])
 
 
-def test_idempotency_key_ignored_is_different_and_exits_1(svc, monkeypatch) -> None:
+def test_idempotency_key_ignored_is_different_and_exits_1(svc, zsync_env) -> None:
     from infra.cli import app
     from infra.deploy import cli
 
     quirk(svc, idempotency=False)
-    for name, value in env_for(svc).items():
-        monkeypatch.setenv(name, value)
+    monkeypatch = zsync_env(**env_for(svc))
     monkeypatch.setattr(cli.console, "width", 250)  # made at import: whatever width the session had then
     result = CliRunner().invoke(app, ["doctor", "--live", "--skip-rate-limit", "--trigger-wait", "5"])
     assert result.exit_code == 1, result.output
@@ -235,12 +233,14 @@ def test_ctrl_c_midway_removes_the_scratch_table(svc) -> None:
     assert leftovers(svc) == ([], [])
 
 
-def test_no_credentials_exits_2() -> None:
+def test_no_credentials_exits_2(zsync_env, tmp_path, monkeypatch) -> None:
     from infra.cli import app
 
-    env = {k: "" for k in ("ZSYNC_ZAPIER_CLIENT_ID", "ZSYNC_ZAPIER_CLIENT_SECRET", "ZSYNC_TABLES_TOKEN")}
-    result = CliRunner().invoke(app, ["doctor", "--live"], env=env)
+    zsync_env()  # no ZSYNC_* variable at all
+    monkeypatch.chdir(tmp_path)  # and no .zsync/ of a local run
+    result = CliRunner().invoke(app, ["doctor", "--live"])
     assert result.exit_code == 2, result.output
+    assert "ZSYNC_ZAPIER_CLIENT_ID" in result.output
 
 
 def test_the_assumptions_page_lists_every_check_and_whether_a_difference_breaks_the_sync() -> None:
