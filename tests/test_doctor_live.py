@@ -175,6 +175,15 @@ def test_a_short_token_lifetime_is_noted(svc) -> None:
     assert not found["token_lifetime"].fails
 
 
+def test_a_jwt_whose_exp_disagrees_with_expires_in_is_noted(svc) -> None:
+    quirk(svc, jwt_life_s=600)  # expires_in still says 3600
+    found = by_key(doctor_live.run(settings_for(svc), fast(rate_limit=False)))
+    token = found["token_lifetime"]
+    assert token.status == DIFFERENT and not token.fails
+    assert "a JWT living 600 s (exp - iat)" in token.observed and "disagrees with expires_in" in token.observed
+    assert found["round_trip"].status == OK  # the JWT-shaped token is accepted as a Bearer token
+
+
 def test_checks_failing_midway_still_remove_the_scratch_table(svc) -> None:
     """Every update refused (an injected 400 on PATCH, both APIs): the checks that update fail, the run
     goes on and ends 1, and the scratch table and inbox are removed."""

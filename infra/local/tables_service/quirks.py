@@ -9,6 +9,8 @@
   record);
 * ``"rate_limit": n | null`` and ``"rate_window_s": s`` - the per-table rate limit (null: none);
 * ``"token_ttl_s": n`` - the lifetime of the tokens issued from now on;
+* ``"jwt_life_s": n | null`` - tokens issued from now on are JWT-shaped, their ``exp`` ``n`` seconds after
+  their ``iat`` (whatever ``expires_in`` says); null: opaque tokens again;
 * ``"extra_triggers": [{"key", "name", "description"?}]`` - more read actions (triggers) in the Tables
   app's action list, as zapier.com lists six events where the stand-in has two (an inbox on one of them is
   still refused: the stand-in does not deliver them).
@@ -17,8 +19,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import sqlite3
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -35,6 +39,7 @@ class Quirks:
     freeze_edited_at: bool = False
     idempotency: bool = True
     extra_triggers: list[dict[str, Any]] = field(default_factory=list)
+    jwt_life_s: int | None = None
 
 
 def _triggers(body: dict[str, Any], current: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -80,6 +85,20 @@ def register_quirks(app: Flask, ctx: ServiceContext) -> Quirks:
         replace(conn, table_id, record)
 
     ctx.engine._replace = replace_keeping_edited_at  # type: ignore[method-assign]
+    issue = ctx.issue_token
+
+    def issue_jwt_shaped() -> str:
+        token = issue()
+        if quirks.jwt_life_s is None:
+            return token
+        now = int(time.time())
+        claims = {"iat": now, "exp": now + quirks.jwt_life_s, "scope": "external"}
+        jwt = ".".join(base64.urlsafe_b64encode(json.dumps(part).encode()).decode().rstrip("=")
+                       for part in ({"alg": "none", "typ": "JWT"}, claims)) + "." + token
+        ctx.tokens[jwt] = ctx.tokens[token]  # accepted as long as the token it wraps
+        return jwt
+
+    ctx.issue_token = issue_jwt_shaped  # type: ignore[method-assign]
 
     @app.before_request
     def _ignore_idempotency_key() -> None:
@@ -104,7 +123,7 @@ def register_quirks(app: Flask, ctx: ServiceContext) -> Quirks:
     def set_quirks() -> Response:
         body = object_body()
         unknown = set(body) - {"freeze_edited_at", "idempotency", "rate_limit", "rate_window_s", "token_ttl_s",
-                               "extra_triggers"}
+                               "extra_triggers", "jwt_life_s"}
         if unknown:
             raise ApiError(400, f"unknown quirk(s): {', '.join(sorted(unknown))}")
         freeze = _flag(body, "freeze_edited_at", quirks.freeze_edited_at)
@@ -113,6 +132,8 @@ def register_quirks(app: Flask, ctx: ServiceContext) -> Quirks:
         window = _positive(body, "rate_window_s", ctx.limiter.window_s)
         ttl = _positive(body, "token_ttl_s", ctx.token_ttl_s)
         quirks.extra_triggers = _triggers(body, quirks.extra_triggers)
+        jwt_life = _positive(body, "jwt_life_s", quirks.jwt_life_s, nullable=True)
+        quirks.jwt_life_s = int(jwt_life) if jwt_life is not None else None
         quirks.freeze_edited_at, quirks.idempotency = freeze, idempotency
         ctx.limiter.limit = int(limit) if limit is not None else None
         ctx.limiter.window_s, ctx.token_ttl_s = float(window), int(ttl)
