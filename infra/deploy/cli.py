@@ -209,20 +209,48 @@ def _urls_stage(path: Path) -> str | None:
     return stage if isinstance(stage, str) else None
 
 
+LIVE_HELP = ("Instead: check what zsync assumes about zapier.com (docs/zapier-assumptions.md) against the "
+             "account of the Zapier credentials in the settings. Creates a scratch table zsync-doctor-RANDOM "
+             "(typed fields like the specs') and scratch trigger inboxes on it, writes, updates and deletes a few "
+             "records, sends a short bounded burst of queries (--skip-rate-limit: none), and ALWAYS removes the "
+             "table and inboxes afterwards, also after Ctrl-C or a failing check (--keep: leave them). Prints "
+             "assumption | observed | ok / different / could not check. Exit 0: every sync-breaking assumption "
+             "holds; 1: one differs or could not be checked; 2: no Zapier credentials; 130: interrupted.")
+
+
 def doctor(
-    urls: Path = typer.Option(..., "--urls", help=URLS_HELP),
+    urls: Path = typer.Option(None, "--urls", help=URLS_HELP + " Required unless --live."),
     timeout: float = typer.Option(20.0, help="Seconds per request (a cold start can take a few)."),
     skip_db: bool = typer.Option(False, "--skip-db", help="Do not check the database."),
     skip_tables: bool = typer.Option(False, "--skip-tables", help="Do not check the Zapier Tables token."),
     zaps: bool = typer.Option(False, "--zaps", help="Wired with Zaps: do not check the trigger inboxes."),
     ssm_prefix: str = typer.Option(None, "--ssm-prefix", help=SSM_HELP),
+    live: bool = typer.Option(False, "--live", help=LIVE_HELP),
+    keep: bool = typer.Option(False, "--keep", help="--live: leave the scratch table and inboxes (debugging)."),
+    skip_rate_limit: bool = typer.Option(False, "--skip-rate-limit",
+                                         help="--live: do not send the burst that looks for the rate limit."),
+    rate_burst: int = typer.Option(120, "--rate-burst", min=1, max=500,
+                                   help="--live: at most this many queries in the burst (it stops at the first 429)."),
+    trigger_wait: float = typer.Option(30.0, "--trigger-wait", min=1, max=600,
+                                       help="--live: seconds to wait for a change's trigger-inbox message."),
+    api_url: str = typer.Option(None, "--api-url", help="--live: the public API's origin (default "
+                                "https://api.zapier.com for a zapier.com base URL, else the base URL's origin)."),
 ) -> None:
-    """Check a deployment end to end; exit 1 listing exactly what is wrong.
+    """Check a deployment end to end; exit 1 listing exactly what is wrong. With --live: the assumptions
+    about zapier.com instead (see --live).
 
     Every URL refuses unsigned requests and answers a signed ping, migrations are current, the webhook
     triggers point at the deployed URLs, the Zapier Tables token reads every configured table. With
     --urls .local/stack.json (the local stack) the settings the environment leaves unset come from that file.
     """
+    if live:
+        from infra.deploy.doctor_live import Options
+
+        options = Options(keep=keep, rate_limit=not skip_rate_limit, rate_burst=rate_burst,
+                          trigger_wait_s=trigger_wait, api_url=api_url)
+        raise typer.Exit(_doctor_live(_settings(ssm_prefix, urls), options))
+    if urls is None:
+        raise _fail(ValueError("--urls is required (or --live)"), 2)
     from infra.deploy import doctor as doc
 
     settings = _settings(ssm_prefix, urls)
@@ -242,6 +270,54 @@ def doctor(
             err.print(f"  - {c.area} {c.target}: {escape(c.detail)}", soft_wrap=True)
         raise typer.Exit(1)
     console.print("[green]All checks passed.[/]")
+
+
+def _doctor_live(settings, options) -> int:  # (Settings, doctor_live.Options) -> exit code
+    import signal
+
+    from infra.deploy import doctor_live
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)  # a TERM removes the scratch table too
+    err.print("zsync doctor --live: a scratch table zsync-doctor-RANDOM is made, checked and removed "
+              "(about a minute)...")
+    seen: list = []  # every finding as it comes (the cleanup's too, when interrupted)
+
+    def progress(finding) -> None:  # (doctor_live.Finding)
+        seen.append(finding)
+        err.print(f"[dim]  {finding.status}: {finding.key}[/]")
+
+    try:
+        findings = doctor_live.run(settings, options, progress)
+    except ValueError as exc:  # no credentials
+        err.print(f"[red]{escape(str(exc))}[/]", soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        cleanup = next((f for f in reversed(seen) if f.key == "cleanup"), None)
+        err.print("[yellow]interrupted; cleanup: "
+                  + (escape(cleanup.observed) if cleanup else "did NOT run (delete zsync-doctor-* by hand)") + "[/]",
+                  soft_wrap=True)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    table = Table(title="zsync doctor --live: what zsync assumes about zapier.com")
+    for col in ("assumption", "observed", ""):
+        table.add_column(col, overflow="fold")
+    marks = {doctor_live.OK: "[green]ok[/]", doctor_live.DIFFERENT: "[red]different[/]",
+             doctor_live.UNCHECKED: "[yellow]could not check[/]"}
+    for f in findings:
+        mark = marks[f.status] + (" [bold red](breaks the sync)[/]" if f.fails else "")
+        table.add_row(f"{escape(f.assumption)} [dim]({f.key})[/]", escape(f.observed), mark)
+    console.print(table)
+    failing = [f for f in findings if f.fails]
+    if failing:
+        err.print(f"[red]{len(failing)} sync-breaking assumption(s) differ or could not be checked:[/] "
+                  + ", ".join(f.key for f in failing), soft_wrap=True)
+        return 1
+    console.print("[green]Every sync-breaking assumption holds[/] (see docs/zapier-assumptions.md for the others).")
+    return 0
 
 
 def gcloud(

@@ -11,7 +11,9 @@ deliveries, faults served, records read by queries) and ``POST /_admin/stats/res
 And a person's actions in Zapier's UI that the API does not offer:
 ``POST /_admin/tables/{t}/records/{r}/restore`` (restore from the trash: live again, ``edited_at`` the
 restore time, the trigger fires as for an update) and ``POST /_admin/tables/{t}/trash/empty`` (trashed
-records gone for good, as when the trash is emptied)."""
+records gone for good, as when the trash is emptied).
+
+``GET/POST /_admin/quirks``: knobs that make the stand-in differ from what zsync assumes (:mod:`.quirks`)."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from flask import Flask, Response, jsonify, request
 
 from infra.local.tables_service.context import ServiceContext
 from infra.local.tables_service.errors import ApiError
+from infra.local.tables_service.quirks import register_quirks
 from infra.local.tables_service.routes import object_body
 from infra.local.tables_service.values import Data
 
@@ -41,6 +44,8 @@ def register_admin(app: Flask, ctx: ServiceContext) -> None:
     def _log_request() -> None:  # registered before the gate: refused requests are logged too
         if not request.path.startswith("/_admin/"):
             ctx.requests.add(request.method, request.path, request.headers.get("Idempotency-Key"))
+
+    register_quirks(app, ctx)  # before the gate and the public API: an ignored Idempotency-Key goes first
 
     @app.get("/_admin/requests")
     def requests_served() -> Response:
