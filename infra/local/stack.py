@@ -15,7 +15,6 @@ from __future__ import annotations
 import compileall
 import contextlib
 import json
-import logging
 import os
 import secrets
 import shutil
@@ -176,7 +175,7 @@ class LocalStack:
     tables: TablesService | None = None
     sender: PgNetSender | None = None
     _pg: Any = None
-    _moto: Any = None
+    _moto: subprocess.Popen | None = None
     _sweeper: threading.Thread | None = None
     _monitor: Any = None
     _trash: threading.Thread | None = None
@@ -289,19 +288,23 @@ class LocalStack:
         self._monitor.start()
 
     def _start_moto(self) -> None:
+        """moto's server for the AWS parts, in a process of its own as AWS is: moto keeps its state per Python
+        process, so an in-process server (ThreadedMotoServer) shared it with every ``mock_aws()`` the same
+        process ran - and ``mock_aws()`` resets that state when it starts, deleting this stack's queue."""
         import boto3
-        from moto.server import ThreadedMotoServer
 
         port = self._port(MOTO_OFFSET)
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
-        self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        self._moto.start()
+        logs = self.config.state_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with (logs / "moto.log").open("ab") as log:
+            self._moto = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+        wait_listening(port, 60)
         self.aws_endpoint_url = f"http://127.0.0.1:{port}"
         sqs = boto3.client("sqs", endpoint_url=self.aws_endpoint_url, region_name="us-east-1",
                            aws_access_key_id="local", aws_secret_access_key="local")
-        # moto keeps its state per Python process, not per server: every stack a process starts (a test
-        # worker's shared stack, a module's own) would see one queue of this name, and one stack's dead
-        # letters would be replayed, counted and deleted by another. A queue of its own per stack.
+        # A queue of its own per stack (a name with a random part), as before.
         self.dlq_url = sqs.create_queue(QueueName=f"{DLQ_NAME}-{secrets.token_hex(4)}")["QueueUrl"]
 
     def _setup_tables(self) -> None:
@@ -442,8 +445,12 @@ class LocalStack:
             self.sender.stop()
         if self.tables:
             self.tables.stop()
-        if self._moto:
-            self._moto.stop()
+        if self._moto and self._moto.poll() is None:
+            self._moto.terminate()
+            try:
+                self._moto.wait(10)
+            except subprocess.TimeoutExpired:
+                self._moto.kill()
         if self._pg:
             self._pg.cleanup()
 
