@@ -9,9 +9,9 @@
 -- * zsync.merge3: the rule, per field. zsync.merge_decide: what a change meets (base, Tables' record,
 --   Supabase's row) comes to; both directions call it.
 -- * zsync.sync_apply / sync_apply_many / sync_apply_many_set: the merge inside the one atomic path (row lock).
--- * zsync.capture_change: a write the sync applied from Tables verbatim (zsync.origin = 'sync') is not
---   queued for Tables while the merge is on (Tables holds it; the base records that). A merged record is
---   written under zsync.origin = 'sync_send' and IS queued.
+-- * zsync.capture_change: a write the sync applied from Tables (zsync.origin = 'sync') is recorded in the
+--   outbox already acknowledged while the merge is on (Tables holds it; the base records that): no drain
+--   reads Tables for its echo. A merged record is written under zsync.origin = 'sync_send' and IS queued.
 -- * The switch: zsync.config 'field_merge' ("on" | "off", default on), or the setting zsync.field_merge for
 --   a session (SET zsync.field_merge = 'off'): off gives the seed's whole-record rule back.
 -- Re-runnable: every object is created if missing or replaced.
@@ -22,6 +22,7 @@ CREATE TABLE IF NOT EXISTS zsync.sync_base (
     base jsonb NOT NULL,
     version timestamp with time zone NOT NULL,
     hash text NOT NULL,
+    tables_ts timestamp with time zone,  -- the updated_at Tables' copy carries (a cell edit may be versioned later)
     set_at timestamp with time zone DEFAULT now() NOT NULL,
     CONSTRAINT sync_base_pkey PRIMARY KEY (table_name, record_id)
 );
@@ -56,8 +57,11 @@ END
 $$;
 
 -- Record p_row (as Supabase stores it, any JSON shape the columns cast from) as the base of its record, when
--- it is later than the base held (version, then hash). -> whether it was recorded.
-CREATE OR REPLACE FUNCTION zsync.set_base(p_table regclass, p_row jsonb) RETURNS boolean
+-- it is later than the base held (version, then hash); p_tables_ts: the updated_at Tables' copy carries, when
+-- not p_row's own (a Tables cell edit applied at Zapier's edited_at). -> whether it was recorded.
+DROP FUNCTION IF EXISTS zsync.set_base(regclass, jsonb);
+CREATE OR REPLACE FUNCTION zsync.set_base(p_table regclass, p_row jsonb, p_tables_ts timestamp with time zone DEFAULT NULL)
+    RETURNS boolean
     LANGUAGE plpgsql
     SET "TimeZone" TO 'UTC'
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -70,10 +74,12 @@ BEGIN
         RETURN false;
     END IF;
     SELECT * INTO v FROM zsync.version_of(p_table, p_row);
-    INSERT INTO zsync.sync_base AS b (table_name, record_id, base, version, hash)
-    VALUES ((SELECT relname::text FROM pg_class WHERE oid = p_table), p_row ->> 'id', p_row, v.ts, v.hash)
+    INSERT INTO zsync.sync_base AS b (table_name, record_id, base, version, hash, tables_ts)
+    VALUES ((SELECT relname::text FROM pg_class WHERE oid = p_table), p_row ->> 'id', p_row, v.ts, v.hash,
+            date_trunc('milliseconds', coalesce(p_tables_ts, v.ts)))
     ON CONFLICT ON CONSTRAINT sync_base_pkey DO UPDATE
-        SET base = EXCLUDED.base, version = EXCLUDED.version, hash = EXCLUDED.hash, set_at = now()
+        SET base = EXCLUDED.base, version = EXCLUDED.version, hash = EXCLUDED.hash, tables_ts = EXCLUDED.tables_ts,
+            set_at = now()
         WHERE (EXCLUDED.version, EXCLUDED.hash) > (b.version, b.hash);
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n = 1;
@@ -186,7 +192,8 @@ $_$;
 -- What a change meets, for a record with a base: p_tables (Tables' record, with Zapier's p_edited_at) and
 -- p_supabase (Supabase's row). Both directions call it under the record's lock.
 -- Tables changed since the base when its content differs from the base's and its version is later: its
--- updated_at, or - a cell edit that did not advance updated_at - Zapier's edited_at, if after the base's.
+-- updated_at, or - a cell edit that left updated_at as the base's Tables copy carries it - Zapier's
+-- edited_at, if after the base's version.
 -- -> action:
 --   'none'     no base, the merge is off, or nothing the base can decide: the whole-record rule, as before;
 --   'same'     both hold the base's content (versions may differ): nothing to do;
@@ -202,20 +209,39 @@ CREATE OR REPLACE FUNCTION zsync.merge_decide(p_table regclass, p_tables jsonb, 
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-    b      record;
-    t      record;
-    s      record;
-    t_ts   timestamptz;
-    m      record;
-    v_edit timestamptz := date_trunc('milliseconds', p_edited_at);
+    b zsync.sync_base;
 BEGIN
     action := 'none';
     IF p_tables IS NULL OR p_supabase IS NULL OR NOT zsync.field_merge_on() THEN
         RETURN;
     END IF;
-    SELECT x.base, x.version, x.hash INTO b FROM zsync.sync_base x
+    SELECT * INTO b FROM zsync.sync_base x
     WHERE x.table_name = (SELECT relname::text FROM pg_class WHERE oid = p_table) AND x.record_id = p_supabase ->> 'id';
-    IF NOT FOUND THEN
+    IF FOUND THEN
+        SELECT * INTO action, merged, info FROM zsync.merge_decide_base(p_table, b, p_tables, p_edited_at, p_supabase);
+    END IF;
+END
+$$;
+
+-- zsync.merge_decide with the record's base given (a row of zsync.sync_base, read by the caller).
+CREATE OR REPLACE FUNCTION zsync.merge_decide_base(p_table regclass, b zsync.sync_base, p_tables jsonb,
+                                                   p_edited_at timestamp with time zone, p_supabase jsonb,
+                                                   OUT action text, OUT merged jsonb, OUT info jsonb)
+    RETURNS record
+    LANGUAGE plpgsql STABLE
+    SET "TimeZone" TO 'UTC'
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    t      record;
+    s      record;
+    t_ts   timestamptz;
+    t_row  jsonb := p_tables;  -- Tables' record at the version it counts for
+    m      record;
+    v_edit timestamptz := date_trunc('milliseconds', p_edited_at);
+BEGIN
+    action := 'none';
+    IF p_tables IS NULL OR p_supabase IS NULL OR b.record_id IS NULL THEN
         RETURN;
     END IF;
     SELECT * INTO t FROM zsync.version_of(p_table, p_tables);
@@ -227,8 +253,9 @@ BEGIN
         RETURN;
     END IF;
     t_ts := t.ts;
-    IF t.hash <> b.hash AND t.ts <= b.version AND v_edit > b.version THEN
+    IF t.hash <> b.hash AND t.ts = b.tables_ts AND t.ts <= b.version AND v_edit > b.version THEN
         t_ts := v_edit;  -- edited in Tables after the base without a new updated_at
+        t_row := p_tables || jsonb_build_object('updated_at', t_ts);
     END IF;
     IF t.hash = b.hash OR t_ts <= b.version THEN  -- Tables did not change since the base
         IF s.hash <> b.hash THEN
@@ -239,13 +266,13 @@ BEGIN
     END IF;
     IF s.hash = b.hash AND (t_ts, t.hash) > (s.ts, s.hash) THEN  -- only Tables changed, and later: it wins
         action := 'tables';
-        merged := p_tables || jsonb_build_object('updated_at', t_ts);
+        merged := t_row;
         RETURN;
     END IF;
-    SELECT * INTO m FROM zsync.merge3(p_table, b.base, p_tables || jsonb_build_object('updated_at', t_ts), p_supabase);
+    SELECT * INTO m FROM zsync.merge3(p_table, b.base, t_row, p_supabase);
     IF m.outcome = 'a' THEN
         action := 'tables';
-        merged := p_tables || jsonb_build_object('updated_at', t_ts);
+        merged := t_row;
     ELSIF m.outcome = 'b' THEN
         action := 'supabase';
         merged := p_supabase;
@@ -263,21 +290,48 @@ BEGIN
 END
 $$;
 
--- zsync.merge_decide for many pairs of one table: p_pairs = [{"tables", "edited_at", "supabase"}].
+-- zsync.merge_decide for many pairs of one table (the *_to_tables batch): p_pairs = [{"tables", "edited_at",
+-- "supabase"}], "supabase" being the row as the caller read it earlier. Each record's current row and base are
+-- read in one statement (one snapshot: an apply from Tables moves both in one transaction); where the current
+-- row is no longer the one the caller read, 'none' - the whole-record rule decides, as safe with an old read
+-- as it always was (the base-aware answers are only right about the row as it is).
 CREATE OR REPLACE FUNCTION zsync.merge_decide_many(p_table regclass, p_pairs jsonb)
     RETURNS TABLE(ord integer, action text, merged jsonb, info jsonb)
     LANGUAGE plpgsql STABLE
     SET "TimeZone" TO 'UTC'
     SET search_path TO 'pg_catalog', 'pg_temp'
-    AS $$
+    AS $_$
+DECLARE
+    r record;
+    d record;
 BEGIN
-    RETURN QUERY
-    SELECT e.n::integer, d.action, d.merged, d.info
-    FROM jsonb_array_elements(p_pairs) WITH ORDINALITY AS e(p, n),
-         LATERAL zsync.merge_decide(p_table, e.p -> 'tables', (e.p ->> 'edited_at')::timestamptz, e.p -> 'supabase') d
-    ORDER BY e.n;
+    IF jsonb_typeof(p_pairs) IS DISTINCT FROM 'array' THEN
+        RETURN;
+    END IF;
+    FOR r IN EXECUTE format($q$
+        SELECT e.n::integer AS n, e.p, to_jsonb(t) AS cur, b AS base
+        FROM jsonb_array_elements($1) WITH ORDINALITY AS e(p, n)
+             LEFT JOIN %1$s t ON t.id = e.p -> 'supabase' ->> 'id'
+             LEFT JOIN zsync.sync_base b ON $2 AND b.table_name = $3 AND b.record_id = e.p -> 'supabase' ->> 'id'
+        ORDER BY e.n $q$, p_table)
+        USING p_pairs, zsync.field_merge_on(), (SELECT relname::text FROM pg_class WHERE oid = p_table) LOOP
+        ord := r.n;
+        action := 'none';
+        merged := NULL;
+        info := NULL;
+        IF r.cur IS NOT NULL AND (r.base).record_id IS NOT NULL
+           AND (SELECT (v.ts, v.hash) FROM zsync.version_of_typed(p_table, r.cur) v)
+               = (SELECT (v.ts, v.hash) FROM zsync.version_of(p_table, r.p -> 'supabase') v) THEN
+            SELECT * INTO d FROM zsync.merge_decide_base(p_table, r.base, r.p -> 'tables',
+                                                         (r.p ->> 'edited_at')::timestamptz, r.p -> 'supabase');
+            action := d.action;
+            merged := d.merged;
+            info := d.info;
+        END IF;
+        RETURN NEXT;
+    END LOOP;
 END
-$$;
+$_$;
 
 -- Writes made by the sync: zsync.origin = 'sync' (a version Tables holds: not queued for Tables while the
 -- merge is on) or 'sync_send' (a merged version: queued); the updated_at maintenance leaves the version both
@@ -329,10 +383,11 @@ BEGIN
 END
 $$;
 
--- As the baseline's, plus: an INSERT or UPDATE the sync applied from Tables verbatim (zsync.origin = 'sync')
--- is not queued for Tables while the merge is on - Tables holds that content, and the apply recorded it as
--- the base - except a record whose id is a Zapier record id (created in Tables with an empty id cell: its
--- way back writes the id into it). A DELETE drops the record's base.
+-- As the baseline's, plus: an INSERT or UPDATE the sync applied from Tables (zsync.origin = 'sync') is
+-- recorded already acknowledged ('unchanged': Tables holds that content, and the apply recorded it as the
+-- base), so no *_to_tables drain reads Tables to find its echo - while the merge is on, and except a record
+-- whose id is a Zapier record id (created in Tables with an empty id cell: its way back writes the id into
+-- it). The entry stays as the record of the write. A DELETE drops the record's base.
 CREATE OR REPLACE FUNCTION zsync.capture_change() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -348,9 +403,11 @@ BEGIN
             DELETE FROM zsync.sync_base b USING zsync_old_rows o
             WHERE b.table_name = TG_TABLE_NAME AND b.record_id = o.id;
         ELSE
-            INSERT INTO zsync.outbox (table_name, record_id, op, record_updated_at)
-            SELECT TG_TABLE_NAME, n.id, TG_OP, n.updated_at FROM zsync_new_rows n
-            WHERE NOT v_echo OR n.id ~ '^[0-9A-Z]{26}$';
+            INSERT INTO zsync.outbox (table_name, record_id, op, record_updated_at, acked_at, ack_outcome)
+            SELECT TG_TABLE_NAME, n.id, TG_OP, n.updated_at,
+                   CASE WHEN v_echo AND n.id !~ '^[0-9A-Z]{26}$' THEN now() END,
+                   CASE WHEN v_echo AND n.id !~ '^[0-9A-Z]{26}$' THEN 'unchanged' END
+            FROM zsync_new_rows n;
         END IF;
         RETURN NULL;
     END IF;
@@ -361,10 +418,10 @@ BEGIN
         DELETE FROM zsync.sync_base b WHERE b.table_name = TG_TABLE_NAME AND b.record_id = OLD.id;
         RETURN OLD;
     END IF;
-    IF NOT v_echo OR NEW.id ~ '^[0-9A-Z]{26}$' THEN
-        INSERT INTO zsync.outbox (table_name, record_id, op, record_updated_at)
-        VALUES (TG_TABLE_NAME, NEW.id, TG_OP, NEW.updated_at);
-    END IF;
+    v_echo := v_echo AND NEW.id !~ '^[0-9A-Z]{26}$';
+    INSERT INTO zsync.outbox (table_name, record_id, op, record_updated_at, acked_at, ack_outcome)
+    VALUES (TG_TABLE_NAME, NEW.id, TG_OP, NEW.updated_at, CASE WHEN v_echo THEN now() END,
+            CASE WHEN v_echo THEN 'unchanged' END);
     RETURN NEW;
 END
 $$;
@@ -395,6 +452,7 @@ DECLARE
     s_ts   timestamptz;
     s_hash text;
     m      record;
+    v_tts  timestamptz := (p_row ->> 'updated_at')::timestamptz;  -- the updated_at Tables' copy carries
 BEGIN
     IF v_id IS NULL THEN
         RAISE EXCEPTION 'sync_upsert: row has no id' USING ERRCODE = '22023';
@@ -424,7 +482,7 @@ BEGIN
             IF v_n = 1 THEN
                 outcome := 'applied';
                 applied := p_row;
-                PERFORM zsync.set_base(p_table, p_row);
+                PERFORM zsync.set_base(p_table, p_row, v_tts);
                 RETURN;
             END IF;
             CONTINUE;  -- a concurrent insert won the race: lock that row and compare
@@ -455,7 +513,7 @@ BEGIN
                     merge := m.info;
                 ELSE
                     outcome := 'applied';
-                    PERFORM zsync.set_base(p_table, m.merged);
+                    PERFORM zsync.set_base(p_table, m.merged, v_tts);
                 END IF;
                 RETURN;
             END IF;
@@ -468,7 +526,7 @@ BEGIN
         END IF;
         IF i_ts = s_ts AND i_hash = s_hash THEN
             outcome := 'unchanged';
-            PERFORM zsync.set_base(p_table, stored);
+            PERFORM zsync.set_base(p_table, stored, v_tts);
         ELSIF (i_ts, i_hash) > (s_ts, s_hash) THEN
             SELECT string_agg(format('%I', attname), ', ' ORDER BY attnum) INTO v_cols
             FROM pg_attribute
@@ -477,7 +535,7 @@ BEGIN
                            p_table, v_cols) USING p_row, v_id;
             outcome := 'applied';
             applied := p_row;
-            PERFORM zsync.set_base(p_table, p_row);
+            PERFORM zsync.set_base(p_table, p_row, v_tts);
         ELSE
             outcome := 'skipped_stale';
         END IF;
@@ -669,13 +727,16 @@ BEGIN
     END IF;
 
     IF v_merge THEN  -- Supabase now holds what Tables sent: the base of each (id order, as every writer)
-        INSERT INTO zsync.sync_base AS b (table_name, record_id, base, version, hash)
-        SELECT v_name, l.id, CASE WHEN l.action = 'unchanged' THEN l.stored ELSE l.row END, l.bts, l.bhash
-        FROM unnest(a_id, a_action, a_row, a_stored, a_bts, a_bhash) AS l(id, action, row, stored, bts, bhash)
+        INSERT INTO zsync.sync_base AS b (table_name, record_id, base, version, hash, tables_ts)
+        SELECT v_name, l.id, CASE WHEN l.action = 'unchanged' THEN l.stored ELSE l.row END, l.bts, l.bhash,
+               date_trunc('milliseconds', coalesce((l.input ->> 'updated_at')::timestamptz, l.bts))
+        FROM unnest(a_id, a_action, a_row, a_stored, a_bts, a_bhash, a_input)
+             AS l(id, action, row, stored, bts, bhash, input)
         WHERE l.action IN ('update', 'unchanged') OR (l.action = 'insert' AND v_inserted ? l.id)
         ORDER BY l.id
         ON CONFLICT ON CONSTRAINT sync_base_pkey DO UPDATE
-            SET base = EXCLUDED.base, version = EXCLUDED.version, hash = EXCLUDED.hash, set_at = now()
+            SET base = EXCLUDED.base, version = EXCLUDED.version, hash = EXCLUDED.hash,
+                tables_ts = EXCLUDED.tables_ts, set_at = now()
             WHERE (EXCLUDED.version, EXCLUDED.hash) > (b.version, b.hash);
     END IF;
 
@@ -728,14 +789,16 @@ GRANT ALL ON FUNCTION zsync.sync_upsert(regclass, jsonb) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.field_merge_on() FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.field_merge_on() TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.set_field_merge(boolean) FROM PUBLIC;
-REVOKE ALL ON FUNCTION zsync.set_base(regclass, jsonb) FROM PUBLIC;
-GRANT ALL ON FUNCTION zsync.set_base(regclass, jsonb) TO zsync_sync;
+REVOKE ALL ON FUNCTION zsync.set_base(regclass, jsonb, timestamp with time zone) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.set_base(regclass, jsonb, timestamp with time zone) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.set_bases(regclass, jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.set_bases(regclass, jsonb) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.merge3(regclass, jsonb, jsonb, jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.merge3(regclass, jsonb, jsonb, jsonb) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.merge_decide(regclass, jsonb, timestamp with time zone, jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.merge_decide(regclass, jsonb, timestamp with time zone, jsonb) TO zsync_sync;
+REVOKE ALL ON FUNCTION zsync.merge_decide_base(regclass, zsync.sync_base, jsonb, timestamp with time zone, jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.merge_decide_base(regclass, zsync.sync_base, jsonb, timestamp with time zone, jsonb) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.merge_decide_many(regclass, jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.merge_decide_many(regclass, jsonb) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.maintain_updated_at() FROM PUBLIC;
