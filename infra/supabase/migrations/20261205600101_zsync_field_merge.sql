@@ -109,6 +109,14 @@ BEGIN
 END
 $$;
 
+-- The latest version a merge may give a record: the future-skew rule's limit (zsync.maintain_updated_at's).
+CREATE OR REPLACE FUNCTION zsync.merge_time_limit() RETURNS timestamp with time zone
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+    SELECT clock_timestamp() + zsync.max_future_skew()
+$$;
+
 -- The three-way merge of two versions a and b of one record against their base, per column (id and
 -- updated_at aside), comparing values as zsync.canonical_row does ("" = null = no value, JSON numbers by
 -- value, JSON and arrays as whole values):
@@ -276,7 +284,7 @@ BEGIN
     ELSIF m.outcome = 'b' THEN
         action := 'supabase';
         merged := p_supabase;
-    ELSIF (m.merged ->> 'updated_at')::timestamptz > clock_timestamp() + zsync.max_future_skew() THEN
+    ELSIF (m.merged ->> 'updated_at')::timestamptz > zsync.merge_time_limit() THEN
         RETURN;  -- a merged version would be further ahead of the clock than allowed: the whole-record rule
     ELSE
         action := 'merged';
@@ -803,3 +811,5 @@ REVOKE ALL ON FUNCTION zsync.merge_decide_many(regclass, jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.merge_decide_many(regclass, jsonb) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.maintain_updated_at() FROM PUBLIC;
 REVOKE ALL ON FUNCTION zsync.capture_change() FROM PUBLIC;
+REVOKE ALL ON FUNCTION zsync.merge_time_limit() FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.merge_time_limit() TO zsync_sync;
