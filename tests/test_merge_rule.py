@@ -47,13 +47,16 @@ def _merge3(conn: psycopg.Connection, base: dict, a: dict, b: dict) -> dict:
 
 
 def _seed(conn: psycopg.Connection, rid: str, at: datetime, **fields: Any) -> dict:
-    """A record both sides hold (inserted, then the same version delivered from Tables: 'unchanged', base set)."""
+    """A record both sides hold (inserted, then the same version delivered from Tables: 'unchanged', which
+    acknowledges the insert's outbox entry: the row is the agreed version, no copy of it is kept)."""
     row = {"id": rid, "job_type": "discovery", "status": "queued", "error_message": None, "parameters": None,
            "retry_count": 0, "created_at": _iso(at), "updated_at": _iso(at), **fields}
     conn.execute("INSERT INTO agent_jobs SELECT * FROM jsonb_populate_record(NULL::agent_jobs, %s::jsonb)",
                  (json.dumps(row),))
     assert _apply(conn, row)[0] == "unchanged"
-    assert conn.execute("SELECT count(*) FROM zsync.sync_base WHERE record_id = %s", (rid,)).fetchone()[0] == 1
+    assert conn.execute("SELECT count(*) FROM zsync.sync_base WHERE record_id = %s", (rid,)).fetchone()[0] == 0
+    assert conn.execute("SELECT ack_outcome FROM zsync.outbox WHERE record_id = %s", (rid,)).fetchall() == \
+        [("unchanged",)]
     return row
 
 
@@ -127,7 +130,6 @@ def test_agent_status_then_a_persons_note_50ms_later_both_survive(db):
     rid = uid("agent-then-note")
     t0 = datetime.now(UTC) - timedelta(seconds=10)
     seeded = _seed(db, rid, t0)
-    db.execute("DELETE FROM zsync.outbox WHERE record_id = %s", (rid,))
     db.execute("UPDATE agent_jobs SET status = 'agent', updated_at = now() WHERE id = %s", (rid,))
     agent = _row(db, rid)
     # 50 ms later a person types a note in Tables: updated_at left as it was, edited_at = the edit's time
@@ -139,11 +141,11 @@ def test_agent_status_then_a_persons_note_50ms_later_both_survive(db):
     assert (row["status"], row["error_message"]) == ("agent", "checked by hand")
     assert _pending(db, rid)[-1] == datetime.fromisoformat(row["updated_at"])  # queued for Tables: it lacks it
     base = db.execute("SELECT base FROM zsync.sync_base WHERE record_id = %s", (rid,)).fetchone()[0]
-    assert base["status"] == "queued"  # not moved to the merged record before Tables holds it
-    # The merged record's echo from Tables (once written there) is nothing new, and becomes the base.
+    assert base["status"] == "queued"  # saved by the agent's write; not the merged record: Tables lacks it
+    # The merged record's echo from Tables (once written there) is nothing new: both hold it, the copy goes.
     assert _apply(db, row)[0] == "unchanged"
-    assert db.execute("SELECT base ->> 'error_message' FROM zsync.sync_base WHERE record_id = %s",
-                      (rid,)).fetchone()[0] == "checked by hand"
+    assert db.execute("SELECT count(*) FROM zsync.sync_base WHERE record_id = %s", (rid,)).fetchone()[0] == 0
+    assert _pending(db, rid) == []
 
 
 def test_a_persons_note_first_then_the_agents_status_03s_later_both_survive(db):
@@ -211,10 +213,9 @@ def test_a_merged_version_never_lies_beyond_the_future_skew(db):
 # --- the set-based batch agrees with the row path ------------------------------------------------------------
 
 
-def _scenario(url: str, rng: random.Random, n: int) -> list[dict]:
+def _scenario(url: str, rng: random.Random, n: int, t0: datetime) -> list[dict]:
     """n records with bases, some changed in Supabase since; -> one Tables delivery per record (changed fields,
     stale, echo, cell edit without a new updated_at, new record)."""
-    t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=2)
     deliveries = []
     with psycopg.connect(url, autocommit=True) as conn:
         for i in range(n):
@@ -259,8 +260,9 @@ def test_the_set_based_batch_agrees_with_the_row_path(pg_server, seed):
         url = create_database(pg_server.get_uri())
         prepare_database(url)
         urls.append(url)
-    deliveries = _scenario(urls[0], random.Random(seed), 24)
-    assert _scenario(urls[1], random.Random(seed), 24) == deliveries
+    t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=2)
+    deliveries = _scenario(urls[0], random.Random(seed), 24, t0)
+    assert _scenario(urls[1], random.Random(seed), 24, t0) == deliveries
     with psycopg.connect(urls[0], autocommit=True) as conn:
         batch = conn.execute("SELECT ord, outcome, merge FROM zsync.sync_apply_many_set(%s::regclass, %s::jsonb) "
                              "ORDER BY ord", (T, json.dumps(deliveries))).fetchall()

@@ -1,11 +1,14 @@
 -- zsync: field-level merge (a three-way merge against the last content both sides agreed on) and no Tables
 -- request for the sync's own applies (their echo is no longer checked against Tables).
 --
--- * zsync.sync_base: per record, the last content BOTH sides are known to hold (the base). Set only when both
---   hold it: a Tables delivery applied whole to Supabase or found equal there (zsync.sync_apply,
---   zsync.sync_apply_many_set), a Supabase row written to Tables or found equal there (the *_to_tables
---   functions, zsync.set_bases, in the transaction that acknowledges the outbox), reconcile finding both
---   sides equal. It only moves forward (a later version) and is dropped with the row.
+-- * The base of a record: the last content BOTH sides are known to hold. It is the Supabase row itself while
+--   Supabase has not moved on from it, so it costs the common path nothing: a version both sides hold is
+--   marked by its acknowledged outbox entry ('unchanged': applied from or found equal to Tables; 'applied':
+--   written to Tables). zsync.sync_base keeps a copy only when it differs from the row: the row's first
+--   change by anyone but the sync saves the agreed row there (zsync.maintain_updated_at), and a Tables cell
+--   edit applied at Zapier's edited_at keeps the updated_at Tables' copy carries (tables_ts). The copy moves
+--   forward only, is dropped when both sides agree on the row again (zsync.sync_apply, zsync.agree) and with
+--   the row's delete. Never set to a merged record before Tables holds it.
 -- * zsync.merge3: the rule, per field. zsync.merge_decide: what a change meets (base, Tables' record,
 --   Supabase's row) comes to; both directions call it.
 -- * zsync.sync_apply / sync_apply_many / sync_apply_many_set: the merge inside the one atomic path (row lock).
@@ -116,6 +119,86 @@ CREATE OR REPLACE FUNCTION zsync.merge_time_limit() RETURNS timestamp with time 
     AS $$
     SELECT clock_timestamp() + zsync.max_future_skew()
 $$;
+
+-- After Supabase stored p_row as Tables holds it (an apply from Tables, 'applied' or 'unchanged'): both hold
+-- the row, so the record's saved base goes - unless Tables' copy carries another updated_at (p_tables_ts: a
+-- cell edit applied at edited_at), which the base then remembers.
+CREATE OR REPLACE FUNCTION zsync.base_after_apply(p_table regclass, p_row jsonb, p_tables_ts timestamp with time zone)
+    RETURNS void
+    LANGUAGE plpgsql
+    SET "TimeZone" TO 'UTC'
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+    IF NOT zsync.field_merge_on() THEN
+        RETURN;
+    END IF;
+    IF p_tables_ts IS NOT NULL
+       AND date_trunc('milliseconds', p_tables_ts) <> date_trunc('milliseconds', (p_row ->> 'updated_at')::timestamptz) THEN
+        PERFORM zsync.set_base(p_table, p_row, p_tables_ts);
+    ELSE
+        DELETE FROM zsync.sync_base b
+        WHERE b.table_name = (SELECT relname::text FROM pg_class WHERE oid = p_table) AND b.record_id = p_row ->> 'id';
+    END IF;
+END
+$$;
+
+-- Both sides hold these versions (Tables delivered what Supabase stores): acknowledge the record's pending
+-- outbox entries up to each ('unchanged', as a drain finding Tables equal would), so the version counts as
+-- agreed and no drain reads Tables for it. Never waits for an entry a drain holds. -> entries acknowledged.
+CREATE OR REPLACE FUNCTION zsync.ack_agreed(p_table text, p_ids text[], p_versions timestamp with time zone[])
+    RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    n integer;
+BEGIN
+    WITH todo AS (
+        SELECT o.id FROM unnest(p_ids, p_versions) AS a(record_id, version)
+        JOIN zsync.outbox o ON o.table_name = p_table AND o.record_id = a.record_id AND o.acked_at IS NULL
+                           AND o.op <> 'DELETE'
+                           AND date_trunc('milliseconds', o.record_updated_at) <= a.version
+        WHERE a.record_id !~ '^[0-9A-Z]{26}$'  -- a record created without our id: its way back writes it
+        FOR UPDATE OF o SKIP LOCKED),
+    done AS (UPDATE zsync.outbox o SET acked_at = now(), ack_outcome = 'unchanged' FROM todo WHERE o.id = todo.id
+             RETURNING 1)
+    SELECT count(*)::integer INTO n FROM done;
+    RETURN n;
+END
+$$;
+
+-- After a *_to_tables function wrote p_rows to Tables (or found Tables equal to them), in the transaction that
+-- acknowledges their outbox entries: both sides hold each row. Its saved base goes when the Supabase row is
+-- still that version, else (changed since) the row becomes the saved base. -> how many records were updated.
+CREATE OR REPLACE FUNCTION zsync.agree(p_table regclass, p_rows jsonb) RETURNS integer
+    LANGUAGE plpgsql
+    SET "TimeZone" TO 'UTC'
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+DECLARE
+    v_name text := (SELECT relname::text FROM pg_class WHERE oid = p_table);
+    r      record;
+    n      integer := 0;
+BEGIN
+    IF jsonb_typeof(p_rows) IS DISTINCT FROM 'array' OR NOT zsync.field_merge_on() THEN
+        RETURN 0;
+    END IF;
+    FOR r IN EXECUTE format($q$
+        SELECT e.v AS row, to_jsonb(t) AS cur FROM jsonb_array_elements($1) e(v) LEFT JOIN %s t ON t.id = e.v ->> 'id'
+        ORDER BY e.v ->> 'id' $q$, p_table) USING p_rows LOOP
+        IF r.cur IS NULL THEN
+            CONTINUE;
+        ELSIF (SELECT (v.ts, v.hash) FROM zsync.version_of_typed(p_table, r.cur) v)
+              = (SELECT (v.ts, v.hash) FROM zsync.version_of(p_table, r.row) v) THEN
+            DELETE FROM zsync.sync_base b WHERE b.table_name = v_name AND b.record_id = r.row ->> 'id';
+        ELSIF zsync.set_base(p_table, r.row) THEN
+            n := n + 1;
+        END IF;
+    END LOOP;
+    RETURN n;
+END
+$_$;
 
 -- The three-way merge of two versions a and b of one record against their base, per column (id and
 -- updated_at aside), comparing values as zsync.canonical_row does ("" = null = no value, JSON numbers by
@@ -386,6 +469,15 @@ BEGIN
             NEW.updated_at := greatest(NEW.updated_at,
                                        date_trunc('milliseconds', OLD.updated_at) + interval '1 millisecond');
         END IF;
+        -- The field merge's base: the row's first change since both sides agreed on it (its version's outbox
+        -- entry acknowledged 'unchanged' or 'applied') saves the agreed row, unless a base is kept already.
+        IF zsync.field_merge_on()
+           AND NOT EXISTS (SELECT 1 FROM zsync.sync_base b WHERE b.table_name = TG_TABLE_NAME AND b.record_id = OLD.id
+                             AND b.version >= date_trunc('milliseconds', OLD.updated_at))
+           AND EXISTS (SELECT 1 FROM zsync.outbox o WHERE o.table_name = TG_TABLE_NAME AND o.record_id = OLD.id
+                         AND o.record_updated_at = OLD.updated_at AND o.ack_outcome IN ('unchanged', 'applied')) THEN
+            PERFORM zsync.set_base(TG_RELID::regclass, to_jsonb(OLD));
+        END IF;
     END IF;
     RETURN NEW;
 END
@@ -490,7 +582,7 @@ BEGIN
             IF v_n = 1 THEN
                 outcome := 'applied';
                 applied := p_row;
-                PERFORM zsync.set_base(p_table, p_row, v_tts);
+                PERFORM zsync.base_after_apply(p_table, p_row, v_tts);
                 RETURN;
             END IF;
             CONTINUE;  -- a concurrent insert won the race: lock that row and compare
@@ -500,7 +592,7 @@ BEGIN
         IF NOT (i_ts = s_ts AND i_hash = s_hash) THEN
             SELECT * INTO m FROM zsync.merge_decide(p_table, p_row, p_edited_at, stored);
             IF m.action = 'same' THEN
-                outcome := 'unchanged';
+                outcome := 'unchanged';  -- both hold the base's content (versions differ): the base stays
                 RETURN;
             ELSIF m.action = 'supabase' THEN
                 outcome := 'skipped_stale';
@@ -521,7 +613,7 @@ BEGIN
                     merge := m.info;
                 ELSE
                     outcome := 'applied';
-                    PERFORM zsync.set_base(p_table, m.merged, v_tts);
+                    PERFORM zsync.base_after_apply(p_table, m.merged, v_tts);
                 END IF;
                 RETURN;
             END IF;
@@ -534,7 +626,10 @@ BEGIN
         END IF;
         IF i_ts = s_ts AND i_hash = s_hash THEN
             outcome := 'unchanged';
-            PERFORM zsync.set_base(p_table, stored, v_tts);
+            IF zsync.field_merge_on() THEN
+                PERFORM zsync.base_after_apply(p_table, stored, v_tts);
+                PERFORM zsync.ack_agreed((SELECT relname::text FROM pg_class WHERE oid = p_table), ARRAY[v_id], ARRAY[s_ts]);
+            END IF;
         ELSIF (i_ts, i_hash) > (s_ts, s_hash) THEN
             SELECT string_agg(format('%I', attname), ', ' ORDER BY attnum) INTO v_cols
             FROM pg_attribute
@@ -543,7 +638,7 @@ BEGIN
                            p_table, v_cols) USING p_row, v_id;
             outcome := 'applied';
             applied := p_row;
-            PERFORM zsync.set_base(p_table, p_row, v_tts);
+            PERFORM zsync.base_after_apply(p_table, p_row, v_tts);
         ELSE
             outcome := 'skipped_stale';
         END IF;
@@ -609,6 +704,7 @@ DECLARE
     v_merge    boolean := zsync.field_merge_on();
     a_bts      timestamptz[];
     a_bhash    text[];
+    a_based    boolean[];
     r_merge    jsonb[];
     v_ids      text[];
     x          record;
@@ -698,10 +794,11 @@ BEGIN
                        array_agg(CASE WHEN d.bumped IS NULL THEN d.row ELSE d.row || jsonb_build_object('updated_at', d.bumped) END
                                  ORDER BY d.rn, d.ord),
                        array_agg(CASE WHEN d.action = 'unchanged' THEN d.s_ts ELSE coalesce(d.bumped, d.ts) END ORDER BY d.rn, d.ord),
-                       array_agg(CASE WHEN d.action = 'unchanged' THEN d.s_hash ELSE d.hash END ORDER BY d.rn, d.ord)
+                       array_agg(CASE WHEN d.action = 'unchanged' THEN d.s_hash ELSE d.hash END ORDER BY d.rn, d.ord),
+                       array_agg(d.b_hash IS NOT NULL ORDER BY d.rn, d.ord)
                 FROM d
             $q$, p_table, x.ts_expr, x.hash_expr, t.ts_expr, t.hash_expr)
-                INTO a_ord, a_id, a_action, a_stored, a_input, a_edited, a_row, a_bts, a_bhash
+                INTO a_ord, a_id, a_action, a_stored, a_input, a_edited, a_row, a_bts, a_bhash, a_based
                 USING p_rows, v_name, v_ignore, v_locked, v_merge;
 
             -- In id order; waits only for a concurrent insert of the same id (which holds no lower id it
@@ -734,18 +831,28 @@ BEGIN
             USING a_id, a_action, a_row;
     END IF;
 
-    IF v_merge THEN  -- Supabase now holds what Tables sent: the base of each (id order, as every writer)
-        INSERT INTO zsync.sync_base AS b (table_name, record_id, base, version, hash, tables_ts)
-        SELECT v_name, l.id, CASE WHEN l.action = 'unchanged' THEN l.stored ELSE l.row END, l.bts, l.bhash,
-               date_trunc('milliseconds', coalesce((l.input ->> 'updated_at')::timestamptz, l.bts))
-        FROM unnest(a_id, a_action, a_row, a_stored, a_bts, a_bhash, a_input)
-             AS l(id, action, row, stored, bts, bhash, input)
-        WHERE l.action IN ('update', 'unchanged') OR (l.action = 'insert' AND v_inserted ? l.id)
-        ORDER BY l.id
-        ON CONFLICT ON CONSTRAINT sync_base_pkey DO UPDATE
-            SET base = EXCLUDED.base, version = EXCLUDED.version, hash = EXCLUDED.hash,
-                tables_ts = EXCLUDED.tables_ts, set_at = now()
-            WHERE (EXCLUDED.version, EXCLUDED.hash) > (b.version, b.hash);
+    IF v_merge THEN  -- Supabase now holds what Tables sent (zsync.base_after_apply, set-based, id order)
+        WITH l AS (
+            SELECT w.*, date_trunc('milliseconds', (w.input ->> 'updated_at')::timestamptz) AS tts
+            FROM unnest(a_id, a_action, a_row, a_bts, a_bhash, a_input, a_based)
+                 AS w(id, action, row, bts, bhash, input, based)
+            WHERE w.action = 'update' OR (w.action = 'insert' AND v_inserted ? w.id)),
+        kept AS (  -- a cell edit applied at edited_at: the base remembers the updated_at Tables' copy carries
+            INSERT INTO zsync.sync_base AS b (table_name, record_id, base, version, hash, tables_ts)
+            SELECT v_name, l.id, l.row, l.bts, l.bhash, l.tts FROM l WHERE l.tts IS DISTINCT FROM l.bts ORDER BY l.id
+            ON CONFLICT ON CONSTRAINT sync_base_pkey DO UPDATE
+                SET base = EXCLUDED.base, version = EXCLUDED.version, hash = EXCLUDED.hash,
+                    tables_ts = EXCLUDED.tables_ts, set_at = now()
+                WHERE (EXCLUDED.version, EXCLUDED.hash) > (b.version, b.hash)
+            RETURNING 1)
+        DELETE FROM zsync.sync_base b USING l
+        WHERE l.based AND l.tts IS NOT DISTINCT FROM l.bts AND b.table_name = v_name AND b.record_id = l.id;
+        IF 'unchanged' = ANY (a_action) THEN  -- found equal: both hold it, nothing left for a drain to check
+            DELETE FROM zsync.sync_base b USING unnest(a_id, a_action, a_based) AS w(id, action, based)
+            WHERE w.action = 'unchanged' AND w.based AND b.table_name = v_name AND b.record_id = w.id;
+            PERFORM zsync.ack_agreed(v_name, array_agg(w.id), array_agg(w.bts))
+            FROM unnest(a_id, a_action, a_bts) AS w(id, action, bts) WHERE w.action = 'unchanged';
+        END IF;
     END IF;
 
     -- The rows applied one by one (older versions of an id, and - after 5 lost races - lost inserts), in id
@@ -799,6 +906,12 @@ GRANT ALL ON FUNCTION zsync.field_merge_on() TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.set_field_merge(boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION zsync.set_base(regclass, jsonb, timestamp with time zone) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.set_base(regclass, jsonb, timestamp with time zone) TO zsync_sync;
+REVOKE ALL ON FUNCTION zsync.base_after_apply(regclass, jsonb, timestamp with time zone) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.base_after_apply(regclass, jsonb, timestamp with time zone) TO zsync_sync;
+REVOKE ALL ON FUNCTION zsync.ack_agreed(text, text[], timestamp with time zone[]) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.ack_agreed(text, text[], timestamp with time zone[]) TO zsync_sync;
+REVOKE ALL ON FUNCTION zsync.agree(regclass, jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.agree(regclass, jsonb) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.set_bases(regclass, jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.set_bases(regclass, jsonb) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.merge3(regclass, jsonb, jsonb, jsonb) FROM PUBLIC;
