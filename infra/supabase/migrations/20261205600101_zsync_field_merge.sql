@@ -30,7 +30,8 @@ CREATE TABLE IF NOT EXISTS zsync.sync_base (
     CONSTRAINT sync_base_pkey PRIMARY KEY (table_name, record_id)
 );
 
-GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE zsync.sync_base TO zsync_sync;
+-- zsync_sync reaches it only through the functions below (SECURITY DEFINER), as zsync.tombstones and the outbox
+REVOKE ALL ON TABLE zsync.sync_base FROM zsync_sync;
 
 INSERT INTO zsync.config (key, value) VALUES ('field_merge', '"on"') ON CONFLICT (key) DO NOTHING;
 
@@ -65,7 +66,7 @@ $$;
 DROP FUNCTION IF EXISTS zsync.set_base(regclass, jsonb);
 CREATE OR REPLACE FUNCTION zsync.set_base(p_table regclass, p_row jsonb, p_tables_ts timestamp with time zone DEFAULT NULL)
     RETURNS boolean
-    LANGUAGE plpgsql
+    LANGUAGE plpgsql SECURITY DEFINER
     SET "TimeZone" TO 'UTC'
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
@@ -76,6 +77,7 @@ BEGIN
     IF p_row IS NULL OR p_row ->> 'id' IS NULL OR NOT zsync.field_merge_on() THEN
         RETURN false;
     END IF;
+    PERFORM zsync.assert_synced(p_table);
     SELECT * INTO v FROM zsync.version_of(p_table, p_row);
     INSERT INTO zsync.sync_base AS b (table_name, record_id, base, version, hash, tables_ts)
     VALUES ((SELECT relname::text FROM pg_class WHERE oid = p_table), p_row ->> 'id', p_row, v.ts, v.hash,
@@ -89,27 +91,25 @@ BEGIN
 END
 $$;
 
--- zsync.set_base for many rows of one table (the *_to_tables batch, reconcile). -> how many were recorded.
-CREATE OR REPLACE FUNCTION zsync.set_bases(p_table regclass, p_rows jsonb) RETURNS integer
-    LANGUAGE plpgsql
-    SET "TimeZone" TO 'UTC'
+-- A table the sync keeps in Supabase (its updated_at trigger): the base functions, which run as their owner,
+-- refuse any other.
+CREATE OR REPLACE FUNCTION zsync.assert_synced(p_table regclass) RETURNS void
+    LANGUAGE plpgsql STABLE
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
-DECLARE
-    n integer := 0;
-    e jsonb;
 BEGIN
-    IF jsonb_typeof(p_rows) IS DISTINCT FROM 'array' OR NOT zsync.field_merge_on() THEN
-        RETURN 0;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = p_table AND tgname = 'zsync_maintain_updated_at') THEN
+        RAISE EXCEPTION 'zsync: % is not a synced table', p_table USING ERRCODE = '22023';
     END IF;
-    -- id order: two transactions recording the same bases take the keys in the same order
-    FOR e IN SELECT x.value FROM jsonb_array_elements(p_rows) x ORDER BY x.value ->> 'id' LOOP
-        IF zsync.set_base(p_table, e) THEN
-            n := n + 1;
-        END IF;
-    END LOOP;
-    RETURN n;
 END
+$$;
+
+-- The saved bases of p_ids (zsync.sync_apply_many_set joins them).
+CREATE OR REPLACE FUNCTION zsync.bases_of(p_table text, p_ids text[]) RETURNS SETOF zsync.sync_base
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+    SELECT * FROM zsync.sync_base b WHERE b.table_name = p_table AND b.record_id = ANY (p_ids)
 $$;
 
 -- The latest version a merge may give a record: the future-skew rule's limit (zsync.maintain_updated_at's).
@@ -125,7 +125,7 @@ $$;
 -- cell edit applied at edited_at), which the base then remembers.
 CREATE OR REPLACE FUNCTION zsync.base_after_apply(p_table regclass, p_row jsonb, p_tables_ts timestamp with time zone)
     RETURNS void
-    LANGUAGE plpgsql
+    LANGUAGE plpgsql SECURITY DEFINER
     SET "TimeZone" TO 'UTC'
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
@@ -133,6 +133,7 @@ BEGIN
     IF NOT zsync.field_merge_on() THEN
         RETURN;
     END IF;
+    PERFORM zsync.assert_synced(p_table);
     IF p_tables_ts IS NOT NULL
        AND date_trunc('milliseconds', p_tables_ts) <> date_trunc('milliseconds', (p_row ->> 'updated_at')::timestamptz) THEN
         PERFORM zsync.set_base(p_table, p_row, p_tables_ts);
@@ -172,7 +173,7 @@ $$;
 -- acknowledges their outbox entries: both sides hold each row. Its saved base goes when the Supabase row is
 -- still that version, else (changed since) the row becomes the saved base. -> how many records were updated.
 CREATE OR REPLACE FUNCTION zsync.agree(p_table regclass, p_rows jsonb) RETURNS integer
-    LANGUAGE plpgsql
+    LANGUAGE plpgsql SECURITY DEFINER
     SET "TimeZone" TO 'UTC'
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $_$
@@ -184,6 +185,7 @@ BEGIN
     IF jsonb_typeof(p_rows) IS DISTINCT FROM 'array' OR NOT zsync.field_merge_on() THEN
         RETURN 0;
     END IF;
+    PERFORM zsync.assert_synced(p_table);
     FOR r IN EXECUTE format($q$
         SELECT e.v AS row, to_jsonb(t) AS cur FROM jsonb_array_elements($1) e(v) LEFT JOIN %s t ON t.id = e.v ->> 'id'
         ORDER BY e.v ->> 'id' $q$, p_table) USING p_rows LOOP
@@ -295,7 +297,7 @@ $_$;
 CREATE OR REPLACE FUNCTION zsync.merge_decide(p_table regclass, p_tables jsonb, p_edited_at timestamp with time zone,
                                               p_supabase jsonb, OUT action text, OUT merged jsonb, OUT info jsonb)
     RETURNS record
-    LANGUAGE plpgsql STABLE
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
     SET "TimeZone" TO 'UTC'
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
@@ -388,7 +390,7 @@ $$;
 -- as it always was (the base-aware answers are only right about the row as it is).
 CREATE OR REPLACE FUNCTION zsync.merge_decide_many(p_table regclass, p_pairs jsonb)
     RETURNS TABLE(ord integer, action text, merged jsonb, info jsonb)
-    LANGUAGE plpgsql STABLE
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
     SET "TimeZone" TO 'UTC'
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $_$
@@ -399,6 +401,7 @@ BEGIN
     IF jsonb_typeof(p_pairs) IS DISTINCT FROM 'array' THEN
         RETURN;
     END IF;
+    PERFORM zsync.assert_synced(p_table);
     FOR r IN EXECUTE format($q$
         SELECT e.n::integer AS n, e.p, to_jsonb(t) AS cur, b AS base
         FROM jsonb_array_elements($1) WITH ORDINALITY AS e(p, n)
@@ -653,6 +656,44 @@ CREATE OR REPLACE FUNCTION zsync.sync_upsert(p_table regclass, p_row jsonb, OUT 
     AS $$
     SELECT a.outcome, a.stored FROM zsync.sync_apply(p_table, p_row, NULL) a
 $$;
+-- zsync.base_after_apply for a batch (zsync.sync_apply_many_set's arrays, id order): a cell edit applied at
+-- edited_at keeps the updated_at Tables' copy carries; any other record Supabase now holds as Tables sent it
+-- (applied, or found equal) drops its saved base; what was found equal is acknowledged (zsync.ack_agreed).
+CREATE OR REPLACE FUNCTION zsync.bases_after_batch(p_table regclass, p_ids text[], p_actions text[], p_rows jsonb[],
+                                                   p_bts timestamp with time zone[], p_bhash text[], p_inputs jsonb[],
+                                                   p_based boolean[], p_inserted jsonb) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET "TimeZone" TO 'UTC'
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_name text := (SELECT relname::text FROM pg_class WHERE oid = p_table);
+BEGIN
+    PERFORM zsync.assert_synced(p_table);
+    WITH l AS (
+        SELECT w.*, date_trunc('milliseconds', (w.input ->> 'updated_at')::timestamptz) AS tts
+        FROM unnest(p_ids, p_actions, p_rows, p_bts, p_bhash, p_inputs, p_based)
+             AS w(id, action, row, bts, bhash, input, based)
+        WHERE w.action = 'update' OR (w.action = 'insert' AND p_inserted ? w.id)),
+    kept AS (  -- a cell edit applied at edited_at: the base remembers the updated_at Tables' copy carries
+        INSERT INTO zsync.sync_base AS b (table_name, record_id, base, version, hash, tables_ts)
+        SELECT v_name, l.id, l.row, l.bts, l.bhash, l.tts FROM l WHERE l.tts IS DISTINCT FROM l.bts ORDER BY l.id
+        ON CONFLICT ON CONSTRAINT sync_base_pkey DO UPDATE
+            SET base = EXCLUDED.base, version = EXCLUDED.version, hash = EXCLUDED.hash,
+                tables_ts = EXCLUDED.tables_ts, set_at = now()
+            WHERE (EXCLUDED.version, EXCLUDED.hash) > (b.version, b.hash)
+        RETURNING 1)
+    DELETE FROM zsync.sync_base b USING l
+    WHERE l.based AND l.tts IS NOT DISTINCT FROM l.bts AND b.table_name = v_name AND b.record_id = l.id;
+    IF 'unchanged' = ANY (p_actions) THEN  -- found equal: both hold it, nothing left for a drain to check
+        DELETE FROM zsync.sync_base b USING unnest(p_ids, p_actions, p_based) AS w(id, action, based)
+        WHERE w.action = 'unchanged' AND w.based AND b.table_name = v_name AND b.record_id = w.id;
+        PERFORM zsync.ack_agreed(v_name, array_agg(w.id), array_agg(w.bts))
+        FROM unnest(p_ids, p_actions, p_bts) AS w(id, action, bts) WHERE w.action = 'unchanged';
+    END IF;
+END
+$$;
+
 -- As the baseline's, with the merge column (zsync.sync_apply's).
 CREATE FUNCTION zsync.sync_apply_many(p_table regclass, p_rows jsonb) RETURNS TABLE(ord integer, record_id text, outcome text, stored jsonb, applied jsonb, merge jsonb)
     LANGUAGE plpgsql
@@ -766,7 +807,7 @@ BEGIN
                                      AND date_trunc('milliseconds', r.edited_at) > r.ts
                                 THEN greatest(date_trunc('milliseconds', r.edited_at), c.ts + interval '1 millisecond') END AS bumped
                     FROM ranked r LEFT JOIN cur c ON c.id = r.id AND r.rn = 1
-                         LEFT JOIN zsync.sync_base b ON $5 AND c.id IS NOT NULL AND b.table_name = $2 AND b.record_id = r.id),
+                         LEFT JOIN (SELECT * FROM zsync.bases_of($2, $4) WHERE $5) b ON c.id IS NOT NULL AND b.record_id = r.id),
                 e AS (
                     SELECT j.*,
                            CASE WHEN j.rn > 1 THEN 'later'
@@ -831,28 +872,8 @@ BEGIN
             USING a_id, a_action, a_row;
     END IF;
 
-    IF v_merge THEN  -- Supabase now holds what Tables sent (zsync.base_after_apply, set-based, id order)
-        WITH l AS (
-            SELECT w.*, date_trunc('milliseconds', (w.input ->> 'updated_at')::timestamptz) AS tts
-            FROM unnest(a_id, a_action, a_row, a_bts, a_bhash, a_input, a_based)
-                 AS w(id, action, row, bts, bhash, input, based)
-            WHERE w.action = 'update' OR (w.action = 'insert' AND v_inserted ? w.id)),
-        kept AS (  -- a cell edit applied at edited_at: the base remembers the updated_at Tables' copy carries
-            INSERT INTO zsync.sync_base AS b (table_name, record_id, base, version, hash, tables_ts)
-            SELECT v_name, l.id, l.row, l.bts, l.bhash, l.tts FROM l WHERE l.tts IS DISTINCT FROM l.bts ORDER BY l.id
-            ON CONFLICT ON CONSTRAINT sync_base_pkey DO UPDATE
-                SET base = EXCLUDED.base, version = EXCLUDED.version, hash = EXCLUDED.hash,
-                    tables_ts = EXCLUDED.tables_ts, set_at = now()
-                WHERE (EXCLUDED.version, EXCLUDED.hash) > (b.version, b.hash)
-            RETURNING 1)
-        DELETE FROM zsync.sync_base b USING l
-        WHERE l.based AND l.tts IS NOT DISTINCT FROM l.bts AND b.table_name = v_name AND b.record_id = l.id;
-        IF 'unchanged' = ANY (a_action) THEN  -- found equal: both hold it, nothing left for a drain to check
-            DELETE FROM zsync.sync_base b USING unnest(a_id, a_action, a_based) AS w(id, action, based)
-            WHERE w.action = 'unchanged' AND w.based AND b.table_name = v_name AND b.record_id = w.id;
-            PERFORM zsync.ack_agreed(v_name, array_agg(w.id), array_agg(w.bts))
-            FROM unnest(a_id, a_action, a_bts) AS w(id, action, bts) WHERE w.action = 'unchanged';
-        END IF;
+    IF v_merge THEN  -- Supabase now holds what Tables sent (zsync.base_after_apply, set-based)
+        PERFORM zsync.bases_after_batch(p_table, a_id, a_action, a_row, a_bts, a_bhash, a_input, a_based, v_inserted);
     END IF;
 
     -- The rows applied one by one (older versions of an id, and - after 5 lost races - lost inserts), in id
@@ -901,28 +922,27 @@ REVOKE ALL ON FUNCTION zsync.sync_apply_many_set(regclass, jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.sync_apply_many_set(regclass, jsonb) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.sync_upsert(regclass, jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.sync_upsert(regclass, jsonb) TO zsync_sync;
+REVOKE ALL ON FUNCTION zsync.assert_synced(regclass) FROM PUBLIC;
+REVOKE ALL ON FUNCTION zsync.bases_of(text, text[]) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.bases_of(text, text[]) TO zsync_sync;
+REVOKE ALL ON FUNCTION zsync.bases_after_batch(regclass, text[], text[], jsonb[], timestamp with time zone[], text[], jsonb[], boolean[], jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.bases_after_batch(regclass, text[], text[], jsonb[], timestamp with time zone[], text[], jsonb[], boolean[], jsonb) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.field_merge_on() FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.field_merge_on() TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.set_field_merge(boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION zsync.set_base(regclass, jsonb, timestamp with time zone) FROM PUBLIC;
-GRANT ALL ON FUNCTION zsync.set_base(regclass, jsonb, timestamp with time zone) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.base_after_apply(regclass, jsonb, timestamp with time zone) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.base_after_apply(regclass, jsonb, timestamp with time zone) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.ack_agreed(text, text[], timestamp with time zone[]) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.ack_agreed(text, text[], timestamp with time zone[]) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.agree(regclass, jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.agree(regclass, jsonb) TO zsync_sync;
-REVOKE ALL ON FUNCTION zsync.set_bases(regclass, jsonb) FROM PUBLIC;
-GRANT ALL ON FUNCTION zsync.set_bases(regclass, jsonb) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.merge3(regclass, jsonb, jsonb, jsonb) FROM PUBLIC;
-GRANT ALL ON FUNCTION zsync.merge3(regclass, jsonb, jsonb, jsonb) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.merge_decide(regclass, jsonb, timestamp with time zone, jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.merge_decide(regclass, jsonb, timestamp with time zone, jsonb) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.merge_decide_base(regclass, zsync.sync_base, jsonb, timestamp with time zone, jsonb) FROM PUBLIC;
-GRANT ALL ON FUNCTION zsync.merge_decide_base(regclass, zsync.sync_base, jsonb, timestamp with time zone, jsonb) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.merge_decide_many(regclass, jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.merge_decide_many(regclass, jsonb) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.maintain_updated_at() FROM PUBLIC;
 REVOKE ALL ON FUNCTION zsync.capture_change() FROM PUBLIC;
 REVOKE ALL ON FUNCTION zsync.merge_time_limit() FROM PUBLIC;
-GRANT ALL ON FUNCTION zsync.merge_time_limit() TO zsync_sync;
