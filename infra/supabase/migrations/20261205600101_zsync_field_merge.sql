@@ -913,6 +913,25 @@ BEGIN
 END
 $_$;
 
+-- The Database Webhook trigger: as the baseline's, except for a write the sync applied from Tables while the
+-- merge is on (zsync.origin = 'sync'): its outbox entry is recorded acknowledged, so there is nothing to drain
+-- and no wake-up is sent (a wasted one would also take the function's wake-up slot from the next real change:
+-- drain rounds start at least ZSYNC_OUTBOX_WAKE_MIN_INTERVAL_S apart). A DELETE, a record created without our
+-- id, and a merged write ('sync_send') wake it as before.
+CREATE OR REPLACE FUNCTION zsync.webhook_request() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+    IF TG_OP <> 'DELETE' AND coalesce(current_setting('zsync.origin', true), '') = 'sync'
+       AND NEW.id !~ '^[0-9A-Z]{26}$' AND zsync.field_merge_on() THEN
+        RETURN NULL;
+    END IF;
+    PERFORM zsync.wake(TG_TABLE_NAME);
+    RETURN NULL;
+END
+$$;
+
 -- As the baseline's, keeping the marks of agreed versions (see the DELETE).
 CREATE OR REPLACE FUNCTION zsync.sweep_outbox(p_min_age interval DEFAULT '00:00:30'::interval, p_limit integer DEFAULT 200) RETURNS integer
     LANGUAGE plpgsql
