@@ -28,6 +28,7 @@ class Drift:
     updates: list[tuple[str, dict]] = field(default_factory=list)  # (Tables record id, newer Supabase row)
     trashed: list[dict] = field(default_factory=list)  # Supabase rows whose Tables copy is only in the trash
     missing: dict[str, datetime | None] = field(default_factory=dict)  # id missing in Supabase -> edited_at
+    agreed: list[tuple[str, datetime]] = field(default_factory=list)  # (id, version) equal on both sides
 
 
 def _identical(json_fields: tuple[str, ...], a: dict, b: dict) -> bool:
@@ -95,7 +96,12 @@ def compare(ctx: SyncContext, spec: TableSpec, side: TablesSide, supa: dict[str,
     report.compared = len(scope)
     # Identical rows are the same version (version_cmp of equal inputs is 0): only the others go to SQL.
     json_fields = spec.fields_of(Kind.JSON) + spec.fields_of(Kind.FLOAT)
-    differing = [p for p in pairs if not _identical(json_fields, p[1], p[2])]
+    differing, agreed = [], []  # agreed: (id, version) of identical rows, the field merge's agreed versions
+    for p in pairs:
+        if not _identical(json_fields, p[1], p[2]):
+            differing.append(p)
+        elif spec.version and p[2].get(spec.version) is not None:
+            agreed.append((p[0], p[2][spec.version]))
     report.in_sync += len(pairs) - len(differing)
     cmps = ctx.db.run(lambda conn: conflict.compare_many(conn, spec, [(t, s) for _, t, s in differing]))
     for (rid, t_row, s_row), cmp in zip(differing, cmps, strict=True):
@@ -107,4 +113,4 @@ def compare(ctx: SyncContext, spec: TableSpec, side: TablesSide, supa: dict[str,
             report.stale_in_tables += 1
         else:
             report.in_sync += 1
-    return Drift(to_supabase, creates, updates, trashed, missing)
+    return Drift(to_supabase, creates, updates, trashed, missing, agreed)

@@ -326,6 +326,15 @@ class Repairer:
                                                 for r in rows])
         supabase_db.agree(conn, spec, list(rows))  # both sides hold these rows: the field merge's base
 
+    def mark_agreed(self, spec: TableSpec, agreed: list[tuple[str, datetime]], report: TableReport) -> None:
+        """Records found equal on both sides: their versions are agreed, the field merge's base for records whose
+        agreement left no mark (older than the merge: zsync.mark_agreed adds one only where none is)."""
+        try:
+            for chunk in _chunks(agreed, SUPABASE_BATCH):
+                self.ctx.db.run(lambda conn, chunk=chunk: supabase_db.mark_agreed(conn, spec, list(chunk)))
+        except DB_ERRORS as exc:
+            report.errors.append(f"marking agreed versions: {type(exc).__name__}")
+
     def remove_duplicates(self, spec: TableSpec, record_ids: list[str], owner: dict[str, str],
                           report: TableReport) -> None:
         """Remove the older Tables records sharing an id (``owner``: record id -> our id)."""

@@ -397,3 +397,23 @@ def test_switching_the_merge_off_drops_the_bases_and_queues_echoes_again(db):
         assert _pending(db, rid)[-1] == datetime.fromisoformat(later["updated_at"].replace("Z", "+00:00"))
     finally:
         db.execute("SELECT zsync.set_field_merge(true)")
+
+
+def test_reconcile_marks_equal_records_as_agreed_so_a_later_edit_merges(stack, tables, supabase):
+    """A record synced before the field merge (its outbox mark gone): reconcile finds both sides equal and marks
+    that version agreed, so the next concurrent edits on both sides merge."""
+    from infra.reconcile import reconcile
+    from tests.test_correctness import stack_context
+
+    rid = uid("recon-mark")
+    supabase.query("INSERT INTO agent_jobs (id, status) VALUES (%s, 'queued')", (rid,))
+    eventually(lambda: tables.find("agent_jobs", rid))
+    stack.wait_quiet()
+    supabase.query("DELETE FROM zsync.outbox WHERE record_id = %s", (rid,))  # as the 7-day cleanup did
+    reconcile(stack_context(stack), ["agent_jobs"])
+    assert supabase.query("SELECT ack_outcome, repair FROM zsync.outbox WHERE record_id = %s", (rid,)) == \
+        [("unchanged", True)]
+    supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
+    assert supabase.query("SELECT count(*) FROM zsync.sync_base WHERE record_id = %s", (rid,)) == [(1,)]
+    stack.wait_quiet()
+    assert tables.find("agent_jobs", rid)["data"]["status"] == "agent"

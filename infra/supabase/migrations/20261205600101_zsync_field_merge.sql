@@ -206,6 +206,34 @@ BEGIN
 END
 $_$;
 
+-- Reconcile found these versions equal on both sides: mark each agreed (an outbox entry acknowledged
+-- 'unchanged', flagged repair: not a write) where the row is still at that version and no mark is there yet
+-- (records synced before the field merge, whose marks the 7-day cleanup removed). -> marks added.
+CREATE OR REPLACE FUNCTION zsync.mark_agreed(p_table text, p_ids text[], p_versions timestamp with time zone[])
+    RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+DECLARE
+    n integer;
+BEGIN
+    IF NOT zsync.field_merge_on() THEN
+        RETURN 0;
+    END IF;
+    PERFORM zsync.assert_synced(format('public.%I', p_table)::regclass);
+    EXECUTE format($q$
+        INSERT INTO zsync.outbox (table_name, record_id, op, record_updated_at, acked_at, ack_outcome, repair)
+        SELECT $1, a.id, 'UPDATE', t.updated_at, now(), 'unchanged', true
+        FROM unnest($2, $3) AS a(id, version) JOIN public.%I t ON t.id = a.id
+        WHERE date_trunc('milliseconds', t.updated_at) = date_trunc('milliseconds', a.version)
+          AND NOT EXISTS (SELECT 1 FROM zsync.outbox o WHERE o.table_name = $1 AND o.record_id = a.id
+                            AND o.record_updated_at = t.updated_at AND o.ack_outcome IN ('unchanged', 'applied'))
+        ORDER BY a.id $q$, p_table) USING p_table, p_ids, p_versions;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$_$;
+
 -- The three-way merge of two versions a and b of one record against their base, per column (id and
 -- updated_at aside), comparing values as zsync.canonical_row does ("" = null = no value, JSON numbers by
 -- value, JSON and arrays as whole values):
@@ -1002,6 +1030,8 @@ REVOKE ALL ON FUNCTION zsync.base_after_apply(regclass, jsonb, timestamp with ti
 GRANT ALL ON FUNCTION zsync.base_after_apply(regclass, jsonb, timestamp with time zone) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.ack_agreed(text, text[], timestamp with time zone[]) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.ack_agreed(text, text[], timestamp with time zone[]) TO zsync_sync;
+REVOKE ALL ON FUNCTION zsync.mark_agreed(text, text[], timestamp with time zone[]) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.mark_agreed(text, text[], timestamp with time zone[]) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.agree(regclass, jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.agree(regclass, jsonb) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.merge3(regclass, jsonb, jsonb, jsonb) FROM PUBLIC;
