@@ -417,3 +417,38 @@ def test_reconcile_marks_equal_records_as_agreed_so_a_later_edit_merges(stack, t
     assert supabase.query("SELECT count(*) FROM zsync.sync_base WHERE record_id = %s", (rid,)) == [(1,)]
     stack.wait_quiet()
     assert tables.find("agent_jobs", rid)["data"]["status"] == "agent"
+
+
+def test_a_field_both_changed_goes_to_its_later_change_not_the_later_record(db):
+    """An agent sets status, a person then sets status in Tables, then the agent writes another field: the
+    agent's record is the later one, but the person's status is the later change of that field."""
+    rid = uid("per-field")
+    seeded = _seed(db, rid, datetime.now(UTC) - timedelta(seconds=10))
+    t = (datetime.now(UTC) - timedelta(seconds=5)).replace(microsecond=0)
+    db.execute("UPDATE agent_jobs SET status = 'agent', updated_at = %s WHERE id = %s", (t, rid))
+    db.execute("UPDATE agent_jobs SET retry_count = 4, updated_at = %s WHERE id = %s", (t + timedelta(seconds=2), rid))
+    outcome, merge = _apply(db, dict(seeded, status="person"), t + timedelta(seconds=1))
+    assert outcome == "merged" and merge["both_later"] == {"status": "tables"}, merge
+    row = _row(db, rid)
+    assert (row["status"], row["retry_count"]) == ("person", 4)
+    assert datetime.fromisoformat(row["updated_at"]) == t + timedelta(seconds=2, milliseconds=1)
+
+
+def test_a_base_saved_while_its_version_was_being_written_to_tables_counts_once_acknowledged(db):
+    """The agent's next write lands while the drain writes the previous version to Tables (not yet acknowledged):
+    the row as it was is kept unconfirmed, and counts as the base once the drain acknowledges it."""
+    outcomes = {}
+    for acked in (False, True):
+        rid = uid("race")
+        t0 = (datetime.now(UTC) - timedelta(seconds=10)).replace(microsecond=0)
+        db.execute("INSERT INTO agent_jobs (id, status, updated_at) VALUES (%s, 'queued', %s)", (rid, t0))
+        s1 = _row(db, rid)  # its outbox entry pending: a drain is writing it to Tables
+        db.execute("UPDATE agent_jobs SET status = 'agent', updated_at = now() - interval '5 s' WHERE id = %s",
+                   (rid,))
+        assert db.execute("SELECT agreed FROM zsync.sync_base WHERE record_id = %s", (rid,)).fetchone() == (False,)
+        if acked:  # the drain's write of s1 is acknowledged
+            db.execute("SELECT zsync.ack_outbox('agent_jobs', %s, %s, 'applied')", (rid, t0))
+        outcomes[acked] = _apply(db, dict(s1, error_message="note"), datetime.now(UTC) - timedelta(seconds=4))[0]
+        outcomes[acked, "row"] = (_row(db, rid)["status"], _row(db, rid)["error_message"])
+    assert outcomes[False] == "skipped_stale" and outcomes[False, "row"] == ("agent", None)  # no base yet
+    assert outcomes[True] == "merged" and outcomes[True, "row"] == ("agent", "note")
