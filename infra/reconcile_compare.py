@@ -17,6 +17,7 @@ from infra.reconcile_report import TableReport
 from shared.core.spec import Kind, TableSpec
 from shared.services import conflict
 from shared.services.sync import SyncContext
+from shared.services.to_tables import decide_merges
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Drift:
     trashed: list[dict] = field(default_factory=list)  # Supabase rows whose Tables copy is only in the trash
     missing: dict[str, datetime | None] = field(default_factory=dict)  # id missing in Supabase -> edited_at
     agreed: list[tuple[str, datetime]] = field(default_factory=list)  # (id, version) equal on both sides
+    edited: dict[str, datetime | None] = field(default_factory=dict)  # id -> edited_at, of Tables rows the merge sends
 
 
 def _identical(json_fields: tuple[str, ...], a: dict, b: dict) -> bool:
@@ -104,6 +106,15 @@ def compare(ctx: SyncContext, spec: TableSpec, side: TablesSide, supa: dict[str,
             agreed.append((p[0], p[2][spec.version]))
     report.in_sync += len(pairs) - len(differing)
     cmps = ctx.db.run(lambda conn: conflict.compare_many(conn, spec, [(t, s) for _, t, s in differing]))
+    # The field merge, as the functions decide it (zsync.merge_decide_many; "none" where there is no base)
+    items = [(t_row, side.edited.get(rid), s_row) for rid, t_row, s_row in differing]
+    decisions = ctx.db.run(lambda conn: decide_merges(conn, spec, items)) if items else []
+    edited: dict[str, datetime | None] = {}
+    for n, ((rid, _, _), decision) in enumerate(zip(differing, decisions, strict=True)):
+        if decision.action in ("tables", "merged"):  # applied to Supabase as its delivery would be
+            cmps[n], edited[rid] = 1, side.edited.get(rid)
+        elif decision.action in ("supabase", "same"):
+            cmps[n] = -1 if decision.action == "supabase" else 0
     for (rid, t_row, s_row), cmp in zip(differing, cmps, strict=True):
         if cmp > 0:
             to_supabase.append(t_row)
@@ -113,4 +124,4 @@ def compare(ctx: SyncContext, spec: TableSpec, side: TablesSide, supa: dict[str,
             report.stale_in_tables += 1
         else:
             report.in_sync += 1
-    return Drift(to_supabase, creates, updates, trashed, missing, agreed)
+    return Drift(to_supabase, creates, updates, trashed, missing, agreed, edited)

@@ -95,7 +95,7 @@ class Repairer:
             def to_supabase_side() -> None:
                 try:
                     began = time.perf_counter()
-                    deleted.extend(self.to_supabase(spec, drift.to_supabase, sub, drift.missing))
+                    deleted.extend(self.to_supabase(spec, drift.to_supabase, sub, drift.missing | drift.edited))
                     sub.timings["to_supabase"] = time.perf_counter() - began
                 except BaseException as exc:  # raised again in this thread below
                     failed.append(exc)
@@ -138,7 +138,7 @@ class Repairer:
             entries, applied, raced = [], 0, 0
             refused: list[tuple[str, list[dict[str, str]]]] = []
             for rid, outcome, stored in apply_many(conn, spec, chunk, edited, refused):
-                if outcome == Outcome.APPLIED:
+                if outcome in (Outcome.APPLIED, Outcome.MERGED):  # merged: Supabase sends it on to Tables
                     applied += 1
                     entries.append(_synced_entry(spec, Direction.TO_SUPABASE, by_id[rid], now, stored))
                 elif outcome == Outcome.SKIPPED_STALE:

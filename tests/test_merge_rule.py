@@ -452,3 +452,39 @@ def test_a_base_saved_while_its_version_was_being_written_to_tables_counts_once_
         outcomes[acked, "row"] = (_row(db, rid)["status"], _row(db, rid)["error_message"])
     assert outcomes[False] == "skipped_stale" and outcomes[False, "row"] == ("agent", None)  # no base yet
     assert outcomes[True] == "merged" and outcomes[True, "row"] == ("agent", "note")
+
+
+def test_reconcile_does_not_write_supabases_row_over_a_newer_cell_edit(stack, tables, supabase):
+    """A person's cell edit whose delivery is late (the trigger inbox's wake-up lost) while the agent changed
+    another field: reconcile decides as the functions do - both kept - instead of Supabase's later record
+    overwriting the edit."""
+    from infra.reconcile import reconcile
+    from shared.adapters.trigger_inbox import InboxClient
+    from tests.test_correctness import stack_context
+
+    rid = uid("recon-cell")
+    supabase.query("INSERT INTO agent_jobs (id, status) VALUES (%s, 'queued')", (rid,))
+    rec = eventually(lambda: tables.find("agent_jobs", rid))
+    stack.wait_quiet()
+    client = InboxClient.for_tables(stack.tables_client())
+    inbox_id = stack.inboxes["agent_jobs_to_supabase"]
+    url = client.get(inbox_id).notification_url
+    client.update(inbox_id, None)
+    lost = stack.dropped_deliveries()["pgnet"]
+    stack.drop_deliveries(1.0)  # the agent's change is not drained either: its wake-up is lost
+    try:
+        tables.patch("agent_jobs", rec["id"], {"error_message": "typed by a person"})
+        supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
+        eventually(lambda: stack.dropped_deliveries()["pgnet"] > lost)
+        reconcile(stack_context(stack), ["agent_jobs"])
+    finally:
+        stack.drop_deliveries(0.0)
+        client.update(inbox_id, url)
+    stack.sweep_outbox(0)
+    stack.wait_quiet()
+    stack.safety_drain()
+    stack.wait_quiet()
+    row, found = supabase.row("agent_jobs", rid), tables.find("agent_jobs", rid)["data"]
+    assert (row["status"], row["error_message"]) == ("agent", "typed by a person")
+    assert (found["status"], found["error_message"]) == ("agent", "typed by a person")
+
