@@ -488,3 +488,22 @@ def test_reconcile_does_not_write_supabases_row_over_a_newer_cell_edit(stack, ta
     assert (row["status"], row["error_message"]) == ("agent", "typed by a person")
     assert (found["status"], found["error_message"]) == ("agent", "typed by a person")
 
+
+
+def test_one_merge_one_audit_entry_whichever_direction_records_it():
+    """Both directions compute the same merged record; met at once from both sides, the merge is audited once
+    (the entries share their id, and append_audit inserts an id once)."""
+    from shared.core import audit
+    from shared.core.mapping import parse_supabase_record
+    from shared.core.outcome import Outcome
+    from shared.core.spec import FUNCTIONS
+
+    merged = parse_supabase_record(FUNCTIONS["agent_jobs_to_supabase"].table, dict(
+        BASE, status="agent", error_message="note", updated_at=_iso(NOW + timedelta(milliseconds=1))))
+    info = {"supabase": ["status"], "tables": ["error_message"], "both_later": {}}
+    now = datetime.now(UTC)
+    a = audit.sync_entry(FUNCTIONS["agent_jobs_to_supabase"], merged, Outcome.MERGED, now, merge=info)
+    b = audit.sync_entry(FUNCTIONS["agent_jobs_to_tables"], merged, Outcome.MERGED, now, merge=info)
+    assert a["id"] == b["id"] and a["metadata"]["merged"]["tables"] == ["error_message"]
+    applied = audit.sync_entry(FUNCTIONS["agent_jobs_to_tables"], merged, Outcome.APPLIED, now)
+    assert applied["id"] != a["id"]
