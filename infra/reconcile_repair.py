@@ -31,7 +31,7 @@ from shared.adapters import supabase_db
 from shared.adapters.zapier_errors import TablesError
 from shared.adapters.zapier_tables import BATCH_MAX, TablesClient, client_from_settings
 from shared.core import audit
-from shared.core.mapping import to_tables_fields
+from shared.core.mapping import parse_supabase_record, to_tables_fields
 from shared.core.outcome import Outcome
 from shared.core.spec import FUNCTIONS, Direction, TableSpec
 from shared.services.deletes import restored_row
@@ -50,18 +50,22 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 def apply_many(conn: psycopg.Connection, spec: TableSpec, rows: Sequence[dict],
                edited: dict[str, datetime | None] | None = None,
-               refused: list[tuple[str, list[dict[str, str]]]] | None = None) -> list[tuple[str, str, dict | None]]:
+               refused: list[tuple[str, list[dict[str, str]]]] | None = None,
+               merges: dict[str, tuple[dict, dict]] | None = None) -> list[tuple[str, str, dict | None]]:
     """``zsync.sync_apply_many`` (the functions' rule: versions, tombstones; ``edited``: Zapier's edited_at by
     id, where given): -> (id, outcome, stored before) per applied row. A row the database refuses
     (:func:`shared.services.sync.isolate`) is left out and added to ``refused`` with its problems; the others
-    are applied."""
+    are applied. ``merges``: filled with (merged row, which fields came from where) of the rows merged."""
+    merges = {} if merges is None else merges
+
     def upsert(c: psycopg.Connection, part: list[dict]) -> list[Any]:
         return supabase_db.sync_apply_many(c, spec, [(r, (edited or {}).get(r["id"])) for r in part])
 
     done, bad = isolate(conn, list(rows), upsert, lambda r: r)
     if refused is not None:
         refused += [(r["id"], problems) for r, problems in bad]
-    return [(r["id"], outcome, stored) for r, (outcome, stored, _) in done]
+    merges.update({r["id"]: (applied, merge) for r, (outcome, _, applied, merge) in done if outcome == Outcome.MERGED})
+    return [(r["id"], outcome, stored) for r, (outcome, stored, *_) in done]
 
 
 def _synced_entry(spec: TableSpec, direction: Direction, row: dict, now: datetime,
@@ -95,7 +99,7 @@ class Repairer:
             def to_supabase_side() -> None:
                 try:
                     began = time.perf_counter()
-                    deleted.extend(self.to_supabase(spec, drift.to_supabase, sub, drift.missing))
+                    deleted.extend(self.to_supabase(spec, drift.to_supabase, sub, drift.missing | drift.edited))
                     sub.timings["to_supabase"] = time.perf_counter() - began
                 except BaseException as exc:  # raised again in this thread below
                     failed.append(exc)
@@ -137,8 +141,17 @@ class Repairer:
             by_id = {r["id"]: r for r in chunk}
             entries, applied, raced = [], 0, 0
             refused: list[tuple[str, list[dict[str, str]]]] = []
-            for rid, outcome, stored in apply_many(conn, spec, chunk, edited, refused):
-                if outcome == Outcome.APPLIED:
+            merges: dict[str, tuple[dict, dict]] = {}
+            for rid, outcome, stored in apply_many(conn, spec, chunk, edited, refused, merges):
+                if outcome == Outcome.MERGED:  # Supabase holds the merged record and sends it on to Tables
+                    applied += 1
+                    row, merge = merges[rid]
+                    entry = audit.sync_entry(FUNCTIONS[spec.function_name(Direction.TO_SUPABASE)],
+                                             parse_supabase_record(spec, row), Outcome.MERGED, now, stored,
+                                             origin="reconcile", merge=merge)
+                    entry["metadata"]["via"] = VIA
+                    entries.append(entry)
+                elif outcome == Outcome.APPLIED:
                     applied += 1
                     entries.append(_synced_entry(spec, Direction.TO_SUPABASE, by_id[rid], now, stored))
                 elif outcome == Outcome.SKIPPED_STALE:
@@ -324,6 +337,16 @@ class Repairer:
     def _ack(conn: psycopg.Connection, spec: TableSpec, rows: Sequence[dict]) -> None:
         supabase_db.ack_outbox_set(conn, spec, [(r["id"], r.get(spec.version) if spec.version else None, "applied")
                                                 for r in rows])
+        supabase_db.agree(conn, spec, list(rows))  # both sides hold these rows: the field merge's base
+
+    def mark_agreed(self, spec: TableSpec, agreed: list[tuple[str, datetime]], report: TableReport) -> None:
+        """Records found equal on both sides: their versions are agreed, the field merge's base for records whose
+        agreement left no mark (older than the merge: zsync.mark_agreed adds one only where none is)."""
+        try:
+            for chunk in _chunks(agreed, SUPABASE_BATCH):
+                self.ctx.db.run(lambda conn, chunk=chunk: supabase_db.mark_agreed(conn, spec, list(chunk)))
+        except DB_ERRORS as exc:
+            report.errors.append(f"marking agreed versions: {type(exc).__name__}")
 
     def remove_duplicates(self, spec: TableSpec, record_ids: list[str], owner: dict[str, str],
                           report: TableReport) -> None:

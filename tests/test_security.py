@@ -318,7 +318,8 @@ def test_valid_secret_with_a_forged_table_cannot_write_another_table(stack):
     for other in ("agent_decisions", "rate_limits", "audit_log"):
         assert supabase.row(other, forged_id) is None, other
     assert tables.find("agent_decisions", forged_id) is None and tables.find("rate_limits", forged_id) is None
-    assert tables.find("agent_jobs", forged_id) is not None
+    # (a delivery to *_to_supabase is what Tables holds: the sync does not write it back to Tables)
+    assert tables.find("agent_jobs", forged_id) is None
 
 
 # --- in-process: rotation, and what errors may say ---------------------------------------------------------
@@ -463,7 +464,10 @@ CALLED = {"sync_upsert", "version_cmp", "content_hash", "append_audit",
           # issue 12: the single-record path (sync_upsert_many is gone)
           "version_of_typed", "claim_outbox_rows", "record_outbox_batch", "outbox_claimable", "sync_apply_many_set",
           # issue 18: deletes that win, restores that come back
-          "note_sync_trashed", "sync_trashed_ids", "tombstone_of"}
+          "note_sync_trashed", "sync_trashed_ids", "tombstone_of",
+          # issue 20: the field merge (zsync.sync_base only through these)
+          "field_merge_on", "merge_decide", "merge_decide_many", "base_after_apply", "ack_agreed", "agree",
+          "bases_of", "bases_after_batch", "mark_agreed"}
 DEFINER = {"capture_change", "ack_outbox", "announce",
            # issue 13: they read/write zsync.tombstones and zsync.outbox, which zsync_sync cannot touch
            "maintain_updated_at", "track_tombstone", "tombstone_version", "apply_tables_delete", "outbox_failed",
@@ -478,7 +482,11 @@ DEFINER = {"capture_change", "ack_outbox", "announce",
            # issue 18: zsync.sync_trashed and zsync.tombstones, which zsync_sync cannot touch
            "note_sync_trashed", "sync_trashed_ids", "tombstone_of",
            # issue 18: the secret-free wake-up the webhook triggers and zsync.announce send
-           "wake"}
+           "wake",
+           # issue 20: zsync.sync_base, zsync.config and the outbox, which zsync_sync cannot touch
+           "field_merge_on", "merge_time_limit", "merge_decide", "merge_decide_many", "base_after_apply",
+           "ack_agreed", "agree", "bases_of", "bases_after_batch", "set_base", "mark_agreed",
+           "base_before_change"}
 
 
 def role_url(database_url: str, role: str = ROLE) -> str:
@@ -586,7 +594,9 @@ def test_functions_sync_as_a_member_of_zsync_sync(database_url, fn_url, tmp_path
                 assert outbox == (2, 2)  # the trigger's + the repair's (zsync.requeue), both acknowledged
                 queued = admin.execute("SELECT headers FROM net.http_request_queue "
                                        "WHERE url LIKE '%%zsync_wake=outbox'").fetchall()
-                assert len(queued) >= 4  # the webhook triggers fired as the role + the announce: wake-ups ...
+                # the announce's wake-up (the sync's own applies from Tables queue none with the field merge
+                # on: their outbox entries are acknowledged, nothing to drain) ...
+                assert len(queued) >= 1
                 assert all(h == ({"Content-Type": "application/json"},) for h in queued)  # ... with no secret
                 actions = {r[0] for r in admin.execute("SELECT action FROM audit_log WHERE resource_id = %s "
                                                        "OR id = %s", (rid, rid))}
