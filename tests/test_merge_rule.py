@@ -528,3 +528,44 @@ def test_a_tables_edit_overwritten_by_a_write_that_read_before_it_is_merged_when
     assert (row["status"], row["error_message"]) == ("agent", "typed")
     # a stale delivery of s1 itself changes nothing
     assert _apply(db, s1, read_at)[0] in ("skipped_stale", "unchanged")
+
+
+@pytest.mark.parametrize("with_note", [False, True])
+def test_a_later_tables_edit_made_from_a_record_already_merged_does_not_undo_supabases_later_change(db, with_note):
+    """A person sets status in Tables (t1) - and, in one variant, a note; an agent sets status later in Supabase
+    (t2); the person's change arrives and loses status to the agent's later change (the record 'skipped_stale', or
+    'merged' keeping the note). Before Tables holds the result, the person edits another field (t3) of the record
+    Tables still holds (status as the person set it). That edit changed retry_count only: the agent's status must
+    stay. Before: compared with the older base, the Tables record's status counted as a change at t3 (its record's
+    time) and won over the agent's t2 - the agent's later change lost on both sides."""
+    rid = uid("merged-then-edit")
+    seeded = _seed(db, rid, datetime.now(UTC) - timedelta(seconds=20))
+    t1 = (datetime.now(UTC) - timedelta(seconds=10)).replace(microsecond=0)
+    db.execute("UPDATE agent_jobs SET status = 'agent', updated_at = %s WHERE id = %s",
+               (t1 + timedelta(seconds=1), rid))
+    person = dict(seeded, status="person", **({"error_message": "a note"} if with_note else {}))
+    outcome, _ = _apply(db, person, t1)
+    assert outcome == ("merged" if with_note else "skipped_stale")
+    assert _row(db, rid)["status"] == "agent"
+    outcome, merge = _apply(db, dict(person, retry_count=9), t1 + timedelta(seconds=3))
+    assert outcome == "merged", (outcome, merge)
+    row = _row(db, rid)
+    assert (row["status"], row["retry_count"]) == ("agent", 9), row
+    assert row["error_message"] == ("a note" if with_note else None)
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]])
+def test_several_cell_edits_of_one_record_in_one_batch_the_last_edit_wins(db, order):
+    """Snapshots of one Tables record that differ only in Zapier's edited_at (cell edits leave updated_at as it
+    was) arrive in one inbox lease, in any order: the last edit is the record's newest state (the batch ranks
+    versions of one id by updated_at, then edited_at, then hash). With an agent's change held too, see
+    tests/test_field_merge.py::test_several_cell_edits_waiting_in_the_inbox_the_last_one_wins."""
+    rid = uid("cell-edits")
+    seeded = _seed(db, rid, datetime.now(UTC) - timedelta(seconds=20))
+    t = (datetime.now(UTC) - timedelta(seconds=10)).replace(microsecond=0)
+    snaps = [{"row": dict(seeded, error_message=f"edit-{i}"), "edited_at": _iso(t + timedelta(seconds=i))}
+             for i in range(4)]
+    batch = [snaps[i] for i in order] + [{"row": dict(seeded, id=uid("other")), "edited_at": None}
+                                         for _ in range(5)]  # past the small-batch size: the set-based path
+    db.execute("SELECT * FROM zsync.sync_apply_many(%s::regclass, %s::jsonb)", (T, json.dumps(batch))).fetchall()
+    assert _row(db, rid)["error_message"] == "edit-3"

@@ -80,8 +80,11 @@ class Settings(BaseSettings):
     inbox_path_prefix: str = Field(
         default="/trigger-inbox/api/v1", description="The public Trigger Inbox API's path prefix: Zapier's docs "
         "show /trigger-inbox/api/v1 (guides, white-label pages) and /trigger-inbox/v1 (the OpenAPI files).")
-    inbox_lease_limit: int = Field(default=10, description="Messages per lease: the API takes 1-100.")
-    inbox_lease_seconds: int = Field(default=300, description="Lease length in seconds: the API takes 1-3600.")
+    inbox_lease_limit: int = Field(default=100, description=(
+        "Messages per lease (applied as one batch): the API takes 1-100 (its own default 10)."))
+    inbox_lease_seconds: int = Field(default=60, description=(
+        "Lease length in seconds: the API takes 1-3600 (its own default 300). A drain killed mid-lease leaves its "
+        "messages invisible this long."))
 
     # --- Bad input ---------------------------------------------------------------------------------
     max_future_skew_s: float = Field(

@@ -501,7 +501,7 @@ BEGIN
                                'both_later', (SELECT coalesce(jsonb_object_agg(k.key,
                                                   CASE k.value #>> '{}' WHEN 'a' THEN 'tables' ELSE 'supabase' END),
                                                   '{}'::jsonb) FROM jsonb_each(m.both_later) k),
-                               'base_version', b.version);
+                               'base_version', b.version, 'tables_version', t_ts);
 END
 $$;
 
@@ -648,11 +648,68 @@ $$;
 -- The apply of a Tables record to Supabase: as the baseline's, plus the merge (zsync.merge_decide) for a
 -- record with a base, and the base recorded when Supabase ends up holding what Tables sent ('applied' /
 -- 'unchanged'). New outcome 'merged': Supabase now holds the merged record (written under zsync.origin =
--- 'sync_send', so it is queued for Tables); merge: which fields came from where. The base is not moved to a
--- merged record here: Tables does not hold it yet (the *_to_tables write does that).
+-- 'sync_send', so it is queued for Tables); merge: which fields came from where. The base is not moved to the
+-- merged record here (Tables does not hold it yet: the *_to_tables write does that) but to the Tables record
+-- merged (zsync.base_after_merge, below), the two records' common ancestor.
 DROP FUNCTION IF EXISTS zsync.sync_apply_many(regclass, jsonb);
 DROP FUNCTION IF EXISTS zsync.sync_apply_many_set(regclass, jsonb);
 DROP FUNCTION IF EXISTS zsync.sync_apply(regclass, jsonb, timestamp with time zone);
+
+-- After a change from Tables (p_tables, at the version it counts for; p_tables_ts the updated_at its copy carries)
+-- was merged with Supabase's row (p_supabase, before) into p_merged: p_tables becomes the record's base. It is the
+-- common ancestor of what Tables holds (p_tables, or a later edit made from it) and of what Supabase now holds
+-- (p_merged took all of its changes), so the next Tables change is compared with it, not with the older base it
+-- was merged against (which would count p_tables' old values as that change's own). The times of the fields
+-- Supabase's row holds differently from p_tables are kept (field_ts: the old base's stamp, else Supabase's
+-- version), so a later conflict on them still goes to the later change.
+CREATE OR REPLACE FUNCTION zsync.base_after_merge(p_table regclass, p_tables jsonb, p_tables_ts timestamp with time zone,
+                                                  p_supabase jsonb, p_merged jsonb) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET "TimeZone" TO 'UTC'
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+DECLARE
+    v_name text := (SELECT relname::text FROM pg_class WHERE oid = p_table);
+    q      text := format('SELECT to_jsonb(x) FROM jsonb_populate_record(NULL::%s, $1) x', p_table);
+    ct     jsonb;
+    cm     jsonb;
+    v      record;
+    s_ts   timestamptz;
+    old_ts jsonb;
+    times  jsonb := '{}';
+    c      text;
+    tt     jsonb;
+    tm     jsonb;
+BEGIN
+    IF NOT zsync.field_merge_on() OR p_tables IS NULL OR p_merged IS NULL THEN
+        RETURN;
+    END IF;
+    PERFORM zsync.assert_synced(p_table);
+    EXECUTE q INTO tt USING p_tables;
+    EXECUTE q INTO tm USING p_merged;
+    ct := zsync.canonical_row(p_table, tt);
+    cm := zsync.canonical_row(p_table, tm);
+    s_ts := (SELECT date_trunc('milliseconds', x.ts) FROM zsync.version_of(p_table, p_supabase) x);
+    SELECT b.field_ts INTO old_ts FROM zsync.sync_base b WHERE b.table_name = v_name AND b.record_id = p_tables ->> 'id';
+    FOR c IN SELECT a.attname::text FROM pg_attribute a
+             WHERE a.attrelid = p_table AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+               AND a.attname NOT IN ('id', 'updated_at') LOOP
+        IF (cm -> c) IS DISTINCT FROM (ct -> c) THEN
+            times := times || jsonb_build_object(c, coalesce(old_ts -> c, to_jsonb(s_ts)));
+        END IF;
+    END LOOP;
+    SELECT * INTO v FROM zsync.version_of(p_table, p_tables);
+    INSERT INTO zsync.sync_base AS b (table_name, record_id, base, version, hash, tables_ts, agreed, field_ts)
+    VALUES (v_name, p_tables ->> 'id', p_tables, v.ts, v.hash,
+            date_trunc('milliseconds', coalesce(p_tables_ts, v.ts)), true, nullif(times, '{}'::jsonb))
+    ON CONFLICT ON CONSTRAINT sync_base_pkey DO UPDATE
+        SET base = EXCLUDED.base, version = EXCLUDED.version, hash = EXCLUDED.hash, tables_ts = EXCLUDED.tables_ts,
+            agreed = true, field_ts = EXCLUDED.field_ts, prev = NULL, prev_version = NULL, prev_until = NULL,
+            set_at = now()
+        WHERE (EXCLUDED.version, EXCLUDED.hash) > (b.version, b.hash);
+END
+$_$;
+REVOKE ALL ON FUNCTION zsync.base_after_merge(regclass, jsonb, timestamp with time zone, jsonb, jsonb) FROM PUBLIC;
 
 CREATE FUNCTION zsync.sync_apply(p_table regclass, p_row jsonb, p_edited_at timestamp with time zone,
                                  OUT outcome text, OUT stored jsonb, OUT applied jsonb, OUT merge jsonb) RETURNS record
@@ -715,6 +772,10 @@ BEGIN
                 RETURN;
             ELSIF m.action = 'supabase' THEN
                 outcome := 'skipped_stale';
+                IF m.info IS NOT NULL THEN  -- Tables' change met and lost field by field: its record is the base now
+                    PERFORM zsync.base_after_merge(p_table,
+                        p_row || jsonb_build_object('updated_at', m.info -> 'tables_version'), v_tts, stored, stored);
+                END IF;
                 RETURN;
             ELSIF m.action IN ('tables', 'merged') THEN
                 SELECT string_agg(format('%I', attname), ', ' ORDER BY attnum) INTO v_cols
@@ -730,6 +791,8 @@ BEGIN
                 IF m.action = 'merged' THEN
                     outcome := 'merged';
                     merge := m.info;
+                    PERFORM zsync.base_after_merge(p_table, p_row || jsonb_build_object('updated_at', m.info -> 'tables_version'),
+                                                   v_tts, stored, m.merged);
                 ELSE
                     outcome := 'applied';
                     PERFORM zsync.base_after_apply(p_table, m.merged, v_tts);
@@ -912,7 +975,7 @@ BEGIN
                     FROM jsonb_array_elements($1) WITH ORDINALITY AS e(v, ord),
                          LATERAL jsonb_populate_record(NULL::%1$s, e.v -> 'row') x),
                 ranked AS (
-                    SELECT inc.*, row_number() OVER (PARTITION BY inc.id ORDER BY inc.ts DESC, inc.hash DESC, inc.ord) AS rn
+                    SELECT inc.*, row_number() OVER (PARTITION BY inc.id ORDER BY inc.ts DESC, date_trunc('milliseconds', inc.edited_at) DESC NULLS LAST, inc.hash DESC, inc.ord) AS rn
                     FROM inc),
                 cur AS MATERIALIZED (
                     SELECT t.id, to_jsonb(t) AS stored, %4$s AS ts, %5$s AS hash
