@@ -61,7 +61,7 @@ def apply_many(conn: psycopg.Connection, spec: TableSpec, rows: Sequence[dict],
     done, bad = isolate(conn, list(rows), upsert, lambda r: r)
     if refused is not None:
         refused += [(r["id"], problems) for r, problems in bad]
-    return [(r["id"], outcome, stored) for r, (outcome, stored, _) in done]
+    return [(r["id"], outcome, stored) for r, (outcome, stored, *_) in done]
 
 
 def _synced_entry(spec: TableSpec, direction: Direction, row: dict, now: datetime,

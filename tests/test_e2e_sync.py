@@ -278,19 +278,18 @@ def test_secret_required_everywhere(stack):
         assert ok.status_code == 200 and ok.json()["outcome"] == "ping"
 
 
-def test_4_direct_delivery_without_timestamps_is_one_write_each_side(stack, tables, supabase):
-    """A Zap payload with no created_at/updated_at: versioned at arrival, written once on each side."""
+def test_4_tables_record_without_timestamps_is_one_write_in_supabase_and_none_back(stack, tables, supabase):
+    """A Tables record with no created_at/updated_at: versioned at Zapier's edited_at, written once in
+    Supabase, and not written back to Tables (what Tables sent, it holds: no echo check, no request)."""
     rid = uid("no-ts")
-    url = stack.functions["agent_jobs_to_supabase"].url
+    tables.create("agent_jobs", {"id": rid, "status": "queued"})
     before_t = tables.writes("agent_jobs")
-    r = requests.post(url, json={"id": rid, "status": "queued"}, headers={"X-Zsync-Secret": stack.secret}, timeout=10)
-    assert r.json()["outcome"] == "applied"
-    eventually(lambda: tables.find("agent_jobs", rid))
+    eventually(lambda: supabase.row("agent_jobs", rid))
     stack.wait_quiet()
     time.sleep(0.5)
     stack.wait_quiet()
     assert supabase.writes("agent_jobs", rid) == 1
-    assert tables.writes("agent_jobs") - before_t == 1
+    assert tables.writes("agent_jobs") - before_t == 0
     assert "created_at" not in tables.find("agent_jobs", rid)["data"]  # an empty cell: not in data
 
 

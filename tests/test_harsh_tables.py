@@ -103,7 +103,15 @@ def test_cell_edit_keeping_updated_at_wins_through_edited_at(stack, tables, supa
     assert _ms(row["updated_at"]) >= _ms(edited["edited_at"]) > _ms(given)  # versioned at edited_at
     final = tables.find("agent_jobs", rid)
     assert final["data"]["status"] == edit  # not overwritten by a push-back of the old version
-    assert _ms(final["data"]["updated_at"]) == _ms(row["updated_at"])
+    # The sync does not write its own apply back (no Tables request for it): Tables keeps its updated_at, and
+    # the base remembers it, so the next cell edit at that same updated_at is a change again and wins.
+    assert final["data"]["updated_at"] == given
+    assert not supabase.audit(rid, "sync_skipped_stale_data")
+    again = tables.update("agent_jobs", rid, {"status": "edited-again"})
+    assert again["data"]["updated_at"] == given
+    eventually(lambda: supabase.row("agent_jobs", rid)["status"] == "edited-again", timeout_s=10)
+    stack.wait_quiet()
+    assert tables.find("agent_jobs", rid)["data"]["status"] == "edited-again"
     assert not supabase.audit(rid, "sync_skipped_stale_data")
 
 
@@ -136,7 +144,8 @@ def test_old_version_pushed_to_tables_does_not_overwrite_a_cell_edit(stack, tabl
     stack.wait_quiet()
     row, final = supabase.row("agent_jobs", rid), tables.find("agent_jobs", rid)
     assert row["status"] == final["data"]["status"] == edit
-    assert _ms(row["updated_at"]) == _ms(final["data"]["updated_at"]) > _ms(given)
+    assert _ms(row["updated_at"]) > _ms(given)  # versioned at the edit's edited_at
+    assert final["data"]["updated_at"] == given  # the push-back is not written back to Tables (it holds it)
 
 
 def test_single_path_writes_the_id_into_the_record_that_lacked_it(stack, tables, supabase):

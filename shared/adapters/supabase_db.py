@@ -119,18 +119,19 @@ def _regclass(spec: TableSpec) -> str:
 def sync_upsert(conn: psycopg.Connection, spec: TableSpec, row: Mapping[str, Any],
                 edited_at: datetime | None = None) -> tuple[str, dict | None]:
     """Apply ``row`` if newer than the stored version (see zsync.sync_apply). -> (outcome, stored before)."""
-    outcome, stored, _ = sync_apply(conn, spec, row, edited_at)
+    outcome, stored, _, _ = sync_apply(conn, spec, row, edited_at)
     return outcome, stored
 
 
 def sync_apply(conn: psycopg.Connection, spec: TableSpec, row: Mapping[str, Any],
-               edited_at: datetime | None = None) -> tuple[str, dict | None, dict | None]:
-    """zsync.sync_apply: ``row`` if newer than the stored version or tombstone; ``edited_at`` is Zapier
-    Tables' own time of the record's last change. -> (outcome, stored before, row as applied)."""
+               edited_at: datetime | None = None) -> tuple[str, dict | None, dict | None, dict | None]:
+    """zsync.sync_apply: ``row`` if newer than the stored version or tombstone, merged field by field with it
+    when both changed since their base; ``edited_at`` is Zapier Tables' own time of the record's last change.
+    -> (outcome, stored before, row as applied, which fields came from where when the outcome is ``merged``)."""
     if not spec.sync_deletes:
         conn.execute("SELECT set_config('zsync.ignore_tombstones', 'on', true)")
     return conn.execute(
-        "SELECT outcome, stored, applied FROM zsync.sync_apply(%s::regclass, %s::jsonb, %s)",
+        "SELECT outcome, stored, applied, merge FROM zsync.sync_apply(%s::regclass, %s::jsonb, %s)",
         (_regclass(spec), row_to_json(row), edited_at),
     ).fetchone()
 
@@ -312,9 +313,9 @@ def ack_outbox_many(conn: psycopg.Connection, spec: TableSpec,
 
 
 def sync_apply_many(conn: psycopg.Connection, spec: TableSpec, items: list[tuple[Mapping[str, Any], datetime | None]]
-                    ) -> list[tuple[str, dict | None, dict | None]]:
+                    ) -> list[tuple[str, dict | None, dict | None, dict | None]]:
     """:func:`sync_apply` of each ``(row, edited_at)`` in one call (zsync.sync_apply_many: one multi-row
-    conditional upsert). -> (outcome, stored before, row as applied) per item, in input order."""
+    conditional upsert). -> (outcome, stored before, row as applied, merge) per item, in input order."""
     if not items:
         return []
     if not spec.sync_deletes:
@@ -322,9 +323,37 @@ def sync_apply_many(conn: psycopg.Connection, spec: TableSpec, items: list[tuple
     payload = "[" + ",".join(
         f'{{"row":{row_to_json(row)},"edited_at":{json.dumps(ts.isoformat() if ts else None)}}}'
         for row, ts in items) + "]"
-    found = conn.execute("SELECT ord, outcome, stored, applied FROM zsync.sync_apply_many(%s::regclass, %s::jsonb)",
+    found = conn.execute("SELECT ord, outcome, stored, applied, merge "
+                         "FROM zsync.sync_apply_many(%s::regclass, %s::jsonb)", (_regclass(spec), payload)).fetchall()
+    return [tuple(r[1:]) for r in sorted(found, key=lambda r: r[0])]
+
+
+# --- the field-level merge (zsync.merge_decide, zsync.sync_base) -----------------------------------------
+
+
+def merge_decide_many(conn: psycopg.Connection, spec: TableSpec,
+                      items: list[tuple[Mapping[str, Any], datetime | None, Mapping[str, Any]]]
+                      ) -> list[tuple[str, dict | None, dict | None]]:
+    """zsync.merge_decide of each ``(Tables record, its edited_at, Supabase row)`` in one call: -> (action,
+    the winning or merged row, which fields came from where) per item, in input order; action ``none`` when
+    the record has no base or the merge is off (the whole-record rule decides)."""
+    if not items:
+        return []
+    payload = "[" + ",".join(
+        f'{{"tables":{row_to_json(t)},"edited_at":{json.dumps(ts.isoformat() if ts else None)},'
+        f'"supabase":{row_to_json(s)}}}' for t, ts, s in items) + "]"
+    found = conn.execute("SELECT ord, action, merged, info FROM zsync.merge_decide_many(%s::regclass, %s::jsonb)",
                          (_regclass(spec), payload)).fetchall()
-    return [(outcome, stored, applied) for _, outcome, stored, applied in sorted(found, key=lambda r: r[0])]
+    return [(action, merged, info) for _, action, merged, info in sorted(found, key=lambda r: r[0])]
+
+
+def set_bases(conn: psycopg.Connection, spec: TableSpec, rows: list[Mapping[str, Any]]) -> int:
+    """Record ``rows`` as content both sides hold now (zsync.set_bases; forward only, nothing when the merge
+    is off). -> how many bases moved."""
+    if not rows:
+        return 0
+    payload = "[" + ",".join(row_to_json(r) for r in rows) + "]"
+    return conn.execute("SELECT zsync.set_bases(%s::regclass, %s::jsonb)", (_regclass(spec), payload)).fetchone()[0]
 
 
 def append_audit_each(conn: psycopg.Connection, entries: list[Mapping[str, Any]]) -> list[bool]:

@@ -54,14 +54,17 @@ def _lag(now: datetime, changed_at: datetime | None, source_ts: datetime | None)
 
 def sync_entry(fn: FunctionSpec, row: Mapping[str, Any], outcome: Outcome, now: datetime,
                stored: Mapping[str, Any] | None = None, *, changed_at: datetime | None = None,
-               origin: str = "live", changed_at_source: str | None = None) -> dict[str, Any]:
-    """``<table>_synced`` (applied) or ``sync_skipped_stale_data`` (stored version was newer).
+               origin: str = "live", changed_at_source: str | None = None,
+               merge: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``<table>_synced`` (applied, or merged) or ``sync_skipped_stale_data`` (stored version was newer).
 
     ``lag_seconds`` is delivery lag: ``now`` minus ``changed_at``, when the change happened on the source
     side as the system saw it (Zapier's ``edited_at`` or the arrival time; the outbox capture time for
     Supabase -> Tables); None when unknown. It is never derived from the record's own version timestamp,
     which is kept apart as ``record_age_seconds``. ``origin``: live delivery, replay (dead-letter queue),
-    reconcile, or repair (the sync pushing a newer version it found on the other side)."""
+    reconcile, or repair (the sync pushing a newer version it found on the other side). ``merge`` (outcome
+    ``merged``, ``row`` the merged record): which fields came from which side, as ``metadata.merged``
+    ``{"supabase": [...], "tables": [...], "both_later": {field: side kept}}``."""
     if origin not in ORIGINS:
         raise ValueError(f"origin must be one of {ORIGINS}")
     spec = fn.table
@@ -75,7 +78,10 @@ def sync_entry(fn: FunctionSpec, row: Mapping[str, Any], outcome: Outcome, now: 
     }
     if stored is not None and spec.version:
         metadata["stored_updated_at"] = stored.get(spec.version)
-    action = spec.synced_action if outcome is Outcome.APPLIED else SKIPPED_ACTION
+    if merge is not None:
+        metadata["merged"] = {k: merge.get(k) for k in ("supabase", "tables", "both_later", "base_version")}
+    synced = outcome in (Outcome.APPLIED, Outcome.MERGED)
+    action = spec.synced_action if synced else SKIPPED_ACTION
     version = source_ts.isoformat() if source_ts else ""
     return _entry(fn, action, row["id"], now, metadata, "debug" if outcome is Outcome.APPLIED else "info",
                   str(row["id"]), version, row_to_json(row))

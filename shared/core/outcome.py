@@ -10,6 +10,7 @@ class Outcome(StrEnum):
     APPLIED = "applied"  # the incoming version was newer and is now stored
     UNCHANGED = "unchanged"  # the same version was already stored (echo or redelivery)
     SKIPPED_STALE = "skipped_stale"  # the stored version is newer; nothing written
+    MERGED = "merged"  # both sides changed different fields since their base: the merged record is stored
     DELETED = "deleted"  # the record was deleted with a version as new or newer: not re-inserted
     PARKED = "parked"  # cannot be applied without a person (unreadable Tables record): sync_failed written
     IGNORED = "ignored"  # not a change we sync (deletes on a table that ignores them, pings)

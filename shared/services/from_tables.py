@@ -41,6 +41,10 @@ from shared.services.sync import (
 if TYPE_CHECKING:  # imported where used: a *_to_supabase function never loads the Tables client (cold start)
     pass
 
+# Outcomes audited as a change: applied (the later version), merged (fields from both sides: the merged record,
+# which Supabase now holds and its outbox sends to Tables), skipped_stale.
+AUDITED = (Outcome.APPLIED, Outcome.MERGED, Outcome.SKIPPED_STALE)
+
 
 def _parse_delivery(ctx: SyncContext, spec: TableSpec, record: Mapping[str, Any], arrived: datetime,
                     now: datetime) -> tuple[dict[str, Any], datetime | None]:
@@ -80,13 +84,13 @@ def apply_from_tables(ctx: SyncContext, fn: FunctionSpec, record: Mapping[str, A
     def work(conn: psycopg.Connection) -> Outcome:
         if spec.append_only:
             return Outcome.APPLIED if supabase_db.append_audit(conn, row) else Outcome.UNCHANGED
-        outcome, stored, applied = supabase_db.sync_apply(conn, spec, row, edited_at)
+        outcome, stored, applied, merge = supabase_db.sync_apply(conn, spec, row, edited_at)
         result = Outcome(outcome)
         version = parse_supabase_record(spec, applied) if applied else row
-        if result in (Outcome.APPLIED, Outcome.SKIPPED_STALE):
+        if result in AUDITED:
             supabase_db.append_audit(conn, audit.sync_entry(fn, version, result, datetime.now(UTC), stored,
                                                             changed_at=changed, changed_at_source=changed_at_source,
-                                                            origin=origin))
+                                                            origin=origin, merge=merge))
         if result is Outcome.SKIPPED_STALE and Direction.TO_TABLES in spec.directions:
             # Tables sent an older version than Supabase holds: push Supabase's back so Tables converges
             # even if the webhook for the newer version was lost.
@@ -178,12 +182,12 @@ def apply_many_from_tables(ctx: SyncContext, fn: FunctionSpec, records: Sequence
             if spec.append_only:
                 outcomes[d.index] = Outcome.APPLIED if found else Outcome.UNCHANGED
                 continue
-            outcome, stored, applied = found
+            outcome, stored, applied, merge = found
             result = outcomes[d.index] = Outcome(outcome)
-            if result in (Outcome.APPLIED, Outcome.SKIPPED_STALE):
+            if result in AUDITED:
                 version = parse_supabase_record(spec, applied) if applied else d.row
                 entries.append(audit.sync_entry(fn, version, result, datetime.now(UTC), stored, changed_at=d.changed,
-                                                changed_at_source=d.source, origin=origin))
+                                                changed_at_source=d.source, origin=origin, merge=merge))
             if Direction.TO_TABLES in spec.directions:
                 if result is Outcome.SKIPPED_STALE:
                     pushes.append((d.row["id"], "UPDATE"))

@@ -53,7 +53,14 @@ from shared.services.sync import (
     push_back,
     tables_version_row,
 )
-from shared.services.to_tables import _tables_version, apply_from_supabase
+from shared.services.to_tables import (
+    MergeDecision,
+    _tables_version,
+    apply_from_supabase,
+    apply_merged,
+    decide_merges,
+    merged_outcome,
+)
 
 if TYPE_CHECKING:
     from shared.adapters.zapier_tables import Record
@@ -77,6 +84,7 @@ class _Plan:
 
     items: dict[str, _Item] = field(default_factory=dict)
     outcomes: dict[str, tuple[Outcome, dict[str, Any] | None]] = field(default_factory=dict)  # id -> (outcome, parked)
+    merges: dict[str, MergeDecision] = field(default_factory=dict)  # id -> the merged record written to Tables
     failed: list[tuple[str, dict[str, Any], list[dict[str, str]], int]] = field(default_factory=list)
     gone: list[str] = field(default_factory=list)  # row deleted without a tombstone: nothing to send
     deletes: list[str] = field(default_factory=list)  # deleted (tombstone): the single delete path
@@ -85,6 +93,7 @@ class _Plan:
     stopped: str | None = None  # why writes stopped early (budget): the rest stays pending
     requests: int = 0
     more: bool = True  # after recording: the table still has entries a claim could take now
+    hook: bool = False  # written with the catch-hook writer (unconfirmed): no base recorded
 
 
 @dataclass
@@ -154,6 +163,7 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
     if not items:
         return
     if ctx.settings.tables_writer is TablesWriter.CATCH_HOOK:
+        plan.hook = True
         for item in items:
             try:
                 ctx.hooks.send(spec.name, item.fields)
@@ -178,6 +188,7 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
     creates: list[_Item] = []
     updates: list[tuple[_Item, str]] = []
     pairs: list[tuple[_Item, dict[str, Any]]] = []
+    as_read: dict[str, tuple[dict[str, Any], datetime | None]] = {}  # Tables' record before _tables_version
     idless: set[str] = set()
     for item in items:
         recs = by_id.get(item.id, [])
@@ -212,24 +223,41 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
                 plan.outcomes[item.id] = (Outcome.PARKED, audit.parked_entry(
                     fn, item.id, exc.problems, existing.data, item.row, datetime.now(UTC)))
             continue
+        as_read[item.id] = (current, edited_at)
         current = _tables_version(ctx, conn, spec, current, edited_at, item.row)
         pairs.append((item, current))
         by_id[item.id] = [existing]  # the one kept (duplicates removed)
-    cmps = conflict.compare_many(conn, spec, [(item.row, current) for item, current in pairs])
-    stale = [item.id for (item, _), cmp in zip(pairs, cmps, strict=True)
-             if outcome_of(cmp) is Outcome.SKIPPED_STALE]
+    outcomes = [outcome_of(cmp) for cmp in
+                 conflict.compare_many(conn, spec, [(item.row, current) for item, current in pairs])]
+    # The field-level merge, where both versions differ (one call; "none" without a base: the rule above)
+    asked = [i for i, ((item, _), o) in enumerate(zip(pairs, outcomes, strict=True))
+             if o is not Outcome.UNCHANGED and item.id not in idless]
+    decisions = dict(zip(asked, decide_merges(conn, spec, [(*as_read[pairs[i][0].id], pairs[i][0].row)
+                                                           for i in asked]), strict=True))
+    for i, decision in decisions.items():
+        outcomes[i] = merged_outcome(decision, outcomes[i])
+    stale = [item.id for (item, _), o in zip(pairs, outcomes, strict=True)
+             if o in (Outcome.SKIPPED_STALE, Outcome.MERGED)]
     if len(stale) > 1:  # the pushes below lock these rows: take them in id order first, as every writer does
         supabase_db.lock_rows(conn, spec, stale)
-    for (item, current), cmp in zip(pairs, cmps, strict=True):
-        outcome = outcome_of(cmp)
+    for i, ((item, current), outcome) in enumerate(zip(pairs, outcomes, strict=True)):
+        decision = decisions.get(i, MergeDecision("none", None, None))
         if outcome is Outcome.UNCHANGED and item.id in idless:
             outcome = Outcome.APPLIED  # the same version: write it whole, which puts the id into the record
+        if outcome is Outcome.MERGED and decision.row is not None:  # fields from both: M goes to both sides
+            plan.merges[item.id] = decision
+            updates.append((_Item(item.id, decision.row, to_tables_fields(spec, decision.row), item.captured),
+                            by_id[item.id][0].id))
+            continue
         if outcome is Outcome.APPLIED:
             updates.append((item, by_id[item.id][0].id))
             continue
         if outcome is Outcome.SKIPPED_STALE:
             # Tables holds a newer version: make sure Supabase has it too (same as the single path).
-            push_back(ctx, conn, spec, current)
+            if decision.action == "tables":  # as its delivery would: the same decision in zsync.sync_apply
+                push_back(ctx, conn, spec, *as_read[item.id])
+            else:
+                push_back(ctx, conn, spec, current)
         plan.outcomes[item.id] = (outcome, None)
 
     def send(chunk: list[Any], create: bool) -> None:
@@ -261,10 +289,11 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
                     except TablesUnavailable as exc:
                         plan.stopped = str(exc)[:300]
                         return
-                    plan.outcomes[rid] = (Outcome.APPLIED, None)
+                    plan.outcomes[rid] = (Outcome.MERGED if rid in plan.merges else Outcome.APPLIED, None)
                 continue
             for one in chunk:
-                plan.outcomes[(one if create else one[0]).id] = (Outcome.APPLIED, None)
+                rid = (one if create else one[0]).id
+                plan.outcomes[rid] = (Outcome.MERGED if rid in plan.merges else Outcome.APPLIED, None)
 
 
 def _record(conn: psycopg.Connection, fn: FunctionSpec, plan: _Plan, origin: str, exclude: list[str]) -> None:
@@ -274,11 +303,18 @@ def _record(conn: psycopg.Connection, fn: FunctionSpec, plan: _Plan, origin: str
     now = datetime.now(UTC)
     entries: list[dict[str, Any]] = []
     acks: list[tuple[str, datetime | None, str]] = [(rid, None, "row_deleted") for rid in plan.gone]
+    bases: list[dict[str, Any]] = []  # rows Tables now holds as Supabase does
     for rid, (outcome, parked) in plan.outcomes.items():
         item = plan.items[rid]
-        if outcome in (Outcome.APPLIED, Outcome.SKIPPED_STALE):
-            entries.append(audit.sync_entry(fn, item.row, outcome, now, changed_at=item.captured,
-                                            changed_at_source="outbox", origin=origin))
+        merged = plan.merges.get(rid) if outcome is Outcome.MERGED else None
+        if outcome in (Outcome.APPLIED, Outcome.SKIPPED_STALE, Outcome.MERGED):
+            entries.append(audit.sync_entry(fn, merged.row if merged and merged.row else item.row, outcome, now,
+                                            changed_at=item.captured, changed_at_source="outbox", origin=origin,
+                                            merge=merged.info if merged else None))
+        if merged is not None:
+            apply_merged(conn, spec, merged)
+        elif outcome in (Outcome.APPLIED, Outcome.UNCHANGED) and not plan.hook:
+            bases.append(item.row)
         if parked is not None:
             entries.append(parked)
         acks.append((rid, item.row.get(spec.version or ""), outcome.value))
@@ -286,6 +322,7 @@ def _record(conn: psycopg.Connection, fn: FunctionSpec, plan: _Plan, origin: str
         entries.append(audit.failed_entry(fn, _webhook_body(spec.name, row), problems, now, rid, status))
     handed_on = [rid for rid, _, _, _ in plan.failed] + plan.deletes + [
         rid for rid, (outcome, _) in plan.outcomes.items() if outcome is Outcome.PARKED]
+    supabase_db.set_bases(conn, spec, bases)
     plan.more = supabase_db.record_outbox_batch(conn, spec, entries, acks, exclude + handed_on)
     for rid, _, problems, _ in plan.failed:  # counted on the record's entries, parked after a few
         reason = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)[:2000]

@@ -305,15 +305,17 @@ def _tables_edited_at(record: Record) -> datetime | None:
     return _edited_at(getattr(record, "edited_at", None) or record.data.get("edited_at"))
 
 
-def push_back(ctx: SyncContext, conn: psycopg.Connection, spec: TableSpec, current: dict[str, Any]) -> None:
+def push_back(ctx: SyncContext, conn: psycopg.Connection, spec: TableSpec, current: dict[str, Any],
+              edited_at: datetime | None = None) -> None:
     """Tables holds a newer version than Supabase was sending: make sure Supabase has it too (its own
-    delivery may have been lost; conditional, so a no-op when Supabase is current), in a savepoint: a value
+    delivery may have been lost; conditional, so a no-op when Supabase is current; ``edited_at``: Zapier's, as
+    a delivery carries it, where the record's version may be a cell edit's), in a savepoint: a value
     Supabase refuses leaves Supabase as it is, with a ``sync_failed`` entry holding the Tables fields, and
     never fails the transaction it runs in (an outbox claim of the whole table)."""
     back = FUNCTIONS[spec.function_name(Direction.TO_SUPABASE)]
     try:
         with conn.transaction():
-            pushed, _ = supabase_db.sync_upsert(conn, spec, current)
+            pushed, _ = supabase_db.sync_upsert(conn, spec, current, edited_at)
     except RECORD_ERRORS as exc:
         problems = db_problems(exc, current)
         log_event(ctx.logger, logging.ERROR, "push_back_refused", record_id=current.get("id"), problems=problems)

@@ -6,7 +6,8 @@ many records at once).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -61,26 +62,69 @@ def apply_from_supabase(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhoo
     row = parse_supabase_record(spec, hook.record)
     fields = to_tables_fields(spec, row)
     captured: list[datetime | None] = [None]
+    hook = ctx.settings.tables_writer is TablesWriter.CATCH_HOOK
 
     def work(conn: psycopg.Connection) -> tuple[Outcome, Any]:
         captured[0] = supabase_db.outbox_capture_time(conn, spec, row["id"], row.get(spec.version or ""))
-        if ctx.settings.tables_writer is TablesWriter.CATCH_HOOK:
+        if hook:
             ctx.hooks.send(spec.name, fields)
             return Outcome.APPLIED, None
         return _write_if_newer(ctx, conn, fn, row, fields)
 
-    def record(conn: psycopg.Connection, outcome: Outcome, parked: Any) -> None:
-        if outcome in (Outcome.APPLIED, Outcome.SKIPPED_STALE):
-            supabase_db.append_audit(conn, audit.sync_entry(fn, row, outcome, datetime.now(UTC),
-                                                            changed_at=captured[0], changed_at_source="outbox",
-                                                            origin=origin))
-        if parked is not None:
-            supabase_db.append_audit(conn, parked)
+    def record(conn: psycopg.Connection, outcome: Outcome, extra: Any) -> None:
+        merged = extra if isinstance(extra, MergeDecision) else None
+        if outcome in (Outcome.APPLIED, Outcome.SKIPPED_STALE, Outcome.MERGED):
+            supabase_db.append_audit(conn, audit.sync_entry(fn, merged.row if merged else row, outcome,
+                                                            datetime.now(UTC), changed_at=captured[0],
+                                                            changed_at_source="outbox", origin=origin,
+                                                            merge=merged.info if merged else None))
+        if extra is not None and merged is None:
+            supabase_db.append_audit(conn, extra)  # the parked entry
+        if merged is not None:
+            apply_merged(conn, spec, merged)
+        elif outcome in (Outcome.APPLIED, Outcome.UNCHANGED) and not hook:
+            supabase_db.set_bases(conn, spec, [row])  # Tables holds this row now
         supabase_db.ack_outbox(conn, spec, row["id"], row.get(spec.version or ""), outcome.value)
 
     outcome = _run_recorded(ctx, lambda conn: supabase_db.lock_record(conn, spec, row["id"]), work, record)
     return SyncResult(outcome=outcome, function=fn.name, table=spec.name, id=row["id"],
                       lag_ms=_lag_ms(captured[0], datetime.now(UTC)))
+
+
+@dataclass
+class MergeDecision:
+    """What zsync.merge_decide made of a record (see :func:`decide_merges`)."""
+
+    action: str  # none | same | supabase | tables | merged
+    row: dict[str, Any] | None  # the winning (tables) or merged record, as a Supabase row
+    info: dict[str, Any] | None  # merged: which fields came from where
+
+
+def decide_merges(conn: psycopg.Connection, spec: TableSpec,
+                  items: Sequence[tuple[Mapping[str, Any], datetime | None, Mapping[str, Any]]]) -> list[MergeDecision]:
+    """The field-level merge for ``(Tables record as read, Zapier's edited_at, Supabase row)`` items, in one
+    call (zsync.merge_decide_many: the rule both directions share; ``none`` where the record has no base or
+    the merge is off)."""
+    return [MergeDecision(action, parse_supabase_record(spec, merged) if merged else None, info)
+            for action, merged, info in supabase_db.merge_decide_many(conn, spec, list(items))]
+
+
+def merged_outcome(decision: MergeDecision, outcome: Outcome) -> Outcome:
+    """The outcome of a Supabase row meeting its Tables copy, given the merge's decision (``outcome``: the
+    whole-record rule's, kept when the merge has nothing to say): same content -> unchanged; Tables did not
+    change since the base -> the row is written (applied); only Tables changed -> its record wins
+    (skipped_stale, pushed back at the version it counts for); both changed -> merged."""
+    return {"same": Outcome.UNCHANGED, "supabase": Outcome.APPLIED, "tables": Outcome.SKIPPED_STALE,
+            "merged": Outcome.MERGED}.get(decision.action, outcome)
+
+
+def apply_merged(conn: psycopg.Connection, spec: TableSpec, decision: MergeDecision) -> None:
+    """After the merged record was written to Tables: apply it to Supabase (zsync.sync_apply: it holds the
+    Supabase row's fields, so it comes out applied - merged again only if the row changed meanwhile - and is
+    not queued back) and record it as the base both sides now hold."""
+    assert decision.row is not None
+    supabase_db.sync_apply(conn, spec, decision.row)
+    supabase_db.set_bases(conn, spec, [decision.row])
 
 
 def _tables_version(ctx: SyncContext, conn: psycopg.Connection, spec: TableSpec, current: dict[str, Any],
@@ -100,8 +144,9 @@ def _tables_version(ctx: SyncContext, conn: psycopg.Connection, spec: TableSpec,
 
 
 def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, row: Mapping[str, Any],
-                    fields: dict[str, Any]) -> tuple[Outcome, dict[str, Any] | None]:
-    """-> (outcome, a ``sync_failed`` entry to record when the Tables record was parked)."""
+                    fields: dict[str, Any]) -> tuple[Outcome, Any]:
+    """-> (outcome, a ``sync_failed`` entry to record when the Tables record was parked, or the
+    :class:`MergeDecision` of a merged record)."""
     spec = fn.table
     table_id = ctx.table_id(spec)
     # One lookup, the trash included: a record deleted in Tables is not re-created by an older version.
@@ -132,14 +177,29 @@ def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec
         log_event(ctx.logger, logging.ERROR, "tables_record_unreadable", record_id=row["id"],
                   problems=exc.problems, resolution="parked: not overwritten (it may be newer); sync_failed written")
         return Outcome.PARKED, audit.parked_entry(fn, row["id"], exc.problems, existing.data, row, datetime.now(UTC))
+    as_read = current
     current = _tables_version(ctx, conn, spec, current, edited_at, row)
     outcome = outcome_of(conflict.compare(conn, spec, row, current))
+    decision = MergeDecision("none", None, None)
+    if outcome is not Outcome.UNCHANGED and not idless:
+        decision = decide_merges(conn, spec, [(as_read, edited_at, row)])[0]
+        outcome = merged_outcome(decision, outcome)
+        if decision.action in ("tables", "merged"):
+            supabase_db.lock_rows(conn, spec, [row["id"]])  # before the Tables write, as the batch does
     if outcome is Outcome.UNCHANGED and idless:
         outcome = Outcome.APPLIED  # the same version: write it whole, which puts the id into the record
+    if outcome is Outcome.MERGED:
+        assert decision.row is not None
+        ctx.tables.update(table_id, existing.id, to_tables_fields(spec, decision.row))
+        return outcome, decision
     if outcome is Outcome.APPLIED:
         ctx.tables.update(table_id, existing.id, fields)
     elif outcome is Outcome.SKIPPED_STALE and current is not None:
         # Tables holds a newer version than this webhook carried: make sure Supabase has it too (its own
-        # Zap delivery may have been lost). Conditional, so a no-op when Supabase is already current.
-        push_back(ctx, conn, spec, current)
+        # Zap delivery may have been lost). Conditional, so a no-op when Supabase is already current. With a
+        # base, at the version the merge counted Tables' change at (a cell edit: Zapier's edited_at).
+        if decision.action == "tables":  # as its delivery would: the same decision in zsync.sync_apply
+            push_back(ctx, conn, spec, as_read, edited_at)
+        else:
+            push_back(ctx, conn, spec, current)
     return outcome, None

@@ -1,0 +1,805 @@
+-- zsync: field-level merge (a three-way merge against the last content both sides agreed on) and no Tables
+-- request for the sync's own applies (their echo is no longer checked against Tables).
+--
+-- * zsync.sync_base: per record, the last content BOTH sides are known to hold (the base). Set only when both
+--   hold it: a Tables delivery applied whole to Supabase or found equal there (zsync.sync_apply,
+--   zsync.sync_apply_many_set), a Supabase row written to Tables or found equal there (the *_to_tables
+--   functions, zsync.set_bases, in the transaction that acknowledges the outbox), reconcile finding both
+--   sides equal. It only moves forward (a later version) and is dropped with the row.
+-- * zsync.merge3: the rule, per field. zsync.merge_decide: what a change meets (base, Tables' record,
+--   Supabase's row) comes to; both directions call it.
+-- * zsync.sync_apply / sync_apply_many / sync_apply_many_set: the merge inside the one atomic path (row lock).
+-- * zsync.capture_change: a write the sync applied from Tables (zsync.origin = 'sync') is recorded in the
+--   outbox already acknowledged while the merge is on (Tables holds it; the base records that): no drain
+--   reads Tables for its echo. A merged record is written under zsync.origin = 'sync_send' and IS queued.
+-- * The switch: zsync.config 'field_merge' ("on" | "off", default on), or the setting zsync.field_merge for
+--   a session (SET zsync.field_merge = 'off'): off gives the seed's whole-record rule back.
+-- Re-runnable: every object is created if missing or replaced.
+
+CREATE TABLE IF NOT EXISTS zsync.sync_base (
+    table_name text NOT NULL,
+    record_id text NOT NULL,
+    base jsonb NOT NULL,
+    version timestamp with time zone NOT NULL,
+    hash text NOT NULL,
+    tables_ts timestamp with time zone,  -- the updated_at Tables' copy carries (a cell edit may be versioned later)
+    set_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT sync_base_pkey PRIMARY KEY (table_name, record_id)
+);
+
+GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE zsync.sync_base TO zsync_sync;
+
+INSERT INTO zsync.config (key, value) VALUES ('field_merge', '"on"') ON CONFLICT (key) DO NOTHING;
+
+-- Whether the field-level merge is on: the session's zsync.field_merge when set, else zsync.config.
+CREATE OR REPLACE FUNCTION zsync.field_merge_on() RETURNS boolean
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+    SELECT coalesce(nullif(current_setting('zsync.field_merge', true), ''),
+                    (SELECT c.value #>> '{}' FROM zsync.config c WHERE c.key = 'field_merge'), 'on') <> 'off'
+$$;
+
+-- The operator's switch. Turning the merge off also drops every base: bases are not kept while it is off, so
+-- a stale one cannot mislead the merge when it is turned on again (it starts from the next agreed version).
+CREATE OR REPLACE FUNCTION zsync.set_field_merge(p_on boolean) RETURNS void
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+    INSERT INTO zsync.config (key, value, updated_at)
+    VALUES ('field_merge', to_jsonb(CASE WHEN p_on THEN 'on' ELSE 'off' END), now())
+    ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = EXCLUDED.updated_at;
+    IF NOT p_on THEN
+        DELETE FROM zsync.sync_base;
+    END IF;
+END
+$$;
+
+-- Record p_row (as Supabase stores it, any JSON shape the columns cast from) as the base of its record, when
+-- it is later than the base held (version, then hash); p_tables_ts: the updated_at Tables' copy carries, when
+-- not p_row's own (a Tables cell edit applied at Zapier's edited_at). -> whether it was recorded.
+DROP FUNCTION IF EXISTS zsync.set_base(regclass, jsonb);
+CREATE OR REPLACE FUNCTION zsync.set_base(p_table regclass, p_row jsonb, p_tables_ts timestamp with time zone DEFAULT NULL)
+    RETURNS boolean
+    LANGUAGE plpgsql
+    SET "TimeZone" TO 'UTC'
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v record;
+    n integer;
+BEGIN
+    IF p_row IS NULL OR p_row ->> 'id' IS NULL OR NOT zsync.field_merge_on() THEN
+        RETURN false;
+    END IF;
+    SELECT * INTO v FROM zsync.version_of(p_table, p_row);
+    INSERT INTO zsync.sync_base AS b (table_name, record_id, base, version, hash, tables_ts)
+    VALUES ((SELECT relname::text FROM pg_class WHERE oid = p_table), p_row ->> 'id', p_row, v.ts, v.hash,
+            date_trunc('milliseconds', coalesce(p_tables_ts, v.ts)))
+    ON CONFLICT ON CONSTRAINT sync_base_pkey DO UPDATE
+        SET base = EXCLUDED.base, version = EXCLUDED.version, hash = EXCLUDED.hash, tables_ts = EXCLUDED.tables_ts,
+            set_at = now()
+        WHERE (EXCLUDED.version, EXCLUDED.hash) > (b.version, b.hash);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n = 1;
+END
+$$;
+
+-- zsync.set_base for many rows of one table (the *_to_tables batch, reconcile). -> how many were recorded.
+CREATE OR REPLACE FUNCTION zsync.set_bases(p_table regclass, p_rows jsonb) RETURNS integer
+    LANGUAGE plpgsql
+    SET "TimeZone" TO 'UTC'
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    n integer := 0;
+    e jsonb;
+BEGIN
+    IF jsonb_typeof(p_rows) IS DISTINCT FROM 'array' OR NOT zsync.field_merge_on() THEN
+        RETURN 0;
+    END IF;
+    -- id order: two transactions recording the same bases take the keys in the same order
+    FOR e IN SELECT x.value FROM jsonb_array_elements(p_rows) x ORDER BY x.value ->> 'id' LOOP
+        IF zsync.set_base(p_table, e) THEN
+            n := n + 1;
+        END IF;
+    END LOOP;
+    RETURN n;
+END
+$$;
+
+-- The three-way merge of two versions a and b of one record against their base, per column (id and
+-- updated_at aside), comparing values as zsync.canonical_row does ("" = null = no value, JSON numbers by
+-- value, JSON and arrays as whole values):
+--   changed on one side only -> that side's value; changed on both to different values -> the value of the
+--   side whose whole version (zsync.version_of: updated_at, then hash) is later; otherwise the later side's.
+-- Symmetric (merge3(base, a, b) and merge3(base, b, a) give the same record) and deterministic, so Supabase
+-- and Tables compute the same record whichever side decides.
+-- -> merged: the record (typed, as to_jsonb of the row type); outcome: 'a' / 'b' when it is that input's
+--    content and that input is the later (that input simply wins, no new version), else 'merged' with
+--    updated_at = the later input's + 1 ms (strictly after both, so every later plain comparison orders it
+--    after both); from_a / from_b: the fields taken from a side that only it changed; both_later: the fields
+--    both changed, each with the side ('a' / 'b') whose value was kept.
+CREATE OR REPLACE FUNCTION zsync.merge3(p_table regclass, p_base jsonb, p_a jsonb, p_b jsonb,
+                                        OUT merged jsonb, OUT outcome text, OUT from_a text[], OUT from_b text[],
+                                        OUT both_later jsonb) RETURNS record
+    LANGUAGE plpgsql STABLE
+    SET "TimeZone" TO 'UTC'
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+DECLARE
+    q      text := format('SELECT to_jsonb(x) FROM jsonb_populate_record(NULL::%s, $1) x', p_table);
+    ta     jsonb;
+    tb     jsonb;
+    tz     jsonb;
+    ca     jsonb;
+    cb     jsonb;
+    cz     jsonb;
+    va     record;
+    vb     record;
+    a_late boolean;
+    a_ch   boolean;
+    b_ch   boolean;
+    c      text;
+    early  text[] := '{}';  -- fields taken from the earlier side
+BEGIN
+    EXECUTE q INTO ta USING p_a;
+    EXECUTE q INTO tb USING p_b;
+    EXECUTE q INTO tz USING coalesce(p_base, '{}'::jsonb);
+    SELECT * INTO va FROM zsync.version_of_typed(p_table, ta);
+    SELECT * INTO vb FROM zsync.version_of_typed(p_table, tb);
+    a_late := (va.ts, va.hash) >= (vb.ts, vb.hash);
+    ca := zsync.canonical_row(p_table, ta);
+    cb := zsync.canonical_row(p_table, tb);
+    cz := zsync.canonical_row(p_table, tz);
+    merged := CASE WHEN a_late THEN ta ELSE tb END;
+    from_a := '{}';
+    from_b := '{}';
+    both_later := '{}';
+    FOR c IN SELECT a.attname::text FROM pg_attribute a
+             WHERE a.attrelid = p_table AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+               AND a.attname NOT IN ('id', 'updated_at') ORDER BY a.attnum LOOP
+        a_ch := (ca -> c) IS DISTINCT FROM (cz -> c);
+        b_ch := (cb -> c) IS DISTINCT FROM (cz -> c);
+        IF a_ch AND b_ch THEN
+            IF (ca -> c) IS DISTINCT FROM (cb -> c) THEN
+                both_later := both_later || jsonb_build_object(c, CASE WHEN a_late THEN 'a' ELSE 'b' END);
+            END IF;
+        ELSIF a_ch THEN
+            from_a := from_a || c;
+            IF NOT a_late THEN
+                merged := jsonb_set(merged, ARRAY[c], coalesce(ta -> c, 'null'::jsonb));
+                early := early || c;
+            END IF;
+        ELSIF b_ch THEN
+            from_b := from_b || c;
+            IF a_late THEN
+                merged := jsonb_set(merged, ARRAY[c], coalesce(tb -> c, 'null'::jsonb));
+                early := early || c;
+            END IF;
+        END IF;
+    END LOOP;
+    IF cardinality(early) = 0 THEN
+        outcome := CASE WHEN a_late THEN 'a' ELSE 'b' END;
+        RETURN;
+    END IF;
+    outcome := 'merged';
+    merged := jsonb_set(merged, '{updated_at}', to_jsonb(greatest(va.ts, vb.ts) + interval '1 millisecond'));
+END
+$_$;
+
+-- What a change meets, for a record with a base: p_tables (Tables' record, with Zapier's p_edited_at) and
+-- p_supabase (Supabase's row). Both directions call it under the record's lock.
+-- Tables changed since the base when its content differs from the base's and its version is later: its
+-- updated_at, or - a cell edit that left updated_at as the base's Tables copy carries it - Zapier's
+-- edited_at, if after the base's version.
+-- -> action:
+--   'none'     no base, the merge is off, or nothing the base can decide: the whole-record rule, as before;
+--   'same'     both hold the base's content (versions may differ): nothing to do;
+--   'supabase' Supabase's row wins whole (Tables did not change since the base: a late echo, a stale
+--              delivery); merged = p_supabase;
+--   'tables'   Tables' record wins whole; merged = it, at the version it counts for (edited_at, see above);
+--   'merged'   fields from both: merged = the merged record (zsync.merge3), info names the fields by side.
+CREATE OR REPLACE FUNCTION zsync.merge_decide(p_table regclass, p_tables jsonb, p_edited_at timestamp with time zone,
+                                              p_supabase jsonb, OUT action text, OUT merged jsonb, OUT info jsonb)
+    RETURNS record
+    LANGUAGE plpgsql STABLE
+    SET "TimeZone" TO 'UTC'
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    b zsync.sync_base;
+BEGIN
+    action := 'none';
+    IF p_tables IS NULL OR p_supabase IS NULL OR NOT zsync.field_merge_on() THEN
+        RETURN;
+    END IF;
+    SELECT * INTO b FROM zsync.sync_base x
+    WHERE x.table_name = (SELECT relname::text FROM pg_class WHERE oid = p_table) AND x.record_id = p_supabase ->> 'id';
+    IF FOUND THEN
+        SELECT * INTO action, merged, info FROM zsync.merge_decide_base(p_table, b, p_tables, p_edited_at, p_supabase);
+    END IF;
+END
+$$;
+
+-- zsync.merge_decide with the record's base given (a row of zsync.sync_base, read by the caller).
+CREATE OR REPLACE FUNCTION zsync.merge_decide_base(p_table regclass, b zsync.sync_base, p_tables jsonb,
+                                                   p_edited_at timestamp with time zone, p_supabase jsonb,
+                                                   OUT action text, OUT merged jsonb, OUT info jsonb)
+    RETURNS record
+    LANGUAGE plpgsql STABLE
+    SET "TimeZone" TO 'UTC'
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    t      record;
+    s      record;
+    t_ts   timestamptz;
+    t_row  jsonb := p_tables;  -- Tables' record at the version it counts for
+    m      record;
+    v_edit timestamptz := date_trunc('milliseconds', p_edited_at);
+BEGIN
+    action := 'none';
+    IF p_tables IS NULL OR p_supabase IS NULL OR b.record_id IS NULL THEN
+        RETURN;
+    END IF;
+    SELECT * INTO t FROM zsync.version_of(p_table, p_tables);
+    SELECT * INTO s FROM zsync.version_of(p_table, p_supabase);
+    IF t.hash = s.hash THEN
+        IF s.hash = b.hash THEN
+            action := 'same';
+        END IF;
+        RETURN;
+    END IF;
+    t_ts := t.ts;
+    IF t.hash <> b.hash AND t.ts = b.tables_ts AND t.ts <= b.version AND v_edit > b.version THEN
+        t_ts := v_edit;  -- edited in Tables after the base without a new updated_at
+        t_row := p_tables || jsonb_build_object('updated_at', t_ts);
+    END IF;
+    IF t.hash = b.hash OR t_ts <= b.version THEN  -- Tables did not change since the base
+        IF s.hash <> b.hash THEN
+            action := 'supabase';
+            merged := p_supabase;
+        END IF;
+        RETURN;
+    END IF;
+    IF s.hash = b.hash AND (t_ts, t.hash) > (s.ts, s.hash) THEN  -- only Tables changed, and later: it wins
+        action := 'tables';
+        merged := t_row;
+        RETURN;
+    END IF;
+    SELECT * INTO m FROM zsync.merge3(p_table, b.base, t_row, p_supabase);
+    IF m.outcome = 'a' THEN
+        action := 'tables';
+        merged := t_row;
+    ELSIF m.outcome = 'b' THEN
+        action := 'supabase';
+        merged := p_supabase;
+    ELSIF (m.merged ->> 'updated_at')::timestamptz > clock_timestamp() + zsync.max_future_skew() THEN
+        RETURN;  -- a merged version would be further ahead of the clock than allowed: the whole-record rule
+    ELSE
+        action := 'merged';
+        merged := m.merged;
+    END IF;
+    info := jsonb_build_object('tables', to_jsonb(m.from_a), 'supabase', to_jsonb(m.from_b),
+                               'both_later', (SELECT coalesce(jsonb_object_agg(k.key,
+                                                  CASE k.value #>> '{}' WHEN 'a' THEN 'tables' ELSE 'supabase' END),
+                                                  '{}'::jsonb) FROM jsonb_each(m.both_later) k),
+                               'base_version', b.version);
+END
+$$;
+
+-- zsync.merge_decide for many pairs of one table (the *_to_tables batch): p_pairs = [{"tables", "edited_at",
+-- "supabase"}], "supabase" being the row as the caller read it earlier. Each record's current row and base are
+-- read in one statement (one snapshot: an apply from Tables moves both in one transaction); where the current
+-- row is no longer the one the caller read, 'none' - the whole-record rule decides, as safe with an old read
+-- as it always was (the base-aware answers are only right about the row as it is).
+CREATE OR REPLACE FUNCTION zsync.merge_decide_many(p_table regclass, p_pairs jsonb)
+    RETURNS TABLE(ord integer, action text, merged jsonb, info jsonb)
+    LANGUAGE plpgsql STABLE
+    SET "TimeZone" TO 'UTC'
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+DECLARE
+    r record;
+    d record;
+BEGIN
+    IF jsonb_typeof(p_pairs) IS DISTINCT FROM 'array' THEN
+        RETURN;
+    END IF;
+    FOR r IN EXECUTE format($q$
+        SELECT e.n::integer AS n, e.p, to_jsonb(t) AS cur, b AS base
+        FROM jsonb_array_elements($1) WITH ORDINALITY AS e(p, n)
+             LEFT JOIN %1$s t ON t.id = e.p -> 'supabase' ->> 'id'
+             LEFT JOIN zsync.sync_base b ON $2 AND b.table_name = $3 AND b.record_id = e.p -> 'supabase' ->> 'id'
+        ORDER BY e.n $q$, p_table)
+        USING p_pairs, zsync.field_merge_on(), (SELECT relname::text FROM pg_class WHERE oid = p_table) LOOP
+        ord := r.n;
+        action := 'none';
+        merged := NULL;
+        info := NULL;
+        IF r.cur IS NOT NULL AND (r.base).record_id IS NOT NULL
+           AND (SELECT (v.ts, v.hash) FROM zsync.version_of_typed(p_table, r.cur) v)
+               = (SELECT (v.ts, v.hash) FROM zsync.version_of(p_table, r.p -> 'supabase') v) THEN
+            SELECT * INTO d FROM zsync.merge_decide_base(p_table, r.base, r.p -> 'tables',
+                                                         (r.p ->> 'edited_at')::timestamptz, r.p -> 'supabase');
+            action := d.action;
+            merged := d.merged;
+            info := d.info;
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+END
+$_$;
+
+-- Writes made by the sync: zsync.origin = 'sync' (a version Tables holds: not queued for Tables while the
+-- merge is on) or 'sync_send' (a merged version: queued); the updated_at maintenance leaves the version both
+-- carry untouched. Otherwise as the baseline's.
+CREATE OR REPLACE FUNCTION zsync.maintain_updated_at() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_skew  interval := zsync.max_future_skew();
+    v_limit timestamptz := clock_timestamp() + v_skew;
+    v_sync  boolean := coalesce(current_setting('zsync.origin', true), '') IN ('sync', 'sync_send');
+    v_set   timestamptz;  -- the version this write sets (not one it leaves as it was)
+    v_floor timestamptz;
+BEGIN
+    IF v_sync OR TG_OP = 'INSERT' THEN
+        v_set := NEW.updated_at;
+    ELSIF NEW.updated_at IS DISTINCT FROM OLD.updated_at THEN
+        v_set := NEW.updated_at;
+    END IF;
+    -- (a time the zsync_updated_at_syncable CHECK refuses - infinity, year 9999 - is left to it)
+    IF v_set > v_limit AND v_set < '9999-12-31 00:00:00+00' THEN
+        RAISE EXCEPTION 'zsync: %.updated_at % (id %) is % ahead of the database clock; at most % is allowed',
+            TG_TABLE_NAME, v_set, NEW.id, date_trunc('seconds', v_set - clock_timestamp()), v_skew
+            USING ERRCODE = '22008', COLUMN = 'updated_at', TABLE = TG_TABLE_NAME,
+                  HINT = 'set updated_at to now() or leave it unchanged (zsync.config max_future_skew_s)';
+    END IF;
+    IF v_sync THEN
+        RETURN NEW;
+    END IF;
+    IF TG_OP = 'INSERT' THEN
+        NEW.updated_at := coalesce(NEW.updated_at, clock_timestamp());
+        SELECT date_trunc('milliseconds', t.version) + interval '1 millisecond' INTO v_floor
+        FROM zsync.tombstones t WHERE t.table_name = TG_TABLE_NAME AND t.record_id = NEW.id
+          AND t.version <= v_limit;  -- a tombstone from the future is no floor
+        IF v_floor IS NOT NULL THEN
+            NEW.updated_at := greatest(NEW.updated_at, v_floor);
+        END IF;
+    ELSIF to_jsonb(NEW) IS DISTINCT FROM to_jsonb(OLD) THEN
+        IF NEW.updated_at IS NOT DISTINCT FROM OLD.updated_at OR NEW.updated_at IS NULL THEN
+            NEW.updated_at := clock_timestamp();
+        END IF;
+        IF OLD.updated_at <= v_limit THEN  -- a version stored beyond the skew (before this rule) pins nothing
+            NEW.updated_at := greatest(NEW.updated_at,
+                                       date_trunc('milliseconds', OLD.updated_at) + interval '1 millisecond');
+        END IF;
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+-- As the baseline's, plus: an INSERT or UPDATE the sync applied from Tables (zsync.origin = 'sync') is
+-- recorded already acknowledged ('unchanged': Tables holds that content, and the apply recorded it as the
+-- base), so no *_to_tables drain reads Tables to find its echo - while the merge is on, and except a record
+-- whose id is a Zapier record id (created in Tables with an empty id cell: its way back writes the id into
+-- it). The entry stays as the record of the write. A DELETE drops the record's base.
+CREATE OR REPLACE FUNCTION zsync.capture_change() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_echo boolean := coalesce(current_setting('zsync.origin', true), '') = 'sync' AND zsync.field_merge_on();
+BEGIN
+    IF TG_LEVEL = 'STATEMENT' THEN
+        IF TG_OP = 'DELETE' THEN
+            INSERT INTO zsync.outbox (table_name, record_id, op, record_updated_at)
+            SELECT TG_TABLE_NAME, o.id, 'DELETE', t.version
+            FROM zsync_old_rows o JOIN zsync.tombstones t ON t.table_name = TG_TABLE_NAME AND t.record_id = o.id;
+            DELETE FROM zsync.sync_base b USING zsync_old_rows o
+            WHERE b.table_name = TG_TABLE_NAME AND b.record_id = o.id;
+        ELSE
+            INSERT INTO zsync.outbox (table_name, record_id, op, record_updated_at, acked_at, ack_outcome)
+            SELECT TG_TABLE_NAME, n.id, TG_OP, n.updated_at,
+                   CASE WHEN v_echo AND n.id !~ '^[0-9A-Z]{26}$' THEN now() END,
+                   CASE WHEN v_echo AND n.id !~ '^[0-9A-Z]{26}$' THEN 'unchanged' END
+            FROM zsync_new_rows n;
+        END IF;
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'DELETE' THEN
+        INSERT INTO zsync.outbox (table_name, record_id, op, record_updated_at)
+        SELECT TG_TABLE_NAME, OLD.id, 'DELETE', t.version
+        FROM zsync.tombstones t WHERE t.table_name = TG_TABLE_NAME AND t.record_id = OLD.id;
+        DELETE FROM zsync.sync_base b WHERE b.table_name = TG_TABLE_NAME AND b.record_id = OLD.id;
+        RETURN OLD;
+    END IF;
+    v_echo := v_echo AND NEW.id !~ '^[0-9A-Z]{26}$';
+    INSERT INTO zsync.outbox (table_name, record_id, op, record_updated_at, acked_at, ack_outcome)
+    VALUES (TG_TABLE_NAME, NEW.id, TG_OP, NEW.updated_at, CASE WHEN v_echo THEN now() END,
+            CASE WHEN v_echo THEN 'unchanged' END);
+    RETURN NEW;
+END
+$$;
+
+-- The apply of a Tables record to Supabase: as the baseline's, plus the merge (zsync.merge_decide) for a
+-- record with a base, and the base recorded when Supabase ends up holding what Tables sent ('applied' /
+-- 'unchanged'). New outcome 'merged': Supabase now holds the merged record (written under zsync.origin =
+-- 'sync_send', so it is queued for Tables); merge: which fields came from where. The base is not moved to a
+-- merged record here: Tables does not hold it yet (the *_to_tables write does that).
+DROP FUNCTION IF EXISTS zsync.sync_apply_many(regclass, jsonb);
+DROP FUNCTION IF EXISTS zsync.sync_apply_many_set(regclass, jsonb);
+DROP FUNCTION IF EXISTS zsync.sync_apply(regclass, jsonb, timestamp with time zone);
+
+CREATE FUNCTION zsync.sync_apply(p_table regclass, p_row jsonb, p_edited_at timestamp with time zone,
+                                 OUT outcome text, OUT stored jsonb, OUT applied jsonb, OUT merge jsonb) RETURNS record
+    LANGUAGE plpgsql
+    SET "TimeZone" TO 'UTC'
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+DECLARE
+    v_id   text := p_row->>'id';
+    v_cols text;
+    v_n    integer;
+    v_tomb timestamptz;
+    v_origin text;
+    i_ts   timestamptz;
+    i_hash text;
+    s_ts   timestamptz;
+    s_hash text;
+    m      record;
+    v_tts  timestamptz := (p_row ->> 'updated_at')::timestamptz;  -- the updated_at Tables' copy carries
+BEGIN
+    IF v_id IS NULL THEN
+        RAISE EXCEPTION 'sync_upsert: row has no id' USING ERRCODE = '22023';
+    END IF;
+    PERFORM set_config('zsync.origin', 'sync', true);
+    LOOP
+        EXECUTE format('SELECT to_jsonb(t) FROM %s t WHERE t.id = $1 FOR UPDATE', p_table) INTO stored USING v_id;
+        IF stored IS NULL THEN
+            SELECT b.version, b.origin INTO v_tomb, v_origin
+            FROM zsync.tombstone_of((SELECT relname::text FROM pg_class WHERE oid = p_table), v_id) b;
+            IF v_tomb IS NOT NULL AND coalesce(current_setting('zsync.ignore_tombstones', true), '') <> 'on'
+               AND (SELECT v.ts FROM zsync.version_of(p_table, p_row) v) <= v_tomb THEN
+                IF v_origin = 'tables' AND p_edited_at IS NOT NULL
+                   AND date_trunc('milliseconds', p_edited_at) > date_trunc('milliseconds', v_tomb) THEN
+                    -- Changed in Tables after its delete there (restored from the trash, re-created): a new
+                    -- change, versioned after the delete as a re-insert in Supabase is.
+                    p_row := p_row || jsonb_build_object('updated_at', greatest(
+                        date_trunc('milliseconds', p_edited_at), date_trunc('milliseconds', v_tomb) + interval '1 millisecond'));
+                ELSE
+                    outcome := 'deleted';
+                    RETURN;
+                END IF;
+            END IF;
+            EXECUTE format('INSERT INTO %1$s SELECT * FROM jsonb_populate_record(NULL::%1$s, $1) ON CONFLICT (id) DO NOTHING',
+                           p_table) USING p_row;
+            GET DIAGNOSTICS v_n = ROW_COUNT;
+            IF v_n = 1 THEN
+                outcome := 'applied';
+                applied := p_row;
+                PERFORM zsync.set_base(p_table, p_row, v_tts);
+                RETURN;
+            END IF;
+            CONTINUE;  -- a concurrent insert won the race: lock that row and compare
+        END IF;
+        SELECT * INTO i_ts, i_hash FROM zsync.version_of(p_table, p_row);
+        SELECT * INTO s_ts, s_hash FROM zsync.version_of_typed(p_table, stored);
+        IF NOT (i_ts = s_ts AND i_hash = s_hash) THEN
+            SELECT * INTO m FROM zsync.merge_decide(p_table, p_row, p_edited_at, stored);
+            IF m.action = 'same' THEN
+                outcome := 'unchanged';
+                RETURN;
+            ELSIF m.action = 'supabase' THEN
+                outcome := 'skipped_stale';
+                RETURN;
+            ELSIF m.action IN ('tables', 'merged') THEN
+                SELECT string_agg(format('%I', attname), ', ' ORDER BY attnum) INTO v_cols
+                FROM pg_attribute
+                WHERE attrelid = p_table AND attnum > 0 AND NOT attisdropped AND attgenerated = '' AND attname <> 'id';
+                IF m.action = 'merged' THEN
+                    PERFORM set_config('zsync.origin', 'sync_send', true);
+                END IF;
+                EXECUTE format('UPDATE %1$s t SET (%2$s) = (SELECT %2$s FROM jsonb_populate_record(NULL::%1$s, $1)) WHERE t.id = $2',
+                               p_table, v_cols) USING m.merged, v_id;
+                PERFORM set_config('zsync.origin', 'sync', true);
+                applied := m.merged;
+                IF m.action = 'merged' THEN
+                    outcome := 'merged';
+                    merge := m.info;
+                ELSE
+                    outcome := 'applied';
+                    PERFORM zsync.set_base(p_table, m.merged, v_tts);
+                END IF;
+                RETURN;
+            END IF;
+        END IF;
+        IF p_edited_at IS NOT NULL AND i_ts = s_ts AND i_hash <> s_hash
+           AND date_trunc('milliseconds', p_edited_at) > i_ts THEN
+            -- Edited in Tables after the version both sides share, without a new updated_at.
+            i_ts := greatest(date_trunc('milliseconds', p_edited_at), s_ts + interval '1 millisecond');
+            p_row := p_row || jsonb_build_object('updated_at', i_ts);
+        END IF;
+        IF i_ts = s_ts AND i_hash = s_hash THEN
+            outcome := 'unchanged';
+            PERFORM zsync.set_base(p_table, stored, v_tts);
+        ELSIF (i_ts, i_hash) > (s_ts, s_hash) THEN
+            SELECT string_agg(format('%I', attname), ', ' ORDER BY attnum) INTO v_cols
+            FROM pg_attribute
+            WHERE attrelid = p_table AND attnum > 0 AND NOT attisdropped AND attgenerated = '' AND attname <> 'id';
+            EXECUTE format('UPDATE %1$s t SET (%2$s) = (SELECT %2$s FROM jsonb_populate_record(NULL::%1$s, $1)) WHERE t.id = $2',
+                           p_table, v_cols) USING p_row, v_id;
+            outcome := 'applied';
+            applied := p_row;
+            PERFORM zsync.set_base(p_table, p_row, v_tts);
+        ELSE
+            outcome := 'skipped_stale';
+        END IF;
+        RETURN;
+    END LOOP;
+END
+$_$;
+
+CREATE OR REPLACE FUNCTION zsync.sync_upsert(p_table regclass, p_row jsonb, OUT outcome text, OUT stored jsonb) RETURNS record
+    LANGUAGE sql
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+    SELECT a.outcome, a.stored FROM zsync.sync_apply(p_table, p_row, NULL) a
+$$;
+-- As the baseline's, with the merge column (zsync.sync_apply's).
+CREATE FUNCTION zsync.sync_apply_many(p_table regclass, p_rows jsonb) RETURNS TABLE(ord integer, record_id text, outcome text, stored jsonb, applied jsonb, merge jsonb)
+    LANGUAGE plpgsql
+    SET "TimeZone" TO 'UTC'
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_small integer := coalesce(nullif(current_setting('zsync.small_batch', true), '')::integer, 4);
+    v_ids   text[];
+    e       record;
+    u       record;
+BEGIN
+    IF jsonb_typeof(p_rows) IS DISTINCT FROM 'array' OR jsonb_array_length(p_rows) > v_small THEN
+        RETURN QUERY SELECT * FROM zsync.sync_apply_many_set(p_table, p_rows);
+        RETURN;
+    END IF;
+    SELECT array_agg(x.value -> 'row' ->> 'id' ORDER BY x.value -> 'row' ->> 'id') INTO v_ids
+    FROM jsonb_array_elements(p_rows) x;
+    IF array_position(v_ids, NULL) IS NOT NULL OR cardinality(v_ids) <> (SELECT count(DISTINCT i) FROM unnest(v_ids) i) THEN
+        RETURN QUERY SELECT * FROM zsync.sync_apply_many_set(p_table, p_rows);  -- no id (its error), duplicates
+        RETURN;
+    END IF;
+    FOR e IN SELECT x.ord::integer AS ord, x.v -> 'row' AS row, (x.v ->> 'edited_at')::timestamptz AS edited_at
+             FROM jsonb_array_elements(p_rows) WITH ORDINALITY AS x(v, ord) ORDER BY x.v -> 'row' ->> 'id' LOOP
+        SELECT * INTO u FROM zsync.sync_apply(p_table, e.row, e.edited_at);
+        ord := e.ord;
+        record_id := e.row ->> 'id';
+        outcome := u.outcome;
+        stored := u.stored;
+        applied := u.applied;
+        merge := u.merge;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+
+-- As the baseline's, with the merge: a row whose record has a base (merge on) goes the row path (action
+-- 'later': zsync.sync_apply, which merges) unless it is the common case the set-based rule decides exactly as
+-- zsync.merge_decide would - Supabase still holds the base's version and Tables sent a later one, which wins
+-- whole. The bases of what was applied or found unchanged are recorded in one statement.
+CREATE FUNCTION zsync.sync_apply_many_set(p_table regclass, p_rows jsonb) RETURNS TABLE(ord integer, record_id text, outcome text, stored jsonb, applied jsonb, merge jsonb)
+    LANGUAGE plpgsql
+    SET "TimeZone" TO 'UTC'
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+DECLARE
+    v_name     text := (SELECT relname::text FROM pg_class WHERE oid = p_table);
+    v_ignore   boolean := coalesce(current_setting('zsync.ignore_tombstones', true), '') = 'on';
+    v_merge    boolean := zsync.field_merge_on();
+    a_bts      timestamptz[];
+    a_bhash    text[];
+    r_merge    jsonb[];
+    v_ids      text[];
+    x          record;
+    t          record;
+    v_cols     text;
+    v_inserted jsonb;
+    v_locked   text[];
+    v_try      integer := 0;
+    v_lost     boolean;
+    a_ord      integer[];
+    a_id       text[];
+    a_action   text[];
+    a_stored   jsonb[];
+    a_input    jsonb[];
+    a_edited   timestamptz[];
+    a_row      jsonb[];
+    r_outcome  text[];
+    r_stored   jsonb[];
+    r_applied  jsonb[];
+    i          integer;
+    u          record;
+BEGIN
+    IF jsonb_typeof(p_rows) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'sync_apply_many: expected a JSON array of {"row", "edited_at"}' USING ERRCODE = '22023';
+    END IF;
+    IF EXISTS (SELECT 1 FROM jsonb_array_elements(p_rows) e WHERE e.value -> 'row' ->> 'id' IS NULL) THEN
+        RAISE EXCEPTION 'sync_apply_many: a row has no id' USING ERRCODE = '22023';
+    END IF;
+    IF jsonb_array_length(p_rows) = 0 THEN
+        RETURN;
+    END IF;
+    PERFORM set_config('zsync.origin', 'sync', true);
+    SELECT * INTO x FROM zsync.version_exprs(p_table, 'x');
+    SELECT * INTO t FROM zsync.version_exprs(p_table, 't');
+    v_ids := (SELECT array_agg(DISTINCT e.value -> 'row' ->> 'id') FROM jsonb_array_elements(p_rows) e);
+    LOOP
+        v_try := v_try + 1;
+        BEGIN
+            -- Lock first (id order); only rows locked here are compared set-based.
+            EXECUTE format('SELECT coalesce(array_agg(l.id), ''{}'') FROM '
+                           '(SELECT t.id FROM %s t WHERE t.id = ANY ($1) ORDER BY t.id FOR UPDATE) l', p_table)
+                INTO v_locked USING v_ids;
+            EXECUTE format($q$
+                WITH inc AS (
+                    SELECT e.ord::integer AS ord, e.v -> 'row' AS row, (e.v ->> 'edited_at')::timestamptz AS edited_at,
+                           e.v -> 'row' ->> 'id' AS id, %2$s AS ts, %3$s AS hash
+                    FROM jsonb_array_elements($1) WITH ORDINALITY AS e(v, ord),
+                         LATERAL jsonb_populate_record(NULL::%1$s, e.v -> 'row') x),
+                ranked AS (
+                    SELECT inc.*, row_number() OVER (PARTITION BY inc.id ORDER BY inc.ts DESC, inc.hash DESC, inc.ord) AS rn
+                    FROM inc),
+                cur AS MATERIALIZED (
+                    SELECT t.id, to_jsonb(t) AS stored, %4$s AS ts, %5$s AS hash
+                    FROM %1$s t WHERE t.id = ANY ($4)),
+                j AS (
+                    SELECT r.*, c.stored, c.ts AS s_ts, c.hash AS s_hash, b.version AS b_ts, b.hash AS b_hash,
+                           CASE WHEN c.id IS NULL AND r.rn = 1 THEN zsync.tombstone_version($2, r.id) END AS tomb,
+                           CASE WHEN c.id IS NOT NULL AND r.edited_at IS NOT NULL AND r.ts = c.ts AND r.hash <> c.hash
+                                     AND date_trunc('milliseconds', r.edited_at) > r.ts
+                                THEN greatest(date_trunc('milliseconds', r.edited_at), c.ts + interval '1 millisecond') END AS bumped
+                    FROM ranked r LEFT JOIN cur c ON c.id = r.id AND r.rn = 1
+                         LEFT JOIN zsync.sync_base b ON $5 AND c.id IS NOT NULL AND b.table_name = $2 AND b.record_id = r.id),
+                e AS (
+                    SELECT j.*,
+                           CASE WHEN j.rn > 1 THEN 'later'
+                                WHEN j.stored IS NULL THEN
+                                    CASE WHEN j.tomb IS NOT NULL AND NOT $3 AND j.ts <= j.tomb THEN
+                                             -- changed in Tables after the delete? zsync.sync_apply decides (origin)
+                                             CASE WHEN j.edited_at IS NOT NULL
+                                                       AND date_trunc('milliseconds', j.edited_at) > j.tomb
+                                                  THEN 'later' ELSE 'deleted' END
+                                         ELSE 'insert' END
+                                WHEN coalesce(j.bumped, j.ts) = j.s_ts AND j.hash = j.s_hash THEN 'unchanged'
+                                WHEN (coalesce(j.bumped, j.ts), j.hash) > (j.s_ts, j.s_hash) THEN 'update'
+                                ELSE 'skipped_stale' END AS action0
+                    FROM j),
+                d AS (
+                    SELECT e.*,
+                           CASE WHEN e.b_hash IS NULL OR e.action0 IN ('later', 'insert', 'deleted', 'unchanged') THEN e.action0
+                                WHEN e.action0 = 'update' AND e.s_hash = e.b_hash AND e.s_ts = e.b_ts AND e.hash <> e.b_hash
+                                    THEN 'update'
+                                ELSE 'later' END AS action
+                    FROM e)
+                SELECT array_agg(d.ord ORDER BY d.rn, d.ord), array_agg(d.id ORDER BY d.rn, d.ord),
+                       array_agg(d.action ORDER BY d.rn, d.ord), array_agg(d.stored ORDER BY d.rn, d.ord),
+                       array_agg(d.row ORDER BY d.rn, d.ord), array_agg(d.edited_at ORDER BY d.rn, d.ord),
+                       array_agg(CASE WHEN d.bumped IS NULL THEN d.row ELSE d.row || jsonb_build_object('updated_at', d.bumped) END
+                                 ORDER BY d.rn, d.ord),
+                       array_agg(CASE WHEN d.action = 'unchanged' THEN d.s_ts ELSE coalesce(d.bumped, d.ts) END ORDER BY d.rn, d.ord),
+                       array_agg(CASE WHEN d.action = 'unchanged' THEN d.s_hash ELSE d.hash END ORDER BY d.rn, d.ord)
+                FROM d
+            $q$, p_table, x.ts_expr, x.hash_expr, t.ts_expr, t.hash_expr)
+                INTO a_ord, a_id, a_action, a_stored, a_input, a_edited, a_row, a_bts, a_bhash
+                USING p_rows, v_name, v_ignore, v_locked, v_merge;
+
+            -- In id order; waits only for a concurrent insert of the same id (which holds no lower id it
+            -- inserted after this transaction's lock step: inserts run in id order too).
+            EXECUTE format('WITH ins AS (INSERT INTO %1$s SELECT p.* FROM unnest($1, $2, $3) AS u(id, action, row), '
+                           'LATERAL jsonb_populate_record(NULL::%1$s, u.row) p WHERE u.action = ''insert'' ORDER BY u.id '
+                           'ON CONFLICT (id) DO NOTHING RETURNING id) SELECT coalesce(jsonb_object_agg(ins.id, true), ''{}'') FROM ins',
+                           p_table)
+                INTO v_inserted USING a_id, a_action, a_row;
+            v_lost := EXISTS (SELECT 1 FROM unnest(a_id, a_action) AS l(id, action)
+                              WHERE l.action = 'insert' AND NOT v_inserted ? l.id);
+            IF v_lost AND v_try < 5 THEN
+                -- Another transaction inserted one of these ids since the lock step: release what this
+                -- attempt locked and inserted, and lock again (now that row too) in id order.
+                RAISE EXCEPTION 'zsync: insert race' USING ERRCODE = 'ZS409';
+            END IF;
+        EXCEPTION WHEN SQLSTATE 'ZS409' THEN
+            CONTINUE;
+        END;
+        EXIT;
+    END LOOP;
+
+    IF 'update' = ANY (a_action) THEN
+        SELECT string_agg(format('%I', attname), ', ' ORDER BY attnum) INTO v_cols
+        FROM pg_attribute
+        WHERE attrelid = p_table AND attnum > 0 AND NOT attisdropped AND attgenerated = '' AND attname <> 'id';
+        EXECUTE format('UPDATE %1$s t SET (%2$s) = (SELECT %2$s FROM jsonb_populate_record(NULL::%1$s, u.row)) '
+                       'FROM (SELECT v.id, v.row FROM unnest($1, $2, $3) AS v(id, action, row) '
+                       '      WHERE v.action = ''update'') u WHERE t.id = u.id', p_table, v_cols)
+            USING a_id, a_action, a_row;
+    END IF;
+
+    IF v_merge THEN  -- Supabase now holds what Tables sent: the base of each (id order, as every writer)
+        INSERT INTO zsync.sync_base AS b (table_name, record_id, base, version, hash, tables_ts)
+        SELECT v_name, l.id, CASE WHEN l.action = 'unchanged' THEN l.stored ELSE l.row END, l.bts, l.bhash,
+               date_trunc('milliseconds', coalesce((l.input ->> 'updated_at')::timestamptz, l.bts))
+        FROM unnest(a_id, a_action, a_row, a_stored, a_bts, a_bhash, a_input)
+             AS l(id, action, row, stored, bts, bhash, input)
+        WHERE l.action IN ('update', 'unchanged') OR (l.action = 'insert' AND v_inserted ? l.id)
+        ORDER BY l.id
+        ON CONFLICT ON CONSTRAINT sync_base_pkey DO UPDATE
+            SET base = EXCLUDED.base, version = EXCLUDED.version, hash = EXCLUDED.hash,
+                tables_ts = EXCLUDED.tables_ts, set_at = now()
+            WHERE (EXCLUDED.version, EXCLUDED.hash) > (b.version, b.hash);
+    END IF;
+
+    -- The rows applied one by one (older versions of an id, and - after 5 lost races - lost inserts), in id
+    -- order (each id's versions newest first, as in result order).
+    r_outcome := array_fill(NULL::text, ARRAY[cardinality(a_ord)]);
+    r_stored := array_fill(NULL::jsonb, ARRAY[cardinality(a_ord)]);
+    r_applied := array_fill(NULL::jsonb, ARRAY[cardinality(a_ord)]);
+    r_merge := array_fill(NULL::jsonb, ARRAY[cardinality(a_ord)]);
+    FOR i IN SELECT l.n FROM unnest(a_id, a_action) WITH ORDINALITY AS l(id, action, n)
+             WHERE l.action = 'later' OR (l.action = 'insert' AND NOT v_inserted ? l.id)
+             ORDER BY l.id, l.n LOOP
+        SELECT * INTO u FROM zsync.sync_apply(p_table, a_input[i], a_edited[i]);
+        r_outcome[i] := u.outcome;
+        r_stored[i] := u.stored;
+        r_applied[i] := u.applied;
+        r_merge[i] := u.merge;
+    END LOOP;
+
+    FOR i IN 1 .. cardinality(a_ord) LOOP
+        ord := a_ord[i];
+        record_id := a_id[i];
+        stored := a_stored[i];
+        applied := NULL;
+        merge := r_merge[i];
+        IF r_outcome[i] IS NOT NULL THEN
+            outcome := r_outcome[i];
+            stored := r_stored[i];
+            applied := r_applied[i];
+        ELSIF a_action[i] IN ('insert', 'update') THEN
+            outcome := 'applied';
+            applied := a_row[i];
+        ELSE
+            outcome := a_action[i];
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+END
+$_$;
+
+-- Roles and grants (as the baseline's for the objects it defines) -------------------------------------------
+REVOKE ALL ON FUNCTION zsync.sync_apply(regclass, jsonb, timestamp with time zone) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.sync_apply(regclass, jsonb, timestamp with time zone) TO zsync_sync;
+REVOKE ALL ON FUNCTION zsync.sync_apply_many(regclass, jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.sync_apply_many(regclass, jsonb) TO zsync_sync;
+REVOKE ALL ON FUNCTION zsync.sync_apply_many_set(regclass, jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.sync_apply_many_set(regclass, jsonb) TO zsync_sync;
+REVOKE ALL ON FUNCTION zsync.sync_upsert(regclass, jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.sync_upsert(regclass, jsonb) TO zsync_sync;
+REVOKE ALL ON FUNCTION zsync.field_merge_on() FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.field_merge_on() TO zsync_sync;
+REVOKE ALL ON FUNCTION zsync.set_field_merge(boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION zsync.set_base(regclass, jsonb, timestamp with time zone) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.set_base(regclass, jsonb, timestamp with time zone) TO zsync_sync;
+REVOKE ALL ON FUNCTION zsync.set_bases(regclass, jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.set_bases(regclass, jsonb) TO zsync_sync;
+REVOKE ALL ON FUNCTION zsync.merge3(regclass, jsonb, jsonb, jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.merge3(regclass, jsonb, jsonb, jsonb) TO zsync_sync;
+REVOKE ALL ON FUNCTION zsync.merge_decide(regclass, jsonb, timestamp with time zone, jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.merge_decide(regclass, jsonb, timestamp with time zone, jsonb) TO zsync_sync;
+REVOKE ALL ON FUNCTION zsync.merge_decide_base(regclass, zsync.sync_base, jsonb, timestamp with time zone, jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.merge_decide_base(regclass, zsync.sync_base, jsonb, timestamp with time zone, jsonb) TO zsync_sync;
+REVOKE ALL ON FUNCTION zsync.merge_decide_many(regclass, jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.merge_decide_many(regclass, jsonb) TO zsync_sync;
+REVOKE ALL ON FUNCTION zsync.maintain_updated_at() FROM PUBLIC;
+REVOKE ALL ON FUNCTION zsync.capture_change() FROM PUBLIC;
