@@ -34,7 +34,7 @@ from typing import Any
 import psycopg
 import requests
 
-from bench import batching, bench_reconcile, coldstart, tables_requests
+from bench import batching, bench_reconcile, coldstart, merge_cost, tables_requests
 from bench.floor_target import TABLE_SQL
 from bench.probe import insert_webhook
 from infra.local.stack import REPO, LocalStack, free_port, running_stack, wait_listening
@@ -238,6 +238,8 @@ def main() -> None:
     parser.add_argument("--reconcile-n", type=int, default=20_000,
                         help="records in the table for the reconcile figures (bench/bench_reconcile.py: with "
                              "and without the rate limit; 100,000 takes about two minutes)")
+    parser.add_argument("--merge-n", type=int, default=10_000,
+                        help="rows per batched-apply measurement of the field merge's cost (bench/merge_cost.py)")
     args = parser.parse_args()
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="zsync-bench-"))
@@ -261,9 +263,11 @@ def main() -> None:
             summary.append(report_e2e("tables->supabase (zap)", tables_to_supabase(stack, tables, args.e2e)))
         summary.append(report_e2e("supabase->tables", supabase_to_tables(stack, tables, args.e2e)))
         summary.append(burst(stack, tables, supabase, args.burst))
+        summary += merge_cost.lag(stack, tables, args.e2e)  # the field merge on vs off (bench/merge_cost.py)
         summary += tables_requests.run(stack)  # Tables requests per change, each direction (issue 21 item 3)
         print("  rss: " + ", ".join(f"{name} {rss_mb(fp.process.pid):.0f} MB"
                                     for name, fp in sorted(stack.functions.items()) if fp.process))
+    summary += merge_cost.batched_apply(args.merge_n, reps=3)
     summary += batching.run(big=args.batch_big)
     summary += bench_reconcile.run(args.reconcile_n)
     width = max(len(name) for name, _, _ in summary)

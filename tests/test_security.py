@@ -463,7 +463,10 @@ CALLED = {"sync_upsert", "version_cmp", "content_hash", "append_audit",
           # issue 12: the single-record path (sync_upsert_many is gone)
           "version_of_typed", "claim_outbox_rows", "record_outbox_batch", "outbox_claimable", "sync_apply_many_set",
           # issue 18: deletes that win, restores that come back
-          "note_sync_trashed", "sync_trashed_ids", "tombstone_of"}
+          "note_sync_trashed", "sync_trashed_ids", "tombstone_of",
+          # issue 20: the field merge (zsync.sync_base only through these)
+          "field_merge_on", "merge_decide", "merge_decide_many", "base_after_apply", "ack_agreed", "agree",
+          "bases_of", "bases_after_batch"}
 DEFINER = {"capture_change", "ack_outbox", "announce",
            # issue 13: they read/write zsync.tombstones and zsync.outbox, which zsync_sync cannot touch
            "maintain_updated_at", "track_tombstone", "tombstone_version", "apply_tables_delete", "outbox_failed",
@@ -478,7 +481,10 @@ DEFINER = {"capture_change", "ack_outbox", "announce",
            # issue 18: zsync.sync_trashed and zsync.tombstones, which zsync_sync cannot touch
            "note_sync_trashed", "sync_trashed_ids", "tombstone_of",
            # issue 18: the secret-free wake-up the webhook triggers and zsync.announce send
-           "wake"}
+           "wake",
+           # issue 20: zsync.sync_base, zsync.config and the outbox, which zsync_sync cannot touch
+           "field_merge_on", "merge_time_limit", "merge_decide", "merge_decide_many", "base_after_apply",
+           "ack_agreed", "agree", "bases_of", "bases_after_batch", "set_base"}
 
 
 def role_url(database_url: str, role: str = ROLE) -> str:

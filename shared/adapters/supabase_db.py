@@ -347,13 +347,13 @@ def merge_decide_many(conn: psycopg.Connection, spec: TableSpec,
     return [(action, merged, info) for _, action, merged, info in sorted(found, key=lambda r: r[0])]
 
 
-def set_bases(conn: psycopg.Connection, spec: TableSpec, rows: list[Mapping[str, Any]]) -> int:
-    """Record ``rows`` as content both sides hold now (zsync.set_bases; forward only, nothing when the merge
-    is off). -> how many bases moved."""
+def agree(conn: psycopg.Connection, spec: TableSpec, rows: list[Mapping[str, Any]]) -> int:
+    """Both sides hold ``rows`` now (written to Tables, or found equal there): zsync.agree drops a record's
+    saved base, or makes the row its base when Supabase changed since (nothing when the merge is off)."""
     if not rows:
         return 0
     payload = "[" + ",".join(row_to_json(r) for r in rows) + "]"
-    return conn.execute("SELECT zsync.set_bases(%s::regclass, %s::jsonb)", (_regclass(spec), payload)).fetchone()[0]
+    return conn.execute("SELECT zsync.agree(%s::regclass, %s::jsonb)", (_regclass(spec), payload)).fetchone()[0]
 
 
 def append_audit_each(conn: psycopg.Connection, entries: list[Mapping[str, Any]]) -> list[bool]:

@@ -322,7 +322,7 @@ def _record(conn: psycopg.Connection, fn: FunctionSpec, plan: _Plan, origin: str
         entries.append(audit.failed_entry(fn, _webhook_body(spec.name, row), problems, now, rid, status))
     handed_on = [rid for rid, _, _, _ in plan.failed] + plan.deletes + [
         rid for rid, (outcome, _) in plan.outcomes.items() if outcome is Outcome.PARKED]
-    supabase_db.set_bases(conn, spec, bases)
+    supabase_db.agree(conn, spec, bases)
     plan.more = supabase_db.record_outbox_batch(conn, spec, entries, acks, exclude + handed_on)
     for rid, _, problems, _ in plan.failed:  # counted on the record's entries, parked after a few
         reason = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)[:2000]

@@ -83,7 +83,7 @@ def apply_from_supabase(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhoo
         if merged is not None:
             apply_merged(conn, spec, merged)
         elif outcome in (Outcome.APPLIED, Outcome.UNCHANGED) and not hook:
-            supabase_db.set_bases(conn, spec, [row])  # Tables holds this row now
+            supabase_db.agree(conn, spec, [row])  # Tables holds this row now
         supabase_db.ack_outbox(conn, spec, row["id"], row.get(spec.version or ""), outcome.value)
 
     outcome = _run_recorded(ctx, lambda conn: supabase_db.lock_record(conn, spec, row["id"]), work, record)
@@ -121,10 +121,10 @@ def merged_outcome(decision: MergeDecision, outcome: Outcome) -> Outcome:
 def apply_merged(conn: psycopg.Connection, spec: TableSpec, decision: MergeDecision) -> None:
     """After the merged record was written to Tables: apply it to Supabase (zsync.sync_apply: it holds the
     Supabase row's fields, so it comes out applied - merged again only if the row changed meanwhile - and is
-    not queued back) and record it as the base both sides now hold."""
+    not queued back); both sides hold it (zsync.agree)."""
     assert decision.row is not None
     supabase_db.sync_apply(conn, spec, decision.row)
-    supabase_db.set_bases(conn, spec, [decision.row])
+    supabase_db.agree(conn, spec, [decision.row])
 
 
 def _tables_version(ctx: SyncContext, conn: psycopg.Connection, spec: TableSpec, current: dict[str, Any],

@@ -1,11 +1,14 @@
 -- zsync: field-level merge (a three-way merge against the last content both sides agreed on) and no Tables
 -- request for the sync's own applies (their echo is no longer checked against Tables).
 --
--- * zsync.sync_base: per record, the last content BOTH sides are known to hold (the base). Set only when both
---   hold it: a Tables delivery applied whole to Supabase or found equal there (zsync.sync_apply,
---   zsync.sync_apply_many_set), a Supabase row written to Tables or found equal there (the *_to_tables
---   functions, zsync.set_bases, in the transaction that acknowledges the outbox), reconcile finding both
---   sides equal. It only moves forward (a later version) and is dropped with the row.
+-- * The base of a record: the last content BOTH sides are known to hold. It is the Supabase row itself while
+--   Supabase has not moved on from it, so it costs the common path nothing: a version both sides hold is
+--   marked by its acknowledged outbox entry ('unchanged': applied from or found equal to Tables; 'applied':
+--   written to Tables). zsync.sync_base keeps a copy only when it differs from the row: the row's first
+--   change by anyone but the sync saves the agreed row there (zsync.maintain_updated_at), and a Tables cell
+--   edit applied at Zapier's edited_at keeps the updated_at Tables' copy carries (tables_ts). The copy moves
+--   forward only, is dropped when both sides agree on the row again (zsync.sync_apply, zsync.agree) and with
+--   the row's delete. Never set to a merged record before Tables holds it.
 -- * zsync.merge3: the rule, per field. zsync.merge_decide: what a change meets (base, Tables' record,
 --   Supabase's row) comes to; both directions call it.
 -- * zsync.sync_apply / sync_apply_many / sync_apply_many_set: the merge inside the one atomic path (row lock).
@@ -27,7 +30,8 @@ CREATE TABLE IF NOT EXISTS zsync.sync_base (
     CONSTRAINT sync_base_pkey PRIMARY KEY (table_name, record_id)
 );
 
-GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE zsync.sync_base TO zsync_sync;
+-- zsync_sync reaches it only through the functions below (SECURITY DEFINER), as zsync.tombstones and the outbox
+REVOKE ALL ON TABLE zsync.sync_base FROM zsync_sync;
 
 INSERT INTO zsync.config (key, value) VALUES ('field_merge', '"on"') ON CONFLICT (key) DO NOTHING;
 
@@ -62,7 +66,7 @@ $$;
 DROP FUNCTION IF EXISTS zsync.set_base(regclass, jsonb);
 CREATE OR REPLACE FUNCTION zsync.set_base(p_table regclass, p_row jsonb, p_tables_ts timestamp with time zone DEFAULT NULL)
     RETURNS boolean
-    LANGUAGE plpgsql
+    LANGUAGE plpgsql SECURITY DEFINER
     SET "TimeZone" TO 'UTC'
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
@@ -73,6 +77,7 @@ BEGIN
     IF p_row IS NULL OR p_row ->> 'id' IS NULL OR NOT zsync.field_merge_on() THEN
         RETURN false;
     END IF;
+    PERFORM zsync.assert_synced(p_table);
     SELECT * INTO v FROM zsync.version_of(p_table, p_row);
     INSERT INTO zsync.sync_base AS b (table_name, record_id, base, version, hash, tables_ts)
     VALUES ((SELECT relname::text FROM pg_class WHERE oid = p_table), p_row ->> 'id', p_row, v.ts, v.hash,
@@ -86,28 +91,116 @@ BEGIN
 END
 $$;
 
--- zsync.set_base for many rows of one table (the *_to_tables batch, reconcile). -> how many were recorded.
-CREATE OR REPLACE FUNCTION zsync.set_bases(p_table regclass, p_rows jsonb) RETURNS integer
-    LANGUAGE plpgsql
+-- A table the sync keeps in Supabase (its updated_at trigger): the base functions, which run as their owner,
+-- refuse any other.
+CREATE OR REPLACE FUNCTION zsync.assert_synced(p_table regclass) RETURNS void
+    LANGUAGE plpgsql STABLE
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = p_table AND tgname = 'zsync_maintain_updated_at') THEN
+        RAISE EXCEPTION 'zsync: % is not a synced table', p_table USING ERRCODE = '22023';
+    END IF;
+END
+$$;
+
+-- The saved bases of p_ids (zsync.sync_apply_many_set joins them).
+CREATE OR REPLACE FUNCTION zsync.bases_of(p_table text, p_ids text[]) RETURNS SETOF zsync.sync_base
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+    SELECT * FROM zsync.sync_base b WHERE b.table_name = p_table AND b.record_id = ANY (p_ids)
+$$;
+
+-- The latest version a merge may give a record: the future-skew rule's limit (zsync.maintain_updated_at's).
+CREATE OR REPLACE FUNCTION zsync.merge_time_limit() RETURNS timestamp with time zone
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+    SELECT clock_timestamp() + zsync.max_future_skew()
+$$;
+
+-- After Supabase stored p_row as Tables holds it (an apply from Tables, 'applied' or 'unchanged'): both hold
+-- the row, so the record's saved base goes - unless Tables' copy carries another updated_at (p_tables_ts: a
+-- cell edit applied at edited_at), which the base then remembers.
+CREATE OR REPLACE FUNCTION zsync.base_after_apply(p_table regclass, p_row jsonb, p_tables_ts timestamp with time zone)
+    RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
     SET "TimeZone" TO 'UTC'
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
+BEGIN
+    IF NOT zsync.field_merge_on() THEN
+        RETURN;
+    END IF;
+    PERFORM zsync.assert_synced(p_table);
+    IF p_tables_ts IS NOT NULL
+       AND date_trunc('milliseconds', p_tables_ts) <> date_trunc('milliseconds', (p_row ->> 'updated_at')::timestamptz) THEN
+        PERFORM zsync.set_base(p_table, p_row, p_tables_ts);
+    ELSE
+        DELETE FROM zsync.sync_base b
+        WHERE b.table_name = (SELECT relname::text FROM pg_class WHERE oid = p_table) AND b.record_id = p_row ->> 'id';
+    END IF;
+END
+$$;
+
+-- Both sides hold these versions (Tables delivered what Supabase stores): acknowledge the record's pending
+-- outbox entries up to each ('unchanged', as a drain finding Tables equal would), so the version counts as
+-- agreed and no drain reads Tables for it. Never waits for an entry a drain holds. -> entries acknowledged.
+CREATE OR REPLACE FUNCTION zsync.ack_agreed(p_table text, p_ids text[], p_versions timestamp with time zone[])
+    RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
 DECLARE
-    n integer := 0;
-    e jsonb;
+    n integer;
+BEGIN
+    WITH todo AS (
+        SELECT o.id FROM unnest(p_ids, p_versions) AS a(record_id, version)
+        JOIN zsync.outbox o ON o.table_name = p_table AND o.record_id = a.record_id AND o.acked_at IS NULL
+                           AND o.op <> 'DELETE'
+                           AND date_trunc('milliseconds', o.record_updated_at) <= a.version
+        WHERE a.record_id !~ '^[0-9A-Z]{26}$'  -- a record created without our id: its way back writes it
+        FOR UPDATE OF o SKIP LOCKED),
+    done AS (UPDATE zsync.outbox o SET acked_at = now(), ack_outcome = 'unchanged' FROM todo WHERE o.id = todo.id
+             RETURNING 1)
+    SELECT count(*)::integer INTO n FROM done;
+    RETURN n;
+END
+$$;
+
+-- After a *_to_tables function wrote p_rows to Tables (or found Tables equal to them), in the transaction that
+-- acknowledges their outbox entries: both sides hold each row. Its saved base goes when the Supabase row is
+-- still that version, else (changed since) the row becomes the saved base. -> how many records were updated.
+CREATE OR REPLACE FUNCTION zsync.agree(p_table regclass, p_rows jsonb) RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET "TimeZone" TO 'UTC'
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+DECLARE
+    v_name text := (SELECT relname::text FROM pg_class WHERE oid = p_table);
+    r      record;
+    n      integer := 0;
 BEGIN
     IF jsonb_typeof(p_rows) IS DISTINCT FROM 'array' OR NOT zsync.field_merge_on() THEN
         RETURN 0;
     END IF;
-    -- id order: two transactions recording the same bases take the keys in the same order
-    FOR e IN SELECT x.value FROM jsonb_array_elements(p_rows) x ORDER BY x.value ->> 'id' LOOP
-        IF zsync.set_base(p_table, e) THEN
+    PERFORM zsync.assert_synced(p_table);
+    FOR r IN EXECUTE format($q$
+        SELECT e.v AS row, to_jsonb(t) AS cur FROM jsonb_array_elements($1) e(v) LEFT JOIN %s t ON t.id = e.v ->> 'id'
+        ORDER BY e.v ->> 'id' $q$, p_table) USING p_rows LOOP
+        IF r.cur IS NULL THEN
+            CONTINUE;
+        ELSIF (SELECT (v.ts, v.hash) FROM zsync.version_of_typed(p_table, r.cur) v)
+              = (SELECT (v.ts, v.hash) FROM zsync.version_of(p_table, r.row) v) THEN
+            DELETE FROM zsync.sync_base b WHERE b.table_name = v_name AND b.record_id = r.row ->> 'id';
+        ELSIF zsync.set_base(p_table, r.row) THEN
             n := n + 1;
         END IF;
     END LOOP;
     RETURN n;
 END
-$$;
+$_$;
 
 -- The three-way merge of two versions a and b of one record against their base, per column (id and
 -- updated_at aside), comparing values as zsync.canonical_row does ("" = null = no value, JSON numbers by
@@ -204,7 +297,7 @@ $_$;
 CREATE OR REPLACE FUNCTION zsync.merge_decide(p_table regclass, p_tables jsonb, p_edited_at timestamp with time zone,
                                               p_supabase jsonb, OUT action text, OUT merged jsonb, OUT info jsonb)
     RETURNS record
-    LANGUAGE plpgsql STABLE
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
     SET "TimeZone" TO 'UTC'
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
@@ -276,7 +369,7 @@ BEGIN
     ELSIF m.outcome = 'b' THEN
         action := 'supabase';
         merged := p_supabase;
-    ELSIF (m.merged ->> 'updated_at')::timestamptz > clock_timestamp() + zsync.max_future_skew() THEN
+    ELSIF (m.merged ->> 'updated_at')::timestamptz > zsync.merge_time_limit() THEN
         RETURN;  -- a merged version would be further ahead of the clock than allowed: the whole-record rule
     ELSE
         action := 'merged';
@@ -297,7 +390,7 @@ $$;
 -- as it always was (the base-aware answers are only right about the row as it is).
 CREATE OR REPLACE FUNCTION zsync.merge_decide_many(p_table regclass, p_pairs jsonb)
     RETURNS TABLE(ord integer, action text, merged jsonb, info jsonb)
-    LANGUAGE plpgsql STABLE
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
     SET "TimeZone" TO 'UTC'
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $_$
@@ -308,6 +401,7 @@ BEGIN
     IF jsonb_typeof(p_pairs) IS DISTINCT FROM 'array' THEN
         RETURN;
     END IF;
+    PERFORM zsync.assert_synced(p_table);
     FOR r IN EXECUTE format($q$
         SELECT e.n::integer AS n, e.p, to_jsonb(t) AS cur, b AS base
         FROM jsonb_array_elements($1) WITH ORDINALITY AS e(p, n)
@@ -377,6 +471,15 @@ BEGIN
         IF OLD.updated_at <= v_limit THEN  -- a version stored beyond the skew (before this rule) pins nothing
             NEW.updated_at := greatest(NEW.updated_at,
                                        date_trunc('milliseconds', OLD.updated_at) + interval '1 millisecond');
+        END IF;
+        -- The field merge's base: the row's first change since both sides agreed on it (its version's outbox
+        -- entry acknowledged 'unchanged' or 'applied') saves the agreed row, unless a base is kept already.
+        IF zsync.field_merge_on()
+           AND NOT EXISTS (SELECT 1 FROM zsync.sync_base b WHERE b.table_name = TG_TABLE_NAME AND b.record_id = OLD.id
+                             AND b.version >= date_trunc('milliseconds', OLD.updated_at))
+           AND EXISTS (SELECT 1 FROM zsync.outbox o WHERE o.table_name = TG_TABLE_NAME AND o.record_id = OLD.id
+                         AND o.record_updated_at = OLD.updated_at AND o.ack_outcome IN ('unchanged', 'applied')) THEN
+            PERFORM zsync.set_base(TG_RELID::regclass, to_jsonb(OLD));
         END IF;
     END IF;
     RETURN NEW;
@@ -482,7 +585,7 @@ BEGIN
             IF v_n = 1 THEN
                 outcome := 'applied';
                 applied := p_row;
-                PERFORM zsync.set_base(p_table, p_row, v_tts);
+                PERFORM zsync.base_after_apply(p_table, p_row, v_tts);
                 RETURN;
             END IF;
             CONTINUE;  -- a concurrent insert won the race: lock that row and compare
@@ -492,7 +595,7 @@ BEGIN
         IF NOT (i_ts = s_ts AND i_hash = s_hash) THEN
             SELECT * INTO m FROM zsync.merge_decide(p_table, p_row, p_edited_at, stored);
             IF m.action = 'same' THEN
-                outcome := 'unchanged';
+                outcome := 'unchanged';  -- both hold the base's content (versions differ): the base stays
                 RETURN;
             ELSIF m.action = 'supabase' THEN
                 outcome := 'skipped_stale';
@@ -513,7 +616,7 @@ BEGIN
                     merge := m.info;
                 ELSE
                     outcome := 'applied';
-                    PERFORM zsync.set_base(p_table, m.merged, v_tts);
+                    PERFORM zsync.base_after_apply(p_table, m.merged, v_tts);
                 END IF;
                 RETURN;
             END IF;
@@ -526,7 +629,10 @@ BEGIN
         END IF;
         IF i_ts = s_ts AND i_hash = s_hash THEN
             outcome := 'unchanged';
-            PERFORM zsync.set_base(p_table, stored, v_tts);
+            IF zsync.field_merge_on() THEN
+                PERFORM zsync.base_after_apply(p_table, stored, v_tts);
+                PERFORM zsync.ack_agreed((SELECT relname::text FROM pg_class WHERE oid = p_table), ARRAY[v_id], ARRAY[s_ts]);
+            END IF;
         ELSIF (i_ts, i_hash) > (s_ts, s_hash) THEN
             SELECT string_agg(format('%I', attname), ', ' ORDER BY attnum) INTO v_cols
             FROM pg_attribute
@@ -535,7 +641,7 @@ BEGIN
                            p_table, v_cols) USING p_row, v_id;
             outcome := 'applied';
             applied := p_row;
-            PERFORM zsync.set_base(p_table, p_row, v_tts);
+            PERFORM zsync.base_after_apply(p_table, p_row, v_tts);
         ELSE
             outcome := 'skipped_stale';
         END IF;
@@ -550,6 +656,44 @@ CREATE OR REPLACE FUNCTION zsync.sync_upsert(p_table regclass, p_row jsonb, OUT 
     AS $$
     SELECT a.outcome, a.stored FROM zsync.sync_apply(p_table, p_row, NULL) a
 $$;
+-- zsync.base_after_apply for a batch (zsync.sync_apply_many_set's arrays, id order): a cell edit applied at
+-- edited_at keeps the updated_at Tables' copy carries; any other record Supabase now holds as Tables sent it
+-- (applied, or found equal) drops its saved base; what was found equal is acknowledged (zsync.ack_agreed).
+CREATE OR REPLACE FUNCTION zsync.bases_after_batch(p_table regclass, p_ids text[], p_actions text[], p_rows jsonb[],
+                                                   p_bts timestamp with time zone[], p_bhash text[], p_inputs jsonb[],
+                                                   p_based boolean[], p_inserted jsonb) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET "TimeZone" TO 'UTC'
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_name text := (SELECT relname::text FROM pg_class WHERE oid = p_table);
+BEGIN
+    PERFORM zsync.assert_synced(p_table);
+    WITH l AS (
+        SELECT w.*, date_trunc('milliseconds', (w.input ->> 'updated_at')::timestamptz) AS tts
+        FROM unnest(p_ids, p_actions, p_rows, p_bts, p_bhash, p_inputs, p_based)
+             AS w(id, action, row, bts, bhash, input, based)
+        WHERE w.action = 'update' OR (w.action = 'insert' AND p_inserted ? w.id)),
+    kept AS (  -- a cell edit applied at edited_at: the base remembers the updated_at Tables' copy carries
+        INSERT INTO zsync.sync_base AS b (table_name, record_id, base, version, hash, tables_ts)
+        SELECT v_name, l.id, l.row, l.bts, l.bhash, l.tts FROM l WHERE l.tts IS DISTINCT FROM l.bts ORDER BY l.id
+        ON CONFLICT ON CONSTRAINT sync_base_pkey DO UPDATE
+            SET base = EXCLUDED.base, version = EXCLUDED.version, hash = EXCLUDED.hash,
+                tables_ts = EXCLUDED.tables_ts, set_at = now()
+            WHERE (EXCLUDED.version, EXCLUDED.hash) > (b.version, b.hash)
+        RETURNING 1)
+    DELETE FROM zsync.sync_base b USING l
+    WHERE l.based AND l.tts IS NOT DISTINCT FROM l.bts AND b.table_name = v_name AND b.record_id = l.id;
+    IF 'unchanged' = ANY (p_actions) THEN  -- found equal: both hold it, nothing left for a drain to check
+        DELETE FROM zsync.sync_base b USING unnest(p_ids, p_actions, p_based) AS w(id, action, based)
+        WHERE w.action = 'unchanged' AND w.based AND b.table_name = v_name AND b.record_id = w.id;
+        PERFORM zsync.ack_agreed(v_name, array_agg(w.id), array_agg(w.bts))
+        FROM unnest(p_ids, p_actions, p_bts) AS w(id, action, bts) WHERE w.action = 'unchanged';
+    END IF;
+END
+$$;
+
 -- As the baseline's, with the merge column (zsync.sync_apply's).
 CREATE FUNCTION zsync.sync_apply_many(p_table regclass, p_rows jsonb) RETURNS TABLE(ord integer, record_id text, outcome text, stored jsonb, applied jsonb, merge jsonb)
     LANGUAGE plpgsql
@@ -601,6 +745,7 @@ DECLARE
     v_merge    boolean := zsync.field_merge_on();
     a_bts      timestamptz[];
     a_bhash    text[];
+    a_based    boolean[];
     r_merge    jsonb[];
     v_ids      text[];
     x          record;
@@ -662,7 +807,7 @@ BEGIN
                                      AND date_trunc('milliseconds', r.edited_at) > r.ts
                                 THEN greatest(date_trunc('milliseconds', r.edited_at), c.ts + interval '1 millisecond') END AS bumped
                     FROM ranked r LEFT JOIN cur c ON c.id = r.id AND r.rn = 1
-                         LEFT JOIN zsync.sync_base b ON $5 AND c.id IS NOT NULL AND b.table_name = $2 AND b.record_id = r.id),
+                         LEFT JOIN (SELECT * FROM zsync.bases_of($2, $4) WHERE $5) b ON c.id IS NOT NULL AND b.record_id = r.id),
                 e AS (
                     SELECT j.*,
                            CASE WHEN j.rn > 1 THEN 'later'
@@ -690,10 +835,11 @@ BEGIN
                        array_agg(CASE WHEN d.bumped IS NULL THEN d.row ELSE d.row || jsonb_build_object('updated_at', d.bumped) END
                                  ORDER BY d.rn, d.ord),
                        array_agg(CASE WHEN d.action = 'unchanged' THEN d.s_ts ELSE coalesce(d.bumped, d.ts) END ORDER BY d.rn, d.ord),
-                       array_agg(CASE WHEN d.action = 'unchanged' THEN d.s_hash ELSE d.hash END ORDER BY d.rn, d.ord)
+                       array_agg(CASE WHEN d.action = 'unchanged' THEN d.s_hash ELSE d.hash END ORDER BY d.rn, d.ord),
+                       array_agg(d.b_hash IS NOT NULL ORDER BY d.rn, d.ord)
                 FROM d
             $q$, p_table, x.ts_expr, x.hash_expr, t.ts_expr, t.hash_expr)
-                INTO a_ord, a_id, a_action, a_stored, a_input, a_edited, a_row, a_bts, a_bhash
+                INTO a_ord, a_id, a_action, a_stored, a_input, a_edited, a_row, a_bts, a_bhash, a_based
                 USING p_rows, v_name, v_ignore, v_locked, v_merge;
 
             -- In id order; waits only for a concurrent insert of the same id (which holds no lower id it
@@ -726,18 +872,8 @@ BEGIN
             USING a_id, a_action, a_row;
     END IF;
 
-    IF v_merge THEN  -- Supabase now holds what Tables sent: the base of each (id order, as every writer)
-        INSERT INTO zsync.sync_base AS b (table_name, record_id, base, version, hash, tables_ts)
-        SELECT v_name, l.id, CASE WHEN l.action = 'unchanged' THEN l.stored ELSE l.row END, l.bts, l.bhash,
-               date_trunc('milliseconds', coalesce((l.input ->> 'updated_at')::timestamptz, l.bts))
-        FROM unnest(a_id, a_action, a_row, a_stored, a_bts, a_bhash, a_input)
-             AS l(id, action, row, stored, bts, bhash, input)
-        WHERE l.action IN ('update', 'unchanged') OR (l.action = 'insert' AND v_inserted ? l.id)
-        ORDER BY l.id
-        ON CONFLICT ON CONSTRAINT sync_base_pkey DO UPDATE
-            SET base = EXCLUDED.base, version = EXCLUDED.version, hash = EXCLUDED.hash,
-                tables_ts = EXCLUDED.tables_ts, set_at = now()
-            WHERE (EXCLUDED.version, EXCLUDED.hash) > (b.version, b.hash);
+    IF v_merge THEN  -- Supabase now holds what Tables sent (zsync.base_after_apply, set-based)
+        PERFORM zsync.bases_after_batch(p_table, a_id, a_action, a_row, a_bts, a_bhash, a_input, a_based, v_inserted);
     END IF;
 
     -- The rows applied one by one (older versions of an id, and - after 5 lost races - lost inserts), in id
@@ -786,20 +922,27 @@ REVOKE ALL ON FUNCTION zsync.sync_apply_many_set(regclass, jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.sync_apply_many_set(regclass, jsonb) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.sync_upsert(regclass, jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.sync_upsert(regclass, jsonb) TO zsync_sync;
+REVOKE ALL ON FUNCTION zsync.assert_synced(regclass) FROM PUBLIC;
+REVOKE ALL ON FUNCTION zsync.bases_of(text, text[]) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.bases_of(text, text[]) TO zsync_sync;
+REVOKE ALL ON FUNCTION zsync.bases_after_batch(regclass, text[], text[], jsonb[], timestamp with time zone[], text[], jsonb[], boolean[], jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.bases_after_batch(regclass, text[], text[], jsonb[], timestamp with time zone[], text[], jsonb[], boolean[], jsonb) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.field_merge_on() FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.field_merge_on() TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.set_field_merge(boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION zsync.set_base(regclass, jsonb, timestamp with time zone) FROM PUBLIC;
-GRANT ALL ON FUNCTION zsync.set_base(regclass, jsonb, timestamp with time zone) TO zsync_sync;
-REVOKE ALL ON FUNCTION zsync.set_bases(regclass, jsonb) FROM PUBLIC;
-GRANT ALL ON FUNCTION zsync.set_bases(regclass, jsonb) TO zsync_sync;
+REVOKE ALL ON FUNCTION zsync.base_after_apply(regclass, jsonb, timestamp with time zone) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.base_after_apply(regclass, jsonb, timestamp with time zone) TO zsync_sync;
+REVOKE ALL ON FUNCTION zsync.ack_agreed(text, text[], timestamp with time zone[]) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.ack_agreed(text, text[], timestamp with time zone[]) TO zsync_sync;
+REVOKE ALL ON FUNCTION zsync.agree(regclass, jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.agree(regclass, jsonb) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.merge3(regclass, jsonb, jsonb, jsonb) FROM PUBLIC;
-GRANT ALL ON FUNCTION zsync.merge3(regclass, jsonb, jsonb, jsonb) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.merge_decide(regclass, jsonb, timestamp with time zone, jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.merge_decide(regclass, jsonb, timestamp with time zone, jsonb) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.merge_decide_base(regclass, zsync.sync_base, jsonb, timestamp with time zone, jsonb) FROM PUBLIC;
-GRANT ALL ON FUNCTION zsync.merge_decide_base(regclass, zsync.sync_base, jsonb, timestamp with time zone, jsonb) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.merge_decide_many(regclass, jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.merge_decide_many(regclass, jsonb) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.maintain_updated_at() FROM PUBLIC;
 REVOKE ALL ON FUNCTION zsync.capture_change() FROM PUBLIC;
+REVOKE ALL ON FUNCTION zsync.merge_time_limit() FROM PUBLIC;

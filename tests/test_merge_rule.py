@@ -1,0 +1,367 @@
+"""The field-level merge's SQL rule (zsync.merge3, zsync.merge_decide, zsync.sync_apply / sync_apply_many with
+zsync.sync_base) against a real Postgres, and - through the local stack - that a change applied from Tables costs
+no Tables request (the echo is not checked against Tables) while a record both sides changed is merged by
+whichever direction meets it first.
+
+Scenarios of issue 20 at the SQL level: an agent's status change in Supabase and a person's note in Tables 50 ms
+later; the note typed first and the status committed 0.3 s later; both keep both changes (merged), where the
+whole-record rule (``SET zsync.field_merge = 'off'``, the seed's rule) loses one of them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+import requests
+
+from infra.local.postgres import create_database, prepare_database
+from tests.e2e import eventually, uid
+
+T = "public.agent_jobs"
+
+
+def _iso(ts: datetime) -> str:
+    return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _row(conn: psycopg.Connection, rid: str) -> dict:
+    return conn.execute("SELECT to_jsonb(t) FROM agent_jobs t WHERE id = %s", (rid,)).fetchone()[0]
+
+
+def _apply(conn: psycopg.Connection, row: dict, edited_at: datetime | None = None) -> tuple[str, dict | None]:
+    out = conn.execute("SELECT outcome, merge FROM zsync.sync_apply(%s::regclass, %s::jsonb, %s)",
+                       (T, json.dumps(row), edited_at)).fetchone()
+    return out[0], out[1]
+
+
+def _merge3(conn: psycopg.Connection, base: dict, a: dict, b: dict) -> dict:
+    cur = conn.execute("SELECT merged, outcome, from_a, from_b, both_later FROM zsync.merge3(%s::regclass, "
+                       "%s::jsonb, %s::jsonb, %s::jsonb)", (T, json.dumps(base), json.dumps(a), json.dumps(b)))
+    merged, outcome, from_a, from_b, both = cur.fetchone()
+    return {"merged": merged, "outcome": outcome, "from_a": from_a, "from_b": from_b, "both_later": both}
+
+
+def _seed(conn: psycopg.Connection, rid: str, at: datetime, **fields: Any) -> dict:
+    """A record both sides hold (inserted, then the same version delivered from Tables: 'unchanged', which
+    acknowledges the insert's outbox entry: the row is the agreed version, no copy of it is kept)."""
+    row = {"id": rid, "job_type": "discovery", "status": "queued", "error_message": None, "parameters": None,
+           "retry_count": 0, "created_at": _iso(at), "updated_at": _iso(at), **fields}
+    conn.execute("INSERT INTO agent_jobs SELECT * FROM jsonb_populate_record(NULL::agent_jobs, %s::jsonb)",
+                 (json.dumps(row),))
+    assert _apply(conn, row)[0] == "unchanged"
+    assert conn.execute("SELECT count(*) FROM zsync.sync_base WHERE record_id = %s", (rid,)).fetchone()[0] == 0
+    assert conn.execute("SELECT ack_outcome FROM zsync.outbox WHERE record_id = %s", (rid,)).fetchall() == \
+        [("unchanged",)]
+    return row
+
+
+NOW = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
+BASE = {"id": "m", "job_type": "discovery", "status": "queued", "error_message": None,
+        "parameters": {"a": 1, "b": 2}, "retry_count": 0, "updated_at": _iso(NOW)}
+
+
+# --- zsync.merge3 --------------------------------------------------------------------------------------------
+
+
+def test_merge3_takes_each_sides_own_fields_and_the_later_side_on_a_field_both_changed(db):
+    a = dict(BASE, status="agent", retry_count=5, updated_at=_iso(NOW + timedelta(seconds=1)))
+    b = dict(BASE, error_message="a note", retry_count=7, updated_at=_iso(NOW + timedelta(seconds=2)))
+    m = _merge3(db, BASE, a, b)
+    assert m["outcome"] == "merged"
+    assert m["merged"]["status"] == "agent" and m["merged"]["error_message"] == "a note"
+    assert m["merged"]["retry_count"] == 7  # both changed it: b's version is later
+    assert m["from_a"] == ["status"] and m["from_b"] == ["error_message"] and m["both_later"] == {"retry_count": "b"}
+    # strictly after both inputs: the later one's time + 1 ms
+    assert datetime.fromisoformat(m["merged"]["updated_at"]) == NOW + timedelta(seconds=2, milliseconds=1)
+
+
+def test_merge3_is_the_later_input_when_it_already_holds_every_change(db):
+    a = dict(BASE, status="agent", updated_at=_iso(NOW + timedelta(seconds=1)))
+    b = dict(a, error_message="note", updated_at=_iso(NOW + timedelta(seconds=2)))  # made from a
+    m = _merge3(db, BASE, a, b)
+    assert m["outcome"] == "b" and m["merged"]["updated_at"] == b["updated_at"].replace("Z", "+00:00")
+    # an older input whose content wins still needs a version after the other side's
+    older_only = _merge3(db, BASE, dict(BASE, status="x", updated_at=_iso(NOW + timedelta(seconds=1))),
+                         dict(BASE, updated_at=_iso(NOW + timedelta(seconds=3))))
+    assert older_only["outcome"] == "merged" and older_only["merged"]["status"] == "x"
+
+
+def test_merge3_json_and_arrays_are_whole_values_and_empty_text_is_no_value(db):
+    a = dict(BASE, parameters={"a": 10, "b": 2}, error_message="", updated_at=_iso(NOW + timedelta(seconds=1)))
+    b = dict(BASE, parameters={"a": 1, "b": 20}, updated_at=_iso(NOW + timedelta(seconds=2)))
+    m = _merge3(db, BASE, a, b)
+    # different keys of one JSON value changed on each side: one value, changed on both -> the later whole value
+    assert m["merged"]["parameters"] == {"a": 1, "b": 20} and m["both_later"] == {"parameters": "b"}
+    assert m["outcome"] == "b"  # "" is null: a changed nothing else
+    # the same JSON by value (12.50 = 12.5, key order) is no change
+    c = dict(BASE, parameters={"b": 2.0, "a": 1.00}, status="s", updated_at=_iso(NOW + timedelta(seconds=1)))
+    assert _merge3(db, BASE, c, b)["both_later"] == {}
+
+
+def test_merge3_is_symmetric_and_deterministic(db):
+    rng = random.Random(20)
+    values = {"status": ["queued", "agent", "done", None], "error_message": [None, "", "n1", "n2"],
+              "retry_count": [0, 1, 2], "parameters": [None, {"a": 1}, {"a": 2}, [1, 2]]}
+    for i in range(150):
+        def version(k: int) -> dict:
+            return dict(BASE, **{f: rng.choice(v) for f, v in values.items() if rng.random() < 0.5},
+                        updated_at=_iso(NOW + timedelta(milliseconds=rng.choice([k, 5, 7]))))
+        base, a, b = dict(BASE), version(3), version(4)
+        ab, ba = _merge3(db, base, a, b), _merge3(db, base, b, a)
+        assert ab["merged"] == ba["merged"], (i, base, a, b)
+        assert (ab["from_a"], ab["from_b"]) == (ba["from_b"], ba["from_a"])
+        assert _merge3(db, base, a, b) == ab
+
+
+# --- zsync.sync_apply: the issue's two measured scenarios -------------------------------------------------
+
+
+def _pending(conn: psycopg.Connection, rid: str) -> list[datetime]:
+    return [r[0] for r in conn.execute("SELECT record_updated_at FROM zsync.outbox WHERE record_id = %s "
+                                       "AND acked_at IS NULL ORDER BY id", (rid,))]
+
+
+def test_agent_status_then_a_persons_note_50ms_later_both_survive(db):
+    rid = uid("agent-then-note")
+    t0 = datetime.now(UTC) - timedelta(seconds=10)
+    seeded = _seed(db, rid, t0)
+    db.execute("UPDATE agent_jobs SET status = 'agent', updated_at = now() WHERE id = %s", (rid,))
+    agent = _row(db, rid)
+    # 50 ms later a person types a note in Tables: updated_at left as it was, edited_at = the edit's time
+    note = dict(seeded, error_message="checked by hand")
+    outcome, merge = _apply(db, note, datetime.fromisoformat(agent["updated_at"]) + timedelta(milliseconds=50))
+    assert outcome == "merged"
+    assert merge["supabase"] == ["status"] and merge["tables"] == ["error_message"] and merge["both_later"] == {}
+    row = _row(db, rid)
+    assert (row["status"], row["error_message"]) == ("agent", "checked by hand")
+    assert _pending(db, rid)[-1] == datetime.fromisoformat(row["updated_at"])  # queued for Tables: it lacks it
+    base = db.execute("SELECT base FROM zsync.sync_base WHERE record_id = %s", (rid,)).fetchone()[0]
+    assert base["status"] == "queued"  # saved by the agent's write; not the merged record: Tables lacks it
+    # The merged record's echo from Tables (once written there) is nothing new: both hold it, the copy goes.
+    assert _apply(db, row)[0] == "unchanged"
+    assert db.execute("SELECT count(*) FROM zsync.sync_base WHERE record_id = %s", (rid,)).fetchone()[0] == 0
+    assert _pending(db, rid) == []
+
+
+def test_a_persons_note_first_then_the_agents_status_03s_later_both_survive(db):
+    rid = uid("note-then-agent")
+    t0 = datetime.now(UTC) - timedelta(seconds=10)
+    seeded = _seed(db, rid, t0)
+    typed_at = (datetime.now(UTC) - timedelta(seconds=1)).replace(microsecond=0)
+    # the agent commits 0.3 s after the note was typed; the note's delivery arrives after that
+    db.execute("UPDATE agent_jobs SET status = 'agent', updated_at = %s WHERE id = %s",
+               (typed_at + timedelta(milliseconds=300), rid))
+    outcome, merge = _apply(db, dict(seeded, error_message="a note"), typed_at)
+    assert outcome == "merged", merge
+    row = _row(db, rid)
+    assert (row["status"], row["error_message"]) == ("agent", "a note")
+    assert datetime.fromisoformat(row["updated_at"]) == typed_at + timedelta(milliseconds=301)
+
+
+def test_the_switch_off_gives_the_whole_record_rule_back(db):
+    """What the seed did (the issue's 'before'): the person's note, typed before the agent's status change was
+    committed, loses to the later whole record: the note is lost on both sides."""
+    rid = uid("switch-off")
+    seeded = _seed(db, rid, datetime.now(UTC) - timedelta(seconds=10))
+    db.execute("UPDATE agent_jobs SET status = 'agent', updated_at = now() - interval '1 second' WHERE id = %s",
+               (rid,))
+    with db.transaction():
+        db.execute("SET LOCAL zsync.field_merge = 'off'")
+        outcome, _ = _apply(db, dict(seeded, error_message="note"), datetime.now(UTC))
+    assert outcome == "skipped_stale"
+    row = _row(db, rid)
+    assert (row["status"], row["error_message"]) == ("agent", None)  # the person's note lost
+
+
+def test_a_field_both_sides_changed_keeps_the_later_change(db):
+    rid = uid("same-field")
+    seeded = _seed(db, rid, datetime.now(UTC) - timedelta(seconds=10))
+    db.execute("UPDATE agent_jobs SET status = 'agent', error_message = 'sql', updated_at = now() - interval '2 s' "
+               "WHERE id = %s", (rid,))
+    outcome, merge = _apply(db, dict(seeded, error_message="tables"), datetime.now(UTC) - timedelta(seconds=1))
+    assert outcome == "merged" and merge["both_later"] == {"error_message": "tables"}
+    assert (_row(db, rid)["status"], _row(db, rid)["error_message"]) == ("agent", "tables")
+
+
+def test_a_late_echo_and_a_stale_delivery_change_nothing(db):
+    rid = uid("echo")
+    seeded = _seed(db, rid, datetime.now(UTC) - timedelta(seconds=10))
+    db.execute("UPDATE agent_jobs SET status = 'agent', updated_at = now() - interval '2 s' WHERE id = %s", (rid,))
+    # the base's content again (our own earlier write echoed late), even with a newer edited_at: no change
+    assert _apply(db, seeded, datetime.now(UTC))[0] == "skipped_stale"
+    assert _row(db, rid)["status"] == "agent"
+
+
+def test_a_merged_version_never_lies_beyond_the_future_skew(db):
+    """Both inputs at the edge of the allowed skew: the merged version (+1 ms) would pass it, so the whole-record
+    rule decides instead of a refused write."""
+    rid = uid("skew")
+    seeded = _seed(db, rid, datetime.now(UTC) - timedelta(seconds=10))
+    edge = db.execute("SELECT clock_timestamp() + zsync.max_future_skew()").fetchone()[0]
+    db.execute("UPDATE agent_jobs SET status = 'agent', updated_at = %s WHERE id = %s",
+               (edge - timedelta(milliseconds=200), rid))
+    outcome, _ = _apply(db, dict(seeded, error_message="n", updated_at=_iso(edge - timedelta(milliseconds=1))))
+    assert outcome in ("applied", "merged")
+    assert datetime.fromisoformat(_row(db, rid)["updated_at"]) <= edge + timedelta(seconds=1)
+
+
+# --- the set-based batch agrees with the row path ------------------------------------------------------------
+
+
+def _scenario(url: str, rng: random.Random, n: int, t0: datetime) -> list[dict]:
+    """n records with bases, some changed in Supabase since; -> one Tables delivery per record (changed fields,
+    stale, echo, cell edit without a new updated_at, new record)."""
+    deliveries = []
+    with psycopg.connect(url, autocommit=True) as conn:
+        for i in range(n):
+            rid = f"rec-{i:03d}"
+            seeded = _seed(conn, rid, t0)
+            kind = rng.choice(["sb", "none"])
+            if kind == "sb":
+                conn.execute("UPDATE agent_jobs SET status = %s, retry_count = %s, updated_at = %s WHERE id = %s",
+                             (rng.choice(["agent", "done"]), rng.choice([0, 1, 2]),
+                              t0 + timedelta(seconds=rng.choice([1, 3])), rid))
+            how = rng.choice(["fields", "cell", "echo", "stale", "same-field"])
+            d = dict(seeded)
+            edited = None
+            if how == "fields":
+                d.update(error_message=f"note {i}", updated_at=_iso(t0 + timedelta(seconds=rng.choice([2, 4]))))
+            elif how == "cell":
+                d.update(error_message=f"cell {i}")
+                edited = t0 + timedelta(seconds=rng.choice([2, 4]))
+            elif how == "stale":
+                d.update(status="old", updated_at=_iso(t0 - timedelta(seconds=5)))
+            elif how == "same-field":
+                d.update(status="tables", updated_at=_iso(t0 + timedelta(seconds=2)))
+            deliveries.append({"row": d, "edited_at": _iso(edited) if edited else None})
+        deliveries.append({"row": {"id": "rec-new", "status": "new", "updated_at": _iso(t0)}, "edited_at": None})
+    return deliveries
+
+
+def _state(url: str) -> tuple[list, list, list]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute("SELECT to_jsonb(t) FROM agent_jobs t ORDER BY id").fetchall()
+        bases = conn.execute("SELECT record_id, base, version, hash, tables_ts FROM zsync.sync_base "
+                             "ORDER BY record_id").fetchall()
+        pending = conn.execute("SELECT record_id, record_updated_at FROM zsync.outbox WHERE acked_at IS NULL "
+                               "ORDER BY record_id, record_updated_at").fetchall()
+    return rows, [(r, json.dumps(b, sort_keys=True), v, h, tt) for r, b, v, h, tt in bases], pending
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_set_based_batch_agrees_with_the_row_path(pg_server, seed):
+    urls = []
+    for _ in range(2):
+        url = create_database(pg_server.get_uri())
+        prepare_database(url)
+        urls.append(url)
+    t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=2)
+    deliveries = _scenario(urls[0], random.Random(seed), 24, t0)
+    assert _scenario(urls[1], random.Random(seed), 24, t0) == deliveries
+    with psycopg.connect(urls[0], autocommit=True) as conn:
+        batch = conn.execute("SELECT ord, outcome, merge FROM zsync.sync_apply_many_set(%s::regclass, %s::jsonb) "
+                             "ORDER BY ord", (T, json.dumps(deliveries))).fetchall()
+    one_by_one = []
+    with psycopg.connect(urls[1], autocommit=True) as conn:
+        for n, d in enumerate(deliveries, 1):
+            outcome, merge = conn.execute("SELECT outcome, merge FROM zsync.sync_apply(%s::regclass, %s::jsonb, %s)",
+                                          (T, json.dumps(d["row"]), d["edited_at"])).fetchone()
+            one_by_one.append((n, outcome, merge))
+    assert batch == one_by_one
+    assert {o for _, o, _ in batch} >= {"merged", "applied", "skipped_stale"}, batch
+    assert _state(urls[0]) == _state(urls[1])
+
+
+# --- through the stack: no Tables request for the sync's own applies; the drain merges --------------------
+
+
+def _record_requests(stack: Any) -> list[dict]:
+    log = requests.get(f"{stack.tables.url.rstrip('/')}/_admin/requests", timeout=10).json()["data"]
+    return [r for r in log if "/records" in r["path"] or "/query" in r["path"]]
+
+
+def _reset_requests(stack: Any) -> None:
+    requests.delete(f"{stack.tables.url.rstrip('/')}/_admin/requests", timeout=10)
+
+
+def test_a_tables_side_change_costs_the_sync_no_tables_request(stack, tables, supabase):
+    rid = uid("echo-free")
+    rec = tables.create("agent_jobs", {"id": rid, "status": "queued", "updated_at": _iso(datetime.now(UTC))})
+    eventually(lambda: supabase.row("agent_jobs", rid))
+    stack.wait_quiet()
+    _reset_requests(stack)
+    for n in range(5):  # people's edits (no new updated_at) and agents' (a new one)
+        fields = {"error_message": f"edit {n}"} if n % 2 else {"status": f"s{n}", "updated_at": _iso(datetime.now(UTC))}
+        tables.patch("agent_jobs", rec["id"], fields)
+        eventually(lambda n=n: (supabase.row("agent_jobs", rid) or {}).get(
+            "error_message" if n % 2 else "status") == (f"edit {n}" if n % 2 else f"s{n}"))
+        stack.wait_quiet()
+    stack.sweep_outbox(0)
+    stack.wait_quiet()
+    made = _record_requests(stack)
+    assert len(made) == 5, made  # the test's own 5 updates; the sync: none
+    assert supabase.query("SELECT count(*) FROM zsync.outbox WHERE record_id = %s AND acked_at IS NULL",
+                          (rid,)) == [(0,)]
+
+
+def test_a_single_supabase_change_costs_a_find_and_a_write(stack, tables, supabase):
+    rid = uid("one-change")
+    supabase.query("INSERT INTO agent_jobs (id, status) VALUES (%s, 'queued')", (rid,))
+    eventually(lambda: tables.find("agent_jobs", rid))
+    stack.wait_quiet()
+    _reset_requests(stack)
+    supabase.query("UPDATE agent_jobs SET status = 'running' WHERE id = %s", (rid,))
+    stack.wait_quiet()
+    eventually(lambda: tables.find("agent_jobs", rid)["data"]["status"] == "running")
+    _reset_requests(stack)
+    # its echo through the trigger inbox: no request back
+    stack.safety_drain()
+    stack.wait_quiet()
+    assert _record_requests(stack) == []
+
+
+def test_both_sides_changed_before_the_drain_ran_the_drain_merges_once(stack, tables, supabase):
+    """A person's note reaches Tables while its delivery is late; the agent's status change is drained: the
+    *_to_tables drain finds both changed since the base and writes the merged record to both sides, audited
+    once as a merge naming the fields of each side."""
+    from shared.adapters.trigger_inbox import InboxClient
+
+    rid = uid("drain-merge")
+    supabase.query("INSERT INTO agent_jobs (id, status) VALUES (%s, 'queued')", (rid,))
+    rec = eventually(lambda: tables.find("agent_jobs", rid))
+    stack.wait_quiet()
+    client = InboxClient.for_tables(stack.tables_client())
+    inbox_id = stack.inboxes["agent_jobs_to_supabase"]
+    url = client.get(inbox_id).notification_url
+    client.update(inbox_id, None)  # the note's wake-up is late: its message waits in the inbox
+    try:
+        tables.patch("agent_jobs", rec["id"], {"error_message": "a person's note"})
+        supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
+        try:
+            eventually(lambda: tables.find("agent_jobs", rid)["data"].get("status") == "agent")
+        except AssertionError:
+            for fp in stack.functions.values():
+                for line in fp.log_path.read_text(errors="replace").splitlines()[-30:]:
+                    if "agent_jobs_to_tables" in fp.name:
+                        print("LOG", line[:700])
+            print("TABLES", tables.find("agent_jobs", rid))
+            print("OUTBOX", supabase.query("SELECT * FROM zsync.outbox WHERE record_id = %s", (rid,)))
+            raise
+    finally:
+        client.update(inbox_id, url)
+    stack.safety_drain()
+    stack.wait_quiet()
+    stack.sweep_outbox(0)
+    stack.wait_quiet()
+    row, found = supabase.row("agent_jobs", rid), tables.find("agent_jobs", rid)["data"]
+    assert (row["status"], row["error_message"]) == ("agent", "a person's note")
+    assert (found["status"], found["error_message"]) == ("agent", "a person's note")
+    merges = [a for a in supabase.audit(rid, "agent_jobs_synced") if a["metadata"].get("outcome") == "merged"]
+    assert len(merges) == 1, merges
+    assert merges[0]["metadata"]["merged"]["supabase"] == ["status"]
+    assert merges[0]["metadata"]["merged"]["tables"] == ["error_message"]
