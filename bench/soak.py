@@ -97,6 +97,7 @@ class Write:
     rid: str
     ts: datetime  # the version it stored (Supabase's, for SQL writes: it may move a raced write forward)
     values: dict[str, Any]
+    at: float = field(default_factory=time.time)  # when the write returned (wall clock): for failure reports
 
 
 @dataclass
@@ -597,6 +598,26 @@ def judge(soak: Soak, outbox_mark: int) -> Verdict:
     return v
 
 
+def history(soak: Soak, v: Verdict, records: int = 8) -> list[str]:
+    """The writes of the first few records with a lost field: version, when each returned, side, what it set."""
+    rids = list(dict.fromkeys(x.split(" ")[1].split(".")[0] for x in v.lost_fields))[:records]
+    out = []
+    for rid in rids:
+        out.append(f"  writes of {rid} (version / returned at / side / values):")
+        for w in sorted((w for w in soak.writes if w.rid == rid), key=lambda w: w.ts):
+            shown = {k: (val.get("by") if isinstance(val, dict) else val) for k, val in w.values.items()}
+            out.append(f"    {w.ts.isoformat()}  {datetime.fromtimestamp(w.at, UTC).time()}  {w.side:<6} {shown}")
+        out.append("    the sync's audit entries (time / function / outcome / version / merge):")
+        with psycopg.connect(soak.stack.database_url, autocommit=True) as conn:
+            for ts, meta in conn.execute("SELECT timestamp, metadata FROM audit_log WHERE resource_id = %s "
+                                         "AND actor_type = 'zapier_sync' ORDER BY timestamp, id", (rid,)):
+                meta = meta or {}
+                merged = json.dumps(meta["merged"]) if meta.get("merged") else ""
+                out.append(f"    {ts.time()}  {meta.get('function')}  {meta.get('outcome')}  "
+                           f"{meta.get('source_timestamp')}  {merged}")
+    return out
+
+
 def connections(stack: LocalStack) -> int:
     with psycopg.connect(stack.database_url, autocommit=True) as conn:
         return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
@@ -678,6 +699,7 @@ def run_on(stack: LocalStack, cfg: SoakConfig) -> SoakResult:
     lines = [f"{'soak figure':<{width}}  value", *(f"{k:<{width}}  {val}" for k, val in rows)]
     if not verdict.ok:
         lines.append("FAILED: ids that differ and how:")
+        lines += history(soak, verdict)
         lines += [f"  lost: {x}" for x in verdict.lost[:200]]
         lines += [f"  lost field: {x}" for x in verdict.lost_fields[:200]]
         lines += [f"  duplicate: {x}" for x in verdict.duplicates[:200]]
