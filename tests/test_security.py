@@ -318,7 +318,8 @@ def test_valid_secret_with_a_forged_table_cannot_write_another_table(stack):
     for other in ("agent_decisions", "rate_limits", "audit_log"):
         assert supabase.row(other, forged_id) is None, other
     assert tables.find("agent_decisions", forged_id) is None and tables.find("rate_limits", forged_id) is None
-    assert tables.find("agent_jobs", forged_id) is not None
+    # (a delivery to *_to_supabase is what Tables holds: the sync does not write it back to Tables)
+    assert tables.find("agent_jobs", forged_id) is None
 
 
 # --- in-process: rotation, and what errors may say ---------------------------------------------------------

@@ -1,7 +1,7 @@
 """The conflict rule, in one place: last writer wins, deterministically.
 
 A row's version is ``(updated_at, content_hash)`` - see ``zsync.version_cmp`` in
-``infra/supabase/migrations/20251222100100_zsync_sync_logic.sql``, which both directions call, so
+``infra/supabase/migrations/`` (the baseline), which both directions call, so
 Supabase and Zapier Tables always agree on the winner:
 
 * the later ``updated_at`` wins (the seed's ``should_update``: ``source_time > dest_time``);
@@ -14,6 +14,24 @@ Supabase and Zapier Tables always agree on the winner:
 
 Supabase applies the rule inside ``zsync.sync_upsert`` (row lock, no read-then-write race); the Tables
 side calls :func:`compare` / :func:`compare_many` while holding the record's lock.
+
+Field-level merge (on by default; ``zsync.config`` ``field_merge`` = ``"off"``, or ``SET zsync.field_merge =
+'off'`` for a session, gives the whole-record rule above back). Per record the sync knows its *base*: the last
+content both sides held (the Supabase row itself while Supabase has not changed since that version - marked by
+its acknowledged outbox entry - else the copy ``zsync.sync_base`` keeps). When a change meets the other side's
+version, ``zsync.merge_decide`` (both directions) compares each side with the base:
+
+* only one side changed since the base -> that side's version, whole (the rule above, except that an unchanged
+  side never wins just by carrying a later time: a late echo of the base, a stale delivery);
+* both changed -> ``zsync.merge3``, per field: a field changed on one side only takes that side's value; a field
+  both changed to different values takes the later whole version's value (the rule above, per field); JSON and
+  array fields are whole values. When the result takes fields from both sides it is a new version ``merged``,
+  timed 1 ms after the later input, written to Supabase and Tables once, audited once with the fields by side;
+* the same content on both sides (an echo of the sync's own write) is never a change.
+
+The rule is symmetric and deterministic, so both directions compute the same merged record. Supabase applies
+it inside ``zsync.sync_apply`` under the row lock; the Tables side asks ``zsync.merge_decide_many`` (through
+:func:`shared.services.to_tables.decide_merges`) for the pairs whose versions differ, after :func:`compare_many`.
 
 The SQL is the rule's one full statement. Because a version is compared time first, two versions whose
 times differ are decided by their times alone, whatever their hashes: :func:`compare_many` decides those

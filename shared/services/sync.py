@@ -26,6 +26,7 @@ from shared.core.mapping import (
     InvalidRecord,
     check_version_skew,
     normalize_timestamp,
+    parse_supabase_record,
     parse_tables_record,
     to_tables_fields,
 )
@@ -315,7 +316,7 @@ def push_back(ctx: SyncContext, conn: psycopg.Connection, spec: TableSpec, curre
     back = FUNCTIONS[spec.function_name(Direction.TO_SUPABASE)]
     try:
         with conn.transaction():
-            pushed, _ = supabase_db.sync_upsert(conn, spec, current, edited_at)
+            pushed, _, applied, merge = supabase_db.sync_apply(conn, spec, current, edited_at)
     except RECORD_ERRORS as exc:
         problems = db_problems(exc, current)
         log_event(ctx.logger, logging.ERROR, "push_back_refused", record_id=current.get("id"), problems=problems)
@@ -325,6 +326,9 @@ def push_back(ctx: SyncContext, conn: psycopg.Connection, spec: TableSpec, curre
     if pushed == Outcome.APPLIED:
         supabase_db.append_audit(conn, audit.sync_entry(back, current, Outcome.APPLIED, datetime.now(UTC),
                                                         origin="repair"))
+    elif pushed == Outcome.MERGED and applied:  # Supabase changed other fields meanwhile: merged (and queued)
+        supabase_db.append_audit(conn, audit.sync_entry(back, parse_supabase_record(spec, applied), Outcome.MERGED,
+                                                        datetime.now(UTC), origin="repair", merge=merge))
 
 
 def _unreadable_is_older(spec: TableSpec, record: Record, edited_at: datetime | None,

@@ -913,6 +913,47 @@ BEGIN
 END
 $_$;
 
+-- As the baseline's, keeping the marks of agreed versions (see the DELETE).
+CREATE OR REPLACE FUNCTION zsync.sweep_outbox(p_min_age interval DEFAULT '00:00:30'::interval, p_limit integer DEFAULT 200) RETURNS integer
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    r      record;
+    v_sent integer := 0;
+BEGIN
+    -- A record's newest entry acknowledged as held on both sides ('unchanged' / 'applied') is kept: it marks
+    -- the version both sides agreed on, which the field merge's base is (see zsync.maintain_updated_at).
+    DELETE FROM zsync.outbox o WHERE o.acked_at < now() - interval '7 days'
+      AND (o.ack_outcome IS DISTINCT FROM 'unchanged' AND o.ack_outcome IS DISTINCT FROM 'applied'
+           OR EXISTS (SELECT 1 FROM zsync.outbox n WHERE n.table_name = o.table_name AND n.record_id = o.record_id
+                        AND n.record_updated_at > o.record_updated_at));
+    FOR r IN
+        SELECT o.id, o.table_name, o.record_id, o.op
+        FROM zsync.outbox o
+        JOIN zsync.webhook_endpoints e USING (table_name)
+        WHERE o.acked_at IS NULL
+          AND coalesce(o.last_sent_at, o.created_at) < now() - p_min_age * power(2, least(o.attempts, 6))
+          AND NOT EXISTS (SELECT 1 FROM zsync.outbox n
+                          WHERE n.table_name = o.table_name AND n.record_id = o.record_id
+                            AND n.acked_at IS NULL AND n.id > o.id)
+        ORDER BY o.id
+        LIMIT p_limit
+        FOR UPDATE OF o SKIP LOCKED
+    LOOP
+        IF zsync.announce(r.table_name, r.record_id, r.op) THEN
+            UPDATE zsync.outbox SET attempts = attempts + 1, last_sent_at = now() WHERE id = r.id;
+            v_sent := v_sent + 1;
+        ELSE  -- deleted since, without a tombstone: nothing to send
+            UPDATE zsync.outbox SET acked_at = now(), ack_outcome = 'row_deleted' WHERE id = r.id;
+        END IF;
+    END LOOP;
+    INSERT INTO zsync.sweeper_runs (id, last_at, sent) VALUES (true, now(), v_sent)
+    ON CONFLICT (id) DO UPDATE SET last_at = EXCLUDED.last_at, sent = EXCLUDED.sent;
+    RETURN v_sent;
+END
+$$;
+
 -- Roles and grants (as the baseline's for the objects it defines) -------------------------------------------
 REVOKE ALL ON FUNCTION zsync.sync_apply(regclass, jsonb, timestamp with time zone) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.sync_apply(regclass, jsonb, timestamp with time zone) TO zsync_sync;
