@@ -157,7 +157,9 @@ def expect_both_sides(tables: Tables, supabase: Supabase, rid: str, **expected: 
     assert got_s == want and got_t == want, (
         f"lost field(s): wanted {want}\n  Supabase holds {got_s}\n  Tables holds   {got_t}")
     assert fields_of(in_supabase) == fields_of(in_tables), (fields_of(in_supabase), fields_of(in_tables))
-    assert in_supabase["updated_at"] == in_tables["updated_at"], (in_supabase["updated_at"], in_tables["updated_at"])
+    # The copies' updated_at may differ: a Tables cell edit that wins is applied at Zapier's edited_at and the new
+    # updated_at is not written back (docs/design-decisions.md); Supabase never holds the older of the two.
+    assert in_supabase["updated_at"] >= in_tables["updated_at"], (in_supabase["updated_at"], in_tables["updated_at"])
 
 
 def post(stack: Any, function: str, payload: dict[str, Any]) -> requests.Response:
@@ -428,3 +430,21 @@ def test_no_far_future_version_from_a_merge(stack, tables, supabase):
     expect_both_sides(tables, supabase, rid, status="agent", error_message="note")
     row = parse_supabase_record(JOBS, supabase.row("agent_jobs", rid))
     assert (row["updated_at"] - datetime.now(UTC)).total_seconds() < 1.0, row["updated_at"]
+
+
+@pytest.mark.parametrize("entry", ["outbox_batch", "inbox_lease"])
+def test_a_later_cell_edit_of_the_same_and_other_fields_meets_the_agents_change(stack, tables, supabase, entry):
+    """The shape hypothesis found (tests/test_merge_properties.py): an agent changes parameters and retry_count,
+    then a person edits retry_count, parameters and job_type; the person's change is later on the fields both
+    changed and the only one on job_type: all three are the person's, whichever entry point meets them."""
+    rid, rec_id = new_job(stack, tables, supabase, f"fm-mix-{entry[:5]}")
+    stack.drop_deliveries(1.0)
+    agent_sets(supabase, rid, parameters='{"w": "agent"}', retry_count=2)
+    time.sleep(0.01)
+    person_types(tables, rec_id, retry_count=4, parameters='{"w": "person"}', job_type="person")
+    held(stack)
+    ENTRY_POINTS[entry](stack, tables, supabase, rid)
+    settle(stack)
+    expect_both_sides(tables, supabase, rid, retry_count=4, parameters={"w": "person"}, job_type="person",
+                      status="queued")
+    assert_quiet(stack, tables, supabase, rid)
