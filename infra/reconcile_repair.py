@@ -324,6 +324,7 @@ class Repairer:
     def _ack(conn: psycopg.Connection, spec: TableSpec, rows: Sequence[dict]) -> None:
         supabase_db.ack_outbox_set(conn, spec, [(r["id"], r.get(spec.version) if spec.version else None, "applied")
                                                 for r in rows])
+        supabase_db.agree(conn, spec, list(rows))  # both sides hold these rows: the field merge's base
 
     def remove_duplicates(self, spec: TableSpec, record_ids: list[str], owner: dict[str, str],
                           report: TableReport) -> None:

@@ -365,3 +365,35 @@ def test_both_sides_changed_before_the_drain_ran_the_drain_merges_once(stack, ta
     assert len(merges) == 1, merges
     assert merges[0]["metadata"]["merged"]["supabase"] == ["status"]
     assert merges[0]["metadata"]["merged"]["tables"] == ["error_message"]
+
+
+def test_the_sweeper_keeps_the_mark_of_the_agreed_version(db):
+    """The base of a quiet record is its row, marked by its newest agreed outbox entry: the 7-day cleanup keeps
+    that one (older and unagreed entries go), so an agent's write a month later still saves a base."""
+    rid = uid("quiet")
+    seeded = _seed(db, rid, datetime.now(UTC) - timedelta(days=30))
+    db.execute("UPDATE zsync.outbox SET acked_at = now() - interval '20 days' WHERE record_id = %s", (rid,))
+    db.execute("INSERT INTO zsync.outbox (table_name, record_id, op, record_updated_at, acked_at, ack_outcome) "
+               "VALUES ('agent_jobs', %s, 'UPDATE', %s, now() - interval '25 days', 'skipped_stale')",
+               (rid, datetime.now(UTC) - timedelta(days=31)))
+    db.execute("SELECT zsync.sweep_outbox()")
+    assert db.execute("SELECT ack_outcome FROM zsync.outbox WHERE record_id = %s", (rid,)).fetchall() == \
+        [("unchanged",)]
+    db.execute("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
+    outcome, merge = _apply(db, dict(seeded, error_message="note"), datetime.now(UTC))
+    assert outcome == "merged" and merge["tables"] == ["error_message"]
+
+
+def test_switching_the_merge_off_drops_the_bases_and_queues_echoes_again(db):
+    rid = uid("off")
+    seeded = _seed(db, rid, datetime.now(UTC) - timedelta(seconds=10))
+    db.execute("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
+    assert db.execute("SELECT count(*) FROM zsync.sync_base WHERE record_id = %s", (rid,)).fetchone()[0] == 1
+    try:
+        db.execute("SELECT zsync.set_field_merge(false)")
+        assert db.execute("SELECT count(*) FROM zsync.sync_base").fetchone()[0] == 0
+        later = dict(seeded, status="tables", updated_at=_iso(datetime.now(UTC)))
+        assert _apply(db, later)[0] == "applied"
+        assert _pending(db, rid)[-1] == datetime.fromisoformat(later["updated_at"].replace("Z", "+00:00"))
+    finally:
+        db.execute("SELECT zsync.set_field_merge(true)")

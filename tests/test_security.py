@@ -593,7 +593,9 @@ def test_functions_sync_as_a_member_of_zsync_sync(database_url, fn_url, tmp_path
                 assert outbox == (2, 2)  # the trigger's + the repair's (zsync.requeue), both acknowledged
                 queued = admin.execute("SELECT headers FROM net.http_request_queue "
                                        "WHERE url LIKE '%%zsync_wake=outbox'").fetchall()
-                assert len(queued) >= 4  # the webhook triggers fired as the role + the announce: wake-ups ...
+                # the announce's wake-up (the sync's own applies from Tables queue none with the field merge
+                # on: their outbox entries are acknowledged, nothing to drain) ...
+                assert len(queued) >= 1
                 assert all(h == ({"Content-Type": "application/json"},) for h in queued)  # ... with no secret
                 actions = {r[0] for r in admin.execute("SELECT action FROM audit_log WHERE resource_id = %s "
                                                        "OR id = %s", (rid, rid))}

@@ -186,9 +186,13 @@ BEGIN
         RETURN 0;
     END IF;
     PERFORM zsync.assert_synced(p_table);
+    -- only what there is to do: a saved base, or a row that moved on (most records: neither, no write)
     FOR r IN EXECUTE format($q$
-        SELECT e.v AS row, to_jsonb(t) AS cur FROM jsonb_array_elements($1) e(v) LEFT JOIN %s t ON t.id = e.v ->> 'id'
-        ORDER BY e.v ->> 'id' $q$, p_table) USING p_rows LOOP
+        SELECT e.v AS row, to_jsonb(t) AS cur FROM jsonb_array_elements($1) e(v) JOIN %s t ON t.id = e.v ->> 'id'
+        WHERE EXISTS (SELECT 1 FROM zsync.sync_base b WHERE b.table_name = $2 AND b.record_id = t.id)
+           OR date_trunc('milliseconds', t.updated_at)
+              IS DISTINCT FROM date_trunc('milliseconds', (e.v ->> 'updated_at')::timestamptz)
+        ORDER BY e.v ->> 'id' $q$, p_table) USING p_rows, v_name LOOP
         IF r.cur IS NULL THEN
             CONTINUE;
         ELSIF (SELECT (v.ts, v.hash) FROM zsync.version_of_typed(p_table, r.cur) v)
@@ -746,6 +750,7 @@ DECLARE
     a_bts      timestamptz[];
     a_bhash    text[];
     a_based    boolean[];
+    v_bases    boolean;  -- anything for zsync.bases_after_batch to do
     r_merge    jsonb[];
     v_ids      text[];
     x          record;
@@ -836,10 +841,12 @@ BEGIN
                                  ORDER BY d.rn, d.ord),
                        array_agg(CASE WHEN d.action = 'unchanged' THEN d.s_ts ELSE coalesce(d.bumped, d.ts) END ORDER BY d.rn, d.ord),
                        array_agg(CASE WHEN d.action = 'unchanged' THEN d.s_hash ELSE d.hash END ORDER BY d.rn, d.ord),
-                       array_agg(d.b_hash IS NOT NULL ORDER BY d.rn, d.ord)
+                       array_agg(d.b_hash IS NOT NULL ORDER BY d.rn, d.ord),
+                       coalesce(bool_or(d.b_hash IS NOT NULL OR d.action = 'unchanged'
+                                        OR (d.action IN ('insert', 'update') AND d.bumped IS NOT NULL)), false)
                 FROM d
             $q$, p_table, x.ts_expr, x.hash_expr, t.ts_expr, t.hash_expr)
-                INTO a_ord, a_id, a_action, a_stored, a_input, a_edited, a_row, a_bts, a_bhash, a_based
+                INTO a_ord, a_id, a_action, a_stored, a_input, a_edited, a_row, a_bts, a_bhash, a_based, v_bases
                 USING p_rows, v_name, v_ignore, v_locked, v_merge;
 
             -- In id order; waits only for a concurrent insert of the same id (which holds no lower id it
@@ -872,7 +879,7 @@ BEGIN
             USING a_id, a_action, a_row;
     END IF;
 
-    IF v_merge THEN  -- Supabase now holds what Tables sent (zsync.base_after_apply, set-based)
+    IF v_merge AND v_bases THEN  -- Supabase now holds what Tables sent (zsync.base_after_apply, set-based)
         PERFORM zsync.bases_after_batch(p_table, a_id, a_action, a_row, a_bts, a_bhash, a_input, a_based, v_inserted);
     END IF;
 
@@ -912,6 +919,25 @@ BEGIN
     END LOOP;
 END
 $_$;
+
+-- The Database Webhook trigger: as the baseline's, except for a write the sync applied from Tables while the
+-- merge is on (zsync.origin = 'sync'): its outbox entry is recorded acknowledged, so there is nothing to drain
+-- and no wake-up is sent (a wasted one would also take the function's wake-up slot from the next real change:
+-- drain rounds start at least ZSYNC_OUTBOX_WAKE_MIN_INTERVAL_S apart). A DELETE, a record created without our
+-- id, and a merged write ('sync_send') wake it as before.
+CREATE OR REPLACE FUNCTION zsync.webhook_request() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+    IF TG_OP <> 'DELETE' AND coalesce(current_setting('zsync.origin', true), '') = 'sync'
+       AND NEW.id !~ '^[0-9A-Z]{26}$' AND zsync.field_merge_on() THEN
+        RETURN NULL;
+    END IF;
+    PERFORM zsync.wake(TG_TABLE_NAME);
+    RETURN NULL;
+END
+$$;
 
 -- As the baseline's, keeping the marks of agreed versions (see the DELETE).
 CREATE OR REPLACE FUNCTION zsync.sweep_outbox(p_min_age interval DEFAULT '00:00:30'::interval, p_limit integer DEFAULT 200) RETURNS integer
