@@ -107,6 +107,7 @@ class _Reconciler:
         report.timings["compare"] = time.perf_counter() - started - report.timings["read_supabase"]
         if not self.dry_run:
             self.repairer.repair(spec, drift, side, report)
+            self.repairer.mark_agreed(spec, drift.agreed, report)
 
 
 def reconcile(ctx: SyncContext, tables: Sequence[str] | None = None, *, since: datetime | None = None,

@@ -17,6 +17,7 @@ from infra.reconcile_report import TableReport
 from shared.core.spec import Kind, TableSpec
 from shared.services import conflict
 from shared.services.sync import SyncContext
+from shared.services.to_tables import decide_merges
 
 
 @dataclass
@@ -28,6 +29,8 @@ class Drift:
     updates: list[tuple[str, dict]] = field(default_factory=list)  # (Tables record id, newer Supabase row)
     trashed: list[dict] = field(default_factory=list)  # Supabase rows whose Tables copy is only in the trash
     missing: dict[str, datetime | None] = field(default_factory=dict)  # id missing in Supabase -> edited_at
+    agreed: list[tuple[str, datetime]] = field(default_factory=list)  # (id, version) equal on both sides
+    edited: dict[str, datetime | None] = field(default_factory=dict)  # id -> edited_at, of Tables rows the merge sends
 
 
 def _identical(json_fields: tuple[str, ...], a: dict, b: dict) -> bool:
@@ -95,9 +98,23 @@ def compare(ctx: SyncContext, spec: TableSpec, side: TablesSide, supa: dict[str,
     report.compared = len(scope)
     # Identical rows are the same version (version_cmp of equal inputs is 0): only the others go to SQL.
     json_fields = spec.fields_of(Kind.JSON) + spec.fields_of(Kind.FLOAT)
-    differing = [p for p in pairs if not _identical(json_fields, p[1], p[2])]
+    differing, agreed = [], []  # agreed: (id, version) of identical rows, the field merge's agreed versions
+    for p in pairs:
+        if not _identical(json_fields, p[1], p[2]):
+            differing.append(p)
+        elif spec.version and p[2].get(spec.version) is not None:
+            agreed.append((p[0], p[2][spec.version]))
     report.in_sync += len(pairs) - len(differing)
     cmps = ctx.db.run(lambda conn: conflict.compare_many(conn, spec, [(t, s) for _, t, s in differing]))
+    # The field merge, as the functions decide it (zsync.merge_decide_many; "none" where there is no base)
+    items = [(t_row, side.edited.get(rid), s_row) for rid, t_row, s_row in differing]
+    decisions = ctx.db.run(lambda conn: decide_merges(conn, spec, items)) if items else []
+    edited: dict[str, datetime | None] = {}
+    for n, ((rid, _, _), decision) in enumerate(zip(differing, decisions, strict=True)):
+        if decision.action in ("tables", "merged"):  # applied to Supabase as its delivery would be
+            cmps[n], edited[rid] = 1, side.edited.get(rid)
+        elif decision.action in ("supabase", "same"):
+            cmps[n] = -1 if decision.action == "supabase" else 0
     for (rid, t_row, s_row), cmp in zip(differing, cmps, strict=True):
         if cmp > 0:
             to_supabase.append(t_row)
@@ -107,4 +124,4 @@ def compare(ctx: SyncContext, spec: TableSpec, side: TablesSide, supa: dict[str,
             report.stale_in_tables += 1
         else:
             report.in_sync += 1
-    return Drift(to_supabase, creates, updates, trashed, missing)
+    return Drift(to_supabase, creates, updates, trashed, missing, agreed, edited)

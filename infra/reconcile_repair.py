@@ -95,7 +95,7 @@ class Repairer:
             def to_supabase_side() -> None:
                 try:
                     began = time.perf_counter()
-                    deleted.extend(self.to_supabase(spec, drift.to_supabase, sub, drift.missing))
+                    deleted.extend(self.to_supabase(spec, drift.to_supabase, sub, drift.missing | drift.edited))
                     sub.timings["to_supabase"] = time.perf_counter() - began
                 except BaseException as exc:  # raised again in this thread below
                     failed.append(exc)
@@ -138,7 +138,7 @@ class Repairer:
             entries, applied, raced = [], 0, 0
             refused: list[tuple[str, list[dict[str, str]]]] = []
             for rid, outcome, stored in apply_many(conn, spec, chunk, edited, refused):
-                if outcome == Outcome.APPLIED:
+                if outcome in (Outcome.APPLIED, Outcome.MERGED):  # merged: Supabase sends it on to Tables
                     applied += 1
                     entries.append(_synced_entry(spec, Direction.TO_SUPABASE, by_id[rid], now, stored))
                 elif outcome == Outcome.SKIPPED_STALE:
@@ -325,6 +325,15 @@ class Repairer:
         supabase_db.ack_outbox_set(conn, spec, [(r["id"], r.get(spec.version) if spec.version else None, "applied")
                                                 for r in rows])
         supabase_db.agree(conn, spec, list(rows))  # both sides hold these rows: the field merge's base
+
+    def mark_agreed(self, spec: TableSpec, agreed: list[tuple[str, datetime]], report: TableReport) -> None:
+        """Records found equal on both sides: their versions are agreed, the field merge's base for records whose
+        agreement left no mark (older than the merge: zsync.mark_agreed adds one only where none is)."""
+        try:
+            for chunk in _chunks(agreed, SUPABASE_BATCH):
+                self.ctx.db.run(lambda conn, chunk=chunk: supabase_db.mark_agreed(conn, spec, list(chunk)))
+        except DB_ERRORS as exc:
+            report.errors.append(f"marking agreed versions: {type(exc).__name__}")
 
     def remove_duplicates(self, spec: TableSpec, record_ids: list[str], owner: dict[str, str],
                           report: TableReport) -> None:

@@ -9,7 +9,7 @@ applied, or an older version than the one stored, changes nothing.
 
 What happens to a message:
 
-* applied / unchanged / skipped_stale / ignored -> deleted. A delivery that failed while the database was
+* applied / merged / unchanged / skipped_stale / ignored -> deleted. A delivery that failed while the database was
   down (so no ``sync_failed`` entry could be written then) gets that entry now, dated when it failed.
 * another copy of a key already done in this run -> deleted (``duplicates``).
 * rejected (invalid record, or a 4xx from the Tables API to our own write) -> ``sync_failed`` audit entry,
@@ -53,7 +53,7 @@ from shared.services.from_tables import apply_many_from_tables
 from shared.services.inbox_consumer import INBOX_LETTER_KEYS, _field_names_of, inbox_letter_delivery
 from shared.services.sync import ConfigurationError, SyncContext
 
-COLUMNS = ("applied", "unchanged", "skipped_stale", "ignored", "duplicates", "rejected", "left")
+COLUMNS = ("applied", "merged", "unchanged", "skipped_stale", "ignored", "duplicates", "rejected", "left")
 
 
 @dataclass
@@ -70,7 +70,7 @@ class ReplayReport:
 
     def add(self, function: str, column: str, n: int = 1) -> None:
         row = self.counts.setdefault(function, dict.fromkeys(COLUMNS, 0))
-        row[column] += n
+        row[column] = row.get(column, 0) + n  # an outcome without a column of its own is still counted
 
     def total(self, column: str) -> int:
         return sum(row[column] for row in self.counts.values())

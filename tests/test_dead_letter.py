@@ -214,7 +214,8 @@ def test_replay_applies_dedupes_and_audits_the_outage(env, queue_url, database_u
     enqueue(*copies, letter("agent_jobs_to_supabase", v1, received_at=first_seen))  # older one last
     report = replay.replay(get_settings())
     assert report.ok and report.counts["agent_jobs_to_supabase"] == {
-        "applied": 1, "unchanged": 0, "skipped_stale": 1, "ignored": 0, "duplicates": 2, "rejected": 0, "left": 0}
+        "applied": 1, "merged": 0, "unchanged": 0, "skipped_stale": 1, "ignored": 0, "duplicates": 2, "rejected": 0,
+        "left": 0}
     assert report.remaining == 0
     assert query(database_url, "SELECT status FROM agent_jobs WHERE id = %s", (rid,)) == [("running",)]
     synced = query(database_url, "SELECT count(*) FROM audit_log WHERE action = 'agent_jobs_synced' AND "

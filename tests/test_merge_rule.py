@@ -397,3 +397,113 @@ def test_switching_the_merge_off_drops_the_bases_and_queues_echoes_again(db):
         assert _pending(db, rid)[-1] == datetime.fromisoformat(later["updated_at"].replace("Z", "+00:00"))
     finally:
         db.execute("SELECT zsync.set_field_merge(true)")
+
+
+def test_reconcile_marks_equal_records_as_agreed_so_a_later_edit_merges(stack, tables, supabase):
+    """A record synced before the field merge (its outbox mark gone): reconcile finds both sides equal and marks
+    that version agreed, so the next concurrent edits on both sides merge."""
+    from infra.reconcile import reconcile
+    from tests.test_correctness import stack_context
+
+    rid = uid("recon-mark")
+    supabase.query("INSERT INTO agent_jobs (id, status) VALUES (%s, 'queued')", (rid,))
+    eventually(lambda: tables.find("agent_jobs", rid))
+    stack.wait_quiet()
+    supabase.query("DELETE FROM zsync.outbox WHERE record_id = %s", (rid,))  # as the 7-day cleanup did
+    reconcile(stack_context(stack), ["agent_jobs"])
+    assert supabase.query("SELECT ack_outcome, repair FROM zsync.outbox WHERE record_id = %s", (rid,)) == \
+        [("unchanged", True)]
+    supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
+    assert supabase.query("SELECT count(*) FROM zsync.sync_base WHERE record_id = %s", (rid,)) == [(1,)]
+    stack.wait_quiet()
+    assert tables.find("agent_jobs", rid)["data"]["status"] == "agent"
+
+
+def test_a_field_both_changed_goes_to_its_later_change_not_the_later_record(db):
+    """An agent sets status, a person then sets status in Tables, then the agent writes another field: the
+    agent's record is the later one, but the person's status is the later change of that field."""
+    rid = uid("per-field")
+    seeded = _seed(db, rid, datetime.now(UTC) - timedelta(seconds=10))
+    t = (datetime.now(UTC) - timedelta(seconds=5)).replace(microsecond=0)
+    db.execute("UPDATE agent_jobs SET status = 'agent', updated_at = %s WHERE id = %s", (t, rid))
+    db.execute("UPDATE agent_jobs SET retry_count = 4, updated_at = %s WHERE id = %s", (t + timedelta(seconds=2), rid))
+    outcome, merge = _apply(db, dict(seeded, status="person"), t + timedelta(seconds=1))
+    assert outcome == "merged" and merge["both_later"] == {"status": "tables"}, merge
+    row = _row(db, rid)
+    assert (row["status"], row["retry_count"]) == ("person", 4)
+    assert datetime.fromisoformat(row["updated_at"]) == t + timedelta(seconds=2, milliseconds=1)
+
+
+def test_a_base_saved_while_its_version_was_being_written_to_tables_counts_once_acknowledged(db):
+    """The agent's next write lands while the drain writes the previous version to Tables (not yet acknowledged):
+    the row as it was is kept unconfirmed, and counts as the base once the drain acknowledges it."""
+    outcomes = {}
+    for acked in (False, True):
+        rid = uid("race")
+        t0 = (datetime.now(UTC) - timedelta(seconds=10)).replace(microsecond=0)
+        db.execute("INSERT INTO agent_jobs (id, status, updated_at) VALUES (%s, 'queued', %s)", (rid, t0))
+        s1 = _row(db, rid)  # its outbox entry pending: a drain is writing it to Tables
+        db.execute("UPDATE agent_jobs SET status = 'agent', updated_at = now() - interval '5 s' WHERE id = %s",
+                   (rid,))
+        assert db.execute("SELECT agreed FROM zsync.sync_base WHERE record_id = %s", (rid,)).fetchone() == (False,)
+        if acked:  # the drain's write of s1 is acknowledged
+            db.execute("SELECT zsync.ack_outbox('agent_jobs', %s, %s, 'applied')", (rid, t0))
+        outcomes[acked] = _apply(db, dict(s1, error_message="note"), datetime.now(UTC) - timedelta(seconds=4))[0]
+        outcomes[acked, "row"] = (_row(db, rid)["status"], _row(db, rid)["error_message"])
+    assert outcomes[False] == "skipped_stale" and outcomes[False, "row"] == ("agent", None)  # no base yet
+    assert outcomes[True] == "merged" and outcomes[True, "row"] == ("agent", "note")
+
+
+def test_reconcile_does_not_write_supabases_row_over_a_newer_cell_edit(stack, tables, supabase):
+    """A person's cell edit whose delivery is late (the trigger inbox's wake-up lost) while the agent changed
+    another field: reconcile decides as the functions do - both kept - instead of Supabase's later record
+    overwriting the edit."""
+    from infra.reconcile import reconcile
+    from shared.adapters.trigger_inbox import InboxClient
+    from tests.test_correctness import stack_context
+
+    rid = uid("recon-cell")
+    supabase.query("INSERT INTO agent_jobs (id, status) VALUES (%s, 'queued')", (rid,))
+    rec = eventually(lambda: tables.find("agent_jobs", rid))
+    stack.wait_quiet()
+    client = InboxClient.for_tables(stack.tables_client())
+    inbox_id = stack.inboxes["agent_jobs_to_supabase"]
+    url = client.get(inbox_id).notification_url
+    client.update(inbox_id, None)
+    lost = stack.dropped_deliveries()["pgnet"]
+    stack.drop_deliveries(1.0)  # the agent's change is not drained either: its wake-up is lost
+    try:
+        tables.patch("agent_jobs", rec["id"], {"error_message": "typed by a person"})
+        supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
+        eventually(lambda: stack.dropped_deliveries()["pgnet"] > lost)
+        reconcile(stack_context(stack), ["agent_jobs"])
+    finally:
+        stack.drop_deliveries(0.0)
+        client.update(inbox_id, url)
+    stack.sweep_outbox(0)
+    stack.wait_quiet()
+    stack.safety_drain()
+    stack.wait_quiet()
+    row, found = supabase.row("agent_jobs", rid), tables.find("agent_jobs", rid)["data"]
+    assert (row["status"], row["error_message"]) == ("agent", "typed by a person")
+    assert (found["status"], found["error_message"]) == ("agent", "typed by a person")
+
+
+
+def test_one_merge_one_audit_entry_whichever_direction_records_it():
+    """Both directions compute the same merged record; met at once from both sides, the merge is audited once
+    (the entries share their id, and append_audit inserts an id once)."""
+    from shared.core import audit
+    from shared.core.mapping import parse_supabase_record
+    from shared.core.outcome import Outcome
+    from shared.core.spec import FUNCTIONS
+
+    merged = parse_supabase_record(FUNCTIONS["agent_jobs_to_supabase"].table, dict(
+        BASE, status="agent", error_message="note", updated_at=_iso(NOW + timedelta(milliseconds=1))))
+    info = {"supabase": ["status"], "tables": ["error_message"], "both_later": {}}
+    now = datetime.now(UTC)
+    a = audit.sync_entry(FUNCTIONS["agent_jobs_to_supabase"], merged, Outcome.MERGED, now, merge=info)
+    b = audit.sync_entry(FUNCTIONS["agent_jobs_to_tables"], merged, Outcome.MERGED, now, merge=info)
+    assert a["id"] == b["id"] and a["metadata"]["merged"]["tables"] == ["error_message"]
+    applied = audit.sync_entry(FUNCTIONS["agent_jobs_to_tables"], merged, Outcome.APPLIED, now)
+    assert applied["id"] != a["id"]

@@ -347,6 +347,15 @@ def merge_decide_many(conn: psycopg.Connection, spec: TableSpec,
     return [(action, merged, info) for _, action, merged, info in sorted(found, key=lambda r: r[0])]
 
 
+def mark_agreed(conn: psycopg.Connection, spec: TableSpec, agreed: list[tuple[str, datetime]]) -> int:
+    """Versions found equal on both sides (reconcile): zsync.mark_agreed records each as agreed where no mark
+    is (an acknowledged outbox entry). -> how many marks were added."""
+    if not agreed:
+        return 0
+    return conn.execute("SELECT zsync.mark_agreed(%s, %s::text[], %s::timestamptz[])",
+                        (spec.name, [i for i, _ in agreed], [v for _, v in agreed])).fetchone()[0]
+
+
 def agree(conn: psycopg.Connection, spec: TableSpec, rows: list[Mapping[str, Any]]) -> int:
     """Both sides hold ``rows`` now (written to Tables, or found equal there): zsync.agree drops a record's
     saved base, or makes the row its base when Supabase changed since (nothing when the merge is off)."""

@@ -83,8 +83,13 @@ def sync_entry(fn: FunctionSpec, row: Mapping[str, Any], outcome: Outcome, now: 
     synced = outcome in (Outcome.APPLIED, Outcome.MERGED)
     action = spec.synced_action if synced else SKIPPED_ACTION
     version = source_ts.isoformat() if source_ts else ""
-    return _entry(fn, action, row["id"], now, metadata, "debug" if outcome is Outcome.APPLIED else "info",
-                  str(row["id"]), version, row_to_json(row))
+    entry = _entry(fn, action, row["id"], now, metadata, "debug" if outcome is Outcome.APPLIED else "info",
+                   str(row["id"]), version, row_to_json(row))
+    if outcome is Outcome.MERGED:
+        # One merge, one entry: both directions compute the same merged record (zsync.merge3 is symmetric), so
+        # when both meet the conflict at once the second entry has the first's id and is not added.
+        entry["id"] = _stable_id("merged", spec.name, str(row["id"]), version, row_to_json(row))
+    return entry
 
 
 def failed_entry(fn: FunctionSpec, body: bytes, problems: list[dict[str, str]], now: datetime,

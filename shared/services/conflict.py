@@ -24,8 +24,9 @@ version, ``zsync.merge_decide`` (both directions) compares each side with the ba
 * only one side changed since the base -> that side's version, whole (the rule above, except that an unchanged
   side never wins just by carrying a later time: a late echo of the base, a stale delivery);
 * both changed -> ``zsync.merge3``, per field: a field changed on one side only takes that side's value; a field
-  both changed to different values takes the later whole version's value (the rule above, per field); JSON and
-  array fields are whole values. When the result takes fields from both sides it is a new version ``merged``,
+  both changed to different values takes its later change (Supabase's writers stamp the fields they change;
+  Tables' change counts at its record's version; equal times: the later whole version); JSON and array fields
+  are whole values. When the result takes fields from both sides it is a new version ``merged``,
   timed 1 ms after the later input, written to Supabase and Tables once, audited once with the fields by side;
 * the same content on both sides (an echo of the sync's own write) is never a change.
 

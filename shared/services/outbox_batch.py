@@ -240,7 +240,7 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
              if o in (Outcome.SKIPPED_STALE, Outcome.MERGED)]
     if len(stale) > 1:  # the pushes below lock these rows: take them in id order first, as every writer does
         supabase_db.lock_rows(conn, spec, stale)
-    for i, ((item, current), outcome) in enumerate(zip(pairs, outcomes, strict=True)):
+    for i, ((item, _current), outcome) in enumerate(zip(pairs, outcomes, strict=True)):
         decision = decisions.get(i, MergeDecision("none", None, None))
         if outcome is Outcome.UNCHANGED and item.id in idless:
             outcome = Outcome.APPLIED  # the same version: write it whole, which puts the id into the record
@@ -254,10 +254,7 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
             continue
         if outcome is Outcome.SKIPPED_STALE:
             # Tables holds a newer version: make sure Supabase has it too (same as the single path).
-            if decision.action == "tables":  # as its delivery would: the same decision in zsync.sync_apply
-                push_back(ctx, conn, spec, *as_read[item.id])
-            else:
-                push_back(ctx, conn, spec, current)
+            push_back(ctx, conn, spec, *as_read[item.id])  # as its delivery would be (see to_tables)
         plan.outcomes[item.id] = (outcome, None)
 
     def send(chunk: list[Any], create: bool) -> None:

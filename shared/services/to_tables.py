@@ -196,10 +196,8 @@ def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec
         ctx.tables.update(table_id, existing.id, fields)
     elif outcome is Outcome.SKIPPED_STALE and current is not None:
         # Tables holds a newer version than this webhook carried: make sure Supabase has it too (its own
-        # Zap delivery may have been lost). Conditional, so a no-op when Supabase is already current. With a
-        # base, at the version the merge counted Tables' change at (a cell edit: Zapier's edited_at).
-        if decision.action == "tables":  # as its delivery would: the same decision in zsync.sync_apply
-            push_back(ctx, conn, spec, as_read, edited_at)
-        else:
-            push_back(ctx, conn, spec, current)
+        # Zap delivery may have been lost). Conditional, so a no-op when Supabase is already current. Sent as
+        # its delivery would be (the record as read, with Zapier's edited_at): zsync.sync_apply versions a cell
+        # edit as _tables_version did, and knows the updated_at Tables' copy still carries.
+        push_back(ctx, conn, spec, as_read, edited_at)
     return outcome, None

@@ -26,6 +26,8 @@ CREATE TABLE IF NOT EXISTS zsync.sync_base (
     version timestamp with time zone NOT NULL,
     hash text NOT NULL,
     tables_ts timestamp with time zone,  -- the updated_at Tables' copy carries (a cell edit may be versioned later)
+    agreed boolean DEFAULT true NOT NULL,  -- false: saved before its agreement was known (see zsync.merge_decide_base)
+    field_ts jsonb,  -- field -> when Supabase last changed it since the base (its writers' updated_at)
     set_at timestamp with time zone DEFAULT now() NOT NULL,
     CONSTRAINT sync_base_pkey PRIMARY KEY (table_name, record_id)
 );
@@ -64,7 +66,9 @@ $$;
 -- it is later than the base held (version, then hash); p_tables_ts: the updated_at Tables' copy carries, when
 -- not p_row's own (a Tables cell edit applied at Zapier's edited_at). -> whether it was recorded.
 DROP FUNCTION IF EXISTS zsync.set_base(regclass, jsonb);
-CREATE OR REPLACE FUNCTION zsync.set_base(p_table regclass, p_row jsonb, p_tables_ts timestamp with time zone DEFAULT NULL)
+DROP FUNCTION IF EXISTS zsync.set_base(regclass, jsonb, timestamp with time zone);
+CREATE OR REPLACE FUNCTION zsync.set_base(p_table regclass, p_row jsonb, p_tables_ts timestamp with time zone DEFAULT NULL,
+                                          p_agreed boolean DEFAULT true)
     RETURNS boolean
     LANGUAGE plpgsql SECURITY DEFINER
     SET "TimeZone" TO 'UTC'
@@ -79,12 +83,12 @@ BEGIN
     END IF;
     PERFORM zsync.assert_synced(p_table);
     SELECT * INTO v FROM zsync.version_of(p_table, p_row);
-    INSERT INTO zsync.sync_base AS b (table_name, record_id, base, version, hash, tables_ts)
+    INSERT INTO zsync.sync_base AS b (table_name, record_id, base, version, hash, tables_ts, agreed)
     VALUES ((SELECT relname::text FROM pg_class WHERE oid = p_table), p_row ->> 'id', p_row, v.ts, v.hash,
-            date_trunc('milliseconds', coalesce(p_tables_ts, v.ts)))
+            date_trunc('milliseconds', coalesce(p_tables_ts, v.ts)), p_agreed)
     ON CONFLICT ON CONSTRAINT sync_base_pkey DO UPDATE
         SET base = EXCLUDED.base, version = EXCLUDED.version, hash = EXCLUDED.hash, tables_ts = EXCLUDED.tables_ts,
-            set_at = now()
+            agreed = EXCLUDED.agreed, field_ts = NULL, set_at = now()
         WHERE (EXCLUDED.version, EXCLUDED.hash) > (b.version, b.hash);
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n = 1;
@@ -206,6 +210,64 @@ BEGIN
 END
 $_$;
 
+-- Reconcile found these versions equal on both sides: mark each agreed (an outbox entry acknowledged
+-- 'unchanged', flagged repair: not a write) where the row is still at that version and no mark is there yet
+-- (records synced before the field merge, whose marks the 7-day cleanup removed). -> marks added.
+CREATE OR REPLACE FUNCTION zsync.mark_agreed(p_table text, p_ids text[], p_versions timestamp with time zone[])
+    RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+DECLARE
+    n integer;
+BEGIN
+    IF NOT zsync.field_merge_on() THEN
+        RETURN 0;
+    END IF;
+    PERFORM zsync.assert_synced(format('public.%I', p_table)::regclass);
+    EXECUTE format($q$
+        INSERT INTO zsync.outbox (table_name, record_id, op, record_updated_at, acked_at, ack_outcome, repair)
+        SELECT $1, a.id, 'UPDATE', t.updated_at, now(), 'unchanged', true
+        FROM unnest($2, $3) AS a(id, version) JOIN public.%I t ON t.id = a.id
+        WHERE date_trunc('milliseconds', t.updated_at) = date_trunc('milliseconds', a.version)
+          AND NOT EXISTS (SELECT 1 FROM zsync.outbox o WHERE o.table_name = $1 AND o.record_id = a.id
+                            AND o.record_updated_at = t.updated_at AND o.ack_outcome IN ('unchanged', 'applied'))
+        ORDER BY a.id $q$, p_table) USING p_table, p_ids, p_versions;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$_$;
+
+-- A change to a row by anyone but the sync (zsync.maintain_updated_at, before it is written): the row as it
+-- was becomes the record's saved base unless one is kept already (a kept one goes when both sides agree again:
+-- zsync.sync_apply, zsync.agree) - agreed when its version's outbox entry is
+-- acknowledged 'unchanged' or 'applied'; else saved unconfirmed (agreed = false: a drain may be writing that
+-- version to Tables right now, and its acknowledgement confirms it later, see zsync.merge_decide_base) - and
+-- the fields it changes are stamped with its updated_at (zsync.merge3 decides a field both sides changed by
+-- these times).
+CREATE OR REPLACE FUNCTION zsync.base_before_change(p_table regclass, p_old jsonb, p_new jsonb) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET "TimeZone" TO 'UTC'
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_name text := (SELECT relname::text FROM pg_class WHERE oid = p_table);
+    v_id   text := p_old ->> 'id';
+    v_old  timestamptz := (p_old ->> 'updated_at')::timestamptz;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM zsync.sync_base b WHERE b.table_name = v_name AND b.record_id = v_id) THEN
+        PERFORM zsync.set_base(p_table, p_old, NULL,
+                               EXISTS (SELECT 1 FROM zsync.outbox o WHERE o.table_name = v_name AND o.record_id = v_id
+                                         AND o.record_updated_at = v_old AND o.ack_outcome IN ('unchanged', 'applied')));
+    END IF;
+    UPDATE zsync.sync_base b
+    SET field_ts = coalesce(b.field_ts, '{}'::jsonb) || (
+        SELECT coalesce(jsonb_object_agg(n.key, date_trunc('milliseconds', (p_new ->> 'updated_at')::timestamptz)), '{}')
+        FROM jsonb_each(p_new) n WHERE n.key NOT IN ('id', 'updated_at') AND n.value IS DISTINCT FROM p_old -> n.key)
+    WHERE b.table_name = v_name AND b.record_id = v_id;
+END
+$$;
+
 -- The three-way merge of two versions a and b of one record against their base, per column (id and
 -- updated_at aside), comparing values as zsync.canonical_row does ("" = null = no value, JSON numbers by
 -- value, JSON and arrays as whole values):
@@ -218,7 +280,9 @@ $_$;
 --    updated_at = the later input's + 1 ms (strictly after both, so every later plain comparison orders it
 --    after both); from_a / from_b: the fields taken from a side that only it changed; both_later: the fields
 --    both changed, each with the side ('a' / 'b') whose value was kept.
+DROP FUNCTION IF EXISTS zsync.merge3(regclass, jsonb, jsonb, jsonb);
 CREATE OR REPLACE FUNCTION zsync.merge3(p_table regclass, p_base jsonb, p_a jsonb, p_b jsonb,
+                                        p_a_times jsonb DEFAULT NULL, p_b_times jsonb DEFAULT NULL,
                                         OUT merged jsonb, OUT outcome text, OUT from_a text[], OUT from_b text[],
                                         OUT both_later jsonb) RETURNS record
     LANGUAGE plpgsql STABLE
@@ -239,6 +303,9 @@ DECLARE
     a_ch   boolean;
     b_ch   boolean;
     c      text;
+    ta_c   timestamptz;
+    tb_c   timestamptz;
+    c_a    boolean;  -- a field both changed: a's value is kept
     early  text[] := '{}';  -- fields taken from the earlier side
 BEGIN
     EXECUTE q INTO ta USING p_a;
@@ -261,7 +328,16 @@ BEGIN
         b_ch := (cb -> c) IS DISTINCT FROM (cz -> c);
         IF a_ch AND b_ch THEN
             IF (ca -> c) IS DISTINCT FROM (cb -> c) THEN
-                both_later := both_later || jsonb_build_object(c, CASE WHEN a_late THEN 'a' ELSE 'b' END);
+                -- the later change of the field: each side's time for it (its writer's, where known), else
+                -- its whole version's; equal times: the later whole version
+                ta_c := coalesce((p_a_times ->> c)::timestamptz, va.ts);
+                tb_c := coalesce((p_b_times ->> c)::timestamptz, vb.ts);
+                c_a := CASE WHEN ta_c <> tb_c THEN ta_c > tb_c ELSE a_late END;
+                both_later := both_later || jsonb_build_object(c, CASE WHEN c_a THEN 'a' ELSE 'b' END);
+                IF c_a <> a_late THEN
+                    merged := jsonb_set(merged, ARRAY[c], coalesce(CASE WHEN c_a THEN ta ELSE tb END -> c, 'null'::jsonb));
+                    early := early || c;
+                END IF;
             END IF;
         ELSIF a_ch THEN
             from_a := from_a || c;
@@ -341,6 +417,12 @@ BEGIN
     IF p_tables IS NULL OR p_supabase IS NULL OR b.record_id IS NULL THEN
         RETURN;
     END IF;
+    IF NOT b.agreed AND NOT EXISTS (  -- saved unconfirmed: agreed only once its outbox entry says so
+            SELECT 1 FROM zsync.outbox o WHERE o.table_name = b.table_name AND o.record_id = b.record_id
+              AND date_trunc('milliseconds', o.record_updated_at) = b.version
+              AND o.ack_outcome IN ('unchanged', 'applied')) THEN
+        RETURN;
+    END IF;
     SELECT * INTO t FROM zsync.version_of(p_table, p_tables);
     SELECT * INTO s FROM zsync.version_of(p_table, p_supabase);
     IF t.hash = s.hash THEN
@@ -366,7 +448,7 @@ BEGIN
         merged := t_row;
         RETURN;
     END IF;
-    SELECT * INTO m FROM zsync.merge3(p_table, b.base, t_row, p_supabase);
+    SELECT * INTO m FROM zsync.merge3(p_table, b.base, t_row, p_supabase, NULL, b.field_ts);
     IF m.outcome = 'a' THEN
         action := 'tables';
         merged := t_row;
@@ -476,14 +558,8 @@ BEGIN
             NEW.updated_at := greatest(NEW.updated_at,
                                        date_trunc('milliseconds', OLD.updated_at) + interval '1 millisecond');
         END IF;
-        -- The field merge's base: the row's first change since both sides agreed on it (its version's outbox
-        -- entry acknowledged 'unchanged' or 'applied') saves the agreed row, unless a base is kept already.
-        IF zsync.field_merge_on()
-           AND NOT EXISTS (SELECT 1 FROM zsync.sync_base b WHERE b.table_name = TG_TABLE_NAME AND b.record_id = OLD.id
-                             AND b.version >= date_trunc('milliseconds', OLD.updated_at))
-           AND EXISTS (SELECT 1 FROM zsync.outbox o WHERE o.table_name = TG_TABLE_NAME AND o.record_id = OLD.id
-                         AND o.record_updated_at = OLD.updated_at AND o.ack_outcome IN ('unchanged', 'applied')) THEN
-            PERFORM zsync.set_base(TG_RELID::regclass, to_jsonb(OLD));
+        IF zsync.field_merge_on() THEN  -- the field merge's base and when each field changed
+            PERFORM zsync.base_before_change(TG_RELID::regclass, to_jsonb(OLD), to_jsonb(NEW));
         END IF;
     END IF;
     RETURN NEW;
@@ -684,7 +760,7 @@ BEGIN
         SELECT v_name, l.id, l.row, l.bts, l.bhash, l.tts FROM l WHERE l.tts IS DISTINCT FROM l.bts ORDER BY l.id
         ON CONFLICT ON CONSTRAINT sync_base_pkey DO UPDATE
             SET base = EXCLUDED.base, version = EXCLUDED.version, hash = EXCLUDED.hash,
-                tables_ts = EXCLUDED.tables_ts, set_at = now()
+                tables_ts = EXCLUDED.tables_ts, agreed = true, field_ts = NULL, set_at = now()
             WHERE (EXCLUDED.version, EXCLUDED.hash) > (b.version, b.hash)
         RETURNING 1)
     DELETE FROM zsync.sync_base b USING l
@@ -997,14 +1073,17 @@ GRANT ALL ON FUNCTION zsync.bases_after_batch(regclass, text[], text[], jsonb[],
 REVOKE ALL ON FUNCTION zsync.field_merge_on() FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.field_merge_on() TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.set_field_merge(boolean) FROM PUBLIC;
-REVOKE ALL ON FUNCTION zsync.set_base(regclass, jsonb, timestamp with time zone) FROM PUBLIC;
+REVOKE ALL ON FUNCTION zsync.set_base(regclass, jsonb, timestamp with time zone, boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION zsync.base_before_change(regclass, jsonb, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION zsync.base_after_apply(regclass, jsonb, timestamp with time zone) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.base_after_apply(regclass, jsonb, timestamp with time zone) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.ack_agreed(text, text[], timestamp with time zone[]) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.ack_agreed(text, text[], timestamp with time zone[]) TO zsync_sync;
+REVOKE ALL ON FUNCTION zsync.mark_agreed(text, text[], timestamp with time zone[]) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.mark_agreed(text, text[], timestamp with time zone[]) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.agree(regclass, jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.agree(regclass, jsonb) TO zsync_sync;
-REVOKE ALL ON FUNCTION zsync.merge3(regclass, jsonb, jsonb, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION zsync.merge3(regclass, jsonb, jsonb, jsonb, jsonb, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION zsync.merge_decide(regclass, jsonb, timestamp with time zone, jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.merge_decide(regclass, jsonb, timestamp with time zone, jsonb) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.merge_decide_base(regclass, zsync.sync_base, jsonb, timestamp with time zone, jsonb) FROM PUBLIC;
