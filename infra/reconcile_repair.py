@@ -31,7 +31,7 @@ from shared.adapters import supabase_db
 from shared.adapters.zapier_errors import TablesError
 from shared.adapters.zapier_tables import BATCH_MAX, TablesClient, client_from_settings
 from shared.core import audit
-from shared.core.mapping import to_tables_fields
+from shared.core.mapping import parse_supabase_record, to_tables_fields
 from shared.core.outcome import Outcome
 from shared.core.spec import FUNCTIONS, Direction, TableSpec
 from shared.services.deletes import restored_row
@@ -50,17 +50,21 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 def apply_many(conn: psycopg.Connection, spec: TableSpec, rows: Sequence[dict],
                edited: dict[str, datetime | None] | None = None,
-               refused: list[tuple[str, list[dict[str, str]]]] | None = None) -> list[tuple[str, str, dict | None]]:
+               refused: list[tuple[str, list[dict[str, str]]]] | None = None,
+               merges: dict[str, tuple[dict, dict]] | None = None) -> list[tuple[str, str, dict | None]]:
     """``zsync.sync_apply_many`` (the functions' rule: versions, tombstones; ``edited``: Zapier's edited_at by
     id, where given): -> (id, outcome, stored before) per applied row. A row the database refuses
     (:func:`shared.services.sync.isolate`) is left out and added to ``refused`` with its problems; the others
-    are applied."""
+    are applied. ``merges``: filled with (merged row, which fields came from where) of the rows merged."""
+    merges = {} if merges is None else merges
+
     def upsert(c: psycopg.Connection, part: list[dict]) -> list[Any]:
         return supabase_db.sync_apply_many(c, spec, [(r, (edited or {}).get(r["id"])) for r in part])
 
     done, bad = isolate(conn, list(rows), upsert, lambda r: r)
     if refused is not None:
         refused += [(r["id"], problems) for r, problems in bad]
+    merges.update({r["id"]: (applied, merge) for r, (outcome, _, applied, merge) in done if outcome == Outcome.MERGED})
     return [(r["id"], outcome, stored) for r, (outcome, stored, *_) in done]
 
 
@@ -137,8 +141,17 @@ class Repairer:
             by_id = {r["id"]: r for r in chunk}
             entries, applied, raced = [], 0, 0
             refused: list[tuple[str, list[dict[str, str]]]] = []
-            for rid, outcome, stored in apply_many(conn, spec, chunk, edited, refused):
-                if outcome in (Outcome.APPLIED, Outcome.MERGED):  # merged: Supabase sends it on to Tables
+            merges: dict[str, tuple[dict, dict]] = {}
+            for rid, outcome, stored in apply_many(conn, spec, chunk, edited, refused, merges):
+                if outcome == Outcome.MERGED:  # Supabase holds the merged record and sends it on to Tables
+                    applied += 1
+                    row, merge = merges[rid]
+                    entry = audit.sync_entry(FUNCTIONS[spec.function_name(Direction.TO_SUPABASE)],
+                                             parse_supabase_record(spec, row), Outcome.MERGED, now, stored,
+                                             origin="reconcile", merge=merge)
+                    entry["metadata"]["via"] = VIA
+                    entries.append(entry)
+                elif outcome == Outcome.APPLIED:
                     applied += 1
                     entries.append(_synced_entry(spec, Direction.TO_SUPABASE, by_id[rid], now, stored))
                 elif outcome == Outcome.SKIPPED_STALE:

@@ -507,3 +507,24 @@ def test_one_merge_one_audit_entry_whichever_direction_records_it():
     assert a["id"] == b["id"] and a["metadata"]["merged"]["tables"] == ["error_message"]
     applied = audit.sync_entry(FUNCTIONS["agent_jobs_to_tables"], merged, Outcome.APPLIED, now)
     assert applied["id"] != a["id"]
+
+
+def test_a_tables_edit_overwritten_by_a_write_that_read_before_it_is_merged_when_it_arrives(db):
+    """A person edits the Tables copy between a *_to_tables drain's read and its write of the agent's version:
+    the write replaces the edit in Tables; when the edit's delivery arrives it is merged against the record the
+    write replaced (zsync.agree keeps it), so neither the edit nor the agent's change is lost."""
+    rid = uid("overwritten")
+    s1 = _seed(db, rid, datetime.now(UTC) - timedelta(seconds=10))
+    db.execute("UPDATE agent_jobs SET status = 'agent', updated_at = now() - interval '3 s' WHERE id = %s", (rid,))
+    s2 = _row(db, rid)
+    read_at = datetime.now(UTC) - timedelta(seconds=2)  # the drain read s1 in Tables, edited then
+    db.execute("SELECT zsync.ack_outbox('agent_jobs', %s, %s, 'applied')", (rid, s2["updated_at"]))
+    db.execute("SELECT zsync.agree('public.agent_jobs', %s::jsonb, %s::jsonb)",
+               (json.dumps([s2]), json.dumps({rid: {"row": s1, "edited_at": _iso(read_at)}})))
+    # the person's edit, made from s1 after the drain's read and before its write landed
+    outcome, merge = _apply(db, dict(s1, error_message="typed"), read_at + timedelta(milliseconds=500))
+    assert outcome == "merged" and merge["tables"] == ["error_message"] and merge["supabase"] == ["status"], merge
+    row = _row(db, rid)
+    assert (row["status"], row["error_message"]) == ("agent", "typed")
+    # a stale delivery of s1 itself changes nothing
+    assert _apply(db, s1, read_at)[0] in ("skipped_stale", "unchanged")

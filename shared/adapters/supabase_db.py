@@ -356,13 +356,20 @@ def mark_agreed(conn: psycopg.Connection, spec: TableSpec, agreed: list[tuple[st
                         (spec.name, [i for i, _ in agreed], [v for _, v in agreed])).fetchone()[0]
 
 
-def agree(conn: psycopg.Connection, spec: TableSpec, rows: list[Mapping[str, Any]]) -> int:
+def agree(conn: psycopg.Connection, spec: TableSpec, rows: list[Mapping[str, Any]],
+          replaced: Mapping[str, tuple[Mapping[str, Any], datetime | None]] | None = None) -> int:
     """Both sides hold ``rows`` now (written to Tables, or found equal there): zsync.agree drops a record's
-    saved base, or makes the row its base when Supabase changed since (nothing when the merge is off)."""
+    saved base, or makes the row its base when Supabase changed since (nothing when the merge is off).
+    ``replaced``: id -> (the Tables record a write replaced, its edited_at), kept as the base of a Tables edit
+    made before the write landed."""
     if not rows:
         return 0
     payload = "[" + ",".join(row_to_json(r) for r in rows) + "]"
-    return conn.execute("SELECT zsync.agree(%s::regclass, %s::jsonb)", (_regclass(spec), payload)).fetchone()[0]
+    prevs = "{" + ",".join(
+        f'{json.dumps(rid)}:{{"row":{row_to_json(row)},"edited_at":{json.dumps(ts.isoformat() if ts else None)}}}'
+        for rid, (row, ts) in (replaced or {}).items()) + "}"
+    return conn.execute("SELECT zsync.agree(%s::regclass, %s::jsonb, %s::jsonb)",
+                        (_regclass(spec), payload, prevs)).fetchone()[0]
 
 
 def append_audit_each(conn: psycopg.Connection, entries: list[Mapping[str, Any]]) -> list[bool]:

@@ -62,6 +62,7 @@ def apply_from_supabase(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhoo
     row = parse_supabase_record(spec, hook.record)
     fields = to_tables_fields(spec, row)
     captured: list[datetime | None] = [None]
+    replaced: dict[str, tuple[dict[str, Any], datetime | None]] = {}  # the Tables record the write replaced
     hook = ctx.settings.tables_writer is TablesWriter.CATCH_HOOK
 
     def work(conn: psycopg.Connection) -> tuple[Outcome, Any]:
@@ -69,7 +70,7 @@ def apply_from_supabase(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhoo
         if hook:
             ctx.hooks.send(spec.name, fields)
             return Outcome.APPLIED, None
-        return _write_if_newer(ctx, conn, fn, row, fields)
+        return _write_if_newer(ctx, conn, fn, row, fields, replaced)
 
     def record(conn: psycopg.Connection, outcome: Outcome, extra: Any) -> None:
         merged = extra if isinstance(extra, MergeDecision) else None
@@ -83,7 +84,7 @@ def apply_from_supabase(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhoo
         if merged is not None:
             apply_merged(conn, spec, merged)
         elif outcome in (Outcome.APPLIED, Outcome.UNCHANGED) and not hook:
-            supabase_db.agree(conn, spec, [row])  # Tables holds this row now
+            supabase_db.agree(conn, spec, [row], replaced)  # Tables holds this row now
         supabase_db.ack_outbox(conn, spec, row["id"], row.get(spec.version or ""), outcome.value)
 
     outcome = _run_recorded(ctx, lambda conn: supabase_db.lock_record(conn, spec, row["id"]), work, record)
@@ -144,7 +145,8 @@ def _tables_version(ctx: SyncContext, conn: psycopg.Connection, spec: TableSpec,
 
 
 def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, row: Mapping[str, Any],
-                    fields: dict[str, Any]) -> tuple[Outcome, Any]:
+                    fields: dict[str, Any], replaced: dict[str, tuple[dict[str, Any], datetime | None]] | None = None
+                    ) -> tuple[Outcome, Any]:
     """-> (outcome, a ``sync_failed`` entry to record when the Tables record was parked, or the
     :class:`MergeDecision` of a merged record)."""
     spec = fn.table
@@ -193,6 +195,8 @@ def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec
         ctx.tables.update(table_id, existing.id, to_tables_fields(spec, decision.row))
         return outcome, decision
     if outcome is Outcome.APPLIED:
+        if replaced is not None:
+            replaced[row["id"]] = (as_read, edited_at)
         ctx.tables.update(table_id, existing.id, fields)
     elif outcome is Outcome.SKIPPED_STALE and current is not None:
         # Tables holds a newer version than this webhook carried: make sure Supabase has it too (its own

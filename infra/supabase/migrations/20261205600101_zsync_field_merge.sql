@@ -28,6 +28,9 @@ CREATE TABLE IF NOT EXISTS zsync.sync_base (
     tables_ts timestamp with time zone,  -- the updated_at Tables' copy carries (a cell edit may be versioned later)
     agreed boolean DEFAULT true NOT NULL,  -- false: saved before its agreement was known (see zsync.merge_decide_base)
     field_ts jsonb,  -- field -> when Supabase last changed it since the base (its writers' updated_at)
+    prev jsonb,  -- the Tables record a *_to_tables write replaced (its version: prev_version) ...
+    prev_version timestamp with time zone,
+    prev_until timestamp with time zone,  -- ... until when: a Tables edit before it was made from prev
     set_at timestamp with time zone DEFAULT now() NOT NULL,
     CONSTRAINT sync_base_pkey PRIMARY KEY (table_name, record_id)
 );
@@ -88,7 +91,8 @@ BEGIN
             date_trunc('milliseconds', coalesce(p_tables_ts, v.ts)), p_agreed)
     ON CONFLICT ON CONSTRAINT sync_base_pkey DO UPDATE
         SET base = EXCLUDED.base, version = EXCLUDED.version, hash = EXCLUDED.hash, tables_ts = EXCLUDED.tables_ts,
-            agreed = EXCLUDED.agreed, field_ts = NULL, set_at = now()
+            agreed = EXCLUDED.agreed, field_ts = NULL, prev = NULL, prev_version = NULL, prev_until = NULL,
+            set_at = now()
         WHERE (EXCLUDED.version, EXCLUDED.hash) > (b.version, b.hash);
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n = 1;
@@ -175,8 +179,13 @@ $$;
 
 -- After a *_to_tables function wrote p_rows to Tables (or found Tables equal to them), in the transaction that
 -- acknowledges their outbox entries: both sides hold each row. Its saved base goes when the Supabase row is
--- still that version, else (changed since) the row becomes the saved base. -> how many records were updated.
-CREATE OR REPLACE FUNCTION zsync.agree(p_table regclass, p_rows jsonb) RETURNS integer
+-- still that version, else (changed since) the row becomes the saved base. p_prevs: {id: {"row", "edited_at"}}
+-- of the Tables records the writes replaced: a person's edit that landed in Tables between the function's read
+-- and its write was overwritten there, and its delivery, still coming, was made from that record - kept (prev,
+-- until now) as the base for a Tables change edited before this moment. -> how many bases were written.
+DROP FUNCTION IF EXISTS zsync.agree(regclass, jsonb);
+CREATE OR REPLACE FUNCTION zsync.agree(p_table regclass, p_rows jsonb, p_prevs jsonb DEFAULT '{}')
+    RETURNS integer
     LANGUAGE plpgsql SECURITY DEFINER
     SET "TimeZone" TO 'UTC'
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -185,6 +194,7 @@ DECLARE
     v_name text := (SELECT relname::text FROM pg_class WHERE oid = p_table);
     r      record;
     n      integer := 0;
+    v_prev jsonb;
 BEGIN
     IF jsonb_typeof(p_rows) IS DISTINCT FROM 'array' OR NOT zsync.field_merge_on() THEN
         RETURN 0;
@@ -196,14 +206,26 @@ BEGIN
         WHERE EXISTS (SELECT 1 FROM zsync.sync_base b WHERE b.table_name = $2 AND b.record_id = t.id)
            OR date_trunc('milliseconds', t.updated_at)
               IS DISTINCT FROM date_trunc('milliseconds', (e.v ->> 'updated_at')::timestamptz)
-        ORDER BY e.v ->> 'id' $q$, p_table) USING p_rows, v_name LOOP
+           OR $3 ? t.id
+        ORDER BY e.v ->> 'id' $q$, p_table) USING p_rows, v_name, coalesce(p_prevs, '{}'::jsonb) LOOP
+        v_prev := p_prevs -> (r.row ->> 'id');
         IF r.cur IS NULL THEN
             CONTINUE;
-        ELSIF (SELECT (v.ts, v.hash) FROM zsync.version_of_typed(p_table, r.cur) v)
+        ELSIF v_prev IS NULL AND (SELECT (v.ts, v.hash) FROM zsync.version_of_typed(p_table, r.cur) v)
               = (SELECT (v.ts, v.hash) FROM zsync.version_of(p_table, r.row) v) THEN
             DELETE FROM zsync.sync_base b WHERE b.table_name = v_name AND b.record_id = r.row ->> 'id';
-        ELSIF zsync.set_base(p_table, r.row) THEN
+            CONTINUE;
+        END IF;
+        IF zsync.set_base(p_table, r.row) THEN
             n := n + 1;
+        END IF;
+        IF v_prev IS NOT NULL AND v_prev -> 'row' IS NOT NULL THEN
+            UPDATE zsync.sync_base b
+            SET prev = v_prev -> 'row', prev_until = clock_timestamp(),
+                prev_version = greatest(date_trunc('milliseconds', (v_prev -> 'row' ->> 'updated_at')::timestamptz),
+                                        date_trunc('milliseconds', (v_prev ->> 'edited_at')::timestamptz))
+            WHERE b.table_name = v_name AND b.record_id = r.row ->> 'id'
+              AND b.version = (SELECT v.ts FROM zsync.version_of(p_table, r.row) v);
         END IF;
     END LOOP;
     RETURN n;
@@ -430,6 +452,20 @@ BEGIN
             action := 'same';
         END IF;
         RETURN;
+    END IF;
+    IF b.prev IS NOT NULL AND t.hash <> b.hash AND v_edit < b.prev_until THEN
+        -- edited in Tables before a *_to_tables write replaced the record it was made from (b.prev): the
+        -- common ancestor of the two is that record
+        b.base := b.prev;
+        b.version := b.prev_version;
+        b.hash := (SELECT v.hash FROM zsync.version_of(p_table, b.prev) v);
+        b.tables_ts := date_trunc('milliseconds', (b.prev ->> 'updated_at')::timestamptz);
+        b.field_ts := NULL;
+        IF t.hash = b.hash THEN
+            action := 'supabase';  -- that very record: nothing changed in Tables since
+            merged := p_supabase;
+            RETURN;
+        END IF;
     END IF;
     t_ts := t.ts;
     IF t.hash <> b.hash AND t.ts = b.tables_ts AND t.ts <= b.version AND v_edit > b.version THEN
@@ -1081,8 +1117,8 @@ REVOKE ALL ON FUNCTION zsync.ack_agreed(text, text[], timestamp with time zone[]
 GRANT ALL ON FUNCTION zsync.ack_agreed(text, text[], timestamp with time zone[]) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.mark_agreed(text, text[], timestamp with time zone[]) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.mark_agreed(text, text[], timestamp with time zone[]) TO zsync_sync;
-REVOKE ALL ON FUNCTION zsync.agree(regclass, jsonb) FROM PUBLIC;
-GRANT ALL ON FUNCTION zsync.agree(regclass, jsonb) TO zsync_sync;
+REVOKE ALL ON FUNCTION zsync.agree(regclass, jsonb, jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.agree(regclass, jsonb, jsonb) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.merge3(regclass, jsonb, jsonb, jsonb, jsonb, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION zsync.merge_decide(regclass, jsonb, timestamp with time zone, jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.merge_decide(regclass, jsonb, timestamp with time zone, jsonb) TO zsync_sync;
