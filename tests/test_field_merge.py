@@ -449,3 +449,22 @@ def test_a_later_cell_edit_of_the_same_and_other_fields_meets_the_agents_change(
     expect_both_sides(tables, supabase, rid, retry_count=4, parameters={"w": "person"}, job_type="person",
                       status="queued")
     assert_quiet(stack, tables, supabase, rid)
+
+
+@pytest.mark.parametrize("agent_after", [False, True], ids=["alone", "agent_after"])
+def test_several_cell_edits_waiting_in_the_inbox_the_last_one_wins(stack, tables, supabase, agent_after):
+    """Hypothesis found it (test_merge_properties, --runslow): a person edits the same cell four times while the
+    notifications are late, so one inbox lease holds four snapshots of the record that differ only in Zapier's
+    edited_at (updated_at as it was); the last edit must win on both sides (an agent's later change of another
+    field, held too, must not bring an earlier one back)."""
+    rid, rec_id = new_job(stack, tables, supabase, "fm-edits")
+    stack.drop_deliveries(1.0)
+    for n in range(5, 9):
+        person_types(tables, rec_id, job_type=f"person-{n}")
+        time.sleep(0.01)
+    if agent_after:
+        agent_sets(supabase, rid, retry_count=9)
+    held(stack)
+    settle(stack)
+    expect_both_sides(tables, supabase, rid, job_type="person-8", retry_count=9 if agent_after else 0)
+    assert_quiet(stack, tables, supabase, rid)
