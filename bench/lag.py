@@ -10,6 +10,7 @@
   and an INSERT in Supabase until the record is in Tables (through the pg_net stand-in), as ratios to
   the seed's targets (average < 5 s, 30 s acceptable); then a burst of concurrent writes (writes per user
   write must be 1.0: no echo) and each function process's memory.
+* Tables requests per change, each direction, single changes and a burst (``bench/tables_requests.py``).
 * cold start, per-delivery CPU and where a delivery's time goes: ``bench/coldstart.py``.
 
     python -m bench [--n 1000] [--e2e 40] [--burst 200] [--runs 5] [--warm 400]
@@ -33,7 +34,7 @@ from typing import Any
 import psycopg
 import requests
 
-from bench import batching, bench_reconcile, coldstart, merge_cost
+from bench import batching, bench_reconcile, coldstart, merge_cost, tables_requests
 from bench.floor_target import TABLE_SQL
 from bench.probe import insert_webhook
 from infra.local.stack import REPO, LocalStack, free_port, running_stack, wait_listening
@@ -263,6 +264,7 @@ def main() -> None:
         summary.append(report_e2e("supabase->tables", supabase_to_tables(stack, tables, args.e2e)))
         summary.append(burst(stack, tables, supabase, args.burst))
         summary += merge_cost.lag(stack, tables, args.e2e)  # the field merge on vs off (bench/merge_cost.py)
+        summary += tables_requests.run(stack)  # Tables requests per change, each direction (issue 21 item 3)
         print("  rss: " + ", ".join(f"{name} {rss_mb(fp.process.pid):.0f} MB"
                                     for name, fp in sorted(stack.functions.items()) if fp.process))
     summary += merge_cost.batched_apply(args.merge_n, reps=3)

@@ -9,9 +9,15 @@ SIGKILLs a function process (restarted after a moment, as a platform would), sto
 Postgres, makes the Tables API answer 429 / 503 / hang past the functions' timeout for a while, and
 ``LocalStack.drop_deliveries`` loses a share of the notifications on both paths.
 
+A share of the writes (``partial_share``, on either side, conflict pairs included) change only a random subset
+of a record's fields, as a person editing one cell or an agent setting one column does, so the field-level
+merge (issue 20) is exercised: the other fields must keep what the other side wrote.
+
 Then the chaos stops and the only human action is ``zsync replay`` of the dead-letter queue (reconcile
-repairs nothing); the sweeper and Zapier's Autoreplay do the rest. Checks: lost = 0 (every record's
-last-writer-wins winner on both sides, field for field), duplicates = 0 (one Tables record per id, one
+repairs nothing); the sweeper and Zapier's Autoreplay do the rest. Checks: lost = 0 (every record on both
+sides), lost fields = 0 (every field of every record holds, on both sides, the value of the latest write to
+THAT field: a field whose value was written and then overwritten by an older one is a lost field; with only
+whole-record writes this is the last-writer-wins winner, field for field), duplicates = 0 (one Tables record per id, one
 ``_synced`` audit entry per (record, version, direction), one audit_log row per Tables audit record),
 no echo write on either side (a Supabase version written twice; a Tables write that leaves the record's
 ``updated_at`` where it was), writes per real change on the other side ~ 1, ``reconcile --dry-run`` finds no
@@ -80,6 +86,7 @@ class SoakConfig:
     rate_limit: int | None = 1000  # Tables requests per 5 s per table (Zapier's is 100)
     converge_timeout_s: float = 600.0
     changes_per_record: int = 6
+    partial_share: float = 0.30  # of the updates (each side of a conflict pair too): a random subset of fields
     state_dir: Path | None = None
 
 
@@ -90,6 +97,7 @@ class Write:
     rid: str
     ts: datetime  # the version it stored (Supabase's, for SQL writes: it may move a raced write forward)
     values: dict[str, Any]
+    at: float = field(default_factory=time.time)  # when the write returned (wall clock): for failure reports
 
 
 @dataclass
@@ -125,6 +133,14 @@ class Soak:
         return {text: label + flavour, doc: {"by": label, "n": [rng.randint(0, 9)], "ok": rng.random() < 0.5},
                 number: num}
 
+    def update_values(self, table: str, rng: random.Random, label: str) -> dict[str, Any]:
+        """An update's values: every mutable field, or (``partial_share``) a random non-empty subset of them."""
+        values = self.values(table, rng, label)
+        if rng.random() >= self.cfg.partial_share:
+            return values
+        keep = rng.sample(list(values), rng.randint(1, len(values) - 1))
+        return {k: v for k, v in values.items() if k in keep}
+
     def record(self, write: Write, function: str, payload: dict[str, Any]) -> None:
         with self._lock:
             self.writes.append(write)
@@ -144,8 +160,9 @@ class Soak:
         raise RuntimeError("the Tables API never took the write")
 
     def tables_fields(self, table: str, values: dict[str, Any], ts: datetime) -> dict[str, Any]:
-        text, doc, number = MUTABLE[table]
-        return {text: values[text], doc: json.dumps(values[doc]), number: values[number],
+        """The cells a write sets: the given fields (all three, or a subset) and updated_at."""
+        _, doc, _ = MUTABLE[table]
+        return {**{k: json.dumps(v) if k == doc else v for k, v in values.items()},
                 "updated_at": ts.isoformat().replace("+00:00", "Z")}
 
     def tables_create(self, client: Any, table: str, rid: str, rng: random.Random, label: str) -> None:
@@ -227,13 +244,15 @@ class Soak:
                      "old_record": None})
 
     def sql_update(self, state: dict[str, Any], table: str, rid: str, values: dict[str, Any]) -> bool:
-        text, doc, number = MUTABLE[table]
+        """An agent's UPDATE of the given fields (all three, or a subset) and updated_at."""
+        _, doc, _ = MUTABLE[table]
+        sets = ", ".join(f"{k} = %s::jsonb" if k == doc else f"{k} = %s" for k in values)
+        params = [json.dumps(v) if k == doc else v for k, v in values.items()]
         deadline = time.monotonic() + 180
         while True:  # created in Tables: the agent waits for the synced row
             ts = self.next_ts()
-            row, retried = self.sql(state, f"UPDATE public.{table} t SET {text} = %s, {doc} = %s::jsonb, "
-                                    f"{number} = %s, updated_at = %s WHERE id = %s RETURNING to_jsonb(t)",
-                                    (values[text], json.dumps(values[doc]), values[number], ts, rid))
+            row, retried = self.sql(state, f"UPDATE public.{table} t SET {sets}, updated_at = %s WHERE id = %s "
+                                    "RETURNING to_jsonb(t)", (*params, ts, rid))
             if row is not None:
                 break
             if time.monotonic() > deadline:
@@ -325,17 +344,19 @@ class Soak:
                     if not self.created[rid].wait(120):
                         raise RuntimeError(f"{rid} was never created")
                     if kind == "conflict":  # both sides at once, on the same record
-                        a, b = self.values(table, rng, label + "-z"), self.values(table, rng, label + "-c")
+                        a = self.update_values(table, rng, label + "-z")
+                        b = self.update_values(table, rng, label + "-c")
                         other = pair.submit(self.tables_update, client2, table, rid, a)
                         self.sql_update(state, table, rid, b)
                         if not other.result():
                             self.sql_update(state, table, rid, a)
                         with self._lock:
                             self.conflicts += 1
-                    elif side == "tables" and self.tables_update(client, table, rid, self.values(table, rng, label)):
+                    elif side == "tables" and self.tables_update(client, table, rid,
+                                                                 self.update_values(table, rng, label)):
                         pass
                     else:
-                        self.sql_update(state, table, rid, self.values(table, rng, label))
+                        self.sql_update(state, table, rid, self.update_values(table, rng, label))
         except BaseException as exc:  # surfaced by run_writers()
             errors.append(exc)
         finally:
@@ -446,20 +467,55 @@ def ms(ts: datetime) -> datetime:
 @dataclass
 class Verdict:
     lost: list[str] = field(default_factory=list)
+    lost_fields: list[str] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)
     figures: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return not self.lost and not self.duplicates
+        return not self.lost and not self.lost_fields and not self.duplicates
+
+
+@dataclass
+class Expected:
+    """What one record must end with: per field, the latest write to it (time, value, side)."""
+    table: str
+    latest: dict[str, tuple[datetime, Any, str]] = field(default_factory=dict)
+    partial: bool = False  # some write set only some fields: a merge may give the record a newer version
+
+    @property
+    def version(self) -> datetime:
+        return max(ts for ts, _, _ in self.latest.values())
+
+
+def expectations(writes: list[Write]) -> dict[str, Expected]:
+    out: dict[str, Expected] = {}
+    for w in writes:
+        e = out.setdefault(w.rid, Expected(w.table))
+        e.partial |= set(w.values) != set(MUTABLE[w.table])
+        for k, value in w.values.items():
+            if k not in e.latest or w.ts > e.latest[k][0]:
+                e.latest[k] = (w.ts, value, w.side)
+    return out
+
+
+def compare(rid: str, e: Expected, side: str, got: dict[str, Any], v: Verdict) -> None:
+    """A field not holding its latest write is a lost field; the version must be the latest write's (or,
+    after a merge of partial writes, a later one)."""
+    for k, (ts, want, by) in sorted(e.latest.items()):
+        if got.get(k) != want:
+            v.lost_fields.append(f"{e.table} {rid}.{k}: {side} has {got.get(k)!r}, latest write {want!r} "
+                                 f"({by} {ts.isoformat()})")
+    have = ms(got["updated_at"]) if got.get("updated_at") else None
+    want_ts = ms(e.version)
+    if have is None or have < want_ts or (have != want_ts and not e.partial):
+        v.lost.append(f"{e.table} {rid}: {side} version {have.isoformat() if have else None}, latest write "
+                      f"{want_ts.isoformat()}")
 
 
 def judge(soak: Soak, outbox_mark: int) -> Verdict:
     stack, v = soak.stack, Verdict()
-    winners: dict[str, Write] = {}
-    for w in soak.writes:
-        if w.rid not in winners or w.ts > winners[w.rid].ts:
-            winners[w.rid] = w
+    winners = expectations(soak.writes)
     with psycopg.connect(stack.database_url, autocommit=True) as conn:
         supa: dict[str, dict[str, Any]] = {}
         for table in TWO_WAY:
@@ -491,18 +547,17 @@ def judge(soak: Soak, outbox_mark: int) -> Verdict:
                     tables[data["id"]].append(parse_tables_record(TABLES[table], data))
         audit_in_tables = {rec.id for rec in client.iter_records(stack.table_ids["audit_log"], page_size=1000)}
 
-    # lost: the winner, field for field, on both sides
-    for rid, w in sorted(winners.items()):
-        expected = {**w.values, "updated_at": ms(w.ts)}
-        for side, got in (("supabase", supa.get(rid)), ("tables", (tables.get(rid) or [None])[0])):
+    # lost records and lost fields: per field the latest write, on both sides; both sides on one version
+    for rid, e in sorted(winners.items()):
+        found = {"supabase": supa.get(rid), "tables": (tables.get(rid) or [None])[0]}
+        for side, got in found.items():
             if got is None:
-                v.lost.append(f"{w.table} {rid}: missing in {side} (winner {w.side} {w.ts.isoformat()})")
-                continue
-            diff = {k: (got.get(k), e) for k, e in expected.items()
-                    if (ms(got[k]) if k == "updated_at" and got.get(k) else got.get(k)) != e}
-            if diff:
-                v.lost.append(f"{w.table} {rid}: {side} differs from the winner ({w.side} {w.ts.isoformat()}): "
-                              + "; ".join(f"{k}: has {g!r}, expected {e!r}" for k, (g, e) in diff.items()))
+                v.lost.append(f"{e.table} {rid}: missing in {side} (latest write {e.version.isoformat()})")
+            else:
+                compare(rid, e, side, got, v)
+        if all(found.values()) and found["supabase"]["updated_at"] != found["tables"]["updated_at"] and e.partial:
+            v.lost.append(f"{e.table} {rid}: versions differ: supabase {found['supabase']['updated_at']}, "
+                          f"tables {found['tables']['updated_at']}")
     for rec_id in soak.audit_ids:
         row = audit_rows.get(rec_id)
         if row is None:
@@ -519,6 +574,7 @@ def judge(soak: Soak, outbox_mark: int) -> Verdict:
                      for rid, action, direction, ver, n in synced_dupes]
     # writes per real change
     user = Counter((w.side, w.table in TWO_WAY) for w in soak.writes)
+    partial = sum(1 for w in soak.writes if set(w.values) != set(MUTABLE[w.table]))
     tables_user, sql_user = user[("tables", True)], user[("sql", True)]
     supa_writes = len(outbox)
     seen: Counter = Counter(outbox)
@@ -533,12 +589,33 @@ def judge(soak: Soak, outbox_mark: int) -> Verdict:
         tables_sync_writes=tables_total - tables_user, sql_user_writes=sql_user, supabase_echoes=echoes,
         tables_echoes=tables_echoes,
         swept=swept, parked=parked, repairs=repairs, records=len(winners), audit_entries=len(soak.audit_ids),
+        partial_writes=partial,
     )
     if echoes:
         v.duplicates.append(f"supabase: {echoes} versions written twice (echo)")
     if tables_echoes:
         v.duplicates.append(f"tables: {tables_echoes} writes of the version the record already held (echo)")
     return v
+
+
+def history(soak: Soak, v: Verdict, records: int = 8) -> list[str]:
+    """The writes of the first few records with a lost field: version, when each returned, side, what it set."""
+    rids = list(dict.fromkeys(x.split(" ")[1].split(".")[0] for x in v.lost_fields))[:records]
+    out = []
+    for rid in rids:
+        out.append(f"  writes of {rid} (version / returned at / side / values):")
+        for w in sorted((w for w in soak.writes if w.rid == rid), key=lambda w: w.ts):
+            shown = {k: (val.get("by") if isinstance(val, dict) else val) for k, val in w.values.items()}
+            out.append(f"    {w.ts.isoformat()}  {datetime.fromtimestamp(w.at, UTC).time()}  {w.side:<6} {shown}")
+        out.append("    the sync's audit entries (time / function / outcome / version / merge):")
+        with psycopg.connect(soak.stack.database_url, autocommit=True) as conn:
+            for ts, meta in conn.execute("SELECT timestamp, metadata FROM audit_log WHERE resource_id = %s "
+                                         "AND actor_type = 'zapier_sync' ORDER BY timestamp, id", (rid,)):
+                meta = meta or {}
+                merged = json.dumps(meta["merged"]) if meta.get("merged") else ""
+                out.append(f"    {ts.time()}  {meta.get('function')}  {meta.get('outcome')}  "
+                           f"{meta.get('source_timestamp')}  {merged}")
+    return out
 
 
 def connections(stack: LocalStack) -> int:
@@ -592,6 +669,7 @@ def run_on(stack: LocalStack, cfg: SoakConfig) -> SoakResult:
         ("seed", str(cfg.seed)),
         ("changes", f"{total} (tables->supabase {soak.changes['tables->supabase']}, supabase->tables "
                     f"{soak.changes['supabase->tables']}; conflict pairs {soak.conflicts}; "
+                    f"{f['partial_writes']} writes of some fields only; "
                     f"{f['records']} records + {f['audit_entries']} audit entries)"),
         ("redeliveries", ", ".join(f"{k} {n}" for k, n in sorted(soak.redeliveries.items())) or "0"),
         ("faults injected", ", ".join(f"{k} {n}" for k, n in sorted(faults.items()))),
@@ -599,6 +677,7 @@ def run_on(stack: LocalStack, cfg: SoakConfig) -> SoakResult:
                                      + ", ".join(f"{k} {n}" for k, n in replayed.items() if n)),
         ("recovered by the sweeper", f"{f['swept']} outbox entries re-sent and acknowledged (parked {f['parked']})"),
         ("lost", str(len(verdict.lost))),
+        ("lost fields (a field overwritten by an older value)", str(len(verdict.lost_fields))),
         ("duplicates", str(len(verdict.duplicates))),
         ("echo writes (a version written again)", f"supabase {f['supabase_echoes']}, tables {f['tables_echoes']}"),
         ("writes per change, tables->supabase", f"{f['supabase_sync_writes'] / max(1, f['tables_user_writes']):.3f} "
@@ -620,7 +699,9 @@ def run_on(stack: LocalStack, cfg: SoakConfig) -> SoakResult:
     lines = [f"{'soak figure':<{width}}  value", *(f"{k:<{width}}  {val}" for k, val in rows)]
     if not verdict.ok:
         lines.append("FAILED: ids that differ and how:")
+        lines += history(soak, verdict)
         lines += [f"  lost: {x}" for x in verdict.lost[:200]]
+        lines += [f"  lost field: {x}" for x in verdict.lost_fields[:200]]
         lines += [f"  duplicate: {x}" for x in verdict.duplicates[:200]]
     grew = [n for n in rss_start if n in rss_end and rss_end[n] > rss_start[n] * 1.5 + 20_000]
     # pools grow under a burst up to ZSYNC_DB_POOL_MAX per function and keep idle connections a while;
@@ -640,12 +721,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--writers", type=int, default=8)
     p.add_argument("--drop-share", type=float, default=0.05)
     p.add_argument("--rate-limit", type=int, default=1000, help="Tables requests per 5 s per table (0: none)")
+    p.add_argument("--partial-share", type=float, default=SoakConfig.partial_share,
+                   help="share of the updates that set only some fields (0: whole records only)")
     p.add_argument("--no-chaos", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)  # the chaos makes the stand-ins log every failure
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 10**6)
     cfg = SoakConfig(changes=args.changes, seed=seed, writers=args.writers, drop_share=args.drop_share,
-                     rate_limit=args.rate_limit or None, chaos=not args.no_chaos,
+                     rate_limit=args.rate_limit or None, chaos=not args.no_chaos, partial_share=args.partial_share,
                      converge_timeout_s=max(600.0, args.changes / 20))
     print(f"soak: {cfg.changes} changes, seed {seed} (rerun: python -m bench.soak --changes {cfg.changes} "
           f"--seed {seed})", flush=True)

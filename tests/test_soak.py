@@ -1,8 +1,10 @@
 """The soak (bench/soak.py) at CI size: 2,000 changes, both directions, all four tables, conflicting
 writes from both sides, redeliveries, and the seeded chaos (function SIGKILLs, Postgres restarts, Tables
-429 / 503 / hangs, dropped notifications on both paths). Same code as ``make soak``; only the size
-differs (``ZSYNC_SOAK_CHANGES``; ``ZSYNC_SOAK_SEED`` reproduces a run). Runs its own stack: the chaos
-never reaches other tests. Waits are generous (the stack settles when it settles, up to 10 minutes)."""
+429 / 503 / hangs, dropped notifications on both paths). A share of the writes change only some fields, so the
+field-level merge is exercised: a field overwritten by an older value counts as a lost field, and there must be
+none. Same code as ``make soak``; only the size differs (``ZSYNC_SOAK_CHANGES``; ``ZSYNC_SOAK_SEED``
+reproduces a run). Runs its own stack: the chaos never reaches other tests. Waits are generous (the stack
+settles when it settles, up to 10 minutes)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ def test_soak_under_chaos_loses_nothing_and_doubles_nothing() -> None:
     result = run(SoakConfig(changes=changes, seed=seed, state_dir=Path(f"/tmp/zsync-soak-test-{os.getpid()}")))
     print(result.table)
     assert result.verdict.lost == [], result.table
+    assert result.verdict.lost_fields == [], result.table
+    assert "lost fields (a field overwritten by an older value)" in result.figures, result.table
+    assert int(result.table.split("writes of some fields only")[0].rsplit("; ", 1)[-1]) > 0, result.table
     assert result.verdict.duplicates == [], result.table
     assert result.figures["reconcile --dry-run drift"] == "0", result.table
     assert result.ok, result.table
