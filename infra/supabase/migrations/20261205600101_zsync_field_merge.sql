@@ -710,6 +710,7 @@ BEGIN
 END
 $_$;
 REVOKE ALL ON FUNCTION zsync.base_after_merge(regclass, jsonb, timestamp with time zone, jsonb, jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.base_after_merge(regclass, jsonb, timestamp with time zone, jsonb, jsonb) TO zsync_sync;
 
 CREATE FUNCTION zsync.sync_apply(p_table regclass, p_row jsonb, p_edited_at timestamp with time zone,
                                  OUT outcome text, OUT stored jsonb, OUT applied jsonb, OUT merge jsonb) RETURNS record
