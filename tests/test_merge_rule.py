@@ -569,3 +569,28 @@ def test_several_cell_edits_of_one_record_in_one_batch_the_last_edit_wins(db, or
                                          for _ in range(5)]  # past the small-batch size: the set-based path
     db.execute("SELECT * FROM zsync.sync_apply_many(%s::regclass, %s::jsonb)", (T, json.dumps(batch))).fetchall()
     assert _row(db, rid)["error_message"] == "edit-3"
+
+
+def test_a_later_tables_write_overwritten_by_a_drain_that_read_before_it_goes_back_to_tables(db):
+    """A person rewrites the whole record in Tables (a later updated_at) between a *_to_tables drain's read and
+    its write of the agent's older version: the drain's write replaced it in Tables. When the person's delivery
+    arrives it wins whole in Supabase - and must be queued for Tables too, which now holds the drain's write.
+    Before: 'applied' to Supabase only; Tables kept the agent's older version for good (the soak's lost record)."""
+    rid = uid("overwritten-whole")
+    s1 = _seed(db, rid, datetime.now(UTC) - timedelta(seconds=10))
+    db.execute("UPDATE agent_jobs SET status = 'agent', updated_at = now() - interval '3 s' WHERE id = %s", (rid,))
+    s2 = _row(db, rid)
+    read_at = datetime.now(UTC) - timedelta(seconds=2)
+    db.execute("SELECT zsync.ack_outbox('agent_jobs', %s, %s, 'applied')", (rid, s2["updated_at"]))
+    db.execute("SELECT zsync.agree('public.agent_jobs', %s::jsonb, %s::jsonb)",
+               (json.dumps([s2]), json.dumps({rid: {"row": s1, "edited_at": _iso(read_at)}})))
+    person = dict(s1, status="person", error_message="typed",
+                  updated_at=_iso(datetime.fromisoformat(s2["updated_at"]) + timedelta(seconds=1)))
+    outcome, merge = _apply(db, person, read_at + timedelta(milliseconds=500))
+    assert outcome == "merged" and merge.get("back_to_tables"), (outcome, merge)
+    row = _row(db, rid)
+    assert (row["status"], row["error_message"]) == ("person", "typed")
+    assert _pending(db, rid)[-1] == datetime.fromisoformat(row["updated_at"])  # queued for Tables
+    # the drain's own write coming back from Tables (older) changes nothing
+    assert _apply(db, s2, read_at + timedelta(seconds=1))[0] in ("skipped_stale", "unchanged")
+    assert (_row(db, rid)["status"], _row(db, rid)["error_message"]) == ("person", "typed")

@@ -357,17 +357,23 @@ def mark_agreed(conn: psycopg.Connection, spec: TableSpec, agreed: list[tuple[st
 
 
 def agree(conn: psycopg.Connection, spec: TableSpec, rows: list[Mapping[str, Any]],
-          replaced: Mapping[str, tuple[Mapping[str, Any], datetime | None]] | None = None) -> int:
+          replaced: Mapping[str, tuple[Any, ...]] | None = None) -> int:
     """Both sides hold ``rows`` now (written to Tables, or found equal there): zsync.agree drops a record's
     saved base, or makes the row its base when Supabase changed since (nothing when the merge is off).
-    ``replaced``: id -> (the Tables record a write replaced, its edited_at), kept as the base of a Tables edit
-    made before the write landed."""
+    ``replaced``: id -> (the Tables record a write replaced, its edited_at[, the write's own edited_at]), kept as
+    the base of a Tables edit made before the write landed (Zapier's clock: an edit at or after the write's
+    edited_at was made from the write, not overwritten by it)."""
     if not rows:
         return 0
     payload = "[" + ",".join(row_to_json(r) for r in rows) + "]"
+
+    def iso(ts: datetime | None) -> str:
+        return json.dumps(ts.isoformat() if ts else None)
+
     prevs = "{" + ",".join(
-        f'{json.dumps(rid)}:{{"row":{row_to_json(row)},"edited_at":{json.dumps(ts.isoformat() if ts else None)}}}'
-        for rid, (row, ts) in (replaced or {}).items()) + "}"
+        f'{json.dumps(rid)}:{{"row":{row_to_json(rep[0])},"edited_at":{iso(rep[1])},'
+        f'"written_at":{iso(rep[2] if len(rep) > 2 else None)}}}'
+        for rid, rep in (replaced or {}).items()) + "}"
     return conn.execute("SELECT zsync.agree(%s::regclass, %s::jsonb, %s::jsonb)",
                         (_regclass(spec), payload, prevs)).fetchone()[0]
 

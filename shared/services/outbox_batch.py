@@ -86,6 +86,7 @@ class _Plan:
     outcomes: dict[str, tuple[Outcome, dict[str, Any] | None]] = field(default_factory=dict)  # id -> (outcome, parked)
     merges: dict[str, MergeDecision] = field(default_factory=dict)  # id -> the merged record written to Tables
     replaced: dict[str, tuple[dict[str, Any], datetime | None]] = field(default_factory=dict)  # id -> Tables' as read
+    written_at: dict[str, datetime | None] = field(default_factory=dict)  # id -> Zapier's edited_at of our write
     failed: list[tuple[str, dict[str, Any], list[dict[str, str]], int]] = field(default_factory=list)
     gone: list[str] = field(default_factory=list)  # row deleted without a tombstone: nothing to send
     deletes: list[str] = field(default_factory=list)  # deleted (tombstone): the single delete path
@@ -264,7 +265,12 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
         if create:
             _patient(lambda: ctx.tables.create_many(table_id, [i.fields for i in chunk]), deadline)
         else:
-            _patient(lambda: ctx.tables.update_many(table_id, [(rid, i.fields) for i, rid in chunk]), deadline)
+            written = _patient(lambda: ctx.tables.update_many(table_id, [(rid, i.fields) for i, rid in chunk]),
+                               deadline)
+            by_rid = {rec.id: rec for rec in written or []}
+            for item, rid in chunk:
+                if rid in by_rid:
+                    plan.written_at[item.id] = _tables_edited_at(by_rid[rid])
 
     for create, work in ((True, creates), (False, updates)):
         for chunk in _chunks(work, BATCH_MAX):
@@ -322,7 +328,7 @@ def _record(conn: psycopg.Connection, fn: FunctionSpec, plan: _Plan, origin: str
         entries.append(audit.failed_entry(fn, _webhook_body(spec.name, row), problems, now, rid, status))
     handed_on = [rid for rid, _, _, _ in plan.failed] + plan.deletes + [
         rid for rid, (outcome, _) in plan.outcomes.items() if outcome is Outcome.PARKED]
-    supabase_db.agree(conn, spec, bases, {rid: plan.replaced[rid] for rid in
+    supabase_db.agree(conn, spec, bases, {rid: (*plan.replaced[rid], plan.written_at.get(rid)) for rid in
                                           (r["id"] for r in bases) if rid in plan.replaced})
     plan.more = supabase_db.record_outbox_batch(conn, spec, entries, acks, exclude + handed_on)
     for rid, _, problems, _ in plan.failed:  # counted on the record's entries, parked after a few

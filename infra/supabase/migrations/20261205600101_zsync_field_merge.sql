@@ -221,9 +221,13 @@ BEGIN
         END IF;
         IF v_prev IS NOT NULL AND v_prev -> 'row' IS NOT NULL THEN
             UPDATE zsync.sync_base b
-            SET prev = v_prev -> 'row', prev_until = clock_timestamp(),
-                prev_version = greatest(date_trunc('milliseconds', (v_prev -> 'row' ->> 'updated_at')::timestamptz),
-                                        date_trunc('milliseconds', (v_prev ->> 'edited_at')::timestamptz))
+            -- until the write's own edited_at (Zapier's clock, as the edits' edited_at): an edit at or after it
+            -- was made from the write; without it (an older caller), the time the write was recorded here
+            SET prev = v_prev -> 'row', prev_until = coalesce(date_trunc('milliseconds', (v_prev ->> 'written_at')::timestamptz),
+                                                             clock_timestamp()),
+                -- its updated_at, the writers' clock the versions compare on: not Zapier's edited_at (Zapier's
+                -- clock), which a writer's clock may trail - a Tables change made after it would look older
+                prev_version = date_trunc('milliseconds', (v_prev -> 'row' ->> 'updated_at')::timestamptz)
             WHERE b.table_name = v_name AND b.record_id = r.row ->> 'id'
               AND b.version = (SELECT v.ts FROM zsync.version_of(p_table, r.row) v);
         END IF;
@@ -434,6 +438,7 @@ DECLARE
     t_row  jsonb := p_tables;  -- Tables' record at the version it counts for
     m      record;
     v_edit timestamptz := date_trunc('milliseconds', p_edited_at);
+    v_over boolean := false;  -- Tables' record was overwritten there by a *_to_tables write (b.prev)
 BEGIN
     action := 'none';
     IF p_tables IS NULL OR p_supabase IS NULL OR b.record_id IS NULL THEN
@@ -461,6 +466,7 @@ BEGIN
         b.hash := (SELECT v.hash FROM zsync.version_of(p_table, b.prev) v);
         b.tables_ts := date_trunc('milliseconds', (b.prev ->> 'updated_at')::timestamptz);
         b.field_ts := NULL;
+        v_over := true;
         IF t.hash = b.hash THEN
             action := 'supabase';  -- that very record: nothing changed in Tables since
             merged := p_supabase;
@@ -480,13 +486,20 @@ BEGIN
         RETURN;
     END IF;
     IF s.hash = b.hash AND (t_ts, t.hash) > (s.ts, s.hash) THEN  -- only Tables changed, and later: it wins
-        action := 'tables';
+        -- (a record Tables no longer holds - a *_to_tables write replaced it - goes back there: 'merged')
+        action := CASE WHEN v_over THEN 'merged' ELSE 'tables' END;
         merged := t_row;
+        IF v_over THEN
+            info := jsonb_build_object('tables', '[]'::jsonb, 'supabase', '[]'::jsonb, 'both_later', '{}'::jsonb,
+                                       'base_version', b.version, 'tables_version', t_ts, 'back_to_tables', true);
+        END IF;
         RETURN;
     END IF;
     SELECT * INTO m FROM zsync.merge3(p_table, b.base, t_row, p_supabase, NULL, b.field_ts);
     IF m.outcome = 'a' THEN
-        action := 'tables';
+        -- Tables' record wins whole; when a *_to_tables write has replaced it in Tables since, it must go back
+        -- there too: 'merged' (written to Supabase under zsync.origin 'sync_send', so it is queued for Tables)
+        action := CASE WHEN v_over THEN 'merged' ELSE 'tables' END;
         merged := t_row;
     ELSIF m.outcome = 'b' THEN
         action := 'supabase';
@@ -501,7 +514,8 @@ BEGIN
                                'both_later', (SELECT coalesce(jsonb_object_agg(k.key,
                                                   CASE k.value #>> '{}' WHEN 'a' THEN 'tables' ELSE 'supabase' END),
                                                   '{}'::jsonb) FROM jsonb_each(m.both_later) k),
-                               'base_version', b.version, 'tables_version', t_ts);
+                               'base_version', b.version, 'tables_version', t_ts)
+            || CASE WHEN v_over AND m.outcome = 'a' THEN '{"back_to_tables": true}'::jsonb ELSE '{}'::jsonb END;
 END
 $$;
 
