@@ -583,7 +583,8 @@ def test_a_later_tables_write_overwritten_by_a_drain_that_read_before_it_goes_ba
     read_at = datetime.now(UTC) - timedelta(seconds=2)
     db.execute("SELECT zsync.ack_outbox('agent_jobs', %s, %s, 'applied')", (rid, s2["updated_at"]))
     db.execute("SELECT zsync.agree('public.agent_jobs', %s::jsonb, %s::jsonb)",
-               (json.dumps([s2]), json.dumps({rid: {"row": s1, "edited_at": _iso(read_at)}})))
+               (json.dumps([s2]), json.dumps({rid: {"row": s1, "edited_at": _iso(read_at),  # the drain's write
+                                                    "written_at": _iso(read_at + timedelta(milliseconds=800))}})))
     person = dict(s1, status="person", error_message="typed",
                   updated_at=_iso(datetime.fromisoformat(s2["updated_at"]) + timedelta(seconds=1)))
     outcome, merge = _apply(db, person, read_at + timedelta(milliseconds=500))
@@ -594,3 +595,35 @@ def test_a_later_tables_write_overwritten_by_a_drain_that_read_before_it_goes_ba
     # the drain's own write coming back from Tables (older) changes nothing
     assert _apply(db, s2, read_at + timedelta(seconds=1))[0] in ("skipped_stale", "unchanged")
     assert (_row(db, rid)["status"], _row(db, rid)["error_message"]) == ("person", "typed")
+    # a person's later edit of other fields, made on what Tables holds (the drain's write, s2): the person's
+    # record stays, only the edited fields change
+    outcome, merge = _apply(db, dict(s2, retry_count=7, updated_at=_iso(datetime.fromisoformat(s2["updated_at"])
+                                                                        + timedelta(seconds=2))),
+                            read_at + timedelta(seconds=1))
+    assert outcome == "merged", (outcome, merge)
+    row = _row(db, rid)
+    assert (row["status"], row["error_message"], row["retry_count"]) == ("person", "typed", 7), row
+
+
+def test_an_overwritten_tables_edit_in_a_batch_is_merged_as_in_the_row_path(db):
+    """The same edit as above (made before a *_to_tables write replaced it in Tables), delivered in an inbox
+    lease with other records (the set-based path). Before: the batch saw Supabase unchanged since the base (the
+    drain's write) and applied the edit whole - the agent's status, which the edit's record never had, lost."""
+    rid = uid("overwritten-batch")
+    s1 = _seed(db, rid, datetime.now(UTC) - timedelta(seconds=10))
+    db.execute("UPDATE agent_jobs SET status = 'agent', updated_at = now() - interval '3 s' WHERE id = %s", (rid,))
+    s2 = _row(db, rid)
+    read_at = datetime.now(UTC) - timedelta(seconds=2)
+    db.execute("SELECT zsync.ack_outbox('agent_jobs', %s, %s, 'applied')", (rid, s2["updated_at"]))
+    db.execute("SELECT zsync.agree('public.agent_jobs', %s::jsonb, %s::jsonb)",
+               (json.dumps([s2]), json.dumps({rid: {"row": s1, "edited_at": _iso(read_at),
+                                                    "written_at": _iso(read_at + timedelta(seconds=1))}})))
+    later = _iso(datetime.fromisoformat(s2["updated_at"]) + timedelta(seconds=1))  # newer than Supabase's row
+    edit = {"row": dict(s1, error_message="typed", updated_at=later),
+            "edited_at": _iso(read_at + timedelta(milliseconds=500))}
+    others = [{"row": dict(s1, id=uid("pad")), "edited_at": None} for _ in range(5)]
+    out = db.execute("SELECT record_id, outcome FROM zsync.sync_apply_many(%s::regclass, %s::jsonb)",
+                     (T, json.dumps([edit, *others]))).fetchall()
+    assert (rid, "merged") in out, out
+    row = _row(db, rid)
+    assert (row["status"], row["error_message"]) == ("agent", "typed")

@@ -806,8 +806,11 @@ BEGIN
                 IF m.action = 'merged' THEN
                     outcome := 'merged';
                     merge := m.info;
-                    PERFORM zsync.base_after_merge(p_table, p_row || jsonb_build_object('updated_at', m.info -> 'tables_version'),
-                                                   v_tts, stored, m.merged);
+                    -- (not when the record goes back to Tables: Tables holds the drain's write, the base already)
+                    IF NOT coalesce((m.info ->> 'back_to_tables')::boolean, false) THEN
+                        PERFORM zsync.base_after_merge(p_table,
+                            p_row || jsonb_build_object('updated_at', m.info -> 'tables_version'), v_tts, stored, m.merged);
+                    END IF;
                 ELSE
                     outcome := 'applied';
                     PERFORM zsync.base_after_apply(p_table, m.merged, v_tts);
@@ -997,6 +1000,7 @@ BEGIN
                     FROM %1$s t WHERE t.id = ANY ($4)),
                 j AS (
                     SELECT r.*, c.stored, c.ts AS s_ts, c.hash AS s_hash, b.version AS b_ts, b.hash AS b_hash,
+                           b.prev_until AS b_prev_until,
                            CASE WHEN c.id IS NULL AND r.rn = 1 THEN zsync.tombstone_version($2, r.id) END AS tomb,
                            CASE WHEN c.id IS NOT NULL AND r.edited_at IS NOT NULL AND r.ts = c.ts AND r.hash <> c.hash
                                      AND date_trunc('milliseconds', r.edited_at) > r.ts
@@ -1021,6 +1025,8 @@ BEGIN
                     SELECT e.*,
                            CASE WHEN e.b_hash IS NULL OR e.action0 IN ('later', 'insert', 'deleted', 'unchanged') THEN e.action0
                                 WHEN e.action0 = 'update' AND e.s_hash = e.b_hash AND e.s_ts = e.b_ts AND e.hash <> e.b_hash
+                                     -- (an edit a *_to_tables write may have overwritten: the row path merges it)
+                                     AND NOT coalesce(date_trunc('milliseconds', e.edited_at) < e.b_prev_until, false)
                                     THEN 'update'
                                 ELSE 'later' END AS action
                     FROM e)
