@@ -232,7 +232,8 @@ def trials(stack: Any, tables: Tables, supabase: Supabase, name: str, first: str
 
 LIVE_RACE = pytest.mark.xfail(strict=False, reason=(
     "issue 20, open: with live timing under load (the full suite on 2 cores), 1 trial in 3 lost the person's note "
-    "in 1 of 4 suite runs; alone it passed 5 of 5. The held-delivery variant below, where the two always meet, "
+    "in the one suite run since the merge landed; alone it passed (3 of 3 trials). The held-delivery variant, where "
+    "the two always meet, "
     "passes. Left visible here until the race is found (see the closing note)."))
 
 
