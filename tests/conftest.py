@@ -5,6 +5,7 @@ module. Everything listens on 127.0.0.1 or a unix socket in a temp dir, so xdist
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -54,6 +55,7 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     server = start_postgres(data_dir)
     yield server
     server.cleanup()
+    shutil.rmtree(data_dir, ignore_errors=True)  # ~800 MB a session otherwise (pgserver keeps a named directory)
 
 
 @pytest.fixture(scope="module")
