@@ -670,57 +670,38 @@ DROP FUNCTION IF EXISTS zsync.sync_apply_many_set(regclass, jsonb);
 DROP FUNCTION IF EXISTS zsync.sync_apply(regclass, jsonb, timestamp with time zone);
 
 -- After a change from Tables (p_tables, at the version it counts for; p_tables_ts the updated_at its copy carries)
--- was merged with Supabase's row (p_supabase, before) into p_merged: p_tables becomes the record's base. It is the
--- common ancestor of what Tables holds (p_tables, or a later edit made from it) and of what Supabase now holds
--- (p_merged took all of its changes), so the next Tables change is compared with it, not with the older base it
--- was merged against (which would count p_tables' old values as that change's own). The times of the fields
--- Supabase's row holds differently from p_tables are kept (field_ts: the old base's stamp, else Supabase's
--- version), so a later conflict on them still goes to the later change.
-CREATE OR REPLACE FUNCTION zsync.base_after_merge(p_table regclass, p_tables jsonb, p_tables_ts timestamp with time zone,
-                                                  p_supabase jsonb, p_merged jsonb) RETURNS void
+-- met Supabase's row (p_supabase, before) field by field - merged, or every change of it lost to Supabase's later
+-- ones; p_info: zsync.merge_decide's info - p_tables becomes the record's base. It is the common ancestor of what
+-- Tables holds (p_tables, or a later edit made from it) and of what Supabase now holds (which took all of its
+-- changes), so the next Tables change is compared with it, not with the older base it was merged against (which
+-- would count p_tables' old values as that change's own). The fields Supabase's row holds differently from
+-- p_tables - those the decision took from Supabase - keep their times (field_ts: the old base's stamp, else
+-- Supabase's version), so a later conflict on them still goes to the later change.
+DROP FUNCTION IF EXISTS zsync.base_after_merge(regclass, jsonb, timestamp with time zone, jsonb, jsonb);
+CREATE FUNCTION zsync.base_after_merge(p_table regclass, p_tables jsonb, p_tables_ts timestamp with time zone,
+                                       p_supabase jsonb, p_info jsonb) RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER
     SET "TimeZone" TO 'UTC'
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $_$
 DECLARE
     v_name text := (SELECT relname::text FROM pg_class WHERE oid = p_table);
-    q      text := format('SELECT to_jsonb(x) FROM jsonb_populate_record(NULL::%s, $1) x', p_table);
-    ct     jsonb;
-    cm     jsonb;
-    v      record;
-    s_ts   timestamptz;
+    v_ts   jsonb := to_jsonb((SELECT date_trunc('milliseconds', x.ts) FROM zsync.version_of(p_table, p_supabase) x));
     old_ts jsonb;
-    times  jsonb := '{}';
-    c      text;
-    tt     jsonb;
-    tm     jsonb;
 BEGIN
-    IF NOT zsync.field_merge_on() OR p_tables IS NULL OR p_merged IS NULL THEN
+    IF p_info IS NULL THEN
         RETURN;
     END IF;
-    PERFORM zsync.assert_synced(p_table);
-    EXECUTE q INTO tt USING p_tables;
-    EXECUTE q INTO tm USING p_merged;
-    ct := zsync.canonical_row(p_table, tt);
-    cm := zsync.canonical_row(p_table, tm);
-    s_ts := (SELECT date_trunc('milliseconds', x.ts) FROM zsync.version_of(p_table, p_supabase) x);
     SELECT b.field_ts INTO old_ts FROM zsync.sync_base b WHERE b.table_name = v_name AND b.record_id = p_tables ->> 'id';
-    FOR c IN SELECT a.attname::text FROM pg_attribute a
-             WHERE a.attrelid = p_table AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
-               AND a.attname NOT IN ('id', 'updated_at') LOOP
-        IF (cm -> c) IS DISTINCT FROM (ct -> c) THEN
-            times := times || jsonb_build_object(c, coalesce(old_ts -> c, to_jsonb(s_ts)));
-        END IF;
-    END LOOP;
-    SELECT * INTO v FROM zsync.version_of(p_table, p_tables);
-    INSERT INTO zsync.sync_base AS b (table_name, record_id, base, version, hash, tables_ts, agreed, field_ts)
-    VALUES (v_name, p_tables ->> 'id', p_tables, v.ts, v.hash,
-            date_trunc('milliseconds', coalesce(p_tables_ts, v.ts)), true, nullif(times, '{}'::jsonb))
-    ON CONFLICT ON CONSTRAINT sync_base_pkey DO UPDATE
-        SET base = EXCLUDED.base, version = EXCLUDED.version, hash = EXCLUDED.hash, tables_ts = EXCLUDED.tables_ts,
-            agreed = true, field_ts = EXCLUDED.field_ts, prev = NULL, prev_version = NULL, prev_until = NULL,
-            set_at = now()
-        WHERE (EXCLUDED.version, EXCLUDED.hash) > (b.version, b.hash);
+    IF zsync.set_base(p_table, p_tables, p_tables_ts) THEN
+        UPDATE zsync.sync_base b
+        SET field_ts = (SELECT jsonb_object_agg(f.name, coalesce(old_ts -> f.name, v_ts))
+                        FROM (SELECT x AS name FROM jsonb_array_elements_text(p_info -> 'supabase') x
+                              UNION
+                              SELECT k.key FROM jsonb_each_text(p_info -> 'both_later') k
+                              WHERE k.value = 'supabase') f)
+        WHERE b.table_name = v_name AND b.record_id = p_tables ->> 'id';
+    END IF;
 END
 $_$;
 REVOKE ALL ON FUNCTION zsync.base_after_merge(regclass, jsonb, timestamp with time zone, jsonb, jsonb) FROM PUBLIC;
@@ -789,7 +770,7 @@ BEGIN
                 outcome := 'skipped_stale';
                 IF m.info IS NOT NULL THEN  -- Tables' change met and lost field by field: its record is the base now
                     PERFORM zsync.base_after_merge(p_table,
-                        p_row || jsonb_build_object('updated_at', m.info -> 'tables_version'), v_tts, stored, stored);
+                        p_row || jsonb_build_object('updated_at', m.info -> 'tables_version'), v_tts, stored, m.info);
                 END IF;
                 RETURN;
             ELSIF m.action IN ('tables', 'merged') THEN
@@ -809,7 +790,7 @@ BEGIN
                     -- (not when the record goes back to Tables: Tables holds the drain's write, the base already)
                     IF NOT coalesce((m.info ->> 'back_to_tables')::boolean, false) THEN
                         PERFORM zsync.base_after_merge(p_table,
-                            p_row || jsonb_build_object('updated_at', m.info -> 'tables_version'), v_tts, stored, m.merged);
+                            p_row || jsonb_build_object('updated_at', m.info -> 'tables_version'), v_tts, stored, m.info);
                     END IF;
                 ELSE
                     outcome := 'applied';
