@@ -120,3 +120,33 @@ def deadlocks(url: str) -> int:
                 break
             time.sleep(0.05)
         return conn.execute("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()").fetchone()[0]
+
+
+def settle(stack: Any, rounds: int = 5) -> None:
+    """Everything held is delivered: what the every-minute inbox drain and pg_cron's sweeper do, then wait
+    until quiet, until a round finds nothing to do (no round left: a loop)."""
+    for _ in range(rounds):
+        drained = stack.safety_drain()
+        sent = stack.sweep_outbox(0)
+        stack.wait_quiet(timeout_s=60, settle_s=0.2)
+        if not sent and not any(_handled(v) for v in drained.values()):
+            return
+    raise AssertionError(f"the sync did not settle in {rounds} rounds (a loop?)")
+
+
+def _handled(answer: Any) -> int:
+    """How many messages an inbox drain's answer says it handled (the counts next to inbox/stopped)."""
+    if not isinstance(answer, dict):
+        return 0
+    return sum(v for v in answer.values() if isinstance(v, int) and not isinstance(v, bool))
+
+
+def release_held(stack: Any) -> None:
+    """Wait until every notification sent under ``drop_deliveries(1.0)`` is lost, then deliver again."""
+    from infra.local.pgnet_sql import wait_idle
+
+    deadline = time.monotonic() + 30
+    while stack.tables.ctx.inboxes.stats()["notifications"]["pending"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    wait_idle(stack.database_url, timeout_s=30)
+    stack.drop_deliveries(0.0)

@@ -34,43 +34,13 @@ import requests
 from shared.core.mapping import parse_supabase_record, parse_tables_record
 from shared.core.spec import TABLES
 from shared.platform.settings import DEFAULT_SECRET_HEADER
-from tests.e2e import Supabase, Tables, eventually, uid
+from tests.e2e import Supabase, Tables, eventually, release_held, settle, uid
 
 JOBS = TABLES["agent_jobs"]
 FIELDS = ("status", "error_message", "retry_count", "parameters", "job_type")
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------
-
-
-def settle(stack: Any, rounds: int = 5) -> None:
-    """Everything held is delivered: what the every-minute inbox drain and pg_cron's sweeper do, then wait
-    until quiet, until a round finds nothing to do."""
-    for _ in range(rounds):
-        drained = stack.safety_drain()
-        sent = stack.sweep_outbox(0)
-        stack.wait_quiet(timeout_s=60, settle_s=0.2)
-        if not sent and not any(_handled(v) for v in drained.values()):
-            return
-    raise AssertionError(f"the sync did not settle in {rounds} rounds")
-
-
-def _handled(answer: Any) -> int:
-    """How many messages an inbox drain's answer says it handled (the counts next to inbox/stopped)."""
-    if not isinstance(answer, dict):
-        return 0
-    return sum(v for k, v in answer.items() if isinstance(v, int) and not isinstance(v, bool))
-
-
-def held(stack: Any) -> None:
-    """Wait until every notification sent under ``drop_deliveries(1.0)`` is lost, then deliver again."""
-    from infra.local.pgnet_sql import wait_idle
-
-    deadline = time.monotonic() + 30
-    while stack.tables.ctx.inboxes.stats()["notifications"]["pending"] and time.monotonic() < deadline:
-        time.sleep(0.02)
-    wait_idle(stack.database_url, timeout_s=30)
-    stack.drop_deliveries(0.0)
 
 
 def new_job(stack: Any, tables: Tables, supabase: Supabase, prefix: str) -> tuple[str, str]:
@@ -217,7 +187,7 @@ def trials(stack: Any, tables: Tables, supabase: Supabase, name: str, first: str
         time.sleep(gap_s)
         steps[1]()
         if slow:
-            held(stack)
+            release_held(stack)
         settle(stack)
         in_supabase, in_tables = (fields_of(r) for r in both(tables, supabase, rid))
         if any(in_supabase[f] != v or in_tables[f] != v for f, v in expected.items()):
@@ -286,7 +256,7 @@ def test_same_field_and_different_fields_at_once(stack, tables, supabase):
     agent_sets(supabase, rid, status="agent", retry_count=7)
     time.sleep(0.05)
     person_types(tables, rec_id, status="person", error_message="why it failed")
-    held(stack)
+    release_held(stack)
     settle(stack)
     expect_both_sides(tables, supabase, rid, status="person", retry_count=7, error_message="why it failed")
     assert_merge_audited_once(supabase, rid, before, ("retry_count", "error_message"))
@@ -391,7 +361,7 @@ def test_each_entry_point_merges_different_fields(stack, tables, supabase, entry
     agent_sets(supabase, rid, status="agent", retry_count=2)
     time.sleep(0.05)
     person_types(tables, rec_id, error_message="note", job_type="crawl-deep")
-    held(stack)
+    release_held(stack)
     fn = ENTRY_POINTS[entry]
     answer = fn(stack, tables, supabase, rid, monkeypatch) if entry.startswith("replay") else \
         fn(stack, tables, supabase, rid)
@@ -412,7 +382,7 @@ def test_an_echo_of_our_own_write_is_never_a_change(stack, tables, supabase):
     agent_sets(supabase, rid, status="agent")
     person_types(tables, rec_id, error_message="note")
     old_tables = tables.find("agent_jobs", rid)
-    held(stack)
+    release_held(stack)
     settle(stack)
     expect_both_sides(tables, supabase, rid, status="agent", error_message="note")
     writes = counts(stack, tables, supabase, rid)
@@ -433,7 +403,7 @@ def test_no_far_future_version_from_a_merge(stack, tables, supabase):
     stack.drop_deliveries(1.0)
     agent_sets(supabase, rid, status="agent")
     person_types(tables, rec_id, error_message="note")
-    held(stack)
+    release_held(stack)
     settle(stack)
     expect_both_sides(tables, supabase, rid, status="agent", error_message="note")
     row = parse_supabase_record(JOBS, supabase.row("agent_jobs", rid))
@@ -450,7 +420,7 @@ def test_a_later_cell_edit_of_the_same_and_other_fields_meets_the_agents_change(
     agent_sets(supabase, rid, parameters='{"w": "agent"}', retry_count=2)
     time.sleep(0.01)
     person_types(tables, rec_id, retry_count=4, parameters='{"w": "person"}', job_type="person")
-    held(stack)
+    release_held(stack)
     ENTRY_POINTS[entry](stack, tables, supabase, rid)
     settle(stack)
     expect_both_sides(tables, supabase, rid, retry_count=4, parameters={"w": "person"}, job_type="person",
@@ -471,7 +441,7 @@ def test_several_cell_edits_waiting_in_the_inbox_the_last_one_wins(stack, tables
         time.sleep(0.01)
     if agent_after:
         agent_sets(supabase, rid, retry_count=9)
-    held(stack)
+    release_held(stack)
     settle(stack)
     expect_both_sides(tables, supabase, rid, job_type="person-8", retry_count=9 if agent_after else 0)
     assert_quiet(stack, tables, supabase, rid)

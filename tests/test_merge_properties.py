@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 from shared.core.mapping import parse_supabase_record, parse_tables_record
 from shared.core.spec import TABLES
 from shared.platform.settings import DEFAULT_SECRET_HEADER
-from tests.e2e import Supabase, Tables, eventually
+from tests.e2e import Supabase, Tables, eventually, release_held, settle
 
 JOBS = TABLES["agent_jobs"]
 FIELDS = ("status", "error_message", "job_type", "retry_count", "parameters")
@@ -96,29 +96,6 @@ def value_for(field: str, label: str, n: int) -> Any:
     return label
 
 
-def settle(stack: Any, rounds: int = 6) -> None:
-    for _ in range(rounds):
-        drained = stack.safety_drain()
-        sent = stack.sweep_outbox(0)
-        stack.wait_quiet(timeout_s=60, settle_s=0.2)
-        handled = sum(v for a in drained.values() if isinstance(a, dict) for v in a.values()
-                      if isinstance(v, int) and not isinstance(v, bool))
-        if not sent and not handled:
-            return
-    raise AssertionError(f"the sync did not settle in {rounds} rounds (a loop?)")
-
-
-def release(stack: Any) -> None:
-    """Every notification sent while held is lost by now; deliver again from here on."""
-    from infra.local.pgnet_sql import wait_idle
-
-    deadline = time.monotonic() + 30
-    while stack.tables.ctx.inboxes.stats()["notifications"]["pending"] and time.monotonic() < deadline:
-        time.sleep(0.02)
-    wait_idle(stack.database_url, timeout_s=30)
-    stack.drop_deliveries(0.0)
-
-
 @dataclass
 class Run:
     stack: Any
@@ -148,7 +125,7 @@ class Run:
         for rid in self.ids:
             rec = eventually(lambda r=rid: self.tables.find("agent_jobs", r))
             self.rec_ids.append(rec["id"])
-        settle(self.stack)
+        settle(self.stack, rounds=6)
         for i, rid in enumerate(self.ids):
             rec = self.tables.find("agent_jobs", rid)
             self.tables_payloads[i].append(dict(rec["data"], edited_at=rec["edited_at"]))
@@ -203,13 +180,13 @@ class Run:
                 if step.on and not holding:
                     self.stack.drop_deliveries(1.0)
                 elif not step.on and holding:
-                    release(self.stack)
+                    release_held(self.stack)
                 holding = step.on
             else:
                 self.redeliver(step)
         if holding:
-            release(self.stack)
-        settle(self.stack)
+            release_held(self.stack)
+        settle(self.stack, rounds=6)
 
     # -- the checks ------------------------------------------------------------------------------------------
     def sides(self, i: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -239,7 +216,7 @@ class Run:
         assert not lost, "lost field(s):\n  " + "\n  ".join(lost) + "\n" + self.story()
         before = self.counts()
         time.sleep(0.3)
-        settle(self.stack)
+        settle(self.stack, rounds=6)
         assert self.counts() == before, f"still writing after it settled (a loop): {before} -> {self.counts()}\n" \
                                         + self.story()
 

@@ -509,18 +509,31 @@ def test_one_merge_one_audit_entry_whichever_direction_records_it():
     assert applied["id"] != a["id"]
 
 
+def _replaced_by_a_drain(db: psycopg.Connection, prefix: str,
+                         written_after: timedelta | None = None) -> tuple[str, dict, dict, datetime]:
+    """A record both sides agreed on (s1); the agent's version s2; a *_to_tables drain that read s1 in Tables at
+    ``read_at`` and wrote s2 over it (acknowledged; ``zsync.agree`` keeps s1 as the record the write replaced,
+    until the write's own edited_at, ``read_at + written_after`` - or, without one, until the agree).
+    -> (rid, s1, s2, read_at)."""
+    rid = uid(prefix)
+    s1 = _seed(db, rid, datetime.now(UTC) - timedelta(seconds=10))
+    db.execute("UPDATE agent_jobs SET status = 'agent', updated_at = now() - interval '3 s' WHERE id = %s", (rid,))
+    s2 = _row(db, rid)
+    read_at = datetime.now(UTC) - timedelta(seconds=2)
+    replaced = {"row": s1, "edited_at": _iso(read_at)}
+    if written_after is not None:
+        replaced["written_at"] = _iso(read_at + written_after)
+    db.execute("SELECT zsync.ack_outbox('agent_jobs', %s, %s, 'applied')", (rid, s2["updated_at"]))
+    db.execute("SELECT zsync.agree('public.agent_jobs', %s::jsonb, %s::jsonb)",
+               (json.dumps([s2]), json.dumps({rid: replaced})))
+    return rid, s1, s2, read_at
+
+
 def test_a_tables_edit_overwritten_by_a_write_that_read_before_it_is_merged_when_it_arrives(db):
     """A person edits the Tables copy between a *_to_tables drain's read and its write of the agent's version:
     the write replaces the edit in Tables; when the edit's delivery arrives it is merged against the record the
     write replaced (zsync.agree keeps it), so neither the edit nor the agent's change is lost."""
-    rid = uid("overwritten")
-    s1 = _seed(db, rid, datetime.now(UTC) - timedelta(seconds=10))
-    db.execute("UPDATE agent_jobs SET status = 'agent', updated_at = now() - interval '3 s' WHERE id = %s", (rid,))
-    s2 = _row(db, rid)
-    read_at = datetime.now(UTC) - timedelta(seconds=2)  # the drain read s1 in Tables, edited then
-    db.execute("SELECT zsync.ack_outbox('agent_jobs', %s, %s, 'applied')", (rid, s2["updated_at"]))
-    db.execute("SELECT zsync.agree('public.agent_jobs', %s::jsonb, %s::jsonb)",
-               (json.dumps([s2]), json.dumps({rid: {"row": s1, "edited_at": _iso(read_at)}})))
+    rid, s1, _, read_at = _replaced_by_a_drain(db, "overwritten")
     # the person's edit, made from s1 after the drain's read and before its write landed
     outcome, merge = _apply(db, dict(s1, error_message="typed"), read_at + timedelta(milliseconds=500))
     assert outcome == "merged" and merge["tables"] == ["error_message"] and merge["supabase"] == ["status"], merge
@@ -576,15 +589,7 @@ def test_a_later_tables_write_overwritten_by_a_drain_that_read_before_it_goes_ba
     its write of the agent's older version: the drain's write replaced it in Tables. When the person's delivery
     arrives it wins whole in Supabase - and must be queued for Tables too, which now holds the drain's write.
     Before: 'applied' to Supabase only; Tables kept the agent's older version for good (the soak's lost record)."""
-    rid = uid("overwritten-whole")
-    s1 = _seed(db, rid, datetime.now(UTC) - timedelta(seconds=10))
-    db.execute("UPDATE agent_jobs SET status = 'agent', updated_at = now() - interval '3 s' WHERE id = %s", (rid,))
-    s2 = _row(db, rid)
-    read_at = datetime.now(UTC) - timedelta(seconds=2)
-    db.execute("SELECT zsync.ack_outbox('agent_jobs', %s, %s, 'applied')", (rid, s2["updated_at"]))
-    db.execute("SELECT zsync.agree('public.agent_jobs', %s::jsonb, %s::jsonb)",
-               (json.dumps([s2]), json.dumps({rid: {"row": s1, "edited_at": _iso(read_at),  # the drain's write
-                                                    "written_at": _iso(read_at + timedelta(milliseconds=800))}})))
+    rid, s1, s2, read_at = _replaced_by_a_drain(db, "overwritten-whole", timedelta(milliseconds=800))
     person = dict(s1, status="person", error_message="typed",
                   updated_at=_iso(datetime.fromisoformat(s2["updated_at"]) + timedelta(seconds=1)))
     outcome, merge = _apply(db, person, read_at + timedelta(milliseconds=500))
@@ -609,15 +614,7 @@ def test_an_overwritten_tables_edit_in_a_batch_is_merged_as_in_the_row_path(db):
     """The same edit as above (made before a *_to_tables write replaced it in Tables), delivered in an inbox
     lease with other records (the set-based path). Before: the batch saw Supabase unchanged since the base (the
     drain's write) and applied the edit whole - the agent's status, which the edit's record never had, lost."""
-    rid = uid("overwritten-batch")
-    s1 = _seed(db, rid, datetime.now(UTC) - timedelta(seconds=10))
-    db.execute("UPDATE agent_jobs SET status = 'agent', updated_at = now() - interval '3 s' WHERE id = %s", (rid,))
-    s2 = _row(db, rid)
-    read_at = datetime.now(UTC) - timedelta(seconds=2)
-    db.execute("SELECT zsync.ack_outbox('agent_jobs', %s, %s, 'applied')", (rid, s2["updated_at"]))
-    db.execute("SELECT zsync.agree('public.agent_jobs', %s::jsonb, %s::jsonb)",
-               (json.dumps([s2]), json.dumps({rid: {"row": s1, "edited_at": _iso(read_at),
-                                                    "written_at": _iso(read_at + timedelta(seconds=1))}})))
+    rid, s1, s2, read_at = _replaced_by_a_drain(db, "overwritten-batch", timedelta(seconds=1))
     later = _iso(datetime.fromisoformat(s2["updated_at"]) + timedelta(seconds=1))  # newer than Supabase's row
     edit = {"row": dict(s1, error_message="typed", updated_at=later),
             "edited_at": _iso(read_at + timedelta(milliseconds=500))}
