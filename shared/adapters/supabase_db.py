@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from weakref import WeakKeyDictionary
 
 import psycopg
@@ -356,13 +356,21 @@ def mark_agreed(conn: psycopg.Connection, spec: TableSpec, agreed: list[tuple[st
                         (spec.name, [i for i, _ in agreed], [v for _, v in agreed])).fetchone()[0]
 
 
+class Replaced(NamedTuple):
+    """The Tables record a ``*_to_tables`` write replaced (as read, with Zapier's ``edited_at``), and the write's
+    own ``edited_at`` once Zapier answered it (Zapier's clock: an edit at or after it was made from the write)."""
+
+    row: Mapping[str, Any]
+    edited_at: datetime | None
+    written_at: datetime | None = None
+
+
 def agree(conn: psycopg.Connection, spec: TableSpec, rows: list[Mapping[str, Any]],
-          replaced: Mapping[str, tuple[Any, ...]] | None = None) -> int:
+          replaced: Mapping[str, Replaced] | None = None) -> int:
     """Both sides hold ``rows`` now (written to Tables, or found equal there): zsync.agree drops a record's
     saved base, or makes the row its base when Supabase changed since (nothing when the merge is off).
-    ``replaced``: id -> (the Tables record a write replaced, its edited_at[, the write's own edited_at]), kept as
-    the base of a Tables edit made before the write landed (Zapier's clock: an edit at or after the write's
-    edited_at was made from the write, not overwritten by it)."""
+    ``replaced``: id -> the Tables record a write replaced, kept as the base of a Tables edit made before the
+    write landed."""
     if not rows:
         return 0
     payload = "[" + ",".join(row_to_json(r) for r in rows) + "]"
@@ -371,8 +379,8 @@ def agree(conn: psycopg.Connection, spec: TableSpec, rows: list[Mapping[str, Any
         return json.dumps(ts.isoformat() if ts else None)
 
     prevs = "{" + ",".join(
-        f'{json.dumps(rid)}:{{"row":{row_to_json(rep[0])},"edited_at":{iso(rep[1])},'
-        f'"written_at":{iso(rep[2] if len(rep) > 2 else None)}}}'
+        f'{json.dumps(rid)}:{{"row":{row_to_json(rep.row)},"edited_at":{iso(rep.edited_at)},'
+        f'"written_at":{iso(rep.written_at)}}}'
         for rid, rep in (replaced or {}).items()) + "}"
     return conn.execute("SELECT zsync.agree(%s::regclass, %s::jsonb, %s::jsonb)",
                         (_regclass(spec), payload, prevs)).fetchone()[0]

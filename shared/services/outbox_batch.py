@@ -85,8 +85,7 @@ class _Plan:
     items: dict[str, _Item] = field(default_factory=dict)
     outcomes: dict[str, tuple[Outcome, dict[str, Any] | None]] = field(default_factory=dict)  # id -> (outcome, parked)
     merges: dict[str, MergeDecision] = field(default_factory=dict)  # id -> the merged record written to Tables
-    replaced: dict[str, tuple[dict[str, Any], datetime | None]] = field(default_factory=dict)  # id -> Tables' as read
-    written_at: dict[str, datetime | None] = field(default_factory=dict)  # id -> Zapier's edited_at of our write
+    replaced: dict[str, supabase_db.Replaced] = field(default_factory=dict)  # id -> what our write replaces
     failed: list[tuple[str, dict[str, Any], list[dict[str, str]], int]] = field(default_factory=list)
     gone: list[str] = field(default_factory=list)  # row deleted without a tombstone: nothing to send
     deletes: list[str] = field(default_factory=list)  # deleted (tombstone): the single delete path
@@ -245,7 +244,7 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
     for i, ((item, _current), outcome) in enumerate(zip(pairs, outcomes, strict=True)):
         decision = decisions.get(i, MergeDecision("none", None, None))
         if outcome in (Outcome.APPLIED, Outcome.MERGED):
-            plan.replaced[item.id] = as_read[item.id]  # what the write below replaces in Tables
+            plan.replaced[item.id] = supabase_db.Replaced(*as_read[item.id])  # what the write below replaces
         if outcome is Outcome.UNCHANGED and item.id in idless:
             outcome = Outcome.APPLIED  # the same version: write it whole, which puts the id into the record
         if outcome is Outcome.MERGED and decision.row is not None:  # fields from both: M goes to both sides
@@ -269,8 +268,9 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
                                deadline)
             by_rid = {rec.id: rec for rec in written or []}
             for item, rid in chunk:
-                if rid in by_rid:
-                    plan.written_at[item.id] = _tables_edited_at(by_rid[rid])
+                if rid in by_rid and item.id in plan.replaced:  # (an id-less record's write replaced nothing kept)
+                    plan.replaced[item.id] = plan.replaced[item.id]._replace(
+                        written_at=_tables_edited_at(by_rid[rid]))
 
     for create, work in ((True, creates), (False, updates)):
         for chunk in _chunks(work, BATCH_MAX):
@@ -328,7 +328,7 @@ def _record(conn: psycopg.Connection, fn: FunctionSpec, plan: _Plan, origin: str
         entries.append(audit.failed_entry(fn, _webhook_body(spec.name, row), problems, now, rid, status))
     handed_on = [rid for rid, _, _, _ in plan.failed] + plan.deletes + [
         rid for rid, (outcome, _) in plan.outcomes.items() if outcome is Outcome.PARKED]
-    supabase_db.agree(conn, spec, bases, {rid: (*plan.replaced[rid], plan.written_at.get(rid)) for rid in
+    supabase_db.agree(conn, spec, bases, {rid: plan.replaced[rid] for rid in
                                           (r["id"] for r in bases) if rid in plan.replaced})
     plan.more = supabase_db.record_outbox_batch(conn, spec, entries, acks, exclude + handed_on)
     for rid, _, problems, _ in plan.failed:  # counted on the record's entries, parked after a few

@@ -62,7 +62,7 @@ def apply_from_supabase(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhoo
     row = parse_supabase_record(spec, hook.record)
     fields = to_tables_fields(spec, row)
     captured: list[datetime | None] = [None]
-    replaced: dict[str, tuple[Any, ...]] = {}  # the Tables record the write replaced (see supabase_db.agree)
+    replaced: dict[str, supabase_db.Replaced] = {}  # the Tables record the write replaced
     hook = ctx.settings.tables_writer is TablesWriter.CATCH_HOOK
 
     def work(conn: psycopg.Connection) -> tuple[Outcome, Any]:
@@ -145,7 +145,7 @@ def _tables_version(ctx: SyncContext, conn: psycopg.Connection, spec: TableSpec,
 
 
 def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, row: Mapping[str, Any],
-                    fields: dict[str, Any], replaced: dict[str, tuple[Any, ...]] | None = None
+                    fields: dict[str, Any], replaced: dict[str, supabase_db.Replaced] | None = None
                     ) -> tuple[Outcome, Any]:
     """-> (outcome, a ``sync_failed`` entry to record when the Tables record was parked, or the
     :class:`MergeDecision` of a merged record)."""
@@ -197,7 +197,7 @@ def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec
     if outcome is Outcome.APPLIED:
         written = ctx.tables.update(table_id, existing.id, fields)
         if replaced is not None:
-            replaced[row["id"]] = (as_read, edited_at, _tables_edited_at(written))
+            replaced[row["id"]] = supabase_db.Replaced(as_read, edited_at, _tables_edited_at(written))
     elif outcome is Outcome.SKIPPED_STALE and current is not None:
         # Tables holds a newer version than this webhook carried: make sure Supabase has it too (its own
         # Zap delivery may have been lost). Conditional, so a no-op when Supabase is already current. Sent as
