@@ -274,14 +274,18 @@ def test_an_idle_trash_check_logs_nothing_a_real_delete_does(stack: Any, tables:
     record = tables.create("agent_jobs", {"id": rid, "job_type": "discovery", "status": "queued"})
     stack.wait_quiet()
     tables.client.delete(tables.ids["agent_jobs"], record["id"])  # to the trash, as a person deletes
-    stack.check_trash()
     # The stack's inboxes are on the deletes-capable trigger: the delete arrives through the inbox (logged, a
-    # moment later on a busy machine), and the trash check after it finds it applied (idle: nothing logged).
+    # moment later on a busy machine); the trash check after it finds it applied and stays quiet. (Run at once,
+    # the check could apply it first: then the inbox's line is delete_unchanged - a race of the test's own.)
     def applied() -> str | None:
         text = log.read_bytes()[before:].decode(errors="replace")
         return text if '"outcome": "delete_applied"' in text and rid in text else None
 
     eventually(applied, timeout_s=20)
+    after = log.stat().st_size
+    stack.check_trash()
+    time.sleep(1.0)  # the function's log lines are written a moment after its answer
+    assert "trash_checked" not in log.read_bytes()[after:].decode(errors="replace")
 
 
 # --- 3. the lag plot ---------------------------------------------------------------------------------------
