@@ -486,7 +486,7 @@ DEFINER = {"capture_change", "ack_outbox", "announce",
            # issue 20: zsync.sync_base, zsync.config and the outbox, which zsync_sync cannot touch
            "field_merge_on", "merge_time_limit", "merge_decide", "merge_decide_many", "base_after_apply",
            "ack_agreed", "agree", "bases_of", "bases_after_batch", "set_base", "mark_agreed",
-           "base_before_change", "base_after_merge"}
+           "base_before_change", "base_after_merge", "drop_base"}
 
 
 def role_url(database_url: str, role: str = ROLE) -> str:

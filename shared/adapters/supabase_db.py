@@ -208,6 +208,16 @@ def fetch_row(conn: psycopg.Connection, spec: TableSpec, record_id: str) -> dict
     return found[0] if found else None
 
 
+def later_row(conn: psycopg.Connection, spec: TableSpec, row: Mapping[str, Any]) -> dict | None:
+    """The stored row (Database Webhook shape) when it is a later version than ``row``, else None."""
+    found = conn.execute(
+        f'SELECT to_jsonb(t) FROM public."{spec.name}" t WHERE t.id = %s '
+        "AND zsync.version_cmp(%s::regclass, to_jsonb(t), %s::jsonb) > 0",
+        (row["id"], _regclass(spec), row_to_json(row)),
+    ).fetchone()
+    return found[0] if found else None
+
+
 def fetch_rows(conn: psycopg.Connection, spec: TableSpec, since: datetime | None = None) -> list[dict]:
     """Every row (optionally changed since ``since``), in the Database Webhook's record shape."""
     column = spec.version or "timestamp"

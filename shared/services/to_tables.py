@@ -60,13 +60,21 @@ def apply_from_supabase(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhoo
     if hook.record is None:
         raise InvalidRecord([{"field": "record", "problem": f"{hook.type} payload has no record"}])
     row = parse_supabase_record(spec, hook.record)
-    fields = to_tables_fields(spec, row)
     captured: list[datetime | None] = [None]
     replaced: dict[str, supabase_db.Replaced] = {}  # the Tables record the write replaced
     hook = ctx.settings.tables_writer is TablesWriter.CATCH_HOOK
 
     def work(conn: psycopg.Connection) -> tuple[Outcome, Any]:
+        nonlocal row
+        if not hook:
+            # Supabase moved on since this delivery was queued (a later write, a merge): the later row goes to
+            # Tables, never this one over it - a stale write would overwrite a Tables edit the later row holds
+            # (merged in), and its echo would then look like a change. Its own delivery finds Tables equal.
+            later = supabase_db.later_row(conn, spec, row)
+            if later is not None:
+                row = parse_supabase_record(spec, later)
         captured[0] = supabase_db.outbox_capture_time(conn, spec, row["id"], row.get(spec.version or ""))
+        fields = to_tables_fields(spec, row)
         if hook:
             ctx.hooks.send(spec.name, fields)
             return Outcome.APPLIED, None

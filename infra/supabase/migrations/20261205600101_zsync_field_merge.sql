@@ -8,7 +8,9 @@
 --   change by anyone but the sync saves the agreed row there (zsync.maintain_updated_at), and a Tables cell
 --   edit applied at Zapier's edited_at keeps the updated_at Tables' copy carries (tables_ts). The copy moves
 --   forward only, is dropped when both sides agree on the row again (zsync.sync_apply, zsync.agree) and with
---   the row's delete. Never set to a merged record before Tables holds it.
+--   the row's delete - or, while it remembers the Tables records recent *_to_tables writes replaced (their
+--   edits' deliveries may still come: zsync.config replaced_keep_s), becomes the row. Never set to a merged
+--   record before Tables holds it.
 -- * zsync.merge3: the rule, per field. zsync.merge_decide: what a change meets (base, Tables' record,
 --   Supabase's row) comes to; both directions call it.
 -- * zsync.sync_apply / sync_apply_many / sync_apply_many_set: the merge inside the one atomic path (row lock).
@@ -28,9 +30,10 @@ CREATE TABLE IF NOT EXISTS zsync.sync_base (
     tables_ts timestamp with time zone,  -- the updated_at Tables' copy carries (a cell edit may be versioned later)
     agreed boolean DEFAULT true NOT NULL,  -- false: saved before its agreement was known (see zsync.merge_decide_base)
     field_ts jsonb,  -- field -> when Supabase last changed it since the base (its writers' updated_at)
-    prev jsonb,  -- the Tables record a *_to_tables write replaced (its version: prev_version) ...
-    prev_version timestamp with time zone,
-    prev_until timestamp with time zone,  -- ... until when: a Tables edit before it was made from prev
+    -- The Tables records *_to_tables writes replaced, oldest write first: [{"row", "from", "until"}], "row" the
+    -- record as the function read it, "from" its edited_at, "until" the write's own (Zapier's clock). A Tables
+    -- edit made in between was overwritten in Tables, and its delivery, still coming, was made from "row".
+    replaced jsonb,
     set_at timestamp with time zone DEFAULT now() NOT NULL,
     CONSTRAINT sync_base_pkey PRIMARY KEY (table_name, record_id)
 );
@@ -39,6 +42,10 @@ CREATE TABLE IF NOT EXISTS zsync.sync_base (
 REVOKE ALL ON TABLE zsync.sync_base FROM zsync_sync;
 
 INSERT INTO zsync.config (key, value) VALUES ('field_merge', '"on"') ON CONFLICT (key) DO NOTHING;
+-- How long a record's base is kept after the last *_to_tables write that replaced a Tables record (for the
+-- deliveries of edits it overwrote, still coming), and how many such records it keeps at most.
+INSERT INTO zsync.config (key, value) VALUES ('replaced_keep_s', '3600') ON CONFLICT (key) DO NOTHING;
+INSERT INTO zsync.config (key, value) VALUES ('replaced_keep_n', '8') ON CONFLICT (key) DO NOTHING;
 
 -- Whether the field-level merge is on: the session's zsync.field_merge when set, else zsync.config.
 CREATE OR REPLACE FUNCTION zsync.field_merge_on() RETURNS boolean
@@ -91,7 +98,7 @@ BEGIN
             date_trunc('milliseconds', coalesce(p_tables_ts, v.ts)), p_agreed)
     ON CONFLICT ON CONSTRAINT sync_base_pkey DO UPDATE
         SET base = EXCLUDED.base, version = EXCLUDED.version, hash = EXCLUDED.hash, tables_ts = EXCLUDED.tables_ts,
-            agreed = EXCLUDED.agreed, field_ts = NULL, prev = NULL, prev_version = NULL, prev_until = NULL,
+            agreed = EXCLUDED.agreed, field_ts = NULL, replaced = zsync.replaced_kept(b.replaced, '[]'),
             set_at = now()
         WHERE (EXCLUDED.version, EXCLUDED.hash) > (b.version, b.hash);
     GET DIAGNOSTICS n = ROW_COUNT;
@@ -108,6 +115,53 @@ CREATE OR REPLACE FUNCTION zsync.assert_synced(p_table regclass) RETURNS void
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = p_table AND tgname = 'zsync_maintain_updated_at') THEN
         RAISE EXCEPTION 'zsync: % is not a synced table', p_table USING ERRCODE = '22023';
+    END IF;
+END
+$$;
+
+-- p_replaced with p_more appended (zsync.sync_base.replaced): the newest zsync.config replaced_keep_n entries,
+-- oldest first; NULL when there are none.
+CREATE OR REPLACE FUNCTION zsync.replaced_kept(p_replaced jsonb, p_more jsonb) RETURNS jsonb
+    LANGUAGE sql STABLE
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+    SELECT jsonb_agg(k.v ORDER BY k.until, k.n)
+    FROM (SELECT e.v, e.n, (e.v ->> 'until')::timestamptz AS until
+          FROM jsonb_array_elements(coalesce(p_replaced, '[]') || coalesce(p_more, '[]')) WITH ORDINALITY e(v, n)
+          ORDER BY 3 DESC, 2 DESC
+          LIMIT (SELECT coalesce((c.value #>> '{}')::integer, 8) FROM zsync.config c WHERE c.key = 'replaced_keep_n')) k
+$$;
+
+-- Whether a saved base still has to be kept for the Tables records it remembers a write replaced: the last
+-- write was less than zsync.config replaced_keep_s ago (a delivery of an edit it overwrote may still come).
+CREATE OR REPLACE FUNCTION zsync.replaced_live(p_replaced jsonb) RETURNS boolean
+    LANGUAGE sql STABLE
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+    SELECT coalesce(max((e.v ->> 'until')::timestamptz), '-infinity') > now() - make_interval(secs =>
+               coalesce((SELECT (c.value #>> '{}')::float8 FROM zsync.config c WHERE c.key = 'replaced_keep_s'), 3600))
+    FROM jsonb_array_elements(coalesce(p_replaced, '[]')) e(v)
+$$;
+
+-- Both sides hold p_row (as Supabase stores it): the record needs no saved base, the row itself is one - the
+-- copy goes, unless it still remembers a replaced Tables record (zsync.replaced_live), when it becomes p_row.
+CREATE OR REPLACE FUNCTION zsync.drop_base(p_table regclass, p_row jsonb) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET "TimeZone" TO 'UTC'
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_name text := (SELECT relname::text FROM pg_class WHERE oid = p_table);
+    v      record;
+BEGIN
+    DELETE FROM zsync.sync_base b
+    WHERE b.table_name = v_name AND b.record_id = p_row ->> 'id' AND NOT zsync.replaced_live(b.replaced);
+    IF NOT FOUND THEN
+        SELECT * INTO v FROM zsync.version_of(p_table, p_row);
+        UPDATE zsync.sync_base b
+        SET base = p_row, version = v.ts, hash = v.hash, tables_ts = v.ts, agreed = true, field_ts = NULL,
+            set_at = now()
+        WHERE b.table_name = v_name AND b.record_id = p_row ->> 'id';
     END IF;
 END
 $$;
@@ -146,8 +200,7 @@ BEGIN
        AND date_trunc('milliseconds', p_tables_ts) <> date_trunc('milliseconds', (p_row ->> 'updated_at')::timestamptz) THEN
         PERFORM zsync.set_base(p_table, p_row, p_tables_ts);
     ELSE
-        DELETE FROM zsync.sync_base b
-        WHERE b.table_name = (SELECT relname::text FROM pg_class WHERE oid = p_table) AND b.record_id = p_row ->> 'id';
+        PERFORM zsync.drop_base(p_table, p_row);
     END IF;
 END
 $$;
@@ -179,10 +232,11 @@ $$;
 
 -- After a *_to_tables function wrote p_rows to Tables (or found Tables equal to them), in the transaction that
 -- acknowledges their outbox entries: both sides hold each row. Its saved base goes when the Supabase row is
--- still that version, else (changed since) the row becomes the saved base. p_prevs: {id: {"row", "edited_at"}}
--- of the Tables records the writes replaced: a person's edit that landed in Tables between the function's read
--- and its write was overwritten there, and its delivery, still coming, was made from that record - kept (prev,
--- until now) as the base for a Tables change edited before this moment. -> how many bases were written.
+-- still that version, else (changed since) the row becomes the saved base. p_prevs: {id: {"row", "edited_at",
+-- "written_at"}} of the Tables records the writes replaced (as read, with their edited_at) and the writes' own
+-- edited_at: a person's edit that landed in Tables between the function's read and its write was overwritten
+-- there, and its delivery, still coming, was made from that record - appended to the base's replaced records,
+-- the base of a Tables change edited in that window (zsync.merge_decide_base). -> how many bases were written.
 DROP FUNCTION IF EXISTS zsync.agree(regclass, jsonb);
 CREATE OR REPLACE FUNCTION zsync.agree(p_table regclass, p_rows jsonb, p_prevs jsonb DEFAULT '{}')
     RETURNS integer
@@ -211,25 +265,32 @@ BEGIN
         v_prev := p_prevs -> (r.row ->> 'id');
         IF r.cur IS NULL THEN
             CONTINUE;
-        ELSIF v_prev IS NULL AND (SELECT (v.ts, v.hash) FROM zsync.version_of_typed(p_table, r.cur) v)
+        ELSIF (SELECT (v.ts, v.hash) FROM zsync.version_of_typed(p_table, r.cur) v)
               = (SELECT (v.ts, v.hash) FROM zsync.version_of(p_table, r.row) v) THEN
-            DELETE FROM zsync.sync_base b WHERE b.table_name = v_name AND b.record_id = r.row ->> 'id';
-            CONTINUE;
-        END IF;
-        IF zsync.set_base(p_table, r.row) THEN
+            IF v_prev IS NULL THEN
+                PERFORM zsync.drop_base(p_table, r.cur);
+                CONTINUE;
+            END IF;
+            -- (the row itself is the base: kept as a copy for the replaced record it now remembers)
+            INSERT INTO zsync.sync_base AS b (table_name, record_id, base, version, hash, tables_ts)
+            SELECT v_name, r.row ->> 'id', r.cur, v.ts, v.hash, v.ts FROM zsync.version_of_typed(p_table, r.cur) v
+            ON CONFLICT ON CONSTRAINT sync_base_pkey DO UPDATE
+                SET base = EXCLUDED.base, version = EXCLUDED.version, hash = EXCLUDED.hash,
+                    tables_ts = EXCLUDED.tables_ts, agreed = true, field_ts = NULL, set_at = now();
+            n := n + 1;
+        ELSIF zsync.set_base(p_table, r.row) THEN
             n := n + 1;
         END IF;
         IF v_prev IS NOT NULL AND v_prev -> 'row' IS NOT NULL THEN
-            UPDATE zsync.sync_base b
             -- until the write's own edited_at (Zapier's clock, as the edits' edited_at): an edit at or after it
             -- was made from the write; without it (an older caller), the time the write was recorded here
-            SET prev = v_prev -> 'row', prev_until = coalesce(date_trunc('milliseconds', (v_prev ->> 'written_at')::timestamptz),
-                                                             clock_timestamp()),
-                -- its updated_at, the writers' clock the versions compare on: not Zapier's edited_at (Zapier's
-                -- clock), which a writer's clock may trail - a Tables change made after it would look older
-                prev_version = date_trunc('milliseconds', (v_prev -> 'row' ->> 'updated_at')::timestamptz)
-            WHERE b.table_name = v_name AND b.record_id = r.row ->> 'id'
-              AND b.version = (SELECT v.ts FROM zsync.version_of(p_table, r.row) v);
+            UPDATE zsync.sync_base b
+            SET replaced = zsync.replaced_kept(b.replaced, jsonb_build_array(jsonb_build_object(
+                    'row', v_prev -> 'row',
+                    'from', date_trunc('milliseconds', (v_prev ->> 'edited_at')::timestamptz),
+                    'until', coalesce(date_trunc('milliseconds', (v_prev ->> 'written_at')::timestamptz),
+                                      clock_timestamp()))))
+            WHERE b.table_name = v_name AND b.record_id = r.row ->> 'id';
         END IF;
     END LOOP;
     RETURN n;
@@ -438,7 +499,8 @@ DECLARE
     t_row  jsonb := p_tables;  -- Tables' record at the version it counts for
     m      record;
     v_edit timestamptz := date_trunc('milliseconds', p_edited_at);
-    v_over boolean := false;  -- Tables' record was overwritten there by a *_to_tables write (b.prev)
+    v_over boolean := false;  -- Tables' record was overwritten there by a *_to_tables write (b.replaced)
+    v_rep  jsonb;
 BEGIN
     action := 'none';
     IF p_tables IS NULL OR p_supabase IS NULL OR b.record_id IS NULL THEN
@@ -458,13 +520,24 @@ BEGIN
         END IF;
         RETURN;
     END IF;
-    IF b.prev IS NOT NULL AND t.hash <> b.hash AND v_edit < b.prev_until THEN
-        -- edited in Tables before a *_to_tables write replaced the record it was made from (b.prev): the
-        -- common ancestor of the two is that record
-        b.base := b.prev;
-        b.version := b.prev_version;
-        b.hash := (SELECT v.hash FROM zsync.version_of(p_table, b.prev) v);
-        b.tables_ts := date_trunc('milliseconds', (b.prev ->> 'updated_at')::timestamptz);
+    IF b.replaced IS NOT NULL AND t.hash <> b.hash THEN
+        -- edited in Tables before a *_to_tables write replaced the record: the first write after the edit
+        SELECT e.v INTO v_rep FROM jsonb_array_elements(b.replaced) e(v)
+        WHERE v_edit < (e.v ->> 'until')::timestamptz ORDER BY (e.v ->> 'until')::timestamptz LIMIT 1;
+    END IF;
+    IF v_rep IS NOT NULL AND v_edit < (v_rep ->> 'from')::timestamptz THEN
+        -- older than the record that write read, which held it (Tables' records hold every earlier edit): taken
+        -- in already (a redelivery, or a delivery overtaken by a later one)
+        action := 'supabase';
+        merged := p_supabase;
+        RETURN;
+    ELSIF v_rep IS NOT NULL THEN
+        -- made from the record that write read and replaced: the common ancestor of the edit and of what
+        -- Supabase holds is that record, at its updated_at (the writers' clock the versions compare on)
+        b.base := v_rep -> 'row';
+        b.version := date_trunc('milliseconds', (v_rep -> 'row' ->> 'updated_at')::timestamptz);
+        b.hash := (SELECT v.hash FROM zsync.version_of(p_table, v_rep -> 'row') v);
+        b.tables_ts := b.version;
         b.field_ts := NULL;
         v_over := true;
         IF t.hash = b.hash THEN
@@ -860,12 +933,29 @@ BEGIN
             SET base = EXCLUDED.base, version = EXCLUDED.version, hash = EXCLUDED.hash,
                 tables_ts = EXCLUDED.tables_ts, agreed = true, field_ts = NULL, set_at = now()
             WHERE (EXCLUDED.version, EXCLUDED.hash) > (b.version, b.hash)
+        RETURNING 1),
+    -- any other record Supabase now holds as Tables sent it: no saved base (zsync.drop_base, set-based)
+    gone AS (
+        DELETE FROM zsync.sync_base b USING l
+        WHERE l.based AND l.tts IS NOT DISTINCT FROM l.bts AND b.table_name = v_name AND b.record_id = l.id
+          AND NOT zsync.replaced_live(b.replaced)
         RETURNING 1)
-    DELETE FROM zsync.sync_base b USING l
-    WHERE l.based AND l.tts IS NOT DISTINCT FROM l.bts AND b.table_name = v_name AND b.record_id = l.id;
+    UPDATE zsync.sync_base b
+    SET base = l.row, version = l.bts, hash = l.bhash, tables_ts = l.bts, agreed = true, field_ts = NULL, set_at = now()
+    FROM l WHERE l.based AND l.tts IS NOT DISTINCT FROM l.bts AND b.table_name = v_name AND b.record_id = l.id
+      AND zsync.replaced_live(b.replaced);
     IF 'unchanged' = ANY (p_actions) THEN  -- found equal: both hold it, nothing left for a drain to check
-        DELETE FROM zsync.sync_base b USING unnest(p_ids, p_actions, p_based) AS w(id, action, based)
-        WHERE w.action = 'unchanged' AND w.based AND b.table_name = v_name AND b.record_id = w.id;
+        WITH u AS (SELECT w.* FROM unnest(p_ids, p_actions, p_based, p_rows, p_bts, p_bhash)
+                                   AS w(id, action, based, row, bts, bhash)
+                   WHERE w.action = 'unchanged' AND w.based),
+        gone AS (
+            DELETE FROM zsync.sync_base b USING u
+            WHERE b.table_name = v_name AND b.record_id = u.id AND NOT zsync.replaced_live(b.replaced)
+            RETURNING 1)
+        UPDATE zsync.sync_base b
+        SET base = u.row, version = u.bts, hash = u.bhash, tables_ts = u.bts, agreed = true, field_ts = NULL,
+            set_at = now()
+        FROM u WHERE b.table_name = v_name AND b.record_id = u.id AND zsync.replaced_live(b.replaced);
         PERFORM zsync.ack_agreed(v_name, array_agg(w.id), array_agg(w.bts))
         FROM unnest(p_ids, p_actions, p_bts) AS w(id, action, bts) WHERE w.action = 'unchanged';
     END IF;
@@ -981,7 +1071,8 @@ BEGIN
                     FROM %1$s t WHERE t.id = ANY ($4)),
                 j AS (
                     SELECT r.*, c.stored, c.ts AS s_ts, c.hash AS s_hash, b.version AS b_ts, b.hash AS b_hash,
-                           b.prev_until AS b_prev_until,
+                           (SELECT max((x.v ->> 'until')::timestamptz) FROM jsonb_array_elements(b.replaced) x(v))
+                               AS b_replaced_until,
                            CASE WHEN c.id IS NULL AND r.rn = 1 THEN zsync.tombstone_version($2, r.id) END AS tomb,
                            CASE WHEN c.id IS NOT NULL AND r.edited_at IS NOT NULL AND r.ts = c.ts AND r.hash <> c.hash
                                      AND date_trunc('milliseconds', r.edited_at) > r.ts
@@ -1007,7 +1098,7 @@ BEGIN
                            CASE WHEN e.b_hash IS NULL OR e.action0 IN ('later', 'insert', 'deleted', 'unchanged') THEN e.action0
                                 WHEN e.action0 = 'update' AND e.s_hash = e.b_hash AND e.s_ts = e.b_ts AND e.hash <> e.b_hash
                                      -- (an edit a *_to_tables write may have overwritten: the row path merges it)
-                                     AND NOT coalesce(date_trunc('milliseconds', e.edited_at) < e.b_prev_until, false)
+                                     AND NOT coalesce(date_trunc('milliseconds', e.edited_at) < e.b_replaced_until, false)
                                     THEN 'update'
                                 ELSE 'later' END AS action
                     FROM e)
@@ -1176,6 +1267,9 @@ GRANT ALL ON FUNCTION zsync.field_merge_on() TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.set_field_merge(boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION zsync.set_base(regclass, jsonb, timestamp with time zone, boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION zsync.base_before_change(regclass, jsonb, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION zsync.replaced_kept(jsonb, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION zsync.replaced_live(jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION zsync.drop_base(regclass, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION zsync.base_after_apply(regclass, jsonb, timestamp with time zone) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.base_after_apply(regclass, jsonb, timestamp with time zone) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.ack_agreed(text, text[], timestamp with time zone[]) FROM PUBLIC;
