@@ -166,6 +166,16 @@ BEGIN
 END
 $$;
 
+-- Wait for and take the record's lock for this transaction: the advisory lock every writer that reads one
+-- side and writes the other holds (shared.adapters.supabase_db.lock_record: the same key). Callers holding
+-- several take them in id order, and before any row lock.
+CREATE OR REPLACE FUNCTION zsync.lock_record(p_table regclass, p_id text) RETURNS void
+    LANGUAGE sql
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+    SELECT pg_advisory_xact_lock(hashtextextended((SELECT relname::text FROM pg_class WHERE oid = p_table) || ':' || p_id, 0))
+$$;
+
 -- The saved bases of p_ids (zsync.sync_apply_many_set joins them).
 CREATE OR REPLACE FUNCTION zsync.bases_of(p_table text, p_ids text[]) RETURNS SETOF zsync.sync_base
     LANGUAGE sql STABLE SECURITY DEFINER
@@ -803,6 +813,10 @@ BEGIN
         RAISE EXCEPTION 'sync_upsert: row has no id' USING ERRCODE = '22023';
     END IF;
     PERFORM set_config('zsync.origin', 'sync', true);
+    -- The record's lock (the *_to_tables functions hold it while they write the record to Tables:
+    -- shared.adapters.supabase_db.lock_record): a write in progress finishes, and records what Tables holds
+    -- now (zsync.agree), before a change from Tables is compared with it. Taken before any row lock.
+    PERFORM zsync.lock_record(p_table, v_id);
     LOOP
         EXECUTE format('SELECT to_jsonb(t) FROM %s t WHERE t.id = $1 FOR UPDATE', p_table) INTO stored USING v_id;
         IF stored IS NULL THEN
@@ -1049,7 +1063,11 @@ BEGIN
     PERFORM set_config('zsync.origin', 'sync', true);
     SELECT * INTO x FROM zsync.version_exprs(p_table, 'x');
     SELECT * INTO t FROM zsync.version_exprs(p_table, 't');
-    v_ids := (SELECT array_agg(DISTINCT e.value -> 'row' ->> 'id') FROM jsonb_array_elements(p_rows) e);
+    v_ids := (SELECT array_agg(DISTINCT e.value -> 'row' ->> 'id' ORDER BY e.value -> 'row' ->> 'id')
+              FROM jsonb_array_elements(p_rows) e);
+    FOR i IN 1 .. coalesce(cardinality(v_ids), 0) LOOP  -- each record's lock (zsync.sync_apply), in id order
+        PERFORM zsync.lock_record(p_table, v_ids[i]);
+    END LOOP;
     LOOP
         v_try := v_try + 1;
         BEGIN
@@ -1151,15 +1169,18 @@ BEGIN
         PERFORM zsync.bases_after_batch(p_table, a_id, a_action, a_row, a_bts, a_bhash, a_input, a_based, v_inserted);
     END IF;
 
-    -- The rows applied one by one (older versions of an id, and - after 5 lost races - lost inserts), in id
-    -- order (each id's versions newest first, as in result order).
+    -- The rows applied one by one (older versions of an id, a record with a saved base, and - after 5 lost
+    -- races - lost inserts), in id order, each id's versions OLDEST first: Tables' records are snapshots that
+    -- hold every earlier edit, so applied in the order Tables made them each one moves the base on to itself
+    -- and the next is merged against its real ancestor (newest first, the newest would carry the older ones'
+    -- values as its own changes, at its own later time, and win fields Supabase changed in between).
     r_outcome := array_fill(NULL::text, ARRAY[cardinality(a_ord)]);
     r_stored := array_fill(NULL::jsonb, ARRAY[cardinality(a_ord)]);
     r_applied := array_fill(NULL::jsonb, ARRAY[cardinality(a_ord)]);
     r_merge := array_fill(NULL::jsonb, ARRAY[cardinality(a_ord)]);
     FOR i IN SELECT l.n FROM unnest(a_id, a_action) WITH ORDINALITY AS l(id, action, n)
              WHERE l.action = 'later' OR (l.action = 'insert' AND NOT v_inserted ? l.id)
-             ORDER BY l.id, l.n LOOP
+             ORDER BY l.id, l.n DESC LOOP
         SELECT * INTO u FROM zsync.sync_apply(p_table, a_input[i], a_edited[i]);
         r_outcome[i] := u.outcome;
         r_stored[i] := u.stored;
@@ -1270,6 +1291,8 @@ REVOKE ALL ON FUNCTION zsync.base_before_change(regclass, jsonb, jsonb) FROM PUB
 REVOKE ALL ON FUNCTION zsync.replaced_kept(jsonb, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION zsync.replaced_live(jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION zsync.drop_base(regclass, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION zsync.lock_record(regclass, text) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.lock_record(regclass, text) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.base_after_apply(regclass, jsonb, timestamp with time zone) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.base_after_apply(regclass, jsonb, timestamp with time zone) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.ack_agreed(text, text[], timestamp with time zone[]) FROM PUBLIC;
