@@ -602,7 +602,8 @@ def judge(soak: Soak, outbox_mark: int) -> Verdict:
     if echoes:
         v.duplicates.append(f"supabase: {echoes} versions written twice (echo)")
     if tables_echoes:
-        v.duplicates.append(f"tables: {tables_echoes} writes of the version the record already held (echo)")
+        v.duplicates.append(f"tables: {tables_echoes} writes of the version the record already held (echo): "
+                            f"{', '.join(tables_stats.get('same_version_records', [])[-tables_echoes:])}")
     return v
 
 

@@ -200,14 +200,7 @@ def trials(stack: Any, tables: Tables, supabase: Supabase, name: str, first: str
     assert not lost, f"{len(lost)} of {n} trials lost a field; wanted {expected}:\n  " + "\n  ".join(lost)
 
 
-LIVE_RACE = pytest.mark.xfail(strict=False, reason=(
-    "issue 20, open: with live timing under load (the full suite on 2 cores), 1 trial in 3 lost the person's note "
-    "in the one suite run since the merge landed; alone it passed (3 of 3 trials). The held-delivery variant, where "
-    "the two always meet, "
-    "passes. Left visible here until the race is found (see the closing note)."))
-
-
-@pytest.mark.parametrize("slow", [pytest.param(False, marks=LIVE_RACE), True], ids=["live", "slow_delivery"])
+@pytest.mark.parametrize("slow", [False, True], ids=["live", "slow_delivery"])
 def test_agent_status_then_person_note_50ms_later_both_survive(stack, tables, supabase, slow):
     """The issue's first measurement: before the merge the agent's status was lost."""
     trials(stack, tables, supabase, "a50", "agent", 0.05, {"status": "agent"},

@@ -45,7 +45,8 @@ class ServiceContext:
         for record in records if self.inboxes else ():
             self.inboxes.publish(table_id, record)  # type: ignore[union-attr]
         schema = self.engine.schema(table_id)
-        self.stats.count_same_version(table_id, same_version_updates(changes, schema.key_of("updated_at")))
+        self.stats.count_same_version(table_id, same_version_updates(changes, schema.key_of("updated_at"),
+                                                                  schema.key_of("id")))
         url = self.triggers.get(schema.table["name"])
         names = {f"f{fid}": f["name"] for fid, f in schema.fields.items()}
         for record in records if url else ():

@@ -65,12 +65,14 @@ class ServiceStats:
         self._table_ids = list(table_ids)
         self._writes: Counter[str] = Counter({t: 0 for t in self._table_ids})
         self._same_version: Counter[str] = Counter({t: 0 for t in self._table_ids})
+        self._same_version_ids: deque[str] = deque(maxlen=20)  # the records of the latest such writes
         self._requests = 0
 
     def reset(self) -> None:
         with self._lock:
             self._writes = Counter({t: 0 for t in self._table_ids})
             self._same_version = Counter({t: 0 for t in self._table_ids})
+            self._same_version_ids.clear()
             self._requests = 0
 
     def count_request(self) -> None:
@@ -81,14 +83,15 @@ class ServiceStats:
         with self._lock:
             self._writes[table_id] += n
 
-    def count_same_version(self, table_id: str, n: int) -> None:
+    def count_same_version(self, table_id: str, record_ids: Sequence[str]) -> None:
         with self._lock:
-            self._same_version[table_id] += n
+            self._same_version[table_id] += len(record_ids)
+            self._same_version_ids.extend(record_ids)
 
     def snapshot(self) -> Data:
         with self._lock:
             return {"writes": dict(self._writes), "same_version_writes": dict(self._same_version),
-                    "api_requests": self._requests}
+                    "same_version_records": list(self._same_version_ids), "api_requests": self._requests}
 
 
 def _version_time(value: Any) -> Any:
@@ -103,14 +106,16 @@ def _version_time(value: Any) -> Any:
     return value
 
 
-def same_version_updates(changes: Sequence[Data], updated_at_key: str | None) -> int:
+def same_version_updates(changes: Sequence[Data], updated_at_key: str | None, id_key: str | None = None
+                         ) -> list[str]:
     """Updates that left a record's ``updated_at`` where it was (changed or not): a write of the version the
-    record already held - the sync's echo, unless a person edited a cell without touching ``updated_at``."""
+    record already held - the sync's echo, unless a person edited a cell without touching ``updated_at``.
+    -> the records' ``id`` cells (their Zapier id when the cell is empty)."""
     if updated_at_key is None:
-        return 0
-    same = 0
+        return []
+    same = []
     for c in changes:
         before = c["old"]["data"].get(updated_at_key) if c["old"] is not None else None
         if before is not None and _version_time(before) == _version_time(c["new"]["data"].get(updated_at_key)):
-            same += 1
+            same.append(str((c["new"]["data"].get(id_key) if id_key else None) or c["new"].get("id", "")))
     return same
