@@ -32,7 +32,7 @@ import pytest
 import requests
 
 from shared.core.mapping import parse_supabase_record, parse_tables_record
-from shared.core.spec import TABLES
+from shared.core.spec import FUNCTIONS, TABLES
 from shared.platform.settings import DEFAULT_SECRET_HEADER
 from tests.e2e import Supabase, Tables, eventually, release_held, settle, uid
 
@@ -437,4 +437,34 @@ def test_several_cell_edits_waiting_in_the_inbox_the_last_one_wins(stack, tables
     release_held(stack)
     settle(stack)
     expect_both_sides(tables, supabase, rid, job_type="person-8", retry_count=9 if agent_after else 0)
+    assert_quiet(stack, tables, supabase, rid)
+
+
+@pytest.mark.parametrize("origin", ["replay", "live"])  # live: outbox batches off
+def test_a_delivery_of_a_row_supabase_has_moved_on_from_writes_the_stored_row(stack, tables, supabase, origin):
+    """The single-record path (a replayed dead letter, or a live delivery with outbox batches off) given a
+    version Supabase has since replaced (a later write, a merge) writes the row Supabase holds: the stale row
+    would overwrite, in Tables, a person's edit the later row holds (merged in), and its echo would then read
+    as a Tables change undoing it. (The batch drain reads the stored rows itself.)"""
+    from shared.services.sync import SupabaseWebhook
+    from shared.services.to_tables import apply_from_supabase
+    from tests.test_correctness import stack_context
+
+    rid, _ = new_job(stack, tables, supabase, "fm-stale-delivery")
+    stack.drop_deliveries(1.0)  # the two writes' own deliveries are held
+    agent_sets(supabase, rid, status="first")
+    stale = supabase.row("agent_jobs", rid)
+    agent_sets(supabase, rid, status="second", retry_count=2)
+    hook = SupabaseWebhook.model_validate({"type": "UPDATE", "table": "agent_jobs", "schema": "public",
+                                           "record": stale, "old_record": None})
+    result = apply_from_supabase(stack_context(stack), FUNCTIONS["agent_jobs_to_tables"], hook,
+                                 origin=origin)
+    assert str(result.outcome) == "applied", result
+    found = tables.find("agent_jobs", rid)
+    assert found is not None
+    held = fields_of(parse_tables_record(JOBS, found["data"]))
+    assert (held["status"], held["retry_count"]) == ("second", 2), held
+    release_held(stack)
+    settle(stack)
+    expect_both_sides(tables, supabase, rid, status="second", retry_count=2)
     assert_quiet(stack, tables, supabase, rid)

@@ -624,3 +624,73 @@ def test_an_overwritten_tables_edit_in_a_batch_is_merged_as_in_the_row_path(db):
     assert (rid, "merged") in out, out
     row = _row(db, rid)
     assert (row["status"], row["error_message"]) == ("agent", "typed")
+
+
+def test_the_writes_own_echo_applied_first_leaves_the_overwritten_edit_its_ancestor(db):
+    """The live race the soak and tests/test_field_merge.py found: the echo of a *_to_tables write (Tables now
+    holding what Supabase holds) is applied BEFORE the delivery of a person's edit that write overwrote (two
+    drains, or one batch applying the record's newest version first). Before: the echo found both sides equal
+    and dropped the saved base with the replaced record, and the edit then lost to the agent's newer version
+    whole. The base is kept (as the agreed row) while the write is recent, so the edit is still merged."""
+    for batch in (False, True):
+        rid, s1, s2, read_at = _replaced_by_a_drain(db, "echo-first", timedelta(seconds=1))
+        echo = (s2, read_at + timedelta(seconds=1))
+        edit = (dict(s1, error_message="typed"), read_at + timedelta(milliseconds=500))
+        if batch:  # newest first in the lease; padded past the small-batch size (the set-based path)
+            items = [{"row": r, "edited_at": _iso(e)} for r, e in (echo, edit)]
+            items += [{"row": dict(s1, id=uid("pad")), "edited_at": None} for _ in range(5)]
+            out = dict(db.execute("SELECT ord, outcome FROM zsync.sync_apply_many(%s::regclass, %s::jsonb)",
+                                  (T, json.dumps(items))).fetchall())
+            assert (out[1], out[2]) == ("unchanged", "merged"), out
+        else:
+            assert _apply(db, *echo)[0] == "unchanged"
+            outcome, merge = _apply(db, *edit)
+            assert outcome == "merged" and merge["tables"] == ["error_message"], (outcome, merge)
+        row = _row(db, rid)
+        assert (row["status"], row["error_message"]) == ("agent", "typed"), (batch, row)
+
+
+def test_an_edit_overwritten_by_the_first_of_two_quick_writes_is_merged_against_what_that_one_replaced(db):
+    """Two *_to_tables writes of one record in quick succession (the agent wrote twice), and a person's edit
+    that the first overwrote, delivered after both. Before: the base kept only the record the second write
+    replaced (the first write's), so the edit's old status counted as a Tables change and undid the agent's.
+    Every replaced record is kept with its window; the edit is matched to the first write after it."""
+    rid, s1, s2, read_at = _replaced_by_a_drain(db, "two-writes", timedelta(milliseconds=300))
+    db.execute("UPDATE agent_jobs SET retry_count = 5, updated_at = now() - interval '1 s' WHERE id = %s", (rid,))
+    s3 = _row(db, rid)
+    db.execute("SELECT zsync.ack_outbox('agent_jobs', %s, %s, 'applied')", (rid, s3["updated_at"]))
+    second = {"row": s2, "edited_at": _iso(read_at + timedelta(milliseconds=300)),  # it read the first write
+              "written_at": _iso(read_at + timedelta(milliseconds=600))}
+    db.execute("SELECT zsync.agree('public.agent_jobs', %s::jsonb, %s::jsonb)",
+               (json.dumps([s3]), json.dumps({rid: second})))
+    kept = db.execute("SELECT jsonb_array_length(replaced) FROM zsync.sync_base WHERE record_id = %s",
+                      (rid,)).fetchone()[0]
+    assert kept == 2
+    outcome, merge = _apply(db, dict(s1, error_message="typed"), read_at + timedelta(milliseconds=100))
+    assert outcome == "merged" and merge["tables"] == ["error_message"], (outcome, merge)
+    row = _row(db, rid)
+    assert (row["status"], row["retry_count"], row["error_message"]) == ("agent", 5, "typed"), row
+    # a redelivery of an edit older than the record the first write read (which held it): changes nothing
+    before = _row(db, rid)
+    outcome, _ = _apply(db, dict(s1, error_message="older"), read_at - timedelta(seconds=1))
+    assert outcome == "skipped_stale" and _row(db, rid) == before
+
+
+def test_a_records_deliveries_in_one_batch_are_merged_oldest_first(db):
+    """Two Tables writes of one record wait in one lease: the first set parameters (t1), the second - made on
+    the record holding the first - set status (t3); the agent set parameters in between (t2). Applied newest
+    first, the second delivery carried the first's parameters as its own change at t3 and beat the agent's t2.
+    Oldest first, each moves the base on: the agent's parameters stay, the person's status comes in."""
+    rid = uid("oldest-first")
+    t0 = (datetime.now(UTC) - timedelta(seconds=30)).replace(microsecond=0)
+    seeded = _seed(db, rid, t0)
+    db.execute("UPDATE agent_jobs SET parameters = '{\"by\": \"agent\"}', updated_at = %s WHERE id = %s",
+               (t0 + timedelta(seconds=2), rid))
+    first = dict(seeded, parameters={"by": "tables"}, updated_at=_iso(t0 + timedelta(seconds=1)))
+    second = dict(first, status="person", updated_at=_iso(t0 + timedelta(seconds=3)))
+    items = [{"row": second, "edited_at": _iso(t0 + timedelta(seconds=3))},
+             {"row": first, "edited_at": _iso(t0 + timedelta(seconds=1))}]
+    items += [{"row": dict(seeded, id=uid("pad")), "edited_at": None} for _ in range(5)]
+    db.execute("SELECT * FROM zsync.sync_apply_many(%s::regclass, %s::jsonb)", (T, json.dumps(items))).fetchall()
+    row = _row(db, rid)
+    assert (row["parameters"], row["status"]) == ({"by": "agent"}, "person"), row
