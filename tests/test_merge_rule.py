@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -694,3 +695,38 @@ def test_a_records_deliveries_in_one_batch_are_merged_oldest_first(db):
     db.execute("SELECT * FROM zsync.sync_apply_many(%s::regclass, %s::jsonb)", (T, json.dumps(items))).fetchall()
     row = _row(db, rid)
     assert (row["parameters"], row["status"]) == ({"by": "agent"}, "person"), row
+
+
+def test_a_change_from_tables_waits_for_a_to_tables_write_of_its_record_in_progress(db, database_url):
+    """A *_to_tables function holds the record's lock (shared.adapters.supabase_db.lock_record) from its read
+    of Tables to the transaction that records what Tables now holds (zsync.agree). A change from Tables
+    arriving meanwhile waits for it (zsync.sync_apply takes the same lock), so it is merged against the base
+    that write leaves, not the one it is about to replace (the soak's lost fields of a write whose agree had
+    not committed yet). Other records do not wait."""
+    import threading
+
+    from shared.adapters import supabase_db
+    from shared.core.spec import TABLES
+
+    rid, other = uid("locked"), uid("free")
+    seeded = _seed(db, rid, datetime.now(UTC) - timedelta(seconds=20))
+    _seed(db, other, datetime.now(UTC) - timedelta(seconds=20))
+    done: dict[str, float] = {}
+
+    def apply(record_id: str) -> None:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            _apply(conn, dict(seeded, id=record_id, error_message="typed"), datetime.now(UTC))
+            done[record_id] = time.monotonic()
+
+    with psycopg.connect(database_url) as writer:  # the *_to_tables function, mid-write
+        supabase_db.lock_record(writer, TABLES["agent_jobs"], rid)
+        threads = [threading.Thread(target=apply, args=(r,)) for r in (rid, other)]
+        for t in threads:
+            t.start()
+        threads[1].join(timeout=10)
+        time.sleep(0.5)
+        assert other in done and rid not in done, done  # the other record went through; this one waits
+        released = time.monotonic()
+        writer.commit()
+    threads[0].join(timeout=10)
+    assert done[rid] >= released and _row(db, rid)["error_message"] == "typed"
