@@ -468,3 +468,32 @@ def test_a_delivery_of_a_row_supabase_has_moved_on_from_writes_the_stored_row(st
     settle(stack)
     expect_both_sides(tables, supabase, rid, status="second", retry_count=2)
     assert_quiet(stack, tables, supabase, rid)
+
+
+def test_a_drain_leaves_a_field_both_changed_to_the_deliveries_of_two_tables_edits(stack, tables, supabase):
+    """A person sets parameters in Tables (t1), an agent sets parameters in Supabase (t2), the person then sets
+    status (t3) on the record still holding their parameters; every notification is still in transit. The
+    *_to_tables drain then reads the Tables record - both edits, at t3's time - and would have handed the
+    person's t1 parameters the record's t3 and kept them over the agent's later t2 (the soak's lost fields of a
+    drain's read). It leaves the record to the two edits' deliveries (its entry stays pending) and drains the
+    inbox holding them, and they decide each edit at its own time: the agent's parameters, the person's status."""
+    rid, rec_id = new_job(stack, tables, supabase, "fm-two-edits")
+    before = audit_ids(supabase, rid)
+    stack.drop_deliveries(1.0)
+    person_types(tables, rec_id, parameters='{"by": "person"}')
+    time.sleep(0.05)
+    agent_sets(supabase, rid, parameters='{"by": "agent"}')
+    time.sleep(0.05)
+    person_types(tables, rec_id, status="person")
+    release_held(stack)
+    _outbox_batch(stack, tables, supabase, rid)  # the drain meets the Tables record before its deliveries
+    # ... and drained the person's inbox at once (the held notifications would have left it to the scheduled
+    # drain): each edit decided at its own time, in Supabase before anything else ran
+    decided = fields_of(parse_supabase_record(JOBS, supabase.row("agent_jobs", rid)))
+    assert (decided["parameters"], decided["status"]) == ({"by": "agent"}, "person"), decided
+    settle(stack)
+    expect_both_sides(tables, supabase, rid, status="person", parameters={"by": "agent"})
+    assert merge_entries(supabase, rid, before), "the deliveries' merge is audited"
+    assert supabase.query("SELECT count(*) FROM zsync.outbox WHERE record_id = %s AND acked_at IS NULL",
+                          (rid,))[0][0] == 0
+    assert_quiet(stack, tables, supabase, rid)

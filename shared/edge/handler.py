@@ -143,6 +143,8 @@ def handle(function_name: str, request: flask.Request) -> tuple[dict[str, Any], 
     fn = FUNCTIONS[function_name]
     settings = get_settings()
     ctx = context_for(fn, settings)
+    if ctx.pull_deliveries is None and fn.direction is Direction.TO_TABLES:
+        ctx.pull_deliveries = _puller(ctx)
     log = ctx.logger
     started = time.perf_counter()
     base = {"function": fn.name, "table": fn.table.name}
@@ -202,6 +204,14 @@ def handle(function_name: str, request: flask.Request) -> tuple[dict[str, Any], 
     except Exception:
         log.exception("unexpected error", extra={"json_fields": {"event": "internal_error", **base}})
         return answer(500, Outcome.FAILED, error="internal error; see the function's logs")
+
+
+def _puller(ctx: SyncContext) -> Callable[[str], object]:
+    """``SyncContext.pull_deliveries`` of a *_to_tables function: drain the named *_to_supabase function's inbox
+    (:func:`shared.services.inbox_consumer.pull_deliveries`, a short budget; never raises)."""
+    from shared.services import inbox_consumer
+
+    return lambda name: inbox_consumer.pull_deliveries(FUNCTIONS[name], ctx)
 
 
 def _wake(fn: FunctionSpec, ctx: SyncContext, answer: Callable[..., tuple[dict[str, Any], int]],

@@ -429,4 +429,23 @@ def drain_function(fn: FunctionSpec, ctx: SyncContext, budget_s: float = DEFAULT
     return report
 
 
-__all__ = ["BearerToken", "DrainReport", "InboxConsumer", "drain_function", "inbox_key"]
+def pull_deliveries(fn: FunctionSpec, ctx: SyncContext, budget_s: float = 2.0) -> DrainReport | None:
+    """Drain ``fn``'s inbox now, for a *_to_tables drain that left records to the deliveries of recent Tables
+    edits (``merge_deferred``): those may wait there for the next wake-up or the every-minute drain (a lost
+    notification), holding the other direction of those records back with them. None when ``fn`` has no inbox
+    (Zaps deliver instead) or it cannot be reached now (the scheduled drain still comes)."""
+    key = inbox_key(ctx.settings.stage, fn.name)
+    try:
+        if key not in _inbox_ids:
+            inbox = inbox_client(ctx).find(key)
+            if inbox is None:
+                return None
+            _inbox_ids[key] = inbox.id
+        return drain_function(fn, ctx, budget_s)
+    except (InboxError, TablesError, supabase_db.DatabaseUnavailable) as exc:
+        log_event(ctx.logger, logging.WARNING, "inbox_pull_failed", inbox=key, error_type=type(exc).__name__,
+                  error=str(exc)[:300])
+        return None
+
+
+__all__ = ["BearerToken", "DrainReport", "InboxConsumer", "drain_function", "inbox_key", "pull_deliveries"]

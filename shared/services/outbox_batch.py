@@ -60,6 +60,7 @@ from shared.services.to_tables import (
     apply_merged,
     decide_merges,
     merged_outcome,
+    pull_deliveries_for,
 )
 
 if TYPE_CHECKING:
@@ -258,6 +259,8 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
         if outcome is Outcome.SKIPPED_STALE:
             # Tables holds a newer version: make sure Supabase has it too (same as the single path).
             push_back(ctx, conn, spec, *as_read[item.id])  # as its delivery would be (see to_tables)
+        if outcome is Outcome.QUEUED:  # left to a recent Tables edit's deliveries (see merged_outcome)
+            log_event(ctx.logger, logging.INFO, "merge_deferred", record_id=item.id, info=decision.info)
         plan.outcomes[item.id] = (outcome, None)
 
     def send(chunk: list[Any], create: bool) -> None:
@@ -323,11 +326,12 @@ def _record(conn: psycopg.Connection, fn: FunctionSpec, plan: _Plan, origin: str
             bases.append(item.row)
         if parked is not None:
             entries.append(parked)
-        acks.append((rid, item.row.get(spec.version or ""), outcome.value))
+        if outcome is not Outcome.QUEUED:  # queued: the entry stays pending (the sweeper sends it again)
+            acks.append((rid, item.row.get(spec.version or ""), outcome.value))
     for rid, row, problems, status in plan.failed:
         entries.append(audit.failed_entry(fn, _webhook_body(spec.name, row), problems, now, rid, status))
     handed_on = [rid for rid, _, _, _ in plan.failed] + plan.deletes + [
-        rid for rid, (outcome, _) in plan.outcomes.items() if outcome is Outcome.PARKED]
+        rid for rid, (outcome, _) in plan.outcomes.items() if outcome in (Outcome.PARKED, Outcome.QUEUED)]
     supabase_db.agree(conn, spec, bases, {rid: plan.replaced[rid] for rid in
                                           (r["id"] for r in bases) if rid in plan.replaced})
     plan.more = supabase_db.record_outbox_batch(conn, spec, entries, acks, exclude + handed_on)
@@ -435,7 +439,7 @@ def drain_outbox(ctx: SyncContext, fn: FunctionSpec, *, origin: str = "live", li
         for rid in plan.deletes:
             result.results[rid] = _deliver_delete(ctx, fn, rid)
             handled.append(rid)
-        handled += [rid for rid, (outcome, _) in plan.outcomes.items() if outcome is Outcome.PARKED]
+        handled += [rid for rid, (outcome, _) in plan.outcomes.items() if outcome in (Outcome.PARKED, Outcome.QUEUED)]
         if plan.stopped:
             result.pending_left, result.stopped = True, plan.stopped
             log_event(ctx.logger, logging.WARNING, "outbox_batch_stopped", table=fn.table.name, reason=plan.stopped,
@@ -452,7 +456,10 @@ def drain_outbox(ctx: SyncContext, fn: FunctionSpec, *, origin: str = "live", li
             time.sleep(LOCKED_WAIT_S)
         else:
             idle_rounds = 0
+    if any(r.outcome is Outcome.QUEUED for r in result.results.values()):
+        pull_deliveries_for(ctx, fn)
     return result
+
 
 
 def deliver(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhook, *, origin: str = "live") -> SyncResult:

@@ -102,6 +102,10 @@ class SyncContext:
 
     settings: Settings
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("zsync"))
+    # What a *_to_tables drain calls when it left records to the deliveries of recent Tables edits (the merge's
+    # 'deferred'): drain the table's *_to_supabase inbox now (set by the edge, which may import the inbox
+    # consumer; None: the deliveries come with the next wake-up or the scheduled drain).
+    pull_deliveries: Callable[[str], object] | None = None
 
     @cached_property
     def db(self) -> supabase_db.Database:

@@ -21,7 +21,7 @@ from shared.core.mapping import (
     to_tables_fields,
 )
 from shared.core.outcome import Outcome, outcome_of
-from shared.core.spec import FunctionSpec, TableSpec
+from shared.core.spec import Direction, FunctionSpec, TableSpec
 from shared.platform.logs import log_event
 from shared.platform.settings import TablesWriter
 from shared.services import conflict
@@ -93,9 +93,12 @@ def apply_from_supabase(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhoo
             apply_merged(conn, spec, merged)
         elif outcome in (Outcome.APPLIED, Outcome.UNCHANGED) and not hook:
             supabase_db.agree(conn, spec, [row], replaced)  # Tables holds this row now
-        supabase_db.ack_outbox(conn, spec, row["id"], row.get(spec.version or ""), outcome.value)
+        if outcome is not Outcome.QUEUED:  # (queued: left to a Tables edit's deliveries, see merged_outcome)
+            supabase_db.ack_outbox(conn, spec, row["id"], row.get(spec.version or ""), outcome.value)
 
     outcome = _run_recorded(ctx, lambda conn: supabase_db.lock_record(conn, spec, row["id"]), work, record)
+    if outcome is Outcome.QUEUED:  # left to a recent Tables edit's deliveries: fetch them now
+        pull_deliveries_for(ctx, fn)
     return SyncResult(outcome=outcome, function=fn.name, table=spec.name, id=row["id"],
                       lag_ms=_lag_ms(captured[0], datetime.now(UTC)))
 
@@ -122,9 +125,10 @@ def merged_outcome(decision: MergeDecision, outcome: Outcome) -> Outcome:
     """The outcome of a Supabase row meeting its Tables copy, given the merge's decision (``outcome``: the
     whole-record rule's, kept when the merge has nothing to say): same content -> unchanged; Tables did not
     change since the base -> the row is written (applied); only Tables changed -> its record wins
-    (skipped_stale, pushed back at the version it counts for); both changed -> merged."""
+    (skipped_stale, pushed back at the version it counts for); both changed -> merged; left to the deliveries
+    of a recent Tables edit (deferred) -> queued: nothing written, the outbox entry stays pending."""
     return {"same": Outcome.UNCHANGED, "supabase": Outcome.APPLIED, "tables": Outcome.SKIPPED_STALE,
-            "merged": Outcome.MERGED}.get(decision.action, outcome)
+            "merged": Outcome.MERGED, "deferred": Outcome.QUEUED}.get(decision.action, outcome)
 
 
 def apply_merged(conn: psycopg.Connection, spec: TableSpec, decision: MergeDecision) -> None:
@@ -198,6 +202,9 @@ def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec
             supabase_db.lock_rows(conn, spec, [row["id"]])  # before the Tables write, as the batch does
     if outcome is Outcome.UNCHANGED and idless:
         outcome = Outcome.APPLIED  # the same version: write it whole, which puts the id into the record
+    if outcome is Outcome.QUEUED:
+        log_event(ctx.logger, logging.INFO, "merge_deferred", record_id=row["id"], info=decision.info)
+        return outcome, None
     if outcome is Outcome.MERGED:
         assert decision.row is not None
         ctx.tables.update(table_id, existing.id, to_tables_fields(spec, decision.row))
@@ -213,3 +220,11 @@ def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec
         # edit as _tables_version did, and knows the updated_at Tables' copy still carries.
         push_back(ctx, conn, spec, as_read, edited_at)
     return outcome, None
+
+
+def pull_deliveries_for(ctx: SyncContext, fn: FunctionSpec) -> None:
+    """Records were left to the deliveries of recent Tables edits (``merge_deferred``): ask for the table's
+    *_to_supabase inbox to be drained now rather than at its next wake-up (``SyncContext.pull_deliveries``).
+    What those deliveries decide queues the records for Tables again."""
+    if ctx.pull_deliveries is not None and Direction.TO_SUPABASE in fn.table.directions:
+        ctx.pull_deliveries(f"{fn.table.name}_to_supabase")

@@ -46,6 +46,9 @@ INSERT INTO zsync.config (key, value) VALUES ('field_merge', '"on"') ON CONFLICT
 -- deliveries of edits it overwrote, still coming), and how many such records it keeps at most.
 INSERT INTO zsync.config (key, value) VALUES ('replaced_keep_s', '3600') ON CONFLICT (key) DO NOTHING;
 INSERT INTO zsync.config (key, value) VALUES ('replaced_keep_n', '8') ON CONFLICT (key) DO NOTHING;
+-- How long a *_to_tables drain leaves a record to the deliveries of a recent Tables edit when a field both sides
+-- changed would go to Tables by the record's time (zsync.merge_decide_many).
+INSERT INTO zsync.config (key, value) VALUES ('merge_defer_s', '120') ON CONFLICT (key) DO NOTHING;
 
 -- Whether the field-level merge is on: the session's zsync.field_merge when set, else zsync.config.
 CREATE OR REPLACE FUNCTION zsync.field_merge_on() RETURNS boolean
@@ -211,6 +214,22 @@ BEGIN
         PERFORM zsync.set_base(p_table, p_row, p_tables_ts);
     ELSE
         PERFORM zsync.drop_base(p_table, p_row);
+    END IF;
+END
+$$;
+
+-- Supabase now holds p_row as Tables sent it (an apply from Tables that won): the record's pending outbox entries
+-- of older versions have nothing left to send - Tables holds the newer one (zsync.ack_agreed). One a drain left
+-- to this delivery (zsync.merge_decide_many: 'deferred') is acknowledged here, not by the sweeper a minute later.
+CREATE OR REPLACE FUNCTION zsync.ack_superseded(p_table regclass, p_row jsonb) RETURNS void
+    LANGUAGE plpgsql
+    SET "TimeZone" TO 'UTC'
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+    IF zsync.field_merge_on() THEN
+        PERFORM zsync.ack_agreed((SELECT relname::text FROM pg_class WHERE oid = p_table), ARRAY[p_row ->> 'id'],
+                                 ARRAY[(SELECT v.ts FROM zsync.version_of(p_table, p_row) v)]);
     END IF;
 END
 $$;
@@ -640,6 +659,18 @@ BEGIN
             action := d.action;
             merged := d.merged;
             info := d.info;
+            -- A field both sides changed goes to Tables by its record's time - an upper bound when Tables was
+            -- edited more than once since the base: the record read holds every edit whose delivery is still on
+            -- its way, at the last one's time. While the edit is recent (zsync.config merge_defer_s) the drain
+            -- leaves the record to those deliveries, which come one edit at a time (zsync.sync_apply decides
+            -- each exactly, and sends what Supabase keeps back to Tables); its entry stays pending for the
+            -- sweeper, which decides it here once the edit is older (a delivery that never came).
+            IF d.action IN ('tables', 'merged') AND (r.p ->> 'edited_at')::timestamptz > now() - make_interval(
+                   secs => coalesce((SELECT (c.value #>> '{}')::float8 FROM zsync.config c WHERE c.key = 'merge_defer_s'), 120))
+               AND EXISTS (SELECT 1 FROM jsonb_each_text(coalesce(d.info -> 'both_later', '{}')) k WHERE k.value = 'tables') THEN
+                action := 'deferred';
+                merged := NULL;
+            END IF;
         END IF;
         RETURN NEXT;
     END LOOP;
@@ -882,6 +913,7 @@ BEGIN
                 ELSE
                     outcome := 'applied';
                     PERFORM zsync.base_after_apply(p_table, m.merged, v_tts);
+                    PERFORM zsync.ack_superseded(p_table, m.merged);
                 END IF;
                 RETURN;
             END IF;
@@ -907,6 +939,7 @@ BEGIN
             outcome := 'applied';
             applied := p_row;
             PERFORM zsync.base_after_apply(p_table, p_row, v_tts);
+            PERFORM zsync.ack_superseded(p_table, p_row);
         ELSE
             outcome := 'skipped_stale';
         END IF;
@@ -1292,6 +1325,8 @@ REVOKE ALL ON FUNCTION zsync.replaced_kept(jsonb, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION zsync.replaced_live(jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION zsync.drop_base(regclass, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION zsync.lock_record(regclass, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION zsync.ack_superseded(regclass, jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.ack_superseded(regclass, jsonb) TO zsync_sync;
 GRANT ALL ON FUNCTION zsync.lock_record(regclass, text) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.base_after_apply(regclass, jsonb, timestamp with time zone) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.base_after_apply(regclass, jsonb, timestamp with time zone) TO zsync_sync;
