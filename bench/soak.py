@@ -480,7 +480,7 @@ class Verdict:
 
     @property
     def ok(self) -> bool:
-        return not self.lost and not self.unexplained_lost_fields and not self.duplicates
+        return not self.lost and not self.lost_fields and not self.duplicates
 
 
 @dataclass
