@@ -497,3 +497,20 @@ def test_a_drain_leaves_a_field_both_changed_to_the_deliveries_of_two_tables_edi
     assert supabase.query("SELECT count(*) FROM zsync.outbox WHERE record_id = %s AND acked_at IS NULL",
                           (rid,))[0][0] == 0
     assert_quiet(stack, tables, supabase, rid)
+
+
+def test_pulling_deliveries_without_an_inbox_is_a_no_op(stack):
+    """A deployment whose Tables changes come by Zap has no inbox to pull from: the deferral's pull finds none
+    and does nothing (no error; the deliveries come as they come), and with an inbox it drains it."""
+    from infra.local.stack import LOCAL_STAGE
+    from shared.services.inbox_consumer import pull_deliveries
+    from tests.test_correctness import stack_context
+
+    fn = FUNCTIONS["agent_jobs_to_supabase"]
+    ctx = stack_context(stack)
+    ctx.settings = ctx.settings.model_copy(update={"stage": "no-such-stage"})
+    assert pull_deliveries(fn, ctx) is None
+    ctx = stack_context(stack)
+    ctx.settings = ctx.settings.model_copy(update={"stage": LOCAL_STAGE})
+    report = pull_deliveries(fn, ctx)
+    assert report is not None and report.stopped == "empty", report
