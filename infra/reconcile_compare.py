@@ -111,7 +111,9 @@ def compare(ctx: SyncContext, spec: TableSpec, side: TablesSide, supa: dict[str,
     decisions = ctx.db.run(lambda conn: decide_merges(conn, spec, items)) if items else []
     edited: dict[str, datetime | None] = {}
     for n, ((rid, _, _), decision) in enumerate(zip(differing, decisions, strict=True)):
-        if decision.action in ("tables", "merged"):  # applied to Supabase as its delivery would be
+        # applied to Supabase as its delivery would be (deferred: a drain would wait for the deliveries of a recent
+        # Tables edit; reconcile does not wait - the record goes through zsync.sync_apply's merge, as before)
+        if decision.action in ("tables", "merged", "deferred"):
             cmps[n], edited[rid] = 1, side.edited.get(rid)
         elif decision.action in ("supabase", "same"):
             cmps[n] = -1 if decision.action == "supabase" else 0
