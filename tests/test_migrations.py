@@ -150,3 +150,19 @@ def test_three_migrators_at_once_on_a_database_part_way_through_the_chain(pg_ser
     with psycopg.connect(url) as conn:
         count = conn.execute("SELECT count(*) FROM zsync.schema_migrations").fetchone()[0]  # type: ignore[index]
     assert count == len(discover(HISTORY_DIR)) + len(discover(MIGRATIONS_DIR))
+
+
+def test_the_local_stacks_database_built_before_a_migration_was_edited_says_how_to_start_afresh(
+        database_url: str, tmp_path: Path) -> None:
+    """`make up` keeps its database between runs (.local/pg): one built by a checkout from before an unreleased
+    migration was edited is refused by the migration tool (as any database is), and the local stack's refusal
+    names the directory to remove."""
+    from infra.local.stack import prepare_local_database
+
+    prepare_local_database(database_url, tmp_path / "pg")  # current: nothing to do, no error
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("UPDATE zsync.schema_migrations SET checksum = 'from-an-older-checkout' "
+                     "WHERE version = (SELECT max(version) FROM zsync.schema_migrations)")
+    with pytest.raises(MigrationError) as refused:
+        prepare_local_database(database_url, tmp_path / "pg")
+    assert "changed since they ran" in str(refused.value) and f"remove {tmp_path / 'pg'}" in str(refused.value)

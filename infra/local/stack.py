@@ -234,7 +234,7 @@ class LocalStack:
         compile_function_code()
         self._pg = start_postgres(state / "pg")
         self.database_url = create_database(self._pg.get_uri(), "zsync")
-        prepare_database(self.database_url)
+        prepare_local_database(self.database_url, state / "pg")
         self.function_database_url = function_role_url(self.database_url)
         if self.config.with_moto:
             self._start_moto()
@@ -575,6 +575,22 @@ def compile_function_code() -> None:
     set, as on some machines, it never writes it itself). Cheap when it is up to date."""
     for package in ("shared", "functions"):
         compileall.compile_dir(REPO / package, quiet=1, workers=1)
+
+
+def prepare_local_database(url: str, pg_dir: Path) -> None:
+    """prepare_database for the stack's own database, which lives on in ``pg_dir`` between runs: a migration
+    edited since this database applied it (a checkout of zsync from before the edit) is refused by the migration
+    tool, and here the refusal says how to start afresh - this database holds local data only."""
+    from shared.adapters.migrations import MigrationError
+
+    try:
+        prepare_database(url)
+    except MigrationError as exc:
+        if "changed since they ran" not in str(exc):
+            raise
+        raise MigrationError(f"{exc}. This local database was built by an older checkout of zsync and holds only "
+                             f"the local stack's data: stop the stack, remove {pg_dir} and run `make up` again "
+                             "(a real Supabase database needs a new migration instead)") from exc
 
 
 @contextlib.contextmanager
