@@ -461,7 +461,6 @@ def drain_outbox(ctx: SyncContext, fn: FunctionSpec, *, origin: str = "live", li
     return result
 
 
-
 def deliver(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhook, *, origin: str = "live") -> SyncResult:
     """A Database Webhook to a *_to_tables function with batches on: drain the table's outbox, and answer
     for the webhook's own record: its outcome when this drain delivered it; ``queued`` when another invocation
