@@ -157,7 +157,7 @@ def test_the_local_stacks_database_built_before_a_migration_was_edited_says_how_
     """`make up` keeps its database between runs (.local/pg): one built by a checkout from before an unreleased
     migration was edited is refused by the migration tool (as any database is), and the local stack's refusal
     names the directory to remove."""
-    from infra.local.stack import prepare_local_database
+    from infra.local.postgres import prepare_local_database
 
     prepare_local_database(database_url, tmp_path / "pg")  # current: nothing to do, no error
     with psycopg.connect(database_url, autocommit=True) as conn:

@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 
 from infra.local.pgnet_sql import apply_pg_net_sql, ensure_utc_database
-from shared.adapters.migrations import MIGRATIONS_DIR, apply_migrations
+from shared.adapters.migrations import MIGRATIONS_DIR, MigrationError, apply_migrations
 
 
 def start_postgres(data_dir: Path) -> Any:
@@ -100,6 +100,20 @@ def prepare_database(url: str, migrations_dir: Path = MIGRATIONS_DIR) -> list[st
     apply_pg_net_sql(url)
     apply_vault_sql(url)
     return apply_migrations(url, migrations_dir)
+
+
+def prepare_local_database(url: str, pg_dir: Path) -> None:
+    """prepare_database for the stack's own database, which lives on in ``pg_dir`` between runs: a migration
+    edited since this database applied it (a checkout of zsync from before the edit) is refused by the migration
+    tool, and here the refusal says how to start afresh - this database holds local data only."""
+    try:
+        prepare_database(url)
+    except MigrationError as exc:
+        if "changed since they ran" not in str(exc):
+            raise
+        raise MigrationError(f"{exc}. This local database was built by an older checkout of zsync and holds only "
+                             f"the local stack's data: stop the stack, remove {pg_dir} and run `make up` again "
+                             "(a real Supabase database needs a new migration instead)") from exc
 
 
 def pg_tool(name: str) -> Path:

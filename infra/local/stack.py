@@ -38,7 +38,7 @@ from infra.local.pgnet_sql import wait_idle as pgnet_wait_idle
 from infra.local.postgres import (
     create_database,
     function_role_url,
-    prepare_database,
+    prepare_local_database,
     start_again,
     start_postgres,
     stop_postgres,
@@ -575,22 +575,6 @@ def compile_function_code() -> None:
     set, as on some machines, it never writes it itself). Cheap when it is up to date."""
     for package in ("shared", "functions"):
         compileall.compile_dir(REPO / package, quiet=1, workers=1)
-
-
-def prepare_local_database(url: str, pg_dir: Path) -> None:
-    """prepare_database for the stack's own database, which lives on in ``pg_dir`` between runs: a migration
-    edited since this database applied it (a checkout of zsync from before the edit) is refused by the migration
-    tool, and here the refusal says how to start afresh - this database holds local data only."""
-    from shared.adapters.migrations import MigrationError
-
-    try:
-        prepare_database(url)
-    except MigrationError as exc:
-        if "changed since they ran" not in str(exc):
-            raise
-        raise MigrationError(f"{exc}. This local database was built by an older checkout of zsync and holds only "
-                             f"the local stack's data: stop the stack, remove {pg_dir} and run `make up` again "
-                             "(a real Supabase database needs a new migration instead)") from exc
 
 
 @contextlib.contextmanager
