@@ -981,28 +981,22 @@ BEGIN
                 tables_ts = EXCLUDED.tables_ts, agreed = true, field_ts = NULL, set_at = now()
             WHERE (EXCLUDED.version, EXCLUDED.hash) > (b.version, b.hash)
         RETURNING 1),
-    -- any other record Supabase now holds as Tables sent it: no saved base (zsync.drop_base, set-based)
+    -- any other record Supabase now holds as Tables sent it (applied, or found equal): no saved base
+    -- (zsync.drop_base, set-based)
+    agreed AS (
+        SELECT l.id, l.row, l.bts, l.bhash FROM l WHERE l.based AND l.tts IS NOT DISTINCT FROM l.bts
+        UNION ALL
+        SELECT w.id, w.row, w.bts, w.bhash
+        FROM unnest(p_ids, p_actions, p_based, p_rows, p_bts, p_bhash) AS w(id, action, based, row, bts, bhash)
+        WHERE w.action = 'unchanged' AND w.based),
     gone AS (
-        DELETE FROM zsync.sync_base b USING l
-        WHERE l.based AND l.tts IS NOT DISTINCT FROM l.bts AND b.table_name = v_name AND b.record_id = l.id
-          AND NOT zsync.replaced_live(b.replaced)
+        DELETE FROM zsync.sync_base b USING agreed a
+        WHERE b.table_name = v_name AND b.record_id = a.id AND NOT zsync.replaced_live(b.replaced)
         RETURNING 1)
     UPDATE zsync.sync_base b
-    SET base = l.row, version = l.bts, hash = l.bhash, tables_ts = l.bts, agreed = true, field_ts = NULL, set_at = now()
-    FROM l WHERE l.based AND l.tts IS NOT DISTINCT FROM l.bts AND b.table_name = v_name AND b.record_id = l.id
-      AND zsync.replaced_live(b.replaced);
+    SET base = a.row, version = a.bts, hash = a.bhash, tables_ts = a.bts, agreed = true, field_ts = NULL, set_at = now()
+    FROM agreed a WHERE b.table_name = v_name AND b.record_id = a.id AND zsync.replaced_live(b.replaced);
     IF 'unchanged' = ANY (p_actions) THEN  -- found equal: both hold it, nothing left for a drain to check
-        WITH u AS (SELECT w.* FROM unnest(p_ids, p_actions, p_based, p_rows, p_bts, p_bhash)
-                                   AS w(id, action, based, row, bts, bhash)
-                   WHERE w.action = 'unchanged' AND w.based),
-        gone AS (
-            DELETE FROM zsync.sync_base b USING u
-            WHERE b.table_name = v_name AND b.record_id = u.id AND NOT zsync.replaced_live(b.replaced)
-            RETURNING 1)
-        UPDATE zsync.sync_base b
-        SET base = u.row, version = u.bts, hash = u.bhash, tables_ts = u.bts, agreed = true, field_ts = NULL,
-            set_at = now()
-        FROM u WHERE b.table_name = v_name AND b.record_id = u.id AND zsync.replaced_live(b.replaced);
         PERFORM zsync.ack_agreed(v_name, array_agg(w.id), array_agg(w.bts))
         FROM unnest(p_ids, p_actions, p_bts) AS w(id, action, bts) WHERE w.action = 'unchanged';
     END IF;
