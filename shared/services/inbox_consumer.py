@@ -392,6 +392,17 @@ def _field_names_of(ctx: SyncContext, fn: FunctionSpec) -> Callable[[bool], Mapp
 _inbox_ids: dict[str, str] = {}
 
 
+def _inbox_id(client: InboxClient, key: str) -> str | None:
+    """The id of the inbox with ``key`` (cached per process); None when there is none."""
+    inbox_id = _inbox_ids.get(key)
+    if inbox_id is None:
+        inbox = client.find(key)
+        if inbox is None:
+            return None
+        inbox_id = _inbox_ids[key] = inbox.id
+    return inbox_id
+
+
 def drain_function(fn: FunctionSpec, ctx: SyncContext, budget_s: float = DEFAULT_BUDGET_S,
                    notification: Notification | None = None) -> DrainReport:
     """Find this function's inbox (by key ``zsync-<stage>-<function>``, cached) and drain it, leasing
@@ -402,16 +413,13 @@ def drain_function(fn: FunctionSpec, ctx: SyncContext, budget_s: float = DEFAULT
     ended) is drained by the next wake-up or the scheduled drain."""
     key = inbox_key(ctx.settings.stage, fn.name)
     client = inbox_client(ctx)
-    inbox_id = _inbox_ids.get(key)
+    inbox_id = _inbox_id(client, key)
     if inbox_id is None:
-        inbox = client.find(key)
-        if inbox is None:
-            report = DrainReport(key)
-            report.stopped = "not_found"
-            log_event(ctx.logger, logging.ERROR, "inbox_not_found", inbox=key,
-                      hint="run `zsync wire zapier` for this stage")
-            return report
-        inbox_id = _inbox_ids[key] = inbox.id
+        report = DrainReport(key)
+        report.stopped = "not_found"
+        log_event(ctx.logger, logging.ERROR, "inbox_not_found", inbox=key,
+                  hint="run `zsync wire zapier` for this stage")
+        return report
     redelivery = notification is not None and notification.redelivery
     if redelivery:
         log_event(ctx.logger, logging.WARNING, "inbox_redelivery", inbox=key,
@@ -436,11 +444,8 @@ def pull_deliveries(fn: FunctionSpec, ctx: SyncContext, budget_s: float = 2.0) -
     (Zaps deliver instead) or it cannot be reached now (the scheduled drain still comes)."""
     key = inbox_key(ctx.settings.stage, fn.name)
     try:
-        if key not in _inbox_ids:
-            inbox = inbox_client(ctx).find(key)
-            if inbox is None:
-                return None
-            _inbox_ids[key] = inbox.id
+        if _inbox_id(inbox_client(ctx), key) is None:
+            return None
         return drain_function(fn, ctx, budget_s)
     except (InboxError, TablesError, supabase_db.DatabaseUnavailable) as exc:
         log_event(ctx.logger, logging.WARNING, "inbox_pull_failed", inbox=key, error_type=type(exc).__name__,
