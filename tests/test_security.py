@@ -469,7 +469,7 @@ CALLED = {"sync_upsert", "version_cmp", "content_hash", "append_audit",
           "field_merge_on", "merge_decide", "merge_decide_many", "base_after_apply", "ack_agreed", "agree",
           "bases_of", "bases_after_batch", "mark_agreed", "base_after_merge",
           # issue 20: the record lock a change from Tables waits for (a *_to_tables write in progress)
-          "lock_record", "ack_superseded"}
+          "lock_record"}
 DEFINER = {"capture_change", "ack_outbox", "announce",
            # issue 13: they read/write zsync.tombstones and zsync.outbox, which zsync_sync cannot touch
            "maintain_updated_at", "track_tombstone", "tombstone_version", "apply_tables_delete", "outbox_failed",

@@ -218,22 +218,6 @@ BEGIN
 END
 $$;
 
--- Supabase now holds p_row as Tables sent it (an apply from Tables that won): the record's pending outbox entries
--- of older versions have nothing left to send - Tables holds the newer one (zsync.ack_agreed). One a drain left
--- to this delivery (zsync.merge_decide_many: 'deferred') is acknowledged here, not by the sweeper a minute later.
-CREATE OR REPLACE FUNCTION zsync.ack_superseded(p_table regclass, p_row jsonb) RETURNS void
-    LANGUAGE plpgsql
-    SET "TimeZone" TO 'UTC'
-    SET search_path TO 'pg_catalog', 'pg_temp'
-    AS $$
-BEGIN
-    IF zsync.field_merge_on() THEN
-        PERFORM zsync.ack_agreed((SELECT relname::text FROM pg_class WHERE oid = p_table), ARRAY[p_row ->> 'id'],
-                                 ARRAY[(SELECT v.ts FROM zsync.version_of(p_table, p_row) v)]);
-    END IF;
-END
-$$;
-
 -- Both sides hold these versions (Tables delivered what Supabase stores): acknowledge the record's pending
 -- outbox entries up to each ('unchanged', as a drain finding Tables equal would), so the version counts as
 -- agreed and no drain reads Tables for it. Never waits for an entry a drain holds. -> entries acknowledged.
@@ -913,7 +897,6 @@ BEGIN
                 ELSE
                     outcome := 'applied';
                     PERFORM zsync.base_after_apply(p_table, m.merged, v_tts);
-                    PERFORM zsync.ack_superseded(p_table, m.merged);
                 END IF;
                 RETURN;
             END IF;
@@ -939,7 +922,6 @@ BEGIN
             outcome := 'applied';
             applied := p_row;
             PERFORM zsync.base_after_apply(p_table, p_row, v_tts);
-            PERFORM zsync.ack_superseded(p_table, p_row);
         ELSE
             outcome := 'skipped_stale';
         END IF;
@@ -1319,8 +1301,6 @@ REVOKE ALL ON FUNCTION zsync.replaced_kept(jsonb, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION zsync.replaced_live(jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION zsync.drop_base(regclass, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION zsync.lock_record(regclass, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION zsync.ack_superseded(regclass, jsonb) FROM PUBLIC;
-GRANT ALL ON FUNCTION zsync.ack_superseded(regclass, jsonb) TO zsync_sync;
 GRANT ALL ON FUNCTION zsync.lock_record(regclass, text) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.base_after_apply(regclass, jsonb, timestamp with time zone) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.base_after_apply(regclass, jsonb, timestamp with time zone) TO zsync_sync;
