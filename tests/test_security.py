@@ -469,7 +469,9 @@ CALLED = {"sync_upsert", "version_cmp", "content_hash", "append_audit",
           "field_merge_on", "merge_decide", "merge_decide_many", "base_after_apply", "ack_agreed", "agree",
           "bases_of", "bases_after_batch", "mark_agreed", "base_after_merge",
           # issue 20: the record lock a change from Tables waits for (a *_to_tables write in progress)
-          "lock_record"}
+          "lock_record",
+          # issue 21: the known Tables copies a *_to_tables write goes by (zsync.tables_known only through these)
+          "remember_tables", "forget_tables", "blind_plan"}
 DEFINER = {"capture_change", "ack_outbox", "announce",
            # issue 13: they read/write zsync.tombstones and zsync.outbox, which zsync_sync cannot touch
            "maintain_updated_at", "track_tombstone", "tombstone_version", "apply_tables_delete", "outbox_failed",
@@ -488,7 +490,9 @@ DEFINER = {"capture_change", "ack_outbox", "announce",
            # issue 20: zsync.sync_base, zsync.config and the outbox, which zsync_sync cannot touch
            "field_merge_on", "merge_time_limit", "merge_decide", "merge_decide_many", "base_after_apply",
            "ack_agreed", "agree", "bases_of", "bases_after_batch", "set_base", "mark_agreed",
-           "base_before_change", "base_after_merge", "drop_base"}
+           "base_before_change", "base_after_merge", "drop_base",
+           # issue 21: zsync.tables_known and zsync.config, which zsync_sync cannot touch
+           "blind_writes_on", "remember_tables", "forget_tables", "blind_plan"}
 
 
 def role_url(database_url: str, role: str = ROLE) -> str:

@@ -17,13 +17,7 @@ def counts(stack):
     return measure(stack, singles=6, burst=100)
 
 
-NOT_MET = pytest.mark.xfail(strict=True, reason=(
-    "issue 21 item 3, open: a single Supabase change still costs a find and a write (2). Writing without the find "
-    "(by a remembered Zapier id) overwrites a Tables edit whose delivery is in flight; the public API has no "
-    "conditional update. The attempt, off by default, is on branch onereq (see the closing note)."))
-
-
-@pytest.mark.parametrize("figure", [pytest.param(f, marks=NOT_MET) if f == "to_tables single" else f for f in GOALS])
+@pytest.mark.parametrize("figure", list(GOALS))
 def test_tables_requests_per_change_meet_the_goal(counts, figure):
     c = counts[figure]
     report({figure: c})

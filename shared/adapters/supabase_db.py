@@ -462,3 +462,41 @@ def sync_trashed_ids(conn: psycopg.Connection, spec: TableSpec, tables_ids: list
     if not tables_ids:
         return set()
     return {r[0] for r in conn.execute("SELECT zsync.sync_trashed_ids(%s, %s)", (spec.name, tables_ids))}
+
+
+class Known(NamedTuple):
+    """A state of a record's Tables copy the sync saw: its Zapier record id (None: a trigger delivery, which
+    only moves a copy already known forward), the copy as a Supabase row, and Zapier's ``edited_at`` of it."""
+
+    tables_id: str | None
+    row: Mapping[str, Any]
+    edited_at: datetime | None
+
+
+def remember_tables(conn: psycopg.Connection, spec: TableSpec, known: Mapping[str, Known]) -> int:
+    """zsync.remember_tables: what a find, a write's answer or a delivery showed of Tables copies (by our
+    record id); a state older than the one known is ignored. -> how many were written."""
+    if not known:
+        return 0
+    payload = "[" + ",".join(
+        f'{{"id":{json.dumps(rid)},"tables_id":{json.dumps(k.tables_id)},"row":{row_to_json(k.row)},'
+        f'"edited_at":{json.dumps(k.edited_at.isoformat() if k.edited_at else None)}}}'
+        for rid, k in sorted(known.items())) + "]"
+    return conn.execute("SELECT zsync.remember_tables(%s, %s::jsonb)", (spec.name, payload)).fetchone()[0]
+
+
+def forget_tables(conn: psycopg.Connection, spec: TableSpec, record_ids: list[str]) -> int:
+    """Zapier ids found wrong (a write by them was refused): the next change of these records is found first."""
+    if not record_ids:
+        return 0
+    return conn.execute("SELECT zsync.forget_tables(%s, %s::text[])", (spec.name, sorted(record_ids))).fetchone()[0]
+
+
+def blind_plan(conn: psycopg.Connection, spec: TableSpec, record_ids: list[str]) -> dict[str, Known]:
+    """zsync.blind_plan: of ``record_ids``, those a ``*_to_tables`` function may write by Zapier id without a
+    find -> id -> the known state of its Tables copy (empty when blind writes or the merge are off)."""
+    if not record_ids:
+        return {}
+    found = conn.execute("SELECT record_id, tables_id, known, known_at FROM zsync.blind_plan(%s::regclass, %s::text[])",
+                         (_regclass(spec), record_ids)).fetchall()
+    return {rid: Known(tid, known, at) for rid, tid, known, at in found}

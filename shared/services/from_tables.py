@@ -86,6 +86,7 @@ def apply_from_tables(ctx: SyncContext, fn: FunctionSpec, record: Mapping[str, A
             return Outcome.APPLIED if supabase_db.append_audit(conn, row) else Outcome.UNCHANGED
         outcome, stored, applied, merge = supabase_db.sync_apply(conn, spec, row, edited_at)
         result = Outcome(outcome)
+        remember_delivered(conn, spec, [(row, edited_at)])
         version = parse_supabase_record(spec, applied) if applied else row
         if result in AUDITED:
             supabase_db.append_audit(conn, audit.sync_entry(fn, version, result, datetime.now(UTC), stored,
@@ -195,6 +196,8 @@ def apply_many_from_tables(ctx: SyncContext, fn: FunctionSpec, records: Sequence
                     pushes.append((d.row["id"], "DELETE"))
         supabase_db.append_audit_many(conn, entries)
         supabase_db.announce_many(conn, spec, pushes)
+        if not spec.append_only:
+            remember_delivered(conn, spec, [(d.row, d.edited_at) for d, _ in done])
         return outcomes
 
     if parsed or failed:
@@ -204,6 +207,18 @@ def apply_many_from_tables(ctx: SyncContext, fn: FunctionSpec, records: Sequence
                 results[d.index] = SyncResult(outcome=outcomes[d.index], function=fn.name, table=spec.name,
                                               id=d.row["id"], lag_ms=_lag_ms(d.changed, datetime.now(UTC)))
     return [r for r in results if r is not None]
+
+
+def remember_delivered(conn: psycopg.Connection, spec: TableSpec,
+                       delivered: Sequence[tuple[Mapping[str, Any], datetime | None]]) -> None:
+    """A delivery is Tables' copy as it was at its ``edited_at``: it moves the copy the sync knows of forward
+    (:func:`supabase_db.remember_tables`; a *_to_tables write then sends only what differs from it)."""
+    latest: dict[str, supabase_db.Known] = {}
+    for row, edited_at in delivered:
+        held = latest.get(row["id"])
+        if edited_at is not None and (held is None or held.edited_at is None or edited_at > held.edited_at):
+            latest[row["id"]] = supabase_db.Known(None, row, edited_at)
+    supabase_db.remember_tables(conn, spec, latest)
 
 
 def _payload_id(record: Any) -> str | None:

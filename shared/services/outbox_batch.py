@@ -59,8 +59,10 @@ from shared.services.to_tables import (
     apply_from_supabase,
     apply_merged,
     decide_merges,
+    known_copy,
     merged_outcome,
     pull_deliveries_for,
+    write_blind,
 )
 
 if TYPE_CHECKING:
@@ -87,6 +89,7 @@ class _Plan:
     outcomes: dict[str, tuple[Outcome, dict[str, Any] | None]] = field(default_factory=dict)  # id -> (outcome, parked)
     merges: dict[str, MergeDecision] = field(default_factory=dict)  # id -> the merged record written to Tables
     replaced: dict[str, supabase_db.Replaced] = field(default_factory=dict)  # id -> what our write replaces
+    known: dict[str, supabase_db.Known] = field(default_factory=dict)  # id -> the Tables copy as read / written
     failed: list[tuple[str, dict[str, Any], list[dict[str, str]], int]] = field(default_factory=list)
     gone: list[str] = field(default_factory=list)  # row deleted without a tombstone: nothing to send
     deletes: list[str] = field(default_factory=list)  # deleted (tombstone): the single delete path
@@ -175,6 +178,19 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
             plan.outcomes[item.id] = (Outcome.APPLIED, None)
         return
     table_id = ctx.table_id(spec)
+    # Records whose Tables copy is known: one PATCH by Zapier id per 100, no find (write_blind)
+    blind = write_blind(ctx, conn, spec, table_id, {i.id: i.fields for i in items},
+                        lambda call: _patient(call, deadline))
+    for rid, rep in blind.written.items():
+        plan.outcomes[rid], plan.replaced[rid] = (Outcome.APPLIED, None), rep
+    plan.outcomes.update({rid: (Outcome.UNCHANGED, None) for rid in blind.unchanged})
+    plan.known.update(blind.known)
+    if blind.stopped:
+        plan.stopped = str(blind.stopped)[:300]
+        return
+    items = [plan.items[rid] for rid in blind.fallback]
+    if not items:
+        return
     try:
         # The trash too (same one request): a record deleted in Tables is not re-created by an older version.
         found = _patient(lambda: ctx.tables.find_many(table_id, "id", [i.id for i in items], trash="include"),
@@ -226,6 +242,8 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
                     fn, item.id, exc.problems, existing.data, item.row, datetime.now(UTC)))
             continue
         as_read[item.id] = (current, edited_at)
+        if item.id not in idless:
+            plan.known[item.id] = supabase_db.Known(existing.id, current, edited_at)
         current = _tables_version(ctx, conn, spec, current, edited_at, item.row)
         pairs.append((item, current))
         by_id[item.id] = [existing]  # the one kept (duplicates removed)
@@ -265,7 +283,10 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
 
     def send(chunk: list[Any], create: bool) -> None:
         if create:
-            _patient(lambda: ctx.tables.create_many(table_id, [i.fields for i in chunk]), deadline)
+            made = _patient(lambda: ctx.tables.create_many(table_id, [i.fields for i in chunk]), deadline)
+            for item, rec in zip(chunk, made or [], strict=False):
+                if (copy := known_copy(spec, rec)) is not None:
+                    plan.known[item.id] = copy
         else:
             written = _patient(lambda: ctx.tables.update_many(table_id, [(rid, i.fields) for i, rid in chunk]),
                                deadline)
@@ -274,6 +295,8 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
                 if rid in by_rid and item.id in plan.replaced:  # (an id-less record's write replaced nothing kept)
                     plan.replaced[item.id] = plan.replaced[item.id]._replace(
                         written_at=_tables_edited_at(by_rid[rid]))
+                if rid in by_rid and item.id not in idless and (copy := known_copy(spec, by_rid[rid])) is not None:
+                    plan.known[item.id] = copy
 
     for create, work in ((True, creates), (False, updates)):
         for chunk in _chunks(work, BATCH_MAX):
@@ -334,6 +357,7 @@ def _record(conn: psycopg.Connection, fn: FunctionSpec, plan: _Plan, origin: str
         rid for rid, (outcome, _) in plan.outcomes.items() if outcome in (Outcome.PARKED, Outcome.QUEUED)]
     supabase_db.agree(conn, spec, bases, {rid: plan.replaced[rid] for rid in
                                           (r["id"] for r in bases) if rid in plan.replaced})
+    supabase_db.remember_tables(conn, spec, plan.known)
     plan.more = supabase_db.record_outbox_batch(conn, spec, entries, acks, exclude + handed_on)
     for rid, _, problems, _ in plan.failed:  # counted on the record's entries, parked after a few
         reason = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)[:2000]

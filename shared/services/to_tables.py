@@ -6,8 +6,8 @@ many records at once).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -37,11 +37,12 @@ from shared.services.sync import (
     _unreadable_is_older,
     idless_record,
     push_back,
+    tables_row,
     tables_version_row,
 )
 
 if TYPE_CHECKING:  # imported where used: a *_to_supabase function never loads the Tables client (cold start)
-    pass
+    from shared.adapters.zapier_tables import Record
 
 
 def apply_from_supabase(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhook, *,
@@ -62,6 +63,7 @@ def apply_from_supabase(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhoo
     row = parse_supabase_record(spec, hook.record)
     captured: list[datetime | None] = [None]
     replaced: dict[str, supabase_db.Replaced] = {}  # the Tables record the write replaced
+    known: dict[str, supabase_db.Known] = {}  # what the find or the write showed of the Tables copy
     hook = ctx.settings.tables_writer is TablesWriter.CATCH_HOOK
 
     def work(conn: psycopg.Connection) -> tuple[Outcome, Any]:
@@ -78,7 +80,7 @@ def apply_from_supabase(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhoo
         if hook:
             ctx.hooks.send(spec.name, fields)
             return Outcome.APPLIED, None
-        return _write_if_newer(ctx, conn, fn, row, fields, replaced)
+        return _write_if_newer(ctx, conn, fn, row, fields, replaced, known)
 
     def record(conn: psycopg.Connection, outcome: Outcome, extra: Any) -> None:
         merged = extra if isinstance(extra, MergeDecision) else None
@@ -93,6 +95,7 @@ def apply_from_supabase(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhoo
             apply_merged(conn, spec, merged)
         elif outcome in (Outcome.APPLIED, Outcome.UNCHANGED) and not hook:
             supabase_db.agree(conn, spec, [row], replaced)  # Tables holds this row now
+        supabase_db.remember_tables(conn, spec, known)
         if outcome is not Outcome.QUEUED:  # (queued: left to a Tables edit's deliveries, see merged_outcome)
             supabase_db.ack_outbox(conn, spec, row["id"], row.get(spec.version or ""), outcome.value)
 
@@ -156,18 +159,119 @@ def _tables_version(ctx: SyncContext, conn: psycopg.Connection, spec: TableSpec,
     return current
 
 
+@dataclass
+class Blind:
+    """What :func:`write_blind` did: ``written``: id -> what each write replaced (the known copy) and its own
+    ``edited_at``; ``known``: id -> the copy each write's answer shows; ``fallback``: ids for the find path."""
+
+    written: dict[str, supabase_db.Replaced]
+    known: dict[str, supabase_db.Known]
+    fallback: list[str]
+    unchanged: list[str] = field(default_factory=list)  # the known copy is this version already: no write
+    stopped: Exception | None = None  # Tables unavailable: the chunks from there on are not written
+
+
+def known_copy(spec: TableSpec, record: Record) -> supabase_db.Known | None:
+    """A Tables record the sync read or wrote, as :func:`supabase_db.remember_tables` keeps it (None when it
+    cannot be read as a row: such a record is found again next time)."""
+    try:
+        return supabase_db.Known(record.id, tables_row(spec, record), _tables_edited_at(record))
+    except InvalidRecord:
+        return None
+
+
+def _changed_fields(spec: TableSpec, fields: dict[str, Any], known: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields that differ from the known Tables copy, with the version: the PATCH leaves the other cells as
+    Tables holds them (a person's edit of another field, still on its way to Supabase, is not overwritten).
+    Empty: the known copy is this very version (a redelivery): nothing to write."""
+    try:
+        before = to_tables_fields(spec, parse_supabase_record(spec, dict(known)))
+    except InvalidRecord:
+        return fields
+    changed = {k: v for k, v in fields.items() if before.get(k) != v}
+    version = spec.version or ""
+    return changed | {version: fields[version]} if changed and version in fields else changed
+
+
+def write_blind(ctx: SyncContext, conn: psycopg.Connection, spec: TableSpec, table_id: str,
+                fields: Mapping[str, dict[str, Any]], call: Callable[[Callable[[], Any]], Any] = lambda f: f()
+                ) -> Blind:
+    """Issue 21 item 3: write the records whose Tables copy is known (zsync.blind_plan) by Zapier id, <= 100
+    per PATCH, without a find: one request for a single change. What the find guarded, the merge keeps: each
+    write passes the known copy to :func:`supabase_db.agree` as the record it replaced, so a person's edit of
+    the same field made in Tables since (overwritten there) is merged when its delivery arrives, and written
+    back when it wins. A PATCH refused because a record is gone (deleted in Tables, a wrong id: Zapier refuses
+    the whole request) forgets the chunk's ids and hands it to the find path (the trash and the delete rules);
+    a refused value hands it there too (which finds the record that is refused)."""
+    from shared.adapters.zapier_errors import TablesNotFound, TablesRejected, TablesUnavailable
+    from shared.adapters.zapier_tables import BATCH_MAX
+
+    plan = supabase_db.blind_plan(conn, spec, list(fields)) if spec.version else {}
+    result = Blind({}, {}, [rid for rid in fields if rid not in plan])
+    sends = {rid: _changed_fields(spec, fields[rid], plan[rid].row) for rid in fields if rid in plan}
+    result.unchanged = [rid for rid, send in sends.items() if not send]
+    ids = [rid for rid, send in sends.items() if send]
+    for start in range(0, len(ids), BATCH_MAX):
+        chunk = ids[start:start + BATCH_MAX]
+        if result.stopped:
+            result.fallback += chunk
+            continue
+        try:
+            answer = call(lambda chunk=chunk: ctx.tables.update_many(
+                table_id, [(plan[r].tables_id, sends[r]) for r in chunk]))
+        except TablesNotFound:
+            supabase_db.forget_tables(conn, spec, chunk)
+            log_event(ctx.logger, logging.INFO, "blind_write_refused", table=spec.name, records=len(chunk),
+                      resolution="a record is gone or its id is wrong: found again, with the trash")
+            result.fallback += chunk
+            continue
+        except TablesRejected:
+            result.fallback += chunk
+            continue
+        except TablesUnavailable as exc:
+            result.stopped = exc
+            result.fallback += chunk
+            continue
+        by_tid = {rec.id: rec for rec in answer or []}
+        for r in chunk:
+            rec = by_tid.get(plan[r].tables_id)
+            written_at = _tables_edited_at(rec) if rec is not None else None
+            result.written[r] = supabase_db.Replaced(parse_supabase_record(spec, dict(plan[r].row)), plan[r].edited_at,
+                                                     written_at)
+            copy = known_copy(spec, rec) if rec is not None else None
+            if copy is not None:
+                result.known[r] = copy
+            else:  # the answer cannot be read as a row: find it next time
+                supabase_db.forget_tables(conn, spec, [r])
+    return result
+
+
 def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, row: Mapping[str, Any],
-                    fields: dict[str, Any], replaced: dict[str, supabase_db.Replaced] | None = None
-                    ) -> tuple[Outcome, Any]:
+                    fields: dict[str, Any], replaced: dict[str, supabase_db.Replaced] | None = None,
+                    known: dict[str, supabase_db.Known] | None = None) -> tuple[Outcome, Any]:
     """-> (outcome, a ``sync_failed`` entry to record when the Tables record was parked, or the
-    :class:`MergeDecision` of a merged record)."""
+    :class:`MergeDecision` of a merged record). ``replaced`` / ``known`` are filled for the caller to record
+    (:func:`supabase_db.agree`, :func:`supabase_db.remember_tables`)."""
     spec = fn.table
     table_id = ctx.table_id(spec)
+    known = {} if known is None else known
+    blind = write_blind(ctx, conn, spec, table_id, {row["id"]: fields})
+    if blind.stopped:
+        raise blind.stopped
+    if row["id"] in blind.unchanged:  # Tables' known copy is this version already (a redelivery)
+        return Outcome.UNCHANGED, None
+    if row["id"] in blind.written:  # one PATCH by Zapier id (see write_blind)
+        if replaced is not None:
+            replaced[row["id"]] = blind.written[row["id"]]
+        known.update(blind.known)
+        return Outcome.APPLIED, None
     # One lookup, the trash included: a record deleted in Tables is not re-created by an older version.
     found = ctx.tables.find_many(table_id, "id", [row["id"]], trash="include")
     live = [r for r in found if not r.deleted_at]
     existing = (live[0] if len(live) == 1 else _remove_duplicates(ctx, conn, spec, table_id, row["id"])) \
         if live else None
+    if existing is not None and (copy := known_copy(spec, existing)) is not None:
+        known[row["id"]] = copy
     idless = False
     if existing is None:
         existing = idless_record(ctx, table_id, row["id"])
@@ -177,7 +281,9 @@ def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec
         deleted_at = later_tables_delete(conn, spec, row.get(spec.version or ""), trashed)
         if deleted_at is not None:  # deleted in Tables after this version: not re-created there
             return delete_won(conn, spec, row["id"], deleted_at), None
-        ctx.tables.create(table_id, fields)
+        created = ctx.tables.create(table_id, fields)
+        if (copy := known_copy(spec, created)) is not None:
+            known[row["id"]] = copy
         return Outcome.APPLIED, None
     edited_at = _tables_edited_at(existing)
     try:
@@ -207,10 +313,14 @@ def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec
         return outcome, None
     if outcome is Outcome.MERGED:
         assert decision.row is not None
-        ctx.tables.update(table_id, existing.id, to_tables_fields(spec, decision.row))
+        written = ctx.tables.update(table_id, existing.id, to_tables_fields(spec, decision.row))
+        if not idless and (copy := known_copy(spec, written)) is not None:
+            known[row["id"]] = copy
         return outcome, decision
     if outcome is Outcome.APPLIED:
         written = ctx.tables.update(table_id, existing.id, fields)
+        if not idless and (copy := known_copy(spec, written)) is not None:
+            known[row["id"]] = copy
         if replaced is not None:
             replaced[row["id"]] = supabase_db.Replaced(as_read, edited_at, _tables_edited_at(written))
     elif outcome is Outcome.SKIPPED_STALE and current is not None:
