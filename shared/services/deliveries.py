@@ -135,6 +135,9 @@ def _count_failure(conn: psycopg.Connection, fn: FunctionSpec, record_id: str | 
     """A Supabase change this function cannot deliver (its retry would fail the same way): count it on the
     record's outbox entries, which are parked (``dead_letter``, with the reason) after a few attempts, so the
     sweeper stops re-sending them. The ``sync_failed`` entry makes it visible to the monitor."""
+    if fn.direction is Direction.TO_SUPABASE and record_id is not None:
+        # Tables' copy now holds what was refused: the next write of the record finds it first (never blind)
+        supabase_db.forget_tables(conn, fn.table, [record_id])
     if fn.direction is Direction.TO_TABLES and record_id is not None:
         reason = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)[:2000]
         if supabase_db.outbox_failed(conn, fn.table, record_id, reason):

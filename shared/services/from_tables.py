@@ -146,8 +146,12 @@ def apply_many_from_tables(ctx: SyncContext, fn: FunctionSpec, records: Sequence
     parsed: list[_Delivery] = []
     failed: list[dict[str, Any]] = []
 
+    rejected: list[str] = []  # record ids whose Tables copy holds a refused value
+
     def refuse(i: int, payload: Any, record: Any, problems: list[dict[str, str]]) -> dict[str, Any]:
         record_id = _payload_id(record)
+        if record_id is not None:
+            rejected.append(record_id)
         results[i] = SyncResult(outcome=Outcome.REJECTED, function=fn.name, table=spec.name, id=record_id,
                                 detail="; ".join(f"{p['field']}: {p['problem']}" for p in problems)[:500],
                                 problems=problems)
@@ -198,6 +202,8 @@ def apply_many_from_tables(ctx: SyncContext, fn: FunctionSpec, records: Sequence
         supabase_db.announce_many(conn, spec, pushes)
         if not spec.append_only:
             remember_delivered(conn, spec, [(d.row, d.edited_at) for d, _ in done])
+            # the next write of a record whose Tables copy holds a refused value finds it first (never blind)
+            supabase_db.forget_tables(conn, spec, sorted(set(rejected)))
         return outcomes
 
     if parsed or failed:

@@ -180,37 +180,34 @@ def known_copy(spec: TableSpec, record: Record) -> supabase_db.Known | None:
         return None
 
 
-def _changed_fields(spec: TableSpec, fields: dict[str, Any], known: Mapping[str, Any]) -> dict[str, Any]:
-    """The fields that differ from the known Tables copy, with the version: the PATCH leaves the other cells as
-    Tables holds them (a person's edit of another field, still on its way to Supabase, is not overwritten).
-    Empty: the known copy is this very version (a redelivery): nothing to write."""
+def _holds(spec: TableSpec, fields: dict[str, Any], known: Mapping[str, Any]) -> bool:
+    """Whether the known Tables copy is this very version (a redelivery): nothing to write."""
     try:
-        before = to_tables_fields(spec, parse_supabase_record(spec, dict(known)))
+        return to_tables_fields(spec, parse_supabase_record(spec, dict(known))) == fields
     except InvalidRecord:
-        return fields
-    changed = {k: v for k, v in fields.items() if before.get(k) != v}
-    version = spec.version or ""
-    return changed | {version: fields[version]} if changed and version in fields else changed
+        return False
 
 
 def write_blind(ctx: SyncContext, conn: psycopg.Connection, spec: TableSpec, table_id: str,
                 fields: Mapping[str, dict[str, Any]], call: Callable[[Callable[[], Any]], Any] = lambda f: f()
                 ) -> Blind:
     """Issue 21 item 3: write the records whose Tables copy is known (zsync.blind_plan) by Zapier id, <= 100
-    per PATCH, without a find: one request for a single change. What the find guarded, the merge keeps: each
-    write passes the known copy to :func:`supabase_db.agree` as the record it replaced, so a person's edit of
-    the same field made in Tables since (overwritten there) is merged when its delivery arrives, and written
-    back when it wins. A PATCH refused because a record is gone (deleted in Tables, a wrong id: Zapier refuses
-    the whole request) forgets the chunk's ids and hands it to the find path (the trash and the delete rules);
-    a refused value hands it there too (which finds the record that is refused)."""
+    per PATCH, without a find: one request for a single change (none when the known copy is this version).
+    What the find guarded, the merge keeps: each write passes the known copy to :func:`supabase_db.agree` as the
+    record it replaced, so a person's edit made in Tables since (overwritten there: Zapier has no conditional
+    update) is merged against that copy when its delivery arrives, and written back where it wins. The whole
+    record is sent: a PATCH of only the changed fields would leave a Tables record that mixes a person's newer
+    cells with Supabase's older ``updated_at``, and its echo would read as a cell edit at Zapier's time. A PATCH
+    refused because a record is gone (deleted in Tables, a wrong id: Zapier refuses the whole request) forgets
+    the chunk's ids and hands it to the find path (the trash and the delete rules); a refused value hands it
+    there too (which finds the record that is refused)."""
     from shared.adapters.zapier_errors import TablesNotFound, TablesRejected, TablesUnavailable
     from shared.adapters.zapier_tables import BATCH_MAX
 
     plan = supabase_db.blind_plan(conn, spec, list(fields)) if spec.version else {}
     result = Blind({}, {}, [rid for rid in fields if rid not in plan])
-    sends = {rid: _changed_fields(spec, fields[rid], plan[rid].row) for rid in fields if rid in plan}
-    result.unchanged = [rid for rid, send in sends.items() if not send]
-    ids = [rid for rid, send in sends.items() if send]
+    result.unchanged = [rid for rid in fields if rid in plan and _holds(spec, fields[rid], plan[rid].row)]
+    ids = [rid for rid in fields if rid in plan and rid not in result.unchanged]
     for start in range(0, len(ids), BATCH_MAX):
         chunk = ids[start:start + BATCH_MAX]
         if result.stopped:
@@ -218,7 +215,7 @@ def write_blind(ctx: SyncContext, conn: psycopg.Connection, spec: TableSpec, tab
             continue
         try:
             answer = call(lambda chunk=chunk: ctx.tables.update_many(
-                table_id, [(plan[r].tables_id, sends[r]) for r in chunk]))
+                table_id, [(plan[r].tables_id, fields[r]) for r in chunk]))
         except TablesNotFound:
             supabase_db.forget_tables(conn, spec, chunk)
             log_event(ctx.logger, logging.INFO, "blind_write_refused", table=spec.name, records=len(chunk),

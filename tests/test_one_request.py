@@ -1,0 +1,280 @@
+"""Issue 21 item 3, Supabase -> Tables: a single agent UPDATE costs ONE Tables request (a PATCH by the Zapier
+record id the sync remembered, zsync.tables_known / zsync.blind_plan: no find), a burst <= 0.02 requests per
+record, a redelivery none, and what the find guarded still holds: a person's edit made in Tables just before the
+blind write is merged (both sides), of another field or of the same one; an update of a record deleted in Tables
+follows the delete rules (the PATCH is refused, the find with the trash decides); an id-less Tables record still
+gets its id. Counted with the stand-in's request log."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+import requests
+
+from shared.adapters.zapier_errors import TablesNotFound
+from tests.e2e import eventually, uid
+from tests.test_tables_deletes import delete_in_tables, lose_delete_events, tombstone
+
+
+def _set_blind_writes(stack: Any, value: str) -> None:
+    with psycopg.connect(stack.database_url, autocommit=True) as conn:
+        conn.execute("UPDATE zsync.config SET value = to_jsonb(%s::text) WHERE key = 'blind_writes'", (value,))
+
+
+@contextmanager
+def _blind_writes_off(stack: Any) -> Iterator[None]:
+    _set_blind_writes(stack, "off")
+    try:
+        yield
+    finally:
+        _set_blind_writes(stack, "on")  # the default (zsync.config 'blind_writes')
+
+
+def _requests(stack: Any) -> list[dict]:
+    log = requests.get(f"{stack.tables.url.rstrip('/')}/_admin/requests", timeout=10).json()["data"]
+    return [r for r in log if "/records" in r["path"] or "/query" in r["path"]]
+
+
+def _reset(stack: Any) -> None:
+    requests.delete(f"{stack.tables.url.rstrip('/')}/_admin/requests", timeout=10)
+
+
+def _agreed_job(stack: Any, tables: Any, supabase: Any, prefix: str) -> str:
+    """An agent's job, created in Supabase and written to Tables (its Zapier id learned from the create)."""
+    rid = uid(prefix)
+    supabase.query("INSERT INTO agent_jobs (id, status) VALUES (%s, 'queued')", (rid,))
+    eventually(lambda: tables.find("agent_jobs", rid))
+    stack.wait_quiet()
+    assert supabase.query("SELECT count(*) FROM zsync.tables_known WHERE record_id = %s", (rid,)) == [(1,)]
+    return rid
+
+
+def _delivered(stack: Any, supabase: Any, ids: list[str]) -> None:
+    stack.wait_quiet()
+    eventually(lambda: supabase.query("SELECT count(*) FROM zsync.outbox WHERE record_id = ANY(%s) "
+                                      "AND acked_at IS NULL", (ids,)) == [(0,)])
+    stack.wait_quiet()
+
+
+def test_a_single_agent_update_costs_one_tables_request(stack, tables, supabase):
+    rid = _agreed_job(stack, tables, supabase, "one-req")
+    for status in ("running", "done"):  # two changes in a row: each one PATCH
+        _reset(stack)
+        supabase.query("UPDATE agent_jobs SET status = %s WHERE id = %s", (status, rid))
+        _delivered(stack, supabase, [rid])
+        made = _requests(stack)  # read before the test's own find below
+        assert [r["method"] for r in made] == ["PATCH"], made
+        assert tables.find("agent_jobs", rid)["data"]["status"] == status
+
+
+def test_with_blind_writes_off_an_update_costs_a_find_and_a_write(stack, tables, supabase):
+    """The switch's "off" (the path before issue 21): every write takes the find (with the trash) first."""
+    rid = _agreed_job(stack, tables, supabase, "two-req")
+    with _blind_writes_off(stack):
+        _reset(stack)
+        supabase.query("UPDATE agent_jobs SET status = 'running' WHERE id = %s", (rid,))
+        _delivered(stack, supabase, [rid])
+        assert [r["method"] for r in _requests(stack)] == ["POST", "PATCH"]  # the query, the write
+    assert tables.find("agent_jobs", rid)["data"]["status"] == "running"
+
+
+def test_a_burst_of_updates_costs_at_most_0_02_requests_per_record(stack, tables, supabase):
+    n = 150
+    ids = [uid(f"burst{i}") for i in range(n)]
+    supabase.query("INSERT INTO agent_jobs (id, status) SELECT unnest(%s::text[]), 'queued'", (ids,))
+    stack.wait_quiet()
+    eventually(lambda: all(tables.find("agent_jobs", i) for i in ids[::37]))
+    stack.wait_quiet()
+    _reset(stack)
+    supabase.query("UPDATE agent_jobs SET status = 'burst' WHERE id = ANY(%s)", (ids,))
+    _delivered(stack, supabase, ids)
+    made = _requests(stack)
+    assert len(made) / n <= 0.02, (len(made), [(r["method"], r["path"]) for r in made])
+    assert {r["method"] for r in made} == {"PATCH"}
+    assert all(tables.find("agent_jobs", i)["data"]["status"] == "burst" for i in ids[::29])
+
+
+def test_a_person_s_edit_just_before_the_blind_write_is_merged_on_both_sides(stack, tables, supabase):
+    """The note reaches Tables while its delivery is late; the agent's status change is written blind (no find),
+    sending only the fields that changed since the base, so the note stays in Tables; its delivery (and the
+    write's) then bring it to Supabase: both changes end on both sides. (Before, with the whole record sent, the
+    note was overwritten and its delivery answered skipped_stale: lost.)"""
+    from shared.adapters.trigger_inbox import InboxClient
+
+    rid = _agreed_job(stack, tables, supabase, "blind-merge")
+    rec = tables.find("agent_jobs", rid)
+    client = InboxClient.for_tables(stack.tables_client())
+    inbox_id = stack.inboxes["agent_jobs_to_supabase"]
+    url = client.get(inbox_id).notification_url
+    client.update(inbox_id, None)  # the note's wake-up is late: its message waits in the inbox
+    try:
+        tables.patch("agent_jobs", rec["id"], {"error_message": "a person's note"})
+        _reset(stack)
+        supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
+        eventually(lambda: supabase.query("SELECT count(*) FROM zsync.outbox WHERE record_id = %s "
+                                          "AND acked_at IS NULL", (rid,)) == [(0,)])
+        assert [r["method"] for r in _requests(stack)] == ["PATCH"]  # blind: no find
+        # only the changed fields were sent: the note, not yet in Supabase, is still in Tables
+        assert tables.find("agent_jobs", rid)["data"].get("error_message") == "a person's note"
+    finally:
+        client.update(inbox_id, url)
+    stack.safety_drain()
+    stack.wait_quiet()
+    stack.sweep_outbox(0)
+    stack.wait_quiet()
+    row, found = supabase.row("agent_jobs", rid), tables.find("agent_jobs", rid)["data"]
+    assert (row["status"], row["error_message"]) == ("agent", "a person's note")
+    assert (found["status"], found["error_message"]) == ("agent", "a person's note")
+    assert supabase.query("SELECT count(*) FROM zsync.outbox WHERE record_id = %s AND acked_at IS NULL",
+                          (rid,)) == [(0,)]
+
+
+def test_a_person_s_later_edit_of_the_same_field_wins_over_the_blind_write(stack, tables, supabase):
+    """The agent changes status, then a person changes status in Tables (later), its delivery late; the blind
+    write overwrites the person's status in Tables. The person's delivery then meets the version Tables held
+    before (the prev the write kept, which its own echo must not drop): the later change - the person's - wins on
+    both sides. (Before zsync.blind_pending, the echo dropped the base: the person's status was lost.)"""
+    from shared.adapters.trigger_inbox import InboxClient
+
+    rid = _agreed_job(stack, tables, supabase, "blind-same")
+    rec = tables.find("agent_jobs", rid)
+    client = InboxClient.for_tables(stack.tables_client())
+    inbox_id = stack.inboxes["agent_jobs_to_supabase"]
+    url = client.get(inbox_id).notification_url
+    client.update(inbox_id, None)
+    try:
+        with _blind_writes_off(stack), stack.trash_paused():  # hold the drain: the webhook is lost for now
+            lost = stack.dropped_deliveries()["pgnet"]
+            stack.drop_deliveries(1.0)
+            try:
+                supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
+                eventually(lambda: stack.dropped_deliveries()["pgnet"] > lost)
+            finally:
+                stack.drop_deliveries(0.0)
+        time.sleep(0.01)
+        tables.patch("agent_jobs", rec["id"], {"status": "person"})  # later than the agent's change
+        _reset(stack)
+        assert stack.sweep_outbox(min_age_s=0) >= 1  # the agent's change, written blind
+        eventually(lambda: supabase.query("SELECT count(*) FROM zsync.outbox WHERE record_id = %s "
+                                          "AND acked_at IS NULL", (rid,)) == [(0,)])
+        assert [r["method"] for r in _requests(stack)] == ["PATCH"]
+    finally:
+        client.update(inbox_id, url)
+    stack.safety_drain()
+    stack.wait_quiet()
+    stack.sweep_outbox(0)
+    stack.wait_quiet()
+    audit = [(a["action"], a["metadata"].get("function"), a["metadata"].get("outcome"), a["metadata"].get("merged"),
+              a["metadata"].get("source_timestamp"), a["metadata"].get("changed_at"), a["metadata"].get("origin"))
+             for a in supabase.audit(rid)]
+    assert supabase.row("agent_jobs", rid)["status"] == "person", audit
+    assert tables.find("agent_jobs", rid)["data"]["status"] == "person"
+
+
+def test_the_stand_in_refuses_an_update_of_a_trashed_record_as_zapier_does(stack, tables, supabase):
+    """"Refused if any named record does not exist": a PATCH naming a trashed record changes nothing, not even
+    the live record named with it."""
+    a, b = uid("trash-a"), uid("trash-b")
+    ra = tables.create("agent_jobs", {"id": a, "status": "queued"})
+    rb = tables.create("agent_jobs", {"id": b, "status": "queued"})
+    delete_in_tables(tables, "agent_jobs", rb)
+    try:
+        tables.client.update_many(tables.ids["agent_jobs"], [(ra["id"], {"status": "x"}), (rb["id"], {"status": "x"})])
+    except TablesNotFound:
+        pass
+    else:
+        raise AssertionError("a PATCH of a trashed record was accepted")
+    assert tables.find("agent_jobs", a)["data"]["status"] == "queued"
+
+
+def test_an_update_of_a_record_deleted_in_tables_follows_the_delete_rules(stack, tables, supabase):
+    """The blind PATCH is refused (the record is in the trash), the drain forgets the Zapier id and takes the find
+    with the trash: the delete, later than the update, wins (not re-created in Tables, deleted in Supabase)."""
+    rid = _agreed_job(stack, tables, supabase, "blind-del")
+    rec = tables.find("agent_jobs", rid)
+    with contextmanager(lose_delete_events)(stack), stack.trash_paused():
+        lost = stack.dropped_deliveries()["pgnet"]
+        stack.drop_deliveries(1.0)  # the webhook is lost: the change waits in the outbox
+        try:
+            supabase.query("UPDATE agent_jobs SET status = 'running' WHERE id = %s", (rid,))
+            eventually(lambda: stack.dropped_deliveries()["pgnet"] > lost)
+            delete_in_tables(tables, "agent_jobs", rec)  # later than the update
+        finally:
+            stack.drop_deliveries(0.0)
+        _reset(stack)
+        assert stack.sweep_outbox(min_age_s=0) >= 1
+        stack.wait_quiet()
+        methods = [r["method"] for r in _requests(stack)]
+        assert methods[:2] == ["PATCH", "POST"], methods  # the refused PATCH, then the find with the trash
+        assert supabase.row("agent_jobs", rid) is None and tables.find("agent_jobs", rid) is None
+        assert tombstone(supabase, rid)[0][1] == "tables"
+        assert supabase.query("SELECT count(*) FROM zsync.tables_known WHERE record_id = %s", (rid,)) == [(0,)]
+
+
+def test_an_idless_tables_record_still_gets_its_id(stack, tables, supabase):
+    rec = tables.create("agent_jobs", {"status": "made by a person"})
+    zid = rec["id"]
+    eventually(lambda: supabase.row("agent_jobs", zid))
+    stack.wait_quiet()
+    eventually(lambda: tables.find("agent_jobs", zid) is not None)
+    supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (zid,))
+    eventually(lambda: tables.find("agent_jobs", zid)["data"]["status"] == "agent")
+    stack.wait_quiet()
+    assert len(tables.find_all("agent_jobs", zid)) == 1
+
+
+def test_a_redelivered_version_costs_no_tables_request(stack, tables, supabase):
+    """The version Tables' known copy holds already (its write answered it) is not written again: unchanged."""
+    from shared.core.spec import FUNCTIONS
+    from shared.services.sync import SupabaseWebhook
+    from shared.services.to_tables import apply_from_supabase
+    from tests.test_correctness import stack_context
+
+    rid = _agreed_job(stack, tables, supabase, "redeliver")
+    supabase.query("UPDATE agent_jobs SET status = 'running' WHERE id = %s", (rid,))
+    _delivered(stack, supabase, [rid])
+    stored = supabase.query("SELECT to_jsonb(t) FROM agent_jobs t WHERE id = %s", (rid,))[0][0]
+    hook = SupabaseWebhook.model_validate({"type": "UPDATE", "table": "agent_jobs", "schema": "public",
+                                           "record": stored})
+    _reset(stack)
+    outcome = apply_from_supabase(stack_context(stack), FUNCTIONS["agent_jobs_to_tables"], hook).outcome
+    assert outcome.value == "unchanged"
+    assert _requests(stack) == []
+    assert tables.find("agent_jobs", rid)["data"]["status"] == "running"
+
+
+def test_the_redefined_functions_follow_the_field_merge_migration():
+    """20261206000101 redefines zsync.agree and zsync.merge_decide_base (a replaced record keeps Supabase's field
+    times): each must be 20261205600101's text plus those lines only, so a change made there is not silently
+    undone here (update the copy when this fails)."""
+    from pathlib import Path
+
+    migrations = Path(__file__).resolve().parents[1] / "infra" / "supabase" / "migrations"
+    merge = (migrations / "20261205600101_zsync_field_merge.sql").read_text()
+    mine = (migrations / "20261206000101_zsync_one_request.sql").read_text()
+
+    def body(text: str, name: str) -> str:
+        start = text.index(f"CREATE OR REPLACE FUNCTION zsync.{name}(")
+        return text[start:text.index("\n$", start)]
+
+    def canon(text: str) -> str:
+        text = re.sub(r"--[^\n]*", "", text)
+        return " ".join(text.split())
+
+    agree = canon(body(mine, "agree"))
+    for added in ("v_fts jsonb;", "v_fts := NULL; IF v_prev IS NOT NULL THEN SELECT b.field_ts INTO v_fts FROM "
+                  "zsync.sync_base b WHERE b.table_name = v_name AND b.record_id = r.row ->> 'id'; END IF;",
+                  ", 'field_ts', v_fts"):
+        assert added in agree
+        agree = agree.replace(added, "", 1)
+    assert canon(agree).replace(") )", "))") == canon(body(merge, "agree"))
+    decide = canon(body(mine, "merge_decide_base"))
+    added = ("b.field_ts := CASE WHEN jsonb_typeof(v_rep -> 'field_ts') = 'object' THEN v_rep -> 'field_ts' "
+             "ELSE '{}'::jsonb END || coalesce(b.field_ts, '{}'::jsonb);")
+    assert added in decide
+    assert canon(decide.replace(added, "b.field_ts := NULL;", 1)) == canon(body(merge, "merge_decide_base"))
