@@ -650,6 +650,13 @@ def history(soak: Soak, v: Verdict, records: int = 8) -> list[str]:
                 merged = json.dumps(meta["merged"]) if meta.get("merged") else ""
                 out.append(f"    {ts.time()}  {meta.get('function')}  {meta.get('outcome')}  "
                            f"{meta.get('source_timestamp')}  {merged}")
+            for (replaced,) in conn.execute("SELECT replaced FROM zsync.sync_base WHERE record_id = %s", (rid,)):
+                out.append("    the writes' replaced Tables records (from / until / row's updated_at):")
+                for e in replaced or []:
+                    out.append(f"      {e.get('from')}  {e.get('until')}  {(e.get('row') or {}).get('updated_at')}")
+            for known, known_at in conn.execute("SELECT known, known_at FROM zsync.tables_known WHERE record_id = %s",
+                                                (rid,)):
+                out.append(f"    Tables' known copy: edited_at {known_at}, updated_at {known.get('updated_at')}")
     return out
 
 

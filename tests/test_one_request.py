@@ -11,9 +11,11 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
+import pytest
 import requests
 
 from shared.adapters.zapier_errors import TablesNotFound
@@ -101,9 +103,9 @@ def test_a_burst_of_updates_costs_at_most_0_02_requests_per_record(stack, tables
 
 def test_a_person_s_edit_just_before_the_blind_write_is_merged_on_both_sides(stack, tables, supabase):
     """The note reaches Tables while its delivery is late; the agent's status change is written blind (no find),
-    sending only the fields that changed since the base, so the note stays in Tables; its delivery (and the
-    write's) then bring it to Supabase: both changes end on both sides. (Before, with the whole record sent, the
-    note was overwritten and its delivery answered skipped_stale: lost.)"""
+    whole, so the note is overwritten in Tables for a moment; its delivery then meets the copy the write
+    replaced (the known copy, kept in zsync.sync_base.replaced): the note is merged with the agent's status
+    and written back, so both changes end on both sides."""
     from shared.adapters.trigger_inbox import InboxClient
 
     rid = _agreed_job(stack, tables, supabase, "blind-merge")
@@ -119,8 +121,8 @@ def test_a_person_s_edit_just_before_the_blind_write_is_merged_on_both_sides(sta
         eventually(lambda: supabase.query("SELECT count(*) FROM zsync.outbox WHERE record_id = %s "
                                           "AND acked_at IS NULL", (rid,)) == [(0,)])
         assert [r["method"] for r in _requests(stack)] == ["PATCH"]  # blind: no find
-        # only the changed fields were sent: the note, not yet in Supabase, is still in Tables
-        assert tables.find("agent_jobs", rid)["data"].get("error_message") == "a person's note"
+        # the whole record was sent: the note, not yet in Supabase, is overwritten in Tables for now
+        assert tables.find("agent_jobs", rid)["data"].get("error_message") is None
     finally:
         client.update(inbox_id, url)
     stack.safety_drain()
@@ -134,7 +136,8 @@ def test_a_person_s_edit_just_before_the_blind_write_is_merged_on_both_sides(sta
                           (rid,)) == [(0,)]
 
 
-def test_a_person_s_later_edit_of_the_same_field_wins_over_the_blind_write(stack, tables, supabase):
+@pytest.mark.parametrize("versioned", [False, True], ids=["cell_edit", "with_updated_at"])
+def test_a_person_s_later_edit_of_the_same_field_wins_over_the_blind_write(stack, tables, supabase, versioned):
     """The agent changes status, then a person changes status in Tables (later), its delivery late; the blind
     write overwrites the person's status in Tables. The person's delivery then meets the version Tables held
     before (the prev the write kept, which its own echo must not drop): the later change - the person's - wins on
@@ -157,7 +160,11 @@ def test_a_person_s_later_edit_of_the_same_field_wins_over_the_blind_write(stack
             finally:
                 stack.drop_deliveries(0.0)
         time.sleep(0.01)
-        tables.patch("agent_jobs", rec["id"], {"status": "person"})  # later than the agent's change
+        later = {"status": "person"}  # later than the agent's change (a cell edit, or a writer's updated_at)
+        if versioned:
+            agent_at = datetime.fromisoformat(supabase.row("agent_jobs", rid)["updated_at"])
+            later["updated_at"] = (agent_at + timedelta(milliseconds=10)).isoformat()
+        tables.patch("agent_jobs", rec["id"], later)
         _reset(stack)
         assert stack.sweep_outbox(min_age_s=0) >= 1  # the agent's change, written blind
         eventually(lambda: supabase.query("SELECT count(*) FROM zsync.outbox WHERE record_id = %s "

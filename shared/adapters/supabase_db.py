@@ -466,11 +466,13 @@ def sync_trashed_ids(conn: psycopg.Connection, spec: TableSpec, tables_ids: list
 
 class Known(NamedTuple):
     """A state of a record's Tables copy the sync saw: its Zapier record id (None: a trigger delivery, which
-    only moves a copy already known forward), the copy as a Supabase row, and Zapier's ``edited_at`` of it."""
+    only moves a copy already known forward), the copy as a Supabase row, Zapier's ``edited_at`` of it, and
+    whether it is the answer to the sync's own write."""
 
     tables_id: str | None
     row: Mapping[str, Any]
     edited_at: datetime | None
+    ours: bool = False  # the answer to the sync's own write (not an edit made in Tables)
 
 
 def remember_tables(conn: psycopg.Connection, spec: TableSpec, known: Mapping[str, Known]) -> int:
@@ -480,7 +482,7 @@ def remember_tables(conn: psycopg.Connection, spec: TableSpec, known: Mapping[st
         return 0
     payload = "[" + ",".join(
         f'{{"id":{json.dumps(rid)},"tables_id":{json.dumps(k.tables_id)},"row":{row_to_json(k.row)},'
-        f'"edited_at":{json.dumps(k.edited_at.isoformat() if k.edited_at else None)}}}'
+        f'"edited_at":{json.dumps(k.edited_at.isoformat() if k.edited_at else None)},"ours":{json.dumps(k.ours)}}}'
         for rid, k in sorted(known.items())) + "]"
     return conn.execute("SELECT zsync.remember_tables(%s, %s::jsonb)", (spec.name, payload)).fetchone()[0]
 

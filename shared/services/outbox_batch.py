@@ -62,6 +62,7 @@ from shared.services.to_tables import (
     known_copy,
     merged_outcome,
     pull_deliveries_for,
+    requeue_overwritten,
     write_blind,
 )
 
@@ -185,11 +186,9 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
         plan.outcomes[rid], plan.replaced[rid] = (Outcome.APPLIED, None), rep
     plan.outcomes.update({rid: (Outcome.UNCHANGED, None) for rid in blind.unchanged})
     plan.known.update(blind.known)
-    if blind.stopped:
-        plan.stopped = str(blind.stopped)[:300]
-        return
     items = [plan.items[rid] for rid in blind.fallback]
-    if not items:
+    if blind.stopped or not items:
+        plan.stopped = str(blind.stopped)[:300] if blind.stopped else None
         return
     try:
         # The trash too (same one request): a record deleted in Tables is not re-created by an older version.
@@ -284,9 +283,7 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
     def send(chunk: list[Any], create: bool) -> None:
         if create:
             made = _patient(lambda: ctx.tables.create_many(table_id, [i.fields for i in chunk]), deadline)
-            for item, rec in zip(chunk, made or [], strict=False):
-                if (copy := known_copy(spec, rec)) is not None:
-                    plan.known[item.id] = copy
+            plan.known.update({i.id: c for i, r in zip(chunk, made or [], strict=False) if (c := known_copy(spec, r))})
         else:
             written = _patient(lambda: ctx.tables.update_many(table_id, [(rid, i.fields) for i, rid in chunk]),
                                deadline)
@@ -328,10 +325,15 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
                 plan.outcomes[rid] = (Outcome.MERGED if rid in plan.merges else Outcome.APPLIED, None)
 
 
-def _record(conn: psycopg.Connection, fn: FunctionSpec, plan: _Plan, origin: str, exclude: list[str]) -> None:
+def _record(conn: psycopg.Connection, fn: FunctionSpec, plan: _Plan, origin: str, exclude: list[str],
+            recovered: bool = False) -> None:
     """Audit entries and acks of one batch in one call (plus failure counts); sets ``plan.more``: whether a
-    claim could take anything now besides ``exclude`` and what this batch hands on (failed, parked, deletes)."""
+    claim could take anything now besides ``exclude`` and what this batch hands on (failed, parked, deletes).
+    ``recovered`` (after the drain's transaction was lost): the locks are taken again (:func:`requeue_overwritten`)."""
     spec = fn.table
+    if recovered:
+        for rid in sorted(plan.outcomes):
+            supabase_db.lock_record(conn, spec, rid)
     now = datetime.now(UTC)
     entries: list[dict[str, Any]] = []
     acks: list[tuple[str, datetime | None, str]] = [(rid, None, "row_deleted") for rid in plan.gone]
@@ -358,6 +360,9 @@ def _record(conn: psycopg.Connection, fn: FunctionSpec, plan: _Plan, origin: str
     supabase_db.agree(conn, spec, bases, {rid: plan.replaced[rid] for rid in
                                           (r["id"] for r in bases) if rid in plan.replaced})
     supabase_db.remember_tables(conn, spec, plan.known)
+    if recovered:
+        requeue_overwritten(conn, spec, [plan.items[rid].row for rid, (o, _) in plan.outcomes.items()
+                                         if o in (Outcome.APPLIED, Outcome.MERGED)])
     plan.more = supabase_db.record_outbox_batch(conn, spec, entries, acks, exclude + handed_on)
     for rid, _, problems, _ in plan.failed:  # counted on the record's entries, parked after a few
         reason = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)[:2000]
@@ -398,7 +403,7 @@ def _drain_once(ctx: SyncContext, fn: FunctionSpec, limit: int, exclude: list[st
     except (supabase_db.DatabaseUnavailable, psycopg.Error):
         if not done:
             raise
-        ctx.db.run(lambda conn: _record(conn, fn, done[0], origin, exclude))
+        ctx.db.run(lambda conn: _record(conn, fn, done[0], origin, exclude, recovered=True))
         return done[0]
 
 

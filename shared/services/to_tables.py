@@ -95,6 +95,8 @@ def apply_from_supabase(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhoo
             apply_merged(conn, spec, merged)
         elif outcome in (Outcome.APPLIED, Outcome.UNCHANGED) and not hook:
             supabase_db.agree(conn, spec, [row], replaced)  # Tables holds this row now
+            if outcome is Outcome.APPLIED:
+                requeue_overwritten(conn, spec, [row])
         supabase_db.remember_tables(conn, spec, known)
         if outcome is not Outcome.QUEUED:  # (queued: left to a Tables edit's deliveries, see merged_outcome)
             supabase_db.ack_outbox(conn, spec, row["id"], row.get(spec.version or ""), outcome.value)
@@ -171,11 +173,11 @@ class Blind:
     stopped: Exception | None = None  # Tables unavailable: the chunks from there on are not written
 
 
-def known_copy(spec: TableSpec, record: Record) -> supabase_db.Known | None:
-    """A Tables record the sync read or wrote, as :func:`supabase_db.remember_tables` keeps it (None when it
-    cannot be read as a row: such a record is found again next time)."""
+def known_copy(spec: TableSpec, record: Record, *, ours: bool = True) -> supabase_db.Known | None:
+    """A Tables record the sync wrote (``ours``) or read, as :func:`supabase_db.remember_tables` keeps it (None
+    when it cannot be read as a row: such a record is found again next time)."""
     try:
-        return supabase_db.Known(record.id, tables_row(spec, record), _tables_edited_at(record))
+        return supabase_db.Known(record.id, tables_row(spec, record), _tables_edited_at(record), ours)
     except InvalidRecord:
         return None
 
@@ -267,7 +269,7 @@ def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec
     live = [r for r in found if not r.deleted_at]
     existing = (live[0] if len(live) == 1 else _remove_duplicates(ctx, conn, spec, table_id, row["id"])) \
         if live else None
-    if existing is not None and (copy := known_copy(spec, existing)) is not None:
+    if existing is not None and (copy := known_copy(spec, existing, ours=False)) is not None:
         known[row["id"]] = copy
     idless = False
     if existing is None:
@@ -327,6 +329,24 @@ def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec
         # edit as _tables_version did, and knows the updated_at Tables' copy still carries.
         push_back(ctx, conn, spec, as_read, edited_at)
     return outcome, None
+
+
+def requeue_overwritten(conn: psycopg.Connection, spec: TableSpec, rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """After the sync wrote ``rows`` to Tables: a row Supabase has moved on from with no change of its own
+    pending was applied from Tables in the meantime - which only happens when the write's transaction was lost
+    and its outcome recorded in a fresh one, without the record's lock - so our write overwrote that Tables edit
+    there: Supabase's row is queued for Tables again. -> the ids queued."""
+    version = spec.version or ""
+    queued = []
+    for row in sorted(rows, key=lambda r: r["id"]):
+        later = supabase_db.later_row(conn, spec, row)
+        if later is None:
+            continue
+        at = parse_supabase_record(spec, later).get(version)
+        if supabase_db.outbox_state(conn, spec, row["id"], at) != "pending":
+            supabase_db.announce(conn, spec, row["id"])
+            queued.append(row["id"])
+    return queued
 
 
 def pull_deliveries_for(ctx: SyncContext, fn: FunctionSpec) -> None:

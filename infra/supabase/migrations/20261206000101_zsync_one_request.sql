@@ -24,6 +24,7 @@ CREATE TABLE IF NOT EXISTS zsync.tables_known (
     known jsonb NOT NULL,  -- the Tables copy as a Supabase row (its own updated_at)
     known_at timestamp with time zone,  -- Zapier's edited_at of that state
     seen_at timestamp with time zone DEFAULT now() NOT NULL,
+    edited_seen_at timestamp with time zone,  -- when an edit made in Tables (not the sync's) last moved it forward
     CONSTRAINT tables_known_pkey PRIMARY KEY (table_name, record_id)
 );
 
@@ -31,6 +32,8 @@ CREATE TABLE IF NOT EXISTS zsync.tables_known (
 REVOKE ALL ON TABLE zsync.tables_known FROM zsync_sync;
 
 INSERT INTO zsync.config (key, value) VALUES ('blind_writes', '"on"') ON CONFLICT (key) DO NOTHING;
+-- A record edited in Tables less than this long ago is found before it is written (zsync.blind_plan).
+INSERT INTO zsync.config (key, value) VALUES ('blind_quiet_s', '30') ON CONFLICT (key) DO NOTHING;
 
 -- Whether *_to_tables writes go blind: the session's zsync.blind_writes when set, else zsync.config.
 CREATE OR REPLACE FUNCTION zsync.blind_writes_on() RETURNS boolean
@@ -41,9 +44,11 @@ CREATE OR REPLACE FUNCTION zsync.blind_writes_on() RETURNS boolean
                     (SELECT c.value #>> '{}' FROM zsync.config c WHERE c.key = 'blind_writes'), 'on') <> 'off'
 $$;
 
--- What the sync learned of Tables copies: p_items = [{"id", "tables_id", "row", "edited_at"}] (tables_id
--- NULL: a trigger delivery, which only moves a copy already known forward). A state older than the one known
--- is ignored; a new Zapier id replaces the old one. -> how many were written.
+-- What the sync learned of Tables copies: p_items = [{"id", "tables_id", "row", "edited_at", "ours"}] - a find's
+-- read, a write's answer ("ours": true), or a trigger delivery (tables_id NULL: it only moves a copy already
+-- known forward). A state older than the one known is ignored; a new Zapier id replaces the old one. A state
+-- that moves the copy forward and is not the sync's own write is an edit made in Tables: edited_seen_at (this
+-- database's clock) marks the record as being edited there (zsync.blind_plan). -> how many were written.
 CREATE OR REPLACE FUNCTION zsync.remember_tables(p_table text, p_items jsonb) RETURNS integer
     LANGUAGE plpgsql SECURITY DEFINER
     SET "TimeZone" TO 'UTC'
@@ -56,25 +61,27 @@ BEGIN
     IF jsonb_typeof(p_items) IS DISTINCT FROM 'array' THEN
         RETURN 0;
     END IF;
-    -- one entry per record: the latest state given (a batch may carry several of one record)
+    -- one state per record, the latest given; edited: when this state counts as an edit made in Tables
+    -- (-infinity: the sync's own write)
     WITH given AS (
         SELECT DISTINCT ON (e.v ->> 'id') e.v ->> 'id' AS record_id, e.v ->> 'tables_id' AS tables_id,
-               e.v -> 'row' AS known, (e.v ->> 'edited_at')::timestamptz AS known_at
+               e.v -> 'row' AS known, (e.v ->> 'edited_at')::timestamptz AS known_at,
+               CASE WHEN coalesce((e.v ->> 'ours')::boolean, false) THEN '-infinity'::timestamptz ELSE now() END AS edited
         FROM jsonb_array_elements(p_items) e(v)
-        WHERE e.v ->> 'id' IS NOT NULL AND jsonb_typeof(e.v -> 'row') = 'object'
-        ORDER BY e.v ->> 'id', (e.v ->> 'tables_id') IS NULL, (e.v ->> 'edited_at')::timestamptz DESC NULLS LAST),
-    found AS (
-        INSERT INTO zsync.tables_known AS k (table_name, record_id, tables_id, known, known_at)
-        SELECT p_table, g.record_id, g.tables_id, g.known, g.known_at FROM given g
-        WHERE g.tables_id IS NOT NULL
-        ORDER BY g.record_id
+        WHERE e.v ->> 'id' IS NOT NULL AND e.v ->> 'tables_id' IS NOT NULL AND jsonb_typeof(e.v -> 'row') = 'object'
+        ORDER BY e.v ->> 'id', (e.v ->> 'edited_at')::timestamptz DESC NULLS LAST),
+    done AS (
+        INSERT INTO zsync.tables_known AS k (table_name, record_id, tables_id, known, known_at, edited_seen_at)
+        SELECT p_table, g.record_id, g.tables_id, g.known, g.known_at, g.edited FROM given g ORDER BY g.record_id
         ON CONFLICT ON CONSTRAINT tables_known_pkey DO UPDATE
-            SET tables_id = EXCLUDED.tables_id, known = EXCLUDED.known, known_at = EXCLUDED.known_at, seen_at = now()
+            SET tables_id = EXCLUDED.tables_id, known = EXCLUDED.known, known_at = EXCLUDED.known_at, seen_at = now(),
+                edited_seen_at = CASE WHEN EXCLUDED.known_at > coalesce(k.known_at, '-infinity')
+                                      THEN greatest(EXCLUDED.edited_seen_at, k.edited_seen_at) ELSE k.edited_seen_at END
             WHERE k.tables_id IS DISTINCT FROM EXCLUDED.tables_id
                OR EXCLUDED.known_at >= coalesce(k.known_at, '-infinity')
         RETURNING 1)
-    SELECT count(*)::integer INTO n FROM found;
-    UPDATE zsync.tables_known k SET known = g.known, known_at = g.known_at, seen_at = now()
+    SELECT count(*)::integer INTO n FROM done;
+    UPDATE zsync.tables_known k SET known = g.known, known_at = g.known_at, seen_at = now(), edited_seen_at = now()
     FROM (SELECT DISTINCT ON (e.v ->> 'id') e.v ->> 'id' AS record_id, e.v -> 'row' AS known,
                  (e.v ->> 'edited_at')::timestamptz AS known_at
           FROM jsonb_array_elements(p_items) e(v)
@@ -102,8 +109,10 @@ END
 $$;
 
 -- Which of p_ids a *_to_tables function may write blind (one PATCH by Zapier id, no find): both switches on,
--- the Supabase row there, its Tables copy known. -> per such record: its Zapier id, the known state of its copy
--- (what the write sends the differences from, and replaces) and that state's edited_at.
+-- the Supabase row there, its Tables copy known, and no edit made in Tables seen for zsync.config blind_quiet_s
+-- (a record people or Zapier agents are editing is likely to have another edit on its way, which a blind write
+-- would overwrite until the merge puts it back: such records are found first, as before). -> per such record:
+-- its Zapier id, the known state of its copy (what the write replaces) and that state's edited_at.
 CREATE OR REPLACE FUNCTION zsync.blind_plan(p_table regclass, p_ids text[])
     RETURNS TABLE(record_id text, tables_id text, known jsonb, known_at timestamp with time zone)
     LANGUAGE plpgsql STABLE SECURITY DEFINER
@@ -119,8 +128,10 @@ BEGIN
         SELECT k.record_id, k.tables_id, k.known, k.known_at
         FROM zsync.tables_known k JOIN %s t ON t.id = k.record_id
         WHERE k.table_name = $1 AND k.record_id = ANY ($2)
+          AND (k.edited_seen_at IS NULL OR k.edited_seen_at < now() - make_interval(secs => $3))
         ORDER BY k.record_id $q$, p_table)
-        USING (SELECT relname::text FROM pg_class WHERE oid = p_table), p_ids;
+        USING (SELECT relname::text FROM pg_class WHERE oid = p_table), p_ids,
+              coalesce((SELECT (c.value #>> '{}')::float8 FROM zsync.config c WHERE c.key = 'blind_quiet_s'), 30);
 END
 $_$;
 
