@@ -51,6 +51,7 @@ def apply_tables_delete(ctx: SyncContext, spec: TableSpec, record_id: str, delet
     def work(conn: psycopg.Connection) -> Outcome:
         supabase_db.lock_record(conn, spec, record_id)
         result = Outcome(supabase_db.apply_tables_delete(conn, spec, record_id, deleted_at))
+        supabase_db.forget_tables(conn, spec, [record_id])  # its Tables copy is gone: a write finds it first
         if result in (Outcome.APPLIED, Outcome.SKIPPED_STALE):
             supabase_db.append_audit(conn, audit.delete_entry(fn, record_id, deleted_at, datetime.now(UTC), result,
                                                               changed_at=deleted_at))
@@ -109,6 +110,7 @@ def _delete_from_supabase(ctx: SyncContext, fn: FunctionSpec, record_id: str) ->
     def record(conn: psycopg.Connection, outcome: Outcome, tomb: datetime | None) -> None:
         if trashed:  # the sync's own delete: never taken for a person's delete in the trash
             supabase_db.note_sync_trashed(conn, spec, record_id, trashed)
+            supabase_db.forget_tables(conn, spec, [record_id])
         if tomb is None:
             return
         if outcome in (Outcome.APPLIED, Outcome.SKIPPED_STALE):
