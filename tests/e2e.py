@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import psycopg
@@ -25,6 +26,22 @@ def eventually(probe: Callable[[], T | None], timeout_s: float = 15.0, interval_
             raise AssertionError(f"condition not met within {timeout_s} s (last: {value!r})")
         time.sleep(interval_s)
 
+
+
+@contextmanager
+def blind_writes_off(stack: Any) -> Iterator[None]:
+    """zsync.config 'blind_writes' off for the block (on is the default): every *_to_tables write finds its
+    Tables record first - the path whose own merge a test watches (records edited in Tables within
+    ``blind_quiet_s`` take it with the switch on too)."""
+    def put(value: str) -> None:
+        with psycopg.connect(stack.database_url, autocommit=True) as conn:
+            conn.execute("UPDATE zsync.config SET value = to_jsonb(%s::text) WHERE key = 'blind_writes'", (value,))
+
+    put("off")
+    try:
+        yield
+    finally:
+        put("on")
 
 
 def uid(prefix: str) -> str:

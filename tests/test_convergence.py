@@ -346,6 +346,18 @@ def outbox_versions(stack: Any, record_ids: list[str], after_id: int) -> dict[st
     return out
 
 
+def merged_versions(stack: Any, record_ids: list[str]) -> dict[str, set[datetime]]:
+    """The versions the field merge made (audited ``merged``): new versions by design, not echoes. A write to
+    Tables made without reading it first (issue 21's one request) may overwrite a Tables writer's record there;
+    its delivery is then merged, field by field, against the record the write replaced."""
+    out: dict[str, set[datetime]] = defaultdict(set)
+    with psycopg.connect(stack.database_url, autocommit=True) as conn:
+        for rid, ts in conn.execute("SELECT resource_id, (metadata ->> 'source_timestamp')::timestamptz FROM audit_log "
+                                    "WHERE resource_id = ANY(%s) AND metadata ->> 'outcome' = 'merged'", (record_ids,)):
+            out[rid].add(ts)
+    return out
+
+
 def tables_writes(stack: Any) -> dict[str, int]:
     writes = stack.tables.stats()["writes"]
     return {t: writes.get(stack.table_ids[t], 0) for t in WEBHOOK_TABLES}
@@ -394,6 +406,8 @@ def converge(stack: Any, size: Size, seed: int, *, tables_lock: bool = True) -> 
     user_versions = defaultdict(set)
     for w in harness.writes:
         user_versions[w.record_id].add(w.ts)
+    for rid, merged in merged_versions(stack, ids).items():
+        user_versions[rid] |= merged
     supabase_side = outbox_versions(stack, ids, outbox_mark)
     for rid, versions in supabase_side.items():
         assert versions == sorted(set(versions)), (rid, versions)  # strictly increasing: no version twice

@@ -9,32 +9,16 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
-import psycopg
 import pytest
 import requests
 
 from shared.adapters.zapier_errors import TablesNotFound
-from tests.e2e import eventually, uid
+from tests.e2e import blind_writes_off, eventually, uid
 from tests.test_tables_deletes import delete_in_tables, lose_delete_events, tombstone
-
-
-def _set_blind_writes(stack: Any, value: str) -> None:
-    with psycopg.connect(stack.database_url, autocommit=True) as conn:
-        conn.execute("UPDATE zsync.config SET value = to_jsonb(%s::text) WHERE key = 'blind_writes'", (value,))
-
-
-@contextmanager
-def _blind_writes_off(stack: Any) -> Iterator[None]:
-    _set_blind_writes(stack, "off")
-    try:
-        yield
-    finally:
-        _set_blind_writes(stack, "on")  # the default (zsync.config 'blind_writes')
 
 
 def _requests(stack: Any) -> list[dict]:
@@ -77,7 +61,7 @@ def test_a_single_agent_update_costs_one_tables_request(stack, tables, supabase)
 def test_with_blind_writes_off_an_update_costs_a_find_and_a_write(stack, tables, supabase):
     """The switch's "off" (the path before issue 21): every write takes the find (with the trash) first."""
     rid = _agreed_job(stack, tables, supabase, "two-req")
-    with _blind_writes_off(stack):
+    with blind_writes_off(stack):
         _reset(stack)
         supabase.query("UPDATE agent_jobs SET status = 'running' WHERE id = %s", (rid,))
         _delivered(stack, supabase, [rid])
@@ -151,7 +135,7 @@ def test_a_person_s_later_edit_of_the_same_field_wins_over_the_blind_write(stack
     url = client.get(inbox_id).notification_url
     client.update(inbox_id, None)
     try:
-        with _blind_writes_off(stack), stack.trash_paused():  # hold the drain: the webhook is lost for now
+        with blind_writes_off(stack), stack.trash_paused():  # hold the drain: the webhook is lost for now
             lost = stack.dropped_deliveries()["pgnet"]
             stack.drop_deliveries(1.0)
             try:
