@@ -180,7 +180,7 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
         return
     table_id = ctx.table_id(spec)
     # Records whose Tables copy is known: one PATCH by Zapier id per 100, no find (write_blind)
-    blind = write_blind(ctx, conn, spec, table_id, {i.id: i.fields for i in items},
+    blind = write_blind(ctx, conn, spec, table_id, {i.id: (i.row, i.fields) for i in items},
                         lambda call: _patient(call, deadline))
     for rid, rep in blind.written.items():
         plan.outcomes[rid], plan.replaced[rid] = (Outcome.APPLIED, None), rep
@@ -351,7 +351,8 @@ def _record(conn: psycopg.Connection, fn: FunctionSpec, plan: _Plan, origin: str
             bases.append(item.row)
         if parked is not None:
             entries.append(parked)
-        if outcome is not Outcome.QUEUED:  # queued: the entry stays pending (the sweeper sends it again)
+        if outcome is not Outcome.QUEUED and not (recovered and outcome is Outcome.SKIPPED_STALE):
+            # (queued: pending for the sweeper; skipped_stale recovered: its push-back was in the lost transaction)
             acks.append((rid, item.row.get(spec.version or ""), outcome.value))
     for rid, row, problems, status in plan.failed:
         entries.append(audit.failed_entry(fn, _webhook_body(spec.name, row), problems, now, rid, status))

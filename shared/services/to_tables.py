@@ -5,6 +5,7 @@ many records at once).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -191,8 +192,8 @@ def _holds(spec: TableSpec, fields: dict[str, Any], known: Mapping[str, Any]) ->
 
 
 def write_blind(ctx: SyncContext, conn: psycopg.Connection, spec: TableSpec, table_id: str,
-                fields: Mapping[str, dict[str, Any]], call: Callable[[Callable[[], Any]], Any] = lambda f: f()
-                ) -> Blind:
+                rows: Mapping[str, tuple[Mapping[str, Any], dict[str, Any]]],
+                call: Callable[[Callable[[], Any]], Any] = lambda f: f()) -> Blind:
     """Issue 21 item 3: write the records whose Tables copy is known (zsync.blind_plan) by Zapier id, <= 100
     per PATCH, without a find: one request for a single change (none when the known copy is this version).
     What the find guarded, the merge keeps: each write passes the known copy to :func:`supabase_db.agree` as the
@@ -202,14 +203,25 @@ def write_blind(ctx: SyncContext, conn: psycopg.Connection, spec: TableSpec, tab
     cells with Supabase's older ``updated_at``, and its echo would read as a cell edit at Zapier's time. A PATCH
     refused because a record is gone (deleted in Tables, a wrong id: Zapier refuses the whole request) forgets
     the chunk's ids and hands it to the find path (the trash and the delete rules); a refused value hands it
-    there too (which finds the record that is refused)."""
+    there too (which finds the record that is refused). ``rows``: id -> (the row, its Tables fields). Only a
+    row later than the known copy is written blind; a known copy that is later (Tables moved on: a delayed or
+    re-sent change) takes the find, whose rule pushes Tables' version back."""
     from shared.adapters.zapier_errors import TablesNotFound, TablesRejected, TablesUnavailable
     from shared.adapters.zapier_tables import BATCH_MAX
 
-    plan = supabase_db.blind_plan(conn, spec, list(fields)) if spec.version else {}
-    result = Blind({}, {}, [rid for rid in fields if rid not in plan])
-    result.unchanged = [rid for rid in fields if rid in plan and _holds(spec, fields[rid], plan[rid].row)]
-    ids = [rid for rid in fields if rid in plan and rid not in result.unchanged]
+    fields = {rid: f for rid, (_, f) in rows.items()}
+    plan = supabase_db.blind_plan(conn, spec, list(rows)) if spec.version else {}
+    known: dict[str, dict[str, Any]] = {}
+    for rid in plan:
+        with contextlib.suppress(InvalidRecord):  # (a copy that is not a row any more: the find reads it)
+            known[rid] = parse_supabase_record(spec, dict(plan[rid].row))
+    plan = {rid: k for rid, k in plan.items() if rid in known}
+    order = list(known)
+    later = dict(zip(order, conflict.compare_many(conn, spec, [(rows[rid][0], known[rid]) for rid in order]),
+                     strict=True))
+    result = Blind({}, {}, [rid for rid in rows if rid not in plan or later[rid] < 0])
+    result.unchanged = [rid for rid in order if later[rid] == 0 and _holds(spec, fields[rid], plan[rid].row)]
+    ids = [rid for rid in order if later[rid] > 0 or (later[rid] == 0 and rid not in result.unchanged)]
     for start in range(0, len(ids), BATCH_MAX):
         chunk = ids[start:start + BATCH_MAX]
         if result.stopped:
@@ -235,8 +247,7 @@ def write_blind(ctx: SyncContext, conn: psycopg.Connection, spec: TableSpec, tab
         for r in chunk:
             rec = by_tid.get(plan[r].tables_id)
             written_at = _tables_edited_at(rec) if rec is not None else None
-            result.written[r] = supabase_db.Replaced(parse_supabase_record(spec, dict(plan[r].row)), plan[r].edited_at,
-                                                     written_at)
+            result.written[r] = supabase_db.Replaced(known[r], plan[r].edited_at, written_at)
             copy = known_copy(spec, rec) if rec is not None else None
             if copy is not None:
                 result.known[r] = copy
@@ -254,7 +265,7 @@ def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec
     spec = fn.table
     table_id = ctx.table_id(spec)
     known = {} if known is None else known
-    blind = write_blind(ctx, conn, spec, table_id, {row["id"]: fields})
+    blind = write_blind(ctx, conn, spec, table_id, {row["id"]: (row, fields)})
     if blind.stopped:
         raise blind.stopped
     if row["id"] in blind.unchanged:  # Tables' known copy is this version already (a redelivery)
