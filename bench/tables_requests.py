@@ -192,18 +192,23 @@ def to_tables(people: People, ids: list[str], burst: bool) -> Count:
 
 
 def measure(stack: Any, singles: int = 20, burst: int = 200) -> dict[str, Count]:
-    """The four figures (``to_supabase single|burst``, ``to_tables single|burst``) on a running stack."""
+    """The four figures with goals (``to_supabase single|burst``, ``to_tables single|burst``) and one shown
+    (``to_tables single, just edited in Tables``) on a running stack."""
     assert TABLES[TABLE].version
     people = People(stack)
     try:
         run = uuid.uuid4().hex[:6]
-        recs = people.jobs(singles + burst, run)
+        recs = people.jobs(2 * singles + burst, run)
         ids = sorted(recs)
-        single_ids, burst_ids = ids[:singles], ids[singles:]
+        # agents' single changes of records nobody edited in Tables lately (the common case: written by their
+        # Zapier id, no find), and of the records people edited just before (found first: zsync.config
+        # blind_quiet_s, 30 s; shown, no goal)
+        edited_ids, quiet_ids, burst_ids = ids[:singles], ids[singles:2 * singles], ids[2 * singles:]
         return {
-            "to_supabase single": to_supabase(people, recs, single_ids, burst=False),
+            "to_supabase single": to_supabase(people, recs, edited_ids, burst=False),
             "to_supabase burst": to_supabase(people, recs, burst_ids, burst=True),
-            "to_tables single": to_tables(people, single_ids, burst=False),
+            "to_tables single": to_tables(people, quiet_ids, burst=False),
+            "to_tables single, just edited in Tables": to_tables(people, edited_ids, burst=False),
             "to_tables burst": to_tables(people, burst_ids, burst=True),
         }
     finally:
@@ -212,28 +217,32 @@ def measure(stack: Any, singles: int = 20, burst: int = 200) -> dict[str, Count]
 
 GOALS = {"to_supabase single": GOAL_TO_SUPABASE, "to_supabase burst": GOAL_TO_SUPABASE,
          "to_tables single": GOAL_TO_TABLES_SINGLE, "to_tables burst": GOAL_TO_TABLES_BURST}
+INFO = {"to_tables single, just edited in Tables": 2.0}  # shown with what it costs by design, not a goal
 LABELS = {"to_supabase single": "tables->supabase, single changes", "to_supabase burst": "tables->supabase, burst",
-          "to_tables single": "supabase->tables, single changes", "to_tables burst": "supabase->tables, burst"}
+          "to_tables single": "supabase->tables, single changes",
+          "to_tables single, just edited in Tables": "supabase->tables, single, record edited in Tables <30 s ago",
+          "to_tables burst": "supabase->tables, burst"}
 
 
 def summary(counts: dict[str, Count]) -> list[tuple[str, str, str]]:
     """Rows for `make bench`'s SUMMARY: (figure, measured, goal)."""
     rows = []
     for key, c in counts.items():
-        goal = GOALS[key]
-        verdict = "ok" if c.per_change() <= goal else "OVER"
+        goal = GOALS.get(key, INFO.get(key, 0.0))
+        verdict = ("ok" if c.per_change() <= goal else "OVER") if key in GOALS else "(info)"
         rows.append((f"Tables requests/change {LABELS[key]}",
                      f"{c.per_change():.3f} ({c.records_api} for {c.changes}; inbox {c.inbox}, "
                      f"token {c.token}) {verdict}",
-                     f"<= {goal:g} records-API requests per change"))
+                     f"<= {goal:g} records-API requests per change" if key in GOALS else "find + write (info)"))
     return rows
 
 
 def report(counts: dict[str, Count]) -> list[tuple[str, str, str]]:
     print("Tables requests per change (the sync's, from the stand-in's request log; people's writes excluded)")
     for key, c in counts.items():
+        goal = f"goal <= {GOALS[key]:g}" if key in GOALS else "no goal"
         print(f"  {LABELS[key]:<34} {c.changes:>4} changes: records API {c.records_api} "
-              f"({c.per_change():.3f}/change, goal <= {GOALS[key]:g}), inbox {c.inbox} "
+              f"({c.per_change():.3f}/change, {goal}), inbox {c.inbox} "
               f"({c.per_change('inbox'):.3f}/change), token {c.token}, other {c.other}")
         for what, n in sorted((c.paths or Counter()).items(), key=lambda kv: -kv[1])[:6]:
             print(f"      {n:>5}  {what}")

@@ -32,3 +32,10 @@ def test_the_count_sees_the_sync_and_not_the_people(stack, counts):
     assert counts["to_tables single"].records_api >= counts["to_tables single"].changes
     assert counts["to_tables burst"].records_api >= 1
     assert all(c.other == 0 for c in counts.values())
+
+
+def test_a_record_just_edited_in_tables_is_found_before_it_is_written(counts):
+    """The other side of the one-request path: a record people edited in Tables less than blind_quiet_s ago is
+    found first (a find and a write), so an edit of theirs still on its way is read, not overwritten."""
+    c = counts["to_tables single, just edited in Tables"]
+    assert c.records_api == 2 * c.changes, dict(c.paths or {})
