@@ -265,7 +265,9 @@ def test_the_redefined_functions_follow_the_field_merge_migration():
         agree = agree.replace(added, "", 1)
     assert canon(agree).replace(") )", "))") == canon(body(merge, "agree"))
     decide = canon(body(mine, "merge_decide_base"))
-    added = ("b.field_ts := CASE WHEN jsonb_typeof(v_rep -> 'field_ts') = 'object' THEN v_rep -> 'field_ts' "
-             "ELSE '{}'::jsonb END || coalesce(b.field_ts, '{}'::jsonb);")
+    added = ("b.field_ts := CASE WHEN jsonb_typeof(v_rep -> 'field_ts') = 'object' "
+             "AND (v_rep ->> 'until')::timestamptz >= (SELECT max((e.v ->> 'until')::timestamptz) "
+             "FROM jsonb_array_elements(b.replaced) e(v)) "
+             "THEN (v_rep -> 'field_ts') || coalesce(b.field_ts, '{}'::jsonb) END;")
     assert added in decide
     assert canon(decide.replace(added, "b.field_ts := NULL;", 1)) == canon(body(merge, "merge_decide_base"))

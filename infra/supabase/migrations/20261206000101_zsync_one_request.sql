@@ -266,9 +266,12 @@ BEGIN
         b.version := date_trunc('milliseconds', (v_rep -> 'row' ->> 'updated_at')::timestamptz);
         b.hash := (SELECT v.hash FROM zsync.version_of(p_table, v_rep -> 'row') v);
         b.tables_ts := b.version;
-        -- Supabase's fields at the times it changed them: as they were at that write, and any changed since
-        b.field_ts := CASE WHEN jsonb_typeof(v_rep -> 'field_ts') = 'object' THEN v_rep -> 'field_ts' ELSE '{}'::jsonb END
-                      || coalesce(b.field_ts, '{}'::jsonb);
+        -- Supabase's fields at the times it changed them, when that write is the last one: as they were at the
+        -- write, and any changed since (stamped on the base); after a later write, its row's version (a field
+        -- may have changed again since, unstamped)
+        b.field_ts := CASE WHEN jsonb_typeof(v_rep -> 'field_ts') = 'object' AND (v_rep ->> 'until')::timestamptz
+                                >= (SELECT max((e.v ->> 'until')::timestamptz) FROM jsonb_array_elements(b.replaced) e(v))
+                           THEN (v_rep -> 'field_ts') || coalesce(b.field_ts, '{}'::jsonb) END;
         v_over := true;
         IF t.hash = b.hash THEN
             action := 'supabase';  -- that very record: nothing changed in Tables since
