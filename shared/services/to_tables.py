@@ -247,7 +247,7 @@ def write_blind(ctx: SyncContext, conn: psycopg.Connection, spec: TableSpec, tab
         for r in chunk:
             rec = by_tid.get(plan[r].tables_id)
             written_at = _tables_edited_at(rec) if rec is not None else None
-            result.written[r] = supabase_db.Replaced(known[r], plan[r].edited_at, written_at)
+            result.written[r] = supabase_db.Replaced(known[r], plan[r].edited_at, written_at, blind=True)
             copy = known_copy(spec, rec) if rec is not None else None
             if copy is not None:
                 result.known[r] = copy
