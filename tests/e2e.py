@@ -50,6 +50,22 @@ def blind_writes_off(stack: Any) -> Any:
     return blind_writes(stack, False)
 
 
+@contextmanager
+def late_deliveries(stack: Any, function: str = "agent_jobs_to_supabase") -> Iterator[None]:
+    """The trigger inbox of ``function`` sends no wake-up for the block (its notification URL unset): Tables
+    edits made meanwhile wait in the inbox, their deliveries late; wired again afterwards."""
+    from shared.adapters.trigger_inbox import InboxClient
+
+    client = InboxClient.for_tables(stack.tables_client())
+    inbox_id = stack.inboxes[function]
+    url = client.get(inbox_id).notification_url
+    client.update(inbox_id, None)
+    try:
+        yield
+    finally:
+        client.update(inbox_id, url)
+
+
 def uid(prefix: str) -> str:
     """A unique record id for one test (tests share one stack)."""
     return f"{prefix}-{uuid.uuid4().hex[:10]}"

@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from infra.local.postgres import create_database, prepare_database
-from tests.e2e import eventually, uid
+from tests.e2e import eventually, late_deliveries, uid
 
 T = "public.agent_jobs"
 
@@ -330,17 +330,11 @@ def test_both_sides_changed_before_the_drain_ran_the_drain_merges_once(stack, ta
     """A person's note reaches Tables while its delivery is late; the agent's status change is drained: the
     *_to_tables drain finds both changed since the base and writes the merged record to both sides, audited
     once as a merge naming the fields of each side."""
-    from shared.adapters.trigger_inbox import InboxClient
-
     rid = uid("drain-merge")
     supabase.query("INSERT INTO agent_jobs (id, status) VALUES (%s, 'queued')", (rid,))
     rec = eventually(lambda: tables.find("agent_jobs", rid))
     stack.wait_quiet()
-    client = InboxClient.for_tables(stack.tables_client())
-    inbox_id = stack.inboxes["agent_jobs_to_supabase"]
-    url = client.get(inbox_id).notification_url
-    client.update(inbox_id, None)  # the note's wake-up is late: its message waits in the inbox
-    try:
+    with late_deliveries(stack):  # the note's wake-up is late: its message waits in the inbox
         tables.patch("agent_jobs", rec["id"], {"error_message": "a person's note"})
         supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
         try:
@@ -353,8 +347,6 @@ def test_both_sides_changed_before_the_drain_ran_the_drain_merges_once(stack, ta
             print("TABLES", tables.find("agent_jobs", rid))
             print("OUTBOX", supabase.query("SELECT * FROM zsync.outbox WHERE record_id = %s", (rid,)))
             raise
-    finally:
-        client.update(inbox_id, url)
     stack.safety_drain()
     stack.wait_quiet()
     stack.sweep_outbox(0)
@@ -460,27 +452,22 @@ def test_reconcile_does_not_write_supabases_row_over_a_newer_cell_edit(stack, ta
     another field: reconcile decides as the functions do - both kept - instead of Supabase's later record
     overwriting the edit."""
     from infra.reconcile import reconcile
-    from shared.adapters.trigger_inbox import InboxClient
     from tests.test_correctness import stack_context
 
     rid = uid("recon-cell")
     supabase.query("INSERT INTO agent_jobs (id, status) VALUES (%s, 'queued')", (rid,))
     rec = eventually(lambda: tables.find("agent_jobs", rid))
     stack.wait_quiet()
-    client = InboxClient.for_tables(stack.tables_client())
-    inbox_id = stack.inboxes["agent_jobs_to_supabase"]
-    url = client.get(inbox_id).notification_url
-    client.update(inbox_id, None)
-    lost = stack.dropped_deliveries()["pgnet"]
-    stack.drop_deliveries(1.0)  # the agent's change is not drained either: its wake-up is lost
-    try:
-        tables.patch("agent_jobs", rec["id"], {"error_message": "typed by a person"})
-        supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
-        eventually(lambda: stack.dropped_deliveries()["pgnet"] > lost)
-        reconcile(stack_context(stack), ["agent_jobs"])
-    finally:
-        stack.drop_deliveries(0.0)
-        client.update(inbox_id, url)
+    with late_deliveries(stack):
+        lost = stack.dropped_deliveries()["pgnet"]
+        stack.drop_deliveries(1.0)  # the agent's change is not drained either: its wake-up is lost
+        try:
+            tables.patch("agent_jobs", rec["id"], {"error_message": "typed by a person"})
+            supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
+            eventually(lambda: stack.dropped_deliveries()["pgnet"] > lost)
+            reconcile(stack_context(stack), ["agent_jobs"])
+        finally:
+            stack.drop_deliveries(0.0)
     stack.sweep_outbox(0)
     stack.wait_quiet()
     stack.safety_drain()

@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from shared.adapters.zapier_errors import TablesNotFound
-from tests.e2e import blind_writes, blind_writes_off, eventually, uid
+from tests.e2e import blind_writes, blind_writes_off, eventually, late_deliveries, uid
 from tests.test_tables_deletes import delete_in_tables, lose_delete_events, tombstone
 
 
@@ -98,15 +98,9 @@ def test_a_person_s_edit_just_before_the_blind_write_is_merged_on_both_sides(sta
     whole, so the note is overwritten in Tables for a moment; its delivery then meets the copy the write
     replaced (the known copy, kept in zsync.sync_base.replaced): the note is merged with the agent's status
     and written back, so both changes end on both sides."""
-    from shared.adapters.trigger_inbox import InboxClient
-
     rid = _agreed_job(stack, tables, supabase, "blind-merge")
     rec = tables.find("agent_jobs", rid)
-    client = InboxClient.for_tables(stack.tables_client())
-    inbox_id = stack.inboxes["agent_jobs_to_supabase"]
-    url = client.get(inbox_id).notification_url
-    client.update(inbox_id, None)  # the note's wake-up is late: its message waits in the inbox
-    try:
+    with late_deliveries(stack):  # the note's wake-up is late: its message waits in the inbox
         tables.patch("agent_jobs", rec["id"], {"error_message": "a person's note"})
         _reset(stack)
         supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
@@ -115,8 +109,6 @@ def test_a_person_s_edit_just_before_the_blind_write_is_merged_on_both_sides(sta
         assert [r["method"] for r in _requests(stack)] == ["PATCH"]  # blind: no find
         # the whole record was sent: the note, not yet in Supabase, is overwritten in Tables for now
         assert tables.find("agent_jobs", rid)["data"].get("error_message") is None
-    finally:
-        client.update(inbox_id, url)
     stack.safety_drain()
     stack.wait_quiet()
     stack.sweep_outbox(0)
@@ -132,17 +124,11 @@ def test_a_person_s_edit_just_before_the_blind_write_is_merged_on_both_sides(sta
 def test_a_person_s_later_edit_of_the_same_field_wins_over_the_blind_write(stack, tables, supabase, versioned):
     """The agent changes status, then a person changes status in Tables (later), its delivery late; the blind
     write overwrites the person's status in Tables. The person's delivery then meets the version Tables held
-    before (the prev the write kept, which its own echo must not drop): the later change - the person's - wins on
-    both sides. (Before zsync.blind_pending, the echo dropped the base: the person's status was lost.)"""
-    from shared.adapters.trigger_inbox import InboxClient
-
+    before (the known copy the write replaced, kept in zsync.sync_base.replaced with Supabase's field times):
+    the later change - the person's - wins on both sides."""
     rid = _agreed_job(stack, tables, supabase, "blind-same")
     rec = tables.find("agent_jobs", rid)
-    client = InboxClient.for_tables(stack.tables_client())
-    inbox_id = stack.inboxes["agent_jobs_to_supabase"]
-    url = client.get(inbox_id).notification_url
-    client.update(inbox_id, None)
-    try:
+    with late_deliveries(stack):
         with blind_writes_off(stack), stack.trash_paused():  # hold the drain: the webhook is lost for now
             lost = stack.dropped_deliveries()["pgnet"]
             stack.drop_deliveries(1.0)
@@ -162,8 +148,6 @@ def test_a_person_s_later_edit_of_the_same_field_wins_over_the_blind_write(stack
         eventually(lambda: supabase.query("SELECT count(*) FROM zsync.outbox WHERE record_id = %s "
                                           "AND acked_at IS NULL", (rid,)) == [(0,)])
         assert [r["method"] for r in _requests(stack)] == ["PATCH"]
-    finally:
-        client.update(inbox_id, url)
     stack.safety_drain()
     stack.wait_quiet()
     stack.sweep_outbox(0)

@@ -218,7 +218,8 @@ def apply_many_from_tables(ctx: SyncContext, fn: FunctionSpec, records: Sequence
 def remember_delivered(conn: psycopg.Connection, spec: TableSpec,
                        delivered: Sequence[tuple[Mapping[str, Any], datetime | None]]) -> None:
     """A delivery is Tables' copy as it was at its ``edited_at``: it moves the copy the sync knows of forward
-    (:func:`supabase_db.remember_tables`; a *_to_tables write then sends only what differs from it)."""
+    (:func:`supabase_db.remember_tables`; a blind *_to_tables write replaces that copy, and an edit made in
+    Tables marks the record as being edited there)."""
     latest: dict[str, supabase_db.Known] = {}
     for row, edited_at in delivered:
         held = latest.get(row["id"])

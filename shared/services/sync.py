@@ -353,11 +353,13 @@ def _unreadable_is_older(spec: TableSpec, record: Record, edited_at: datetime | 
 
 def _run_recorded(ctx: SyncContext, lock: Callable[[psycopg.Connection], None],
                   work: Callable[[psycopg.Connection], tuple[Outcome, Any]],
-                  record: Callable[[psycopg.Connection, Outcome, Any], None]) -> Outcome:
+                  record: Callable[[psycopg.Connection, Outcome, Any], None],
+                  recovered: Callable[[psycopg.Connection, Outcome, Any], None] | None = None) -> Outcome:
     """Run ``work`` (which calls Zapier Tables under the per-record lock) and ``record`` its outcome (audit,
     outbox ack) in the same transaction. The outcome is recorded exactly once whatever fails after the Tables
     write: a retried attempt reuses the outcome instead of calling Tables again (where it would now look
-    "unchanged"), and if the transaction still fails, the outcome is recorded in a fresh one."""
+    "unchanged"), and if the transaction still fails, the outcome is recorded in a fresh one - under the lock
+    again, followed by ``recovered`` (what the lost transaction's lock kept out may have happened meanwhile)."""
     done: list[tuple[Outcome, Any]] = []
 
     def attempt(conn: psycopg.Connection) -> Outcome:
@@ -376,5 +378,12 @@ def _run_recorded(ctx: SyncContext, lock: Callable[[psycopg.Connection], None],
         if not done:
             raise
         outcome, extra = done[0]
-        ctx.db.run(lambda conn: record(conn, outcome, extra))
+
+        def again(conn: psycopg.Connection) -> None:
+            lock(conn)
+            record(conn, outcome, extra)
+            if recovered is not None:
+                recovered(conn, outcome, extra)
+
+        ctx.db.run(again)
         return outcome

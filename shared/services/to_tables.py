@@ -96,13 +96,16 @@ def apply_from_supabase(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhoo
             apply_merged(conn, spec, merged)
         elif outcome in (Outcome.APPLIED, Outcome.UNCHANGED) and not hook:
             supabase_db.agree(conn, spec, [row], replaced)  # Tables holds this row now
-            if outcome is Outcome.APPLIED:
-                requeue_overwritten(conn, spec, [row])
         supabase_db.remember_tables(conn, spec, known)
         if outcome is not Outcome.QUEUED:  # (queued: left to a Tables edit's deliveries, see merged_outcome)
             supabase_db.ack_outbox(conn, spec, row["id"], row.get(spec.version or ""), outcome.value)
 
-    outcome = _run_recorded(ctx, lambda conn: supabase_db.lock_record(conn, spec, row["id"]), work, record)
+    def recovered(conn: psycopg.Connection, outcome: Outcome, extra: Any) -> None:
+        if outcome in (Outcome.APPLIED, Outcome.MERGED) and not hook:
+            requeue_overwritten(conn, spec, [row])
+
+    outcome = _run_recorded(ctx, lambda conn: supabase_db.lock_record(conn, spec, row["id"]), work, record,
+                            recovered)
     if outcome is Outcome.QUEUED:  # left to a recent Tables edit's deliveries: fetch them now
         pull_deliveries_for(ctx, fn)
     return SyncResult(outcome=outcome, function=fn.name, table=spec.name, id=row["id"],
@@ -174,21 +177,13 @@ class Blind:
     stopped: Exception | None = None  # Tables unavailable: the chunks from there on are not written
 
 
-def known_copy(spec: TableSpec, record: Record, *, ours: bool = True) -> supabase_db.Known | None:
-    """A Tables record the sync wrote (``ours``) or read, as :func:`supabase_db.remember_tables` keeps it (None
-    when it cannot be read as a row: such a record is found again next time)."""
+def known_copy(spec: TableSpec, record: Record) -> supabase_db.Known | None:
+    """The answer to the sync's own write, as :func:`supabase_db.remember_tables` keeps it (None when it
+    cannot be read as a row: such a record is found again next time)."""
     try:
-        return supabase_db.Known(record.id, tables_row(spec, record), _tables_edited_at(record), ours)
+        return supabase_db.Known(record.id, tables_row(spec, record), _tables_edited_at(record), ours=True)
     except InvalidRecord:
         return None
-
-
-def _holds(spec: TableSpec, fields: dict[str, Any], known: Mapping[str, Any]) -> bool:
-    """Whether the known Tables copy is this very version (a redelivery): nothing to write."""
-    try:
-        return to_tables_fields(spec, parse_supabase_record(spec, dict(known))) == fields
-    except InvalidRecord:
-        return False
 
 
 def write_blind(ctx: SyncContext, conn: psycopg.Connection, spec: TableSpec, table_id: str,
@@ -220,7 +215,8 @@ def write_blind(ctx: SyncContext, conn: psycopg.Connection, spec: TableSpec, tab
     later = dict(zip(order, conflict.compare_many(conn, spec, [(rows[rid][0], known[rid]) for rid in order]),
                      strict=True))
     result = Blind({}, {}, [rid for rid in rows if rid not in plan or later[rid] < 0])
-    result.unchanged = [rid for rid in order if later[rid] == 0 and _holds(spec, fields[rid], plan[rid].row)]
+    # the known copy is this very version (a redelivery): nothing to write
+    result.unchanged = [rid for rid in order if later[rid] == 0 and to_tables_fields(spec, known[rid]) == fields[rid]]
     ids = [rid for rid in order if later[rid] > 0 or (later[rid] == 0 and rid not in result.unchanged)]
     for start in range(0, len(ids), BATCH_MAX):
         chunk = ids[start:start + BATCH_MAX]
@@ -280,8 +276,6 @@ def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec
     live = [r for r in found if not r.deleted_at]
     existing = (live[0] if len(live) == 1 else _remove_duplicates(ctx, conn, spec, table_id, row["id"])) \
         if live else None
-    if existing is not None and (copy := known_copy(spec, existing, ours=False)) is not None:
-        known[row["id"]] = copy
     idless = False
     if existing is None:
         existing = idless_record(ctx, table_id, row["id"])
@@ -308,6 +302,8 @@ def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec
                   problems=exc.problems, resolution="parked: not overwritten (it may be newer); sync_failed written")
         return Outcome.PARKED, audit.parked_entry(fn, row["id"], exc.problems, existing.data, row, datetime.now(UTC))
     as_read = current
+    if not idless:  # (as the batch does: the record as read)
+        known[row["id"]] = supabase_db.Known(existing.id, as_read, edited_at)
     current = _tables_version(ctx, conn, spec, current, edited_at, row)
     outcome = outcome_of(conflict.compare(conn, spec, row, current))
     decision = MergeDecision("none", None, None)

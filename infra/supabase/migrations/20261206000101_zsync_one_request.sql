@@ -58,7 +58,6 @@ CREATE OR REPLACE FUNCTION zsync.remember_tables(p_table text, p_items jsonb) RE
     AS $$
 DECLARE
     n integer;
-    m integer;
 BEGIN
     IF jsonb_typeof(p_items) IS DISTINCT FROM 'array' THEN
         RETURN 0;
@@ -70,28 +69,28 @@ BEGIN
                e.v -> 'row' AS known, (e.v ->> 'edited_at')::timestamptz AS known_at,
                CASE WHEN coalesce((e.v ->> 'ours')::boolean, false) THEN '-infinity'::timestamptz ELSE now() END AS edited
         FROM jsonb_array_elements(p_items) e(v)
-        WHERE e.v ->> 'id' IS NOT NULL AND e.v ->> 'tables_id' IS NOT NULL AND jsonb_typeof(e.v -> 'row') = 'object'
+        WHERE e.v ->> 'id' IS NOT NULL AND jsonb_typeof(e.v -> 'row') = 'object'
+          AND (e.v ->> 'tables_id' IS NOT NULL OR e.v ->> 'edited_at' IS NOT NULL)
         ORDER BY e.v ->> 'id', (e.v ->> 'edited_at')::timestamptz DESC NULLS LAST),
-    done AS (
+    found AS (  -- a find or a write: its Zapier id too
         INSERT INTO zsync.tables_known AS k (table_name, record_id, tables_id, known, known_at, edited_seen_at)
-        SELECT p_table, g.record_id, g.tables_id, g.known, g.known_at, g.edited FROM given g ORDER BY g.record_id
+        SELECT p_table, g.record_id, g.tables_id, g.known, g.known_at, g.edited FROM given g
+        WHERE g.tables_id IS NOT NULL ORDER BY g.record_id
         ON CONFLICT ON CONSTRAINT tables_known_pkey DO UPDATE
             SET tables_id = EXCLUDED.tables_id, known = EXCLUDED.known, known_at = EXCLUDED.known_at, seen_at = now(),
                 edited_seen_at = CASE WHEN EXCLUDED.known_at > coalesce(k.known_at, '-infinity')
                                       THEN greatest(EXCLUDED.edited_seen_at, k.edited_seen_at) ELSE k.edited_seen_at END
             WHERE k.tables_id IS DISTINCT FROM EXCLUDED.tables_id
                OR EXCLUDED.known_at >= coalesce(k.known_at, '-infinity')
+        RETURNING 1),
+    delivered AS (  -- a trigger delivery: moves a copy already known forward
+        UPDATE zsync.tables_known k SET known = g.known, known_at = g.known_at, seen_at = now(), edited_seen_at = g.edited
+        FROM given g
+        WHERE g.tables_id IS NULL AND k.table_name = p_table AND k.record_id = g.record_id
+          AND g.known_at > coalesce(k.known_at, '-infinity')
         RETURNING 1)
-    SELECT count(*)::integer INTO n FROM done;
-    UPDATE zsync.tables_known k SET known = g.known, known_at = g.known_at, seen_at = now(), edited_seen_at = now()
-    FROM (SELECT DISTINCT ON (e.v ->> 'id') e.v ->> 'id' AS record_id, e.v -> 'row' AS known,
-                 (e.v ->> 'edited_at')::timestamptz AS known_at
-          FROM jsonb_array_elements(p_items) e(v)
-          WHERE e.v ->> 'tables_id' IS NULL AND e.v ->> 'edited_at' IS NOT NULL AND jsonb_typeof(e.v -> 'row') = 'object'
-          ORDER BY e.v ->> 'id', (e.v ->> 'edited_at')::timestamptz DESC) g
-    WHERE k.table_name = p_table AND k.record_id = g.record_id AND g.known_at > coalesce(k.known_at, '-infinity');
-    GET DIAGNOSTICS m = ROW_COUNT;
-    RETURN n + m;
+    SELECT (SELECT count(*) FROM found) + (SELECT count(*) FROM delivered) INTO n;
+    RETURN n;
 END
 $$;
 
