@@ -214,6 +214,7 @@ def measure(stack: Any, singles: int = 20, burst: int = 200) -> dict[str, Count]
         people.sql("UPDATE zsync.config SET value = '\"on\"' WHERE key = 'blind_writes'")
         try:
             counts[BLIND] = to_tables(people, quiet2_ids, burst=False)
+            to_supabase(people, recs, edited_ids, burst=True)  # people edit them again now (well inside 30 s)
             counts[BLIND_EDITED] = to_tables(people, edited_ids, burst=False)
         finally:
             people.sql("UPDATE zsync.config SET value = '\"off\"' WHERE key = 'blind_writes'")
