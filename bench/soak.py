@@ -87,6 +87,7 @@ class SoakConfig:
     converge_timeout_s: float = 600.0
     changes_per_record: int = 6
     partial_share: float = 0.30  # of the updates (each side of a conflict pair too): a random subset of fields
+    blind_writes: bool | None = None  # zsync.config blind_writes for the run (None: the migration's default)
     state_dir: Path | None = None
 
 
@@ -687,6 +688,9 @@ def run_on(stack: LocalStack, cfg: SoakConfig) -> SoakResult:
     soak = Soak(stack, cfg)
     with psycopg.connect(stack.database_url, autocommit=True) as conn:
         outbox_mark = conn.execute("SELECT coalesce(max(id), 0) FROM zsync.outbox").fetchone()[0]
+        if cfg.blind_writes is not None:
+            conn.execute("UPDATE zsync.config SET value = to_jsonb(%s::text) WHERE key = 'blind_writes'",
+                         ("on" if cfg.blind_writes else "off",))
     assert stack.tables is not None
     stack.tables.ctx.stats.reset()
     # warm every function once, so the memory and connection figures start from a working process
@@ -771,11 +775,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--partial-share", type=float, default=SoakConfig.partial_share,
                    help="share of the updates that set only some fields (0: whole records only)")
     p.add_argument("--no-chaos", action="store_true")
+    p.add_argument("--blind-writes", choices=("on", "off"), default=None,
+                   help="zsync.config blind_writes for the run (default: as the migration sets it)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)  # the chaos makes the stand-ins log every failure
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 10**6)
     cfg = SoakConfig(changes=args.changes, seed=seed, writers=args.writers, drop_share=args.drop_share,
                      rate_limit=args.rate_limit or None, chaos=not args.no_chaos, partial_share=args.partial_share,
+                     blind_writes=None if args.blind_writes is None else args.blind_writes == "on",
                      converge_timeout_s=max(600.0, args.changes / 20))
     print(f"soak: {cfg.changes} changes, seed {seed} (rerun: python -m bench.soak --changes {cfg.changes} "
           f"--seed {seed})", flush=True)

@@ -7,11 +7,12 @@ gets its id. Counted with the stand-in's request log."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -229,6 +230,80 @@ def test_a_redelivered_version_costs_no_tables_request(stack, tables, supabase):
     assert outcome.value == "unchanged"
     assert _requests(stack) == []
     assert tables.find("agent_jobs", rid)["data"]["status"] == "running"
+
+
+def _set_config(supabase: Any, key: str, value: Any) -> Any:
+    old = supabase.query("SELECT value FROM zsync.config WHERE key = %s", (key,))[0][0]
+    supabase.query("UPDATE zsync.config SET value = %s::jsonb WHERE key = %s", (json.dumps(value), key))
+    return old
+
+
+def test_a_record_a_find_showed_edited_in_tables_is_found_again_while_the_edit_is_recent(stack, tables, supabase):
+    """A record made in Tables (its delivery cannot introduce a Zapier id the sync does not know) is found before
+    the first write; that find saw an edit made in Tables, so the record counts as being edited there for
+    blind_quiet_s: the next change is found first too, though the write's own answer came after the find. Once
+    that edit is old enough, a change is one PATCH."""
+    rid = uid("found-edit")
+    tables.create("agent_jobs", {"id": rid, "status": "queued", "updated_at": datetime.now(UTC).isoformat()})
+    eventually(lambda: supabase.row("agent_jobs", rid))
+    stack.wait_quiet()
+    for status in ("running", "done"):
+        _reset(stack)
+        supabase.query("UPDATE agent_jobs SET status = %s WHERE id = %s", (status, rid))
+        _delivered(stack, supabase, [rid])
+        assert [r["method"] for r in _requests(stack)] == ["POST", "PATCH"], status  # the find, the write
+    old = _set_config(supabase, "blind_quiet_s", 0)
+    try:
+        _reset(stack)
+        supabase.query("UPDATE agent_jobs SET status = 'quiet' WHERE id = %s", (rid,))
+        _delivered(stack, supabase, [rid])
+        assert [r["method"] for r in _requests(stack)] == ["PATCH"]
+    finally:
+        _set_config(supabase, "blind_quiet_s", old)
+    assert tables.find("agent_jobs", rid)["data"]["status"] == "quiet"
+
+
+def test_a_blind_write_retried_after_its_transaction_was_lost_is_not_written_again(stack, tables, supabase):
+    """A drain killed after its PATCH, or whose transaction a Postgres restart lost, leaves the known copy as it
+    was. Its retry - from another process - names the same known copy in the same Idempotency-Key, so Zapier
+    replays the first answer and writes nothing again (no echo write; a person's edit made in between would
+    not be overwritten either)."""
+    import psycopg
+
+    from shared.core.mapping import parse_supabase_record, to_tables_fields
+    from shared.core.spec import TABLES
+    from shared.services.to_tables import write_blind
+    from tests.test_correctness import stack_context
+
+    spec = TABLES["agent_jobs"]
+    rid = _agreed_job(stack, tables, supabase, "blind-retry")
+    row = parse_supabase_record(spec, supabase.row("agent_jobs", rid))
+    row = dict(row, status="retried", updated_at=row["updated_at"] + timedelta(milliseconds=5))
+    writes = tables.stats()["writes"][tables.ids["agent_jobs"]]
+    answers = []
+    for attempt in range(2):  # two processes (a fresh client each), each transaction lost after the write
+        ctx = stack_context(stack)
+        if attempt == 0:  # the first had read the record before (e.g. it wrote the known copy): the second not
+            _reset(stack)
+            ctx.tables.find_many(ctx.table_id(spec), "id", [rid])
+            _reset(stack)
+        with psycopg.connect(stack.function_database_url) as conn:
+            done = write_blind(ctx, conn, spec, ctx.table_id(spec), {rid: (row, to_tables_fields(spec, row))})
+            conn.rollback()
+        assert list(done.written) == [rid] and not done.fallback
+        answers.append(done.known[rid].edited_at)
+    patches = [r for r in _requests(stack) if r["method"] == "PATCH"]
+    assert len(patches) == 2 and patches[0]["idempotency_key_value"] == patches[1]["idempotency_key_value"]
+    assert answers[0] == answers[1]  # the first answer, replayed
+    assert tables.stats()["writes"][tables.ids["agent_jobs"]] == writes + 1
+    assert tables.find("agent_jobs", rid)["data"]["status"] == "retried"
+    # Supabase then takes the same version (as the lost drain's entry is retried): its drain replays it too
+    before = tables.stats()["same_version_writes"].get(tables.ids["agent_jobs"], 0)
+    supabase.query("UPDATE agent_jobs SET status = 'retried', updated_at = %s WHERE id = %s",
+                   (row["updated_at"], rid))
+    _delivered(stack, supabase, [rid])
+    assert tables.stats()["writes"][tables.ids["agent_jobs"]] == writes + 1
+    assert tables.stats()["same_version_writes"].get(tables.ids["agent_jobs"], 0) == before
 
 
 def test_the_redefined_functions_follow_the_field_merge_migration():

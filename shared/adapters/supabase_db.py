@@ -474,18 +474,23 @@ class Known(NamedTuple):
     row: Mapping[str, Any]
     edited_at: datetime | None
     ours: bool = False  # the answer to the sync's own write (not an edit made in Tables)
+    read: Known | None = None  # ours: the record as the find before the write read it (remembered first)
 
 
 def remember_tables(conn: psycopg.Connection, spec: TableSpec, known: Mapping[str, Known]) -> int:
     """zsync.remember_tables: what a find, a write's answer or a delivery showed of Tables copies (by our
-    record id); a state older than the one known is ignored. -> how many were written."""
+    record id); a state older than the one known is ignored. A write's answer that follows a find remembers the
+    record as read first: an edit made in Tables that the find was the first to see marks the record as being
+    edited there (``edited_seen_at``) before the sync's own write moves the copy on. -> how many were written."""
     if not known:
         return 0
+    reads = {rid: k.read for rid, k in known.items() if k.read is not None}
+    n = remember_tables(conn, spec, reads) if reads else 0
     payload = "[" + ",".join(
         f'{{"id":{json.dumps(rid)},"tables_id":{json.dumps(k.tables_id)},"row":{row_to_json(k.row)},'
         f'"edited_at":{json.dumps(k.edited_at.isoformat() if k.edited_at else None)},"ours":{json.dumps(k.ours)}}}'
         for rid, k in sorted(known.items())) + "]"
-    return conn.execute("SELECT zsync.remember_tables(%s, %s::jsonb)", (spec.name, payload)).fetchone()[0]
+    return n + conn.execute("SELECT zsync.remember_tables(%s, %s::jsonb)", (spec.name, payload)).fetchone()[0]
 
 
 def forget_tables(conn: psycopg.Connection, spec: TableSpec, record_ids: list[str]) -> int:

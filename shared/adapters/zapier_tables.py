@@ -342,12 +342,15 @@ class TablesClient:
         return created
 
     def update_many(self, table_id: str, updates: Iterable[tuple[str, Mapping[str, Any]]], *,
-                    change: str | None = None) -> list[Record]:
-        """Apply ``(record id, fields)`` partial updates in batches of :data:`BATCH_MAX`."""
+                    change: str | None = None, read_at: Mapping[str, str | None] | None = None) -> list[Record]:
+        """Apply ``(record id, fields)`` partial updates in batches of :data:`BATCH_MAX`. ``read_at``: record id ->
+        the ``edited_at`` the caller knows the record to have (kept outside this client, e.g. in Supabase): the
+        Idempotency-Key names it instead of what this client last read, so a retry of the same write from any
+        process - after a crash lost its answer - sends the same key and Zapier replays the first answer."""
         items = [(rid, dict(data)) for rid, data in updates]
         updated: list[Record] = []
         for chunk in _chunks(items, BATCH_MAX):
-            updated += self._write(table_id, "PATCH", "updated_records", chunk, change)
+            updated += self._write(table_id, "PATCH", "updated_records", chunk, change, read_at)
         return updated
 
     # -- plumbing --
@@ -408,11 +411,14 @@ class TablesClient:
         return [self._record(table_id, item) for item in items], end
 
     def _write(self, table_id: str, method: str, key: str, items: list[tuple[str | None, dict | None]],
-               change: str | None = None) -> list[Record]:
+               change: str | None = None, read_at: Mapping[str, str | None] | None = None) -> list[Record]:
         """One v2 write of ``items`` (``(record id or None, our fields or None)``), with an Idempotency-Key
-        derived from the change (the body and :meth:`ChangeMemory.extra`). A refused field id lists the fields again
-        and re-sends once (a new body, so a new key)."""
-        extra = [self._changes.extra(table_id, method, items)] + ([change] if change is not None else [])
+        derived from the change (the body and :meth:`ChangeMemory.extra`, or ``read_at`` when the caller names
+        what each record held). A refused field id lists the fields again and re-sends once (a new body, so a
+        new key)."""
+        held = (self._changes.extra(table_id, method, items) if read_at is None
+                else [read_at.get(rid) if rid is not None else None for rid, _ in items])
+        extra = [held] + ([change] if change is not None else [])
 
         def send() -> dict[str, Any]:
             if key == "record_ids":

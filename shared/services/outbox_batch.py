@@ -290,9 +290,9 @@ def _write(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec, plan: _
             by_rid = {rec.id: rec for rec in written or []}
             for item, rid in chunk:
                 if rid in by_rid and item.id in plan.replaced:  # (an id-less record's write replaced nothing kept)
-                    plan.replaced[item.id] = plan.replaced[item.id]._replace(
-                        written_at=_tables_edited_at(by_rid[rid]))
-                if rid in by_rid and item.id not in idless and (copy := known_copy(spec, by_rid[rid])) is not None:
+                    plan.replaced[item.id] = plan.replaced[item.id]._replace(written_at=_tables_edited_at(by_rid[rid]))
+                if rid in by_rid and item.id not in idless and (copy := known_copy(
+                        spec, by_rid[rid], plan.known.get(item.id))):
                     plan.known[item.id] = copy
 
     for create, work in ((True, creates), (False, updates)):

@@ -177,13 +177,19 @@ class Blind:
     stopped: Exception | None = None  # Tables unavailable: the chunks from there on are not written
 
 
-def known_copy(spec: TableSpec, record: Record) -> supabase_db.Known | None:
+def known_copy(spec: TableSpec, record: Record, read: supabase_db.Known | None = None) -> supabase_db.Known | None:
     """The answer to the sync's own write, as :func:`supabase_db.remember_tables` keeps it (None when it
-    cannot be read as a row: such a record is found again next time)."""
+    cannot be read as a row: such a record is found again next time). ``read``: the record as the find before
+    the write read it - an edit made in Tables when the sync did not know it yet (``read_at``)."""
     try:
-        return supabase_db.Known(record.id, tables_row(spec, record), _tables_edited_at(record), ours=True)
+        return supabase_db.Known(record.id, tables_row(spec, record), _tables_edited_at(record), ours=True,
+                                 read=read if read is not None and not read.ours else None)
     except InvalidRecord:
         return None
+
+
+def _iso(ts: datetime | None) -> str | None:
+    return ts.isoformat() if ts is not None else None
 
 
 def write_blind(ctx: SyncContext, conn: psycopg.Connection, spec: TableSpec, table_id: str,
@@ -224,8 +230,11 @@ def write_blind(ctx: SyncContext, conn: psycopg.Connection, spec: TableSpec, tab
             result.fallback += chunk
             continue
         try:
+            # keyed by the known copies it replaces, not by this process's memory: the same write retried
+            # after its answer or its transaction was lost (a crash, a restart) replays the first answer
             answer = call(lambda chunk=chunk: ctx.tables.update_many(
-                table_id, [(plan[r].tables_id, fields[r]) for r in chunk]))
+                table_id, [(plan[r].tables_id, fields[r]) for r in chunk],
+                read_at={plan[r].tables_id: _iso(plan[r].edited_at) for r in chunk}))
         except TablesNotFound:
             supabase_db.forget_tables(conn, spec, chunk)
             log_event(ctx.logger, logging.INFO, "blind_write_refused", table=spec.name, records=len(chunk),
@@ -320,12 +329,12 @@ def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec
     if outcome is Outcome.MERGED:
         assert decision.row is not None
         written = ctx.tables.update(table_id, existing.id, to_tables_fields(spec, decision.row))
-        if not idless and (copy := known_copy(spec, written)) is not None:
+        if not idless and (copy := known_copy(spec, written, known.get(row["id"]))) is not None:
             known[row["id"]] = copy
         return outcome, decision
     if outcome is Outcome.APPLIED:
         written = ctx.tables.update(table_id, existing.id, fields)
-        if not idless and (copy := known_copy(spec, written)) is not None:
+        if not idless and (copy := known_copy(spec, written, known.get(row["id"]))) is not None:
             known[row["id"]] = copy
         if replaced is not None:
             replaced[row["id"]] = supabase_db.Replaced(as_read, edited_at, _tables_edited_at(written))
