@@ -114,6 +114,7 @@ class Soak:
     captured: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     redeliveries: Counter = field(default_factory=Counter)
     faults: Counter = field(default_factory=Counter)
+    fault_log: list[tuple[float, str, str]] = field(default_factory=list)  # (wall clock, kind, target)
     changes: Counter = field(default_factory=Counter)  # by direction of the change ("tables->supabase" ...)
     conflicts: int = 0
     _tick: int = 0
@@ -374,8 +375,9 @@ class Soak:
         while not self._chaos_stop.wait(rng.uniform(*self.cfg.chaos_gap_s)):
             kind = rng.choice(kinds)
             self.faults[kind] += 1
+            name = rng.choice(sorted(FUNCTIONS)) if kind == "kill_function" else ""
+            self.fault_log.append((time.time(), kind, name))
             if kind == "kill_function":
-                name = rng.choice(sorted(FUNCTIONS))
                 stack.kill_function(name)
                 self._chaos_stop.wait(rng.uniform(0.2, 1.5))
                 stack.restart_function(name)
@@ -474,6 +476,7 @@ class Verdict:
     # (table, rid, field, value found, the field's latest write time): classified by out_of_order()
     lost_field_keys: list[tuple[str, str, str, Any, datetime]] = field(default_factory=list)
     out_of_order: list[str] = field(default_factory=list)  # the lost fields out_of_order() explains
+    echo_ids: list[str] = field(default_factory=list)  # records of the latest Tables echo writes
 
     @property
     def unexplained_lost_fields(self) -> int:
@@ -603,6 +606,7 @@ def judge(soak: Soak, outbox_mark: int) -> Verdict:
     if echoes:
         v.duplicates.append(f"supabase: {echoes} versions written twice (echo)")
     if tables_echoes:
+        v.echo_ids = list(tables_stats.get("same_version_records", [])[-tables_echoes:])
         v.duplicates.append(f"tables: {tables_echoes} writes of the version the record already held (echo): "
                             f"{', '.join(tables_stats.get('same_version_records', [])[-tables_echoes:])}")
     return v
@@ -635,9 +639,13 @@ def out_of_order(soak: Soak, v: Verdict) -> None:
 
 
 def history(soak: Soak, v: Verdict, records: int = 8) -> list[str]:
-    """The writes of the first few records with a lost field: version, when each returned, side, what it set."""
+    """The writes of the first few records with a lost field or an echo write: version, when each returned, side,
+    what it set, the sync's audit entries, replaced records and known copy; and when functions were killed and
+    Postgres restarted."""
     rids = list(dict.fromkeys(x.split(" ")[1].split(".")[0] for x in v.lost_fields))[:records]
-    out = []
+    rids += [rid for rid in dict.fromkeys(v.echo_ids) if rid not in rids][:4]
+    out = [f"  chaos: {datetime.fromtimestamp(at, UTC).time()} {kind} {target}" for at, kind, target in soak.fault_log
+           if kind in ("kill_function", "postgres_restart")] if rids else []
     for rid in rids:
         out.append(f"  writes of {rid} (version / returned at / side / values):")
         for w in sorted((w for w in soak.writes if w.rid == rid), key=lambda w: w.ts):

@@ -160,6 +160,48 @@ def test_a_person_s_later_edit_of_the_same_field_wins_over_the_blind_write(stack
     assert tables.find("agent_jobs", rid)["data"]["status"] == "person"
 
 
+def test_an_overwritten_edit_delivered_late_does_not_undo_a_later_tables_edit_applied_before_it(
+        stack, tables, supabase):
+    """The agent's status is written blind over a person's later status (its delivery late); then another
+    person sets status again in Tables, later still, and that delivery arrives first (a redelivery, another
+    drain). When the overwritten edit's delivery comes, Supabase's status is the latest edit's, not the
+    agent's: the field times kept with the replaced record (the agent's) no longer tell when Supabase's status
+    changed, so it counts at the row's version - and the latest edit stays, on both sides."""
+    rid = _agreed_job(stack, tables, supabase, "blind-late")
+    rec = tables.find("agent_jobs", rid)
+    url = stack.functions["agent_jobs_to_supabase"].url
+    with late_deliveries(stack):
+        with blind_writes_off(stack), stack.trash_paused():  # hold the drain: the webhook is lost for now
+            lost = stack.dropped_deliveries()["pgnet"]
+            stack.drop_deliveries(1.0)
+            try:
+                supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
+                eventually(lambda: stack.dropped_deliveries()["pgnet"] > lost)
+            finally:
+                stack.drop_deliveries(0.0)
+        agent_at = datetime.fromisoformat(supabase.row("agent_jobs", rid)["updated_at"])
+        tables.patch("agent_jobs", rec["id"], {"status": "person-1",
+                                               "updated_at": (agent_at + timedelta(milliseconds=10)).isoformat()})
+        _reset(stack)
+        assert stack.sweep_outbox(min_age_s=0) >= 1  # the agent's change, written blind over person-1
+        eventually(lambda: supabase.query("SELECT count(*) FROM zsync.outbox WHERE record_id = %s "
+                                          "AND acked_at IS NULL", (rid,)) == [(0,)])
+        assert [r["method"] for r in _requests(stack)] == ["PATCH"]
+        later = tables.patch("agent_jobs", rec["id"], {
+            "status": "person-2", "updated_at": (agent_at + timedelta(milliseconds=20)).isoformat()})
+        answer = requests.post(url, json={**later["data"], "edited_at": later["edited_at"]},
+                               headers={"X-Zsync-Secret": stack.secret}, timeout=30)
+        assert answer.ok and supabase.row("agent_jobs", rid)["status"] == "person-2", answer.text
+    stack.safety_drain()
+    stack.wait_quiet()
+    stack.sweep_outbox(0)
+    stack.wait_quiet()
+    audit = [(a["metadata"].get("function"), a["metadata"].get("outcome"), a["metadata"].get("merged"))
+             for a in supabase.audit(rid)]
+    assert supabase.row("agent_jobs", rid)["status"] == "person-2", audit
+    assert tables.find("agent_jobs", rid)["data"]["status"] == "person-2"
+
+
 def test_the_stand_in_refuses_an_update_of_a_trashed_record_as_zapier_does(stack, tables, supabase):
     """"Refused if any named record does not exist": a PATCH naming a trashed record changes nothing, not even
     the live record named with it."""
@@ -308,8 +350,8 @@ def test_a_blind_write_retried_after_its_transaction_was_lost_is_not_written_aga
 
 def test_the_redefined_functions_follow_the_field_merge_migration():
     """20261206000101 redefines zsync.agree and zsync.merge_decide_base (a replaced record keeps Supabase's field
-    times): each must be 20261205600101's text plus those lines only, so a change made there is not silently
-    undone here (update the copy when this fails)."""
+    times), and 20261206100101 again: each must be the text before it plus those lines only, so a change made
+    there is not silently undone here (update the copy when this fails)."""
     from pathlib import Path
 
     migrations = Path(__file__).resolve().parents[1] / "infra" / "supabase" / "migrations"
@@ -338,3 +380,18 @@ def test_the_redefined_functions_follow_the_field_merge_migration():
              "THEN (v_rep -> 'field_ts') || coalesce(b.field_ts, '{}'::jsonb) END;")
     assert added in decide
     assert canon(decide.replace(added, "b.field_ts := NULL;", 1)) == canon(body(merge, "merge_decide_base"))
+
+    # 20261206100101 redefines both again: a blind write's entry names the version it wrote, and its field
+    # times count only while the base is that version
+    later = (migrations / "20261206100101_zsync_replaced_field_times.sql").read_text()
+    wrote = (", 'wrote', CASE WHEN (v_prev ->> 'blind')::boolean "
+             "THEN (SELECT v.ts FROM zsync.version_of(p_table, r.row) v) END")
+    assert canon(body(later, "agree")).replace(wrote, "", 1) == canon(body(mine, "agree"))
+    moved = canon(body(later, "merge_decide_base"))
+    cond = "AND b.version = date_trunc('milliseconds', (v_rep ->> 'wrote')::timestamptz) "
+    assert cond in moved
+    moved = moved.replace(cond, "", 1)
+    line = added.replace("'{}'::jsonb) END;", "'{}'::jsonb) END; ")
+    assert line in moved  # (before the base is replaced by the entry's record: it reads the base's own version)
+    moved = moved.replace(line, "", 1).replace("b.tables_ts := b.version; ", "b.tables_ts := b.version; " + line, 1)
+    assert canon(moved) == decide
