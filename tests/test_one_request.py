@@ -202,6 +202,49 @@ def test_an_overwritten_edit_delivered_late_does_not_undo_a_later_tables_edit_ap
     assert tables.find("agent_jobs", rid)["data"]["status"] == "person-2"
 
 
+def test_an_overwritten_edit_delivered_after_a_later_write_still_wins_the_field_it_changed_later(
+        stack, tables, supabase):
+    """The agent sets status; a person sets status in Tables later (its delivery late); the agent's change is
+    written blind over it; then the agent changes another field, written too. When the person's delivery comes
+    it is merged against the record the first write replaced: Supabase changed status at the agent's time
+    (sync_base.field_at), before the person - not at the row's newer version - so the person's status wins,
+    on both sides, and the agent's later field stays."""
+    rid = _agreed_job(stack, tables, supabase, "blind-older")
+    rec = tables.find("agent_jobs", rid)
+    with late_deliveries(stack):
+        with blind_writes_off(stack), stack.trash_paused():  # hold the drain: the webhook is lost for now
+            lost = stack.dropped_deliveries()["pgnet"]
+            stack.drop_deliveries(1.0)
+            try:
+                supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
+                eventually(lambda: stack.dropped_deliveries()["pgnet"] > lost)
+            finally:
+                stack.drop_deliveries(0.0)
+        agent_at = datetime.fromisoformat(supabase.row("agent_jobs", rid)["updated_at"])
+        tables.patch("agent_jobs", rec["id"], {"status": "person",
+                                               "updated_at": (agent_at + timedelta(milliseconds=10)).isoformat()})
+        def written() -> bool:
+            return supabase.query("SELECT count(*) FROM zsync.outbox WHERE record_id = %s AND acked_at IS NULL",
+                                  (rid,)) == [(0,)]
+
+        assert stack.sweep_outbox(min_age_s=0) >= 1  # the agent's status, written blind over the person's
+        eventually(written)
+        time.sleep(0.02)
+        supabase.query("UPDATE agent_jobs SET retry_count = 7 WHERE id = %s", (rid,))  # a later write
+        eventually(written)
+        eventually(lambda: tables.find("agent_jobs", rid)["data"]["retry_count"] == 7)
+        assert tables.find("agent_jobs", rid)["data"]["status"] == "agent"  # the person's, overwritten for now
+    stack.safety_drain()
+    stack.wait_quiet()
+    stack.sweep_outbox(0)
+    stack.wait_quiet()
+    audit = [(a["metadata"].get("function"), a["metadata"].get("outcome"), a["metadata"].get("merged"))
+             for a in supabase.audit(rid)]
+    row, found = supabase.row("agent_jobs", rid), tables.find("agent_jobs", rid)["data"]
+    assert (row["status"], row["retry_count"]) == ("person", 7), audit
+    assert (found["status"], found["retry_count"]) == ("person", 7)
+
+
 def test_the_stand_in_refuses_an_update_of_a_trashed_record_as_zapier_does(stack, tables, supabase):
     """"Refused if any named record does not exist": a PATCH naming a trashed record changes nothing, not even
     the live record named with it."""
@@ -305,11 +348,13 @@ def test_a_record_a_find_showed_edited_in_tables_is_found_again_while_the_edit_i
     assert tables.find("agent_jobs", rid)["data"]["status"] == "quiet"
 
 
-def test_a_blind_write_retried_after_its_transaction_was_lost_is_not_written_again(stack, tables, supabase):
+def test_a_blind_write_whose_transaction_was_lost_is_found_before_it_is_written_again(stack, tables, supabase):
     """A drain killed after its PATCH, or whose transaction a Postgres restart lost, leaves the known copy as it
-    was. Its retry - from another process - names the same known copy in the same Idempotency-Key, so Zapier
-    replays the first answer and writes nothing again (no echo write; a person's edit made in between would
-    not be overwritten either)."""
+    was - but its announcement (zsync.tables_writing, committed before the PATCH) stays: the next write of the
+    record, from any process, finds it first, sees the version already there and writes nothing (no echo
+    write), which clears the announcement; the change after that is one PATCH again (once blind_quiet_s has
+    passed: the copy moved on unrecorded, as by an edit made in Tables). A blind write's
+    Idempotency-Key names the known copy it replaces, not what the process last read: the same in any process."""
     import psycopg
 
     from shared.core.mapping import parse_supabase_record, to_tables_fields
@@ -321,37 +366,58 @@ def test_a_blind_write_retried_after_its_transaction_was_lost_is_not_written_aga
     rid = _agreed_job(stack, tables, supabase, "blind-retry")
     row = parse_supabase_record(spec, supabase.row("agent_jobs", rid))
     row = dict(row, status="retried", updated_at=row["updated_at"] + timedelta(milliseconds=5))
-    writes = tables.stats()["writes"][tables.ids["agent_jobs"]]
-    answers = []
+    table_id = tables.ids["agent_jobs"]
+    writes = tables.stats()["writes"][table_id]
+    outcomes = []
     for attempt in range(2):  # two processes (a fresh client each), each transaction lost after the write
         ctx = stack_context(stack)
-        if attempt == 0:  # the first had read the record before (e.g. it wrote the known copy): the second not
-            _reset(stack)
+        if attempt == 0:  # the first had read the record before (what it last read is not in the key)
             ctx.tables.find_many(ctx.table_id(spec), "id", [rid])
-            _reset(stack)
+        _reset(stack)
         with psycopg.connect(stack.function_database_url) as conn:
-            done = write_blind(ctx, conn, spec, ctx.table_id(spec), {rid: (row, to_tables_fields(spec, row))})
+            outcomes.append(write_blind(ctx, conn, spec, table_id, {rid: (row, to_tables_fields(spec, row))}))
             conn.rollback()
-        assert list(done.written) == [rid] and not done.fallback
-        answers.append(done.known[rid].edited_at)
-    patches = [r for r in _requests(stack) if r["method"] == "PATCH"]
-    assert len(patches) == 2 and patches[0]["idempotency_key_value"] == patches[1]["idempotency_key_value"]
-    assert answers[0] == answers[1]  # the first answer, replayed
-    assert tables.stats()["writes"][tables.ids["agent_jobs"]] == writes + 1
-    assert tables.find("agent_jobs", rid)["data"]["status"] == "retried"
-    # Supabase then takes the same version (as the lost drain's entry is retried): its drain replays it too
-    before = tables.stats()["same_version_writes"].get(tables.ids["agent_jobs"], 0)
-    supabase.query("UPDATE agent_jobs SET status = 'retried', updated_at = %s WHERE id = %s",
-                   (row["updated_at"], rid))
+        if attempt == 0:
+            patch = [r for r in _requests(stack) if r["method"] == "PATCH"]
+            assert len(patch) == 1 and patch[0]["idempotency_key_value"].startswith("zsync-")
+            assert list(outcomes[0].written) == [rid]
+            # the same write from a process that never read the record names the same key: Zapier replays
+            tid = supabase.query("SELECT tables_id FROM zsync.tables_known WHERE record_id = %s", (rid,))[0][0]
+            again = stack_context(stack).tables.update_many(
+                table_id, [(tid, to_tables_fields(spec, row))],
+                read_at={tid: outcomes[0].written[rid].edited_at.isoformat()})
+            assert datetime.fromisoformat(again[0].edited_at) == outcomes[0].known[rid].edited_at  # replayed
+            keys = [r["idempotency_key_value"] for r in _requests(stack) if r["method"] == "PATCH"]
+            assert keys == [patch[0]["idempotency_key_value"]] * 2
+    assert not outcomes[1].written and outcomes[1].fallback == [rid]  # announced, unrecorded: the find path
+    assert tables.stats()["writes"][table_id] == writes + 1
+    assert supabase.query("SELECT count(*) FROM zsync.tables_writing WHERE record_id = %s", (rid,)) == [(1,)]
+    # Supabase then takes that version (as the lost drain's entry is retried): found there, not written again
+    before = tables.stats()["same_version_writes"].get(table_id, 0)
+    _reset(stack)
+    supabase.query("UPDATE agent_jobs SET status = 'retried', updated_at = %s WHERE id = %s", (row["updated_at"], rid))
     _delivered(stack, supabase, [rid])
-    assert tables.stats()["writes"][tables.ids["agent_jobs"]] == writes + 1
-    assert tables.stats()["same_version_writes"].get(tables.ids["agent_jobs"], 0) == before
+    assert [r["method"] for r in _requests(stack)] == ["POST"]  # the find only
+    assert tables.stats()["writes"][table_id] == writes + 1
+    assert tables.stats()["same_version_writes"].get(table_id, 0) == before
+    assert supabase.query("SELECT count(*) FROM zsync.tables_writing WHERE record_id = %s", (rid,)) == [(0,)]
+    # (the copy the find saw moved on without the sync recording it: it counts as an edit made in Tables, so
+    # the next write is found too while blind_quiet_s runs; past it, one PATCH)
+    old = _set_config(supabase, "blind_quiet_s", 0)
+    try:
+        _reset(stack)
+        supabase.query("UPDATE agent_jobs SET status = 'after' WHERE id = %s", (rid,))
+        _delivered(stack, supabase, [rid])
+        assert [r["method"] for r in _requests(stack)] == ["PATCH"]
+    finally:
+        _set_config(supabase, "blind_quiet_s", old)
 
 
 def test_the_redefined_functions_follow_the_field_merge_migration():
     """20261206000101 redefines zsync.agree and zsync.merge_decide_base (a replaced record keeps Supabase's field
-    times), and 20261206100101 again: each must be the text before it plus those lines only, so a change made
-    there is not silently undone here (update the copy when this fails)."""
+    times), 20261206100101 five (sync_base.field_at), 20261206100201 two (zsync.tables_writing): each must be the
+    text before it plus those lines only, so a change made there is not silently undone here (update the copy
+    when this fails)."""
     from pathlib import Path
 
     migrations = Path(__file__).resolve().parents[1] / "infra" / "supabase" / "migrations"
@@ -381,17 +447,48 @@ def test_the_redefined_functions_follow_the_field_merge_migration():
     assert added in decide
     assert canon(decide.replace(added, "b.field_ts := NULL;", 1)) == canon(body(merge, "merge_decide_base"))
 
-    # 20261206100101 redefines both again: a blind write's entry names the version it wrote, and its field
-    # times count only while the base is that version
-    later = (migrations / "20261206100101_zsync_replaced_field_times.sql").read_text()
-    wrote = (", 'wrote', CASE WHEN (v_prev ->> 'blind')::boolean "
-             "THEN (SELECT v.ts FROM zsync.version_of(p_table, r.row) v) END")
-    assert canon(body(later, "agree")).replace(wrote, "", 1) == canon(body(mine, "agree"))
-    moved = canon(body(later, "merge_decide_base"))
-    cond = "AND b.version = date_trunc('milliseconds', (v_rep ->> 'wrote')::timestamptz) "
-    assert cond in moved
-    moved = moved.replace(cond, "", 1)
-    line = added.replace("'{}'::jsonb) END;", "'{}'::jsonb) END; ")
-    assert line in moved  # (before the base is replaced by the entry's record: it reads the base's own version)
-    moved = moved.replace(line, "", 1).replace("b.tables_ts := b.version; ", "b.tables_ts := b.version; " + line, 1)
-    assert canon(moved) == decide
+    # 20261206100101 redefines five (Supabase's field times kept across base moves, sync_base.field_at): each
+    # is its last definition plus the lines it adds
+    later = (migrations / "20261206100101_zsync_field_times.sql").read_text()
+    baseline = (migrations / "20261205500001_zsync_baseline.sql").read_text()
+
+    def without(name: str, *added: str) -> str:
+        text = canon(body(later, name))
+        for part in added:
+            assert canon(part) in text, (name, part)
+            text = text.replace(canon(part), "", 1)
+        return canon(text)
+
+    def before_update(text: str) -> str:  # (base_before_change's last statement now also stamps field_at)
+        text = canon(text)
+        return text[:text.index("UPDATE zsync.sync_base b")]
+
+    assert before_update(body(later, "base_before_change")) == before_update(body(merge, "base_before_change"))
+    assert "field_at = coalesce(b.field_at, '{}'::jsonb) || s.stamps" in body(later, "base_before_change")
+    assert without("maintain_updated_at", """IF TG_OP = 'UPDATE' AND current_setting('zsync.origin', true) = 'sync_send'
+        AND zsync.field_merge_on() THEN PERFORM zsync.stamp_fields(TG_RELID::regclass, to_jsonb(OLD), to_jsonb(NEW));
+        END IF;""") == canon(body(merge, "maintain_updated_at"))
+    assert "maintain_updated_at" in baseline
+    apply_stamp = canon(body(later, "base_after_apply"))
+    apply_stamp = apply_stamp[apply_stamp.index("UPDATE zsync.sync_base"):apply_stamp.index("IF p_tables_ts")]
+    assert without("base_after_apply", apply_stamp) == canon(body(merge, "base_after_apply"))
+    merge_stamp = canon(body(later, "base_after_merge"))
+    merge_stamp = merge_stamp[merge_stamp.index("UPDATE zsync.sync_base b SET field_at"):merge_stamp.index(
+        "IF zsync.set_base")]
+    assert without("base_after_merge", merge_stamp) == canon(
+        body(merge.replace("CREATE FUNCTION zsync.base_after_merge(",
+                           "CREATE OR REPLACE FUNCTION zsync.base_after_merge("), "base_after_merge"))
+    field_at = ("b.field_ts := (SELECT jsonb_object_agg(a.key, a.value) FROM jsonb_each(b.field_at) a "
+                "WHERE (a.value #>> '{}')::timestamptz > b.version);")
+    assert canon(body(later, "merge_decide_base")).replace(canon(field_at), canon(added), 1) == canon(
+        body(mine, "merge_decide_base"))
+
+    # 20261206100201 redefines remember_tables (a recorded find or answer clears the announcement) and blind_plan
+    # (a record with an announcement left is found first)
+    flight = (migrations / "20261206100201_zsync_blind_in_flight.sql").read_text()
+    clear = ("DELETE FROM zsync.tables_writing w WHERE w.table_name = p_table AND w.record_id IN ( SELECT e.v ->> 'id' "
+             "FROM jsonb_array_elements(p_items) e(v) WHERE e.v ->> 'tables_id' IS NOT NULL);")
+    assert canon(body(flight, "remember_tables")).replace(clear + " ", "", 1) == canon(body(mine, "remember_tables"))
+    left = ("AND NOT EXISTS (SELECT 1 FROM zsync.tables_writing w WHERE w.table_name = $1 "
+            "AND w.record_id = k.record_id) ")
+    assert canon(body(flight, "blind_plan")).replace(left, "", 1) == canon(body(mine, "blind_plan"))

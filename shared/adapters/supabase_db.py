@@ -29,8 +29,10 @@ from shared.core.spec import TableSpec
 T = TypeVar("T")
 TRANSIENT = (psycopg.OperationalError, PoolTimeout)
 
-_pools: dict[str, ConnectionPool] = {}
+_pools: dict[tuple[str, str], ConnectionPool] = {}
 _lock = threading.Lock()
+ASIDE_POOL_MAX = 2  # Database.aside: announcements committed while a drain's transaction is open
+ASIDE_TIMEOUT_S = 2.0
 CHECK_AFTER_IDLE_S = 5.0  # a pooled connection idle longer than this is checked before use
 _last_used: WeakKeyDictionary[psycopg.Connection, float] = WeakKeyDictionary()
 
@@ -48,9 +50,9 @@ class DatabaseUnavailable(RuntimeError):
     """The database could not be reached within the retry budget."""
 
 
-def _pool(database_url: str, max_size: int, connect_timeout_s: float) -> ConnectionPool:
+def _pool(database_url: str, max_size: int, connect_timeout_s: float, name: str = "zsync") -> ConnectionPool:
     with _lock:
-        pool = _pools.get(database_url)
+        pool = _pools.get((database_url, name))
         if pool is None:
             pool = ConnectionPool(
                 database_url,
@@ -61,9 +63,9 @@ def _pool(database_url: str, max_size: int, connect_timeout_s: float) -> Connect
                 timeout=connect_timeout_s,
                 max_idle=300,
                 open=True,
-                name="zsync",
+                name=name,
             )
-            _pools[database_url] = pool
+            _pools[(database_url, name)] = pool
         return pool
 
 
@@ -94,6 +96,17 @@ class Database:
                     yield conn
             finally:
                 _last_used[conn] = time.monotonic()
+
+    def aside(self, work: Callable[[psycopg.Connection], T]) -> T:
+        """Run ``work(conn)`` in a transaction of its own, committed at once, on a connection of a small pool
+        of its own (never waiting for the main pool, which the caller's open transaction may have emptied).
+        No retry: a failure raises :class:`DatabaseUnavailable`, for the caller to take its safe path."""
+        pool = _pool(self._url, ASIDE_POOL_MAX, min(self._connect_timeout_s, ASIDE_TIMEOUT_S), "zsync-aside")
+        try:
+            with pool.connection() as conn, conn.transaction():
+                return work(conn)
+        except TRANSIENT as exc:
+            raise DatabaseUnavailable(f"database unreachable: {type(exc).__name__}") from exc
 
     def run(self, work: Callable[[psycopg.Connection], T]) -> T:
         """Run ``work(conn)`` in one transaction; retry it whole on connection failures."""
@@ -498,6 +511,18 @@ def forget_tables(conn: psycopg.Connection, spec: TableSpec, record_ids: list[st
     if not record_ids:
         return 0
     return conn.execute("SELECT zsync.forget_tables(%s, %s::text[])", (spec.name, sorted(record_ids))).fetchone()[0]
+
+
+def announce_blind(db: Database, spec: TableSpec, record_ids: list[str]) -> bool:
+    """zsync.announce_blind, committed on its own before blind writes of ``record_ids`` are sent: if the drain's
+    transaction is then lost, their next write finds them first (zsync.blind_plan), so a version already written
+    is not written again. -> False when it could not be committed (write those records by the find path)."""
+    try:
+        db.aside(lambda conn: conn.execute("SELECT zsync.announce_blind(%s, %s::text[])",
+                                           (spec.name, sorted(record_ids))))
+    except (DatabaseUnavailable, psycopg.Error):
+        return False
+    return True
 
 
 def blind_plan(conn: psycopg.Connection, spec: TableSpec, record_ids: list[str]) -> dict[str, Known]:
