@@ -348,13 +348,22 @@ def test_a_record_a_find_showed_edited_in_tables_is_found_again_while_the_edit_i
     assert tables.find("agent_jobs", rid)["data"]["status"] == "quiet"
 
 
-def test_a_blind_write_whose_transaction_was_lost_is_found_before_it_is_written_again(stack, tables, supabase):
-    """A drain killed after its PATCH, or whose transaction a Postgres restart lost, leaves the known copy as it
-    was - but its announcement (zsync.tables_writing, committed before the PATCH) stays: the next write of the
-    record, from any process, finds it first, sees the version already there and writes nothing (no echo
-    write), which clears the announcement; the change after that is one PATCH again (once blind_quiet_s has
-    passed: the copy moved on unrecorded, as by an edit made in Tables). A blind write's
-    Idempotency-Key names the known copy it replaces, not what the process last read: the same in any process."""
+@contextmanager
+def _drain_held(stack: Any) -> Iterator[None]:
+    """The Database Webhook's wake-ups are lost for the block: Supabase's changes wait in the outbox."""
+    with blind_writes_off(stack), stack.trash_paused():
+        lost = stack.dropped_deliveries()["pgnet"]
+        stack.drop_deliveries(1.0)
+        try:
+            yield
+            eventually(lambda: stack.dropped_deliveries()["pgnet"] > lost)
+        finally:
+            stack.drop_deliveries(0.0)
+
+
+def _lost_blind_write(stack: Any, supabase: Any, rid: str, *, fresh_process_key: bool = False) -> Any:
+    """What a drain killed after its PATCH leaves behind: the record's pending change written to Tables blind,
+    announced (committed aside), and nothing recorded (its transaction rolled back)."""
     import psycopg
 
     from shared.core.mapping import parse_supabase_record, to_tables_fields
@@ -363,44 +372,56 @@ def test_a_blind_write_whose_transaction_was_lost_is_found_before_it_is_written_
     from tests.test_correctness import stack_context
 
     spec = TABLES["agent_jobs"]
-    rid = _agreed_job(stack, tables, supabase, "blind-retry")
     row = parse_supabase_record(spec, supabase.row("agent_jobs", rid))
-    row = dict(row, status="retried", updated_at=row["updated_at"] + timedelta(milliseconds=5))
-    table_id = tables.ids["agent_jobs"]
-    writes = tables.stats()["writes"][table_id]
-    outcomes = []
-    for attempt in range(2):  # two processes (a fresh client each), each transaction lost after the write
-        ctx = stack_context(stack)
-        if attempt == 0:  # the first had read the record before (what it last read is not in the key)
-            ctx.tables.find_many(ctx.table_id(spec), "id", [rid])
-        _reset(stack)
-        with psycopg.connect(stack.function_database_url) as conn:
-            outcomes.append(write_blind(ctx, conn, spec, table_id, {rid: (row, to_tables_fields(spec, row))}))
-            conn.rollback()
-        if attempt == 0:
-            patch = [r for r in _requests(stack) if r["method"] == "PATCH"]
-            assert len(patch) == 1 and patch[0]["idempotency_key_value"].startswith("zsync-")
-            assert list(outcomes[0].written) == [rid]
-            # the same write from a process that never read the record names the same key: Zapier replays
-            tid = supabase.query("SELECT tables_id FROM zsync.tables_known WHERE record_id = %s", (rid,))[0][0]
-            again = stack_context(stack).tables.update_many(
-                table_id, [(tid, to_tables_fields(spec, row))],
-                read_at={tid: outcomes[0].written[rid].edited_at.isoformat()})
-            assert datetime.fromisoformat(again[0].edited_at) == outcomes[0].known[rid].edited_at  # replayed
-            keys = [r["idempotency_key_value"] for r in _requests(stack) if r["method"] == "PATCH"]
-            assert keys == [patch[0]["idempotency_key_value"]] * 2
-    assert not outcomes[1].written and outcomes[1].fallback == [rid]  # announced, unrecorded: the find path
-    assert tables.stats()["writes"][table_id] == writes + 1
-    assert supabase.query("SELECT count(*) FROM zsync.tables_writing WHERE record_id = %s", (rid,)) == [(1,)]
-    # Supabase then takes that version (as the lost drain's entry is retried): found there, not written again
-    before = tables.stats()["same_version_writes"].get(table_id, 0)
+    ctx = stack_context(stack)
+    ctx.tables.find_many(ctx.table_id(spec), "id", [rid])  # this process had read it (not part of the key)
     _reset(stack)
-    supabase.query("UPDATE agent_jobs SET status = 'retried', updated_at = %s WHERE id = %s", (row["updated_at"], rid))
-    _delivered(stack, supabase, [rid])
-    assert [r["method"] for r in _requests(stack)] == ["POST"]  # the find only
-    assert tables.stats()["writes"][table_id] == writes + 1
-    assert tables.stats()["same_version_writes"].get(table_id, 0) == before
-    assert supabase.query("SELECT count(*) FROM zsync.tables_writing WHERE record_id = %s", (rid,)) == [(0,)]
+    with psycopg.connect(stack.function_database_url) as conn:
+        done = write_blind(ctx, conn, spec, ctx.table_id(spec), {rid: (row, to_tables_fields(spec, row))})
+        conn.rollback()
+    assert list(done.written) == [rid] and [r["method"] for r in _requests(stack)] == ["PATCH"]
+    if fresh_process_key:  # the same write from a process that never read the record: the same key, replayed
+        tid = supabase.query("SELECT tables_id FROM zsync.tables_known WHERE record_id = %s", (rid,))[0][0]
+        again = stack_context(stack).tables.update_many(
+            ctx.table_id(spec), [(tid, to_tables_fields(spec, row))],
+            read_at={tid: done.written[rid].edited_at.isoformat()})
+        assert datetime.fromisoformat(again[0].edited_at) == done.known[rid].edited_at  # the first answer
+        keys = [r["idempotency_key_value"] for r in _requests(stack) if r["method"] == "PATCH"]
+        assert len(keys) == 2 and keys[0] == keys[1]
+    return done
+
+
+def test_a_blind_write_whose_transaction_was_lost_is_found_before_it_is_written_again(stack, tables, supabase):
+    """A drain killed after its PATCH, or whose transaction a Postgres restart lost, leaves the known copy as it
+    was - but its announcement (zsync.tables_writing, committed before the PATCH) stays: the next drain of the
+    record finds it first, sees the version already there and writes nothing (no echo write), records what
+    the lost write replaced (an edit it overwrote can still be merged) and clears the announcement. A blind
+    write's Idempotency-Key names the known copy it replaces, not what the process last read: the same in any
+    process, so Zapier replays its first answer."""
+    rid = _agreed_job(stack, tables, supabase, "blind-lost")
+    table_id = tables.ids["agent_jobs"]
+    with late_deliveries(stack):  # the lost write's own trigger delivery waits too
+        with _drain_held(stack):
+            supabase.query("UPDATE agent_jobs SET status = 'lost drain' WHERE id = %s", (rid,))
+        writes = tables.stats()["writes"][table_id]
+        done = _lost_blind_write(stack, supabase, rid, fresh_process_key=True)
+        assert tables.stats()["writes"][table_id] == writes + 1
+        assert supabase.query("SELECT count(*) FROM zsync.tables_writing WHERE record_id = %s", (rid,)) == [(1,)]
+        same = tables.stats()["same_version_writes"].get(table_id, 0)
+        _reset(stack)
+        assert stack.sweep_outbox(min_age_s=0) >= 1  # the change, retried
+        eventually(lambda: supabase.query("SELECT count(*) FROM zsync.outbox WHERE record_id = %s "
+                                          "AND acked_at IS NULL", (rid,)) == [(0,)])
+        assert [r["method"] for r in _requests(stack)] == ["POST"]  # the find only: Tables holds it
+        assert tables.stats()["writes"][table_id] == writes + 1
+        assert tables.stats()["same_version_writes"].get(table_id, 0) == same
+        assert supabase.query("SELECT count(*) FROM zsync.tables_writing WHERE record_id = %s", (rid,)) == [(0,)]
+        replaced = supabase.query("SELECT replaced FROM zsync.sync_base WHERE record_id = %s", (rid,))[0][0]
+        assert any(e["row"]["status"] == "queued" and datetime.fromisoformat(e["until"])
+                   == done.known[rid].edited_at.replace(microsecond=done.known[rid].edited_at.microsecond // 1000
+                                                        * 1000) for e in replaced), replaced
+    stack.safety_drain()  # (the held deliveries: the lost write's own, found equal)
+    stack.wait_quiet()
     # (the copy the find saw moved on without the sync recording it: it counts as an edit made in Tables, so
     # the next write is found too while blind_quiet_s runs; past it, one PATCH)
     old = _set_config(supabase, "blind_quiet_s", 0)
@@ -411,6 +432,36 @@ def test_a_blind_write_whose_transaction_was_lost_is_found_before_it_is_written_
         assert [r["method"] for r in _requests(stack)] == ["PATCH"]
     finally:
         _set_config(supabase, "blind_quiet_s", old)
+
+
+@pytest.mark.parametrize("retry_first", [False, True], ids=["delivery_first", "retry_first"])
+def test_an_edit_a_lost_blind_write_overwrote_ends_on_both_sides(stack, tables, supabase, retry_first):
+    """A person's note lands in Tables (its delivery late), then a drain writes the agent's change blind over it
+    and is killed before recording. Whether the note's delivery comes before the lost change is retried (it is
+    applied, and - the write unrecorded - queued back for Tables rather than taken as held there) or after
+    (the retry's find recorded what the lost write replaced: the note is merged against it), both changes end
+    on both sides."""
+    rid = _agreed_job(stack, tables, supabase, "blind-lost-note")
+    rec = tables.find("agent_jobs", rid)
+    with late_deliveries(stack):
+        with _drain_held(stack):
+            supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
+        tables.patch("agent_jobs", rec["id"], {"error_message": "a person's note"})
+        _lost_blind_write(stack, supabase, rid)
+        assert tables.find("agent_jobs", rid)["data"].get("error_message") is None  # overwritten, unrecorded
+        if retry_first:
+            assert stack.sweep_outbox(min_age_s=0) >= 1
+            eventually(lambda: supabase.query("SELECT count(*) FROM zsync.tables_writing WHERE record_id = %s",
+                                              (rid,)) == [(0,)])
+    stack.safety_drain()
+    stack.wait_quiet()
+    stack.sweep_outbox(0)
+    stack.wait_quiet()
+    audit = [(a["metadata"].get("function"), a["metadata"].get("outcome"), a["metadata"].get("merged"))
+             for a in supabase.audit(rid)]
+    row, found = supabase.row("agent_jobs", rid), tables.find("agent_jobs", rid)["data"]
+    assert (row["status"], row["error_message"]) == ("agent", "a person's note"), audit
+    assert (found["status"], found["error_message"]) == ("agent", "a person's note")
 
 
 def test_the_redefined_functions_follow_the_field_merge_migration():
@@ -486,9 +537,12 @@ def test_the_redefined_functions_follow_the_field_merge_migration():
     # 20261206100201 redefines remember_tables (a recorded find or answer clears the announcement) and blind_plan
     # (a record with an announcement left is found first)
     flight = (migrations / "20261206100201_zsync_blind_in_flight.sql").read_text()
-    clear = ("DELETE FROM zsync.tables_writing w WHERE w.table_name = p_table AND w.record_id IN ( SELECT e.v ->> 'id' "
-             "FROM jsonb_array_elements(p_items) e(v) WHERE e.v ->> 'tables_id' IS NOT NULL);")
-    assert canon(body(flight, "remember_tables")).replace(clear + " ", "", 1) == canon(body(mine, "remember_tables"))
+    remember = canon(body(flight, "remember_tables"))
+    added_part = remember[remember.index("FOR v_lost IN"):remember.index("RETURN n;")]
+    assert "zsync.agree(" in added_part and "zsync.requeue(" in added_part and "DELETE FROM zsync.tables_writing" \
+        in added_part
+    assert remember.replace(added_part, "", 1).replace(
+        " v_lost record; BEGIN", " BEGIN", 1) == canon(body(mine, "remember_tables"))
     left = ("AND NOT EXISTS (SELECT 1 FROM zsync.tables_writing w WHERE w.table_name = $1 "
             "AND w.record_id = k.record_id) ")
     assert canon(body(flight, "blind_plan")).replace(left, "", 1) == canon(body(mine, "blind_plan"))

@@ -471,7 +471,7 @@ CALLED = {"sync_upsert", "version_cmp", "content_hash", "append_audit",
           # issue 20: the record lock a change from Tables waits for (a *_to_tables write in progress)
           "lock_record",
           # issue 21: the known Tables copies a *_to_tables write goes by (zsync.tables_known only through these)
-          "remember_tables", "forget_tables", "blind_plan", "announce_blind"}
+          "remember_tables", "forget_tables", "blind_plan", "announce_blind", "settle_blind"}
 DEFINER = {"capture_change", "ack_outbox", "announce",
            # issue 13: they read/write zsync.tombstones and zsync.outbox, which zsync_sync cannot touch
            "maintain_updated_at", "track_tombstone", "tombstone_version", "apply_tables_delete", "outbox_failed",
@@ -492,7 +492,7 @@ DEFINER = {"capture_change", "ack_outbox", "announce",
            "ack_agreed", "agree", "bases_of", "bases_after_batch", "set_base", "mark_agreed",
            "base_before_change", "base_after_merge", "drop_base",
            # issue 21: zsync.tables_known and zsync.config, which zsync_sync cannot touch
-           "blind_writes_on", "remember_tables", "forget_tables", "blind_plan", "announce_blind",
+           "blind_writes_on", "remember_tables", "forget_tables", "blind_plan", "announce_blind", "settle_blind",
            # zsync.sync_base.field_at, which zsync_sync cannot touch
            "stamp_fields"}
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, NamedTuple, TypeVar
@@ -513,16 +513,33 @@ def forget_tables(conn: psycopg.Connection, spec: TableSpec, record_ids: list[st
     return conn.execute("SELECT zsync.forget_tables(%s, %s::text[])", (spec.name, sorted(record_ids))).fetchone()[0]
 
 
-def announce_blind(db: Database, spec: TableSpec, record_ids: list[str]) -> bool:
-    """zsync.announce_blind, committed on its own before blind writes of ``record_ids`` are sent: if the drain's
-    transaction is then lost, their next write finds them first (zsync.blind_plan), so a version already written
-    is not written again. -> False when it could not be committed (write those records by the find path)."""
+def announce_blind(db: Database, spec: TableSpec, writes: Mapping[str, tuple[Known, datetime | None]]) -> bool:
+    """zsync.announce_blind, committed on its own before blind writes are sent: ``writes``: record id -> (the
+    known copy the write replaces, the version it sends). If the drain's transaction is then lost, the record's
+    next write finds it first, and what the write replaced is recorded from that find (zsync.remember_tables).
+    -> False when it could not be committed (write those records by the find path)."""
+    payload = "[" + ",".join(
+        f'{{"id":{json.dumps(rid)},"known":{row_to_json(k.row)},'
+        f'"known_at":{json.dumps(k.edited_at.isoformat() if k.edited_at else None)},'
+        f'"version":{json.dumps(v.isoformat() if v else None)}}}'
+        for rid, (k, v) in sorted(writes.items())) + "]"
     try:
-        db.aside(lambda conn: conn.execute("SELECT zsync.announce_blind(%s, %s::text[])",
-                                           (spec.name, sorted(record_ids))))
+        db.aside(lambda conn: conn.execute("SELECT zsync.announce_blind(%s, %s::jsonb)", (spec.name, payload)))
     except (DatabaseUnavailable, psycopg.Error):
         return False
     return True
+
+
+def settle_blind(conn: psycopg.Connection, spec: TableSpec,
+                 delivered: Sequence[tuple[Mapping[str, Any], datetime | None]]) -> int:
+    """zsync.settle_blind, before Tables deliveries are applied: the echo of a blind write whose drain went
+    unrecorded records what that write replaced (an edit it overwrote may be in the same batch)."""
+    items = [(row, at) for row, at in delivered if at is not None]
+    if not items:
+        return 0
+    payload = "[" + ",".join(f'{{"id":{json.dumps(row["id"])},"row":{row_to_json(row)},'
+                             f'"edited_at":{json.dumps(at.isoformat())}}}' for row, at in items) + "]"
+    return conn.execute("SELECT zsync.settle_blind(%s, %s::jsonb)", (spec.name, payload)).fetchone()[0]
 
 
 def blind_plan(conn: psycopg.Connection, spec: TableSpec, record_ids: list[str]) -> dict[str, Known]:

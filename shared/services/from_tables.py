@@ -84,6 +84,7 @@ def apply_from_tables(ctx: SyncContext, fn: FunctionSpec, record: Mapping[str, A
     def work(conn: psycopg.Connection) -> Outcome:
         if spec.append_only:
             return Outcome.APPLIED if supabase_db.append_audit(conn, row) else Outcome.UNCHANGED
+        supabase_db.settle_blind(conn, spec, [(row, edited_at)])
         outcome, stored, applied, merge = supabase_db.sync_apply(conn, spec, row, edited_at)
         result = Outcome(outcome)
         remember_delivered(conn, spec, [(row, edited_at)])
@@ -178,6 +179,8 @@ def apply_many_from_tables(ctx: SyncContext, fn: FunctionSpec, records: Sequence
 
     def work(conn: psycopg.Connection) -> dict[int, Outcome]:
         entries: list[dict[str, Any]] = list(failed)
+        if not spec.append_only:  # the echo of a lost blind write, first (an edit it overwrote may follow)
+            supabase_db.settle_blind(conn, spec, [(d.row, d.edited_at) for d in parsed])
         done, refused = isolate(conn, parsed, apply, lambda d: d.row)
         outcomes: dict[int, Outcome] = {}
         for d, problems in refused:

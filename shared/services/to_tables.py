@@ -226,7 +226,8 @@ def write_blind(ctx: SyncContext, conn: psycopg.Connection, spec: TableSpec, tab
     ids = [rid for rid in order if later[rid] > 0 or (later[rid] == 0 and rid not in result.unchanged)]
     for start in range(0, len(ids), BATCH_MAX):
         chunk = ids[start:start + BATCH_MAX]
-        if result.stopped or not supabase_db.announce_blind(ctx.db, spec, chunk):
+        if result.stopped or not supabase_db.announce_blind(
+                ctx.db, spec, {r: (plan[r], rows[r][0].get(spec.version or "")) for r in chunk}):
             result.fallback += chunk  # (not announced: the find path, which needs no announcement)
             continue
         try:
