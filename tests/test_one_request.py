@@ -523,6 +523,9 @@ def test_the_redefined_functions_follow_the_field_merge_migration():
     apply_stamp = canon(body(later, "base_after_apply"))
     apply_stamp = apply_stamp[apply_stamp.index("UPDATE zsync.sync_base"):apply_stamp.index("IF p_tables_ts")]
     assert without("base_after_apply", apply_stamp) == canon(body(merge, "base_after_apply"))
+    batch_stamp = canon(body(later, "bases_after_batch"))
+    batch_stamp = batch_stamp[batch_stamp.index("UPDATE zsync.sync_base b"):batch_stamp.index("WITH l AS")]
+    assert without("bases_after_batch", batch_stamp) == canon(body(merge, "bases_after_batch"))
     merge_stamp = canon(body(later, "base_after_merge"))
     merge_stamp = merge_stamp[merge_stamp.index("UPDATE zsync.sync_base b SET field_at"):merge_stamp.index(
         "IF zsync.set_base")]

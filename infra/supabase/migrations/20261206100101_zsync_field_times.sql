@@ -12,10 +12,10 @@
 -- * a value a merge took from Tables counted at the merged version, and beat a later overwritten edit.
 -- Now sync_base.field_at keeps, per field, when the value Supabase holds got there, across base moves while the
 -- record has a saved base: Supabase's writers' changes at their updated_at (zsync.base_before_change), a Tables
--- record applied at its version (zsync.base_after_apply), the fields a merge took from Tables at that record's
--- version (zsync.base_after_merge), a merged record's other changes at its version (zsync.stamp_fields, from
--- zsync.maintain_updated_at). An overwritten edit meets each field Supabase changed since the replaced record
--- at that time (zsync.merge_decide_base); a field without such a time, at the row's version as before.
+-- record applied at its version (zsync.base_after_apply, zsync.bases_after_batch), the fields a merge took from
+-- Tables at that record's version (zsync.base_after_merge), a merged record's other changes at its version
+-- (zsync.stamp_fields, from zsync.maintain_updated_at). An overwritten edit meets each field Supabase changed
+-- since the replaced record at that time (zsync.merge_decide_base); a field without one, at the row's version.
 -- Re-runnable. Each function below is its last definition's text plus the lines marked here (a test checks).
 
 ALTER TABLE zsync.sync_base ADD COLUMN IF NOT EXISTS field_at jsonb;  -- field -> when Supabase's value got there
@@ -142,6 +142,63 @@ BEGIN
         PERFORM zsync.set_base(p_table, p_row, p_tables_ts);
     ELSE
         PERFORM zsync.drop_base(p_table, p_row);
+    END IF;
+END
+$$;
+
+-- (as 20261205600101's, and the fields the Tables records applied set stamped at their versions)
+CREATE OR REPLACE FUNCTION zsync.bases_after_batch(p_table regclass, p_ids text[], p_actions text[], p_rows jsonb[],
+                                                   p_bts timestamp with time zone[], p_bhash text[], p_inputs jsonb[],
+                                                   p_based boolean[], p_inserted jsonb) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET "TimeZone" TO 'UTC'
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_name text := (SELECT relname::text FROM pg_class WHERE oid = p_table);
+BEGIN
+    PERFORM zsync.assert_synced(p_table);
+    -- the fields each Tables record applied set (where it differs from the base, or Supabase changed them since):
+    -- at its version, as zsync.base_after_apply stamps them
+    UPDATE zsync.sync_base b
+    SET field_at = coalesce(b.field_at, '{}'::jsonb) || (
+        SELECT coalesce(jsonb_object_agg(n.key, date_trunc('milliseconds', u.bts)), '{}')
+        FROM jsonb_each(u.input) n
+        WHERE n.key NOT IN ('id', 'updated_at')
+          AND (n.value IS DISTINCT FROM b.base -> n.key OR (b.field_at ->> n.key)::timestamptz > b.version))
+    FROM unnest(p_ids, p_actions, p_inputs, p_bts, p_based) AS u(id, action, input, bts, based)
+    WHERE u.action = 'update' AND u.based AND u.bts IS NOT NULL AND b.table_name = v_name AND b.record_id = u.id;
+    WITH l AS (
+        SELECT w.*, date_trunc('milliseconds', (w.input ->> 'updated_at')::timestamptz) AS tts
+        FROM unnest(p_ids, p_actions, p_rows, p_bts, p_bhash, p_inputs, p_based)
+             AS w(id, action, row, bts, bhash, input, based)
+        WHERE w.action = 'update' OR (w.action = 'insert' AND p_inserted ? w.id)),
+    kept AS (  -- a cell edit applied at edited_at: the base remembers the updated_at Tables' copy carries
+        INSERT INTO zsync.sync_base AS b (table_name, record_id, base, version, hash, tables_ts)
+        SELECT v_name, l.id, l.row, l.bts, l.bhash, l.tts FROM l WHERE l.tts IS DISTINCT FROM l.bts ORDER BY l.id
+        ON CONFLICT ON CONSTRAINT sync_base_pkey DO UPDATE
+            SET base = EXCLUDED.base, version = EXCLUDED.version, hash = EXCLUDED.hash,
+                tables_ts = EXCLUDED.tables_ts, agreed = true, field_ts = NULL, set_at = now()
+            WHERE (EXCLUDED.version, EXCLUDED.hash) > (b.version, b.hash)
+        RETURNING 1),
+    -- any other record Supabase now holds as Tables sent it (applied, or found equal): no saved base
+    -- (zsync.drop_base, set-based)
+    agreed AS (
+        SELECT l.id, l.row, l.bts, l.bhash FROM l WHERE l.based AND l.tts IS NOT DISTINCT FROM l.bts
+        UNION ALL
+        SELECT w.id, w.row, w.bts, w.bhash
+        FROM unnest(p_ids, p_actions, p_based, p_rows, p_bts, p_bhash) AS w(id, action, based, row, bts, bhash)
+        WHERE w.action = 'unchanged' AND w.based),
+    gone AS (
+        DELETE FROM zsync.sync_base b USING agreed a
+        WHERE b.table_name = v_name AND b.record_id = a.id AND NOT zsync.replaced_live(b.replaced)
+        RETURNING 1)
+    UPDATE zsync.sync_base b
+    SET base = a.row, version = a.bts, hash = a.bhash, tables_ts = a.bts, agreed = true, field_ts = NULL, set_at = now()
+    FROM agreed a WHERE b.table_name = v_name AND b.record_id = a.id AND zsync.replaced_live(b.replaced);
+    IF 'unchanged' = ANY (p_actions) THEN  -- found equal: both hold it, nothing left for a drain to check
+        PERFORM zsync.ack_agreed(v_name, array_agg(w.id), array_agg(w.bts))
+        FROM unnest(p_ids, p_actions, p_bts) AS w(id, action, bts) WHERE w.action = 'unchanged';
     END IF;
 END
 $$;
@@ -300,6 +357,8 @@ REVOKE ALL ON FUNCTION zsync.base_before_change(regclass, jsonb, jsonb) FROM PUB
 REVOKE ALL ON FUNCTION zsync.maintain_updated_at() FROM PUBLIC;
 REVOKE ALL ON FUNCTION zsync.base_after_apply(regclass, jsonb, timestamp with time zone) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.base_after_apply(regclass, jsonb, timestamp with time zone) TO zsync_sync;
+REVOKE ALL ON FUNCTION zsync.bases_after_batch(regclass, text[], text[], jsonb[], timestamp with time zone[], text[], jsonb[], boolean[], jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.bases_after_batch(regclass, text[], text[], jsonb[], timestamp with time zone[], text[], jsonb[], boolean[], jsonb) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.base_after_merge(regclass, jsonb, timestamp with time zone, jsonb, jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.base_after_merge(regclass, jsonb, timestamp with time zone, jsonb, jsonb) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.merge_decide_base(regclass, zsync.sync_base, jsonb, timestamp with time zone, jsonb) FROM PUBLIC;
