@@ -245,6 +245,54 @@ def test_an_overwritten_edit_delivered_after_a_later_write_still_wins_the_field_
     assert (found["status"], found["retry_count"]) == ("person", 7)
 
 
+def test_a_tables_edit_a_drain_deferred_to_is_not_written_over_blind(stack, tables, supabase):
+    """The agent and then a person change status; the person's delivery is held by a drain that died with it
+    leased (the inbox hands it to nobody for a while). The agent's drain finds the person's edit, gives status
+    to its delivery (deferred, nothing taken in) - and must not keep that record as the copy to write blind
+    over: the agent's next change, after blind_quiet_s, finds it again, and when the delivery finally comes,
+    the person's status wins on both sides with the agent's later field."""
+    from shared.adapters.trigger_inbox import InboxClient
+
+    rid = _agreed_job(stack, tables, supabase, "blind-deferred")
+    rec = tables.find("agent_jobs", rid)
+    inbox = InboxClient.for_tables(stack.tables_client())
+    inbox_id = stack.inboxes["agent_jobs_to_supabase"]
+    old = _set_config(supabase, "blind_quiet_s", 0)
+    try:
+        with late_deliveries(stack):
+            with _drain_held(stack):
+                supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
+            agent_at = datetime.fromisoformat(supabase.row("agent_jobs", rid)["updated_at"])
+            tables.patch("agent_jobs", rec["id"], {
+                "status": "person", "updated_at": (agent_at + timedelta(milliseconds=10)).isoformat()})
+            held = inbox.lease(inbox_id, 100, 120)  # a drain that died holding the person's delivery
+            assert [m for m in held.messages if rid in json.dumps(m.payload)]
+            with blind_writes_off(stack):  # (a record people edit is found first: blind_quiet_s, as in a soak)
+                _reset(stack)
+                assert stack.sweep_outbox(min_age_s=0) >= 1
+                eventually(lambda: [r["method"] for r in _requests(stack)][:1] == ["POST"])  # found: deferred
+                time.sleep(0.5)  # (its entry stays pending: the stack is not quiet until the delivery comes)
+            assert supabase.row("agent_jobs", rid)["status"] == "agent"
+            assert supabase.query("SELECT count(*) FROM zsync.tables_known WHERE record_id = %s", (rid,)) == [(0,)]
+            time.sleep(0.02)
+            _reset(stack)
+            supabase.query("UPDATE agent_jobs SET retry_count = 3 WHERE id = %s", (rid,))
+            eventually(lambda: _requests(stack))
+            time.sleep(0.5)
+            assert [r["method"] for r in _requests(stack)][:1] == ["POST"]  # found again, not written blind
+            assert tables.find("agent_jobs", rid)["data"]["status"] == "person"
+            inbox.release(inbox_id, held.lease_id)  # the lease comes back
+        stack.safety_drain()
+        stack.wait_quiet()
+        stack.sweep_outbox(0)
+        stack.wait_quiet()
+    finally:
+        _set_config(supabase, "blind_quiet_s", old)
+    row, found = supabase.row("agent_jobs", rid), tables.find("agent_jobs", rid)["data"]
+    assert (row["status"], row["retry_count"]) == ("person", 3)
+    assert (found["status"], found["retry_count"]) == ("person", 3)
+
+
 def test_the_stand_in_refuses_an_update_of_a_trashed_record_as_zapier_does(stack, tables, supabase):
     """"Refused if any named record does not exist": a PATCH naming a trashed record changes nothing, not even
     the live record named with it."""

@@ -109,7 +109,7 @@ class Record(BaseModel):
     schema_revision_id: int | None = None
 
 
-def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
@@ -282,7 +282,7 @@ class TablesClient:
         ``trash`` as in :meth:`iter_records` (``include``: trashed records too, with ``deleted_at``)."""
         wanted = list(dict.fromkeys(v for v in values if v is not None))
         out: list[Record] = []
-        for chunk in _chunks(wanted, PAGE_MAX):
+        for chunk in chunks(wanted, PAGE_MAX):
             out += self.iter_records(table_id, PAGE_MAX, trash=trash, _conditions=[(field, "in", chunk)])
         if field == "id":
             self._changes.found(table_id, wanted, [(r.id, r.data.get("id"), r.deleted_at) for r in out])
@@ -337,7 +337,7 @@ class TablesClient:
         """Create records in batches of :data:`BATCH_MAX` (each batch is atomic, the whole call is not)."""
         rows = [dict(r) for r in rows]
         created: list[Record] = []
-        for chunk in _chunks(rows, BATCH_MAX):
+        for chunk in chunks(rows, BATCH_MAX):
             created += self._write(table_id, "POST", "new_records", [(None, row) for row in chunk], change)
         return created
 
@@ -349,7 +349,7 @@ class TablesClient:
         process - after a crash lost its answer - sends the same key and Zapier replays the first answer."""
         items = [(rid, dict(data)) for rid, data in updates]
         updated: list[Record] = []
-        for chunk in _chunks(items, BATCH_MAX):
+        for chunk in chunks(items, BATCH_MAX):
             updated += self._write(table_id, "PATCH", "updated_records", chunk, change, read_at)
         return updated
 

@@ -96,6 +96,9 @@ def apply_from_supabase(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhoo
             apply_merged(conn, spec, merged)
         elif outcome in (Outcome.APPLIED, Outcome.UNCHANGED) and not hook:
             supabase_db.agree(conn, spec, [row], replaced)  # Tables holds this row now
+        if outcome is Outcome.QUEUED:  # the Tables edit is not taken in yet: no base for a blind write
+            known.clear()
+            supabase_db.forget_tables(conn, spec, [row["id"]])
         supabase_db.remember_tables(conn, spec, known)
         if outcome is not Outcome.QUEUED:  # (queued: left to a Tables edit's deliveries, see merged_outcome)
             supabase_db.ack_outbox(conn, spec, row["id"], row.get(spec.version or ""), outcome.value)
