@@ -75,6 +75,12 @@ BEGIN
        OR NOT EXISTS (SELECT 1 FROM zsync.tables_writing a WHERE a.table_name = p_table) THEN
         RETURN 0;
     END IF;
+    -- the records' locks first (id order, as every caller): a drain still writing one records it itself
+    PERFORM zsync.lock_record(format('public.%I', p_table)::regclass, a.record_id)
+    FROM (SELECT DISTINCT a.record_id FROM zsync.tables_writing a
+          WHERE a.table_name = p_table
+            AND a.record_id IN (SELECT e.v ->> 'id' FROM jsonb_array_elements(p_items) e(v))
+          ORDER BY a.record_id) a;
     FOR v_echo IN
         SELECT DISTINCT ON (a.record_id) a.record_id, a.known, a.known_at, g.v -> 'row' AS row, g.v ->> 'edited_at' AS edited_at
         FROM jsonb_array_elements(p_items) g(v)
