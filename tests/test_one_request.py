@@ -25,7 +25,8 @@ from tests.test_tables_deletes import delete_in_tables, lose_delete_events, tomb
 
 @pytest.fixture(autouse=True, scope="module")
 def blind_writes_on(stack: Any) -> Iterator[None]:
-    """The one-request path is behind zsync.config 'blind_writes' ("off" by default: see the closing note)."""
+    """The one-request path is zsync.config 'blind_writes' ("on" by default since 20261206100301): on here
+    whatever the default, as the tests that turn it off for a block put it back."""
     with blind_writes(stack, True):
         yield
 
@@ -243,6 +244,42 @@ def test_an_overwritten_edit_delivered_after_a_later_write_still_wins_the_field_
     row, found = supabase.row("agent_jobs", rid), tables.find("agent_jobs", rid)["data"]
     assert (row["status"], row["retry_count"]) == ("person", 7), audit
     assert (found["status"], found["retry_count"]) == ("person", 7)
+
+
+def test_an_edit_made_after_a_blind_write_meets_that_write_not_the_edit_it_overwrote(stack, tables, supabase):
+    """A person's note is overwritten by the agent's blind write; its late delivery is merged (note + agent's
+    status) and goes back to Tables - but before it gets there another person sets retry_count on the record
+    Tables holds: the agent's write, without the note. That edit's ancestor is the write, so it changes
+    retry_count only: the note stays (the merge of an overwritten edit does not make it the base)."""
+    rid = _agreed_job(stack, tables, supabase, "blind-after")
+    rec = tables.find("agent_jobs", rid)
+    with late_deliveries(stack):
+        with _drain_held(stack):
+            supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
+        agent_at = datetime.fromisoformat(supabase.row("agent_jobs", rid)["updated_at"])
+        tables.patch("agent_jobs", rec["id"], {  # the note, by a writer that versions it (after the agent)
+            "error_message": "a person's note", "updated_at": (agent_at + timedelta(milliseconds=10)).isoformat()})
+        assert stack.sweep_outbox(min_age_s=0) >= 1  # the agent's change, written blind over the note
+        eventually(lambda: supabase.query("SELECT count(*) FROM zsync.outbox WHERE record_id = %s "
+                                          "AND acked_at IS NULL", (rid,)) == [(0,)])
+        with _drain_held(stack):  # the merged record waits in the outbox
+            stack.safety_drain()  # the note's delivery: merged with the agent's status, queued for Tables
+            eventually(lambda: supabase.row("agent_jobs", rid)["error_message"] == "a person's note")
+            assert tables.find("agent_jobs", rid)["data"].get("error_message") is None
+            merged_at = datetime.fromisoformat(supabase.row("agent_jobs", rid)["updated_at"])
+            tables.patch("agent_jobs", rec["id"], {  # made from the agent's write, by a writer that versions it
+                "retry_count": 5, "updated_at": (merged_at + timedelta(milliseconds=10)).isoformat()})
+            stack.safety_drain()
+            eventually(lambda: supabase.row("agent_jobs", rid)["retry_count"] == 5)
+    stack.safety_drain()
+    stack.wait_quiet()
+    stack.sweep_outbox(0)
+    stack.wait_quiet()
+    audit = [(a["metadata"].get("function"), a["metadata"].get("outcome"), a["metadata"].get("merged"))
+             for a in supabase.audit(rid)]
+    row, found = supabase.row("agent_jobs", rid), tables.find("agent_jobs", rid)["data"]
+    assert (row["status"], row["error_message"], row["retry_count"]) == ("agent", "a person's note", 5), audit
+    assert (found["status"], found["error_message"], found["retry_count"]) == ("agent", "a person's note", 5)
 
 
 def test_a_tables_edit_a_drain_deferred_to_is_not_written_over_blind(stack, tables, supabase):
@@ -582,8 +619,9 @@ def test_the_redefined_functions_follow_the_field_merge_migration():
                            "CREATE OR REPLACE FUNCTION zsync.base_after_merge("), "base_after_merge"))
     field_at = ("b.field_ts := (SELECT jsonb_object_agg(a.key, a.value) FROM jsonb_each(b.field_at) a "
                 "WHERE (a.value #>> '{}')::timestamptz > b.version);")
-    assert canon(body(later, "merge_decide_base")).replace(canon(field_at), canon(added), 1) == canon(
-        body(mine, "merge_decide_base"))
+    back = "CASE WHEN v_over THEN '{\"back_to_tables\": true}'::jsonb"
+    assert canon(body(later, "merge_decide_base")).replace(canon(field_at), canon(added), 1).replace(
+        back, back.replace("v_over", "v_over AND m.outcome = 'a'"), 1) == canon(body(mine, "merge_decide_base"))
 
     # 20261206100201 redefines remember_tables (a recorded find or answer clears the announcement) and blind_plan
     # (a record with an announcement left is found first)

@@ -239,7 +239,8 @@ BEGIN
 END
 $_$;
 
--- (as 20261206000101's, and an overwritten edit meets Supabase's fields at field_at's times)
+-- (as 20261206000101's, and an overwritten edit meets Supabase's fields at field_at's times; its merge keeps
+-- the base where it is: back_to_tables)
 CREATE OR REPLACE FUNCTION zsync.merge_decide_base(p_table regclass, b zsync.sync_base, p_tables jsonb,
                                                    p_edited_at timestamp with time zone, p_supabase jsonb,
                                                    OUT action text, OUT merged jsonb, OUT info jsonb)
@@ -348,7 +349,9 @@ BEGIN
                                                   CASE k.value #>> '{}' WHEN 'a' THEN 'tables' ELSE 'supabase' END),
                                                   '{}'::jsonb) FROM jsonb_each(m.both_later) k),
                                'base_version', b.version, 'tables_version', t_ts)
-            || CASE WHEN v_over AND m.outcome = 'a' THEN '{"back_to_tables": true}'::jsonb ELSE '{}'::jsonb END;
+            -- (a merge of an edit a write overwrote goes back to Tables too: Tables holds that write, not the
+            -- edit, so the base stays that write's row - zsync.sync_apply moves it only for other merges)
+            || CASE WHEN v_over THEN '{"back_to_tables": true}'::jsonb ELSE '{}'::jsonb END;
 END
 $$;
 

@@ -140,15 +140,16 @@ BEGIN
           AND g.known_at > coalesce(k.known_at, '-infinity')
         RETURNING 1)
     SELECT (SELECT count(*) FROM found) + (SELECT count(*) FROM delivered) INTO n;
-    -- A find showing the version a blind write sent whose drain went unrecorded (announced, its transaction
-    -- lost): that write replaced the announced copy in Tables until the edited_at the find shows. Recorded as
-    -- the drain would have (zsync.agree), so an edit it overwrote is merged against that copy when it comes.
+    -- A find of a record whose blind write went unrecorded (announced, its drain lost): that write replaced the
+    -- announced copy in Tables, at the latest by the edited_at the find shows (its own, when the find shows the
+    -- version it sent; else an edit made after it). Recorded as the drain would have (zsync.agree), so an edit
+    -- it overwrote is merged against that copy when its delivery comes.
     FOR v_lost IN
         SELECT g.v AS item, a.known, a.known_at
         FROM jsonb_array_elements(p_items) g(v)
         JOIN zsync.tables_writing a ON a.table_name = p_table AND a.record_id = g.v ->> 'id'
         WHERE g.v ->> 'tables_id' IS NOT NULL AND NOT coalesce((g.v ->> 'ours')::boolean, false)
-          AND date_trunc('milliseconds', (g.v -> 'row' ->> 'updated_at')::timestamptz) = a.version
+          AND (g.v ->> 'edited_at')::timestamptz > a.known_at
     LOOP
         PERFORM zsync.agree(format('public.%I', p_table)::regclass, jsonb_build_array(v_lost.item -> 'row'),
                             jsonb_build_object(v_lost.item ->> 'id', jsonb_build_object(

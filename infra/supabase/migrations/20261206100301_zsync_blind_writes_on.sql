@@ -1,0 +1,11 @@
+-- zsync: blind writes on by default (issue 21 item 3): a single Supabase change costs one Tables request.
+--
+-- 20261206000101 added them off by default: soaks under load still lost fields and wrote echoes with them on.
+-- 20261206100101 (Supabase's field times kept across base moves) and 20261206100201 (a blind write announced
+-- before it is sent, and settled from what Tables shows if its drain is lost) close what those soaks found;
+-- with them, soaks at seeds 2026, 2027 and 1206 run two at a time on a 2-core machine were clean (0 lost,
+-- 0 lost fields, 0 duplicates, 0 echo writes, no drift). This turns the switch on wherever it is off (the
+-- migration cannot tell the old default from an operator's choice: turn it off again after it, if that was
+-- one): `UPDATE zsync.config SET value = '"off"' WHERE key = 'blind_writes'` - every write found first, as
+-- before issue 21; `SET zsync.blind_writes = 'off'` does it for a session.
+UPDATE zsync.config SET value = '"on"', updated_at = now() WHERE key = 'blind_writes' AND value = '"off"';
