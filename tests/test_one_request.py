@@ -57,6 +57,19 @@ def _delivered(stack: Any, supabase: Any, ids: list[str]) -> None:
     stack.wait_quiet()
 
 
+@contextmanager
+def _drain_held(stack: Any) -> Iterator[None]:
+    """The Database Webhook's wake-ups are lost for the block: Supabase's changes wait in the outbox."""
+    with blind_writes_off(stack), stack.trash_paused():
+        lost = stack.dropped_deliveries()["pgnet"]
+        stack.drop_deliveries(1.0)
+        try:
+            yield
+            eventually(lambda: stack.dropped_deliveries()["pgnet"] > lost)
+        finally:
+            stack.drop_deliveries(0.0)
+
+
 def test_a_single_agent_update_costs_one_tables_request(stack, tables, supabase):
     rid = _agreed_job(stack, tables, supabase, "one-req")
     for status in ("running", "done"):  # two changes in a row: each one PATCH
@@ -131,14 +144,8 @@ def test_a_person_s_later_edit_of_the_same_field_wins_over_the_blind_write(stack
     rid = _agreed_job(stack, tables, supabase, "blind-same")
     rec = tables.find("agent_jobs", rid)
     with late_deliveries(stack):
-        with blind_writes_off(stack), stack.trash_paused():  # hold the drain: the webhook is lost for now
-            lost = stack.dropped_deliveries()["pgnet"]
-            stack.drop_deliveries(1.0)
-            try:
-                supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
-                eventually(lambda: stack.dropped_deliveries()["pgnet"] > lost)
-            finally:
-                stack.drop_deliveries(0.0)
+        with _drain_held(stack):  # hold the drain: the webhook is lost for now
+            supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
         time.sleep(0.01)
         later = {"status": "person"}  # later than the agent's change (a cell edit, or a writer's updated_at)
         if versioned:
@@ -172,14 +179,8 @@ def test_an_overwritten_edit_delivered_late_does_not_undo_a_later_tables_edit_ap
     rec = tables.find("agent_jobs", rid)
     url = stack.functions["agent_jobs_to_supabase"].url
     with late_deliveries(stack):
-        with blind_writes_off(stack), stack.trash_paused():  # hold the drain: the webhook is lost for now
-            lost = stack.dropped_deliveries()["pgnet"]
-            stack.drop_deliveries(1.0)
-            try:
-                supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
-                eventually(lambda: stack.dropped_deliveries()["pgnet"] > lost)
-            finally:
-                stack.drop_deliveries(0.0)
+        with _drain_held(stack):  # hold the drain: the webhook is lost for now
+            supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
         agent_at = datetime.fromisoformat(supabase.row("agent_jobs", rid)["updated_at"])
         tables.patch("agent_jobs", rec["id"], {"status": "person-1",
                                                "updated_at": (agent_at + timedelta(milliseconds=10)).isoformat()})
@@ -213,14 +214,8 @@ def test_an_overwritten_edit_delivered_after_a_later_write_still_wins_the_field_
     rid = _agreed_job(stack, tables, supabase, "blind-older")
     rec = tables.find("agent_jobs", rid)
     with late_deliveries(stack):
-        with blind_writes_off(stack), stack.trash_paused():  # hold the drain: the webhook is lost for now
-            lost = stack.dropped_deliveries()["pgnet"]
-            stack.drop_deliveries(1.0)
-            try:
-                supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
-                eventually(lambda: stack.dropped_deliveries()["pgnet"] > lost)
-            finally:
-                stack.drop_deliveries(0.0)
+        with _drain_held(stack):  # hold the drain: the webhook is lost for now
+            supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
         agent_at = datetime.fromisoformat(supabase.row("agent_jobs", rid)["updated_at"])
         tables.patch("agent_jobs", rec["id"], {"status": "person",
                                                "updated_at": (agent_at + timedelta(milliseconds=10)).isoformat()})
@@ -431,19 +426,6 @@ def test_a_record_a_find_showed_edited_in_tables_is_found_again_while_the_edit_i
     finally:
         _set_config(supabase, "blind_quiet_s", old)
     assert tables.find("agent_jobs", rid)["data"]["status"] == "quiet"
-
-
-@contextmanager
-def _drain_held(stack: Any) -> Iterator[None]:
-    """The Database Webhook's wake-ups are lost for the block: Supabase's changes wait in the outbox."""
-    with blind_writes_off(stack), stack.trash_paused():
-        lost = stack.dropped_deliveries()["pgnet"]
-        stack.drop_deliveries(1.0)
-        try:
-            yield
-            eventually(lambda: stack.dropped_deliveries()["pgnet"] > lost)
-        finally:
-            stack.drop_deliveries(0.0)
 
 
 def _lost_blind_write(stack: Any, supabase: Any, rid: str, *, fresh_process_key: bool = False) -> Any:
