@@ -70,6 +70,20 @@ def _drain_held(stack: Any) -> Iterator[None]:
             stack.drop_deliveries(0.0)
 
 
+def _both_end_with(stack: Any, tables: Any, supabase: Any, rid: str, **fields: Any) -> None:
+    """Once everything held is delivered and the outbox swept: both sides hold ``fields`` (the sync's audit
+    entries shown when Supabase does not)."""
+    stack.safety_drain()
+    stack.wait_quiet()
+    stack.sweep_outbox(0)
+    stack.wait_quiet()
+    audit = [(a["metadata"].get("function"), a["metadata"].get("outcome"), a["metadata"].get("merged"))
+             for a in supabase.audit(rid)]
+    row, found = supabase.row("agent_jobs", rid), tables.find("agent_jobs", rid)["data"]
+    assert {k: row[k] for k in fields} == fields, audit
+    assert {k: found.get(k) for k in fields} == fields
+
+
 def test_a_single_agent_update_costs_one_tables_request(stack, tables, supabase):
     rid = _agreed_job(stack, tables, supabase, "one-req")
     for status in ("running", "done"):  # two changes in a row: each one PATCH
@@ -194,14 +208,7 @@ def test_an_overwritten_edit_delivered_late_does_not_undo_a_later_tables_edit_ap
         answer = requests.post(url, json={**later["data"], "edited_at": later["edited_at"]},
                                headers={"X-Zsync-Secret": stack.secret}, timeout=30)
         assert answer.ok and supabase.row("agent_jobs", rid)["status"] == "person-2", answer.text
-    stack.safety_drain()
-    stack.wait_quiet()
-    stack.sweep_outbox(0)
-    stack.wait_quiet()
-    audit = [(a["metadata"].get("function"), a["metadata"].get("outcome"), a["metadata"].get("merged"))
-             for a in supabase.audit(rid)]
-    assert supabase.row("agent_jobs", rid)["status"] == "person-2", audit
-    assert tables.find("agent_jobs", rid)["data"]["status"] == "person-2"
+    _both_end_with(stack, tables, supabase, rid, status="person-2")
 
 
 def test_an_overwritten_edit_delivered_after_a_later_write_still_wins_the_field_it_changed_later(
@@ -230,15 +237,7 @@ def test_an_overwritten_edit_delivered_after_a_later_write_still_wins_the_field_
         eventually(written)
         eventually(lambda: tables.find("agent_jobs", rid)["data"]["retry_count"] == 7)
         assert tables.find("agent_jobs", rid)["data"]["status"] == "agent"  # the person's, overwritten for now
-    stack.safety_drain()
-    stack.wait_quiet()
-    stack.sweep_outbox(0)
-    stack.wait_quiet()
-    audit = [(a["metadata"].get("function"), a["metadata"].get("outcome"), a["metadata"].get("merged"))
-             for a in supabase.audit(rid)]
-    row, found = supabase.row("agent_jobs", rid), tables.find("agent_jobs", rid)["data"]
-    assert (row["status"], row["retry_count"]) == ("person", 7), audit
-    assert (found["status"], found["retry_count"]) == ("person", 7)
+    _both_end_with(stack, tables, supabase, rid, status="person", retry_count=7)
 
 
 def test_an_edit_made_after_a_blind_write_meets_that_write_not_the_edit_it_overwrote(stack, tables, supabase):
@@ -266,15 +265,7 @@ def test_an_edit_made_after_a_blind_write_meets_that_write_not_the_edit_it_overw
                 "retry_count": 5, "updated_at": (merged_at + timedelta(milliseconds=10)).isoformat()})
             stack.safety_drain()
             eventually(lambda: supabase.row("agent_jobs", rid)["retry_count"] == 5)
-    stack.safety_drain()
-    stack.wait_quiet()
-    stack.sweep_outbox(0)
-    stack.wait_quiet()
-    audit = [(a["metadata"].get("function"), a["metadata"].get("outcome"), a["metadata"].get("merged"))
-             for a in supabase.audit(rid)]
-    row, found = supabase.row("agent_jobs", rid), tables.find("agent_jobs", rid)["data"]
-    assert (row["status"], row["error_message"], row["retry_count"]) == ("agent", "a person's note", 5), audit
-    assert (found["status"], found["error_message"], found["retry_count"]) == ("agent", "a person's note", 5)
+    _both_end_with(stack, tables, supabase, rid, status="agent", error_message="a person's note", retry_count=5)
 
 
 def test_a_tables_edit_a_drain_deferred_to_is_not_written_over_blind(stack, tables, supabase):
@@ -403,6 +394,18 @@ def _set_config(supabase: Any, key: str, value: Any) -> Any:
     return old
 
 
+def _one_patch_once_quiet(stack: Any, supabase: Any, rid: str, status: str) -> None:
+    """Past blind_quiet_s (set to 0 for the change), an agent's change of ``rid`` is one PATCH."""
+    old = _set_config(supabase, "blind_quiet_s", 0)
+    try:
+        _reset(stack)
+        supabase.query("UPDATE agent_jobs SET status = %s WHERE id = %s", (status, rid))
+        _delivered(stack, supabase, [rid])
+        assert [r["method"] for r in _requests(stack)] == ["PATCH"]
+    finally:
+        _set_config(supabase, "blind_quiet_s", old)
+
+
 def test_a_record_a_find_showed_edited_in_tables_is_found_again_while_the_edit_is_recent(stack, tables, supabase):
     """A record made in Tables (its delivery cannot introduce a Zapier id the sync does not know) is found before
     the first write; that find saw an edit made in Tables, so the record counts as being edited there for
@@ -417,14 +420,7 @@ def test_a_record_a_find_showed_edited_in_tables_is_found_again_while_the_edit_i
         supabase.query("UPDATE agent_jobs SET status = %s WHERE id = %s", (status, rid))
         _delivered(stack, supabase, [rid])
         assert [r["method"] for r in _requests(stack)] == ["POST", "PATCH"], status  # the find, the write
-    old = _set_config(supabase, "blind_quiet_s", 0)
-    try:
-        _reset(stack)
-        supabase.query("UPDATE agent_jobs SET status = 'quiet' WHERE id = %s", (rid,))
-        _delivered(stack, supabase, [rid])
-        assert [r["method"] for r in _requests(stack)] == ["PATCH"]
-    finally:
-        _set_config(supabase, "blind_quiet_s", old)
+    _one_patch_once_quiet(stack, supabase, rid, "quiet")
     assert tables.find("agent_jobs", rid)["data"]["status"] == "quiet"
 
 
@@ -491,14 +487,7 @@ def test_a_blind_write_whose_transaction_was_lost_is_found_before_it_is_written_
     stack.wait_quiet()
     # (the copy the find saw moved on without the sync recording it: it counts as an edit made in Tables, so
     # the next write is found too while blind_quiet_s runs; past it, one PATCH)
-    old = _set_config(supabase, "blind_quiet_s", 0)
-    try:
-        _reset(stack)
-        supabase.query("UPDATE agent_jobs SET status = 'after' WHERE id = %s", (rid,))
-        _delivered(stack, supabase, [rid])
-        assert [r["method"] for r in _requests(stack)] == ["PATCH"]
-    finally:
-        _set_config(supabase, "blind_quiet_s", old)
+    _one_patch_once_quiet(stack, supabase, rid, "after")
 
 
 @pytest.mark.parametrize("retry_first", [False, True], ids=["delivery_first", "retry_first"])
@@ -520,15 +509,7 @@ def test_an_edit_a_lost_blind_write_overwrote_ends_on_both_sides(stack, tables, 
             assert stack.sweep_outbox(min_age_s=0) >= 1
             eventually(lambda: supabase.query("SELECT count(*) FROM zsync.tables_writing WHERE record_id = %s",
                                               (rid,)) == [(0,)])
-    stack.safety_drain()
-    stack.wait_quiet()
-    stack.sweep_outbox(0)
-    stack.wait_quiet()
-    audit = [(a["metadata"].get("function"), a["metadata"].get("outcome"), a["metadata"].get("merged"))
-             for a in supabase.audit(rid)]
-    row, found = supabase.row("agent_jobs", rid), tables.find("agent_jobs", rid)["data"]
-    assert (row["status"], row["error_message"]) == ("agent", "a person's note"), audit
-    assert (found["status"], found["error_message"]) == ("agent", "a person's note")
+    _both_end_with(stack, tables, supabase, rid, status="agent", error_message="a person's note")
 
 
 def test_the_redefined_functions_follow_the_field_merge_migration():
