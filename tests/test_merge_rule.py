@@ -531,6 +531,26 @@ def test_a_tables_edit_overwritten_by_a_write_that_read_before_it_is_merged_when
     assert _apply(db, s1, read_at)[0] in ("skipped_stale", "unchanged")
 
 
+def test_an_edit_in_the_same_millisecond_just_before_the_write_is_one_it_overwrote(db):
+    """Zapier's edited_at has microseconds: an edit 300 us before the write's own edited_at, in the same
+    millisecond, was made before the write landed - it is merged against the record the write replaced, not
+    taken for an edit made from the write (whose record would then count the write's fields as its own)."""
+    rid = uid("same-ms")
+    s1 = _seed(db, rid, datetime.now(UTC) - timedelta(seconds=10))
+    db.execute("UPDATE agent_jobs SET status = 'agent', updated_at = now() - interval '3 s' WHERE id = %s", (rid,))
+    s2 = _row(db, rid)
+    read_at = datetime.now(UTC) - timedelta(seconds=2)
+    written_at = read_at.replace(microsecond=500_700)  # the write's own edited_at, mid-millisecond
+    db.execute("SELECT zsync.ack_outbox('agent_jobs', %s, %s, 'applied')", (rid, s2["updated_at"]))
+    db.execute("SELECT zsync.agree('public.agent_jobs', %s::jsonb, %s::jsonb)",
+               (json.dumps([s2]), json.dumps({rid: {"row": s1, "edited_at": _iso(read_at.replace(microsecond=0)),
+                                                    "written_at": _iso(written_at)}})))
+    outcome, merge = _apply(db, dict(s1, error_message="typed"), written_at - timedelta(microseconds=300))
+    assert outcome == "merged" and merge["tables"] == ["error_message"] and merge["supabase"] == ["status"], merge
+    row = _row(db, rid)
+    assert (row["status"], row["error_message"]) == ("agent", "typed")
+
+
 @pytest.mark.parametrize("with_note", [False, True])
 def test_a_later_tables_edit_made_from_a_record_already_merged_does_not_undo_supabases_later_change(db, with_note):
     """A person sets status in Tables (t1) - and, in one variant, a note; an agent sets status later in Supabase

@@ -480,9 +480,8 @@ def test_a_blind_write_whose_transaction_was_lost_is_found_before_it_is_written_
         assert tables.stats()["same_version_writes"].get(table_id, 0) == same
         assert supabase.query("SELECT count(*) FROM zsync.tables_writing WHERE record_id = %s", (rid,)) == [(0,)]
         replaced = supabase.query("SELECT replaced FROM zsync.sync_base WHERE record_id = %s", (rid,))[0][0]
-        assert any(e["row"]["status"] == "queued" and datetime.fromisoformat(e["until"])
-                   == done.known[rid].edited_at.replace(microsecond=done.known[rid].edited_at.microsecond // 1000
-                                                        * 1000) for e in replaced), replaced
+        assert any(e["row"]["status"] == "queued" and datetime.fromisoformat(e["until"]) == done.known[rid].edited_at
+                   for e in replaced), replaced
     stack.safety_drain()  # (the held deliveries: the lost write's own, found equal)
     stack.wait_quiet()
     # (the copy the find saw moved on without the sync recording it: it counts as an edit made in Tables, so
@@ -583,8 +582,14 @@ def test_the_redefined_functions_follow_the_field_merge_migration():
     field_at = ("b.field_ts := (SELECT jsonb_object_agg(a.key, a.value) FROM jsonb_each(b.field_at) a "
                 "WHERE (a.value #>> '{}')::timestamptz > b.version);")
     back = "CASE WHEN v_over THEN '{\"back_to_tables\": true}'::jsonb"
+    full = "WHERE p_edited_at < (e.v ->> 'until')::timestamptz"
     assert canon(body(later, "merge_decide_base")).replace(canon(field_at), canon(added), 1).replace(
-        back, back.replace("v_over", "v_over AND m.outcome = 'a'"), 1) == canon(body(mine, "merge_decide_base"))
+        back, back.replace("v_over", "v_over AND m.outcome = 'a'"), 1).replace(
+        full, full.replace("p_edited_at", "v_edit"), 1) == canon(body(mine, "merge_decide_base"))
+    until = "'until', coalesce((v_prev ->> 'written_at')::timestamptz, clock_timestamp()),"
+    assert canon(body(later, "agree")).replace(until, "'until', coalesce(date_trunc('milliseconds', (v_prev ->> "
+                                               "'written_at')::timestamptz), clock_timestamp()),", 1) == canon(
+        body(mine, "agree"))
 
     # 20261206100201 redefines remember_tables (a recorded find or answer clears the announcement) and blind_plan
     # (a record with an announcement left is found first)

@@ -240,7 +240,8 @@ END
 $_$;
 
 -- (as 20261206000101's, and an overwritten edit meets Supabase's fields at field_at's times; its merge keeps
--- the base where it is: back_to_tables)
+-- the base where it is: back_to_tables; an edit is before a write's "until" at full precision, not by the
+-- millisecond: an edit made in the same millisecond just before the write is one it overwrote)
 CREATE OR REPLACE FUNCTION zsync.merge_decide_base(p_table regclass, b zsync.sync_base, p_tables jsonb,
                                                    p_edited_at timestamp with time zone, p_supabase jsonb,
                                                    OUT action text, OUT merged jsonb, OUT info jsonb)
@@ -280,7 +281,7 @@ BEGIN
     IF b.replaced IS NOT NULL AND t.hash <> b.hash THEN
         -- edited in Tables before a *_to_tables write replaced the record: the first write after the edit
         SELECT e.v INTO v_rep FROM jsonb_array_elements(b.replaced) e(v)
-        WHERE v_edit < (e.v ->> 'until')::timestamptz ORDER BY (e.v ->> 'until')::timestamptz LIMIT 1;
+        WHERE p_edited_at < (e.v ->> 'until')::timestamptz ORDER BY (e.v ->> 'until')::timestamptz LIMIT 1;
     END IF;
     IF v_rep IS NOT NULL AND v_edit < (v_rep ->> 'from')::timestamptz THEN
         -- older than the record that write read, which held it (Tables' records hold every earlier edit): taken
@@ -355,6 +356,72 @@ BEGIN
 END
 $$;
 
+-- (as 20261206000101's, and a write's "until" kept at full precision: Zapier's edited_at has microseconds, and
+-- an edit in the same millisecond just before the write was taken for one after it)
+CREATE OR REPLACE FUNCTION zsync.agree(p_table regclass, p_rows jsonb, p_prevs jsonb DEFAULT '{}')
+    RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET "TimeZone" TO 'UTC'
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+DECLARE
+    v_name text := (SELECT relname::text FROM pg_class WHERE oid = p_table);
+    r      record;
+    n      integer := 0;
+    v_prev jsonb;
+    v_fts  jsonb;  -- Supabase's field times since the base, as they were before this write
+BEGIN
+    IF jsonb_typeof(p_rows) IS DISTINCT FROM 'array' OR NOT zsync.field_merge_on() THEN
+        RETURN 0;
+    END IF;
+    PERFORM zsync.assert_synced(p_table);
+    -- only what there is to do: a saved base, or a row that moved on (most records: neither, no write)
+    FOR r IN EXECUTE format($q$
+        SELECT e.v AS row, to_jsonb(t) AS cur FROM jsonb_array_elements($1) e(v) JOIN %s t ON t.id = e.v ->> 'id'
+        WHERE EXISTS (SELECT 1 FROM zsync.sync_base b WHERE b.table_name = $2 AND b.record_id = t.id)
+           OR date_trunc('milliseconds', t.updated_at)
+              IS DISTINCT FROM date_trunc('milliseconds', (e.v ->> 'updated_at')::timestamptz)
+           OR $3 ? t.id
+        ORDER BY e.v ->> 'id' $q$, p_table) USING p_rows, v_name, coalesce(p_prevs, '{}'::jsonb) LOOP
+        v_prev := p_prevs -> (r.row ->> 'id');
+        v_fts := NULL;
+        IF v_prev IS NOT NULL THEN
+            SELECT b.field_ts INTO v_fts FROM zsync.sync_base b WHERE b.table_name = v_name AND b.record_id = r.row ->> 'id';
+        END IF;
+        IF r.cur IS NULL THEN
+            CONTINUE;
+        ELSIF (SELECT (v.ts, v.hash) FROM zsync.version_of_typed(p_table, r.cur) v)
+              = (SELECT (v.ts, v.hash) FROM zsync.version_of(p_table, r.row) v) THEN
+            IF v_prev IS NULL THEN
+                PERFORM zsync.drop_base(p_table, r.cur);
+                CONTINUE;
+            END IF;
+            -- (the row itself is the base: kept as a copy for the replaced record it now remembers)
+            INSERT INTO zsync.sync_base AS b (table_name, record_id, base, version, hash, tables_ts)
+            SELECT v_name, r.row ->> 'id', r.cur, v.ts, v.hash, v.ts FROM zsync.version_of_typed(p_table, r.cur) v
+            ON CONFLICT ON CONSTRAINT sync_base_pkey DO UPDATE
+                SET base = EXCLUDED.base, version = EXCLUDED.version, hash = EXCLUDED.hash,
+                    tables_ts = EXCLUDED.tables_ts, agreed = true, field_ts = NULL, set_at = now();
+            n := n + 1;
+        ELSIF zsync.set_base(p_table, r.row) THEN
+            n := n + 1;
+        END IF;
+        IF v_prev IS NOT NULL AND v_prev -> 'row' IS NOT NULL THEN
+            -- until the write's own edited_at (Zapier's clock, as the edits' edited_at): an edit at or after it
+            -- was made from the write; without it (an older caller), the time the write was recorded here
+            UPDATE zsync.sync_base b
+            SET replaced = zsync.replaced_kept(b.replaced, jsonb_build_array(jsonb_build_object(
+                    'row', v_prev -> 'row',
+                    'from', date_trunc('milliseconds', (v_prev ->> 'edited_at')::timestamptz),
+                    'until', coalesce((v_prev ->> 'written_at')::timestamptz, clock_timestamp()),
+                    'field_ts', CASE WHEN (v_prev ->> 'blind')::boolean THEN v_fts END)))
+            WHERE b.table_name = v_name AND b.record_id = r.row ->> 'id';
+        END IF;
+    END LOOP;
+    RETURN n;
+END
+$_$;
+
 REVOKE ALL ON FUNCTION zsync.stamp_fields(regclass, jsonb, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION zsync.base_before_change(regclass, jsonb, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION zsync.maintain_updated_at() FROM PUBLIC;
@@ -365,3 +432,5 @@ GRANT ALL ON FUNCTION zsync.bases_after_batch(regclass, text[], text[], jsonb[],
 REVOKE ALL ON FUNCTION zsync.base_after_merge(regclass, jsonb, timestamp with time zone, jsonb, jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.base_after_merge(regclass, jsonb, timestamp with time zone, jsonb, jsonb) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.merge_decide_base(regclass, zsync.sync_base, jsonb, timestamp with time zone, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION zsync.agree(regclass, jsonb, jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.agree(regclass, jsonb, jsonb) TO zsync_sync;
