@@ -183,7 +183,7 @@ class Blind:
 def known_copy(spec: TableSpec, record: Record, read: supabase_db.Known | None = None) -> supabase_db.Known | None:
     """The answer to the sync's own write, as :func:`supabase_db.remember_tables` keeps it (None when it
     cannot be read as a row: such a record is found again next time). ``read``: the record as the find before
-    the write read it - an edit made in Tables when the sync did not know it yet (``read_at``)."""
+    the write read it, remembered before the answer (an edit made in Tables when the sync did not know it yet)."""
     try:
         return supabase_db.Known(record.id, tables_row(spec, record), _tables_edited_at(record), ours=True,
                                  read=read if read is not None and not read.ours else None)
@@ -211,7 +211,7 @@ def write_blind(ctx: SyncContext, conn: psycopg.Connection, spec: TableSpec, tab
     row later than the known copy is written blind; a known copy that is later (Tables moved on: a delayed or
     re-sent change) takes the find, whose rule pushes Tables' version back."""
     from shared.adapters.zapier_errors import TablesNotFound, TablesRejected, TablesUnavailable
-    from shared.adapters.zapier_tables import BATCH_MAX
+    from shared.adapters.zapier_tables import BATCH_MAX, chunks
 
     fields = {rid: f for rid, (_, f) in rows.items()}
     plan = supabase_db.blind_plan(conn, spec, list(rows)) if spec.version else {}
@@ -227,8 +227,7 @@ def write_blind(ctx: SyncContext, conn: psycopg.Connection, spec: TableSpec, tab
     # the known copy is this very version (a redelivery): nothing to write
     result.unchanged = [rid for rid in order if later[rid] == 0 and to_tables_fields(spec, known[rid]) == fields[rid]]
     ids = [rid for rid in order if later[rid] > 0 or (later[rid] == 0 and rid not in result.unchanged)]
-    for start in range(0, len(ids), BATCH_MAX):
-        chunk = ids[start:start + BATCH_MAX]
+    for chunk in chunks(ids, BATCH_MAX):
         if result.stopped or not supabase_db.announce_blind(
                 ctx.db, spec, {r: (plan[r], rows[r][0].get(spec.version or "")) for r in chunk}):
             result.fallback += chunk  # (not announced: the find path, which needs no announcement)
