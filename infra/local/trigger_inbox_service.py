@@ -297,6 +297,15 @@ class InboxService:
         conn.execute("UPDATE inbox_messages SET status = 'available', lease_id = NULL, leased_until = NULL "
                      "WHERE inbox_id = ? AND status = 'leased' AND leased_until < ?", (inbox_id, time.time()))
 
+    def end_leases(self, inbox_id: str) -> int:
+        """Tests: every lease of the inbox runs out now (its messages come back as when the time is up)."""
+        with self._tx() as conn:
+            self._row(conn, inbox_id)
+            n = conn.execute("UPDATE inbox_messages SET leased_until = ? WHERE inbox_id = ? AND status = 'leased'",
+                             (time.time() - 1, inbox_id)).rowcount
+            self._expire(conn, inbox_id)
+        return n
+
     def messages(self, inbox_id: str, limit: int) -> dict[str, Any]:
         with self._tx() as conn:
             self._row(conn, inbox_id)
@@ -582,6 +591,11 @@ def inbox_blueprint(service: InboxService, public_paths: tuple[str, ...] = PUBLI
             raise _problem(400, "the inbox has no notification_url")
         service.notifier.notify(inbox["notification_url"], inbox_id, 1, redelivery=True)
         return jsonify(inbox_id=inbox_id, redelivery=True)
+
+    @bp.post("/_admin/inboxes/<inbox_id>/end_leases")
+    def end_leases(inbox_id: str) -> Response:
+        """Time passes: every lease of the inbox runs out now (a drain that died holding one, a held-back one)."""
+        return jsonify(inbox_id=inbox_id, ended=service.end_leases(inbox_id))
 
     @bp.get("/_admin/inbox/stats")
     def stats() -> Response:

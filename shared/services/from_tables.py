@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from shared.adapters import supabase_db
+from shared.adapters import lease_ledger, supabase_db
 from shared.core import audit
 from shared.core.mapping import (
     InvalidRecord,
@@ -124,7 +124,8 @@ class _Delivery:
 
 def apply_many_from_tables(ctx: SyncContext, fn: FunctionSpec, records: Sequence[Mapping[str, Any]], *,
                            received_at: datetime | Sequence[datetime | None] | None = None, origin: str = "live",
-                           changed_at: Sequence[tuple[datetime, str] | None] | None = None) -> list[SyncResult]:
+                           changed_at: Sequence[tuple[datetime, str] | None] | None = None,
+                           lease: lease_ledger.Lease | None = None) -> list[SyncResult]:
     """:func:`apply_from_tables` for many deliveries of one table in one transaction: one multi-row
     conditional upsert (zsync.sync_apply_many), one audit insert, one push-back statement per batch.
 
@@ -137,7 +138,11 @@ def apply_many_from_tables(ctx: SyncContext, fn: FunctionSpec, records: Sequence
     One bad record never holds back or discards another: an invalid delivery (the parser mirrors every CHECK;
     a version too far ahead of the clock) gets a ``rejected`` result (its problems) and a ``sync_failed`` entry
     holding the delivery itself; a value the database still refuses is found by splitting the batch in
-    savepoints (:func:`isolate`) and rejected the same way; the others are applied."""
+    savepoints (:func:`isolate`) and rejected the same way; the others are applied.
+
+    ``lease``: the trigger inbox lease the deliveries came in (their messages, records and edit times): when
+    another lease holds an earlier edit of one of their records, nothing is applied and
+    :class:`lease_ledger.HeldBack` names those records (:mod:`shared.adapters.lease_ledger`)."""
     spec = fn.table
     now = datetime.now(UTC)
     arrivals = list(received_at) if isinstance(received_at, Sequence) else [received_at] * len(records)
@@ -179,6 +184,8 @@ def apply_many_from_tables(ctx: SyncContext, fn: FunctionSpec, records: Sequence
 
     def work(conn: psycopg.Connection) -> dict[int, Outcome]:
         entries: list[dict[str, Any]] = list(failed)
+        if lease is not None and not spec.append_only and (held := lease_ledger.waiting(conn, spec, lease, take=True)):
+            raise lease_ledger.HeldBack(sorted(held))
         if not spec.append_only:  # the echo of a lost blind write, first (an edit it overwrote may follow)
             supabase_db.settle_blind(conn, spec, [(d.row, d.edited_at) for d in parsed])
         done, refused = isolate(conn, parsed, apply, lambda d: d.row)

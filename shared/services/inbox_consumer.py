@@ -9,6 +9,9 @@ through the same code as a Zap delivery (:func:`shared.services.deliveries.proce
   the same way);
 * a dependency is down (database, Tables) -> release: it comes back; the drain leases once more after a
   second (a blip), then stops (the next notification or the scheduled drain picks it up);
+* a record with an earlier edit leased by another drain (:mod:`shared.adapters.lease_ledger`: each drain records
+  what it leased before applying it) -> waits up to ``hold_wait_s`` for that drain to apply it, then is left
+  leased (neither acked nor released): it comes back when this lease ends, after the other one's;
 * leased more than ``poison_lease_count`` times already (it kept failing, or it kept killing the
   function) -> stored whole in the dead-letter queue, then ack, so it cannot block the inbox.
 
@@ -30,7 +33,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
-from shared.adapters import dead_letter, supabase_db
+from shared.adapters import dead_letter, lease_ledger, supabase_db
 from shared.adapters.trigger_inbox import (
     BearerToken,
     InboxClient,
@@ -59,6 +62,8 @@ POISON_LEASE_COUNT = 5  # a message leased this many times without an ack goes t
 LEASE_LIMIT = 100  # messages per lease: applied to Supabase as one batch
 DEPENDENCY_PAUSE_S = 1.0  # after a dependency error, wait this long and lease again (once)
 DEFAULT_BUDGET_S = 10.0  # a 15 s Lambda: stop leasing with 5 s to spare
+HOLD_WAIT_S = 3.0  # how long a delivery waits for another drain to apply an earlier edit of its record
+HOLD_POLL_S = 0.1
 
 
 def inbox_key(stage: str, function: str) -> str:
@@ -151,10 +156,12 @@ class InboxConsumer:
     lease_limit: int = LEASE_LIMIT
     lease_seconds: int = 60
     dependency_retries: int = 1
+    hold_wait_s: float = HOLD_WAIT_S
     _names: Mapping[str, str] | None = None
+    _deadline: float = 0.0
 
     def drain(self, budget_s: float = DEFAULT_BUDGET_S) -> DrainReport:
-        deadline = time.monotonic() + budget_s
+        deadline = self._deadline = time.monotonic() + budget_s
         report = DrainReport(self.inbox_id)
         retries = 0
         while time.monotonic() < deadline:
@@ -167,7 +174,7 @@ class InboxConsumer:
             if not lease.messages or not lease.lease_id:
                 report.stopped = "empty"
                 return report
-            ack, release = self._apply_lease(lease.messages, report)
+            ack, release = self._apply_lease(lease.messages, report, lease.lease_id)
             if ack:
                 self._settle("ack", lease.lease_id, ack, report)
             if release:
@@ -190,12 +197,13 @@ class InboxConsumer:
             report.counts["lease_expired"] += len(ids)
             log_event(self.ctx.logger, logging.WARNING, "inbox_lease_expired", inbox=self.inbox_id, op=op, n=len(ids))
 
-    def _apply_lease(self, messages: list[Message], report: DrainReport) -> tuple[list[str], list[str]]:
-        """Apply a lease's messages -> (ids to ack, ids to release). The readable ones go to Supabase in one
-        batch (:func:`shared.services.from_tables.apply_many_from_tables`: one multi-row conditional upsert, one
-        audit insert),
-        with the outcome each would get alone; a poison message goes whole to the dead-letter queue, an
-        unreadable one is rejected and audited; a dependency failure releases the batch (it comes back)."""
+    def _apply_lease(self, messages: list[Message], report: DrainReport, lease_id: str = ""
+                     ) -> tuple[list[str], list[str]]:
+        """Apply a lease's messages -> (ids to ack, ids to release; the others wait for their lease to end).
+        The readable ones go to Supabase in one batch (:func:`shared.services.from_tables.apply_many_from_tables`:
+        one multi-row conditional upsert, one audit insert), recorded as leased first (:meth:`_hold`), with the
+        outcome each would get alone; a poison message goes whole to the dead-letter queue, an unreadable one is
+        rejected and audited; a dependency failure releases the batch (it comes back)."""
         ack: list[str] = []
         release: list[str] = []
         batch: list[tuple[Message, dict[str, Any], datetime | None]] = []
@@ -217,7 +225,9 @@ class InboxConsumer:
             assert record is not None
             batch.append((message, record.as_delivery(),
                           _received_at(record.edited_at, message, self.ctx.settings.max_future_skew_s)))
-        done = self._apply_batch(batch, report) if batch else ([], [])
+        if batch:
+            self._hold(lease_id, batch)
+        done = self._apply_batch(batch, report, lease_id) if batch else ([], [])
         gone_done = self._apply_deletes(deletes, report) if deletes else ([], [])
         return ack + done[0] + gone_done[0], release + done[1] + gone_done[1]
 
@@ -270,15 +280,36 @@ class InboxConsumer:
             ack.append(message.id)
         return ack, []
 
-    def _apply_batch(self, batch: list[tuple[Message, dict[str, Any], datetime | None]], report: DrainReport
-                     ) -> tuple[list[str], list[str]]:
+    def _ticket(self, lease_id: str, batch: list[tuple[Message, dict[str, Any], datetime | None]]
+                ) -> lease_ledger.Lease | None:
+        """The batch as the lease ledger knows it: each delivery's message, record id and edit time (None for the
+        audit log, whose entries are only ever added, or without a lease id)."""
+        if not lease_id or self.fn.table.append_only:
+            return None
+        items = tuple(lease_ledger.Leased(m.id, str(d["id"]), at) for m, d, at in batch
+                      if at is not None and d.get("id") not in (None, ""))
+        return lease_ledger.Lease(lease_id, items)
+
+    def _hold(self, lease_id: str, batch: list[tuple[Message, dict[str, Any], datetime | None]]) -> None:
+        """Record what this drain leased before applying any of it, on a connection of its own: if the drain
+        dies, other drains' later edits of these records wait for these messages to come back."""
+        ticket = self._ticket(lease_id, batch)
+        if ticket is not None and not lease_ledger.hold(self.ctx.db, self.fn.table, ticket, self.lease_seconds):
+            log_event(self.ctx.logger, logging.WARNING, "inbox_lease_unrecorded", inbox=self.inbox_id,
+                      messages=len(ticket.items), hint="applied without the record of what this drain leased")
+
+    def _apply_batch(self, batch: list[tuple[Message, dict[str, Any], datetime | None]], report: DrainReport,
+                     lease_id: str = "") -> tuple[list[str], list[str]]:
         from shared.services.from_tables import apply_many_from_tables
 
         ack: list[str] = []
         release: list[str] = []
         try:
             results = apply_many_from_tables(self.ctx, self.fn, [d for _, d, _ in batch],
-                                             received_at=[r for _, _, r in batch])
+                                             received_at=[r for _, _, r in batch],
+                                             lease=self._ticket(lease_id, batch))
+        except lease_ledger.HeldBack as held:
+            return self._apply_after(batch, held.record_ids, report, lease_id)
         except (supabase_db.DatabaseUnavailable, TablesError, InboxError) as exc:
             report.counts["dependency_errors"] += 1
             log_event(self.ctx.logger, logging.ERROR, "dependency_unavailable", inbox=self.inbox_id,
@@ -289,11 +320,37 @@ class InboxConsumer:
                       error_type=type(exc).__name__, error=str(exc)[:300], resolution="each message applied alone")
             results = None
         if results is None:  # isolate: each message alone; the one that still fails comes back (then the DLQ)
-            one_ack, one_release = self._apply_each(batch, report)
+            one_ack, one_release = self._apply_each(batch, report, lease_id)
             return ack + one_ack, release + one_release
         for (message, _, _), result in zip(batch, results, strict=True):
             self._applied(message, result, report)
             ack.append(message.id)
+        return ack, release
+
+    def _apply_after(self, batch: list[tuple[Message, dict[str, Any], datetime | None]], held: frozenset[str],
+                     report: DrainReport, lease_id: str) -> tuple[list[str], list[str]]:
+        """Another lease holds an earlier edit of the ``held`` records: apply the rest now, then wait (up to
+        ``hold_wait_s``, inside the drain's budget) for those edits to be applied - a live drain's are, in a
+        moment - and apply what no longer waits; what still does is left leased: it comes back when this lease
+        ends, after the other lease's messages (a drain that died with them)."""
+        def waits(d: dict[str, Any]) -> bool:
+            return str(d.get("id")) in held
+
+        ack, release = self._apply_batch([b for b in batch if not waits(b[1])], report, lease_id)
+        waiting = [b for b in batch if waits(b[1])]
+        ticket = self._ticket(lease_id, waiting)
+        until = min(time.monotonic() + self.hold_wait_s, self._deadline or float("inf"))
+        while waiting and ticket is not None and time.monotonic() + HOLD_POLL_S < until:
+            time.sleep(HOLD_POLL_S)
+            still = lease_ledger.still_waiting(self.ctx.db, self.fn.table, ticket)
+            if still != held:
+                more_ack, more_release = self._apply_batch(waiting, report, lease_id)
+                return ack + more_ack, release + more_release
+        report.counts["held_back"] += len(waiting)
+        log_event(self.ctx.logger, logging.WARNING, "inbox_held_back", inbox=self.inbox_id,
+                  messages=[m.id for m, _, _ in waiting], ids=sorted(held),
+                  hint="an earlier edit of these records is leased by another drain (one that died?): "
+                       "they come back when this lease ends")
         return ack, release
 
     def _applied(self, message: Message, result: Any, report: DrainReport) -> None:
@@ -303,8 +360,8 @@ class InboxConsumer:
                   possible_duplicate=message.possible_duplicate_data,
                   **({"problems": result.problems} if result.problems else {}))
 
-    def _apply_each(self, batch: list[tuple[Message, dict[str, Any], datetime | None]], report: DrainReport
-                    ) -> tuple[list[str], list[str]]:
+    def _apply_each(self, batch: list[tuple[Message, dict[str, Any], datetime | None]], report: DrainReport,
+                    lease_id: str = "") -> tuple[list[str], list[str]]:
         """The batch failed as a whole: apply its messages one by one, so the others are applied (acked) and
         only the message that fails alone is released (after ``poison_lease_count`` leases it is dead-lettered)."""
         from shared.services.from_tables import apply_many_from_tables
@@ -313,7 +370,11 @@ class InboxConsumer:
         release: list[str] = []
         for n, (message, delivery, received) in enumerate(batch):
             try:
-                [result] = apply_many_from_tables(self.ctx, self.fn, [delivery], received_at=[received])
+                [result] = apply_many_from_tables(self.ctx, self.fn, [delivery], received_at=[received],
+                                                  lease=self._ticket(lease_id, [(message, delivery, received)]))
+            except lease_ledger.HeldBack:  # left leased: it comes back after the earlier edit
+                report.counts["held_back"] += 1
+                continue
             except (supabase_db.DatabaseUnavailable, TablesError, InboxError) as exc:  # down: the rest comes back
                 report.counts["dependency_errors"] += 1
                 log_event(self.ctx.logger, logging.ERROR, "dependency_unavailable", inbox=self.inbox_id,

@@ -1,0 +1,191 @@
+"""A record's Tables edits are taken in one at a time, even when the drain that leased the first one died with it
+(migration 20261206200101, :mod:`shared.adapters.lease_ledger`): Tables keeps no per-field times, so a delivery
+applied before an earlier edit of its record carries that edit's fields at its own, later time - and could win
+a field Supabase changed between the two edits. Each drain records what it leased before applying it; a later
+edit of a record whose earlier edit another lease holds waits for it (a live drain: a moment; a dead one: until
+its lease ends). Real Postgres, the local Zapier stand-in and the functions over HTTP."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+import requests
+
+from shared.adapters import lease_ledger
+from shared.adapters.trigger_inbox import InboxClient, read_payload
+from shared.core.spec import FUNCTIONS, TABLES
+from shared.services.from_tables import apply_many_from_tables
+from shared.services.inbox_consumer import InboxConsumer, _field_names_of
+from tests.e2e import blind_writes, late_deliveries, uid
+from tests.test_correctness import stack_context
+from tests.test_one_request import _agreed_job, _both_end_with, _drain_held
+
+FN = FUNCTIONS["agent_jobs_to_supabase"]
+
+
+class _Killed(Exception):
+    """The drain is killed here: after it recorded its lease, before it applied anything."""
+
+
+class _DiesAfterLeasing(InboxConsumer):
+    """A drain killed after recording what it leased (a SIGKILL mid-apply, as the soak's chaos does)."""
+
+    def _apply_batch(self, *args: Any, **kwargs: Any) -> Any:
+        raise _Killed
+
+
+def _end_leases(stack: Any, inbox_id: str) -> None:
+    """Time passes: every lease of the inbox runs out (the dead drain's, and the one a waiting edit was left in)."""
+    requests.post(f"{stack.tables.url.rstrip('/')}/_admin/inboxes/{inbox_id}/end_leases", timeout=10).raise_for_status()
+
+
+def _two_edits_then_the_agent(stack: Any, tables: Any, supabase: Any, rid: str) -> None:
+    """The agent sets status (its drain held: the change waits in the outbox); in Tables a person's status,
+    versioned before the agent's change, then another person's retry_count, versioned after it - two edits
+    the sync has not taken in, whose deliveries wait in the inbox."""
+    rec = tables.find("agent_jobs", rid)
+    with _drain_held(stack):
+        supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
+    agent_at = datetime.fromisoformat(supabase.row("agent_jobs", rid)["updated_at"])
+    tables.patch("agent_jobs", rec["id"], {"status": "person",
+                                           "updated_at": (agent_at - timedelta(milliseconds=5)).isoformat()})
+    tables.patch("agent_jobs", rec["id"], {"retry_count": 5,
+                                           "updated_at": (agent_at + timedelta(milliseconds=10)).isoformat()})
+
+
+def _kill_a_drain_holding_the_first_edit(stack: Any, rid: str) -> None:
+    """A drain leases the first edit's delivery (the oldest message), records it, and dies holding it."""
+    inbox = InboxClient.for_tables(stack.tables_client())
+    ctx = stack_context(stack)
+    dead = _DiesAfterLeasing(FN, ctx, inbox, stack.inboxes[FN.name], field_names=_field_names_of(ctx, FN),
+                             lease_limit=1, lease_seconds=60)
+    with pytest.raises(_Killed):
+        dead.drain(5)
+    with psycopg.connect(stack.database_url, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM zsync.tables_leased WHERE record_id = %s", (rid,)).fetchone() == (1,)
+
+
+@pytest.mark.parametrize("blind", [True, False], ids=["blind_write", "found_first"])
+def test_an_edit_whose_earlier_edit_a_dead_drain_holds_waits_for_it(stack, tables, supabase, blind):
+    """The agent set status after a person's status edit and before another person's retry_count edit. A drain
+    leases the first edit's delivery and dies; the agent's change goes to Tables (blind, or found first and
+    left to the deliveries); the second edit's delivery comes - and must not be applied first: it carries the
+    first person's status at its own, later time, which would beat the agent's. It waits (left leased); when
+    the leases run out both come back, are taken in oldest first, and both sides end with the agent's status
+    and the second person's retry_count."""
+    rid = _agreed_job(stack, tables, supabase, "in-order")
+    with blind_writes(stack, blind), late_deliveries(stack):
+        _two_edits_then_the_agent(stack, tables, supabase, rid)
+        _kill_a_drain_holding_the_first_edit(stack, rid)
+        stack.sweep_outbox(min_age_s=0)  # the agent's change goes out (found first: left to the deliveries,
+        time.sleep(1.0)  # whose inbox that drain pulls at once)
+        stack.safety_drain()  # the second edit's delivery waits for the first (the pull's drain or this one)
+        row = supabase.row("agent_jobs", rid)
+        assert (row["status"], row["retry_count"]) == ("agent", 0)  # neither edit taken in yet
+        inbox = InboxClient.for_tables(stack.tables_client())
+        assert sum(m.get("status") == "leased" for m in inbox.messages(stack.inboxes[FN.name])) >= 2
+        _end_leases(stack, stack.inboxes[FN.name])
+    _both_end_with(stack, tables, supabase, rid, status="agent", retry_count=5)
+    with psycopg.connect(stack.database_url, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM zsync.tables_leased WHERE record_id = %s", (rid,)).fetchone() == (0,)
+
+
+def test_an_edit_waits_for_a_live_drain_to_apply_the_earlier_one(stack, tables, supabase):
+    """A drain holding the first edit is alive, only slower: the second edit's drain waits for it (a moment,
+    ``hold_wait_s``), then applies its edit after it - nothing left leased."""
+    import threading
+
+    rid = _agreed_job(stack, tables, supabase, "in-order-live")
+    with late_deliveries(stack):
+        _two_edits_then_the_agent(stack, tables, supabase, rid)
+        inbox = InboxClient.for_tables(stack.tables_client())
+        inbox_id = stack.inboxes[FN.name]
+        slow = inbox.lease(inbox_id, 1, 60)
+        [first] = slow.messages
+        ctx = stack_context(stack)
+        record = read_payload(first.payload, _field_names_of(ctx, FN)(False))
+        at = datetime.fromisoformat(record.edited_at.replace("Z", "+00:00"))
+        ticket = lease_ledger.Lease(slow.lease_id, (lease_ledger.Leased(first.id, rid, at),))
+        assert lease_ledger.hold(ctx.db, TABLES["agent_jobs"], ticket, 60)
+
+        def finish() -> None:  # the slow drain applies its edit a second later, and acks it
+            threading.Event().wait(1.0)
+            apply_many_from_tables(ctx, FN, [record.as_delivery()], received_at=[at], lease=ticket)
+            inbox.ack(inbox_id, slow.lease_id)
+
+        slow_drain = threading.Thread(target=finish)
+        slow_drain.start()
+        drained = stack.safety_drain()[FN.name]
+        slow_drain.join()
+        assert drained.get("held_back", 0) == 0, drained
+        stack.sweep_outbox(min_age_s=0)
+    _both_end_with(stack, tables, supabase, rid, status="agent", retry_count=5)
+
+
+def test_a_later_edit_still_carrying_an_earlier_edit_s_field_counts_it_at_the_earlier_time(stack, tables, supabase):
+    """No drain dies, deliveries in order: a person's status (versioned before the agent's) is delivered and
+    Supabase keeps the agent's later status (skipped as stale; the push back to Tables still on its way). Then
+    another person sets retry_count on the record Tables holds - still carrying the first person's status. That
+    status was set at the first edit's time, not this one's: the agent's status stays, with the new retry_count.
+    (Here the first delivery moves the base on; the blind-write case above, where both edits are merged against
+    the record the write replaced, needs the copies of migration 20261206200201.)"""
+    rid = _agreed_job(stack, tables, supabase, "in-order-carried")
+    rec = tables.find("agent_jobs", rid)
+    with late_deliveries(stack), _drain_held(stack):  # Supabase's changes wait in the outbox for the block
+        supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
+        agent_at = datetime.fromisoformat(supabase.row("agent_jobs", rid)["updated_at"])
+        tables.patch("agent_jobs", rec["id"], {"status": "person",
+                                               "updated_at": (agent_at - timedelta(milliseconds=5)).isoformat()})
+        assert stack.safety_drain()[FN.name].get("skipped_stale") == 1
+        tables.patch("agent_jobs", rec["id"], {"retry_count": 5,
+                                               "updated_at": (agent_at + timedelta(milliseconds=10)).isoformat()})
+        stack.safety_drain()
+        row = supabase.row("agent_jobs", rid)
+        assert (row["status"], row["retry_count"]) == ("agent", 5), supabase.audit(rid)
+    _both_end_with(stack, tables, supabase, rid, status="agent", retry_count=5)
+
+
+def _ledger(conn: psycopg.Connection, lease: str, items: list[tuple[str, str, datetime]], *, take: bool = False
+            ) -> list[str]:
+    payload = json.dumps([{"message": m, "id": r, "edited_at": t.isoformat()} for m, r, t in items])
+    return conn.execute("SELECT zsync.leased_before('agent_jobs', %s, %s::jsonb, %s)", (lease, payload, take)
+                        ).fetchone()[0]
+
+
+def test_the_ledger_rules_as_the_functions_role_calls_them(stack):
+    """Through the functions' role (SECURITY DEFINER; the table itself is out of its reach): an earlier edit
+    leased elsewhere holds a later one back; an edit of the same time, an older one, one of the same lease, or
+    one whose lease ended more than a lease length ago does not; taking removes the entries only when nothing
+    waits; a message leased again moves to its new lease."""
+    t0 = datetime.now(UTC)
+    rid, other = uid("ledger"), uid("ledger")
+    m1, m2, m3 = uid("m"), uid("m"), uid("m")
+    with psycopg.connect(stack.function_database_url, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT count(*) FROM zsync.tables_leased")
+        hold = json.dumps([{"message": m1, "id": rid, "edited_at": t0.isoformat()}])
+        assert conn.execute("SELECT zsync.hold_leased('agent_jobs', 'lease-a', 60, %s::jsonb)", (hold,)
+                            ).fetchone() == (1,)
+        later = (m2, rid, t0 + timedelta(seconds=1))
+        assert _ledger(conn, "lease-b", [later]) == [rid]
+        assert _ledger(conn, "lease-b", [later, (m3, other, t0)]) == [rid]  # only the record with an earlier edit
+        assert _ledger(conn, "lease-b", [(m2, rid, t0)]) == []  # the same edit (a duplicate message)
+        assert _ledger(conn, "lease-b", [(m2, rid, t0 - timedelta(seconds=1))]) == []  # an older one
+        assert _ledger(conn, "lease-a", [later]) == []  # one lease's deliveries: applied oldest first
+        assert _ledger(conn, "lease-b", [later], take=True) == [rid]  # waiting: nothing taken
+        assert conn.execute("SELECT zsync.hold_leased('agent_jobs', 'lease-c', 60, %s::jsonb)", (hold,)
+                            ).fetchone() == (1,)  # leased again, by another drain
+        assert _ledger(conn, "lease-c", [later]) == []
+        assert _ledger(conn, "lease-c", [(m1, rid, t0)], take=True) == []  # applied: the entry goes
+        assert _ledger(conn, "lease-b", [later]) == []
+        # a lease that ended more than its own length ago holds nothing back
+        short = json.dumps([{"message": m3, "id": other, "edited_at": t0.isoformat()}])
+        conn.execute("SELECT zsync.hold_leased('agent_jobs', 'lease-d', 0.05, %s::jsonb)", (short,))
+        assert _ledger(conn, "lease-e", [(uid("m"), other, t0 + timedelta(seconds=1))]) in ([other], [])
+        time.sleep(0.2)
+        assert _ledger(conn, "lease-e", [(uid("m"), other, t0 + timedelta(seconds=1))]) == []
