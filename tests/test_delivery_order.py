@@ -189,3 +189,37 @@ def test_the_ledger_rules_as_the_functions_role_calls_them(stack):
         assert _ledger(conn, "lease-e", [(uid("m"), other, t0 + timedelta(seconds=1))]) in ([other], [])
         time.sleep(0.2)
         assert _ledger(conn, "lease-e", [(uid("m"), other, t0 + timedelta(seconds=1))]) == []
+
+
+def test_the_redefined_functions_follow_their_last_definitions():
+    """20261206200201 redefines zsync.merge_decide_base (20261206100101's) and zsync.settle_blind
+    (20261206100201's): each must be the text before it plus the lines it marks, so a change made there is not
+    silently undone here (update the copy when this fails)."""
+    import re
+    from pathlib import Path
+
+    migrations = Path(__file__).resolve().parents[1] / "infra" / "supabase" / "migrations"
+
+    def body(name: str, function: str) -> str:
+        text = next(migrations.glob(f"{name}_*.sql")).read_text()
+        start = text.index(f"CREATE OR REPLACE FUNCTION zsync.{function}(")
+        return " ".join(re.sub(r"--[^\n]*", "", text[start:text.index("\n$", start)]).split())
+
+    decide = body("20261206200201", "merge_decide_base")
+    block = decide[decide.index("SELECT c.known, c.known_at INTO v_seen"):
+                   decide.index("SELECT * INTO m FROM zsync.merge3(")]
+    assert "zsync.tables_seen" in block and "zsync.tables_known" in block
+    for added in ("v_seen record; ", "v_sts timestamptz; ", "v_tfts jsonb; ", block):
+        assert added in decide
+        decide = decide.replace(added, "", 1)
+    assert decide.replace("t_row, p_supabase, v_tfts, b.field_ts)", "t_row, p_supabase, NULL, b.field_ts)", 1) \
+        == body("20261206100101", "merge_decide_base")
+
+    settle = body("20261206200201", "settle_blind")
+    kept = settle[settle.index("INSERT INTO zsync.tables_seen"):
+                  settle.index("IF NOT EXISTS (SELECT 1 FROM zsync.tables_writing")]
+    assert "zsync.seen_kept(" in kept
+    settle = settle.replace(kept, "", 1).replace(
+        "IF jsonb_typeof(p_items) IS DISTINCT FROM 'array' THEN RETURN 0; END IF; IF NOT EXISTS",
+        "IF jsonb_typeof(p_items) IS DISTINCT FROM 'array' OR NOT EXISTS", 1)
+    assert settle == body("20261206100201", "settle_blind")
