@@ -216,7 +216,7 @@ def test_the_redefined_functions_follow_their_last_definitions():
         == body("20261206100101", "merge_decide_base")
 
     settle = body("20261206200201", "settle_blind")
-    kept = settle[settle.index("INSERT INTO zsync.tables_seen"):
+    kept = settle[settle.index("IF zsync.field_merge_on() THEN INSERT INTO zsync.tables_seen"):
                   settle.index("IF NOT EXISTS (SELECT 1 FROM zsync.tables_writing")]
     assert "zsync.seen_kept(" in kept
     settle = settle.replace(kept, "", 1).replace(

@@ -191,13 +191,16 @@ BEGIN
         RETURN 0;
     END IF;
     -- (added) each delivery is a copy of what Tables held at its edited_at (zsync.merge_decide_base)
-    INSERT INTO zsync.tables_seen AS t (table_name, record_id, copies)
-    SELECT p_table, g.id, zsync.seen_kept(jsonb_agg(jsonb_build_object('row', g.row, 'edited_at', g.edited_at)))
-    FROM (SELECT e.v ->> 'id' AS id, e.v -> 'row' AS row, (e.v ->> 'edited_at')::timestamptz AS edited_at
-          FROM jsonb_array_elements(p_items) e(v)
-          WHERE e.v ->> 'id' IS NOT NULL AND e.v ->> 'edited_at' IS NOT NULL AND jsonb_typeof(e.v -> 'row') = 'object') g
-    GROUP BY g.id ORDER BY g.id
-    ON CONFLICT ON CONSTRAINT tables_seen_pkey DO UPDATE SET copies = zsync.seen_kept(t.copies || EXCLUDED.copies);
+    IF zsync.field_merge_on() THEN
+        INSERT INTO zsync.tables_seen AS t (table_name, record_id, copies)
+        SELECT p_table, g.id, zsync.seen_kept(jsonb_agg(jsonb_build_object('row', g.row, 'edited_at', g.edited_at)))
+        FROM (SELECT e.v ->> 'id' AS id, e.v -> 'row' AS row, (e.v ->> 'edited_at')::timestamptz AS edited_at
+              FROM jsonb_array_elements(p_items) e(v)
+              WHERE e.v ->> 'id' IS NOT NULL AND e.v ->> 'edited_at' IS NOT NULL
+                AND jsonb_typeof(e.v -> 'row') = 'object') g
+        GROUP BY g.id ORDER BY g.id
+        ON CONFLICT ON CONSTRAINT tables_seen_pkey DO UPDATE SET copies = zsync.seen_kept(t.copies || EXCLUDED.copies);
+    END IF;
     IF NOT EXISTS (SELECT 1 FROM zsync.tables_writing a WHERE a.table_name = p_table) THEN  -- (changed)
         RETURN 0;
     END IF;
