@@ -189,6 +189,11 @@ def test_the_ledger_rules_as_the_functions_role_calls_them(stack):
         assert _ledger(conn, "lease-e", [(uid("m"), other, t0 + timedelta(seconds=1))]) in ([other], [])
         time.sleep(0.2)
         assert _ledger(conn, "lease-e", [(uid("m"), other, t0 + timedelta(seconds=1))]) == []
+        # a message dead-lettered (acked unapplied) is forgotten: nothing waits for it
+        conn.execute("SELECT zsync.hold_leased('agent_jobs', 'lease-f', 60, %s::jsonb)", (hold,))
+        assert _ledger(conn, "lease-b", [later]) == [rid]
+        assert conn.execute("SELECT zsync.forget_leased('agent_jobs', %s::text[])", ([m1],)).fetchone() == (1,)
+        assert _ledger(conn, "lease-b", [later]) == []
 
 
 def test_the_redefined_functions_follow_their_last_definitions():

@@ -10,6 +10,7 @@ also removes the applied deliveries' entries). See migration ``20261206200101_zs
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -74,6 +75,13 @@ def waiting(conn: psycopg.Connection, spec: TableSpec, lease: Lease, *, take: bo
     return frozenset(found[0] if found else ())
 
 
+def forget(db: Database, spec: TableSpec, messages: Sequence[str]) -> None:
+    """zsync.forget_leased, on a connection of its own: messages acked without being applied (dead-lettered),
+    which no later edit of their records should wait for. Best effort: an entry left ends with its lease."""
+    with contextlib.suppress(DatabaseUnavailable, psycopg.Error):
+        db.aside(lambda conn: conn.execute("SELECT zsync.forget_leased(%s, %s::text[])", (spec.name, list(messages))))
+
+
 def still_waiting(db: Database, spec: TableSpec, lease: Lease) -> frozenset[str]:
     """:func:`waiting` without taking, on a connection of its own: what a drain polls while it waits."""
     try:
@@ -82,4 +90,4 @@ def still_waiting(db: Database, spec: TableSpec, lease: Lease) -> frozenset[str]
         return frozenset(i.record_id for i in lease.items)
 
 
-__all__ = ["HeldBack", "Lease", "Leased", "hold", "still_waiting", "waiting"]
+__all__ = ["HeldBack", "Lease", "Leased", "forget", "hold", "still_waiting", "waiting"]

@@ -208,9 +208,10 @@ class InboxConsumer:
         release: list[str] = []
         batch: list[tuple[Message, dict[str, Any], datetime | None]] = []
         deletes: list[tuple[Message, TriggerDelete]] = []
+        poisoned: list[str] = []
         for message in messages:
             if message.lease_count > self.poison_lease_count:
-                (ack if self._poison(message, report) == "ack" else release).append(message.id)
+                (poisoned if self._poison(message, report) == "ack" else release).append(message.id)
                 continue
             try:
                 gone = self._read(message, read_delete)
@@ -225,6 +226,9 @@ class InboxConsumer:
             assert record is not None
             batch.append((message, record.as_delivery(),
                           _received_at(record.edited_at, message, self.ctx.settings.max_future_skew_s)))
+        if poisoned and not self.fn.table.append_only:  # dead-lettered: no later edit of its record waits for it
+            lease_ledger.forget(self.ctx.db, self.fn.table, poisoned)
+        ack += poisoned
         if batch:
             self._hold(lease_id, batch)
         done = self._apply_batch(batch, report, lease_id) if batch else ([], [])

@@ -88,7 +88,25 @@ BEGIN
 END
 $$;
 
+-- Messages acked without being applied (dead-lettered): no later edit of their records waits for them.
+-- -> how many entries went.
+CREATE OR REPLACE FUNCTION zsync.forget_leased(p_table text, p_messages text[]) RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET "TimeZone" TO 'UTC'
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    n integer;
+BEGIN
+    DELETE FROM zsync.tables_leased l WHERE l.table_name = p_table AND l.message_id = ANY (p_messages);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
 REVOKE ALL ON FUNCTION zsync.hold_leased(text, text, double precision, jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.hold_leased(text, text, double precision, jsonb) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.leased_before(text, text, jsonb, boolean) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.leased_before(text, text, jsonb, boolean) TO zsync_sync;
+REVOKE ALL ON FUNCTION zsync.forget_leased(text, text[]) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.forget_leased(text, text[]) TO zsync_sync;
