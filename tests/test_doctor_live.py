@@ -148,6 +148,20 @@ def test_a_lower_rate_limit_and_an_earlier_quarantine_are_different_but_do_not_f
     assert leftovers(svc) == ([], [])
 
 
+def test_an_inbox_handing_out_the_newest_first_is_noted(svc) -> None:
+    """Zapier documents no lease order; the sync counts on a record's edits leased oldest first (a later edit
+    waits for an earlier one leased elsewhere, never for one still waiting in the inbox). An inbox that hands
+    out the newest first is noted, with the order seen (exit 0: it narrows a guard, it does not stop the sync)."""
+    armed = requests.post(svc.url + "/_admin/inbox/faults", json={"newest_first": True}, timeout=5)
+    assert armed.status_code == 200 and armed.json() == {"newest_first": True}
+    findings = doctor_live.run(settings_for(svc), fast(rate_limit=False))
+    found = by_key(findings)
+    assert found["lease_order"].status == DIFFERENT and not found["lease_order"].fails
+    assert "order-3, order-2, order-1, order-0" in found["lease_order"].observed
+    assert doctor_live.exit_code(findings) == 0
+    assert leftovers(svc) == ([], [])
+
+
 def test_an_app_listing_more_triggers_is_noted_with_the_key_to_pass(svc) -> None:
     """zapier.com describes six Tables events and publishes no keys: with two more look-alike triggers listed
     (one for new or updated records, one for added, updated or deleted ones), `zsync wire zapier` cannot tell

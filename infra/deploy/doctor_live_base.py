@@ -73,6 +73,7 @@ ASSUMPTIONS: dict[str, tuple[str, bool]] = {
                      True),
     "lease_count": ("a message can be leased 6 times (the consumer dead-letters a poison message on its 6th)",
                     False),
+    "lease_order": ("a record's changes are leased oldest first (one lease of one message at a time)", False),
     "inbox_prefixes": ("the public Trigger Inbox API answers at /trigger-inbox/api/v1 and /trigger-inbox/v1",
                        False),
     "rate_limit": ("about 100 requests / 5 s per table, then 429 with Retry-After", False),

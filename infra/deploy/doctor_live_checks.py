@@ -302,7 +302,7 @@ CHECKS: list[Check] = [
     (("idempotency_replay", "idempotency_reuse"), check_idempotency),
     (("ids", "table_id_forms"), check_ids),
     (("trigger_new_or_updated", "trigger_pick", "trigger_deleted", "payload_change", "lease_bounds", "lease_count",
-      "payload_delete"), check_triggers),
+      "lease_order", "payload_delete"), check_triggers),
     (("inbox_prefixes",), check_prefixes),
     (("rate_limit",), check_rate_limit),  # last: it spends the table's rate budget
 ]

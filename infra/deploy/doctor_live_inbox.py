@@ -127,7 +127,7 @@ def check_triggers(s: Scratch) -> list[Finding]:
                  "not listed: deletes made in Tables reach Supabase through the trash check only")]
     if subscribe is None:
         return out + [unchecked(k, "no trigger for added or updated records to subscribe to")
-                      for k in ("payload_change", "lease_bounds", "lease_count", "payload_delete")]
+                      for k in ("payload_change", "lease_bounds", "lease_count", "lease_order", "payload_delete")]
     side = next((k for k in deletes if k != subscribe), None) if subscribe not in deletes else None
     return out + _payloads(s, app, subscribe, subscribe in deletes, side)
 
@@ -146,7 +146,7 @@ def _payloads(s: Scratch, app: str, change_key: str, with_deletes: bool, delete_
             side_note = f"an inbox on {delete_key!r} was refused: {str(exc)[:120]}"
     if main.status != "active":
         return [unchecked(k, f"the scratch inbox is {main.status!r} ({main.paused_reason})")
-                for k in ("payload_change", "lease_bounds", "lease_count", "payload_delete")]
+                for k in ("payload_change", "lease_bounds", "lease_count", "lease_order", "payload_delete")]
     key = s.new_id("trigger")
     made = s.client.create(s.table, {"id": key, "status": "created"})
     s.client.update(s.table, made.id, {"status": "changed"})
@@ -156,7 +156,7 @@ def _payloads(s: Scratch, app: str, change_key: str, with_deletes: bool, delete_
     except InboxError as exc:
         return [unchecked("payload_change", f"lease failed: {exc}"),
                 found("lease_bounds", False, f"a lease of 100 for {LEASE_SECONDS} s: {exc}"),
-                unchecked("lease_count", "leasing failed"), unchecked("payload_delete", "leasing failed")]
+                *(unchecked(k, "leasing failed") for k in ("lease_count", "lease_order", "payload_delete"))]
     took = time.monotonic() - start
     ours = [m for m in got if _ours(s, m, made.id, key)]
     if not ours:
@@ -172,8 +172,9 @@ def _payloads(s: Scratch, app: str, change_key: str, with_deletes: bool, delete_
     bounds = found("lease_bounds", over.status_code == 400,
                    f"a lease of 100 for 300 s worked; 101 on {INBOX_PREFIXES[0]}: {brief(over)}")
     leases = _lease_count(s, main.id)
+    order = _lease_order(s, main.id)
     after = _after_delete(s, main.id, with_deletes, side.id if side else None, made.id, key, side_note)
-    return [change, bounds, leases, after]
+    return [change, bounds, leases, order, after]
 
 
 def _lease_count(s: Scratch, inbox_id: str) -> Finding:
@@ -203,6 +204,34 @@ def _lease_count(s: Scratch, inbox_id: str) -> Finding:
     return found("lease_count", times > POISON_LEASE_COUNT,
                  f"leased {times} time(s) (lease_count {count} the last time)"
                  + ("" if times > POISON_LEASE_COUNT else ": then no longer leased (quarantined?)"))
+
+
+def _lease_order(s: Scratch, inbox_id: str) -> Finding:
+    """A record changed three times, its messages leased one at a time: do they come oldest first?"""
+    from shared.adapters.trigger_inbox import UnreadablePayload, read_payload
+
+    key = s.new_id("order")
+    made = s.client.create(s.table, {"id": key, "status": "order-0"})
+    for n in (1, 2, 3):
+        s.client.update(s.table, made.id, {"status": f"order-{n}"})
+    names = {k: name for name, k in s.keys.items()}
+    inbox, seen = s.inbox(), []
+    deadline = time.monotonic() + s.options.trigger_wait_s
+    while len(seen) < 4 and time.monotonic() < deadline:
+        lease = inbox.lease(inbox_id, 1, 30)
+        if not lease.messages or not lease.lease_id:
+            time.sleep(POLL_S)
+            continue
+        inbox.ack(inbox_id, lease.lease_id)
+        message = lease.messages[0]
+        if _ours(s, message, made.id, key):
+            try:
+                seen.append(str(read_payload(message.payload, names).fields.get("status")))
+            except UnreadablePayload:
+                seen.append("unreadable")
+    if not seen:
+        return unchecked("lease_order", f"no message within {s.options.trigger_wait_s:g} s")
+    return found("lease_order", seen == sorted(seen), f"leased one at a time: {', '.join(seen)}")
 
 
 def _says_delete(message: Any) -> bool:

@@ -17,10 +17,10 @@ anything else 400: ``lease_limit`` an integer 1-100 (default 10), ``lease_second
 (default 300); ack/release take ``lease_id`` and optionally 1-100 ``message_ids``. An unacked message comes
 back when its lease expires, with ``lease_count`` + 1 and ``possible_duplicate_data``; a release still
 counts as a lease; ack/release of a lease with nothing left to settle (expired, already settled, or
-unknown) answers 400 ``lease_expired``. A message that has
-been leased ``quarantine_after`` times (Zapier does not publish its number; default
-:data:`QUARANTINE_AFTER`, tests set it low with ``POST /_admin/inbox/faults {"quarantine_after": n}``) is
-quarantined instead of being leased again: it stays in the list of messages, never leased again.
+unknown) answers 400 ``lease_expired``. A message leased ``quarantine_after`` times (Zapier publishes no
+number; default :data:`QUARANTINE_AFTER`, or ``/_admin/inbox/faults {"quarantine_after": n}``) is quarantined:
+it stays in the list of messages, never leased again. Leases hand out the oldest first (``newest_first``: the
+other way; Zapier documents no order).
 Authentication is the host app's: every ``/api/`` request passes the Tables service's gate.
 """
 
@@ -173,6 +173,7 @@ class InboxService:
         self.table_exists = table_exists  # the Tables service's tables (made through its API, so looked up live)
         self.quarantine_after = quarantine_after
         self.drop_delete_events = False  # fault: delete events are lost (the trash check is the safety net)
+        self.newest_first = False  # fault: leases hand out the newest messages first (Zapier documents no order)
         self._store = SqliteStore(path, _SCHEMA)
         self._lock = self._store._lock
         self._conn = self._store._conn
@@ -297,12 +298,10 @@ class InboxService:
         conn.execute("UPDATE inbox_messages SET status = 'available', lease_id = NULL, leased_until = NULL "
                      "WHERE inbox_id = ? AND status = 'leased' AND leased_until < ?", (inbox_id, time.time()))
 
-    def end_leases(self, inbox_id: str) -> None:
-        """Tests: every lease of the inbox runs out now (its messages come back as when the time is up)."""
+    def end_leases(self, inbox_id: str) -> None:  # tests: every lease of the inbox runs out now
         with self._tx() as conn:
             self._row(conn, inbox_id)
-            conn.execute("UPDATE inbox_messages SET leased_until = 0 WHERE inbox_id = ? AND status = 'leased'",
-                         (inbox_id,))
+            conn.execute("UPDATE inbox_messages SET leased_until = 0 WHERE inbox_id = ? AND leased_until", (inbox_id,))
             self._expire(conn, inbox_id)
 
     def messages(self, inbox_id: str, limit: int) -> dict[str, Any]:
@@ -317,8 +316,8 @@ class InboxService:
         with self._tx() as conn:
             inbox = self._row(conn, inbox_id)
             self._expire(conn, inbox_id)
-            rows = conn.execute("SELECT * FROM inbox_messages WHERE inbox_id = ? AND status = 'available' "
-                                "ORDER BY seq LIMIT ?", (inbox_id, limit)).fetchall()
+            rows = conn.execute("SELECT * FROM inbox_messages WHERE inbox_id = ? AND status = 'available' ORDER BY "
+                                f"seq {'DESC' if self.newest_first else ''} LIMIT ?", (inbox_id, limit)).fetchall()
             attrs = {"status": inbox["status"], "paused_reason": inbox["paused_reason"]}
             if not rows and inbox["status"] == "paused":
                 raise InboxApiError(409, {"detail": "Inbox is paused and fully drained", "inbox_attributes": attrs})
@@ -554,14 +553,15 @@ def inbox_blueprint(service: InboxService, public_paths: tuple[str, ...] = PUBLI
     # --- admin (tests): fault injection, injected messages, paused reasons, stats -----------------
     @bp.post("/_admin/inbox/faults")
     def faults() -> Response:
-        """``drop_notifications`` (n), ``quarantine_after`` (n), ``drop_delete_events`` (true/false)."""
-        body = _body()
-        out: dict[str, Any] = {}
-        if "drop_delete_events" in body:
-            if not isinstance(body["drop_delete_events"], bool):
-                raise _problem(400, "drop_delete_events: expected true or false")
-            service.drop_delete_events = out["drop_delete_events"] = body["drop_delete_events"]
-        if "drop_notifications" in body or not {"quarantine_after", "drop_delete_events"} & set(body):
+        """``drop_notifications`` (n), ``quarantine_after`` (n), ``drop_delete_events``, ``newest_first`` (bool)."""
+        body, out = _body(), {}
+        for flag in ("drop_delete_events", "newest_first"):
+            if flag in body and not isinstance(body[flag], bool):
+                raise _problem(400, f"{flag}: expected true or false")
+            if flag in body:
+                setattr(service, flag, body[flag])
+                out[flag] = body[flag]
+        if "drop_notifications" in body or not {"quarantine_after", "drop_delete_events", "newest_first"} & set(body):
             out["drop_notifications"] = _body_int(body, "drop_notifications", 0, 10**6, 0)
             service.notifier.drop_next(out["drop_notifications"])
         if "quarantine_after" in body:
