@@ -34,7 +34,7 @@ from typing import Any
 import psycopg
 import requests
 
-from bench import batching, bench_reconcile, coldstart, merge_cost, tables_requests
+from bench import batching, bench_reconcile, coldstart, lease_ledger_cost, merge_cost, tables_requests
 from bench.floor_target import TABLE_SQL
 from bench.probe import insert_webhook
 from infra.local.stack import REPO, LocalStack, free_port, running_stack, wait_listening
@@ -268,6 +268,7 @@ def main() -> None:
         print("  rss: " + ", ".join(f"{name} {rss_mb(fp.process.pid):.0f} MB"
                                     for name, fp in sorted(stack.functions.items()) if fp.process))
     summary += merge_cost.batched_apply(args.merge_n, reps=3)
+    summary += lease_ledger_cost.run()  # a record's edits kept in order across inbox drains
     summary += batching.run(big=args.batch_big)
     summary += bench_reconcile.run(args.reconcile_n)
     width = max(len(name) for name, _, _ in summary)

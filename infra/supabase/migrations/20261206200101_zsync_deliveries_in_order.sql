@@ -13,7 +13,9 @@
 -- An entry whose lease ended more than one lease length ago (a message Zapier quarantined, or acked without
 -- being applied) no longer holds anything back. Re-runnable.
 
-CREATE TABLE IF NOT EXISTS zsync.tables_leased (
+-- UNLOGGED: coordination between live drains, worth nothing after a crash (each entry ends with its lease anyway),
+-- so recording a lease writes no WAL and its commit waits for no disk flush.
+CREATE UNLOGGED TABLE IF NOT EXISTS zsync.tables_leased (
     table_name text NOT NULL,
     message_id text NOT NULL,  -- the trigger inbox message
     record_id text NOT NULL,
