@@ -18,7 +18,7 @@ from datetime import datetime
 
 import psycopg
 
-from shared.adapters.supabase_db import Database, DatabaseUnavailable, _ts_json
+from shared.adapters.supabase_db import Database, DatabaseUnavailable, ts_json
 from shared.core.spec import TableSpec
 
 
@@ -49,7 +49,7 @@ class HeldBack(Exception):
 
 def _items(items: Sequence[Leased]) -> str:
     return "[" + ",".join(f'{{"message":{json.dumps(i.message)},"id":{json.dumps(i.record_id)},'
-                          f'"edited_at":{_ts_json(i.edited_at)}}}' for i in items) + "]"
+                          f'"edited_at":{ts_json(i.edited_at)}}}' for i in items) + "]"
 
 
 def hold(db: Database, spec: TableSpec, lease: Lease, seconds: float) -> bool:

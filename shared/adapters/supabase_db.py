@@ -125,7 +125,7 @@ class Database:
         raise AssertionError("unreachable")
 
 
-def _ts_json(ts: datetime | None) -> str:
+def ts_json(ts: datetime | None) -> str:
     """A time as a JSON value in the payloads the SQL functions parse (ISO 8601, or null)."""
     return json.dumps(ts.isoformat() if ts else None)
 
@@ -349,7 +349,7 @@ def sync_apply_many(conn: psycopg.Connection, spec: TableSpec, items: list[tuple
     if not spec.sync_deletes:
         conn.execute("SELECT set_config('zsync.ignore_tombstones', 'on', true)")
     payload = "[" + ",".join(
-        f'{{"row":{row_to_json(row)},"edited_at":{_ts_json(ts)}}}'
+        f'{{"row":{row_to_json(row)},"edited_at":{ts_json(ts)}}}'
         for row, ts in items) + "]"
     found = conn.execute("SELECT ord, outcome, stored, applied, merge "
                          "FROM zsync.sync_apply_many(%s::regclass, %s::jsonb)", (_regclass(spec), payload)).fetchall()
@@ -368,7 +368,7 @@ def merge_decide_many(conn: psycopg.Connection, spec: TableSpec,
     if not items:
         return []
     payload = "[" + ",".join(
-        f'{{"tables":{row_to_json(t)},"edited_at":{_ts_json(ts)},'
+        f'{{"tables":{row_to_json(t)},"edited_at":{ts_json(ts)},'
         f'"supabase":{row_to_json(s)}}}' for t, ts, s in items) + "]"
     found = conn.execute("SELECT ord, action, merged, info FROM zsync.merge_decide_many(%s::regclass, %s::jsonb)",
                          (_regclass(spec), payload)).fetchall()
@@ -405,8 +405,8 @@ def agree(conn: psycopg.Connection, spec: TableSpec, rows: list[Mapping[str, Any
     payload = "[" + ",".join(row_to_json(r) for r in rows) + "]"
 
     prevs = "{" + ",".join(
-        f'{json.dumps(rid)}:{{"row":{row_to_json(rep.row)},"edited_at":{_ts_json(rep.edited_at)},'
-        f'"written_at":{_ts_json(rep.written_at)},"blind":{json.dumps(rep.blind)}}}'
+        f'{json.dumps(rid)}:{{"row":{row_to_json(rep.row)},"edited_at":{ts_json(rep.edited_at)},'
+        f'"written_at":{ts_json(rep.written_at)},"blind":{json.dumps(rep.blind)}}}'
         for rid, rep in (replaced or {}).items()) + "}"
     return conn.execute("SELECT zsync.agree(%s::regclass, %s::jsonb, %s::jsonb)",
                         (_regclass(spec), payload, prevs)).fetchone()[0]
@@ -503,7 +503,7 @@ def remember_tables(conn: psycopg.Connection, spec: TableSpec, known: Mapping[st
     n = remember_tables(conn, spec, reads) if reads else 0
     payload = "[" + ",".join(
         f'{{"id":{json.dumps(rid)},"tables_id":{json.dumps(k.tables_id)},"row":{row_to_json(k.row)},'
-        f'"edited_at":{_ts_json(k.edited_at)},"ours":{json.dumps(k.ours)}}}'
+        f'"edited_at":{ts_json(k.edited_at)},"ours":{json.dumps(k.ours)}}}'
         for rid, k in sorted(known.items())) + "]"
     return n + conn.execute("SELECT zsync.remember_tables(%s, %s::jsonb)", (spec.name, payload)).fetchone()[0]
 
@@ -522,8 +522,8 @@ def announce_blind(db: Database, spec: TableSpec, writes: Mapping[str, tuple[Kno
     -> False when it could not be committed (write those records by the find path)."""
     payload = "[" + ",".join(
         f'{{"id":{json.dumps(rid)},"known":{row_to_json(k.row)},'
-        f'"known_at":{_ts_json(k.edited_at)},'
-        f'"version":{_ts_json(v)}}}'
+        f'"known_at":{ts_json(k.edited_at)},'
+        f'"version":{ts_json(v)}}}'
         for rid, (k, v) in sorted(writes.items())) + "]"
     try:
         db.aside(lambda conn: conn.execute("SELECT zsync.announce_blind(%s, %s::jsonb)", (spec.name, payload)))
@@ -540,7 +540,7 @@ def settle_blind(conn: psycopg.Connection, spec: TableSpec,
     if not items:
         return 0
     payload = "[" + ",".join(f'{{"id":{json.dumps(row["id"])},"row":{row_to_json(row)},'
-                             f'"edited_at":{_ts_json(at)}}}' for row, at in items) + "]"
+                             f'"edited_at":{ts_json(at)}}}' for row, at in items) + "]"
     return conn.execute("SELECT zsync.settle_blind(%s, %s::jsonb)", (spec.name, payload)).fetchone()[0]
 
 
