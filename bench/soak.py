@@ -89,6 +89,7 @@ class SoakConfig:
     changes_per_record: int = 6
     partial_share: float = 0.30  # of the updates (each side of a conflict pair too): a random subset of fields
     blind_writes: bool | None = None  # zsync.config blind_writes for the run (None: the migration's default)
+    inbox_newest_first: bool = False  # the inbox stand-in hands out the newest messages first (Zapier: no order)
     state_dir: Path | None = None
 
 
@@ -701,6 +702,9 @@ def run_on(stack: LocalStack, cfg: SoakConfig) -> SoakResult:
             conn.execute("UPDATE zsync.config SET value = to_jsonb(%s::text) WHERE key = 'blind_writes'",
                          ("on" if cfg.blind_writes else "off",))
     assert stack.tables is not None
+    if cfg.inbox_newest_first:
+        requests.post(f"{stack.tables.url.rstrip('/')}/_admin/inbox/faults", json={"newest_first": True}, timeout=10
+                      ).raise_for_status()
     stack.tables.ctx.stats.reset()
     # warm every function once, so the memory and connection figures start from a working process
     for fp in stack.functions.values():
@@ -786,12 +790,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-chaos", action="store_true")
     p.add_argument("--blind-writes", choices=("on", "off"), default=None,
                    help="zsync.config blind_writes for the run (default: as the migration sets it)")
+    p.add_argument("--inbox-newest-first", action="store_true",
+                   help="the trigger inbox stand-in leases the newest messages first (Zapier documents no order)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)  # the chaos makes the stand-ins log every failure
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 10**6)
     cfg = SoakConfig(changes=args.changes, seed=seed, writers=args.writers, drop_share=args.drop_share,
                      rate_limit=args.rate_limit or None, chaos=not args.no_chaos, partial_share=args.partial_share,
                      blind_writes=None if args.blind_writes is None else args.blind_writes == "on",
+                     inbox_newest_first=args.inbox_newest_first,
                      converge_timeout_s=max(600.0, args.changes / 20))
     print(f"soak: {cfg.changes} changes, seed {seed} (rerun: python -m bench.soak --changes {cfg.changes} "
           f"--seed {seed})", flush=True)
