@@ -21,9 +21,9 @@ from shared.adapters.trigger_inbox import InboxClient, read_payload
 from shared.core.spec import FUNCTIONS, TABLES
 from shared.services.from_tables import apply_many_from_tables
 from shared.services.inbox_consumer import InboxConsumer, _field_names_of
-from tests.e2e import blind_writes, late_deliveries, uid
+from tests.e2e import blind_writes, eventually, late_deliveries, uid
 from tests.test_correctness import stack_context
-from tests.test_one_request import _agreed_job, _both_end_with, _drain_held
+from tests.test_one_request import _agreed_job, _both_end_with, _delivered, _drain_held
 
 FN = FUNCTIONS["agent_jobs_to_supabase"]
 
@@ -150,6 +150,36 @@ def test_a_later_edit_still_carrying_an_earlier_edit_s_field_counts_it_at_the_ea
     _both_end_with(stack, tables, supabase, rid, status="agent", retry_count=5)
 
 
+@pytest.mark.parametrize("overwritten", [False, True], ids=["delivered", "overwritten_by_a_later_write"])
+def test_a_tables_edit_versioned_before_the_record_it_edits_still_counts(stack, tables, supabase, overwritten):
+    """A Zapier agent chooses its updated_at before Supabase's status change reaches Tables, and its write lands
+    after it. Its retry_count, versioned after Supabase's retry_count and before Supabase's status, wins that field;
+    status stays Supabase's - on both sides. Also when Supabase's next change is written over that edit before its
+    delivery comes (a soak of 10,000 changes lost such a field: the edit was taken for a stale delivery because its
+    updated_at was older than the record's)."""
+    rid = _agreed_job(stack, tables, supabase, "older-version")
+    rec = tables.find("agent_jobs", rid)
+    supabase.query("UPDATE agent_jobs SET retry_count = 606 WHERE id = %s", (rid,))
+    _delivered(stack, supabase, [rid])
+    retry_at = datetime.fromisoformat(supabase.row("agent_jobs", rid)["updated_at"])
+    time.sleep(0.05)
+    supabase.query("UPDATE agent_jobs SET status = 'later' WHERE id = %s", (rid,))
+    _delivered(stack, supabase, [rid])
+    edit = {"retry_count": 5267, "updated_at": (retry_at + timedelta(milliseconds=10)).isoformat()}
+    if not overwritten:
+        tables.patch("agent_jobs", rec["id"], edit)
+        _both_end_with(stack, tables, supabase, rid, status="later", retry_count=5267)
+        return
+    with late_deliveries(stack):
+        tables.patch("agent_jobs", rec["id"], edit)
+        with _drain_held(stack):
+            supabase.query("UPDATE agent_jobs SET error_message = 'note' WHERE id = %s", (rid,))
+        stack.sweep_outbox(min_age_s=0)  # Supabase's note written over the edit
+        eventually(lambda: tables.find("agent_jobs", rid)["data"].get("error_message") == "note")
+        assert tables.find("agent_jobs", rid)["data"]["retry_count"] == 606
+    _both_end_with(stack, tables, supabase, rid, status="later", retry_count=5267, error_message="note")
+
+
 def _ledger(conn: psycopg.Connection, lease: str, items: list[tuple[str, str, datetime]], *, take: bool = False
             ) -> list[str]:
     payload = json.dumps([{"message": m, "id": r, "edited_at": t.isoformat()} for m, r, t in items])
@@ -211,12 +241,22 @@ def test_the_redefined_functions_follow_their_last_definitions():
         return " ".join(re.sub(r"--[^\n]*", "", text[start:text.index("\n$", start)]).split())
 
     decide = body("20261206200201", "merge_decide_base")
-    block = decide[decide.index("SELECT c.known, c.known_at INTO v_seen"):
-                   decide.index("SELECT * INTO m FROM zsync.merge3(")]
-    assert "zsync.tables_seen" in block and "zsync.tables_known" in block
-    for added in ("v_seen record; ", "v_sts timestamptz; ", "v_tfts jsonb; ", block):
+
+    def cut(text: str, start: str, end: str) -> tuple[str, str]:
+        i, j = text.index(start), text.index(end)
+        return text[:i] + text[j:], text[i:j]
+
+    decide, seen = cut(decide, "SELECT c.known, c.known_at INTO v_seen", "t_ts := t.ts;")
+    assert "zsync.tables_seen" in seen and "zsync.tables_known" in seen
+    decide, after = cut(decide, "v_after := ", "IF t.hash = b.hash OR (t_ts <= b.version AND NOT v_after)")
+    assert "v_over OR (v_seen.known IS NOT NULL" in after
+    decide, timed = cut(decide, "IF v_seen.known IS NOT NULL THEN v_sts", "SELECT * INTO m FROM zsync.merge3(")
+    assert "v_tfts := " in timed
+    for added in ("v_seen record; ", "v_sts timestamptz; ", "v_tfts jsonb; ", "v_after boolean; "):
         assert added in decide
         decide = decide.replace(added, "", 1)
+    decide = decide.replace("IF t.hash = b.hash OR (t_ts <= b.version AND NOT v_after) THEN",
+                            "IF t.hash = b.hash OR t_ts <= b.version THEN", 1)
     assert decide.replace("t_row, p_supabase, v_tfts, b.field_ts)", "t_row, p_supabase, NULL, b.field_ts)", 1) \
         == body("20261206100101", "merge_decide_base")
 

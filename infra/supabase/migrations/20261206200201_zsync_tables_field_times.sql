@@ -57,6 +57,7 @@ DECLARE
     v_seen record;  -- (added) the Tables copy the sync saw last, and when
     v_sts  timestamptz;  -- (added) that copy's version, as t_ts is counted
     v_tfts jsonb;  -- (added) Tables' field times: the fields that copy already held
+    v_after boolean;  -- (added) an edit made on the base with an older updated_at
 BEGIN
     action := 'none';
     IF p_tables IS NULL OR p_supabase IS NULL OR b.record_id IS NULL THEN
@@ -106,12 +107,27 @@ BEGIN
             RETURN;
         END IF;
     END IF;
+    -- (added; read as its callers' owner: zsync.merge_decide, zsync.merge_decide_many)
+    SELECT c.known, c.known_at INTO v_seen FROM (
+        SELECT e.v -> 'row' AS known, (e.v ->> 'edited_at')::timestamptz AS known_at
+        FROM zsync.tables_seen sn, jsonb_array_elements(sn.copies) e(v)
+        WHERE sn.table_name = b.table_name AND sn.record_id = b.record_id
+        UNION ALL
+        SELECT k.known, k.known_at FROM zsync.tables_known k
+        WHERE k.table_name = b.table_name AND k.record_id = b.record_id) c
+    WHERE c.known_at < p_edited_at ORDER BY c.known_at DESC LIMIT 1;
     t_ts := t.ts;
     IF t.hash <> b.hash AND t.ts = b.tables_ts AND t.ts <= b.version AND v_edit > b.version THEN
         t_ts := v_edit;  -- edited in Tables after the base without a new updated_at
         t_row := p_tables || jsonb_build_object('updated_at', t_ts);
     END IF;
-    IF t.hash = b.hash OR t_ts <= b.version THEN  -- Tables did not change since the base
+    -- (added) an edit made in Tables on the base - the record a write replaced, or a copy the sync saw holding
+    -- the base - by a writer whose updated_at is older than the base's (chosen before the base reached Tables):
+    -- a change all the same, its fields at that updated_at (zsync.merge3 below), not a stale delivery
+    v_after := t.hash <> b.hash AND t_ts <= b.version
+               AND (v_over OR (v_seen.known IS NOT NULL
+                               AND (SELECT v.hash FROM zsync.version_of(p_table, v_seen.known) v) = b.hash));
+    IF t.hash = b.hash OR (t_ts <= b.version AND NOT v_after) THEN  -- (changed) Tables did not change since the base
         IF s.hash <> b.hash THEN
             action := 'supabase';
             merged := p_supabase;
@@ -131,15 +147,6 @@ BEGIN
     -- (added) Tables' fields the copy the sync saw last already held (a delivery taken in before this edit, a
     -- find, a write's answer) were changed there no later than that copy: a record delivered with two edits
     -- carries the first's fields, which count at the first's time, not this edit's
-    -- (added; read as its callers' owner: zsync.merge_decide, zsync.merge_decide_many)
-    SELECT c.known, c.known_at INTO v_seen FROM (
-        SELECT e.v -> 'row' AS known, (e.v ->> 'edited_at')::timestamptz AS known_at
-        FROM zsync.tables_seen sn, jsonb_array_elements(sn.copies) e(v)
-        WHERE sn.table_name = b.table_name AND sn.record_id = b.record_id
-        UNION ALL
-        SELECT k.known, k.known_at FROM zsync.tables_known k
-        WHERE k.table_name = b.table_name AND k.record_id = b.record_id) c
-    WHERE c.known_at < p_edited_at ORDER BY c.known_at DESC LIMIT 1;
     IF v_seen.known IS NOT NULL THEN
         v_sts := (SELECT v.ts FROM zsync.version_of(p_table, v_seen.known) v);
         IF v_sts <= b.version AND date_trunc('milliseconds', v_seen.known_at) > b.version THEN
