@@ -58,12 +58,12 @@ def _two_edits_then_the_agent(stack: Any, tables: Any, supabase: Any, rid: str) 
                                            "updated_at": (agent_at + timedelta(milliseconds=10)).isoformat()})
 
 
-def _kill_a_drain_holding_the_first_edit(stack: Any, rid: str) -> None:
+def _kill_a_drain_holding_the_first_edit(stack: Any, rid: str, lease_seconds: int = 60) -> None:
     """A drain leases the first edit's delivery (the oldest message), records it, and dies holding it."""
     inbox = InboxClient.for_tables(stack.tables_client())
     ctx = stack_context(stack)
     dead = _DiesAfterLeasing(FN, ctx, inbox, stack.inboxes[FN.name], field_names=_field_names_of(ctx, FN),
-                             lease_limit=1, lease_seconds=60)
+                             lease_limit=1, lease_seconds=lease_seconds)
     with pytest.raises(_Killed):
         dead.drain(5)
     with psycopg.connect(stack.database_url, autocommit=True) as conn:
@@ -93,6 +93,21 @@ def test_an_edit_whose_earlier_edit_a_dead_drain_holds_waits_for_it(stack, table
     _both_end_with(stack, tables, supabase, rid, status="agent", retry_count=5)
     with psycopg.connect(stack.database_url, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM zsync.tables_leased WHERE record_id = %s", (rid,)).fetchone() == (0,)
+
+
+def test_an_edit_waiting_for_one_whose_lease_ran_out_is_released_to_come_after_it(stack, tables, supabase):
+    """The dead drain's lease is short (2 s): while the second edit's drain waits, the first edit comes back to
+    the inbox. The waiting delivery is released at once, and the same drain leases both again, oldest first:
+    applied in order without waiting out a lease - the agent's status and the later retry_count on both sides."""
+    rid = _agreed_job(stack, tables, supabase, "in-order-back")
+    with late_deliveries(stack):
+        _two_edits_then_the_agent(stack, tables, supabase, rid)
+        _kill_a_drain_holding_the_first_edit(stack, rid, lease_seconds=2)
+        drained = stack.safety_drain()[FN.name]
+        assert drained.get("released_for_order", 0) >= 1 and drained.get("held_back", 0) == 0, drained
+        row = supabase.row("agent_jobs", rid)
+        assert (row["status"], row["retry_count"]) == ("agent", 5), supabase.audit(rid)
+    _both_end_with(stack, tables, supabase, rid, status="agent", retry_count=5)
 
 
 def test_an_edit_waits_for_a_live_drain_to_apply_the_earlier_one(stack, tables, supabase):
@@ -181,7 +196,7 @@ def test_a_tables_edit_versioned_before_the_record_it_edits_still_counts(stack, 
 
 
 def _ledger(conn: psycopg.Connection, lease: str, items: list[tuple[str, str, datetime]], *, take: bool = False
-            ) -> list[str]:
+            ) -> dict[str, bool]:
     payload = json.dumps([{"message": m, "id": r, "edited_at": t.isoformat()} for m, r, t in items])
     return conn.execute("SELECT zsync.leased_before('agent_jobs', %s, %s::jsonb, %s)", (lease, payload, take)
                         ).fetchone()[0]
@@ -191,7 +206,8 @@ def test_the_ledger_rules_as_the_functions_role_calls_them(stack):
     """Through the functions' role (SECURITY DEFINER; the table itself is out of its reach): an earlier edit
     leased elsewhere holds a later one back; an edit of the same time, an older one, one of the same lease, or
     one whose lease ended more than a lease length ago does not; taking removes the entries only when nothing
-    waits; a message leased again moves to its new lease."""
+    waits; a message leased again moves to its new lease; an earlier edit whose lease is over (back in the inbox)
+    is told apart from one still leased."""
     t0 = datetime.now(UTC)
     rid, other = uid("ledger"), uid("ledger")
     m1, m2, m3 = uid("m"), uid("m"), uid("m")
@@ -202,28 +218,31 @@ def test_the_ledger_rules_as_the_functions_role_calls_them(stack):
         assert conn.execute("SELECT zsync.hold_leased('agent_jobs', 'lease-a', 60, %s::jsonb)", (hold,)
                             ).fetchone() == (1,)
         later = (m2, rid, t0 + timedelta(seconds=1))
-        assert _ledger(conn, "lease-b", [later]) == [rid]
-        assert _ledger(conn, "lease-b", [later, (m3, other, t0)]) == [rid]  # only the record with an earlier edit
-        assert _ledger(conn, "lease-b", [(m2, rid, t0)]) == []  # the same edit (a duplicate message)
-        assert _ledger(conn, "lease-b", [(m2, rid, t0 - timedelta(seconds=1))]) == []  # an older one
-        assert _ledger(conn, "lease-a", [later]) == []  # one lease's deliveries: applied oldest first
-        assert _ledger(conn, "lease-b", [later], take=True) == [rid]  # waiting: nothing taken
+        assert _ledger(conn, "lease-b", [later]) == {rid: False}
+        assert _ledger(conn, "lease-b", [later, (m3, other, t0)]) == {rid: False}  # that record only
+        assert _ledger(conn, "lease-b", [(m2, rid, t0)]) == {}  # the same edit (a duplicate message)
+        assert _ledger(conn, "lease-b", [(m2, rid, t0 - timedelta(seconds=1))]) == {}  # an older one
+        assert _ledger(conn, "lease-a", [later]) == {}  # one lease's deliveries: applied oldest first
+        assert _ledger(conn, "lease-b", [later], take=True) == {rid: False}  # waiting: nothing taken
         assert conn.execute("SELECT zsync.hold_leased('agent_jobs', 'lease-c', 60, %s::jsonb)", (hold,)
                             ).fetchone() == (1,)  # leased again, by another drain
-        assert _ledger(conn, "lease-c", [later]) == []
-        assert _ledger(conn, "lease-c", [(m1, rid, t0)], take=True) == []  # applied: the entry goes
-        assert _ledger(conn, "lease-b", [later]) == []
-        # a lease that ended more than its own length ago holds nothing back
+        assert _ledger(conn, "lease-c", [later]) == {}
+        assert _ledger(conn, "lease-c", [(m1, rid, t0)], take=True) == {}  # applied: the entry goes
+        assert _ledger(conn, "lease-b", [later]) == {}
+        # an earlier edit still leased, then back in the inbox (its lease over), then a lease length later: nothing
         short = json.dumps([{"message": m3, "id": other, "edited_at": t0.isoformat()}])
-        conn.execute("SELECT zsync.hold_leased('agent_jobs', 'lease-d', 0.05, %s::jsonb)", (short,))
-        assert _ledger(conn, "lease-e", [(uid("m"), other, t0 + timedelta(seconds=1))]) in ([other], [])
-        time.sleep(0.2)
-        assert _ledger(conn, "lease-e", [(uid("m"), other, t0 + timedelta(seconds=1))]) == []
+        conn.execute("SELECT zsync.hold_leased('agent_jobs', 'lease-d', 1, %s::jsonb)", (short,))
+        next_edit = [(uid("m"), other, t0 + timedelta(seconds=1))]
+        assert _ledger(conn, "lease-e", next_edit) == {other: False}
+        time.sleep(1.1)
+        assert _ledger(conn, "lease-e", next_edit) == {other: True}
+        time.sleep(1.0)
+        assert _ledger(conn, "lease-e", next_edit) == {}
         # a message dead-lettered (acked unapplied) is forgotten: nothing waits for it
         conn.execute("SELECT zsync.hold_leased('agent_jobs', 'lease-f', 60, %s::jsonb)", (hold,))
-        assert _ledger(conn, "lease-b", [later]) == [rid]
+        assert _ledger(conn, "lease-b", [later]) == {rid: False}
         assert conn.execute("SELECT zsync.forget_leased('agent_jobs', %s::text[])", ([m1],)).fetchone() == (1,)
-        assert _ledger(conn, "lease-b", [later]) == []
+        assert _ledger(conn, "lease-b", [later]) == {}
 
 
 def test_the_redefined_functions_follow_their_last_definitions():

@@ -40,11 +40,13 @@ class Lease:
 
 
 class HeldBack(Exception):
-    """Deliveries of these records wait: another lease holds an earlier edit of each (nothing was applied)."""
+    """Deliveries of these records wait: another lease holds an earlier edit of each (nothing was applied).
+    ``returned``: those whose earlier edits are all back in the inbox (their leases over: no drain holds them)."""
 
-    def __init__(self, record_ids: Sequence[str]) -> None:
-        super().__init__(f"an earlier edit is leased elsewhere: {', '.join(record_ids)}")
-        self.record_ids = frozenset(record_ids)
+    def __init__(self, waiting: dict[str, bool]) -> None:
+        super().__init__(f"an earlier edit is leased elsewhere: {', '.join(sorted(waiting))}")
+        self.record_ids = frozenset(waiting)
+        self.returned = frozenset(rid for rid, back in waiting.items() if back)
 
 
 def _items(items: Sequence[Leased]) -> str:
@@ -65,14 +67,15 @@ def hold(db: Database, spec: TableSpec, lease: Lease, seconds: float) -> bool:
     return True
 
 
-def waiting(conn: psycopg.Connection, spec: TableSpec, lease: Lease, *, take: bool) -> frozenset[str]:
-    """zsync.leased_before: of the lease's deliveries, the records with an earlier edit leased elsewhere. With
-    ``take`` and none waiting, the deliveries' entries are removed in ``conn``'s transaction (the apply's)."""
+def waiting(conn: psycopg.Connection, spec: TableSpec, lease: Lease, *, take: bool) -> dict[str, bool]:
+    """zsync.leased_before: of the lease's deliveries, the records with an earlier edit leased elsewhere -> whether
+    those edits are all back in the inbox. With ``take`` and none waiting, the deliveries' entries are removed in
+    ``conn``'s transaction (the apply's)."""
     if not lease.items:
-        return frozenset()
+        return {}
     found = conn.execute("SELECT zsync.leased_before(%s, %s, %s::jsonb, %s)",
                          (spec.name, lease.lease_id, _items(lease.items), take)).fetchone()
-    return frozenset(found[0] if found else ())
+    return dict(found[0]) if found and found[0] else {}
 
 
 def forget(db: Database, spec: TableSpec, messages: Sequence[str]) -> None:
@@ -82,12 +85,12 @@ def forget(db: Database, spec: TableSpec, messages: Sequence[str]) -> None:
         db.aside(lambda conn: conn.execute("SELECT zsync.forget_leased(%s, %s::text[])", (spec.name, list(messages))))
 
 
-def still_waiting(db: Database, spec: TableSpec, lease: Lease) -> frozenset[str]:
+def still_waiting(db: Database, spec: TableSpec, lease: Lease) -> dict[str, bool]:
     """:func:`waiting` without taking, on a connection of its own: what a drain polls while it waits."""
     try:
         return db.aside(lambda conn: waiting(conn, spec, lease, take=False))
     except (DatabaseUnavailable, psycopg.Error):
-        return frozenset(i.record_id for i in lease.items)
+        return {i.record_id: False for i in lease.items}
 
 
 __all__ = ["HeldBack", "Lease", "Leased", "forget", "hold", "still_waiting", "waiting"]

@@ -185,7 +185,7 @@ def apply_many_from_tables(ctx: SyncContext, fn: FunctionSpec, records: Sequence
     def work(conn: psycopg.Connection) -> dict[int, Outcome]:
         entries: list[dict[str, Any]] = list(failed)
         if lease is not None and not spec.append_only and (held := lease_ledger.waiting(conn, spec, lease, take=True)):
-            raise lease_ledger.HeldBack(sorted(held))
+            raise lease_ledger.HeldBack(held)
         if not spec.append_only:  # the echo of a lost blind write, first (an edit it overwrote may follow)
             supabase_db.settle_blind(conn, spec, [(d.row, d.edited_at) for d in parsed])
         done, refused = isolate(conn, parsed, apply, lambda d: d.row)

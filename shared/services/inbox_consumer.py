@@ -10,8 +10,9 @@ through the same code as a Zap delivery (:func:`shared.services.deliveries.proce
 * a dependency is down (database, Tables) -> release: it comes back; the drain leases once more after a
   second (a blip), then stops (the next notification or the scheduled drain picks it up);
 * a record with an earlier edit leased by another drain (:mod:`shared.adapters.lease_ledger`: each drain records
-  what it leased before applying it) -> waits up to ``hold_wait_s`` for that drain to apply it, then is left
-  leased (neither acked nor released): it comes back when this lease ends, after the other one's;
+  what it leased before applying it) -> waits up to ``hold_wait_s`` for that drain to apply it; when that edit is
+  back in the inbox (a drain that died with it), released to be leased again after it; else left leased (neither
+  acked nor released): it comes back when this lease ends, after the other one's;
 * leased more than ``poison_lease_count`` times already (it kept failing, or it kept killing the
   function) -> stored whole in the dead-letter queue, then ack, so it cannot block the inbox.
 
@@ -64,6 +65,7 @@ DEPENDENCY_PAUSE_S = 1.0  # after a dependency error, wait this long and lease a
 DEFAULT_BUDGET_S = 10.0  # a 15 s Lambda: stop leasing with 5 s to spare
 HOLD_WAIT_S = 3.0  # how long a delivery waits for another drain to apply an earlier edit of its record
 HOLD_POLL_S = 0.1
+RELEASE_FOR_ORDER_MAX = 1  # a waiting delivery is released to come after its earlier edit only on its first lease
 
 
 def inbox_key(stage: str, function: str) -> str:
@@ -159,6 +161,7 @@ class InboxConsumer:
     hold_wait_s: float = HOLD_WAIT_S
     _names: Mapping[str, str] | None = None
     _deadline: float = 0.0
+    _requeue: list[str] = field(default_factory=list)  # released to come after an earlier edit (not a failure)
 
     def drain(self, budget_s: float = DEFAULT_BUDGET_S) -> DrainReport:
         deadline = self._deadline = time.monotonic() + budget_s
@@ -177,6 +180,10 @@ class InboxConsumer:
             ack, release = self._apply_lease(lease.messages, report, lease.lease_id)
             if ack:
                 self._settle("ack", lease.lease_id, ack, report)
+            if self._requeue:  # leased again at once, after the earlier edits they wait for
+                requeue, self._requeue = self._requeue, []
+                self._settle("release", lease.lease_id, requeue, report)
+                report.counts["released_for_order"] += len(requeue)
             if release:
                 self._settle("release", lease.lease_id, release, report)
                 # A released message gets no new notification: try once more after a pause (a blip),
@@ -313,7 +320,7 @@ class InboxConsumer:
                                              received_at=[r for _, _, r in batch],
                                              lease=self._ticket(lease_id, batch))
         except lease_ledger.HeldBack as held:
-            return self._apply_after(batch, held.record_ids, report, lease_id)
+            return self._apply_after(batch, held, report, lease_id)
         except (supabase_db.DatabaseUnavailable, TablesError, InboxError) as exc:
             report.counts["dependency_errors"] += 1
             log_event(self.ctx.logger, logging.ERROR, "dependency_unavailable", inbox=self.inbox_id,
@@ -331,30 +338,40 @@ class InboxConsumer:
             ack.append(message.id)
         return ack, release
 
-    def _apply_after(self, batch: list[tuple[Message, dict[str, Any], datetime | None]], held: frozenset[str],
+    def _apply_after(self, batch: list[tuple[Message, dict[str, Any], datetime | None]], held: lease_ledger.HeldBack,
                      report: DrainReport, lease_id: str) -> tuple[list[str], list[str]]:
         """Another lease holds an earlier edit of the ``held`` records: apply the rest now, then wait (up to
         ``hold_wait_s``, inside the drain's budget) for those edits to be applied - a live drain's are, in a
-        moment - and apply what no longer waits; what still does is left leased: it comes back when this lease
-        ends, after the other lease's messages (a drain that died with them)."""
+        moment. What no longer waits is applied. A delivery whose earlier edits are back in the inbox (their
+        leases over: a drain that died with them) is released, to be leased again after them (oldest first);
+        one still waiting is left leased: it comes back when this lease ends, after the other lease's."""
+        ids = held.record_ids
+
         def waits(d: dict[str, Any]) -> bool:
-            return str(d.get("id")) in held
+            return str(d.get("id")) in ids
 
         ack, release = self._apply_batch([b for b in batch if not waits(b[1])], report, lease_id)
         waiting = [b for b in batch if waits(b[1])]
         ticket = self._ticket(lease_id, waiting)
+        returned = set(held.returned)
         until = min(time.monotonic() + self.hold_wait_s, self._deadline or float("inf"))
-        while waiting and ticket is not None and time.monotonic() + HOLD_POLL_S < until:
+        while ticket is not None and len(returned) < len(ids) and time.monotonic() + HOLD_POLL_S < until:
             time.sleep(HOLD_POLL_S)
             still = lease_ledger.still_waiting(self.ctx.db, self.fn.table, ticket)
-            if still != held:
+            if set(still) != ids:
                 more_ack, more_release = self._apply_batch(waiting, report, lease_id)
                 return ack + more_ack, release + more_release
-        report.counts["held_back"] += len(waiting)
-        log_event(self.ctx.logger, logging.WARNING, "inbox_held_back", inbox=self.inbox_id,
-                  messages=[m.id for m, _, _ in waiting], ids=sorted(held),
-                  hint="an earlier edit of these records is leased by another drain (one that died?): "
-                       "they come back when this lease ends")
+            returned = {rid for rid, back in still.items() if back}
+        # (released once at most: leased again without the earlier edit - an inbox that is not oldest first, an
+        # edit that never comes back - it waits out a lease instead of spending its leases on the poison rule)
+        after = [m.id for m, d, _ in waiting if str(d.get("id")) in returned and m.lease_count <= RELEASE_FOR_ORDER_MAX]
+        left = [m.id for m, d, _ in waiting if m.id not in after]
+        self._requeue += after
+        report.counts["held_back"] += len(left)
+        log_event(self.ctx.logger, logging.WARNING, "inbox_held_back", inbox=self.inbox_id, ids=sorted(ids),
+                  left_leased=left, released=after,
+                  hint="an earlier edit of these records is leased by another drain: released to come after it when "
+                       "it is back in the inbox, else left leased until this lease ends")
         return ack, release
 
     def _applied(self, message: Message, result: Any, report: DrainReport) -> None:

@@ -8,8 +8,9 @@
 -- delivered the second edit first: soaks under chaos lost a field that way, with blind writes on or off.
 -- Now each drain records what it leased (zsync.hold_leased: message, record, the edit's time), committed on its
 -- own before it applies anything; a delivery of a record with an earlier edit leased by another drain
--- (zsync.leased_before) waits for that one - a live drain applies it in a moment, a dead one's message comes
--- back when its lease ends - and applying a lease's deliveries removes their entries in the same transaction.
+-- (zsync.leased_before) waits for that one - a live drain applies it in a moment; a dead one's message comes
+-- back when its lease ends, and the waiting delivery is then released to come after it - and applying a lease's
+-- deliveries removes their entries in the same transaction.
 -- An entry whose lease ended more than one lease length ago (a message Zapier quarantined, or acked without
 -- being applied) no longer holds anything back. Re-runnable.
 
@@ -62,26 +63,28 @@ $$;
 -- Of the deliveries p_items = [{"message", "id", "edited_at"}] of lease p_lease: the records with an earlier edit
 -- still leased by another lease (or back in the inbox less than a lease length ago) - they wait. With p_take and
 -- none waiting, the deliveries' entries go (in the caller's transaction: they come back if it is lost).
--- -> the waiting records' ids, sorted.
+-- -> {record id: whether every such earlier edit is back in the inbox (its lease over)}.
 CREATE OR REPLACE FUNCTION zsync.leased_before(p_table text, p_lease text, p_items jsonb, p_take boolean)
-    RETURNS text[]
+    RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET "TimeZone" TO 'UTC'
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-    v_waiting text[];
+    v_waiting jsonb;
 BEGIN
     IF jsonb_typeof(p_items) IS DISTINCT FROM 'array' THEN
         RETURN '{}';
     END IF;
-    SELECT coalesce(array_agg(DISTINCT i.id ORDER BY i.id), '{}') INTO v_waiting
-    FROM jsonb_to_recordset(p_items) AS i(message text, id text, edited_at timestamptz)
-    WHERE EXISTS (SELECT 1 FROM zsync.tables_leased l
-                  WHERE l.table_name = p_table AND l.record_id = i.id AND l.edited_at < i.edited_at
-                    AND l.lease_id IS DISTINCT FROM p_lease AND l.message_id IS DISTINCT FROM i.message
-                    AND l.leased_until + (l.leased_until - l.leased_at) > now());
-    IF p_take AND cardinality(v_waiting) = 0 THEN
+    SELECT coalesce(jsonb_object_agg(w.id, w.returned), '{}') INTO v_waiting
+    FROM (SELECT i.id, bool_and(l.leased_until <= now()) AS returned
+          FROM jsonb_to_recordset(p_items) AS i(message text, id text, edited_at timestamptz)
+          JOIN zsync.tables_leased l
+            ON l.table_name = p_table AND l.record_id = i.id AND l.edited_at < i.edited_at
+           AND l.lease_id IS DISTINCT FROM p_lease AND l.message_id IS DISTINCT FROM i.message
+           AND l.leased_until + (l.leased_until - l.leased_at) > now()
+          GROUP BY i.id) w;
+    IF p_take AND v_waiting = '{}'::jsonb THEN
         DELETE FROM zsync.tables_leased l
         WHERE l.table_name = p_table
           AND l.message_id IN (SELECT e.v ->> 'message' FROM jsonb_array_elements(p_items) e(v));
