@@ -319,7 +319,8 @@ def _replay_to_tables(stack, tables, supabase, rid, monkeypatch) -> str:
     """The agent's change was dead-lettered (Tables unreachable); zsync replay delivers it (the single path)."""
     record = supabase.row("agent_jobs", rid)
     hook = {"type": "UPDATE", "table": "agent_jobs", "schema": "public", "record": record, "old_record": None}
-    return _replay(stack, "agent_jobs_to_tables", hook, monkeypatch)
+    with blind_writes_off(stack):  # the replay's own merge: it finds the record (blind, the delivery merges,
+        return _replay(stack, "agent_jobs_to_tables", hook, monkeypatch)  # when it comes after the replay)
 
 
 def _reconcile(stack: Any, tables: Tables, supabase: Supabase, rid: str) -> str:
