@@ -185,11 +185,11 @@ def test_a_tables_edit_versioned_before_the_record_it_edits_still_counts(stack, 
         tables.patch("agent_jobs", rec["id"], edit)
         _both_end_with(stack, tables, supabase, rid, status="later", retry_count=5267)
         return
-    with late_deliveries(stack):
+    with blind_writes(stack, True), late_deliveries(stack):  # (the find would see the edit and merge it first)
         tables.patch("agent_jobs", rec["id"], edit)
         with _drain_held(stack):
             supabase.query("UPDATE agent_jobs SET error_message = 'note' WHERE id = %s", (rid,))
-        stack.sweep_outbox(min_age_s=0)  # Supabase's note written over the edit
+        stack.sweep_outbox(min_age_s=0)  # Supabase's note written blind over the edit
         eventually(lambda: tables.find("agent_jobs", rid)["data"].get("error_message") == "note")
         assert tables.find("agent_jobs", rid)["data"]["retry_count"] == 606
     _both_end_with(stack, tables, supabase, rid, status="later", retry_count=5267, error_message="note")
