@@ -265,13 +265,14 @@ def test_the_redefined_functions_follow_their_last_definitions():
         i, j = text.index(start), text.index(end)
         return text[:i] + text[j:], text[i:j]
 
-    decide, seen = cut(decide, "SELECT c.known, c.known_at INTO v_seen", "t_ts := t.ts;")
+    decide, seen = cut(decide, "IF t.hash <> b.hash THEN SELECT c.known, c.known_at INTO v_seen", "t_ts := t.ts;")
     assert "zsync.tables_seen" in seen and "zsync.tables_known" in seen
     decide, after = cut(decide, "v_after := ", "IF t.hash = b.hash OR (t_ts <= b.version AND NOT v_after)")
-    assert "v_over OR (v_seen.known IS NOT NULL" in after
-    decide, timed = cut(decide, "IF v_seen.known IS NOT NULL THEN v_sts", "SELECT * INTO m FROM zsync.merge3(")
+    assert "v_over OR (v_seen IS NOT NULL" in after
+    decide, timed = cut(decide, "IF v_seen IS NOT NULL THEN v_sts", "SELECT * INTO m FROM zsync.merge3(")
     assert "v_tfts := " in timed
-    for added in ("v_seen record; ", "v_sts timestamptz; ", "v_tfts jsonb; ", "v_after boolean; "):
+    for added in ("v_seen jsonb; ", "v_seen_at timestamptz; ", "v_sts timestamptz; ", "v_tfts jsonb; ",
+                  "v_after boolean; "):
         assert added in decide
         decide = decide.replace(added, "", 1)
     decide = decide.replace("IF t.hash = b.hash OR (t_ts <= b.version AND NOT v_after) THEN",

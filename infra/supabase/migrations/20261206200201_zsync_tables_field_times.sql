@@ -54,7 +54,8 @@ DECLARE
     v_edit timestamptz := date_trunc('milliseconds', p_edited_at);
     v_over boolean := false;  -- Tables' record was overwritten there by a *_to_tables write (b.replaced)
     v_rep  jsonb;
-    v_seen record;  -- (added) the Tables copy the sync saw last, and when
+    v_seen jsonb;  -- (added) the Tables copy the sync saw last before this edit
+    v_seen_at timestamptz;  -- (added) and its edited_at
     v_sts  timestamptz;  -- (added) that copy's version, as t_ts is counted
     v_tfts jsonb;  -- (added) Tables' field times: the fields that copy already held
     v_after boolean;  -- (added) an edit made on the base with an older updated_at
@@ -107,15 +108,18 @@ BEGIN
             RETURN;
         END IF;
     END IF;
-    -- (added; read as its callers' owner: zsync.merge_decide, zsync.merge_decide_many)
-    SELECT c.known, c.known_at INTO v_seen FROM (
-        SELECT e.v -> 'row' AS known, (e.v ->> 'edited_at')::timestamptz AS known_at
-        FROM zsync.tables_seen sn, jsonb_array_elements(sn.copies) e(v)
-        WHERE sn.table_name = b.table_name AND sn.record_id = b.record_id
-        UNION ALL
-        SELECT k.known, k.known_at FROM zsync.tables_known k
-        WHERE k.table_name = b.table_name AND k.record_id = b.record_id) c
-    WHERE c.known_at < p_edited_at ORDER BY c.known_at DESC LIMIT 1;
+    -- (added; read as its callers' owner: zsync.merge_decide, zsync.merge_decide_many; not needed - and not read -
+    -- when Tables holds the base's content, the common case)
+    IF t.hash <> b.hash THEN
+        SELECT c.known, c.known_at INTO v_seen, v_seen_at FROM (
+            SELECT e.v -> 'row' AS known, (e.v ->> 'edited_at')::timestamptz AS known_at
+            FROM zsync.tables_seen sn, jsonb_array_elements(sn.copies) e(v)
+            WHERE sn.table_name = b.table_name AND sn.record_id = b.record_id
+            UNION ALL
+            SELECT k.known, k.known_at FROM zsync.tables_known k
+            WHERE k.table_name = b.table_name AND k.record_id = b.record_id) c
+        WHERE c.known_at < p_edited_at ORDER BY c.known_at DESC LIMIT 1;
+    END IF;
     t_ts := t.ts;
     IF t.hash <> b.hash AND t.ts = b.tables_ts AND t.ts <= b.version AND v_edit > b.version THEN
         t_ts := v_edit;  -- edited in Tables after the base without a new updated_at
@@ -125,8 +129,8 @@ BEGIN
     -- the base - by a writer whose updated_at is older than the base's (chosen before the base reached Tables):
     -- a change all the same, its fields at that updated_at (zsync.merge3 below), not a stale delivery
     v_after := t.hash <> b.hash AND t_ts <= b.version
-               AND (v_over OR (v_seen.known IS NOT NULL
-                               AND (SELECT v.hash FROM zsync.version_of(p_table, v_seen.known) v) = b.hash));
+               AND (v_over OR (v_seen IS NOT NULL
+                               AND (SELECT v.hash FROM zsync.version_of(p_table, v_seen) v) = b.hash));
     IF t.hash = b.hash OR (t_ts <= b.version AND NOT v_after) THEN  -- (changed) Tables did not change since the base
         IF s.hash <> b.hash THEN
             action := 'supabase';
@@ -147,15 +151,15 @@ BEGIN
     -- (added) Tables' fields the copy the sync saw last already held (a delivery taken in before this edit, a
     -- find, a write's answer) were changed there no later than that copy: a record delivered with two edits
     -- carries the first's fields, which count at the first's time, not this edit's
-    IF v_seen.known IS NOT NULL THEN
-        v_sts := (SELECT v.ts FROM zsync.version_of(p_table, v_seen.known) v);
-        IF v_sts <= b.version AND date_trunc('milliseconds', v_seen.known_at) > b.version THEN
-            v_sts := date_trunc('milliseconds', v_seen.known_at);  -- a cell edit: Zapier's time, as t_ts
+    IF v_seen IS NOT NULL THEN
+        v_sts := (SELECT v.ts FROM zsync.version_of(p_table, v_seen) v);
+        IF v_sts <= b.version AND date_trunc('milliseconds', v_seen_at) > b.version THEN
+            v_sts := date_trunc('milliseconds', v_seen_at);  -- a cell edit: Zapier's time, as t_ts
         END IF;
         IF v_sts > b.version AND v_sts < t_ts THEN
             v_tfts := (SELECT jsonb_object_agg(k.key, to_jsonb(v_sts))
                        FROM jsonb_each(zsync.canonical_row(p_table, t_row)) k
-                       WHERE zsync.canonical_row(p_table, v_seen.known) -> k.key IS NOT DISTINCT FROM k.value);
+                       WHERE zsync.canonical_row(p_table, v_seen) -> k.key IS NOT DISTINCT FROM k.value);
         END IF;
     END IF;
     SELECT * INTO m FROM zsync.merge3(p_table, b.base, t_row, p_supabase, v_tfts, b.field_ts);  -- (changed)
