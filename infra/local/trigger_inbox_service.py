@@ -556,9 +556,9 @@ def inbox_blueprint(service: InboxService, public_paths: tuple[str, ...] = PUBLI
         """``drop_notifications`` (n), ``quarantine_after`` (n), ``drop_delete_events``, ``newest_first`` (bool)."""
         body, out = _body(), {}
         for flag in ("drop_delete_events", "newest_first"):
-            if flag in body and not isinstance(body[flag], bool):
-                raise _problem(400, f"{flag}: expected true or false")
             if flag in body:
+                if not isinstance(body[flag], bool):
+                    raise _problem(400, f"{flag}: expected true or false")
                 setattr(service, flag, body[flag])
                 out[flag] = body[flag]
         if "drop_notifications" in body or not {"quarantine_after", "drop_delete_events", "newest_first"} & set(body):
