@@ -246,9 +246,9 @@ def test_the_ledger_rules_as_the_functions_role_calls_them(stack):
 
 
 def test_the_redefined_functions_follow_their_last_definitions():
-    """20261206200201 redefines zsync.merge_decide_base (20261206100101's) and zsync.settle_blind
-    (20261206100201's): each must be the text before it plus the lines it marks, so a change made there is not
-    silently undone here (update the copy when this fails)."""
+    """20261206200201 redefines zsync.merge_decide_base and zsync.agree (20261206100101's), zsync.settle_blind
+    (20261206100201's) and zsync.sync_apply_many_set (20261205600101's): each must be the text before it plus the
+    lines it marks, so a change made there is not silently undone here (update the copy when this fails)."""
     import re
     from pathlib import Path
 
@@ -256,8 +256,9 @@ def test_the_redefined_functions_follow_their_last_definitions():
 
     def body(name: str, function: str) -> str:
         text = next(migrations.glob(f"{name}_*.sql")).read_text()
-        start = text.index(f"CREATE OR REPLACE FUNCTION zsync.{function}(")
-        return " ".join(re.sub(r"--[^\n]*", "", text[start:text.index("\n$", start)]).split())
+        start = re.search(rf"CREATE (OR REPLACE )?FUNCTION zsync\.{function}\(", text).start()
+        return " ".join(re.sub(r"--[^\n]*", "", text[start:text.index("\n$", start)]).split()).replace(
+            "CREATE OR REPLACE FUNCTION", "CREATE FUNCTION", 1)
 
     decide = body("20261206200201", "merge_decide_base")
 
@@ -275,10 +276,22 @@ def test_the_redefined_functions_follow_their_last_definitions():
                   "v_after boolean; "):
         assert added in decide
         decide = decide.replace(added, "", 1)
+    decide = decide.replace(
+        "v_rep := zsync.overwritten_by(p_table, b.replaced, p_tables, p_edited_at);",
+        "SELECT e.v INTO v_rep FROM jsonb_array_elements(b.replaced) e(v) WHERE p_edited_at < (e.v ->> 'until')"
+        "::timestamptz ORDER BY (e.v ->> 'until')::timestamptz LIMIT 1;", 1)
     decide = decide.replace("IF t.hash = b.hash OR (t_ts <= b.version AND NOT v_after) THEN",
                             "IF t.hash = b.hash OR t_ts <= b.version THEN", 1)
     assert decide.replace("t_row, p_supabase, v_tfts, b.field_ts)", "t_row, p_supabase, NULL, b.field_ts)", 1) \
         == body("20261206100101", "merge_decide_base")
+
+    many = body("20261206200201", "sync_apply_many_set")
+    assert many.replace("< e.b_replaced_until + zsync.stamp_race(), false)", "< e.b_replaced_until, false)", 1) \
+        == body("20261205600101", "sync_apply_many_set")
+
+    agree = body("20261206200201", "agree")
+    assert agree.count("'wrote', r.row, ") == 1
+    assert agree.replace("'wrote', r.row, ", "", 1) == body("20261206100101", "agree")
 
     settle = body("20261206200201", "settle_blind")
     kept = settle[settle.index("IF zsync.field_merge_on() THEN INSERT INTO zsync.tables_seen"):

@@ -11,6 +11,10 @@
 * ``"token_ttl_s": n`` - the lifetime of the tokens issued from now on;
 * ``"jwt_life_s": n | null`` - tokens issued from now on are JWT-shaped, their ``exp`` ``n`` seconds after
   their ``iat`` (whatever ``expires_in`` says); null: opaque tokens again;
+* ``"next_edited_at": {"<record id>": "<ISO time>"}`` - the next update that changes that record is stamped
+  with that ``edited_at`` (once): a write that stamped its time when it started, then waited for the record's
+  lock while another write landed. The stand-in's writes stamp before they lock, so under load this happens
+  by itself; the knob makes it happen on purpose (``tests/test_write_race.py``). ``{}`` clears them;
 * ``"extra_triggers": [{"key", "name", "description"?}]`` - more read actions (triggers) in the Tables
   app's action list, as zapier.com lists six events where the stand-in has two (an inbox on one of them is
   still refused: the stand-in does not deliver them).
@@ -24,6 +28,7 @@ import json
 import sqlite3
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -40,6 +45,7 @@ class Quirks:
     idempotency: bool = True
     extra_triggers: list[dict[str, Any]] = field(default_factory=list)
     jwt_life_s: int | None = None
+    next_edited_at: dict[str, str] = field(default_factory=dict)
 
 
 def _triggers(body: dict[str, Any], current: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -57,6 +63,17 @@ def _flag(body: dict[str, Any], name: str, current: bool) -> bool:
     if not isinstance(value, bool):
         raise ApiError(400, f"{name} must be true or false")
     return value
+
+
+def _timestamp(value: Any) -> str:
+    """An ISO 8601 time with its zone, as the stand-in writes ``edited_at``."""
+    try:
+        at = datetime.fromisoformat(value.replace("Z", "+00:00")) if isinstance(value, str) else None
+    except ValueError:
+        at = None
+    if at is None or at.tzinfo is None:
+        raise ApiError(400, f"next_edited_at: {value!r} is not an ISO 8601 time with a zone")
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # as values.utc_now_iso
 
 
 def _positive(body: dict[str, Any], name: str, current: Any, *, nullable: bool = False) -> Any:
@@ -77,7 +94,9 @@ def register_quirks(app: Flask, ctx: ServiceContext) -> Quirks:
     replace = ctx.engine._replace  # the one write of a changed record's edited_at (update_many)
 
     def replace_keeping_edited_at(conn: sqlite3.Connection, table_id: str, record: dict[str, Any]) -> None:
-        if quirks.freeze_edited_at:
+        if record["id"] in quirks.next_edited_at:
+            record["edited_at"] = quirks.next_edited_at.pop(record["id"])  # in place, as below
+        elif quirks.freeze_edited_at:
             row = conn.execute("SELECT edited_at FROM records WHERE table_id = ? AND id = ?",
                                (table_id, record["id"])).fetchone()
             if row is not None:
@@ -123,7 +142,7 @@ def register_quirks(app: Flask, ctx: ServiceContext) -> Quirks:
     def set_quirks() -> Response:
         body = object_body()
         unknown = set(body) - {"freeze_edited_at", "idempotency", "rate_limit", "rate_window_s", "token_ttl_s",
-                               "extra_triggers", "jwt_life_s"}
+                               "extra_triggers", "jwt_life_s", "next_edited_at"}
         if unknown:
             raise ApiError(400, f"unknown quirk(s): {', '.join(sorted(unknown))}")
         freeze = _flag(body, "freeze_edited_at", quirks.freeze_edited_at)
@@ -135,6 +154,10 @@ def register_quirks(app: Flask, ctx: ServiceContext) -> Quirks:
         jwt_life = _positive(body, "jwt_life_s", quirks.jwt_life_s, nullable=True)
         quirks.jwt_life_s = int(jwt_life) if jwt_life is not None else None
         quirks.freeze_edited_at, quirks.idempotency = freeze, idempotency
+        stamps = body.get("next_edited_at", quirks.next_edited_at)
+        if not isinstance(stamps, dict) or not all(isinstance(k, str) for k in stamps):
+            raise ApiError(400, 'next_edited_at must be {"<record id>": "<ISO time>"}')
+        quirks.next_edited_at = {k: _timestamp(v) for k, v in stamps.items()}
         ctx.limiter.limit = int(limit) if limit is not None else None
         ctx.limiter.window_s, ctx.token_ttl_s = float(window), int(ttl)
         return get_quirks()

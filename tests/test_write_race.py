@@ -1,0 +1,95 @@
+"""Two writes of one Tables record that land in the other order than their ``edited_at`` (migration
+20261206200201, ``zsync.overwritten_by``). Zapier stamps a write's ``edited_at`` when it starts - as a database's
+``now()`` is its transaction's start - and a write waiting for the record's lock lands after one stamped later.
+The local stand-in stamps before it locks, so under load this happens by itself (the soak of the test suite
+lost two fields to it); here the stand-in's ``next_edited_at`` knob makes it happen on purpose.
+
+The sync tells an edit a *_to_tables write overwrote from one made on the write's record by these stamps; where
+the edit's own fields tell - it holds the write's values, or the record's the write replaced - they decide.
+Real Postgres, the local Zapier stand-in and the functions over HTTP."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import Any
+
+import requests
+
+from tests.e2e import blind_writes, eventually, late_deliveries
+from tests.test_one_request import _agreed_job, _both_end_with, _delivered, _drain_held
+
+
+def _at(iso: str) -> datetime:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00"))
+
+
+@contextmanager
+def _next_stamped(stack: Any, record_id: str, at: datetime) -> Iterator[None]:
+    """The next write of that Tables record is stamped ``at`` (it started then and waited for the lock); the
+    knob is cleared after the block even when no write used it."""
+    url = f"{stack.tables.url.rstrip('/')}/_admin/quirks"
+    requests.post(url, json={"next_edited_at": {record_id: at.isoformat()}}, timeout=10).raise_for_status()
+    try:
+        yield
+    finally:
+        requests.post(url, json={"next_edited_at": {}}, timeout=10).raise_for_status()
+
+
+def test_the_knob_refuses_what_is_not_a_time(stack):
+    url = f"{stack.tables.url.rstrip('/')}/_admin/quirks"
+    answer = requests.post(url, json={"next_edited_at": {"r": "yesterday"}}, timeout=10)
+    assert answer.status_code == 400 and "yesterday" in answer.text
+    answer = requests.post(url, json={"next_edited_at": "2026-12-06T08:00:00Z"}, timeout=10)
+    assert answer.status_code == 400 and "record id" in answer.text
+    assert requests.get(url, timeout=10).json()["next_edited_at"] == {}
+
+
+def test_an_edit_stamped_before_the_sync_s_write_but_landing_after_it_is_merged_on_it(stack, tables, supabase):
+    """The agent's status and retry_count are written to Tables. A person's status edit, stamped just before
+    that write (it waited for the record), lands after it: it holds the write's retry_count. Then the agent sets
+    retry_count again, and the edit's delivery comes before that change reaches Tables. Taken by its stamp for
+    an edit the write overwrote, it was merged against the older record and its retry_count - the write's, only
+    carried - won back over the agent's later one (the suite's soak lost two fields so, on the default path).
+    The person's status and the agent's later retry_count end on both sides."""
+    rid = _agreed_job(stack, tables, supabase, "race-after")
+    time.sleep(0.1)  # the write's stamp comes well after the record's create
+    supabase.query("UPDATE agent_jobs SET status = 'agent', retry_count = 1 WHERE id = %s", (rid,))
+    _delivered(stack, supabase, [rid])
+    written = tables.find("agent_jobs", rid)
+    assert (written["data"]["status"], written["data"]["retry_count"]) == ("agent", 1)
+    with late_deliveries(stack), _drain_held(stack):  # the agent's next change waits in the outbox
+        supabase.query("UPDATE agent_jobs SET retry_count = 2 WHERE id = %s", (rid,))
+        agent_at = _at(supabase.row("agent_jobs", rid)["updated_at"])
+        with _next_stamped(stack, written["id"], _at(written["edited_at"]) - timedelta(milliseconds=20)):
+            edit = tables.patch("agent_jobs", written["id"], {
+                "status": "person", "updated_at": (agent_at + timedelta(milliseconds=10)).isoformat()})
+        assert _at(edit["edited_at"]) < _at(written["edited_at"])  # landed after the write, stamped before it
+        stack.safety_drain()  # the edit's delivery is taken in while the agent's change waits
+        row = supabase.row("agent_jobs", rid)
+        assert (row["status"], row["retry_count"]) == ("person", 2), supabase.audit(rid)
+    _both_end_with(stack, tables, supabase, rid, status="person", retry_count=2)
+
+
+def test_an_edit_the_sync_s_write_overwrote_though_stamped_after_it_is_merged_on_what_it_replaced(
+        stack, tables, supabase):
+    """A person sets retry_count (versioned after the agent's status change, which waits in the outbox); the
+    agent's status is then written blind over that edit - but the write was stamped just before the edit (it
+    waited for the record). Taken by its stamp for an edit made on the write's record, its status - the old one
+    it only carried - counted as a change at its later version and won over the agent's. It holds the record the
+    write replaced: merged against that, the agent's status and the person's retry_count end on both sides."""
+    rid = _agreed_job(stack, tables, supabase, "race-before")
+    rec = tables.find("agent_jobs", rid)
+    with blind_writes(stack, True), late_deliveries(stack):  # (the find would see the edit and merge it first)
+        with _drain_held(stack):
+            supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
+        agent_at = _at(supabase.row("agent_jobs", rid)["updated_at"])
+        edit = tables.patch("agent_jobs", rec["id"], {
+            "retry_count": 5, "updated_at": (agent_at + timedelta(milliseconds=10)).isoformat()})
+        with _next_stamped(stack, rec["id"], _at(edit["edited_at"]) - timedelta(milliseconds=20)):
+            stack.sweep_outbox(min_age_s=0)  # the agent's status, written blind over the edit
+            written = eventually(lambda: (r := tables.find("agent_jobs", rid))["data"].get("status") == "agent" and r)
+        assert _at(written["edited_at"]) < _at(edit["edited_at"])  # landed after the edit, stamped before it
+    _both_end_with(stack, tables, supabase, rid, status="agent", retry_count=5)
