@@ -43,8 +43,9 @@ $$;
 -- the record it replaced (p_replaced), updated_at aside. The edit holds in each such field the value of the
 -- record it was made on, unless it changed the field itself (then, as a rule, a value of its own). 'wrote': it
 -- holds the write's value in one or more of them and the replaced record's in none - made on the write's record;
--- 'replaced': the other way round; NULL: both (a field changed back), only values of its own, no such field,
--- or no p_wrote (an entry kept from before 'wrote').
+-- 'replaced': the other way round; 'write': it is the write's record itself (its version, updated_at and all);
+-- NULL: both (a field changed back), only values of its own, no such field, or no p_wrote (an entry kept from
+-- before 'wrote').
 CREATE OR REPLACE FUNCTION zsync.edit_holds(p_table regclass, p_replaced jsonb, p_wrote jsonb, p_edit jsonb)
     RETURNS text
     LANGUAGE plpgsql STABLE
@@ -61,6 +62,10 @@ DECLARE
 BEGIN
     IF p_replaced IS NULL OR p_wrote IS NULL OR p_edit IS NULL THEN
         RETURN NULL;
+    END IF;
+    IF (SELECT (v.ts, v.hash) FROM zsync.version_of(p_table, p_edit) v)
+       = (SELECT (v.ts, v.hash) FROM zsync.version_of(p_table, p_wrote) v) THEN
+        RETURN 'write';
     END IF;
     -- typed as the table's columns first, as zsync.version_of compares versions
     EXECUTE format('SELECT zsync.canonical_row($4, to_jsonb(a) - ''updated_at''), '
@@ -99,6 +104,10 @@ CREATE OR REPLACE FUNCTION zsync.stamp_race() RETURNS interval
 -- * an edit stamped just after a write (within zsync.stamp_race()) holding the replaced record's values there
 --   was made on that record: it landed first and the write overwrote it (taken for later, those values would
 --   count as the edit's changes: the write's fields lost).
+-- * the write's own record (its trigger delivery, or a find) is what replaced that record, whatever the stamps:
+--   merged against it (the caller asks only when Tables' record is not the base: when the sync took in an edit
+--   the write overwrote before the write's own delivery came - the edit is the base then, and the write's
+--   record, seen after it, would count as an edit made on it, its older fields winning back).
 -- Otherwise (the edit changed those fields itself, or an entry from before 'wrote' was kept) edited_at decides.
 CREATE OR REPLACE FUNCTION zsync.overwritten_by(p_table regclass, p_entries jsonb, p_edit jsonb,
                                                 p_edited_at timestamp with time zone) RETURNS jsonb
@@ -114,7 +123,9 @@ BEGIN
              WHERE p_edited_at < (x.v ->> 'until')::timestamptz + zsync.stamp_race()
              ORDER BY (x.v ->> 'until')::timestamptz LOOP
         v_holds := zsync.edit_holds(p_table, e.v -> 'row', e.v -> 'wrote', p_edit);
-        IF p_edited_at < e.until AND v_holds IS DISTINCT FROM 'wrote' THEN
+        IF v_holds = 'write' THEN
+            RETURN e.v;
+        ELSIF p_edited_at < e.until AND v_holds IS DISTINCT FROM 'wrote' THEN
             RETURN e.v;
         ELSIF p_edited_at >= e.until AND v_holds = 'replaced' THEN
             RETURN e.v;
@@ -468,7 +479,7 @@ BEGIN
                 j AS (
                     SELECT r.*, c.stored, c.ts AS s_ts, c.hash AS s_hash, b.version AS b_ts, b.hash AS b_hash,
                            (SELECT max((x.v ->> 'until')::timestamptz) FROM jsonb_array_elements(b.replaced) x(v))
-                               AS b_replaced_until,
+                               AS b_replaced_until, b.replaced AS b_replaced,  -- (changed)
                            CASE WHEN c.id IS NULL AND r.rn = 1 THEN zsync.tombstone_version($2, r.id) END AS tomb,
                            CASE WHEN c.id IS NOT NULL AND r.edited_at IS NOT NULL AND r.ts = c.ts AND r.hash <> c.hash
                                      AND date_trunc('milliseconds', r.edited_at) > r.ts
@@ -494,9 +505,13 @@ BEGIN
                            CASE WHEN e.b_hash IS NULL OR e.action0 IN ('later', 'insert', 'deleted', 'unchanged') THEN e.action0
                                 WHEN e.action0 = 'update' AND e.s_hash = e.b_hash AND e.s_ts = e.b_ts AND e.hash <> e.b_hash
                                      -- (an edit a *_to_tables write may have overwritten: the row path merges it)
-                                     -- (changed) or stamped just after it: which landed first, its content tells
+                                     -- (changed) by its stamp, or landed before one stamped earlier: its content
+                                     -- tells (zsync.overwritten_by, for an edit stamped up to zsync.stamp_race()
+                                     -- after the write)
                                      AND NOT coalesce(date_trunc('milliseconds', e.edited_at)
-                                                      < e.b_replaced_until + zsync.stamp_race(), false)
+                                                      < e.b_replaced_until + zsync.stamp_race()
+                                                      AND zsync.overwritten_by(%1$L::regclass, e.b_replaced, e.row, e.edited_at)
+                                                          IS NOT NULL, false)
                                     THEN 'update'
                                 ELSE 'later' END AS action
                     FROM e)
