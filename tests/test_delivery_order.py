@@ -195,6 +195,27 @@ def test_a_tables_edit_versioned_before_the_record_it_edits_still_counts(stack, 
     _both_end_with(stack, tables, supabase, rid, status="later", retry_count=5267, error_message="note")
 
 
+def test_two_edits_one_blind_write_overwrote_are_both_taken_in(stack, tables, supabase):
+    """Two people set status in Tables, one after the other (versioned before the agent's retry_count, which
+    waits in the outbox); the agent's change is then written blind over both. The first edit's delivery is merged
+    against the record the write replaced and goes back to Tables - its status, taken from Tables, must count at
+    its own version, not the merged row's: stamped at the merged row's (later than both edits), it beat the
+    second person's later status, which was lost on both sides (a soak with blind writes on lost fields so)."""
+    rid = _agreed_job(stack, tables, supabase, "two-overwritten")
+    rec = tables.find("agent_jobs", rid)
+    with blind_writes(stack, True), late_deliveries(stack):
+        with _drain_held(stack):
+            supabase.query("UPDATE agent_jobs SET retry_count = 7 WHERE id = %s", (rid,))
+        agent_at = datetime.fromisoformat(supabase.row("agent_jobs", rid)["updated_at"])
+        for status, before_ms in (("first person", 30), ("second person", 20)):
+            tables.patch("agent_jobs", rec["id"], {
+                "status": status, "updated_at": (agent_at - timedelta(milliseconds=before_ms)).isoformat()})
+        stack.sweep_outbox(min_age_s=0)  # the agent's retry_count, written blind over both edits
+        eventually(lambda: tables.find("agent_jobs", rid)["data"].get("retry_count") == 7)
+        assert tables.find("agent_jobs", rid)["data"]["status"] == "queued"
+    _both_end_with(stack, tables, supabase, rid, status="second person", retry_count=7)
+
+
 def _ledger(conn: psycopg.Connection, lease: str, items: list[tuple[str, str, datetime]], *, take: bool = False
             ) -> dict[str, bool]:
     payload = json.dumps([{"message": m, "id": r, "edited_at": t.isoformat()} for m, r, t in items])

@@ -473,7 +473,9 @@ CALLED = {"sync_upsert", "version_cmp", "content_hash", "append_audit",
           # issue 21: the known Tables copies a *_to_tables write goes by (zsync.tables_known only through these)
           "remember_tables", "forget_tables", "blind_plan", "announce_blind", "settle_blind",
           # issue 21: what each inbox drain leased (zsync.tables_leased only through these)
-          "hold_leased", "leased_before", "forget_leased"}
+          "hold_leased", "leased_before", "forget_leased",
+          # issue 21: a merge that goes back to Tables stamps Tables' fields at Tables' version (zsync.sync_base)
+          "stamp_back_to_tables"}
 DEFINER = {"capture_change", "ack_outbox", "announce",
            # issue 13: they read/write zsync.tombstones and zsync.outbox, which zsync_sync cannot touch
            "maintain_updated_at", "track_tombstone", "tombstone_version", "apply_tables_delete", "outbox_failed",
@@ -498,7 +500,9 @@ DEFINER = {"capture_change", "ack_outbox", "announce",
            # zsync.sync_base.field_at, which zsync_sync cannot touch
            "stamp_fields",
            # zsync.tables_leased, which zsync_sync cannot touch
-           "hold_leased", "leased_before", "forget_leased"}
+           "hold_leased", "leased_before", "forget_leased",
+           # zsync.sync_base.field_at, which zsync_sync cannot touch
+           "stamp_back_to_tables"}
 
 
 def role_url(database_url: str, role: str = ROLE) -> str:

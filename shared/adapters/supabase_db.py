@@ -148,10 +148,20 @@ def sync_apply(conn: psycopg.Connection, spec: TableSpec, row: Mapping[str, Any]
     -> (outcome, stored before, row as applied, which fields came from where when the outcome is ``merged``)."""
     if not spec.sync_deletes:
         conn.execute("SELECT set_config('zsync.ignore_tombstones', 'on', true)")
-    return conn.execute(
+    found = conn.execute(
         "SELECT outcome, stored, applied, merge FROM zsync.sync_apply(%s::regclass, %s::jsonb, %s)",
         (_regclass(spec), row_to_json(row), edited_at),
     ).fetchone()
+    _stamp_back_to_tables(conn, spec, [(row["id"], found[3])])
+    return found
+
+
+def _stamp_back_to_tables(conn: psycopg.Connection, spec: TableSpec, merges: list[tuple[str, dict | None]]) -> None:
+    """After merges that go back to Tables (an edit a *_to_tables write overwrote): the fields taken from Tables
+    count at Tables' version, not the merged row's (zsync.stamp_back_to_tables, migration 20261206200201)."""
+    back = [{"id": rid, "info": info} for rid, info in merges if info and info.get("back_to_tables")]
+    if back:
+        conn.execute("SELECT zsync.stamp_back_to_tables(%s, %s::jsonb)", (spec.name, json.dumps(back)))
 
 
 def tombstone_version(conn: psycopg.Connection, spec: TableSpec, record_id: str) -> datetime | None:
@@ -353,7 +363,9 @@ def sync_apply_many(conn: psycopg.Connection, spec: TableSpec, items: list[tuple
         for row, ts in items) + "]"
     found = conn.execute("SELECT ord, outcome, stored, applied, merge "
                          "FROM zsync.sync_apply_many(%s::regclass, %s::jsonb)", (_regclass(spec), payload)).fetchall()
-    return [tuple(r[1:]) for r in sorted(found, key=lambda r: r[0])]
+    done = [tuple(r[1:]) for r in sorted(found, key=lambda r: r[0])]
+    _stamp_back_to_tables(conn, spec, [(row["id"], r[3]) for (row, _), r in zip(items, done, strict=True)])
+    return done
 
 
 # --- the field-level merge (zsync.merge_decide, zsync.sync_base) -----------------------------------------

@@ -15,6 +15,8 @@
 -- Also: a Tables edit and a *_to_tables write of one record can land in the other order than their edited_at
 -- (Zapier stamps a write's time when it starts); the write that overwrote an edit is told by the edit's content
 -- where that tells (zsync.overwritten_by), so each replaced-record entry now keeps what the write put there.
+-- And after a merge that goes back to Tables, the fields taken from Tables are stamped at Tables' version
+-- (zsync.stamp_back_to_tables).
 -- Re-runnable. zsync.merge_decide_base and zsync.agree are 20261206100101's text, zsync.settle_blind
 -- 20261206100201's, zsync.sync_apply_many_set 20261205600101's, plus the lines marked (added) / (changed).
 
@@ -604,10 +606,49 @@ BEGIN
 END
 $_$;
 
+-- (added) After a merge that goes back to Tables (merge info "back_to_tables": an edit a *_to_tables write
+-- overwrote, merged; the base stays that write's row, so zsync.base_after_merge is not called): the fields
+-- Supabase took from Tables got there at Tables' version ("tables_version"), not at the merged row's, which the
+-- update's trigger stamped. Another edit the same write overwrote meets them at that time: stamped at the merged
+-- row's (later than every edit), they beat it, and its newer values were lost (a soak with blind writes on).
+-- p_merges: [{"id", "info"}]; called by the adapter right after zsync.sync_apply / zsync.sync_apply_many, in
+-- their transaction (shared/adapters/supabase_db.py). -> how many records were stamped.
+CREATE OR REPLACE FUNCTION zsync.stamp_back_to_tables(p_table text, p_merges jsonb) RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET "TimeZone" TO 'UTC'
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    n integer;
+BEGIN
+    IF jsonb_typeof(p_merges) IS DISTINCT FROM 'array' THEN
+        RETURN 0;
+    END IF;
+    UPDATE zsync.sync_base b
+    SET field_at = coalesce(b.field_at, '{}'::jsonb) || s.stamps,
+        field_ts = CASE WHEN b.field_ts IS NULL THEN NULL ELSE b.field_ts || s.stamps END
+    FROM (SELECT m.v ->> 'id' AS id,
+                 (SELECT coalesce(jsonb_object_agg(f.name, to_jsonb(date_trunc('milliseconds',
+                                      (m.v -> 'info' ->> 'tables_version')::timestamptz))), '{}'::jsonb)
+                  FROM (SELECT x AS name FROM jsonb_array_elements_text(m.v -> 'info' -> 'tables') x
+                        UNION
+                        SELECT k.key FROM jsonb_each_text(m.v -> 'info' -> 'both_later') k
+                        WHERE k.value = 'tables') f) AS stamps
+          FROM jsonb_array_elements(p_merges) m(v)
+          WHERE coalesce((m.v -> 'info' ->> 'back_to_tables')::boolean, false)
+            AND m.v -> 'info' ->> 'tables_version' IS NOT NULL) s
+    WHERE b.table_name = p_table AND b.record_id = s.id;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
 REVOKE ALL ON FUNCTION zsync.merge_decide_base(regclass, zsync.sync_base, jsonb, timestamp with time zone, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION zsync.seen_kept(jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION zsync.edit_holds(regclass, jsonb, jsonb, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION zsync.stamp_race() FROM PUBLIC;
 REVOKE ALL ON FUNCTION zsync.overwritten_by(regclass, jsonb, jsonb, timestamp with time zone) FROM PUBLIC;
+REVOKE ALL ON FUNCTION zsync.stamp_back_to_tables(text, jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.stamp_back_to_tables(text, jsonb) TO zsync_sync;
 REVOKE ALL ON FUNCTION zsync.settle_blind(text, jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION zsync.settle_blind(text, jsonb) TO zsync_sync;
