@@ -18,8 +18,14 @@ from typing import Any
 
 import requests
 
+from shared.adapters.trigger_inbox import InboxClient
+from shared.core.spec import FUNCTIONS
+from shared.services.inbox_consumer import InboxConsumer, _field_names_of
 from tests.e2e import blind_writes, eventually, late_deliveries
+from tests.test_correctness import stack_context
 from tests.test_one_request import _agreed_job, _both_end_with, _delivered, _drain_held
+
+FN = FUNCTIONS["agent_jobs_to_supabase"]
 
 
 def _at(iso: str) -> datetime:
@@ -93,3 +99,58 @@ def test_an_edit_the_sync_s_write_overwrote_though_stamped_after_it_is_merged_on
             written = eventually(lambda: (r := tables.find("agent_jobs", rid))["data"].get("status") == "agent" and r)
         assert _at(written["edited_at"]) < _at(edit["edited_at"])  # landed after the edit, stamped before it
     _both_end_with(stack, tables, supabase, rid, status="agent", retry_count=5)
+
+
+def _drain_one_at_a_time_newest_first(stack: Any) -> None:
+    """The inbox hands out its newest message first, and the drain leases one at a time: the write's own delivery
+    (landed last) is taken in before the edit it overwrote - the order a soak met (Zapier documents none)."""
+    ctx = stack_context(stack)
+    inbox_id = stack.inboxes[FN.name]
+    faults = f"{stack.tables.url.rstrip('/')}/_admin/inbox/faults"
+    requests.post(faults, json={"newest_first": True}, timeout=10).raise_for_status()
+    try:
+        InboxConsumer(FN, ctx, InboxClient.for_tables(stack.tables_client()), inbox_id,
+                      field_names=_field_names_of(ctx, FN), lease_limit=1).drain(10)
+    finally:
+        requests.post(faults, json={"newest_first": False}, timeout=10).raise_for_status()
+
+
+def test_an_edit_of_every_field_the_write_changed_that_it_overwrote_goes_back_to_tables(stack, tables, supabase):
+    """As above, but the person changed status too - the one field the agent's write changes - so the edit holds
+    neither the write's values nor the replaced record's: its content cannot tell. The write's own delivery is
+    taken in first (Supabase holds it: nothing to do), then the edit's: taken by its stamp for an edit made after
+    the write, it was applied to Supabase while Tables kept the write, which landed last - the two sides apart for
+    good (a soak with blind writes on ended so). Stamped within zsync.stamp_race() of the write, it is taken for
+    overwritten: merged against the replaced record, the person's later status and retry_count go back to
+    Tables."""
+    rid = _agreed_job(stack, tables, supabase, "race-every-field")
+    rec = tables.find("agent_jobs", rid)
+    with blind_writes(stack, True), late_deliveries(stack):
+        with _drain_held(stack):
+            supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
+        agent_at = _at(supabase.row("agent_jobs", rid)["updated_at"])
+        edit = tables.patch("agent_jobs", rec["id"], {
+            "status": "person", "retry_count": 5, "updated_at": (agent_at + timedelta(milliseconds=10)).isoformat()})
+        with _next_stamped(stack, rec["id"], _at(edit["edited_at"]) - timedelta(milliseconds=20)):
+            stack.sweep_outbox(min_age_s=0)  # the agent's status, written blind over the edit
+            written = eventually(lambda: (r := tables.find("agent_jobs", rid))["data"].get("status") == "agent" and r)
+        assert _at(written["edited_at"]) < _at(edit["edited_at"])
+        _drain_one_at_a_time_newest_first(stack)
+    _both_end_with(stack, tables, supabase, rid, status="person", retry_count=5)
+
+
+def test_an_edit_made_just_after_the_write_on_every_field_it_changed_costs_no_extra_write(stack, tables, supabase):
+    """The other side of the rule above: a person's edit made just after the agent's write (landing after it,
+    stamped after it) that changes the same field holds no value telling it apart, so it too is taken for
+    overwritten and merged back - Tables already holds it: the write back is found first and writes nothing."""
+    rid = _agreed_job(stack, tables, supabase, "after-every-field")
+    rec = tables.find("agent_jobs", rid)
+    with blind_writes(stack, True):
+        supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
+        eventually(lambda: tables.find("agent_jobs", rid)["data"].get("status") == "agent")
+        agent_at = _at(supabase.row("agent_jobs", rid)["updated_at"])
+        writes = tables.stats()["writes"][tables.ids["agent_jobs"]]
+        tables.patch("agent_jobs", rec["id"], {
+            "status": "person", "updated_at": (agent_at + timedelta(milliseconds=10)).isoformat()})
+        _both_end_with(stack, tables, supabase, rid, status="person")
+        assert tables.stats()["writes"][tables.ids["agent_jobs"]] == writes + 1, supabase.audit(rid)  # the edit only

@@ -42,12 +42,13 @@ CREATE OR REPLACE FUNCTION zsync.seen_kept(p_copies jsonb) RETURNS jsonb
 $$;
 
 -- Which record a Tables edit (p_edit) was made on, told by the fields a *_to_tables write (p_wrote) changed in
--- the record it replaced (p_replaced), updated_at aside. The edit holds in each such field the value of the
--- record it was made on, unless it changed the field itself (then, as a rule, a value of its own). 'wrote': it
--- holds the write's value in one or more of them and the replaced record's in none - made on the write's record;
--- 'replaced': the other way round; 'write': it is the write's record itself (its version, updated_at and all);
--- NULL: both (a field changed back), only values of its own, no such field, or no p_wrote (an entry kept from
--- before 'wrote').
+-- the record it replaced (p_replaced). The edit holds in each such field the value of the record it was made on,
+-- unless it changed the field itself (then, as a rule, a value of its own). updated_at counts too: a person's
+-- cell edit keeps the record's (the write's, or the replaced record's), a writer sets its own. 'wrote': the
+-- edit holds the write's value in one or more of those fields and the replaced record's in none - made on the
+-- write's record; 'replaced': the other way round; 'write': it is the write's record itself (its version,
+-- updated_at and all); NULL: both (a field changed back), only values of its own, no such field, or no p_wrote
+-- (an entry kept from before 'wrote').
 CREATE OR REPLACE FUNCTION zsync.edit_holds(p_table regclass, p_replaced jsonb, p_wrote jsonb, p_edit jsonb)
     RETURNS text
     LANGUAGE plpgsql STABLE
@@ -70,9 +71,8 @@ BEGIN
         RETURN 'write';
     END IF;
     -- typed as the table's columns first, as zsync.version_of compares versions
-    EXECUTE format('SELECT zsync.canonical_row($4, to_jsonb(a) - ''updated_at''), '
-                   'zsync.canonical_row($4, to_jsonb(b) - ''updated_at''), '
-                   'zsync.canonical_row($4, to_jsonb(c) - ''updated_at'') '
+    EXECUTE format('SELECT zsync.canonical_row($4, to_jsonb(a)), zsync.canonical_row($4, to_jsonb(b)), '
+                   'zsync.canonical_row($4, to_jsonb(c)) '
                    'FROM jsonb_populate_record(NULL::%1$s, $1) a, jsonb_populate_record(NULL::%1$s, $2) b, '
                    'jsonb_populate_record(NULL::%1$s, $3) c', p_table)
         INTO r, w, e USING p_replaced, p_wrote, p_edit, p_table;
@@ -96,21 +96,20 @@ CREATE OR REPLACE FUNCTION zsync.stamp_race() RETURNS interval
 -- (zsync.sync_base.replaced), or NULL when the edit landed after every write the base remembers.
 -- By time it is the first write whose edited_at ('until') is later than the edit's. But a write's edited_at
 -- is stamped when it starts, as a database's now() is its transaction's start (the local stand-in does the
--- same): two writes racing for one record land in the other order than their edited_at. Where the edit's
--- content tells (zsync.edit_holds), it decides instead:
--- * an edit holding the write's values where the write changed the record (those it did not change itself)
---   was made on the write's record:
---   it landed after the write, whatever its edited_at (taken for overwritten, its fields would be merged
---   against the older record, and those it only carried - the write's - would win back over Supabase's later
---   values: a lost field);
--- * an edit stamped just after a write (within zsync.stamp_race()) holding the replaced record's values there
---   was made on that record: it landed first and the write overwrote it (taken for later, those values would
---   count as the edit's changes: the write's fields lost).
--- * the write's own record (its trigger delivery, or a find) is what replaced that record, whatever the stamps:
---   merged against it (the caller asks only when Tables' record is not the base: when the sync took in an edit
---   the write overwrote before the write's own delivery came - the edit is the base then, and the write's
---   record, seen after it, would count as an edit made on it, its older fields winning back).
--- Otherwise (the edit changed those fields itself, or an entry from before 'wrote' was kept) edited_at decides.
+-- same): two writes racing for one record land in the other order than their edited_at. So an edit stamped
+-- before a write, or up to zsync.stamp_race() after it, was overwritten by it unless its content shows it was
+-- made on the write's record (zsync.edit_holds 'wrote': the write's values where the write changed the record,
+-- those the edit did not change itself) - then it landed after the write, whatever its stamp:
+-- * taken for overwritten, an edit made on the write's record was merged against the older record, and the
+--   write's values it only carried won back over Supabase's later ones (a lost field: the suite's soak, CI);
+-- * taken for later, an edit the write overwrote counted its old values as changes (the write's fields lost),
+--   or - when it changed every field the write did - was applied while Tables kept the write (the two sides
+--   apart for good).
+-- Taken for overwritten, an edit is merged against the record the write replaced and goes back to Tables; when
+-- it did land after the write, Tables already holds it and the next write, found first (blind_quiet_s), writes
+-- nothing. The write's own record (its delivery, a find) is what replaced that record too (zsync.edit_holds
+-- 'write'; the caller asks only when Tables' record is not the base: when an edit the write overwrote was taken
+-- in first - that edit is the base then, and the write's record would count as an edit made on it).
 CREATE OR REPLACE FUNCTION zsync.overwritten_by(p_table regclass, p_entries jsonb, p_edit jsonb,
                                                 p_edited_at timestamp with time zone) RETURNS jsonb
     LANGUAGE plpgsql STABLE
@@ -125,11 +124,7 @@ BEGIN
              WHERE p_edited_at < (x.v ->> 'until')::timestamptz + zsync.stamp_race()
              ORDER BY (x.v ->> 'until')::timestamptz LOOP
         v_holds := zsync.edit_holds(p_table, e.v -> 'row', e.v -> 'wrote', p_edit);
-        IF v_holds = 'write' THEN
-            RETURN e.v;
-        ELSIF p_edited_at < e.until AND v_holds IS DISTINCT FROM 'wrote' THEN
-            RETURN e.v;
-        ELSIF p_edited_at >= e.until AND v_holds = 'replaced' THEN
+        IF v_holds IS DISTINCT FROM 'wrote' THEN
             RETURN e.v;
         END IF;
     END LOOP;
@@ -228,9 +223,14 @@ BEGIN
     -- (added) an edit made in Tables on the base - the record a write replaced, or a copy the sync saw holding
     -- the base - by a writer whose updated_at is older than the base's (chosen before the base reached Tables):
     -- a change all the same, its fields at that updated_at (zsync.merge3 below), not a stale delivery
+    -- (not the sync's own blind write, announced and not recorded yet - its drain lost: a find sees it before
+    -- zsync.remember_tables records it - which is no edit made on the base)
     v_after := t.hash <> b.hash AND t_ts <= b.version
                AND (v_over OR (v_seen IS NOT NULL
-                               AND (SELECT v.hash FROM zsync.version_of(p_table, v_seen) v) = b.hash));
+                               AND (SELECT v.hash FROM zsync.version_of(p_table, v_seen) v) = b.hash
+                               AND NOT EXISTS (SELECT 1 FROM zsync.tables_writing a
+                                               WHERE a.table_name = b.table_name AND a.record_id = b.record_id
+                                                 AND a.version = t.ts)));
     IF t.hash = b.hash OR (t_ts <= b.version AND NOT v_after) THEN  -- (changed) Tables did not change since the base
         IF s.hash <> b.hash THEN
             action := 'supabase';
