@@ -95,6 +95,28 @@ def test_an_edit_whose_earlier_edit_a_dead_drain_holds_waits_for_it(stack, table
         assert conn.execute("SELECT count(*) FROM zsync.tables_leased WHERE record_id = %s", (rid,)).fetchone() == (0,)
 
 
+def test_a_direct_delivery_of_a_later_edit_waits_for_an_earlier_one_a_drain_holds(stack, tables, supabase):
+    """The same two edits, but the second comes by the trigger's own POST to the function (a Zap's delivery, the
+    inbox's copy aside) while a dead drain holds the first edit's message. Applied, it carried the first person's
+    status at its own, later time and beat the agent's (a soak of the default path lost a field so: only the
+    inbox path asked the ledger). It is answered 503 with Retry-After, nothing applied; once the leases end both
+    edits are taken in oldest first, and the agent's status and the later retry_count end on both sides."""
+    from tests.test_correctness import post
+
+    rid = _agreed_job(stack, tables, supabase, "direct-waits")
+    with late_deliveries(stack):
+        _two_edits_then_the_agent(stack, tables, supabase, rid)
+        _kill_a_drain_holding_the_first_edit(stack, rid)
+        found = tables.find("agent_jobs", rid)  # the record as the second edit left it
+        answer = post(stack, FN.name, dict(found["data"], edited_at=found["edited_at"]))
+        assert answer.status_code == 503 and answer.headers.get("Retry-After"), answer.text
+        assert answer.json()["outcome"] == "queued"
+        row = supabase.row("agent_jobs", rid)
+        assert (row["status"], row["retry_count"]) == ("agent", 0)  # nothing applied
+        _end_leases(stack, stack.inboxes[FN.name])
+    _both_end_with(stack, tables, supabase, rid, status="agent", retry_count=5)
+
+
 def test_an_edit_waiting_for_one_whose_lease_ran_out_is_released_to_come_after_it(stack, tables, supabase):
     """The dead drain's lease is short (2 s): while the second edit's drain waits, the first edit comes back to
     the inbox. The waiting delivery is released at once, and the same drain leases both again, oldest first:

@@ -8,7 +8,8 @@ Status codes: 200 applied / unchanged / skipped_stale / ignored / ping; 400 inva
 ``?zsync_wake=outbox`` on a ``*_to_tables`` function - docs/security.md);
 405 not POST; 413 body too large; 415 not JSON; 500 misconfigured or
 internal error; 502 Zapier Tables refused our write; 503 a dependency was unreachable (the delivery was
-dead-lettered for replay).
+dead-lettered for replay), or - outcome ``queued``, with ``Retry-After`` - a Tables edit's delivery waits for an
+earlier edit of its record that an inbox drain holds (nothing applied: send it again).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import flask
 import psycopg
 from psycopg_pool import PoolTimeout
 
-from shared.adapters import supabase_db
+from shared.adapters import lease_ledger, supabase_db
 from shared.core.outcome import Outcome
 from shared.core.spec import FUNCTIONS, Direction, FunctionSpec
 from shared.platform.logs import log_event
@@ -37,6 +38,7 @@ from shared.services.deliveries import (
     dead_letter_delivery,
     process,
     record_failure,
+    record_id_of,
     tables_errors,
     tables_rejected,
 )
@@ -48,6 +50,8 @@ from shared.services.sync import ConfigurationError, SyncContext
 PING = "zsync_ping"
 NOTIFICATION_MAX_BYTES = 4096  # a trigger-inbox wake-up's body: {"inbox_id", "received_message_count", "redelivery"}
 WAKE_PARAM = "zsync_wake"  # notification_url = <function URL>?zsync_wake=inbox (see shared.services.inbox_consumer)
+HELD_BACK_RETRY_S = 5  # a direct delivery held back behind an earlier edit an inbox drain holds: retry after
+Answer = tuple[dict[str, Any], int] | tuple[dict[str, Any], int, dict[str, str]]  # (body, status[, headers])
 OUTBOX_WAKE = "outbox"  # the Database Webhook: <*_to_tables URL>?zsync_wake=outbox (see infra.deploy.webhook_sql)
 
 
@@ -139,7 +143,7 @@ def _migrations_current(ctx: SyncContext) -> bool | None:
         return None
 
 
-def handle(function_name: str, request: flask.Request) -> tuple[dict[str, Any], int]:
+def handle(function_name: str, request: flask.Request) -> Answer:
     fn = FUNCTIONS[function_name]
     settings = get_settings()
     ctx = context_for(fn, settings)
@@ -186,6 +190,12 @@ def handle(function_name: str, request: flask.Request) -> tuple[dict[str, Any], 
                           **{k: v for k, v in checked.items() if k not in base})
         result = process(fn, ctx, payload)
         return answer(200, result.outcome, lag_ms=result.lag_ms, id=result.id, detail=result.detail)
+    except lease_ledger.HeldBack as exc:  # nothing applied: the sender retries (the inbox also has the edit)
+        log_event(log, logging.INFO, "delivery_held_back", ids=sorted(exc.record_ids))
+        body, status = answer(503, Outcome.QUEUED, id=record_id_of(payload), retry_after_s=HELD_BACK_RETRY_S,
+                              error="an earlier edit of this record is still being delivered (an inbox drain "
+                                    "holds it); this one was not applied - send it again after it")
+        return body, status, {"Retry-After": str(HELD_BACK_RETRY_S)}
     except Rejected as exc:
         audited = record_failure(fn, ctx, request.environ.get("zsync.body", b""), exc, request.content_length)
         return answer(exc.status, Outcome.REJECTED, id=exc.record_id, problems=exc.problems, audited=audited)
@@ -257,12 +267,12 @@ def _wake_outbox(fn: FunctionSpec, ctx: SyncContext, answer: Callable[..., tuple
     return answer(200, "drained", **report.as_json())
 
 
-def make_target(function_name: str) -> Callable[[flask.Request], tuple[dict[str, Any], int]]:
+def make_target(function_name: str) -> Callable[[flask.Request], Answer]:
     """A functions-framework HTTP target for one of :data:`shared.core.spec.FUNCTIONS`."""
     if function_name not in FUNCTIONS:
         raise KeyError(f"unknown function {function_name!r}")
 
-    def target(request: flask.Request) -> tuple[dict[str, Any], int]:
+    def target(request: flask.Request) -> Answer:
         return handle(function_name, request)
 
     target.__name__ = target.__qualname__ = function_name

@@ -68,6 +68,11 @@ def version_time(record: Any, received_at: datetime) -> datetime:
     return _edited_at(record.get(EDITED_AT)) or received_at
 
 
+# The lease name a direct delivery (a trigger's POST, not an inbox drain) checks zsync.leased_before under: it holds
+# no lease of its own, so every earlier edit an inbox drain holds counts.
+DIRECT_DELIVERY = "direct-delivery"
+
+
 def apply_from_tables(ctx: SyncContext, fn: FunctionSpec, record: Mapping[str, Any],
                       received_at: datetime | None = None, *, changed_at: datetime | None = None,
                       changed_at_source: str = "received", origin: str = "live") -> SyncResult:
@@ -84,6 +89,12 @@ def apply_from_tables(ctx: SyncContext, fn: FunctionSpec, record: Mapping[str, A
     def work(conn: psycopg.Connection) -> Outcome:
         if spec.append_only:
             return Outcome.APPLIED if supabase_db.append_audit(conn, row) else Outcome.UNCHANGED
+        if origin == "live" and edited_at is not None and (held := lease_ledger.waiting(
+                conn, spec, lease_ledger.Lease(DIRECT_DELIVERY, (lease_ledger.Leased("", row["id"], edited_at),)),
+                take=False)):
+            # an inbox drain holds an earlier edit of this record: applied first, this record would carry that
+            # edit's fields at its own, later time (as a drain's later delivery waits, see lease_ledger)
+            raise lease_ledger.HeldBack(held)
         supabase_db.settle_blind(conn, spec, [(row, edited_at)])
         outcome, stored, applied, merge = supabase_db.sync_apply(conn, spec, row, edited_at)
         result = Outcome(outcome)
