@@ -6,6 +6,7 @@ database refuses is isolated and parked (:func:`shared.services.sync.isolate`), 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -71,6 +72,7 @@ def version_time(record: Any, received_at: datetime) -> datetime:
 # The lease name a direct delivery (a trigger's POST, not an inbox drain) checks zsync.leased_before under: it holds
 # no lease of its own, so every earlier edit an inbox drain holds counts.
 DIRECT_DELIVERY = "direct-delivery"
+DIRECT_HOLD_WAIT_S = 3.0  # how long a direct delivery waits for a drain to apply an earlier edit of its record
 
 
 def apply_from_tables(ctx: SyncContext, fn: FunctionSpec, record: Mapping[str, Any],
@@ -114,7 +116,17 @@ def apply_from_tables(ctx: SyncContext, fn: FunctionSpec, record: Mapping[str, A
         return result
 
     try:
-        outcome = ctx.db.run(work)
+        try:
+            outcome = ctx.db.run(work)
+        except lease_ledger.HeldBack:
+            # a live drain applies its edit in a moment (as a drain's waiting delivery, inbox_consumer): wait for
+            # it, then once more; still held (a dead drain's lease), HeldBack goes to the caller: 503, retried
+            wait = lease_ledger.Lease(DIRECT_DELIVERY, (lease_ledger.Leased("", row["id"], edited_at),)) \
+                if edited_at is not None else None
+            until = time.monotonic() + DIRECT_HOLD_WAIT_S
+            while wait is not None and time.monotonic() < until and lease_ledger.still_waiting(ctx.db, spec, wait):
+                time.sleep(0.1)
+            outcome = ctx.db.run(work)
     except RECORD_ERRORS as exc:  # a value the database refuses that the parser let through: this record's fault
         raise InvalidRecord(db_problems(exc, row)) from None
     return SyncResult(outcome=outcome, function=fn.name, table=spec.name, id=row["id"],
