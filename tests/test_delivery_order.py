@@ -117,6 +117,30 @@ def test_a_direct_delivery_of_a_later_edit_waits_for_an_earlier_one_a_drain_hold
     _both_end_with(stack, tables, supabase, rid, status="agent", retry_count=5)
 
 
+def test_a_drain_that_cannot_record_its_lease_releases_it_unapplied(stack, tables, supabase):
+    """A drain that cannot record what it leased (zsync.hold_leased refused: here its grant taken away; in a soak,
+    Postgres restarting) releases the batch unapplied instead of applying it unrecorded: killed while it held
+    them, other drains would have applied later edits of those records first, unaware (a soak lost a field so).
+    The edit comes back to the next drain, and is applied then."""
+    rid = _agreed_job(stack, tables, supabase, "unrecorded")
+    rec = tables.find("agent_jobs", rid)
+    grant = "EXECUTE ON FUNCTION zsync.hold_leased(text, text, double precision, jsonb)"
+    with late_deliveries(stack):
+        tables.patch("agent_jobs", rec["id"], {"retry_count": 9})
+        with psycopg.connect(stack.database_url, autocommit=True) as conn:
+            conn.execute(f"REVOKE {grant} FROM zsync_sync")
+        try:
+            ctx = stack_context(stack)
+            report = InboxConsumer(FN, ctx, InboxClient.for_tables(stack.tables_client()), stack.inboxes[FN.name],
+                                   field_names=_field_names_of(ctx, FN), lease_limit=1).drain(5)
+        finally:
+            with psycopg.connect(stack.database_url, autocommit=True) as conn:
+                conn.execute(f"GRANT {grant} TO zsync_sync")
+        assert report.stopped == "dependency" and report.counts.get("dependency_errors", 0) >= 1, report
+        assert supabase.row("agent_jobs", rid)["retry_count"] == 0  # nothing applied
+    _both_end_with(stack, tables, supabase, rid, retry_count=9)  # released: back at once, not after its lease
+
+
 def test_an_edit_waiting_for_one_whose_lease_ran_out_is_released_to_come_after_it(stack, tables, supabase):
     """The dead drain's lease is short (2 s): while the second edit's drain waits, the first edit comes back to
     the inbox. The waiting delivery is released at once, and the same drain leases both again, oldest first:

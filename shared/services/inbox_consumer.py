@@ -236,9 +236,11 @@ class InboxConsumer:
         if poisoned and not self.fn.table.append_only:  # dead-lettered: no later edit of its record waits for it
             lease_ledger.forget(self.ctx.db, self.fn.table, poisoned)
         ack += poisoned
-        if batch:
-            self._hold(lease_id, batch)
-        done = self._apply_batch(batch, report, lease_id) if batch else ([], [])
+        if batch and not self._hold(lease_id, batch):  # released unapplied: they come back, in order
+            report.counts["dependency_errors"] += 1
+            done: tuple[list[str], list[str]] = ([], [m.id for m, _, _ in batch])
+        else:
+            done = self._apply_batch(batch, report, lease_id) if batch else ([], [])
         gone_done = self._apply_deletes(deletes, report) if deletes else ([], [])
         return ack + done[0] + gone_done[0], release + done[1] + gone_done[1]
 
@@ -301,13 +303,19 @@ class InboxConsumer:
                       if at is not None and d.get("id") not in (None, ""))
         return lease_ledger.Lease(lease_id, items)
 
-    def _hold(self, lease_id: str, batch: list[tuple[Message, dict[str, Any], datetime | None]]) -> None:
+    def _hold(self, lease_id: str, batch: list[tuple[Message, dict[str, Any], datetime | None]]) -> bool:
         """Record what this drain leased before applying any of it, on a connection of its own: if the drain
-        dies, other drains' later edits of these records wait for these messages to come back."""
+        dies, other drains' later edits of these records wait for these messages to come back. -> False when
+        that record could not be made (the database down, as a rule): the batch is then released unapplied -
+        applied, and the drain killed while it held them, other drains would apply later edits of these records
+        first, unaware (a soak with Postgres restarts lost a field so)."""
         ticket = self._ticket(lease_id, batch)
         if ticket is not None and not lease_ledger.hold(self.ctx.db, self.fn.table, ticket, self.lease_seconds):
             log_event(self.ctx.logger, logging.WARNING, "inbox_lease_unrecorded", inbox=self.inbox_id,
-                      messages=len(ticket.items), hint="applied without the record of what this drain leased")
+                      messages=len(ticket.items), hint="released unapplied: the record of what this drain leased "
+                      "could not be made; they come back to this drain's retry or the next one")
+            return False
+        return True
 
     def _apply_batch(self, batch: list[tuple[Message, dict[str, Any], datetime | None]], report: DrainReport,
                      lease_id: str = "") -> tuple[list[str], list[str]]:
