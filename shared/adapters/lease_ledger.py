@@ -21,6 +21,9 @@ import psycopg
 from shared.adapters.supabase_db import Database, DatabaseUnavailable, ts_json
 from shared.core.spec import TableSpec
 
+HOLD_WAIT_S = 3.0  # how long a delivery waits for another drain to apply an earlier edit of its record
+HOLD_POLL_S = 0.1  # how often it looks while it waits (:func:`still_waiting`)
+
 
 @dataclass(frozen=True)
 class Leased:
@@ -93,4 +96,4 @@ def still_waiting(db: Database, spec: TableSpec, lease: Lease) -> dict[str, bool
         return {i.record_id: False for i in lease.items}
 
 
-__all__ = ["HeldBack", "Lease", "Leased", "forget", "hold", "still_waiting", "waiting"]
+__all__ = ["HOLD_POLL_S", "HOLD_WAIT_S", "HeldBack", "Lease", "Leased", "forget", "hold", "still_waiting", "waiting"]

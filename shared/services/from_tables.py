@@ -72,7 +72,6 @@ def version_time(record: Any, received_at: datetime) -> datetime:
 # The lease name a direct delivery (a trigger's POST, not an inbox drain) checks zsync.leased_before under: it holds
 # no lease of its own, so every earlier edit an inbox drain holds counts.
 DIRECT_DELIVERY = "direct-delivery"
-DIRECT_HOLD_WAIT_S = 3.0  # how long a direct delivery waits for a drain to apply an earlier edit of its record
 
 
 def apply_from_tables(ctx: SyncContext, fn: FunctionSpec, record: Mapping[str, Any],
@@ -88,12 +87,14 @@ def apply_from_tables(ctx: SyncContext, fn: FunctionSpec, record: Mapping[str, A
     changed = changed_at or now
     row, edited_at = _parse_delivery(ctx, spec, record, now, datetime.now(UTC))
 
+    # a live delivery asks the lease ledger, as an inbox drain's deliveries do (replays and append-only tables do not)
+    direct = lease_ledger.Lease(DIRECT_DELIVERY, (lease_ledger.Leased("", row["id"], edited_at),)) \
+        if origin == "live" and edited_at is not None and not spec.append_only else None
+
     def work(conn: psycopg.Connection) -> Outcome:
         if spec.append_only:
             return Outcome.APPLIED if supabase_db.append_audit(conn, row) else Outcome.UNCHANGED
-        if origin == "live" and edited_at is not None and (held := lease_ledger.waiting(
-                conn, spec, lease_ledger.Lease(DIRECT_DELIVERY, (lease_ledger.Leased("", row["id"], edited_at),)),
-                take=False)):
+        if direct is not None and (held := lease_ledger.waiting(conn, spec, direct, take=False)):
             # an inbox drain holds an earlier edit of this record: applied first, this record would carry that
             # edit's fields at its own, later time (as a drain's later delivery waits, see lease_ledger)
             raise lease_ledger.HeldBack(held)
@@ -121,11 +122,10 @@ def apply_from_tables(ctx: SyncContext, fn: FunctionSpec, record: Mapping[str, A
         except lease_ledger.HeldBack:
             # a live drain applies its edit in a moment (as a drain's waiting delivery, inbox_consumer): wait for
             # it, then once more; still held (a dead drain's lease), HeldBack goes to the caller: 503, retried
-            wait = lease_ledger.Lease(DIRECT_DELIVERY, (lease_ledger.Leased("", row["id"], edited_at),)) \
-                if edited_at is not None else None
-            until = time.monotonic() + DIRECT_HOLD_WAIT_S
-            while wait is not None and time.monotonic() < until and lease_ledger.still_waiting(ctx.db, spec, wait):
-                time.sleep(0.1)
+            assert direct is not None  # (only it raises HeldBack here)
+            until = time.monotonic() + lease_ledger.HOLD_WAIT_S
+            while time.monotonic() < until and lease_ledger.still_waiting(ctx.db, spec, direct):
+                time.sleep(lease_ledger.HOLD_POLL_S)
             outcome = ctx.db.run(work)
     except RECORD_ERRORS as exc:  # a value the database refuses that the parser let through: this record's fault
         raise InvalidRecord(db_problems(exc, row)) from None

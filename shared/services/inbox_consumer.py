@@ -63,8 +63,7 @@ POISON_LEASE_COUNT = 5  # a message leased this many times without an ack goes t
 LEASE_LIMIT = 100  # messages per lease: applied to Supabase as one batch
 DEPENDENCY_PAUSE_S = 1.0  # after a dependency error, wait this long and lease again (once)
 DEFAULT_BUDGET_S = 10.0  # a 15 s Lambda: stop leasing with 5 s to spare
-HOLD_WAIT_S = 3.0  # how long a delivery waits for another drain to apply an earlier edit of its record
-HOLD_POLL_S = 0.1
+HOLD_WAIT_S, HOLD_POLL_S = lease_ledger.HOLD_WAIT_S, lease_ledger.HOLD_POLL_S  # (a direct delivery waits as long)
 RELEASE_FOR_ORDER_MAX = 1  # a waiting delivery is released to come after its earlier edit only on its first lease
 
 
