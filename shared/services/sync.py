@@ -359,16 +359,20 @@ def _run_recorded(ctx: SyncContext, lock: Callable[[psycopg.Connection], None],
     outbox ack) in the same transaction. The outcome is recorded exactly once whatever fails after the Tables
     write: a retried attempt reuses the outcome instead of calling Tables again (where it would now look
     "unchanged"), and if the transaction still fails, the outcome is recorded in a fresh one - under the lock
-    again, followed by ``recovered`` (what the lost transaction's lock kept out may have happened meanwhile)."""
+    again, followed by ``recovered`` (what the lost transaction's lock kept out may have happened meanwhile).
+    A retried attempt is such a recovery too: its lock is new, so ``recovered`` follows it as well."""
     done: list[tuple[Outcome, Any]] = []
 
     def attempt(conn: psycopg.Connection) -> Outcome:
         lock(conn)
-        if done:
+        if done:  # the first attempt's transaction was lost after the Tables write: a recovery, as below
             outcome, extra = done[0]
-        else:
-            outcome, extra = work(conn)
-            done.append((outcome, extra))
+            record(conn, outcome, extra)
+            if recovered is not None:
+                recovered(conn, outcome, extra)
+            return outcome
+        outcome, extra = work(conn)
+        done.append((outcome, extra))
         record(conn, outcome, extra)
         return outcome
 

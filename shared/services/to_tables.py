@@ -104,7 +104,11 @@ def apply_from_supabase(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhoo
             supabase_db.ack_outbox(conn, spec, row["id"], row.get(spec.version or ""), outcome.value)
 
     def recovered(conn: psycopg.Connection, outcome: Outcome, extra: Any) -> None:
-        if outcome in (Outcome.APPLIED, Outcome.MERGED) and not hook:
+        if hook:
+            return
+        # what the write's answer showed may be older than what Tables has had since (see outbox_batch._record)
+        supabase_db.forget_tables(conn, spec, [row["id"]])
+        if outcome in (Outcome.APPLIED, Outcome.MERGED):
             requeue_overwritten(conn, spec, [row])
 
     outcome = _run_recorded(ctx, lambda conn: supabase_db.lock_record(conn, spec, row["id"]), work, record,
