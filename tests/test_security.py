@@ -475,7 +475,9 @@ CALLED = {"sync_upsert", "version_cmp", "content_hash", "append_audit",
           # issue 21: what each inbox drain leased (zsync.tables_leased only through these)
           "hold_leased", "leased_before", "forget_leased",
           # issue 21: a merge that goes back to Tables stamps Tables' fields at Tables' version (zsync.sync_base)
-          "stamp_back_to_tables"}
+          "stamp_back_to_tables",
+          # a Tables delivery made on a copy stamped after it gets the copy before both as its base (zsync.sync_base)
+          "base_for_raced_edits"}
 DEFINER = {"capture_change", "ack_outbox", "announce",
            # issue 13: they read/write zsync.tombstones and zsync.outbox, which zsync_sync cannot touch
            "maintain_updated_at", "track_tombstone", "tombstone_version", "apply_tables_delete", "outbox_failed",
@@ -502,7 +504,9 @@ DEFINER = {"capture_change", "ack_outbox", "announce",
            # zsync.tables_leased, which zsync_sync cannot touch
            "hold_leased", "leased_before", "forget_leased",
            # zsync.sync_base.field_at, which zsync_sync cannot touch
-           "stamp_back_to_tables"}
+           "stamp_back_to_tables",
+           # zsync.sync_base and zsync.tables_seen, which zsync_sync cannot touch
+           "base_for_raced_edits"}
 
 
 def role_url(database_url: str, role: str = ROLE) -> str:

@@ -546,14 +546,19 @@ def announce_blind(db: Database, spec: TableSpec, writes: Mapping[str, tuple[Kno
 
 def settle_blind(conn: psycopg.Connection, spec: TableSpec,
                  delivered: Sequence[tuple[Mapping[str, Any], datetime | None]]) -> int:
-    """zsync.settle_blind, before Tables deliveries are applied: the echo of a blind write whose drain went
-    unrecorded records what that write replaced (an edit it overwrote may be in the same batch)."""
+    """zsync.settle_blind, before Tables deliveries are applied: each is kept as a copy of Tables' record, and
+    the echo of a blind write whose drain went unrecorded records what that write replaced (an edit it overwrote
+    may be in the same batch); then zsync.base_for_raced_edits: a delivery stamped before a copy Supabase holds
+    but made on it (two Tables edits landing in the other order than their stamps) gets the copy before both as
+    its base, so it is merged rather than skipped as stale. -> how many echoes were settled."""
     items = [(row, at) for row, at in delivered if at is not None]
     if not items:
         return 0
     payload = "[" + ",".join(f'{{"id":{json.dumps(row["id"])},"row":{row_to_json(row)},'
                              f'"edited_at":{ts_json(at)}}}' for row, at in items) + "]"
-    return conn.execute("SELECT zsync.settle_blind(%s, %s::jsonb)", (spec.name, payload)).fetchone()[0]
+    settled = conn.execute("SELECT zsync.settle_blind(%s, %s::jsonb)", (spec.name, payload)).fetchone()[0]
+    conn.execute("SELECT zsync.base_for_raced_edits(%s, %s::jsonb)", (spec.name, payload))
+    return settled
 
 
 def blind_plan(conn: psycopg.Connection, spec: TableSpec, record_ids: list[str]) -> dict[str, Known]:

@@ -1,0 +1,97 @@
+-- zsync: two Tables edits that land in the other order than their edited_at both count.
+--
+-- Zapier stamps an edit's edited_at when it starts (as a database's now() is its transaction's start); an edit
+-- that waits for the record's lock lands after one stamped later (20261206200201 met this between a person's
+-- edit and the sync's write). Between two Tables edits: B (later stamp, later updated_at) lands first and is
+-- applied - Supabase then holds B, and no base is saved (both sides hold it). A (earlier stamp and updated_at)
+-- lands on B: Tables' record now holds B's fields and A's. A's delivery was taken for a stale one (older than
+-- B by both times) and skipped: the fields only A changed were lost on both sides (a soak with blind writes
+-- on lost a retry_count so; the race is Tables' own).
+-- The delivery's content tells: it carries the change of a copy seen stamped after it (B's delivery: a field
+-- where that copy differs from the copy seen before the delivery's stamp, the delivery holds that copy's value),
+-- and holds a change of its own that copy lacks. Its common ancestor with what Supabase holds is then the copy
+-- Tables held before both. When a three-way merge against that copy takes something from the delivery, the copy
+-- is saved as the record's base (zsync.sync_base), and zsync.sync_apply merges the delivery field by field
+-- (zsync.merge_decide_base): each field keeps its latest change, by the writers' updated_at as always - the
+-- merged record goes to Tables too. Otherwise nothing is saved: the delivery stays stale, as before.
+-- Called right after zsync.settle_blind (which keeps each delivery as a copy) by both paths that apply Tables
+-- deliveries. Re-runnable.
+
+CREATE OR REPLACE FUNCTION zsync.base_for_raced_edits(p_table text, p_items jsonb) RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET "TimeZone" TO 'UTC'
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+DECLARE
+    v_rel   regclass;
+    n       integer := 0;
+    d       record;
+    v_cur   jsonb;  -- Supabase's row
+    v_later jsonb;  -- the copy seen stamped after the delivery that Supabase holds (B)
+    v_prior jsonb;  -- the copy seen last before the delivery's stamp (what Tables held before both)
+    cd      jsonb;
+    cl      jsonb;
+    cp      jsonb;
+    t       record;
+    s       record;
+    m       record;
+BEGIN
+    IF jsonb_typeof(p_items) IS DISTINCT FROM 'array' OR NOT zsync.field_merge_on() THEN
+        RETURN 0;
+    END IF;
+    v_rel := format('public.%I', p_table)::regclass;
+    -- cheap filters first: a record with no saved base, and a copy of it seen stamped after this delivery (most
+    -- deliveries are the latest copy: none)
+    FOR d IN
+        SELECT DISTINCT ON (e.v ->> 'id') e.v ->> 'id' AS id, e.v -> 'row' AS row,
+               (e.v ->> 'edited_at')::timestamptz AS edited_at
+        FROM jsonb_array_elements(p_items) e(v)
+        WHERE e.v ->> 'id' IS NOT NULL AND e.v ->> 'edited_at' IS NOT NULL AND jsonb_typeof(e.v -> 'row') = 'object'
+          AND NOT EXISTS (SELECT 1 FROM zsync.sync_base b WHERE b.table_name = p_table AND b.record_id = e.v ->> 'id')
+          AND EXISTS (SELECT 1 FROM zsync.tables_seen sn, jsonb_array_elements(sn.copies) c(v)
+                      WHERE sn.table_name = p_table AND sn.record_id = e.v ->> 'id'
+                        AND (c.v ->> 'edited_at')::timestamptz > (e.v ->> 'edited_at')::timestamptz)
+        ORDER BY e.v ->> 'id', (e.v ->> 'edited_at')::timestamptz DESC
+    LOOP
+        EXECUTE format('SELECT to_jsonb(t) FROM %s t WHERE t.id = $1', v_rel) INTO v_cur USING d.id;
+        CONTINUE WHEN v_cur IS NULL;
+        SELECT * INTO t FROM zsync.version_of(v_rel, d.row);
+        SELECT * INTO s FROM zsync.version_of_typed(v_rel, v_cur);
+        CONTINUE WHEN t.hash = s.hash OR t.ts >= s.ts;  -- not older than what Supabase holds: the usual rules
+        WITH c AS (
+            SELECT e.v -> 'row' AS row, (e.v ->> 'edited_at')::timestamptz AS at
+            FROM zsync.tables_seen sn, jsonb_array_elements(sn.copies) e(v)
+            WHERE sn.table_name = p_table AND sn.record_id = d.id
+            UNION ALL
+            SELECT k.known, k.known_at FROM zsync.tables_known k WHERE k.table_name = p_table AND k.record_id = d.id)
+        SELECT (SELECT c.row FROM c WHERE c.at > d.edited_at
+                  AND (SELECT v.hash FROM zsync.version_of(v_rel, c.row) v) = s.hash
+                ORDER BY c.at DESC LIMIT 1),
+               (SELECT c.row FROM c WHERE c.at < d.edited_at ORDER BY c.at DESC LIMIT 1)
+        INTO v_later, v_prior;
+        CONTINUE WHEN v_later IS NULL OR v_prior IS NULL;
+        cd := zsync.canonical_row(v_rel, d.row) - 'id' - 'updated_at';
+        cl := zsync.canonical_row(v_rel, v_later) - 'id' - 'updated_at';
+        cp := zsync.canonical_row(v_rel, v_prior) - 'id' - 'updated_at';
+        -- made on the later copy: it carries that copy's change, and has one of its own that copy lacks
+        CONTINUE WHEN NOT EXISTS (SELECT 1 FROM jsonb_object_keys(cd || cl || cp) f(key)
+                                  WHERE cl -> f.key IS DISTINCT FROM cp -> f.key
+                                    AND cd -> f.key IS NOT DISTINCT FROM cl -> f.key)
+                   OR NOT EXISTS (SELECT 1 FROM jsonb_object_keys(cd || cl || cp) f(key)
+                                  WHERE cl -> f.key IS NOT DISTINCT FROM cp -> f.key
+                                    AND cd -> f.key IS DISTINCT FROM cl -> f.key);
+        SELECT * INTO m FROM zsync.merge3(v_rel, v_prior, d.row, v_cur);
+        CONTINUE WHEN m.outcome IS DISTINCT FROM 'merged';  -- nothing of the delivery would be kept: stale
+        EXECUTE format('SELECT to_jsonb(x) FROM jsonb_populate_record(NULL::%s, $1) x', v_rel) INTO v_prior
+            USING v_prior;
+        INSERT INTO zsync.sync_base (table_name, record_id, base, version, hash, tables_ts)
+        SELECT p_table, d.id, v_prior, v.ts, v.hash, v.ts FROM zsync.version_of_typed(v_rel, v_prior) v
+        ON CONFLICT ON CONSTRAINT sync_base_pkey DO NOTHING;
+        n := n + 1;
+    END LOOP;
+    RETURN n;
+END
+$_$;
+
+REVOKE ALL ON FUNCTION zsync.base_for_raced_edits(text, jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION zsync.base_for_raced_edits(text, jsonb) TO zsync_sync;
