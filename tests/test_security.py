@@ -12,6 +12,7 @@ import logging
 import re
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -477,7 +478,10 @@ CALLED = {"sync_upsert", "version_cmp", "content_hash", "append_audit",
           # issue 21: a merge that goes back to Tables stamps Tables' fields at Tables' version (zsync.sync_base)
           "stamp_back_to_tables",
           # a Tables delivery made on a copy stamped after it gets the copy before both as its base (zsync.sync_base)
-          "base_for_raced_edits"}
+          "base_for_raced_edits",
+          # the set-based batch (zsync.sync_apply_many_set, run as zsync_sync) tells an edit a write overwrote by
+          # its content: pure functions of the JSON given (20261206200202; without them every batch was refused)
+          "stamp_race", "edit_holds", "overwritten_by"}
 DEFINER = {"capture_change", "ack_outbox", "announce",
            # issue 13: they read/write zsync.tombstones and zsync.outbox, which zsync_sync cannot touch
            "maintain_updated_at", "track_tombstone", "tombstone_version", "apply_tables_delete", "outbox_failed",
@@ -570,6 +574,26 @@ def test_migration_gives_zsync_sync_exactly_what_the_sync_needs(database_url):
             if definer:
                 assert "search_path=pg_catalog, pg_temp" in (config or []), (name, config)
         assert {f[0] for f in functions} >= DEFINER
+
+
+def test_the_set_based_batch_of_tables_deliveries_runs_as_zsync_sync(database_url, fn_url):
+    """More than zsync.small_batch Tables deliveries of one table are compared and applied set-based
+    (zsync.sync_apply_many_set), which runs as its caller: every function it calls must be the role's to execute.
+    Postgres checks that when the query starts, whichever branch runs - 20261206200201 left three out, and every
+    such batch was refused ("permission denied for function stamp_race"; the inbox then took the messages in
+    smaller batches, some only after the dead-letter queue)."""
+    ids = [uid("set-batch") for _ in range(6)]
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO agent_jobs (id, status, updated_at) "
+                     "SELECT unnest(%s::text[]), 'queued', now() - interval '1 minute'", (ids,))
+    rows = [{"row": {"id": i, "status": "from tables", "updated_at": datetime.now(UTC).isoformat()},
+             "edited_at": None} for i in ids]
+    with psycopg.connect(fn_url) as conn:
+        conn.execute("SET zsync.small_batch = '4'")
+        outcomes = conn.execute("SELECT outcome FROM zsync.sync_apply_many('public.agent_jobs'::regclass, %s::jsonb)",
+                                (json.dumps(rows),)).fetchall()
+        conn.rollback()
+    assert [o for (o,) in outcomes] == ["applied"] * len(ids)
 
 
 def test_functions_sync_as_a_member_of_zsync_sync(database_url, fn_url, tmp_path):
