@@ -596,6 +596,24 @@ def test_the_set_based_batch_of_tables_deliveries_runs_as_zsync_sync(database_ur
     assert [o for (o,) in outcomes] == ["applied"] * len(ids)
 
 
+def test_every_function_the_role_runs_as_itself_calls_only_what_it_may_execute(database_url):
+    """A zsync function that is not SECURITY DEFINER runs with its caller's privileges: each zsync function its
+    text names (directly or in the queries it builds) must be executable by zsync_sync where zsync_sync can call
+    it - else it fails at run time, as the set-based batch did (stamp_race, 20261206200201)."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        functions = conn.execute(
+            "SELECT p.proname, p.prosrc, p.prosecdef, has_function_privilege('zsync_sync', p.oid, 'EXECUTE') "
+            "FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'zsync'").fetchall()
+    executable = {name for name, _, _, ok in functions if ok}
+    names = {name for name, _, _, _ in functions}
+    missing = set()
+    for name, src, definer, ok in functions:
+        if ok and not definer:
+            missing |= {(name, callee) for callee in re.findall(r"zsync\.(\w+)\s*\(", src)
+                        if callee in names and callee not in executable}
+    assert not missing, sorted(missing)
+
+
 def test_functions_sync_as_a_member_of_zsync_sync(database_url, fn_url, tmp_path):
     """The real code path (shared.services.sync) connected as the restricted role: both directions, audit, the
     outbox (capture trigger, ack), the repair announce, the webhook triggers, the signed ping's check."""
