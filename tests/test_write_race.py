@@ -188,3 +188,20 @@ def test_two_tables_edits_landing_in_the_other_order_than_their_stamps_both_coun
     _both_end_with(stack, tables, supabase, rid, status="B", parameters={"by": "B"}, retry_count=7)
     if others:
         assert all(supabase.row("agent_jobs", o)["status"] == "other" for o in others)
+
+
+def test_a_tables_edit_made_on_a_later_one_with_an_older_updated_at_is_merged_on_it(stack, tables, supabase):
+    """As above, in stamp order: B sets retry_count with the later updated_at and is applied; A, made on B's record
+    (it lands and is stamped after B), sets status and retry_count with an older updated_at (its writer's clock
+    behind, or a version chosen before). Taken for a stale delivery, A was skipped and its status lost on both
+    sides (a soak with blind writes off lost one so). Merged against the copy before both: A's status, B's
+    retry_count (the later updated_at)."""
+    rid = _agreed_job(stack, tables, supabase, "race-older-edit")
+    rec = tables.find("agent_jobs", rid)
+    start = _at(supabase.row("agent_jobs", rid)["updated_at"]) + timedelta(milliseconds=100)
+    b = tables.patch("agent_jobs", rec["id"], {"retry_count": 5,
+                                                "updated_at": (start + timedelta(milliseconds=20)).isoformat()})
+    eventually(lambda: supabase.row("agent_jobs", rid)["retry_count"] == 5)
+    a = tables.patch("agent_jobs", rec["id"], {"status": "A", "retry_count": 9, "updated_at": start.isoformat()})
+    assert _at(a["edited_at"]) > _at(b["edited_at"])
+    _both_end_with(stack, tables, supabase, rid, status="A", retry_count=5)

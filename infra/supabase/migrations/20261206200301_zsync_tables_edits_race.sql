@@ -1,18 +1,19 @@
--- zsync: two Tables edits that land in the other order than their edited_at both count.
+-- zsync: two Tables edits, one landing on the other, both count - whatever their stamps and updated_at say.
 --
 -- Zapier stamps an edit's edited_at when it starts (as a database's now() is its transaction's start); an edit
 -- that waits for the record's lock lands after one stamped later (20261206200201 met this between a person's
--- edit and the sync's write). Between two Tables edits: B (later stamp, later updated_at) lands first and is
--- applied - Supabase then holds B, and no base is saved (both sides hold it). A (earlier stamp and updated_at)
--- lands on B: Tables' record now holds B's fields and A's. A's delivery was taken for a stale one (older than
--- B by both times) and skipped: the fields only A changed were lost on both sides (a soak with blind writes
--- on lost a retry_count so; the race is Tables' own).
--- The delivery's content tells: it carries the change of a copy seen stamped after it (B's delivery: a field
--- where that copy differs from the copy seen before the delivery's stamp, the delivery holds that copy's value),
--- and holds a change of its own that copy lacks. Its common ancestor with what Supabase holds is then the copy
+-- edit and the sync's write). And a Tables writer's updated_at can be older than the record it edits (its
+-- clock, or a version chosen before). Between two Tables edits: B is applied - Supabase then holds B, and no
+-- base is saved (both sides hold it). A lands on B, so Tables' record holds B's fields and A's, but A's
+-- updated_at is older than B's: A's delivery was taken for a stale one and skipped, and the fields only A
+-- changed were lost on both sides (soaks lost a retry_count so with blind writes on - A stamped first, landing
+-- last - and a status with them off - A stamped and landing last, its updated_at older).
+-- A was made on B when it was stamped after B's copy (as seen: B's delivery), or, stamped before it, when its
+-- content tells: it carries B's change (in a field where B differs from the copy seen before both were stamped,
+-- A holds B's value) and holds a change of its own B lacks. Its common ancestor with what Supabase holds is then the copy
 -- Tables held before both. When a three-way merge against that copy takes something from the delivery, the copy
 -- is saved as the record's base (zsync.sync_base), and zsync.sync_apply merges the delivery field by field
--- (zsync.merge_decide_base): each field keeps its latest change, by the writers' updated_at as always - the
+-- (zsync.merge_decide_base): each field keeps its latest change by the writers' updated_at, as always - the
 -- merged record goes to Tables too. Otherwise nothing is saved: the delivery stays stale, as before.
 -- Called right after zsync.settle_blind (which keeps each delivery as a copy) by both paths that apply Tables
 -- deliveries. Re-runnable.
@@ -27,8 +28,9 @@ DECLARE
     n       integer := 0;
     d       record;
     v_cur   jsonb;  -- Supabase's row
-    v_later jsonb;  -- the copy seen stamped after the delivery that Supabase holds (B)
-    v_prior jsonb;  -- the copy seen last before the delivery's stamp (what Tables held before both)
+    v_later jsonb;  -- the copy Supabase holds, as seen in Tables (B)
+    v_later_at timestamptz;  -- its edited_at
+    v_prior jsonb;  -- the copy seen last before both were stamped (what Tables held before both)
     cd      jsonb;
     cl      jsonb;
     cp      jsonb;
@@ -40,46 +42,58 @@ BEGIN
         RETURN 0;
     END IF;
     v_rel := format('public.%I', p_table)::regclass;
-    -- cheap filters first: a record with no saved base, and a copy of it seen stamped after this delivery (most
-    -- deliveries are the latest copy: none)
-    FOR d IN
+    -- cheap filters first, set-based: a record with no saved base, whose Supabase row is later than the delivery
+    -- (a stale delivery: most are not), and another copy of it seen (kept by zsync.settle_blind)
+    FOR d IN EXECUTE format($q$
         SELECT DISTINCT ON (e.v ->> 'id') e.v ->> 'id' AS id, e.v -> 'row' AS row,
-               (e.v ->> 'edited_at')::timestamptz AS edited_at
-        FROM jsonb_array_elements(p_items) e(v)
-        WHERE e.v ->> 'id' IS NOT NULL AND e.v ->> 'edited_at' IS NOT NULL AND jsonb_typeof(e.v -> 'row') = 'object'
-          AND NOT EXISTS (SELECT 1 FROM zsync.sync_base b WHERE b.table_name = p_table AND b.record_id = e.v ->> 'id')
+               (e.v ->> 'edited_at')::timestamptz AS edited_at, to_jsonb(t) AS cur
+        FROM jsonb_array_elements($1) e(v) JOIN %s t ON t.id = e.v ->> 'id'
+        WHERE e.v ->> 'edited_at' IS NOT NULL AND jsonb_typeof(e.v -> 'row') = 'object'
+          AND date_trunc('milliseconds', (to_jsonb(t) ->> 'updated_at')::timestamptz)
+              > date_trunc('milliseconds', (e.v -> 'row' ->> 'updated_at')::timestamptz)
+          AND NOT EXISTS (SELECT 1 FROM zsync.sync_base b WHERE b.table_name = $2 AND b.record_id = e.v ->> 'id')
           AND EXISTS (SELECT 1 FROM zsync.tables_seen sn, jsonb_array_elements(sn.copies) c(v)
-                      WHERE sn.table_name = p_table AND sn.record_id = e.v ->> 'id'
-                        AND (c.v ->> 'edited_at')::timestamptz > (e.v ->> 'edited_at')::timestamptz)
-        ORDER BY e.v ->> 'id', (e.v ->> 'edited_at')::timestamptz DESC
+                      WHERE sn.table_name = $2 AND sn.record_id = e.v ->> 'id'
+                        AND (c.v ->> 'edited_at')::timestamptz <> (e.v ->> 'edited_at')::timestamptz)
+        ORDER BY e.v ->> 'id', (e.v ->> 'edited_at')::timestamptz DESC $q$, v_rel) USING p_items, p_table
     LOOP
-        EXECUTE format('SELECT to_jsonb(t) FROM %s t WHERE t.id = $1', v_rel) INTO v_cur USING d.id;
-        CONTINUE WHEN v_cur IS NULL;
+        v_cur := d.cur;
         SELECT * INTO t FROM zsync.version_of(v_rel, d.row);
         SELECT * INTO s FROM zsync.version_of_typed(v_rel, v_cur);
         CONTINUE WHEN t.hash = s.hash OR t.ts >= s.ts;  -- not older than what Supabase holds: the usual rules
+        -- the copy Supabase holds, as seen (a delivery of it, a find, a write's answer), and the copy seen last
+        -- before both it and this delivery were stamped
         WITH c AS (
             SELECT e.v -> 'row' AS row, (e.v ->> 'edited_at')::timestamptz AS at
             FROM zsync.tables_seen sn, jsonb_array_elements(sn.copies) e(v)
             WHERE sn.table_name = p_table AND sn.record_id = d.id
             UNION ALL
             SELECT k.known, k.known_at FROM zsync.tables_known k WHERE k.table_name = p_table AND k.record_id = d.id)
-        SELECT (SELECT c.row FROM c WHERE c.at > d.edited_at
-                  AND (SELECT v.hash FROM zsync.version_of(v_rel, c.row) v) = s.hash
-                ORDER BY c.at DESC LIMIT 1),
-               (SELECT c.row FROM c WHERE c.at < d.edited_at ORDER BY c.at DESC LIMIT 1)
-        INTO v_later, v_prior;
-        CONTINUE WHEN v_later IS NULL OR v_prior IS NULL;
+        SELECT c.row, c.at INTO v_later, v_later_at FROM c
+        WHERE c.at <> d.edited_at AND (SELECT v.hash FROM zsync.version_of(v_rel, c.row) v) = s.hash
+        ORDER BY c.at DESC LIMIT 1;
+        CONTINUE WHEN v_later IS NULL;
+        WITH c AS (
+            SELECT e.v -> 'row' AS row, (e.v ->> 'edited_at')::timestamptz AS at
+            FROM zsync.tables_seen sn, jsonb_array_elements(sn.copies) e(v)
+            WHERE sn.table_name = p_table AND sn.record_id = d.id
+            UNION ALL
+            SELECT k.known, k.known_at FROM zsync.tables_known k WHERE k.table_name = p_table AND k.record_id = d.id)
+        SELECT c.row INTO v_prior FROM c WHERE c.at < least(v_later_at, d.edited_at) ORDER BY c.at DESC LIMIT 1;
+        CONTINUE WHEN v_prior IS NULL;
         cd := zsync.canonical_row(v_rel, d.row) - 'id' - 'updated_at';
         cl := zsync.canonical_row(v_rel, v_later) - 'id' - 'updated_at';
         cp := zsync.canonical_row(v_rel, v_prior) - 'id' - 'updated_at';
-        -- made on the later copy: it carries that copy's change, and has one of its own that copy lacks
-        CONTINUE WHEN NOT EXISTS (SELECT 1 FROM jsonb_object_keys(cd || cl || cp) f(key)
-                                  WHERE cl -> f.key IS DISTINCT FROM cp -> f.key
-                                    AND cd -> f.key IS NOT DISTINCT FROM cl -> f.key)
-                   OR NOT EXISTS (SELECT 1 FROM jsonb_object_keys(cd || cl || cp) f(key)
-                                  WHERE cl -> f.key IS NOT DISTINCT FROM cp -> f.key
-                                    AND cd -> f.key IS DISTINCT FROM cl -> f.key);
+        -- made on that copy: stamped after it (landed after it; or the two raced and that copy was made on this
+        -- one - it then holds this one's changes, and the merge below keeps nothing of it), or, stamped before
+        -- it, it carries that copy's change and has one of its own that copy lacks
+        CONTINUE WHEN d.edited_at < v_later_at
+                      AND (NOT EXISTS (SELECT 1 FROM jsonb_object_keys(cd || cl || cp) f(key)
+                                       WHERE cl -> f.key IS DISTINCT FROM cp -> f.key
+                                         AND cd -> f.key IS NOT DISTINCT FROM cl -> f.key)
+                           OR NOT EXISTS (SELECT 1 FROM jsonb_object_keys(cd || cl || cp) f(key)
+                                          WHERE cl -> f.key IS NOT DISTINCT FROM cp -> f.key
+                                            AND cd -> f.key IS DISTINCT FROM cl -> f.key));
         SELECT * INTO m FROM zsync.merge3(v_rel, v_prior, d.row, v_cur);
         CONTINUE WHEN m.outcome IS DISTINCT FROM 'merged';  -- nothing of the delivery would be kept: stale
         EXECUTE format('SELECT to_jsonb(x) FROM jsonb_populate_record(NULL::%s, $1) x', v_rel) INTO v_prior
