@@ -31,7 +31,7 @@ def eventually(probe: Callable[[], T | None], timeout_s: float = 15.0, interval_
 @contextmanager
 def blind_writes(stack: Any, on: bool) -> Iterator[None]:
     """zsync.config 'blind_writes' set for the block, then put back. On: a *_to_tables write of a record whose
-    Tables copy the sync knows goes by its Zapier id without a find (issue 21); off (the default): every write
+    Tables copy the sync knows goes by its Zapier id without a find (issue 21, the default); off: every write
     finds its record first - the path whose own merge a test watches."""
     def put(value: str) -> str:
         with psycopg.connect(stack.database_url, autocommit=True) as conn:

@@ -25,8 +25,8 @@ from tests.test_tables_deletes import delete_in_tables, lose_delete_events, tomb
 
 @pytest.fixture(autouse=True, scope="module")
 def blind_writes_on(stack: Any) -> Iterator[None]:
-    """The one-request path is behind zsync.config 'blind_writes' ("off" by default: see docs/design-decisions.md,
-    "One Tables request per Supabase change")."""
+    """The one-request path is behind zsync.config 'blind_writes' ("on" by default since 20261206200301: see
+    docs/design-decisions.md, "One Tables request per Supabase change"): kept on here whatever the default."""
     with blind_writes(stack, True):
         yield
 

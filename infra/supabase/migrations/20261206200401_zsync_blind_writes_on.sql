@@ -1,0 +1,14 @@
+-- zsync: *_to_tables writes go blind by default - one Tables request per Supabase change (issue 21).
+--
+-- 20261206000101 put a *_to_tables write of a record whose Tables copy the sync knows behind the switch
+-- zsync.config 'blind_writes', off, until soaks under chaos and load came out clean with it on. What they found
+-- is fixed: field times kept across base moves (20261206100101), lost blind drains (20261206100201), a
+-- record's deliveries taken in order across drains (20261206200101), Tables' fields timed by the copy seen
+-- before, writes landing in the other order than their edited_at told apart by their content, and merges sent
+-- back to Tables keeping Tables' field times (20261206200201). Soaks of 2,000 changes with chaos and 30 %
+-- partial writes, two at a time on two cores, then lost no record, no field and wrote nothing twice
+-- (docs/design-decisions.md, "The switch").
+-- Turned on here for every installation, including one that turned it off on purpose: set it off again with
+--   UPDATE zsync.config SET value = '"off"' WHERE key = 'blind_writes';
+-- (or `SET zsync.blind_writes = off` for a session). Applied once (zsync.schema_migrations): a later "off" stays.
+UPDATE zsync.config SET value = '"on"' WHERE key = 'blind_writes' AND value = '"off"';
