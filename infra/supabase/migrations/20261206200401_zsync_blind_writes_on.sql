@@ -5,8 +5,9 @@
 -- is fixed: field times kept across base moves (20261206100101), lost blind drains (20261206100201), a
 -- record's deliveries taken in order across drains (20261206200101), Tables' fields timed by the copy seen
 -- before, writes landing in the other order than their edited_at told apart by their content, and merges sent
--- back to Tables keeping Tables' field times (20261206200201). Soaks of 2,000 changes with chaos and 30 %
--- partial writes, two at a time on two cores, then lost no record, no field and wrote nothing twice
+-- back to Tables keeping Tables' field times (20261206200201), the set-based batch's grants (20261206200202),
+-- two Tables edits landing in the other order than their stamps (20261206200301), and - in the functions - a
+-- recording retried after its transaction was lost, which no longer takes its writes' answers for Tables' copy
 -- (docs/design-decisions.md, "The switch").
 -- Turned on here for every installation, including one that turned it off on purpose: set it off again with
 --   UPDATE zsync.config SET value = '"off"' WHERE key = 'blind_writes';
