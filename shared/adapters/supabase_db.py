@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, NamedTuple, TypeVar
 from weakref import WeakKeyDictionary
 
@@ -350,12 +351,35 @@ def ack_outbox_many(conn: psycopg.Connection, spec: TableSpec,
 # --- batches Tables -> Supabase (replay, reconcile, an inbox lease) --------------------------------------
 
 
+_EARLIEST = datetime.min.replace(tzinfo=UTC)
+
+
 def sync_apply_many(conn: psycopg.Connection, spec: TableSpec, items: list[tuple[Mapping[str, Any], datetime | None]]
                     ) -> list[tuple[str, dict | None, dict | None, dict | None]]:
     """:func:`sync_apply` of each ``(row, edited_at)`` in one call (zsync.sync_apply_many: one multi-row
-    conditional upsert). -> (outcome, stored before, row as applied, merge) per item, in input order."""
+    conditional upsert). -> (outcome, stored before, row as applied, merge) per item, in input order.
+
+    Several deliveries of one record go one per call, in their edit order (``edited_at``, then version):
+    zsync.sync_apply_many takes such duplicates newest first, and a record's Tables edits must be taken in in
+    the order they were made (an edit a write overwrote is merged against what the write replaced, and the next
+    one against that merge - newest first, the earlier edit's fields won over the later's)."""
     if not items:
         return []
+    order = sorted(range(len(items)), key=lambda i: (items[i][1] or _EARLIEST, str(items[i][0].get("updated_at"))))
+    seen: Counter[str] = Counter()
+    rounds: list[list[int]] = []  # the n-th round: each record's n-th delivery
+    for i in order:
+        n = seen[rid := str(items[i][0].get("id"))]
+        seen[rid] += 1
+        if n == len(rounds):
+            rounds.append([])
+        rounds[n].append(i)
+    if len(rounds) > 1:
+        out: list[Any] = [None] * len(items)
+        for wave in rounds:
+            for i, found in zip(wave, sync_apply_many(conn, spec, [items[i] for i in wave]), strict=True):
+                out[i] = found
+        return out
     if not spec.sync_deletes:
         conn.execute("SELECT set_config('zsync.ignore_tombstones', 'on', true)")
     payload = "[" + ",".join(

@@ -155,8 +155,8 @@ def apply_many_from_tables(ctx: SyncContext, fn: FunctionSpec, records: Sequence
     ``records``: the deliveries as a Zap sends them (flat, or ``{"record": ..., "edited_at": ...}``).
     ``received_at``: one arrival time for all, or one per delivery. ``changed_at``: per delivery
     ``(time, source)`` (default :func:`change_time` of the delivery). -> one result per delivery, in order,
-    with the outcome, audit entry and side effects the one-record path gives it (duplicates of one id: the
-    newest version is applied, the others are then compared as later deliveries).
+    with the outcome, audit entry and side effects the one-record path gives it (several deliveries of one
+    record: applied in their edit order, see :func:`supabase_db.sync_apply_many`).
 
     One bad record never holds back or discards another: an invalid delivery (the parser mirrors every CHECK;
     a version too far ahead of the clock) gets a ``rejected`` result (its problems) and a ``sync_failed`` entry

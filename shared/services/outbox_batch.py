@@ -324,7 +324,7 @@ def _record(conn: psycopg.Connection, fn: FunctionSpec, plan: _Plan, origin: str
             recovered: bool = False) -> None:
     """Audit entries and acks of one batch in one call (plus failure counts); sets ``plan.more``: whether a
     claim could take anything now besides ``exclude`` and what this batch hands on (failed, parked, deletes).
-    ``recovered`` (after the drain's transaction was lost): the locks are taken again (:func:`requeue_overwritten`)."""
+    ``recovered`` (the drain's transaction was lost): the locks taken again, :func:`requeue_overwritten`."""
     spec = fn.table
     if recovered:
         for rid in sorted(plan.outcomes):
@@ -360,9 +360,7 @@ def _record(conn: psycopg.Connection, fn: FunctionSpec, plan: _Plan, origin: str
     supabase_db.remember_tables(conn, spec, {rid: k for rid, k in plan.known.items() if rid not in queued})
     supabase_db.forget_tables(conn, spec, sorted(queued))
     if recovered:
-        # what the writes' answers showed may be older than what Tables has had since: a delivery applied while
-        # the locks were gone found no copy to move forward (the record's first write) or moved one this
-        # recording would take back. The next write of these records finds them first.
+        # their answers may be older than Tables is now (a delivery applied meanwhile): next write finds first
         supabase_db.forget_tables(conn, spec, sorted(set(plan.outcomes) - queued))
         requeue_overwritten(conn, spec, [plan.items[rid].row for rid, (o, _) in plan.outcomes.items()
                                          if o in (Outcome.APPLIED, Outcome.MERGED)])
@@ -382,8 +380,8 @@ def _drain_once(ctx: SyncContext, fn: FunctionSpec, limit: int, exclude: list[st
     done: list[_Plan] = []
 
     def attempt(conn: psycopg.Connection) -> _Plan:
-        if done:  # the Tables writes are made: record them, never write again - a recovery (the claim's locks
-            _record(conn, fn, done[0], origin, exclude, recovered=True)  # went with the lost transaction)
+        if done:  # the writes are made: record them, never write again - a recovery (the locks went with it)
+            _record(conn, fn, done[0], origin, exclude, recovered=True)
             return done[0]
         plan = _Plan()
         claimed = supabase_db.claim_outbox_rows(conn, spec, limit, exclude)  # + locks + rows, one call
