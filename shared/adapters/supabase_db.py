@@ -351,6 +351,12 @@ def ack_outbox_many(conn: psycopg.Connection, spec: TableSpec,
 # --- batches Tables -> Supabase (replay, reconcile, an inbox lease) --------------------------------------
 
 
+def _version_key(item: tuple[Mapping[str, Any], datetime | None]) -> tuple[datetime, datetime]:
+    row, edited_at = item
+    version = row.get("updated_at")
+    return (version if isinstance(version, datetime) else _EARLIEST, edited_at or _EARLIEST)
+
+
 _EARLIEST = datetime.min.replace(tzinfo=UTC)
 
 
@@ -359,15 +365,16 @@ def sync_apply_many(conn: psycopg.Connection, spec: TableSpec, items: list[tuple
     """:func:`sync_apply` of each ``(row, edited_at)`` in one call (zsync.sync_apply_many: one multi-row
     conditional upsert). -> (outcome, stored before, row as applied, merge) per item, in input order.
 
-    Several deliveries of one record go one per call, in their edit order (``edited_at``, then version):
-    zsync.sync_apply_many takes such duplicates newest first, and a record's Tables edits must be taken in in
-    the order they were made (an edit a write overwrote is merged against what the write replaced, and the next
-    one against that merge - newest first, the earlier edit's fields won over the later's)."""
+    Several deliveries of one record: one call per delivery of it, the newest (``updated_at``, then
+    ``edited_at``) first, as zsync.sync_apply_many would order them - each merge sent back to Tables is stamped
+    (:func:`_stamp_back_to_tables`) before the next delivery of its record is compared with it (stamped after
+    the whole call, a merged field counted at the merged row's time and beat a later person's edit of it)."""
     if not items:
         return []
-    order = sorted(range(len(items)), key=lambda i: (items[i][1] or _EARLIEST, str(items[i][0].get("updated_at"))))
+    order = sorted(range(len(items)), key=lambda i: (str(items[i][0].get("id")), _version_key(items[i])),
+                   reverse=True)
+    rounds: list[list[int]] = []  # the n-th round: each record's n-th newest delivery
     seen: Counter[str] = Counter()
-    rounds: list[list[int]] = []  # the n-th round: each record's n-th delivery
     for i in order:
         n = seen[rid := str(items[i][0].get("id"))]
         seen[rid] += 1
@@ -377,6 +384,7 @@ def sync_apply_many(conn: psycopg.Connection, spec: TableSpec, items: list[tuple
     if len(rounds) > 1:
         out: list[Any] = [None] * len(items)
         for wave in rounds:
+            wave.sort()
             for i, found in zip(wave, sync_apply_many(conn, spec, [items[i] for i in wave]), strict=True):
                 out[i] = found
         return out
