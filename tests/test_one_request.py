@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 import pytest
 import requests
 
@@ -603,3 +604,28 @@ def test_the_redefined_functions_follow_the_field_merge_migration():
     left = ("AND NOT EXISTS (SELECT 1 FROM zsync.tables_writing w WHERE w.table_name = $1 "
             "AND w.record_id = k.record_id) ")
     assert canon(body(flight, "blind_plan")).replace(left, "", 1) == canon(body(mine, "blind_plan"))
+
+
+def test_a_version_tables_already_had_is_found_not_written_over_itself(stack, tables, supabase):
+    """A person's edit is applied to Supabase, but the known Tables copy lags behind it (soaks met this under
+    chaos, near a Postgres restart; the cause is not known) and an older change of the record is re-sent. The
+    drain would write the current row - the person's version - blind over itself (an echo). Its outbox entry
+    says Tables had that version (zsync.tables_had): the record is found first, and nothing is written."""
+    from psycopg.types.json import Jsonb
+
+    rid = _agreed_job(stack, tables, supabase, "had")
+    known, known_at = supabase.query("SELECT known, known_at FROM zsync.tables_known WHERE record_id = %s", (rid,))[0]
+    rec = tables.find("agent_jobs", rid)
+    edited_at = datetime.now(UTC) + timedelta(milliseconds=5)
+    tables.patch("agent_jobs", rec["id"], {"status": "a person's", "updated_at": edited_at.isoformat()})
+    eventually(lambda: supabase.row("agent_jobs", rid)["status"] == "a person's")
+    stack.wait_quiet()
+    with psycopg.connect(stack.database_url, autocommit=True) as conn:  # the lag, and the re-sent change
+        conn.execute("UPDATE zsync.tables_known SET known = %s, known_at = %s, edited_seen_at = NULL "
+                     "WHERE record_id = %s", (Jsonb(known), known_at, rid))
+        conn.execute("SELECT zsync.requeue('agent_jobs', %s)", (rid,))
+    _reset(stack)
+    stack.sweep_outbox(min_age_s=0)
+    _delivered(stack, supabase, [rid])
+    assert [r["method"] for r in _requests(stack)] == ["POST"], _requests(stack)  # the find; no write
+    assert tables.find("agent_jobs", rid)["data"]["status"] == "a person's"

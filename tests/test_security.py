@@ -481,7 +481,9 @@ CALLED = {"sync_upsert", "version_cmp", "content_hash", "append_audit",
           "base_for_raced_edits",
           # the set-based batch (zsync.sync_apply_many_set, run as zsync_sync) tells an edit a write overwrote by
           # its content: pure functions of the JSON given (20261206200202; without them every batch was refused)
-          "stamp_race", "edit_holds", "overwritten_by"}
+          "stamp_race", "edit_holds", "overwritten_by",
+          # a blind write never sends a version Tables already had (zsync.outbox)
+          "tables_had"}
 DEFINER = {"capture_change", "ack_outbox", "announce",
            # issue 13: they read/write zsync.tombstones and zsync.outbox, which zsync_sync cannot touch
            "maintain_updated_at", "track_tombstone", "tombstone_version", "apply_tables_delete", "outbox_failed",
@@ -510,7 +512,9 @@ DEFINER = {"capture_change", "ack_outbox", "announce",
            # zsync.sync_base.field_at, which zsync_sync cannot touch
            "stamp_back_to_tables",
            # zsync.sync_base and zsync.tables_seen, which zsync_sync cannot touch
-           "base_for_raced_edits"}
+           "base_for_raced_edits",
+           # zsync.outbox, which zsync_sync cannot touch
+           "tables_had"}
 
 
 def role_url(database_url: str, role: str = ROLE) -> str:

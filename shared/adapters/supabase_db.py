@@ -12,10 +12,9 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, NamedTuple, TypeVar
 from weakref import WeakKeyDictionary
 
@@ -351,43 +350,12 @@ def ack_outbox_many(conn: psycopg.Connection, spec: TableSpec,
 # --- batches Tables -> Supabase (replay, reconcile, an inbox lease) --------------------------------------
 
 
-def _version_key(item: tuple[Mapping[str, Any], datetime | None]) -> tuple[datetime, datetime]:
-    row, edited_at = item
-    version = row.get("updated_at")
-    return (version if isinstance(version, datetime) else _EARLIEST, edited_at or _EARLIEST)
-
-
-_EARLIEST = datetime.min.replace(tzinfo=UTC)
-
-
 def sync_apply_many(conn: psycopg.Connection, spec: TableSpec, items: list[tuple[Mapping[str, Any], datetime | None]]
                     ) -> list[tuple[str, dict | None, dict | None, dict | None]]:
     """:func:`sync_apply` of each ``(row, edited_at)`` in one call (zsync.sync_apply_many: one multi-row
-    conditional upsert). -> (outcome, stored before, row as applied, merge) per item, in input order.
-
-    Several deliveries of one record: one call per delivery of it, the newest (``updated_at``, then
-    ``edited_at``) first, as zsync.sync_apply_many would order them - each merge sent back to Tables is stamped
-    (:func:`_stamp_back_to_tables`) before the next delivery of its record is compared with it (stamped after
-    the whole call, a merged field counted at the merged row's time and beat a later person's edit of it)."""
+    conditional upsert). -> (outcome, stored before, row as applied, merge) per item, in input order."""
     if not items:
         return []
-    order = sorted(range(len(items)), key=lambda i: (str(items[i][0].get("id")), _version_key(items[i])),
-                   reverse=True)
-    rounds: list[list[int]] = []  # the n-th round: each record's n-th newest delivery
-    seen: Counter[str] = Counter()
-    for i in order:
-        n = seen[rid := str(items[i][0].get("id"))]
-        seen[rid] += 1
-        if n == len(rounds):
-            rounds.append([])
-        rounds[n].append(i)
-    if len(rounds) > 1:
-        out: list[Any] = [None] * len(items)
-        for wave in rounds:
-            wave.sort()
-            for i, found in zip(wave, sync_apply_many(conn, spec, [items[i] for i in wave]), strict=True):
-                out[i] = found
-        return out
     if not spec.sync_deletes:
         conn.execute("SELECT set_config('zsync.ignore_tombstones', 'on', true)")
     payload = "[" + ",".join(
@@ -591,6 +559,14 @@ def settle_blind(conn: psycopg.Connection, spec: TableSpec,
     settled = conn.execute("SELECT zsync.settle_blind(%s, %s::jsonb)", (spec.name, payload)).fetchone()[0]
     conn.execute("SELECT zsync.base_for_raced_edits(%s, %s::jsonb)", (spec.name, payload))
     return settled
+
+
+def tables_had(conn: psycopg.Connection, spec: TableSpec, versions: Mapping[str, datetime | None]) -> set[str]:
+    """zsync.tables_had: of ``versions`` (record id -> updated_at), the records whose version Tables already had
+    (its outbox entry acknowledged 'unchanged' or 'applied')."""
+    ids = sorted(versions)
+    return set(conn.execute("SELECT zsync.tables_had(%s, %s::text[], %s::timestamptz[])",
+                            (spec.name, ids, [versions[i] for i in ids])).fetchone()[0]) if ids else set()
 
 
 def blind_plan(conn: psycopg.Connection, spec: TableSpec, record_ids: list[str]) -> dict[str, Known]:

@@ -203,7 +203,12 @@ def apply_many_from_tables(ctx: SyncContext, fn: FunctionSpec, records: Sequence
     def apply(conn: psycopg.Connection, items: list[_Delivery]) -> list[Any]:
         if spec.append_only:
             return supabase_db.append_audit_each(conn, [d.row for d in items])
-        return supabase_db.sync_apply_many(conn, spec, [(d.row, d.edited_at) for d in items])
+        found: list[Any] = [None] * len(items)
+        for batch in newest_first_rounds(items):
+            for i, one in zip(batch, supabase_db.sync_apply_many(
+                    conn, spec, [(items[i].row, items[i].edited_at) for i in batch]), strict=True):
+                found[i] = one
+        return found
 
     def work(conn: psycopg.Connection) -> dict[int, Outcome]:
         entries: list[dict[str, Any]] = list(failed)
@@ -246,6 +251,27 @@ def apply_many_from_tables(ctx: SyncContext, fn: FunctionSpec, records: Sequence
                 results[d.index] = SyncResult(outcome=outcomes[d.index], function=fn.name, table=spec.name,
                                               id=d.row["id"], lag_ms=_lag_ms(d.changed, datetime.now(UTC)))
     return [r for r in results if r is not None]
+
+
+def newest_first_rounds(items: Sequence[_Delivery]) -> list[list[int]]:
+    """The indexes of ``items`` in rounds, one delivery of a record per round, its newest (``updated_at``, then
+    ``edited_at``) first - the order zsync.sync_apply_many takes a record's duplicates in. Each round is one call,
+    so a merge sent back to Tables is stamped (``supabase_db._stamp_back_to_tables``) before the record's next
+    delivery is compared with it: stamped after the whole call, a merged field counted at the merged row's time
+    and beat a later person's edit of it (``tests/test_delivery_order.py``, two edits one blind write overwrote)."""
+    def newest(i: int) -> tuple[Any, ...]:
+        version = items[i].row.get("updated_at")
+        return (items[i].row["id"], isinstance(version, datetime), version if isinstance(version, datetime) else 0,
+                items[i].edited_at or datetime.min.replace(tzinfo=UTC))
+
+    rounds: list[list[int]] = []
+    taken: dict[str, int] = {}
+    for i in sorted(range(len(items)), key=newest, reverse=True):
+        n = taken[rid] = taken.get(rid := items[i].row["id"], -1) + 1
+        if n == len(rounds):
+            rounds.append([])
+        rounds[n].append(i)
+    return [sorted(r) for r in rounds]
 
 
 def remember_delivered(conn: psycopg.Connection, spec: TableSpec,

@@ -227,6 +227,11 @@ def write_blind(ctx: SyncContext, conn: psycopg.Connection, spec: TableSpec, tab
     order = list(known)
     later = dict(zip(order, conflict.compare_many(conn, spec, [(rows[rid][0], known[rid]) for rid in order]),
                      strict=True))
+    # a version Tables already had (applied from it, or written there) while the known copy is older: that copy
+    # lags (a delivery that did not move it): found first, never written over itself (zsync.tables_had)
+    had = supabase_db.tables_had(conn, spec, {rid: rows[rid][0].get(spec.version or "") for rid in order
+                                              if later[rid] > 0}) if spec.version else set()
+    later.update({rid: -1 for rid in had})
     result = Blind({}, {}, [rid for rid in rows if rid not in plan or later[rid] < 0])
     # the known copy is this very version (a redelivery): nothing to write
     result.unchanged = [rid for rid in order if later[rid] == 0 and to_tables_fields(spec, known[rid]) == fields[rid]]
