@@ -68,19 +68,14 @@ BEGIN
             FROM zsync.tables_seen sn, jsonb_array_elements(sn.copies) e(v)
             WHERE sn.table_name = p_table AND sn.record_id = d.id
             UNION ALL
-            SELECT k.known, k.known_at FROM zsync.tables_known k WHERE k.table_name = p_table AND k.record_id = d.id)
-        SELECT c.row, c.at INTO v_later, v_later_at FROM c
-        WHERE c.at <> d.edited_at AND (SELECT v.hash FROM zsync.version_of(v_rel, c.row) v) = s.hash
-        ORDER BY c.at DESC LIMIT 1;
-        CONTINUE WHEN v_later IS NULL;
-        WITH c AS (
-            SELECT e.v -> 'row' AS row, (e.v ->> 'edited_at')::timestamptz AS at
-            FROM zsync.tables_seen sn, jsonb_array_elements(sn.copies) e(v)
-            WHERE sn.table_name = p_table AND sn.record_id = d.id
-            UNION ALL
-            SELECT k.known, k.known_at FROM zsync.tables_known k WHERE k.table_name = p_table AND k.record_id = d.id)
-        SELECT c.row INTO v_prior FROM c WHERE c.at < least(v_later_at, d.edited_at) ORDER BY c.at DESC LIMIT 1;
-        CONTINUE WHEN v_prior IS NULL;
+            SELECT k.known, k.known_at FROM zsync.tables_known k WHERE k.table_name = p_table AND k.record_id = d.id),
+        l AS (
+            SELECT c.row, c.at FROM c
+            WHERE c.at <> d.edited_at AND (SELECT v.hash FROM zsync.version_of(v_rel, c.row) v) = s.hash
+            ORDER BY c.at DESC LIMIT 1)
+        SELECT l.row, l.at, (SELECT c.row FROM c WHERE c.at < least(l.at, d.edited_at) ORDER BY c.at DESC LIMIT 1)
+        INTO v_later, v_later_at, v_prior FROM l;
+        CONTINUE WHEN v_later IS NULL OR v_prior IS NULL;
         cd := zsync.canonical_row(v_rel, d.row) - 'id' - 'updated_at';
         cl := zsync.canonical_row(v_rel, v_later) - 'id' - 'updated_at';
         cp := zsync.canonical_row(v_rel, v_prior) - 'id' - 'updated_at';
