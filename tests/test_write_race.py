@@ -205,3 +205,23 @@ def test_a_tables_edit_made_on_a_later_one_with_an_older_updated_at_is_merged_on
     a = tables.patch("agent_jobs", rec["id"], {"status": "A", "retry_count": 9, "updated_at": start.isoformat()})
     assert _at(a["edited_at"]) > _at(b["edited_at"])
     _both_end_with(stack, tables, supabase, rid, status="A", retry_count=5)
+
+
+def test_an_older_tables_edit_landing_on_a_newer_one_keeps_only_what_the_newer_did_not_change(
+        stack, tables, supabase):
+    """The sync has just written the record (its base kept for that write's replaced record). K sets status and
+    retry_count with the later updated_at and is applied; D, made on K (stamped and landing after it), sets both
+    with an older updated_at. Against the base kept as K's record, every field D changed counted as made on it,
+    at its older time, and D won both - K's later values lost on both sides (the suite's soak lost three fields
+    so). Against the copy before both, each field keeps its latest change: K's."""
+    rid = _agreed_job(stack, tables, supabase, "race-older-on-newer")
+    supabase.query("UPDATE agent_jobs SET error_message = 'agent' WHERE id = %s", (rid,))
+    _delivered(stack, supabase, [rid])
+    rec = tables.find("agent_jobs", rid)
+    start = _at(supabase.row("agent_jobs", rid)["updated_at"]) + timedelta(milliseconds=100)
+    k = tables.patch("agent_jobs", rec["id"], {"status": "K", "retry_count": 1,
+                                                "updated_at": (start + timedelta(milliseconds=20)).isoformat()})
+    eventually(lambda: supabase.row("agent_jobs", rid)["status"] == "K")
+    d = tables.patch("agent_jobs", rec["id"], {"status": "D", "retry_count": 2, "updated_at": start.isoformat()})
+    assert _at(d["edited_at"]) > _at(k["edited_at"])
+    _both_end_with(stack, tables, supabase, rid, status="K", retry_count=1, error_message="agent")

@@ -14,7 +14,10 @@
 -- Tables held before both. When a three-way merge against that copy takes something from the delivery, the copy
 -- is saved as the record's base (zsync.sync_base), and zsync.sync_apply merges the delivery field by field
 -- (zsync.merge_decide_base): each field keeps its latest change by the writers' updated_at, as always - the
--- merged record goes to Tables too. Otherwise nothing is saved: the delivery stays stale, as before.
+-- merged record goes to Tables too. Otherwise nothing is saved: the delivery stays stale, as before. A base
+-- already saved as B's record (kept for the replaced records of a recent *_to_tables write) goes back to that
+-- copy either way: against B, every field A changed counted as made on B at A's older time and won (the
+-- suite's soak lost three fields so).
 -- Called right after zsync.settle_blind (which keeps each delivery as a copy) by both paths that apply Tables
 -- deliveries. Re-runnable.
 
@@ -37,13 +40,15 @@ DECLARE
     t       record;
     s       record;
     m       record;
+    v_bhash text;  -- the record's saved base, if any
+    v_based boolean;
 BEGIN
     IF jsonb_typeof(p_items) IS DISTINCT FROM 'array' OR NOT zsync.field_merge_on() THEN
         RETURN 0;
     END IF;
     v_rel := format('public.%I', p_table)::regclass;
-    -- cheap filters first, set-based: a record with no saved base, whose Supabase row is later than the delivery
-    -- (a stale delivery: most are not), and another copy of it seen (kept by zsync.settle_blind)
+    -- cheap filters first, set-based: a record whose Supabase row is later than the delivery (a stale delivery:
+    -- most are not), and another copy of it seen (kept by zsync.settle_blind)
     FOR d IN EXECUTE format($q$
         SELECT DISTINCT ON (e.v ->> 'id') e.v ->> 'id' AS id, e.v -> 'row' AS row,
                (e.v ->> 'edited_at')::timestamptz AS edited_at, to_jsonb(t) AS cur
@@ -51,7 +56,6 @@ BEGIN
         WHERE e.v ->> 'edited_at' IS NOT NULL AND jsonb_typeof(e.v -> 'row') = 'object'
           AND date_trunc('milliseconds', (to_jsonb(t) ->> 'updated_at')::timestamptz)
               > date_trunc('milliseconds', (e.v -> 'row' ->> 'updated_at')::timestamptz)
-          AND NOT EXISTS (SELECT 1 FROM zsync.sync_base b WHERE b.table_name = $2 AND b.record_id = e.v ->> 'id')
           AND EXISTS (SELECT 1 FROM zsync.tables_seen sn, jsonb_array_elements(sn.copies) c(v)
                       WHERE sn.table_name = $2 AND sn.record_id = e.v ->> 'id'
                         AND (c.v ->> 'edited_at')::timestamptz <> (e.v ->> 'edited_at')::timestamptz)
@@ -61,6 +65,10 @@ BEGIN
         SELECT * INTO t FROM zsync.version_of(v_rel, d.row);
         SELECT * INTO s FROM zsync.version_of_typed(v_rel, v_cur);
         CONTINUE WHEN t.hash = s.hash OR t.ts >= s.ts;  -- not older than what Supabase holds: the usual rules
+        -- a saved base other than what Supabase holds (Supabase changed since both agreed): the merge's own rules
+        SELECT b.hash INTO v_bhash FROM zsync.sync_base b WHERE b.table_name = p_table AND b.record_id = d.id;
+        v_based := FOUND;
+        CONTINUE WHEN v_based AND v_bhash IS DISTINCT FROM s.hash;
         -- the copy Supabase holds, as seen (a delivery of it, a find, a write's answer), and the copy seen last
         -- before both it and this delivery were stamped
         WITH c AS (
@@ -90,12 +98,18 @@ BEGIN
                                           WHERE cl -> f.key IS NOT DISTINCT FROM cp -> f.key
                                             AND cd -> f.key IS DISTINCT FROM cl -> f.key));
         SELECT * INTO m FROM zsync.merge3(v_rel, v_prior, d.row, v_cur);
-        CONTINUE WHEN m.outcome IS DISTINCT FROM 'merged';  -- nothing of the delivery would be kept: stale
+        -- no saved base and nothing of the delivery kept: it stays stale. A saved base that is what Supabase holds
+        -- (kept for the replaced records of recent writes) goes back to the copy before both either way: against
+        -- it, zsync.merge_decide_base would count every field the delivery changed as made on it, at its older
+        -- updated_at, and the later copy's fields would lose (a soak lost three so)
+        CONTINUE WHEN NOT v_based AND m.outcome IS DISTINCT FROM 'merged';
         EXECUTE format('SELECT to_jsonb(x) FROM jsonb_populate_record(NULL::%s, $1) x', v_rel) INTO v_prior
             USING v_prior;
-        INSERT INTO zsync.sync_base (table_name, record_id, base, version, hash, tables_ts)
+        INSERT INTO zsync.sync_base AS b (table_name, record_id, base, version, hash, tables_ts)
         SELECT p_table, d.id, v_prior, v.ts, v.hash, v.ts FROM zsync.version_of_typed(v_rel, v_prior) v
-        ON CONFLICT ON CONSTRAINT sync_base_pkey DO NOTHING;
+        ON CONFLICT ON CONSTRAINT sync_base_pkey DO UPDATE
+            SET base = EXCLUDED.base, version = EXCLUDED.version, hash = EXCLUDED.hash, tables_ts = EXCLUDED.tables_ts,
+                agreed = true, field_ts = NULL, set_at = now();
         n := n + 1;
     END LOOP;
     RETURN n;
