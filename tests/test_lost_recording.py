@@ -52,9 +52,9 @@ def test_a_recording_retried_after_a_delivery_does_not_take_the_write_s_answer_f
                 drain = eventually(lambda: _recording(watch), timeout_s=30)
                 # a person edits the record: its delivery waits for the record's lock, which the drain holds
                 edited = tables.patch("agent_jobs", rec["id"], {"status": "a person's"})
-                eventually(lambda: watch.execute(
+                eventually(lambda: watch.execute(  # (the delivery's own wait: its query applies the record)
                     "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory' "
-                    "AND pid <> ALL(%s)", (drain,)).fetchone()[0], timeout_s=30)
+                    "AND query LIKE '%%sync_apply%%' AND pid <> ALL(%s)", (drain,)).fetchone()[0], timeout_s=60)
                 # the drain's transaction is lost after its write: the delivery is applied before the recording
                 for pid in drain:
                     watch.execute("SELECT pg_terminate_backend(%s)", (pid,))
