@@ -65,6 +65,13 @@ BEGIN
         SELECT * INTO t FROM zsync.version_of(v_rel, d.row);
         SELECT * INTO s FROM zsync.version_of_typed(v_rel, v_cur);
         CONTINUE WHEN t.hash = s.hash OR t.ts >= s.ts;  -- not older than what Supabase holds: the usual rules
+        -- a version the sync wrote to Tables or applied from it (its outbox entry acknowledged 'applied' or
+        -- 'unchanged'): the echo of its own write, or an edit taken in already - no edit to merge (merged again, the
+        -- sync's own merges went round: each merge's echo merged once more)
+        CONTINUE WHEN EXISTS (SELECT 1 FROM zsync.outbox o
+                              WHERE o.table_name = p_table AND o.record_id = d.id AND o.acked_at IS NOT NULL
+                                AND o.ack_outcome IN ('unchanged', 'applied')
+                                AND date_trunc('milliseconds', o.record_updated_at) = t.ts);
         -- a saved base other than what Supabase holds (Supabase changed since both agreed): the merge's own rules
         SELECT b.hash INTO v_bhash FROM zsync.sync_base b WHERE b.table_name = p_table AND b.record_id = d.id;
         v_based := FOUND;
