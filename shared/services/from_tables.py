@@ -156,7 +156,7 @@ def apply_many_from_tables(ctx: SyncContext, fn: FunctionSpec, records: Sequence
     ``received_at``: one arrival time for all, or one per delivery. ``changed_at``: per delivery
     ``(time, source)`` (default :func:`change_time` of the delivery). -> one result per delivery, in order,
     with the outcome, audit entry and side effects the one-record path gives it (several deliveries of one
-    record: applied in their edit order, see :func:`supabase_db.sync_apply_many`).
+    record: one call each, newest first, see :func:`newest_first_rounds`).
 
     One bad record never holds back or discards another: an invalid delivery (the parser mirrors every CHECK;
     a version too far ahead of the clock) gets a ``rejected`` result (its problems) and a ``sync_failed`` entry

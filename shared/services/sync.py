@@ -363,14 +363,18 @@ def _run_recorded(ctx: SyncContext, lock: Callable[[psycopg.Connection], None],
     A retried attempt is such a recovery too: its lock is new, so ``recovered`` follows it as well."""
     done: list[tuple[Outcome, Any]] = []
 
-    def attempt(conn: psycopg.Connection) -> Outcome:
+    def again(conn: psycopg.Connection) -> Outcome:  # the Tables write is made, its transaction lost: a recovery
+        outcome, extra = done[0]
         lock(conn)
-        if done:  # the first attempt's transaction was lost after the Tables write: a recovery, as below
-            outcome, extra = done[0]
-            record(conn, outcome, extra)
-            if recovered is not None:
-                recovered(conn, outcome, extra)
-            return outcome
+        record(conn, outcome, extra)
+        if recovered is not None:
+            recovered(conn, outcome, extra)
+        return outcome
+
+    def attempt(conn: psycopg.Connection) -> Outcome:
+        if done:
+            return again(conn)
+        lock(conn)
         outcome, extra = work(conn)
         done.append((outcome, extra))
         record(conn, outcome, extra)
@@ -381,13 +385,4 @@ def _run_recorded(ctx: SyncContext, lock: Callable[[psycopg.Connection], None],
     except (supabase_db.DatabaseUnavailable, psycopg.Error):
         if not done:
             raise
-        outcome, extra = done[0]
-
-        def again(conn: psycopg.Connection) -> None:
-            lock(conn)
-            record(conn, outcome, extra)
-            if recovered is not None:
-                recovered(conn, outcome, extra)
-
-        ctx.db.run(again)
-        return outcome
+        return ctx.db.run(again)
