@@ -41,6 +41,22 @@ def _logged_here(logger: logging.Logger) -> None:
     logs.log_event(logger, logging.INFO, "probe", id="p-1")
 
 
+def test_a_field_the_handler_writes_itself_is_refused_not_lost(capsys: pytest.CaptureFixture[str]) -> None:
+    """StructuredLogHandler writes ``message`` and ``severity`` itself: a field of that name was silently replaced
+    (every ``inbox_message`` line lost its message id so). log_event refuses such a name; others reach the line."""
+    logger = logs.get_logger("logs_probe")
+    for name in ("message", "severity"):  # what the handler does with one, sent past log_event
+        logger.info("overwritten", extra={"json_fields": {"event": "raw", name: "mine"}})
+        with pytest.raises(ValueError, match=name):
+            logs.log_event(logger, logging.INFO, "probe", **{name: "mine"})
+    logs.log_event(logger, logging.INFO, "probe", message_id="m-1")
+    logs.flush()
+    found = _events(capsys.readouterr().out)
+    assert [e["message"] for e in found if e["event"] == "raw"] == ["overwritten", "overwritten"]
+    assert [e["severity"] for e in found if e["event"] == "raw"] == ["INFO", "INFO"]
+    assert [e["message_id"] for e in found if e["event"] == "probe"] == ["m-1"]
+
+
 def test_source_location_names_the_caller_in_process(capsys: pytest.CaptureFixture[str]) -> None:
     logger = logs.get_logger("logs_probe")
     _logged_here(logger)

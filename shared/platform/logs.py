@@ -133,11 +133,18 @@ def _loggable(name: str) -> bool:
     return not any(word in name.lower() for word in _SECRET_WORDS)
 
 
+# the fields StructuredLogHandler writes itself: a field of the same name is overwritten, silently (the inbox's
+# message ids were lost so from every ``inbox_message`` line)
+_HANDLER_FIELDS = frozenset({"message", "severity", "httpRequest"})
+
+
 def log_event(logger: logging.Logger, level: int, event: str, **fields: Any) -> None:
     """Log ``event`` with ``fields`` as JSON fields of the same line, attributed to the caller."""
     for name in fields:
         if not _loggable(name):
             raise ValueError(f"refusing to log a field named {name!r}")
+        if name in _HANDLER_FIELDS or name.startswith("logging.googleapis.com/"):
+            raise ValueError(f"{name!r} is a field the log handler writes itself: it would overwrite this one")
     logger.log(level, event, extra={"json_fields": {"event": event, **fields}}, stacklevel=2)
 
 

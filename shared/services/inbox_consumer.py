@@ -250,7 +250,7 @@ class InboxConsumer:
         body = dead_letter.canonical_json(message.payload).encode("utf-8", "surrogatepass")
         audited = record_failure(self.fn, self.ctx, body, Rejected(400, problems))
         report.counts["rejected"] += 1
-        log_event(self.ctx.logger, logging.WARNING, "inbox_message", inbox=self.inbox_id, message=message.id,
+        log_event(self.ctx.logger, logging.WARNING, "inbox_message", inbox=self.inbox_id, message_id=message.id,
                   outcome="rejected", status=400, problems=problems, audited=audited)
 
     def _apply_deletes(self, deletes: list[tuple[Message, TriggerDelete]], report: DrainReport
@@ -287,7 +287,7 @@ class InboxConsumer:
         for message, rid, zid, _ in found:
             verdict = verdicts.get(rid, "own")  # left out: a copy the sync trashed itself
             report.counts[f"delete_{verdict}"] += 1
-            log_event(self.ctx.logger, logging.INFO, "inbox_message", inbox=self.inbox_id, message=message.id,
+            log_event(self.ctx.logger, logging.INFO, "inbox_message", inbox=self.inbox_id, message_id=message.id,
                       outcome=f"delete_{verdict}", id=rid, tables_record=zid, lease_count=message.lease_count)
             ack.append(message.id)
         return ack, []
@@ -383,7 +383,7 @@ class InboxConsumer:
 
     def _applied(self, message: Message, result: Any, report: DrainReport) -> None:
         report.counts[str(result.outcome)] += 1
-        log_event(self.ctx.logger, logging.INFO, "inbox_message", inbox=self.inbox_id, message=message.id,
+        log_event(self.ctx.logger, logging.INFO, "inbox_message", inbox=self.inbox_id, message_id=message.id,
                   outcome=str(result.outcome), id=result.id, lease_count=message.lease_count,
                   possible_duplicate=message.possible_duplicate_data,
                   **({"problems": result.problems} if result.problems else {}))
@@ -410,7 +410,7 @@ class InboxConsumer:
                 return ack, release + [m.id for m, _, _ in batch[n:]]
             except Exception as exc:  # released: it comes back, and goes to the DLQ if it keeps failing
                 report.counts["failed"] += 1
-                log_event(self.ctx.logger, logging.ERROR, "inbox_message", inbox=self.inbox_id, message=message.id,
+                log_event(self.ctx.logger, logging.ERROR, "inbox_message", inbox=self.inbox_id, message_id=message.id,
                           outcome="failed", error_type=type(exc).__name__, error=str(exc)[:300],
                           lease_count=message.lease_count)
                 release.append(message.id)
@@ -457,12 +457,12 @@ class InboxConsumer:
                                             table=self.fn.table.name, record_id=record_id)
         problem = dead_letter.dead_letter(self.ctx.settings, letter)
         if problem is not None:  # keep it in the inbox rather than lose it
-            log_event(self.ctx.logger, logging.ERROR, "dead_letter_failed", inbox=self.inbox_id, message=message.id,
+            log_event(self.ctx.logger, logging.ERROR, "dead_letter_failed", inbox=self.inbox_id, message_id=message.id,
                       problem=problem)
             report.counts["poison_kept"] += 1
             return "release"
         report.counts["dead_lettered"] += 1
-        log_event(self.ctx.logger, logging.WARNING, "dead_lettered", inbox=self.inbox_id, message=message.id,
+        log_event(self.ctx.logger, logging.WARNING, "dead_lettered", inbox=self.inbox_id, message_id=message.id,
                   key=letter.key, lease_count=message.lease_count)
         return "ack"
 
