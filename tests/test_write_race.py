@@ -225,3 +225,33 @@ def test_an_older_tables_edit_landing_on_a_newer_one_keeps_only_what_the_newer_d
     d = tables.patch("agent_jobs", rec["id"], {"status": "D", "retry_count": 2, "updated_at": start.isoformat()})
     assert _at(d["edited_at"]) > _at(k["edited_at"])
     _both_end_with(stack, tables, supabase, rid, status="K", retry_count=1, error_message="agent")
+
+
+def test_a_late_echo_of_the_sync_s_own_write_is_not_merged_over_the_edit_made_on_it(stack, tables, supabase):
+    """The agent's status is written to Tables; its echo waits in the inbox. More than zsync.stamp_race() later a
+    person, seeing the agent's status, sets it back and sets retry_count (the later updated_at): Supabase takes it,
+    and it is the record's base. Then the echo comes, older than what Supabase holds. zsync.overwritten_by took the
+    write's own record for what replaced the base (as it is when the base is an edit the write overwrote), so the
+    echo was merged against the record the write replaced: the agent's old status counted as a change Supabase
+    lacked and came back over the person's later one, on both sides, and the merge went to Tables again
+    (migration 20261206200501). The base was made after the write landed: the echo is stale."""
+    rid = _agreed_job(stack, tables, supabase, "late-own-echo")
+    with late_deliveries(stack):  # the echo of the agent's write waits in the inbox
+        supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
+        eventually(lambda: supabase.query("SELECT count(*) FROM zsync.outbox WHERE record_id = %s "
+                                          "AND acked_at IS NULL", (rid,)) == [(0,)])
+        written = tables.find("agent_jobs", rid)
+        assert written["data"]["status"] == "agent"
+        assert supabase.query("SELECT ack_outcome FROM zsync.outbox WHERE record_id = %s ORDER BY id DESC LIMIT 1",
+                              (rid,)) == [("applied",)]
+        time.sleep(2.1)  # past zsync.stamp_race(): the person's edit is plainly made after the write, on it
+        agent_at = _at(supabase.row("agent_jobs", rid)["updated_at"])
+        person = tables.patch("agent_jobs", written["id"], {
+            "status": "queued", "retry_count": 5, "updated_at": (agent_at + timedelta(seconds=2)).isoformat()})
+        assert _at(person["edited_at"]) > _at(written["edited_at"]) + timedelta(seconds=2)
+        _drain_one_at_a_time_newest_first(stack)  # the person's edit is taken in first, then the late echo
+        audit = [(a["metadata"].get("outcome"), a["metadata"].get("merged")) for a in supabase.audit(rid)]
+        row = supabase.row("agent_jobs", rid)
+        assert (row["status"], row["retry_count"]) == ("queued", 5), audit
+    _both_end_with(stack, tables, supabase, rid, status="queued", retry_count=5)
+    assert "merged" not in [a["metadata"].get("outcome") for a in supabase.audit(rid)]
