@@ -480,10 +480,13 @@ CALLED = {"sync_upsert", "version_cmp", "content_hash", "append_audit",
           # a Tables delivery made on a copy stamped after it gets the copy before both as its base (zsync.sync_base)
           "base_for_raced_edits",
           # the set-based batch (zsync.sync_apply_many_set, run as zsync_sync) tells an edit a write overwrote by
-          # its content: pure functions of the JSON given (20261206200202; without them every batch was refused)
+          # its content (20261206200202; without them every batch was refused)
           "stamp_race", "edit_holds", "overwritten_by",
           # a blind write never sends a version Tables already had (zsync.outbox)
-          "tables_had"}
+          "tables_had",
+          # zsync.overwritten_by asks whether a write's own record could have replaced the record's base
+          # (20261206200501)
+          "base_as_seen"}
 DEFINER = {"capture_change", "ack_outbox", "announce",
            # issue 13: they read/write zsync.tombstones and zsync.outbox, which zsync_sync cannot touch
            "maintain_updated_at", "track_tombstone", "tombstone_version", "apply_tables_delete", "outbox_failed",
@@ -514,7 +517,9 @@ DEFINER = {"capture_change", "ack_outbox", "announce",
            # zsync.sync_base and zsync.tables_seen, which zsync_sync cannot touch
            "base_for_raced_edits",
            # zsync.outbox, which zsync_sync cannot touch
-           "tables_had"}
+           "tables_had",
+           # zsync.sync_base, zsync.tables_seen and zsync.tables_known, which zsync_sync cannot touch
+           "base_as_seen"}
 
 
 def role_url(database_url: str, role: str = ROLE) -> str:
