@@ -204,7 +204,7 @@ def apply_many_from_tables(ctx: SyncContext, fn: FunctionSpec, records: Sequence
         if spec.append_only:
             return supabase_db.append_audit_each(conn, [d.row for d in items])
         found: list[Any] = [None] * len(items)
-        for batch in newest_first_rounds(items):
+        for batch in newest_first_rounds(items, spec.version or "updated_at"):
             for i, one in zip(batch, supabase_db.sync_apply_many(
                     conn, spec, [(items[i].row, items[i].edited_at) for i in batch]), strict=True):
                 found[i] = one
@@ -253,14 +253,14 @@ def apply_many_from_tables(ctx: SyncContext, fn: FunctionSpec, records: Sequence
     return [r for r in results if r is not None]
 
 
-def newest_first_rounds(items: Sequence[_Delivery]) -> list[list[int]]:
-    """The indexes of ``items`` in rounds, one delivery of a record per round, its newest (``updated_at``, then
+def newest_first_rounds(items: Sequence[_Delivery], version_field: str) -> list[list[int]]:
+    """The indexes of ``items`` in rounds, one delivery of a record per round, its newest (``version_field``, then
     ``edited_at``) first - the order zsync.sync_apply_many takes a record's duplicates in. Each round is one call,
     so a merge sent back to Tables is stamped (``supabase_db._stamp_back_to_tables``) before the record's next
     delivery is compared with it: stamped after the whole call, a merged field counted at the merged row's time
     and beat a later person's edit of it (``tests/test_delivery_order.py``, two edits one blind write overwrote)."""
     def newest(i: int) -> tuple[Any, ...]:
-        version = items[i].row.get("updated_at")
+        version = items[i].row.get(version_field)
         return (items[i].row["id"], isinstance(version, datetime), version if isinstance(version, datetime) else 0,
                 items[i].edited_at or datetime.min.replace(tzinfo=UTC))
 
