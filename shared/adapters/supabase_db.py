@@ -544,9 +544,9 @@ def announce_blind(db: Database, spec: TableSpec, writes: Mapping[str, tuple[Kno
     return True
 
 
-def settle_blind(conn: psycopg.Connection, spec: TableSpec,
-                 delivered: Sequence[tuple[Mapping[str, Any], datetime | None]]) -> int:
-    """zsync.settle_blind, before Tables deliveries are applied: each is kept as a copy of Tables' record, and
+def prepare_tables_deliveries(conn: psycopg.Connection, spec: TableSpec,
+                              delivered: Sequence[tuple[Mapping[str, Any], datetime | None]]) -> int:
+    """Before Tables deliveries are applied, zsync.settle_blind: each is kept as a copy of Tables' record, and
     the echo of a blind write whose drain went unrecorded records what that write replaced (an edit it overwrote
     may be in the same batch); then zsync.base_for_raced_edits: a delivery stamped before a copy Supabase holds
     but made on it (two Tables edits landing in the other order than their stamps) gets the copy before both as
