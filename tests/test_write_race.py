@@ -25,7 +25,7 @@ from shared.core.spec import FUNCTIONS
 from shared.services.inbox_consumer import InboxConsumer, _field_names_of
 from tests.e2e import blind_writes, eventually, late_deliveries
 from tests.test_correctness import stack_context
-from tests.test_one_request import _agreed_job, _both_end_with, _delivered, _drain_held
+from tests.test_one_request import _agreed_job, _both_end_with, _delivered, _drain_held, _set_config
 
 FN = FUNCTIONS["agent_jobs_to_supabase"]
 
@@ -255,3 +255,37 @@ def test_a_late_echo_of_the_sync_s_own_write_is_not_merged_over_the_edit_made_on
         assert (row["status"], row["retry_count"]) == ("queued", 5), audit
     _both_end_with(stack, tables, supabase, rid, status="queued", retry_count=5)
     assert "merged" not in [a["metadata"].get("outcome") for a in supabase.audit(rid)]
+
+
+def test_the_late_echo_of_a_write_an_edit_stamped_before_it_landed_on_is_taken_in_already(stack, tables, supabase):
+    """The agent's status is written blind to Tables; a person's retry_count edit, stamped just before that write
+    (it waited for the record), lands on it. Both deliveries come late, the edit's first (the later
+    updated_at): Supabase takes it, and it is the record's base. The write's echo, stamped after the edit, is
+    the write's own record, and the base holds what the write put there: taken in already, stale. Left to the
+    other rules, it came after the copy seen last (the edit's, stamped first) and counted as an edit made on it
+    with an older updated_at: the write's retry_count won back over the person's, on both sides (a first version
+    of 20261206200501 did so; the rule before it merged the echo against the record the write replaced, which
+    kept the person's). The agent's next change - retry_count set back - reaches both sides."""
+    rid = _agreed_job(stack, tables, supabase, "race-echo-landed-on")
+    rec = tables.find("agent_jobs", rid)
+    with blind_writes(stack, True):
+        time.sleep(0.1)
+        with late_deliveries(stack):  # the write's echo and the edit's delivery come after both landed
+            supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
+            written = eventually(lambda: (r := tables.find("agent_jobs", rid))["data"].get("status") == "agent" and r)
+            eventually(lambda: supabase.query("SELECT count(*) FROM zsync.outbox WHERE record_id = %s "
+                                              "AND acked_at IS NULL", (rid,)) == [(0,)])
+            agent_at = _at(supabase.row("agent_jobs", rid)["updated_at"])
+            with _next_stamped(stack, rec["id"], _at(written["edited_at"]) - timedelta(milliseconds=20)):
+                edit = tables.patch("agent_jobs", rec["id"], {
+                    "retry_count": 5, "updated_at": (agent_at + timedelta(milliseconds=10)).isoformat()})
+            assert _at(edit["edited_at"]) < _at(written["edited_at"]) and edit["data"]["status"] == "agent"
+            stack.safety_drain()  # newest first (updated_at): the edit, then the write's echo
+        _both_end_with(stack, tables, supabase, rid, status="agent", retry_count=5)
+        old = _set_config(supabase, "blind_quiet_s", 0)  # the person's edit no longer recent: written blind
+        try:
+            supabase.query("UPDATE agent_jobs SET retry_count = 0 WHERE id = %s", (rid,))
+            _delivered(stack, supabase, [rid])
+        finally:
+            _set_config(supabase, "blind_quiet_s", old)
+    _both_end_with(stack, tables, supabase, rid, status="agent", retry_count=0)

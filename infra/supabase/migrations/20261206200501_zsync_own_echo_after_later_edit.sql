@@ -11,8 +11,11 @@
 -- Tables again (tests/test_write_race.py: test_a_late_echo_of_the_sync_s_own_write_...).
 -- Now the write's own record is taken for what replaced the base only when the base could have been overwritten
 -- by it: not when the base is a Tables copy stamped zsync.stamp_race() or more after the write, or one holding
--- the write's values (zsync.edit_holds 'wrote': made on the write's record). The echo is then older than the base
--- and, unless it holds something Supabase lacks, stale - the usual rules.
+-- the write's values (zsync.edit_holds 'wrote': made on the write's record, wherever its stamp). The echo is then
+-- taken in already (Supabase's row holds what the write put there, or a later decision): zsync.merge_decide_base
+-- answers 'supabase', the delivery is stale. Left to the other rules instead, the echo of a write that an edit
+-- stamped before it landed on (the base) came after that copy was seen, and counted as an edit made on it with
+-- an older updated_at: its values won back over the person's (test_an_edit_stamped_before_the_sync_s_write_...).
 -- (zsync.overwritten_by whole, as 20261206200201's but the lines marked; it runs as its caller - zsync_sync in
 -- zsync.sync_apply_many_set - so the copy is read by zsync.base_as_seen, as the owner. Re-runnable.)
 
@@ -55,8 +58,17 @@ BEGIN
         v_holds := zsync.edit_holds(p_table, e.v -> 'row', e.v -> 'wrote', p_edit);
         IF v_holds = 'write' THEN  -- (added) the write's own record: could the write have replaced the base?
             SELECT s.copy, s.copied_at INTO v_base, v_base_at FROM zsync.base_as_seen(p_table, p_edit ->> 'id') s;
-            CONTINUE WHEN v_base_at >= e.until + zsync.stamp_race()
-                          OR zsync.edit_holds(p_table, e.v -> 'row', e.v -> 'wrote', v_base) = 'wrote';
+            IF v_base_at >= e.until + zsync.stamp_race()
+               OR zsync.edit_holds(p_table, e.v -> 'row', e.v -> 'wrote', v_base) = 'wrote' THEN
+                -- no: the base was made after the write landed, and holds what the write put there or a later
+                -- decision - the write's record is taken in already, as a delivery older than the record the
+                -- write read (zsync.merge_decide_base answers 'supabase' when the edit's edited_at is before
+                -- 'from'). (Not left unanswered: a base made on the write but stamped before it - it waited for
+                -- the record - is the copy seen last before the echo, and the echo would count as an edit made
+                -- on it with an older updated_at, its values winning back over the base's.)
+                RETURN e.v || jsonb_build_object('from', greatest(v_base_at, p_edited_at + interval '1 millisecond'),
+                                                 'taken_in', true);
+            END IF;
         END IF;
         IF v_holds IS DISTINCT FROM 'wrote' THEN
             RETURN e.v;
