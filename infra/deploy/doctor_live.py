@@ -15,10 +15,10 @@ raw HTTP) is in :mod:`infra.deploy.doctor_live_base`.
 
 from __future__ import annotations
 
+import queue
 import secrets
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 
 from infra.deploy.doctor_live_base import (
     ASSUMPTIONS,
@@ -47,18 +47,25 @@ __all__ = ["ASSUMPTIONS", "CHECKS", "DIFFERENT", "OK", "PREFIX", "UNCHECKED", "F
 # --- running ---------------------------------------------------------------------------------------------
 
 def _bounded(check: Check, scratch: Scratch, timeout_s: float) -> list[Finding]:
-    """Run one check in a thread for at most ``timeout_s``: exactly one finding per key it declares."""
+    """Run one check in a thread for at most ``timeout_s``: exactly one finding per key it declares. The thread
+    is a daemon: a check still waiting on Zapier (a hanging request, its retries) does not hold the process
+    after Ctrl-C - a pool's worker did, until its retry budget ran out."""
     keys, fn = check
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"doctor-{keys[0]}")
-    future = pool.submit(fn, scratch)
+    answer: queue.SimpleQueue[list[Finding] | Exception] = queue.SimpleQueue()
+
+    def work() -> None:
+        try:
+            answer.put(fn(scratch))
+        except Exception as exc:  # a check that breaks says why; the run goes on
+            answer.put(exc)
+
+    threading.Thread(target=work, name=f"doctor-{keys[0]}", daemon=True).start()
     try:
-        got = future.result(timeout=timeout_s)
-    except FutureTimeout:
+        got = answer.get(timeout=timeout_s)
+    except queue.Empty:
         return [unchecked(key, f"did not finish within {timeout_s:g} s") for key in keys]
-    except Exception as exc:  # a check that breaks says why; the run goes on
-        return [unchecked(key, f"{type(exc).__name__}: {' '.join(str(exc).split())[:240]}") for key in keys]
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+    if isinstance(got, Exception):
+        return [unchecked(key, f"{type(got).__name__}: {' '.join(str(got).split())[:240]}") for key in keys]
     reported = {f.key for f in got}
     return got + [unchecked(key, "not reported by its check") for key in keys if key not in reported]
 
