@@ -486,7 +486,9 @@ CALLED = {"sync_upsert", "version_cmp", "content_hash", "append_audit",
           "tables_had",
           # zsync.overwritten_by asks whether a write's own record could have replaced the record's base
           # (20261206200501)
-          "base_as_seen"}
+          "base_as_seen",
+          # a delivery stamped before the known copy but made on it moves the copy on (20261206200502)
+          "remember_landed_on"}
 DEFINER = {"capture_change", "ack_outbox", "announce",
            # issue 13: they read/write zsync.tombstones and zsync.outbox, which zsync_sync cannot touch
            "maintain_updated_at", "track_tombstone", "tombstone_version", "apply_tables_delete", "outbox_failed",
@@ -519,7 +521,7 @@ DEFINER = {"capture_change", "ack_outbox", "announce",
            # zsync.outbox, which zsync_sync cannot touch
            "tables_had",
            # zsync.sync_base, zsync.tables_seen and zsync.tables_known, which zsync_sync cannot touch
-           "base_as_seen"}
+           "base_as_seen", "remember_landed_on"}
 
 
 def role_url(database_url: str, role: str = ROLE) -> str:

@@ -289,3 +289,54 @@ def test_the_late_echo_of_a_write_an_edit_stamped_before_it_landed_on_is_taken_i
         finally:
             _set_config(supabase, "blind_quiet_s", old)
     _both_end_with(stack, tables, supabase, rid, status="agent", retry_count=0)
+
+
+@contextmanager
+def _wakeups_lost(stack: Any) -> Iterator[None]:
+    """The Database Webhook's wake-ups are lost for the block (blind writes as they are): Supabase's changes wait
+    in the outbox until the test sweeps it."""
+    with stack.trash_paused():
+        stack.drop_deliveries(1.0)
+        try:
+            yield
+        finally:
+            stack.drop_deliveries(0.0)
+
+
+def test_the_copy_an_edit_stamped_before_the_write_landed_on_is_what_the_next_write_replaces(
+        stack, tables, supabase):
+    """As above: the person's retry_count 5 lands on the agent's blind write, stamped just before it. Tables' copy
+    the sync knows must then be the person's record, though its stamp is older than the write's answer. Kept at
+    the write's answer (retry_count 0), it is what the agent's next blind write (retry_count 7) counted as
+    replaced: a second person's note, made on the first person's record and overwritten by that write, was merged
+    against it - the 5 it only carried counted as its own later change of retry_count and won over the agent's 7,
+    on both sides."""
+    rid = _agreed_job(stack, tables, supabase, "race-known-copy")
+    rec = tables.find("agent_jobs", rid)
+    with blind_writes(stack, True):
+        time.sleep(0.1)
+        with late_deliveries(stack):
+            supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
+            written = eventually(lambda: (r := tables.find("agent_jobs", rid))["data"].get("status") == "agent" and r)
+            eventually(lambda: supabase.query("SELECT count(*) FROM zsync.outbox WHERE record_id = %s "
+                                              "AND acked_at IS NULL", (rid,)) == [(0,)])
+            agent_at = _at(supabase.row("agent_jobs", rid)["updated_at"])
+            with _next_stamped(stack, rec["id"], _at(written["edited_at"]) - timedelta(milliseconds=20)):
+                tables.patch("agent_jobs", rec["id"], {
+                    "retry_count": 5, "updated_at": (agent_at + timedelta(milliseconds=10)).isoformat()})
+            stack.safety_drain()
+        _both_end_with(stack, tables, supabase, rid, status="agent", retry_count=5)
+        old = _set_config(supabase, "blind_quiet_s", 0)  # the next write goes blind
+        try:
+            with late_deliveries(stack):
+                with _wakeups_lost(stack):
+                    supabase.query("UPDATE agent_jobs SET retry_count = 7 WHERE id = %s", (rid,))
+                agent_at = _at(supabase.row("agent_jobs", rid)["updated_at"])
+                tables.patch("agent_jobs", rec["id"], {
+                    "error_message": "a note", "updated_at": (agent_at + timedelta(milliseconds=10)).isoformat()})
+                stack.sweep_outbox(min_age_s=0)  # the agent's retry_count, written blind over the note's record
+                eventually(lambda: tables.find("agent_jobs", rid)["data"].get("retry_count") == 7)
+                stack.safety_drain()
+        finally:
+            _set_config(supabase, "blind_quiet_s", old)
+    _both_end_with(stack, tables, supabase, rid, status="agent", retry_count=7, error_message="a note")

@@ -551,14 +551,32 @@ def prepare_tables_deliveries(conn: psycopg.Connection, spec: TableSpec,
     may be in the same batch); then zsync.base_for_raced_edits: a delivery stamped before a copy Supabase holds
     but made on it (two Tables edits landing in the other order than their stamps) gets the copy before both as
     its base, so it is merged rather than skipped as stale. -> how many echoes were settled."""
-    items = [(row, at) for row, at in delivered if at is not None]
-    if not items:
+    payload = _deliveries_json(delivered)
+    if payload is None:
         return 0
-    payload = "[" + ",".join(f'{{"id":{json.dumps(row["id"])},"row":{row_to_json(row)},'
-                             f'"edited_at":{ts_json(at)}}}' for row, at in items) + "]"
     settled = conn.execute("SELECT zsync.settle_blind(%s, %s::jsonb)", (spec.name, payload)).fetchone()[0]
     conn.execute("SELECT zsync.base_for_raced_edits(%s, %s::jsonb)", (spec.name, payload))
     return settled
+
+
+def remember_landed_on(conn: psycopg.Connection, spec: TableSpec,
+                       delivered: Sequence[tuple[Mapping[str, Any], datetime | None]]) -> int:
+    """zsync.remember_landed_on, after :func:`remember_tables` with deliveries: an edit stamped just before a
+    *_to_tables write's answer (the known copy) but made on it - it waited for the record - becomes the known
+    copy. -> how many copies moved."""
+    payload = _deliveries_json(delivered)
+    if payload is None:
+        return 0
+    return conn.execute("SELECT zsync.remember_landed_on(%s, %s::jsonb)", (spec.name, payload)).fetchone()[0]
+
+
+def _deliveries_json(delivered: Sequence[tuple[Mapping[str, Any], datetime | None]]) -> str | None:
+    """``[{"id", "row", "edited_at"}]`` of the deliveries with an ``edited_at``; None when there is none."""
+    items = [(row, at) for row, at in delivered if at is not None]
+    if not items:
+        return None
+    return "[" + ",".join(f'{{"id":{json.dumps(row["id"])},"row":{row_to_json(row)},'
+                          f'"edited_at":{ts_json(at)}}}' for row, at in items) + "]"
 
 
 def tables_had(conn: psycopg.Connection, spec: TableSpec, versions: Mapping[str, datetime | None]) -> set[str]:

@@ -285,6 +285,8 @@ def remember_delivered(conn: psycopg.Connection, spec: TableSpec,
         if edited_at is not None and (held is None or held.edited_at is None or edited_at > held.edited_at):
             latest[row["id"]] = supabase_db.Known(None, row, edited_at)
     supabase_db.remember_tables(conn, spec, latest)
+    # (an edit stamped before the write whose answer is the known copy, but landed on it: the copy now)
+    supabase_db.remember_landed_on(conn, spec, delivered)
 
 
 def _payload_id(record: Any) -> str | None:
