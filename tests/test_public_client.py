@@ -4,6 +4,8 @@ change (a create whose answer is lost, retried by urllib3 or re-run by a new pro
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -197,3 +199,24 @@ def test_identical_records_made_on_purpose_name_their_change(client: TablesClien
     client.create(audit, row, change="second twin")
     client.create(audit, row, change="second twin")  # its retry
     assert len(list(client.iter_records(audit, filters={"parity": "twins"}))) == 2
+
+
+def test_a_slow_request_is_held_then_runs_and_lands_after_a_later_one(client: TablesClient, api: Api) -> None:
+    """``{"slow": true, "hang_s": h}``: the next request (of the method) is held, then runs and is answered as
+    usual - stamped when it runs, so a write sent later lands, and is stamped, first."""
+    jobs = api.ids[JOBS]
+    rec = client.create(jobs, {"id": "slow-1", "status": "queued"})
+    for wrong in ({"slow": True, "status": 503, "hang_s": 1}, {"slow": True, "count": 1}, {"slow": "yes"}):
+        assert api.admin("POST", "faults", wrong).status_code == 400, wrong
+    assert api.admin("POST", "faults", {"slow": True, "hang_s": 1.0, "count": 1, "method": "PATCH"}).status_code == 200
+    first: list[Any] = []
+    held = threading.Thread(target=lambda: first.append(client.update(jobs, rec.id, {"status": "first"})))
+    held.start()
+    deadline = time.monotonic() + 10
+    while api.admin("GET", "stats").json()["faults"]["served"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    second = client.update(jobs, rec.id, {"status": "second"})  # sent later, lands first
+    held.join(15)
+    assert first and first[0].data["status"] == "first"  # answered as usual, after the wait
+    assert client.get(jobs, rec.id).data["status"] == "first"
+    assert first[0].edited_at > second.edited_at

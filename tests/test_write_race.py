@@ -340,3 +340,41 @@ def test_the_copy_an_edit_stamped_before_the_write_landed_on_is_what_the_next_wr
         finally:
             _set_config(supabase, "blind_quiet_s", old)
     _both_end_with(stack, tables, supabase, rid, status="agent", retry_count=7, error_message="a note")
+
+
+def test_a_person_s_write_landing_between_the_sync_s_find_and_its_merge_keeps_its_later_values(
+        stack, tables, supabase):
+    """The agent sets status; a person sets retry_count in Tables. The agent's change finds the record and merges
+    both (status, retry_count), but the merge's write reaches Zapier late (the stand-in holds it): a second
+    person's write of every field, with the latest updated_at, lands between the find and the write, and the
+    write overwrites it. A merge written to Tables recorded no replaced record, unlike any other write: the
+    second person's delivery was applied, and the merge's echo, stamped after it, counted as an edit made on it
+    and won back every field (the suite's soak lost three fields so). Recorded, the second person's edit is one
+    the merge overwrote: merged on the record the merge replaced, its later values end on both sides."""
+    rid = _agreed_job(stack, tables, supabase, "race-merge-write")
+    supabase.query("UPDATE agent_jobs SET error_message = 'first' WHERE id = %s", (rid,))
+    _delivered(stack, supabase, [rid])  # an earlier write: the record keeps a base (its replaced record) a while
+    time.sleep(2.1)  # (past zsync.stamp_race(): nothing below counts as overwritten by that write)
+    rec = tables.find("agent_jobs", rid)
+    faults = f"{stack.tables.url.rstrip('/')}/_admin/faults"
+    with blind_writes(stack, False), late_deliveries(stack):  # (found first: the drain merges)
+        tables.patch("agent_jobs", rec["id"], {"retry_count": 3})  # a cell edit (updated_at kept)
+        served = requests.get(f"{stack.tables.url.rstrip('/')}/_admin/stats", timeout=10).json()["faults"]["served"]
+        requests.post(faults, json={"slow": True, "hang_s": 1.5, "count": 1, "method": "PATCH"},
+                      timeout=10).raise_for_status()
+        try:
+            with _wakeups_lost(stack):
+                supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
+            agent_at = _at(supabase.row("agent_jobs", rid)["updated_at"])
+            stack.sweep_outbox(min_age_s=0)  # the agent's change: found, merged, written - held on its way
+            eventually(lambda: requests.get(f"{stack.tables.url.rstrip('/')}/_admin/stats",
+                                            timeout=10).json()["faults"]["served"] > served)
+            person = tables.patch("agent_jobs", rec["id"], {
+                "status": "person", "retry_count": 9, "error_message": "note",
+                "updated_at": (agent_at + timedelta(seconds=1)).isoformat()})
+            merged = eventually(lambda: (r := tables.find("agent_jobs", rid))["data"].get("status") == "agent" and r)
+        finally:
+            requests.delete(faults, timeout=10)
+        assert _at(merged["edited_at"]) > _at(person["edited_at"])  # the merge landed on the person's write
+        stack.safety_drain()
+    _both_end_with(stack, tables, supabase, rid, status="person", retry_count=9, error_message="note")

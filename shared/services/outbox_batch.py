@@ -341,7 +341,7 @@ def _record(conn: psycopg.Connection, fn: FunctionSpec, plan: _Plan, origin: str
                                             changed_at=item.captured, changed_at_source="outbox", origin=origin,
                                             merge=merged.info if merged else None))
         if merged is not None:
-            apply_merged(conn, spec, merged)
+            apply_merged(conn, spec, merged, plan.replaced.get(rid))
         elif outcome in (Outcome.APPLIED, Outcome.UNCHANGED) and not plan.hook:
             bases.append(item.row)
         if parked is not None:

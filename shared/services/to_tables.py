@@ -93,7 +93,7 @@ def apply_from_supabase(ctx: SyncContext, fn: FunctionSpec, hook: SupabaseWebhoo
         if extra is not None and merged is None:
             supabase_db.append_audit(conn, extra)  # the parked entry
         if merged is not None:
-            apply_merged(conn, spec, merged)
+            apply_merged(conn, spec, merged, replaced.get(row["id"]))
         elif outcome in (Outcome.APPLIED, Outcome.UNCHANGED) and not hook:
             supabase_db.agree(conn, spec, [row], replaced)  # Tables holds this row now
         if outcome is Outcome.QUEUED:  # the Tables edit is not taken in yet: no base for a blind write
@@ -147,13 +147,17 @@ def merged_outcome(decision: MergeDecision, outcome: Outcome) -> Outcome:
             "merged": Outcome.MERGED, "deferred": Outcome.QUEUED}.get(decision.action, outcome)
 
 
-def apply_merged(conn: psycopg.Connection, spec: TableSpec, decision: MergeDecision) -> None:
+def apply_merged(conn: psycopg.Connection, spec: TableSpec, decision: MergeDecision,
+                 replaced: supabase_db.Replaced | None = None) -> None:
     """After the merged record was written to Tables: apply it to Supabase (zsync.sync_apply: it holds the
     Supabase row's fields, so it comes out applied - merged again only if the row changed meanwhile - and is
-    not queued back); both sides hold it (zsync.agree)."""
+    not queued back); both sides hold it (zsync.agree), with ``replaced``, the Tables record the write replaced,
+    as any write's: a person's edit that landed between the find and the write was overwritten there, and is
+    merged on that record when its delivery comes (without it, the merge's own echo counted as an edit made on
+    that person's, its values winning back - the suite's soak lost three fields so)."""
     assert decision.row is not None
     supabase_db.sync_apply(conn, spec, decision.row)
-    supabase_db.agree(conn, spec, [decision.row])
+    supabase_db.agree(conn, spec, [decision.row], {decision.row["id"]: replaced} if replaced else None)
 
 
 def _tables_version(ctx: SyncContext, conn: psycopg.Connection, spec: TableSpec, current: dict[str, Any],
@@ -343,6 +347,8 @@ def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec
         written = ctx.tables.update(table_id, existing.id, to_tables_fields(spec, decision.row))
         if not idless and (copy := known_copy(spec, written, known.get(row["id"]))) is not None:
             known[row["id"]] = copy
+        if replaced is not None and not idless:  # (as any write: a person's edit it overwrote is merged on it)
+            replaced[row["id"]] = supabase_db.Replaced(as_read, edited_at, _tables_edited_at(written))
         return outcome, decision
     if outcome is Outcome.APPLIED:
         written = ctx.tables.update(table_id, existing.id, fields)

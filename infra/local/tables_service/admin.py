@@ -63,7 +63,11 @@ def register_admin(app: Flask, ctx: ServiceContext) -> None:
     @app.post("/_admin/faults")
     def arm_faults() -> Response:
         body = object_body()
-        status = _admin_number(body, "status", lambda v: isinstance(v, int) and (400 <= v <= 599 or v == 200))
+        slow = body.get("slow", False)
+        if not isinstance(slow, bool) or (slow and ("status" in body or not body.get("hang_s"))):
+            raise ApiError(400, "invalid 'slow': true or false; true takes 'hang_s' > 0 and no 'status'")
+        status = 0 if slow else _admin_number(
+            body, "status", lambda v: isinstance(v, int) and (400 <= v <= 599 or v == 200))
         method = body.get("method")
         if method not in (None, "GET", "POST", "PATCH", "DELETE"):
             raise ApiError(400, "invalid 'method'")
@@ -78,9 +82,10 @@ def register_admin(app: Flask, ctx: ServiceContext) -> None:
         lose = body.get("lose_response", False)
         if not isinstance(lose, bool) or (lose and status == 200):
             raise ApiError(400, "invalid 'lose_response': true or false, with an error status")
-        ctx.faults.arm(status, count, retry_after, for_s=for_s, hang_s=hang_s, method=method, lose_response=lose)
+        ctx.faults.arm(status, count, retry_after, for_s=for_s, hang_s=hang_s, method=method, lose_response=lose,
+                       slow=slow)
         return jsonify(status=status, count=count, retry_after=retry_after, for_s=for_s, hang_s=hang_s, method=method,
-                       lose_response=lose)
+                       lose_response=lose, slow=slow)
 
     @app.delete("/_admin/faults")
     def clear_faults() -> tuple[str, int]:

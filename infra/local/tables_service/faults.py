@@ -6,7 +6,9 @@ status (``"retry_after"`` adds the header); ``"for_s": S`` makes it every reques
 refuses inside a 200 (``meta.errors``, nothing changed); ``"method": "DELETE"`` limits the fault to
 requests of that method; ``"lose_response": true`` lets the request run (a write is applied, and kept for an
 Idempotency-Key replay) and then answers the fault's status instead of its answer (after ``hang_s``, if
-given): an answer lost on the way back. ``DELETE /_admin/faults`` disarms it. (Lost trigger deliveries are the
+given): an answer lost on the way back. ``"slow": true`` (with ``hang_s``, no status) holds each request that
+long and then runs and answers it: a write that reaches Zapier late, after writes sent later (the order two
+writers' requests land in). ``DELETE /_admin/faults`` disarms it. (Lost trigger deliveries are the
 dispatcher's ``drop_share``, :mod:`infra.local.tables_service.triggers`.)"""
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class _Fault:
     hang_s: float = 0.0  # wait this long before answering (past the client's timeout: a hang)
     method: str | None = None  # only requests of this HTTP method (None: every request)
     lose_response: bool = False  # run the request, then answer the fault instead (the answer is lost)
+    slow: bool = False  # hold the request hang_s, then run and answer it as usual
 
 
 class FaultInjector:
@@ -45,10 +48,11 @@ class FaultInjector:
             return {"served": self._served, "left": self._fault.count if self._fault else 0}
 
     def arm(self, status: int, count: int, retry_after: int | None, *, for_s: float | None = None,
-            hang_s: float = 0.0, method: str | None = None, lose_response: bool = False) -> None:
+            hang_s: float = 0.0, method: str | None = None, lose_response: bool = False,
+            slow: bool = False) -> None:
         with self._lock:
             until = time.monotonic() + for_s if for_s is not None else None
-            self._fault = _Fault(status, count, retry_after, until, hang_s, method, lose_response)
+            self._fault = _Fault(status, count, retry_after, until, hang_s, method, lose_response, slow)
 
     def clear(self) -> None:
         with self._lock:

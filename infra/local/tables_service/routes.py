@@ -172,7 +172,9 @@ def _gate(ctx: ServiceContext) -> None:
     if ctx.stopped:
         raise ApiError(503, "service is stopping")
     fault = ctx.faults.take(request.method)
-    if fault is not None and fault.lose_response:
+    if fault is not None and fault.slow:
+        time.sleep(fault.hang_s)  # a request that reaches Zapier late: it runs as usual, after the wait
+    elif fault is not None and fault.lose_response:
         g.lose_response = fault  # the request runs; its answer is lost on the way back (register_gate)
     elif fault is not None:
         if fault.hang_s:
