@@ -378,3 +378,28 @@ def test_a_person_s_write_landing_between_the_sync_s_find_and_its_merge_keeps_it
         assert _at(merged["edited_at"]) > _at(person["edited_at"])  # the merge landed on the person's write
         stack.safety_drain()
     _both_end_with(stack, tables, supabase, rid, status="person", retry_count=9, error_message="note")
+
+
+def test_two_tables_edits_taken_in_one_batch_one_made_on_the_other_keep_each_field_s_latest_change(
+        stack, tables, supabase):
+    """As the two edits above, both deliveries late and taken in by one drain: B (status, retry_count, the later
+    updated_at) lands first, A (retry_count, parameters, an older updated_at) on it. The batch applies B, then
+    A (newest first). zsync.base_for_raced_edits ran once, before the batch, when A was not stale yet: A was then
+    merged against B's record (kept as the base: the record had a recent write), and its older retry_count won
+    (the suite's soak lost a field so). Asked again before each round: B's status and retry_count, A's
+    parameters."""
+    rid = _agreed_job(stack, tables, supabase, "race-one-batch")
+    supabase.query("UPDATE agent_jobs SET error_message = 'first' WHERE id = %s", (rid,))
+    _delivered(stack, supabase, [rid])  # a recent write: the record keeps a base a while
+    time.sleep(2.1)  # (past zsync.stamp_race(): nothing below counts as overwritten by that write)
+    rec = tables.find("agent_jobs", rid)
+    start = _at(supabase.row("agent_jobs", rid)["updated_at"]) + timedelta(milliseconds=100)
+    with late_deliveries(stack):
+        b = tables.patch("agent_jobs", rec["id"], {"status": "B", "retry_count": 5,
+                                                    "updated_at": (start + timedelta(milliseconds=20)).isoformat()})
+        a = tables.patch("agent_jobs", rec["id"], {"retry_count": 7, "parameters": {"by": "A"},
+                                                    "updated_at": start.isoformat()})
+        assert _at(a["edited_at"]) > _at(b["edited_at"]) and a["data"]["status"] == "B"
+        stack.safety_drain()  # one lease: both deliveries in one batch
+    _both_end_with(stack, tables, supabase, rid, status="B", retry_count=5, parameters={"by": "A"},
+                   error_message="first")

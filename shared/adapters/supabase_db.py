@@ -19,12 +19,15 @@ from typing import Any, NamedTuple, TypeVar
 from weakref import WeakKeyDictionary
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
 
 from shared.core.mapping import row_to_json
 from shared.core.spec import TableSpec
+
+Delivered = Sequence[tuple[Mapping[str, Any], datetime | None]]  # Tables deliveries: (row, Zapier's edited_at)
 
 T = TypeVar("T")
 TRANSIENT = (psycopg.OperationalError, PoolTimeout)
@@ -544,39 +547,39 @@ def announce_blind(db: Database, spec: TableSpec, writes: Mapping[str, tuple[Kno
     return True
 
 
-def prepare_tables_deliveries(conn: psycopg.Connection, spec: TableSpec,
-                              delivered: Sequence[tuple[Mapping[str, Any], datetime | None]]) -> int:
+def prepare_tables_deliveries(conn: psycopg.Connection, spec: TableSpec, delivered: Delivered, *,
+                              raced: bool = True) -> int:
     """Before Tables deliveries are applied, zsync.settle_blind: each is kept as a copy of Tables' record, and
     the echo of a blind write whose drain went unrecorded records what that write replaced (an edit it overwrote
-    may be in the same batch); then zsync.base_for_raced_edits: a delivery stamped before a copy Supabase holds
-    but made on it (two Tables edits landing in the other order than their stamps) gets the copy before both as
-    its base, so it is merged rather than skipped as stale. -> how many echoes were settled."""
-    payload = _deliveries_json(delivered)
-    if payload is None:
-        return 0
-    settled = conn.execute("SELECT zsync.settle_blind(%s, %s::jsonb)", (spec.name, payload)).fetchone()[0]
-    conn.execute("SELECT zsync.base_for_raced_edits(%s, %s::jsonb)", (spec.name, payload))
+    may be in the same batch); then (``raced``) :func:`base_for_raced_edits`. -> how many echoes were settled."""
+    settled = _on_deliveries(conn, spec, "settle_blind", delivered)
+    if raced:
+        base_for_raced_edits(conn, spec, delivered)
     return settled
 
 
-def remember_landed_on(conn: psycopg.Connection, spec: TableSpec,
-                       delivered: Sequence[tuple[Mapping[str, Any], datetime | None]]) -> int:
-    """zsync.remember_landed_on, after :func:`remember_tables` with deliveries: an edit stamped just before a
-    *_to_tables write's answer (the known copy) but made on it - it waited for the record - becomes the known
-    copy. -> how many copies moved."""
-    payload = _deliveries_json(delivered)
-    if payload is None:
-        return 0
-    return conn.execute("SELECT zsync.remember_landed_on(%s, %s::jsonb)", (spec.name, payload)).fetchone()[0]
+def base_for_raced_edits(conn: psycopg.Connection, spec: TableSpec, delivered: Delivered) -> int:
+    """zsync.base_for_raced_edits, right before these deliveries are applied: a delivery stamped before a copy
+    Supabase holds but made on it (two Tables edits landing in the other order than their stamps) gets the copy
+    before both as its base, so it is merged rather than skipped as stale. -> how many bases were set."""
+    return _on_deliveries(conn, spec, "base_for_raced_edits", delivered)
 
 
-def _deliveries_json(delivered: Sequence[tuple[Mapping[str, Any], datetime | None]]) -> str | None:
-    """``[{"id", "row", "edited_at"}]`` of the deliveries with an ``edited_at``; None when there is none."""
+def remember_landed_on(conn: psycopg.Connection, spec: TableSpec, delivered: Delivered) -> int:
+    """zsync.remember_landed_on, after :func:`remember_tables`: an edit stamped just before the write whose answer
+    is the known copy, but made on it (it waited for the record), becomes the known copy. -> how many moved."""
+    return _on_deliveries(conn, spec, "remember_landed_on", delivered)
+
+
+def _on_deliveries(conn: psycopg.Connection, spec: TableSpec, function: str, delivered: Delivered) -> int:
+    """``zsync.<function>(table, [{"id", "row", "edited_at"}])`` of the deliveries with an ``edited_at`` (or 0)."""
     items = [(row, at) for row, at in delivered if at is not None]
     if not items:
-        return None
-    return "[" + ",".join(f'{{"id":{json.dumps(row["id"])},"row":{row_to_json(row)},'
-                          f'"edited_at":{ts_json(at)}}}' for row, at in items) + "]"
+        return 0
+    payload = "[" + ",".join(f'{{"id":{json.dumps(row["id"])},"row":{row_to_json(row)},'
+                             f'"edited_at":{ts_json(at)}}}' for row, at in items) + "]"
+    query = sql.SQL("SELECT zsync.{}(%s, %s::jsonb)").format(sql.Identifier(function))
+    return conn.execute(query, (spec.name, payload)).fetchone()[0]
 
 
 def tables_had(conn: psycopg.Connection, spec: TableSpec, versions: Mapping[str, datetime | None]) -> set[str]:

@@ -205,8 +205,12 @@ def apply_many_from_tables(ctx: SyncContext, fn: FunctionSpec, records: Sequence
             return supabase_db.append_audit_each(conn, [d.row for d in items])
         found: list[Any] = [None] * len(items)
         for batch in newest_first_rounds(items, spec.version or "updated_at"):
-            for i, one in zip(batch, supabase_db.sync_apply_many(
-                    conn, spec, [(items[i].row, items[i].edited_at) for i in batch]), strict=True):
+            round_items = [(items[i].row, items[i].edited_at) for i in batch]
+            # after the round before it: Supabase may hold a delivery of this batch that one of this round was
+            # made on (taken before the first round, it was not stale yet, and was merged against the newer
+            # one's record: its older values won - the suite's soak lost a field so)
+            supabase_db.base_for_raced_edits(conn, spec, round_items)
+            for i, one in zip(batch, supabase_db.sync_apply_many(conn, spec, round_items), strict=True):
                 found[i] = one
         return found
 
@@ -215,7 +219,7 @@ def apply_many_from_tables(ctx: SyncContext, fn: FunctionSpec, records: Sequence
         if lease is not None and not spec.append_only and (held := lease_ledger.waiting(conn, spec, lease, take=True)):
             raise lease_ledger.HeldBack(held)
         if not spec.append_only:  # the echo of a lost blind write, first (an edit it overwrote may follow)
-            supabase_db.prepare_tables_deliveries(conn, spec, [(d.row, d.edited_at) for d in parsed])
+            supabase_db.prepare_tables_deliveries(conn, spec, [(d.row, d.edited_at) for d in parsed], raced=False)
         done, refused = isolate(conn, parsed, apply, lambda d: d.row)
         outcomes: dict[int, Outcome] = {}
         for d, problems in refused:
