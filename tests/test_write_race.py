@@ -257,6 +257,26 @@ def test_a_late_echo_of_the_sync_s_own_write_is_not_merged_over_the_edit_made_on
     assert "merged" not in [a["metadata"].get("outcome") for a in supabase.audit(rid)]
 
 
+def _an_edit_lands_on_the_agent_s_write(stack: Any, tables: Any, supabase: Any, rid: str) -> None:
+    """The agent's status is written (blind) to Tables; a person's retry_count 5, stamped just before that write
+    (it waited for the record), lands on it. Both deliveries come late, in one drain (newest first by updated_at:
+    the edit, then the write's echo); then both sides hold status 'agent' and retry_count 5."""
+    rec = tables.find("agent_jobs", rid)
+    time.sleep(0.1)
+    with late_deliveries(stack):
+        supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
+        written = eventually(lambda: (r := tables.find("agent_jobs", rid))["data"].get("status") == "agent" and r)
+        eventually(lambda: supabase.query("SELECT count(*) FROM zsync.outbox WHERE record_id = %s "
+                                          "AND acked_at IS NULL", (rid,)) == [(0,)])
+        agent_at = _at(supabase.row("agent_jobs", rid)["updated_at"])
+        with _next_stamped(stack, rec["id"], _at(written["edited_at"]) - timedelta(milliseconds=20)):
+            edit = tables.patch("agent_jobs", rec["id"], {
+                "retry_count": 5, "updated_at": (agent_at + timedelta(milliseconds=10)).isoformat()})
+        assert _at(edit["edited_at"]) < _at(written["edited_at"]) and edit["data"]["status"] == "agent"
+        stack.safety_drain()
+    _both_end_with(stack, tables, supabase, rid, status="agent", retry_count=5)
+
+
 def test_the_late_echo_of_a_write_an_edit_stamped_before_it_landed_on_is_taken_in_already(stack, tables, supabase):
     """The agent's status is written blind to Tables; a person's retry_count edit, stamped just before that write
     (it waited for the record), lands on it. Both deliveries come late, the edit's first (the later
@@ -267,21 +287,8 @@ def test_the_late_echo_of_a_write_an_edit_stamped_before_it_landed_on_is_taken_i
     of 20261206200501 did so; the rule before it merged the echo against the record the write replaced, which
     kept the person's). The agent's next change - retry_count set back - reaches both sides."""
     rid = _agreed_job(stack, tables, supabase, "race-echo-landed-on")
-    rec = tables.find("agent_jobs", rid)
     with blind_writes(stack, True):
-        time.sleep(0.1)
-        with late_deliveries(stack):  # the write's echo and the edit's delivery come after both landed
-            supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
-            written = eventually(lambda: (r := tables.find("agent_jobs", rid))["data"].get("status") == "agent" and r)
-            eventually(lambda: supabase.query("SELECT count(*) FROM zsync.outbox WHERE record_id = %s "
-                                              "AND acked_at IS NULL", (rid,)) == [(0,)])
-            agent_at = _at(supabase.row("agent_jobs", rid)["updated_at"])
-            with _next_stamped(stack, rec["id"], _at(written["edited_at"]) - timedelta(milliseconds=20)):
-                edit = tables.patch("agent_jobs", rec["id"], {
-                    "retry_count": 5, "updated_at": (agent_at + timedelta(milliseconds=10)).isoformat()})
-            assert _at(edit["edited_at"]) < _at(written["edited_at"]) and edit["data"]["status"] == "agent"
-            stack.safety_drain()  # newest first (updated_at): the edit, then the write's echo
-        _both_end_with(stack, tables, supabase, rid, status="agent", retry_count=5)
+        _an_edit_lands_on_the_agent_s_write(stack, tables, supabase, rid)
         old = _set_config(supabase, "blind_quiet_s", 0)  # the person's edit no longer recent: written blind
         try:
             supabase.query("UPDATE agent_jobs SET retry_count = 0 WHERE id = %s", (rid,))
@@ -314,18 +321,7 @@ def test_the_copy_an_edit_stamped_before_the_write_landed_on_is_what_the_next_wr
     rid = _agreed_job(stack, tables, supabase, "race-known-copy")
     rec = tables.find("agent_jobs", rid)
     with blind_writes(stack, True):
-        time.sleep(0.1)
-        with late_deliveries(stack):
-            supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
-            written = eventually(lambda: (r := tables.find("agent_jobs", rid))["data"].get("status") == "agent" and r)
-            eventually(lambda: supabase.query("SELECT count(*) FROM zsync.outbox WHERE record_id = %s "
-                                              "AND acked_at IS NULL", (rid,)) == [(0,)])
-            agent_at = _at(supabase.row("agent_jobs", rid)["updated_at"])
-            with _next_stamped(stack, rec["id"], _at(written["edited_at"]) - timedelta(milliseconds=20)):
-                tables.patch("agent_jobs", rec["id"], {
-                    "retry_count": 5, "updated_at": (agent_at + timedelta(milliseconds=10)).isoformat()})
-            stack.safety_drain()
-        _both_end_with(stack, tables, supabase, rid, status="agent", retry_count=5)
+        _an_edit_lands_on_the_agent_s_write(stack, tables, supabase, rid)
         old = _set_config(supabase, "blind_quiet_s", 0)  # the next write goes blind
         try:
             with late_deliveries(stack):
