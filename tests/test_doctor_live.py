@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -279,3 +280,20 @@ def test_the_assumptions_page_lists_every_check_and_whether_a_difference_breaks_
         row = [r for r in rows if f"`{name}`" in r]
         assert len(row) == 1, key
         assert ("**breaks**" in row[0]) == breaks, key
+
+
+def test_a_ctrl_c_the_kernel_hands_to_a_check_s_thread_stops_the_run_at_once() -> None:
+    """Python runs a signal's handler in the main thread, but the kernel may deliver the signal to any thread. A
+    Ctrl-C landing on a check's thread was seen only when the main thread's wait for that check ended (a CI run
+    waited out its 60 s for the exit; here 30 s, the check's length): the main thread waits in short slices."""
+    def check(_scratch: Any) -> list[Any]:
+        me = threading.get_ident()  # while this thread waits on Zapier (here: sleeps), Ctrl-C is delivered to it
+        threading.Timer(0.5, lambda: signal.pthread_kill(me, signal.SIGINT)).start()
+        time.sleep(30)
+        return []
+
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        doctor_live._bounded((("round_trip",), check), None, 60)  # type: ignore[arg-type]
+    took = time.monotonic() - started
+    assert took < 5, f"Ctrl-C seen after {took:.1f} s"

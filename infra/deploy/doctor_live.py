@@ -18,6 +18,7 @@ from __future__ import annotations
 import queue
 import secrets
 import threading
+import time
 from collections.abc import Callable
 
 from infra.deploy.doctor_live_base import (
@@ -46,10 +47,14 @@ __all__ = ["ASSUMPTIONS", "CHECKS", "DIFFERENT", "OK", "PREFIX", "UNCHECKED", "F
 
 # --- running ---------------------------------------------------------------------------------------------
 
+SIGNAL_POLL_S = 0.2  # how often the main thread looks up from waiting on a check (Ctrl-C is handled there)
+
+
 def _bounded(check: Check, scratch: Scratch, timeout_s: float) -> list[Finding]:
     """Run one check in a thread for at most ``timeout_s``: exactly one finding per key it declares. The thread
     is a daemon: a check still waiting on Zapier (a hanging request, its retries) does not hold the process
-    after Ctrl-C - a pool's worker did, until its retry budget ran out."""
+    after Ctrl-C - a pool's worker did, until its retry budget ran out. Python runs a signal's handler in the main
+    thread, but the kernel may hand the signal to the check's thread: the main thread waits in short slices."""
     keys, fn = check
     answer: queue.SimpleQueue[list[Finding] | Exception] = queue.SimpleQueue()
 
@@ -60,10 +65,14 @@ def _bounded(check: Check, scratch: Scratch, timeout_s: float) -> list[Finding]:
             answer.put(exc)
 
     threading.Thread(target=work, name=f"doctor-{keys[0]}", daemon=True).start()
-    try:
-        got = answer.get(timeout=timeout_s)
-    except queue.Empty:
-        return [unchecked(key, f"did not finish within {timeout_s:g} s") for key in keys]
+    deadline = time.monotonic() + timeout_s
+    while True:  # in short waits: a Ctrl-C the kernel hands to the check's thread is seen here at the next one
+        try:  # (one long wait saw it only when it ended: a CI run waited 60 s and more after the signal)
+            got = answer.get(timeout=min(SIGNAL_POLL_S, max(0.0, deadline - time.monotonic())))
+            break
+        except queue.Empty:
+            if time.monotonic() >= deadline:
+                return [unchecked(key, f"did not finish within {timeout_s:g} s") for key in keys]
     if isinstance(got, Exception):
         return [unchecked(key, f"{type(got).__name__}: {' '.join(str(got).split())[:240]}") for key in keys]
     reported = {f.key for f in got}
