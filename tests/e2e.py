@@ -51,6 +51,18 @@ def blind_writes_off(stack: Any) -> Any:
 
 
 @contextmanager
+def wakeups_lost(stack: Any) -> Iterator[None]:
+    """The Database Webhook's wake-ups are lost for the block (blind writes as they are): Supabase's changes wait
+    in the outbox until the test sweeps it (or the block's lost wake-up is sent again)."""
+    with stack.trash_paused():
+        stack.drop_deliveries(1.0)
+        try:
+            yield
+        finally:
+            stack.drop_deliveries(0.0)
+
+
+@contextmanager
 def late_deliveries(stack: Any, function: str = "agent_jobs_to_supabase") -> Iterator[None]:
     """The trigger inbox of ``function`` sends no wake-up for the block (its notification URL unset): Tables
     edits made meanwhile wait in the inbox, their deliveries late; wired again afterwards."""

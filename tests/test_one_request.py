@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from shared.adapters.zapier_errors import TablesNotFound
-from tests.e2e import blind_writes, blind_writes_off, eventually, late_deliveries, uid
+from tests.e2e import blind_writes, blind_writes_off, eventually, late_deliveries, uid, wakeups_lost
 from tests.test_tables_deletes import delete_in_tables, lose_delete_events, tombstone
 
 
@@ -61,14 +61,10 @@ def _delivered(stack: Any, supabase: Any, ids: list[str]) -> None:
 @contextmanager
 def _drain_held(stack: Any) -> Iterator[None]:
     """The Database Webhook's wake-ups are lost for the block: Supabase's changes wait in the outbox."""
-    with blind_writes_off(stack), stack.trash_paused():
+    with blind_writes_off(stack), wakeups_lost(stack):
         lost = stack.dropped_deliveries()["pgnet"]
-        stack.drop_deliveries(1.0)
-        try:
-            yield
-            eventually(lambda: stack.dropped_deliveries()["pgnet"] > lost)
-        finally:
-            stack.drop_deliveries(0.0)
+        yield
+        eventually(lambda: stack.dropped_deliveries()["pgnet"] > lost)
 
 
 def _both_end_with(stack: Any, tables: Any, supabase: Any, rid: str, **fields: Any) -> None:

@@ -23,7 +23,7 @@ import requests
 from shared.adapters.trigger_inbox import InboxClient
 from shared.core.spec import FUNCTIONS
 from shared.services.inbox_consumer import InboxConsumer, _field_names_of
-from tests.e2e import blind_writes, eventually, late_deliveries
+from tests.e2e import blind_writes, eventually, late_deliveries, wakeups_lost
 from tests.test_correctness import stack_context
 from tests.test_one_request import _agreed_job, _both_end_with, _delivered, _drain_held, _set_config
 
@@ -298,18 +298,6 @@ def test_the_late_echo_of_a_write_an_edit_stamped_before_it_landed_on_is_taken_i
     _both_end_with(stack, tables, supabase, rid, status="agent", retry_count=0)
 
 
-@contextmanager
-def _wakeups_lost(stack: Any) -> Iterator[None]:
-    """The Database Webhook's wake-ups are lost for the block (blind writes as they are): Supabase's changes wait
-    in the outbox until the test sweeps it."""
-    with stack.trash_paused():
-        stack.drop_deliveries(1.0)
-        try:
-            yield
-        finally:
-            stack.drop_deliveries(0.0)
-
-
 def test_the_copy_an_edit_stamped_before_the_write_landed_on_is_what_the_next_write_replaces(
         stack, tables, supabase):
     """As above: the person's retry_count 5 lands on the agent's blind write, stamped just before it. Tables' copy
@@ -325,7 +313,7 @@ def test_the_copy_an_edit_stamped_before_the_write_landed_on_is_what_the_next_wr
         old = _set_config(supabase, "blind_quiet_s", 0)  # the next write goes blind
         try:
             with late_deliveries(stack):
-                with _wakeups_lost(stack):
+                with wakeups_lost(stack):
                     supabase.query("UPDATE agent_jobs SET retry_count = 7 WHERE id = %s", (rid,))
                 agent_at = _at(supabase.row("agent_jobs", rid)["updated_at"])
                 tables.patch("agent_jobs", rec["id"], {
@@ -359,7 +347,7 @@ def test_a_person_s_write_landing_between_the_sync_s_find_and_its_merge_keeps_it
         requests.post(faults, json={"slow": True, "hang_s": 1.5, "count": 1, "method": "PATCH"},
                       timeout=10).raise_for_status()
         try:
-            with _wakeups_lost(stack):
+            with wakeups_lost(stack):
                 supabase.query("UPDATE agent_jobs SET status = 'agent' WHERE id = %s", (rid,))
             agent_at = _at(supabase.row("agent_jobs", rid)["updated_at"])
             stack.sweep_outbox(min_age_s=0)  # the agent's change: found, merged, written - held on its way

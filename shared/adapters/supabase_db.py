@@ -547,15 +547,11 @@ def announce_blind(db: Database, spec: TableSpec, writes: Mapping[str, tuple[Kno
     return True
 
 
-def prepare_tables_deliveries(conn: psycopg.Connection, spec: TableSpec, delivered: Delivered, *,
-                              raced: bool = True) -> int:
-    """Before Tables deliveries are applied, zsync.settle_blind: each is kept as a copy of Tables' record, and
+def settle_blind(conn: psycopg.Connection, spec: TableSpec, delivered: Delivered) -> int:
+    """zsync.settle_blind, before Tables deliveries are applied: each is kept as a copy of Tables' record, and
     the echo of a blind write whose drain went unrecorded records what that write replaced (an edit it overwrote
-    may be in the same batch); then (``raced``) :func:`base_for_raced_edits`. -> how many echoes were settled."""
-    settled = _on_deliveries(conn, spec, "settle_blind", delivered)
-    if raced:
-        base_for_raced_edits(conn, spec, delivered)
-    return settled
+    may be in the same batch). -> how many echoes were settled."""
+    return _on_deliveries(conn, spec, "settle_blind", delivered)
 
 
 def base_for_raced_edits(conn: psycopg.Connection, spec: TableSpec, delivered: Delivered) -> int:

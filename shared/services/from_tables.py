@@ -98,7 +98,8 @@ def apply_from_tables(ctx: SyncContext, fn: FunctionSpec, record: Mapping[str, A
             # an inbox drain holds an earlier edit of this record: applied first, this record would carry that
             # edit's fields at its own, later time (as a drain's later delivery waits, see lease_ledger)
             raise lease_ledger.HeldBack(held)
-        supabase_db.prepare_tables_deliveries(conn, spec, [(row, edited_at)])
+        supabase_db.settle_blind(conn, spec, [(row, edited_at)])
+        supabase_db.base_for_raced_edits(conn, spec, [(row, edited_at)])
         outcome, stored, applied, merge = supabase_db.sync_apply(conn, spec, row, edited_at)
         result = Outcome(outcome)
         remember_delivered(conn, spec, [(row, edited_at)])
@@ -219,7 +220,7 @@ def apply_many_from_tables(ctx: SyncContext, fn: FunctionSpec, records: Sequence
         if lease is not None and not spec.append_only and (held := lease_ledger.waiting(conn, spec, lease, take=True)):
             raise lease_ledger.HeldBack(held)
         if not spec.append_only:  # the echo of a lost blind write, first (an edit it overwrote may follow)
-            supabase_db.prepare_tables_deliveries(conn, spec, [(d.row, d.edited_at) for d in parsed], raced=False)
+            supabase_db.settle_blind(conn, spec, [(d.row, d.edited_at) for d in parsed])
         done, refused = isolate(conn, parsed, apply, lambda d: d.row)
         outcomes: dict[int, Outcome] = {}
         for d, problems in refused:

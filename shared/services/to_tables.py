@@ -342,21 +342,18 @@ def _write_if_newer(ctx: SyncContext, conn: psycopg.Connection, fn: FunctionSpec
     if outcome is Outcome.QUEUED:
         log_event(ctx.logger, logging.INFO, "merge_deferred", record_id=row["id"], info=decision.info)
         return outcome, None
-    if outcome is Outcome.MERGED:
-        assert decision.row is not None
-        written = ctx.tables.update(table_id, existing.id, to_tables_fields(spec, decision.row))
-        if not idless and (copy := known_copy(spec, written, known.get(row["id"]))) is not None:
-            known[row["id"]] = copy
-        if replaced is not None and not idless:  # (as any write: a person's edit it overwrote is merged on it)
-            replaced[row["id"]] = supabase_db.Replaced(as_read, edited_at, _tables_edited_at(written))
-        return outcome, decision
-    if outcome is Outcome.APPLIED:
+    if outcome in (Outcome.APPLIED, Outcome.MERGED):  # the row, or the merge of both (never of an id-less record)
+        merge = decision if outcome is Outcome.MERGED else None
+        if merge is not None:
+            assert merge.row is not None
+            fields = to_tables_fields(spec, merge.row)
         written = ctx.tables.update(table_id, existing.id, fields)
         if not idless and (copy := known_copy(spec, written, known.get(row["id"]))) is not None:
             known[row["id"]] = copy
-        if replaced is not None:
+        if replaced is not None:  # a person's edit this write overwrote is merged on what it replaced
             replaced[row["id"]] = supabase_db.Replaced(as_read, edited_at, _tables_edited_at(written))
-    elif outcome is Outcome.SKIPPED_STALE and current is not None:
+        return outcome, merge
+    if outcome is Outcome.SKIPPED_STALE and current is not None:
         # Tables holds a newer version than this webhook carried: make sure Supabase has it too (its own
         # Zap delivery may have been lost). Conditional, so a no-op when Supabase is already current. Sent as
         # its delivery would be (the record as read, with Zapier's edited_at): zsync.sync_apply versions a cell
